@@ -1,0 +1,114 @@
+"""The backend interface: one small protocol, like an httpx transport.
+
+A backend turns a :class:`GenerationRequest` (already moderated, already in the
+gateway's own types) into a :class:`Completion` or a stream of :class:`Chunk`.
+Backends raise :class:`~guardrail.errors.BackendError` subclasses, whose ``status``
+is what the gateway answers with. Example::
+
+    class EchoBackend:
+        name = "echo"
+
+        async def generate(self, request: GenerationRequest) -> Completion:
+            return Completion(text=request.messages[-1].content, finish_reason="stop")
+
+        async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+            yield Chunk(text=request.messages[-1].content, finish_reason="stop")
+
+        async def health(self) -> bool:
+            return True
+
+        async def models(self) -> list[str]:
+            return ["echo"]
+
+        async def aclose(self) -> None:
+            pass
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from guardrail.chat import Message
+
+if TYPE_CHECKING:
+    from guardrail.settings import Settings
+
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling parameters, ``None`` meaning the backend's default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Backend-specific knobs accepted by the gateway (top_k, repetition_penalty).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A chat (``messages``) or a plain completion (``prompt``) request; exactly one is set."""
+
+    model: str
+    request_id: str
+    messages: tuple[Message, ...] | None = None
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole completion. Token counts are ``None`` when the backend did not report them."""
+
+    text: str
+    finish_reason: FinishReason = "stop"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of a streamed completion; the last one carries ``finish_reason``."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Generates completions. ``name`` is a bounded label (``local``, ``remote``)."""
+
+    name: str
+
+    async def generate(self, request: GenerationRequest) -> Completion: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
+
+    async def health(self) -> bool: ...
+
+    async def models(self) -> list[str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """A backend type: registered under ``type``; ``settings.backend`` names it."""
+
+    type: str
+    build: Callable[[Settings], Backend]
+    description: str = ""

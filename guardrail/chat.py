@@ -1,0 +1,17 @@
+"""Conversation messages, shared by the guard pipeline and the backends.
+
+The HTTP layer turns OpenAI wire messages into these; nothing below the HTTP layer
+sees wire formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One turn of a conversation: ``role`` is system, developer, user, assistant or tool."""
+
+    role: str
+    content: str

@@ -1,0 +1,99 @@
+"""The one exception root of the project.
+
+::
+
+    GuardrailError
+    ├── ConfigError              settings that cannot be used (bad file, bad value)
+    ├── PolicyError              a policy file that cannot be loaded; carries every problem found
+    ├── RegistryError            an unknown or broken filter/backend plugin
+    ├── MissingDependencyError   an optional dependency is not installed; names the extra
+    └── BackendError             the model backend failed; carries the HTTP status to answer with
+        ├── BackendUnavailable   nothing could be reached (503)
+        ├── BackendTimeout       the backend took too long (504)
+        └── BackendBadResponse   the backend answered with an error or garbage (502, or its 4xx)
+
+A block is never an exception: filters return a :class:`~guardrail.guard.types.Verdict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class GuardrailError(Exception):
+    """Root of every error Guardrail raises on purpose."""
+
+
+class ConfigError(GuardrailError):
+    """Settings that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One problem in a policy file, located as ``file:line:column``."""
+
+    file: str
+    line: int
+    column: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f" {self.key}:" if self.key else ""
+        return f"{self.file}:{self.line}:{self.column}:{where} {self.message}"
+
+
+class PolicyError(GuardrailError):
+    """A policy that cannot be loaded. ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class RegistryError(GuardrailError):
+    """An unknown filter or backend type, or a plugin that fails to import."""
+
+
+class MissingDependencyError(GuardrailError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(
+            f"{package} is not installed; install it with: pip install 'guardrail[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+
+class BackendError(GuardrailError):
+    """The model backend failed. ``status`` is the HTTP status the gateway answers with."""
+
+    status = 502
+    code = "backend_error"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class BackendUnavailable(BackendError):
+    """No backend could be reached (connection refused, every URL down, circuit open)."""
+
+    status = 503
+    code = "backend_unavailable"
+
+
+class BackendTimeout(BackendError):
+    """The backend did not answer in time."""
+
+    status = 504
+    code = "backend_timeout"
+
+
+class BackendBadResponse(BackendError):
+    """The backend answered with an error status or a body that is not a valid completion."""
+
+    status = 502
+    code = "backend_bad_response"

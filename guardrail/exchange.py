@@ -1,0 +1,77 @@
+"""One request through the gateway, as everything that records sees it.
+
+The HTTP layer fills an :class:`Exchange` as the request moves through input
+filters, backend and output filters, then hands the finished exchange to metrics
+and logs. Nothing records from inside a filter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from guardrail.guard.types import Action, Decision, Stage
+
+Route = Literal["chat", "completions", "moderations", "models", "feedback", "admin"]
+Outcome = Literal[
+    "allowed",  # passed every filter untouched
+    "flagged",  # passed, with findings
+    "redacted",  # passed with text rewritten
+    "blocked_input",
+    "blocked_output",
+    "invalid_request",  # the client's mistake (4xx)
+    "backend_error",  # the backend failed (502/503/504)
+    "cancelled",  # the client went away
+    "error",  # a gateway bug (500)
+]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """The record of one request. Times are ``time.perf_counter()`` seconds."""
+
+    request_id: str
+    route: Route
+    tenant: str = "default"
+    model: str | None = None
+    stream: bool = False
+    backend: str | None = None
+    policy_name: str = ""
+    policy_version: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    decisions: list[Decision] = field(default_factory=list)
+    backend_duration_s: float | None = None
+    time_to_first_token_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    outcome: Outcome | None = None
+    status_code: int = 200
+    error_code: str | None = None
+    duration_s: float | None = None
+
+    def decisions_at(self, stage: Stage) -> list[Decision]:
+        return [d for d in self.decisions if d.stage is stage]
+
+    @property
+    def action(self) -> Action:
+        """The strictest action over every decision so far."""
+        return Action.strictest(d.action for d in self.decisions)
+
+    def finish(self, outcome: Outcome, status_code: int = 200, error_code: str | None = None) -> None:
+        """Close the record once; later calls keep the first outcome."""
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        self.status_code = status_code
+        self.error_code = error_code
+        self.duration_s = time.perf_counter() - self.started
+
+    def passed_outcome(self) -> Outcome:
+        """The outcome of an exchange that was not blocked, from its strictest action."""
+        action = self.action
+        if action is Action.REDACT:
+            return "redacted"
+        if action is Action.FLAG:
+            return "flagged"
+        return "allowed"

@@ -1,0 +1,1 @@
+"""Filter families, one module each. Each module exposes ``SPEC`` (a FilterSpec)."""

@@ -1,0 +1,85 @@
+"""The filter interface, and how a filter type declares itself to the registry.
+
+A filter family is one :class:`FilterSpec`: its type name, its typed config (a
+``msgspec.Struct`` whose fields carry descriptions, validated when the policy loads
+and exported to ``policies/schema.json``), and a ``build`` function. Example::
+
+    class ShoutConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        max_upper_ratio: Annotated[float, msgspec.Meta(description="...")] = 0.8
+
+    class ShoutFilter:
+        def __init__(self, name: str, config: ShoutConfig, env: BuildContext) -> None:
+            self.name, self.stages, self._config = name, frozenset(Stage), config
+
+        async def check(self, text: str, ctx: FilterContext) -> Verdict:
+            upper = sum(c.isupper() for c in text) / max(1, len(text))
+            if upper > self._config.max_upper_ratio:
+                return Verdict.from_findings([Finding("shouting", upper)])
+            return ALLOW
+
+    SPEC = FilterSpec(type="shout", config_type=ShoutConfig, build=ShoutFilter)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from guardrail.guard.types import FilterContext, Stage, Verdict
+
+
+@runtime_checkable
+class Filter(Protocol):
+    """Checks one text. Returns a verdict; a block is a value, never an exception.
+
+    ``name`` is the policy's id for this filter instance. Heavy work (model calls)
+    must run off the event loop, through ``BuildContext.executor``.
+    """
+
+    name: str
+    stages: frozenset[Stage]
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BuildContext:
+    """Shared resources handed to every filter when a policy is built.
+
+    ``base_dir`` is the policy file's folder, for relative paths in filter configs.
+    ``executor`` is the process-wide pool for blocking model calls (never one per request).
+    ``allow_downloads`` is false unless the settings say the machine may fetch models.
+    """
+
+    executor: Executor
+    base_dir: Path = field(default_factory=Path.cwd)
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "guardrail")
+    allow_downloads: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """A semantic problem in a filter config; ``path`` is relative to the filter's ``config``."""
+
+    path: tuple[str | int, ...]
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class FilterSpec:
+    """A filter type: registered under ``type``; policies name it in ``filters[].type``.
+
+    ``validate`` runs after the config matched its schema, for what a schema cannot
+    say (a regex that does not compile, duplicate rule ids); the policy loader turns
+    each issue into a ``file:line:column`` error.
+    """
+
+    type: str
+    config_type: type[Any]
+    build: Callable[[str, Any, BuildContext], Filter]
+    stages: frozenset[Stage] = frozenset(Stage)
+    description: str = ""
+    validate: Callable[[Any], Iterable[ConfigIssue]] | None = None

@@ -1,0 +1,201 @@
+"""What filters return and what the guard decides.
+
+Verdicts combine: the strictest action wins (allow < flag < redact < block) and
+redactions compose. Filters express redactions as spans of the text they were given,
+so concurrent filters never fight over a rewritten string; the guard applies them all.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from guardrail.chat import Message
+
+
+class Stage(enum.StrEnum):
+    """Where a text is checked: the prompt on its way in, the completion on its way out."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+
+
+class Action(enum.StrEnum):
+    """What a verdict asks for, from the least to the most strict."""
+
+    ALLOW = "allow"
+    FLAG = "flag"
+    REDACT = "redact"
+    BLOCK = "block"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+    @classmethod
+    def strictest(cls, actions: Iterable[Action]) -> Action:
+        return max(actions, key=_RANK.__getitem__, default=cls.ALLOW)
+
+
+_RANK = {Action.ALLOW: 0, Action.FLAG: 1, Action.REDACT: 2, Action.BLOCK: 3}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing a filter found.
+
+    ``filter_id`` is the policy's id of the filter; the guard fills it in, so a filter
+    need not know how the policy named it. ``span`` is ``(start, end)`` in the checked
+    text. ``message`` is the policy author's text for users, if the rule has one.
+    """
+
+    category: str
+    score: float = 1.0
+    action: Action = Action.FLAG
+    rule_id: str | None = None
+    span: tuple[int, int] | None = None
+    message: str | None = None
+    filter_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "filter": self.filter_id,
+            "category": self.category,
+            "score": round(self.score, 6),
+            "action": self.action.value,
+        }
+        if self.rule_id is not None:
+            out["rule_id"] = self.rule_id
+        if self.span is not None:
+            out["span"] = list(self.span)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Redaction:
+    """Replace ``text[start:end]`` with ``replacement``."""
+
+    start: int
+    end: int
+    replacement: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A filter's answer for one text."""
+
+    action: Action = Action.ALLOW
+    findings: tuple[Finding, ...] = ()
+    redactions: tuple[Redaction, ...] = ()
+
+    @classmethod
+    def from_findings(
+        cls, findings: Iterable[Finding], redactions: Iterable[Redaction] = ()
+    ) -> Verdict:
+        """The verdict whose action is the strictest of its findings."""
+        found = tuple(findings)
+        return cls(Action.strictest(f.action for f in found), found, tuple(redactions))
+
+
+ALLOW = Verdict()
+
+
+def apply_redactions(text: str, redactions: Iterable[Redaction]) -> str:
+    """Apply span redactions to ``text``.
+
+    Overlapping spans merge into their union, replaced by the replacement of the
+    widest span among them, so no character any filter asked to hide survives.
+    """
+    spans = sorted(
+        (max(0, r.start), min(len(text), r.end), r.replacement)
+        for r in redactions
+        if r.end > r.start
+    )
+    if not spans:
+        return text
+    merged: list[list[Any]] = []
+    for start, end, repl in spans:
+        if merged and start < merged[-1][1]:
+            last = merged[-1]
+            if end - start > last[3]:
+                last[2], last[3] = repl, end - start
+            last[1] = max(last[1], end)
+        else:
+            merged.append([start, end, repl, end - start])
+    out: list[str] = []
+    pos = 0
+    for start, end, repl, _ in merged:
+        out.append(text[pos:start])
+        out.append(repl)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterContext:
+    """What a filter may know about the request besides the text it checks.
+
+    ``state`` is request-scoped scratch space (for example a PII filter's placeholder
+    mapping), keyed by filter id by convention: it lives exactly as long as the
+    request and is never shared between requests.
+    """
+
+    request_id: str
+    stage: Stage = Stage.INPUT
+    tenant: str = "default"
+    route: str = ""
+    model: str | None = None
+    messages: tuple[Message, ...] = ()
+    message_index: int | None = None
+    context_documents: tuple[str, ...] = ()
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def at(self, stage: Stage, message_index: int | None = None) -> FilterContext:
+        """The same request context for another stage or message (``state`` is shared)."""
+        return replace(self, stage=stage, message_index=message_index)
+
+
+FilterStatus = Literal["ok", "error", "timeout"]
+
+
+@dataclass(frozen=True, slots=True)
+class FilterOutcome:
+    """How one filter fared on one text: its verdict, its time, and whether it failed.
+
+    ``error`` names the exception type only; exception messages may quote user text.
+    """
+
+    filter_id: str
+    filter_type: str
+    verdict: Verdict
+    duration_s: float
+    status: FilterStatus = "ok"
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The guard's answer for one text at one stage, under one policy version."""
+
+    stage: Stage
+    action: Action
+    text: str
+    findings: tuple[Finding, ...]
+    outcomes: tuple[FilterOutcome, ...]
+    policy_name: str
+    policy_version: str
+
+    @property
+    def blocked(self) -> bool:
+        return self.action is Action.BLOCK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage.value,
+            "action": self.action.value,
+            "policy": {"name": self.policy_name, "version": self.policy_version},
+            "findings": [f.to_dict() for f in self.findings],
+        }

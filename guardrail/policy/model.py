@@ -1,0 +1,155 @@
+"""The policy document as typed structs, and the resolved runtime :class:`Policy`.
+
+The structs are the single source of the policy language: the loader validates YAML
+against the JSON Schema generated from them (``policies/schema.json``), and field
+descriptions become editor hover text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from guardrail.guard.types import Action, Stage
+
+Id = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
+        max_length=128,
+        description="Identifier: letters, digits, '_', '.', ':', '-'.",
+    ),
+]
+OnError = Literal["block", "flag", "allow"]
+
+
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How streamed completions are held back and moderated before release."""
+
+    release: Annotated[
+        Literal["sentence", "window"],
+        _doc(
+            "'sentence': release held text at each sentence end (or when window_chars is "
+            "reached); 'window': release only in blocks of window_chars."
+        ),
+    ] = "sentence"
+    window_chars: Annotated[
+        int,
+        _doc("Most characters held back before they are checked and released."),
+        msgspec.Meta(ge=1, le=100_000),
+    ] = 400
+    context_chars: Annotated[
+        int,
+        _doc(
+            "Characters of already released text checked again with each held window, so "
+            "a phrase split across windows is still seen whole."
+        ),
+        msgspec.Meta(ge=0, le=100_000),
+    ] = 200
+
+
+class Messages(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What users see when something is blocked (a rule's own message wins)."""
+
+    input_blocked: Annotated[str, _doc("Error message for a blocked prompt.")] = (
+        "Your request was blocked by the content policy."
+    )
+    output_blocked: Annotated[str, _doc("Refusal text that replaces a blocked completion.")] = (
+        "I can't help with that."
+    )
+
+
+class FilterEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One filter instance in the pipeline."""
+
+    id: Annotated[Id, _doc("Unique id of this filter in the policy; used in findings.")]
+    type: Annotated[str, _doc("Filter type, e.g. 'rules' (see the registry).")]
+    stages: Annotated[
+        list[Stage] | None, _doc("Stages to run at; default: every stage the type supports.")
+    ] = None
+    enabled: Annotated[bool, _doc("Set false to keep the entry but not run it.")] = True
+    timeout_ms: Annotated[
+        Annotated[int, msgspec.Meta(ge=1)] | None,
+        _doc("Time limit per check; default: the policy's timeout_ms."),
+    ] = None
+    on_error: Annotated[
+        OnError | None,
+        _doc("Action when this filter errors or times out; default: the policy's on_error."),
+    ] = None
+    config: Annotated[
+        dict[str, Any], _doc("The filter type's own settings, validated by its schema.")
+    ] = msgspec.field(default_factory=dict)
+
+
+class PolicyTest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An example the policy must decide as expected (run by `guardrail policy test`)."""
+
+    input: Annotated[str, _doc("The text to check.")]
+    expect: Annotated[Action, _doc("The expected action.")]
+    stage: Annotated[Stage, _doc("Stage to check at.")] = Stage.INPUT
+    name: Annotated[str | None, _doc("Optional label shown in reports.")] = None
+
+
+class PolicyDocument(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A Guardrail policy file."""
+
+    name: Annotated[Id, _doc("Policy name, reported with every decision.")]
+    version: Annotated[
+        str, _doc("Policy version, stamped on every decision; bump it on every change."),
+        msgspec.Meta(min_length=1, max_length=64),
+    ]
+    description: Annotated[str, _doc("What this policy is for.")] = ""
+    on_error: Annotated[
+        OnError, _doc("Action when a filter errors or times out. 'block' fails closed.")
+    ] = "block"
+    timeout_ms: Annotated[
+        int, _doc("Default time limit for one filter check, in milliseconds."),
+        msgspec.Meta(ge=1),
+    ] = 2000
+    messages: Annotated[Messages, _doc("Texts users see on a block.")] = msgspec.field(
+        default_factory=Messages
+    )
+    stream: Annotated[StreamSettings, _doc("Streaming hold-back settings.")] = msgspec.field(
+        default_factory=StreamSettings
+    )
+    filters: Annotated[list[FilterEntry], _doc("The filters, run concurrently per stage.")] = (
+        msgspec.field(default_factory=list)
+    )
+    tests: Annotated[list[PolicyTest], _doc("Examples checked by `guardrail policy test`.")] = (
+        msgspec.field(default_factory=list)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FilterConfig:
+    """A filter entry resolved against its type: typed config, defaults filled in."""
+
+    id: str
+    type: str
+    stages: frozenset[Stage]
+    timeout_s: float
+    on_error: Action
+    config: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A loaded, validated policy. ``digest`` is the sha256 of the file's bytes."""
+
+    name: str
+    version: str
+    description: str
+    digest: str
+    source: Path | None
+    on_error: Action
+    messages: Messages
+    stream: StreamSettings
+    filters: tuple[FilterConfig, ...]
+    tests: tuple[PolicyTest, ...]
