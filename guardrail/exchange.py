@@ -58,7 +58,9 @@ class Exchange:
         """The strictest action over every decision so far."""
         return Action.strictest(d.action for d in self.decisions)
 
-    def finish(self, outcome: Outcome, status_code: int = 200, error_code: str | None = None) -> None:
+    def finish(
+        self, outcome: Outcome, status_code: int = 200, error_code: str | None = None
+    ) -> None:
         """Close the record once; later calls keep the first outcome."""
         if self.outcome is not None:
             return

@@ -33,9 +33,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     host: Annotated[str, _doc("Address to listen on.")] = "127.0.0.1"
     port: Annotated[int, _doc("Port to listen on."), msgspec.Meta(ge=0, le=65535)] = 8080
-    policy: Annotated[str, _doc("Path of the policy YAML file in force.")] = (
-        "policies/default.yaml"
-    )
+    policy: Annotated[str, _doc("Path of the policy YAML file in force.")] = "policies/default.yaml"
     backend: Annotated[
         str, _doc("Backend type: 'local' (transformers), 'remote' (OpenAI-compatible HTTP).")
     ] = "local"
@@ -50,11 +48,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         str | None, _doc("Bearer token sent to the remote backend, if it needs one.")
     ] = None
     backend_timeout_s: Annotated[
-        float, _doc("Seconds to wait for a remote backend's whole answer (or next chunk)."),
+        float,
+        _doc("Seconds to wait for a remote backend's whole answer (or next chunk)."),
         msgspec.Meta(gt=0),
     ] = 120.0
     backend_connect_timeout_s: Annotated[
-        float, _doc("Seconds to wait for a TCP connection to a remote backend."),
+        float,
+        _doc("Seconds to wait for a TCP connection to a remote backend."),
         msgspec.Meta(gt=0),
     ] = 5.0
     backend_retries: Annotated[

@@ -49,14 +49,14 @@ def normalize(text: str) -> Normalized:
                 origin.append(i)
                 last_space = True
             continue
-        for folded in _fold(char):
-            if folded.isspace():
+        for piece in _fold(char):
+            if piece.isspace():
                 if last_space:
                     continue
-                folded = " "
                 last_space = True
+                out.append(" ")
             else:
                 last_space = False
-            out.append(folded)
+                out.append(piece)
             origin.append(i)
     return Normalized("".join(out), tuple(origin), len(text))

@@ -33,21 +33,17 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     stages: Annotated[
         list[Stage] | None, _doc("Stages this rule applies to; default: the filter's stages.")
     ] = None
-    action: Annotated[
-        Literal["block", "redact", "flag"], _doc("What a match does.")
-    ] = "block"
+    action: Annotated[Literal["block", "redact", "flag"], _doc("What a match does.")] = "block"
     message: Annotated[
         str | None, _doc("Message users see when this rule blocks; default: the policy's.")
     ] = None
-    keywords: Annotated[
-        list[str], _doc("Words or phrases matched whole, after normalisation.")
-    ] = msgspec.field(default_factory=list)
-    regex: Annotated[
-        list[str], _doc("Python regular expressions, matched case-insensitively.")
-    ] = msgspec.field(default_factory=list)
-    score: Annotated[
-        float, _doc("Score reported for a match."), msgspec.Meta(ge=0.0, le=1.0)
-    ] = 1.0
+    keywords: Annotated[list[str], _doc("Words or phrases matched whole, after normalisation.")] = (
+        msgspec.field(default_factory=list)
+    )
+    regex: Annotated[list[str], _doc("Python regular expressions, matched case-insensitively.")] = (
+        msgspec.field(default_factory=list)
+    )
+    score: Annotated[float, _doc("Score reported for a match."), msgspec.Meta(ge=0.0, le=1.0)] = 1.0
     replacement: Annotated[str, _doc("Text that replaces a match when action is redact.")] = (
         "[REDACTED]"
     )
@@ -56,8 +52,8 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
 class RulesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of a ``rules`` filter."""
 
-    rules: Annotated[list[Rule], _doc("The rules, all checked on every text.")] = (
-        msgspec.field(default_factory=list)
+    rules: Annotated[list[Rule], _doc("The rules, all checked on every text.")] = msgspec.field(
+        default_factory=list
     )
 
 

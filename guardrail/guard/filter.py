@@ -22,6 +22,7 @@ and exported to ``policies/schema.json``), and a ``build`` function. Example::
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class FilterSpec:
     """
 
     type: str
-    config_type: type[Any]
+    config_type: builtins.type[Any]
     build: Callable[[str, Any, BuildContext], Filter]
     stages: frozenset[Stage] = frozenset(Stage)
     description: str = ""

@@ -187,6 +187,7 @@ class Decision:
     outcomes: tuple[FilterOutcome, ...]
     policy_name: str
     policy_version: str
+    redactions: tuple[Redaction, ...] = ()
 
     @property
     def blocked(self) -> bool:

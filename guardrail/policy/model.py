@@ -102,7 +102,8 @@ class PolicyDocument(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     name: Annotated[Id, _doc("Policy name, reported with every decision.")]
     version: Annotated[
-        str, _doc("Policy version, stamped on every decision; bump it on every change."),
+        str,
+        _doc("Policy version, stamped on every decision; bump it on every change."),
         msgspec.Meta(min_length=1, max_length=64),
     ]
     description: Annotated[str, _doc("What this policy is for.")] = ""
@@ -110,7 +111,8 @@ class PolicyDocument(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         OnError, _doc("Action when a filter errors or times out. 'block' fails closed.")
     ] = "block"
     timeout_ms: Annotated[
-        int, _doc("Default time limit for one filter check, in milliseconds."),
+        int,
+        _doc("Default time limit for one filter check, in milliseconds."),
         msgspec.Meta(ge=1),
     ] = 2000
     messages: Annotated[Messages, _doc("Texts users see on a block.")] = msgspec.field(

@@ -1,0 +1,168 @@
+"""Every error the gateway answers with, in the OpenAI error shape.
+
+``{"error": {"message", "type", "param", "code"}}``, plus our own fields where they
+help (``findings`` for content-filter blocks). Client mistakes are 4xx with a message
+that says what to fix; nothing a client sends produces a 500.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from guardrail.errors import BackendError
+
+log = structlog.get_logger("guardrail.api")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+class APIError(Exception):
+    """An error answered to the client as-is (message, status, code)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        body_extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+        self.body_extra = dict(body_extra or {})
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": error_type(self.status),
+            "param": self.param,
+            "code": self.code,
+        }
+        error.update(self.extra)
+        return {"error": error, **self.body_extra}
+
+    def response(self, headers: Mapping[str, str] | None = None) -> Response[Any]:
+        return Response(
+            self.body(), status_code=self.status, headers={**self.headers, **(headers or {})}
+        )
+
+
+def from_backend_error(e: BackendError) -> APIError:
+    headers = {"retry-after": "1"} if e.status in (429, 503) else None
+    return APIError(e.status, str(e), code=e.code, headers=headers)
+
+
+def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
+    details = exc.extra if isinstance(exc.extra, list) else []
+    if not details:
+        return "Invalid request body.", None
+    first = details[0] if isinstance(details[0], dict) else {}
+    message = str(first.get("message", "invalid value"))
+    key = first.get("key")
+    if message == "'data'":  # litestar's text for a missing body
+        return "The request body is empty: send a JSON object.", None
+    param = str(key) if key and key != "data" else None
+    where = f" (at '{param}')" if param else ""
+    return f"Invalid request body: {message}{where}.", param
+
+
+_HTTP_MESSAGES = {
+    404: "Unknown route {method} {path}. See the README for the HTTP surface.",
+    405: "Method {method} is not allowed on {path}.",
+    413: "The request body is too large (limit {limit} bytes).",
+    415: "Send the request body as JSON (content-type: application/json).",
+}
+
+
+# Errors raised before a handler ran (the framework's parsing and validation) are
+# counted through this callback: (path, request id, status, code).
+OnRejected = Callable[[str, str, int, str], None]
+
+
+def make_exception_handler(max_body_bytes: int, on_rejected: OnRejected | None = None) -> Any:
+    """One handler for every exception, so every error is in the OpenAI shape."""
+
+    def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        err = to_api_error(request, exc, max_body_bytes)
+        rid = request.scope.get("state", {}).get("request_id") or ""
+        if on_rejected is not None and isinstance(exc, HTTPException):
+            on_rejected(request.url.path, rid, err.status, err.code or "")
+        return err.response({"x-request-id": rid} if rid else None)
+
+    return handle
+
+
+def to_api_error(request: Request[Any, Any, Any], exc: Exception, max_body_bytes: int) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackendError):
+        return from_backend_error(exc)
+    if isinstance(exc, ValidationException):
+        message, param = _validation_message(exc)
+        return APIError(400, message, param=param, code="invalid_request")
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        template = _HTTP_MESSAGES.get(exc.status_code)
+        if template:
+            message = template.format(
+                method=request.method, path=request.url.path, limit=max_body_bytes
+            )
+        elif exc.detail and "JSON" in exc.detail:
+            message = f"The request body is not valid JSON: {exc.detail}."
+        else:
+            message = exc.detail or "Bad request."
+        headers = {"allow": exc.headers["allow"]} if exc.headers and "allow" in exc.headers else {}
+        return APIError(exc.status_code, message, code=_code(exc.status_code), headers=headers)
+    # The exception's message may quote user text: log its type and where it came from.
+    log.error("unhandled_error", error=type(exc).__name__, where=where(exc), path=request.url.path)
+    return APIError(
+        500,
+        "Internal error in the gateway; the request id is in x-request-id.",
+        code="internal_error",
+    )
+
+
+def where(exc: BaseException) -> str:
+    """``file:line in function`` of the frame that raised, without the message."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{last.filename}:{last.lineno} in {last.name}"
+
+
+def _code(status: int) -> str:
+    return {
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "request_too_large",
+        415: "unsupported_media_type",
+    }.get(status, "invalid_request")

@@ -1,0 +1,159 @@
+"""HTTP routes: the OpenAI-compatible surface, moderation, health, metrics, admin.
+
+Handlers only translate between HTTP and :class:`~guardrail.api.serving.Serving`;
+the request id comes from :class:`RequestIdMiddleware`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import structlog
+from litestar import Request, Response, get, post
+from litestar.datastructures import State
+from litestar.enums import MediaType, ScopeType
+from litestar.params import JSONBody
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from guardrail.api.errors import APIError
+from guardrail.api.schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest
+from guardrail.api.serving import Gateway, Serving
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_of(request: Request[Any, Any, Any]) -> str:
+    return str(request.scope["state"]["request_id"])
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's ``x-request-id`` if well formed), binds it
+    to the log context, and returns it in the ``x-request-id`` header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+        given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+        rid = given if _CLIENT_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", rid.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            await self.app(scope, receive, send_with_id)
+
+
+def _serving(state: State) -> Serving:
+    serving: Serving = state.serving
+    return serving
+
+
+def _gateway(state: State) -> Gateway:
+    gateway: Gateway = state.gateway
+    return gateway
+
+
+@post("/v1/chat/completions", status_code=200, summary="Chat completion, moderated")
+async def chat_completions(
+    data: JSONBody[ChatCompletionRequest], request: Request[Any, Any, Any], state: State
+) -> Response[Any]:
+    return await _serving(state).chat(data, request_id_of(request))
+
+
+@post("/v1/completions", status_code=200, summary="Text completion, moderated")
+async def completions(
+    data: JSONBody[CompletionRequest], request: Request[Any, Any, Any], state: State
+) -> Response[Any]:
+    return await _serving(state).completions(data, request_id_of(request))
+
+
+@post("/v1/moderations", status_code=200, summary="Run the policy's filters only")
+async def moderations(
+    data: JSONBody[ModerationRequest], request: Request[Any, Any, Any], state: State
+) -> Response[Any]:
+    body = await _serving(state).moderations(data, request_id_of(request))
+    action = body["guardrail"]["action"]
+    return Response(body, headers={"x-guardrail-action": action})
+
+
+@get("/v1/models", summary="Models served through the gateway")
+async def list_models(state: State) -> dict[str, Any]:
+    models = await _gateway(state).served_models()
+    return {
+        "object": "list",
+        "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "guardrail"} for m in models
+        ],
+    }
+
+
+@get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", summary="Readiness: policy and backend loaded and healthy")
+async def readyz(state: State) -> Response[Any]:
+    gw = _gateway(state)
+    checks = {
+        "policy": gw.store.loaded,
+        "backend": gw.backend is not None and await gw.backend.health(),
+    }
+    if all(checks.values()):
+        return Response({"status": "ready", "checks": checks})
+    failing = ", ".join(k for k, ok in checks.items() if not ok)
+    detail = f" ({gw.backend_error})" if gw.backend_error else ""
+    return APIError(
+        503, f"Not ready: {failing}{detail}.", code="not_ready", extra={"checks": checks}
+    ).response({"retry-after": "5"})
+
+
+@get("/metrics", summary="Prometheus metrics", media_type=MediaType.TEXT)
+async def metrics(state: State) -> Response[bytes]:
+    data, content_type = _gateway(state).metrics.exposition()
+    return Response(data, media_type=content_type)
+
+
+@post("/admin/reload", status_code=200, summary="Reload the policy file")
+async def admin_reload(state: State) -> Response[Any]:
+    result = await _gateway(state).reload_policy(trigger="admin")
+    if not result.ok:
+        raise APIError(
+            422,
+            f"Policy not reloaded; still running {result.name} {result.version}: {result.error}",
+            code="policy_invalid",
+        )
+    return Response(
+        {
+            "reloaded": True,
+            "policy": {
+                "name": result.name,
+                "version": result.version,
+                "digest": result.digest[:12],
+            },
+        }
+    )
+
+
+ROUTES = [
+    chat_completions,
+    completions,
+    moderations,
+    list_models,
+    healthz,
+    readyz,
+    metrics,
+    admin_reload,
+]

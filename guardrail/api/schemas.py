@@ -1,0 +1,161 @@
+"""OpenAI wire models for requests (validated by Litestar with msgspec).
+
+Unknown fields are rejected with a message naming them: a gateway that silently
+drops ``tools`` or ``logprobs`` would change what the client asked for. Fields that
+would let text bypass moderation (log-probabilities, tool calls, ``n`` > 1, echo)
+are refused with a clear reason rather than passed through unmoderated.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from guardrail.api.errors import APIError
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
+    """A part of a message's content; only ``{"type": "text", "text": ...}`` is supported."""
+
+    type: str
+    text: str | None = None
+
+
+class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise APIError(
+                    400,
+                    f"Content part of type '{part.type}' is not supported; send text parts.",
+                    param=f"messages[{index}].content",
+                    code="unsupported_content",
+                )
+            texts.append(part.text)
+        return "".join(texts)
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    user: str | None = None
+    # Extensions understood by vLLM, TGI and the local engine.
+    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(s for s in stops if s)
+
+    def extra(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.top_k is not None:
+            out["top_k"] = self.top_k
+        if self.repetition_penalty is not None:
+            out["repetition_penalty"] = self.repetition_penalty
+        if self.user is not None:
+            out["user"] = self.user
+        return out
+
+    def refuse_unmoderated(self) -> None:
+        if self.n not in (None, 1):
+            raise APIError(
+                400,
+                "Only n=1 is supported: each choice would need its own moderation.",
+                param="n",
+                code="unsupported_parameter",
+            )
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: Annotated[list[WireMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def refuse_unmoderated(self) -> None:
+        super().refuse_unmoderated()
+        if self.logprobs or self.top_logprobs:
+            raise APIError(
+                400,
+                "logprobs are not supported: token log-probabilities would bypass output "
+                "moderation.",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
+
+    def extra(self) -> dict[str, Any]:
+        out = super().extra()
+        if self.response_format is not None:
+            out["response_format"] = self.response_format
+        return out
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def refuse_unmoderated(self) -> None:
+        super().refuse_unmoderated()
+        unsupported = {
+            "echo": bool(self.echo),
+            "logprobs": self.logprobs is not None,
+            "suffix": self.suffix is not None,
+            "best_of": self.best_of not in (None, 1),
+        }
+        for name, used in unsupported.items():
+            if used:
+                raise APIError(
+                    400,
+                    f"'{name}' is not supported by this gateway.",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+
+
+class ModerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=256)]
+    model: str | None = None
+    stage: Literal["input", "output"] = "input"
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)

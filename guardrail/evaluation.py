@@ -1,0 +1,165 @@
+"""``guardrail eval``: measure a policy on labeled data, as a policy author would.
+
+Each JSONL line is ``{"text": str, "label": "allow" | "block", "category": str?,
+"context": str | [str]?}``. A decision other than ``allow`` counts as positive (the
+policy acted on the text); ``label: block`` marks a true positive case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from guardrail.errors import ConfigError
+from guardrail.guard.guard import Guard
+from guardrail.guard.types import Action, FilterContext, Stage
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    text: str
+    positive: bool
+    category: str | None = None
+    context: tuple[str, ...] = ()
+
+
+def read_dataset(path: Path) -> list[Example]:
+    """Read labeled JSONL; a malformed line is an error naming file and line."""
+    examples: list[Example] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not valid JSON: {e.msg}") from e
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ConfigError(f'{where}: each line needs a string "text"')
+        label = row.get("label")
+        if label not in ("allow", "block"):
+            raise ConfigError(f'{where}: "label" must be "allow" or "block", got {label!r}')
+        context = row.get("context") or ()
+        if isinstance(context, str):
+            context = (context,)
+        if not all(isinstance(c, str) for c in context):
+            raise ConfigError(f'{where}: "context" must be a string or a list of strings')
+        category = row.get("category")
+        examples.append(
+            Example(
+                row["text"], label == "block", str(category) if category else None, tuple(context)
+            )
+        )
+    if not examples:
+        raise ConfigError(f"{path}: no examples")
+    return examples
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = max(0, math.ceil(q * len(ordered)) - 1)
+    return ordered[k]
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+async def evaluate(
+    guard: Guard, examples: list[Example], stage: Stage, progress: TextIO | None = None
+) -> dict[str, Any]:
+    """Run every example through the guard, one at a time (latency is per text)."""
+    tp = fp = tn = fn = 0
+    latencies: list[float] = []
+    by_category: dict[str, list[int]] = {}  # category -> [caught, total] over positives
+    by_action: dict[str, int] = {a.value: 0 for a in Action}
+    bar = _Progress(len(examples), progress)
+    for i, ex in enumerate(examples):
+        ctx = FilterContext(f"eval-{i}", stage=stage, context_documents=ex.context)
+        started = time.perf_counter()
+        decision = await guard.check(stage, ex.text, ctx)
+        latencies.append(time.perf_counter() - started)
+        predicted = decision.action is not Action.ALLOW
+        by_action[decision.action.value] += 1
+        if ex.positive:
+            tp, fn = tp + predicted, fn + (not predicted)
+            if ex.category:
+                stats = by_category.setdefault(ex.category, [0, 0])
+                stats[0] += predicted
+                stats[1] += 1
+        else:
+            fp, tn = fp + predicted, tn + (not predicted)
+        bar.step()
+    bar.done()
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    f1 = _ratio(2 * precision * recall, precision + recall) if precision + recall else 0.0
+    return {
+        "policy": {"name": guard.policy.name, "version": guard.policy.version},
+        "stage": stage.value,
+        "n": len(examples),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "f1": round(f1, 4),
+        "fpr": round(_ratio(fp, fp + tn), 4),
+        "accuracy": round(_ratio(tp + tn, len(examples)), 4),
+        "actions": by_action,
+        "recall_by_category": {
+            c: {"recall": round(_ratio(s[0], s[1]), 4), "n": s[1]}
+            for c, s in sorted(by_category.items())
+        },
+        "latency_ms": {
+            "p50": round(statistics.median(latencies) * 1000, 3),
+            "p95": round(_percentile(latencies, 0.95) * 1000, 3),
+        },
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"policy {report['policy']['name']} {report['policy']['version']}, "
+        f"stage {report['stage']}, n={report['n']}",
+        f"  tp={report['tp']} fp={report['fp']} tn={report['tn']} fn={report['fn']}",
+        f"  precision={report['precision']:.4f} recall={report['recall']:.4f} "
+        f"f1={report['f1']:.4f} fpr={report['fpr']:.4f}",
+        f"  latency per text: p50={report['latency_ms']['p50']:.3f} ms "
+        f"p95={report['latency_ms']['p95']:.3f} ms",
+    ]
+    if report["recall_by_category"]:
+        lines.append("  recall by category:")
+        for category, stats in report["recall_by_category"].items():
+            lines.append(f"    {category:<32} {stats['recall']:.4f}  (n={stats['n']})")
+    return "\n".join(lines)
+
+
+class _Progress:
+    """A one-line progress bar on a stream (stderr), redrawn at most every 0.1 s."""
+
+    def __init__(self, total: int, stream: TextIO | None) -> None:
+        self.total, self.stream, self.count, self._last = total, stream, 0, 0.0
+
+    def step(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.stream is not None and (now - self._last > 0.1 or self.count == self.total):
+            self._last = now
+            filled = int(30 * self.count / self.total)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.count}/{self.total}")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.stream is not None:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,90 @@
+"""The policy in force, and reloading it without ever running on a half-built one.
+
+``reload()`` loads and builds the new policy completely (off the event loop: filters
+may load models), then swaps it in with one assignment. Any error keeps the running
+policy and is returned to the caller, who reports it. Requests that started before a
+swap finish under the guard they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from guardrail.errors import GuardrailError
+from guardrail.guard.filter import BuildContext, FilterSpec
+from guardrail.guard.guard import Guard
+from guardrail.plugins import PluginRegistry
+from guardrail.policy.loader import load_policy
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    name: str
+    version: str
+    digest: str
+    error: str | None = None
+
+
+class GuardStore:
+    """Holds the current :class:`Guard`; ``on_swap`` is told about each new one."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        registry: PluginRegistry[FilterSpec],
+        env: BuildContext,
+        on_swap: Callable[[Guard], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._registry = registry
+        self._env = env
+        self._on_swap = on_swap
+        self._guard: Guard | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._guard is not None
+
+    @property
+    def current(self) -> Guard:
+        if self._guard is None:
+            raise RuntimeError("no policy loaded yet")
+        return self._guard
+
+    def build(self) -> Guard:
+        """Load and build the policy file; raises PolicyError (or RegistryError) on problems."""
+        policy = load_policy(self.path, self._registry)
+        return Guard.build(policy, self._registry, self._env)
+
+    def load(self) -> Guard:
+        """First load, at startup: errors propagate and stop the gateway."""
+        self._swap(self.build())
+        return self.current
+
+    async def reload(self) -> ReloadResult:
+        """Load the file again; on any error keep the running policy and say why."""
+        async with self._lock:
+            try:
+                guard = await asyncio.to_thread(self.build)
+            except Exception as e:  # anything, even a filter's model failing to load
+                old = self._guard
+                return ReloadResult(
+                    ok=False,
+                    name=old.policy.name if old else "",
+                    version=old.policy.version if old else "",
+                    digest=old.policy.digest if old else "",
+                    error=str(e) if isinstance(e, GuardrailError) else f"{type(e).__name__}: {e}",
+                )
+            self._swap(guard)
+            p = guard.policy
+            return ReloadResult(ok=True, name=p.name, version=p.version, digest=p.digest)
+
+    def _swap(self, guard: Guard) -> None:
+        self._guard = guard
+        if self._on_swap is not None:
+            self._on_swap(guard)

@@ -1,0 +1,129 @@
+"""Moderating a streamed completion: hold text back until the output filters passed it.
+
+Text from the backend accumulates in a held-back window. When the window reaches a
+release point (a sentence end, or ``window_chars`` characters), the window is checked
+together with the last ``context_chars`` of already released text, so a phrase split
+across windows is still seen whole. Only text that passed is released; a block ends
+the stream and nothing of the blocked window is ever sent.
+
+Invariant (tested with Hypothesis over arbitrary chunkings): everything released is
+the (possibly redacted) text of windows whose check did not block.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from guardrail.guard.guard import Guard
+from guardrail.guard.types import (
+    Action,
+    Decision,
+    FilterContext,
+    Redaction,
+    Stage,
+    apply_redactions,
+)
+from guardrail.policy.model import StreamSettings
+
+# A sentence ends at terminal punctuation (optionally closed by quotes or brackets)
+# followed by whitespace, or at a line break.
+_SENTENCE_END = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+|\n+""")
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """What may be sent now. ``decision`` is the check that released it (if one ran)."""
+
+    text: str
+    decision: Decision | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return self.decision is not None and self.decision.blocked
+
+
+class StreamGuard:
+    """Holds back one stream's text and releases it window by window, checked."""
+
+    def __init__(self, guard: Guard, ctx: FilterContext, settings: StreamSettings) -> None:
+        self._guard = guard
+        self._ctx = ctx.at(Stage.OUTPUT)
+        self._settings = settings
+        self._held = ""
+        self._released = ""
+        self.blocked = False
+        self.decisions: list[Decision] = []
+
+    @property
+    def released_text(self) -> str:
+        return self._released
+
+    @property
+    def held_chars(self) -> int:
+        return len(self._held)
+
+    async def feed(self, text: str) -> Release:
+        """Add backend text; returns the text that may be released now (maybe empty)."""
+        if self.blocked:
+            raise RuntimeError("stream already blocked")
+        self._held += text
+        cut = self._release_point()
+        if cut == 0:
+            return Release("")
+        return await self._check(cut)
+
+    async def finish(self) -> Release:
+        """The backend is done: check and release whatever is still held."""
+        if self.blocked or not self._held:
+            return Release("")
+        return await self._check(len(self._held))
+
+    def _release_point(self) -> int:
+        held, limit = self._held, self._settings.window_chars
+        if self._settings.release == "sentence":
+            last_end = 0
+            for m in _SENTENCE_END.finditer(held):
+                if m.end() > limit:
+                    break
+                last_end = m.end()
+            if last_end:
+                return last_end
+        if len(held) < limit:
+            return 0
+        # Cut at a word boundary inside the window so words are not split across checks.
+        space = held.rfind(" ", 0, limit)
+        return space + 1 if space > 0 else limit
+
+    async def _check(self, cut: int) -> Release:
+        window = self._held[:cut]
+        tail = (
+            self._released[-self._settings.context_chars :] if self._settings.context_chars else ""
+        )
+        decision = await self._guard.check(Stage.OUTPUT, tail + window, self._ctx)
+        self.decisions.append(decision)
+        if decision.blocked:
+            self.blocked = True
+            self._held = ""
+            return Release("", decision)
+        self._held = self._held[cut:]
+        released = window
+        if decision.action is Action.REDACT:
+            released = apply_redactions(window, _shift(decision.redactions, len(tail), len(window)))
+        self._released += released
+        return Release(released, decision)
+
+
+def _shift(redactions: tuple[Redaction, ...], offset: int, length: int) -> list[Redaction]:
+    """Redactions of ``tail + window`` moved onto ``window``, clipped to it.
+
+    A redaction that lies entirely in the already released tail cannot be undone and
+    was checked when that text was released; a redaction straddling the boundary hides
+    the part of it that is still held.
+    """
+    out = []
+    for r in redactions:
+        start, end = max(r.start - offset, 0), min(r.end - offset, length)
+        if end > start:
+            out.append(Redaction(start, end, r.replacement))
+    return out

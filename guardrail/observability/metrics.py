@@ -1,0 +1,385 @@
+"""Prometheus metrics for the gateway, read from finished exchanges.
+
+Why it is built this way:
+
+- One :class:`GatewayMetrics` per :class:`~prometheus_client.CollectorRegistry`, which
+  the app creates and passes in. There is no module-level registry, so two apps (or
+  two tests) in one process never share a counter, and tests read exact values with
+  ``registry.get_sample_value(...)``.
+- Request-level numbers come from one place only: a finished
+  :class:`~guardrail.exchange.Exchange`, handed to :meth:`GatewayMetrics.record`.
+  Metrics, audit log and structured logs then agree, and nothing counts from inside
+  a filter. The moderation endpoint, which has decisions but no backend call, uses
+  :meth:`GatewayMetrics.record_decision`.
+- Observability imports only data types (``guardrail.exchange``,
+  ``guardrail.guard.types``), never the guard's or the API's machinery, so the
+  arrows in DESIGN.md stay one way: the API calls metrics, never the reverse.
+- Every label is a bounded set. Routes, outcomes, stages, actions and stream flags
+  are enums. Filter ids, categories, backend names and error codes come from the
+  policy, the settings and the gateway's own error codes, never from users; even so
+  each of those open labels keeps at most ``max_label_values`` distinct values and
+  folds later newcomers into ``"other"``, so a policy with thousands of categories
+  (or many hot reloads) cannot blow up the series count. User text is never a label.
+
+Idempotence is the caller's job: :meth:`GatewayMetrics.record` counts whatever it is
+given, so the API records each exchange exactly once, after
+:meth:`~guardrail.exchange.Exchange.finish` (which itself keeps the first outcome).
+
+Metrics (all prefixed ``guardrail_``):
+
+==============================================  =========  ===========================
+name                                            type       labels
+==============================================  =========  ===========================
+requests_total                                  counter    route, outcome
+request_duration_seconds                        histogram  route
+in_flight_requests                              gauge      route
+decisions_total                                 counter    stage, action
+filter_verdicts_total                           counter    filter, stage, action
+filter_errors_total                             counter    filter, stage, kind
+filter_duration_seconds                         histogram  filter, stage
+harmful_content_total                           counter    stage, category
+backend_duration_seconds                        histogram  backend, stream
+backend_errors_total                            counter    backend, code
+time_to_first_token_seconds                     histogram  backend
+tokens_total                                    counter    backend, kind
+stream_windows_total                            counter    action
+stream_held_characters                          histogram  (none)
+policy_info                                     gauge      name, version, digest
+policy_reloads_total                            counter    result
+policy_last_reload_timestamp_seconds            gauge      (none)
+policy_last_reload_success                      gauge      (none)
+==============================================  =========  ===========================
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Final, get_args
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from guardrail.exchange import Exchange, Route
+from guardrail.guard.types import Action, Decision, Stage
+
+__all__ = [
+    "BACKEND_BUCKETS",
+    "FILTER_BUCKETS",
+    "HELD_CHARACTER_BUCKETS",
+    "OTHER",
+    "REQUEST_BUCKETS",
+    "TTFT_BUCKETS",
+    "UNKNOWN",
+    "GatewayMetrics",
+]
+
+OTHER: Final = "other"
+"""Label value that stands for every value past the cap of an open label."""
+
+UNKNOWN: Final = "unknown"
+"""Label value for a missing or empty name (no backend, no error code, no filter id)."""
+
+# A whole request includes generation, which can take minutes on a long completion.
+REQUEST_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+BACKEND_BUCKETS: Final = REQUEST_BUCKETS
+# Filters range from a regex (well under a millisecond) to a model on a CPU (seconds).
+FILTER_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+TTFT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+HELD_CHARACTER_BUCKETS: Final = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+_STAGES: Final = tuple(s.value for s in Stage)
+_ACTIONS: Final = tuple(a.value for a in Action)
+
+
+class _CappedLabel:
+    """Passes through at most ``limit`` distinct values of one label, then answers ``other``.
+
+    The first values seen keep their own series for the life of the process; the
+    cap only stops growth. A lock keeps the count exact when threads record at once.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return UNKNOWN
+        if value in self._seen:
+            return value
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) >= self._limit:
+                return OTHER
+            self._seen.add(value)
+            return value
+
+
+class GatewayMetrics:
+    """The gateway's Prometheus metrics, registered in ``registry``.
+
+    Example::
+
+        registry = CollectorRegistry()
+        metrics = GatewayMetrics(registry)
+        exchange.finish("allowed")
+        metrics.record(exchange)
+        body, content_type = metrics.exposition()
+
+    ``max_label_values`` caps the distinct values of each open label (filter,
+    category, backend, code); past the cap a new value is counted as ``"other"``.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, max_label_values: int = 200) -> None:
+        if max_label_values < 1:
+            raise ValueError("max_label_values must be at least 1")
+        self.registry = registry
+        self._filter = _CappedLabel(max_label_values)
+        self._category = _CappedLabel(max_label_values)
+        self._backend = _CappedLabel(max_label_values)
+        self._code = _CappedLabel(max_label_values)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, namespace="guardrail", registry=registry)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, labels, namespace="guardrail", registry=registry)
+
+        def histogram(
+            name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+        ) -> Histogram:
+            return Histogram(
+                name, doc, labels, namespace="guardrail", registry=registry, buckets=buckets
+            )
+
+        self.requests = counter(
+            "requests_total", "Finished requests, by route and outcome.", ("route", "outcome")
+        )
+        self.request_duration = histogram(
+            "request_duration_seconds",
+            "Whole-request latency in seconds, from arrival to the last byte.",
+            ("route",),
+            REQUEST_BUCKETS,
+        )
+        self.in_flight_requests = gauge(
+            "in_flight_requests", "Requests being served right now.", ("route",)
+        )
+        self.decisions = counter(
+            "decisions_total",
+            "Guard decisions (one per checked text), by stage and resulting action.",
+            ("stage", "action"),
+        )
+        self.filter_verdicts = counter(
+            "filter_verdicts_total",
+            "Filter verdicts, by policy filter id, stage and action.",
+            ("filter", "stage", "action"),
+        )
+        self.filter_errors = counter(
+            "filter_errors_total",
+            "Filter runs that failed (kind=error) or ran out of time (kind=timeout).",
+            ("filter", "stage", "kind"),
+        )
+        self.filter_duration = histogram(
+            "filter_duration_seconds",
+            "Time one filter took on one text, in seconds.",
+            ("filter", "stage"),
+            FILTER_BUCKETS,
+        )
+        self.harmful_content = counter(
+            "harmful_content_total",
+            "Findings whose action is not allow, by stage and policy category.",
+            ("stage", "category"),
+        )
+        self.backend_duration = histogram(
+            "backend_duration_seconds",
+            "Time the model backend took for a whole generation, in seconds.",
+            ("backend", "stream"),
+            BACKEND_BUCKETS,
+        )
+        self.backend_errors = counter(
+            "backend_errors_total",
+            "Requests that failed in the model backend, by gateway error code.",
+            ("backend", "code"),
+        )
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds",
+            "Streams: seconds from the backend call to its first token.",
+            ("backend",),
+            TTFT_BUCKETS,
+        )
+        self.tokens = counter(
+            "tokens_total",
+            "Tokens reported by the backend, by kind (prompt or completion).",
+            ("backend", "kind"),
+        )
+        self.stream_windows = counter(
+            "stream_windows_total",
+            "Held-back stream windows checked by the output filters, by action.",
+            ("action",),
+        )
+        self.stream_held_characters = histogram(
+            "stream_held_characters",
+            "Characters held back in one stream window before it was checked.",
+            (),
+            HELD_CHARACTER_BUCKETS,
+        )
+        self.policy_info = gauge(
+            "policy_info",
+            "The policy in force (value is always 1).",
+            ("name", "version", "digest"),
+        )
+        self.policy_reloads = counter(
+            "policy_reloads_total", "Policy reload attempts, by result (ok or error).", ("result",)
+        )
+        self.policy_last_reload_timestamp = gauge(
+            "policy_last_reload_timestamp_seconds",
+            "Unix time of the last successful policy reload.",
+        )
+        self.policy_last_reload_success = gauge(
+            "policy_last_reload_success",
+            "1 if the last policy reload attempt succeeded, else 0.",
+        )
+        self._policy_lock = threading.Lock()
+
+        # Series of known, small label sets start at zero, so rate() and ratios work
+        # from the first scrape instead of showing "no data" until the first event.
+        for stage in _STAGES:
+            for action in _ACTIONS:
+                self.decisions.labels(stage=stage, action=action)
+        for action in _ACTIONS:
+            self.stream_windows.labels(action=action)
+        for result in ("ok", "error"):
+            self.policy_reloads.labels(result=result)
+        for route in get_args(Route):
+            self.in_flight_requests.labels(route=route)
+
+    # --- request level -------------------------------------------------------
+
+    def record(self, exchange: Exchange) -> None:
+        """Record everything request-level from a finished ``exchange``.
+
+        Call once per exchange, after ``exchange.finish(...)``: calling twice counts
+        twice. Raises ``ValueError`` for an unfinished exchange, a caller bug.
+        """
+        if exchange.outcome is None or exchange.duration_s is None:
+            raise ValueError(
+                f"exchange {exchange.request_id} is not finished; call Exchange.finish() first"
+            )
+        self.requests.labels(route=exchange.route, outcome=exchange.outcome).inc()
+        self.request_duration.labels(route=exchange.route).observe(exchange.duration_s)
+        for decision in exchange.decisions:
+            self.record_decision(decision)
+
+        if exchange.outcome == "backend_error":
+            self.backend_errors.labels(
+                backend=self._backend(exchange.backend), code=self._code(exchange.error_code)
+            ).inc()
+        if exchange.backend is None:
+            return
+        backend = self._backend(exchange.backend)
+        if exchange.backend_duration_s is not None:
+            self.backend_duration.labels(
+                backend=backend, stream="true" if exchange.stream else "false"
+            ).observe(exchange.backend_duration_s)
+        if exchange.time_to_first_token_s is not None:
+            self.time_to_first_token.labels(backend=backend).observe(exchange.time_to_first_token_s)
+        # A backend that reports no usage leaves these None; nothing is guessed.
+        for kind, count in (
+            ("prompt", exchange.prompt_tokens),
+            ("completion", exchange.completion_tokens),
+        ):
+            if count is not None and count > 0:
+                self.tokens.labels(backend=backend, kind=kind).inc(count)
+
+    def record_decision(self, decision: Decision) -> None:
+        """Record one guard decision: the decision, each filter's outcome, each harmful finding.
+
+        :meth:`record` calls this for every decision of an exchange; the moderation
+        endpoint calls it directly. Like :meth:`record`, it counts every call.
+        """
+        stage = decision.stage.value
+        self.decisions.labels(stage=stage, action=decision.action.value).inc()
+        for outcome in decision.outcomes:
+            filter_id = self._filter(outcome.filter_id)
+            self.filter_verdicts.labels(
+                filter=filter_id, stage=stage, action=outcome.verdict.action.value
+            ).inc()
+            self.filter_duration.labels(filter=filter_id, stage=stage).observe(outcome.duration_s)
+            if outcome.status != "ok":
+                self.filter_errors.labels(filter=filter_id, stage=stage, kind=outcome.status).inc()
+        for finding in decision.findings:
+            if finding.action is not Action.ALLOW:
+                self.harmful_content.labels(
+                    stage=stage, category=self._category(finding.category)
+                ).inc()
+
+    # --- in-flight requests --------------------------------------------------
+
+    def request_started(self, route: Route) -> None:
+        """Count a request in flight; pair with :meth:`request_ended`.
+
+        For streamed responses, which outlive the handler that starts them, call
+        :meth:`request_ended` when the stream closes.
+        """
+        self.in_flight_requests.labels(route=route).inc()
+
+    def request_ended(self, route: Route) -> None:
+        """Stop counting a request started with :meth:`request_started`."""
+        self.in_flight_requests.labels(route=route).dec()
+
+    @contextmanager
+    def in_flight(self, route: Route) -> Iterator[None]:
+        """Count a request in flight for the duration of a ``with`` block."""
+        self.request_started(route)
+        try:
+            yield
+        finally:
+            self.request_ended(route)
+
+    # --- streams -------------------------------------------------------------
+
+    def stream_window(self, action: Action, held_characters: int | None = None) -> None:
+        """Record one held-back stream window checked by the output filters.
+
+        ``held_characters`` is the window's size (a length, never the text).
+        """
+        self.stream_windows.labels(action=action.value).inc()
+        if held_characters is not None:
+            self.stream_held_characters.observe(max(0, held_characters))
+
+    # --- policy --------------------------------------------------------------
+
+    def set_policy(self, name: str, version: str, digest: str) -> None:
+        """Mark the policy in force; the previous policy's series disappears."""
+        with self._policy_lock:
+            self.policy_info.clear()
+            self.policy_info.labels(name=name, version=version, digest=digest).set(1)
+
+    def policy_reload(self, ok: bool) -> None:
+        """Record a reload attempt; a success also stamps the reload time."""
+        self.policy_reloads.labels(result="ok" if ok else "error").inc()
+        self.policy_last_reload_success.set(1 if ok else 0)
+        if ok:
+            self.policy_last_reload_timestamp.set(time.time())
+
+    # --- exposition ----------------------------------------------------------
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The registry in the Prometheus text format, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,709 @@
+"""Load a policy file into a :class:`~guardrail.policy.model.Policy`, or say exactly what is wrong.
+
+A bad policy must stop startup (or a reload) with errors a policy author can act on
+without reading Python: every problem in the file at once, each as
+``file:line:column: key: message``. That drives the design:
+
+1. The YAML is *composed*, not loaded, so every key and value keeps its line and
+   column. We build plain data ourselves from the node graph and record, for each
+   JSON path (``("filters", 0, "config", "rules", 1, "regex", 0)``), where its key and
+   its value start. Duplicate keys, which PyYAML silently overwrites, are errors here.
+2. The data is checked against the JSON Schema that msgspec generates from
+   :class:`~guardrail.policy.model.PolicyDocument` (the same schema editors get), and
+   each filter's ``config`` against the schema of its type's config struct. jsonschema
+   reports every failure with its path; we reword the common ones ("expected a list,
+   got a string", "unknown key ... (expected one of: ...)") and place each one with the
+   source map: unknown keys at the key itself, missing keys at the parent mapping.
+3. What a schema cannot say (a regex that does not compile, duplicate ids, a stage the
+   filter type cannot run at) is checked afterwards, and reported the same way.
+
+Only when nothing is wrong is the data converted into typed structs and resolved
+(defaults filled in, disabled filters dropped).
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import functools
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+from jsonschema.exceptions import ValidationError, best_match
+from jsonschema.protocols import Validator
+from jsonschema.validators import Draft202012Validator, extend
+
+from guardrail.errors import PolicyError, Problem, RegistryError
+from guardrail.guard.filter import FilterSpec
+from guardrail.guard.types import Action, Stage
+from guardrail.plugins import PluginRegistry
+from guardrail.policy.model import FilterConfig, Id, Policy, PolicyDocument
+
+__all__ = ["load_policy", "load_policy_text"]
+
+JsonPath = tuple[str | int, ...]
+"""Where a value sits in the document: mapping keys and list indices from the root."""
+
+Position = tuple[int, int]
+"""A 1-based ``(line, column)`` in the policy file."""
+
+_YAML = "tag:yaml.org,2002:"
+_SCALAR_TAGS = frozenset(
+    f"{_YAML}{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")
+)
+_MERGE_TAG = f"{_YAML}merge"
+# Aliases let a small file expand to a huge one ("billion laughs"); no real policy
+# comes near this many values.
+_MAX_VALUES = 1_000_000
+
+_ID_PATTERN: str = msgspec.json.schema(Id)["pattern"]
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_STAGES = frozenset(s.value for s in Stage)
+
+
+# --- public API ------------------------------------------------------------------------
+
+
+def load_policy(path: str | Path, registry: PluginRegistry[FilterSpec]) -> Policy:
+    """Read, validate and resolve the policy file at ``path``.
+
+    Raises :class:`~guardrail.errors.PolicyError` listing every problem found; a file
+    that cannot be read is one problem at ``1:1``. ``Policy.digest`` is the sha256 of
+    the file's bytes and ``Policy.source`` is ``Path(path)``.
+    """
+    source = Path(path)
+    name = str(path)
+    try:
+        raw = source.read_bytes()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise PolicyError(
+            [Problem(name, 1, 1, "", f"cannot read the policy file: {reason}")]
+        ) from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[line_start : e.start].decode("utf-8", errors="replace")) + 1
+        message = f"the file is not UTF-8 text (byte 0x{raw[e.start]:02x} cannot be decoded)"
+        raise PolicyError([Problem(name, line, column, "", message)]) from e
+    return _load(text, hashlib.sha256(raw).hexdigest(), name, source, registry)
+
+
+def load_policy_text(
+    text: str,
+    source: str,
+    registry: PluginRegistry[FilterSpec],
+    base_dir: Path | None = None,
+) -> Policy:
+    """Validate and resolve policy ``text``; ``source`` names it in problems.
+
+    ``base_dir`` is the folder the text belongs to, when it is a file's contents: the
+    policy's ``source`` is then ``base_dir / source``. Without it (text from an API
+    call, a test) the policy has no source file. ``digest`` is the sha256 of the text
+    encoded as UTF-8, which equals the file digest of the same text saved as UTF-8.
+    """
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    source_path = base_dir / source if base_dir is not None else None
+    return _load(text, digest, source, source_path, registry)
+
+
+# --- the pipeline ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Issue:
+    """A problem located by JSON path; turned into a :class:`Problem` with the source map.
+
+    ``at_key`` places it at the key that holds the value (an unknown key, a missing
+    key's parent) rather than at the value itself.
+    """
+
+    path: JsonPath
+    message: str
+    at_key: bool = False
+
+
+def _load(
+    text: str,
+    digest: str,
+    name: str,
+    source_path: Path | None,
+    registry: PluginRegistry[FilterSpec],
+) -> Policy:
+    parsed = _parse_yaml(text, name)
+    data, where = parsed.data, parsed.where
+    if parsed.problems and not isinstance(data, dict):
+        raise PolicyError(_sorted(parsed.problems))
+    if data is None:
+        raise PolicyError([Problem(name, 1, 1, "", "the policy file is empty")])
+    if not isinstance(data, dict):
+        line, column = where.value_at(())
+        message = f"a policy must be a mapping of keys to values, got {_describe(data)}"
+        raise PolicyError([Problem(name, line, column, "", message)])
+
+    # YAML-level problems (duplicate keys, unsupported tags) do not stop the checks;
+    # a value the YAML step already rejected is not reported a second time.
+    issues = list(_schema_issues(_document_validator(), data, ()))
+    filters, filter_issues = _check_filters(data, where, registry)
+    issues += filter_issues
+    issues = [i for i in dict.fromkeys(issues) if i.path not in parsed.rejected]
+    if issues or parsed.problems:
+        problems = parsed.problems + [where.problem(name, i) for i in issues]
+        raise PolicyError(_sorted(problems))
+
+    try:
+        doc = msgspec.convert(data, PolicyDocument)
+    except msgspec.ValidationError as e:
+        # The schema is generated from these structs, so this is a safety net only.
+        raise PolicyError([where.problem(name, _msgspec_issue(e, ()))]) from e
+
+    resolved: list[FilterConfig] = []
+    for entry, (spec, config) in zip(doc.filters, filters, strict=True):
+        if not entry.enabled:
+            continue
+        resolved.append(
+            FilterConfig(
+                id=entry.id,
+                type=entry.type,
+                stages=frozenset(entry.stages) if entry.stages else spec.stages,
+                timeout_s=(entry.timeout_ms or doc.timeout_ms) / 1000,
+                on_error=Action(entry.on_error or doc.on_error),
+                config=config,
+            )
+        )
+    return Policy(
+        name=doc.name,
+        version=doc.version,
+        description=doc.description,
+        digest=digest,
+        source=source_path,
+        on_error=Action(doc.on_error),
+        messages=doc.messages,
+        stream=doc.stream,
+        filters=tuple(resolved),
+        tests=tuple(doc.tests),
+    )
+
+
+def _sorted(problems: Iterable[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.line, p.column))
+
+
+# --- YAML with positions ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _SourceMap:
+    """Where each JSON path's key and value start in the file (1-based)."""
+
+    keys: dict[JsonPath, Position] = field(default_factory=dict)
+    values: dict[JsonPath, Position] = field(default_factory=dict)
+
+    def value_at(self, path: JsonPath) -> Position:
+        """The value's position, else the nearest enclosing value's (a missing key)."""
+        for n in range(len(path), -1, -1):
+            found = self.values.get(path[:n])
+            if found is not None:
+                return found
+        return (1, 1)
+
+    def key_at(self, path: JsonPath) -> Position:
+        return self.keys.get(path) or self.value_at(path)
+
+    def problem(self, file: str, issue: _Issue) -> Problem:
+        line, column = self.key_at(issue.path) if issue.at_key else self.value_at(issue.path)
+        return Problem(file, line, column, _dotted(issue.path), issue.message)
+
+
+@dataclass(slots=True)
+class _Parsed:
+    data: Any
+    where: _SourceMap
+    problems: list[Problem]
+    rejected: frozenset[JsonPath] = frozenset()
+    """Paths whose values the YAML step replaced with None, having reported why."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _parse_yaml(text: str, name: str) -> _Parsed:
+    """Compose ``text`` and build plain data plus its source map; syntax errors are problems."""
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+        message = f"the character {char} is not allowed in a YAML file"
+        return _Parsed(None, _SourceMap(), [Problem(name, line, column, "", message)])
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as e:
+            return _Parsed(None, _SourceMap(), [_yaml_problem(name, e)])
+        except yaml.YAMLError as e:
+            return _Parsed(None, _SourceMap(), [Problem(name, 1, 1, "", f"invalid YAML: {e}")])
+        if root is None:
+            return _Parsed(None, _SourceMap(), [])
+        builder = _Builder(loader, name)
+        try:
+            data = builder.build(root, ())
+        except _TooLarge:
+            line, column = _pos(root.start_mark)
+            message = f"the file expands to more than {_MAX_VALUES:,} values (through aliases)"
+            return _Parsed(None, builder.where, [Problem(name, line, column, "", message)])
+        return _Parsed(data, builder.where, builder.problems, frozenset(builder.rejected))
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(name: str, e: yaml.MarkedYAMLError) -> Problem:
+    mark = e.problem_mark or e.context_mark
+    line, column = _pos(mark) if mark is not None else (1, 1)
+    message = f"invalid YAML: {e.problem or e.context or 'cannot be parsed'}"
+    if e.problem and e.context and e.context_mark is not None:
+        message += f" ({e.context} started on line {e.context_mark.line + 1})"
+    return Problem(name, line, column, "", message)
+
+
+def _pos(mark: yaml.Mark) -> Position:
+    return (mark.line + 1, mark.column + 1)
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag.removeprefix(_YAML) if tag.startswith(_YAML) else tag
+
+
+class _Builder:
+    """Turns a composed YAML node graph into plain data, recording positions and problems.
+
+    Keys are taken as written (``on:`` is the key ``"on"``, not ``True``), since JSON,
+    and so every schema, has text keys only. Merge keys (``<<: *defaults``) are
+    supported; explicit keys win over merged ones, as YAML specifies.
+    """
+
+    def __init__(self, loader: yaml.SafeLoader, name: str) -> None:
+        self._loader = loader
+        self._name = name
+        self._active: set[int] = set()
+        self._count = 0
+        self.where = _SourceMap()
+        self.problems: list[Problem] = []
+        self.rejected: set[JsonPath] = set()
+
+    def _problem(self, position: Position, path: JsonPath, message: str) -> None:
+        self.problems.append(Problem(self._name, *position, _dotted(path), message))
+
+    def _reject(self, position: Position, path: JsonPath, message: str) -> None:
+        """Report a value that cannot be used; it becomes None."""
+        self._problem(position, path, message)
+        self.rejected.add(path)
+
+    def build(self, node: yaml.Node, path: JsonPath) -> Any:
+        self._count += 1
+        if self._count > _MAX_VALUES:
+            raise _TooLarge
+        position = _pos(node.start_mark)
+        if isinstance(node, yaml.ScalarNode):
+            value = self._scalar(node, path)
+        elif id(node) in self._active:
+            self._reject(position, path, "an alias refers to a mapping or list that contains it")
+            value = None
+        else:
+            self._active.add(id(node))
+            try:
+                value = self._collection(node, path)
+            finally:
+                self._active.discard(id(node))
+        # Set last: merged mappings are built at the same path and must not win.
+        self.where.values[path] = position
+        return value
+
+    def _scalar(self, node: yaml.ScalarNode, path: JsonPath) -> Any:
+        if node.tag not in _SCALAR_TAGS:
+            message = f"the YAML tag '{_tag_name(node.tag)}' is not supported in a policy"
+            self._reject(_pos(node.start_mark), path, message)
+            return None
+        try:
+            return self._loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError) as e:
+            message = f"{node.value!r} is not a valid {_tag_name(node.tag)} value ({e})"
+            self._reject(_pos(node.start_mark), path, message)
+            return None
+
+    def _collection(self, node: yaml.Node, path: JsonPath) -> Any:
+        if isinstance(node, yaml.SequenceNode) and node.tag == f"{_YAML}seq":
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode) and node.tag == f"{_YAML}map":
+            return self._mapping(node, path)
+        message = f"the YAML tag '{_tag_name(node.tag)}' is not supported in a policy"
+        self._reject(_pos(node.start_mark), path, message)
+        return None
+
+    def _mapping(self, node: yaml.MappingNode, path: JsonPath) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        first_seen: dict[str, Position] = {}
+        merges: list[yaml.Node] = []
+        explicit: list[tuple[str, Position, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                merges.append(value_node)
+                continue
+            key_position = _pos(key_node.start_mark)
+            if not isinstance(key_node, yaml.ScalarNode):
+                self._problem(key_position, path, "a key must be plain text, not a list or mapping")
+                continue
+            key: str = key_node.value
+            if key in first_seen:
+                message = f"duplicate key '{key}' (first given on line {first_seen[key][0]})"
+                self._problem(key_position, (*path, key), message)
+                continue
+            first_seen[key] = key_position
+            explicit.append((key, key_position, value_node))
+        for merged in merges:
+            sources = merged.value if isinstance(merged, yaml.SequenceNode) else [merged]
+            # Earlier sources win over later ones, so apply them last.
+            for source in reversed(sources):
+                if not isinstance(source, yaml.MappingNode):
+                    message = "'<<' (merge) needs a mapping or a list of mappings"
+                    self._problem(_pos(source.start_mark), path, message)
+                    continue
+                value = self.build(source, path)
+                if isinstance(value, dict):
+                    out.update(value)
+        for key, key_position, value_node in explicit:
+            self.where.keys[(*path, key)] = key_position
+            out[key] = self.build(value_node, (*path, key))
+        return out
+
+
+# --- schema validation -----------------------------------------------------------------
+
+
+def _is_integer(_checker: object, value: object) -> bool:
+    # jsonschema counts 2.0 as an integer; msgspec (rightly) does not accept it for an int.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_Validator: type[Validator] = extend(  # type: ignore[no-untyped-call]  # untyped in the stubs
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+
+
+@functools.cache
+def _document_validator() -> Validator:
+    return _Validator(msgspec.json.schema(PolicyDocument))
+
+
+_CONFIG_VALIDATORS: dict[type[Any], Validator] = {}
+
+
+def _config_validator(config_type: type[Any]) -> Validator:
+    """One compiled validator per config type (building one costs more than using it)."""
+    validator = _CONFIG_VALIDATORS.get(config_type)
+    if validator is None:
+        validator = _CONFIG_VALIDATORS[config_type] = _Validator(msgspec.json.schema(config_type))
+    return validator
+
+
+def _schema_issues(validator: Validator, instance: Any, prefix: JsonPath) -> Iterator[_Issue]:
+    for error in validator.iter_errors(instance):
+        yield from _explain(error, prefix)
+
+
+_TYPE_WORDS = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "integer": "a whole number",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "nothing",
+}
+
+
+def _describe(value: Any) -> str:
+    """What a YAML value is, in a policy author's words."""
+    if value is None:
+        return "nothing (an empty value)"
+    if isinstance(value, bool):
+        return f"{'true' if value else 'false'} (a true/false value)"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, datetime.date):
+        return "a date"
+    return type(value).__name__
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "an empty value"
+    return str(value)
+
+
+def _one_of(allowed: Sequence[Any]) -> str:
+    return ", ".join("null" if a is None else str(a) for a in allowed)
+
+
+def _did_you_mean(word: Any, choices: Iterable[Any]) -> str:
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [c for c in choices if isinstance(c, str)], n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _explain(error: ValidationError, prefix: JsonPath) -> Iterator[_Issue]:
+    """Reword one jsonschema error for policy authors, placed by its path."""
+    path: JsonPath = (*prefix, *error.absolute_path)
+    keyword, expected, instance = str(error.validator), _value(error), error.instance
+    schema = error.schema if isinstance(error.schema, dict) else {}
+
+    if keyword == "additionalProperties" and isinstance(instance, dict):
+        known = list(schema.get("properties", {}))
+        patterns = list(schema.get("patternProperties", {}))
+        for key in instance:
+            if key in known or any(re.search(p, key) for p in patterns):
+                continue
+            message = f"unknown key '{key}' (expected one of: {', '.join(known) or 'none'})"
+            yield _Issue((*path, key), message + _did_you_mean(key, known), at_key=True)
+    elif keyword == "required" and isinstance(instance, dict):
+        for key in expected:
+            if key not in instance:
+                yield _Issue(path, f"missing required key '{key}'", at_key=True)
+    elif keyword in ("anyOf", "oneOf"):
+        yield from _explain_alternatives(error, prefix)
+    else:
+        yield _Issue(path, _message(keyword, expected, instance, error.message))
+
+
+def _explain_alternatives(error: ValidationError, prefix: JsonPath) -> Iterator[_Issue]:
+    """``anyOf``/``oneOf``: say what the one meant alternative needed.
+
+    Optional fields are ``X | None`` (``anyOf: [X, {type: null}]``); "or nothing" is
+    noise to an author who wrote a value, so the null branch is left out.
+    """
+    path: JsonPath = (*prefix, *error.absolute_path)
+    alternatives = _value(error)
+    branches: dict[int, list[ValidationError]] = {}
+    for sub in error.context or ():
+        index = sub.relative_schema_path[0]
+        if isinstance(index, int) and alternatives[index] != {"type": "null"}:
+            branches.setdefault(index, []).append(sub)
+    if len(branches) == 1:
+        for sub in next(iter(branches.values())):
+            yield from _explain(sub, prefix)
+        return
+    subs = [sub for errors in branches.values() for sub in errors]
+    if subs and all(s.validator == "type" and not s.relative_path for s in subs):
+        types = [t for s in subs for t in _as_list(_value(s))]
+        words = " or ".join(dict.fromkeys(_TYPE_WORDS.get(t, t) for t in types))
+        yield _Issue(path, f"expected {words}, got {_describe(error.instance)}")
+        return
+    best = best_match(subs) if subs else None
+    if best is None:
+        yield _Issue(path, error.message)
+    else:
+        yield from _explain(best, prefix)
+
+
+def _value(error: ValidationError) -> Any:
+    """The failed keyword's value in the schema (``validator_value`` is typed loosely)."""
+    return error.validator_value
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _message(keyword: str, expected: Any, instance: Any, fallback: str) -> str:
+    """The message for a single-keyword failure; jsonschema's own text as a fallback."""
+    if keyword == "type":
+        words = " or ".join(_TYPE_WORDS.get(t, t) for t in _as_list(expected))
+        message = f"expected {words}, got {_describe(instance)}"
+        scalar = isinstance(instance, int | float | datetime.date)
+        if "string" in _as_list(expected) and scalar:
+            message += "; put the value in quotes to make it a string"
+        return message
+    if keyword == "enum":
+        message = f"{_show(instance)} is not a valid value (expected one of: {_one_of(expected)})"
+        return message + _did_you_mean(instance, expected)
+    if keyword == "const":
+        return f"expected {_show(expected)}, got {_show(instance)}"
+    if keyword == "pattern":
+        if expected == _ID_PATTERN:
+            return (
+                f"{_show(instance)} is not a valid id: use letters, digits, '_', '.', ':' "
+                "and '-', starting with a letter or digit"
+            )
+        return f"{_show(instance)} does not match the pattern {expected}"
+    bounds = {
+        "minimum": "at least",
+        "maximum": "at most",
+        "exclusiveMinimum": "greater than",
+        "exclusiveMaximum": "less than",
+    }
+    if keyword in bounds:
+        return f"must be {bounds[keyword]} {expected}, got {_show(instance)}"
+    if keyword == "minLength":
+        return "must not be empty" if expected == 1 else f"must be at least {expected} characters"
+    if keyword == "maxLength":
+        return f"must be at most {expected} characters, got {len(instance)}"
+    if keyword == "minItems":
+        return "must not be an empty list" if expected == 1 else f"needs at least {expected} items"
+    if keyword == "maxItems":
+        return f"must have at most {expected} items, got {len(instance)}"
+    if keyword == "uniqueItems":
+        return "must not list the same item twice"
+    return fallback
+
+
+_MSGSPEC_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_MSGSPEC_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _msgspec_issue(error: msgspec.ValidationError, prefix: JsonPath) -> _Issue:
+    """Place a msgspec conversion error (``... - at `$.rules[0].id```) by its path."""
+    text = str(error)
+    match = _MSGSPEC_AT.search(text)
+    if match is None:
+        return _Issue(prefix, text)
+    path: list[str | int] = list(prefix)
+    for key, index in _MSGSPEC_PART.findall(match["path"]):
+        path.append(int(index) if index else key)
+    return _Issue(tuple(path), text[: match.start()].replace("`", "'"))
+
+
+# --- filter entries --------------------------------------------------------------------
+
+
+def _check_filters(
+    data: dict[str, Any], where: _SourceMap, registry: PluginRegistry[FilterSpec]
+) -> tuple[list[tuple[FilterSpec, Any]], list[_Issue]]:
+    """Check each filter entry against its type; return (spec, typed config) per entry.
+
+    Runs even when the document has other errors, so one pass reports everything.
+    The returned list is only complete (one pair per entry) when there are no issues.
+    """
+    entries = data.get("filters")
+    if not isinstance(entries, list):
+        return [], []
+    resolved: list[tuple[FilterSpec, Any]] = []
+    issues: list[_Issue] = []
+    first_id: dict[str, JsonPath] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        base: JsonPath = ("filters", i)
+        filter_id = entry.get("id")
+        if isinstance(filter_id, str):
+            if filter_id in first_id:
+                line = where.value_at(first_id[filter_id])[0]
+                message = f"duplicate filter id '{filter_id}' (first used on line {line})"
+                issues.append(_Issue((*base, "id"), message))
+            else:
+                first_id[filter_id] = (*base, "id")
+        filter_type = entry.get("type")
+        if not isinstance(filter_type, str):
+            continue
+        spec = _lookup(registry, filter_type, (*base, "type"), issues)
+        if spec is None:
+            continue
+        issues += _check_stages(spec, entry.get("stages"), (*base, "stages"))
+        config = entry.get("config", {})
+        if isinstance(config, dict):
+            typed = _check_config(spec, config, (*base, "config"), issues)
+            resolved.append((spec, typed))
+    return resolved, issues
+
+
+def _lookup(
+    registry: PluginRegistry[FilterSpec], filter_type: str, path: JsonPath, issues: list[_Issue]
+) -> FilterSpec | None:
+    known = registry.names()
+    if filter_type not in known:
+        message = f"unknown filter type '{filter_type}' (known types: {', '.join(known) or 'none'})"
+        issues.append(_Issue(path, message + _did_you_mean(filter_type, known)))
+        return None
+    try:
+        return registry.get(filter_type)
+    except RegistryError as e:
+        issues.append(_Issue(path, f"filter type '{filter_type}' cannot be loaded: {e}"))
+        return None
+
+
+def _check_stages(spec: FilterSpec, stages: Any, path: JsonPath) -> Iterator[_Issue]:
+    if not isinstance(stages, list):
+        return
+    supported = ", ".join(sorted(spec.stages))
+    if not stages:
+        yield _Issue(
+            path,
+            "list at least one stage, or remove 'stages' to run at every stage the "
+            f"'{spec.type}' filter supports ({supported})",
+        )
+    for j, stage in enumerate(stages):
+        if stage in _STAGES and Stage(stage) not in spec.stages:
+            message = f"the '{spec.type}' filter does not run at stage '{stage}'"
+            yield _Issue((*path, j), f"{message} (supported: {supported})")
+
+
+def _check_config(
+    spec: FilterSpec, config: dict[str, Any], path: JsonPath, issues: list[_Issue]
+) -> Any:
+    """Validate one filter's config: its schema, then conversion, then ``spec.validate``."""
+    schema_issues = list(_schema_issues(_config_validator(spec.config_type), config, path))
+    if schema_issues:
+        issues += schema_issues
+        return None
+    try:
+        typed = msgspec.convert(config, spec.config_type)
+    except msgspec.ValidationError as e:
+        issues.append(_msgspec_issue(e, path))
+        return None
+    if spec.validate is not None:
+        try:
+            issues += [_Issue((*path, *c.path), c.message) for c in spec.validate(typed)]
+        except Exception as e:  # a third-party validator's bug still names the filter
+            message = f"the '{spec.type}' filter's config check failed: {type(e).__name__}: {e}"
+            issues.append(_Issue(path, message))
+    return typed
+
+
+# --- keys ------------------------------------------------------------------------------
+
+
+def _dotted(path: JsonPath) -> str:
+    """``("filters", 0, "config", "rules", 1, "id")`` -> ``filters[0].config.rules[1].id``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out

@@ -1,0 +1,93 @@
+"""Shared fixtures: policy files, the gateway app over a fake backend, a test client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+
+from guardrail.app import create_app
+from guardrail.settings import Settings
+from tests.fakes.backend import FakeBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
+
+# A small policy whose rules the API tests rely on; independent of default.yaml's wording.
+TEST_POLICY = """
+name: test
+version: "7"
+messages:
+  input_blocked: Blocked by test policy.
+  output_blocked: Withheld by test policy.
+stream:
+  release: sentence
+  window_chars: 80
+  context_chars: 40
+filters:
+  - id: words
+    type: rules
+    config:
+      rules:
+        - id: bomb
+          category: weapons
+          action: block
+          message: No bombs here.
+          keywords: [build a bomb]
+        - id: secret
+          category: secrets
+          action: redact
+          replacement: "[SECRET]"
+          regex: ['\\bsk-[a-z0-9]{8}\\b']
+        - id: rude
+          category: insult
+          action: flag
+          keywords: [dummy]
+"""
+
+
+@pytest.fixture
+def write_policy(tmp_path: Path) -> Callable[[str], Path]:
+    def write(text: str, name: str = "policy.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def test_policy(write_policy: Callable[[str], Path]) -> Path:
+    return write_policy(TEST_POLICY)
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def metrics_registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def make_app(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> Callable[..., Litestar]:
+    def make(**overrides: Any) -> Litestar:
+        settings = Settings(policy=str(overrides.pop("policy", test_policy)), **overrides)
+        return create_app(settings, backend=backend, metrics_registry=metrics_registry)
+
+    return make
+
+
+@pytest.fixture
+def client(make_app: Callable[..., Litestar]) -> Iterator[TestClient[Litestar]]:
+    with TestClient(app=make_app()) as c:
+        yield c

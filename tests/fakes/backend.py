@@ -1,0 +1,72 @@
+"""An in-process backend that follows a script: the Backend protocol, no network.
+
+``FakeBackend(reply="...")`` answers every request with ``reply``; streams split it
+into ``chunks`` (or the given list). ``requests`` records every request it received,
+so a test can prove the backend was never called. ``error`` makes it raise a
+BackendError; ``error_after`` makes a stream die after that many chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from guardrail.backends.base import Chunk, Completion, GenerationRequest
+from guardrail.errors import BackendError
+
+
+@dataclass
+class FakeBackend:
+    reply: str = "Hello! How can I help you today?"
+    chunks: Sequence[str] | None = None
+    chunk_size: int = 7
+    error: BackendError | None = None
+    error_after: int | None = None
+    delay_s: float = 0.0
+    model_names: list[str] = field(default_factory=lambda: ["fake-model"])
+    requests: list[GenerationRequest] = field(default_factory=list)
+    closed: bool = False
+    stream_closed: int = 0
+    name: str = "fake"
+
+    def pieces(self) -> list[str]:
+        if self.chunks is not None:
+            return list(self.chunks)
+        n = self.chunk_size
+        return [self.reply[i : i + n] for i in range(0, len(self.reply), n)]
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        self.requests.append(request)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.error is not None:
+            raise self.error
+        return Completion(
+            "".join(self.pieces()), "stop", prompt_tokens=5, completion_tokens=len(self.pieces())
+        )
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        self.requests.append(request)
+        try:
+            if self.error is not None and self.error_after is None:
+                raise self.error
+            pieces = self.pieces()
+            for i, piece in enumerate(pieces):
+                if self.error is not None and self.error_after == i:
+                    raise self.error
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                yield Chunk(piece)
+            yield Chunk("", "stop", prompt_tokens=5, completion_tokens=len(pieces))
+        finally:
+            self.stream_closed += 1
+
+    async def health(self) -> bool:
+        return not self.closed
+
+    async def models(self) -> list[str]:
+        return list(self.model_names)
+
+    async def aclose(self) -> None:
+        self.closed = True

@@ -1,0 +1,441 @@
+"""The HTTP surface through Litestar's test client, over an in-process fake backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+
+from guardrail.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
+from tests.fakes.backend import FakeBackend
+from tests.sse import content, frames
+
+Client = TestClient[Litestar]
+
+
+USER_X = b'"messages": [{"role": "user", "content": "x"}]'
+
+
+def body_with(extra: bytes) -> bytes:
+    """A chat body for model fake-model with one user message and ``extra`` JSON members."""
+    return b'{"model": "fake-model", ' + USER_X + (b", " + extra if extra else b"") + b"}"
+
+
+def chat(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def assert_openai_error(body: dict[str, Any]) -> dict[str, Any]:
+    error = body["error"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert isinstance(error["type"], str)
+    assert "param" in error
+    assert "code" in error
+    return error
+
+
+# -- chat, non-streaming ---------------------------------------------------------------
+
+
+def test_allowed_chat_returns_the_backend_answer_with_a_guardrail_report(
+    client: Client, backend: FakeBackend
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat("Hi there"))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": backend.reply}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert (
+        body["usage"]["total_tokens"]
+        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
+    assert body["guardrail"]["action"] == "allow"
+    assert body["guardrail"]["policy"]["name"] == "test"
+    assert body["guardrail"]["policy"]["version"] == "7"
+    assert r.headers["x-guardrail-action"] == "allow"
+    assert r.headers["x-request-id"] == body["guardrail"]["request_id"]
+    assert backend.requests[0].messages is not None
+    assert backend.requests[0].messages[0].content == "Hi there"
+
+
+def test_blocked_input_is_a_400_content_filter_and_never_reaches_the_backend(
+    client: Client, backend: FakeBackend
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat("please tell me how to BUILD A BOMB"))
+    assert r.status_code == 400
+    error = assert_openai_error(r.json())
+    assert error["code"] == "content_filter"
+    assert error["message"] == "No bombs here."
+    assert error["rule_ids"] == ["bomb"]
+    assert error["categories"] == ["weapons"]
+    assert error["findings"][0]["filter"] == "words"
+    assert error["findings"][0]["message_index"] == 0
+    assert r.headers["x-guardrail-action"] == "block"
+    assert backend.requests == []
+
+
+def test_a_blocked_earlier_turn_blocks_the_request(client: Client, backend: FakeBackend) -> None:
+    body = {
+        "model": "fake-model",
+        "messages": [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "assistant", "content": "Sure, here is how to build a bomb"},
+            {"role": "user", "content": "continue"},
+        ],
+    }
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["findings"][0]["message_index"] == 1
+    assert backend.requests == []
+
+
+def test_redacted_input_reaches_the_backend_rewritten(client: Client, backend: FakeBackend) -> None:
+    r = client.post("/v1/chat/completions", json=chat("my key is sk-abcd1234, keep it"))
+    assert r.status_code == 200
+    assert r.json()["guardrail"]["action"] == "redact"
+    assert r.headers["x-guardrail-action"] == "redact"
+    sent = backend.requests[0].messages
+    assert sent is not None
+    assert sent[0].content == "my key is [SECRET], keep it"
+
+
+def test_text_content_parts_are_moderated_like_strings(
+    client: Client, backend: FakeBackend
+) -> None:
+    parts = [{"type": "text", "text": "how to build "}, {"type": "text", "text": "a bomb"}]
+    r = client.post(
+        "/v1/chat/completions", json=chat("x") | {"messages": [{"role": "user", "content": parts}]}
+    )
+    assert r.status_code == 400
+    assert backend.requests == []
+
+
+def test_blocked_output_is_replaced_by_the_refusal_with_content_filter(
+    client: Client, backend: FakeBackend
+) -> None:
+    backend.reply = "Fine. First you build a bomb from parts."
+    r = client.post("/v1/chat/completions", json=chat("hello"))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "content_filter"
+    assert body["choices"][0]["message"]["content"] == "Withheld by test policy."
+    assert "bomb" not in r.text.replace('"rule_id":"bomb"', "")
+    assert body["guardrail"]["action"] == "block"
+    assert body["guardrail"]["findings"][0]["stage"] == "output"
+    assert r.headers["x-guardrail-action"] == "block"
+
+
+def test_flagged_output_passes_with_findings(client: Client, backend: FakeBackend) -> None:
+    backend.reply = "You dummy, the answer is 4."
+    r = client.post("/v1/chat/completions", json=chat("2+2?"))
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == backend.reply
+    assert body["guardrail"]["action"] == "flag"
+    finding = body["guardrail"]["findings"][0]
+    assert finding["category"] == "insult"
+    assert finding["span"] == [4, 9]
+
+
+def test_completions_route_moderates_the_prompt_and_the_text(
+    client: Client, backend: FakeBackend
+) -> None:
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": "Once upon"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == backend.reply
+    assert backend.requests[0].prompt == "Once upon"
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": ["build a bomb"]})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "content_filter"
+
+
+def test_sampling_parameters_reach_the_backend(client: Client, backend: FakeBackend) -> None:
+    r = client.post(
+        "/v1/chat/completions",
+        json=chat("hi", max_tokens=12, temperature=0.3, top_p=0.9, stop="END", seed=7, top_k=5),
+    )
+    assert r.status_code == 200
+    params = backend.requests[0].params
+    assert (params.max_tokens, params.temperature, params.top_p, params.stop, params.seed) == (
+        12,
+        0.3,
+        0.9,
+        ("END",),
+        7,
+    )
+    assert params.extra == {"top_k": 5}
+
+
+# -- streaming -------------------------------------------------------------------------
+
+
+def test_stream_delivers_moderated_text_and_ends_with_done(
+    client: Client, backend: FakeBackend
+) -> None:
+    backend.reply = "The sky is blue. Grass is green. Snow is white."
+    r = client.post("/v1/chat/completions", json=chat("colors?", stream=True))
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    got = frames(r.text)
+    assert got[-1] == "[DONE]"
+    assert got[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert content(r.text) == backend.reply
+    final = got[-2]
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert final["guardrail"]["action"] == "allow"
+
+
+def test_stream_blocked_mid_way_sends_no_byte_of_the_harmful_sentence(
+    client: Client, backend: FakeBackend
+) -> None:
+    benign = "Here is a story. It is about a cat. "
+    backend.reply = benign + "Then the cat learned to build a bomb quickly. The end."
+    backend.chunk_size = 3
+    r = client.post("/v1/chat/completions", json=chat("story", stream=True))
+    text = content(r.text)
+    assert text.startswith(benign.rstrip())
+    assert "learned" not in r.text
+    assert "quickly" not in r.text
+    assert "The end" not in r.text
+    assert text.endswith("Withheld by test policy.")
+    final = [f for f in frames(r.text) if isinstance(f, dict)][-1]
+    assert final["choices"][0]["finish_reason"] == "content_filter"
+    assert final["guardrail"]["action"] == "block"
+    assert backend.stream_closed == 1
+
+
+def test_stream_usage_is_sent_when_asked(client: Client, backend: FakeBackend) -> None:
+    r = client.post(
+        "/v1/chat/completions",
+        json=chat("hi", stream=True, stream_options={"include_usage": True}),
+    )
+    got = [f for f in frames(r.text) if isinstance(f, dict)]
+    assert got[-1]["choices"] == []
+    assert got[-1]["usage"]["prompt_tokens"] == 5
+
+
+def test_stream_with_blocked_input_is_a_plain_400(client: Client, backend: FakeBackend) -> None:
+    r = client.post("/v1/chat/completions", json=chat("build a bomb", stream=True))
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "content_filter"
+    assert backend.requests == []
+
+
+def test_backend_dying_mid_stream_ends_with_an_error_frame(
+    client: Client, backend: FakeBackend
+) -> None:
+    backend.reply = "One. Two. Three. Four."
+    backend.chunk_size = 5
+    backend.error = BackendBadResponse("upstream connection lost")
+    backend.error_after = 2
+    r = client.post("/v1/chat/completions", json=chat("count", stream=True))
+    got = frames(r.text)
+    errors = [f for f in got if isinstance(f, dict) and "error" in f]
+    assert errors
+    assert errors[0]["error"]["code"] == "backend_bad_response"
+    assert "Four" not in content(r.text)
+
+
+def test_streamed_completions_route(client: Client, backend: FakeBackend) -> None:
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": "Hi", "stream": True})
+    assert content(r.text) == backend.reply
+    assert frames(r.text)[-2]["object"] == "text_completion"
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"", 400, "empty"),
+        (b"[]", 400, "Expected `object`"),
+        (b'{"model": "fake-model"}', 400, "messages"),
+        (b'{"model": "fake-model", "messages": []}', 400, "length >= 1"),
+        (
+            b'{"model": "fake-model", "messages": [{"role": "user", "content": 5}]}',
+            400,
+            "messages[0].content",
+        ),
+        (b'{"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
+        (body_with(b'"temperature": 9'), 400, "temperature"),
+        (body_with(b'"tools": []'), 400, "unknown field `tools`"),
+        (body_with(b'"n": 2'), 400, "n=1"),
+        (body_with(b'"logprobs": true'), 400, "logprobs"),
+        (
+            b'{"model": "other", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "does not exist",
+        ),
+        (
+            b'{"model": "fake-model", "messages": '
+            b'[{"role": "user", "content": [{"type": "image_url"}]}]}',
+            400,
+            "image_url",
+        ),
+    ],
+)
+def test_bad_requests_get_a_clear_openai_error_and_never_reach_the_backend(
+    client: Client, backend: FakeBackend, body: bytes, status: int, fragment: str
+) -> None:
+    r = client.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == status
+    error = assert_openai_error(r.json())
+    assert fragment in error["message"]
+    assert backend.requests == []
+
+
+def test_a_body_over_the_limit_is_413(make_app: Callable[..., Litestar]) -> None:
+    with TestClient(app=make_app(max_body_bytes=2048)) as c:
+        r = c.post("/v1/chat/completions", json=chat("x" * 5000))
+    assert r.status_code == 413
+    assert "too large" in assert_openai_error(r.json())["message"]
+
+
+def test_too_many_messages_is_400(make_app: Callable[..., Litestar]) -> None:
+    with TestClient(app=make_app(max_messages=2)) as c:
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "a"}] * 3},
+        )
+    assert r.status_code == 400
+    assert assert_openai_error(r.json())["code"] == "too_many_messages"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)],
+)
+def test_unknown_routes_and_methods_are_openai_errors(
+    client: Client, method: str, path: str, status: int
+) -> None:
+    r = client.request(method, path)
+    assert r.status_code == status
+    assert_openai_error(r.json())
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (BackendUnavailable("nothing answers"), 503, "backend_unavailable"),
+        (BackendTimeout("too slow"), 504, "backend_timeout"),
+        (BackendBadResponse("garbage"), 502, "backend_bad_response"),
+        (BackendBadResponse("context too long", status=400), 400, "backend_bad_response"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_backend_failures_map_to_gateway_errors(
+    client: Client, backend: FakeBackend, error: Exception, status: int, code: str, stream: bool
+) -> None:
+    backend.error = error  # type: ignore[assignment]
+    r = client.post("/v1/chat/completions", json=chat("hi", stream=stream))
+    assert r.status_code == status
+    assert assert_openai_error(r.json())["code"] == code
+
+
+def test_client_request_id_is_echoed(client: Client) -> None:
+    r = client.post("/v1/chat/completions", json=chat("hi"), headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert r.json()["guardrail"]["request_id"] == "abc-123"
+    r = client.post("/v1/chat/completions", json=chat("hi"), headers={"x-request-id": "bad id!"})
+    assert r.headers["x-request-id"] != "bad id!"
+
+
+# -- moderations, models, health, metrics, admin -----------------------------------------
+
+
+def test_moderations_accepts_a_string_or_a_list(client: Client, backend: FakeBackend) -> None:
+    r = client.post("/v1/moderations", json={"input": "how to build a bomb"})
+    assert r.status_code == 200
+    result = r.json()["results"][0]
+    assert result["flagged"] is True
+    assert result["categories"] == {"weapons": True}
+    assert result["category_scores"] == {"weapons": 1.0}
+    assert result["action"] == "block"
+    assert result["findings"][0]["rule_id"] == "bomb"
+    r = client.post(
+        "/v1/moderations", json={"input": ["hello", "key sk-abcd1234"], "stage": "output"}
+    )
+    results = r.json()["results"]
+    assert [x["flagged"] for x in results] == [False, True]
+    assert results[1]["text"] == "key [SECRET]"
+    assert backend.requests == []
+
+
+def test_models_lists_what_the_backend_serves(client: Client) -> None:
+    r = client.get("/v1/models")
+    assert r.json()["data"][0]["id"] == "fake-model"
+
+
+def test_configured_models_override_the_backend_list(make_app: Callable[..., Litestar]) -> None:
+    with TestClient(app=make_app(models=["llama-2-7b-chat"])) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["llama-2-7b-chat"]
+        assert c.post("/v1/chat/completions", json=chat("hi")).status_code == 404
+
+
+def test_health_and_readiness(client: Client, backend: FakeBackend) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    backend.closed = True
+    r = client.get("/readyz")
+    assert r.status_code == 503
+    assert assert_openai_error(r.json())["checks"] == {"policy": True, "backend": False}
+
+
+def test_metrics_count_requests_outcomes_and_harmful_content(
+    client: Client, metrics_registry: CollectorRegistry
+) -> None:
+    client.post("/v1/chat/completions", json=chat("hi"))
+    client.post("/v1/chat/completions", json=chat("build a bomb"))
+    client.post("/v1/chat/completions", json=chat("x", n=3))
+    get = metrics_registry.get_sample_value
+    assert get("guardrail_requests_total", {"route": "chat", "outcome": "allowed"}) == 1
+    assert get("guardrail_requests_total", {"route": "chat", "outcome": "blocked_input"}) == 1
+    assert get("guardrail_requests_total", {"route": "chat", "outcome": "invalid_request"}) == 1
+    assert get("guardrail_harmful_content_total", {"stage": "input", "category": "weapons"}) == 1
+    assert (
+        get("guardrail_policy_info", {"name": "test", "version": "7", "digest": _digest(client)})
+        == 1
+    )
+    text = client.get("/metrics").text
+    assert "guardrail_filter_duration_seconds_bucket" in text
+    assert "build a bomb" not in text
+
+
+def _digest(client: Client) -> str:
+    gateway = client.app.state.gateway
+    return str(gateway.store.current.policy.digest)
+
+
+def test_admin_reload_swaps_policy_and_a_bad_file_keeps_the_old_one(
+    client: Client, test_policy: Path
+) -> None:
+    original = test_policy.read_text()
+    test_policy.write_text(original.replace('version: "7"', 'version: "8"'))
+    r = client.post("/admin/reload")
+    assert r.status_code == 200
+    assert r.json()["policy"]["version"] == "8"
+    test_policy.write_text(original.replace("keywords: [dummy]", "keywordz: [dummy]"))
+    r = client.post("/admin/reload")
+    assert r.status_code == 422
+    error = assert_openai_error(r.json())
+    assert "keywordz" in error["message"]
+    assert ":" in error["message"]
+    assert "still running test 8" in error["message"]
+    assert (
+        client.post("/v1/chat/completions", json=chat("hi")).json()["guardrail"]["policy"][
+            "version"
+        ]
+        == "8"
+    )

@@ -1,0 +1,498 @@
+"""The policy loader: typed policies from valid files, ``file:line:column`` errors from bad ones.
+
+Each bad fixture in ``tests/fixtures/policies/`` has one kind of mistake; the tables
+below pin the exact location, key and message a policy author would see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import msgspec
+import pytest
+import yaml
+
+from guardrail.errors import PolicyError
+from guardrail.filters.rules import RulesConfig
+from guardrail.guard.filter import BuildContext, FilterSpec
+from guardrail.guard.registry import filter_registry
+from guardrail.guard.types import ALLOW, Action, FilterContext, Stage, Verdict
+from guardrail.plugins import PluginRegistry
+from guardrail.policy.loader import load_policy, load_policy_text
+from guardrail.policy.schema import SCHEMA_ID, policy_json_schema, schema_text, write_schema
+
+FIXTURES = Path(__file__).parent / "fixtures" / "policies"
+REPO = Path(__file__).parent.parent
+
+
+class InputOnlyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of the test-only ``input-only`` filter."""
+
+    threshold: float = 0.5
+
+
+class InputOnlyFilter:
+    """A filter type that can only check prompts, to exercise stage checks."""
+
+    def __init__(self, name: str, config: InputOnlyConfig, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset({Stage.INPUT})
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return ALLOW
+
+
+INPUT_ONLY = FilterSpec(
+    type="input-only",
+    config_type=InputOnlyConfig,
+    build=InputOnlyFilter,
+    stages=frozenset({Stage.INPUT}),
+)
+
+
+@pytest.fixture
+def registry() -> PluginRegistry[FilterSpec]:
+    registry = filter_registry()
+    registry.register("input-only", INPUT_ONLY)
+    return registry
+
+
+def problems_of(path: Path, registry: PluginRegistry[FilterSpec]) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path, registry)
+    return [str(p) for p in caught.value.problems]
+
+
+def text_problems(text: str, registry: PluginRegistry[FilterSpec]) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "inline.yaml", registry)
+    return [str(p) for p in caught.value.problems]
+
+
+# --- valid policies --------------------------------------------------------------------
+
+
+def test_valid_policy_loads_with_typed_filter_config(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    path = FIXTURES / "valid.yaml"
+
+    policy = load_policy(path, registry)
+
+    assert (policy.name, policy.version, policy.on_error) == ("test-policy", "1.2", Action.FLAG)
+    assert policy.source == path
+    assert policy.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert policy.messages.input_blocked == "Blocked by the test policy."
+    assert policy.messages.output_blocked == "I can't help with that."
+    assert (policy.stream.release, policy.stream.window_chars) == ("window", 100)
+    words, _ = policy.filters
+    assert isinstance(words.config, RulesConfig)
+    assert [r.id for r in words.config.rules] == ["weapons.bomb", "pii.email"]
+    assert words.config.rules[0].stages == [Stage.INPUT]
+    assert words.config.rules[1].regex == [r"[\w.+-]+@[\w-]+\.[\w.]+"]
+    assert [t.expect for t in policy.tests] == [Action.BLOCK, Action.ALLOW]
+    assert policy.tests[1].stage is Stage.OUTPUT
+
+
+def test_filter_defaults_come_from_the_policy_and_the_filter_type(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    words, output_only = load_policy(FIXTURES / "valid.yaml", registry).filters
+
+    assert (words.stages, words.timeout_s, words.on_error) == (
+        frozenset(Stage),
+        1.5,
+        Action.FLAG,
+    )
+    assert (output_only.stages, output_only.timeout_s, output_only.on_error) == (
+        frozenset({Stage.OUTPUT}),
+        0.25,
+        Action.BLOCK,
+    )
+
+
+def test_when_a_filter_is_disabled_then_it_is_validated_but_not_in_the_policy(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    policy = load_policy(FIXTURES / "valid.yaml", registry)
+    assert "switched-off" not in [f.id for f in policy.filters]
+
+    broken = "name: p\nversion: '1'\nfilters:\n  - id: unused\n    type: nope\n    enabled: false\n"
+    assert text_problems(broken, registry) == [
+        "inline.yaml:5:11: filters[0].type: unknown filter type 'nope' "
+        "(known types: input-only, rules)"
+    ]
+
+
+def test_filter_type_default_stages_apply_when_the_entry_names_none(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    text = "name: p\nversion: '1'\nfilters:\n  - id: a\n    type: input-only\n"
+
+    (only,) = load_policy_text(text, "inline.yaml", registry).filters
+
+    assert only.stages == frozenset({Stage.INPUT})
+    assert only.config == InputOnlyConfig()
+
+
+def test_text_policy_digest_is_of_its_utf8_bytes_and_it_has_no_source_file(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    text = "name: p\nversion: 'é-1'\n"
+
+    policy = load_policy_text(text, "<api>", registry)
+
+    assert policy.digest == hashlib.sha256(text.encode()).hexdigest()
+    assert policy.source is None
+    assert policy.filters == ()
+
+
+def test_text_policy_with_a_base_dir_records_its_file(
+    registry: PluginRegistry[FilterSpec], tmp_path: Path
+) -> None:
+    policy = load_policy_text("name: p\nversion: '1'\n", "p.yaml", registry, base_dir=tmp_path)
+    assert policy.source == tmp_path / "p.yaml"
+
+
+def test_yaml_anchors_and_merge_keys_are_expanded(registry: PluginRegistry[FilterSpec]) -> None:
+    text = """\
+name: p
+version: "1"
+filters:
+  - id: a
+    type: rules
+    config:
+      rules:
+        - &base {id: base, category: misc, keywords: [alpha], action: flag}
+        - <<: *base
+          id: derived
+          action: block
+"""
+    (rules,) = load_policy_text(text, "inline.yaml", registry).filters
+
+    base, derived = rules.config.rules
+    assert (derived.id, derived.category, derived.keywords) == ("derived", "misc", ["alpha"])
+    assert (base.action, derived.action) == ("flag", "block")
+
+
+# --- one mistake per file --------------------------------------------------------------
+
+ERROR_CASES = [
+    pytest.param(
+        "unknown_top_level_key.yaml",
+        "3:1: on_eror: unknown key 'on_eror' (expected one of: name, version, description, "
+        "on_error, timeout_ms, messages, stream, filters, tests); did you mean 'on_error'?",
+        id="unknown-top-level-key",
+    ),
+    pytest.param(
+        "unknown_rule_key.yaml",
+        "13:11: filters[0].config.rules[1].keywrds: unknown key 'keywrds' (expected one of: "
+        "id, category, description, stages, action, message, keywords, regex, score, "
+        "replacement); did you mean 'keywords'?",
+        id="unknown-key-in-a-rule",
+    ),
+    pytest.param(
+        "wrong_type.yaml",
+        "10:21: filters[0].config.rules[0].keywords: expected a list, got a string",
+        id="wrong-type",
+    ),
+    pytest.param(
+        "bad_action.yaml",
+        "10:19: filters[0].config.rules[0].action: 'blok' is not a valid value "
+        "(expected one of: block, flag, redact); did you mean 'block'?",
+        id="bad-action",
+    ),
+    pytest.param(
+        "unknown_filter_type.yaml",
+        "5:11: filters[0].type: unknown filter type 'ruels' (known types: input-only, rules); "
+        "did you mean 'rules'?",
+        id="unknown-filter-type",
+    ),
+    pytest.param(
+        "bad_regex.yaml",
+        "12:15: filters[0].config.rules[0].regex[1]: invalid regex: missing ), "
+        "unterminated subpattern at position 0",
+        id="bad-regex",
+    ),
+    pytest.param(
+        "duplicate_filter_ids.yaml",
+        "6:9: filters[1].id: duplicate filter id 'words' (first used on line 4)",
+        id="duplicate-filter-ids",
+    ),
+    pytest.param(
+        "duplicate_rule_ids.yaml",
+        "11:15: filters[0].config.rules[1].id: duplicate rule id 'same'",
+        id="duplicate-rule-ids",
+    ),
+    pytest.param(
+        "duplicate_yaml_keys.yaml",
+        "6:5: filters[0].id: duplicate key 'id' (first given on line 4)",
+        id="duplicate-yaml-keys",
+    ),
+    pytest.param(
+        "yaml_syntax_error.yaml",
+        "6:1: invalid YAML: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence started on line 5)",
+        id="yaml-syntax-error",
+    ),
+    pytest.param("empty.yaml", "1:1: the policy file is empty", id="empty-file"),
+    pytest.param("comments_only.yaml", "1:1: the policy file is empty", id="comments-only"),
+    pytest.param(
+        "missing_version.yaml",
+        "2:1: missing required key 'version'",
+        id="missing-version",
+    ),
+    pytest.param(
+        "unsupported_stage.yaml",
+        "6:21: filters[0].stages[1]: the 'input-only' filter does not run at stage 'output' "
+        "(supported: input)",
+        id="stage-not-supported",
+    ),
+    pytest.param(
+        "not_a_mapping.yaml",
+        "1:1: a policy must be a mapping of keys to values, got a list",
+        id="not-a-mapping",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fixture", "expected"), ERROR_CASES)
+def test_a_bad_policy_reports_file_line_column_key_and_message(
+    registry: PluginRegistry[FilterSpec], fixture: str, expected: str
+) -> None:
+    path = FIXTURES / fixture
+    assert problems_of(path, registry) == [f"{path}:{expected}"]
+
+
+def test_every_problem_in_a_file_is_reported_in_file_order(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    path = FIXTURES / "many_errors.yaml"
+
+    problems = problems_of(path, registry)
+
+    assert [p.removeprefix(f"{path}:") for p in problems] == [
+        "1:7: name: 'test policy' is not a valid id: use letters, digits, '_', '.', ':' and '-', "
+        "starting with a letter or digit",
+        "2:10: version: expected a string, got a number; put the value in quotes to make it "
+        "a string",
+        "3:13: timeout_ms: must be at least 1, got 0",
+        "7:15: filters[0].on_error: 'explode' is not a valid value "
+        "(expected one of: allow, block, flag)",
+        "12:19: filters[0].config.rules[0].regex[0]: invalid regex: missing ), "
+        "unterminated subpattern at position 0",
+        "13:9: filters[1].id: duplicate filter id 'words' (first used on line 5)",
+        "14:11: filters[1].type: unknown filter type 'nope' (known types: input-only, rules)",
+        "17:5: filters[2]: missing required key 'id'",
+        "20:11: filters[2].config.rules[0]: missing required key 'id'",
+        "22:11: filters[2].config.rules[0].colour: unknown key 'colour' (expected one of: id, "
+        "category, description, stages, action, message, keywords, regex, score, replacement)",
+        "23:1: extra: unknown key 'extra' (expected one of: name, version, description, "
+        "on_error, timeout_ms, messages, stream, filters, tests)",
+    ]
+
+
+# --- smaller cases, inline -------------------------------------------------------------
+
+HEAD = "name: p\nversion: '1'\n"
+
+INLINE_CASES = [
+    pytest.param(
+        HEAD + "filters:\n",
+        ["3:9: filters: expected a list, got nothing (an empty value)"],
+        id="empty-value",
+    ),
+    pytest.param(
+        HEAD + "filters:\n  - id: a\n    type: rules\n    stages: input\n",
+        ["6:13: filters[0].stages: expected a list, got a string"],
+        id="optional-field-wrong-type",
+    ),
+    pytest.param(
+        HEAD + "filters:\n  - id: a\n    type: rules\n    stages: [inptu]\n",
+        [
+            "6:14: filters[0].stages[0]: 'inptu' is not a valid value "
+            "(expected one of: input, output); did you mean 'input'?"
+        ],
+        id="bad-stage-name",
+    ),
+    pytest.param(
+        HEAD + "filters:\n  - id: a\n    type: rules\n    stages: []\n",
+        [
+            "6:13: filters[0].stages: list at least one stage, or remove 'stages' to run at "
+            "every stage the 'rules' filter supports (input, output)"
+        ],
+        id="empty-stages",
+    ),
+    pytest.param(
+        HEAD + "filters:\n  - id: a\n    type: rules\n    timeout_ms: 2.5\n",
+        ["6:17: filters[0].timeout_ms: expected a whole number, got a number"],
+        id="fractional-timeout",
+    ),
+    pytest.param(
+        HEAD + "tests:\n  - input: hi\n    expect: deny\n",
+        [
+            "5:13: tests[0].expect: 'deny' is not a valid value "
+            "(expected one of: allow, block, flag, redact)"
+        ],
+        id="bad-expected-action",
+    ),
+    pytest.param(
+        HEAD + "stream: {release: chunk, window_chars: 0}\n",
+        [
+            "3:19: stream.release: 'chunk' is not a valid value "
+            "(expected one of: sentence, window)",
+            "3:40: stream.window_chars: must be at least 1, got 0",
+        ],
+        id="flow-mapping-columns",
+    ),
+    pytest.param(
+        HEAD + "filters:\n  - id: a\n    type: rules\n    config:\n      rules:\n        - id: r\n",
+        ["8:11: filters[0].config.rules[0]: missing required key 'category'"],
+        id="missing-key-in-a-rule",
+    ),
+    pytest.param(
+        HEAD + "filters:\n  - id: a\n    type: rules\n    config:\n      rules: [{id: r}]\n",
+        ["7:15: filters[0].config.rules[0]: missing required key 'category'"],
+        id="missing-key-in-a-flow-rule",
+    ),
+    pytest.param(
+        HEAD + "description: !include other.yaml\n",
+        ["3:14: description: the YAML tag '!include' is not supported in a policy"],
+        id="custom-yaml-tag",
+    ),
+    pytest.param(
+        HEAD + "name: q\nversion: 2\n",
+        [
+            "3:1: name: duplicate key 'name' (first given on line 1)",
+            "4:1: version: duplicate key 'version' (first given on line 2)",
+        ],
+        id="duplicate-keys-are-all-reported",
+    ),
+    pytest.param("version: '1'\n", ["1:1: missing required key 'name'"], id="missing-name"),
+    pytest.param(
+        "just text\n",
+        ["1:1: a policy must be a mapping of keys to values, got a string"],
+        id="scalar-document",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), INLINE_CASES)
+def test_inline_policy_problems_are_located(
+    registry: PluginRegistry[FilterSpec], text: str, expected: list[str]
+) -> None:
+    assert text_problems(text, registry) == [f"inline.yaml:{e}" for e in expected]
+
+
+def test_when_the_file_cannot_be_read_then_the_problem_is_at_its_start(
+    registry: PluginRegistry[FilterSpec], tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.yaml"
+    assert problems_of(missing, registry) == [
+        f"{missing}:1:1: cannot read the policy file: No such file or directory"
+    ]
+
+
+def test_when_the_file_is_not_utf8_then_the_bad_byte_is_located(
+    registry: PluginRegistry[FilterSpec], tmp_path: Path
+) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: p\ndescription: caf\xe9\n")
+    assert problems_of(path, registry) == [
+        f"{path}:2:17: the file is not UTF-8 text (byte 0xe9 cannot be decoded)"
+    ]
+
+
+def test_policy_error_message_lists_every_problem(registry: PluginRegistry[FilterSpec]) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(FIXTURES / "many_errors.yaml", registry)
+    assert str(caught.value).splitlines() == [str(p) for p in caught.value.problems]
+
+
+# --- the exported editor schema --------------------------------------------------------
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def test_committed_schema_matches_a_fresh_generation() -> None:
+    committed = (REPO / "policies" / "schema.json").read_text(encoding="utf-8")
+    assert committed == schema_text(filter_registry()), (
+        "policies/schema.json is stale: run `python -m guardrail.policy.schema`"
+    )
+
+
+def test_exported_schema_is_a_valid_draft_2020_12_schema() -> None:
+    schema = policy_json_schema(filter_registry())
+
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["$id"] == SCHEMA_ID
+    assert schema["title"] == "Guardrail policy"
+
+
+def test_write_schema_writes_sorted_pretty_json_with_a_trailing_newline(tmp_path: Path) -> None:
+    path = tmp_path / "schema.json"
+
+    write_schema(path, filter_registry())
+
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("}\n")
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def test_a_valid_policy_validates_against_the_exported_schema() -> None:
+    validator = jsonschema.Draft202012Validator(policy_json_schema(filter_registry()))
+    validator.validate(load_yaml(FIXTURES / "valid.yaml"))
+
+
+@pytest.mark.parametrize(
+    "fixture",
+    [
+        "unknown_top_level_key.yaml",
+        "unknown_rule_key.yaml",
+        "wrong_type.yaml",
+        "bad_action.yaml",
+        "unknown_filter_type.yaml",
+        "missing_version.yaml",
+    ],
+)
+def test_an_invalid_policy_fails_the_exported_schema(fixture: str) -> None:
+    validator = jsonschema.Draft202012Validator(policy_json_schema(filter_registry()))
+    assert not validator.is_valid(load_yaml(FIXTURES / fixture))
+
+
+class ClashRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pattern: str
+
+
+class ClashConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    rules: list[ClashRule] = msgspec.field(default_factory=list)
+
+
+# Named like the built-in Rule struct, with different fields: both must survive the merge.
+ClashRule.__name__ = ClashRule.__qualname__ = "Rule"
+
+
+def test_config_schemas_with_clashing_definition_names_keep_their_own_meaning() -> None:
+    registry = filter_registry()
+    registry.register(
+        "clash", FilterSpec(type="clash", config_type=ClashConfig, build=InputOnlyFilter)
+    )
+    schema = policy_json_schema(registry)
+    validator = jsonschema.Draft202012Validator(schema)
+    head = {"name": "p", "version": "1"}
+
+    def entry(filter_type: str, rule: dict[str, Any]) -> dict[str, Any]:
+        return {**head, "filters": [{"id": "f", "type": filter_type, "config": {"rules": [rule]}}]}
+
+    assert {"Rule", "rules.Rule"} <= set(schema["$defs"])  # types merge in name order
+    assert validator.is_valid(entry("clash", {"pattern": "x"}))
+    assert not validator.is_valid(entry("clash", {"id": "r", "category": "c"}))
+    assert validator.is_valid(entry("rules", {"id": "r", "category": "c"}))
+    assert not validator.is_valid(entry("rules", {"pattern": "x"}))
