@@ -7,7 +7,10 @@ across windows is still seen whole. Only text that passed is released; a block e
 the stream and nothing of the blocked window is ever sent.
 
 Invariant (tested with Hypothesis over arbitrary chunkings): everything released is
-the (possibly redacted) text of windows whose check did not block.
+the (possibly redacted) text of windows whose check did not block, in order. In
+``sentence`` mode a sentence shorter than ``window_chars`` is checked whole before
+any of it is released; in ``window`` mode the words before a harmful phrase may be
+released before the phrase arrives (the phrase itself never is).
 """
 
 from __future__ import annotations
@@ -68,10 +71,16 @@ class StreamGuard:
         if self.blocked:
             raise RuntimeError("stream already blocked")
         self._held += text
-        cut = self._release_point()
-        if cut == 0:
-            return Release("")
-        return await self._check(cut)
+        released: list[str] = []
+        decision = None
+        # A large chunk may hold several windows: check and release each in order.
+        while (cut := self._release_point()) > 0:
+            window = await self._check(cut)
+            released.append(window.text)
+            decision = window.decision
+            if window.blocked:
+                break
+        return Release("".join(released), decision)
 
     async def finish(self) -> Release:
         """The backend is done: check and release whatever is still held."""

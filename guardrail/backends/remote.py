@@ -1,0 +1,670 @@
+"""The remote backend: any server that speaks the OpenAI HTTP API (vLLM, TGI, Ollama, ...).
+
+Large models are served by an existing engine, not by the gateway; this module is
+the thin, careful client in between. Why it looks the way it does:
+
+- It takes an :class:`httpx.AsyncClient` (one per process, shared by every request,
+  with a bounded connection pool), so tests plug a fake upstream in through
+  :class:`httpx.ASGITransport` instead of mocking.
+- ``backend_urls`` are replicas tried in order. A non-streaming call retries one URL
+  on connection errors, dropped connections and 5xx answers (exponential backoff),
+  then fails over to the next URL. A timeout is not retried on the same URL (it
+  already cost the whole budget) but fails over. A 4xx is the request's own fault:
+  it is answered at once, with no failover, since every replica would answer the same.
+- A stream fails over only before its first chunk reached the caller; after that
+  the text is already on its way to the client, so a broken or stalled stream raises
+  (:class:`BackendBadResponse` / :class:`BackendTimeout`) and the gateway ends the
+  stream with an error frame. Every read is bounded by ``timeout_s``, so a stream
+  never hangs, and the HTTP response is closed however the generator ends.
+- Timeouts are enforced with :func:`asyncio.timeout` as well as by httpx, so they
+  hold for every transport (ASGI transports ignore httpx timeouts).
+- Upstream JSON is decoded into lenient ``msgspec`` structs: unknown fields are
+  ignored, wrong types become a 502.
+- Nothing here logs prompt or completion text, nor upstream error bodies (they may
+  echo the prompt): logs carry the URL (without credentials), the attempt and the reason.
+
+Mapping of failures to the gateway's answer:
+
+==========================================  ==========================================
+upstream                                    raised
+==========================================  ==========================================
+400, 413, 422                               BackendBadResponse, status 400, upstream message
+429                                         BackendBadResponse, status 429
+401, 403, 404, other 4xx                    BackendBadResponse, status 502, names the status
+every URL refused the connection            BackendUnavailable (503)
+every URL failed, the last by a timeout     BackendTimeout (504)
+every URL failed, the last by 5xx/drop      BackendBadResponse (502)
+200 with garbage (not a completion)         BackendBadResponse (502)
+``{"error": ...}`` frame in a stream        BackendBadResponse (502)
+stream broken or ended early after output   BackendBadResponse (502) / BackendTimeout (504)
+==========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import httpx
+import msgspec
+import structlog
+
+from guardrail.backends.base import (
+    BackendSpec,
+    Chunk,
+    Completion,
+    FinishReason,
+    GenerationRequest,
+)
+from guardrail.errors import (
+    BackendBadResponse,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+)
+
+if TYPE_CHECKING:
+    from guardrail.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+Sleep = Callable[[float], Awaitable[object]]
+
+# Long generations hold a connection each; httpx's default of 100 connections would
+# queue concurrent streams behind each other on a busy gateway replica.
+MAX_CONNECTIONS = 512
+MAX_KEEPALIVE_CONNECTIONS = 64
+# Upstream error text passed on to the client is cut to this many characters.
+MAX_UPSTREAM_MESSAGE = 300
+
+# --- Upstream wire format (lenient: unknown fields are ignored) -----------------------
+
+
+class _Message(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    message: _Message | None = None  # chat, whole answer
+    delta: _Message | None = None  # chat, stream chunk
+    text: str | None = None  # completions
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _ErrorInfo(msgspec.Struct):
+    message: str | None = None
+
+
+class _Answer(msgspec.Struct):
+    """A whole answer or one stream frame; an error frame carries ``error`` instead."""
+
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+    error: _ErrorInfo | str | None = None
+
+
+class _Model(msgspec.Struct):
+    id: str
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_Model]
+
+
+_ANSWER = msgspec.json.Decoder(_Answer)
+_MODELS = msgspec.json.Decoder(_ModelList)
+_ANY = msgspec.json.Decoder()
+
+
+# --- Failure bookkeeping ---------------------------------------------------------------
+
+_Kind = Literal["connect", "timeout", "status", "dropped"]
+
+
+class _AttemptFailed(Exception):
+    """One URL, one attempt, failed in a way that another attempt or URL may fix."""
+
+    def __init__(self, kind: _Kind, error: BackendError) -> None:
+        super().__init__(str(error))
+        self.kind = kind
+        self.error = error
+
+    @property
+    def retryable(self) -> bool:
+        # A timeout already used the whole budget; retrying the same URL doubles it.
+        return self.kind != "timeout"
+
+
+@dataclass(slots=True)
+class _Failures:
+    """What went wrong on each URL, turned into one error once every URL failed."""
+
+    attempts: list[_AttemptFailed] = field(default_factory=list)
+
+    def add(self, failure: _AttemptFailed, url: str, attempt: int) -> None:
+        self.attempts.append(failure)
+        log.warning(
+            "backend_attempt_failed",
+            url=_display_url(url),
+            attempt=attempt,
+            reason=failure.kind,
+            status=failure.error.status,
+        )
+
+    def error(self, urls: int) -> BackendError:
+        if not self.attempts or all(f.kind == "connect" for f in self.attempts):
+            error: BackendError = BackendUnavailable(
+                f"backend unavailable: could not connect to any of {urls} backend URL(s)"
+            )
+            cause: BaseException | None = self.attempts[-1] if self.attempts else None
+        else:
+            last = next(f for f in reversed(self.attempts) if f.kind != "connect")
+            error, cause = last.error, last.error.__cause__
+        error.__cause__ = cause
+        return error
+
+
+def _display_url(url: str) -> str:
+    """The URL without credentials or query, fit for logs."""
+    u = httpx.URL(url)
+    port = f":{u.port}" if u.port else ""
+    return f"{u.scheme}://{u.host}{port}{u.path}"
+
+
+def _upstream_message(content: bytes) -> str:
+    """The upstream's error message (OpenAI, FastAPI or plain text shape), truncated."""
+    message: Any = None
+    try:
+        body = _ANY.decode(content)
+    except msgspec.DecodeError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+        elif isinstance(error, str):
+            message = error
+        message = message or body.get("message") or body.get("detail")
+    if message is None:
+        message = content.decode("utf-8", errors="replace")
+    text = " ".join(str(message).split())
+    if len(text) > MAX_UPSTREAM_MESSAGE:
+        text = text[: MAX_UPSTREAM_MESSAGE - 1] + "…"
+    return text or "no message"
+
+
+def _status_error(status: int, content: bytes) -> BackendError | _AttemptFailed:
+    """An upstream error status: a final error (4xx) or a failed attempt (5xx)."""
+    if status >= 500:
+        return _AttemptFailed(
+            "status", BackendBadResponse(f"backend failed with HTTP {status}", status=502)
+        )
+    if status in (400, 413, 422):
+        return BackendBadResponse(
+            f"backend rejected the request: {_upstream_message(content)}", status=400
+        )
+    if status == 429:
+        return BackendBadResponse(
+            f"backend is rate limiting requests (HTTP 429): {_upstream_message(content)}",
+            status=429,
+        )
+    if status in (401, 403):
+        # Not echoed: some servers quote part of the key they refused.
+        return BackendBadResponse(
+            f"backend refused the gateway's credentials (HTTP {status}); check backend_api_key",
+            status=502,
+        )
+    hint = "; check backend_urls and the model name" if status == 404 else ""
+    return BackendBadResponse(
+        f"backend answered HTTP {status}{hint}: {_upstream_message(content)}", status=502
+    )
+
+
+def _finish_reason(raw: str | None) -> FinishReason:
+    # tool_calls, eos, abort, None...: the gateway only knows these three.
+    if raw == "length":
+        return "length"
+    if raw == "content_filter":
+        return "content_filter"
+    return "stop"
+
+
+def _first_choice(choices: list[_Choice]) -> _Choice:
+    return next((c for c in choices if c.index == 0), choices[0])
+
+
+def _error_text(error: _ErrorInfo | str) -> str:
+    message = error if isinstance(error, str) else (error.message or "no message")
+    return _upstream_message(msgspec.json.encode({"message": message}))
+
+
+def _decode_frame(data: str) -> _Answer:
+    try:
+        frame = _ANSWER.decode(data)
+    except msgspec.DecodeError as e:
+        raise BackendBadResponse(f"backend sent a stream frame that is not valid: {e}") from e
+    if frame.error is not None:
+        raise BackendBadResponse(
+            f"backend reported an error mid-stream: {_error_text(frame.error)}"
+        )
+    return frame
+
+
+def _parse_completion(content: bytes, *, chat: bool) -> Completion:
+    try:
+        answer = _ANSWER.decode(content)
+    except msgspec.DecodeError as e:
+        raise BackendBadResponse(f"backend answer is not a valid completion: {e}") from e
+    if answer.error is not None and not answer.choices:
+        raise BackendBadResponse(f"backend reported an error: {_error_text(answer.error)}")
+    if not answer.choices:
+        raise BackendBadResponse("backend answer is not a valid completion: no choices")
+    choice = _first_choice(answer.choices)
+    if chat:
+        if choice.message is None:
+            raise BackendBadResponse("backend answer is not a valid completion: no message")
+        text = choice.message.content or ""
+    else:
+        if choice.text is None:
+            raise BackendBadResponse("backend answer is not a valid completion: no text")
+        text = choice.text
+    usage = answer.usage or _Usage()
+    return Completion(
+        text=text,
+        finish_reason=_finish_reason(choice.finish_reason),
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+    )
+
+
+# --- The backend ---------------------------------------------------------------------
+
+
+class RemoteBackend:
+    """A backend that forwards to OpenAI-compatible servers at ``urls``, in order.
+
+    Example::
+
+        async with httpx.AsyncClient() as client:
+            backend = RemoteBackend(["http://vllm:8000/v1"], client, api_key="sk-...")
+            completion = await backend.generate(request)
+
+    ``client`` belongs to the caller unless ``owns_client`` is true (as when built by
+    :meth:`from_settings`); :meth:`aclose` closes it only then. ``sleep`` waits
+    between retries (tests pass a recorder instead of waiting).
+    """
+
+    name: str = "remote"
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        client: httpx.AsyncClient,
+        *,
+        api_key: str | None = None,
+        retries: int = 2,
+        backoff_s: float = 0.2,
+        timeout_s: float = 120.0,
+        probe_timeout_s: float = 2.0,
+        sleep: Sleep = asyncio.sleep,
+        owns_client: bool = False,
+    ) -> None:
+        _check_urls(urls)
+        if retries < 0:
+            raise ConfigError("backend retries must be 0 or more")
+        self.urls: tuple[str, ...] = tuple(url.rstrip("/") for url in urls)
+        self._client = client
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self._timeout_s = timeout_s
+        self._probe_timeout_s = min(probe_timeout_s, timeout_s)
+        self._sleep = sleep
+        self._owns_client = owns_client
+        self._headers: dict[str, str] = {}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RemoteBackend:
+        """Build from ``backend_*`` settings, with one shared, pooled client."""
+        _check_urls(settings.backend_urls)  # before a client exists that would need closing
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                settings.backend_timeout_s, connect=settings.backend_connect_timeout_s
+            ),
+            limits=httpx.Limits(
+                max_connections=MAX_CONNECTIONS,
+                max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
+            ),
+        )
+        return cls(
+            settings.backend_urls,
+            client,
+            api_key=settings.backend_api_key,
+            retries=settings.backend_retries,
+            backoff_s=settings.backend_retry_backoff_s,
+            timeout_s=settings.backend_timeout_s,
+            owns_client=True,
+        )
+
+    # -- requests
+
+    def _path(self, request: GenerationRequest) -> str:
+        return "/chat/completions" if request.is_chat else "/completions"
+
+    def _body(self, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
+        params = request.params
+        # The gateway's own fields are set last: an extra knob cannot change the call's shape.
+        body: dict[str, Any] = {
+            k: v for k, v in params.extra.items() if k not in ("messages", "prompt")
+        }
+        sampling = {
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+        }
+        body.update({k: v for k, v in sampling.items() if v is not None})
+        if params.stop:
+            body["stop"] = list(params.stop)
+        body["model"] = request.model
+        if request.messages is not None:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        else:
+            body["prompt"] = request.prompt or ""
+        body["stream"] = stream
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        else:
+            body.pop("stream_options", None)
+        return body
+
+    def _request_headers(self, request: GenerationRequest, *, stream: bool) -> dict[str, str]:
+        headers = dict(self._headers)
+        # vLLM and most proxies log this id: it ties their logs to the gateway's.
+        headers["X-Request-Id"] = request.request_id
+        headers["Accept"] = "text/event-stream" if stream else "application/json"
+        return headers
+
+    # -- non-streaming
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        """One whole completion, retried and failed over as the module docstring says."""
+        body = self._body(request, stream=False)
+        headers = self._request_headers(request, stream=False)
+        failures = _Failures()
+        for base in self.urls:
+            url = base + self._path(request)
+            for attempt in range(self._retries + 1):
+                if attempt:
+                    await self._sleep(self._backoff_s * 2 ** (attempt - 1))
+                try:
+                    content = await self._post(url, body, headers)
+                except _AttemptFailed as failure:
+                    failures.add(failure, url, attempt)
+                    if failure.retryable:
+                        continue
+                    break
+                return _parse_completion(content, chat=request.is_chat)
+        raise failures.error(len(self.urls))
+
+    async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
+        """The body of a 200 answer; raises a final error or :class:`_AttemptFailed`."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._client.post(url, json=body, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            # Nothing was sent: safe to retry, and the answer is "unavailable".
+            raise _connect_failed(e) from e
+        except (TimeoutError, httpx.TimeoutException) as e:
+            raise self._timed_out(e) from e
+        except httpx.RequestError as e:  # dropped connection, broken encoding, ...
+            raise _dropped(e) from e
+        if response.status_code != 200:
+            error = _status_error(response.status_code, response.content)
+            raise error
+        return response.content
+
+    def _timed_out(self, cause: BaseException) -> _AttemptFailed:
+        error = BackendTimeout(f"backend did not answer within {self._timeout_s:g}s")
+        error.__cause__ = cause
+        return _AttemptFailed("timeout", error)
+
+    # -- streaming
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Chunks as they arrive; the last one carries ``finish_reason`` and the usage."""
+        body = self._body(request, stream=True)
+        headers = self._request_headers(request, stream=True)
+        failures = _Failures()
+        for base in self.urls:
+            url = base + self._path(request)
+            started = False
+            response: httpx.Response | None = None
+            try:
+                response = await self._open_stream(url, body, headers)
+                async with contextlib.aclosing(self._chunks(response, chat=request.is_chat)) as it:
+                    async for chunk in it:
+                        started = True
+                        yield chunk
+                return
+            except _AttemptFailed as failure:
+                if started:
+                    raise failure.error from failure.error.__cause__
+                failures.add(failure, url, 0)
+            finally:
+                if response is not None:
+                    await response.aclose()
+        raise failures.error(len(self.urls))
+
+    async def _open_stream(
+        self, url: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> httpx.Response:
+        """A 200 response whose body is still to be read; the caller closes it."""
+        http_request = self._client.build_request("POST", url, json=body, headers=headers)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._client.send(http_request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise _connect_failed(e) from e
+        except (TimeoutError, httpx.TimeoutException) as e:
+            raise self._timed_out(e) from e
+        except httpx.RequestError as e:  # dropped connection, broken encoding, ...
+            raise _dropped(e) from e
+        if response.status_code == 200:
+            return response
+        try:
+            async with asyncio.timeout(self._probe_timeout_s):
+                content = await response.aread()
+        except (TimeoutError, httpx.HTTPError):
+            content = b""
+        finally:
+            await response.aclose()
+        raise _status_error(response.status_code, content)
+
+    async def _chunks(self, response: httpx.Response, *, chat: bool) -> AsyncGenerator[Chunk]:
+        """Turn SSE frames into chunks; transport trouble comes out as :class:`_AttemptFailed`.
+
+        Text is passed on as it comes. The frame that carries ``finish_reason`` is held
+        back until the usage frame (``stream_options.include_usage``) or ``[DONE]``,
+        so one last chunk carries both. A frame with no text and no finish is skipped:
+        the caller only sees chunks that matter, and failover stays possible until one.
+        """
+        finish: FinishReason | None = None
+        usage = _Usage()
+        tail = ""
+        done = False
+        try:
+            async with contextlib.aclosing(self._sse_data(response)) as frames:
+                async for data in frames:
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    frame = _decode_frame(data)
+                    if frame.usage is not None:
+                        usage = frame.usage
+                    if not frame.choices:
+                        continue
+                    choice = _first_choice(frame.choices)
+                    if choice.index != 0:
+                        continue
+                    if chat:
+                        text = (choice.delta.content if choice.delta else None) or ""
+                    else:
+                        text = choice.text or ""
+                    if choice.finish_reason is not None:
+                        finish = _finish_reason(choice.finish_reason)
+                    if finish is not None:
+                        tail += text
+                    elif text:
+                        yield Chunk(text=text)
+        except _AttemptFailed:
+            if finish is None:
+                raise
+            # The answer was complete; only the usage or [DONE] after it was lost.
+        if finish is None and not done:
+            raise BackendBadResponse("backend stream ended before the completion finished")
+        yield Chunk(
+            text=tail,
+            finish_reason=finish or "stop",
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+
+    async def _sse_data(self, response: httpx.Response) -> AsyncGenerator[str]:
+        """The ``data:`` payloads of an SSE body, each read bounded by ``timeout_s``.
+
+        JSON never spans lines, so each ``data:`` line is one frame; comments
+        (keepalives), ``event:``/``id:`` fields and blank lines are skipped.
+        """
+        # httpx types it as an iterator; it is a generator, closed here however we leave.
+        lines = cast(AsyncGenerator[str], response.aiter_lines())
+        async with contextlib.aclosing(lines):
+            while True:
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        line = await anext(lines)
+                except StopAsyncIteration:
+                    return
+                except (TimeoutError, httpx.TimeoutException) as e:
+                    error = BackendTimeout(
+                        f"backend stream stalled: no data for {self._timeout_s:g}s"
+                    )
+                    error.__cause__ = e
+                    raise _AttemptFailed("timeout", error) from e
+                except httpx.RequestError as e:
+                    raise _dropped(e, streaming=True) from e
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data:
+                    yield data
+
+    # -- discovery
+
+    async def models(self) -> list[str]:
+        """Model ids from ``GET {url}/models`` of the first URL that answers."""
+        failures = _Failures()
+        for base in self.urls:
+            url = base + "/models"
+            try:
+                return await self._list_models(url)
+            except _AttemptFailed as failure:
+                failures.add(failure, url, 0)
+        raise failures.error(len(self.urls))
+
+    async def _list_models(self, url: str) -> list[str]:
+        try:
+            async with asyncio.timeout(self._probe_timeout_s):
+                response = await self._client.get(url, headers=self._headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            raise _connect_failed(e) from e
+        except (TimeoutError, httpx.TimeoutException) as e:
+            raise self._timed_out(e) from e
+        except httpx.RequestError as e:  # dropped connection, broken encoding, ...
+            raise _dropped(e) from e
+        if response.status_code != 200:
+            error = _status_error(response.status_code, response.content)
+            if isinstance(error, _AttemptFailed):
+                raise error
+            raise _AttemptFailed("status", error)
+        try:
+            listing = _MODELS.decode(response.content)
+        except msgspec.DecodeError as e:
+            raise _AttemptFailed(
+                "status", BackendBadResponse(f"backend model list is not valid: {e}")
+            ) from e
+        return [m.id for m in listing.data]
+
+    async def health(self) -> bool:
+        """Whether any URL answers ``GET /models`` with 200, within the probe timeout."""
+        for base in self.urls:
+            try:
+                async with asyncio.timeout(self._probe_timeout_s):
+                    response = await self._client.get(base + "/models", headers=self._headers)
+            except (TimeoutError, httpx.HTTPError):
+                continue
+            if response.status_code == 200:
+                return True
+        return False
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+
+def _check_urls(urls: Sequence[str]) -> None:
+    if not urls:
+        raise ConfigError(
+            "backend 'remote' needs backend_urls "
+            "(e.g. GUARDRAIL_BACKEND_URLS=http://localhost:8000/v1)"
+        )
+    for url in urls:
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as e:
+            raise ConfigError(f"backend URL {url!r} is not a valid URL: {e}") from e
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ConfigError(f"backend URL {url!r} must be http(s)://host[:port]/v1")
+
+
+def _connect_failed(cause: BaseException) -> _AttemptFailed:
+    error = BackendUnavailable("backend unavailable: connection failed")
+    error.__cause__ = cause
+    return _AttemptFailed("connect", error)
+
+
+def _dropped(cause: BaseException, *, streaming: bool = False) -> _AttemptFailed:
+    where = "mid-stream" if streaming else "before answering"
+    error = BackendBadResponse(f"backend connection broke {where}")
+    error.__cause__ = cause
+    return _AttemptFailed("dropped", error)
+
+
+def from_settings(settings: Settings) -> RemoteBackend:
+    """The ``remote`` backend type's builder (see :meth:`RemoteBackend.from_settings`)."""
+    return RemoteBackend.from_settings(settings)
+
+
+SPEC = BackendSpec(
+    type="remote",
+    build=from_settings,
+    description=(
+        "Any OpenAI-compatible HTTP server (vLLM, TGI, Ollama, llama.cpp, hosted "
+        "endpoints) at backend_urls, tried in order with retries and failover."
+    ),
+)
+
+__all__ = ["SPEC", "RemoteBackend", "from_settings"]

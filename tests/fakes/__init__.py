@@ -1,0 +1,8 @@
+"""In-process stand-ins for what Guardrail talks to, so tests need no mocks.
+
+- :mod:`tests.fakes.upstream`: a scripted OpenAI-compatible server (``FakeUpstream``),
+  reachable in-process (``fake_client``) or over TCP (``serve_upstream``).
+- :mod:`tests.fakes.backend`: a scripted :class:`~guardrail.backends.base.Backend`.
+
+Kept import-free: each test imports the module it needs.
+"""

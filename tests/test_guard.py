@@ -1,0 +1,306 @@
+"""The guard pipeline: concurrency, time limits, fail-closed, combination, plugins."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from guardrail.guard.filter import BuildContext, FilterSpec
+from guardrail.guard.guard import FILTER_ERROR_CATEGORY, Guard
+from guardrail.guard.registry import filter_registry
+from guardrail.guard.types import (
+    Action,
+    FilterContext,
+    Finding,
+    Redaction,
+    Stage,
+    Verdict,
+    apply_redactions,
+)
+from guardrail.plugins import PluginRegistry
+from guardrail.policy.loader import load_policy_text
+
+
+class ScriptConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Config of a test filter whose behaviour is set by the policy."""
+
+    behaviour: str = "allow"  # allow | flag | block | redact | raise | hang | garbage
+    delay_ms: int = 0
+
+
+class ScriptFilter:
+    """A real Filter implementation that does what its config says."""
+
+    def __init__(self, name: str, config: ScriptConfig, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+        self.config = config
+        self.calls = 0
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        self.calls += 1
+        if self.config.delay_ms:
+            await asyncio.sleep(self.config.delay_ms / 1000)
+        match self.config.behaviour:
+            case "raise":
+                raise RuntimeError("model exploded: " + text)
+            case "hang":
+                await asyncio.sleep(3600)
+            case "garbage":
+                return "not a verdict"  # type: ignore[return-value]
+            case "redact":
+                return Verdict(
+                    Action.REDACT,
+                    (Finding("secret", 0.9, Action.REDACT, span=(0, 3)),),
+                    (Redaction(0, 3, "<X>"),),
+                )
+            case "flag" | "block" as action:
+                return Verdict.from_findings([Finding(action, 0.5, Action(action))])
+        return Verdict()
+
+
+SCRIPT = FilterSpec(type="script", config_type=ScriptConfig, build=ScriptFilter)
+
+
+@pytest.fixture
+def registry() -> PluginRegistry[FilterSpec]:
+    reg = filter_registry()
+    reg.register("script", SCRIPT)
+    return reg
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+@pytest.fixture
+def make_guard(
+    registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor
+) -> Callable[[str], Guard]:
+    def make(filters_yaml: str, head: str = "") -> Guard:
+        text = f'name: t\nversion: "1"\n{head}filters:\n' + textwrap.indent(
+            textwrap.dedent(filters_yaml), "  "
+        )
+        policy = load_policy_text(text, "inline.yaml", registry)
+        return Guard.build(policy, registry, BuildContext(executor))
+
+    return make
+
+
+CTX = FilterContext("req-1")
+
+
+async def test_when_no_filter_objects_the_text_is_allowed_unchanged(
+    make_guard: Callable[[str], Guard],
+) -> None:
+    guard = make_guard("- {id: a, type: script}\n- {id: b, type: script}\n")
+    decision = await guard.check(Stage.INPUT, "hello", CTX)
+    assert decision.action is Action.ALLOW
+    assert decision.text == "hello"
+    assert [o.filter_id for o in decision.outcomes] == ["a", "b"]
+    assert all(o.status == "ok" for o in decision.outcomes)
+
+
+async def test_strictest_action_wins_and_findings_are_keyed_by_policy_filter_id(
+    make_guard: Callable[[str], Guard],
+) -> None:
+    guard = make_guard(
+        "- {id: soft, type: script, config: {behaviour: flag}}\n"
+        "- {id: hard, type: script, config: {behaviour: block}}\n"
+    )
+    decision = await guard.check(Stage.INPUT, "x", CTX)
+    assert decision.action is Action.BLOCK
+    assert {(f.filter_id, f.category) for f in decision.findings} == {
+        ("soft", "flag"),
+        ("hard", "block"),
+    }
+
+
+async def test_filters_of_a_stage_run_concurrently(make_guard: Callable[[str], Guard]) -> None:
+    guard = make_guard(
+        "".join(f"- {{id: f{i}, type: script, config: {{delay_ms: 200}}}}\n" for i in range(5))
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await guard.check(Stage.INPUT, "x", CTX)
+    # Five 200 ms filters one after another would take a full second.
+    assert loop.time() - started < 0.8
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status", "error"),
+    [
+        ("raise", "error", "RuntimeError"),
+        ("hang", "timeout", None),
+        ("garbage", "error", "TypeError"),
+    ],
+)
+async def test_a_failing_filter_blocks_by_default_and_is_reported(
+    make_guard: Callable[[str], Guard], behaviour: str, status: str, error: str | None
+) -> None:
+    guard = make_guard(
+        f"- {{id: broken, type: script, timeout_ms: 50, config: {{behaviour: {behaviour}}}}}\n"
+    )
+    decision = await guard.check(Stage.INPUT, "secret user text", CTX)
+    assert decision.action is Action.BLOCK
+    outcome = decision.outcomes[0]
+    assert (outcome.status, outcome.error) == (status, error)
+    assert decision.findings[0].category == FILTER_ERROR_CATEGORY
+    # The error is recorded by type only: exception messages may quote user text.
+    assert "secret" not in repr(outcome)
+
+
+@pytest.mark.parametrize(("on_error", "expected"), [("allow", Action.ALLOW), ("flag", Action.FLAG)])
+async def test_on_error_can_be_relaxed_per_policy_or_per_filter(
+    make_guard: Callable[[str], Guard], on_error: str, expected: Action
+) -> None:
+    policy_level = make_guard(
+        "- {id: broken, type: script, config: {behaviour: raise}}\n", f"on_error: {on_error}\n"
+    )
+    filter_level = make_guard(
+        f"- {{id: broken, type: script, on_error: {on_error}, config: {{behaviour: raise}}}}\n"
+    )
+    for guard in (policy_level, filter_level):
+        decision = await guard.check(Stage.INPUT, "x", CTX)
+        assert decision.action is expected
+        assert decision.outcomes[0].status == "error"
+
+
+async def test_a_filter_runs_only_at_its_stages(make_guard: Callable[[str], Guard]) -> None:
+    guard = make_guard("- {id: out, type: script, stages: [output], config: {behaviour: block}}\n")
+    assert (await guard.check(Stage.INPUT, "x", CTX)).action is Action.ALLOW
+    assert (await guard.check(Stage.OUTPUT, "x", CTX)).action is Action.BLOCK
+    assert guard.filters_at(Stage.INPUT) == []
+
+
+async def test_redactions_from_several_filters_compose(make_guard: Callable[[str], Guard]) -> None:
+    guard = make_guard(
+        "- {id: r, type: script, config: {behaviour: redact}}\n"
+        "- id: words\n"
+        "  type: rules\n"
+        "  config: {rules: [{id: e, category: email, action: redact, replacement: '<E>',"
+        " regex: ['\\S+@\\S+']}]}\n"
+    )
+    decision = await guard.check(Stage.INPUT, "abc mail a@b.co now", CTX)
+    assert decision.action is Action.REDACT
+    assert decision.text == "<X> mail <E> now"
+
+
+# -- apply_redactions invariants ------------------------------------------------------------
+
+spans = st.lists(
+    st.tuples(st.integers(0, 40), st.integers(1, 12), st.sampled_from(["#", "<P>", ""])),
+    max_size=6,
+)
+
+
+@given(text=st.text(alphabet="abcdef xyz", min_size=1, max_size=40), raw=spans)
+def test_a_redaction_leaves_none_of_its_findings_behind(
+    text: str, raw: list[tuple[int, int, str]]
+) -> None:
+    redactions = [Redaction(s, min(s + n, len(text)), r) for s, n, r in raw if s < len(text)]
+    # Mark every redacted character with a letter that appears nowhere else.
+    marked = "".join(
+        "Q" if any(r.start <= i < r.end for r in redactions) else c for i, c in enumerate(text)
+    )
+    assert "Q" not in apply_redactions(marked, redactions)
+
+
+@given(text=st.text(max_size=60))
+def test_no_redactions_leave_the_text_unchanged(text: str) -> None:
+    assert apply_redactions(text, []) is text
+
+
+@given(text=st.text(max_size=200))
+async def test_an_allowed_text_is_never_changed(text: str) -> None:
+    registry = filter_registry()
+    policy = load_policy_text(
+        'name: t\nversion: "1"\nfilters:\n  - {id: w, type: rules, config: {rules: '
+        "[{id: r, category: c, keywords: [zzzq]}]}}\n",
+        "inline.yaml",
+        registry,
+    )
+    with ThreadPoolExecutor(1) as pool:
+        guard = Guard.build(policy, registry, BuildContext(pool))
+        decision = await guard.check(Stage.INPUT, text, CTX)
+    if decision.action is Action.ALLOW:
+        assert decision.text == text
+
+
+# -- plugins -----------------------------------------------------------------------------
+
+
+PLUGIN_MODULE = """
+import msgspec
+from guardrail.guard.filter import FilterSpec
+from guardrail.guard.types import Stage, Verdict
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    level: int = 1
+
+class Shout:
+    def __init__(self, name, config, env):
+        self.name, self.stages = name, frozenset(Stage)
+
+    async def check(self, text, ctx):
+        return Verdict()
+
+SPEC = FilterSpec(type="shout", config_type=Config, build=Shout)
+"""
+
+
+@pytest.fixture
+def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Install a real distribution (dist-info with entry points) on sys.path."""
+
+    def install(entry_points: str) -> None:
+        (tmp_path / "acme_filters.py").write_text(PLUGIN_MODULE)
+        dist = tmp_path / "acme_filters-1.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-filters\nVersion: 1.0\n")
+        (dist / "entry_points.txt").write_text(f"[guardrail.filters]\n{entry_points}\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "acme_filters", raising=False)
+
+    return install
+
+
+def test_a_third_party_filter_is_found_through_its_entry_point(
+    install_plugin: Callable[[str], None],
+) -> None:
+    """A package that declares a ``guardrail.filters`` entry point needs no change here."""
+    install_plugin("shout = acme_filters:SPEC")
+    registry = filter_registry()
+    assert "shout" in registry.names()
+    policy = load_policy_text(
+        'name: t\nversion: "1"\nfilters:\n  - {id: s, type: shout, config: {level: 2}}\n',
+        "inline.yaml",
+        registry,
+    )
+    assert policy.filters[0].config.level == 2
+
+
+def test_a_plugin_cannot_replace_a_built_in(install_plugin: Callable[[str], None]) -> None:
+    from guardrail.filters import rules
+
+    install_plugin("rules = acme_filters:SPEC")  # the plugin's SPEC has type "shout"
+    assert filter_registry().get("rules") is rules.SPEC
+
+
+async def test_filter_context_state_is_per_request(make_guard: Callable[[str], Guard]) -> None:
+    a, b = FilterContext("a"), FilterContext("b")
+    a.at(Stage.OUTPUT).state["k"] = 1
+    assert a.state == {"k": 1}
+    assert b.state == {}

@@ -1,0 +1,711 @@
+"""The remote backend against a fake OpenAI-compatible upstream (in-process and over TCP)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from guardrail.backends.base import Backend, Chunk, GenerationRequest, SamplingParams
+from guardrail.backends.remote import SPEC, RemoteBackend, from_settings
+from guardrail.chat import Message
+from guardrail.errors import (
+    BackendBadResponse,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+)
+from guardrail.settings import Settings
+from tests.fakes.upstream import (
+    REFUSAL,
+    UPSTREAM_ERROR,
+    FakeUpstream,
+    fake_client,
+    refused_url,
+    serve_upstream,
+)
+
+REPLY = "The capital of France is Paris."
+
+
+class SleepRecorder:
+    """Stands in for asyncio.sleep: records the backoff delays, waits for nothing."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+def chat_request(**params: Any) -> GenerationRequest:
+    return GenerationRequest(
+        model="fake-model",
+        request_id="req-42",
+        messages=(Message("system", "Be brief."), Message("user", "Capital of France?")),
+        params=SamplingParams(**params),
+    )
+
+
+def prompt_request() -> GenerationRequest:
+    return GenerationRequest(model="fake-model", request_id="req-43", prompt="Once upon a time")
+
+
+@pytest.fixture
+def up_a() -> FakeUpstream:
+    return FakeUpstream(reply=REPLY, host="a.test")
+
+
+@pytest.fixture
+def up_b() -> FakeUpstream:
+    return FakeUpstream(reply="Answer from b.", host="b.test")
+
+
+@pytest.fixture
+async def client(up_a: FakeUpstream, up_b: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
+    async with fake_client(up_a, up_b) as c:
+        yield c
+
+
+@pytest.fixture
+def sleeps() -> SleepRecorder:
+    return SleepRecorder()
+
+
+def backend(
+    client: httpx.AsyncClient, *urls: str, sleeps: SleepRecorder | None = None, **kwargs: Any
+) -> RemoteBackend:
+    return RemoteBackend(list(urls), client, sleep=sleeps or SleepRecorder(), **kwargs)
+
+
+async def collect(
+    stream: AsyncIterator[Chunk], into: list[Chunk] | None = None, limit_s: float = 5.0
+) -> list[Chunk]:
+    """Every chunk of a stream (also appended to ``into``), failing the test instead of hanging."""
+    chunks: list[Chunk] = [] if into is None else into
+    async with asyncio.timeout(limit_s):
+        async for chunk in stream:
+            chunks.append(chunk)
+    return chunks
+
+
+# --- non-streaming ---------------------------------------------------------------------
+
+
+def test_remote_backend_satisfies_the_backend_protocol(client: httpx.AsyncClient) -> None:
+    assert isinstance(RemoteBackend(["http://a.test/v1"], client), Backend)
+    assert RemoteBackend.name == "remote"
+
+
+@pytest.mark.parametrize(
+    ("request_", "path_key", "reply"),
+    [
+        (chat_request(), "messages", REPLY),
+        (prompt_request(), "prompt", REPLY),
+    ],
+    ids=["chat", "completions"],
+)
+async def test_generate_returns_text_finish_reason_and_usage(
+    client: httpx.AsyncClient,
+    up_a: FakeUpstream,
+    request_: GenerationRequest,
+    path_key: str,
+    reply: str,
+) -> None:
+    completion = await backend(client, up_a.base_url).generate(request_)
+
+    assert completion.text == reply
+    assert completion.finish_reason == "stop"
+    assert completion.completion_tokens == len(up_a.pieces())
+    assert completion.prompt_tokens is not None
+    assert completion.prompt_tokens > 0
+    assert path_key in up_a.requests[0]
+
+
+async def test_generate_sends_model_messages_sampling_params_and_bearer_token(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    request = chat_request(
+        max_tokens=32,
+        temperature=0.0,
+        top_p=0.9,
+        stop=("\n\n", "END"),
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        extra={"top_k": 40, "stream": True, "model": "sneaky"},
+    )
+
+    await backend(client, up_a.base_url + "/", api_key="sk-test").generate(request)
+
+    assert up_a.requests == [
+        {
+            "model": "fake-model",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Capital of France?"},
+            ],
+            "stream": False,
+            "max_tokens": 32,
+            "temperature": 0.0,
+            "top_p": 0.9,
+            "stop": ["\n\n", "END"],
+            "seed": 7,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "top_k": 40,
+        }
+    ]
+    assert up_a.headers[0]["authorization"] == "Bearer sk-test"
+    assert up_a.headers[0]["x-request-id"] == "req-42"
+
+
+async def test_generate_omits_unset_params_and_sends_no_auth_without_a_key(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    await backend(client, up_a.base_url).generate(prompt_request())
+
+    assert up_a.requests == [{"model": "fake-model", "prompt": "Once upon a time", "stream": False}]
+    assert "authorization" not in up_a.headers[0]
+
+
+async def test_when_upstream_fails_with_500_then_retries_with_backoff_until_it_answers(
+    client: httpx.AsyncClient, up_a: FakeUpstream, sleeps: SleepRecorder
+) -> None:
+    up_a.mode, up_a.times = "500", 2
+
+    completion = await backend(client, up_a.base_url, sleeps=sleeps, backoff_s=0.2).generate(
+        chat_request()
+    )
+
+    assert completion.text == REPLY
+    assert len(up_a.requests) == 3
+    assert sleeps.delays == [0.2, 0.4]
+
+
+async def test_when_first_url_keeps_failing_with_500_then_second_url_answers(
+    client: httpx.AsyncClient, up_a: FakeUpstream, up_b: FakeUpstream, sleeps: SleepRecorder
+) -> None:
+    up_a.mode = "500"
+
+    completion = await backend(
+        client, up_a.base_url, up_b.base_url, sleeps=sleeps, retries=1
+    ).generate(chat_request())
+
+    assert completion.text == "Answer from b."
+    assert (len(up_a.requests), len(up_b.requests)) == (2, 1)
+
+
+async def test_when_first_url_refuses_connection_then_second_url_answers(
+    client: httpx.AsyncClient, up_a: FakeUpstream, sleeps: SleepRecorder
+) -> None:
+    completion = await backend(client, refused_url(), up_a.base_url, sleeps=sleeps).generate(
+        chat_request()
+    )
+
+    assert completion.text == REPLY
+    assert len(sleeps.delays) == 2  # the refused URL was retried before failing over
+
+
+@pytest.mark.parametrize(
+    ("modes", "error_type"),
+    [
+        (("refused", "refused"), BackendUnavailable),  # 503
+        (("500", "500"), BackendBadResponse),  # 502
+        (("refused", "500"), BackendBadResponse),
+        (("slow", "slow"), BackendTimeout),  # 504
+        (("500", "slow"), BackendTimeout),
+        (("slow", "refused"), BackendTimeout),
+    ],
+)
+async def test_when_every_url_fails_then_the_error_says_why(
+    client: httpx.AsyncClient,
+    up_a: FakeUpstream,
+    up_b: FakeUpstream,
+    modes: tuple[str, str],
+    error_type: type[BackendError],
+) -> None:
+    urls = []
+    for fake, mode in zip((up_a, up_b), modes, strict=True):
+        if mode == "refused":
+            urls.append(refused_url())
+        else:
+            fake.mode = mode  # type: ignore[assignment]
+            urls.append(fake.base_url)
+
+    with pytest.raises(error_type) as caught:
+        await backend(client, *urls, timeout_s=0.05).generate(chat_request())
+
+    assert type(caught.value) is error_type
+    assert caught.value.status == {BackendUnavailable: 503, BackendBadResponse: 502}.get(
+        error_type, 504
+    )
+
+
+async def test_when_upstream_is_too_slow_then_504_without_retrying_that_url(
+    client: httpx.AsyncClient, up_a: FakeUpstream, up_b: FakeUpstream, sleeps: SleepRecorder
+) -> None:
+    up_a.mode = "slow"
+
+    completion = await backend(
+        client, up_a.base_url, up_b.base_url, sleeps=sleeps, timeout_s=0.05
+    ).generate(chat_request())
+
+    assert completion.text == "Answer from b."
+    assert len(up_a.requests) == 1
+    assert sleeps.delays == []
+
+
+@pytest.mark.parametrize(
+    ("upstream_status", "expected"),
+    [
+        (400, (400, f"backend rejected the request: {REFUSAL}")),
+        (413, (400, f"backend rejected the request: {REFUSAL}")),
+        (422, (400, f"backend rejected the request: {REFUSAL}")),
+        (429, (429, "HTTP 429")),
+        (401, (502, "HTTP 401")),
+        (403, (502, "HTTP 403")),
+        (404, (502, "HTTP 404")),
+        (418, (502, "HTTP 418")),
+    ],
+)
+async def test_upstream_4xx_is_answered_at_once_with_a_mapped_status(
+    client: httpx.AsyncClient,
+    up_a: FakeUpstream,
+    up_b: FakeUpstream,
+    upstream_status: int,
+    expected: tuple[int, str],
+) -> None:
+    up_a.mode, up_a.status = "http_error", upstream_status
+    status, message = expected
+
+    with pytest.raises(BackendBadResponse) as caught:
+        await backend(client, up_a.base_url, up_b.base_url).generate(chat_request())
+
+    assert caught.value.status == status
+    assert message in str(caught.value)
+    assert (len(up_a.requests), len(up_b.requests)) == (1, 0)
+
+
+async def test_refuse_400_mode_passes_the_upstream_message_through(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    up_a.mode = "refuse_400"
+
+    with pytest.raises(BackendBadResponse) as caught:
+        await backend(client, up_a.base_url).generate(chat_request())
+
+    assert caught.value.status == 400
+    assert str(caught.value) == f"backend rejected the request: {REFUSAL}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"error": {"message": "' + b"x" * 1000 + b'"}}',
+        b"x" * 1000,
+        b'{"detail": "' + b"y" * 1000 + b'"}',
+    ],
+    ids=["openai", "plain", "fastapi"],
+)
+async def test_a_long_upstream_error_message_is_cut_to_300_characters(body: bytes) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, content=body)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(BackendBadResponse) as caught:
+            await backend(client, "http://up.test/v1").generate(chat_request())
+
+    message = str(caught.value).removeprefix("backend rejected the request: ")
+    assert len(message) == 300
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"<html>502 Bad Gateway</html>",
+        b"",
+        b"[1, 2, 3]",
+        b"{}",
+        b'{"choices": []}',
+        b'{"choices": "many"}',
+        b'{"choices": [{"index": 0}]}',
+        b'{"choices": [{"message": {"content": 5}}]}',
+        b'{"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": "n"}}',
+    ],
+)
+async def test_when_upstream_answers_garbage_then_502_without_retry(
+    client: httpx.AsyncClient, up_a: FakeUpstream, garbage: bytes
+) -> None:
+    up_a.mode, up_a.garbage = "garbage", garbage
+
+    with pytest.raises(BackendBadResponse) as caught:
+        await backend(client, up_a.base_url).generate(chat_request())
+
+    assert caught.value.status == 502
+    assert len(up_a.requests) == 1
+
+
+async def test_when_upstream_answers_an_error_object_then_502_naming_it(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    up_a.mode = "error_frame"
+
+    with pytest.raises(BackendBadResponse, match=UPSTREAM_ERROR) as caught:
+        await backend(client, up_a.base_url).generate(chat_request())
+
+    assert caught.value.status == 502
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        ("stop", "stop"),
+        ("length", "length"),
+        ("content_filter", "content_filter"),
+        ("tool_calls", "stop"),
+        ("eos", "stop"),
+    ],
+)
+async def test_finish_reasons_are_mapped_to_the_gateways_three(
+    client: httpx.AsyncClient, up_a: FakeUpstream, upstream: str, expected: str
+) -> None:
+    up_a.finish_reason = upstream
+    b = backend(client, up_a.base_url)
+
+    completion = await b.generate(chat_request())
+    chunks = await collect(b.stream(chat_request()))
+
+    assert completion.finish_reason == expected
+    assert chunks[-1].finish_reason == expected
+
+
+# --- streaming -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_", [chat_request(), prompt_request()], ids=["chat", "completions"]
+)
+async def test_stream_yields_the_reply_and_ends_with_finish_reason_and_usage(
+    client: httpx.AsyncClient, up_a: FakeUpstream, request_: GenerationRequest
+) -> None:
+    chunks = await collect(backend(client, up_a.base_url).stream(request_))
+
+    assert "".join(c.text for c in chunks) == REPLY
+    assert len(chunks) > 2
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    last = chunks[-1]
+    assert last.finish_reason == "stop"
+    assert last.completion_tokens == len(up_a.pieces())
+    assert last.prompt_tokens is not None
+
+
+async def test_stream_asks_for_usage_in_the_stream(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    await collect(backend(client, up_a.base_url).stream(chat_request(max_tokens=5)))
+
+    sent = up_a.requests[0]
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["max_tokens"] == 5
+    assert up_a.headers[0]["accept"] == "text/event-stream"
+
+
+@pytest.mark.parametrize("first", ["500", "refused", "slow"])
+async def test_stream_fails_over_when_first_url_fails_before_the_first_chunk(
+    client: httpx.AsyncClient, up_a: FakeUpstream, up_b: FakeUpstream, first: str
+) -> None:
+    if first == "refused":
+        first_url = refused_url()
+    else:
+        up_a.mode = first  # type: ignore[assignment]
+        first_url = up_a.base_url
+
+    chunks = await collect(
+        backend(client, first_url, up_b.base_url, timeout_s=0.05).stream(chat_request())
+    )
+
+    assert "".join(c.text for c in chunks) == "Answer from b."
+    assert len(up_b.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "error_type"),
+    [("500", BackendBadResponse), ("slow", BackendTimeout)],
+)
+async def test_stream_raises_when_every_url_fails_before_the_first_chunk(
+    client: httpx.AsyncClient, up_a: FakeUpstream, mode: str, error_type: type[BackendError]
+) -> None:
+    up_a.mode = mode  # type: ignore[assignment]
+
+    with pytest.raises(error_type):
+        await collect(backend(client, up_a.base_url, timeout_s=0.05).stream(chat_request()))
+
+    assert len(up_a.requests) == 1  # streams are not retried on the same URL
+
+
+async def test_when_stream_ends_early_then_error_after_the_chunks_and_no_failover(
+    client: httpx.AsyncClient, up_a: FakeUpstream, up_b: FakeUpstream
+) -> None:
+    up_a.mode = "die_mid_stream"
+    received: list[Chunk] = []
+
+    stream = backend(client, up_a.base_url, up_b.base_url).stream(chat_request())
+
+    with pytest.raises(BackendBadResponse, match="ended before"):
+        await collect(stream, into=received)
+
+    assert received
+    assert REPLY.startswith("".join(c.text for c in received))
+    assert up_b.requests == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "error_type", "match"),
+    [
+        ("error_frame", BackendBadResponse, UPSTREAM_ERROR),
+        ("garbage", BackendBadResponse, "not valid"),
+    ],
+)
+async def test_stream_error_frames_and_broken_frames_raise(
+    client: httpx.AsyncClient,
+    up_a: FakeUpstream,
+    mode: str,
+    error_type: type[BackendError],
+    match: str,
+) -> None:
+    up_a.mode = mode  # type: ignore[assignment]
+
+    with pytest.raises(error_type, match=match):
+        await collect(backend(client, up_a.base_url).stream(chat_request()))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # CRLF line ends, comments, event/id fields, a role-only delta, usage frame, no space.
+        b": hello\r\n\r\nevent: message\r\nid: 1\r\n"
+        b'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\r\n\r\n'
+        b'data:{"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\r\n\r\n'
+        b'data: {"choices": [{"index": 0, "delta": {"content": "!"}, "finish_reason": "length"}]}'
+        b"\r\n\r\n"
+        b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\r\n\r\n'
+        b"data: [DONE]\r\n\r\n",
+        # No [DONE] after the finish (some servers), no usage frame.
+        b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
+        b'data: {"choices": [{"index": 0, "delta": {"content": "!"}, "finish_reason": "length"}]}'
+        b"\n\n",
+        # [DONE] without any finish_reason.
+        b'data: {"choices": [{"index": 0, "delta": {"content": "Hi!"}}]}\n\ndata: [DONE]\n\n',
+    ],
+    ids=["crlf-and-comments", "no-done", "no-finish-reason"],
+)
+async def test_stream_parses_the_sse_variants_servers_send(body: bytes) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        chunks = await collect(backend(client, "http://up.test/v1").stream(chat_request()))
+
+    assert "".join(c.text for c in chunks) == "Hi!"
+    assert chunks[-1].finish_reason in ("length", "stop")
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+class ClosingWatch(httpx.AsyncBaseTransport):
+    """Wraps a transport and counts response bodies opened and closed."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.opened = 0
+        self.closed = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        self.opened += 1
+        watch = self
+
+        class Body(httpx.AsyncByteStream):
+            async def __aiter__(self) -> AsyncIterator[bytes]:
+                async for part in response.stream:  # type: ignore[union-attr]
+                    yield part
+
+            async def aclose(self) -> None:
+                watch.closed += 1
+                await response.aclose()
+
+        return httpx.Response(response.status_code, headers=response.headers, stream=Body())
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_when_the_consumer_stops_early_then_the_upstream_response_is_closed(
+    up_a: FakeUpstream,
+) -> None:
+    watch = ClosingWatch(httpx.ASGITransport(app=up_a.app))
+    async with httpx.AsyncClient(transport=watch) as client:
+        stream = backend(client, up_a.base_url).stream(chat_request())
+        assert isinstance(stream, AsyncIterator)
+        first = await anext(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    assert first.text
+    assert (watch.opened, watch.closed) == (1, 1)
+
+
+# --- over a real socket ----------------------------------------------------------------
+
+
+async def test_over_tcp_generate_and_stream_work() -> None:
+    fake = FakeUpstream(reply=REPLY)
+    with serve_upstream(fake) as url:
+        async with httpx.AsyncClient() as client:
+            b = backend(client, url)
+            completion = await b.generate(chat_request())
+            chunks = await collect(b.stream(chat_request()))
+
+    assert completion.text == REPLY
+    assert "".join(c.text for c in chunks) == REPLY
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "error_type", "match"),
+    [
+        ("die_mid_stream", BackendBadResponse, "broke mid-stream"),
+        ("stall_mid_stream", BackendTimeout, "stalled"),
+    ],
+)
+async def test_over_tcp_death_or_stall_after_the_first_chunk_raises_instead_of_hanging(
+    mode: str, error_type: type[BackendError], match: str
+) -> None:
+    fake = FakeUpstream(reply=REPLY, mode=mode, delay_s=10)  # type: ignore[arg-type]
+    spare = FakeUpstream(reply="spare", host="spare.test")
+    received: list[Chunk] = []
+    with serve_upstream(fake) as url:
+        async with fake_client(spare) as client:
+            b = backend(client, url, spare.base_url, timeout_s=0.3)
+            with pytest.raises(error_type, match=match):
+                await collect(b.stream(chat_request()), into=received)
+
+    assert received
+    assert spare.requests == []
+
+
+async def test_over_tcp_a_dropped_connection_is_retried_for_generate() -> None:
+    fake = FakeUpstream(reply=REPLY, mode="die_mid_stream", times=1)
+    with serve_upstream(fake) as url:
+        async with httpx.AsyncClient() as client:
+            completion = await backend(client, url).generate(chat_request())
+
+    assert completion.text == REPLY
+    assert len(fake.requests) == 2
+
+
+# --- models, health, settings ----------------------------------------------------------
+
+
+async def test_models_lists_ids_from_the_first_url_that_answers(
+    client: httpx.AsyncClient, up_a: FakeUpstream, up_b: FakeUpstream
+) -> None:
+    up_a.mode = "500"
+    up_b.model_ids = ["llama-2-7b-chat", "llama-2-13b-chat"]
+
+    models = await backend(client, refused_url(), up_a.base_url, up_b.base_url).models()
+
+    assert models == ["llama-2-7b-chat", "llama-2-13b-chat"]
+    assert (up_a.models_calls, up_b.models_calls) == (1, 1)
+
+
+async def test_models_raises_when_no_url_lists_models(client: httpx.AsyncClient) -> None:
+    with pytest.raises(BackendUnavailable):
+        await backend(client, refused_url()).models()
+
+
+@pytest.mark.parametrize(
+    ("mode", "healthy"),
+    [("ok", True), ("500", False), ("garbage", True), ("slow", False), ("refused", False)],
+)
+async def test_health_is_true_when_a_url_answers_models_with_200(
+    client: httpx.AsyncClient, up_a: FakeUpstream, mode: str, healthy: bool
+) -> None:
+    if mode == "refused":
+        url = refused_url()
+    else:
+        up_a.mode = mode  # type: ignore[assignment]
+        url = up_a.base_url
+
+    assert await backend(client, url, probe_timeout_s=0.05).health() is healthy
+
+
+async def test_health_is_true_when_only_a_later_url_answers(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    assert await backend(client, refused_url(), up_a.base_url).health() is True
+
+
+@pytest.mark.parametrize(
+    "urls",
+    [[], ["ftp://x/v1"], ["not a url"], ["http:///v1"]],
+)
+def test_bad_backend_urls_are_a_config_error(urls: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        from_settings(Settings(backend="remote", backend_urls=urls))
+
+
+async def test_from_settings_builds_a_backend_that_owns_and_closes_its_client(
+    up_a: FakeUpstream,
+) -> None:
+    settings = Settings(
+        backend="remote",
+        backend_urls=["http://a.test/v1/"],
+        backend_api_key="sk-x",
+        backend_timeout_s=30,
+        backend_connect_timeout_s=2,
+    )
+
+    built = SPEC.build(settings)
+    assert isinstance(built, RemoteBackend)
+    assert SPEC.type == "remote"
+    assert built.urls == ("http://a.test/v1",)
+    client = built._client
+    assert client.timeout == httpx.Timeout(30, connect=2)
+    await built.aclose()
+
+    assert client.is_closed
+
+
+async def test_aclose_leaves_a_callers_client_open(client: httpx.AsyncClient) -> None:
+    await RemoteBackend(["http://a.test/v1"], client).aclose()
+
+    assert not client.is_closed
+
+
+async def test_the_fake_upstream_speaks_the_wire_format_the_openai_sdk_reads() -> None:
+    """Gateway tests trust the fake; the official client is the judge of its format."""
+    openai = pytest.importorskip("openai")
+    fake = FakeUpstream(reply=REPLY, model_ids=["m1", "m2"])
+    messages = [{"role": "user", "content": "hi"}]
+    with serve_upstream(fake) as url:
+        async with openai.AsyncOpenAI(base_url=url, api_key="sk-test", max_retries=0) as sdk:
+            whole = await sdk.chat.completions.create(model="m1", messages=messages)
+            stream = await sdk.chat.completions.create(
+                model="m1", messages=messages, stream=True, stream_options={"include_usage": True}
+            )
+            parts = [chunk async for chunk in stream]
+            text = await sdk.completions.create(model="m1", prompt="Once upon")
+            models = await sdk.models.list()
+
+    assert whole.choices[0].message.content == REPLY
+    assert whole.usage.completion_tokens == len(fake.pieces())
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == REPLY
+    assert parts[-1].usage.prompt_tokens == 1
+    assert text.choices[0].text == REPLY
+    assert [m.id for m in models.data] == ["m1", "m2"]
+    assert fake.headers[0]["authorization"] == "Bearer sk-test"

@@ -1,0 +1,191 @@
+"""The streaming hold-back window: no unmoderated byte is ever released."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardrail.guard.filter import BuildContext
+from guardrail.guard.guard import Guard
+from guardrail.guard.registry import filter_registry
+from guardrail.guard.stream import StreamGuard
+from guardrail.guard.types import FilterContext
+from guardrail.policy.loader import load_policy_text
+from guardrail.policy.model import StreamSettings
+
+RULES = """
+name: s
+version: "1"
+filters:
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: bomb, category: weapons, action: block, keywords: [build a bomb]}
+        - {id: key, category: secret, action: redact, replacement: "#", regex: ['sk-\\d{4}']}
+"""
+
+BENIGN = [
+    "The weather is nice today. ",
+    "Birds sing in the morning! ",
+    "Do you like tea? ",
+    "A short line\n",
+    "Cats sleep a lot. ",
+]
+HARMFUL = "Then you build a bomb with the parts. "
+
+
+@pytest.fixture(scope="module")
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+def make_guard(executor: ThreadPoolExecutor) -> Guard:
+    registry = filter_registry()
+    policy = load_policy_text(RULES, "stream.yaml", registry)
+    return Guard.build(policy, registry, BuildContext(executor))
+
+
+def chunk(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+
+
+async def run_stream(guard: Guard, pieces: list[str], settings: StreamSettings) -> tuple[str, bool]:
+    window = StreamGuard(guard, FilterContext("s"), settings)
+    sent = []
+    for piece in pieces:
+        release = await window.feed(piece)
+        sent.append(release.text)
+        if release.blocked:
+            return "".join(sent), True
+    final = await window.finish()
+    sent.append(final.text)
+    return "".join(sent), final.blocked
+
+
+stream_settings = st.builds(
+    StreamSettings,
+    release=st.sampled_from(["sentence", "window"]),
+    window_chars=st.integers(60, 300),
+    context_chars=st.integers(20, 200),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    benign=st.lists(st.sampled_from(BENIGN), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 10_000), max_size=30),
+    config=stream_settings,
+)
+async def test_released_text_is_a_prefix_and_never_holds_the_harmful_phrase(
+    executor: ThreadPoolExecutor, benign: list[str], cuts: list[int], config: StreamSettings
+) -> None:
+    text = "".join(benign) + HARMFUL + "".join(benign)
+    sent, blocked = await run_stream(make_guard(executor), chunk(text, cuts), config)
+    assert blocked
+    assert text.startswith(sent)
+    assert "build a bomb" not in sent
+    assert "with the parts" not in sent
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    benign=st.lists(st.sampled_from(BENIGN), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 10_000), max_size=30),
+    window_chars=st.integers(len(HARMFUL), 400),
+    context_chars=st.integers(0, 200),
+)
+async def test_in_sentence_mode_no_byte_of_a_harmful_sentence_reaches_the_client(
+    executor: ThreadPoolExecutor,
+    benign: list[str],
+    cuts: list[int],
+    window_chars: int,
+    context_chars: int,
+) -> None:
+    config = StreamSettings(
+        release="sentence", window_chars=window_chars, context_chars=context_chars
+    )
+    prefix = "".join(benign)
+    text = prefix + HARMFUL + "".join(benign)
+    sent, blocked = await run_stream(make_guard(executor), chunk(text, cuts), config)
+    assert blocked
+    assert prefix.startswith(sent)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    benign=st.lists(st.sampled_from(BENIGN), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(0, 10_000), max_size=30),
+    config=stream_settings,
+)
+async def test_a_benign_stream_is_released_whole_and_unchanged(
+    executor: ThreadPoolExecutor, benign: list[str], cuts: list[int], config: StreamSettings
+) -> None:
+    text = "".join(benign)
+    sent, blocked = await run_stream(make_guard(executor), chunk(text, cuts), config)
+    assert not blocked
+    assert sent == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, 10_000), max_size=20), config=stream_settings)
+async def test_a_secret_split_across_chunks_is_redacted(
+    executor: ThreadPoolExecutor, cuts: list[int], config: StreamSettings
+) -> None:
+    text = "Your key is sk-1234 and it works. Keep it safe. "
+    sent, blocked = await run_stream(make_guard(executor), chunk(text, cuts), config)
+    assert not blocked
+    assert "1234" not in sent
+    assert sent == "Your key is # and it works. Keep it safe. "
+
+
+async def test_text_is_held_until_a_sentence_ends(executor: ThreadPoolExecutor) -> None:
+    window = StreamGuard(make_guard(executor), FilterContext("s"), StreamSettings())
+    assert (await window.feed("Hello wor")).text == ""
+    assert window.held_chars == 9
+    assert (await window.feed("ld. How")).text == "Hello world. "
+    assert (await window.finish()).text == "How"
+
+
+async def test_window_mode_releases_in_blocks_at_word_boundaries(
+    executor: ThreadPoolExecutor,
+) -> None:
+    config = StreamSettings(release="window", window_chars=10, context_chars=5)
+    window = StreamGuard(make_guard(executor), FilterContext("s"), config)
+    assert (await window.feed("one two. three four")).text == "one two. three "
+    assert window.held_chars == len("four")
+
+
+@pytest.mark.parametrize(("context_chars", "caught"), [(30, True), (0, False)])
+async def test_a_phrase_split_across_windows_is_caught_only_with_context(
+    executor: ThreadPoolExecutor, context_chars: int, caught: bool
+) -> None:
+    config = StreamSettings(release="window", window_chars=12, context_chars=context_chars)
+    window = StreamGuard(make_guard(executor), FilterContext("s"), config)
+    sent = []
+    for piece in ["so you build ", "a bomb right now"]:
+        release = await window.feed(piece)
+        sent.append(release.text)
+    final = await window.finish() if not window.blocked else None
+    if final is not None:
+        sent.append(final.text)
+    assert window.blocked is caught
+    # "build a" alone is not harmful and was released before "bomb" arrived.
+    assert "build a" in "".join(sent)
+    assert ("bomb" in "".join(sent)) is not caught
+
+
+async def test_a_large_chunk_is_released_window_by_window(executor: ThreadPoolExecutor) -> None:
+    config = StreamSettings(release="sentence", window_chars=30, context_chars=10)
+    window = StreamGuard(make_guard(executor), FilterContext("s"), config)
+    text = "First sentence here. Second sentence here. Third one. Tail"
+    release = await window.feed(text)
+    assert release.text == "First sentence here. Second sentence here. Third one. "
+    assert len(window.decisions) == 3
+    assert (await window.finish()).text == "Tail"
