@@ -236,7 +236,7 @@ def test_when_filter_id_is_empty_then_it_is_labelled_unknown(
     )
 
 
-def test_harmful_content_counts_each_finding_that_is_not_allow_per_decision(
+def test_harmful_content_counts_each_category_once_per_exchange_and_stage(
     metrics: GatewayMetrics, registry: CollectorRegistry
 ) -> None:
     metrics.record(
@@ -256,9 +256,21 @@ def test_harmful_content_counts_each_finding_that_is_not_allow_per_decision(
     )
 
     harmful = "guardrail_harmful_content_total"
-    assert value(registry, harmful, stage="input", category="hate") == 2.0
+    # Two "hate" findings on the input of one exchange are one harmful exchange.
+    assert value(registry, harmful, stage="input", category="hate") == 1.0
     assert value(registry, harmful, stage="output", category="hate") == 1.0
     assert value(registry, harmful, stage="input", category="self_harm") is None
+
+
+def test_a_finding_repeated_in_every_turn_of_a_history_counts_once_per_exchange(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    old_turn = decision(Stage.INPUT, filter_outcome("rules", finding("hate", Action.FLAG)))
+    new_turn = decision(Stage.INPUT, filter_outcome("rules", finding("hate", Action.FLAG)))
+    metrics.record(exchange("flagged", old_turn, new_turn))
+    metrics.record(exchange("flagged", old_turn))
+    assert value(registry, "guardrail_harmful_content_total", stage="input", category="hate") == 2.0
+    assert value(registry, "guardrail_decisions_total", stage="input", action="flag") == 3.0
 
 
 def test_when_categories_pass_the_cap_then_new_ones_fold_into_other(
@@ -266,7 +278,9 @@ def test_when_categories_pass_the_cap_then_new_ones_fold_into_other(
 ) -> None:
     metrics = GatewayMetrics(registry, max_label_values=3)
     for category in ["a", "b", "c", "d", "e", "a"]:
-        metrics.record_decision(decision(Stage.INPUT, filter_outcome("rules", finding(category))))
+        metrics.record(
+            exchange("flagged", decision(Stage.INPUT, filter_outcome("rules", finding(category))))
+        )
 
     harmful = "guardrail_harmful_content_total"
     assert value(registry, harmful, stage="input", category="a") == 2.0
@@ -278,7 +292,9 @@ def test_when_categories_pass_the_cap_then_new_ones_fold_into_other(
 
 def test_default_category_cap_is_200(metrics: GatewayMetrics, registry: CollectorRegistry) -> None:
     for i in range(250):
-        metrics.record_decision(decision(Stage.OUTPUT, filter_outcome("r", finding(f"cat{i}"))))
+        metrics.record(
+            exchange("flagged", decision(Stage.OUTPUT, filter_outcome("r", finding(f"cat{i}"))))
+        )
 
     harmful = "guardrail_harmful_content_total"
     assert value(registry, harmful, stage="output", category="cat199") == 1.0
@@ -296,7 +312,9 @@ def test_category_series_stay_bounded_and_no_finding_is_lost(
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry, max_label_values=cap)
     for category in categories:
-        metrics.record_decision(decision(Stage.INPUT, filter_outcome("r", finding(category))))
+        metrics.record(
+            exchange("flagged", decision(Stage.INPUT, filter_outcome("r", finding(category))))
+        )
 
     samples = [
         s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,7 +54,7 @@ def make_guard(executor: ThreadPoolExecutor) -> Guard:
 
 def chunk(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    return [text[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    return [text[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 async def run_stream(guard: Guard, pieces: list[str], settings: StreamSettings) -> tuple[str, bool]:

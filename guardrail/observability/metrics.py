@@ -285,6 +285,18 @@ class GatewayMetrics:
         self.request_duration.labels(route=exchange.route).observe(exchange.duration_s)
         for decision in exchange.decisions:
             self.record_decision(decision)
+            if exchange.stream and decision.stage is Stage.OUTPUT:
+                self.stream_window(decision.action)
+        # Harmful content counts once per exchange, stage and category: a chat client
+        # resends its whole history every turn, and an old finding is not new harm.
+        harmful = {
+            (d.stage.value, f.category)
+            for d in exchange.decisions
+            for f in d.findings
+            if f.action is not Action.ALLOW
+        }
+        for stage, category in sorted(harmful):
+            self.harmful_content.labels(stage=stage, category=self._category(category)).inc()
 
         if exchange.outcome == "backend_error":
             self.backend_errors.labels(
@@ -308,10 +320,10 @@ class GatewayMetrics:
                 self.tokens.labels(backend=backend, kind=kind).inc(count)
 
     def record_decision(self, decision: Decision) -> None:
-        """Record one guard decision: the decision, each filter's outcome, each harmful finding.
+        """Record one guard decision: the decision and each filter's outcome.
 
-        :meth:`record` calls this for every decision of an exchange; the moderation
-        endpoint calls it directly. Like :meth:`record`, it counts every call.
+        :meth:`record` calls this for every decision of an exchange and counts harmful
+        findings once per exchange. Like :meth:`record`, it counts every call.
         """
         stage = decision.stage.value
         self.decisions.labels(stage=stage, action=decision.action.value).inc()
@@ -323,11 +335,6 @@ class GatewayMetrics:
             self.filter_duration.labels(filter=filter_id, stage=stage).observe(outcome.duration_s)
             if outcome.status != "ok":
                 self.filter_errors.labels(filter=filter_id, stage=stage, kind=outcome.status).inc()
-        for finding in decision.findings:
-            if finding.action is not Action.ALLOW:
-                self.harmful_content.labels(
-                    stage=stage, category=self._category(finding.category)
-                ).inc()
 
     # --- in-flight requests --------------------------------------------------
 

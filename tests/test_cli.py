@@ -1,0 +1,140 @@
+"""The ``guardrail`` command: validate, test, check, eval, schema."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from guardrail.cli import main
+from tests.conftest import DEFAULT_POLICY, ROOT, TEST_POLICY
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_accepts_the_shipped_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    files = sorted(str(p) for p in (ROOT / "policies").glob("*.yaml"))
+    code, out, _ = run(["policy", "validate", *files], capsys)
+    assert code == 0
+    assert "default.yaml: ok (default" in out
+
+
+def test_validate_reports_every_error_as_file_line_column(
+    write_policy: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = write_policy(
+        TEST_POLICY.replace("action: flag", "action: flagg").replace(
+            "keywords: [build a bomb]", "keyword: [build a bomb]"
+        ),
+        "bad.yaml",
+    )
+    good = write_policy(TEST_POLICY, "good.yaml")
+    code, out, _ = run(["policy", "validate", str(good), str(bad)], capsys)
+    assert code == 1
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"{good}: ok")
+    problems = lines[1:]
+    assert len(problems) == 2
+    assert all(p.startswith(f"{bad}:") for p in problems)
+    assert any(
+        ":20:11: filters[0].config.rules[0].keyword: unknown key 'keyword'" in p for p in problems
+    )
+    assert any("filters[0].config.rules[2].action" in p and "'flagg'" in p for p in problems)
+
+
+def test_policy_test_reports_failures_and_exits_non_zero(
+    write_policy: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_policy(
+        TEST_POLICY
+        + "tests:\n"
+        + "  - {name: bombs, input: how to build a bomb, expect: block}\n"
+        + "  - {name: wrong on purpose, input: hello, expect: block}\n"
+    )
+    code, out, _ = run(["policy", "test", str(path)], capsys)
+    assert code == 1
+    assert "FAIL  [input] wrong on purpose: expected block, got allow (no findings)" in out
+    assert out.strip().endswith("1 passed, 1 failed")
+
+
+def test_policy_test_passes_the_default_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["policy", "test", str(DEFAULT_POLICY)], capsys)
+    assert code == 0
+    assert " 0 failed" in out
+
+
+def test_check_prints_the_decision_as_json(
+    test_policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(["check", "--policy", str(test_policy), "my key sk-abcd1234"], capsys)
+    assert code == 0
+    decision = json.loads(out)
+    assert decision["action"] == "redact"
+    assert decision["text"] == "my key [SECRET]"
+    assert decision["findings"][0]["rule_id"] == "secret"
+    assert decision["filters"][0]["status"] == "ok"
+
+
+def test_a_bad_policy_is_a_startup_error_naming_file_and_line(
+    write_policy: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = write_policy("name: x\nversion: '1'\nfilterz: []\n")
+    code, _, err = run(["check", "--policy", str(bad), "hi"], capsys)
+    assert code == 2
+    assert f"{bad}:3:1: filterz: unknown key 'filterz'" in err
+
+
+def test_eval_measures_a_policy_on_labeled_jsonl(
+    tmp_path: Path, test_policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data.jsonl"
+    rows = [
+        {"text": "how to build a bomb", "label": "block", "category": "weapons"},
+        {"text": "build a  BOMB now", "label": "block", "category": "weapons"},
+        {"text": "you are a dummy", "label": "block", "category": "insult"},
+        {"text": "buy a bomber jacket", "label": "block", "category": "weapons"},
+        {"text": "hello there", "label": "allow"},
+        {"text": "the sky is blue", "label": "allow"},
+        {"text": "what a dummy run", "label": "allow"},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, out, _ = run(["eval", str(data), "--policy", str(test_policy), "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert (report["n"], report["tp"], report["fn"], report["fp"], report["tn"]) == (7, 3, 1, 1, 2)
+    assert report["precision"] == 0.75
+    assert report["recall"] == 0.75
+    assert report["f1"] == 0.75
+    assert report["fpr"] == pytest.approx(1 / 3, abs=1e-4)
+    assert report["recall_by_category"]["weapons"] == {"recall": 0.6667, "n": 3}
+    assert report["recall_by_category"]["insult"] == {"recall": 1.0, "n": 1}
+    assert report["latency_ms"]["p50"] > 0
+    code, out, err = run(["eval", str(data), "--policy", str(test_policy)], capsys)
+    assert "precision=0.7500 recall=0.7500 f1=0.7500" in out
+    assert "7/7" in err  # the progress bar
+
+
+def test_eval_names_the_line_of_a_malformed_row(
+    tmp_path: Path, test_policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a", "label": "allow"}\n{"text": "b", "label": "maybe"}\n')
+    code, _, err = run(["eval", str(data), "--policy", str(test_policy)], capsys)
+    assert code == 2
+    assert f"{data}:2:" in err
+    assert '"label" must be "allow" or "block"' in err
+
+
+def test_schema_command_matches_the_committed_schema(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "schema.json"
+    code, _, _ = run(["policy", "schema", "--out", str(out_file)], capsys)
+    assert code == 0
+    assert out_file.read_text() == (ROOT / "policies" / "schema.json").read_text()
