@@ -146,8 +146,6 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    from guardrail.guard.types import FilterContext
-
     passed = failed = 0
     with ThreadPoolExecutor(2) as executor:
         for path in args.files:
@@ -157,28 +155,35 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
                 print(f"{path}: no tests")
                 continue
             print(f"{path}: {len(tests)} tests ({guard.policy.name} {guard.policy.version})")
-            for i, test in enumerate(tests):
-                ctx = FilterContext(f"policy-test-{i}", stage=test.stage)
-                decision = asyncio.run(guard.check(test.stage, test.input, ctx))
-                label = test.name or _preview(test.input)
-                if decision.action is test.expect:
-                    passed += 1
-                    if args.verbose:
-                        print(f"  PASS  [{test.stage.value}] {label}")
-                else:
-                    failed += 1
-                    why = (
-                        ", ".join(
-                            f"{f.filter_id}/{f.rule_id or f.category}" for f in decision.findings
-                        )
-                        or "no findings"
-                    )
-                    print(
-                        f"  FAIL  [{test.stage.value}] {label}: expected {test.expect.value}, "
-                        f"got {decision.action.value} ({why})"
-                    )
+            for line, ok in asyncio.run(_run_policy_tests(guard, verbose=args.verbose)):
+                passed, failed = passed + ok, failed + (not ok)
+                if line:
+                    print(line)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+async def _run_policy_tests(guard: Any, *, verbose: bool) -> list[tuple[str, bool]]:
+    """Each test's report line (empty for a quiet pass) and whether it passed."""
+    from guardrail.guard.types import FilterContext
+
+    results = []
+    for i, test in enumerate(guard.policy.tests):
+        ctx = FilterContext(f"policy-test-{i}", stage=test.stage)
+        decision = await guard.check(test.stage, test.input, ctx)
+        label = f"[{test.stage.value}] {test.name or _preview(test.input)}"
+        if decision.action is test.expect:
+            results.append((f"  PASS  {label}" if verbose else "", True))
+            continue
+        why = ", ".join(f"{f.filter_id}/{f.rule_id or f.category}" for f in decision.findings)
+        results.append(
+            (
+                f"  FAIL  {label}: expected {test.expect.value}, "
+                f"got {decision.action.value} ({why or 'no findings'})",
+                False,
+            )
+        )
+    return results
 
 
 def _preview(text: str, width: int = 60) -> str:

@@ -422,23 +422,27 @@ class RemoteBackend:
 
     async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
         """The body of a 200 answer; raises a final error or :class:`_AttemptFailed`."""
+        response = await self._send("POST", url, self._timeout_s, json=body, headers=headers)
+        if response.status_code != 200:
+            raise _status_error(response.status_code, response.content)
+        return response.content
+
+    async def _send(self, method: str, url: str, timeout_s: float, **kwargs: Any) -> httpx.Response:
+        """One HTTP exchange, its transport failures mapped to :class:`_AttemptFailed`."""
         try:
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._client.post(url, json=body, headers=headers)
+            async with asyncio.timeout(timeout_s):
+                return await self._client.request(method, url, **kwargs)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             # Nothing was sent: safe to retry, and the answer is "unavailable".
             raise _connect_failed(e) from e
         except (TimeoutError, httpx.TimeoutException) as e:
-            raise self._timed_out(e) from e
+            raise self._timed_out(e, timeout_s) from e
         except httpx.RequestError as e:  # dropped connection, broken encoding, ...
             raise _dropped(e) from e
-        if response.status_code != 200:
-            error = _status_error(response.status_code, response.content)
-            raise error
-        return response.content
 
-    def _timed_out(self, cause: BaseException) -> _AttemptFailed:
-        error = BackendTimeout(f"backend did not answer within {self._timeout_s:g}s")
+    def _timed_out(self, cause: BaseException, timeout_s: float | None = None) -> _AttemptFailed:
+        limit = self._timeout_s if timeout_s is None else timeout_s
+        error = BackendTimeout(f"backend did not answer within {limit:g}s")
         error.__cause__ = cause
         return _AttemptFailed("timeout", error)
 
@@ -586,15 +590,7 @@ class RemoteBackend:
         raise failures.error(len(self.urls))
 
     async def _list_models(self, url: str) -> list[str]:
-        try:
-            async with asyncio.timeout(self._probe_timeout_s):
-                response = await self._client.get(url, headers=self._headers)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise _connect_failed(e) from e
-        except (TimeoutError, httpx.TimeoutException) as e:
-            raise self._timed_out(e) from e
-        except httpx.RequestError as e:  # dropped connection, broken encoding, ...
-            raise _dropped(e) from e
+        response = await self._send("GET", url, self._probe_timeout_s, headers=self._headers)
         if response.status_code != 200:
             error = _status_error(response.status_code, response.content)
             if isinstance(error, _AttemptFailed):
