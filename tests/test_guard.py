@@ -303,3 +303,21 @@ async def test_filter_context_state_is_per_request(make_guard: Callable[[str], G
     a.at(Stage.OUTPUT).state["k"] = 1
     assert a.state == {"k": 1}
     assert b.state == {}
+
+
+def test_shared_resources_create_each_model_once_across_threads() -> None:
+    from guardrail.guard.filter import SharedResources
+
+    shared = SharedResources()
+    created: list[int] = []
+
+    def load() -> object:
+        created.append(1)
+        return object()
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: shared.get(("model", "x"), load), range(32)))
+    assert len(created) == 1
+    assert all(r is results[0] for r in results)
+    assert shared.get(("model", "y"), load) is not results[0]
+    assert len(shared) == 2

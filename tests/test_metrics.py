@@ -262,6 +262,18 @@ def test_harmful_content_counts_each_category_once_per_exchange_and_stage(
     assert value(registry, harmful, stage="input", category="self_harm") is None
 
 
+def test_every_finding_score_is_observed_by_filter_stage_and_category(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    tox = Finding("insult", 0.87, Action.FLAG, filter_id="tox")
+    metrics.record(exchange("flagged", decision(Stage.OUTPUT, filter_outcome("tox", tox))))
+    labels = {"filter": "tox", "stage": "output", "category": "insult"}
+    assert value(registry, "guardrail_finding_score_count", **labels) == 1.0
+    assert value(registry, "guardrail_finding_score_sum", **labels) == pytest.approx(0.87)
+    assert value(registry, "guardrail_finding_score_bucket", le="0.8", **labels) == 0.0
+    assert value(registry, "guardrail_finding_score_bucket", le="0.9", **labels) == 1.0
+
+
 def test_a_finding_repeated_in_every_turn_of_a_history_counts_once_per_exchange(
     metrics: GatewayMetrics, registry: CollectorRegistry
 ) -> None:
@@ -550,7 +562,7 @@ def test_every_metric_has_help_text_and_samples_after_every_kind_of_exchange(
     _record_every_kind(metrics)
 
     families = [f for f in registry.collect() if f.name.startswith("guardrail_")]
-    assert len(families) == 18
+    assert len(families) == 19
     for family in families:
         assert family.documentation, family.name
         assert family.samples, family.name

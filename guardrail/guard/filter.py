@@ -23,13 +23,16 @@ and exported to ``policies/schema.json``), and a ``build`` function. Example::
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from guardrail.guard.types import FilterContext, Stage, Verdict
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -46,12 +49,36 @@ class Filter(Protocol):
     async def check(self, text: str, ctx: FilterContext) -> Verdict: ...
 
 
+class SharedResources:
+    """Heavy objects (models, micro-batchers) shared by every filter of the process.
+
+    A policy reload builds new filters; ``get`` hands them the model the old ones
+    used, so a process holds one instance of each model however often it reloads.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, create: Callable[[], T]) -> T:
+        """The object stored under ``key``, created by ``create()`` the first time."""
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = create()
+            item: T = self._items[key]
+            return item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 @dataclass(frozen=True, slots=True)
 class BuildContext:
     """Shared resources handed to every filter when a policy is built.
 
     ``base_dir`` is the policy file's folder, for relative paths in filter configs.
     ``executor`` is the process-wide pool for blocking model calls (never one per request).
+    ``resources`` keeps one instance of each model per process, across reloads.
     ``allow_downloads`` is false unless the settings say the machine may fetch models.
     """
 
@@ -59,6 +86,7 @@ class BuildContext:
     base_dir: Path = field(default_factory=Path.cwd)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "guardrail")
     allow_downloads: bool = False
+    resources: SharedResources = field(default_factory=SharedResources)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ filter_verdicts_total                           counter    filter, stage, action
 filter_errors_total                             counter    filter, stage, kind
 filter_duration_seconds                         histogram  filter, stage
 harmful_content_total                           counter    stage, category
+finding_score                                   histogram  filter, stage, category
 backend_duration_seconds                        histogram  backend, stream
 backend_errors_total                            counter    backend, code
 time_to_first_token_seconds                     histogram  backend
@@ -77,6 +78,7 @@ __all__ = [
     "HELD_CHARACTER_BUCKETS",
     "OTHER",
     "REQUEST_BUCKETS",
+    "SCORE_BUCKETS",
     "TTFT_BUCKETS",
     "UNKNOWN",
     "GatewayMetrics",
@@ -94,6 +96,7 @@ REQUEST_BUCKETS: Final = (
 )  # fmt: skip
 BACKEND_BUCKETS: Final = REQUEST_BUCKETS
 # Filters range from a regex (well under a millisecond) to a model on a CPU (seconds).
+SCORE_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 FILTER_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
@@ -203,8 +206,14 @@ class GatewayMetrics:
         )
         self.harmful_content = counter(
             "harmful_content_total",
-            "Findings whose action is not allow, by stage and policy category.",
+            "Exchanges with a finding whose action is not allow, by stage and policy category.",
             ("stage", "category"),
+        )
+        self.finding_score = histogram(
+            "finding_score",
+            "Scores of findings (for example toxicity per category), by filter, stage, category.",
+            ("filter", "stage", "category"),
+            SCORE_BUCKETS,
         )
         self.backend_duration = histogram(
             "backend_duration_seconds",
@@ -335,6 +344,12 @@ class GatewayMetrics:
             self.filter_duration.labels(filter=filter_id, stage=stage).observe(outcome.duration_s)
             if outcome.status != "ok":
                 self.filter_errors.labels(filter=filter_id, stage=stage, kind=outcome.status).inc()
+        for finding in decision.findings:
+            self.finding_score.labels(
+                filter=self._filter(finding.filter_id),
+                stage=stage,
+                category=self._category(finding.category),
+            ).observe(finding.score)
 
     # --- in-flight requests --------------------------------------------------
 
