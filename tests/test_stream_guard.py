@@ -14,9 +14,9 @@ from guardrail.guard.filter import BuildContext
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.stream import StreamGuard
-from guardrail.guard.types import FilterContext
+from guardrail.guard.types import Action, FilterContext, Stage, Verdict
 from guardrail.policy.loader import load_policy_text
-from guardrail.policy.model import StreamSettings
+from guardrail.policy.model import FilterConfig, StreamSettings
 
 RULES = """
 name: s
@@ -190,3 +190,33 @@ async def test_a_large_chunk_is_released_window_by_window(executor: ThreadPoolEx
     assert release.text == "First sentence here. Second sentence here. Third one. "
     assert len(window.decisions) == 3
     assert (await window.finish()).text == "Tail"
+
+
+class _TagHolder:
+    """A filter that needs an unfinished ``<TAG...`` kept back, like a PII placeholder."""
+
+    name = "tags"
+    stages = frozenset({Stage.OUTPUT})
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return Verdict()
+
+    def holdback(self, text: str) -> int:
+        start = text.rfind("<")
+        return len(text) - start if start >= 0 and ">" not in text[start:] else 0
+
+
+async def test_a_filter_can_hold_back_an_unfinished_placeholder(
+    executor: ThreadPoolExecutor,
+) -> None:
+    policy = make_guard(executor).policy
+    config = FilterConfig("tags", "tags", frozenset({Stage.OUTPUT}), 1.0, Action.BLOCK, None)
+    guard = Guard(policy, [(config, _TagHolder())])
+    settings = StreamSettings(release="window", window_chars=12, context_chars=0)
+    window = StreamGuard(guard, FilterContext("s"), settings)
+    first = await window.feed("Dear <PERSON_1")
+    assert first.text == "Dear "  # not "Dear <PERSON_1": the placeholder is unfinished
+    second = await window.feed("> said hi and left.")
+    assert (first.text + second.text + (await window.finish()).text) == (
+        "Dear <PERSON_1> said hi and left."
+    )

@@ -89,6 +89,30 @@ class BuildContext:
     resources: SharedResources = field(default_factory=SharedResources)
 
 
+@runtime_checkable
+class HoldsBack(Protocol):
+    """Optional: a filter that needs streamed text held back past a window's cut.
+
+    ``holdback(text)`` returns how many trailing characters of ``text`` must not be
+    released yet, e.g. a PII filter holding ``"<PERSO"`` until the placeholder is whole.
+    """
+
+    def holdback(self, text: str) -> int: ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Optional: a filter whose check also fills request state (``ctx.state``).
+
+    When a cached verdict answers for the filter, the guard calls ``remember`` so the
+    filter can rebuild that state from the text and the verdict (for example the
+    placeholder-to-value map of a reversible redaction), without the cache ever
+    holding the values.
+    """
+
+    def remember(self, text: str, verdict: Verdict, ctx: FilterContext) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigIssue:
     """A semantic problem in a filter config; ``path`` is relative to the filter's ``config``."""

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from guardrail.guard.filter import BuildContext, Filter, FilterSpec
+from guardrail.guard.filter import BuildContext, Filter, FilterSpec, HoldsBack
 from guardrail.guard.types import (
     Action,
     Decision,
@@ -51,6 +51,13 @@ class Guard:
 
     def filters_at(self, stage: Stage) -> list[str]:
         return [c.id for c, _ in self._by_stage[stage]]
+
+    def holdback(self, stage: Stage, text: str) -> int:
+        """Trailing characters of ``text`` that some filter needs held back (streams)."""
+        return max(
+            (f.holdback(text) for _, f in self._by_stage[stage] if isinstance(f, HoldsBack)),
+            default=0,
+        )
 
     async def check(self, stage: Stage, text: str, ctx: FilterContext) -> Decision:
         """Decide on ``text`` at ``stage``. Never raises for a filter's failure."""

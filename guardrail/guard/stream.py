@@ -89,6 +89,14 @@ class StreamGuard:
         return await self._check(len(self._held))
 
     def _release_point(self) -> int:
+        cut = self._window_cut()
+        if cut == 0:
+            return 0
+        # A filter may need the end of the window kept (a placeholder cut in half).
+        keep = self._guard.holdback(Stage.OUTPUT, self._held[:cut])
+        return max(cut - keep, 0)
+
+    def _window_cut(self) -> int:
         held, limit = self._held, self._settings.window_chars
         if self._settings.release == "sentence":
             last_end = 0
