@@ -26,6 +26,7 @@ from guardrail.api.routes import ROUTES, RequestIdMiddleware
 from guardrail.api.serving import Gateway, Serving
 from guardrail.backends.base import Backend
 from guardrail.backends.registry import backend_registry
+from guardrail.guard.cache import VerdictCache
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.store import GuardStore
@@ -65,6 +66,9 @@ def create_app(
         filters if filters is not None else filter_registry(),
         env,
         on_swap=lambda g: metrics.set_policy(g.policy.name, g.policy.version, g.policy.digest),
+        cache=VerdictCache(settings.verdict_cache_entries)
+        if settings.verdict_cache_entries
+        else None,
     )
     try:
         store.load()

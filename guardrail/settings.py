@@ -102,6 +102,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_messages: Annotated[
         int, _doc("Most messages accepted in one chat request."), msgspec.Meta(ge=1)
     ] = 512
+    verdict_cache_entries: Annotated[
+        int,
+        _doc(
+            "Verdicts kept per process so unchanged conversation turns are not checked "
+            "again (LRU; 0 turns the cache off)."
+        ),
+        msgspec.Meta(ge=0),
+    ] = 50_000
     filter_workers: Annotated[
         int, _doc("Threads in the shared pool that runs blocking filter work."), msgspec.Meta(ge=1)
     ] = 4

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from guardrail.exchange import Exchange, Outcome, Route
 from guardrail.guard.types import (
     Action,
+    CacheResult,
     Decision,
     FilterOutcome,
     FilterStatus,
@@ -38,6 +39,7 @@ def filter_outcome(
     *findings: Finding,
     duration_s: float = 0.002,
     status: FilterStatus = "ok",
+    cache: CacheResult = "off",
 ) -> FilterOutcome:
     return FilterOutcome(
         filter_id=filter_id,
@@ -46,6 +48,7 @@ def filter_outcome(
         duration_s=duration_s,
         status=status,
         error=None if status == "ok" else "RuntimeError",
+        cache=cache,
     )
 
 
@@ -260,6 +263,26 @@ def test_harmful_content_counts_each_category_once_per_exchange_and_stage(
     assert value(registry, harmful, stage="input", category="hate") == 1.0
     assert value(registry, harmful, stage="output", category="hate") == 1.0
     assert value(registry, harmful, stage="input", category="self_harm") is None
+
+
+def test_verdict_cache_hits_and_misses_are_counted_and_hits_take_no_filter_time(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    metrics.record(
+        exchange(
+            "allowed",
+            decision(Stage.INPUT, filter_outcome("rules", cache="hit", duration_s=0.0)),
+            decision(Stage.INPUT, filter_outcome("rules", cache="hit", duration_s=0.0)),
+            decision(Stage.INPUT, filter_outcome("rules", cache="miss")),
+            decision(Stage.OUTPUT, filter_outcome("rules")),
+        )
+    )
+    cache = "guardrail_verdict_cache_total"
+    assert value(registry, cache, filter="rules", result="hit") == 2.0
+    assert value(registry, cache, filter="rules", result="miss") == 1.0
+    durations = "guardrail_filter_duration_seconds_count"
+    assert value(registry, durations, filter="rules", stage="input") == 1.0
+    assert value(registry, durations, filter="rules", stage="output") == 1.0
 
 
 def test_every_finding_score_is_observed_by_filter_stage_and_category(
@@ -503,6 +526,13 @@ def _record_every_kind(metrics: GatewayMetrics) -> None:
     metrics.record(exchange("allowed", decision(Stage.INPUT, filter_outcome("rules"))))
     metrics.record(
         exchange(
+            "allowed",
+            decision(Stage.INPUT, filter_outcome("rules", cache="hit")),
+            decision(Stage.INPUT, filter_outcome("rules", cache="miss")),
+        )
+    )
+    metrics.record(
+        exchange(
             "flagged",
             decision(Stage.INPUT, rules_flag),
             decision(Stage.OUTPUT, filter_outcome("tox")),
@@ -553,7 +583,7 @@ def test_exposition_is_the_text_format_with_its_content_type(metrics: GatewayMet
     body, content_type = metrics.exposition()
 
     assert content_type.startswith("text/plain")
-    assert b'guardrail_requests_total{outcome="allowed",route="chat"} 1.0' in body
+    assert b'guardrail_requests_total{outcome="allowed",route="chat"} 2.0' in body
 
 
 def test_every_metric_has_help_text_and_samples_after_every_kind_of_exchange(
@@ -562,7 +592,7 @@ def test_every_metric_has_help_text_and_samples_after_every_kind_of_exchange(
     _record_every_kind(metrics)
 
     families = [f for f in registry.collect() if f.name.startswith("guardrail_")]
-    assert len(families) == 19
+    assert len(families) == 20
     for family in families:
         assert family.documentation, family.name
         assert family.samples, family.name

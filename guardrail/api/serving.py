@@ -304,19 +304,14 @@ class Serving:
             ctx = FilterContext(
                 request_id, stage=Stage.INPUT, route=kind, model=body.model, messages=messages
             )
-            indexed = [(i, t) for i, t in enumerate(texts) if t]
-            decided = await asyncio.gather(
-                *(guard.check(Stage.INPUT, t, ctx.at(Stage.INPUT, i)) for i, t in indexed)
-            )
-            input_decisions: list[tuple[int | None, Decision]] = [
-                (i, d) for (i, _), d in zip(indexed, decided, strict=True)
-            ]
-            exchange.decisions.extend(decided)
-            if any(d.blocked for d in decided):
+            input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
+            exchange.decisions.extend(d for _, d in input_decisions)
+            if any(d.blocked for _, d in input_decisions):
                 raise self._input_blocked(exchange, guard, input_decisions)
             rewritten = list(texts)
-            for (i, _), d in zip(indexed, decided, strict=True):
-                rewritten[i] = d.text
+            for i, d in input_decisions:
+                if i is not None:
+                    rewritten[i] = d.text
             call = _Call(
                 kind=kind,
                 exchange=exchange,

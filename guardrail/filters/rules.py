@@ -94,6 +94,9 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
 class RulesFilter:
     """Runs keyword and regex rules. Cheap enough to run on the event loop."""
 
+    # The verdict depends on the text alone, so the verdict cache may reuse it.
+    cache_scope = "text"
+
     def __init__(self, name: str, config: RulesConfig, env: BuildContext) -> None:
         self.name = name
         self.stages = frozenset(Stage)

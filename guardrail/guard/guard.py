@@ -3,6 +3,11 @@
 Like structlog's processor chain, the whole pipeline is one loop over small parts:
 pick the filters for the stage, run each under its time limit, turn a failure into
 the policy's ``on_error`` verdict (fail closed by default), and combine.
+
+For a conversation (:meth:`Guard.check_messages`), each message is checked by the
+message-level filters, through the verdict cache where a filter allows it (see
+:mod:`guardrail.guard.cache`), and filters that declare ``scope = "conversation"``
+see the whole conversation once.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from guardrail.guard.filter import BuildContext, Filter, FilterSpec, HoldsBack
+from guardrail.chat import Message
+from guardrail.guard.cache import VerdictCache, cache_scope, prefix_digests, text_digest
+from guardrail.guard.filter import BuildContext, Filter, FilterSpec, HoldsBack, Stateful
 from guardrail.guard.types import (
     Action,
     Decision,
@@ -30,24 +37,52 @@ from guardrail.policy.model import FilterConfig, Policy
 
 # Category of the finding a failed filter leaves behind; dashboards count it like any other.
 FILTER_ERROR_CATEGORY = "filter_error"
+# How a conversation-level filter sees the conversation: the message texts in order.
+CONVERSATION_SEPARATOR = "\n\n"
+
+Bound = tuple[FilterConfig, Filter]
+
+
+def is_conversation_filter(filt: object) -> bool:
+    """Whether a filter judges the whole conversation (``scope = "conversation"``)."""
+    return getattr(filt, "scope", "message") == "conversation"
 
 
 class Guard:
     """Runs one policy. Immutable: a reload builds a new Guard and swaps it in whole."""
 
-    def __init__(self, policy: Policy, filters: Sequence[tuple[FilterConfig, Filter]]) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        filters: Sequence[Bound],
+        cache: VerdictCache | None = None,
+    ) -> None:
         self.policy = policy
-        self._by_stage: dict[Stage, tuple[tuple[FilterConfig, Filter], ...]] = {
+        self.cache = cache
+        self._by_stage: dict[Stage, tuple[Bound, ...]] = {
             stage: tuple((c, f) for c, f in filters if stage in c.stages) for stage in Stage
         }
+        self._per_message = {
+            s: tuple(b for b in bound if not is_conversation_filter(b[1]))
+            for s, bound in self._by_stage.items()
+        }
+        self._conversation = {
+            s: tuple(b for b in bound if is_conversation_filter(b[1]))
+            for s, bound in self._by_stage.items()
+        }
+        self._cache_id = f"{policy.name}\x00{policy.version}\x00{policy.digest}"
 
     @classmethod
     def build(
-        cls, policy: Policy, registry: PluginRegistry[FilterSpec], env: BuildContext
+        cls,
+        policy: Policy,
+        registry: PluginRegistry[FilterSpec],
+        env: BuildContext,
+        cache: VerdictCache | None = None,
     ) -> Guard:
         """Instantiate every filter of ``policy`` (may load models: call off the event loop)."""
         built = [(c, registry.get(c.type).build(c.id, c.config, env)) for c in policy.filters]
-        return cls(policy, built)
+        return cls(policy, built, cache)
 
     def filters_at(self, stage: Stage) -> list[str]:
         return [c.id for c, _ in self._by_stage[stage]]
@@ -60,14 +95,96 @@ class Guard:
         )
 
     async def check(self, stage: Stage, text: str, ctx: FilterContext) -> Decision:
-        """Decide on ``text`` at ``stage``. Never raises for a filter's failure."""
-        filters = self._by_stage[stage]
+        """Decide on one ``text`` at ``stage`` with every filter. Never raises for a
+        filter's failure."""
         ctx = ctx if ctx.stage is stage else ctx.at(stage, ctx.message_index)
+        return await self._decide(stage, text, ctx, self._by_stage[stage])
+
+    async def check_messages(
+        self, stage: Stage, messages: Sequence[Message], ctx: FilterContext
+    ) -> list[tuple[int | None, Decision]]:
+        """Decide on a conversation: one decision per non-empty message (index), plus
+        one for the conversation-level filters (index ``None``), if the policy has any.
+
+        Message-level verdicts come from the verdict cache where a filter allows it.
+        """
+        per_message = self._per_message[stage]
+        prefixes: list[bytes] | None = None
+        if self.cache is not None and any(cache_scope(f) == "prefix" for _, f in per_message):
+            prefixes = prefix_digests(messages)
+        jobs = []
+        indices: list[int | None] = []
+        for i, message in enumerate(messages):
+            if message.content and per_message:
+                prefix = prefixes[i] if prefixes is not None else b""
+                jobs.append(
+                    self._decide(
+                        stage, message.content, ctx.at(stage, i), per_message, prefix=prefix
+                    )
+                )
+                indices.append(i)
+        conversation = self._conversation[stage]
+        if conversation:
+            text = CONVERSATION_SEPARATOR.join(m.content for m in messages)
+            jobs.append(self._decide_conversation(stage, text, ctx.at(stage, None), conversation))
+            indices.append(None)
+        decisions = await asyncio.gather(*jobs)
+        return list(zip(indices, decisions, strict=True))
+
+    async def _decide(
+        self,
+        stage: Stage,
+        text: str,
+        ctx: FilterContext,
+        filters: Sequence[Bound],
+        *,
+        prefix: bytes | None = None,
+    ) -> Decision:
+        # prefix is None: a standalone text, never cached (moderation, output, eval).
+        use_cache = self.cache is not None and prefix is not None
+        digest = text_digest(text) if use_cache else b""
+
+        async def one(bound: Bound) -> FilterOutcome:
+            config, filt = bound
+            scope = cache_scope(filt)
+            if use_cache and scope != "none":
+                scoped = (prefix or b"") if scope == "prefix" else b""
+                key = (self._cache_id, config.id, stage.value, digest, scoped)
+                return await self._cached(key, config, filt, text, ctx)
+            return await _run(config, filt, text, ctx)
+
         if len(filters) == 1:
-            outcomes: Sequence[FilterOutcome] = [await _run(*filters[0], text, ctx)]
+            outcomes: Sequence[FilterOutcome] = [await one(filters[0])]
         else:
-            outcomes = await asyncio.gather(*(_run(c, f, text, ctx) for c, f in filters))
+            outcomes = await asyncio.gather(*(one(b) for b in filters))
         return self._combine(stage, text, outcomes)
+
+    async def _cached(
+        self,
+        key: tuple[str, str, str, bytes, bytes],
+        config: FilterConfig,
+        filt: Filter,
+        text: str,
+        ctx: FilterContext,
+    ) -> FilterOutcome:
+        assert self.cache is not None
+        verdict = self.cache.get(key)
+        if verdict is not None and _remembered(filt, text, verdict, ctx):
+            return FilterOutcome(config.id, config.type, verdict, 0.0, "ok", cache="hit")
+        outcome = await _run(config, filt, text, ctx)
+        if outcome.status == "ok":
+            self.cache.put(key, outcome.verdict)
+        return replace(outcome, cache="miss")
+
+    async def _decide_conversation(
+        self, stage: Stage, text: str, ctx: FilterContext, filters: Sequence[Bound]
+    ) -> Decision:
+        """Conversation-level filters block or flag; a redaction of the joined text
+        cannot be mapped back onto the messages, so it counts as a flag."""
+        decision = await self._decide(stage, text, ctx, filters)
+        if decision.action is Action.REDACT:
+            return replace(decision, action=Action.FLAG, text=text, redactions=())
+        return decision
 
     def _combine(self, stage: Stage, text: str, outcomes: Sequence[FilterOutcome]) -> Decision:
         findings = tuple(f for o in outcomes for f in o.verdict.findings)
@@ -85,6 +202,21 @@ class Guard:
             policy_version=self.policy.version,
             redactions=redactions,
         )
+
+
+def _remembered(filt: Filter, text: str, verdict: Verdict, ctx: FilterContext) -> bool:
+    """Let a stateful filter rebuild its request state from a cached verdict.
+
+    If it cannot, the cached verdict is not used and the filter runs: the cache may
+    save work, never change an answer.
+    """
+    if not isinstance(filt, Stateful):
+        return True
+    try:
+        filt.remember(text, verdict, ctx)
+    except Exception:
+        return False
+    return True
 
 
 async def _run(config: FilterConfig, filt: Filter, text: str, ctx: FilterContext) -> FilterOutcome:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guardrail.errors import GuardrailError
+from guardrail.guard.cache import VerdictCache
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.guard import Guard
 from guardrail.plugins import PluginRegistry
@@ -30,7 +31,11 @@ class ReloadResult:
 
 
 class GuardStore:
-    """Holds the current :class:`Guard`; ``on_swap`` is told about each new one."""
+    """Holds the current :class:`Guard`; ``on_swap`` is told about each new one.
+
+    The verdict cache is shared by successive guards and cleared on every swap (its
+    keys also carry the policy version and digest, so no verdict outlives its policy).
+    """
 
     def __init__(
         self,
@@ -38,11 +43,13 @@ class GuardStore:
         registry: PluginRegistry[FilterSpec],
         env: BuildContext,
         on_swap: Callable[[Guard], None] | None = None,
+        cache: VerdictCache | None = None,
     ) -> None:
         self.path = Path(path)
         self._registry = registry
         self._env = env
         self._on_swap = on_swap
+        self.cache = cache
         self._guard: Guard | None = None
         self._lock = asyncio.Lock()
 
@@ -59,7 +66,7 @@ class GuardStore:
     def build(self) -> Guard:
         """Load and build the policy file; raises PolicyError (or RegistryError) on problems."""
         policy = load_policy(self.path, self._registry)
-        return Guard.build(policy, self._registry, self._env)
+        return Guard.build(policy, self._registry, self._env, self.cache)
 
     def load(self) -> Guard:
         """First load, at startup: errors propagate and stop the gateway."""
@@ -86,5 +93,7 @@ class GuardStore:
 
     def _swap(self, guard: Guard) -> None:
         self._guard = guard
+        if self.cache is not None:
+            self.cache.clear()
         if self._on_swap is not None:
             self._on_swap(guard)

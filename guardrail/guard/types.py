@@ -159,6 +159,9 @@ class FilterContext:
 
 
 FilterStatus = Literal["ok", "error", "timeout"]
+# Whether the verdict came from the verdict cache: "off" when the filter or stage is
+# not cached, "hit" when reused, "miss" when computed (and stored if it succeeded).
+CacheResult = Literal["off", "hit", "miss"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,7 @@ class FilterOutcome:
     duration_s: float
     status: FilterStatus = "ok"
     error: str | None = None
+    cache: CacheResult = "off"
 
 
 @dataclass(frozen=True, slots=True)

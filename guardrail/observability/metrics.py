@@ -39,6 +39,7 @@ filter_errors_total                             counter    filter, stage, kind
 filter_duration_seconds                         histogram  filter, stage
 harmful_content_total                           counter    stage, category
 finding_score                                   histogram  filter, stage, category
+verdict_cache_total                             counter    filter, result
 backend_duration_seconds                        histogram  backend, stream
 backend_errors_total                            counter    backend, code
 time_to_first_token_seconds                     histogram  backend
@@ -209,6 +210,11 @@ class GatewayMetrics:
             "Exchanges with a finding whose action is not allow, by stage and policy category.",
             ("stage", "category"),
         )
+        self.verdict_cache = counter(
+            "verdict_cache_total",
+            "Verdict cache lookups by filter and result (hit: reused, miss: checked).",
+            ("filter", "result"),
+        )
         self.finding_score = histogram(
             "finding_score",
             "Scores of findings (for example toxicity per category), by filter, stage, category.",
@@ -341,7 +347,12 @@ class GatewayMetrics:
             self.filter_verdicts.labels(
                 filter=filter_id, stage=stage, action=outcome.verdict.action.value
             ).inc()
-            self.filter_duration.labels(filter=filter_id, stage=stage).observe(outcome.duration_s)
+            if outcome.cache != "off":
+                self.verdict_cache.labels(filter=filter_id, result=outcome.cache).inc()
+            if outcome.cache != "hit":  # a reused verdict took no filter time
+                self.filter_duration.labels(filter=filter_id, stage=stage).observe(
+                    outcome.duration_s
+                )
             if outcome.status != "ok":
                 self.filter_errors.labels(filter=filter_id, stage=stage, kind=outcome.status).inc()
         for finding in decision.findings:

@@ -1,0 +1,100 @@
+"""The verdict cache: judge each piece of a conversation once.
+
+Chat clients resend the whole conversation every turn. The cache keeps, per process,
+each filter's verdict on each input message, keyed by
+
+    (policy name, version and digest, filter id, stage, sha256 of the message text
+     [, sha256 of the conversation before the message])
+
+so unchanged system prompts and earlier turns reuse their verdicts and only new or
+changed messages are checked. What it stores is the verdict alone: categories,
+scores, rule ids, spans and replacement strings. Never the text, and never an
+original value behind a reversible redaction (filters rebuild those from the text
+of the current request through :class:`~guardrail.guard.filter.Stateful`).
+
+The text is hashed exactly as sent. Any looser normalisation (case, whitespace)
+could give a text the verdict of a different text, with spans that do not fit it;
+an exact key can never weaken a verdict.
+
+A filter opts in with ``cache_scope``:
+
+- ``"text"``: its verdict depends on the text alone (rules, toxicity);
+- ``"prefix"``: also on the conversation before the message (placeholder numbering);
+- ``"none"`` (the default, also for third-party filters that do not say): never cached.
+
+Filters with ``scope = "conversation"`` judge the whole conversation once per request
+and are never cached. Failed checks (errors, timeouts) are never cached either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Literal
+
+from guardrail.chat import Message
+from guardrail.guard.types import Verdict
+
+CacheScope = Literal["text", "prefix", "none"]
+CacheKey = tuple[str, str, str, bytes, bytes]
+
+
+def cache_scope(filt: object) -> CacheScope:
+    """A filter's declared cache scope; undeclared means never cached."""
+    scope = getattr(filt, "cache_scope", "none")
+    if scope == "text":
+        return "text"
+    if scope == "prefix":
+        return "prefix"
+    return "none"
+
+
+def text_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+def prefix_digests(messages: Sequence[Message]) -> list[bytes]:
+    """``result[i]`` identifies ``messages[:i]`` (roles and texts), computed in one pass."""
+    running = hashlib.sha256()
+    out = [running.digest()]
+    for message in messages:
+        for part in (message.role, message.content):
+            data = part.encode("utf-8", "surrogatepass")
+            running.update(len(data).to_bytes(8, "big"))
+            running.update(data)
+        out.append(running.copy().digest())
+    return out[: len(messages)]
+
+
+class VerdictCache:
+    """A bounded LRU map of verdicts, for the event loop's thread only."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        if max_entries < 0:
+            raise ValueError("max_entries must be >= 0")
+        self.max_entries = max_entries
+        self._items: OrderedDict[CacheKey, Verdict] = OrderedDict()
+
+    def get(self, key: CacheKey) -> Verdict | None:
+        verdict = self._items.get(key)
+        if verdict is not None:
+            self._items.move_to_end(key)
+        return verdict
+
+    def put(self, key: CacheKey, verdict: Verdict) -> None:
+        if self.max_entries == 0:
+            return
+        self._items[key] = verdict
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __bool__(self) -> bool:  # an empty cache is still a cache: `cache or default` must not
+        return True

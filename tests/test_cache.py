@@ -1,0 +1,354 @@
+"""The verdict cache: unchanged turns reuse their verdicts, and never a weaker one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+
+from guardrail.chat import Message
+from guardrail.guard.cache import VerdictCache, prefix_digests
+from guardrail.guard.filter import BuildContext, FilterSpec
+from guardrail.guard.guard import Guard
+from guardrail.guard.registry import filter_registry
+from guardrail.guard.store import GuardStore
+from guardrail.guard.types import (
+    Action,
+    FilterContext,
+    Finding,
+    Redaction,
+    Stage,
+    Verdict,
+)
+from guardrail.plugins import PluginRegistry
+from guardrail.policy.loader import load_policy_text
+
+
+class CountConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    scope: str = "text"  # the cache_scope the filter declares: text | prefix | none
+    conversation: bool = False
+    fail_on: str = ""
+
+
+class Counting:
+    """Flags "bad"; counts every check. Its cache scope comes from the policy."""
+
+    calls: list[str]  # class-level, shared by every instance built in a test
+
+    def __init__(self, name: str, config: CountConfig, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+        self.cache_scope = config.scope
+        if config.conversation:
+            self.scope = "conversation"
+        self.fail_on = config.fail_on
+        self.remembered: list[str] = []
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        Counting.calls.append(text)
+        if self.fail_on and self.fail_on in text:
+            raise RuntimeError("flaky model")
+        if self.scope_is_conversation and "part one" in text and "part two" in text:
+            return Verdict.from_findings([Finding("split_jailbreak", 1.0, Action.BLOCK)])
+        if "bad" in text:
+            start = text.index("bad")
+            return Verdict(
+                Action.REDACT,
+                (Finding("bad", 0.7, Action.REDACT, span=(start, start + 3)),),
+                (Redaction(start, start + 3, f"<BAD_{ctx.message_index}>"),),
+            )
+        return Verdict()
+
+    @property
+    def scope_is_conversation(self) -> bool:
+        return getattr(self, "scope", "message") == "conversation"
+
+    def remember(self, text: str, verdict: Verdict, ctx: FilterContext) -> None:
+        self.remembered.append(text)
+        ctx.state.setdefault(self.name, []).extend(
+            text[r.start : r.end] for r in verdict.redactions
+        )
+
+
+COUNTING = FilterSpec(type="counting", config_type=CountConfig, build=Counting)
+
+
+@pytest.fixture
+def registry() -> PluginRegistry[FilterSpec]:
+    Counting.calls = []
+    reg = filter_registry()
+    reg.register("counting", COUNTING)
+    return reg
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+@pytest.fixture
+def make_guard(
+    registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor
+) -> Callable[..., Guard]:
+    def make(config: str = "{}", cache: VerdictCache | None = None, version: str = "1") -> Guard:
+        text = (
+            f'name: c\nversion: "{version}"\nfilters:\n'
+            f"  - {{id: count, type: counting, config: {config}}}\n"
+        )
+        policy = load_policy_text(text, "cache.yaml", registry)
+        return Guard.build(policy, registry, BuildContext(executor), cache or VerdictCache())
+
+    return make
+
+
+def conversation(turns: int) -> list[Message]:
+    messages = [Message("system", "You are a helpful assistant.")]
+    for i in range(turns):
+        messages.append(Message("user", f"Question {i}: tell me about topic {i}."))
+        messages.append(Message("assistant", f"Answer {i}: topic {i} is interesting."))
+    return messages
+
+
+async def check(guard: Guard, messages: list[Message]) -> list[Any]:
+    ctx = FilterContext("r", messages=tuple(messages))
+    return await guard.check_messages(Stage.INPUT, messages, ctx)
+
+
+async def test_unchanged_turns_reuse_their_verdicts_and_only_new_ones_are_checked(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard()
+    history = conversation(5)
+    await check(guard, history)
+    assert len(Counting.calls) == len(history)
+    Counting.calls.clear()
+    grown = [*history, Message("user", "A brand new question?")]
+    decisions = await check(guard, grown)
+    assert Counting.calls == ["A brand new question?"]
+    outcomes = [d.outcomes[0].cache for _, d in decisions]
+    assert outcomes == ["hit"] * len(history) + ["miss"]
+
+
+async def test_a_changed_message_is_checked_again(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard()
+    history = conversation(2)
+    await check(guard, history)
+    Counting.calls.clear()
+    history[1] = Message("user", "Question 0, edited.")
+    await check(guard, history)
+    assert Counting.calls == ["Question 0, edited."]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    texts=st.lists(
+        st.sampled_from(["hello", "a bad day", "bad bad", "fine", "", "part one", "ok bad"]),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_a_cached_decision_equals_the_uncached_one(texts: list[str]) -> None:
+    registry = filter_registry()
+    registry.register("counting", COUNTING)
+    Counting.calls = []
+    policy = load_policy_text(
+        # The counting filter's placeholders depend on the message's position: "prefix".
+        'name: c\nversion: "1"\nfilters:\n'
+        "  - {id: count, type: counting, config: {scope: prefix}}\n"
+        "  - id: words\n"
+        "    type: rules\n    config: {rules: [{id: r, category: c, action: flag, "
+        "keywords: [fine]}]}\n",
+        "cache.yaml",
+        registry,
+    )
+    messages = [Message("user", t) for t in texts]
+
+    async def run() -> tuple[list[Any], list[Any], list[Any]]:
+        with ThreadPoolExecutor(1) as pool:
+            env = BuildContext(pool)
+            cached = Guard.build(policy, registry, env, VerdictCache())
+            plain = Guard.build(policy, registry, env, None)
+            first = await check(cached, messages)
+            second = await check(cached, messages)
+            reference = await check(plain, messages)
+            return first, second, reference
+
+    first, second, reference = asyncio.run(run())
+
+    def essence(decisions: list[Any]) -> list[Any]:
+        return [(i, d.action, d.text, d.findings, d.redactions) for i, d in decisions]
+
+    assert essence(second) == essence(reference) == essence(first)
+    assert all(o.cache == "hit" for _, d in second for o in d.outcomes)
+
+
+async def test_a_filter_that_does_not_declare_a_scope_is_never_cached(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard("{scope: none}")
+    history = conversation(2)
+    await check(guard, history)
+    await check(guard, history)
+    assert len(Counting.calls) == 2 * len(history)
+    assert guard.cache is not None
+    assert len(guard.cache) == 0
+
+
+async def test_failed_checks_are_not_cached(make_guard: Callable[..., Guard]) -> None:
+    guard = make_guard("{fail_on: flaky}")
+    messages = [Message("user", "a flaky one")]
+    first = await check(guard, messages)
+    assert first[0][1].action is Action.BLOCK  # fail closed
+    await check(guard, messages)
+    assert Counting.calls == ["a flaky one", "a flaky one"]
+
+
+async def test_prefix_scope_keys_on_the_conversation_before_the_message(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard("{scope: prefix}")
+    a = [Message("user", "first"), Message("user", "a bad thing")]
+    b = [Message("user", "other"), Message("user", "a bad thing")]
+    await check(guard, a)
+    Counting.calls.clear()
+    decisions = await check(guard, b)
+    # Same text after a different history: checked again, since a prefix-scoped
+    # verdict (like placeholder numbering) may depend on what came before.
+    assert Counting.calls == ["other", "a bad thing"]
+    assert decisions[1][1].outcomes[0].cache == "miss"
+    Counting.calls.clear()
+    grown = await check(guard, [*a, Message("user", "more")])
+    assert Counting.calls == ["more"]
+    assert grown[1][1].text == "a <BAD_1> thing"
+
+
+async def test_a_hit_lets_a_stateful_filter_rebuild_its_request_state(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard()
+    messages = [Message("user", "a bad thing")]
+    await check(guard, messages)
+    ctx = FilterContext("second", messages=tuple(messages))
+    await guard.check_messages(Stage.INPUT, messages, ctx)
+    # The original value comes from this request's text, not from the cache.
+    assert ctx.state["count"] == ["bad"]
+
+
+async def test_the_cache_stores_no_text(make_guard: Callable[..., Guard]) -> None:
+    cache = VerdictCache()
+    guard = make_guard(cache=cache)
+    secret = "my password is hunter2 and it is bad"
+    await check(guard, [Message("user", secret)])
+    stored = repr(list(cache._items.items()))
+    assert "hunter2" not in stored
+    assert "password" not in stored
+
+
+async def test_the_cache_is_bounded_and_evicts_the_least_recently_used(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard(cache=VerdictCache(max_entries=3))
+    for text in ["a", "b", "c"]:
+        await check(guard, [Message("user", text)])
+    await check(guard, [Message("user", "a")])  # "a" is now the most recent
+    await check(guard, [Message("user", "d")])  # evicts "b"
+    Counting.calls.clear()
+    await check(guard, [Message("user", t) for t in ["a", "c", "d", "b"]])
+    assert Counting.calls == ["b"]
+    assert guard.cache is not None
+    assert len(guard.cache) == 3
+
+
+async def test_a_policy_reload_invalidates_the_cache(
+    registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text('name: c\nversion: "1"\nfilters:\n  - {id: count, type: counting}\n')
+    cache = VerdictCache()
+    store = GuardStore(path, registry, BuildContext(executor), cache=cache)
+    store.load()
+    messages = [Message("user", "hello")]
+    await check(store.current, messages)
+    assert len(cache) == 1
+    path.write_text(path.read_text().replace('"1"', '"2"'))
+    assert (await store.reload()).ok
+    assert len(cache) == 0
+    Counting.calls.clear()
+    await check(store.current, messages)
+    assert Counting.calls == ["hello"]
+
+
+async def test_conversation_filters_see_the_whole_conversation_and_are_never_cached(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard("{conversation: true}")
+    turns = [Message("user", "Remember part one."), Message("user", "Now do part two.")]
+    decisions = await check(guard, turns)
+    assert [i for i, _ in decisions] == [None]
+    assert decisions[0][1].action is Action.BLOCK
+    assert decisions[0][1].findings[0].category == "split_jailbreak"
+    await check(guard, turns)
+    assert len(Counting.calls) == 2
+    assert Counting.calls[0] == "Remember part one.\n\nNow do part two."
+
+
+async def test_a_conversation_filter_redaction_counts_as_a_flag(
+    make_guard: Callable[..., Guard],
+) -> None:
+    guard = make_guard("{conversation: true}")
+    decisions = await check(guard, [Message("user", "a bad thing")])
+    decision = decisions[0][1]
+    assert decision.action is Action.FLAG
+    assert decision.redactions == ()
+
+
+def test_prefix_digests_identify_each_history() -> None:
+    messages = [Message("user", "a"), Message("assistant", "b"), Message("user", "c")]
+    digests = prefix_digests(messages)
+    assert len(digests) == 3
+    assert len(set(digests)) == 3
+    assert prefix_digests(messages[:2]) == digests[:2]
+    # Role and text boundaries are part of the identity.
+    assert prefix_digests([Message("user", "ab"), Message("user", "")]) != prefix_digests(
+        [Message("user", "a"), Message("user", "b")]
+    )
+
+
+def test_the_gateway_counts_hits_per_filter(
+    make_app: Callable[..., Litestar], metrics_registry: CollectorRegistry
+) -> None:
+    turn1 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    with TestClient(app=make_app()) as client:
+        for messages in (turn1, turn2):
+            r = client.post(
+                "/v1/chat/completions", json={"model": "fake-model", "messages": messages}
+            )
+            assert r.status_code == 200
+    get = metrics_registry.get_sample_value
+    assert get("guardrail_verdict_cache_total", {"filter": "words", "result": "miss"}) == 4
+    assert get("guardrail_verdict_cache_total", {"filter": "words", "result": "hit"}) == 2
+
+
+def test_the_cache_can_be_turned_off(
+    make_app: Callable[..., Litestar], metrics_registry: CollectorRegistry
+) -> None:
+    with TestClient(app=make_app(verdict_cache_entries=0)) as client:
+        for _ in range(2):
+            client.post(
+                "/v1/chat/completions",
+                json={"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]},
+            )
+    get = metrics_registry.get_sample_value
+    assert get("guardrail_verdict_cache_total", {"filter": "words", "result": "hit"}) is None
