@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from guardrail.chat import Message
-from guardrail.guard.cache import VerdictCache, cache_scope, prefix_digests, text_digest
+from guardrail.guard.cache import (
+    CacheKey,
+    VerdictCache,
+    cache_scope,
+    prefix_digests,
+    text_digest,
+)
 from guardrail.guard.filter import BuildContext, Filter, FilterSpec, HoldsBack, Stateful
 from guardrail.guard.types import (
     Action,
@@ -71,6 +77,9 @@ class Guard:
             for s, bound in self._by_stage.items()
         }
         self._cache_id = f"{policy.name}\x00{policy.version}\x00{policy.digest}"
+        # Decided once here: protocol checks are too slow for the per-message path.
+        self._scope = {c.id: cache_scope(f) for c, f in filters}
+        self._stateful = {c.id: f for c, f in filters if isinstance(f, Stateful)}
 
     @classmethod
     def build(
@@ -106,30 +115,76 @@ class Guard:
         """Decide on a conversation: one decision per non-empty message (index), plus
         one for the conversation-level filters (index ``None``), if the policy has any.
 
-        Message-level verdicts come from the verdict cache where a filter allows it.
+        Message-level verdicts come from the verdict cache where a filter allows it; a
+        message whose every verdict is cached is decided without starting a task.
         """
         per_message = self._per_message[stage]
         prefixes: list[bytes] | None = None
-        if self.cache is not None and any(cache_scope(f) == "prefix" for _, f in per_message):
+        if self.cache is not None and any(self._scope[c.id] == "prefix" for c, _ in per_message):
             prefixes = prefix_digests(messages)
+        decided: dict[int | None, Decision] = {}
         jobs = []
-        indices: list[int | None] = []
+        pending: list[int | None] = []
         for i, message in enumerate(messages):
-            if message.content and per_message:
-                prefix = prefixes[i] if prefixes is not None else b""
+            if not message.content or not per_message:
+                continue
+            message_ctx = ctx.at(stage, i)
+            prefix = prefixes[i] if prefixes is not None else b""
+            known = self._lookup(stage, message.content, message_ctx, per_message, prefix)
+            if len(known) == len(per_message):
+                decided[i] = self._combine(stage, message.content, known)
+            else:
                 jobs.append(
                     self._decide(
-                        stage, message.content, ctx.at(stage, i), per_message, prefix=prefix
+                        stage, message.content, message_ctx, per_message, prefix, known=known
                     )
                 )
-                indices.append(i)
+                pending.append(i)
         conversation = self._conversation[stage]
         if conversation:
             text = CONVERSATION_SEPARATOR.join(m.content for m in messages)
             jobs.append(self._decide_conversation(stage, text, ctx.at(stage, None), conversation))
-            indices.append(None)
-        decisions = await asyncio.gather(*jobs)
-        return list(zip(indices, decisions, strict=True))
+            pending.append(None)
+        decided.update(zip(pending, await asyncio.gather(*jobs), strict=True))
+        ordered: list[tuple[int | None, Decision]] = [
+            (i, decided[i]) for i in range(len(messages)) if i in decided
+        ]
+        if None in decided:
+            ordered.append((None, decided[None]))
+        return ordered
+
+    def _key(
+        self, config: FilterConfig, stage: Stage, digest: bytes, prefix: bytes
+    ) -> CacheKey | None:
+        scope = self._scope[config.id]
+        if scope == "none":
+            return None
+        scoped = prefix if scope == "prefix" else b""
+        return (self._cache_id, config.id, stage.value, digest, scoped)
+
+    def _lookup(
+        self,
+        stage: Stage,
+        text: str,
+        ctx: FilterContext,
+        filters: Sequence[Bound],
+        prefix: bytes,
+    ) -> list[FilterOutcome]:
+        """The cached outcomes of ``filters`` on ``text`` (hits only, in filter order)."""
+        if self.cache is None:
+            return []
+        digest = text_digest(text)
+        hits = []
+        for config, _ in filters:
+            key = self._key(config, stage, digest, prefix)
+            verdict = self.cache.get(key) if key is not None else None
+            if verdict is None:
+                continue
+            stateful = self._stateful.get(config.id)
+            if stateful is not None and not _remembered(stateful, text, verdict, ctx):
+                continue
+            hits.append(FilterOutcome(config.id, config.type, verdict, 0.0, "ok", cache="hit"))
+        return hits
 
     async def _decide(
         self,
@@ -137,44 +192,35 @@ class Guard:
         text: str,
         ctx: FilterContext,
         filters: Sequence[Bound],
-        *,
         prefix: bytes | None = None,
+        *,
+        known: Sequence[FilterOutcome] = (),
     ) -> Decision:
-        # prefix is None: a standalone text, never cached (moderation, output, eval).
-        use_cache = self.cache is not None and prefix is not None
-        digest = text_digest(text) if use_cache else b""
+        """Run ``filters`` on ``text``; those in ``known`` are already answered.
+
+        ``prefix`` is None for a standalone text (output, moderation, eval): not cached.
+        """
+        cache = self.cache if prefix is not None else None
+        digest = text_digest(text) if cache is not None else b""
+        answered = {o.filter_id: o for o in known}
 
         async def one(bound: Bound) -> FilterOutcome:
             config, filt = bound
-            scope = cache_scope(filt)
-            if use_cache and scope != "none":
-                scoped = (prefix or b"") if scope == "prefix" else b""
-                key = (self._cache_id, config.id, stage.value, digest, scoped)
-                return await self._cached(key, config, filt, text, ctx)
-            return await _run(config, filt, text, ctx)
+            if config.id in answered:
+                return answered[config.id]
+            key = self._key(config, stage, digest, prefix or b"") if cache else None
+            outcome = await _run(config, filt, text, ctx)
+            if cache is None or key is None:
+                return outcome
+            if outcome.status == "ok":
+                cache.put(key, outcome.verdict)
+            return replace(outcome, cache="miss")
 
         if len(filters) == 1:
             outcomes: Sequence[FilterOutcome] = [await one(filters[0])]
         else:
             outcomes = await asyncio.gather(*(one(b) for b in filters))
         return self._combine(stage, text, outcomes)
-
-    async def _cached(
-        self,
-        key: tuple[str, str, str, bytes, bytes],
-        config: FilterConfig,
-        filt: Filter,
-        text: str,
-        ctx: FilterContext,
-    ) -> FilterOutcome:
-        assert self.cache is not None
-        verdict = self.cache.get(key)
-        if verdict is not None and _remembered(filt, text, verdict, ctx):
-            return FilterOutcome(config.id, config.type, verdict, 0.0, "ok", cache="hit")
-        outcome = await _run(config, filt, text, ctx)
-        if outcome.status == "ok":
-            self.cache.put(key, outcome.verdict)
-        return replace(outcome, cache="miss")
 
     async def _decide_conversation(
         self, stage: Stage, text: str, ctx: FilterContext, filters: Sequence[Bound]
@@ -204,14 +250,12 @@ class Guard:
         )
 
 
-def _remembered(filt: Filter, text: str, verdict: Verdict, ctx: FilterContext) -> bool:
+def _remembered(filt: Stateful, text: str, verdict: Verdict, ctx: FilterContext) -> bool:
     """Let a stateful filter rebuild its request state from a cached verdict.
 
     If it cannot, the cached verdict is not used and the filter runs: the cache may
     save work, never change an answer.
     """
-    if not isinstance(filt, Stateful):
-        return True
     try:
         filt.remember(text, verdict, ctx)
     except Exception:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from guardrail.chat import Message
@@ -155,7 +155,18 @@ class FilterContext:
 
     def at(self, stage: Stage, message_index: int | None = None) -> FilterContext:
         """The same request context for another stage or message (``state`` is shared)."""
-        return replace(self, stage=stage, message_index=message_index)
+        # Spelled out rather than dataclasses.replace: this runs once per message.
+        return FilterContext(
+            request_id=self.request_id,
+            stage=stage,
+            tenant=self.tenant,
+            route=self.route,
+            model=self.model,
+            messages=self.messages,
+            message_index=message_index,
+            context_documents=self.context_documents,
+            state=self.state,
+        )
 
 
 FilterStatus = Literal["ok", "error", "timeout"]
