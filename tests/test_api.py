@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -439,3 +440,27 @@ def test_admin_reload_swaps_policy_and_a_bad_file_keeps_the_old_one(
         ]
         == "8"
     )
+
+
+def test_a_backend_that_failed_to_load_answers_503_and_counts_as_backend_error(
+    test_policy: Path, metrics_registry: CollectorRegistry
+) -> None:
+    from guardrail.app import create_app
+    from guardrail.settings import Settings
+
+    # A remote backend without URLs cannot be built: the gateway still starts and says why.
+    settings = Settings(policy=str(test_policy), backend="remote", backend_urls=[])
+    with TestClient(app=create_app(settings, metrics_registry=metrics_registry)) as c:
+        for _ in range(100):
+            if c.app.state.gateway.backend_error:
+                break
+            time.sleep(0.02)
+        r = c.post("/v1/chat/completions", json=chat("hi"))
+        assert r.status_code == 503
+        error = assert_openai_error(r.json())
+        assert error["code"] == "backend_unavailable"
+        assert "failed to load" in error["message"]
+        ready = c.get("/readyz")
+        assert ready.status_code == 503
+    outcome = {"route": "chat", "outcome": "backend_error"}
+    assert metrics_registry.get_sample_value("guardrail_requests_total", outcome) == 1

@@ -331,11 +331,12 @@ class Serving:
             exchange.finish("backend_error", e.status, e.code)
             raise from_backend_error(e) from e
         except APIError as e:
-            exchange.finish(
-                "blocked_input" if e.code == "content_filter" else "invalid_request",
-                e.status,
-                e.code,
-            )
+            if e.code == "content_filter":
+                exchange.finish("blocked_input", e.status, e.code)
+            else:
+                # 5xx here means no usable backend (still loading, lists no models).
+                outcome = "backend_error" if e.status >= 500 else "invalid_request"
+                exchange.finish(outcome, e.status, e.code)
             raise
         except BaseException as e:
             exchange.finish(
