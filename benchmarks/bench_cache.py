@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import platform
 import statistics
@@ -100,16 +101,18 @@ def main() -> None:
     policy = load_policy(args.policy, registry)
     results: dict[str, dict[str, float]] = {}
     with ThreadPoolExecutor(4) as executor:
-        env = BuildContext(executor=executor, base_dir=Path(args.policy).resolve().parent)
+        base = BuildContext(executor=executor, base_dir=Path(args.policy).resolve().parent)
+        # Warm-up: load the models once (shared through base.resources), pay first calls.
+        asyncio.run(one_run(Guard.build(policy, registry, base, VerdictCache())))
         for mode in ("no_cache", "cache"):
+            # Without the cache, filters keep no per-text results of their own either.
+            env = dataclasses.replace(base, incremental=mode == "cache")
             runs = []
             for _ in range(args.runs):
+                # A fresh guard per run: new filter instances and an empty cache, so each
+                # run is a new conversation; only the loaded models are shared.
                 cache = VerdictCache() if mode == "cache" else None
-                guard = Guard.build(policy, registry, env, cache)
-                asyncio.run(one_run(guard))  # warm-up: models loaded, first calls paid
-                if cache is not None:
-                    cache.clear()
-                runs.append(asyncio.run(one_run(guard)))
+                runs.append(asyncio.run(one_run(Guard.build(policy, registry, env, cache))))
             turn1 = statistics.median(r[0] for r in runs)
             turn20 = statistics.median(r[-1] for r in runs)
             results[mode] = {

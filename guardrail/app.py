@@ -3,12 +3,18 @@
 Startup order: logging, metrics, the policy (a bad policy raises here and the
 gateway never starts), then the backend (given, or built in the background so
 ``/healthz`` answers while a large model loads; ``/readyz`` says when it is ready).
+
+Shutdown (SIGTERM; uvicorn first stops accepting and lets open connections finish
+within ``shutdown_timeout_s``): wait until no request holds a slot (streams included),
+await every ``gateway.on_shutdown`` callable in order (the audit log's flush), then
+close the rate limiter, the backend and the filter pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +22,16 @@ from pathlib import Path
 
 import structlog
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CollectorRegistry
 
 from guardrail import __version__
+from guardrail.api.auth import AuthMiddleware, KeyRing, Tenants, open_mode_warning
 from guardrail.api.errors import make_exception_handler
+from guardrail.api.ratelimit import RateLimiter, build_rate_limiter
 from guardrail.api.routes import ROUTES, RequestIdMiddleware
 from guardrail.api.serving import Gateway, Serving
 from guardrail.backends.base import Backend
@@ -30,6 +40,7 @@ from guardrail.guard.cache import VerdictCache
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.store import GuardStore
+from guardrail.observability.audit import audit_from_settings
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.plugins import PluginRegistry
 from guardrail.settings import Settings
@@ -49,8 +60,14 @@ def create_app(
     backend: Backend | None = None,
     metrics_registry: CollectorRegistry | None = None,
     filters: PluginRegistry[FilterSpec] | None = None,
+    rate_limiter: RateLimiter | None = None,
 ) -> Litestar:
-    """Build the gateway. ``backend``: use this one instead of building it from settings."""
+    """Build the gateway. ``backend``: use this one instead of building it from settings.
+
+    ``rate_limiter``: use this one instead of the one the settings describe.
+    """
+    ring = KeyRing.from_settings(settings)  # a key_env that is not set stops startup here
+    audit = audit_from_settings(settings)  # a bad DSN or a missing extra stops startup here
     metrics = GatewayMetrics(
         metrics_registry if metrics_registry is not None else CollectorRegistry()
     )
@@ -60,6 +77,7 @@ def create_app(
         base_dir=Path(settings.policy).resolve().parent,
         cache_dir=settings.cache_path,
         allow_downloads=settings.allow_downloads,
+        incremental=settings.verdict_cache_entries > 0,
     )
     store = GuardStore(
         settings.policy,
@@ -70,12 +88,48 @@ def create_app(
         if settings.verdict_cache_entries
         else None,
     )
+    tenants = Tenants(settings)
+    # One store per distinct tenant policy file; they share the pool and the verdict
+    # cache (whose keys carry the policy's name, version and digest).
+    stores = {
+        path: GuardStore(
+            path,
+            filters if filters is not None else filter_registry(),
+            dataclasses.replace(env, base_dir=Path(path).resolve().parent),
+            cache=store.cache,
+        )
+        for path in sorted(tenants.policies())
+    }
     try:
         store.load()
+        for other in stores.values():
+            other.load()
     except BaseException:
         executor.shutdown(wait=False)
         raise
-    gateway = Gateway(settings=settings, store=store, metrics=metrics, backend=backend)
+    gateway = Gateway(
+        settings=settings,
+        store=store,
+        metrics=metrics,
+        backend=backend,
+        tenants=tenants,
+        stores=stores,
+        limiter=rate_limiter
+        if rate_limiter is not None
+        else build_rate_limiter(settings.rate_limit_redis_url),
+        audit=audit,
+    )
+    if audit is not None:
+        # Runs after open requests finished: every exchange is in the queue by then.
+        gateway.on_shutdown.append(audit.aclose)
+        metrics.observe_audit(audit.stats)
+    if backend is not None:
+        _observe_circuits(backend, metrics)
+    warning = open_mode_warning(ring)
+    if warning:
+        log.warning("running_open", message=warning, admin_key=ring.has_admin)
+    else:
+        log.info("api_keys_loaded", **ring.describe())
     log.info(
         "policy_loaded",
         name=store.current.policy.name,
@@ -89,6 +143,8 @@ def create_app(
         if gateway.backend is None:
             loading = asyncio.create_task(_load_backend(gateway))
         loop = asyncio.get_running_loop()
+        if gateway.audit is not None:
+            await gateway.audit.start()  # a database that cannot be opened stops startup
         hup = _install_sighup(loop, gateway)
         try:
             yield
@@ -99,6 +155,13 @@ def create_app(
                 loading.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
+            await _drain(gateway)
+            for hook in gateway.on_shutdown:
+                try:
+                    await hook()
+                except Exception as e:
+                    log.error("shutdown_hook_failed", hook=_name(hook), error=type(e).__name__)
+            await gateway.limiter.aclose()
             if gateway.backend is not None:
                 await gateway.backend.aclose()
             executor.shutdown(wait=False, cancel_futures=True)
@@ -109,7 +172,23 @@ def create_app(
         exception_handlers={
             Exception: make_exception_handler(settings.max_body_bytes, gateway.on_rejected)
         },
-        middleware=[RequestIdMiddleware],
+        middleware=[
+            RequestIdMiddleware,
+            DefineMiddleware(
+                AuthMiddleware,
+                ring=ring,
+                metrics_need_admin=settings.metrics_require_admin_key,
+                on_rejected=gateway.on_rejected,
+            ),
+        ],
+        cors_config=CORSConfig(
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+            expose_headers=["x-request-id", "x-guardrail-action", "x-guardrail-policy-version"],
+        )
+        if settings.cors_origins
+        else None,
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Guardrail", version=__version__, path="/openapi"),
@@ -128,8 +207,33 @@ async def _load_backend(gateway: Gateway) -> None:
         )
         return
     gateway.backend = backend
+    _observe_circuits(backend, gateway.metrics)
     models = await gateway.served_models()
     log.info("backend_ready", backend=backend.name, models=models)
+
+
+def _observe_circuits(backend: Backend, metrics: GatewayMetrics) -> None:
+    """Backends with circuit breakers (remote) report their states as a gauge."""
+    observe = getattr(backend, "observe_circuits", None)
+    if observe is not None:
+        observe(lambda url, state: metrics.circuit_state(url, state.gauge))
+
+
+async def _drain(gateway: Gateway) -> None:
+    """Let requests that hold a slot (open streams) finish, within shutdown_timeout_s."""
+    slots = gateway.slots
+    if slots is None or not slots.active:
+        return
+    log.info("shutdown_draining", active=slots.active)
+    try:
+        async with asyncio.timeout(gateway.settings.shutdown_timeout_s):
+            await slots.drained()
+    except TimeoutError:
+        log.warning("shutdown_drain_timeout", still_active=slots.active)
+
+
+def _name(hook: object) -> str:
+    return str(getattr(hook, "__qualname__", type(hook).__name__))
 
 
 def _install_sighup(loop: asyncio.AbstractEventLoop, gateway: Gateway) -> bool:

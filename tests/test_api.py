@@ -7,12 +7,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
 from guardrail.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
+from guardrail.guard.types import Action, Finding, Stage, Verdict
 from tests.fakes.backend import FakeBackend
 from tests.sse import content, frames
 
@@ -464,3 +466,75 @@ def test_a_backend_that_failed_to_load_answers_503_and_counts_as_backend_error(
         assert ready.status_code == 503
     outcome = {"route": "chat", "outcome": "backend_error"}
     assert metrics_registry.get_sample_value("guardrail_requests_total", outcome) == 1
+
+
+class _ScoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class _Scorer:
+    """Reports a score below its threshold (an allow finding) and one that acts."""
+
+    def __init__(self, name: str, config: _ScoreConfig, env: Any) -> None:
+        self.name, self.stages = name, frozenset(Stage)
+
+    async def check(self, text: str, ctx: Any) -> Verdict:
+        return Verdict.from_findings(
+            [Finding("insult", 0.2, Action.ALLOW), Finding("threat", 0.9, Action.FLAG)]
+        )
+
+
+def test_scores_below_threshold_reach_moderation_but_not_chat_findings(
+    write_policy: Callable[..., Path], backend: FakeBackend
+) -> None:
+    from guardrail.app import create_app
+    from guardrail.guard.filter import FilterSpec
+    from guardrail.guard.registry import filter_registry
+    from guardrail.settings import Settings
+
+    registry = filter_registry()
+    registry.register("scorer", FilterSpec(type="scorer", config_type=_ScoreConfig, build=_Scorer))
+    policy = write_policy('name: s\nversion: "1"\nfilters:\n  - {id: s, type: scorer}\n')
+    app = create_app(Settings(policy=str(policy)), backend=backend, filters=registry)
+    with TestClient(app=app) as c:
+        result = c.post("/v1/moderations", json={"input": "x"}).json()["results"][0]
+        assert result["categories"] == {"insult": False, "threat": True}
+        assert result["category_scores"] == {"insult": 0.2, "threat": 0.9}
+        assert len(result["findings"]) == 2
+        chat_body = c.post("/v1/chat/completions", json=chat("x")).json()
+        assert [f["category"] for f in chat_body["guardrail"]["findings"]] == [
+            "threat",
+            "threat",
+        ]
+
+
+def test_a_bad_audit_database_address_stops_startup(test_policy: Path) -> None:
+    from guardrail.app import create_app
+    from guardrail.errors import ConfigError
+    from guardrail.settings import Settings
+
+    with pytest.raises(ConfigError, match="mysql"):
+        create_app(Settings(policy=str(test_policy), audit_dsn="mysql://db/audit"))
+
+
+def test_every_exchange_reaches_the_audit_log_and_its_metrics(
+    make_app: Callable[..., Litestar], metrics_registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    database = tmp_path / "audit.db"
+    with TestClient(app=make_app(audit_dsn=str(database))) as c:
+        c.post("/v1/chat/completions", json=chat("hi"))
+        c.post("/v1/chat/completions", json=chat("build a bomb"))
+        c.post("/v1/moderations", json={"input": "x"})
+    # Shutdown flushed the log.
+    db = sqlite3.connect(database)
+    try:
+        rows = db.execute("SELECT route, outcome FROM audit_log ORDER BY id").fetchall()
+    finally:
+        db.close()
+    assert rows == [("chat", "allowed"), ("chat", "blocked_input"), ("moderations", "allowed")]
+    get = metrics_registry.get_sample_value
+    assert get("guardrail_audit_records_total", {"result": "written"}) == 3
+    assert get("guardrail_audit_records_total", {"result": "dropped"}) == 0
+    assert get("guardrail_audit_queue_depth") == 0

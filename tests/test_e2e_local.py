@@ -9,6 +9,7 @@ and a clean exit on SIGTERM.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -151,7 +152,9 @@ def test_a_blocked_prompt_never_reaches_the_model(served: Served) -> None:
 
 def test_sighup_reloads_the_policy_and_a_bad_file_keeps_it(served: Served) -> None:
     original = served.policy.read_text()
-    served.policy.write_text(original.replace('version: "2026.11.22-1"', 'version: "reloaded-2"'))
+    served.policy.write_text(
+        re.sub(r'(?m)^version: ".*"$', 'version: "reloaded-2"', original, count=1)
+    )
     served.process.send_signal(signal.SIGHUP)
     assert _wait_for_version(served, "reloaded-2")
     served.policy.write_text(original.replace("on_error: block", "on_error: explode"))

@@ -17,6 +17,7 @@ from litestar.enums import MediaType, ScopeType
 from litestar.params import JSONBody
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from guardrail.api.auth import principal_of
 from guardrail.api.errors import APIError
 from guardrail.api.schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest
 from guardrail.api.serving import Gateway, Serving
@@ -69,28 +70,34 @@ def _gateway(state: State) -> Gateway:
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
-    return await _serving(state).chat(data, request_id_of(request))
+    return await _serving(state).chat(data, request_id_of(request), principal_of(request.scope))
 
 
 @post("/v1/completions", status_code=200, summary="Text completion, moderated")
 async def completions(
     data: JSONBody[CompletionRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
-    return await _serving(state).completions(data, request_id_of(request))
+    return await _serving(state).completions(
+        data, request_id_of(request), principal_of(request.scope)
+    )
 
 
 @post("/v1/moderations", status_code=200, summary="Run the policy's filters only")
 async def moderations(
     data: JSONBody[ModerationRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
-    body = await _serving(state).moderations(data, request_id_of(request))
+    body = await _serving(state).moderations(
+        data, request_id_of(request), principal_of(request.scope)
+    )
     action = body["guardrail"]["action"]
     return Response(body, headers={"x-guardrail-action": action})
 
 
 @get("/v1/models", summary="Models served through the gateway")
-async def list_models(state: State) -> dict[str, Any]:
-    models = await _gateway(state).served_models()
+async def list_models(state: State, request: Request[Any, Any, Any]) -> dict[str, Any]:
+    gateway = _gateway(state)
+    rules = gateway.rules(principal_of(request.scope))
+    models = [m for m in await gateway.served_models() if rules.allows_model(m)]
     return {
         "object": "list",
         "data": [

@@ -10,8 +10,9 @@ is handed to :meth:`Gateway.record` exactly once.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,16 +21,19 @@ import structlog
 from litestar import Response
 from litestar.response import Stream
 
+from guardrail.api.auth import OPEN_PRINCIPAL, Principal, TenantRules, Tenants
 from guardrail.api.errors import APIError, from_backend_error, where
+from guardrail.api.ratelimit import Limits, MemoryRateLimiter, RateLimiter, estimate_tokens
 from guardrail.api.schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest
 from guardrail.backends.base import Backend, Chunk, Completion, GenerationRequest, SamplingParams
 from guardrail.chat import Message
 from guardrail.errors import BackendError, BackendUnavailable
-from guardrail.exchange import Exchange, Route
+from guardrail.exchange import Exchange, Outcome, Route
 from guardrail.guard.guard import Guard
 from guardrail.guard.store import GuardStore, ReloadResult
 from guardrail.guard.stream import StreamGuard
 from guardrail.guard.types import Action, Decision, FilterContext, Finding, Stage
+from guardrail.observability.audit import AuditLog
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.settings import Settings
 
@@ -44,9 +48,69 @@ API_ROUTES: dict[str, Route] = {
 }
 
 
+class Slots:
+    """Bounded concurrency: ``limit`` requests at once, at most ``queue`` waiting.
+
+    A request past the queue, or one that waited ``timeout_s`` for a slot, gets 503
+    ``overloaded`` with ``Retry-After``: a saturated gateway sheds load at once instead
+    of letting latency grow without bound.
+    """
+
+    def __init__(self, limit: int, queue: int, timeout_s: float) -> None:
+        self.limit = limit
+        self.queue = queue
+        self.timeout_s = timeout_s
+        self._sem = asyncio.Semaphore(limit)
+        self.active = 0
+        self.waiting = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def acquire(self) -> None:
+        if self._sem.locked():
+            if self.waiting >= self.queue:
+                raise _overloaded(f"{self.limit} requests are being served and {self.waiting} wait")
+            self.waiting += 1
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._sem.acquire()
+            except TimeoutError:
+                raise _overloaded(f"no slot freed within {self.timeout_s:g}s") from None
+            finally:
+                self.waiting -= 1
+        else:
+            await self._sem.acquire()
+        self.active += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.active -= 1
+        self._sem.release()
+        if not self.active:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no request holds a slot (for graceful shutdown)."""
+        await self._idle.wait()
+
+
+def _overloaded(why: str) -> APIError:
+    return APIError(
+        503,
+        f"The gateway is at capacity ({why}); retry shortly.",
+        code="overloaded",
+        headers={"retry-after": "1"},
+    )
+
+
 @dataclass
 class Gateway:
-    """The running gateway's parts, wired by :func:`guardrail.app.create_app`."""
+    """The running gateway's parts, wired by :func:`guardrail.app.create_app`.
+
+    ``stores`` maps each tenant policy file (other than ``settings.policy``, which is
+    ``store``) to its own :class:`GuardStore`. ``on_shutdown`` holds async callables
+    the app awaits once open requests have finished (the audit log's flush goes here).
+    """
 
     settings: Settings
     store: GuardStore
@@ -55,6 +119,57 @@ class Gateway:
     backend_error: str | None = None
     models: list[str] = field(default_factory=list)
     _models_checked: float = 0.0
+    tenants: Tenants | None = None
+    stores: dict[str, GuardStore] = field(default_factory=dict)
+    limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
+    slots: Slots | None = None
+    on_shutdown: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+    audit: AuditLog | None = None
+
+    def __post_init__(self) -> None:
+        if self.tenants is None:
+            self.tenants = Tenants(self.settings)
+        if self.slots is None:
+            s = self.settings
+            self.slots = Slots(s.max_concurrency, s.max_queue, s.queue_timeout_s)
+
+    def rules(self, principal: Principal) -> TenantRules:
+        assert self.tenants is not None
+        return self.tenants.get(principal.tenant)
+
+    def guard_for(self, rules: TenantRules) -> Guard:
+        """The guard of the tenant's policy (the default policy's unless it names one)."""
+        store = self.stores.get(rules.policy)
+        return (store or self.store).current
+
+    async def admit(self, principal: Principal, rules: TenantRules, tokens: int) -> Limits:
+        """Rate-limit one request (429 with Retry-After); returns the limits it ran under."""
+        limits = Limits(rules.requests_per_minute, rules.tokens_per_minute)
+        if limits.unlimited:
+            return limits
+        decision = await self.limiter.acquire(principal.key_id, limits, tokens=tokens)
+        if not decision.allowed:
+            retry = max(1, math.ceil(decision.retry_after_s))
+            per_minute = (
+                limits.requests_per_minute
+                if decision.limit == "requests"
+                else limits.tokens_per_minute
+            )
+            detail = (
+                " (this request alone is larger than a minute's allowance)"
+                if decision.limit == "tokens" and tokens > per_minute
+                else ""
+            )
+            self.metrics.rate_limited(decision.limit)
+            log.info("rate_limited", key_id=principal.key_id, limit=decision.limit)
+            raise APIError(
+                429,
+                f"Rate limit reached for {decision.limit} per minute ({per_minute}) on this "
+                f"API key{detail}; retry after {retry}s.",
+                code="rate_limit_exceeded",
+                headers={"retry-after": str(retry)},
+            )
+        return limits
 
     async def served_models(self) -> list[str]:
         """Configured names, else the backend's (asked again at most every few seconds)."""
@@ -74,8 +189,16 @@ class Gateway:
         return list(self.models)
 
     async def reload_policy(self, trigger: str) -> ReloadResult:
-        """Reload the policy file; a bad file keeps the running policy (and is reported)."""
+        """Reload the policy file(s); a bad file keeps its running policy (and is reported).
+
+        Tenant policies reload too; the answer is the default policy's result, or the
+        first tenant policy that failed.
+        """
         result = await self.store.reload()
+        for store in self.stores.values():
+            other = await store.reload()
+            if result.ok and not other.ok:
+                result = other
         self.metrics.policy_reload(result.ok)
         if result.ok:
             log.info("policy_reloaded", trigger=trigger, name=result.name, version=result.version)
@@ -113,11 +236,21 @@ class Gateway:
     def record(self, exchange: Exchange) -> None:
         """Record a finished exchange in metrics and in one log line (never its text)."""
         self.metrics.record(exchange)
-        categories = sorted({f.category for d in exchange.decisions for f in d.findings})
+        if self.audit is not None:
+            self.audit.record(exchange)
+        categories = sorted(
+            {
+                f.category
+                for d in exchange.decisions
+                for f in d.findings
+                if f.action is not Action.ALLOW
+            }
+        )
         log.info(
             "exchange",
             request_id=exchange.request_id,
             route=exchange.route,
+            tenant=exchange.tenant,
             model=exchange.model,
             stream=exchange.stream,
             outcome=exchange.outcome,
@@ -139,9 +272,13 @@ def _ms(seconds: float | None) -> float | None:
 def findings_json(
     decisions: list[tuple[int | None, Decision]], *, spans: bool = True
 ) -> list[dict[str, Any]]:
+    """Findings that acted (flag, redact, block). Scores below every threshold (allow
+    findings) are in the moderation endpoint and the ``finding_score`` metric, not here."""
     out = []
     for index, decision in decisions:
         for f in decision.findings:
+            if f.action is Action.ALLOW:
+                continue
             item = f.to_dict()
             item["stage"] = decision.stage.value
             if index is not None:
@@ -180,6 +317,24 @@ _Prepared = tuple[list[str], tuple[Message, ...], Callable[[list[str]], Generati
 
 
 @dataclass
+class _Admission:
+    """What a request took on admission (a rate-limit charge, a slot), to undo at close."""
+
+    key_id: str = ""
+    tokens: int = 0
+    limits: Limits | None = None
+    slot: bool = False
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _rejected_outcome(e: APIError) -> Outcome:
+    # 5xx here means no usable backend or no capacity (still loading, overloaded).
+    return "backend_error" if e.status >= 500 else "invalid_request"
+
+
+@dataclass
 class _Call:
     """One chat or completion call on its way through the gateway."""
 
@@ -191,6 +346,7 @@ class _Call:
     request: GenerationRequest
     input_decisions: list[tuple[int | None, Decision]]
     include_usage: bool
+    admission: _Admission | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -222,7 +378,12 @@ class Serving:
 
     # -- entry points -------------------------------------------------------------------
 
-    async def chat(self, body: ChatCompletionRequest, request_id: str) -> Response[Any]:
+    async def chat(
+        self,
+        body: ChatCompletionRequest,
+        request_id: str,
+        principal: Principal = OPEN_PRINCIPAL,
+    ) -> Response[Any]:
         def prepare() -> _Prepared:
             body.refuse_unmoderated()
             limit = self.gw.settings.max_messages
@@ -242,9 +403,14 @@ class Serving:
 
             return [m.content for m in messages], messages, build
 
-        return await self._serve("chat", body, request_id, prepare)
+        return await self._serve("chat", body, request_id, prepare, principal)
 
-    async def completions(self, body: CompletionRequest, request_id: str) -> Response[Any]:
+    async def completions(
+        self,
+        body: CompletionRequest,
+        request_id: str,
+        principal: Principal = OPEN_PRINCIPAL,
+    ) -> Response[Any]:
         def prepare() -> _Prepared:
             body.refuse_unmoderated()
             prompt = body.prompt_text()
@@ -255,14 +421,24 @@ class Serving:
 
             return [prompt], (Message("user", prompt),), build
 
-        return await self._serve("completions", body, request_id, prepare)
+        return await self._serve("completions", body, request_id, prepare, principal)
 
-    async def moderations(self, body: ModerationRequest, request_id: str) -> dict[str, Any]:
-        guard = self.gw.store.current
+    async def moderations(
+        self,
+        body: ModerationRequest,
+        request_id: str,
+        principal: Principal = OPEN_PRINCIPAL,
+    ) -> dict[str, Any]:
+        rules = self.gw.rules(principal)
+        guard = self.gw.guard_for(rules)
         stage = Stage(body.stage)
         exchange = self._exchange("moderations", request_id, guard, model=body.model)
-        ctx = FilterContext(request_id, stage=stage, route="moderations")
+        exchange.tenant = principal.tenant
+        ctx = FilterContext(request_id, stage=stage, route="moderations", tenant=principal.tenant)
+        admission = _Admission()
         try:
+            chars = sum(len(t) for t in body.inputs())
+            await self._admit(admission, principal, rules, estimate_tokens(chars, 0))
             decisions = await asyncio.gather(
                 *(
                     guard.check(stage, text, ctx.at(stage, i))
@@ -275,8 +451,11 @@ class Serving:
                 exchange.finish("blocked_input" if stage is Stage.INPUT else "blocked_output")
             else:
                 exchange.finish(exchange.passed_outcome())
+        except APIError as e:
+            exchange.finish(_rejected_outcome(e), e.status, e.code)
+            raise
         finally:
-            self._close(exchange)
+            self._close(exchange, admission)
         return {
             "id": f"modr-{request_id}",
             "model": f"guardrail/{guard.policy.name}",
@@ -292,17 +471,37 @@ class Serving:
         body: ChatCompletionRequest | CompletionRequest,
         request_id: str,
         prepare: Callable[[], _Prepared],
+        principal: Principal = OPEN_PRINCIPAL,
     ) -> Response[Any]:
-        guard = self.gw.store.current
+        rules = self.gw.rules(principal)
+        guard = self.gw.guard_for(rules)
         exchange = self._exchange(kind, request_id, guard, model=body.model, stream=body.stream)
+        exchange.tenant = principal.tenant
+        admission = _Admission()
         streaming = False
         try:
             texts, messages, build = prepare()
+            max_tokens = self._max_tokens(body)
+            if not rules.allows_model(body.model):
+                raise APIError(
+                    403,
+                    f"This API key's tenant may not use the model '{body.model}'. "
+                    f"Allowed: {', '.join(sorted(rules.models))}.",
+                    param="model",
+                    code="model_not_allowed",
+                )
+            estimate = estimate_tokens(sum(len(t) for t in texts), max_tokens)
+            await self._admit(admission, principal, rules, estimate)
             backend = self.gw.require_backend()
             exchange.backend = backend.name
             await self._check_model(body.model)
             ctx = FilterContext(
-                request_id, stage=Stage.INPUT, route=kind, model=body.model, messages=messages
+                request_id,
+                stage=Stage.INPUT,
+                tenant=principal.tenant,
+                route=kind,
+                model=body.model,
+                messages=messages,
             )
             input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
             exchange.decisions.extend(d for _, d in input_decisions)
@@ -321,6 +520,7 @@ class Serving:
                 request=build(rewritten),
                 input_decisions=input_decisions,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
+                admission=admission,
             )
             if body.stream:
                 response = await self._start_stream(call)
@@ -334,9 +534,7 @@ class Serving:
             if e.code == "content_filter":
                 exchange.finish("blocked_input", e.status, e.code)
             else:
-                # 5xx here means no usable backend (still loading, lists no models).
-                outcome = "backend_error" if e.status >= 500 else "invalid_request"
-                exchange.finish(outcome, e.status, e.code)
+                exchange.finish(_rejected_outcome(e), e.status, e.code)
             raise
         except BaseException as e:
             exchange.finish(
@@ -351,7 +549,7 @@ class Serving:
             raise
         finally:
             if not streaming:  # a stream closes its exchange when it ends
-                self._close(exchange)
+                self._close(exchange, admission)
 
     def _input_blocked(
         self, exchange: Exchange, guard: Guard, decisions: list[tuple[int | None, Decision]]
@@ -509,7 +707,7 @@ class Serving:
             if not recorded:
                 exchange.decisions.extend(window.decisions)
             await _aclose(chunks)
-            self._close(exchange)
+            self._close(exchange, call.admission)
 
     def _frame(
         self,
@@ -568,10 +766,54 @@ class Serving:
             policy_version=guard.policy.version,
         )
 
-    def _close(self, exchange: Exchange) -> None:
+    def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int:
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        limit = self.gw.settings.max_tokens_limit
+        if asked is not None and asked > limit:
+            raise APIError(
+                400,
+                f"max_tokens is {asked}; this gateway allows at most {limit}.",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
+        return asked or self.gw.settings.default_max_tokens
+
+    async def _admit(
+        self, admission: _Admission, principal: Principal, rules: TenantRules, tokens: int
+    ) -> None:
+        """Rate limit, then take a concurrency slot; ``admission`` remembers what to undo."""
+        admission.limits = await self.gw.admit(principal, rules, tokens)
+        admission.key_id, admission.tokens = principal.key_id, tokens
+        assert self.gw.slots is not None
+        await self.gw.slots.acquire()
+        admission.slot = True
+
+    def _close(self, exchange: Exchange, admission: _Admission | None = None) -> None:
         exchange.finish("error", 500, "unfinished")  # no-op when already finished
         self.gw.metrics.request_ended(exchange.route)
+        if admission is not None:
+            if admission.slot:
+                assert self.gw.slots is not None
+                self.gw.slots.release()
+                admission.slot = False
+            self._correct_tokens(exchange, admission)
         self.gw.record(exchange)
+
+    def _correct_tokens(self, exchange: Exchange, admission: _Admission) -> None:
+        """Give back (or take) the difference between the estimate and the reported usage."""
+        limits = admission.limits
+        if limits is None or not limits.tokens_per_minute:
+            return
+        if exchange.prompt_tokens is None and exchange.completion_tokens is None:
+            return  # the backend reported nothing (or was never called): keep the estimate
+        used = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+        delta = used - admission.tokens
+        if delta:
+            task = asyncio.get_running_loop().create_task(
+                self.gw.limiter.adjust(admission.key_id, limits, tokens=delta)
+            )
+            _background.add(task)
+            task.add_done_callback(_background.discard)
 
     async def _check_model(self, model: str) -> None:
         served = await self.gw.served_models()
@@ -625,9 +867,11 @@ def _moderation_result(decision: Decision) -> dict[str, Any]:
     scores: dict[str, float] = {}
     for f in decision.findings:
         scores[f.category] = max(scores.get(f.category, 0.0), round(f.score, 6))
+    acted = {f.category for f in decision.findings if f.action is not Action.ALLOW}
     result: dict[str, Any] = {
         "flagged": decision.action is not Action.ALLOW,
-        "categories": {c: True for c in scores},
+        # Every category scored, true where a finding acted (OpenAI's shape: all keys).
+        "categories": {c: c in acted for c in scores},
         "category_scores": scores,
         "action": decision.action.value,
         "findings": [f.to_dict() for f in decision.findings],

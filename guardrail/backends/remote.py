@@ -18,6 +18,11 @@ the thin, careful client in between. Why it looks the way it does:
   never hangs, and the HTTP response is closed however the generator ends.
 - Timeouts are enforced with :func:`asyncio.timeout` as well as by httpx, so they
   hold for every transport (ASGI transports ignore httpx timeouts).
+- Each URL has a circuit breaker (:mod:`guardrail.backends.breaker`): after
+  ``breaker_failures`` consecutive failed attempts its circuit opens and the URL is
+  skipped for ``breaker_reset_s``, then one trial request decides. When every URL's
+  circuit is open, the call fails at once with :class:`BackendUnavailable` (503,
+  ``Retry-After``) instead of waiting on replicas known to be down.
 - Upstream JSON is decoded into lenient ``msgspec`` structs: unknown fields are
   ignored, wrong types become a 502.
 - Nothing here logs prompt or completion text, nor upstream error bodies (they may
@@ -32,6 +37,7 @@ upstream                                    raised
 429                                         BackendBadResponse, status 429
 401, 403, 404, other 4xx                    BackendBadResponse, status 502, names the status
 every URL refused the connection            BackendUnavailable (503)
+every URL's circuit is open                 BackendUnavailable (503)
 every URL failed, the last by a timeout     BackendTimeout (504)
 every URL failed, the last by 5xx/drop      BackendBadResponse (502)
 200 with garbage (not a completion)         BackendBadResponse (502)
@@ -44,7 +50,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+import time
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -59,6 +73,7 @@ from guardrail.backends.base import (
     FinishReason,
     GenerationRequest,
 )
+from guardrail.backends.breaker import CircuitBreaker, CircuitState, OnChange
 from guardrail.errors import (
     BackendBadResponse,
     BackendError,
@@ -318,6 +333,9 @@ class RemoteBackend:
         probe_timeout_s: float = 2.0,
         sleep: Sleep = asyncio.sleep,
         owns_client: bool = False,
+        breaker_failures: int = 0,
+        breaker_reset_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         _check_urls(urls)
         if retries < 0:
@@ -330,6 +348,12 @@ class RemoteBackend:
         self._probe_timeout_s = min(probe_timeout_s, timeout_s)
         self._sleep = sleep
         self._owns_client = owns_client
+        self.breakers: dict[str, CircuitBreaker] = {
+            url: CircuitBreaker(
+                _display_url(url), failures=breaker_failures, reset_s=breaker_reset_s, clock=clock
+            )
+            for url in self.urls
+        }
         self._headers: dict[str, str] = {}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -355,7 +379,33 @@ class RemoteBackend:
             backoff_s=settings.backend_retry_backoff_s,
             timeout_s=settings.backend_timeout_s,
             owns_client=True,
+            breaker_failures=settings.breaker_failures,
+            breaker_reset_s=settings.breaker_reset_s,
         )
+
+    def observe_circuits(self, on_change: OnChange) -> None:
+        """Tell ``on_change(url, state)`` each URL's circuit state now and at every change."""
+        for breaker in self.breakers.values():
+            breaker.on_change = on_change
+            on_change(breaker.name, breaker.state)
+
+    def _usable(self) -> Iterator[str]:
+        """The URLs whose circuit lets a request through, in failover order.
+
+        Lazy: a half-open circuit hands out its one trial only when its URL is really
+        about to be tried. Raises :class:`BackendUnavailable` when every circuit is open.
+        """
+        tried = False
+        for url in self.urls:
+            if self.breakers[url].allow():
+                tried = True
+                yield url
+        if not tried:
+            wait = min(b.retry_in() for b in self.breakers.values())
+            raise BackendUnavailable(
+                f"backend unavailable: the circuit of every backend URL is open "
+                f"(recent failures); next trial in {wait:.0f}s"
+            )
 
     # -- requests
 
@@ -405,19 +455,30 @@ class RemoteBackend:
         body = self._body(request, stream=False)
         headers = self._request_headers(request, stream=False)
         failures = _Failures()
-        for base in self.urls:
+        for base in self._usable():
             url = base + self._path(request)
+            breaker = self.breakers[base]
             for attempt in range(self._retries + 1):
                 if attempt:
                     await self._sleep(self._backoff_s * 2 ** (attempt - 1))
                 try:
                     content = await self._post(url, body, headers)
                 except _AttemptFailed as failure:
+                    breaker.failure()
                     failures.add(failure, url, attempt)
-                    if failure.retryable:
+                    if failure.retryable and breaker.state is CircuitState.CLOSED:
                         continue
                     break
-                return _parse_completion(content, chat=request.is_chat)
+                except BackendError:
+                    breaker.success()  # a 4xx: the replica is up, the request was wrong
+                    raise
+                try:
+                    completion = _parse_completion(content, chat=request.is_chat)
+                except BackendError:
+                    breaker.failure()  # 200 with garbage: this replica is broken
+                    raise
+                breaker.success()
+                return completion
         raise failures.error(len(self.urls))
 
     async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
@@ -453,8 +514,9 @@ class RemoteBackend:
         body = self._body(request, stream=True)
         headers = self._request_headers(request, stream=True)
         failures = _Failures()
-        for base in self.urls:
+        for base in self._usable():
             url = base + self._path(request)
+            breaker = self.breakers[base]
             started = False
             response: httpx.Response | None = None
             try:
@@ -463,11 +525,19 @@ class RemoteBackend:
                     async for chunk in it:
                         started = True
                         yield chunk
+                breaker.success()
                 return
             except _AttemptFailed as failure:
+                breaker.failure()
                 if started:
                     raise failure.error from failure.error.__cause__
                 failures.add(failure, url, 0)
+            except BackendError as e:
+                if e.status in {400, 429}:
+                    breaker.success()  # the replica answered; the request was refused
+                else:
+                    breaker.failure()  # garbage or an error frame
+                raise
             finally:
                 if response is not None:
                     await response.aclose()

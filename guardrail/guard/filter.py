@@ -80,6 +80,8 @@ class BuildContext:
     ``executor`` is the process-wide pool for blocking model calls (never one per request).
     ``resources`` keeps one instance of each model per process, across reloads.
     ``allow_downloads`` is false unless the settings say the machine may fetch models.
+    ``incremental`` says whether filters may reuse per-text results across requests
+    (their own analysis caches); it follows the verdict cache setting.
     """
 
     executor: Executor
@@ -87,6 +89,7 @@ class BuildContext:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "guardrail")
     allow_downloads: bool = False
     resources: SharedResources = field(default_factory=SharedResources)
+    incremental: bool = True
 
 
 @runtime_checkable

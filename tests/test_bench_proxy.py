@@ -1,0 +1,34 @@
+"""``guardrail bench proxy --json``: one object with the documented keys (a short run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from guardrail.cli import main
+
+
+@pytest.mark.slow
+def test_bench_proxy_json_prints_one_object_with_the_documented_keys(
+    test_policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "bench", "proxy", "--json", "--policy", str(test_policy),
+            "--seconds", "0.5", "--runs", "1", "--concurrency", "2",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in (
+        "added_p50_ms_no_filters",
+        "added_p99_ms_no_filters",
+        "throughput_ratio_no_filters",
+        "added_p50_ms_default_policy",
+    ):
+        assert isinstance(report[key], float), key
+    assert report["phases"]["no_filters"]["errors"] == 0
+    assert report["phases"]["default_policy"]["errors"] == 0
+    assert report["throughput_ratio_no_filters"] > 0

@@ -1,0 +1,449 @@
+"""Fault injection: a backend refusing, slow, dying mid-stream or answering garbage; a
+filter raising or hanging; a saturated gateway; shutdown with a stream open.
+
+Whatever breaks, the client gets a clear OpenAI-shaped error or a moderated answer,
+never unmoderated text: the fake upstream's reply always contains a phrase the test
+policy blocks, and no response may contain it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import uvicorn
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+
+from guardrail.app import build_backend, create_app
+from guardrail.backends.base import GenerationRequest
+from guardrail.backends.breaker import CircuitBreaker, CircuitState
+from guardrail.backends.remote import RemoteBackend
+from guardrail.chat import Message
+from guardrail.errors import BackendBadResponse, BackendUnavailable
+from guardrail.guard.filter import BuildContext, FilterSpec
+from guardrail.guard.registry import filter_registry
+from guardrail.guard.types import FilterContext, Stage, Verdict
+from guardrail.settings import Settings
+from tests.fakes.backend import FakeBackend
+from tests.fakes.upstream import FakeUpstream, Mode, fake_client, refused_url, serve_upstream
+from tests.servers import free_socket, serve_asgi
+
+HARMFUL = "build a bomb"
+REPLY = "Sure thing. Here is how to build a bomb in your kitchen. Step one is easy."
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def chat(stream: bool = False, text: str = "Tell me a story") -> dict[str, Any]:
+    return {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": text}],
+        "stream": stream,
+    }
+
+
+def assert_openai_error(body: Any) -> dict[str, Any]:
+    error = body["error"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert {"type", "param", "code"} <= set(error)
+    return dict(error)
+
+
+# -- the circuit breaker ----------------------------------------------------------------------
+
+
+def test_breaker_opens_after_consecutive_failures_and_closes_after_a_good_trial() -> None:
+    clock = Clock()
+    changes: list[tuple[str, CircuitState]] = []
+    breaker = CircuitBreaker(
+        "u", failures=2, reset_s=10, clock=clock, on_change=lambda u, s: changes.append((u, s))
+    )
+    breaker.failure()
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.state is CircuitState.OPEN
+    assert not breaker.allow()
+    assert breaker.retry_in() == pytest.approx(10)
+    clock.now += 10
+    assert breaker.allow()  # the one trial
+    assert not breaker.allow()
+    breaker.success()
+    assert breaker.state is CircuitState.CLOSED
+    assert [s for _, s in changes] == [
+        CircuitState.OPEN,
+        CircuitState.HALF_OPEN,
+        CircuitState.CLOSED,
+    ]
+
+
+def test_a_failed_trial_opens_the_circuit_again() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("u", failures=1, reset_s=5, clock=clock)
+    breaker.failure()
+    clock.now += 5
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.state is CircuitState.OPEN
+    assert not breaker.allow()
+
+
+def test_a_success_resets_the_count_of_failures() -> None:
+    breaker = CircuitBreaker("u", failures=2, reset_s=5, clock=Clock())
+    breaker.failure()
+    breaker.success()
+    breaker.failure()
+    assert breaker.state is CircuitState.CLOSED
+
+
+def _request() -> GenerationRequest:
+    return GenerationRequest("fake-model", "r1", messages=(Message("user", "hi"),))
+
+
+async def test_remote_skips_a_url_whose_circuit_is_open_then_tries_it_again() -> None:
+    clock = Clock()
+    bad, good = FakeUpstream(mode="500", host="bad.test"), FakeUpstream(host="good.test")
+    async with fake_client(bad, good) as client:
+        backend = RemoteBackend(
+            [bad.base_url, good.base_url],
+            client,
+            retries=0,
+            breaker_failures=2,
+            breaker_reset_s=30,
+            clock=clock,
+        )
+        for _ in range(4):
+            assert (await backend.generate(_request())).text == good.reply
+        assert len(bad.requests) == 2  # then its circuit opened: skipped
+        clock.now += 30
+        bad.mode = "ok"
+        await backend.generate(_request())
+        assert len(bad.requests) == 3  # the trial went to it, and closed the circuit
+        assert backend.breakers[bad.base_url].state is CircuitState.CLOSED
+
+
+async def test_a_half_open_url_keeps_its_trial_until_it_is_really_tried() -> None:
+    clock = Clock()
+    first, second = FakeUpstream(host="first.test"), FakeUpstream(host="second.test")
+    async with fake_client(first, second) as client:
+        backend = RemoteBackend(
+            [first.base_url, second.base_url], client, retries=0, breaker_failures=1, clock=clock
+        )
+        backend.breakers[second.base_url].failure()
+        clock.now += 60  # the second URL is half-open now
+        await backend.generate(_request())  # served by the first URL
+        first.mode = "500"
+        await backend.generate(_request())  # the first fails; the trial goes to the second
+        assert len(second.requests) == 1
+        assert backend.breakers[second.base_url].state is CircuitState.CLOSED
+
+
+async def test_when_every_circuit_is_open_the_call_fails_fast_with_503() -> None:
+    bad = FakeUpstream(mode="500", host="bad.test")
+    async with fake_client(bad) as client:
+        backend = RemoteBackend(
+            [bad.base_url], client, retries=0, breaker_failures=1, clock=Clock()
+        )
+        with pytest.raises(BackendBadResponse):
+            await backend.generate(_request())
+        with pytest.raises(BackendUnavailable, match="circuit of every backend URL is open"):
+            await backend.generate(_request())
+        assert len(bad.requests) == 1
+
+
+async def test_a_4xx_does_not_count_against_the_circuit() -> None:
+    up = FakeUpstream(mode="refuse_400")
+    async with fake_client(up) as client:
+        backend = RemoteBackend([up.base_url], client, retries=0, breaker_failures=1)
+        for _ in range(3):
+            with pytest.raises(BackendBadResponse):
+                await backend.generate(_request())
+        assert backend.breakers[up.base_url].state is CircuitState.CLOSED
+
+
+def test_circuit_states_are_a_metric(test_policy: Path) -> None:
+    registry = CollectorRegistry()
+    url = refused_url()
+    settings = Settings(
+        policy=str(test_policy),
+        backend="remote",
+        backend_urls=[url],
+        backend_retries=0,
+        breaker_failures=1,
+        models=["fake-model"],
+    )
+    app = create_app(settings, backend=build_backend(settings), metrics_registry=registry)
+    labels = {"url": url}
+    assert registry.get_sample_value("guardrail_backend_circuit_state", labels) == 0.0
+    with TestClient(app=app) as c:
+        first = c.post("/v1/chat/completions", json=chat())
+        second = c.post("/v1/chat/completions", json=chat())
+    assert first.status_code == 503
+    assert second.status_code == 503
+    assert "circuit" in second.json()["error"]["message"]
+    assert registry.get_sample_value("guardrail_backend_circuit_state", labels) == 2.0
+
+
+# -- backend faults, end to end over real sockets ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[tuple[FakeUpstream, str]]:
+    fake = FakeUpstream(reply=REPLY)
+    with serve_upstream(fake) as url:
+        yield fake, url
+
+
+def _gateway(test_policy: Path, urls: list[str], **overrides: Any) -> Litestar:
+    settings = Settings(
+        policy=str(test_policy),
+        backend="remote",
+        backend_urls=urls,
+        backend_retries=0,
+        backend_retry_backoff_s=0,
+        backend_timeout_s=overrides.pop("backend_timeout_s", 2.0),
+        breaker_failures=0,
+        models=["fake-model"],
+        **overrides,
+    )
+    return create_app(
+        settings, backend=build_backend(settings), metrics_registry=CollectorRegistry()
+    )
+
+
+def _sse_text(body: str) -> tuple[str, list[dict[str, Any]]]:
+    """The streamed text and any error frames of an SSE body."""
+    text, errors = [], []
+    for line in body.splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        frame = msgspec.json.decode(line[6:])
+        if "error" in frame:
+            errors.append(assert_openai_error(frame))
+            continue
+        for choice in frame["choices"]:
+            text.append(choice.get("delta", {}).get("content") or "")
+    return "".join(text), errors
+
+
+FAULTS: list[tuple[Mode, bool, int]] = [
+    ("ok", False, 200),
+    ("ok", True, 200),
+    ("500", False, 502),
+    ("500", True, 502),
+    ("garbage", False, 502),
+    ("garbage", True, 502),  # before the first chunk: still an HTTP error
+    ("die_mid_stream", False, 502),
+    ("die_mid_stream", True, 200),
+    ("stall_mid_stream", True, 200),
+    ("slow", False, 504),
+    ("slow", True, 504),
+    ("error_frame", True, 200),
+]
+
+
+@pytest.mark.parametrize(("mode", "stream", "status"), FAULTS)
+def test_a_failing_backend_gives_an_error_or_a_moderated_answer_never_unmoderated_text(
+    upstream: tuple[FakeUpstream, str], test_policy: Path, mode: Mode, stream: bool, status: int
+) -> None:
+    fake, url = upstream
+    fake.mode, fake.delay_s, fake.times = mode, 5.0, None
+    try:
+        with TestClient(app=_gateway(test_policy, [url], backend_timeout_s=0.5)) as c:
+            r = c.post("/v1/chat/completions", json=chat(stream))
+    finally:
+        fake.mode = "ok"
+    assert r.status_code == status, r.text
+    assert HARMFUL not in r.text.lower()
+    if status != 200:
+        assert_openai_error(r.json())
+    elif stream:
+        text, errors = _sse_text(r.text)
+        assert HARMFUL not in text.lower()
+        assert errors or "Withheld by test policy." in text
+    else:
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "content_filter"
+
+
+def test_a_refusing_backend_is_503_with_retry_after(test_policy: Path) -> None:
+    with TestClient(app=_gateway(test_policy, [refused_url()])) as c:
+        r = c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 503
+    assert assert_openai_error(r.json())["code"] == "backend_unavailable"
+    assert r.headers["retry-after"]
+
+
+def test_failover_to_the_next_url_serves_a_moderated_answer(
+    upstream: tuple[FakeUpstream, str], test_policy: Path
+) -> None:
+    _, url = upstream
+    with TestClient(app=_gateway(test_policy, [refused_url(), url])) as c:
+        r = c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+
+
+# -- filter faults ----------------------------------------------------------------------------
+
+
+class _FaultConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    behaviour: str = "raise"  # raise | hang
+
+
+class _FaultFilter:
+    def __init__(self, name: str, config: _FaultConfig, env: BuildContext) -> None:
+        self.name, self.stages, self.config = name, frozenset(Stage), config
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        if self.config.behaviour == "hang":
+            await asyncio.sleep(3600)
+        raise RuntimeError("the filter's model crashed")
+
+
+def _faulty_app(
+    write_policy: Callable[..., Path], backend: FakeBackend, behaviour: str, stage: str
+) -> Litestar:
+    registry = filter_registry()
+    registry.register(
+        "fault", FilterSpec(type="fault", config_type=_FaultConfig, build=_FaultFilter)
+    )
+    policy = write_policy(
+        'name: f\nversion: "1"\nmessages: {output_blocked: Withheld.}\nfilters:\n'
+        f"  - {{id: f, type: fault, stages: [{stage}], timeout_ms: 100, "
+        f"config: {{behaviour: {behaviour}}}}}\n"
+    )
+    return create_app(
+        Settings(policy=str(policy)),
+        backend=backend,
+        filters=registry,
+        metrics_registry=CollectorRegistry(),
+    )
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "hang"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_input_filter_blocks_the_request_before_the_backend(
+    write_policy: Callable[..., Path], behaviour: str, stream: bool
+) -> None:
+    backend = FakeBackend(reply=REPLY)
+    with TestClient(app=_faulty_app(write_policy, backend, behaviour, "input")) as c:
+        r = c.post("/v1/chat/completions", json=chat(stream))
+    assert r.status_code == 400
+    assert assert_openai_error(r.json())["code"] == "content_filter"
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "hang"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_output_filter_withholds_the_completion(
+    write_policy: Callable[..., Path], behaviour: str, stream: bool
+) -> None:
+    backend = FakeBackend(reply=REPLY)
+    with TestClient(app=_faulty_app(write_policy, backend, behaviour, "output")) as c:
+        r = c.post("/v1/chat/completions", json=chat(stream))
+    assert r.status_code == 200
+    assert HARMFUL not in r.text.lower()
+    assert "Withheld." in r.text
+
+
+# -- saturation ----------------------------------------------------------------------------
+
+
+async def _concurrently(app: Litestar, n: int) -> list[httpx.Response]:
+    """``n`` chat requests at once to ``app`` served on a real socket."""
+    with serve_asgi(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            return list(
+                await asyncio.gather(
+                    *(client.post("/v1/chat/completions", json=chat()) for _ in range(n))
+                )
+            )
+
+
+async def test_a_saturated_gateway_sheds_load_with_503_and_retry_after(
+    test_policy: Path,
+) -> None:
+    backend = FakeBackend(delay_s=0.3)
+    settings = Settings(policy=str(test_policy), max_concurrency=2, max_queue=1)
+    app = create_app(settings, backend=backend, metrics_registry=CollectorRegistry())
+    answers = await _concurrently(app, 5)
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200, 200, 200, 503, 503]
+    refused = next(r for r in answers if r.status_code == 503)
+    assert assert_openai_error(refused.json())["code"] == "overloaded"
+    assert refused.headers["retry-after"] == "1"
+
+
+async def test_a_request_that_waits_too_long_for_a_slot_gets_503(test_policy: Path) -> None:
+    backend = FakeBackend(delay_s=0.5)
+    settings = Settings(
+        policy=str(test_policy), max_concurrency=1, max_queue=5, queue_timeout_s=0.1
+    )
+    app = create_app(settings, backend=backend, metrics_registry=CollectorRegistry())
+    answers = await _concurrently(app, 2)
+    assert sorted(r.status_code for r in answers) == [200, 503]
+
+
+# -- graceful shutdown ------------------------------------------------------------------------
+
+
+def test_shutdown_finishes_open_streams_then_runs_the_shutdown_hooks(test_policy: Path) -> None:
+    pieces = [f"Word{i} " for i in range(15)] + ["end."]
+    backend = FakeBackend(chunks=pieces, delay_s=0.1)
+    app = create_app(
+        Settings(policy=str(test_policy)), backend=backend, metrics_registry=CollectorRegistry()
+    )
+    events: list[tuple[str, float]] = []
+
+    async def flush() -> None:
+        events.append(("hook", time.monotonic()))
+
+    app.state.gateway.on_shutdown.append(flush)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        body: list[str] = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            with client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
+                lines = r.iter_lines()
+                for line in lines:
+                    body.append(line)
+                    if "Word" in line:
+                        server.should_exit = True  # SIGTERM, as uvicorn handles it
+                        break
+                body.extend(lines)
+            events.append(("stream_done", time.monotonic()))
+        thread.join(timeout=15)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+    text, errors = _sse_text("\n".join(body))
+    assert errors == []
+    assert text == "".join(pieces)
+    assert [line for line in body if line][-1] == "data: [DONE]"
+    assert [name for name, _ in sorted(events, key=lambda e: e[1])] == ["stream_done", "hook"]
+    assert backend.closed

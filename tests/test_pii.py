@@ -1,0 +1,387 @@
+"""The PII filter: Presidio detection, reversible placeholders, streams, the gateway end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
+
+from guardrail.app import create_app
+from guardrail.chat import Message
+from guardrail.errors import PolicyError
+from guardrail.filters.address import find_addresses
+from guardrail.filters.pii import PiiFilter
+from guardrail.guard.filter import BuildContext, SharedResources
+from guardrail.guard.guard import Guard
+from guardrail.guard.registry import filter_registry
+from guardrail.guard.stream import StreamGuard
+from guardrail.guard.types import Action, FilterContext, Redaction, Stage, Verdict
+from guardrail.observability.logging import configure_logging
+from guardrail.policy.loader import load_policy_text
+from guardrail.policy.model import StreamSettings
+from guardrail.settings import Settings
+from tests.fakes.backend import FakeBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+POLICY = """
+name: pii-test
+version: "1"
+stream: {release: sentence, window_chars: 120, context_chars: 60}
+filters:
+  - id: pii
+    type: pii
+    config:
+      entities:
+        PERSON: {threshold: 0.85, input: flag, output: allow}
+        EMAIL_ADDRESS: {input: redact, output: flag}
+        PHONE_NUMBER: {threshold: 0.4, input: redact, output: flag}
+        STREET_ADDRESS: {input: redact, output: flag}
+        CREDIT_CARD: {input: redact, output: redact, output_operator: mask, mask_keep: 4}
+        US_SSN: {input: redact, output: block}
+        EMPLOYEE_ID: {input: redact, output: redact, operator: replace, replacement: "[EMP]"}
+        PROJECT: {input: block, output: block}
+      recognizers:
+        - entity: EMPLOYEE_ID
+          patterns: ['\\bEMP-\\d{6}\\b']
+          context: [employee]
+          score: 0.7
+        - entity: PROJECT
+          deny_list: [Project Bluebird]
+"""
+
+EMAIL = "jane.doe@example.com"
+OTHER_EMAIL = "bob.stone@corp-mail.org"
+SSN = "536-22-8173"
+CARD = "4111 1111 1111 1111"
+
+
+@pytest.fixture(scope="module")
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def resources() -> SharedResources:
+    """One Presidio engine for the whole module (a few seconds to load)."""
+    return SharedResources()
+
+
+@pytest.fixture(scope="module")
+def guard(executor: ThreadPoolExecutor, resources: SharedResources) -> Guard:
+    registry = filter_registry()
+    policy = load_policy_text(POLICY, "pii.yaml", registry)
+    return Guard.build(policy, registry, BuildContext(executor, resources=resources))
+
+
+@pytest.fixture(scope="module")
+def pii(guard: Guard) -> PiiFilter:
+    filt = next(f for _, f in guard._by_stage[Stage.INPUT] if isinstance(f, PiiFilter))
+    return filt
+
+
+def conversation(*texts: str) -> FilterContext:
+    return FilterContext("req", messages=tuple(Message("user", t) for t in texts))
+
+
+async def check_all(guard: Guard, ctx: FilterContext) -> list[str]:
+    decisions = await asyncio.gather(
+        *(
+            guard.check(Stage.INPUT, m.content, ctx.at(Stage.INPUT, i))
+            for i, m in enumerate(ctx.messages)
+        )
+    )
+    return [d.text for d in decisions]
+
+
+# -- policy validation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("entities: {NOT_AN_ENTITY: {}}", "unknown entity 'NOT_AN_ENTITY'"),
+        (
+            "entities: {X_ID: {}}\n      recognizers: [{entity: X_ID, patterns: ['(']}]",
+            "invalid regex",
+        ),
+        ("entities: {EMAIL_ADDRESS: {operator: encrypt}}", "encrypt_key_env"),
+        ("entities: {EMAIL_ADDRESS: {input: redakt}}", "redakt"),
+        ("recognizers: [{entity: X_ID, deny_list: [a]}]", "has no entry in entities"),
+    ],
+)
+def test_when_a_pii_config_is_wrong_then_the_policy_does_not_load(
+    config: str, message: str
+) -> None:
+    head = "name: p\nversion: '1'\nfilters:\n  - id: pii\n    type: pii\n    config:\n"
+    text = f"{head}      {config}\n"
+    with pytest.raises(PolicyError) as e:
+        load_policy_text(text, "bad.yaml", filter_registry())
+    assert message in str(e.value)
+    assert "bad.yaml:" in str(e.value)
+
+
+def test_importing_the_filter_module_does_not_import_presidio_or_spacy() -> None:
+    code = (
+        "import sys, guardrail.filters.pii, guardrail.filters.address;"
+        "print(any(m.split('.')[0] in ('presidio_analyzer', 'spacy') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -- input: placeholders ------------------------------------------------------------------
+
+
+async def test_placeholders_are_numbered_by_first_appearance_in_the_conversation(
+    guard: Guard,
+) -> None:
+    ctx = conversation(
+        f"Write to {EMAIL} please.",
+        f"Also cc {OTHER_EMAIL} and again {EMAIL}. My SSN is {SSN}.",
+    )
+    texts = await check_all(guard, ctx)
+    assert texts == [
+        "Write to <EMAIL_ADDRESS_1> please.",
+        "Also cc <EMAIL_ADDRESS_2> and again <EMAIL_ADDRESS_1>. My SSN is <US_SSN_1>.",
+    ]
+
+
+@settings(max_examples=10, deadline=None)
+@given(order=st.permutations([0, 1, 2]))
+async def test_placeholder_numbers_do_not_depend_on_which_check_runs_first(
+    guard: Guard, order: list[int]
+) -> None:
+    ctx = conversation(f"a {EMAIL}", f"b {OTHER_EMAIL}", f"c {EMAIL} d {OTHER_EMAIL}")
+
+    async def one(i: int) -> tuple[int, str]:
+        await asyncio.sleep(0.001 * order.index(i))
+        d = await guard.check(Stage.INPUT, ctx.messages[i].content, ctx.at(Stage.INPUT, i))
+        return i, d.text
+
+    results = dict(await asyncio.gather(*(one(i) for i in order)))
+    assert results[2] == "c <EMAIL_ADDRESS_1> d <EMAIL_ADDRESS_2>"
+
+
+@pytest.mark.parametrize(
+    "text", ["What is the capital of France?", "Who was Abraham Lincoln?", "2 + 2 = 4"]
+)
+async def test_ordinary_questions_reach_the_model_unchanged(guard: Guard, text: str) -> None:
+    decision = await guard.check(Stage.INPUT, text, conversation(text).at(Stage.INPUT, 0))
+    assert decision.text == text
+    assert decision.action in (Action.ALLOW, Action.FLAG)
+
+
+async def test_a_name_is_flagged_on_input_but_not_redacted(guard: Guard) -> None:
+    text = "Please summarise the letter from Margaret Thompson."
+    decision = await guard.check(Stage.INPUT, text, conversation(text).at(Stage.INPUT, 0))
+    assert decision.action is Action.FLAG
+    assert decision.text == text
+    assert [f.rule_id for f in decision.findings] == ["PERSON"]
+
+
+async def test_custom_regex_and_deny_list_recognizers_apply_their_actions(guard: Guard) -> None:
+    text = "The employee EMP-123456 asked about it."
+    decision = await guard.check(Stage.INPUT, text, conversation(text).at(Stage.INPUT, 0))
+    assert decision.text == "The employee [EMP] asked about it."
+    blocked = "What is the budget of Project Bluebird?"
+    d2 = await guard.check(Stage.INPUT, blocked, conversation(blocked).at(Stage.INPUT, 0))
+    assert d2.action is Action.BLOCK
+
+
+def test_street_addresses_are_found_and_ordinary_numbers_are_not() -> None:
+    text = "Ship it to 24 Clarke Avenue, Springfield. I bought Windows 10 and 3 apples."
+    assert [text[a.start : a.end] for a in find_addresses(text)] == [
+        "24 Clarke Avenue, Springfield"
+    ]
+    military = "PSC 3294, Box 9168\nAPO AA 61487"
+    assert [(a.start, a.end) for a in find_addresses(military)] == [(0, len(military))]
+
+
+# -- output: restore and leaks -------------------------------------------------------------
+
+
+async def test_placeholders_in_the_completion_are_restored_and_leaks_are_redacted(
+    guard: Guard,
+) -> None:
+    ctx = conversation(f"Email {EMAIL} about card {CARD}.")
+    await check_all(guard, ctx)
+    completion = "I emailed <EMAIL_ADDRESS_1> about <CREDIT_CARD_1>. Also 5500 0000 0000 0004."
+    decision = await guard.check(Stage.OUTPUT, completion, ctx.at(Stage.OUTPUT))
+    assert decision.action is Action.REDACT
+    assert decision.text == f"I emailed {EMAIL} about {CARD}. Also {'*' * 15}0004."
+    # The leak is a finding; the restores are rewrites, not findings (not harmful content).
+    assert [(f.category, f.rule_id) for f in decision.findings] == [("pii", "CREDIT_CARD")]
+
+
+async def test_a_restore_alone_rewrites_the_answer_without_a_finding(guard: Guard) -> None:
+    ctx = conversation(f"Please write to {EMAIL}.")
+    await check_all(guard, ctx)
+    decision = await guard.check(Stage.OUTPUT, "Sent to <EMAIL_ADDRESS_1>.", ctx.at(Stage.OUTPUT))
+    assert decision.action is Action.REDACT
+    assert decision.text == f"Sent to {EMAIL}."
+    assert decision.findings == ()
+
+
+async def test_the_requests_own_values_are_not_a_leak_but_a_new_ssn_blocks(guard: Guard) -> None:
+    ctx = conversation(f"My SSN is {SSN}.")
+    await check_all(guard, ctx)
+    own = await guard.check(Stage.OUTPUT, f"Your SSN {SSN} is on file.", ctx.at(Stage.OUTPUT))
+    assert own.action is Action.ALLOW
+    leak = await guard.check(Stage.OUTPUT, "Try SSN 219-09-9999 instead.", ctx.at(Stage.OUTPUT))
+    assert leak.action is Action.BLOCK
+
+
+async def test_placeholders_of_another_request_are_never_restored(guard: Guard) -> None:
+    first = conversation(f"Email {EMAIL}.")
+    await check_all(guard, first)
+    other = conversation("Hello there.")
+    await check_all(guard, other)
+    decision = await guard.check(Stage.OUTPUT, "Hi <EMAIL_ADDRESS_1>.", other.at(Stage.OUTPUT))
+    assert decision.text == "Hi <EMAIL_ADDRESS_1>."
+
+
+def test_remember_rebuilds_the_map_from_a_cached_verdict(pii: PiiFilter) -> None:
+    text = f"Mail {EMAIL} now"
+    cached = Verdict(Action.REDACT, (), (Redaction(5, 5 + len(EMAIL), "<EMAIL_ADDRESS_3>"),))
+    ctx = FilterContext("cached")
+    pii.remember(text, cached, ctx)
+    assert ctx.state["pii"].placeholders.originals == {"<EMAIL_ADDRESS_3>": EMAIL}
+    assert ctx.state["pii"].placeholders.assign("EMAIL_ADDRESS", OTHER_EMAIL) == "<EMAIL_ADDRESS_4>"
+    assert EMAIL not in repr(ctx.state)
+
+
+@pytest.mark.parametrize(
+    ("text", "held"),
+    [
+        ("Hello <PERSO", 6),
+        ("Hi <EMAIL_ADDRESS_", 15),
+        ("x <US_SSN_1", 9),
+        ("a <", 1),
+        ("a < b", 0),
+        ("done <EMAIL_ADDRESS_1>", 0),
+        ("plain text", 0),
+    ],
+)
+def test_holdback_keeps_a_trailing_partial_placeholder(
+    pii: PiiFilter, text: str, held: int
+) -> None:
+    assert pii.holdback(text) == held
+
+
+def _chunk(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cuts=st.lists(st.integers(0, 10_000), max_size=25),
+    release=st.sampled_from(["sentence", "window"]),
+    window_chars=st.integers(30, 120),
+)
+async def test_a_streamed_completion_shows_the_originals_and_never_a_partial_placeholder(
+    guard: Guard, cuts: list[int], release: str, window_chars: int
+) -> None:
+    ctx = conversation(f"Write to {EMAIL} and {OTHER_EMAIL}; my SSN is {SSN}.")
+    await check_all(guard, ctx)
+    reply = (
+        "Sure. I will write to <EMAIL_ADDRESS_1> first, then <EMAIL_ADDRESS_2>. "
+        "Your SSN <US_SSN_1> stays private. Done."
+    )
+    window = StreamGuard(guard, ctx, StreamSettings(release=release, window_chars=window_chars))
+    sent: list[str] = []
+    for piece in _chunk(reply, cuts):
+        sent.append((await window.feed(piece)).text)
+    sent.append((await window.finish()).text)
+    assert "".join(sent) == (
+        f"Sure. I will write to {EMAIL} first, then {OTHER_EMAIL}. "
+        f"Your SSN {SSN} stays private. Done."
+    )
+    assert not any("<" in s for s in sent)
+
+
+# -- through the gateway -------------------------------------------------------------------
+
+
+def test_seeded_pii_reaches_neither_backend_nor_logs_nor_metrics_and_the_answer_is_restored(
+    tmp_path: Path,
+) -> None:
+    seeded = [EMAIL, SSN, CARD, "212-555-0187", "24 Clarke Avenue"]
+    prompt = (
+        f"My email is {EMAIL}, phone 212-555-0187, SSN {SSN}, card {CARD}, "
+        "and I live at 24 Clarke Avenue, Springfield."
+    )
+    backend = FakeBackend(
+        reply="Noted: <EMAIL_ADDRESS_1>, <PHONE_NUMBER_1>, <US_SSN_1>, <CREDIT_CARD_1>.",
+        chunk_size=5,
+    )
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((ROOT / "policies" / "default.yaml").read_text(), encoding="utf-8")
+    registry = CollectorRegistry()
+    logs = io.StringIO()
+    configure_logging(level="debug", stream=logs)
+    try:
+        app = create_app(Settings(policy=str(policy)), backend=backend, metrics_registry=registry)
+        with TestClient(app=app) as client:
+            body = {"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}
+            answer = client.post("/v1/chat/completions", json=body).json()
+            streamed = client.post("/v1/chat/completions", json={**body, "stream": True}).text
+            metrics = client.get("/metrics").text + generate_latest(registry).decode()
+    finally:
+        configure_logging()
+    content = answer["choices"][0]["message"]["content"]
+    assert content == f"Noted: {EMAIL}, 212-555-0187, {SSN}, {CARD}."
+    for value in (EMAIL, SSN):
+        assert value.replace("-", "") in streamed.replace("-", "")
+    sent = " ".join(m.content for r in backend.requests for m in r.messages or ())
+    assert "<EMAIL_ADDRESS_1>" in sent
+    assert "<STREET_ADDRESS_1>" in sent
+    for value in seeded:
+        assert value not in sent
+        assert value not in logs.getvalue()
+        assert value not in metrics
+    assert "exchange" in logs.getvalue()
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+async def test_a_resent_conversation_reaches_the_analyzer_only_for_new_messages(
+    executor: ThreadPoolExecutor, resources: SharedResources, incremental: bool
+) -> None:
+    """Per-text analyses are reused across requests only when incremental checks are on
+    (the verdict cache setting); either way the placeholders are the same."""
+    registry = filter_registry()
+    policy = load_policy_text(POLICY, "pii.yaml", registry)
+    env = BuildContext(executor, resources=resources, incremental=incremental)
+    guard = Guard.build(policy, registry, env)
+    filt = next(f for _, f in guard._by_stage[Stage.INPUT] if isinstance(f, PiiFilter))
+    calls: list[str] = []
+    analyze = filt.analyze
+
+    def counting(text: str) -> list[Any]:
+        calls.append(text)
+        return analyze(text)
+
+    filt.analyze = counting  # type: ignore[method-assign]
+    turn1 = (f"Mail {EMAIL} please.", "Sure.")
+    first = await check_all(guard, conversation(*turn1))
+    second = await check_all(guard, conversation(*turn1, f"Also {OTHER_EMAIL}."))
+    assert second[: len(first)] == first
+    assert second[-1] == "Also <EMAIL_ADDRESS_2>."
+    if incremental:
+        assert calls == [*turn1, f"Also {OTHER_EMAIL}."]
+    else:
+        assert len(calls) == 5

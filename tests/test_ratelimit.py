@@ -1,0 +1,290 @@
+"""Rate limits per key: token buckets in memory and in a real Redis server (shared)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from guardrail.api.ratelimit import (
+    Limits,
+    MemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    estimate_tokens,
+)
+from guardrail.app import create_app
+from guardrail.settings import ApiKeyEntry, Settings, TenantConfig
+from tests.fakes.backend import FakeBackend
+
+KEY = "sk-rate-limited-key"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- in memory ------------------------------------------------------------------------------
+
+
+async def test_requests_per_minute_burst_then_refill() -> None:
+    clock = Clock()
+    limiter = MemoryRateLimiter(clock)
+    limits = Limits(requests_per_minute=3)
+    for _ in range(3):
+        assert (await limiter.acquire("k", limits, tokens=0)).allowed
+    refused = await limiter.acquire("k", limits, tokens=0)
+    assert not refused.allowed
+    assert refused.limit == "requests"
+    assert refused.retry_after_s == pytest.approx(20.0)
+    clock.now += 20.0
+    assert (await limiter.acquire("k", limits, tokens=0)).allowed
+
+
+async def test_keys_have_separate_buckets() -> None:
+    limiter = MemoryRateLimiter(Clock())
+    limits = Limits(requests_per_minute=1)
+    assert (await limiter.acquire("a", limits, tokens=0)).allowed
+    assert (await limiter.acquire("b", limits, tokens=0)).allowed
+    assert not (await limiter.acquire("a", limits, tokens=0)).allowed
+
+
+async def test_a_request_refused_for_tokens_does_not_use_a_request() -> None:
+    limiter = MemoryRateLimiter(Clock())
+    limits = Limits(requests_per_minute=2, tokens_per_minute=100)
+    assert (await limiter.acquire("k", limits, tokens=90)).allowed
+    refused = await limiter.acquire("k", limits, tokens=50)
+    assert (refused.allowed, refused.limit) == (False, "tokens")
+    assert (await limiter.acquire("k", limits, tokens=10)).allowed
+
+
+async def test_adjust_gives_back_unused_tokens() -> None:
+    limiter = MemoryRateLimiter(Clock())
+    limits = Limits(tokens_per_minute=100)
+    assert (await limiter.acquire("k", limits, tokens=100)).allowed
+    assert not (await limiter.acquire("k", limits, tokens=50)).allowed
+    await limiter.adjust("k", limits, tokens=-60)
+    assert (await limiter.acquire("k", limits, tokens=50)).allowed
+
+
+def test_token_estimate_is_prompt_chars_over_four_plus_max_tokens() -> None:
+    assert estimate_tokens(0, 16) == 16
+    assert estimate_tokens(9, 16) == 19
+
+
+# -- Redis: a real server, started for this module ----------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI", "").lower() in {"true", "1"}:
+            pytest.fail("redis-server is not installed, and CI must test the Redis rate limiter")
+        pytest.skip("redis-server is not installed (Debian package redis-server; CI installs it)")
+    port = _free_port()
+    workdir: Path = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def redis_limiters(redis_url: str) -> AsyncIterator[tuple[RateLimiter, RateLimiter]]:
+    """Two limiters on one server, as two gateway replicas would have; the db is emptied."""
+    flush = Redis.from_url(redis_url)
+    await flush.flushdb()
+    await flush.aclose()
+    first, second = RedisRateLimiter.from_url(redis_url), RedisRateLimiter.from_url(redis_url)
+    yield first, second
+    await first.aclose()
+    await second.aclose()
+
+
+async def test_redis_replicas_share_one_budget_per_key(
+    redis_limiters: tuple[RateLimiter, RateLimiter],
+) -> None:
+    a, b = redis_limiters
+    limits = Limits(requests_per_minute=4)
+    results = [await (a if i % 2 else b).acquire("k", limits, tokens=0) for i in range(4)]
+    assert all(r.allowed for r in results)
+    refused = await a.acquire("k", limits, tokens=0)
+    assert (refused.allowed, refused.limit) == (False, "requests")
+    assert 0 < refused.retry_after_s <= 15.0
+    assert (await b.acquire("other", limits, tokens=0)).allowed
+
+
+async def test_redis_concurrent_acquires_never_overspend(
+    redis_limiters: tuple[RateLimiter, RateLimiter],
+) -> None:
+    a, b = redis_limiters
+    limits = Limits(requests_per_minute=10)
+    results = await asyncio.gather(
+        *((a if i % 2 else b).acquire("k", limits, tokens=0) for i in range(40))
+    )
+    assert sum(r.allowed for r in results) == 10
+
+
+async def test_redis_tokens_refused_without_using_a_request_and_adjusted(
+    redis_limiters: tuple[RateLimiter, RateLimiter],
+) -> None:
+    a, b = redis_limiters
+    limits = Limits(requests_per_minute=5, tokens_per_minute=100)
+    assert (await a.acquire("k", limits, tokens=100)).allowed
+    refused = await b.acquire("k", limits, tokens=40)
+    assert (refused.allowed, refused.limit) == (False, "tokens")
+    await b.adjust("k", limits, tokens=-50)
+    assert (await a.acquire("k", limits, tokens=40)).allowed
+    too_big = await a.acquire("k", limits, tokens=101)
+    assert (too_big.allowed, too_big.limit) == (False, "tokens")
+
+
+async def test_redis_unreachable_lets_requests_through_and_counts_it() -> None:
+    limiter = RedisRateLimiter.from_url(f"redis://127.0.0.1:{_free_port()}/0")
+    try:
+        assert (await limiter.acquire("k", Limits(1), tokens=0)).allowed
+        assert limiter.failures == 1
+    finally:
+        await limiter.aclose()
+
+
+# -- through the gateway ----------------------------------------------------------------------
+
+
+def _app(
+    test_policy: Path, backend: FakeBackend, registry: CollectorRegistry, **overrides: object
+) -> Litestar:
+    settings = Settings(
+        policy=str(test_policy),
+        api_keys=[ApiKeyEntry(tenant="t", key_sha256=hashlib.sha256(KEY.encode()).hexdigest())],
+        **overrides,  # type: ignore[arg-type]
+    )
+    return create_app(settings, backend=backend, metrics_registry=registry)
+
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+def test_over_the_request_limit_is_429_with_retry_after(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    app = _app(test_policy, backend, metrics_registry, rate_limit_requests_per_minute=2)
+    with TestClient(app=app) as c:
+        codes = [c.post("/v1/chat/completions", json=CHAT, headers=AUTH) for _ in range(3)]
+    assert [r.status_code for r in codes] == [200, 200, 429]
+    refused = codes[2]
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error"
+    assert error["code"] == "rate_limit_exceeded"
+    assert "requests per minute (2)" in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert len(backend.requests) == 2
+    assert (
+        metrics_registry.get_sample_value("guardrail_rate_limited_total", {"limit": "requests"})
+        == 1.0
+    )
+
+
+def test_tenant_token_limit_counts_max_tokens_up_front(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    app = _app(
+        test_policy,
+        backend,
+        metrics_registry,
+        tenants={"t": TenantConfig(tokens_per_minute=1000)},
+    )
+    with TestClient(app=app) as c:
+        big = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2000}, headers=AUTH)
+        ok = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100}, headers=AUTH)
+    assert big.status_code == 429
+    assert "larger than a minute's allowance" in big.json()["error"]["message"]
+    assert ok.status_code == 200
+
+
+def test_max_tokens_over_the_gateway_limit_is_400(
+    make_app: Callable[..., Litestar], backend: FakeBackend
+) -> None:
+    with TestClient(app=make_app(max_tokens_limit=1000)) as c:
+        r = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1001})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "max_tokens_too_large"
+    assert r.json()["error"]["param"] == "max_tokens"
+    assert backend.requests == []
+
+
+def test_gateway_uses_redis_when_configured(
+    redis_url: str, test_policy: Path, backend: FakeBackend
+) -> None:
+    subprocess.run(["redis-cli", "-u", redis_url, "flushdb"], check=False, capture_output=True)
+    replicas = [
+        _app(
+            test_policy,
+            backend,
+            CollectorRegistry(),
+            rate_limit_requests_per_minute=3,
+            rate_limit_redis_url=redis_url,
+        )
+        for _ in range(2)
+    ]
+    with TestClient(app=replicas[0]) as a, TestClient(app=replicas[1]) as b:
+        codes = [
+            (a if i % 2 else b).post("/v1/chat/completions", json=CHAT, headers=AUTH).status_code
+            for i in range(4)
+        ]
+    assert codes == [200, 200, 200, 429]

@@ -1,0 +1,408 @@
+"""The toxicity filter: real models, real batching, offline detoxify loading, fail closed."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guardrail.errors import ConfigError, PolicyError
+from guardrail.filters.batching import MicroBatcher
+from guardrail.filters.toxicity import (
+    DEFAULT_WEIGHTS,
+    DetoxifyEngine,
+    Scores,
+    ToxicityConfig,
+    ToxicityFilter,
+    chunks,
+    split_of,
+)
+from guardrail.guard.filter import BuildContext, SharedResources
+from guardrail.guard.guard import Guard
+from guardrail.guard.registry import filter_registry
+from guardrail.guard.types import Action, FilterContext, Stage
+from guardrail.policy.loader import load_policy_text
+
+CTX = FilterContext("test")
+
+
+# -- the micro-batcher --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+async def test_concurrent_submits_share_batches_and_keep_their_own_results(
+    pool: ThreadPoolExecutor,
+) -> None:
+    calls: list[list[int]] = []
+
+    def square(items: list[int]) -> list[int]:
+        calls.append(items)
+        return [i * i for i in items]
+
+    batcher = MicroBatcher(square, pool, max_batch=8, max_wait_s=0.05)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(16)))
+    assert results == [i * i for i in range(16)]
+    assert len(calls) < 16
+    assert max(len(c) for c in calls) <= 8
+    assert batcher.stats.items == 16
+
+
+async def test_a_lone_item_is_scored_after_max_wait(pool: ThreadPoolExecutor) -> None:
+    batcher = MicroBatcher(lambda xs: [x + 1 for x in xs], pool, max_batch=32, max_wait_s=0.001)
+    assert await batcher.submit(1) == 2
+
+
+async def test_the_batch_function_runs_off_the_event_loop(pool: ThreadPoolExecutor) -> None:
+    loop_thread = threading.get_ident()
+    batcher = MicroBatcher(lambda xs: [threading.get_ident() for _ in xs], pool)
+    assert await batcher.submit(0) != loop_thread
+
+
+async def test_when_the_batch_function_raises_every_caller_gets_the_error(
+    pool: ThreadPoolExecutor,
+) -> None:
+    def broken(items: list[int]) -> list[int]:
+        raise RuntimeError("model crashed")
+
+    batcher = MicroBatcher(broken, pool, max_batch=4, max_wait_s=0.01)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(6)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_a_wrong_number_of_results_is_an_error_for_the_batch(
+    pool: ThreadPoolExecutor,
+) -> None:
+    batcher = MicroBatcher(lambda xs: [0], pool, max_batch=4, max_wait_s=0.01)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def _identity(items: list[int]) -> list[int]:
+    return list(items)
+
+
+async def test_a_caller_that_gives_up_does_not_disturb_the_others(
+    pool: ThreadPoolExecutor,
+) -> None:
+    batcher = MicroBatcher(_identity, pool, max_batch=4, max_wait_s=0.05)
+    quitter = asyncio.ensure_future(batcher.submit(-1))
+    stayers = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    quitter.cancel()
+    assert await asyncio.gather(*stayers) == [0, 1, 2]
+
+
+def test_the_split_is_stable_and_roughly_80_10_10() -> None:
+    splits = [split_of(f"davidson:{i}") for i in range(10_000)]
+    assert split_of("davidson:0") == split_of("davidson:0")
+    assert 0.08 < splits.count("test") / len(splits) < 0.12
+    assert 0.08 < splits.count("dev") / len(splits) < 0.12
+
+
+def test_long_texts_are_cut_at_whitespace_without_losing_words() -> None:
+    text = " ".join(f"word{i}" for i in range(500))
+    pieces = chunks(text, 200)
+    assert all(len(p) <= 200 for p in pieces)
+    assert " ".join(pieces).split() == text.split()
+
+
+# -- config validation --------------------------------------------------------------------
+
+
+def _policy(config: str) -> str:
+    return (
+        f"name: t\nversion: '1'\nfilters:\n  - id: tox\n    type: toxicity\n    config:\n{config}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "message"),
+    [
+        (
+            "      categories:\n        hate: {threshold: 0.5}\n",
+            "filters[0].config.categories.hate",
+            "unknown category 'hate'",
+        ),
+        (
+            "      categories:\n        threat: {threshold: 0.5}\n",
+            "filters[0].config.categories.threat",
+            "the embedding engine does not score 'threat'",
+        ),
+        (
+            "      engine: detoxify\n      detoxify: {checkpoint: x.ckpt}\n",
+            "filters[0].config.detoxify.config_dir",
+            "a checkpoint needs config_dir",
+        ),
+        (
+            "      categories:\n        toxicity: {threshold: 1.5}\n",
+            "filters[0].config.categories.toxicity.threshold",
+            "",
+        ),
+        ("      max_batch: 0\n", "filters[0].config.max_batch", ""),
+    ],
+)
+def test_a_bad_config_is_reported_at_its_path(config: str, key: str, message: str) -> None:
+    with pytest.raises(PolicyError) as raised:
+        load_policy_text(_policy(config), "p.yaml", filter_registry())
+    problems = raised.value.problems
+    assert any(p.key == key and message in p.message for p in problems), problems
+
+
+def test_detoxify_without_files_is_refused_offline(pool: ThreadPoolExecutor) -> None:
+    config = ToxicityConfig(engine="detoxify")
+    with pytest.raises(ConfigError, match="allow_downloads"):
+        ToxicityFilter("tox", config, BuildContext(pool))
+
+
+# -- the embedding engine on the real model -----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shared() -> Iterator[tuple[ThreadPoolExecutor, SharedResources]]:
+    """One executor and one resource store, so the model loads once per test session."""
+    with ThreadPoolExecutor(2) as executor:
+        yield executor, SharedResources()
+
+
+@pytest.fixture
+def toxicity(shared: tuple[ThreadPoolExecutor, SharedResources]) -> ToxicityFilter:
+    executor, resources = shared
+    config = ToxicityConfig(max_wait_ms=20)
+    return ToxicityFilter("tox", config, BuildContext(executor, resources=resources))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known miss of the shipped heads: toxicity 0.39 < 0.5 (README, Toxicity filter); "
+    "strict, so retrained weights that catch it turn this into a failure to remove",
+)
+async def test_implicit_hate_without_swear_words_is_acted_on(toxicity: ToxicityFilter) -> None:
+    verdict = await toxicity.check("People like you should not exist.", CTX)
+    assert verdict.action is not Action.ALLOW
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text",
+    [
+        "What is the boiling point of water at sea level?",
+        "Write a short story about a dragon who learns to bake bread.",
+        "Insulting people for their religion is wrong, and I will always say so.",
+        "I would never wish anything bad on you.",
+    ],
+)
+async def test_neutral_counter_speech_and_negated_texts_are_allowed(
+    toxicity: ToxicityFilter, text: str
+) -> None:
+    assert (await toxicity.check(text, CTX)).action is Action.ALLOW
+
+
+@pytest.mark.slow
+async def test_every_category_score_is_reported_and_allow_findings_keep_it_allowed(
+    toxicity: ToxicityFilter,
+) -> None:
+    verdict = await toxicity.check("Have a lovely day.", CTX)
+    assert verdict.action is Action.ALLOW
+    assert {f.category for f in verdict.findings} == {"toxicity", "identity_attack", "obscene"}
+    assert all(f.action is Action.ALLOW and 0.0 <= f.score < 0.5 for f in verdict.findings)
+
+
+@pytest.mark.slow
+async def test_concurrent_checks_are_batched_and_equal_one_by_one(
+    toxicity: ToxicityFilter,
+) -> None:
+    texts = [f"Sentence number {i}: you are {'awful' if i % 2 else 'kind'}." for i in range(16)]
+    one_by_one = [await toxicity.scores(t) for t in texts]
+    before = toxicity.batcher.stats.batches
+    together = await asyncio.gather(*(toxicity.scores(t) for t in texts))
+    assert toxicity.batcher.stats.batches - before < 16
+    for a, b in zip(one_by_one, together, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_filters_of_a_reloaded_policy_share_the_model(
+    shared: tuple[ThreadPoolExecutor, SharedResources], toxicity: ToxicityFilter
+) -> None:
+    executor, resources = shared
+    again = ToxicityFilter(
+        "tox2", ToxicityConfig(max_wait_ms=20), BuildContext(executor, resources=resources)
+    )
+    assert again.batcher is toxicity.batcher
+
+
+class _BrokenEngine:
+    categories = ("toxicity", "identity_attack", "obscene")
+
+    def score(self, texts: list[str]) -> list[Scores]:
+        raise RuntimeError("out of memory")
+
+
+async def test_when_the_model_fails_the_guard_blocks(pool: ThreadPoolExecutor) -> None:
+    resources = SharedResources()
+    resources.get(("toxicity-features", "all-MiniLM-L6-v2"), object)
+    resources.get(("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve())), _BrokenEngine)
+    policy = load_policy_text(_policy("      max_wait_ms: 1\n"), "p.yaml", filter_registry())
+    guard = Guard.build(policy, filter_registry(), BuildContext(pool, resources=resources))
+    decisions = await asyncio.gather(
+        *(guard.check(Stage.INPUT, f"text {i}", FilterContext(str(i))) for i in range(4))
+    )
+    assert all(d.action is Action.BLOCK for d in decisions)
+    assert all(d.outcomes[0].status == "error" for d in decisions)
+
+
+# -- detoxify, offline, on a tiny checkpoint built here --------------------------------------
+
+CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
+
+
+@pytest.fixture(scope="module")
+def tiny_detoxify(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
+    """A BERT with 2 layers of width 32, random weights, saved like a detoxify release."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("detoxify")
+    config_dir = folder / "bert-config"
+    config_dir.mkdir()
+    words = [
+        *[
+            "you",
+            "are",
+            "a",
+            "kind",
+            "nice",
+            "awful",
+            "person",
+            "people",
+            "like",
+            "should",
+            "not",
+            "exist",
+            "the",
+        ]
+    ]
+    vocab = config_dir / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizer(str(vocab))
+    tokenizer.save_pretrained(config_dir)
+    config = BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=len(CLASSES),
+    )
+    config.save_pretrained(config_dir)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    checkpoint = folder / "tiny.ckpt"
+    torch.save(
+        {
+            "config": {
+                "arch": {
+                    "args": {
+                        "model_type": "bert-base-uncased",  # what detoxify asks the hub for
+                        "model_name": "BertForSequenceClassification",
+                        "tokenizer_name": "BertTokenizer",
+                        "num_classes": len(CLASSES),
+                    }
+                },
+                "dataset": {"args": {"classes": CLASSES}},
+            },
+            "state_dict": model.state_dict(),
+        },
+        checkpoint,
+    )
+    return checkpoint, config_dir, (model, tokenizer)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network is unreachable in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_a_detoxify_checkpoint_loads_offline_and_scores_like_the_model(
+    tiny_detoxify: tuple[Path, Path, Any],
+) -> None:
+    import torch
+
+    checkpoint, config_dir, (model, tokenizer) = tiny_detoxify
+    engine = DetoxifyEngine.from_files(checkpoint, config_dir)
+    assert engine.categories == (
+        "toxicity",
+        "severe_toxicity",
+        "obscene",
+        "threat",
+        "insult",
+        "identity_attack",
+    )
+    texts = ["you are a kind person", "people like you should not exist"]
+    scores = engine.score(texts)
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(**tokenizer(texts, return_tensors="pt", padding=True))[0])
+    for row, want in zip(scores, expected.tolist(), strict=True):
+        assert list(row.values()) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.usefixtures("no_network")
+async def test_a_policy_with_the_detoxify_engine_builds_and_checks_offline(
+    tiny_detoxify: tuple[Path, Path, Any], pool: ThreadPoolExecutor
+) -> None:
+    checkpoint, config_dir, _ = tiny_detoxify
+    config = (
+        "      engine: detoxify\n"
+        f"      detoxify: {{checkpoint: {checkpoint.name}, config_dir: {config_dir.name}}}\n"
+        "      categories:\n        threat: {threshold: 0.0, action: block}\n"
+    )
+    registry = filter_registry()
+    policy = load_policy_text(_policy(config), "p.yaml", registry)
+    guard = Guard.build(policy, registry, BuildContext(pool, base_dir=checkpoint.parent))
+    decision = await guard.check(Stage.INPUT, "you are awful", CTX)
+    assert decision.action is Action.BLOCK
+    assert {f.category for f in decision.findings} == {
+        "toxicity",
+        "severe_toxicity",
+        "obscene",
+        "threat",
+        "insult",
+        "identity_attack",
+    }
+
+
+class _NotATensor:
+    pass
+
+
+def test_a_checkpoint_with_arbitrary_objects_needs_trust(
+    tiny_detoxify: tuple[Path, Path, Any], tmp_path: Path
+) -> None:
+    import torch
+
+    checkpoint, config_dir, _ = tiny_detoxify
+    loaded = torch.load(checkpoint, weights_only=True)
+    loaded["extra"] = _NotATensor()
+    risky = tmp_path / "risky.ckpt"
+    torch.save(loaded, risky)
+    with pytest.raises(ConfigError, match="trust_checkpoint"):
+        DetoxifyEngine.from_files(risky, config_dir)
+    assert DetoxifyEngine.from_files(risky, config_dir, trust=True).categories
