@@ -10,6 +10,10 @@ Writes (never commit them: the shared data keeps its own licence and location):
   ``category`` is ``hate`` or ``offensive``.
 - ``davidson-dev.jsonl``: the dev split, used to choose thresholds (not for reporting).
 - ``alpaca-benign-2k.jsonl``: the 2,000 Alpaca instructions, all ``label: allow``.
+- ``advbench-harmful-behaviors.jsonl``: the 520 AdvBench goals, all ``label: block``.
+- ``xstest-unsafe.jsonl`` / ``xstest-safe.jsonl``: XSTest's prompts by its label
+  (``block`` / ``allow``), ``category`` from its ``type`` column: the acceptable-use
+  measurements (recall on the unsafe half, false-positive rate on the safe half).
 """
 
 from __future__ import annotations
@@ -63,6 +67,22 @@ def main() -> int:
         if line.strip()
     ]
     _write(args.out / "alpaca-benign-2k.jsonl", rows)
+
+    advbench = args.shared / "advbench-harmful-behaviors" / "harmful_behaviors.csv"
+    with advbench.open(newline="", encoding="utf-8") as f:
+        rows = [{"text": row["goal"], "label": "block"} for row in csv.DictReader(f)]
+    _write(args.out / "advbench-harmful-behaviors.jsonl", rows)
+
+    xstest = args.shared / "xstest" / "xstest_prompts.csv"
+    halves: dict[str, list[dict[str, str]]] = {"unsafe": [], "safe": []}
+    with xstest.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            label = "block" if row["label"] == "unsafe" else "allow"
+            halves[row["label"]].append(
+                {"text": row["prompt"], "label": label, "category": row["type"]}
+            )
+    for half, rows in halves.items():
+        _write(args.out / f"xstest-{half}.jsonl", rows)
     return 0
 
 

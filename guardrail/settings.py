@@ -22,11 +22,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError
-
-
-def _doc(text: str) -> msgspec.Meta:
-    return msgspec.Meta(description=text)
 
 
 def default_cache_dir() -> Path:

@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from guardrail.docs import doc as _doc
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
 
@@ -103,10 +104,6 @@ _PARTIAL = re.compile(r"<[A-Z][A-Z0-9_]{0,40}(?:_\d{0,6})?$|<$")
 
 ActionName = Literal["block", "redact", "flag", "allow"]
 OperatorName = Literal["placeholder", "mask", "hash", "encrypt", "replace"]
-
-
-def _doc(text: str) -> msgspec.Meta:
-    return msgspec.Meta(description=text)
 
 
 class EntityRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

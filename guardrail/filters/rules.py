@@ -14,14 +14,11 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from guardrail.docs import doc as _doc
 from guardrail.filters.normalize import normalize
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
 from guardrail.policy.model import Id
-
-
-def _doc(text: str) -> msgspec.Meta:
-    return msgspec.Meta(description=text)
 
 
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
 
+from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError, MissingDependencyError
 from guardrail.filters.batching import MicroBatcher
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
@@ -87,10 +88,6 @@ EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 FEATURE_VERSION = 1
 
 Scores = dict[str, float]
-
-
-def _doc(text: str) -> msgspec.Meta:
-    return msgspec.Meta(description=text)
 
 
 # -- config ------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from guardrail.docs import doc as _doc
 from guardrail.guard.types import Action, Stage
 
 Id = Annotated[
@@ -24,10 +25,6 @@ Id = Annotated[
     ),
 ]
 OnError = Literal["block", "flag", "allow"]
-
-
-def _doc(text: str) -> msgspec.Meta:
-    return msgspec.Meta(description=text)
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
