@@ -31,7 +31,10 @@ from prometheus_client import CollectorRegistry
 from guardrail import __version__
 from guardrail.api.auth import AuthMiddleware, KeyRing, Tenants, open_mode_warning
 from guardrail.api.errors import make_exception_handler
+from guardrail.api.feedback import ROUTES as FEEDBACK_ROUTES
+from guardrail.api.oversight import build_oversight
 from guardrail.api.ratelimit import RateLimiter, build_rate_limiter
+from guardrail.api.review import ROUTES as REVIEW_ROUTES
 from guardrail.api.routes import ROUTES, RequestIdMiddleware
 from guardrail.api.serving import Gateway, Serving
 from guardrail.backends.base import Backend
@@ -39,9 +42,11 @@ from guardrail.backends.registry import backend_registry
 from guardrail.guard.cache import VerdictCache
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.registry import filter_registry
+from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore
 from guardrail.observability.audit import audit_from_settings
 from guardrail.observability.metrics import GatewayMetrics
+from guardrail.observability.monitoring import monitor_from_settings
 from guardrail.plugins import PluginRegistry
 from guardrail.settings import Settings
 
@@ -71,6 +76,8 @@ def create_app(
     metrics = GatewayMetrics(
         metrics_registry if metrics_registry is not None else CollectorRegistry()
     )
+    # Bias, probes and drift; a group lexicon that cannot be read stops startup here.
+    monitor = monitor_from_settings(settings, metrics.registry)
     executor = ThreadPoolExecutor(settings.filter_workers, thread_name_prefix="guardrail-filter")
     env = BuildContext(
         executor=executor,
@@ -100,9 +107,18 @@ def create_app(
         )
         for path in sorted(tenants.policies())
     }
+    shadow_store = (
+        GuardStore(
+            settings.shadow_policy,
+            filters if filters is not None else filter_registry(),
+            dataclasses.replace(env, base_dir=Path(settings.shadow_policy).resolve().parent),
+        )
+        if settings.shadow_policy
+        else None
+    )
     try:
         store.load()
-        for other in stores.values():
+        for other in [*stores.values(), *([shadow_store] if shadow_store else [])]:
             other.load()
     except BaseException:
         executor.shutdown(wait=False)
@@ -118,7 +134,14 @@ def create_app(
         if rate_limiter is not None
         else build_rate_limiter(settings.rate_limit_redis_url),
         audit=audit,
+        shadow=ShadowPolicy(
+            shadow_store, metrics.shadow_decision, max_in_flight=settings.shadow_max_in_flight
+        )
+        if shadow_store is not None
+        else None,
+        monitor=monitor,
     )
+    gateway.on_shutdown.append(monitor.aclose)  # cancels running counterfactual probes
     if audit is not None:
         # Runs after open requests finished: every exchange is in the queue by then.
         gateway.on_shutdown.append(audit.aclose)
@@ -136,6 +159,8 @@ def create_app(
         version=store.current.policy.version,
         path=str(store.path),
     )
+
+    oversight = build_oversight(gateway)  # feedback and review; None with the audit log off
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -167,8 +192,8 @@ def create_app(
             executor.shutdown(wait=False, cancel_futures=True)
 
     return Litestar(
-        route_handlers=ROUTES,
-        state=State({"gateway": gateway, "serving": Serving(gateway)}),
+        route_handlers=[*ROUTES, *FEEDBACK_ROUTES, *REVIEW_ROUTES],
+        state=State({"gateway": gateway, "serving": Serving(gateway), "oversight": oversight}),
         exception_handlers={
             Exception: make_exception_handler(settings.max_body_bytes, gateway.on_rejected)
         },
@@ -190,6 +215,10 @@ def create_app(
         if settings.cors_origins
         else None,
         lifespan=[lifespan],
+        # Feedback and review read the audit database: opened after the audit log
+        # (whose startup creates and migrates the tables), closed after it flushed.
+        on_startup=[oversight.start] if oversight is not None else None,
+        on_shutdown=[oversight.aclose] if oversight is not None else None,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Guardrail", version=__version__, path="/openapi"),
         logging_config=None,

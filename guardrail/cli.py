@@ -12,6 +12,8 @@
     guardrail model prepare [--cache-dir DIR]
     guardrail bench proxy [--policy FILE] [--latency-ms MS] [--concurrency N]
                           [--seconds S] [--runs N] [--json]
+    guardrail report [--config FILE] [--audit-dsn DSN] [--since 7d] [--until WHEN]
+                     [--step 6h] [--out report.html]
 
 Exit codes: 0 success, 1 a check failed (invalid policy, failing policy test),
 2 bad usage or a startup error.
@@ -178,7 +180,13 @@ async def _run_policy_tests(guard: Any, *, verbose: bool) -> list[tuple[str, boo
 
     results = []
     for i, test in enumerate(guard.policy.tests):
-        ctx = FilterContext(f"policy-test-{i}", stage=test.stage)
+        ctx = FilterContext(
+            f"policy-test-{i}",
+            stage=test.stage,
+            tenant=test.tenant,
+            route=test.route,
+            model=test.model,
+        )
         decision = await guard.check(test.stage, test.input, ctx)
         label = f"[{test.stage.value}] {test.name or _preview(test.input)}"
         if decision.action is test.expect:
@@ -269,6 +277,47 @@ def cmd_bench_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- report --------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from guardrail.observability.audit import default_audit_path
+    from guardrail.observability.report import (
+        load_report,
+        parse_duration,
+        parse_since,
+        render_html,
+    )
+
+    settings = _settings(args, audit_dsn=args.audit_dsn)
+    dsn = settings.audit_dsn or str(default_audit_path())
+    if dsn.strip().lower() in {"off", "none", "false", "0", "disabled"}:
+        raise ConfigError("the audit log is off (audit_dsn); pass --audit-dsn to read one")
+    now = time.time()
+    try:
+        until = parse_since(args.until, now) if args.until else now
+        since = parse_since(args.since, now)  # both relative to now, as in journalctl
+        step = parse_duration(args.step) if args.step else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if since >= until:
+        raise ConfigError("--since must be before --until")
+    report = load_report(dsn, since, until, bucket_s=step)
+    page = render_html(report)
+    if args.out == "-":
+        sys.stdout.write(page)
+    else:
+        Path(args.out).write_text(page, encoding="utf-8")
+        print(
+            f"guardrail: wrote {args.out}: {report.exchanges:,} exchanges, "
+            f"{report.rows:,} audit rows",
+            file=sys.stderr,
+        )
+    return 0
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -337,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--runs", type=int, default=3, help="the report is the median")
     proxy.add_argument("--json", action="store_true", help="print one JSON object")
     proxy.set_defaults(func=cmd_bench_proxy)
+
+    report = sub.add_parser(
+        "report",
+        help="an HTML report from the audit log: harm over time, groups, satisfaction, "
+        "latency, top rules",
+    )
+    report.add_argument("--config", help="settings YAML file (for audit_dsn)")
+    report.add_argument("--audit-dsn", help="audit database (default: the settings' audit_dsn)")
+    report.add_argument(
+        "--since", default="7d", help="window start: a duration back (7d, 12h) or an ISO date"
+    )
+    report.add_argument("--until", help="window end, the same way (default: now)")
+    report.add_argument("--step", help="time step of the charts, e.g. 1h or 1d (default: chosen)")
+    report.add_argument("--out", default="report.html", help="the HTML file, or - for stdout")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -26,6 +26,26 @@ Outcome = Literal[
     "error",  # a gateway bug (500)
 ]
 
+RESPONSE_ID_PREFIXES: dict[str, str] = {
+    "chat": "chatcmpl",
+    "completions": "cmpl",
+    "moderations": "modr",
+}
+"""Route -> prefix of the response ids it answers with (OpenAI's prefixes)."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class GroupMention:
+    """A demographic group named by a text checked at ``stage``.
+
+    ``axis`` and ``group`` are names from the group lexicon
+    (:mod:`guardrail.observability.groups`), never the words of the text.
+    """
+
+    stage: Stage
+    axis: str
+    group: str
+
 
 @dataclass(slots=True)
 class Exchange:
@@ -49,6 +69,16 @@ class Exchange:
     status_code: int = 200
     error_code: str | None = None
     duration_s: float | None = None
+    groups: tuple[GroupMention, ...] | None = None
+    """Groups the checked texts name, set when the exchange is recorded; ``None`` when
+    they were not looked for (group detection off, or a route without prompts)."""
+
+    @property
+    def response_id(self) -> str | None:
+        """The ``id`` of the response body (``chatcmpl-<request id>`` for chat, ``cmpl-``
+        for completions, ``modr-`` for moderations); ``None`` for routes without one."""
+        prefix = RESPONSE_ID_PREFIXES.get(self.route)
+        return None if prefix is None else f"{prefix}-{self.request_id}"
 
     def decisions_at(self, stage: Stage) -> list[Decision]:
         return [d for d in self.decisions if d.stage is stage]

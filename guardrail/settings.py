@@ -81,6 +81,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     host: Annotated[str, _doc("Address to listen on.")] = "127.0.0.1"
     port: Annotated[int, _doc("Port to listen on."), msgspec.Meta(ge=0, le=65535)] = 8080
     policy: Annotated[str, _doc("Path of the policy YAML file in force.")] = "policies/default.yaml"
+    shadow_policy: Annotated[
+        str | None,
+        _doc(
+            "A candidate policy file checked on live traffic without being enforced; its "
+            "decisions are compared with the active policy's (guardrail_shadow_decisions_total)."
+        ),
+    ] = None
+    shadow_max_in_flight: Annotated[
+        int,
+        _doc("Most shadow checks running at once; past this they are dropped and counted."),
+        msgspec.Meta(ge=1, le=100_000),
+    ] = 64
     backend: Annotated[
         str, _doc("Backend type: 'local' (transformers), 'remote' (OpenAI-compatible HTTP).")
     ] = "local"
@@ -244,6 +256,53 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Literal["none", "redacted"],
         _doc("Text kept in the audit log: none, or the redacted text of the exchange."),
     ] = "none"
+    feedback_comments: Annotated[
+        Literal["none", "redacted"],
+        _doc(
+            "Comments sent with POST /v1/feedback: none (accepted, never stored), or "
+            "redacted (stored after the tenant policy's input filters; a blocked comment "
+            "is not stored). Never logged either way."
+        ),
+    ] = "none"
+    feedback_comment_max_chars: Annotated[
+        int,
+        _doc("Longest feedback comment accepted, in characters; longer: 400."),
+        msgspec.Meta(ge=0, le=100_000),
+    ] = 2000
+    group_lexicon: Annotated[
+        str | None,
+        _doc(
+            "Demographic group lexicon (YAML) for the per-group metrics, counterfactual "
+            "probes and the audit log's groups column. Empty: the shipped "
+            "guardrail/observability/data/groups.yaml; off: no group detection."
+        ),
+    ] = None
+    counterfactual_sample_rate: Annotated[
+        float,
+        _doc(
+            "Share of prompts that mention a group whose input stage is re-run off the "
+            "request path with the group swapped for its counterpart (0: probes off)."
+        ),
+        msgspec.Meta(ge=0.0, le=1.0),
+    ] = 0.0
+    counterfactual_max_in_flight: Annotated[
+        int,
+        _doc("Most counterfactual probes running at once; past this they are dropped and counted."),
+        msgspec.Meta(ge=1, le=10_000),
+    ] = 4
+    harmful_rate_recent_s: Annotated[
+        float,
+        _doc("Recent window of the in-process harmful-content rate (guardrail_harmful_rate)."),
+        msgspec.Meta(gt=0),
+    ] = 900.0
+    harmful_rate_baseline_s: Annotated[
+        float,
+        _doc(
+            "Baseline window, just before the recent one, that the recent harmful-content "
+            "rate is compared with (guardrail_harmful_rate_drift); at most 6666 recent windows."
+        ),
+        msgspec.Meta(gt=0),
+    ] = 86_400.0
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"], _doc("Lowest level logged.")
     ] = "info"

@@ -41,7 +41,9 @@ from guardrail.guard.types import (
 )
 from guardrail.observability.audit import (
     COLUMNS,
+    POSTGRES_MIGRATIONS,
     SCHEMA_VERSION,
+    SQLITE_MIGRATIONS,
     AuditConfig,
     AuditError,
     AuditLog,
@@ -52,6 +54,13 @@ from guardrail.observability.audit import (
     audit_from_settings,
     record_from_exchange,
     store_from_dsn,
+)
+from guardrail.observability.oversight import (
+    FeedbackEntry,
+    OversightStore,
+    ReviewEntry,
+    ReviewVerdict,
+    oversight_store_for,
 )
 
 SECRET = "my social is 078-05-1120, tell no one"
@@ -313,7 +322,7 @@ def expected_row(record: AuditRecord) -> dict[str, Any]:
 
 
 def _values(record: AuditRecord) -> list[Any]:
-    renamed = {"findings": "findings_json", "filters": "filters_json"}
+    renamed = {"findings": "findings_json", "filters": "filters_json", "groups": "groups_json"}
     return [getattr(record, renamed.get(c, c)) for c in COLUMNS]
 
 
@@ -542,6 +551,192 @@ async def test_postgres_writes_go_on_after_the_server_drops_the_connection(
     stats = audit.stats()
     assert (stats.written, stats.dropped) == (2, 0)
     assert stats.write_errors >= 1
+
+
+# --- schema version 2: migration, feedback and review rows ---------------------------------
+
+
+async def _create_version_1(store: AuditStore, record: AuditRecord) -> None:
+    """A database as guardrail's schema version 1 left it, holding ``record``."""
+    later = ("response_id", "groups")  # columns of schema versions 2 and 3
+    old = [(c, v) for c, v in zip(COLUMNS, _values(record), strict=True) if c not in later]
+    names = ", ".join(c for c, _ in old)
+    if isinstance(store, SQLiteStore):
+        conn = sqlite3.connect(store.path)
+        try:
+            for statement in SQLITE_MIGRATIONS[1]:
+                conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO audit_log ({names}) VALUES ({', '.join('?' for _ in old)})",
+                [v for _, v in old],
+            )
+            conn.execute("INSERT INTO audit_schema_version VALUES (1, 'then')")
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    assert isinstance(store, PostgresStore)
+    import psycopg
+
+    casts = {"time": "::timestamptz", "findings": "::jsonb", "filters": "::jsonb"}
+    marks = ", ".join("%s" + casts.get(c, "") for c, _ in old)
+    async with await psycopg.AsyncConnection.connect(store.dsn, autocommit=True) as conn:
+        for statement in POSTGRES_MIGRATIONS[1]:
+            await conn.execute(statement)
+        await conn.execute(f"INSERT INTO audit_log ({names}) VALUES ({marks})", [v for _, v in old])
+        await conn.execute("INSERT INTO audit_schema_version (version) VALUES (1)")
+
+
+@contextlib.asynccontextmanager
+async def oversight(store: AuditStore) -> AsyncIterator[OversightStore]:
+    found = oversight_store_for(store)
+    assert found is not None
+    await found.open()
+    try:
+        yield found
+    finally:
+        await found.close()
+
+
+async def test_a_version_1_database_is_migrated_and_keeps_its_rows(database: Database) -> None:
+    old = record_from_exchange(exchange("before-v2"), now=NOW, record_id="old")
+    await _create_version_1(database.make_store(), old)
+
+    async with running(database.make_store()) as audit:
+        audit.record(exchange("after-v2"))
+
+    rows = await database.rows()
+    assert [(r["request_id"], r["response_id"]) for r in rows] == [
+        ("before-v2", None),  # not known then
+        ("after-v2", "chatcmpl-after-v2"),
+    ]
+    assert without_id(rows[0]) == {**expected_row(old), "response_id": None}
+    assert await database.schema_version() == SCHEMA_VERSION >= 2
+    async with oversight(database.make_store()) as store:
+        # A response id from before the migration is found through its request id.
+        found = await store.find_response("acme", "chatcmpl-before-v2")
+        assert found is not None
+        assert found.record_id == "old"
+        assert await store.pending_count() == 0
+
+
+async def test_ratings_and_verdicts_round_trip_with_the_decision_they_judged(
+    database: Database,
+) -> None:
+    block = decision(Stage.INPUT, finding("weapons", Action.BLOCK, score=0.97, rule="bomb"))
+    async with running(database.make_store()) as audit:
+        audit.record(exchange("flagged-1", outcome="flagged"))
+        audit.record(exchange("blocked-1", outcome="blocked_input", decisions=[block]))
+        audit.record(exchange("fine-1", outcome="allowed", decisions=[]))
+        audit.record(exchange("other-tenant", tenant="beta", outcome="allowed", decisions=[]))
+
+    async with oversight(database.make_store()) as store:
+        assert await store.pending_count() == 2
+        assert await store.find_response("acme", "chatcmpl-other-tenant") is None
+        assert await store.find_response("beta", "chatcmpl-other-tenant") is not None
+        fine = await store.find_response("acme", "fine-1")  # a request id works too
+        blocked = await store.find_response("acme", "chatcmpl-blocked-1")
+        assert fine is not None
+        assert blocked is not None
+        assert (blocked.action, blocked.outcome, blocked.stage) == (
+            "block",
+            "blocked_input",
+            "input",
+        )
+
+        assert not await store.save_feedback(FeedbackEntry(fine, rating=1, comment=None, epoch=NOW))
+        assert await store.save_feedback(FeedbackEntry(fine, rating=-1, comment="x\x00", epoch=NOW))
+        assert (
+            await store.save_feedback(FeedbackEntry(blocked, rating=-1, comment=None, epoch=NOW))
+            is False
+        )
+
+        assert await store.pending_count() == 3  # the rated-down allowed exchange joins
+        pending, more = await store.review_items("pending", limit=2)
+        assert [(i.request_id, i.queued_because, i.feedback_rating) for i in pending] == [
+            ("fine-1", "negative_feedback", -1),
+            ("blocked-1", "blocked", -1),
+        ]
+        assert more
+        rest, more = await store.review_items("pending", limit=2, before=pending[-1].seq)
+        assert [i.request_id for i in rest] == ["flagged-1"]
+        assert not more
+        assert [f["category"] for f in pending[1].findings] == ["weapons"]
+
+        verdict = ReviewVerdict("false_positive", "allow", "alice", "a chemistry class", NOW + 5)
+        assert await store.save_review(ReviewEntry(blocked.record_id, verdict)) is False
+        again = ReviewVerdict("false_positive", "flag", "bob", None, NOW + 6)
+        assert await store.save_review(ReviewEntry(blocked.record_id, again)) is True
+        assert await store.save_review(ReviewEntry("no-such-record", verdict)) is None
+
+        assert await store.pending_count() == 2
+        reviewed, _ = await store.review_items("reviewed")
+        assert [(i.request_id, i.review) for i in reviewed] == [("blocked-1", again)]
+        everything, _ = await store.review_items("all", tenant="acme")
+        assert [i.request_id for i in everything] == ["fine-1", "blocked-1", "flagged-1"]
+        assert await store.review_items("all", tenant="beta") == ([], False)
+
+        exported = await store.verdicts()
+        assert [(v.request_id, v.action, v.outcome, v.review) for v in exported] == [
+            ("blocked-1", "block", "blocked_input", again)
+        ]
+        assert exported[0].findings == (
+            {"stage": "input", "filter": "pii", "category": "weapons", "score": 0.97,
+             "action": "block", "rule_id": "bomb"},
+        )  # fmt: skip
+        assert await store.verdicts(after=exported[0].seq) == []
+        assert await store.verdicts(since=NOW + 7) == []
+
+    feedback = await _table(
+        database, "SELECT record_id, rating, comment, action FROM audit_feedback"
+    )
+    assert sorted(tuple(r) for r in feedback) == sorted(
+        [(fine.record_id, -1, "x\ufffd", "allow"), (blocked.record_id, -1, None, "block")]
+    )
+
+
+POSTGRES_FEEDBACK_QUERIES = [
+    """SELECT policy_version, count(*) AS rated_blocks,
+    count(*) FILTER (WHERE rating < 0) AS rated_bad
+    FROM audit_feedback WHERE action = 'block' GROUP BY policy_version""",
+    """SELECT f ->> 'category' AS category, r.verdict, count(*), avg((f ->> 'score')::float)
+    FROM audit_review r, jsonb_array_elements(r.findings) AS f GROUP BY category, r.verdict""",
+]
+
+
+async def test_the_documented_postgres_feedback_queries_run(postgres_dsn: str) -> None:
+    block = decision(Stage.INPUT, finding("weapons", Action.BLOCK, score=0.97, rule="bomb"))
+    async with running(PostgresStore(postgres_dsn)) as audit:
+        audit.record(exchange("blocked-1", outcome="blocked_input", decisions=[block]))
+    async with oversight(PostgresStore(postgres_dsn)) as store:
+        blocked = await store.find_response("acme", "blocked-1")
+        assert blocked is not None
+        await store.save_feedback(FeedbackEntry(blocked, rating=-1, comment=None, epoch=NOW))
+        verdict = ReviewVerdict("correct", "block", "alice", None, NOW)
+        await store.save_review(ReviewEntry(blocked.record_id, verdict))
+
+    database = _postgres_database(postgres_dsn)
+    results = [await _table(database, sql) for sql in POSTGRES_FEEDBACK_QUERIES]
+    assert [[tuple(r) for r in rows] for rows in results] == [
+        [("2026.11.22-1", 1, 1)],
+        [("weapons", "correct", 1, 0.97)],
+    ]
+
+
+async def _table(database: Database, sql: str) -> list[Any]:
+    store = database.make_store()
+    if isinstance(store, SQLiteStore):
+        conn = sqlite3.connect(store.path)
+        try:
+            return conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+    assert isinstance(store, PostgresStore)
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(store.dsn) as conn:
+        cur = await conn.execute(sql)
+        return await cur.fetchall()
 
 
 # --- SQLite specifics -----------------------------------------------------------------------

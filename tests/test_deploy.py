@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry
 
 from guardrail.observability.audit import AuditStats
 from guardrail.observability.metrics import GatewayMetrics
+from guardrail.observability.monitoring import MonitoringMetrics
 from guardrail.settings import Settings
 from tests.conftest import ROOT
 from tests.servers import serve_asgi
@@ -143,6 +144,8 @@ def exposed_metric_names() -> set[str]:
     metrics = GatewayMetrics(registry)
     # The audit log's metrics exist whenever the audit log is on (the default).
     metrics.observe_audit(lambda: AuditStats(0, 0, 0, 0, 0))
+    # Bias, probes and drift: the app registers them beside GatewayMetrics.
+    MonitoringMetrics(registry)
     suffixes = {
         "counter": ("_total", "_created"),
         "histogram": ("_bucket", "_count", "_sum", "_created"),
@@ -256,6 +259,7 @@ def test_alert_rules_reference_exposed_metrics() -> None:
         "GuardrailLatencyP99High",
         "GuardrailFilterErrors",
         "GuardrailPolicyReloadFailed",
+        "GuardrailHarmfulRateDrift",
     }
     for alert in alerts:
         assert METRIC_NAME.search(alert["expr"]), alert["alert"]

@@ -94,7 +94,7 @@ def test_sdk_sees_a_blocked_prompt_as_bad_request_and_upstream_sees_nothing(
     assert caught.value.code == "content_filter"
     body = caught.value.body
     assert isinstance(body, dict)
-    assert body["rule_ids"] == ["weapons.explosives.instructions"]
+    assert "weapons.explosives.instructions" in body["rule_ids"]
     assert body["categories"] == ["weapons"]
     assert stack.upstream.requests == []
 

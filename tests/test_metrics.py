@@ -577,6 +577,10 @@ def _record_every_kind(metrics: GatewayMetrics) -> None:
     metrics.request_started("chat")
     metrics.rate_limited("tokens")
     metrics.circuit_state("http://vllm-a:8000/v1", 2)
+    metrics.feedback_received("negative", "block")
+    metrics.review_verdict("false_positive", "block")
+    metrics.set_review_queue_depth(3)
+    metrics.shadow_decision(Stage.INPUT, Action.ALLOW, "block", "candidate-1")
 
 
 def test_exposition_is_the_text_format_with_its_content_type(metrics: GatewayMetrics) -> None:
@@ -594,7 +598,7 @@ def test_every_metric_has_help_text_and_samples_after_every_kind_of_exchange(
     _record_every_kind(metrics)
 
     families = [f for f in registry.collect() if f.name.startswith("guardrail_")]
-    assert len(families) == 22
+    assert len(families) == 26
     for family in families:
         assert family.documentation, family.name
         assert family.samples, family.name

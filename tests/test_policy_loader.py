@@ -195,8 +195,8 @@ ERROR_CASES = [
     pytest.param(
         "unknown_rule_key.yaml",
         "13:11: filters[0].config.rules[1].keywrds: unknown key 'keywrds' (expected one of: "
-        "id, category, description, stages, action, message, keywords, regex, score, "
-        "replacement); did you mean 'keywords'?",
+        "keywords, regex, semantic, classifier, all, any, not, id, category, description, "
+        "severity, stages, scope, action, message, score, replacement); did you mean 'keywords'?",
         id="unknown-key-in-a-rule",
     ),
     pytest.param(
@@ -293,8 +293,9 @@ def test_every_problem_in_a_file_is_reported_in_file_order(
         "14:11: filters[1].type: unknown filter type 'nope' (known types: input-only, rules)",
         "17:5: filters[2]: missing required key 'id'",
         "20:11: filters[2].config.rules[0]: missing required key 'id'",
-        "22:11: filters[2].config.rules[0].colour: unknown key 'colour' (expected one of: id, "
-        "category, description, stages, action, message, keywords, regex, score, replacement)",
+        "22:11: filters[2].config.rules[0].colour: unknown key 'colour' (expected one of: "
+        "keywords, regex, semantic, classifier, all, any, not, id, category, description, "
+        "severity, stages, scope, action, message, score, replacement)",
         "23:1: extra: unknown key 'extra' (expected one of: name, version, description, "
         "on_error, timeout_ms, messages, stream, filters, tests)",
     ]

@@ -14,6 +14,7 @@
   path                        needs
   ==========================  ==================================================
   /healthz, /readyz           nothing (probes)
+  /admin/review/ui            nothing (a page with no data; its calls carry the key)
   /openapi...                 nothing (the schema is public)
   /metrics                    nothing, or the admin key with metrics_require_admin_key
   /admin/...                  the admin key
@@ -52,7 +53,8 @@ from guardrail.settings import Settings, TenantConfig
 DEFAULT_TENANT = "default"
 OPEN_KEY_ID = "open"
 ADMIN_KEY_ID = "admin"
-_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# The review page holds no data: it asks for the admin key and sends it with each call.
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/admin/review/ui"})
 
 OnRejected = Callable[[str, str, int, str], None]
 

@@ -30,11 +30,13 @@ from guardrail.chat import Message
 from guardrail.errors import BackendError, BackendUnavailable
 from guardrail.exchange import Exchange, Outcome, Route
 from guardrail.guard.guard import Guard
+from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore, ReloadResult
 from guardrail.guard.stream import StreamGuard
 from guardrail.guard.types import Action, Decision, FilterContext, Finding, Stage
 from guardrail.observability.audit import AuditLog
 from guardrail.observability.metrics import GatewayMetrics
+from guardrail.observability.monitoring import Monitor
 from guardrail.settings import Settings
 
 log = structlog.get_logger("guardrail.serving")
@@ -125,6 +127,8 @@ class Gateway:
     slots: Slots | None = None
     on_shutdown: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
     audit: AuditLog | None = None
+    shadow: ShadowPolicy | None = None
+    monitor: Monitor | None = None
 
     def __post_init__(self) -> None:
         if self.tenants is None:
@@ -195,7 +199,8 @@ class Gateway:
         first tenant policy that failed.
         """
         result = await self.store.reload()
-        for store in self.stores.values():
+        shadow = [self.shadow.store] if self.shadow is not None else []
+        for store in [*self.stores.values(), *shadow]:
             other = await store.reload()
             if result.ok and not other.ok:
                 result = other
@@ -235,6 +240,8 @@ class Gateway:
 
     def record(self, exchange: Exchange) -> None:
         """Record a finished exchange in metrics and in one log line (never its text)."""
+        if self.monitor is not None:  # first: it sets exchange.groups for the audit row
+            self.monitor.record(exchange)
         self.metrics.record(exchange)
         if self.audit is not None:
             self.audit.record(exchange)
@@ -351,8 +358,8 @@ class _Call:
 
     @property
     def response_id(self) -> str:
-        prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
-        return f"{prefix}-{self.exchange.request_id}"
+        # One source for the id format: the audit log stores the same id for feedback.
+        return self.exchange.response_id or f"{self.kind}-{self.exchange.request_id}"
 
     def output_decisions(self) -> list[tuple[int | None, Decision]]:
         return [(None, d) for d in self.exchange.decisions_at(Stage.OUTPUT)]
@@ -457,7 +464,7 @@ class Serving:
         finally:
             self._close(exchange, admission)
         return {
-            "id": f"modr-{request_id}",
+            "id": exchange.response_id,
             "model": f"guardrail/{guard.policy.name}",
             "results": [_moderation_result(d) for d in decisions],
             "guardrail": guardrail_object(exchange, guard, [(None, d) for d in decisions]),
@@ -505,6 +512,11 @@ class Serving:
             )
             input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
             exchange.decisions.extend(d for _, d in input_decisions)
+            if self.gw.shadow is not None:
+                active = Action.strictest(d.action for _, d in input_decisions)
+                self.gw.shadow.observe_messages(messages, ctx, active)
+            if self.gw.monitor is not None:
+                self.gw.monitor.probe(guard, ctx, messages, input_decisions)
             if any(d.blocked for _, d in input_decisions):
                 raise self._input_blocked(exchange, guard, input_decisions)
             rewritten = list(texts)
@@ -583,6 +595,8 @@ class Serving:
         exchange.completion_tokens = completion.completion_tokens
         decision = await call.guard.check(Stage.OUTPUT, completion.text, call.ctx.at(Stage.OUTPUT))
         exchange.decisions.append(decision)
+        if self.gw.shadow is not None:
+            self.gw.shadow.observe_text(Stage.OUTPUT, completion.text, call.ctx, decision.action)
         if decision.blocked:
             text, finish = call.guard.policy.messages.output_blocked, "content_filter"
             exchange.finish("blocked_output")
@@ -671,6 +685,10 @@ class Serving:
                     yield self._frame(call, content=released.text)
             exchange.decisions.extend(window.decisions)
             recorded = True
+            if self.gw.shadow is not None and not window.blocked:
+                # A blocked stream's text was cut short: only whole completions compare.
+                active = Action.strictest(d.action for d in window.decisions)
+                self.gw.shadow.observe_text(Stage.OUTPUT, window.released_text, call.ctx, active)
             exchange.prompt_tokens, exchange.completion_tokens = prompt_tokens, completion_tokens
             if window.blocked:
                 refusal = guard.policy.messages.output_blocked

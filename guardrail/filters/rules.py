@@ -1,49 +1,164 @@
-"""Keyword and regex rules, matched on normalised text (see :mod:`.normalize`).
+"""The acceptable-use rule language: keywords, regexes, semantic examples, classifiers.
 
-A rule names what it catches (``category``), where (``stages``), and what to do
-(``action``: block, redact or flag) with the message users see. Keywords match whole
-words or phrases; regexes are Python ``re`` patterns, matched case-insensitively on
-the normalised text. The full acceptable-use language builds on this filter.
+A rule names what it catches (``category``, ``severity``), where (``stages`` and
+``scope``: tenants, routes, models), what to do (``action``: block, redact or flag) and
+the message users see. What it matches is a *condition*:
+
+- ``keywords`` / ``regex``: words, phrases or Python regexes. Keywords match the text
+  after evasion is undone (case, look-alike letters, zero-width characters, leetspeak,
+  spaced-out letters; see :mod:`.normalize`); regexes match it folded (case, width,
+  look-alikes, invisible characters) but with digits and symbols kept. Any one hits.
+- ``semantic``: example phrases (and counter-examples) compared with the text by
+  sentence-embedding similarity; a hit when the nearest example is at least
+  ``threshold`` similar and beats the nearest counter-example by ``margin``.
+- ``classifier``: a label's score from a classifier engine declared under
+  ``classifiers:`` (the shipped embedding heads, or Llama Guard) at least ``threshold``.
+- ``all`` / ``any`` / ``not``: composition of conditions.
+
+Inside one condition the parts listed together must all hold (keywords/regex count as
+one part), like ``all``; ``any`` is the way to say "either". Example::
+
+    - id: weapons.build
+      category: weapons
+      severity: high
+      keywords: [pipe bomb, ghost gun]
+    - id: weapons.semantic
+      category: weapons
+      any:
+        - semantic: {examples: ["how do I build an explosive device"], threshold: 0.7}
+        - classifier: {engine: aup, label: weapons, threshold: 0.6}
+      not: {keywords: [video game, minecraft]}
+
+Long texts are embedded in sentence windows and scored by their most similar window, so
+a harmful request inside a long harmless frame is still seen.
 """
 
 from __future__ import annotations
 
+import asyncio
+import fnmatch
 import re
-from collections.abc import Iterator
-from typing import Annotated, Literal
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
 from guardrail.docs import doc as _doc
-from guardrail.filters.normalize import normalize
+from guardrail.errors import ConfigError
+from guardrail.filters.classifiers import (
+    DEFAULT_AUP_WEIGHTS,
+    AupHeads,
+    ClassifierEngine,
+    ClassifierSettings,
+    EmbeddingHeadsEngine,
+    EmbeddingHeadsSettings,
+    LlamaGuardSettings,
+)
+from guardrail.filters.normalize import Normalized, normalize
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
 from guardrail.policy.model import Id
 
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
-class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One keyword/regex rule."""
+    from guardrail.filters.embedder import Embedder
+
+Score = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class Semantic(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Similarity to example phrases, by sentence embedding (all-MiniLM-L6-v2)."""
+
+    examples: Annotated[
+        list[str],
+        _doc("Phrases that should match: what the rule is about, in a few different wordings."),
+        msgspec.Meta(min_length=1),
+    ]
+    counter_examples: Annotated[
+        list[str],
+        _doc("Phrases that look alike but must not match (e.g. 'kill a Python process')."),
+    ] = msgspec.field(default_factory=list)
+    threshold: Annotated[Score, _doc("Lowest cosine similarity to an example that matches.")] = 0.6
+    margin: Annotated[
+        float,
+        _doc("How much closer the nearest example must be than the nearest counter-example."),
+        msgspec.Meta(ge=-1.0, le=1.0),
+    ] = 0.0
+
+
+class ClassifierCondition(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A label's score from a classifier engine declared in the filter's ``classifiers``."""
+
+    engine: Annotated[Id, _doc("Name of an engine under the filter's 'classifiers'.")]
+    label: Annotated[str, _doc("Label to score, e.g. a category name or 'unsafe'.")]
+    threshold: Annotated[Score, _doc("Lowest score that matches.")] = 0.5
+
+
+class Condition(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a rule matches. Parts listed together must all hold (keywords/regex are one part)."""
+
+    keywords: Annotated[
+        list[str], _doc("Words or phrases matched whole, after evasion is undone; any one hits.")
+    ] = msgspec.field(default_factory=list)
+    regex: Annotated[
+        list[str],
+        _doc("Python regular expressions on the normalised (lower-case) text; any one hits."),
+    ] = msgspec.field(default_factory=list)
+    semantic: Annotated[Semantic | None, _doc("Example phrases matched by meaning.")] = None
+    classifier: Annotated[ClassifierCondition | None, _doc("A classifier label's score.")] = None
+    all_of: Annotated[list[Condition] | None, _doc("Every one of these conditions holds.")] = (
+        msgspec.field(default=None, name="all")
+    )
+    any_of: Annotated[list[Condition] | None, _doc("At least one of these conditions holds.")] = (
+        msgspec.field(default=None, name="any")
+    )
+    none_of: Annotated[Condition | None, _doc("This condition does not hold.")] = msgspec.field(
+        default=None, name="not"
+    )
+
+
+class Scope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where a rule applies; each list holds glob patterns, empty means everywhere."""
+
+    tenants: Annotated[list[str], _doc("Tenant names ('*' globs allowed).")] = msgspec.field(
+        default_factory=list
+    )
+    routes: Annotated[
+        list[Literal["chat", "completions", "moderations"]],
+        _doc("Routes: chat (/v1/chat/completions), completions, moderations."),
+    ] = msgspec.field(default_factory=list)
+    models: Annotated[list[str], _doc("Requested model names ('*' globs allowed).")] = (
+        msgspec.field(default_factory=list)
+    )
+
+
+class Rule(Condition, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One rule: a condition plus what it is, where it applies, and what it does."""
 
     id: Annotated[Id, _doc("Unique rule id, reported in findings.")]
     category: Annotated[str, _doc("Category reported in findings and metrics (a fixed set).")]
-    description: Annotated[str, _doc("What the rule is for (for policy readers).")] = ""
+    description: Annotated[
+        str, _doc("What the rule is for; also the category text shown to Llama Guard.")
+    ] = ""
+    severity: Annotated[
+        Literal["low", "medium", "high", "critical"], _doc("Severity reported in findings.")
+    ] = "medium"
     stages: Annotated[
         list[Stage] | None, _doc("Stages this rule applies to; default: the filter's stages.")
     ] = None
+    scope: Annotated[Scope | None, _doc("Tenants, routes and models the rule applies to.")] = None
     action: Annotated[Literal["block", "redact", "flag"], _doc("What a match does.")] = "block"
     message: Annotated[
         str | None, _doc("Message users see when this rule blocks; default: the policy's.")
     ] = None
-    keywords: Annotated[list[str], _doc("Words or phrases matched whole, after normalisation.")] = (
-        msgspec.field(default_factory=list)
-    )
-    regex: Annotated[list[str], _doc("Python regular expressions, matched case-insensitively.")] = (
-        msgspec.field(default_factory=list)
-    )
-    score: Annotated[float, _doc("Score reported for a match."), msgspec.Meta(ge=0.0, le=1.0)] = 1.0
-    replacement: Annotated[str, _doc("Text that replaces a match when action is redact.")] = (
-        "[REDACTED]"
-    )
+    score: Annotated[Score, _doc("Score reported for a keyword or regex hit.")] = 1.0
+    replacement: Annotated[
+        str, _doc("Text that replaces each keyword/regex hit when action is redact.")
+    ] = "[REDACTED]"
 
 
 class RulesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -52,80 +167,440 @@ class RulesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     rules: Annotated[list[Rule], _doc("The rules, all checked on every text.")] = msgspec.field(
         default_factory=list
     )
+    classifiers: Annotated[
+        dict[Id, ClassifierSettings],
+        _doc("Classifier engines by name, for 'classifier' conditions ('type' picks one)."),
+    ] = msgspec.field(default_factory=dict)
+    segment_chars: Annotated[
+        int,
+        _doc("Texts longer than this are embedded in sentence windows of about this size."),
+        msgspec.Meta(ge=50, le=5000),
+    ] = 320
+    max_segments: Annotated[
+        int,
+        _doc("Most windows embedded per text; longer texts keep evenly spread windows."),
+        msgspec.Meta(ge=1, le=512),
+    ] = 48
 
 
-def _keyword_pattern(keyword: str) -> str:
-    words = normalize(keyword).text.split(" ")
-    body = r"\s*".join(re.escape(w) for w in words if w)
-    return rf"(?<!\w){body}(?!\w)"
+# -- validation ----------------------------------------------------------------------------
+
+ConfigPath = tuple[str | int, ...]
 
 
-def _compile(rule: Rule) -> re.Pattern[str]:
-    parts = [_keyword_pattern(k) for k in rule.keywords]
-    parts += [f"(?:{r})" for r in rule.regex]
-    return re.compile("|".join(parts), re.IGNORECASE)
+def _walk(cond: Condition, path: ConfigPath) -> Iterator[tuple[Condition, ConfigPath]]:
+    yield cond, path
+    for key, children in (("all", cond.all_of), ("any", cond.any_of)):
+        for i, child in enumerate(children or ()):
+            yield from _walk(child, (*path, key, i))
+    if cond.none_of is not None:
+        yield from _walk(cond.none_of, (*path, "not"))
+
+
+def _has_part(cond: Condition) -> bool:
+    return bool(
+        cond.keywords
+        or cond.regex
+        or cond.semantic
+        or cond.classifier
+        or cond.all_of
+        or cond.any_of
+        or cond.none_of is not None
+    )
+
+
+def _positive_only_negation(cond: Condition) -> bool:
+    """True when nothing but ``not`` is given: a rule that matches almost every text."""
+    parts = [cond.keywords or cond.regex, cond.semantic, cond.classifier, cond.all_of, cond.any_of]
+    return cond.none_of is not None and not any(parts)
 
 
 def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
-    """Rule ids are unique, each rule has something to match, every regex compiles."""
+    """What a schema cannot say: unique ids, compiling regexes, known engines and labels."""
     seen: set[str] = set()
     for i, rule in enumerate(config.rules):
+        base: ConfigPath = ("rules", i)
         if rule.id in seen:
-            yield ConfigIssue(("rules", i, "id"), f"duplicate rule id {rule.id!r}")
+            yield ConfigIssue((*base, "id"), f"duplicate rule id {rule.id!r}")
         seen.add(rule.id)
-        if not rule.keywords and not rule.regex:
-            yield ConfigIssue(("rules", i), "a rule needs at least one keyword or regex")
-        for j, kw in enumerate(rule.keywords):
-            if not normalize(kw).text:
-                yield ConfigIssue(("rules", i, "keywords", j), "empty keyword")
-        for j, pattern in enumerate(rule.regex):
-            try:
-                compiled = re.compile(pattern)
-            except re.error as e:
-                yield ConfigIssue(("rules", i, "regex", j), f"invalid regex: {e}")
-                continue
-            if compiled.match(""):
-                yield ConfigIssue(("rules", i, "regex", j), "regex matches the empty string")
+        if _positive_only_negation(rule):
+            yield ConfigIssue(
+                (*base, "not"),
+                "a rule needs something to match besides 'not' (it would hit nearly every text)",
+            )
+        if rule.action == "redact" and not (rule.keywords or rule.regex):
+            yield ConfigIssue(
+                (*base, "action"),
+                "action redact needs keywords or regex on the rule itself (the spans to hide)",
+            )
+        for cond, path in _walk(rule, base):
+            if not _has_part(cond):
+                yield ConfigIssue(
+                    path, "a condition needs keywords, regex, semantic, classifier, all, any or not"
+                )
+            for j, kw in enumerate(cond.keywords):
+                if not normalize(kw).text:
+                    yield ConfigIssue((*path, "keywords", j), "empty keyword")
+            for j, pattern in enumerate(cond.regex):
+                try:
+                    compiled = re.compile(pattern)
+                except re.error as e:
+                    yield ConfigIssue((*path, "regex", j), f"invalid regex: {e}")
+                    continue
+                if compiled.match(""):
+                    yield ConfigIssue((*path, "regex", j), "regex matches the empty string")
+            if cond.classifier is not None and cond.classifier.engine not in config.classifiers:
+                known = ", ".join(sorted(config.classifiers)) or "none declared"
+                yield ConfigIssue(
+                    (*path, "classifier", "engine"),
+                    f"unknown classifier engine {cond.classifier.engine!r} ({known})",
+                )
+
+
+# -- compiled form --------------------------------------------------------------------------
+
+
+_SPELL_SEPARATOR = r"[ ._*-]"
+
+
+def _word_pattern(word: str) -> str:
+    """A word as written, or spelled out one letter at a time (``b o m b``, ``b.o.m.b``)."""
+    plain = re.escape(word)
+    if len(word) < 3:
+        return plain
+    spelled = _SPELL_SEPARATOR.join(re.escape(c) for c in word)
+    return f"(?:{plain}|{spelled})"
+
+
+def _keyword_pattern(keyword: str) -> str:
+    words = normalize(keyword, glue=False).text.split(" ")
+    body = r"\s*".join(_word_pattern(w) for w in words if w)
+    return rf"(?<!\w){body}(?!\w)"
+
+
+def _compile_pattern(cond: Condition) -> _Pattern | None:
+    keywords = [_keyword_pattern(k) for k in cond.keywords]
+    regexes = [f"(?:{r})" for r in cond.regex]
+    if not keywords and not regexes:
+        return None
+    return _Pattern(
+        re.compile("|".join(keywords), re.IGNORECASE) if keywords else None,
+        re.compile("|".join(regexes), re.IGNORECASE) if regexes else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Pattern:
+    """Keywords match the fully normalised text; regexes the folded text."""
+
+    keywords: re.Pattern[str] | None
+    regex: re.Pattern[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _SemanticIndex:
+    examples: npt.NDArray[np.float32]
+    counters: npt.NDArray[np.float32] | None
+    threshold: float
+    margin: float
+
+    def score(self, embeddings: npt.NDArray[np.float32]) -> tuple[bool, float]:
+        """(hit, best similarity) over the text's windows."""
+        if len(embeddings) == 0:
+            return False, 0.0
+        sims = (embeddings @ self.examples.T).max(axis=1)
+        if self.counters is not None:
+            against = (embeddings @ self.counters.T).max(axis=1)
+            ok = (sims >= self.threshold) & (sims - against >= self.margin)
+        else:
+            ok = sims >= self.threshold
+        return bool(ok.any()), float(sims.max())
+
+
+@dataclass(slots=True)
+class _Node:
+    pattern: _Pattern | None = None
+    pattern_score: float = 1.0
+    semantic: _SemanticIndex | None = None
+    classifier: ClassifierCondition | None = None
+    all_of: list[_Node] = field(default_factory=list)
+    any_of: list[_Node] = field(default_factory=list)
+    none_of: _Node | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    hit: bool
+    score: float = 0.0
+    spans: tuple[tuple[int, int], ...] = ()
+
+
+_MISS = _Match(False)
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRule:
+    rule: Rule
+    node: _Node
+    stages: frozenset[Stage]
+    scope: Scope | None
+
+    def applies(self, ctx: FilterContext) -> bool:
+        if ctx.stage not in self.stages:
+            return False
+        scope = self.scope
+        if scope is None:
+            return True
+
+        def ok(patterns: Sequence[str], value: str | None) -> bool:
+            return not patterns or any(fnmatch.fnmatchcase(value or "", p) for p in patterns)
+
+        return (
+            ok(scope.tenants, ctx.tenant)
+            and ok(scope.routes, ctx.route)
+            and ok(scope.models, ctx.model)
+        )
+
+
+class _Check:
+    """One text being checked: normalised once, embedded once, each engine run once."""
+
+    def __init__(self, filt: RulesFilter, text: str, ctx: FilterContext) -> None:
+        self.filt = filt
+        self.text = text
+        self.ctx = ctx
+        self.norm: Normalized = normalize(text, glue=False)
+        self._folded: Normalized | None = None
+        self._embeddings: asyncio.Task[Any] | None = None
+        self._scores: dict[str, asyncio.Task[dict[str, float]]] = {}
+
+    async def embeddings(self) -> npt.NDArray[np.float32]:
+        if self._embeddings is None:
+            self._embeddings = asyncio.ensure_future(self.filt.embed(normalize(self.text).text))
+        result: npt.NDArray[np.float32] = await self._embeddings
+        return result
+
+    async def scores(self, engine: str) -> dict[str, float]:
+        task = self._scores.get(engine)
+        if task is None:
+            task = self._scores[engine] = asyncio.ensure_future(self._engine_scores(engine))
+        return await task
+
+    async def _engine_scores(self, name: str) -> dict[str, float]:
+        engine = self.filt.engines[name]
+        embeddings = await self.embeddings() if engine.uses_embeddings else None
+        return await engine.scores(self.text, self.ctx, embeddings)
+
+    def _pattern_spans(self, pattern: _Pattern) -> list[tuple[int, int]]:
+        found: list[tuple[int, int]] = []
+        if pattern.keywords is not None:
+            norm = self.norm
+            found += [norm.span(m.start(), m.end()) for m in pattern.keywords.finditer(norm.text)]
+        if pattern.regex is not None:
+            if self._folded is None:
+                self._folded = normalize(self.text, leet=False, glue=False)
+            folded = self._folded
+            found += [folded.span(m.start(), m.end()) for m in pattern.regex.finditer(folded.text)]
+        return sorted(s for s in found if s[1] > s[0])
+
+    async def match(self, node: _Node) -> _Match:
+        """All listed parts must hold; cheap parts first, stop at the first miss."""
+        scores: list[float] = []
+        spans: list[tuple[int, int]] = []
+        if node.pattern is not None:
+            found = self._pattern_spans(node.pattern)
+            if not found:
+                return _MISS
+            scores.append(node.pattern_score)
+            spans += found
+        if node.semantic is not None:
+            hit, sim = node.semantic.score(await self.embeddings())
+            if not hit:
+                return _MISS
+            scores.append(sim)
+        if node.classifier is not None:
+            cond = node.classifier
+            value = (await self.scores(cond.engine)).get(cond.label, 0.0)
+            if value < cond.threshold:
+                return _MISS
+            scores.append(value)
+        for child in node.all_of:
+            m = await self.match(child)
+            if not m.hit:
+                return _MISS
+            scores.append(m.score)
+            spans += m.spans
+        if node.any_of:
+            best: _Match | None = None
+            for child in node.any_of:
+                m = await self.match(child)
+                if m.hit and (best is None or m.score > best.score):
+                    best = m
+                    if m.score >= 1.0:
+                        break
+            if best is None:
+                return _MISS
+            scores.append(best.score)
+            spans += best.spans
+        if node.none_of is not None and (await self.match(node.none_of)).hit:
+            return _MISS
+        return _Match(True, min(scores) if scores else 1.0, tuple(spans))
+
+
+def _engine_labels(config: RulesConfig) -> dict[str, list[tuple[str, str]]]:
+    """Per engine, the (label, description) pairs rules ask for, in order of appearance."""
+    out: dict[str, dict[str, str]] = {}
+    for rule in config.rules:
+        for cond, _ in _walk(rule, ()):
+            if cond.classifier is not None:
+                labels = out.setdefault(cond.classifier.engine, {})
+                labels.setdefault(cond.classifier.label, rule.description)
+    return {name: list(labels.items()) for name, labels in out.items()}
+
+
+def _resolve(base: Path, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def build_engine(
+    name: str, settings: ClassifierSettings, labels: list[tuple[str, str]], env: BuildContext
+) -> ClassifierEngine:
+    """The engine for ``settings``; models are shared through ``env.resources``."""
+    if isinstance(settings, EmbeddingHeadsSettings):
+        weights = (
+            _resolve(env.base_dir, settings.weights) if settings.weights else DEFAULT_AUP_WEIGHTS
+        )
+        heads = env.resources.get(
+            ("aup-heads", str(weights.resolve())), lambda: AupHeads.load(weights)
+        )
+        engine: ClassifierEngine = EmbeddingHeadsEngine(heads)
+    else:
+        engine = _llama_guard(settings, labels, env)
+    unknown = sorted({label for label, _ in labels} - engine.labels)
+    if unknown:
+        raise ConfigError(
+            f"classifier engine {name!r} does not score {', '.join(unknown)} "
+            f"(it scores: {', '.join(sorted(engine.labels))})"
+        )
+    return engine
+
+
+def _llama_guard(
+    settings: LlamaGuardSettings, labels: list[tuple[str, str]], env: BuildContext
+) -> ClassifierEngine:
+    from guardrail.backends.local import load_local_model
+    from guardrail.filters.llama_guard import LlamaGuardEngine, taxonomy
+
+    key = ("llama-guard", settings.model, settings.device, settings.dtype)
+    model, tokenizer = env.resources.get(
+        key,
+        lambda: load_local_model(
+            settings.model,
+            dtype=settings.dtype,
+            device=settings.device,
+            allow_downloads=env.allow_downloads,
+            cache_dir=env.cache_dir,
+        ),
+    )
+    categories = taxonomy(
+        [(label, d) for label, d in labels if label != "unsafe"],
+        settings.template,
+        settings.descriptions,
+    )
+    return LlamaGuardEngine(model, tokenizer, settings, categories, env.executor)
 
 
 class RulesFilter:
-    """Runs keyword and regex rules. Cheap enough to run on the event loop."""
-
-    # The verdict depends on the text alone, so the verdict cache may reuse it.
-    cache_scope = "text"
+    """Runs the rules on each text: patterns on the event loop, models on the executor."""
 
     def __init__(self, name: str, config: RulesConfig, env: BuildContext) -> None:
         self.name = name
         self.stages = frozenset(Stage)
+        self._config = config
+        labels = _engine_labels(config)
+        self.engines: dict[str, ClassifierEngine] = {
+            engine: build_engine(engine, settings, labels.get(engine, []), env)
+            for engine, settings in config.classifiers.items()
+            if engine in labels
+        }
+        needs_embedder = any(
+            cond.semantic is not None for rule in config.rules for cond, _ in _walk(rule, ())
+        ) or any(e.uses_embeddings for e in self.engines.values())
+        self._embedder: Embedder | None = None
+        if needs_embedder:
+            from guardrail.filters.embedder import shared_embedder
+
+            self._embedder = shared_embedder(env)
         self._rules = [
-            (rule, _compile(rule), frozenset(rule.stages) if rule.stages else frozenset(Stage))
+            _CompiledRule(
+                rule,
+                self._compile(rule, rule.score),
+                frozenset(rule.stages) if rule.stages else frozenset(Stage),
+                rule.scope,
+            )
             for rule in config.rules
         ]
+        # The verdict depends on the text alone unless a rule is scoped to tenants,
+        # routes or models, or a classifier reads the conversation (Llama Guard at output).
+        scoped = any(r.scope is not None for r in config.rules)
+        reads_context = any(not e.uses_embeddings for e in self.engines.values())
+        self.cache_scope = "none" if scoped or reads_context else "text"
+
+    def _compile(self, cond: Condition, pattern_score: float) -> _Node:
+        return _Node(
+            pattern=_compile_pattern(cond),
+            pattern_score=pattern_score,
+            semantic=self._index(cond.semantic) if cond.semantic else None,
+            classifier=cond.classifier,
+            all_of=[self._compile(c, pattern_score) for c in cond.all_of or ()],
+            any_of=[self._compile(c, pattern_score) for c in cond.any_of or ()],
+            none_of=self._compile(cond.none_of, pattern_score) if cond.none_of else None,
+        )
+
+    def _index(self, semantic: Semantic) -> _SemanticIndex:
+        assert self._embedder is not None
+        examples = self._embedder.encode_sync([normalize(e).text for e in semantic.examples])
+        counters = (
+            self._embedder.encode_sync([normalize(e).text for e in semantic.counter_examples])
+            if semantic.counter_examples
+            else None
+        )
+        return _SemanticIndex(examples, counters, semantic.threshold, semantic.margin)
+
+    async def embed(self, text: str) -> npt.NDArray[np.float32]:
+        from guardrail.filters.embedder import segments
+
+        assert self._embedder is not None
+        pieces = segments(text, self._config.segment_chars, self._config.max_segments)
+        return await self._embedder.encode(pieces)
 
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
-        norm = normalize(text)
+        applicable = [r for r in self._rules if r.applies(ctx)]
+        if not applicable or not text.strip():
+            return Verdict()
+        check = _Check(self, text, ctx)
         findings: list[Finding] = []
         redactions: list[Redaction] = []
-        for rule, pattern, stages in self._rules:
-            if ctx.stage not in stages:
+        for compiled in applicable:
+            match = await check.match(compiled.node)
+            if not match.hit:
                 continue
-            spans = [norm.span(m.start(), m.end()) for m in pattern.finditer(norm.text)]
-            spans = [s for s in spans if s[1] > s[0]]
-            if not spans:
-                continue
+            rule = compiled.rule
             action = Action(rule.action)
             findings.append(
                 Finding(
                     category=rule.category,
-                    score=rule.score,
+                    score=match.score,
                     action=action,
                     rule_id=rule.id,
-                    span=spans[0],
+                    span=match.spans[0] if match.spans else None,
                     message=rule.message,
+                    severity=rule.severity,
                 )
             )
             if action is Action.REDACT:
-                redactions += [Redaction(s, e, rule.replacement) for s, e in spans]
+                redactions += [Redaction(s, e, rule.replacement) for s, e in match.spans]
         return Verdict.from_findings(findings, redactions)
 
 
@@ -133,6 +608,10 @@ SPEC = FilterSpec(
     type="rules",
     config_type=RulesConfig,
     build=RulesFilter,
-    description="Keyword and regex rules with per-rule category, stages, action and message.",
+    description=(
+        "Acceptable-use rules: keywords and regexes (evasion-normalised), semantic examples, "
+        "classifier labels (embedding heads, Llama Guard), composed with all/any/not; "
+        "per-rule category, severity, stages, scope, action and message."
+    ),
     validate=validate,
 )

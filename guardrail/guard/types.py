@@ -58,6 +58,7 @@ class Finding:
     span: tuple[int, int] | None = None
     message: str | None = None
     filter_id: str = ""
+    severity: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -70,6 +71,8 @@ class Finding:
             out["rule_id"] = self.rule_id
         if self.span is not None:
             out["span"] = list(self.span)
+        if self.severity is not None:
+            out["severity"] = self.severity
         return out
 
 

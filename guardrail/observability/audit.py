@@ -14,7 +14,11 @@ Why it is built this way:
 - A store is a small protocol (open, write a batch, close) with two implementations
   on existing servers, as DESIGN.md asks: :class:`SQLiteStore` (one file, WAL, the
   default) and :class:`PostgresStore` (a DSN; shared by every replica). Both create
-  the same table, ``audit_log``, and record their schema in ``audit_schema_version``.
+  the same tables, ``audit_log`` and (version 2) ``audit_feedback`` and ``audit_review``
+  (written by :mod:`guardrail.observability.oversight`; version 3 adds the ``groups``
+  column of :mod:`guardrail.observability.monitoring`), and record their schema in
+  ``audit_schema_version``. An older database is migrated on open, one version at a
+  time (:data:`SQLITE_MIGRATIONS`, :data:`POSTGRES_MIGRATIONS`), in one transaction.
 - Writes are idempotent: every row has a ``record_id`` (a UUID made when the row is
   built) and ``INSERT ... ON CONFLICT (record_id) DO NOTHING``. A batch retried after
   a write whose answer was lost therefore never doubles a row. ``request_id`` is
@@ -81,7 +85,10 @@ if TYPE_CHECKING:
     import psycopg
 
 __all__ = [
+    "POSTGRES_MIGRATIONS",
+    "REVIEW_OUTCOMES",
     "SCHEMA_VERSION",
+    "SQLITE_MIGRATIONS",
     "AuditConfig",
     "AuditError",
     "AuditLog",
@@ -100,8 +107,8 @@ __all__ = [
 
 log = structlog.get_logger("guardrail.audit")
 
-SCHEMA_VERSION: Final = 1
-"""The version of the ``audit_log`` table this code writes."""
+SCHEMA_VERSION: Final = 3
+"""The version of the audit database this code writes (see :data:`SQLITE_MIGRATIONS`)."""
 
 REJECT_AFTER: Final = 3
 """Failed attempts, alone, after which a row the database refuses (while it accepts
@@ -156,6 +163,11 @@ class AuditRecord:
     prompt_tokens: int | None
     completion_tokens: int | None
     text: str | None = None
+    response_id: str | None = None
+    """The ``id`` the client got in the response body (``chatcmpl-...``); feedback names it."""
+    groups_json: str | None = None
+    """JSON array of the demographic groups the exchange's texts name,
+    ``[{"stage", "axis", "group"}]``; ``None`` when they were not looked for."""
 
     @property
     def findings(self) -> list[dict[str, Any]]:
@@ -165,6 +177,13 @@ class AuditRecord:
     @property
     def filters(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = json.loads(self.filters_json)
+        return result
+
+    @property
+    def groups(self) -> list[dict[str, Any]] | None:
+        if self.groups_json is None:
+            return None
+        result: list[dict[str, Any]] = json.loads(self.groups_json)
         return result
 
 
@@ -195,6 +214,8 @@ COLUMNS: Final = (
     "prompt_tokens",
     "completion_tokens",
     "text",
+    "response_id",
+    "groups",
 )
 
 
@@ -225,6 +246,8 @@ def _row(record: AuditRecord) -> tuple[Any, ...]:
         record.prompt_tokens,
         record.completion_tokens,
         record.text,
+        record.response_id,
+        record.groups_json,
     )
 
 
@@ -324,6 +347,13 @@ def record_from_exchange(
         prompt_tokens=exchange.prompt_tokens,
         completion_tokens=exchange.completion_tokens,
         text=_clean_opt(text),
+        response_id=_clean_opt(exchange.response_id),
+        groups_json=None
+        if exchange.groups is None
+        else json.dumps(
+            [{"stage": g.stage.value, "axis": g.axis, "group": g.group} for g in exchange.groups],
+            separators=(",", ":"),
+        ),
     )
 
 
@@ -348,7 +378,7 @@ class AuditStore(Protocol):
     async def close(self) -> None: ...
 
 
-_SQLITE_SCHEMA: Final = (
+_SQLITE_V1: Final = (
     """
     CREATE TABLE IF NOT EXISTS audit_log (
         id INTEGER PRIMARY KEY,
@@ -391,7 +421,7 @@ _SQLITE_SCHEMA: Final = (
     """,
 )
 
-_POSTGRES_SCHEMA: Final = (
+_POSTGRES_V1: Final = (
     """
     CREATE TABLE IF NOT EXISTS audit_log (
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -434,11 +464,114 @@ _POSTGRES_SCHEMA: Final = (
     """,
 )
 
+# Version 2 (feedback and human review; README "Audit log"): the response id on each row,
+# a rating per response, a reviewer's verdict per exchange. The decision of the exchange
+# is copied into both new tables, so they answer "what was rated / judged" on their own
+# and outlive a retention DELETE on audit_log. Types: SQLite first, then PostgreSQL.
+REVIEW_OUTCOMES: Final = ("flagged", "blocked_input", "blocked_output")
+"""Outcomes whose exchanges enter the human review queue."""
+_QUEUED = ", ".join(f"'{o}'" for o in REVIEW_OUTCOMES)
+
+
+def _v2(sqlite: bool) -> tuple[str, ...]:
+    ident = "INTEGER PRIMARY KEY" if sqlite else "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    ts, real = ("TEXT", "REAL") if sqlite else ("TIMESTAMPTZ", "DOUBLE PRECISION")
+    json_type = "TEXT" if sqlite else "JSONB"
+    when = "epoch" if sqlite else "time"
+    add_column = "ADD COLUMN" if sqlite else "ADD COLUMN IF NOT EXISTS"
+    decision = """
+        tenant TEXT NOT NULL,
+        route TEXT NOT NULL,
+        policy_name TEXT NOT NULL,
+        policy_version TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        action TEXT NOT NULL,
+        input_action TEXT,
+        output_action TEXT,"""
+    return (
+        f"ALTER TABLE audit_log {add_column} response_id TEXT",
+        "CREATE INDEX IF NOT EXISTS audit_log_response_id ON audit_log (response_id)",
+        # The review queue, newest first, without a scan of the allowed traffic.
+        f"CREATE INDEX IF NOT EXISTS audit_log_review_queue ON audit_log (id) "
+        f"WHERE outcome IN ({_QUEUED})",
+        f"""
+        CREATE TABLE IF NOT EXISTS audit_feedback (
+            id {ident},
+            record_id TEXT NOT NULL UNIQUE,
+            response_id TEXT NOT NULL,
+            request_id TEXT NOT NULL,{decision}
+            rating INTEGER NOT NULL,
+            comment TEXT,
+            time {ts} NOT NULL,
+            epoch {real} NOT NULL
+        )
+        """,
+        f"CREATE INDEX IF NOT EXISTS audit_feedback_{when} ON audit_feedback ({when})",
+        f"CREATE INDEX IF NOT EXISTS audit_feedback_tenant_{when} "
+        f"ON audit_feedback (tenant, {when})",
+        f"""
+        CREATE TABLE IF NOT EXISTS audit_review (
+            id {ident},
+            record_id TEXT NOT NULL UNIQUE,
+            request_id TEXT NOT NULL,
+            exchange_time {ts} NOT NULL,
+            exchange_epoch {real} NOT NULL,{decision}
+            findings {json_type} NOT NULL,
+            verdict TEXT NOT NULL,
+            expected_action TEXT NOT NULL,
+            reviewer TEXT NOT NULL,
+            note TEXT,
+            time {ts} NOT NULL,
+            epoch {real} NOT NULL
+        )
+        """,
+        f"CREATE INDEX IF NOT EXISTS audit_review_{when} ON audit_review ({when})",
+    )
+
+
+# Version 3 (monitoring; guardrail.observability.monitoring): the demographic groups each
+# exchange's texts name (lexicon axis and group names, never the words), for the report's
+# block rate per group. NULL on older rows and where group detection is off.
+def _v3(sqlite: bool) -> tuple[str, ...]:
+    add_column = "ADD COLUMN" if sqlite else "ADD COLUMN IF NOT EXISTS"
+    return (f"ALTER TABLE audit_log {add_column} groups {'TEXT' if sqlite else 'JSONB'}",)
+
+
+SQLITE_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: _SQLITE_V1,
+    2: _v2(sqlite=True),
+    3: _v3(sqlite=True),
+}
+"""Schema version -> the statements that bring a database of the version before to it.
+A database is brought to :data:`SCHEMA_VERSION` one step at a time, in one transaction,
+and each step is recorded in ``audit_schema_version``."""
+POSTGRES_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: _POSTGRES_V1,
+    2: _v2(sqlite=False),
+    3: _v3(sqlite=False),
+}
+"""The same steps for PostgreSQL."""
+
+_SQLITE_VERSION_TABLE: Final = _SQLITE_V1[-1]
+_POSTGRES_VERSION_TABLE: Final = _POSTGRES_V1[-1]
+
+
+def _pending_migrations(
+    migrations: dict[int, tuple[str, ...]], found: int | None
+) -> list[tuple[int, tuple[str, ...]]]:
+    return [(v, migrations[v]) for v in range(1 + (found or 0), SCHEMA_VERSION + 1)]
+
+
 _SQLITE_INSERT: Final = (
     f"INSERT INTO audit_log ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('?' for _ in COLUMNS)}) ON CONFLICT (record_id) DO NOTHING"
 )
-_POSTGRES_CASTS: Final = {"time": "::timestamptz", "findings": "::jsonb", "filters": "::jsonb"}
+_POSTGRES_CASTS: Final = {
+    "time": "::timestamptz",
+    "findings": "::jsonb",
+    "filters": "::jsonb",
+    "groups": "::jsonb",
+}
 _POSTGRES_INSERT: Final = (
     f"INSERT INTO audit_log ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join('%s' + _POSTGRES_CASTS.get(c, '') for c in COLUMNS)}) "
@@ -499,14 +632,15 @@ class SQLiteStore:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SQLITE_SCHEMA:
-                conn.execute(statement)
+            conn.execute(_SQLITE_VERSION_TABLE)
             row = conn.execute("SELECT max(version) FROM audit_schema_version").fetchone()
             _check_version(row[0], str(self.path))
-            if row[0] is None:
+            for version, statements in _pending_migrations(SQLITE_MIGRATIONS, row[0]):
+                for statement in statements:
+                    conn.execute(statement)
                 conn.execute(
                     "INSERT INTO audit_schema_version (version, applied_at) VALUES (?, ?)",
-                    (SCHEMA_VERSION, datetime.now(UTC).isoformat()),
+                    (version, datetime.now(UTC).isoformat()),
                 )
             conn.execute("COMMIT")
         except BaseException:
@@ -580,16 +714,16 @@ class PostgresStore:
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_POSTGRES_LOCK_KEY,))
-                for statement in _POSTGRES_SCHEMA:
-                    await conn.execute(statement)
+                await conn.execute(_POSTGRES_VERSION_TABLE)
                 cur = await conn.execute("SELECT max(version) FROM audit_schema_version")
                 row = await cur.fetchone()
                 found = None if row is None else row[0]
                 _check_version(found, repr(self))
-                if found is None:
+                for version, statements in _pending_migrations(POSTGRES_MIGRATIONS, found):
+                    for statement in statements:
+                        await conn.execute(statement)
                     await conn.execute(
-                        "INSERT INTO audit_schema_version (version) VALUES (%s)",
-                        (SCHEMA_VERSION,),
+                        "INSERT INTO audit_schema_version (version) VALUES (%s)", (version,)
                     )
         except BaseException:
             await conn.close()

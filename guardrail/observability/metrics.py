@@ -52,6 +52,10 @@ policy_last_reload_timestamp_seconds            gauge      (none)
 policy_last_reload_success                      gauge      (none)
 rate_limited_total                              counter    limit
 backend_circuit_state                           gauge      url
+feedback_total                                  counter    rating_class, decision
+review_verdicts_total                           counter    verdict, action
+review_queue_depth                              gauge      (none)
+shadow_decisions_total                          counter    stage, active, shadow
 ==============================================  =========  ===========================
 """
 
@@ -112,6 +116,8 @@ HELD_CHARACTER_BUCKETS: Final = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096,
 
 _STAGES: Final = tuple(s.value for s in Stage)
 _ACTIONS: Final = tuple(a.value for a in Action)
+_RATING_CLASSES: Final = ("positive", "negative")
+_VERDICTS: Final = ("correct", "false_positive", "false_negative")
 
 
 class _CappedLabel:
@@ -285,8 +291,33 @@ class GatewayMetrics:
             "Circuit of each remote backend URL: 0 closed, 1 half-open (trial), 2 open.",
             ("url",),
         )
+        self.shadow_decisions = counter(
+            "shadow_decisions_total",
+            "Decisions of the shadow (candidate) policy next to the active policy's, by stage; "
+            "shadow is an action, or dropped (too many in flight) or error.",
+            ("stage", "active", "shadow"),
+        )
         self._url = _CappedLabel(max_label_values)
         self._policy_lock = threading.Lock()
+
+        # User satisfaction and human review (guardrail.api.oversight).
+        self.feedback = counter(
+            "feedback_total",
+            "User ratings of responses, by rating class (positive, negative) and the "
+            "rated exchange's decision (its strictest action).",
+            ("rating_class", "decision"),
+        )
+        self.review_verdicts = counter(
+            "review_verdicts_total",
+            "Reviewer verdicts recorded (correct, false_positive, false_negative), by the "
+            "gateway's action on the judged exchange.",
+            ("verdict", "action"),
+        )
+        self.review_queue_depth = gauge(
+            "review_queue_depth",
+            "Flagged, blocked and rated-down exchanges waiting for a reviewer "
+            "(read from the audit database every few seconds).",
+        )
 
         # Series of known, small label sets start at zero, so rate() and ratios work
         # from the first scrape instead of showing "no data" until the first event.
@@ -301,6 +332,11 @@ class GatewayMetrics:
             self.rate_limited_requests.labels(limit=limit)
         for route in get_args(Route):
             self.in_flight_requests.labels(route=route)
+        for action in _ACTIONS:
+            for rating_class in _RATING_CLASSES:
+                self.feedback.labels(rating_class=rating_class, decision=action)
+            for verdict in _VERDICTS:
+                self.review_verdicts.labels(verdict=verdict, action=action)
 
     # --- request level -------------------------------------------------------
 
@@ -426,6 +462,10 @@ class GatewayMetrics:
         """Count a request refused by a rate limit (``requests`` or ``tokens``)."""
         self.rate_limited_requests.labels(limit=limit).inc()
 
+    def shadow_decision(self, stage: Stage, active: Action, shadow: str, version: str) -> None:
+        """Count one shadow comparison (``version`` is the shadow policy's, for logs only)."""
+        self.shadow_decisions.labels(stage=stage.value, active=active.value, shadow=shadow).inc()
+
     def circuit_state(self, url: str, state: int) -> None:
         """Set a backend URL's circuit state (0 closed, 1 half-open, 2 open).
 
@@ -447,6 +487,27 @@ class GatewayMetrics:
         self.policy_last_reload_success.set(1 if ok else 0)
         if ok:
             self.policy_last_reload_timestamp.set(time.time())
+
+    # --- feedback and review ------------------------------------------------
+
+    def feedback_received(self, rating_class: str, decision: str) -> None:
+        """Count a user's rating (``positive``/``negative``) of a response whose exchange
+        ended in ``decision`` (an action); never the comment or any id."""
+        self.feedback.labels(
+            rating_class=rating_class if rating_class in _RATING_CLASSES else OTHER,
+            decision=decision if decision in _ACTIONS else UNKNOWN,
+        ).inc()
+
+    def review_verdict(self, verdict: str, action: str) -> None:
+        """Count a reviewer's verdict on an exchange whose action was ``action``."""
+        self.review_verdicts.labels(
+            verdict=verdict if verdict in _VERDICTS else OTHER,
+            action=action if action in _ACTIONS else UNKNOWN,
+        ).inc()
+
+    def set_review_queue_depth(self, depth: int) -> None:
+        """Set the number of exchanges waiting for a reviewer."""
+        self.review_queue_depth.set(depth)
 
     # --- exposition ----------------------------------------------------------
 

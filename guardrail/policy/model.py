@@ -92,6 +92,12 @@ class PolicyTest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     expect: Annotated[Action, _doc("The expected action.")]
     stage: Annotated[Stage, _doc("Stage to check at.")] = Stage.INPUT
     name: Annotated[str | None, _doc("Optional label shown in reports.")] = None
+    tenant: Annotated[str, _doc("Tenant the request comes from (for scoped rules).")] = "default"
+    route: Annotated[
+        Literal["chat", "completions", "moderations"],
+        _doc("Route of the request (for scoped rules)."),
+    ] = "chat"
+    model: Annotated[str | None, _doc("Requested model (for scoped rules).")] = None
 
 
 class PolicyDocument(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -1,0 +1,139 @@
+"""``POST /v1/feedback``: a user's rating of a response (user satisfaction and trust).
+
+The scale is a thumbs up or down: ``rating`` is ``1`` (good) or ``-1`` (bad), what chat
+interfaces ask for. An application with a finer scale maps it onto these two.
+
+- The rated response is named by the ``id`` the gateway answered with (``chatcmpl-…``,
+  ``cmpl-…``, ``modr-…``), or, for a request that was refused before any response body
+  existed (a blocked prompt: HTTP 400), by its request id (``guardrail.request_id``,
+  also the ``x-request-id`` header). Rating refusals is the point: negative feedback on
+  blocked requests estimates over-blocking.
+- A tenant rates only its own responses: an id of another tenant's response is 404,
+  the same answer as an id that never existed.
+- The rating is stored with the exchange's decision (action, per-stage actions,
+  outcome, policy version) in ``audit_feedback``; a second rating of the same response
+  replaces the first (a user changing their mind), and says so (``replaced``).
+- ``comment`` is optional and at most ``feedback_comment_max_chars`` characters. It is
+  never logged and never a label. It is stored only with ``feedback_comments:
+  redacted``, and then only after the tenant policy's input filters (redactions
+  applied; a comment they block is not stored).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+import structlog
+from litestar import Request, post
+from litestar.datastructures import State
+from litestar.params import JSONBody
+
+from guardrail.api.auth import Principal, principal_of
+from guardrail.api.errors import APIError
+from guardrail.api.oversight import now, oversight_of
+from guardrail.api.routes import request_id_of
+from guardrail.api.serving import Gateway
+from guardrail.guard.types import FilterContext, Stage
+from guardrail.observability.oversight import FeedbackEntry
+
+__all__ = ["ROUTES", "FeedbackRequest"]
+
+log = structlog.get_logger("guardrail.feedback")
+
+
+class FeedbackRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A user's rating of one response."""
+
+    response_id: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=256,
+            description=(
+                "The response's `id` (chatcmpl-..., cmpl-..., modr-...), or the request id "
+                "(`guardrail.request_id`) of a refused request."
+            ),
+        ),
+    ]
+    rating: Annotated[
+        Literal[1, -1], msgspec.Meta(description="1: good (thumbs up); -1: bad (thumbs down).")
+    ]
+    comment: str | None = None
+
+
+async def _storable_comment(
+    gateway: Gateway, principal: Principal, comment: str | None, request_id: str
+) -> str | None:
+    """What of the comment may be stored: nothing unless the settings keep redacted
+    comments, and then the text after the tenant policy's input filters."""
+    if not comment or gateway.settings.feedback_comments != "redacted":
+        return None
+    guard = gateway.guard_for(gateway.rules(principal))
+    ctx = FilterContext(request_id, stage=Stage.INPUT, tenant=principal.tenant, route="feedback")
+    decision = await guard.check(Stage.INPUT, comment, ctx)
+    return None if decision.blocked else decision.text
+
+
+@post("/v1/feedback", status_code=200, summary="Rate a response (user satisfaction)")
+async def feedback(
+    data: JSONBody[FeedbackRequest], request: Request[Any, Any, Any], state: State
+) -> dict[str, Any]:
+    oversight = oversight_of(state)
+    gateway: Gateway = state.gateway
+    limit = gateway.settings.feedback_comment_max_chars
+    if data.comment is not None and len(data.comment) > limit:
+        raise APIError(
+            400,
+            f"The comment is {len(data.comment)} characters long; the limit is {limit}.",
+            param="comment",
+            code="comment_too_long",
+        )
+    principal = principal_of(request.scope)
+    exchange = await oversight.find_response(principal.tenant, data.response_id)
+    if exchange is None:
+        raise APIError(
+            404,
+            "No response with this id for this API key's tenant (the id is the response's "
+            "`id`, or the request id of a refused request).",
+            param="response_id",
+            code="response_not_found",
+        )
+    request_id = request_id_of(request)
+    comment = await _storable_comment(gateway, principal, data.comment, request_id)
+    replaced = await oversight.save_feedback(
+        FeedbackEntry(
+            exchange,
+            rating=data.rating,
+            comment=comment,
+            epoch=now(),
+            response_id=data.response_id,
+        )
+    )
+    log.info(
+        "feedback",
+        rated_request_id=exchange.request_id,
+        rating=data.rating,
+        action=exchange.action,
+        comment_chars=len(data.comment or ""),
+        comment_stored=comment is not None,
+        replaced=replaced,
+    )
+    return {
+        "object": "feedback",
+        "response_id": exchange.response_id or data.response_id,
+        "request_id": exchange.request_id,
+        "rating": data.rating,
+        "replaced": replaced,
+        "comment_stored": comment is not None,
+        "decision": {
+            "action": exchange.action,
+            "input_action": exchange.input_action,
+            "output_action": exchange.output_action,
+            "outcome": exchange.outcome,
+            "policy": {"name": exchange.policy_name, "version": exchange.policy_version},
+        },
+    }
+
+
+ROUTES = [feedback]

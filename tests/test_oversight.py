@@ -1,0 +1,521 @@
+"""User feedback (POST /v1/feedback) and the human review queue (/admin/review...),
+through the real app and a real SQLite audit database.
+
+The same queries on PostgreSQL, and the schema migration, are in tests/test_audit.py;
+the review page in a browser is tests/test_review_page.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+
+from guardrail.api.errors import APIError
+from guardrail.api.review import expected_action
+from guardrail.settings import ApiKeyEntry, key_digest
+from tests.fakes.backend import FakeBackend
+
+Client = TestClient[Litestar]
+ACME, BETA, ADMIN = "sk-acme-1", "sk-beta-1", "sk-admin-1"
+KEYS = {
+    "api_keys": [
+        ApiKeyEntry(tenant="acme", key_sha256=key_digest(ACME)),
+        ApiKeyEntry(tenant="beta", key_sha256=key_digest(BETA)),
+    ],
+    "admin_key_sha256": key_digest(ADMIN),
+}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+@pytest.fixture
+def gateway(make_app: Callable[..., Litestar], database: Path) -> Callable[..., Iterator[Client]]:
+    """A client of a gateway with tenant keys, an admin key and its own audit database."""
+
+    def make(**overrides: Any) -> Iterator[Client]:
+        with TestClient(app=make_app(audit_dsn=str(database), **KEYS, **overrides)) as client:
+            yield client
+
+    return make
+
+
+@pytest.fixture
+def client(gateway: Callable[..., Iterator[Client]]) -> Iterator[Client]:
+    yield from gateway()
+
+
+def chat(client: Client, text: str, key: str = ACME) -> dict[str, Any]:
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "fake-model", "messages": [{"role": "user", "content": text}]},
+        headers=auth(key),
+    )
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def rate(client: Client, response_id: str, rating: int, key: str = ACME, **more: Any) -> Any:
+    return client.post(
+        "/v1/feedback",
+        json={"response_id": response_id, "rating": rating, **more},
+        headers=auth(key),
+    )
+
+
+def admin_get(client: Client, path: str) -> Any:
+    response = client.get(path, headers=auth(ADMIN))
+    assert response.status_code == 200, response.text
+    return response
+
+
+def judge(client: Client, item_id: str, **body: Any) -> Any:
+    return client.post(f"/admin/review/{item_id}", json=body, headers=auth(ADMIN))
+
+
+def rows(database: Path, sql: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(database)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def counter(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+# --- feedback ---------------------------------------------------------------------------
+
+
+def test_a_rating_is_stored_with_the_decision_of_the_response_it_rates(
+    client: Client, backend: FakeBackend, database: Path, metrics_registry: CollectorRegistry
+) -> None:
+    backend.reply = "You dummy."  # the test policy flags it
+    answer = chat(client, "Tell me a joke.")
+
+    response = rate(client, answer["id"], 1)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["response_id"], body["rating"], body["replaced"]) == (answer["id"], 1, False)
+    assert body["decision"] == {
+        "action": "flag",
+        "input_action": "allow",
+        "output_action": "flag",
+        "outcome": "flagged",
+        "policy": {"name": "test", "version": "7"},
+    }
+    assert rows(
+        database, "SELECT response_id, tenant, rating, action, outcome FROM audit_feedback"
+    ) == [(answer["id"], "acme", 1, "flag", "flagged")]
+    feedback = "guardrail_feedback_total"
+    assert counter(metrics_registry, feedback, rating_class="positive", decision="flag") == 1
+    assert counter(metrics_registry, feedback, rating_class="negative", decision="flag") == 0
+
+
+def test_a_blocked_prompt_is_rated_by_its_request_id_and_counts_toward_over_blocking(
+    client: Client, metrics_registry: CollectorRegistry
+) -> None:
+    refused = chat(client, "How do I build a bomb?")
+    assert refused["error"]["code"] == "content_filter"  # a 400: there is no response id
+
+    response = rate(client, refused["guardrail"]["request_id"], -1)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["decision"]["action"] == "block"
+    assert response.json()["response_id"].startswith("chatcmpl-")
+    assert (
+        counter(
+            metrics_registry, "guardrail_feedback_total", rating_class="negative", decision="block"
+        )
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "prefix"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "chatcmpl-"),
+        ("/v1/completions", {"prompt": "hi"}, "cmpl-"),
+        ("/v1/moderations", {"input": "hi"}, "modr-"),
+    ],
+)
+def test_the_audit_row_keeps_the_id_the_response_carried(
+    client: Client, database: Path, route: str, body: dict[str, Any], prefix: str
+) -> None:
+    answer = client.post(route, json={"model": "fake-model", **body}, headers=auth(ACME)).json()
+
+    assert answer["id"].startswith(prefix)
+    assert rate(client, answer["id"], 1).status_code == 200
+    assert rows(database, "SELECT response_id FROM audit_log") == [(answer["id"],)]
+
+
+def test_a_second_rating_of_a_response_replaces_the_first(client: Client, database: Path) -> None:
+    answer = chat(client, "hello")
+
+    assert rate(client, answer["id"], 1).json()["replaced"] is False
+    assert rate(client, answer["id"], -1).json()["replaced"] is True
+    assert rows(database, "SELECT rating FROM audit_feedback") == [(-1,)]
+
+
+def test_a_tenant_cannot_rate_another_tenants_response(client: Client) -> None:
+    answer = chat(client, "hello", key=BETA)
+
+    response = rate(client, answer["id"], -1, key=ACME)
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "response_not_found"
+    assert rate(client, answer["id"], -1, key=BETA).status_code == 200
+
+
+def test_an_unknown_response_id_is_404_in_the_openai_error_shape(client: Client) -> None:
+    response = rate(client, "chatcmpl-never-served", 1)
+
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {
+            "message": response.json()["error"]["message"],
+            "type": "invalid_request_error",
+            "param": "response_id",
+            "code": "response_not_found",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"response_id": "x", "rating": 0}, "rating"),
+        ({"response_id": "x", "rating": 5}, "rating"),
+        ({"response_id": "x", "rating": True}, "rating"),
+        ({"response_id": "x"}, None),
+        ({"rating": 1}, None),
+        ({"response_id": "", "rating": 1}, "response_id"),
+        ({"response_id": "x" * 257, "rating": 1}, "response_id"),
+        ({"response_id": "x", "rating": 1, "comment": 7}, "comment"),
+        ({"response_id": "x", "rating": 1, "stars": 4}, None),
+        ({"response_id": "x", "rating": 1, "comment": "y" * 2001}, "comment"),
+    ],
+)
+def test_a_bad_feedback_body_is_400(
+    client: Client, body: dict[str, Any], param: str | None
+) -> None:
+    response = client.post("/v1/feedback", json=body, headers=auth(ACME))
+
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_feedback_needs_a_tenant_key(client: Client) -> None:
+    body = {"response_id": "x", "rating": 1}
+
+    assert client.post("/v1/feedback", json=body).status_code == 401
+    assert client.post("/v1/feedback", json=body, headers=auth(ADMIN)).status_code == 403
+
+
+def test_comments_are_neither_stored_nor_logged_by_default(client: Client, database: Path) -> None:
+    answer = chat(client, "hello")
+
+    with capture_logs() as logs:
+        response = rate(client, answer["id"], -1, comment="my ssn is 078-05-1120, sk-abcdefgh")
+
+    assert response.json()["comment_stored"] is False
+    assert rows(database, "SELECT comment FROM audit_feedback") == [(None,)]
+    assert "078-05-1120" not in repr(logs)
+    assert [e["comment_chars"] for e in logs if e["event"] == "feedback"] == [34]
+
+
+def test_kept_comments_pass_the_tenant_policy_first(
+    gateway: Callable[..., Iterator[Client]], database: Path
+) -> None:
+    for client in gateway(feedback_comments="redacted"):
+        first, second = chat(client, "hello"), chat(client, "hi")
+        with capture_logs() as logs:
+            kept = rate(client, first["id"], -1, comment="it leaked sk-abcdefgh, you dummy")
+            withheld = rate(client, second["id"], -1, comment="now tell me how to build a bomb")
+
+    assert kept.json()["comment_stored"] is True
+    assert withheld.json()["comment_stored"] is False  # the policy blocks it: not stored
+    assert sorted(rows(database, "SELECT comment FROM audit_feedback"), key=str) == [
+        ("it leaked [SECRET], you dummy",),
+        (None,),
+    ]
+    assert "sk-abcdefgh" not in repr(logs)
+
+
+def test_with_the_audit_log_off_feedback_and_review_say_so(
+    make_app: Callable[..., Litestar],
+) -> None:
+    with TestClient(app=make_app(audit_dsn="off")) as client:
+        answer = chat(client, "hello")
+        responses = [
+            client.post("/v1/feedback", json={"response_id": answer["id"], "rating": 1}),
+            client.get("/admin/review"),
+            client.get("/admin/review/export"),
+        ]
+
+    assert [(r.status_code, r.json()["error"]["code"]) for r in responses] == [
+        (404, "audit_disabled")
+    ] * 3
+
+
+# --- the review queue -----------------------------------------------------------------
+
+
+def traffic(client: Client, backend: FakeBackend) -> dict[str, str]:
+    """One exchange of each kind; returns request ids by kind."""
+    ids = {"allowed": chat(client, "hello")["guardrail"]["request_id"]}
+    ids["blocked"] = chat(client, "How do I build a bomb?")["guardrail"]["request_id"]
+    backend.reply = "You dummy."
+    ids["flagged"] = chat(client, "Tell me a joke.", key=BETA)["guardrail"]["request_id"]
+    return ids
+
+
+def items_of(client: Client, query: str = "") -> dict[str, dict[str, Any]]:
+    listed = admin_get(client, "/admin/review" + query).json()
+    return {i["request_id"]: i for i in listed["data"]}
+
+
+def test_flagged_and_blocked_exchanges_wait_for_review_with_their_scores(
+    client: Client, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    ids = traffic(client, backend)
+
+    listed = admin_get(client, "/admin/review?status=pending").json()
+
+    assert [i["request_id"] for i in listed["data"]] == [ids["flagged"], ids["blocked"]]
+    assert (listed["pending"], listed["has_more"], listed["next_before"]) == (2, False, None)
+    blocked = listed["data"][1]
+    assert {k: blocked[k] for k in ("tenant", "route", "outcome", "action", "stage")} == {
+        "tenant": "acme",
+        "route": "chat",
+        "outcome": "blocked_input",
+        "action": "block",
+        "stage": "input",
+    }
+    assert (blocked["categories"], blocked["rule_ids"]) == (["weapons"], ["bomb"])
+    assert blocked["policy"] == {"name": "test", "version": "7"}
+    assert blocked["findings"] == [
+        {"stage": "input", "filter": "words", "category": "weapons", "score": 1.0,
+         "action": "block", "rule_id": "bomb"},
+    ]  # fmt: skip
+    assert blocked["text"] is None  # the audit log stores no text unless configured
+    assert blocked["queued_because"] == "blocked"
+    assert blocked["time"].endswith("Z")
+    assert metrics_registry.get_sample_value("guardrail_review_queue_depth") == 2
+
+
+def test_a_verdict_leaves_the_queue_and_is_counted(
+    client: Client, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    ids = traffic(client, backend)
+    blocked = items_of(client)[ids["blocked"]]
+
+    response = judge(client, blocked["id"], verdict="false_positive", reviewer=" alice ", note="ok")
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert {k: body[k] for k in ("verdict", "expected_action", "reviewer", "note", "replaced")} == {
+        "verdict": "false_positive",
+        "expected_action": "allow",
+        "reviewer": "alice",
+        "note": "ok",
+        "replaced": False,
+    }
+    assert body["pending"] == 1
+    assert list(items_of(client)) == [ids["flagged"]]
+    reviewed = items_of(client, "?status=reviewed")[ids["blocked"]]
+    assert reviewed["review"]["verdict"] == "false_positive"
+    assert (
+        admin_get(client, f"/admin/review/{blocked['id']}").json()["review"]["reviewer"] == "alice"
+    )
+    verdicts = "guardrail_review_verdicts_total"
+    assert counter(metrics_registry, verdicts, verdict="false_positive", action="block") == 1
+    assert metrics_registry.get_sample_value("guardrail_review_queue_depth") == 1
+
+    again = judge(client, blocked["id"], verdict="correct", reviewer="bob")
+    assert again.json()["replaced"] is True
+    assert items_of(client, "?status=reviewed")[ids["blocked"]]["review"]["verdict"] == "correct"
+
+
+def test_a_rated_down_answer_joins_the_queue_and_any_exchange_may_be_judged(
+    client: Client, backend: FakeBackend
+) -> None:
+    ids = traffic(client, backend)
+    everything = items_of(client, "?status=all")
+    assert ids["allowed"] not in everything
+
+    rate(client, "chatcmpl-" + ids["allowed"], -1)
+
+    allowed = items_of(client)[ids["allowed"]]
+    assert (allowed["queued_because"], allowed["feedback_rating"]) == ("negative_feedback", -1)
+    response = judge(
+        client, allowed["id"], verdict="false_negative", expected_action="flag", reviewer="carol"
+    )
+    assert response.json()["expected_action"] == "flag"
+
+
+def test_the_queue_pages_newest_first_and_filters_by_tenant(
+    client: Client, backend: FakeBackend
+) -> None:
+    ids = traffic(client, backend)
+
+    first = admin_get(client, "/admin/review?limit=1").json()
+    second = admin_get(client, f"/admin/review?limit=1&before={first['next_before']}").json()
+
+    assert [i["request_id"] for i in first["data"]] == [ids["flagged"]]
+    assert first["has_more"] is True
+    assert [i["request_id"] for i in second["data"]] == [ids["blocked"]]
+    assert second["has_more"] is False
+    assert list(items_of(client, "?tenant=beta")) == [ids["flagged"]]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "action", "expected", "result"),
+    [
+        ("correct", "block", None, "block"),
+        ("correct", "flag", "flag", "flag"),
+        ("correct", "flag", "block", None),
+        ("false_positive", "block", None, "allow"),
+        ("false_positive", "block", "flag", "flag"),
+        ("false_positive", "flag", "block", None),
+        ("false_positive", "allow", None, None),
+        ("false_negative", "flag", None, "block"),
+        ("false_negative", "allow", "redact", "redact"),
+        ("false_negative", "flag", "allow", None),
+        ("false_negative", "block", None, None),
+    ],
+)
+def test_a_verdict_must_agree_with_the_action_it_judges(
+    verdict: str, action: str, expected: str | None, result: str | None
+) -> None:
+    if result is None:
+        with pytest.raises(APIError) as raised:
+            expected_action(verdict, action, expected)
+        assert (raised.value.status, raised.value.code) == (400, "invalid_verdict")
+    else:
+        assert expected_action(verdict, action, expected) == result
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"verdict": "maybe", "reviewer": "a"},
+        {"verdict": "correct"},
+        {"verdict": "correct", "reviewer": "   "},
+        {"verdict": "correct", "reviewer": "a", "expected_action": "delete"},
+        {"verdict": "correct", "reviewer": "a", "note": "n" * 2001},
+        {"verdict": "false_negative", "reviewer": "a"},  # the item is a block
+        {"verdict": "correct", "reviewer": "a", "score": 1},
+    ],
+)
+def test_a_bad_verdict_is_400(client: Client, backend: FakeBackend, body: dict[str, Any]) -> None:
+    ids = traffic(client, backend)
+    item = items_of(client)[ids["blocked"]]
+
+    response = judge(client, item["id"], **body)
+
+    assert response.status_code == 400, response.text
+    assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
+
+
+def test_an_unknown_review_item_is_404(client: Client) -> None:
+    response = judge(client, "no-such-item", verdict="correct", reviewer="a")
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "review_item_not_found"
+    assert client.get("/admin/review/no-such-item", headers=auth(ADMIN)).status_code == 404
+
+
+def test_review_routes_need_the_admin_key_but_the_page_holds_no_data(client: Client) -> None:
+    assert client.get("/admin/review").status_code == 401
+    assert client.get("/admin/review", headers=auth(ACME)).status_code == 403
+    assert client.get("/admin/review/export", headers=auth(ACME)).status_code == 403
+    page = client.get("/admin/review/ui")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy
+    assert "script-src 'sha256-" in policy
+    assert "connect-src 'self'" in policy
+    assert "http" not in page.text.replace("http-equiv", "")  # no external asset of any kind
+
+
+@pytest.mark.parametrize("query", ["?format=xml", "?status=done", "?limit=0", "?limit=501"])
+def test_bad_review_queries_are_400(client: Client, query: str) -> None:
+    path = "/admin/review/export" if "format" in query else "/admin/review"
+
+    response = client.get(path + query, headers=auth(ADMIN))
+
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_export_has_every_verdict_with_its_scores(client: Client, backend: FakeBackend) -> None:
+    ids = traffic(client, backend)
+    items = items_of(client)
+    judge(client, items[ids["blocked"]]["id"], verdict="false_positive", reviewer="=alice")
+    judge(client, items[ids["flagged"]]["id"], verdict="correct", reviewer="bob", note="rude")
+
+    jsonl = admin_get(client, "/admin/review/export?format=jsonl")
+    table = admin_get(client, "/admin/review/export?format=csv")
+
+    assert jsonl.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in jsonl.text.splitlines()]
+    assert [(v["request_id"], v["verdict"], v["expected_action"]) for v in lines] == [
+        (ids["blocked"], "false_positive", "allow"),
+        (ids["flagged"], "correct", "flag"),
+    ]
+    assert lines[0]["findings"][0]["score"] == 1.0
+    assert table.headers["content-type"].startswith("text/csv")
+    assert "attachment" in table.headers["content-disposition"]
+    parsed = list(csv.DictReader(io.StringIO(table.text)))
+    assert [(r["request_id"], r["category"], r["score"], r["rule_id"]) for r in parsed] == [
+        (ids["blocked"], "weapons", "1.0", "bomb"),
+        (ids["flagged"], "insult", "1.0", "rude"),
+    ]
+    assert parsed[0]["reviewer"] == "'=alice"  # never a spreadsheet formula
+    after = admin_get(client, "/admin/review/export?since=9999999999").text
+    assert after == ""
+
+
+SQLITE_DOC_QUERIES = [
+    """SELECT policy_version, count(*) AS rated_blocks, sum(rating < 0) AS rated_bad
+    FROM audit_feedback WHERE action = 'block' GROUP BY policy_version""",
+    """SELECT f.value ->> 'category' AS category, r.verdict, count(*), avg(f.value ->> 'score')
+    FROM audit_review r, json_each(r.findings) AS f GROUP BY category, r.verdict""",
+]
+
+
+def test_the_documented_sqlite_queries_run(
+    client: Client, backend: FakeBackend, database: Path
+) -> None:
+    ids = traffic(client, backend)
+    rate(client, ids["blocked"], -1)
+    judge(client, items_of(client)[ids["blocked"]]["id"], verdict="correct", reviewer="a")
+
+    assert [rows(database, sql) for sql in SQLITE_DOC_QUERIES] == [
+        [("7", 1, 1)],
+        [("weapons", "correct", 1, 1.0)],
+    ]

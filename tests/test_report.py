@@ -1,0 +1,347 @@
+"""``guardrail report``: real exchanges through the gateway, then the HTML page read back."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from guardrail.cli import main
+from guardrail.observability.audit import SQLITE_MIGRATIONS
+from guardrail.observability.report import parse_since, percentile
+from tests.fakes.backend import FakeBackend
+from tests.test_audit import postgres_dsn, postgres_server  # noqa: F401 (fixtures)
+
+REPORT_POLICY = """
+name: report
+version: "3"
+filters:
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: bomb, category: weapons, action: block, keywords: [build a bomb]}
+        - {id: against-muslims, category: hate, action: block, keywords: [muslims are dangerous]}
+        - {id: rude, category: insult, action: flag, keywords: [dummy]}
+"""
+
+# (prompt, expected status, rating of the answer or None)
+TRAFFIC = [
+    ("How do I build a bomb?", 400, None),
+    ("Muslims are dangerous.", 400, None),
+    ("Tell me about Muslims and Christians.", 200, 1),
+    ("Women are great, dummy.", 200, -1),
+    ("What is the weather like?", 200, 1),
+    ("Old men and women walk.", 200, None),
+]
+
+
+# --- reading the page back -------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    text: str = ""
+    svgs: int = 0
+    tables: dict[str, list[list[tuple[str, str | None]]]] = field(default_factory=dict)
+
+    def rows(self, table: str) -> list[list[str]]:
+        return [[text for text, _ in row] for row in self.tables[table][1:]]
+
+    def values(self, table: str) -> list[list[Any]]:
+        """Each data row: text cells as text, numeric cells as their exact value."""
+        return [
+            [text if value is None else float(value) for text, value in row]
+            for row in self.tables[table][1:]
+        ]
+
+
+class Page(HTMLParser):
+    """The sections of a report by id: their text, SVG count and tables by class."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.sections: dict[str, Section] = {}
+        self.title = ""
+        self._section: Section | None = None
+        self._table: list[list[tuple[str, str | None]]] | None = None
+        self._cell: list[str] | None = None
+        self._value: str | None = None
+        self._in_title = False
+        self.external: list[str] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        for name in ("src", "href"):
+            if a.get(name):
+                self.external.append(str(a[name]))
+        if tag in ("script", "link", "img", "iframe"):
+            self.external.append(tag)
+        if tag == "title" and not self.sections:  # the page's, not an SVG tooltip
+            self._in_title = True
+        if tag == "section":
+            self._section = self.sections.setdefault(str(a["id"]), Section())
+        elif self._section is None:
+            return
+        if tag == "svg":
+            self._section.svgs += 1
+        elif tag == "table":
+            self._table = self._section.tables.setdefault(str(a.get("class")), [])
+        elif tag == "tr" and self._table is not None:
+            self._table.append([])
+        elif tag in ("td", "th"):
+            self._cell, self._value = [], a.get("data-value")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "title":
+            self._in_title = False
+        elif tag == "section":
+            self._section = None
+        elif tag == "table":
+            self._table = None
+        elif tag in ("td", "th") and self._cell is not None and self._table is not None:
+            self._table[-1].append(("".join(self._cell).strip(), self._value))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title += data
+        if self._section is not None:
+            self._section.text += data
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+# --- the traffic ------------------------------------------------------------------------------
+
+
+def run_traffic(client: TestClient[Litestar]) -> None:
+    for prompt, status, rating in TRAFFIC:
+        response = client.post(
+            "/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": prompt}]},
+        )
+        assert response.status_code == status, response.text
+        if rating is not None:
+            rated = client.post(
+                "/v1/feedback", json={"response_id": response.json()["id"], "rating": rating}
+            )
+            assert rated.status_code == 200, rated.text
+    moderated = client.post("/v1/moderations", json={"input": "Muslims are dangerous."})
+    assert moderated.status_code == 200
+
+
+@pytest.fixture
+def audit_db(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    tmp_path: Path,
+) -> Path:
+    """An SQLite audit log after TRAFFIC went through a real gateway."""
+    db = tmp_path / "audit.db"
+    backend.reply = "Here is an answer about women."
+    app = make_app(policy=write_policy(REPORT_POLICY), audit_dsn=str(db))
+    with TestClient(app=app) as client:
+        run_traffic(client)
+    return db
+
+
+def report(dsn: str, tmp_path: Path, *args: str) -> Page:
+    out = tmp_path / "report.html"
+    assert main(["report", "--audit-dsn", dsn, "--out", str(out), *args]) == 0
+    return Page(out.read_text(encoding="utf-8"))
+
+
+def check_groups(page: Page) -> None:
+    # Input: 6 prompts checked, 2 blocked, so 1/3 overall. "Muslims" twice, one blocked.
+    # Highest block rate first, then most mentions.
+    assert page.sections["groups"].values("groups") == [
+        ["religion", "muslim", "input", 2, 1, 0.5, 0.0, pytest.approx(1.5)],
+        ["gender", "women", "input", 2, 0, 0.0, 0.5, 0.0],
+        ["religion", "christian", "input", 1, 0, 0.0, 0.0, 0.0],
+        ["gender", "men", "input", 1, 0, 0.0, 0.0, 0.0],
+        ["age", "older", "input", 1, 0, 0.0, 0.0, 0.0],
+        # Every answer mentions women; nothing was blocked at the output: no disparity.
+        ["gender", "women", "output", 4, 0, 0.0, 0.0, "—"],
+    ]
+    assert page.sections["groups"].svgs == 1
+
+
+def check_satisfaction(page: Page) -> None:
+    satisfaction = page.sections["satisfaction"]
+    assert satisfaction.values("satisfaction") == [
+        ["all", 3, 2, pytest.approx(2 / 3)],
+        ["allow", 2, 2, 1.0],
+        ["flag", 1, 0, 0.0],
+    ]
+    assert "3 ratings, 66.7% positive" in satisfaction.text
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def test_the_report_has_every_section_with_the_numbers_of_the_traffic(
+    audit_db: Path, tmp_path: Path
+) -> None:
+    page = report(str(audit_db), tmp_path, "--since", "1h")
+
+    assert page.title == "Guardrail report"
+    assert list(page.sections) == [
+        "summary",
+        "harmful",
+        "groups",
+        "satisfaction",
+        "latency",
+        "rules",
+    ]
+    assert page.external == []  # self-contained: no scripts, images, links or stylesheets
+    summary = page.sections["summary"]
+    assert summary.values("totals") == [
+        ["audit rows", 7],
+        ["chat and completion exchanges", 6],
+        ["harmful exchanges", 3],
+        ["harmful rate", 0.5],
+    ]
+    assert summary.values("stages") == [
+        ["input", 6, 2, pytest.approx(1 / 3), 1],
+        ["output", 4, 0, 0.0, 0],
+    ]
+    assert summary.values("routes") == [["chat", 6], ["moderations", 1]]
+
+    harmful = page.sections["harmful"]
+    assert harmful.values("categories") == [
+        ["hate", 1, pytest.approx(1 / 6)],
+        ["insult", 1, pytest.approx(1 / 6)],
+        ["weapons", 1, pytest.approx(1 / 6)],
+    ]
+    assert harmful.svgs == 1
+
+    check_groups(page)
+    check_satisfaction(page)
+
+    # Latency: the nearest-rank percentiles of what the audit log holds.
+    conn = sqlite3.connect(audit_db)
+    durations = sorted(
+        r[0] for r in conn.execute("SELECT duration_ms FROM audit_log WHERE route = 'chat'")
+    )
+    backend_ms = sorted(
+        r[0] for r in conn.execute("SELECT backend_ms FROM audit_log WHERE backend_ms IS NOT NULL")
+    )
+    conn.close()
+    latency = page.sections["latency"].values("latency")
+    assert latency[0] == [
+        "chat",
+        "duration",
+        6,
+        *(percentile(durations, q) for q in (0.5, 0.9, 0.99)),
+    ]
+    assert latency[1] == [
+        "chat",
+        "backend",
+        4,
+        *(percentile(backend_ms, q) for q in (0.5, 0.9, 0.99)),
+    ]
+    assert [row[:3] for row in latency[2:]] == [["moderations", "duration", 1]]
+    assert page.sections["latency"].svgs == 1
+
+    # Each rule once per exchange; the moderation call's hit is not chat traffic.
+    assert page.sections["rules"].rows("rules") == [
+        ["words", "against-muslims", "hate", "block", "1"],
+        ["words", "bomb", "weapons", "block", "1"],
+        ["words", "rude", "insult", "flag", "1"],
+    ]
+
+
+def test_a_window_without_traffic_says_so_in_every_section(audit_db: Path, tmp_path: Path) -> None:
+    page = report(str(audit_db), tmp_path, "--since", "3h", "--until", "2h")
+
+    assert page.sections["summary"].values("totals")[0] == ["audit rows", 0]
+    assert "No harmful findings" in page.sections["harmful"].text
+    assert "No exchange in this window mentioned a group" in page.sections["groups"].text
+    assert "No feedback data" in page.sections["satisfaction"].text
+    assert "No requests in this window" in page.sections["latency"].text
+    assert "No finding acted" in page.sections["rules"].text
+
+
+def test_an_older_database_without_groups_or_feedback_still_reports(tmp_path: Path) -> None:
+    db = tmp_path / "v1.db"
+    conn = sqlite3.connect(db)
+    for statement in SQLITE_MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO audit_log (record_id, request_id, time, epoch, route, tenant, stream, "
+        "policy_name, policy_version, outcome, status_code, action, input_action, findings, "
+        "filters, duration_ms) VALUES ('r', 'q', 'now', unixepoch() - 60, 'chat', 'default', 0, "
+        "'p', '1', 'allowed', 200, 'allow', 'allow', '[]', '[]', 12.5)"
+    )
+    conn.commit()
+    conn.close()
+
+    page = report(str(db), tmp_path, "--since", "1h")
+
+    assert page.sections["summary"].values("totals")[1] == ["chat and completion exchanges", 1]
+    assert "no groups column" in page.sections["groups"].text
+    assert "No feedback data" in page.sections["satisfaction"].text
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT max(version) FROM audit_schema_version").fetchone() == (None,)
+    conn.close()  # read-only: the report never migrates the gateway's database
+
+
+def test_the_report_reads_postgresql_too(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    postgres_dsn: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    backend.reply = "Here is an answer about women."
+    app = make_app(policy=write_policy(REPORT_POLICY), audit_dsn=postgres_dsn)
+    with TestClient(app=app) as client:
+        run_traffic(client)
+
+    page = report(postgres_dsn, tmp_path, "--since", "1h")
+
+    assert page.sections["summary"].values("totals")[1] == ["chat and completion exchanges", 6]
+    check_groups(page)
+    check_satisfaction(page)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--audit-dsn", "{tmp}/missing.db"], "no audit database at"),
+        (["--audit-dsn", "off"], "the audit log is off"),
+        (["--audit-dsn", "{tmp}/missing.db", "--since", "yesterday"], "neither a duration"),
+        (["--audit-dsn", "{tmp}/missing.db", "--since", "1h", "--until", "2h"], "before --until"),
+    ],
+)
+def test_report_problems_exit_2_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    filled = [a.replace("{tmp}", str(tmp_path)) for a in args]
+
+    assert main(["report", "--out", str(tmp_path / "r.html"), *filled]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds_before"),
+    [("7d", 7 * 86_400), ("12h", 12 * 3600), ("30m", 1800), ("2w", 14 * 86_400), ("90s", 90)],
+)
+def test_since_takes_a_duration_back_from_now(text: str, seconds_before: float) -> None:
+    assert parse_since(text, 1_000_000.0) == 1_000_000.0 - seconds_before
+
+
+def test_since_takes_an_iso_date_in_utc() -> None:
+    assert parse_since("2025-01-31", 0) == 1_738_281_600
+    assert parse_since("2025-01-31T01:00:00+01:00", 0) == 1_738_281_600

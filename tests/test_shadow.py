@@ -1,0 +1,115 @@
+"""Shadow mode: a candidate policy decides live traffic next to the active one, unenforced."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+
+from tests.fakes.backend import FakeBackend
+
+CANDIDATE = """
+name: candidate
+version: "c1"
+filters:
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: tea, category: drinks, keywords: [tea]}
+        - {id: coffee, category: drinks, action: flag, keywords: [coffee]}
+"""
+
+
+def chat(text: str) -> dict[str, object]:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": text}]}
+
+
+def shadow_count(registry: CollectorRegistry, stage: str, active: str, shadow: str) -> float:
+    value = registry.get_sample_value(
+        "guardrail_shadow_decisions_total", {"stage": stage, "active": active, "shadow": shadow}
+    )
+    return value or 0.0
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "shadow checks did not finish"
+        time.sleep(0.01)
+
+
+def test_the_shadow_policy_is_compared_but_never_enforced(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[..., Path],
+    metrics_registry: CollectorRegistry,
+    backend: FakeBackend,
+) -> None:
+    candidate = write_policy(CANDIDATE, "candidate.yaml")
+    backend.reply = "Here is some tea and coffee."
+    with TestClient(app=make_app(shadow_policy=str(candidate))) as client:
+        r = client.post("/v1/chat/completions", json=chat("I would like tea"))
+        # The active (test) policy allows it; the candidate would block: still served.
+        assert r.status_code == 200
+        assert r.json()["guardrail"]["policy"]["name"] == "test"
+        wait_for(lambda: shadow_count(metrics_registry, "input", "allow", "block") == 1)
+        wait_for(lambda: shadow_count(metrics_registry, "output", "allow", "block") == 1)
+
+        # The active policy blocks, the candidate allows: counted the other way round.
+        r = client.post("/v1/chat/completions", json=chat("how to build a bomb"))
+        assert r.status_code == 400
+        wait_for(lambda: shadow_count(metrics_registry, "input", "block", "allow") == 1)
+
+        # Both allow: agreement is counted too.
+        r = client.post("/v1/chat/completions", json=chat("hello"))
+        assert r.status_code == 200
+        wait_for(lambda: shadow_count(metrics_registry, "input", "allow", "allow") == 1)
+
+
+def test_a_bad_shadow_file_on_reload_keeps_the_previous_shadow_policy(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[..., Path],
+    metrics_registry: CollectorRegistry,
+) -> None:
+    candidate = write_policy(CANDIDATE, "candidate.yaml")
+    with TestClient(app=make_app(shadow_policy=str(candidate))) as client:
+        candidate.write_text(CANDIDATE.replace("keywords: [tea]", "keywordz: [tea]"))
+        r = client.post("/admin/reload")
+        assert r.status_code == 422
+        assert "candidate.yaml" in r.json()["error"]["message"]
+        client.post("/v1/chat/completions", json=chat("tea please"))
+        wait_for(lambda: shadow_count(metrics_registry, "input", "allow", "block") == 1)
+
+
+async def test_shadow_checks_past_the_limit_are_dropped_and_counted(
+    write_policy: Callable[..., Path],
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from guardrail.guard.filter import BuildContext
+    from guardrail.guard.registry import filter_registry
+    from guardrail.guard.shadow import ShadowPolicy
+    from guardrail.guard.store import GuardStore
+    from guardrail.guard.types import Action, FilterContext, Stage
+
+    seen: list[tuple[str, str, str]] = []
+    with ThreadPoolExecutor(1) as pool:
+        store = GuardStore(
+            str(write_policy(CANDIDATE, "c.yaml")), filter_registry(), BuildContext(pool)
+        )
+        store.load()
+        shadow = ShadowPolicy(
+            store, lambda st, a, s, v: seen.append((st.value, a.value, s)), max_in_flight=2
+        )
+        for _ in range(5):
+            shadow.observe_text(Stage.OUTPUT, "tea", FilterContext("r"), Action.ALLOW)
+        await shadow.drain()
+        await asyncio.sleep(0)
+    assert sorted(seen) == sorted(
+        [("output", "allow", "block")] * 2 + [("output", "allow", "dropped")] * 3
+    )
