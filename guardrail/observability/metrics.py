@@ -37,7 +37,8 @@ decisions_total                                 counter    stage, action
 filter_verdicts_total                           counter    filter, stage, action
 filter_errors_total                             counter    filter, stage, kind
 filter_duration_seconds                         histogram  filter, stage
-harmful_content_total                           counter    stage, category
+harmful_content_total                           counter    stage, category, tenant,
+                                                           policy_version
 finding_score                                   histogram  filter, stage, category
 verdict_cache_total                             counter    filter, result
 backend_duration_seconds                        histogram  backend, stream
@@ -169,6 +170,8 @@ class GatewayMetrics:
         self._category = _CappedLabel(max_label_values)
         self._backend = _CappedLabel(max_label_values)
         self._code = _CappedLabel(max_label_values)
+        self._tenant = _CappedLabel(max_label_values)
+        self._version = _CappedLabel(max_label_values)
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels, namespace="guardrail", registry=registry)
@@ -218,8 +221,9 @@ class GatewayMetrics:
         )
         self.harmful_content = counter(
             "harmful_content_total",
-            "Exchanges with a finding whose action is not allow, by stage and policy category.",
-            ("stage", "category"),
+            "Exchanges with a finding whose action is not allow, by stage, policy category, "
+            "tenant and policy version.",
+            ("stage", "category", "tenant", "policy_version"),
         )
         self.verdict_cache = counter(
             "verdict_cache_total",
@@ -365,7 +369,12 @@ class GatewayMetrics:
             if f.action is not Action.ALLOW
         }
         for stage, category in sorted(harmful):
-            self.harmful_content.labels(stage=stage, category=self._category(category)).inc()
+            self.harmful_content.labels(
+                stage=stage,
+                category=self._category(category),
+                tenant=self._tenant(exchange.tenant),
+                policy_version=self._version(exchange.policy_version),
+            ).inc()
 
         if exchange.outcome == "backend_error":
             self.backend_errors.labels(
