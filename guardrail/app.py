@@ -86,9 +86,10 @@ def create_app(
         allow_downloads=settings.allow_downloads,
         incremental=settings.verdict_cache_entries > 0,
     )
+    registry = filters if filters is not None else filter_registry()
     store = GuardStore(
         settings.policy,
-        filters if filters is not None else filter_registry(),
+        registry,
         env,
         on_swap=lambda g: metrics.set_policy(g.policy.name, g.policy.version, g.policy.digest),
         cache=VerdictCache(settings.verdict_cache_entries)
@@ -101,7 +102,7 @@ def create_app(
     stores = {
         path: GuardStore(
             path,
-            filters if filters is not None else filter_registry(),
+            registry,
             dataclasses.replace(env, base_dir=Path(path).resolve().parent),
             cache=store.cache,
         )
@@ -110,7 +111,7 @@ def create_app(
     shadow_store = (
         GuardStore(
             settings.shadow_policy,
-            filters if filters is not None else filter_registry(),
+            registry,
             dataclasses.replace(env, base_dir=Path(settings.shadow_policy).resolve().parent),
         )
         if settings.shadow_policy

@@ -136,26 +136,23 @@ class AupHeads:
         """Read plain arrays (no pickle); refuse weights built for other features."""
         import numpy as np
 
+        from guardrail.filters.weights import read_arrays
+
+        data = read_arrays(path, "classifier weights", AUP_FEATURE_VERSION)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                heads = cls(
-                    categories=tuple(str(c) for c in data["categories"]),
-                    w1=data["w1"].astype(np.float32),
-                    b1=data["b1"].astype(np.float32),
-                    w2=data["w2"].astype(np.float32),
-                    b2=float(data["b2"]),
-                    coef=data["coef"].astype(np.float32),
-                    intercept=data["intercept"].astype(np.float32),
-                    embedding_model=str(data["embedding_model"]),
-                    feature_version=int(data["feature_version"]),
-                )
-        except (OSError, KeyError, ValueError) as e:
-            raise ConfigError(f"cannot read classifier weights {path}: {e}") from e
-        if heads.feature_version != AUP_FEATURE_VERSION:
-            raise ConfigError(
-                f"classifier weights {path} use feature version {heads.feature_version}; "
-                f"this code builds version {AUP_FEATURE_VERSION}: retrain them"
+            heads = cls(
+                categories=tuple(str(c) for c in data["categories"]),
+                w1=data["w1"].astype(np.float32),
+                b1=data["b1"].astype(np.float32),
+                w2=data["w2"].astype(np.float32),
+                b2=float(data["b2"]),
+                coef=data["coef"].astype(np.float32),
+                intercept=data["intercept"].astype(np.float32),
+                embedding_model=str(data["embedding_model"]),
+                feature_version=int(data["feature_version"]),
             )
+        except KeyError as e:
+            raise ConfigError(f"cannot read classifier weights {path}: missing {e}") from e
         hidden = heads.w1.shape[1] if heads.w1.ndim == 2 else -1
         if (
             heads.b1.shape != (hidden,)

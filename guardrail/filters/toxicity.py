@@ -346,22 +346,19 @@ class LinearHeads:
         """Read heads saved by ``scripts/train_toxicity.py`` (plain arrays, no pickle)."""
         import numpy as np
 
+        from guardrail.filters.weights import read_arrays
+
+        data = read_arrays(path, "toxicity weights", FEATURE_VERSION)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                heads = cls(
-                    names=tuple(str(n) for n in data["names"]),
-                    coef=data["coef"].astype(np.float64),
-                    intercept=data["intercept"].astype(np.float64),
-                    embedding_model=str(data["embedding_model"]),
-                    feature_version=int(data["feature_version"]),
-                )
-        except (OSError, KeyError, ValueError) as e:
-            raise ConfigError(f"cannot read toxicity weights {path}: {e}") from e
-        if heads.feature_version != FEATURE_VERSION:
-            raise ConfigError(
-                f"toxicity weights {path} use feature version {heads.feature_version}, "
-                f"this code builds version {FEATURE_VERSION}: retrain them"
+            heads = cls(
+                names=tuple(str(n) for n in data["names"]),
+                coef=data["coef"].astype(np.float64),
+                intercept=data["intercept"].astype(np.float64),
+                embedding_model=str(data["embedding_model"]),
+                feature_version=int(data["feature_version"]),
             )
+        except KeyError as e:
+            raise ConfigError(f"cannot read toxicity weights {path}: missing {e}") from e
         if heads.coef.shape != (len(heads.names), heads.coef.shape[1]) or heads.intercept.shape != (
             len(heads.names),
         ):

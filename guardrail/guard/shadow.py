@@ -30,10 +30,6 @@ log = structlog.get_logger("guardrail.shadow")
 Recorder = Callable[[Stage, Action, str, str], None]
 
 
-def strictest(decisions: Sequence[Decision]) -> Action:
-    return Action.strictest(d.action for d in decisions)
-
-
 class ShadowPolicy:
     """Runs a second policy on the same texts and records how its decisions compare."""
 
@@ -99,7 +95,7 @@ class ShadowPolicy:
             self._record(stage, active, "error", version)
             log.warning("shadow_error", request_id=request_id, error=type(e).__name__)
             return
-        shadow = strictest(decisions)
+        shadow = Action.strictest(d.action for d in decisions)
         self._record(stage, active, shadow.value, version)
         if shadow is not active:
             categories = sorted(

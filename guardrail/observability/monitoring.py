@@ -202,32 +202,33 @@ class _DriftCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._metrics.drift.snapshot()
-        rate = GaugeMetricFamily(
-            "guardrail_harmful_rate",
-            "Share of chat/completion exchanges with a harmful finding, in this replica's "
-            "recent window and in the baseline window before it (NaN: no traffic).",
-            labels=["window"],
-        )
-        rate.add_metric(["recent"], snap.recent_rate)
-        rate.add_metric(["baseline"], snap.baseline_rate)
-        yield rate
-        count = GaugeMetricFamily(
-            "guardrail_harmful_rate_exchanges",
-            "Chat/completion exchanges counted in each harmful-rate window of this replica.",
-            labels=["window"],
-        )
-        count.add_metric(["recent"], snap.recent_exchanges)
-        count.add_metric(["baseline"], snap.baseline_exchanges)
-        yield count
         # Counts, not only the rate: replicas combine as sum(harmful) / sum(exchanges).
-        harmful = GaugeMetricFamily(
-            "guardrail_harmful_rate_harmful",
-            "Harmful chat/completion exchanges in each harmful-rate window of this replica.",
-            labels=["window"],
+        windows = (
+            (
+                "guardrail_harmful_rate",
+                "Share of chat/completion exchanges with a harmful finding, in this replica's "
+                "recent window and in the baseline window before it (NaN: no traffic).",
+                snap.recent_rate,
+                snap.baseline_rate,
+            ),
+            (
+                "guardrail_harmful_rate_exchanges",
+                "Chat/completion exchanges counted in each harmful-rate window of this replica.",
+                snap.recent_exchanges,
+                snap.baseline_exchanges,
+            ),
+            (
+                "guardrail_harmful_rate_harmful",
+                "Harmful chat/completion exchanges in each harmful-rate window of this replica.",
+                snap.recent_harmful,
+                snap.baseline_harmful,
+            ),
         )
-        harmful.add_metric(["recent"], snap.recent_harmful)
-        harmful.add_metric(["baseline"], snap.baseline_harmful)
-        yield harmful
+        for name, documentation, recent, baseline in windows:
+            family = GaugeMetricFamily(name, documentation, labels=["window"])
+            family.add_metric(["recent"], recent)
+            family.add_metric(["baseline"], baseline)
+            yield family
         yield GaugeMetricFamily(
             "guardrail_harmful_rate_drift",
             "Harmful rate of the recent window minus the baseline window's (NaN: either "

@@ -1,0 +1,35 @@
+"""Reading shipped model weights: plain ``.npz`` arrays, never pickles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from guardrail.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+
+def read_arrays(path: Path, what: str, version: int) -> dict[str, npt.NDArray[np.generic]]:
+    """Every array of the ``.npz`` at ``path``; refuse a ``feature_version`` other than ``version``.
+
+    ``what`` names the weights in errors ("toxicity weights"). A missing or corrupt file
+    and weights built for other features are :class:`ConfigError`, so a bad file stops
+    the policy from loading instead of scoring garbage.
+    """
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        found = int(arrays["feature_version"])
+    except (OSError, KeyError, ValueError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from e
+    if found != version:
+        raise ConfigError(
+            f"{what} {path} use feature version {found}, this code builds version {version}: "
+            "retrain them"
+        )
+    return arrays
