@@ -14,12 +14,18 @@ Writes (never commit them: the shared data keeps its own licence and location):
 - ``xstest-unsafe.jsonl`` / ``xstest-safe.jsonl``: XSTest's prompts by its label
   (``block`` / ``allow``), ``category`` from its ``type`` column: the acceptable-use
   measurements (recall on the unsafe half, false-positive rate on the safe half).
+- ``truthfulqa-grounded-{dev,test,all}.jsonl``: groundedness. For each TruthfulQA
+  question, ``context`` is its best answer and ``prompt`` the question; its other correct
+  answers are ``label: allow`` and its incorrect answers ``label: block``. Questions split
+  in halves by a hash of the question (``dev`` was looked at while designing the
+  features; ``test`` was not); nothing of TruthfulQA trains anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -83,7 +89,28 @@ def main() -> int:
             )
     for half, rows in halves.items():
         _write(args.out / f"xstest-{half}.jsonl", rows)
+
+    truthful = args.shared / "truthfulqa" / "TruthfulQA.csv"
+    grounded: dict[str, list[dict[str, str]]] = {"dev": [], "test": []}
+    with truthful.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            question, best = row["Question"], row["Best Answer"].strip()
+            digest = int(hashlib.sha256(question.encode()).hexdigest(), 16)
+            half = "dev" if digest % 2 == 0 else "test"
+            answers = [(a, "allow") for a in _answers(row["Correct Answers"]) if a != best]
+            answers += [(a, "block") for a in _answers(row["Incorrect Answers"])]
+            for answer, label in answers:
+                grounded[half].append(
+                    {"text": answer, "label": label, "context": best, "prompt": question}
+                )
+    for half, rows in grounded.items():
+        _write(args.out / f"truthfulqa-grounded-{half}.jsonl", rows)
+    _write(args.out / "truthfulqa-grounded-all.jsonl", grounded["dev"] + grounded["test"])
     return 0
+
+
+def _answers(cell: str) -> list[str]:
+    return [a.strip() for a in cell.split(";") if a.strip()]
 
 
 if __name__ == "__main__":

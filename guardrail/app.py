@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from guardrail import __version__
 from guardrail.api.auth import AuthMiddleware, KeyRing, Tenants, open_mode_warning
+from guardrail.api.consistency import ConsistencyChecker
 from guardrail.api.errors import make_exception_handler
 from guardrail.api.feedback import ROUTES as FEEDBACK_ROUTES
 from guardrail.api.oversight import build_oversight
@@ -39,6 +40,8 @@ from guardrail.api.routes import ROUTES, RequestIdMiddleware
 from guardrail.api.serving import Gateway, Serving
 from guardrail.backends.base import Backend
 from guardrail.backends.registry import backend_registry
+from guardrail.filters.grounding import GroundingScorer
+from guardrail.filters.hallucination import default_grounder, shared_scorer
 from guardrail.guard.cache import VerdictCache
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.registry import filter_registry
@@ -57,6 +60,30 @@ _background: set[asyncio.Task[object]] = set()
 def build_backend(settings: Settings) -> Backend:
     """Build the configured backend (blocking: a local model loads here)."""
     return backend_registry().get(settings.backend).build(settings)
+
+
+def consistency_from_settings(
+    settings: Settings, env: BuildContext, metrics: GatewayMetrics
+) -> ConsistencyChecker | None:
+    """The self-consistency checker, or ``None`` when ``consistency_sample_rate`` is 0."""
+    if settings.consistency_sample_rate <= 0:
+        return None
+
+    async def scorer() -> GroundingScorer:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(env.executor, shared_scorer, env)
+
+    return ConsistencyChecker(
+        scorer,
+        metrics.consistency,
+        rate=settings.consistency_sample_rate,
+        samples=settings.consistency_samples,
+        mode=settings.consistency_mode,
+        threshold=settings.consistency_threshold,
+        temperature=settings.consistency_temperature,
+        max_in_flight=settings.consistency_max_in_flight,
+        count=metrics.consistency_check,
+    )
 
 
 def create_app(
@@ -141,8 +168,12 @@ def create_app(
         if shadow_store is not None
         else None,
         monitor=monitor,
+        grounding=default_grounder(env),
+        consistency=consistency_from_settings(settings, env, metrics),
     )
     gateway.on_shutdown.append(monitor.aclose)  # cancels running counterfactual probes
+    if gateway.consistency is not None:
+        gateway.on_shutdown.append(gateway.consistency.aclose)
     if audit is not None:
         # Runs after open requests finished: every exchange is in the queue by then.
         gateway.on_shutdown.append(audit.aclose)

@@ -176,6 +176,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 
 async def _run_policy_tests(guard: Any, *, verbose: bool) -> list[tuple[str, bool]]:
     """Each test's report line (empty for a quiet pass) and whether it passed."""
+    from guardrail.chat import Message
     from guardrail.guard.types import FilterContext
 
     results = []
@@ -186,6 +187,8 @@ async def _run_policy_tests(guard: Any, *, verbose: bool) -> list[tuple[str, boo
             tenant=test.tenant,
             route=test.route,
             model=test.model,
+            messages=(Message("user", test.prompt),) if test.prompt else (),
+            context_documents=tuple(test.context),
         )
         decision = await guard.check(test.stage, test.input, ctx)
         label = f"[{test.stage.value}] {test.name or _preview(test.input)}"

@@ -1,8 +1,16 @@
 """``guardrail eval``: measure a policy on labeled data, as a policy author would.
 
 Each JSONL line is ``{"text": str, "label": "allow" | "block", "category": str?,
-"context": str | [str]?}``. A decision other than ``allow`` counts as positive (the
-policy acted on the text); ``label: block`` marks a true positive case.
+"context": str | [str]?, "prompt": str?}``. A decision other than ``allow`` counts as
+positive (the policy acted on the text); ``label: block`` marks a true positive case.
+``context`` is the request's sources and ``prompt`` the question the text answers (for
+groundedness at the output stage).
+
+Scores are measured too, not only decisions: for every finding category that scored
+every example (``groundedness``, a toxicity category, ...), ``auroc`` says how well the
+score separates ``block`` from ``allow`` examples (1.0: perfectly, 0.5: not at all).
+For ``groundedness``, where a higher score means better supported, the ranking is
+reversed, so 1.0 still means "the unsupported answers score lower".
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from guardrail.chat import Message
 from guardrail.errors import ConfigError
 from guardrail.guard.guard import Guard
 from guardrail.guard.types import Action, FilterContext, Stage
@@ -26,6 +35,7 @@ class Example:
     positive: bool
     category: str | None = None
     context: tuple[str, ...] = ()
+    prompt: str | None = None
 
 
 def read_dataset(path: Path) -> list[Example]:
@@ -54,9 +64,16 @@ def read_dataset(path: Path) -> list[Example]:
         if not all(isinstance(c, str) for c in context):
             raise ConfigError(f'{where}: "context" must be a string or a list of strings')
         category = row.get("category")
+        prompt = row.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ConfigError(f'{where}: "prompt" must be a string')
         examples.append(
             Example(
-                row["text"], label == "block", str(category) if category else None, tuple(context)
+                row["text"],
+                label == "block",
+                str(category) if category else None,
+                tuple(context),
+                prompt,
             )
         )
     if not examples:
@@ -68,6 +85,28 @@ def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = max(0, math.ceil(q * len(ordered)) - 1)
     return ordered[k]
+
+
+# Categories whose score is higher for the *better* text: reversed for AUROC.
+HIGHER_IS_SAFER = frozenset({"groundedness"})
+
+
+def auroc(positives: list[float], negatives: list[float]) -> float:
+    """P(a positive scores above a negative), ties counting half (Mann-Whitney U)."""
+    if not positives or not negatives:
+        return float("nan")
+    ranked = sorted([(s, 1) for s in positives] + [(s, 0) for s in negatives])
+    rank_sum = 0.0
+    i = 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        mid = (i + j + 1) / 2  # 1-based average rank of the tie group
+        rank_sum += mid * sum(label for _, label in ranked[i:j])
+        i = j
+    n_pos, n_neg = len(positives), len(negatives)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -83,13 +122,22 @@ async def evaluate(
     by_category: dict[str, list[int]] = {}  # category -> [caught, total] over positives
     by_action: dict[str, int] = {a.value: 0 for a in Action}
     bar = _Progress(len(examples), progress)
+    scores: dict[str, list[tuple[bool, float]]] = {}
     for i, ex in enumerate(examples):
-        ctx = FilterContext(f"eval-{i}", stage=stage, context_documents=ex.context)
+        messages = (Message("user", ex.prompt),) if ex.prompt else ()
+        ctx = FilterContext(
+            f"eval-{i}", stage=stage, messages=messages, context_documents=ex.context
+        )
         started = time.perf_counter()
         decision = await guard.check(stage, ex.text, ctx)
         latencies.append(time.perf_counter() - started)
         predicted = decision.action is not Action.ALLOW
         by_action[decision.action.value] += 1
+        best: dict[str, float] = {}
+        for f in decision.findings:
+            best[f.category] = max(best.get(f.category, -math.inf), f.score)
+        for category, score in best.items():
+            scores.setdefault(category, []).append((ex.positive, score))
         if ex.positive:
             tp, fn = tp + predicted, fn + (not predicted)
             if ex.category:
@@ -120,11 +168,21 @@ async def evaluate(
             c: {"recall": round(_ratio(s[0], s[1]), 4), "n": s[1]}
             for c, s in sorted(by_category.items())
         },
+        "auroc": {
+            c: round(_auroc_of(c, pairs), 4)
+            for c, pairs in sorted(scores.items())
+            if len(pairs) == len(examples) and 0 < tp + fn < len(examples)
+        },
         "latency_ms": {
             "p50": round(statistics.median(latencies) * 1000, 3),
             "p95": round(_percentile(latencies, 0.95) * 1000, 3),
         },
     }
+
+
+def _auroc_of(category: str, pairs: list[tuple[bool, float]]) -> float:
+    sign = -1.0 if category in HIGHER_IS_SAFER else 1.0
+    return auroc([sign * s for p, s in pairs if p], [sign * s for p, s in pairs if not p])
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -137,6 +195,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"  latency per text: p50={report['latency_ms']['p50']:.3f} ms "
         f"p95={report['latency_ms']['p95']:.3f} ms",
     ]
+    for category, value in report["auroc"].items():
+        lines.append(f"  auroc of the {category} score: {value:.4f}")
     if report["recall_by_category"]:
         lines.append("  recall by category:")
         for category, stats in report["recall_by_category"].items():

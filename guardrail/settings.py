@@ -290,6 +290,39 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         _doc("Most counterfactual probes running at once; past this they are dropped and counted."),
         msgspec.Meta(ge=1, le=10_000),
     ] = 4
+    consistency_sample_rate: Annotated[
+        float,
+        _doc(
+            "Share of chat/completion requests whose answer is checked for self-consistency "
+            "against extra samples from the backend (0: off; each check costs "
+            "consistency_samples generations)."
+        ),
+        msgspec.Meta(ge=0.0, le=1.0),
+    ] = 0.0
+    consistency_samples: Annotated[
+        int, _doc("Extra samples drawn per consistency check."), msgspec.Meta(ge=1, le=20)
+    ] = 3
+    consistency_mode: Annotated[
+        Literal["background", "inline"],
+        _doc(
+            "background: score after the answer is sent (users never wait); inline: score "
+            "before a non-streamed answer returns and flag it 'inconsistent' below the "
+            "threshold."
+        ),
+    ] = "background"
+    consistency_threshold: Annotated[
+        float,
+        _doc("Inline mode: answers scoring below this get an 'inconsistent' flag."),
+        msgspec.Meta(ge=0.0, le=1.0),
+    ] = 0.5
+    consistency_temperature: Annotated[
+        float, _doc("Sampling temperature of the extra samples."), msgspec.Meta(ge=0.0, le=2.0)
+    ] = 1.0
+    consistency_max_in_flight: Annotated[
+        int,
+        _doc("Most background consistency checks at once; past this they are skipped and counted."),
+        msgspec.Meta(ge=1, le=10_000),
+    ] = 4
     harmful_rate_recent_s: Annotated[
         float,
         _doc("Recent window of the in-process harmful-content rate (guardrail_harmful_rate)."),

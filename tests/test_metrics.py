@@ -590,6 +590,43 @@ def _record_every_kind(metrics: GatewayMetrics) -> None:
     metrics.review_verdict("false_positive", "block")
     metrics.set_review_queue_depth(3)
     metrics.shadow_decision(Stage.INPUT, Action.ALLOW, "block", "candidate-1")
+    metrics.record(exchange("flagged", _hallucination_decision()))
+    metrics.consistency("background", 0.4)
+    metrics.consistency_check("scored")
+
+
+def _hallucination_decision() -> Decision:
+    grounded = Finding("groundedness", 0.35, Action.ALLOW, filter_id="facts", concern="accuracy")
+    ungrounded = Finding("ungrounded", 0.8, Action.FLAG, filter_id="facts", concern="accuracy")
+    return decision(Stage.OUTPUT, filter_outcome("facts", grounded, ungrounded))
+
+
+def test_accuracy_findings_count_as_hallucination_flags_never_as_harmful_content(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    metrics.record(exchange("flagged", _hallucination_decision(), _hallucination_decision()))
+
+    flags = registry.get_sample_value(
+        "guardrail_hallucination_flags_total", {"stage": "output", "kind": "ungrounded"}
+    )
+    assert flags == 1.0  # once per exchange, however many texts
+    harmful = [
+        s
+        for f in registry.collect()
+        if f.name == "guardrail_harmful_content"
+        for s in f.samples
+        if s.name.endswith("_total")
+    ]
+    assert harmful == []
+    assert (
+        registry.get_sample_value("guardrail_groundedness_score_count", {"stage": "output"}) == 2.0
+    )
+    assert (
+        registry.get_sample_value(
+            "guardrail_groundedness_score_bucket", {"stage": "output", "le": "0.4"}
+        )
+        == 2.0
+    )
 
 
 def test_exposition_is_the_text_format_with_its_content_type(metrics: GatewayMetrics) -> None:
@@ -607,7 +644,7 @@ def test_every_metric_has_help_text_and_samples_after_every_kind_of_exchange(
     _record_every_kind(metrics)
 
     families = [f for f in registry.collect() if f.name.startswith("guardrail_")]
-    assert len(families) == 26
+    assert len(families) == 30
     for family in families:
         assert family.documentation, family.name
         assert family.samples, family.name

@@ -52,6 +52,29 @@ class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
         return "".join(texts)
 
 
+class Document(msgspec.Struct, forbid_unknown_fields=True):
+    """A source the answer should rest on: plain text with an optional title."""
+
+    text: str
+    title: str | None = None
+
+
+# Sources for groundedness and citation checks: strings or {"text", "title"} objects.
+Documents = Annotated[list[str | Document], msgspec.Meta(max_length=256)]
+
+
+def document_texts(documents: list[str | Document] | None) -> tuple[str, ...]:
+    if not documents:
+        return ()
+    out = []
+    for d in documents:
+        if isinstance(d, str):
+            out.append(d)
+        else:
+            out.append(f"{d.title}\n{d.text}" if d.title else d.text)
+    return tuple(out)
+
+
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
 
@@ -72,6 +95,9 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Extensions understood by vLLM, TGI and the local engine.
     top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    # Gateway extension: the sources the answer should rest on (retrieved documents).
+    # Read by the hallucination filter; never sent to the backend.
+    documents: Documents | None = None
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -156,6 +182,14 @@ class ModerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=256)]
     model: str | None = None
     stage: Literal["input", "output"] = "input"
+    # Score each input against these sources (groundedness), as the answer to ``prompt``.
+    context: str | Documents | None = None
+    prompt: str | None = None
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def sources(self) -> tuple[str, ...]:
+        if self.context is None:
+            return ()
+        return (self.context,) if isinstance(self.context, str) else document_texts(self.context)

@@ -22,13 +22,20 @@ from litestar import Response
 from litestar.response import Stream
 
 from guardrail.api.auth import OPEN_PRINCIPAL, Principal, TenantRules, Tenants
+from guardrail.api.consistency import ConsistencyChecker
 from guardrail.api.errors import APIError, from_backend_error, where
 from guardrail.api.ratelimit import Limits, MemoryRateLimiter, RateLimiter, estimate_tokens
-from guardrail.api.schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest
+from guardrail.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModerationRequest,
+    document_texts,
+)
 from guardrail.backends.base import Backend, Chunk, Completion, GenerationRequest, SamplingParams
 from guardrail.chat import Message
 from guardrail.errors import BackendError, BackendUnavailable
 from guardrail.exchange import Exchange, Outcome, Route
+from guardrail.guard.filter import Grounder, Grounds
 from guardrail.guard.guard import Guard
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore, ReloadResult
@@ -129,6 +136,10 @@ class Gateway:
     audit: AuditLog | None = None
     shadow: ShadowPolicy | None = None
     monitor: Monitor | None = None
+    # Scores a text against sources for /v1/moderations when the policy has no
+    # grounding filter: (text, sources, question) -> the groundedness report.
+    grounding: Grounder | None = None
+    consistency: ConsistencyChecker | None = None
 
     def __post_init__(self) -> None:
         if self.tenants is None:
@@ -441,7 +452,16 @@ class Serving:
         stage = Stage(body.stage)
         exchange = self._exchange("moderations", request_id, guard, model=body.model)
         exchange.tenant = principal.tenant
-        ctx = FilterContext(request_id, stage=stage, route="moderations", tenant=principal.tenant)
+        sources = body.sources()
+        ctx = FilterContext(
+            request_id,
+            stage=stage,
+            route="moderations",
+            tenant=principal.tenant,
+            model=body.model,
+            messages=(Message("user", body.prompt),) if body.prompt else (),
+            context_documents=sources,
+        )
         admission = _Admission()
         try:
             chars = sum(len(t) for t in body.inputs())
@@ -453,6 +473,11 @@ class Serving:
                 )
             )
             exchange.decisions.extend(decisions)
+            grounding = None
+            if body.context is not None:
+                grounding = await asyncio.gather(
+                    *(self._groundedness(guard, t, sources, body.prompt) for t in body.inputs())
+                )
             action = exchange.action
             if action is Action.BLOCK:
                 exchange.finish("blocked_input" if stage is Stage.INPUT else "blocked_output")
@@ -463,12 +488,32 @@ class Serving:
             raise
         finally:
             self._close(exchange, admission)
+        results = [_moderation_result(d) for d in decisions]
+        for result, report in zip(results, grounding or (), strict=False):
+            result["groundedness"] = report
         return {
             "id": exchange.response_id,
             "model": f"guardrail/{guard.policy.name}",
-            "results": [_moderation_result(d) for d in decisions],
+            "results": results,
             "guardrail": guardrail_object(exchange, guard, [(None, d) for d in decisions]),
         }
+
+    async def _groundedness(
+        self, guard: Guard, text: str, sources: tuple[str, ...], prompt: str | None
+    ) -> dict[str, Any]:
+        """``text`` scored against ``sources``: by the policy's grounding filter if it has
+        one (its weights, judge and threshold), else by the gateway's default scorer."""
+        for _, filt in guard.filters:
+            if isinstance(filt, Grounds):
+                return await filt.groundedness(text, sources, prompt)
+        if self.gw.grounding is None:
+            raise APIError(
+                400,
+                "This gateway has no groundedness scorer; 'context' is not supported.",
+                param="context",
+                code="unsupported_parameter",
+            )
+        return await self.gw.grounding(text, sources, prompt)
 
     # -- the shared path ------------------------------------------------------------------
 
@@ -509,6 +554,7 @@ class Serving:
                 route=kind,
                 model=body.model,
                 messages=messages,
+                context_documents=document_texts(body.documents),
             )
             input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
             exchange.decisions.extend(d for _, d in input_decisions)
@@ -602,9 +648,22 @@ class Serving:
             exchange.finish("blocked_output")
         else:
             text, finish = decision.text, completion.finish_reason
+            await self._consistency(call, completion.text, decision)
             exchange.finish(exchange.passed_outcome())
         body = self._completion_body(call, text, finish, completion)
         return Response(body, headers=call.headers())
+
+    async def _consistency(self, call: _Call, answer: str, decision: Decision) -> None:
+        """Self-consistency for a sampled share of answers that passed (see consistency.py)."""
+        checker = self.gw.consistency
+        if checker is None or not answer.strip() or not checker.wanted():
+            return
+        if checker.mode == "inline" and not call.exchange.stream:
+            flagged = await checker.inline(call.backend, call.request, answer, decision)
+            if flagged is not None:
+                call.exchange.decisions.append(flagged)
+        else:
+            checker.background(call.backend, call.request, answer)
 
     def _completion_body(
         self, call: _Call, text: str, finish: str, completion: Completion
@@ -697,6 +756,10 @@ class Serving:
                 finish = "content_filter"
                 exchange.finish("blocked_output")
             else:
+                # Streams are always checked in the background: their text is already sent.
+                checker = self.gw.consistency
+                if checker is not None and window.released_text.strip() and checker.wanted():
+                    checker.background(call.backend, call.request, window.released_text)
                 exchange.finish(exchange.passed_outcome())
             yield self._frame(call, finish=finish, guardrail=call.guardrail(spans=False))
             if call.include_usage:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
+    from guardrail.guard.filter import BuildContext
     from guardrail.guard.types import FilterContext
 
 DEFAULT_AUP_WEIGHTS = Path(__file__).parent / "data" / "aup_heads.npz"
@@ -55,6 +56,30 @@ class EmbeddingHeadsSettings(
     ] = None
 
 
+# Where and how a causal LM that a filter runs is loaded (Llama Guard, a grounding judge).
+ModelDevice = Annotated[str, _doc("'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")]
+ModelDType = Annotated[
+    Literal["auto", "fp32", "bf16", "fp16"],
+    _doc("Weights dtype; auto is fp32 on CPU, bf16 on CUDA."),
+]
+
+
+def shared_local_model(env: BuildContext, source: str, device: str, dtype: str) -> Any:
+    """``(model, tokenizer)`` for a filter's causal LM, loaded once per process."""
+    from guardrail.backends.local import load_local_model
+
+    return env.resources.get(
+        ("local-model", source, device, dtype),
+        lambda: load_local_model(
+            source,
+            dtype=dtype,  # type: ignore[arg-type]
+            device=device,
+            allow_downloads=env.allow_downloads,
+            cache_dir=env.cache_dir,
+        ),
+    )
+
+
 class LlamaGuardSettings(
     msgspec.Struct,
     frozen=True,
@@ -74,13 +99,8 @@ class LlamaGuardSettings(
             "Llama 3 header format (Llama Guard 3)."
         ),
     ] = "llama-guard-3"
-    device: Annotated[str, _doc("'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")] = (
-        "auto"
-    )
-    dtype: Annotated[
-        Literal["auto", "fp32", "bf16", "fp16"],
-        _doc("Weights dtype; auto is fp32 on CPU, bf16 on CUDA."),
-    ] = "auto"
+    device: ModelDevice = "auto"
+    dtype: ModelDType = "auto"
     max_chars: Annotated[
         int,
         _doc("Longest text put in the prompt; longer texts keep their start and end."),

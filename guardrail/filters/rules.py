@@ -489,20 +489,10 @@ def build_engine(
 def _llama_guard(
     settings: LlamaGuardSettings, labels: list[tuple[str, str]], env: BuildContext
 ) -> ClassifierEngine:
-    from guardrail.backends.local import load_local_model
+    from guardrail.filters.classifiers import shared_local_model
     from guardrail.filters.llama_guard import LlamaGuardEngine, taxonomy
 
-    key = ("llama-guard", settings.model, settings.device, settings.dtype)
-    model, tokenizer = env.resources.get(
-        key,
-        lambda: load_local_model(
-            settings.model,
-            dtype=settings.dtype,
-            device=settings.device,
-            allow_downloads=env.allow_downloads,
-            cache_dir=env.cache_dir,
-        ),
-    )
+    model, tokenizer = shared_local_model(env, settings.model, settings.device, settings.dtype)
     categories = taxonomy(
         [(label, d) for label, d in labels if label != "unsafe"],
         settings.template,

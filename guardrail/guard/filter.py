@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import builtins
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +114,23 @@ class Stateful(Protocol):
     """
 
     def remember(self, text: str, verdict: Verdict, ctx: FilterContext) -> None: ...
+
+
+Grounder = Callable[[str, Sequence[str], "str | None"], Awaitable[dict[str, Any]]]
+"""Scores ``text`` against ``sources`` as the answer to a question: the groundedness report."""
+
+
+@runtime_checkable
+class Grounds(Protocol):
+    """Optional: a filter that can score any text against any sources (groundedness).
+
+    The moderation endpoint asks the policy's grounding filter, so its weights, judge
+    and threshold apply to ``context`` requests too.
+    """
+
+    async def groundedness(
+        self, text: str, sources: Sequence[str], question: str | None
+    ) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ class Guard:
     ) -> None:
         self.policy = policy
         self.cache = cache
+        self.filters: tuple[Bound, ...] = tuple(filters)
         self._by_stage: dict[Stage, tuple[Bound, ...]] = {
             stage: tuple((c, f) for c, f in filters if stage in c.stages) for stage in Stage
         }

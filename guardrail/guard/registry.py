@@ -11,6 +11,7 @@ BUILTIN_FILTERS: dict[str, str] = {
     "rules": "guardrail.filters.rules:SPEC",
     "pii": "guardrail.filters.pii:SPEC",
     "toxicity": "guardrail.filters.toxicity:SPEC",
+    "hallucination": "guardrail.filters.hallucination:SPEC",
 }
 
 

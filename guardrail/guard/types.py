@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from guardrail.chat import Message
 
+Concern = Literal["harm", "accuracy"]
+
 
 class Stage(enum.StrEnum):
     """Where a text is checked: the prompt on its way in, the completion on its way out."""
@@ -49,6 +51,10 @@ class Finding:
     ``filter_id`` is the policy's id of the filter; the guard fills it in, so a filter
     need not know how the policy named it. ``span`` is ``(start, end)`` in the checked
     text. ``message`` is the policy author's text for users, if the rule has one.
+    ``concern`` says what the finding is about: ``harm`` (counted as harmful content)
+    or ``accuracy`` (hallucination flags: ungrounded claims, unverified citations,
+    questions past the model's knowledge cutoff), counted apart so a doubtful fact is
+    never reported as harmful content.
     """
 
     category: str
@@ -59,6 +65,7 @@ class Finding:
     message: str | None = None
     filter_id: str = ""
     severity: str | None = None
+    concern: Concern = "harm"
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -73,6 +80,8 @@ class Finding:
             out["span"] = list(self.span)
         if self.severity is not None:
             out["severity"] = self.severity
+        if self.concern != "harm":
+            out["concern"] = self.concern
         return out
 
 

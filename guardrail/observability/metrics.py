@@ -57,6 +57,10 @@ feedback_total                                  counter    rating_class, decisio
 review_verdicts_total                           counter    verdict, action
 review_queue_depth                              gauge      (none)
 shadow_decisions_total                          counter    stage, active, shadow
+hallucination_flags_total                       counter    stage, kind
+groundedness_score                              histogram  stage
+consistency_score                               histogram  mode
+consistency_checks_total                        counter    result
 ==============================================  =========  ===========================
 """
 
@@ -97,6 +101,9 @@ __all__ = [
 
 OTHER: Final = "other"
 """Label value that stands for every value past the cap of an open label."""
+
+GROUNDEDNESS: Final = "groundedness"
+"""The category of the finding that carries a text's whole groundedness score."""
 
 UNKNOWN: Final = "unknown"
 """Label value for a missing or empty name (no backend, no error code, no filter id)."""
@@ -224,6 +231,31 @@ class GatewayMetrics:
             "Exchanges with a finding whose action is not allow, by stage, policy category, "
             "tenant and policy version.",
             ("stage", "category", "tenant", "policy_version"),
+        )
+        self.hallucination_flags = counter(
+            "hallucination_flags_total",
+            "Exchanges with an accuracy finding that acted (ungrounded, unverified_citation, "
+            "knowledge_cutoff, inconsistent), by stage and kind; never counted as harmful.",
+            ("stage", "kind"),
+        )
+        self.groundedness_score = histogram(
+            "groundedness_score",
+            "Groundedness (0-1, higher is better supported) of texts checked against the "
+            "request's sources, by stage.",
+            ("stage",),
+            SCORE_BUCKETS,
+        )
+        self.consistency_score = histogram(
+            "consistency_score",
+            "Self-consistency (0-1) of sampled answers with the answer sent, by mode "
+            "(background or inline).",
+            ("mode",),
+            SCORE_BUCKETS,
+        )
+        self.consistency_checks = counter(
+            "consistency_checks_total",
+            "Self-consistency checks by result (scored, dropped: too many running, error).",
+            ("result",),
         )
         self.verdict_cache = counter(
             "verdict_cache_total",
@@ -362,12 +394,16 @@ class GatewayMetrics:
                 self.stream_window(decision.action)
         # Harmful content counts once per exchange, stage and category: a chat client
         # resends its whole history every turn, and an old finding is not new harm.
-        harmful = {
-            (d.stage.value, f.category)
+        acted = {
+            (d.stage.value, f.category, f.concern)
             for d in exchange.decisions
             for f in d.findings
             if f.action is not Action.ALLOW
         }
+        harmful = {(stage, category) for stage, category, concern in acted if concern == "harm"}
+        for stage, kind, concern in sorted(acted):
+            if concern == "accuracy":
+                self.hallucination_flags.labels(stage=stage, kind=self._category(kind)).inc()
         for stage, category in sorted(harmful):
             self.harmful_content.labels(
                 stage=stage,
@@ -419,6 +455,8 @@ class GatewayMetrics:
             if outcome.status != "ok":
                 self.filter_errors.labels(filter=filter_id, stage=stage, kind=outcome.status).inc()
         for finding in decision.findings:
+            if finding.category == GROUNDEDNESS and finding.concern == "accuracy":
+                self.groundedness_score.labels(stage=stage).observe(finding.score)
             self.finding_score.labels(
                 filter=self._filter(finding.filter_id),
                 stage=stage,
@@ -470,6 +508,13 @@ class GatewayMetrics:
     def rate_limited(self, limit: str) -> None:
         """Count a request refused by a rate limit (``requests`` or ``tokens``)."""
         self.rate_limited_requests.labels(limit=limit).inc()
+
+    def consistency(self, mode: str, score: float) -> None:
+        """One self-consistency score (``mode``: background or inline)."""
+        self.consistency_score.labels(mode=mode).observe(score)
+
+    def consistency_check(self, result: str) -> None:
+        self.consistency_checks.labels(result=result).inc()
 
     def shadow_decision(self, stage: Stage, active: Action, shadow: str, version: str) -> None:
         """Count one shadow comparison (``version`` is the shadow policy's, for logs only)."""

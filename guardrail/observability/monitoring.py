@@ -277,7 +277,7 @@ class Monitor:
         m = self.metrics
         m.drift.add(
             harmful=any(
-                f.action is not Action.ALLOW and f.category != _FILTER_ERROR
+                f.action is not Action.ALLOW and f.category != _FILTER_ERROR and f.concern == "harm"
                 for d in exchange.decisions
                 for f in d.findings
             )

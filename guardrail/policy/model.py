@@ -98,6 +98,13 @@ class PolicyTest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         _doc("Route of the request (for scoped rules)."),
     ] = "chat"
     model: Annotated[str | None, _doc("Requested model (for scoped rules).")] = None
+    context: Annotated[
+        list[str],
+        _doc("Sources the request brought (documents), for groundedness at the output stage."),
+    ] = msgspec.field(default_factory=list)
+    prompt: Annotated[
+        str | None, _doc("The user's question the checked text answers (output stage).")
+    ] = None
 
 
 class PolicyDocument(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

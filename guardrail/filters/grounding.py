@@ -1,0 +1,467 @@
+"""Groundedness: how well each sentence of an answer is supported by given sources.
+
+The gateway cannot know what is true, but when a request brings its sources (retrieved
+documents, a system prompt, tool results) it can ask of every sentence of the answer:
+does something in the sources say this? Each sentence (a *claim*) gets a support score
+in [0, 1]; the answer's groundedness is their mean weighted by each claim's content
+words, so a long unsupported sentence weighs more than "Sure.".
+
+A claim's support comes from a small logistic head over features that need no model
+beyond the shared sentence embedder (all-MiniLM-L6-v2):
+
+- ``cosine``: the best cosine similarity between the claim and any source unit (a
+  sentence, or two neighbouring sentences);
+- ``residual_cosine``: the same after removing the question's direction from both
+  vectors, when the question is known. Right and wrong answers are both *about* the
+  question; what is left is what they claim;
+- ``coverage``: the share of the claim's content words (not stop words, not words of the
+  question) that occur somewhere in the sources;
+- ``new_words``: how many such words the claim has (log scale);
+- ``unsupported_number``: the claim states a number the sources never do;
+- ``negation_agrees``: the claim and its best source unit are both negated or both not;
+- ``hedge_claim`` and ``hedge_source``: hedges ("unclear", "no evidence", "may").
+
+The head is trained by ``scripts/train_grounding.py`` on the hand-written
+``data/grounding`` set (never on an evaluation set); its weights are
+``data/grounding_head.npz``. A judge model (an NLI-style yes/no question put to a local
+causal LM) can be blended in where one is configured; see :class:`LocalJudge`.
+
+Heavy libraries (numpy, torch) are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from guardrail.errors import ConfigError
+from guardrail.filters.weights import read_arrays
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from guardrail.filters.embedder import Embedder
+
+FEATURES = (
+    "cosine",
+    "residual_cosine",
+    "coverage",
+    "new_words",
+    "unsupported_number",
+    "negation_agrees",
+    "hedge_claim",
+    "hedge_source",
+)
+# Features are built exactly like this at training time; bump when that changes.
+FEATURE_VERSION = 1
+DEFAULT_HEAD = Path(__file__).resolve().parent / "data" / "grounding_head.npz"
+
+# A sentence ends at terminal punctuation (optionally closed by quotes or brackets)
+# followed by whitespace, or at a line break.
+_SENTENCE_END = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*(?=\s)|\n""")
+_WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_NEGATION = re.compile(
+    r"\b(?:no|not|never|nothing|none|nobody|nowhere|neither|nor|cannot|without|"
+    r"impossible|false|myth|unclear|unknown)\b|n['\u2019]t\b",
+    re.IGNORECASE,
+)
+_HEDGE = re.compile(
+    r"\b(?:unclear|unknown|uncertain|depends|may|might|possibly|perhaps|disputed|varies|"
+    r"no (?:evidence|comment|one knows)|not (?:known|sure|clear|proven))\b",
+    re.IGNORECASE,
+)
+_STOPWORDS = """a about above after again against all am an and any are as at be because been
+    before being below between both but by can could did do does doing down during each
+    few for from further had has have having he her here hers herself him himself his how
+    i if in into is it its itself just me more most my myself of off on once only or other
+    our ours ourselves out over own same she should so some such than that the their
+    theirs them themselves then there these they this those through to too under until
+    up very was we were what when where which while who whom why will with would you your
+    yours yourself yourselves s t also sure yes yeah ok okay well certainly course hello hi
+    thanks thank please great absolutely indeed here's let"""
+STOPWORDS = frozenset(_STOPWORDS.split())
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each sentence of ``text``, trimmed of surrounding whitespace."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for m in _SENTENCE_END.finditer(text):
+        spans.append((start, m.end()))
+        start = m.end()
+    spans.append((start, len(text)))
+    out = []
+    for a, b in spans:
+        piece = text[a:b]
+        lead = len(piece) - len(piece.lstrip())
+        trail = len(piece.rstrip())
+        if trail > lead:
+            out.append((a + lead, a + trail))
+    return out
+
+
+def _stem(word: str) -> str:
+    # Crude and language-blind on purpose: "digest", "digested", "digestion" share a stem.
+    for suffix in ("'s", "\u2019s", "ing", "ed", "es", "ly", "s"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            break
+    return word[:5]
+
+
+def content_words(text: str) -> list[str]:
+    """Stems of the words of ``text`` that carry content (no stop words, no negations)."""
+    words = (w.lower() for w in _WORD.findall(text))
+    return [_stem(w) for w in words if w not in STOPWORDS and not _NEGATION.fullmatch(w)]
+
+
+def _numbers(text: str) -> set[str]:
+    return {n.replace(",", "") for n in _NUMBER.findall(text)}
+
+
+def source_units(sources: Sequence[str], limit: int) -> list[str]:
+    """Sentences of every source and each pair of neighbouring sentences, at most ``limit``.
+
+    A long source keeps evenly spread units, so the end of a document still counts.
+    """
+    units: list[str] = []
+    for doc in sources:
+        sentences = [doc[a:b] for a, b in sentence_spans(doc)]
+        units.extend(sentences)
+        units.extend(f"{x} {y}" for x, y in itertools.pairwise(sentences))
+    if len(units) > limit:
+        step = (len(units) - 1) / (limit - 1)
+        units = [units[round(i * step)] for i in range(limit)]
+    return units
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What the features need of the sources, computed once per set of sources."""
+
+    units: tuple[str, ...]
+    vectors: npt.NDArray[np.float32]  # one unit-length row per unit
+    words: frozenset[str]
+    numbers: frozenset[str]
+    negated: tuple[bool, ...]
+    hedged: tuple[bool, ...]
+
+
+def features(
+    claims: Sequence[str],
+    claim_vectors: npt.NDArray[np.float32],
+    evidence: Evidence,
+    question: str | None,
+    question_vector: npt.NDArray[np.float32] | None,
+) -> npt.NDArray[np.float64]:
+    """One row of :data:`FEATURES` per claim (pure numpy: training and serving share it)."""
+    import numpy as np
+
+    rows: npt.NDArray[np.float64] = np.zeros((len(claims), len(FEATURES)), dtype=np.float64)
+    if not evidence.units or not claims:
+        return rows
+    units = evidence.vectors.astype(np.float64)
+    vecs = claim_vectors.astype(np.float64)
+    cosine = vecs @ units.T
+    if question_vector is not None:
+        q = question_vector.astype(np.float64)
+        q = q / max(float(np.linalg.norm(q)), 1e-9)
+
+        def residual(m: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+            r = m - np.outer(m @ q, q)
+            out: npt.NDArray[np.float64] = r / np.maximum(
+                np.linalg.norm(r, axis=1, keepdims=True), 1e-9
+            )
+            return out
+
+        resid = residual(vecs) @ residual(units).T
+    else:
+        resid = cosine
+    asked = set(content_words(question)) if question else set()
+    for i, claim in enumerate(claims):
+        best = int(np.argmax(resid[i]))
+        new = [w for w in content_words(claim) if w not in asked]
+        covered = sum(w in evidence.words for w in new) / len(new) if new else 1.0
+        rows[i] = (
+            float(cosine[i].max()),
+            float(resid[i, best]),
+            covered,
+            math.log1p(len(new)),
+            float(bool(_numbers(claim) - evidence.numbers)),
+            float(bool(_NEGATION.search(claim)) == evidence.negated[best]),
+            float(bool(_HEDGE.search(claim))),
+            float(evidence.hedged[best]),
+        )
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Logistic:
+    """Logistic regression over standardised :data:`FEATURES`: P(claim is supported)."""
+
+    mean: npt.NDArray[np.float64]
+    scale: npt.NDArray[np.float64]
+    coef: npt.NDArray[np.float64]
+    intercept: float
+
+    def predict(self, rows: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        import numpy as np
+
+        z = ((rows - self.mean) / self.scale) @ self.coef + self.intercept
+        return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
+
+
+# The two variants of the head: the question known (the usual case: the last user
+# message) or not (a moderation request without ``prompt``), where ``residual_cosine``
+# is plain cosine and the weights must differ.
+VARIANTS = ("question", "plain")
+
+
+class SupportHead:
+    """One :class:`Logistic` per variant: with the question known, and without."""
+
+    def __init__(self, question: Logistic, plain: Logistic) -> None:
+        self.variants = {"question": question, "plain": plain}
+
+    @classmethod
+    def load(cls, path: Path) -> SupportHead:
+        arrays = read_arrays(path, "grounding weights", FEATURE_VERSION)
+        try:
+            names = tuple(str(n) for n in arrays["features"])
+            heads = [
+                Logistic(
+                    arrays[f"{v}_mean"].astype("float64"),
+                    arrays[f"{v}_scale"].astype("float64"),
+                    arrays[f"{v}_coef"].astype("float64"),
+                    float(arrays[f"{v}_intercept"]),
+                )
+                for v in VARIANTS
+            ]
+        except KeyError as e:
+            raise ConfigError(f"grounding weights {path}: missing array {e}") from e
+        if names != FEATURES or any(h.coef.shape != (len(FEATURES),) for h in heads):
+            raise ConfigError(f"grounding weights {path}: built for other features {names}")
+        return cls(*heads)
+
+    def save(self, path: Path) -> None:
+        import numpy as np
+
+        arrays: dict[str, Any] = {
+            "feature_version": np.array(FEATURE_VERSION),
+            "features": np.array(FEATURES),
+        }
+        for name, head in self.variants.items():
+            arrays[f"{name}_mean"] = head.mean
+            arrays[f"{name}_scale"] = head.scale
+            arrays[f"{name}_coef"] = head.coef
+            arrays[f"{name}_intercept"] = np.array(head.intercept)
+        np.savez(path, **arrays)
+
+    def predict(self, rows: npt.NDArray[np.float64], *, question: bool) -> npt.NDArray[np.float64]:
+        return self.variants["question" if question else "plain"].predict(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimSupport:
+    """One sentence of the answer: its span in the answer and its support in [0, 1]."""
+
+    start: int
+    end: int
+    support: float
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Groundedness:
+    """An answer's groundedness and the support of each of its claims."""
+
+    score: float
+    claims: tuple[ClaimSupport, ...]
+
+    def unsupported(self, threshold: float) -> list[ClaimSupport]:
+        return [c for c in self.claims if c.support < threshold]
+
+    def to_dict(self, text: str, threshold: float) -> dict[str, Any]:
+        return {
+            "score": round(self.score, 6),
+            "threshold": threshold,
+            "unsupported": [
+                {
+                    "span": [c.start, c.end],
+                    "text": text[c.start : c.end],
+                    "support": round(c.support, 6),
+                }
+                for c in self.unsupported(threshold)
+            ],
+        }
+
+
+def claims_of(text: str) -> list[tuple[int, int, int]]:
+    """``(start, end, weight)`` of each sentence that says something (has content words)."""
+    out = []
+    for a, b in sentence_spans(text):
+        weight = len(content_words(text[a:b]))
+        if weight:
+            out.append((a, b, weight))
+    return out
+
+
+class LocalJudge:
+    """Asks a causal LM whether a source supports a claim: P("yes") against P("no").
+
+    One forward pass per claim, no generation: the first answer token's logits. Any
+    instruction-tuned checkpoint the local loader reads works; a bigger one judges
+    better. The prompt puts the sources first, then the claim.
+    """
+
+    PROMPT = (
+        "Source:\n{source}\n\nClaim: {claim}\n\n"
+        "Does the source support the claim? Answer yes or no."
+    )
+
+    def __init__(self, model: Any, tokenizer: Any, executor: Executor, max_chars: int) -> None:
+        self._model, self._tokenizer, self._executor = model, tokenizer, executor
+        self._max_chars = max_chars
+        self._yes = self._first_ids("yes") | self._first_ids("Yes")
+        self._no = (self._first_ids("no") | self._first_ids("No")) - self._yes
+
+    def _first_ids(self, word: str) -> set[int]:
+        ids = set()
+        for variant in (word, f" {word}"):
+            encoded = self._tokenizer.encode(variant, add_special_tokens=False)
+            if encoded:
+                ids.add(int(encoded[0]))
+        return ids
+
+    def _prompt(self, source: str, claim: str) -> str:
+        source = source[: self._max_chars]
+        content = self.PROMPT.format(source=source, claim=claim)
+        if getattr(self._tokenizer, "chat_template", None):
+            rendered: str = self._tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+            return rendered
+        return f"{content}\nAnswer:"
+
+    def judge_sync(self, source: str, claims: Sequence[str]) -> list[float]:
+        import torch
+
+        out = []
+        device = next(self._model.parameters()).device
+        for claim in claims:
+            ids = self._tokenizer.encode(self._prompt(source, claim), add_special_tokens=False)
+            input_ids = torch.tensor([ids], device=device)
+            with torch.inference_mode():
+                logits = self._model(input_ids=input_ids).logits[0, -1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            yes = torch.logsumexp(logp[sorted(self._yes)], dim=0)
+            no = torch.logsumexp(logp[sorted(self._no)], dim=0)
+            out.append(float(torch.sigmoid(yes - no)))
+        return out
+
+    async def judge(self, source: str, claims: Sequence[str]) -> list[float]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.judge_sync, source, list(claims))
+
+
+class GroundingScorer:
+    """Scores answers against sources; one per process, shared by filters and the API.
+
+    The sources' evidence (unit embeddings, words) is kept in a small LRU keyed by a hash
+    of the sources, so the windows of one stream, or the filter and the moderation
+    endpoint, embed a request's documents once.
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        head: SupportHead,
+        *,
+        max_units: int = 128,
+        judge: LocalJudge | None = None,
+        judge_weight: float = 0.5,
+        cache_size: int = 64,
+    ) -> None:
+        self._embedder = embedder
+        self._head = head
+        self._max_units = max_units
+        self._judge = judge
+        self._judge_weight = judge_weight
+        self._cache: OrderedDict[str, Evidence] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def evidence(self, sources: Sequence[str]) -> Evidence:
+        key = hashlib.sha256("\x00".join(sources).encode()).hexdigest()
+        found = self._cache.get(key)
+        if found is not None:
+            self._cache.move_to_end(key)
+            return found
+        units = source_units(sources, self._max_units)
+        vectors = await self._embedder.encode(units)
+        evidence = make_evidence(sources, units, vectors)
+        self._cache[key] = evidence
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return evidence
+
+    async def score(
+        self, text: str, sources: Sequence[str], question: str | None = None
+    ) -> Groundedness:
+        """The groundedness of ``text`` given ``sources``; 1.0 for a text with no claims."""
+        import numpy as np
+
+        spans = claims_of(text)
+        if not spans:
+            return Groundedness(1.0, ())
+        claims = [text[a:b] for a, b, _ in spans]
+        evidence = await self.evidence([s for s in sources if s.strip()])
+        if not evidence.units:
+            supports = np.zeros(len(claims))
+        else:
+            asked = [question] if question and question.strip() else []
+            vectors = await self._embedder.encode(claims + asked)
+            rows = features(
+                claims, vectors[: len(claims)], evidence, question, vectors[-1] if asked else None
+            )
+            supports = self._head.predict(rows, question=bool(asked))
+            if self._judge is not None:
+                judged = np.asarray(await self._judge.judge("\n".join(sources), claims))
+                w = self._judge_weight
+                supports = (1 - w) * supports + w * judged
+        if not np.all(np.isfinite(supports)):
+            raise ValueError("non-finite support score")
+        out = tuple(
+            ClaimSupport(a, b, float(s), w) for (a, b, w), s in zip(spans, supports, strict=True)
+        )
+        total = sum(c.weight for c in out)
+        return Groundedness(sum(c.support * c.weight for c in out) / total, out)
+
+
+def make_evidence(
+    sources: Sequence[str], units: Sequence[str], vectors: npt.NDArray[np.float32]
+) -> Evidence:
+    """The :class:`Evidence` of ``sources`` whose ``units`` are embedded as ``vectors``."""
+    words: set[str] = set()
+    numbers: set[str] = set()
+    for doc in sources:
+        words.update(content_words(doc))
+        numbers.update(_numbers(doc))
+    return Evidence(
+        tuple(units),
+        vectors,
+        frozenset(words),
+        frozenset(numbers),
+        tuple(bool(_NEGATION.search(u)) for u in units),
+        tuple(bool(_HEDGE.search(u)) for u in units),
+    )

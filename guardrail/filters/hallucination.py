@@ -1,0 +1,466 @@
+"""Hallucination flags: ungrounded claims, unverified citations, knowledge-cutoff questions.
+
+The gateway cannot know the truth; it flags what is unsupported or out of the model's
+reach. Three checks, each switched on and given an action in the filter config:
+
+- ``groundedness`` (output): when the request brings sources (the ``documents``
+  request field, system messages, tool messages), every sentence of the completion is
+  scored for support by them (:mod:`guardrail.filters.grounding`). A sentence below
+  ``threshold`` is an ``ungrounded`` finding with its span; the whole answer's score is
+  an ``allow`` finding of category ``groundedness`` (the metric and the moderation
+  endpoint read it). Without sources there is nothing to check against.
+- ``citations`` (output): URLs, DOIs, arXiv ids and numbered or author-year references
+  that do not appear in the sources are ``unverified_citation`` findings. With no
+  sources at all, every citation is unverified (``without_sources``).
+- ``cutoff`` (input and output): dates after the model's training cutoff, and (in
+  prompts only) questions about "the latest" or "current" facts, are
+  ``knowledge_cutoff`` findings. The cutoff is per model (``models``, glob patterns),
+  else ``date``.
+
+Every finding here has ``concern: accuracy``: metrics count them in
+``guardrail_hallucination_flags_total`` and never as harmful content. The verdict
+cache is off for this filter (``cache_scope = "none"``): its answer depends on the
+request's sources and model, not on the text alone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+
+from guardrail.docs import doc as _doc
+from guardrail.errors import ConfigError
+from guardrail.filters.classifiers import ModelDevice, ModelDType, shared_local_model
+from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, Grounder
+from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
+
+if TYPE_CHECKING:
+    from guardrail.filters.grounding import GroundingScorer
+
+Source = Literal["documents", "system", "tool"]
+_DATE = re.compile(r"^(\d{4})(?:-(0[1-9]|1[0-2]))?$")
+# A message's sources: documents from the request, then system and tool messages.
+_ROLES: dict[str, tuple[str, ...]] = {"system": ("system", "developer"), "tool": ("tool",)}
+
+
+# -- config ------------------------------------------------------------------------------
+
+
+class JudgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A causal LM asked "does the source support the claim?", blended into support scores."""
+
+    model: Annotated[str, _doc("Model folder, .gguf file, or hub id (only when downloads are on).")]
+    weight: Annotated[
+        float,
+        _doc("Share of the judge in a claim's support (the rest is the embedding head)."),
+        msgspec.Meta(ge=0.0, le=1.0),
+    ] = 0.5
+    device: ModelDevice = "auto"
+    dtype: ModelDType = "auto"
+    max_chars: Annotated[
+        int, _doc("Longest source text put in the prompt."), msgspec.Meta(ge=100, le=200_000)
+    ] = 4000
+
+
+class GroundednessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Score each sentence of the completion for support by the request's sources."""
+
+    enabled: Annotated[bool, _doc("Run the check.")] = True
+    sources: Annotated[
+        list[Source],
+        _doc(
+            "Where sources come from: documents (the request's documents field), system "
+            "(system and developer messages), tool (tool messages)."
+        ),
+    ] = msgspec.field(default_factory=lambda: ["documents", "system", "tool"])
+    threshold: Annotated[
+        float,
+        _doc("A sentence whose support (0-1) is below this is flagged as ungrounded."),
+        msgspec.Meta(ge=0.0, le=1.0),
+    ] = 0.4
+    action: Annotated[Literal["flag", "block"], _doc("What an ungrounded sentence does.")] = "flag"
+    message: Annotated[
+        str | None, _doc("Message users see when an ungrounded answer is blocked.")
+    ] = None
+    weights: Annotated[
+        str | None,
+        _doc("Support head .npz (relative to the policy file); default: the shipped one."),
+    ] = None
+    max_units: Annotated[
+        int,
+        _doc("Most source sentences (and sentence pairs) embedded per request."),
+        msgspec.Meta(ge=1, le=4096),
+    ] = 128
+    judge: Annotated[
+        JudgeSettings | None, _doc("Optional judge model blended into each sentence's support.")
+    ] = None
+
+
+class CitationSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Flag URLs, DOIs and references that the sources do not contain."""
+
+    enabled: Annotated[bool, _doc("Run the check.")] = True
+    action: Annotated[Literal["flag", "block"], _doc("What an unverified citation does.")] = "flag"
+    without_sources: Annotated[
+        bool,
+        _doc("Also flag citations when the request brought no sources (all are unverified)."),
+    ] = True
+
+
+class CutoffSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Flag questions (and answers) about what happened after the model's training data."""
+
+    enabled: Annotated[bool, _doc("Run the check.")] = True
+    date: Annotated[
+        str | None,
+        _doc("The model's knowledge cutoff, YYYY-MM or YYYY; null: dates are not checked."),
+    ] = None
+    models: Annotated[
+        dict[str, str],
+        _doc("Cutoff per model name (glob pattern -> YYYY-MM); the first match wins."),
+    ] = msgspec.field(default_factory=dict)
+    recency: Annotated[
+        bool, _doc('Flag "latest", "current", "today" and similar time-sensitive phrasing.')
+    ] = True
+    terms: Annotated[
+        list[str],
+        _doc("More time-sensitive phrases (regular expressions, case-insensitive)."),
+    ] = msgspec.field(default_factory=list)
+    stages: Annotated[list[Literal["input", "output"]], _doc("Where the check runs.")] = (
+        msgspec.field(default_factory=lambda: ["input", "output"])
+    )
+    action: Annotated[Literal["flag", "block"], _doc("What a finding does.")] = "flag"
+    message: Annotated[str | None, _doc("Message users see when this blocks.")] = None
+
+
+class HallucinationConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Groundedness, citation and knowledge-cutoff checks (all ``concern: accuracy``)."""
+
+    groundedness: Annotated[GroundednessSettings, _doc("Support of the answer by sources.")] = (
+        msgspec.field(default_factory=GroundednessSettings)
+    )
+    citations: Annotated[CitationSettings, _doc("Citations not found in the sources.")] = (
+        msgspec.field(default_factory=CitationSettings)
+    )
+    cutoff: Annotated[CutoffSettings, _doc("Knowledge-cutoff questions.")] = msgspec.field(
+        default_factory=CutoffSettings
+    )
+
+
+def parse_date(value: str) -> tuple[int, int]:
+    """``(year, month)`` of ``YYYY-MM`` or ``YYYY`` (a bare year means its December)."""
+    m = _DATE.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not YYYY-MM or YYYY")
+    return int(m.group(1)), int(m.group(2) or 12)
+
+
+def validate(config: HallucinationConfig) -> Iterator[ConfigIssue]:
+    cutoff = config.cutoff
+    if cutoff.date is not None and not _DATE.match(cutoff.date):
+        yield ConfigIssue(("cutoff", "date"), f"{cutoff.date!r} is not YYYY-MM or YYYY")
+    for pattern, date in cutoff.models.items():
+        if not _DATE.match(date):
+            yield ConfigIssue(("cutoff", "models", pattern), f"{date!r} is not YYYY-MM or YYYY")
+    for i, term in enumerate(cutoff.terms):
+        try:
+            re.compile(term)
+        except re.error as e:
+            yield ConfigIssue(("cutoff", "terms", i), f"invalid regular expression: {e}")
+
+
+# -- citations -----------------------------------------------------------------------------
+
+_URL = re.compile(r"\b(?:https?://|www\.)[^\s<>\"'`]+", re.IGNORECASE)
+_DOI = re.compile(r"\b10\.\d{4,9}/[^\s<>\"'`]+")
+_ARXIV = re.compile(r"\barxiv:\s?\d{4}\.\d{4,5}(?:v\d+)?", re.IGNORECASE)
+_NUMBERED = re.compile(r"\[(\d{1,3})\]")
+_AUTHOR_YEAR = re.compile(
+    r"\(([A-Z][\w'-]+)(?: et al\.?| (?:and|&) [A-Z][\w'-]+)?,? (\d{4}[a-z]?)\)"
+)
+_TRAILING = ".,;:!?)]}>\"'"
+
+
+def _norm_url(url: str) -> str:
+    url = url.rstrip(_TRAILING).lower()
+    url = re.sub(r"^https?://", "", url)
+    url = re.sub(r"^www\.", "", url)
+    return url.rstrip("/")
+
+
+def citations(text: str) -> Iterator[tuple[int, int, str, str]]:
+    """``(start, end, kind, key)`` of each citation in ``text``; ``key`` is what must match."""
+    for m in _URL.finditer(text):
+        raw = m.group(0).rstrip(_TRAILING)
+        yield m.start(), m.start() + len(raw), "url", _norm_url(raw)
+    for m in _DOI.finditer(text):
+        raw = m.group(0).rstrip(_TRAILING)
+        yield m.start(), m.start() + len(raw), "doi", raw.lower()
+    for m in _ARXIV.finditer(text):
+        yield m.start(), m.end(), "arxiv", re.sub(r"^arxiv:\s?", "", m.group(0).lower())
+    for m in _NUMBERED.finditer(text):
+        yield m.start(), m.end(), "numbered", m.group(1)
+    for m in _AUTHOR_YEAR.finditer(text):
+        yield m.start(), m.end(), "author_year", m.group(1).lower()
+
+
+def verified(kind: str, key: str, sources: Sequence[str], folded: str) -> bool:
+    """Whether a citation appears in the sources (``folded``: them, lower-cased, joined)."""
+    if kind == "numbered":
+        return 1 <= int(key) <= len(sources)
+    if kind == "url":
+        return key in {_norm_url(u.group(0)) for u in _URL.finditer(folded)} or key in folded
+    return key in folded
+
+
+# -- knowledge cutoff ----------------------------------------------------------------------
+
+_MONTHS = {
+    m: i
+    for i, names in enumerate(
+        (
+            "jan january", "feb february", "mar march", "apr april", "may", "jun june",
+            "jul july", "aug august", "sep sept september", "oct october", "nov november",
+            "dec december",
+        ),
+        start=1,
+    )
+    for m in names.split()
+}  # fmt: skip
+_YEAR = re.compile(
+    r"\b(?:(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?,?\s+)?"
+    r"(?P<year>(?:19|20|21)\d\d)\b(?!\s*(?:bc|bce|b\.c\.)\b)",
+    re.IGNORECASE,
+)
+_RECENCY = re.compile(
+    r"\b(?:latest|newest|most recent(?:ly)?|up[- ]to[- ]date|currently|right now|"
+    r"as of (?:now|today|this year)|at the moment|these days|nowadays|this (?:week|month|year)|"
+    r"today(?:'s)?|yesterday|tonight|breaking news|so far this)\b|"
+    r"\b(?:the|who is|what is|what's|who's|who are|what are)\s+(?:current|present)\b",
+    re.IGNORECASE,
+)
+
+
+def cutoff_spans(
+    text: str, cutoff: tuple[int, int] | None, recency: re.Pattern[str] | None
+) -> Iterator[tuple[int, int]]:
+    """Spans of dates after ``cutoff`` and of time-sensitive phrases in ``text``."""
+    if cutoff is not None:
+        for m in _YEAR.finditer(text):
+            year = int(m.group("year"))
+            month = _MONTHS.get((m.group("month") or "").lower(), 1)
+            if (year, month) > cutoff:
+                yield m.start(), m.end()
+    if recency is not None:
+        for m in recency.finditer(text):
+            yield m.start(), m.end()
+
+
+# -- the filter ----------------------------------------------------------------------------
+
+
+def shared_scorer(
+    env: BuildContext,
+    weights: str | None = None,
+    max_units: int = 128,
+    judge: JudgeSettings | None = None,
+) -> GroundingScorer:
+    """The process's :class:`GroundingScorer` for these settings (kept across reloads)."""
+    from pathlib import Path
+
+    from guardrail.filters.embedder import shared_embedder
+    from guardrail.filters.grounding import DEFAULT_HEAD, GroundingScorer, LocalJudge, SupportHead
+
+    path = Path(weights).expanduser() if weights else DEFAULT_HEAD
+    if not path.is_absolute():
+        path = env.base_dir / path
+    embedder = shared_embedder(env)  # never nest resources.get calls
+    head = env.resources.get(
+        ("grounding-head", str(path.resolve())), lambda: SupportHead.load(path)
+    )
+    local_judge = None
+    if judge is not None:
+        model, tokenizer = shared_local_model(env, judge.model, judge.device, judge.dtype)
+        local_judge = LocalJudge(model, tokenizer, env.executor, judge.max_chars)
+    key = ("grounding-scorer", str(path.resolve()), max_units, judge)
+    return env.resources.get(
+        key,
+        lambda: GroundingScorer(
+            embedder,
+            head,
+            max_units=max_units,
+            judge=local_judge,
+            judge_weight=judge.weight if judge else 0.0,
+        ),
+    )
+
+
+def default_grounder(env: BuildContext) -> Grounder:
+    """A :data:`Grounder` on the shipped head at the default threshold, loaded on first use
+    (off the event loop)."""
+    import asyncio
+
+    threshold = GroundednessSettings().threshold
+
+    async def grounder(text: str, sources: Sequence[str], question: str | None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        scorer = await loop.run_in_executor(env.executor, shared_scorer, env)
+        result = await scorer.score(text, sources, question)
+        return result.to_dict(text, threshold)
+
+    return grounder
+
+
+def sources_of(ctx: FilterContext, kinds: Sequence[str]) -> list[str]:
+    """The request's sources of the given kinds, in order: documents, system, tool."""
+    out: list[str] = []
+    if "documents" in kinds:
+        out.extend(ctx.context_documents)
+    roles = {r for k in kinds for r in _ROLES.get(k, ())}
+    out.extend(m.content for m in ctx.messages if m.role in roles and m.content.strip())
+    return out
+
+
+def question_of(ctx: FilterContext) -> str | None:
+    """The last user message: the question the answer is answering."""
+    users = [m.content for m in ctx.messages if m.role == "user"]
+    return users[-1] if users else None
+
+
+class HallucinationFilter:
+    """Groundedness, citation and cutoff checks; see the module doc."""
+
+    cache_scope = "none"
+
+    def __init__(self, name: str, config: HallucinationConfig, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+        self._config = config
+        g = config.groundedness
+        self.scorer = shared_scorer(env, g.weights, g.max_units, g.judge) if g.enabled else None
+        self._env = env
+        cutoff = config.cutoff
+        try:
+            self._cutoff = parse_date(cutoff.date) if cutoff.date else None
+            self._model_cutoffs = [(p, parse_date(d)) for p, d in cutoff.models.items()]
+        except ValueError as e:
+            raise ConfigError(f"filter {name}: cutoff: {e}") from e
+        terms = ([_RECENCY.pattern] if cutoff.recency else []) + list(cutoff.terms)
+        self._recency = re.compile("|".join(f"(?:{t})" for t in terms), re.I) if terms else None
+        self._cutoff_stages = frozenset(Stage(s) for s in cutoff.stages)
+
+    async def groundedness(
+        self, text: str, sources: Sequence[str], question: str | None
+    ) -> dict[str, Any]:
+        """``text`` scored against ``sources`` with this filter's scorer and threshold."""
+        scorer = self.scorer if self.scorer is not None else self._lazy_scorer()
+        result = await scorer.score(text, sources, question)
+        return result.to_dict(text, self._config.groundedness.threshold)
+
+    def _lazy_scorer(self) -> GroundingScorer:
+        g = self._config.groundedness
+        return shared_scorer(self._env, g.weights, g.max_units, g.judge)
+
+    def cutoff_for(self, model: str | None) -> tuple[int, int] | None:
+        if model:
+            for pattern, date in self._model_cutoffs:
+                if fnmatch.fnmatchcase(model, pattern):
+                    return date
+        return self._cutoff
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        if not text.strip():
+            return Verdict()
+        findings: list[Finding] = []
+        if (
+            ctx.stage is Stage.INPUT
+            and ctx.message_index is not None
+            and ctx.messages[ctx.message_index].role != "user"
+        ):
+            return Verdict()  # sources and history are not questions
+        if self._config.cutoff.enabled and ctx.stage in self._cutoff_stages:
+            findings.extend(self._cutoff_findings(text, ctx))
+        if ctx.stage is Stage.OUTPUT:
+            sources = sources_of(ctx, self._config.groundedness.sources)
+            if self._config.citations.enabled:
+                findings.extend(self._citation_findings(text, sources))
+            if self.scorer is not None and sources:
+                findings.extend(await self._groundedness_findings(text, sources, ctx))
+        return Verdict.from_findings(findings)
+
+    def _cutoff_findings(self, text: str, ctx: FilterContext) -> Iterator[Finding]:
+        c = self._config.cutoff
+        # Recency phrases are questions' business: an answer's "today" is small talk.
+        recency = self._recency if ctx.stage is Stage.INPUT else None
+        for start, end in cutoff_spans(text, self.cutoff_for(ctx.model), recency):
+            yield Finding(
+                "knowledge_cutoff",
+                1.0,
+                Action(c.action),
+                rule_id="hallucination.cutoff",
+                span=(start, end),
+                message=c.message,
+                concern="accuracy",
+            )
+
+    def _citation_findings(self, text: str, sources: Sequence[str]) -> Iterator[Finding]:
+        c = self._config.citations
+        if not sources and not c.without_sources:
+            return
+        folded = "\n".join(sources).lower()
+        for start, end, kind, key in citations(text):
+            if not verified(kind, key, sources, folded):
+                yield Finding(
+                    "unverified_citation",
+                    1.0,
+                    Action(c.action),
+                    rule_id=f"hallucination.citations.{kind}",
+                    span=(start, end),
+                    concern="accuracy",
+                )
+
+    async def _groundedness_findings(
+        self, text: str, sources: Sequence[str], ctx: FilterContext
+    ) -> list[Finding]:
+        assert self.scorer is not None
+        g = self._config.groundedness
+        result = await self.scorer.score(text, sources, question_of(ctx))
+        findings = [
+            Finding(
+                "groundedness",
+                result.score,
+                Action.ALLOW,
+                rule_id="hallucination.groundedness",
+                concern="accuracy",
+            )
+        ]
+        for claim in result.unsupported(g.threshold):
+            findings.append(
+                Finding(
+                    "ungrounded",
+                    1.0 - claim.support,
+                    Action(g.action),
+                    rule_id="hallucination.groundedness",
+                    span=(claim.start, claim.end),
+                    message=g.message,
+                    concern="accuracy",
+                )
+            )
+        return findings
+
+
+SPEC = FilterSpec(
+    type="hallucination",
+    config_type=HallucinationConfig,
+    build=HallucinationFilter,
+    description=(
+        "Hallucination flags: sentences of the completion not supported by the request's "
+        "sources, citations the sources do not contain, and questions past the model's "
+        "knowledge cutoff (concern: accuracy, never counted as harmful content)."
+    ),
+    validate=validate,
+)

@@ -1,0 +1,554 @@
+"""Hallucination flags: groundedness, citations, knowledge cutoff, self-consistency.
+
+The groundedness tests run the real shipped head over the real all-MiniLM-L6-v2 model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+
+from guardrail.api.consistency import ConsistencyChecker
+from guardrail.backends.base import Completion, GenerationRequest
+from guardrail.chat import Message
+from guardrail.errors import ConfigError, PolicyError
+from guardrail.evaluation import auroc, evaluate, read_dataset
+from guardrail.filters.grounding import (
+    DEFAULT_HEAD,
+    GroundingScorer,
+    SupportHead,
+    claims_of,
+    sentence_spans,
+)
+from guardrail.filters.hallucination import (
+    HallucinationConfig,
+    HallucinationFilter,
+    citations,
+    cutoff_spans,
+    parse_date,
+    shared_scorer,
+)
+from guardrail.guard.filter import BuildContext
+from guardrail.guard.guard import Guard
+from guardrail.guard.registry import filter_registry
+from guardrail.guard.types import Action, FilterContext, Finding, Stage
+from guardrail.policy.loader import load_policy
+from tests.fakes.backend import FakeBackend
+
+SOURCE = (
+    "The Eiffel Tower was completed in 1889 for the World's Fair in Paris. "
+    "It is 330 metres tall and was designed by the engineering firm of Gustave Eiffel."
+)
+QUESTION = "When was the Eiffel Tower built?"
+
+POLICY = """
+name: facts
+version: "1"
+filters:
+  - id: facts
+    type: hallucination
+    config:
+      groundedness: {threshold: 0.5, action: flag}
+      cutoff: {date: "2023-07", models: {"future-*": "2030-01"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[BuildContext]:
+    with ThreadPoolExecutor(2) as pool:
+        yield BuildContext(executor=pool)
+
+
+@pytest.fixture(scope="module")
+def scorer(env: BuildContext) -> GroundingScorer:
+    return shared_scorer(env)
+
+
+def make_filter(env: BuildContext, **config: Any) -> HallucinationFilter:
+    import msgspec
+
+    return HallucinationFilter("facts", msgspec.convert(config, HallucinationConfig), env)
+
+
+def out_ctx(*messages: Message, documents: tuple[str, ...] = (), model: str | None = None):  # type: ignore[no-untyped-def]
+    return FilterContext(
+        "r1", stage=Stage.OUTPUT, messages=messages, context_documents=documents, model=model
+    )
+
+
+# -- sentences and claims ------------------------------------------------------------------
+
+
+def test_sentences_are_split_with_spans_into_the_original_text() -> None:
+    text = "  First one. Second one!\nThird? Last without a stop"
+    spans = sentence_spans(text)
+    assert [text[a:b] for a, b in spans] == [
+        "First one.",
+        "Second one!",
+        "Third?",
+        "Last without a stop",
+    ]
+
+
+def test_a_sentence_without_content_words_is_not_a_claim() -> None:
+    text = "Sure! It was completed in 1889."
+    assert [text[a:b] for a, b, _ in claims_of(text)] == ["It was completed in 1889."]
+
+
+# -- groundedness ---------------------------------------------------------------------------
+
+
+async def test_a_sentence_taken_from_the_source_is_supported(scorer: GroundingScorer) -> None:
+    result = await scorer.score("It is 330 metres tall.", [SOURCE], "How tall is it?")
+    assert result.score > 0.5
+    assert result.unsupported(0.5) == []
+
+
+async def test_a_contradicted_claim_scores_below_a_paraphrase(scorer: GroundingScorer) -> None:
+    paraphrase = await scorer.score("It was finished in 1889.", [SOURCE], QUESTION)
+    contradiction = await scorer.score(
+        "It was finished in 1925 by an Italian architect.", [SOURCE], QUESTION
+    )
+    off_topic = await scorer.score("Penguins live in Antarctica.", [SOURCE], QUESTION)
+    assert contradiction.score < paraphrase.score
+    assert off_topic.score < paraphrase.score
+    assert off_topic.score < 0.5
+
+
+async def test_each_unsupported_sentence_is_reported_with_its_span(
+    scorer: GroundingScorer,
+) -> None:
+    answer = "The tower was completed in 1889. It was moved to London in 1950 by the Queen."
+    result = await scorer.score(answer, [SOURCE], QUESTION)
+    bad = result.unsupported(0.5)
+    assert [answer[c.start : c.end] for c in bad] == [
+        "It was moved to London in 1950 by the Queen."
+    ]
+    assert 0.0 <= result.score <= 1.0
+    assert len(result.claims) == 2
+
+
+async def test_without_sources_every_claim_is_unsupported(scorer: GroundingScorer) -> None:
+    result = await scorer.score("The tower is in Paris.", [], QUESTION)
+    assert result.score == 0.0
+
+
+async def test_the_filter_flags_ungrounded_sentences_against_documents_and_system(
+    env: BuildContext,
+) -> None:
+    filt = make_filter(env, citations={"enabled": False}, cutoff={"enabled": False})
+    answer = "The tower was completed in 1889. It was moved to London in 1950 by the Queen."
+    for ctx in (
+        out_ctx(Message("user", QUESTION), documents=(SOURCE,)),
+        out_ctx(Message("system", SOURCE), Message("user", QUESTION)),
+    ):
+        verdict = await filt.check(answer, ctx)
+        assert verdict.action is Action.FLAG
+        kinds = {f.category: f for f in verdict.findings}
+        assert kinds["groundedness"].action is Action.ALLOW
+        assert kinds["ungrounded"].span == (answer.index("It was moved"), len(answer))
+        assert all(f.concern == "accuracy" for f in verdict.findings)
+
+
+async def test_the_filter_does_nothing_for_groundedness_without_sources(
+    env: BuildContext,
+) -> None:
+    filt = make_filter(env)
+    verdict = await filt.check("It was moved to London.", out_ctx(Message("user", QUESTION)))
+    assert verdict.findings == ()
+
+
+async def test_sources_can_be_limited_to_documents(env: BuildContext) -> None:
+    filt = make_filter(env, groundedness={"sources": ["documents"]}, citations={"enabled": False})
+    ctx = out_ctx(Message("system", SOURCE), Message("user", QUESTION))
+    assert (await filt.check("It was moved to London.", ctx)).findings == ()
+
+
+async def test_block_action_blocks_an_ungrounded_answer(env: BuildContext) -> None:
+    filt = make_filter(env, groundedness={"action": "block", "message": "Unsupported."})
+    ctx = out_ctx(Message("user", QUESTION), documents=(SOURCE,))
+    verdict = await filt.check("Penguins built it in 1950 in Antarctica.", ctx)
+    assert verdict.action is Action.BLOCK
+    assert any(f.message == "Unsupported." for f in verdict.findings)
+
+
+def test_weights_built_for_other_features_are_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "head.npz"
+    np.savez(path, feature_version=np.array(99))
+    with pytest.raises(ConfigError, match="feature version 99"):
+        SupportHead.load(path)
+    head = SupportHead.load(DEFAULT_HEAD)
+    assert {v: h.coef.shape for v, h in head.variants.items()} == {"question": (8,), "plain": (8,)}
+
+
+# -- citations ------------------------------------------------------------------------------
+
+
+def test_citations_are_found_with_their_kinds() -> None:
+    text = (
+        "See https://example.org/a/b. Also doi 10.1000/xyz123, arXiv:2106.01234v2, "
+        "as shown [2] (Smith et al., 2019)."
+    )
+    found = [(kind, text[a:b]) for a, b, kind, _ in citations(text)]
+    assert found == [
+        ("url", "https://example.org/a/b"),
+        ("doi", "10.1000/xyz123"),
+        ("arxiv", "arXiv:2106.01234v2"),
+        ("numbered", "[2]"),
+        ("author_year", "(Smith et al., 2019)"),
+    ]
+
+
+async def test_citations_in_the_sources_are_verified_others_flagged(env: BuildContext) -> None:
+    filt = make_filter(env, groundedness={"enabled": False}, cutoff={"enabled": False})
+    docs = ("Read more at https://www.example.org/guide/ for details.", "Second document.")
+    answer = "See example.org/guide [1] and [2], and http://made-up.example/x [3]."
+    verdict = await filt.check(answer, out_ctx(documents=docs))
+    flagged = [answer[f.span[0] : f.span[1]] for f in verdict.findings if f.span]
+    assert flagged == ["http://made-up.example/x", "[3]"]
+    assert {f.rule_id for f in verdict.findings} == {
+        "hallucination.citations.url",
+        "hallucination.citations.numbered",
+    }
+
+
+async def test_without_sources_citations_are_unverified_unless_configured(
+    env: BuildContext,
+) -> None:
+    answer = "The study is at https://doi.org/10.1234/abcd."
+    flagged = make_filter(env, groundedness={"enabled": False})
+    quiet = make_filter(env, groundedness={"enabled": False}, citations={"without_sources": False})
+    assert (await flagged.check(answer, out_ctx())).action is Action.FLAG
+    assert (await quiet.check(answer, out_ctx())).findings == ()
+
+
+# -- knowledge cutoff -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Who won the 2024 election?", ["2024"]),
+        ("What happened in August 2023?", ["August 2023"]),
+        ("What happened in March 2023?", []),
+        ("Who won the World Cup in 2018?", []),
+        ("What is the latest iPhone?", ["latest"]),
+        ("Who is the current prime minister?", ["the current"]),
+        ("Explain how an electric current flows.", []),
+        ("What is the price of bitcoin right now?", ["right now"]),
+    ],
+)
+def test_cutoff_spans(text: str, expected: list[str]) -> None:
+    from guardrail.filters.hallucination import _RECENCY
+
+    spans = cutoff_spans(text, parse_date("2023-07"), _RECENCY)
+    assert [text[a:b] for a, b in spans] == expected
+
+
+async def test_cutoff_is_per_model_and_only_on_user_messages(env: BuildContext) -> None:
+    filt = make_filter(
+        env,
+        groundedness={"enabled": False},
+        cutoff={"date": "2023-07", "models": {"future-*": "2030-01"}, "recency": False},
+    )
+    user = Message("user", "What happened in 2025?")
+    for model, expected in (("llama-2-7b-chat", Action.FLAG), ("future-model", Action.ALLOW)):
+        ctx = FilterContext("r", stage=Stage.INPUT, messages=(user,), message_index=0, model=model)
+        assert (await filt.check(user.content, ctx)).action is expected
+    system = Message("system", "Today is 2026-11-22.")
+    ctx = FilterContext("r", stage=Stage.INPUT, messages=(system,), message_index=0)
+    assert (await filt.check(system.content, ctx)).findings == ()
+
+
+def test_a_bad_cutoff_date_stops_the_policy_with_file_and_line(
+    write_policy: Callable[[str], Path],
+) -> None:
+    path = write_policy(POLICY.replace('"2023-07"', '"July 2023"'))
+    with pytest.raises(PolicyError) as e:
+        load_policy(path, filter_registry())
+    assert f"{path}:9:" in str(e.value)
+    assert "filters[0].config.cutoff.date" in str(e.value)
+
+
+# -- metrics, API and moderation ------------------------------------------------------------
+
+
+@pytest.fixture
+def facts_app(
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+) -> Callable[..., Litestar]:
+    from guardrail.app import create_app
+    from guardrail.settings import Settings
+
+    def make(**overrides: Any) -> Litestar:
+        settings = Settings(policy=str(write_policy(POLICY)), **overrides)
+        return create_app(settings, backend=backend, metrics_registry=metrics_registry)
+
+    return make
+
+
+def test_chat_with_documents_flags_the_ungrounded_sentence(
+    facts_app: Callable[..., Litestar], backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    backend.reply = "It was completed in 1889. It was moved to London in 1950 by the Queen."
+    with TestClient(app=facts_app()) as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "messages": [{"role": "user", "content": QUESTION}],
+                "documents": [{"title": "Eiffel Tower", "text": SOURCE}],
+            },
+        )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-guardrail-action"] == "flag"
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == backend.reply  # flagged, not changed
+    findings = body["guardrail"]["findings"]
+    assert [f["category"] for f in findings] == ["ungrounded"]
+    assert findings[0]["concern"] == "accuracy"
+    assert findings[0]["span"] == [backend.reply.index("It was moved"), len(backend.reply)]
+    # The documents stay in the gateway: the backend never sees them.
+    assert all(SOURCE not in m.content for m in backend.requests[0].messages or ())
+    labels = {"stage": "output", "kind": "ungrounded"}
+    assert metrics_registry.get_sample_value("guardrail_hallucination_flags_total", labels) == 1
+    assert (
+        metrics_registry.get_sample_value("guardrail_groundedness_score_count", {"stage": "output"})
+        == 1
+    )
+    harmful = metrics_registry.get_sample_value(
+        "guardrail_harmful_content_total",
+        {"stage": "output", "category": "ungrounded", "tenant": "default", "policy_version": "1"},
+    )
+    assert harmful is None
+
+
+def test_a_question_past_the_cutoff_is_flagged_on_input(
+    facts_app: Callable[..., Litestar], backend: FakeBackend
+) -> None:
+    with TestClient(app=facts_app()) as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "messages": [{"role": "user", "content": "Who won the 2025 Tour de France?"}],
+            },
+        )
+    assert r.status_code == 200
+    assert [f["category"] for f in r.json()["guardrail"]["findings"]] == ["knowledge_cutoff"]
+    assert len(backend.requests) == 1  # a flag never stops the request
+
+
+def test_documents_must_be_strings_or_text_objects(facts_app: Callable[..., Litestar]) -> None:
+    with TestClient(app=facts_app()) as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "messages": [{"role": "user", "content": "hi"}],
+                "documents": [{"body": "no text field"}],
+            },
+        )
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_moderation_with_context_returns_groundedness_per_input(
+    facts_app: Callable[..., Litestar],
+) -> None:
+    supported = "It was completed in 1889."
+    invented = "It was built in 1925 on the Moon."
+    with TestClient(app=facts_app()) as client:
+        r = client.post(
+            "/v1/moderations",
+            json={
+                "input": [supported, invented],
+                "stage": "output",
+                "context": [SOURCE],
+                "prompt": QUESTION,
+            },
+        )
+        plain = client.post("/v1/moderations", json={"input": supported})
+    assert r.status_code == 200, r.text
+    good, bad = (res["groundedness"] for res in r.json()["results"])
+    assert good["score"] > bad["score"]
+    assert good["unsupported"] == []
+    assert bad["unsupported"][0]["text"] == invented
+    assert bad["unsupported"][0]["span"] == [0, len(invented)]
+    assert "groundedness" not in plain.json()["results"][0]
+
+
+def test_moderation_context_works_without_a_grounding_filter(client: TestClient[Any]) -> None:
+    r = client.post(
+        "/v1/moderations",
+        json={"input": "Penguins live in the desert.", "stage": "output", "context": SOURCE},
+    )
+    assert r.status_code == 200, r.text
+    report = r.json()["results"][0]["groundedness"]
+    assert report["threshold"] == 0.4
+    assert 0.0 <= report["score"] < 0.4
+
+
+def test_policy_tests_can_carry_context_and_prompt(write_policy: Callable[[str], Path]) -> None:
+    text = POLICY + (
+        "tests:\n"
+        "  - stage: output\n"
+        "    input: It was moved to London in 1950 by the Queen.\n"
+        '    context: ["' + SOURCE + '"]\n'
+        "    prompt: " + QUESTION + "\n"
+        "    expect: flag\n"
+    )
+    policy = load_policy(write_policy(text), filter_registry())
+    test = policy.tests[0]
+    assert test.context == [SOURCE]
+    assert test.prompt == QUESTION
+
+
+# -- self-consistency -----------------------------------------------------------------------
+
+
+@dataclass
+class VaryingBackend(FakeBackend):
+    """Answers each extra sample with the next scripted reply."""
+
+    samples: list[str] = field(default_factory=list)
+    drawn: int = 0
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        if request.params.temperature == 1.0 and self.samples:
+            self.requests.append(request)
+            text = self.samples[self.drawn % len(self.samples)]
+            self.drawn += 1
+            return Completion(text, "stop")
+        return await super().generate(request)
+
+
+def test_inline_consistency_flags_an_answer_the_samples_disagree_with(
+    write_policy: Callable[[str], Path], metrics_registry: CollectorRegistry
+) -> None:
+    backend = VaryingBackend(
+        reply="The tower was completed in 1889.",
+        samples=[
+            "Bananas are rich in potassium.",
+            "The Moon has no atmosphere.",
+            "Chess has sixty-four squares.",
+        ],
+    )
+    from guardrail.app import create_app
+    from guardrail.settings import Settings
+
+    settings = Settings(
+        policy=str(write_policy(POLICY)),
+        consistency_sample_rate=1.0,
+        consistency_mode="inline",
+    )
+    app = create_app(settings, backend=backend, metrics_registry=metrics_registry)
+    with TestClient(app=app) as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": QUESTION}]},
+        )
+    assert r.status_code == 200, r.text
+    findings = r.json()["guardrail"]["findings"]
+    assert [f["category"] for f in findings] == ["inconsistent"]
+    assert backend.drawn == 3
+    sample_requests = [q for q in backend.requests if q.params.temperature == 1.0]
+    assert all(q.request_id.startswith(sample_requests[0].request_id[:-1]) for q in sample_requests)
+    assert (
+        metrics_registry.get_sample_value("guardrail_consistency_score_count", {"mode": "inline"})
+        == 1
+    )
+    assert (
+        metrics_registry.get_sample_value(
+            "guardrail_hallucination_flags_total", {"stage": "output", "kind": "inconsistent"}
+        )
+        == 1
+    )
+
+
+async def test_consistent_samples_score_higher_and_background_mode_never_waits(
+    scorer: GroundingScorer,
+) -> None:
+    recorded: list[tuple[str, float]] = []
+    counted: list[str] = []
+
+    async def get_scorer() -> GroundingScorer:
+        return scorer
+
+    def checker(samples: list[str], **kw: Any) -> tuple[ConsistencyChecker, VaryingBackend]:
+        backend = VaryingBackend(samples=samples)
+        c = ConsistencyChecker(
+            get_scorer,
+            lambda mode, s: recorded.append((mode, s)),
+            rate=1.0,
+            count=counted.append,
+            **kw,
+        )
+        return c, backend
+
+    request = GenerationRequest("m", "req-1", messages=(Message("user", QUESTION),))
+    answer = "The tower was completed in 1889."
+    agree, b1 = checker(["It was completed in 1889.", "It was finished in 1889 in Paris."])
+    disagree, b2 = checker(["It opened in 1925.", "It was built in 1750 by the Romans."])
+    high = await agree.score(b1, request, answer)
+    low = await disagree.score(b2, request, answer)
+    assert high > low
+
+    background, b3 = checker(["It was completed in 1889."], max_in_flight=1)
+    b3.delay_s = 0.0
+    background.background(b3, request, answer)
+    background.background(b3, request, answer)  # over the bound: dropped and counted
+    assert background.in_flight == 1
+    await asyncio.gather(*background._tasks)
+    assert counted.count("dropped") == 1
+    assert counted.count("scored") == 1
+    assert recorded[-1][0] == "background"
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+
+def test_auroc_counts_ties_as_half() -> None:
+    assert auroc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert auroc([0.1], [0.9]) == 0.0
+    assert auroc([0.5], [0.5]) == 0.5
+
+
+async def test_eval_reports_the_auroc_of_groundedness(
+    tmp_path: Path, write_policy: Callable[[str], Path], env: BuildContext
+) -> None:
+    rows = [
+        {"text": "It was completed in 1889.", "label": "allow"},
+        {"text": "It is 330 metres tall.", "label": "allow"},
+        {"text": "It was built in 1925 on the Moon.", "label": "block"},
+        {"text": "Penguins designed it in 1750.", "label": "block"},
+    ]
+    data = tmp_path / "g.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({**r, "context": SOURCE, "prompt": QUESTION}) for r in rows)
+    )
+    guard = Guard.build(
+        load_policy(write_policy(POLICY), filter_registry()), filter_registry(), env
+    )
+    report = await evaluate(guard, read_dataset(data), Stage.OUTPUT)
+    assert report["auroc"]["groundedness"] == 1.0
+
+
+def test_finding_to_dict_names_the_accuracy_concern() -> None:
+    f = Finding("ungrounded", 0.7, Action.FLAG, concern="accuracy")
+    assert f.to_dict()["concern"] == "accuracy"
+    assert "concern" not in Finding("hate").to_dict()
