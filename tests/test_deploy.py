@@ -260,6 +260,8 @@ def test_alert_rules_reference_exposed_metrics() -> None:
         "GuardrailFilterErrors",
         "GuardrailPolicyReloadFailed",
         "GuardrailHarmfulRateDrift",
+        "GuardrailGroundednessLow",
+        "GuardrailConsistencyDrop",
     }
     for alert in alerts:
         assert METRIC_NAME.search(alert["expr"]), alert["alert"]

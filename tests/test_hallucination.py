@@ -552,3 +552,26 @@ def test_finding_to_dict_names_the_accuracy_concern() -> None:
     f = Finding("ungrounded", 0.7, Action.FLAG, concern="accuracy")
     assert f.to_dict()["concern"] == "accuracy"
     assert "concern" not in Finding("hate").to_dict()
+
+
+async def test_a_judge_model_is_loaded_by_the_local_loader_and_blended_in(
+    env: BuildContext, model_dir: Path
+) -> None:
+    """The real judge path on the embedded SmolLM2 (not a judge worth trusting: it checks
+    loading, prompting and the yes/no reading, not the model's judgement)."""
+    plain = make_filter(env, citations={"enabled": False}, cutoff={"enabled": False})
+    judged = make_filter(
+        env,
+        citations={"enabled": False},
+        cutoff={"enabled": False},
+        groundedness={"judge": {"model": str(model_dir), "weight": 0.5, "device": "cpu"}},
+    )
+    ctx = out_ctx(Message("user", QUESTION), documents=(SOURCE,))
+    answer = "It was completed in 1889."
+    judge = judged.scorer._judge  # type: ignore[union-attr]
+    assert judge is not None
+    p_yes = judge.judge_sync(SOURCE, [answer])[0]
+    assert 0.0 < p_yes < 1.0
+    base = (await plain.scorer.score(answer, [SOURCE], QUESTION)).score  # type: ignore[union-attr]
+    blended = {f.category: f.score for f in (await judged.check(answer, ctx)).findings}
+    assert blended["groundedness"] == pytest.approx(0.5 * base + 0.5 * p_yes, abs=1e-6)

@@ -1,0 +1,108 @@
+"""Latency the hallucination filter adds to one response, on the real shipped head.
+
+    .venv/bin/python benchmarks/bench_grounding.py [--runs 5] [--repeat 20]
+
+Three shapes, each checked ``--repeat`` times per run (the median per run, then the
+median of runs is printed):
+
+- ``short``: a one-sentence answer against a one-sentence source (TruthfulQA-like);
+- ``rag``: a five-sentence answer against five retrieved documents of five sentences
+  each, sources new each time (no evidence cache: what a fresh request pays);
+- ``rag-stream``: the same, sources already embedded (each window of a stream after
+  the first, or a moderation call after the filter ran);
+- ``no-sources``: a five-sentence answer with no sources (citation and cutoff checks
+  only).
+
+The texts are written here; they only need realistic lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import msgspec  # noqa: E402
+
+from guardrail.chat import Message  # noqa: E402
+from guardrail.filters.hallucination import HallucinationConfig, HallucinationFilter  # noqa: E402
+from guardrail.guard.filter import BuildContext  # noqa: E402
+from guardrail.guard.types import FilterContext, Stage  # noqa: E402
+
+DOC = (
+    "Order {n} ships from the Leeds warehouse within two working days. "
+    "Standard delivery takes three to five days after dispatch. "
+    "Express delivery costs 9 pounds and arrives the next working day. "
+    "Returns are accepted within 30 days of delivery for unused items. "
+    "Refunds go back to the original payment method within 10 days."
+)
+ANSWER = (
+    "Your order ships within two working days. Standard delivery then takes three to five "
+    "days. Express delivery costs 9 pounds and arrives the next day. You can return unused "
+    "items within 30 days of delivery. Refunds are paid to your card within 10 days."
+)
+
+
+async def timed(filt: HallucinationFilter, text: str, ctx: FilterContext) -> float:
+    started = time.perf_counter()
+    await filt.check(text, ctx)
+    return time.perf_counter() - started
+
+
+async def run(runs: int, repeat: int) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        env = BuildContext(executor=pool)
+        filt = HallucinationFilter("facts", msgspec.convert({}, HallucinationConfig), env)
+        question = (Message("user", "When will my order arrive and can I return it?"),)
+        await filt.check(ANSWER, FilterContext("warm", Stage.OUTPUT, messages=question))
+        results: dict[str, list[float]] = {}
+        counter = 0
+        for _ in range(runs):
+            per: dict[str, list[float]] = {}
+            for _ in range(repeat):
+                counter += 1
+                short_ctx = FilterContext(
+                    "s",
+                    Stage.OUTPUT,
+                    messages=(Message("user", "How long do refunds take?"),),
+                    context_documents=(f"Refunds take 10 days (case {counter}).",),
+                )
+                per.setdefault("short", []).append(
+                    await timed(filt, "Refunds are paid within ten days.", short_ctx)
+                )
+                docs = tuple(DOC.format(n=f"{counter}-{i}") for i in range(5))
+                rag_ctx = FilterContext(
+                    "r", Stage.OUTPUT, messages=question, context_documents=docs
+                )
+                per.setdefault("rag", []).append(await timed(filt, ANSWER, rag_ctx))
+                per.setdefault("rag-stream", []).append(await timed(filt, ANSWER, rag_ctx))
+                per.setdefault("no-sources", []).append(
+                    await timed(filt, ANSWER, FilterContext("n", Stage.OUTPUT, messages=question))
+                )
+            for shape, values in per.items():
+                results.setdefault(shape, []).append(statistics.median(values))
+        print(f"median of {runs} runs of {repeat} checks each (ms):")
+        for shape, medians in results.items():
+            print(
+                f"  {shape:12s} {statistics.median(medians) * 1000:8.2f}"
+                f"   (runs: {', '.join(f'{m * 1000:.1f}' for m in medians)})"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    asyncio.run(run(args.runs, args.repeat))
+
+
+if __name__ == "__main__":
+    main()
