@@ -146,6 +146,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         _doc("Local backend weight dtype; auto is fp32 on CPU, bf16 on CUDA."),
     ] = "auto"
     device: Annotated[str, _doc("Local backend device: auto, cpu, cuda, cuda:N.")] = "auto"
+    quantization: Annotated[
+        Literal["none", "int8", "int4"],
+        _doc(
+            "Local backend weight quantization: int8 (CPU: torchao int8 weight-only; CUDA: "
+            "bitsandbytes 8-bit) or int4 (CUDA only: bitsandbytes nf4; refused on CPU)."
+        ),
+    ] = "none"
     default_max_tokens: Annotated[
         int, _doc("max_tokens for requests that do not set it."), msgspec.Meta(ge=1)
     ] = 512

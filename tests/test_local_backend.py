@@ -409,3 +409,49 @@ def test_tracker_halts_at_a_stop_string_and_when_cancelled() -> None:
     assert (text, stopped, steps) == ("a", True, 2)
     _, text, stopped, steps = run_tracker(["a", "b", "c", "d"], (), cancel_after=2)
     assert (text, stopped, steps) == ("abc", False, 3)
+
+
+# --- quantization -------------------------------------------------------------
+
+
+@slow
+async def test_int8_on_cpu_quantizes_the_linear_weights_and_still_answers(
+    model_dir: Path,
+) -> None:
+    from guardrail.backends.local import load_local_model
+
+    model, tokenizer = load_local_model(
+        str(model_dir), dtype="fp32", device="cpu", quantization="int8"
+    )
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert "Int8" in type(weight).__name__  # torchao's int8 weight-only tensor
+    backend = LocalBackend(model, tokenizer, model_name=EMBEDDED_MODEL_NAME)
+    try:
+        completion = await backend.generate(
+            GenerationRequest(
+                EMBEDDED_MODEL_NAME,
+                "q8",
+                messages=(Message("user", "What is the capital of France?"),),
+                params=SamplingParams(max_tokens=12, temperature=0.0),
+            )
+        )
+    finally:
+        await backend.aclose()
+    assert "Paris" in completion.text
+
+
+def test_int4_on_cpu_is_a_clear_startup_error_not_garbage(model_dir: Path) -> None:
+    from guardrail.backends.local import load_local_model
+
+    with pytest.raises(ConfigError, match="int4 is not supported on CPU"):
+        load_local_model(str(model_dir), device="cpu", quantization="int4")
+
+
+def test_quantization_is_a_validated_setting() -> None:
+    import msgspec
+
+    from guardrail.settings import Settings
+
+    assert Settings(quantization="int8").quantization == "int8"
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"quantization": "int3"}, Settings)

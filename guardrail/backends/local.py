@@ -77,6 +77,7 @@ __all__ = [
 ]
 
 DType = Literal["auto", "fp32", "bf16", "fp16"]
+Quantization = Literal["none", "int8", "int4"]
 
 log = get_logger(__name__)
 
@@ -169,6 +170,53 @@ def served_model_name(source: str) -> str:
     return source
 
 
+def _quantization_config(quantization: Quantization, device: str, torch: Any) -> Any:
+    """The ``quantization_config`` for ``from_pretrained`` (CUDA: bitsandbytes), or None.
+
+    On CPU, int8 is applied after loading (torchao, :func:`_quantize_cpu`); int4 has no
+    working CPU path (torchao's int4 kernels need CUDA, quanto int4 gave garbage in
+    ``../shared/OFFLINE.md``), so it is refused rather than serving bad text.
+    """
+    if quantization == "none":
+        return None
+    if device == "cpu":
+        if quantization == "int4":
+            raise ConfigError(
+                "quantization int4 is not supported on CPU (no int4 kernel here gives "
+                "usable output); use int8 on CPU, or int4 (bitsandbytes nf4) on a CUDA device"
+            )
+        return None
+    try:
+        import bitsandbytes  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError("bitsandbytes", "local") from e
+    config: Any = _import_transformers().BitsAndBytesConfig
+    if quantization == "int8":
+        return config(load_in_8bit=True)
+    return config(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+
+
+def _quantize_cpu(model: Any) -> None:
+    """int8 weight-only quantization of every linear layer, in place (torchao)."""
+    import logging
+    import warnings
+
+    try:
+        # torchao logs that its CUDA-only kernels do not load on a CPU build; harmless.
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+                Int8WeightOnlyConfig,
+                quantize_,
+            )
+    except ImportError as e:
+        raise MissingDependencyError("torchao", "local") from e
+    quantize_(model, Int8WeightOnlyConfig())
+
+
 def load_local_model(
     source: str,
     *,
@@ -176,17 +224,22 @@ def load_local_model(
     device: str = "auto",
     allow_downloads: bool = False,
     cache_dir: Path | None = None,
+    quantization: Quantization = "none",
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a folder, a ``.gguf`` file or (if allowed) a hub id.
 
     ``dtype`` auto is fp32 on CPU and bf16 on CUDA; ``device`` auto is CUDA when there
     is one. Hub downloads go to ``cache_dir/hub``. Remote code is never trusted.
-    Raises :class:`ConfigError` when the model cannot be found or loaded.
+    ``quantization``: ``int8`` is torchao int8 weight-only on CPU and bitsandbytes 8-bit
+    on CUDA; ``int4`` is bitsandbytes nf4 on CUDA and refused on CPU.
+    Raises :class:`ConfigError` when the model cannot be found or loaded, or the
+    quantization cannot run on the device.
     """
     torch = _import_torch()
     transformers = _import_transformers()
     resolved_device = _resolve_device(device, torch)
     torch_dtype = _resolve_dtype(dtype, resolved_device, torch)
+    quantization_config = _quantization_config(quantization, resolved_device, torch)
 
     path = Path(source).expanduser()
     kwargs: dict[str, Any] = {"local_files_only": not allow_downloads}
@@ -216,6 +269,8 @@ def load_local_model(
     model_kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if resolved_device != "cpu":
         model_kwargs["device_map"] = resolved_device
+    if quantization_config is not None:
+        model_kwargs["quantization_config"] = quantization_config
     try:
         with quiet_transformers(swallow_stderr=gguf):
             tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
@@ -226,6 +281,10 @@ def load_local_model(
         raise MissingDependencyError("gguf" if gguf else "transformers", "local") from e
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ConfigError(f"cannot load model {source}: {e}") from e
+    if quantization != "none" and resolved_device == "cpu":
+        if gguf:  # the GGUF loader marks the dequantized model as quantized
+            model.hf_quantizer = None
+        _quantize_cpu(model)
     model.eval()
     return model, tokenizer
 
@@ -639,6 +698,7 @@ def from_settings(settings: Settings) -> LocalBackend:
         device=settings.device,
         allow_downloads=settings.allow_downloads,
         cache_dir=settings.cache_path,
+        quantization=settings.quantization,
     )
     name = settings.model_name or default_name
     log.info(
@@ -646,6 +706,7 @@ def from_settings(settings: Settings) -> LocalBackend:
         model=name,
         device=str(model.device),
         dtype=str(model.dtype).removeprefix("torch."),
+        quantization=settings.quantization,
         parameters=sum(p.numel() for p in model.parameters()),
         seconds=round(time.perf_counter() - started, 2),
     )
