@@ -146,6 +146,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         _doc("Local backend weight dtype; auto is fp32 on CPU, bf16 on CUDA."),
     ] = "auto"
     device: Annotated[str, _doc("Local backend device: auto, cpu, cuda, cuda:N.")] = "auto"
+    kv_cache_entries: Annotated[
+        int,
+        _doc(
+            "Local backend: KV caches of recent conversations kept for reuse when the next "
+            "turn resends them (0: off). Each holds one conversation's keys and values."
+        ),
+        msgspec.Meta(ge=0, le=1024),
+    ] = 4
     quantization: Annotated[
         Literal["none", "int8", "int4"],
         _doc(

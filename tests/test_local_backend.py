@@ -455,3 +455,65 @@ def test_quantization_is_a_validated_setting() -> None:
     assert Settings(quantization="int8").quantization == "int8"
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"quantization": "int3"}, Settings)
+
+
+# --- KV-cache reuse across turns -------------------------------------------------
+
+
+@slow
+async def test_the_next_turn_reuses_the_kv_cache_and_answers_the_same(
+    loaded: tuple[Any, Any],
+) -> None:
+    model, tokenizer = loaded
+    reusing = LocalBackend(model, tokenizer, model_name=EMBEDDED_MODEL_NAME)
+    fresh = LocalBackend(model, tokenizer, model_name=EMBEDDED_MODEL_NAME, prefix_cache_entries=0)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    turn1 = (
+        Message("system", "You are a concise assistant. Answer in one sentence."),
+        Message("user", "Name a planet in our solar system with rings."),
+    )
+    try:
+        first = await reusing.generate(GenerationRequest("m", "t1", messages=turn1, params=params))
+        turn2 = (
+            *turn1,
+            Message("assistant", first.text),
+            Message("user", "And which planet is the largest?"),
+        )
+        second = await reusing.generate(GenerationRequest("m", "t2", messages=turn2, params=params))
+        baseline = await fresh.generate(GenerationRequest("m", "b2", messages=turn2, params=params))
+    finally:
+        await reusing.aclose()
+        await fresh.aclose()
+    assert reusing.prefix_cache.hits == 1
+    assert reusing.prefix_cache.reused_tokens >= first.prompt_tokens - 1
+    assert fresh.prefix_cache.hits == 0
+    assert second.text == baseline.text  # reuse changes the cost, never the answer
+    assert second.prompt_tokens == baseline.prompt_tokens
+
+
+def test_prefix_cache_takes_the_longest_shared_prefix_and_crops_it() -> None:
+    from guardrail.backends.local import PrefixCache
+
+    class FakeCache:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+        def crop(self, n: int) -> None:
+            assert n < 0  # transformers 5 takes how many tokens to drop, negative
+            self.n += n
+
+    cache = PrefixCache(entries=2, min_tokens=3)
+    cache.put(list(range(10)), FakeCache(9))  # the last token has no cached keys yet
+    cache.put([0, 1, 7, 7, 7], FakeCache(5))
+    taken, reused = cache.take([*range(6), 42, 43])
+    assert reused == 6
+    assert taken.n == 6
+    assert cache.take([*range(6), 42]) == (None, 0)  # taken out while in use, one left
+    assert cache.take([0, 1, 7, 7, 7])[1] == 4  # at least one token left to compute
+    cache.put([1, 2, 3], FakeCache(3))
+    cache.put([4, 5, 6], FakeCache(3))
+    cache.put([7, 8, 9], FakeCache(3))
+    assert len(cache._items) == 2  # least recently stored goes first

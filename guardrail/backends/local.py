@@ -413,6 +413,63 @@ def _discard(_delta: str) -> None:
     pass
 
 
+class PrefixCache:
+    """KV caches of recent sequences, reused when a new prompt starts with one of them.
+
+    A chat client resends the whole conversation every turn. The cache of the last
+    turn's prompt and answer covers most of the next prompt, so only the new tokens are
+    computed. A prompt takes the entry sharing its longest prefix (at least
+    ``min_tokens``); the entry is cropped to that prefix and handed to ``generate``,
+    which extends it, and the result is stored again. Entries are taken out while in
+    use, so a cache is never shared by two generations; the least recently used entry
+    goes when more than ``entries`` are kept. ``reused_tokens`` counts what was saved.
+    The chat template may tokenize an earlier answer differently from how it was
+    generated: the common prefix then simply ends there.
+    """
+
+    def __init__(self, entries: int = 8, min_tokens: int = 16) -> None:
+        self.entries = entries
+        self.min_tokens = min_tokens
+        self._items: list[tuple[list[int], Any]] = []  # most recently used last
+        self.reused_tokens = 0
+        self.hits = 0
+
+    def take(self, ids: list[int]) -> tuple[Any, int]:
+        """The cache to start ``ids`` from (cropped), and how many tokens it covers."""
+        best, best_len = -1, 0
+        for i, (cached, _) in enumerate(self._items):
+            n = _common_prefix(cached, ids)
+            if n > best_len:
+                best, best_len = i, n
+        # At least one prompt token must be computed: it yields the first logits.
+        best_len = min(best_len, len(ids) - 1)
+        if best < 0 or best_len < self.min_tokens:
+            return None, 0
+        _, cache = self._items.pop(best)
+        extra = int(cache.get_seq_length()) - best_len
+        if extra > 0:
+            cache.crop(-extra)  # transformers 5: a negative count of tokens to drop
+        self.hits += 1
+        self.reused_tokens += best_len
+        return cache, best_len
+
+    def put(self, ids: list[int], cache: Any) -> None:
+        if self.entries <= 0 or cache is None:
+            return
+        length = int(cache.get_seq_length())
+        self._items.append((ids[:length], cache))
+        while len(self._items) > self.entries:
+            self._items.pop(0)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class LocalBackend:
     """Generates with a transformers model on one dedicated worker thread.
 
@@ -430,6 +487,7 @@ class LocalBackend:
         *,
         model_name: str,
         default_max_tokens: int = 512,
+        prefix_cache_entries: int = 8,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -451,6 +509,8 @@ class LocalBackend:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrail-local")
         self._in_flight: set[threading.Event] = set()
         self._closed = False
+        # KV-cache reuse across turns: the worker thread alone touches this.
+        self.prefix_cache = PrefixCache(prefix_cache_entries)
 
     # -- protocol
 
@@ -585,6 +645,7 @@ class LocalBackend:
         from transformers import StoppingCriteriaList
 
         input_ids = torch.tensor([ids], device=self._model.device)
+        cache, reused = self.prefix_cache.take(ids)
         with torch.inference_mode():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
@@ -594,9 +655,13 @@ class LocalBackend:
                 max_new_tokens=max_new,
                 pad_token_id=self._pad_id,
                 stopping_criteria=StoppingCriteriaList([hook]),
+                return_dict_in_generate=True,
+                **({"past_key_values": cache} if cache is not None else {}),
                 **self._sampling_kwargs(params),
             )
-        generated: list[int] = output[0, prompt_tokens:].tolist()
+        sequence: list[int] = output.sequences[0].tolist()
+        generated = sequence[prompt_tokens:]
+        self.prefix_cache.put(sequence, output.past_key_values)
         text = tracker.finish()
         if self._closed:
             raise BackendUnavailable("the local backend was closed during generation")
@@ -612,6 +677,7 @@ class LocalBackend:
             "local generation finished",
             request_id=request.request_id,
             prompt_tokens=prompt_tokens,
+            reused_tokens=reused,
             completion_tokens=len(generated),
             finish_reason=finish,
             cancelled=cancelled.is_set(),
@@ -711,7 +777,11 @@ def from_settings(settings: Settings) -> LocalBackend:
         seconds=round(time.perf_counter() - started, 2),
     )
     return LocalBackend(
-        model, tokenizer, model_name=name, default_max_tokens=settings.default_max_tokens
+        model,
+        tokenizer,
+        model_name=name,
+        default_max_tokens=settings.default_max_tokens,
+        prefix_cache_entries=settings.kv_cache_entries,
     )
 
 
