@@ -146,6 +146,9 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric_level)
+    # torchao warns at import, on every CPU-only machine, that its CUDA kernels do not
+    # load; transformers imports it whenever it is installed. Only its errors matter.
+    logging.getLogger("torchao").setLevel(max(numeric_level, logging.ERROR))
     for name in _STDLIB_LOGGERS_TO_ROUTE:
         routed = logging.getLogger(name)
         routed.handlers.clear()
