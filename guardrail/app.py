@@ -39,6 +39,7 @@ from guardrail.api.review import ROUTES as REVIEW_ROUTES
 from guardrail.api.routes import ROUTES, RequestIdMiddleware
 from guardrail.api.serving import Gateway, Serving
 from guardrail.backends.base import Backend
+from guardrail.backends.engine import EngineObserver
 from guardrail.backends.registry import backend_registry
 from guardrail.filters.grounding import GroundingScorer
 from guardrail.filters.hallucination import default_grounder, shared_scorer
@@ -274,10 +275,15 @@ async def _load_backend(gateway: Gateway) -> None:
 
 
 def _observe_circuits(backend: Backend, metrics: GatewayMetrics) -> None:
-    """Backends with circuit breakers (remote) report their states as a gauge."""
+    """Backends with circuit breakers (remote) report their states as a gauge; the local
+    engine reports its queue, batches, first tokens and KV-cache reuse."""
     observe = getattr(backend, "observe_circuits", None)
     if observe is not None:
         observe(lambda url, state: metrics.circuit_state(url, state.gauge))
+    engine = getattr(backend, "observe", None)
+    if engine is not None:
+        observer: EngineObserver = metrics
+        engine(observer)
 
 
 async def _drain(gateway: Gateway) -> None:

@@ -12,6 +12,7 @@
     guardrail model prepare [--cache-dir DIR]
     guardrail bench proxy [--policy FILE] [--latency-ms MS] [--concurrency N]
                           [--seconds S] [--runs N] [--json]
+    guardrail bench engine [--model PATH] [--runs N] [--json]
     guardrail report [--config FILE] [--audit-dsn DSN] [--since 7d] [--until WHEN]
                      [--step 6h] [--out report.html]
 
@@ -280,6 +281,25 @@ def cmd_bench_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from guardrail import bench_engine
+    from guardrail.observability.logging import configure_logging
+
+    # The in-process gateway logs; stdout is kept for the report.
+    configure_logging("error", "console")
+    print(
+        f"guardrail: benchmarking the local engine on {args.model or 'the embedded model'} "
+        "(time to first token, throughput, quantization; minutes) ...",
+        file=sys.stderr,
+    )
+    report = bench_engine.run(model=args.model, runs=args.runs)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(bench_engine.format_table(report))
+    return 0
+
+
 # -- report --------------------------------------------------------------------------------
 
 
@@ -389,6 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--runs", type=int, default=3, help="the report is the median")
     proxy.add_argument("--json", action="store_true", help="print one JSON object")
     proxy.set_defaults(func=cmd_bench_proxy)
+    engine = bench.add_parser(
+        "engine",
+        help="local engine: turn-2 time to first token, batched throughput, quantization",
+    )
+    engine.add_argument(
+        "--model", help="local model folder or .gguf file (default: the embedded model)"
+    )
+    engine.add_argument("--runs", type=int, default=5, help="the report is the median")
+    engine.add_argument("--json", action="store_true", help="print one JSON object")
+    engine.set_defaults(func=cmd_bench_engine)
 
     report = sub.add_parser(
         "report",

@@ -146,6 +146,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         _doc("Local backend weight dtype; auto is fp32 on CPU, bf16 on CUDA."),
     ] = "auto"
     device: Annotated[str, _doc("Local backend device: auto, cpu, cuda, cuda:N.")] = "auto"
+    device_map: Annotated[
+        str | None,
+        _doc(
+            "Local backend, CUDA only: spread the model's layers over several GPUs "
+            "(auto, balanced, balanced_low_0, sequential; needs accelerate)."
+        ),
+    ] = None
     kv_cache_entries: Annotated[
         int,
         _doc(
@@ -154,6 +161,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
         msgspec.Meta(ge=0, le=1024),
     ] = 4
+    kv_cache_mib: Annotated[
+        int,
+        _doc(
+            "Local backend: most memory, in MiB, the reused KV caches may hold together "
+            "(least recently used go first)."
+        ),
+        msgspec.Meta(ge=0),
+    ] = 512
+    batch_max_size: Annotated[
+        int,
+        _doc(
+            "Local backend: requests generated together (continuous batching: they join "
+            "and leave between decoding steps). 1: one at a time."
+        ),
+        msgspec.Meta(ge=1, le=1024),
+    ] = 8
+    batch_max_wait_ms: Annotated[
+        float,
+        _doc("Local backend: how long an idle engine waits for more requests to batch with."),
+        msgspec.Meta(ge=0, le=10_000),
+    ] = 5.0
+    engine_queue_size: Annotated[
+        int,
+        _doc(
+            "Local backend: requests that may wait for a place in the batch; more get 429 "
+            "with Retry-After."
+        ),
+        msgspec.Meta(ge=0),
+    ] = 64
     quantization: Annotated[
         Literal["none", "int8", "int4"],
         _doc(

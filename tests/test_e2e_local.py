@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +166,32 @@ def test_sighup_reloads_the_policy_and_a_bad_file_keeps_it(served: Served) -> No
     assert _reload_errors(served.url) == 1
     r = httpx.post(f"{served.url}/v1/moderations", json={"input": "hi"})
     assert r.json()["guardrail"]["policy"]["version"] == "reloaded-2"
+
+
+def test_concurrent_requests_are_batched_and_the_engine_reports_it(served: Served) -> None:
+    prompts = ["Name a color.", "Name a fruit.", "Name an animal.", "Name a country."]
+    steps_before = _metric(served.url, "guardrail_engine_batch_size_count")
+
+    def ask(prompt: str) -> str:
+        r = served.sdk.chat.completions.create(
+            model=EMBEDDED_MODEL_NAME,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=12,
+            temperature=0,  # type: ignore[arg-type]
+        )
+        return r.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert all(answers)
+    steps = _metric(served.url, "guardrail_engine_batch_size_count") - steps_before
+    assert steps > 0
+    # Some decoding steps ran more than one sequence at once.
+    single = _metric(served.url, 'guardrail_engine_batch_size_bucket{le="1.0"}')
+    assert _metric(served.url, "guardrail_engine_batch_size_count") > single
+    assert _metric(served.url, "guardrail_engine_time_to_first_token_seconds_count") >= 4
+    assert _metric(served.url, 'guardrail_engine_prefix_cache_total{result="miss"}') >= 1
+    assert "guardrail_engine_queue_depth 0.0" in httpx.get(f"{served.url}/metrics").text
 
 
 def test_sigterm_stops_the_gateway_cleanly(served: Served) -> None:

@@ -29,10 +29,11 @@ from guardrail.backends.embedded import (
     embedded_model_path,
     prepare_embedded_model,
 )
+from guardrail.backends.engine import Work
 from guardrail.backends.local import (
     SPEC,
     LocalBackend,
-    _TextTracker,
+    TextTracker,
     load_local_model,
     served_model_name,
 )
@@ -367,7 +368,7 @@ def run_tracker(
 
     deltas: list[str] = []
     cancelled = threading.Event()
-    tracker = _TextTracker(decode, stops, deltas.append, cancelled)
+    tracker = TextTracker(decode, stops, deltas.append, cancelled)
     steps = 0
     for n in range(1, len(pieces) + 1):
         steps = n
@@ -425,6 +426,9 @@ async def test_int8_on_cpu_quantizes_the_linear_weights_and_still_answers(
     )
     weight = model.model.layers[0].self_attn.q_proj.weight
     assert "Int8" in type(weight).__name__  # torchao's int8 weight-only tensor
+    # The output head stays as loaded, still tied to the input embedding.
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "Int8" not in type(model.lm_head.weight).__name__
     backend = LocalBackend(model, tokenizer, model_name=EMBEDDED_MODEL_NAME)
     try:
         completion = await backend.generate(
@@ -438,6 +442,11 @@ async def test_int8_on_cpu_quantizes_the_linear_weights_and_still_answers(
     finally:
         await backend.aclose()
     assert "Paris" in completion.text
+
+
+def test_a_device_map_on_cpu_is_a_clear_startup_error(model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="device_map 'auto' spreads a model over GPUs"):
+        load_local_model(str(model_dir), device="cpu", device_map="auto")
 
 
 def test_int4_on_cpu_is_a_clear_startup_error_not_garbage(model_dir: Path) -> None:
@@ -517,3 +526,270 @@ def test_prefix_cache_takes_the_longest_shared_prefix_and_crops_it() -> None:
     cache.put([4, 5, 6], FakeCache(3))
     cache.put([7, 8, 9], FakeCache(3))
     assert len(cache._items) == 2  # least recently stored goes first
+
+
+def test_prefix_cache_is_bounded_by_memory_least_recently_used_first() -> None:
+    import torch
+
+    from guardrail.backends.engine import PrefixCache, cache_bytes
+
+    class Layer:
+        def __init__(self, n: int) -> None:
+            self.keys = torch.zeros(1, 1, n, 4)  # 16 bytes per token, keys and values each
+            self.values = torch.zeros(1, 1, n, 4)
+
+    class TensorCache:
+        def __init__(self, n: int) -> None:
+            self.layers = [Layer(n), Layer(n)]
+
+        def get_seq_length(self) -> int:
+            return int(self.layers[0].keys.shape[-2])
+
+    assert cache_bytes(TensorCache(10)) == 2 * 2 * 10 * 16
+    cache = PrefixCache(entries=10, min_tokens=1, max_bytes=2000)
+    cache.put([1] * 10, TensorCache(10))  # 640 bytes
+    cache.put([2] * 10, TensorCache(10))
+    cache.put([3] * 10, TensorCache(10))
+    assert cache.bytes == 1920
+    cache.put([4] * 10, TensorCache(10))  # 2560 > 2000: the oldest goes
+    assert cache.bytes == 1920
+    assert cache.take([1] * 11) == (None, 0)
+    assert cache.take([4] * 11)[1] == 10
+    assert cache.bytes == 1280  # a taken entry no longer counts
+    cache.put([5] * 40, TensorCache(40))  # 2560 bytes alone: never kept
+    assert cache.bytes == 1280
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+# --- dynamic batching -------------------------------------------------------------
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a long story about a dragon.",
+    "List three fruits.",
+    "hi",
+]
+
+
+@slow
+async def test_concurrent_requests_run_in_one_batch_and_answer_as_alone(
+    loaded: tuple[Any, Any],
+) -> None:
+    model, tokenizer = loaded
+    alone = LocalBackend(model, tokenizer, model_name="m", max_batch_size=1)
+    batched = LocalBackend(model, tokenizer, model_name="m", max_batch_size=8)
+    try:
+        one_by_one = [await alone.generate(chat(p, max_tokens=12)) for p in PROMPTS]
+        together = await asyncio.gather(
+            *(batched.generate(chat(p, max_tokens=12)) for p in PROMPTS)
+        )
+    finally:
+        await alone.aclose()
+        await batched.aclose()
+    assert alone.engine.largest_batch == 1
+    assert batched.engine.largest_batch == len(PROMPTS)
+    # Left padding and a shared forward pass change the cost, not the greedy answers.
+    assert [c.text for c in together] == [c.text for c in one_by_one]
+    assert [c.completion_tokens for c in together] == [c.completion_tokens for c in one_by_one]
+
+
+@slow
+async def test_each_request_in_a_batch_keeps_its_own_parameters(local: LocalBackend) -> None:
+    base = await local.generate(chat(PROMPTS[1], max_tokens=12))
+    stop_at = base.text.split()[3]
+    short, stopped, sampled_a, sampled_b, sampled_c = await asyncio.gather(
+        local.generate(chat(PROMPTS[1], max_tokens=3)),
+        local.generate(chat(PROMPTS[1], max_tokens=12, stop=(stop_at,))),
+        local.generate(chat(PROMPTS[0], max_tokens=12, temperature=1.0, seed=7)),
+        local.generate(chat(PROMPTS[0], max_tokens=12, temperature=1.0, seed=7)),
+        local.generate(chat(PROMPTS[0], max_tokens=12, temperature=1.0, seed=8, top_p=0.5)),
+    )
+    assert local.engine.largest_batch == 5
+    assert (short.completion_tokens, short.finish_reason) == (3, "length")
+    assert base.text.startswith(short.text)
+    assert stopped.finish_reason == "stop"
+    assert stop_at not in stopped.text
+    assert base.text.startswith(stopped.text)
+    # One seed, one answer, whatever else shares the batch; another seed differs.
+    assert sampled_a.text == sampled_b.text
+    assert sampled_c.text != sampled_a.text
+    alone = await local.generate(chat(PROMPTS[0], max_tokens=12, temperature=1.0, seed=7))
+    assert alone.text == sampled_a.text
+
+
+@slow
+async def test_a_request_joins_a_running_batch_and_a_departed_client_frees_its_place(
+    loaded: tuple[Any, Any],
+) -> None:
+    model, tokenizer = loaded
+    backend = LocalBackend(model, tokenizer, model_name="m", max_batch_size=2)
+    long_story = chat("Write a long story about a dragon.", max_tokens=400)
+    try:
+        runner = backend.stream(long_story)
+        leaver = backend.stream(long_story)
+        assert (await anext(runner)).text is not None
+        assert (await anext(leaver)).text is not None
+        assert backend.engine.queue_depth == 0
+        await leaver.aclose()  # the client goes: its place frees at the next step
+        started = time.perf_counter()
+        joined = await backend.generate(chat(max_tokens=4))
+        # The runner still has hundreds of tokens to go; the newcomer did not wait for it.
+        assert time.perf_counter() - started < 10
+        assert joined.completion_tokens == 4
+        assert backend.engine.largest_batch == 2
+    finally:
+        await runner.aclose()
+        await backend.aclose()
+
+
+@slow
+async def test_past_the_queue_requests_are_refused_with_429(loaded: tuple[Any, Any]) -> None:
+    model, tokenizer = loaded
+    backend = LocalBackend(model, tokenizer, model_name="m", max_batch_size=1, max_queue=1)
+    long_story = chat("Write a long story about a dragon.", max_tokens=400)
+    try:
+        running = backend.stream(long_story)
+        await anext(running)  # generating: the one place in the batch is taken
+        waiting = asyncio.create_task(backend.generate(chat(max_tokens=2)))
+        await asyncio.sleep(0.1)
+        assert backend.engine.queue_depth == 1
+        with pytest.raises(BackendError, match="at capacity") as refused:
+            await backend.generate(chat(max_tokens=2))
+        assert refused.value.status == 429
+        await running.aclose()
+        assert (await waiting).completion_tokens == 2  # the queued one was kept
+    finally:
+        await backend.aclose()
+
+
+@slow
+def test_the_gateway_answers_429_with_retry_after_when_the_engine_is_full(
+    loaded: tuple[Any, Any], test_policy: Path
+) -> None:
+    from litestar.testing import TestClient
+
+    from guardrail.app import create_app
+    from guardrail.settings import Settings
+
+    model, tokenizer = loaded
+    backend = LocalBackend(model, tokenizer, model_name="m", max_batch_size=1, max_queue=0)
+    app = create_app(Settings(policy=str(test_policy), models=["m"]), backend=backend)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Write a long story."}]}
+    occupant = Work(
+        request_id="occupant",
+        params=SamplingParams(max_tokens=400),
+        prepare=lambda: (tokenizer("Once upon a time")["input_ids"], 400),
+        emit=lambda _: None,
+        cancelled=threading.Event(),
+    )
+    with TestClient(app=app) as client:
+        backend.engine.submit(occupant)  # takes the engine's one place
+        deadline = time.monotonic() + 10
+        while not backend.engine.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = client.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1"
+        error = refused.json()["error"]
+        assert "at capacity" in error["message"]
+        assert error["type"]
+        occupant.cancelled.set()  # its client went away: the place frees
+        assert occupant.future.result(timeout=10).completion_tokens < 400
+        ok = client.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+        metrics = client.get("/metrics").text
+    assert "guardrail_engine_batch_size_count" in metrics
+    assert 'guardrail_engine_prefix_cache_total{result="miss"}' in metrics
+
+
+@slow
+async def test_the_engine_reports_to_its_observer(loaded: tuple[Any, Any]) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from guardrail.observability.metrics import GatewayMetrics
+
+    registry = CollectorRegistry()
+    backend = LocalBackend(*loaded, model_name="m")
+    backend.observe(GatewayMetrics(registry))
+    try:
+        await asyncio.gather(*(backend.generate(chat(p, max_tokens=6)) for p in PROMPTS[:3]))
+        again = (
+            Message("user", PROMPTS[0]),
+            Message("assistant", "Paris."),
+            Message("user", "Why?"),
+        )
+        await backend.generate(
+            GenerationRequest("m", "r", messages=again, params=SamplingParams(4))
+        )
+    finally:
+        await backend.aclose()
+
+    def value(name: str, **labels: str) -> float:
+        found = registry.get_sample_value(name, labels)
+        return 0.0 if found is None else found
+
+    assert value("guardrail_engine_batch_size_count") >= 5
+    assert value("guardrail_engine_batch_size_sum") > value("guardrail_engine_batch_size_count")
+    assert value("guardrail_engine_time_to_first_token_seconds_count") == 4
+    assert value("guardrail_engine_tokens_per_second_count") >= 3
+    assert value("guardrail_engine_prefix_cache_total", result="hit") >= 1
+    assert value("guardrail_engine_prefix_cache_reused_tokens_total") >= 16
+    assert value("guardrail_engine_prefix_cache_bytes") > 0
+    assert value("guardrail_engine_queue_depth") == 0
+
+
+@slow
+async def test_a_sliding_window_model_is_served_one_sequence_at_a_time(
+    loaded: tuple[Any, Any],
+) -> None:
+    """Its cache rows cannot be padded and joined, so the engine does not batch it."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tokenizer = loaded
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=16,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = MistralForCausalLM(config).eval()  # random weights: only the mechanics count
+    backend = LocalBackend(model, tokenizer, model_name="tiny-mistral", max_batch_size=8)
+    try:
+        results = await asyncio.gather(*(backend.generate(chat(p, max_tokens=5)) for p in PROMPTS))
+    finally:
+        await backend.aclose()
+    assert backend.engine.largest_batch == 1
+    assert all(r.completion_tokens >= 1 for r in results)
+
+
+@slow
+async def test_an_unexpected_error_fails_the_batch_and_the_engine_keeps_serving(
+    loaded: tuple[Any, Any],
+) -> None:
+    model, tokenizer = loaded
+    backend = LocalBackend(model, tokenizer, model_name="m")
+
+    def broken_emit(_delta: str) -> None:
+        raise RuntimeError("a consumer bug")
+
+    broken = Work(
+        request_id="broken",
+        params=SamplingParams(max_tokens=8),
+        prepare=lambda: (tokenizer("Once upon a time")["input_ids"], 8),
+        emit=broken_emit,
+        cancelled=threading.Event(),
+    )
+    try:
+        backend.engine.submit(broken)
+        with pytest.raises(BackendError, match="a consumer bug"):
+            await asyncio.wrap_future(broken.future)
+        after = await backend.generate(chat(max_tokens=3))
+    finally:
+        await backend.aclose()
+    assert after.completion_tokens == 3

@@ -586,6 +586,11 @@ def _record_every_kind(metrics: GatewayMetrics) -> None:
     metrics.request_started("chat")
     metrics.rate_limited("tokens")
     metrics.circuit_state("http://vllm-a:8000/v1", 2)
+    metrics.engine_queue_depth(3)
+    metrics.engine_step(8)
+    metrics.engine_first_token(0.2)
+    metrics.engine_finished(64, 1.5)
+    metrics.engine_prefix_lookup(True, 600, 2**20)
     metrics.feedback_received("negative", "block")
     metrics.review_verdict("false_positive", "block")
     metrics.set_review_queue_depth(3)
@@ -644,7 +649,7 @@ def test_every_metric_has_help_text_and_samples_after_every_kind_of_exchange(
     _record_every_kind(metrics)
 
     families = [f for f in registry.collect() if f.name.startswith("guardrail_")]
-    assert len(families) == 30
+    assert len(families) == 37
     for family in families:
         assert family.documentation, family.name
         assert family.samples, family.name

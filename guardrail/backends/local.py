@@ -7,16 +7,20 @@ SmolLM2-135M-Instruct (:mod:`guardrail.backends.embedded`).
 
 Why it is built this way:
 
-- Generation never runs on the event loop. Each backend owns one worker thread
-  (``ThreadPoolExecutor(max_workers=1)``); requests queue for it. Batching comes later.
-- One hook, a ``StoppingCriteria``, sees every generated token. It decodes the whole
-  generated sequence (so multi-byte characters and SentencePiece spaces come out
-  right), hands safe text deltas to the caller, and halts generation when a stop
-  string appears or the consumer has gone away. Text that could still turn into a
-  stop string, or that ends in a half character (U+FFFD), is held back until it is
-  resolved, so a stop string never leaks, not even in a stream.
-- ``generate`` and ``stream`` share that hook, so a stream's chunks join to exactly
+- Generation never runs on the event loop. A continuous-batching
+  :class:`~guardrail.backends.engine.Engine` owns the model on its own thread:
+  concurrent requests generate together, each with its own sampling parameters, and
+  join or leave the batch between decoding steps. Its queue is bounded (429 past it).
+- Every generated token goes through a text tracker that decodes the whole generated
+  sequence (so multi-byte characters and SentencePiece spaces come out right), hands
+  safe text deltas to the caller, and ends the sequence when a stop string appears or
+  the consumer has gone away. Text that could still turn into a stop string, or that
+  ends in a half character (U+FFFD), is held back until it is resolved, so a stop
+  string never leaks, not even in a stream.
+- ``generate`` and ``stream`` share that path, so a stream's chunks join to exactly
   the text ``generate`` returns for the same greedy request.
+- The KV cache of each finished conversation is kept (bounded, LRU) and reused when the
+  next turn resends the conversation.
 - torch and transformers are imported lazily: ``import guardrail`` stays light.
 
 Example::
@@ -40,10 +44,7 @@ import contextlib
 import io
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import cache
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -51,15 +52,20 @@ from guardrail.backends.base import (
     BackendSpec,
     Chunk,
     Completion,
-    FinishReason,
     GenerationRequest,
-    SamplingParams,
+)
+from guardrail.backends.engine import (
+    Engine,
+    EngineObserver,
+    Outcome,
+    PrefixCache,
+    TextTracker,
+    Work,
 )
 from guardrail.errors import (
     BackendError,
     BackendUnavailable,
     ConfigError,
-    GuardrailError,
     MissingDependencyError,
 )
 from guardrail.observability.logging import get_logger
@@ -70,6 +76,8 @@ if TYPE_CHECKING:
 __all__ = [
     "SPEC",
     "LocalBackend",
+    "PrefixCache",
+    "TextTracker",
     "from_settings",
     "load_local_model",
     "quiet_transformers",
@@ -199,7 +207,8 @@ def _quantization_config(quantization: Quantization, device: str, torch: Any) ->
 
 
 def _quantize_cpu(model: Any) -> None:
-    """int8 weight-only quantization of every linear layer, in place (torchao)."""
+    """int8 weight-only quantization of the linear layers but the output head, in place
+    (torchao, per-channel scales)."""
     import logging
     import warnings
 
@@ -214,7 +223,16 @@ def _quantize_cpu(model: Any) -> None:
             )
     except ImportError as e:
         raise MissingDependencyError("torchao", "local") from e
-    quantize_(model, Int8WeightOnlyConfig())
+    # The output projection stays as loaded: quantizing it costs the most accuracy (it
+    # ranks the whole vocabulary), and where it shares its weight with the input
+    # embedding (SmolLM2, TinyLlama) it would break the tie and add an int8 copy.
+    head = model.get_output_embeddings()
+    torch = _import_torch()
+
+    def linear_but_head(module: Any, _name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module is not head
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=linear_but_head)
 
 
 def load_local_model(
@@ -225,13 +243,16 @@ def load_local_model(
     allow_downloads: bool = False,
     cache_dir: Path | None = None,
     quantization: Quantization = "none",
+    device_map: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a folder, a ``.gguf`` file or (if allowed) a hub id.
 
     ``dtype`` auto is fp32 on CPU and bf16 on CUDA; ``device`` auto is CUDA when there
     is one. Hub downloads go to ``cache_dir/hub``. Remote code is never trusted.
     ``quantization``: ``int8`` is torchao int8 weight-only on CPU and bitsandbytes 8-bit
-    on CUDA; ``int4`` is bitsandbytes nf4 on CUDA and refused on CPU.
+    on CUDA; ``int4`` is bitsandbytes nf4 on CUDA and refused on CPU. ``device_map``
+    (``auto``, ``balanced``, ``sequential``...) spreads the layers over several GPUs
+    through accelerate; it needs CUDA.
     Raises :class:`ConfigError` when the model cannot be found or loaded, or the
     quantization cannot run on the device.
     """
@@ -240,6 +261,11 @@ def load_local_model(
     resolved_device = _resolve_device(device, torch)
     torch_dtype = _resolve_dtype(dtype, resolved_device, torch)
     quantization_config = _quantization_config(quantization, resolved_device, torch)
+    if device_map is not None and resolved_device == "cpu":
+        raise ConfigError(
+            f"device_map {device_map!r} spreads a model over GPUs, and this machine runs it "
+            "on the CPU; leave device_map unset"
+        )
 
     path = Path(source).expanduser()
     kwargs: dict[str, Any] = {"local_files_only": not allow_downloads}
@@ -268,7 +294,7 @@ def load_local_model(
 
     model_kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if resolved_device != "cpu":
-        model_kwargs["device_map"] = resolved_device
+        model_kwargs["device_map"] = device_map or resolved_device
     if quantization_config is not None:
         model_kwargs["quantization_config"] = quantization_config
     try:
@@ -290,105 +316,6 @@ def load_local_model(
 
 
 # ------------------------------------------------------------------------ generation
-
-
-def _stop_index(text: str, stops: Sequence[str]) -> int | None:
-    """Where the earliest stop string starts in ``text``, or ``None``."""
-    found = [i for s in stops if (i := text.find(s)) != -1]
-    return min(found) if found else None
-
-
-def _safe_end(text: str, stops: Sequence[str]) -> int:
-    """How much of ``text`` can be sent: not a tail that may grow into a stop string,
-    nor a trailing half character (decoded as U+FFFD until its other bytes arrive)."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    end = len(text) - hold
-    while end > 0 and text[end - 1] == _REPLACEMENT_CHAR:
-        end -= 1
-    return end
-
-
-class _TextTracker:
-    """Turns the growing list of generated ids into text deltas; decides when to halt.
-
-    ``update`` is called once per generated token (from the generation thread) with
-    every id generated so far. It returns ``True`` when generation should stop: a stop
-    string appeared (``stopped``) or ``cancelled`` is set.
-    """
-
-    def __init__(
-        self,
-        decode: Callable[[list[int]], str],
-        stops: Sequence[str],
-        emit: Callable[[str], None],
-        cancelled: threading.Event,
-    ) -> None:
-        self._decode = decode
-        self._stops = tuple(s for s in stops if s)
-        self._emit = emit
-        self._cancelled = cancelled
-        self._decoded = ""
-        self.text = ""
-        """What has been emitted so far."""
-        self.stopped = False
-        """Whether a stop string ended the text."""
-
-    def update(self, ids: list[int]) -> bool:
-        if self.stopped:
-            return True
-        self._decoded = self._decode(ids)
-        cut = _stop_index(self._decoded, self._stops)
-        if cut is not None:
-            self.stopped = True
-            self._send(cut)
-            return True
-        self._send(_safe_end(self._decoded, self._stops))
-        return self._cancelled.is_set()
-
-    def finish(self) -> str:
-        """Send what was held back (generation ended without a stop string); the whole text."""
-        if not self.stopped:
-            self._send(len(self._decoded))
-        return self.text
-
-    def _send(self, end: int) -> None:
-        if end > len(self.text):
-            delta = self._decoded[len(self.text) : end]
-            self.text += delta
-            self._emit(delta)
-
-
-@cache
-def _hook_class() -> type[Any]:
-    """A ``StoppingCriteria`` that feeds a :class:`_TextTracker` (built lazily: transformers)."""
-    torch = _import_torch()
-    from transformers import StoppingCriteria
-
-    class TrackerHook(StoppingCriteria):
-        def __init__(self, tracker: _TextTracker, prompt_len: int) -> None:
-            self.tracker = tracker
-            self.prompt_len = prompt_len
-
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            halt = self.tracker.update(input_ids[0, self.prompt_len :].tolist())
-            return torch.full(
-                (input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device
-            )
-
-    return TrackerHook
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
 
 
 def _ids_of(encoded: Any) -> list[int]:
@@ -413,69 +340,15 @@ def _discard(_delta: str) -> None:
     pass
 
 
-class PrefixCache:
-    """KV caches of recent sequences, reused when a new prompt starts with one of them.
-
-    A chat client resends the whole conversation every turn. The cache of the last
-    turn's prompt and answer covers most of the next prompt, so only the new tokens are
-    computed. A prompt takes the entry sharing its longest prefix (at least
-    ``min_tokens``); the entry is cropped to that prefix and handed to ``generate``,
-    which extends it, and the result is stored again. Entries are taken out while in
-    use, so a cache is never shared by two generations; the least recently used entry
-    goes when more than ``entries`` are kept. ``reused_tokens`` counts what was saved.
-    The chat template may tokenize an earlier answer differently from how it was
-    generated: the common prefix then simply ends there.
-    """
-
-    def __init__(self, entries: int = 8, min_tokens: int = 16) -> None:
-        self.entries = entries
-        self.min_tokens = min_tokens
-        self._items: list[tuple[list[int], Any]] = []  # most recently used last
-        self.reused_tokens = 0
-        self.hits = 0
-
-    def take(self, ids: list[int]) -> tuple[Any, int]:
-        """The cache to start ``ids`` from (cropped), and how many tokens it covers."""
-        best, best_len = -1, 0
-        for i, (cached, _) in enumerate(self._items):
-            n = _common_prefix(cached, ids)
-            if n > best_len:
-                best, best_len = i, n
-        # At least one prompt token must be computed: it yields the first logits.
-        best_len = min(best_len, len(ids) - 1)
-        if best < 0 or best_len < self.min_tokens:
-            return None, 0
-        _, cache = self._items.pop(best)
-        extra = int(cache.get_seq_length()) - best_len
-        if extra > 0:
-            cache.crop(-extra)  # transformers 5: a negative count of tokens to drop
-        self.hits += 1
-        self.reused_tokens += best_len
-        return cache, best_len
-
-    def put(self, ids: list[int], cache: Any) -> None:
-        if self.entries <= 0 or cache is None:
-            return
-        length = int(cache.get_seq_length())
-        self._items.append((ids[:length], cache))
-        while len(self._items) > self.entries:
-            self._items.pop(0)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class LocalBackend:
-    """Generates with a transformers model on one dedicated worker thread.
+    """Serves a transformers model through a continuous-batching :class:`Engine`.
 
     ``model`` and ``tokenizer`` come from :func:`load_local_model`; ``model_name`` is
     the one name :meth:`models` lists. ``default_max_tokens`` applies to requests that
-    do not set ``max_tokens``.
+    do not set ``max_tokens``. Up to ``max_batch_size`` requests generate together;
+    an idle engine waits ``batch_wait_ms`` for companions; past ``max_queue`` waiting
+    requests, new ones get 429. ``prefix_cache_entries`` and ``prefix_cache_bytes``
+    bound the KV caches kept for the next turn of a conversation.
     """
 
     name = "local"
@@ -488,29 +361,42 @@ class LocalBackend:
         model_name: str,
         default_max_tokens: int = 512,
         prefix_cache_entries: int = 8,
+        prefix_cache_bytes: int | None = None,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 5.0,
+        max_queue: int = 64,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self.model_name = model_name
         self._default_max_tokens = default_max_tokens
         generation_config = model.generation_config
-        self._eos_ids = _token_ids(generation_config.eos_token_id) | _token_ids(
-            tokenizer.eos_token_id
-        )
-        pad = generation_config.pad_token_id
-        if pad is None:
-            pad = tokenizer.pad_token_id
-        if pad is None and self._eos_ids:
-            pad = min(self._eos_ids)
-        self._pad_id: int | None = pad
+        eos_ids = _token_ids(generation_config.eos_token_id) | _token_ids(tokenizer.eos_token_id)
         # Unset in the model's generation config: OpenAI semantics, no top-k cut.
-        self._default_top_k: int | None = 0 if generation_config.top_k is None else None
+        default_top_k: int | None = (
+            0 if generation_config.top_k is None else generation_config.top_k
+        )
         self._context: int | None = getattr(model.config, "max_position_embeddings", None)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guardrail-local")
-        self._in_flight: set[threading.Event] = set()
         self._closed = False
-        # KV-cache reuse across turns: the worker thread alone touches this.
-        self.prefix_cache = PrefixCache(prefix_cache_entries)
+        self.engine = Engine(
+            model,
+            decode=self._decode,
+            eos_ids=eos_ids,
+            default_top_k=default_top_k,
+            prefix_cache=PrefixCache(prefix_cache_entries, max_bytes=prefix_cache_bytes),
+            max_batch=max_batch_size,
+            max_wait_ms=batch_wait_ms,
+            max_queue=max_queue,
+        )
+
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        """The KV caches kept for reuse (owned by the engine's thread)."""
+        return self.engine.prefix_cache
+
+    def observe(self, observer: EngineObserver) -> None:
+        """Report queue depth, batch sizes, first-token times and cache use to ``observer``."""
+        self.engine.observer = observer
 
     # -- protocol
 
@@ -520,7 +406,6 @@ class LocalBackend:
             outcome = await self._submit(request, _discard, cancelled)
         finally:
             cancelled.set()
-            self._in_flight.discard(cancelled)
         return Completion(
             text=outcome.text,
             finish_reason=outcome.finish_reason,
@@ -539,7 +424,7 @@ class LocalBackend:
             except RuntimeError:  # the event loop is gone: nobody is listening
                 cancelled.set()
 
-        def on_done(done: asyncio.Future[_Outcome]) -> None:
+        def on_done(done: asyncio.Future[Outcome]) -> None:
             # Retrieve the error here too, so an abandoned stream logs no
             # "exception was never retrieved".
             if not done.cancelled():
@@ -561,9 +446,8 @@ class LocalBackend:
                 completion_tokens=outcome.completion_tokens,
             )
         finally:
-            # Closed early (client gone) or done: either way the worker stops here.
+            # Closed early (client gone) or done: either way the row leaves the batch.
             cancelled.set()
-            self._in_flight.discard(cancelled)
 
     async def health(self) -> bool:
         return not self._closed
@@ -575,11 +459,9 @@ class LocalBackend:
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
-        """Stop the running generation, fail queued ones, and wait for the worker to exit."""
+        """Fail queued requests, stop the running batch, and wait for the engine to exit."""
         self._closed = True
-        for cancelled in list(self._in_flight):
-            cancelled.set()
-        self._executor.shutdown(wait=True)
+        self.engine.close()
 
     # -- internals
 
@@ -588,42 +470,21 @@ class LocalBackend:
         request: GenerationRequest,
         emit: Callable[[str], None],
         cancelled: threading.Event,
-    ) -> asyncio.Future[_Outcome]:
+    ) -> asyncio.Future[Outcome]:
         if self._closed:
             raise BackendUnavailable("the local backend is closed")
-        self._in_flight.add(cancelled)
-        loop = asyncio.get_running_loop()
-        try:
-            return loop.run_in_executor(self._executor, self._work, request, emit, cancelled)
-        except RuntimeError as e:  # the executor was shut down meanwhile
-            raise BackendUnavailable("the local backend is closed") from e
+        work = Work(
+            request_id=request.request_id,
+            params=request.params,
+            prepare=lambda: self._prepare(request),
+            emit=emit,
+            cancelled=cancelled,
+        )
+        self.engine.submit(work)
+        return asyncio.wrap_future(work.future)
 
-    def _work(
-        self,
-        request: GenerationRequest,
-        emit: Callable[[str], None],
-        cancelled: threading.Event,
-    ) -> _Outcome:
-        """Runs on the worker thread."""
-        try:
-            return self._generate_sync(request, emit, cancelled)
-        except GuardrailError:
-            raise
-        except Exception as e:
-            raise BackendError(f"the local model failed: {type(e).__name__}: {e}") from e
-
-    def _generate_sync(
-        self,
-        request: GenerationRequest,
-        emit: Callable[[str], None],
-        cancelled: threading.Event,
-    ) -> _Outcome:
-        if self._closed:
-            raise BackendUnavailable("the local backend is closed")
-        if cancelled.is_set():  # the caller left while this request waited its turn
-            return _Outcome("", "stop", 0, 0)
-        torch = _import_torch()
-        started = time.perf_counter()
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
+        """The prompt's token ids and the token budget (on the engine's thread)."""
         ids = self._encode(request)
         prompt_tokens = len(ids)
         params = request.params
@@ -637,53 +498,7 @@ class LocalBackend:
                     status=400,
                 )
             max_new = min(max_new, room)
-        if max_new <= 0:
-            return _Outcome("", "length", prompt_tokens, 0)
-
-        tracker = _TextTracker(self._decode, params.stop, emit, cancelled)
-        hook = _hook_class()(tracker, prompt_tokens)
-        from transformers import StoppingCriteriaList
-
-        input_ids = torch.tensor([ids], device=self._model.device)
-        cache, reused = self.prefix_cache.take(ids)
-        with torch.inference_mode():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            output = self._model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new,
-                pad_token_id=self._pad_id,
-                stopping_criteria=StoppingCriteriaList([hook]),
-                return_dict_in_generate=True,
-                **({"past_key_values": cache} if cache is not None else {}),
-                **self._sampling_kwargs(params),
-            )
-        sequence: list[int] = output.sequences[0].tolist()
-        generated = sequence[prompt_tokens:]
-        self.prefix_cache.put(sequence, output.past_key_values)
-        text = tracker.finish()
-        if self._closed:
-            raise BackendUnavailable("the local backend was closed during generation")
-
-        finish: FinishReason
-        if tracker.stopped or (generated and generated[-1] in self._eos_ids):
-            finish = "stop"
-        elif len(generated) >= max_new:
-            finish = "length"
-        else:
-            finish = "stop"  # cancelled: nobody reads this
-        log.debug(
-            "local generation finished",
-            request_id=request.request_id,
-            prompt_tokens=prompt_tokens,
-            reused_tokens=reused,
-            completion_tokens=len(generated),
-            finish_reason=finish,
-            cancelled=cancelled.is_set(),
-            seconds=round(time.perf_counter() - started, 3),
-        )
-        return _Outcome(text, finish, prompt_tokens, len(generated))
+        return ids, max_new
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         tokenizer = self._tokenizer
@@ -720,23 +535,6 @@ class LocalBackend:
         text: str = self._tokenizer.decode(ids, skip_special_tokens=True)
         return text
 
-    def _sampling_kwargs(self, params: SamplingParams) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
-        if "repetition_penalty" in params.extra:
-            kwargs["repetition_penalty"] = float(params.extra["repetition_penalty"])
-        if not params.temperature:  # None or 0: greedy
-            kwargs["do_sample"] = False
-            return kwargs
-        kwargs["do_sample"] = True
-        kwargs["temperature"] = params.temperature
-        if params.top_p is not None:
-            kwargs["top_p"] = params.top_p
-        if "top_k" in params.extra:
-            kwargs["top_k"] = int(params.extra["top_k"])
-        elif self._default_top_k is not None:
-            kwargs["top_k"] = self._default_top_k
-        return kwargs
-
 
 # ----------------------------------------------------------------------- settings
 
@@ -765,6 +563,7 @@ def from_settings(settings: Settings) -> LocalBackend:
         allow_downloads=settings.allow_downloads,
         cache_dir=settings.cache_path,
         quantization=settings.quantization,
+        device_map=settings.device_map,
     )
     name = settings.model_name or default_name
     log.info(
@@ -782,6 +581,10 @@ def from_settings(settings: Settings) -> LocalBackend:
         model_name=name,
         default_max_tokens=settings.default_max_tokens,
         prefix_cache_entries=settings.kv_cache_entries,
+        prefix_cache_bytes=settings.kv_cache_mib * 2**20,
+        max_batch_size=settings.batch_max_size,
+        batch_wait_ms=settings.batch_max_wait_ms,
+        max_queue=settings.engine_queue_size,
     )
 
 

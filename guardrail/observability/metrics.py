@@ -120,6 +120,8 @@ FILTER_BUCKETS: Final = (
     1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 TTFT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKENS_PER_SECOND_BUCKETS: Final = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
 HELD_CHARACTER_BUCKETS: Final = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 _STAGES: Final = tuple(s.value for s in Stage)
@@ -354,6 +356,42 @@ class GatewayMetrics:
             "Flagged, blocked and rated-down exchanges waiting for a reviewer "
             "(read from the audit database every few seconds).",
         )
+        # The local engine (backend local): batching, queue and KV-cache reuse.
+        self.engine_queue_depth_gauge = gauge(
+            "engine_queue_depth", "Local engine: requests waiting for a place in the batch."
+        )
+        self.engine_batch_size = histogram(
+            "engine_batch_size",
+            "Local engine: sequences decoded together, one observation per decoding step.",
+            (),
+            BATCH_BUCKETS,
+        )
+        self.engine_first_token_seconds = histogram(
+            "engine_time_to_first_token_seconds",
+            "Local engine: seconds from a request's arrival at the engine (queue wait "
+            "included) to its first generated token, streamed or not.",
+            (),
+            TTFT_BUCKETS,
+        )
+        self.engine_tokens_per_second = histogram(
+            "engine_tokens_per_second",
+            "Local engine: one request's decoding speed after its first token "
+            "(completion tokens per second).",
+            (),
+            TOKENS_PER_SECOND_BUCKETS,
+        )
+        self.engine_prefix_cache = counter(
+            "engine_prefix_cache_total",
+            "Local engine: prompts looked up in the KV prefix cache, by result (hit or miss).",
+            ("result",),
+        )
+        self.engine_reused_tokens = counter(
+            "engine_prefix_cache_reused_tokens_total",
+            "Local engine: prompt tokens not recomputed thanks to the KV prefix cache.",
+        )
+        self.engine_cache_bytes = gauge(
+            "engine_prefix_cache_bytes", "Local engine: memory held by the KV prefix cache."
+        )
 
         # Series of known, small label sets start at zero, so rate() and ratios work
         # from the first scrape instead of showing "no data" until the first event.
@@ -373,6 +411,8 @@ class GatewayMetrics:
                 self.feedback.labels(rating_class=rating_class, decision=action)
             for verdict in _VERDICTS:
                 self.review_verdicts.labels(verdict=verdict, action=action)
+        for result in ("hit", "miss"):
+            self.engine_prefix_cache.labels(result=result)
 
     # --- request level -------------------------------------------------------
 
@@ -508,6 +548,28 @@ class GatewayMetrics:
     def rate_limited(self, limit: str) -> None:
         """Count a request refused by a rate limit (``requests`` or ``tokens``)."""
         self.rate_limited_requests.labels(limit=limit).inc()
+
+    # --- the local engine (guardrail.backends.engine.EngineObserver) -----------
+
+    def engine_queue_depth(self, depth: int) -> None:
+        self.engine_queue_depth_gauge.set(depth)
+
+    def engine_step(self, batch_size: int) -> None:
+        self.engine_batch_size.observe(batch_size)
+
+    def engine_first_token(self, seconds: float) -> None:
+        self.engine_first_token_seconds.observe(seconds)
+
+    def engine_finished(self, completion_tokens: int, decode_seconds: float) -> None:
+        # The first token came with the prompt; the rest took decode_seconds.
+        if completion_tokens > 1 and decode_seconds > 0:
+            self.engine_tokens_per_second.observe((completion_tokens - 1) / decode_seconds)
+
+    def engine_prefix_lookup(self, hit: bool, reused_tokens: int, cached_bytes: int) -> None:
+        self.engine_prefix_cache.labels(result="hit" if hit else "miss").inc()
+        if reused_tokens:
+            self.engine_reused_tokens.inc(reused_tokens)
+        self.engine_cache_bytes.set(cached_bytes)
 
     def consistency(self, mode: str, score: float) -> None:
         """One self-consistency score (``mode``: background or inline)."""
