@@ -304,9 +304,10 @@ def _settle(future: concurrent.futures.Future[Outcome], result: Outcome | BaseEx
 class Engine:
     """Runs :class:`Work` on ``model`` in continuous batches of up to ``max_batch``.
 
-    ``decode`` turns generated ids into text; ``eos_ids`` end a sequence; ``pad_id`` is
-    unused by the model (masked) but fills nothing; ``prefix_cache`` may be shared with
-    nobody else. ``observer`` (optional) receives the metrics.
+    ``decode`` turns generated ids into text; ``eos_ids`` end a sequence;
+    ``default_top_k`` applies to sampled requests that set no ``top_k`` (0: none);
+    ``prefix_cache`` belongs to this engine alone. ``observer`` (optional, set later)
+    receives the metrics.
     """
 
     def __init__(
@@ -416,7 +417,6 @@ class Engine:
 
     def _fail_batch(self, error: BackendError, admitted: Sequence[Work] = ()) -> None:
         for row in self._rows:
-            row.tracker.finish()
             _settle(row.work.future, error)
         for work in admitted:
             _settle(work.future, error)
