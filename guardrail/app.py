@@ -16,9 +16,10 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from litestar import Litestar
@@ -55,6 +56,7 @@ from guardrail.plugins import PluginRegistry
 from guardrail.settings import Settings
 
 log = structlog.get_logger("guardrail.app")
+_T = TypeVar("_T")
 _background: set[asyncio.Task[object]] = set()
 
 
@@ -145,10 +147,15 @@ def create_app(
         if settings.shadow_policy
         else None
     )
-    try:
+
+    def load_policies() -> None:
         store.load()
         for other in [*stores.values(), *([shadow_store] if shadow_store else [])]:
             other.load()
+
+    try:
+        # Built on a worker thread, as reloads are: the main thread runs no torch.
+        off_main_thread(load_policies)
     except BaseException:
         executor.shutdown(wait=False)
         raise
@@ -257,6 +264,17 @@ def create_app(
         logging_config=None,
         debug=False,
     )
+
+
+def off_main_thread(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` (a model load, a policy build) on a one-off worker thread and wait.
+
+    The gateway keeps torch off its main thread: torch work there slowed OpenMP work on
+    other threads, the local engine's decoding steps among them, by a third or more on
+    a 2-core machine (README, Measurements).
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="guardrail-load") as loader:
+        return loader.submit(fn).result()
 
 
 async def _load_backend(gateway: Gateway) -> None:

@@ -71,7 +71,8 @@ def _default_policy() -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from guardrail.app import build_backend, create_app
+    from guardrail.app import build_backend, create_app, off_main_thread
+    from guardrail.backends.base import Backend
     from guardrail.guard.registry import filter_registry
     from guardrail.observability.logging import configure_logging
     from guardrail.policy.loader import load_policy
@@ -93,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         + (f" ({settings.model})" if settings.model else ""),
         file=sys.stderr,
     )
-    backend = build_backend(settings)
+    backend: Backend = off_main_thread(lambda: build_backend(settings))
     app = create_app(settings, backend=backend)
     if not settings.api_keys:
         print(

@@ -539,3 +539,25 @@ def test_every_exchange_reaches_the_audit_log_and_its_metrics(
     assert get("guardrail_audit_records_total", {"result": "written"}) == 3
     assert get("guardrail_audit_records_total", {"result": "dropped"}) == 0
     assert get("guardrail_audit_queue_depth") == 0
+
+
+def test_the_policy_is_built_off_the_main_thread(
+    make_app: Callable[..., Litestar], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filters load and warm their models while the policy is built; torch on the main
+    thread slows the local engine's thread (README, Measurements)."""
+    import threading
+
+    from guardrail.guard.store import GuardStore
+
+    builders: list[threading.Thread] = []
+    original = GuardStore.build
+
+    def build(self: GuardStore) -> Any:
+        builders.append(threading.current_thread())
+        return original(self)
+
+    monkeypatch.setattr(GuardStore, "build", build)
+    make_app()
+    assert builders
+    assert threading.main_thread() not in builders
