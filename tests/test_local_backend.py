@@ -431,17 +431,16 @@ async def test_int8_on_cpu_quantizes_the_linear_weights_and_still_answers(
     assert "Int8" not in type(model.lm_head.weight).__name__
     backend = LocalBackend(model, tokenizer, model_name=EMBEDDED_MODEL_NAME)
     try:
-        completion = await backend.generate(
-            GenerationRequest(
-                EMBEDDED_MODEL_NAME,
-                "q8",
-                messages=(Message("user", "What is the capital of France?"),),
-                params=SamplingParams(max_tokens=12, temperature=0.0),
-            )
+        # Batched with a second request: the int8 weights serve a batch as they do one.
+        completion, other = await asyncio.gather(
+            backend.generate(chat("What is the capital of France?", max_tokens=12)),
+            backend.generate(chat("List three fruits.", max_tokens=12)),
         )
     finally:
         await backend.aclose()
+    assert backend.engine.largest_batch == 2
     assert "Paris" in completion.text
+    assert other.completion_tokens > 0
 
 
 def test_a_device_map_on_cpu_is_a_clear_startup_error(model_dir: Path) -> None:

@@ -648,7 +648,14 @@ class Engine:
         gone = set(leaving)
         for i in leaving:
             row = self._rows[i]
-            self._finish(row, self._cut(i, row.pad) if len(self._rows) > 1 else self._cache)
+            kept = self.prefix_cache.entries > 0 and not row.work.cancelled.is_set()
+            if not kept:
+                cache = None  # nothing will reuse it: no copy
+            elif len(self._rows) > 1:
+                cache = self._cut(i, row.pad)
+            else:
+                cache = self._cache
+            self._finish(row, cache)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         if not keep:
             self._rows, self._cache, self._length = [], None, 0
@@ -691,7 +698,7 @@ class Engine:
             finish = "length"
         else:
             finish = "stop"  # cancelled: nobody reads this
-        if not row.work.cancelled.is_set():
+        if cache is not None and not row.work.cancelled.is_set():
             self.prefix_cache.put(row.prompt + generated, cache)
         decode_s = time.perf_counter() - row.first_token_at
         self._observe("engine_finished", len(generated), decode_s)
