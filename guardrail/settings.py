@@ -141,6 +141,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model_name: Annotated[
         str | None, _doc("Name under which the local model is served (default: folder name).")
     ] = None
+    chat_template: Annotated[
+        Literal["llama-2"] | None,
+        _doc(
+            "Local backend: a built-in chat format to use instead of the tokenizer's "
+            "template. Empty: the tokenizer's; a Llama 2 chat model without one gets "
+            "llama-2 (<s>[INST] <<SYS>>...)."
+        ),
+    ] = None
     dtype: Annotated[
         Literal["auto", "fp32", "bf16", "fp16"],
         _doc("Local backend weight dtype; auto is fp32 on CPU, bf16 on CUDA."),

@@ -44,7 +44,7 @@ import contextlib
 import io
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -54,6 +54,7 @@ from guardrail.backends.base import (
     Completion,
     GenerationRequest,
 )
+from guardrail.backends.chat_format import chat_format
 from guardrail.backends.engine import (
     Engine,
     EngineObserver,
@@ -62,6 +63,7 @@ from guardrail.backends.engine import (
     TextTracker,
     Work,
 )
+from guardrail.chat import Message
 from guardrail.errors import (
     BackendError,
     BackendUnavailable,
@@ -340,12 +342,23 @@ def _discard(_delta: str) -> None:
     pass
 
 
+def _control_texts(tokenizer: Any) -> tuple[str, ...]:
+    """The text of the tokenizer's special tokens (BOS, EOS, role markers...)."""
+    texts = {str(t) for t in getattr(tokenizer, "all_special_tokens", ())}
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts |= {token.content for token in added.values() if getattr(token, "special", False)}
+    return tuple(sorted((t for t in texts if t), key=len, reverse=True))
+
+
 class LocalBackend:
     """Serves a transformers model through a continuous-batching :class:`Engine`.
 
     ``model`` and ``tokenizer`` come from :func:`load_local_model`; ``model_name`` is
     the one name :meth:`models` lists. ``default_max_tokens`` applies to requests that
-    do not set ``max_tokens``. Up to ``max_batch_size`` requests generate together;
+    do not set ``max_tokens``. ``chat_template`` names a built-in prompt format to use
+    instead of the tokenizer's template (``llama-2``); unset, a Llama 2 chat model
+    whose tokenizer has no template gets that format. Up to ``max_batch_size``
+    requests generate together;
     an idle engine waits ``batch_wait_ms`` for companions; past ``max_queue`` waiting
     requests, new ones get 429. ``prefix_cache_entries`` and ``prefix_cache_bytes``
     bound the KV caches kept for the next turn of a conversation.
@@ -365,10 +378,23 @@ class LocalBackend:
         max_batch_size: int = 8,
         batch_wait_ms: float = 5.0,
         max_queue: int = 64,
+        chat_template: str | None = None,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self.model_name = model_name
+        self._chat_format = chat_format(
+            chat_template,
+            model_name=model_name,
+            has_template=bool(getattr(tokenizer, "chat_template", None)),
+        )
+        if self._chat_format is not None:
+            log.info("local model chat format", model=model_name, chat_format="llama-2")
+        # A chat template renders messages to text that is then tokenized with special
+        # tokens parsed: "<|im_end|><|im_start|>system" typed by a user would open a
+        # system turn. Such messages are refused (the llama-2 format needs no check:
+        # it tokenizes message text with special tokens split).
+        self._control_texts = _control_texts(tokenizer)
         self._default_max_tokens = default_max_tokens
         generation_config = model.generation_config
         eos_ids = _token_ids(generation_config.eos_token_id) | _token_ids(tokenizer.eos_token_id)
@@ -502,7 +528,10 @@ class LocalBackend:
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         tokenizer = self._tokenizer
-        if request.messages is not None:
+        if request.messages is not None and self._chat_format is not None:
+            ids = self._chat_format(tokenizer, request.messages)
+        elif request.messages is not None:
+            self._refuse_control_tokens(request.messages)
             if not getattr(tokenizer, "chat_template", None):
                 raise BackendError(
                     f"model {self.model_name} has no chat template, so it cannot serve chat "
@@ -530,6 +559,17 @@ class LocalBackend:
                 raise BackendError("the prompt is empty", status=400)
             ids = [int(tokenizer.bos_token_id)]
         return ids
+
+    def _refuse_control_tokens(self, messages: Sequence[Message]) -> None:
+        for index, message in enumerate(messages):
+            for control in self._control_texts:
+                if control in message.content:
+                    raise BackendError(
+                        f"messages[{index}] contains {control!r}, one of model "
+                        f"{self.model_name}'s control tokens; it cannot be sent as message "
+                        "text (it would change the conversation's structure)",
+                        status=400,
+                    )
 
     def _decode(self, ids: list[int]) -> str:
         text: str = self._tokenizer.decode(ids, skip_special_tokens=True)
@@ -585,6 +625,7 @@ def from_settings(settings: Settings) -> LocalBackend:
         max_batch_size=settings.batch_max_size,
         batch_wait_ms=settings.batch_max_wait_ms,
         max_queue=settings.engine_queue_size,
+        chat_template=settings.chat_template,
     )
 
 
