@@ -129,3 +129,22 @@ def model_dir(cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def loaded(model_dir: Path) -> tuple[Any, Any]:
     return load_local_model(str(model_dir), dtype="fp32", device="cpu")
+
+
+def tiny_decoder(config_class: Any, model_class: Any, tokenizer: Any, **extra: Any) -> Any:
+    """A two-layer decoder with random weights over ``tokenizer``'s vocabulary, for tests
+    of the serving mechanics (prompt formats, batching), not of what the model says."""
+    import torch
+
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+    return model_class(config).eval()

@@ -14,6 +14,7 @@ from guardrail.backends.base import GenerationRequest, SamplingParams
 from guardrail.backends.chat_format import chat_format, llama2_chat_ids
 from guardrail.chat import Message
 from guardrail.errors import BackendError, ConfigError
+from tests.conftest import tiny_decoder
 
 
 @pytest.fixture(scope="module")
@@ -89,23 +90,13 @@ def test_which_format_applies() -> None:
 
 @pytest.mark.slow
 async def test_a_llama2_chat_model_without_a_template_serves_chat(tokenizer: Any) -> None:
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from guardrail.backends.local import LocalBackend
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    model = tiny_decoder(
+        LlamaConfig, LlamaForCausalLM, tokenizer, bos_token_id=tokenizer.bos_token_id
     )
-    model = LlamaForCausalLM(config).eval()  # random weights: the prompt is what counts
     assert not getattr(tokenizer, "chat_template", None)
     backend = LocalBackend(model, tokenizer, model_name="llama-2-7b-chat")
     messages = (Message("system", "Be brief."), Message("user", "What is two plus two?"))

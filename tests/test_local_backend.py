@@ -39,6 +39,7 @@ from guardrail.backends.local import (
 )
 from guardrail.chat import Message
 from guardrail.errors import BackendError, BackendUnavailable, ConfigError
+from tests.conftest import tiny_decoder
 
 slow = pytest.mark.slow
 
@@ -758,22 +759,10 @@ async def test_a_sliding_window_model_is_served_one_sequence_at_a_time(
     loaded: tuple[Any, Any],
 ) -> None:
     """Its cache rows cannot be padded and joined, so the engine does not batch it."""
-    import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     _, tokenizer = loaded
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        sliding_window=16,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = MistralForCausalLM(config).eval()  # random weights: only the mechanics count
+    model = tiny_decoder(MistralConfig, MistralForCausalLM, tokenizer, sliding_window=16)
     backend = LocalBackend(model, tokenizer, model_name="tiny-mistral", max_batch_size=8)
     try:
         results = await asyncio.gather(*(backend.generate(chat(p, max_tokens=5)) for p in PROMPTS))
