@@ -149,6 +149,9 @@ def configure_logging(
     # torchao warns at import, on every CPU-only machine, that its CUDA kernels do not
     # load; transformers imports it whenever it is installed. Only its errors matter.
     logging.getLogger("torchao").setLevel(max(numeric_level, logging.ERROR))
+    # Importing torchao also makes torch warn that registering its enums is deprecated:
+    # a note for torchao's authors, nothing an operator can act on.
+    logging.getLogger("torch.utils._pytree").setLevel(max(numeric_level, logging.ERROR))
     for name in _STDLIB_LOGGERS_TO_ROUTE:
         routed = logging.getLogger(name)
         routed.handlers.clear()
