@@ -634,6 +634,15 @@ async def test_each_request_in_a_batch_keeps_its_own_parameters(local: LocalBack
 
 
 @slow
+async def test_top_p_zero_samples_the_most_likely_token(local: LocalBackend) -> None:
+    greedy, nucleus = await asyncio.gather(
+        local.generate(chat(PROMPTS[1], max_tokens=8)),
+        local.generate(chat(PROMPTS[1], max_tokens=8, temperature=1.5, top_p=0.0)),
+    )
+    assert nucleus.text == greedy.text
+
+
+@slow
 async def test_a_request_joins_a_running_batch_and_a_departed_client_frees_its_place(
     loaded: tuple[Any, Any],
 ) -> None:

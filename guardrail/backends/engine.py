@@ -601,6 +601,7 @@ class Engine:
             probs = torch.softmax(ordered, dim=-1)
             # Drop a token once the ones before it already reach top_p (keep the first).
             drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+            drop[0] = False  # top_p 0 keeps the most likely token: greedy
             logits = logits.scatter(0, order[drop], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=row.generator))
