@@ -194,6 +194,34 @@ def test_concurrent_requests_are_batched_and_the_engine_reports_it(served: Serve
     assert "guardrail_engine_queue_depth 0.0" in httpx.get(f"{served.url}/metrics").text
 
 
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(served: Served) -> None:
+    steps = "guardrail_engine_batch_size_count"
+    before = _metric(served.url, steps)
+    body = {
+        "model": EMBEDDED_MODEL_NAME,
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # the stream is running; the client goes away
+    # Wait for the engine to fall idle: its step count stops moving.
+    deadline = time.monotonic() + 60
+    last = -1.0
+    while time.monotonic() < deadline:
+        now = _metric(served.url, steps)
+        if now == last:
+            break
+        last = now
+        time.sleep(1.0)
+    # Had generation gone on to max_tokens, it would have taken some 400 steps.
+    assert 0 < last - before < 200
+
+
 def test_sigterm_stops_the_gateway_cleanly(served: Served) -> None:
     served.process.send_signal(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises the signal it caught.
