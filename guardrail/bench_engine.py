@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guardrail.backends.base import GenerationRequest, SamplingParams
+from guardrail.bench_proxy import NO_FILTERS_POLICY
 from guardrail.chat import Message
 from guardrail.errors import ConfigError, MissingDependencyError
 
@@ -97,10 +98,10 @@ __all__ = [
     "measure_sequential",
     "measure_ttft",
     "run",
+    "token_agreement",
     "weight_bytes",
 ]
 
-NO_FILTERS_POLICY = 'name: no-filters\nversion: "1"\nfilters: []\n'
 QUANTIZATION_MODES: tuple[Quantization, ...] = ("none", "int8", "int4")
 
 # Long-answer requests: a gateway request cannot force a minimum length, so these ask

@@ -251,7 +251,6 @@ class Outcome:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
-    reused_tokens: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -348,6 +347,10 @@ class Engine:
         self._thread.start()
 
     # -- any thread
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def queue_depth(self) -> int:
@@ -713,7 +716,7 @@ class Engine:
             cancelled=row.work.cancelled.is_set(),
             seconds=round(time.perf_counter() - row.work.enqueued, 3),
         )
-        _settle(row.work.future, Outcome(text, finish, len(row.prompt), len(generated), row.reused))
+        _settle(row.work.future, Outcome(text, finish, len(row.prompt), len(generated)))
 
     def _observe(self, event: str, *args: Any) -> None:
         observer = self.observer

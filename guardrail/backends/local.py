@@ -66,7 +66,6 @@ from guardrail.backends.engine import (
 from guardrail.chat import Message
 from guardrail.errors import (
     BackendError,
-    BackendUnavailable,
     ConfigError,
     MissingDependencyError,
 )
@@ -94,7 +93,6 @@ log = get_logger(__name__)
 # Chat templates know system/user/assistant(/tool); OpenAI's newer "developer" role is
 # a system message by another name.
 _ROLE_ALIASES: Final[Mapping[str, str]] = {"developer": "system"}
-_REPLACEMENT_CHAR: Final = "\ufffd"
 
 
 # --------------------------------------------------------------------------- loading
@@ -403,7 +401,6 @@ class LocalBackend:
             0 if generation_config.top_k is None else generation_config.top_k
         )
         self._context: int | None = getattr(model.config, "max_position_embeddings", None)
-        self._closed = False
         self.engine = Engine(
             model,
             decode=self._decode,
@@ -476,7 +473,7 @@ class LocalBackend:
             cancelled.set()
 
     async def health(self) -> bool:
-        return not self._closed
+        return not self.engine.closed
 
     async def models(self) -> list[str]:
         return [self.model_name]
@@ -486,7 +483,6 @@ class LocalBackend:
 
     def close(self) -> None:
         """Fail queued requests, stop the running batch, and wait for the engine to exit."""
-        self._closed = True
         self.engine.close()
 
     # -- internals
@@ -497,8 +493,6 @@ class LocalBackend:
         emit: Callable[[str], None],
         cancelled: threading.Event,
     ) -> asyncio.Future[Outcome]:
-        if self._closed:
-            raise BackendUnavailable("the local backend is closed")
         work = Work(
             request_id=request.request_id,
             params=request.params,
