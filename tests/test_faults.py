@@ -264,7 +264,7 @@ def test_a_failing_backend_gives_an_error_or_a_moderated_answer_never_unmoderate
     fake, url = upstream
     fake.mode, fake.delay_s, fake.times = mode, 5.0, None
     try:
-        with TestClient(app=_gateway(test_policy, [url], backend_timeout_s=0.5)) as c:
+        with TestClient(app=_gateway(test_policy, [url], backend_timeout_s=1.5)) as c:
             r = c.post("/v1/chat/completions", json=chat(stream))
     finally:
         fake.mode = "ok"
