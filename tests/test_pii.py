@@ -22,6 +22,8 @@ from guardrail.app import create_app
 from guardrail.chat import Message
 from guardrail.errors import PolicyError
 from guardrail.filters.address import find_addresses
+from guardrail.filters.digits import find_card_numbers, find_phone_numbers, luhn_valid
+from guardrail.filters.names import find_cued_names
 from guardrail.filters.pii import PiiFilter
 from guardrail.guard.filter import BuildContext, SharedResources
 from guardrail.guard.guard import Guard
@@ -136,8 +138,10 @@ def test_when_a_pii_config_is_wrong_then_the_policy_does_not_load(
 
 def test_importing_the_filter_module_does_not_import_presidio_or_spacy() -> None:
     code = (
-        "import sys, guardrail.filters.pii, guardrail.filters.address;"
-        "print(any(m.split('.')[0] in ('presidio_analyzer', 'spacy') for m in sys.modules))"
+        "import sys, guardrail.filters.pii, guardrail.filters.address,"
+        " guardrail.filters.digits, guardrail.filters.names;"
+        "print(any(m.split('.')[0] in ('presidio_analyzer', 'spacy', 'phonenumbers')"
+        " for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -209,6 +213,98 @@ def test_street_addresses_are_found_and_ordinary_numbers_are_not() -> None:
     ]
     military = "PSC 3294, Box 9168\nAPO AA 61487"
     assert [(a.start, a.end) for a in find_addresses(military)] == [(0, len(military))]
+
+
+def test_addresses_do_not_start_at_an_english_word_or_cross_a_sentence_end() -> None:
+    for text in (
+        "During 2017, Allstate Insurance Group invested heavily.",
+        "My birthday is on the weekend. I'll turn 23.",
+        "The Committee 5 met on Monday.",
+    ):
+        assert find_addresses(text) == [], text
+    text = "The bus station is on C. Beerninckstraat 88"
+    assert [text[a.start : a.end] for a in find_addresses(text)] == ["C. Beerninckstraat 88"]
+
+
+@pytest.mark.parametrize(
+    ("text", "phone"),
+    [
+        ("Phone: 60-56-85-91  E-mail: x", "60-56-85-91"),  # a cue before
+        ("Days are long. 28-64-66-98 office, ask for Jo", "28-64-66-98"),  # a cue after
+        ("I would like to stop receiving messages to 699 956 915", "699 956 915"),
+        ("Desk: +447700 921 916 Fax:", "+447700 921 916"),
+        ("Ring the front desk on (602)272-9781.", "(602)272-9781"),  # valid in the US
+        ("It is +1-903-140-4508x769 during the day", "+1-903-140-4508x769"),
+        ("Try 0049 30 901820 after nine", "0049 30 901820"),  # valid for its country code
+    ],
+)
+def test_phone_numbers_in_local_and_international_formats_are_found(text: str, phone: str) -> None:
+    assert [text[d.start : d.end] for d in find_phone_numbers(text)] == [phone]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Logged at 2003-08-28 12:13:52 by the system.",
+        "The server 192.168.10.1 is down.",
+        "It costs 129 000 000 won and the population is 8 336 817.",
+        "My SSN is 123-45-6789 and my ZIP is 10001-1234.",
+        "My driver's license number is 6940579.",
+        "Order 5403926876 shipped; ISBN 978-3-16-148410-0.",
+        "Version 3.11.7 is out, and 1,234,567.89 dollars were spent.",
+    ],
+)
+def test_dates_amounts_and_other_identifiers_are_not_phone_numbers(text: str) -> None:
+    assert find_phone_numbers(text) == []
+
+
+def test_card_numbers_outside_the_common_issuers_need_luhn_and_a_card_word() -> None:
+    assert luhn_valid("4111111111111111")
+    assert not luhn_valid("4111111111111112")
+    text = "Please block card no 213175197796454 and my card # 503890547220 today."
+    assert [text[d.start : d.end] for d in find_card_numbers(text)] == [
+        "213175197796454",
+        "503890547220",
+    ]
+    assert find_card_numbers("Order 213175197796454 shipped.") == []  # no card word
+    assert find_card_numbers("My card 213175197796455 expired.") == []  # fails Luhn
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("My name is Rubija", ["Rubija"]),
+        ("She was born in 1989. Her maiden name is nyberg.", ["nyberg"]),
+        ("What's your last name? Boyle", ["Boyle"]),
+        ("Name:    Iva D. Grusová Address: PSC 6695", ["Iva D. Grusová"]),
+        ("Sometimes people call me višeslav and laugh.", ["višeslav"]),
+        ("Full name: Jo Ann Smith, age 4", ["Jo Ann Smith"]),
+        ("The file name: report.txt, the user name: admin", []),
+        ("Their names are long.", []),
+    ],
+)
+def test_a_cue_introduces_a_name_whatever_its_case(text: str, names: list[str]) -> None:
+    assert [text[n.start : n.end] for n in find_cued_names(text)] == names
+
+
+def test_the_engine_runs_only_the_ner_and_still_uses_context_words(pii: PiiFilter) -> None:
+    pipeline = pii._analyzer.nlp_engine.nlp["en"]
+    assert pipeline.pipe_names == ["ner", "guardrail_lowercase_lemmas"]
+    # Presidio's context words match the lowercased tokens: "phone" raises the score.
+    bare = pii._analyzer.analyze("Reach 212-555-0143 later.", language="en")
+    cued = pii._analyzer.analyze("My phone: 212-555-0143 later.", language="en")
+    phone = [r.score for r in bare if r.entity_type == "PHONE_NUMBER"]
+    cued_phone = [r.score for r in cued if r.entity_type == "PHONE_NUMBER"]
+    assert phone
+    assert cued_phone
+    assert cued_phone[0] > phone[0]
+
+
+def test_a_name_inside_an_address_does_not_cut_the_address(pii: PiiFilter) -> None:
+    text = "The restaurant is at 69 Gordon Terrace, Springfield."
+    found = [(d.entity, text[d.start : d.end]) for d in pii.analyze(text)]
+    assert ("STREET_ADDRESS", "69 Gordon Terrace, Springfield") in found
+    assert all(entity != "PERSON" for entity, _ in found)
 
 
 # -- output: restore and leaks -------------------------------------------------------------

@@ -27,8 +27,9 @@ module costs nothing.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
+
+from guardrail.filters.span_recognizer import Span, span_recognizer
 
 ENTITY = "STREET_ADDRESS"
 
@@ -46,11 +47,12 @@ _PREFIX = (
     r"|avinguda|paseo|passeig|camino|chemin|impasse|allée|allee|boulevard|avenue|place"
     r"|quai|strada|ulica|ul\.|aleja|al\.|ulice|utca|odos|leoforos|λεωφόρος|οδός|οδος"
 )
-# Street words that end a compound name ("Friedhofstrasse", "Magasinsgatan").
+# Street words that end a compound name ("Friedhofstrasse", "Magasinsgatan"). Not
+# "ring" or "tee": "During 2017", "Committee 5".
 _COMPOUND = (
-    r"strasse|straße|str\.|gasse|weg|allee|platz|ring|damm|ufer|gatan|gata|vägen|vagen"
+    r"strasse|straße|str\.|gasse|weg|allee|platz|damm|ufer|gatan|gata|vägen|vagen"
     r"|väg|vej|gade|vei|veien|gaten|tie|katu|kuja|polku|laan|straat|plein|dreef|kade"
-    r"|gracht|singel|utca|út|útja|ulica|ulice|cesta|iela|gatve|tee|vegur|gata"
+    r"|gracht|singel|utca|út|útja|ulica|ulice|cesta|iela|gatve|vegur|gata"
 )
 _UNIT = (
     r"(?:apt\.?|apartment|suite|ste\.?|unit|flat|floor|fl\.?|room|rm\.?|box|no\.?)\s*#?\s*\d+[a-z]?"
@@ -88,9 +90,12 @@ _CUE = re.compile(
     r"[:\s]+(?:the\s+corner\s+of\s+)?",
     re.IGNORECASE,
 )
+# A word after a cue; a dot ends it only as an abbreviation, not as a sentence's end
+# ("... is on the weekend. I'll turn 23" is no address).
+_CUED_WORD = r"[^\W\d_][\w'\u2019-]*(?:\.(?![ \t]+[A-Z]))?(?:[\w'\u2019-]+)?"
 _CUED = re.compile(
-    rf"(?:{_NUM}[ \t]+)?(?:[^\W\d_][\w'\u2019.-]*[ \t]+){{1,4}}?{_NUM}\b"
-    rf"|(?:{_NUM}[ \t]+){{1,2}}[^\W\d_][\w'\u2019.-]*(?:[ \t]+[^\W\d_][\w'\u2019.-]*){{0,3}}",
+    rf"(?:{_NUM}[ \t]+)?(?:{_CUED_WORD}[ \t]+){{1,4}}?{_NUM}\b"
+    rf"|(?:{_NUM}[ \t]+){{1,2}}{_CUED_WORD}(?:[ \t]+{_CUED_WORD}){{0,3}}",
 )
 
 # A capitalised word that is not a unit word (those start a unit part instead).
@@ -111,15 +116,6 @@ _PART = re.compile(
 )
 _MAX_PARTS = 4
 _CONTEXT = ["address", "street", "live", "lives", "located", "ship", "deliver", "mail", "home"]
-
-
-@dataclass(frozen=True, slots=True)
-class AddressMatch:
-    """One address found: ``text[start:end]`` and its score."""
-
-    start: int
-    end: int
-    score: float
 
 
 def _extend(text: str, end: int) -> int:
@@ -154,57 +150,29 @@ _STOP_WORDS = frozenset(
 )
 
 
-def find_addresses(text: str) -> list[AddressMatch]:
+def find_addresses(text: str) -> list[Span]:
     """Street addresses in ``text``, longest first where they overlap."""
-    found: list[AddressMatch] = []
+    found: list[Span] = []
     for pattern, score in _ANCHOR_RES:
         for m in pattern.finditer(text):
-            found.append(AddressMatch(m.start(), _extend(text, m.end()), score))
+            found.append(Span(m.start(), _extend(text, m.end()), score))
     for cue in _CUE.finditer(text):
         cued = _CUED.match(text, cue.end())
         if cued:
-            found.append(AddressMatch(cued.start(), _extend(text, cued.end()), 0.6))
+            found.append(Span(cued.start(), _extend(text, cued.end()), 0.6))
     found.sort(key=lambda a: (a.start, -(a.end - a.start)))
-    merged: list[AddressMatch] = []
+    merged: list[Span] = []
     for a in found:
         if merged and a.start < merged[-1].end:
             last = merged[-1]
-            merged[-1] = AddressMatch(last.start, max(last.end, a.end), max(last.score, a.score))
+            merged[-1] = Span(last.start, max(last.end, a.end), max(last.score, a.score))
         else:
             merged.append(a)
     return merged
 
 
 def street_address_recognizer(language: str = "en") -> Any:
-    """A Presidio ``EntityRecognizer`` for ``STREET_ADDRESS`` built on :func:`find_addresses`."""
-    from presidio_analyzer import EntityRecognizer, RecognizerResult
-    from presidio_analyzer.analysis_explanation import AnalysisExplanation
-
-    class StreetAddressRecognizer(EntityRecognizer):
-        def load(self) -> None:
-            """Nothing to load: plain regular expressions."""
-
-        def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None) -> list[Any]:
-            if ENTITY not in entities:
-                return []
-            return [
-                RecognizerResult(
-                    ENTITY,
-                    a.start,
-                    a.end,
-                    a.score,
-                    AnalysisExplanation(type(self).__name__, a.score),
-                    recognition_metadata={
-                        RecognizerResult.RECOGNIZER_NAME_KEY: type(self).__name__,
-                        RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
-                    },
-                )
-                for a in find_addresses(text)
-            ]
-
-    return StreetAddressRecognizer(
-        supported_entities=[ENTITY],
-        name="StreetAddressRecognizer",
-        supported_language=language,
-        context=_CONTEXT,
+    """A Presidio recognizer for ``STREET_ADDRESS`` built on :func:`find_addresses`."""
+    return span_recognizer(
+        ENTITY, "StreetAddressRecognizer", find_addresses, language, context=_CONTEXT
     )

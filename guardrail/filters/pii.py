@@ -102,6 +102,10 @@ PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)_(\d{1,6})>")
 # A trailing prefix of a placeholder, held back in streams: "<", "<PERSO", "<US_SSN_1".
 _PARTIAL = re.compile(r"<[A-Z][A-Z0-9_]{0,40}(?:_\d{0,6})?$|<$")
 
+# The small English model's parts that presidio does not need: the NER has its own
+# tok2vec; the shared one only feeds the tagger and parser.
+SPACY_DISABLE = ("parser", "tagger", "attribute_ruler", "lemmatizer", "tok2vec")
+
 ActionName = Literal["block", "redact", "flag", "allow"]
 OperatorName = Literal["placeholder", "mask", "hash", "encrypt", "replace"]
 
@@ -192,8 +196,11 @@ class PiiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     ] = None
     spacy_disable: Annotated[
         list[str],
-        _doc("spaCy pipeline parts switched off for speed (the parser is not used)."),
-    ] = msgspec.field(default_factory=lambda: ["parser"])
+        _doc(
+            "spaCy pipeline parts switched off for speed. Only the NER is used; without "
+            "the lemmatizer, Presidio's context words match lowercased tokens."
+        ),
+    ] = msgspec.field(default_factory=lambda: list(SPACY_DISABLE))
     language: Annotated[str, _doc("Language code of the texts.")] = "en"
     entities: Annotated[
         dict[str, EntityRule],
@@ -347,6 +354,49 @@ def _offline_email_recognizer(language: str) -> Any:
     return OfflineEmailRecognizer(supported_language=language, name="EmailRecognizer")
 
 
+def _numpy_matmul(pipeline: Any) -> None:
+    """Run the pipeline's matrix products through numpy instead of thinc's blis.
+
+    Same results (the entities of 150 test texts were identical), and on this project's
+    2-core EPYC machine the small English model's NER took 9.6 ms per 110-word text
+    with numpy against 12.8 ms with blis. GPU pipelines are left as they are.
+    """
+    from thinc.api import NumpyOps
+
+    ops = NumpyOps(use_blis=False)
+    for _, component in pipeline.pipeline:
+        model = getattr(component, "model", None)
+        if model is None:
+            continue
+        for node in model.walk():
+            if isinstance(node.ops, NumpyOps):
+                node.ops = ops
+
+
+_LEMMAS = "guardrail_lowercase_lemmas"
+
+
+def _add_lowercase_lemmas(pipeline: Any) -> None:
+    """Lemmas for Presidio's context words when the spaCy lemmatizer is switched off.
+
+    Presidio matches a recognizer's context words ("phone", "card") as substrings of the
+    lemmas around a match, so the lowercased token serves ("phones" contains "phone").
+    The lemmatizer needs the tagger, the attribute ruler and the shared tok2vec: about
+    9 ms of the small model's 22 ms per 110-word text, spent on nothing else.
+    """
+    from spacy.language import Language
+
+    if not Language.has_factory(_LEMMAS):
+
+        def lowercase_lemmas(doc: Any) -> Any:
+            for token in doc:
+                token.lemma_ = token.lower_
+            return doc
+
+        Language.component(_LEMMAS, func=lowercase_lemmas)
+    pipeline.add_pipe(_LEMMAS, last=True)
+
+
 def build_analyzer(config: PiiConfig, allow_downloads: bool = False) -> Any:
     """A Presidio ``AnalyzerEngine`` for ``config`` (blocking: loads the NLP model)."""
     try:
@@ -383,17 +433,32 @@ def build_analyzer(config: PiiConfig, allow_downloads: bool = False) -> Any:
         ).create_engine()
     nlp_engine.load()
     pipeline = nlp_engine.nlp[lang]
+    _numpy_matmul(pipeline)
     for name in config.spacy_disable:
         if name in pipeline.pipe_names and name != "ner":
             pipeline.disable_pipe(name)
+    if "lemmatizer" not in pipeline.pipe_names:
+        _add_lowercase_lemmas(pipeline)
+    try:
+        pipeline("Smoke test for Jane Doe at 10 Main Street.")
+    except Exception as e:  # e.g. a tagger left on whose shared tok2vec was switched off
+        raise PiiEngineError(
+            f"spaCy pipeline {model!r} fails with spacy_disable {config.spacy_disable}: {e}"
+        ) from e
 
     from guardrail.filters.address import street_address_recognizer
+    from guardrail.filters.digits import card_recognizer, phone_recognizer
+    from guardrail.filters.names import cued_name_recognizer
 
     registry = RecognizerRegistry(supported_languages=[lang])
     registry.load_predefined_recognizers(languages=[lang], nlp_engine=nlp_engine)
     registry.remove_recognizer("EmailRecognizer")
     registry.add_recognizer(_offline_email_recognizer(lang))
+    registry.remove_recognizer("PhoneRecognizer")
+    registry.add_recognizer(phone_recognizer(lang))
+    registry.add_recognizer(card_recognizer(lang))
     registry.add_recognizer(street_address_recognizer(lang))
+    registry.add_recognizer(cued_name_recognizer(lang))
     return AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=[lang])
 
 
@@ -524,8 +589,12 @@ class PiiFilter:
             if text[r.start : r.end] in self._allow:
                 continue
             found.append(Detection(r.entity_type, r.start, r.end, float(r.score)))
-        # Overlaps: the higher score wins, then the longer span (an address over a number).
-        found.sort(key=lambda d: (-d.score, -(d.end - d.start), d.start))
+        # Overlaps: an address wins over a name inside it ("24 Gordon Terrace": the NER
+        # scores names 0.85, above the address heuristic); otherwise the higher score
+        # wins, then the longer span (an address over a number).
+        found.sort(
+            key=lambda d: (d.entity != "STREET_ADDRESS", -d.score, -(d.end - d.start), d.start)
+        )
         kept: list[Detection] = []
         for d in found:
             if all(d.end <= k.start or d.start >= k.end for k in kept):
