@@ -3,6 +3,8 @@
 Each JSONL line is ``{"text": str, "label": "allow" | "block", "category": str?,
 "context": str | [str]?, "prompt": str?}``. A decision other than ``allow`` counts as
 positive (the policy acted on the text); ``label: block`` marks a true positive case.
+``acted_by_category`` says which finding categories acted, on block- and on
+allow-labelled texts: where the false positives come from.
 ``context`` is the request's sources and ``prompt`` the question the text answers (for
 groundedness at the output stage).
 
@@ -121,6 +123,8 @@ async def evaluate(
     latencies: list[float] = []
     by_category: dict[str, list[int]] = {}  # category -> [caught, total] over positives
     by_action: dict[str, int] = {a.value: 0 for a in Action}
+    # category -> [on positive examples, on negative examples]: what acted, and where
+    acted_by: dict[str, list[int]] = {}
     bar = _Progress(len(examples), progress)
     scores: dict[str, list[tuple[bool, float]]] = {}
     for i, ex in enumerate(examples):
@@ -138,6 +142,8 @@ async def evaluate(
             best[f.category] = max(best.get(f.category, -math.inf), f.score)
         for category, score in best.items():
             scores.setdefault(category, []).append((ex.positive, score))
+        for category in {f.category for f in decision.findings if f.action is not Action.ALLOW}:
+            acted_by.setdefault(category, [0, 0])[0 if ex.positive else 1] += 1
         if ex.positive:
             tp, fn = tp + predicted, fn + (not predicted)
             if ex.category:
@@ -164,6 +170,9 @@ async def evaluate(
         "fpr": round(_ratio(fp, fp + tn), 4),
         "accuracy": round(_ratio(tp + tn, len(examples)), 4),
         "actions": by_action,
+        "acted_by_category": {
+            c: {"positive": n[0], "negative": n[1]} for c, n in sorted(acted_by.items())
+        },
         "recall_by_category": {
             c: {"recall": round(_ratio(s[0], s[1]), 4), "n": s[1]}
             for c, s in sorted(by_category.items())
@@ -197,6 +206,12 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for category, value in report["auroc"].items():
         lines.append(f"  auroc of the {category} score: {value:.4f}")
+    if report["acted_by_category"]:
+        lines.append("  texts acted on (block, redact or flag), by finding category:")
+        for category, n in report["acted_by_category"].items():
+            lines.append(
+                f"    {category:<32} {n['positive']} labelled block, {n['negative']} labelled allow"
+            )
     if report["recall_by_category"]:
         lines.append("  recall by category:")
         for category, stats in report["recall_by_category"].items():

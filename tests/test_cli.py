@@ -114,9 +114,14 @@ def test_eval_measures_a_policy_on_labeled_jsonl(
     assert report["fpr"] == pytest.approx(1 / 3, abs=1e-4)
     assert report["recall_by_category"]["weapons"] == {"recall": 0.6667, "n": 3}
     assert report["recall_by_category"]["insult"] == {"recall": 1.0, "n": 1}
+    assert report["acted_by_category"] == {  # "what a dummy run" is the false positive
+        "insult": {"positive": 1, "negative": 1},
+        "weapons": {"positive": 2, "negative": 0},
+    }
     assert report["latency_ms"]["p50"] > 0
     code, out, err = run(["eval", str(data), "--policy", str(test_policy)], capsys)
     assert "precision=0.7500 recall=0.7500 f1=0.7500" in out
+    assert "insult                           1 labelled block, 1 labelled allow" in out
     assert "7/7" in err  # the progress bar
 
 
