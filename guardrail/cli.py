@@ -41,6 +41,13 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def _guard(policy_path: str, executor: ThreadPoolExecutor) -> Any:
+    """The policy's guard, built on a worker thread (torch stays off the main thread)."""
+    from guardrail.app import off_main_thread
+
+    return off_main_thread(lambda: _build_guard(policy_path, executor))
+
+
+def _build_guard(policy_path: str, executor: ThreadPoolExecutor) -> Any:
     from guardrail.guard.filter import BuildContext
     from guardrail.guard.guard import Guard
     from guardrail.guard.registry import filter_registry

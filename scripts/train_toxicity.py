@@ -6,7 +6,10 @@ Data: Davidson et al. (2017) tweets (MIT licence), split 80/10/10 into train/dev
 stable hash of the row id (``guardrail.filters.toxicity.split_of``); only train is fitted,
 dev picks the regularisation, test is never read here. Plus ``scripts/data/toxicity_seed.jsonl``
 (hand-written for this project, CC0): implicit hate, threats and insults without swear
-words, and benign counter-speech and instructions, which tweets lack.
+words, and benign counter-speech and instructions, which tweets lack; a fifth of them
+(by hash, ``seed_is_dev``) is held out and only measured. The benign prompts of
+``data/aup/`` (ours) give the share of ordinary prompts above each threshold: with the
+seed dev recall, that is what the policies' thresholds are chosen on.
 
 Heads: ``toxicity`` (hate or offensive vs neither) and ``identity_attack`` (hate vs the
 rest), logistic regression (scikit-learn, liblinear, deterministic) over the features of
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -41,6 +45,21 @@ from guardrail.filters.toxicity import (  # noqa: E402
 
 SEED = 20261122
 SEED_WEIGHT = 5.0  # each hand-written sentence counts like this many tweets
+
+
+def seed_is_dev(text: str) -> bool:
+    """About a fifth of the hand-written sentences, by hash: held out to measure them."""
+    return hashlib.sha256(f"toxicity-seed-split|{text}".encode()).digest()[0] < 52
+
+
+def benign_prompts(root: Path) -> list[str]:
+    """The benign prompts of ``data/aup/`` (ours): a benign dev set for the thresholds."""
+    return [
+        json.loads(line)["text"]
+        for path in sorted((root / "data" / "aup").glob("benign*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 def read_davidson(path: Path) -> list[tuple[str, str, int, int]]:
@@ -71,14 +90,21 @@ def main() -> int:
     train = [r for r in rows if r[0] == "train"]
     dev = [r for r in rows if r[0] == "dev"]
     n_test = sum(r[0] == "test" for r in rows)
-    seeds = [json.loads(line) for line in args.seed_data.read_text().splitlines() if line.strip()]
+    all_seeds = [
+        json.loads(line) for line in args.seed_data.read_text().splitlines() if line.strip()
+    ]
+    seeds = [s for s in all_seeds if not seed_is_dev(s["text"])]
+    seed_dev = [s for s in all_seeds if seed_is_dev(s["text"])]
+    benign = benign_prompts(ROOT)
     print(f"davidson rows: {len(rows)}  train={len(train)} dev={len(dev)} test={n_test} (unused)")
-    print(f"seed sentences: {len(seeds)} (train only, weight {SEED_WEIGHT})")
+    print(f"seed sentences: {len(seeds)} train (weight {SEED_WEIGHT}), {len(seed_dev)} dev")
 
     started = time.perf_counter()
     extractor = FeatureExtractor.load()
     x_train = extractor.features([r[1] for r in train] + [s["text"] for s in seeds])
     x_dev = extractor.features([r[1] for r in dev])
+    x_seed_dev = extractor.features([s["text"] for s in seed_dev])
+    x_benign = extractor.features(benign)
     print(f"features: {x_train.shape[1]} per text, {time.perf_counter() - started:.0f} s")
     weight = np.array([1.0] * len(train) + [SEED_WEIGHT] * len(seeds))
 
@@ -100,12 +126,19 @@ def main() -> int:
         heads[name] = model
         prob = model.predict_proba(x_dev)[:, 1]
         print(f"{name}: chose C={c}; dev (n={len(y_dev)}, positives={int(y_dev.sum())})")
+        y_seed = np.array([int(s[name]) for s in seed_dev])
+        p_seed = model.predict_proba(x_seed_dev)[:, 1]
+        p_benign = model.predict_proba(x_benign)[:, 1]
         for threshold in (0.3, 0.5, 0.7, 0.8, 0.9):
             pred = prob >= threshold
             print(
                 f"  threshold {threshold}: macro-F1={f1_score(y_dev, pred, average='macro'):.4f} "
                 f"precision={precision_score(y_dev, pred, zero_division=0):.4f} "
-                f"recall={recall_score(y_dev, pred):.4f}"
+                f"recall={recall_score(y_dev, pred):.4f}; "
+                f"seed dev recall={float((p_seed[y_seed == 1] >= threshold).mean()):.3f} "
+                f"(n={int(y_seed.sum())}); "
+                f"benign prompts above={float((p_benign >= threshold).mean()):.4f} "
+                f"(n={len(benign)})"
             )
 
     names = tuple(heads)

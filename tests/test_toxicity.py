@@ -183,14 +183,17 @@ def toxicity(shared: tuple[ThreadPoolExecutor, SharedResources]) -> ToxicityFilt
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known miss of the shipped heads: toxicity 0.39 < 0.5 (README, Toxicity filter); "
-    "strict, so retrained weights that catch it turn this into a failure to remove",
+@pytest.mark.parametrize(
+    "text", ["People like you should not exist.", "People like you have no place on this earth."]
 )
-async def test_implicit_hate_without_swear_words_is_acted_on(toxicity: ToxicityFilter) -> None:
-    verdict = await toxicity.check("People like you should not exist.", CTX)
+async def test_implicit_hate_without_swear_words_is_acted_on(
+    toxicity: ToxicityFilter, text: str
+) -> None:
+    # Missed (0.39) until the heads were retrained with hand-written implicit hate; the
+    # default policy's threshold is 0.8, so check that margin too.
+    verdict = await toxicity.check(text, CTX)
     assert verdict.action is not Action.ALLOW
+    assert max(f.score for f in verdict.findings if f.category == "toxicity") >= 0.8
 
 
 @pytest.mark.slow
