@@ -226,6 +226,17 @@ def test_addresses_do_not_start_at_an_english_word_or_cross_a_sentence_end() -> 
     assert [text[a.start : a.end] for a in find_addresses(text)] == ["C. Beerninckstraat 88"]
 
 
+def test_an_address_block_extends_over_a_blank_line_and_place_names_with_small_words() -> None:
+    text = "Sven Hedlund\n\n85199 Avda. Rio Nalon 58\n Apt. 461\n Soto del Barco\n\n Spain 61709"
+    found = [text[a.start : a.end] for a in find_addresses(text)]
+    assert found == ["85199 Avda. Rio Nalon 58\n Apt. 461\n Soto del Barco\n\n Spain 61709"]
+    # a small word only joins two capitalised words: "in" does not pull the sentence in
+    text = "Ship it to 24 Clarke Avenue, Springfield in a box."
+    assert [text[a.start : a.end] for a in find_addresses(text)] == [
+        "24 Clarke Avenue, Springfield"
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "phone"),
     [

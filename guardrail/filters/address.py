@@ -46,13 +46,15 @@ _PREFIX = (
     r"rue|via|viale|vicolo|corso|piazza|piazzale|largo|rua|travessa|calle|carrer|avenida"
     r"|avinguda|paseo|passeig|camino|chemin|impasse|allée|allee|boulevard|avenue|place"
     r"|quai|strada|ulica|ul\.|aleja|al\.|ulice|utca|odos|leoforos|λεωφόρος|οδός|οδος"
+    r"|avda\.|avd\.|av\."
 )
 # Street words that end a compound name ("Friedhofstrasse", "Magasinsgatan"). Not
 # "ring" or "tee": "During 2017", "Committee 5".
 _COMPOUND = (
     r"strasse|straße|str\.|gasse|weg|allee|platz|damm|ufer|gatan|gata|vägen|vagen"
     r"|väg|vej|gade|vei|veien|gaten|tie|katu|kuja|polku|laan|straat|plein|dreef|kade"
-    r"|gracht|singel|utca|út|útja|ulica|ulice|cesta|iela|gatve|vegur|gata"
+    r"|gracht|singel|utca|út|útja|ulica|ulice|cesta|iela|gatve|vegur|gata|stræde|straede"
+    r"|gränd|torget|torg|plads|torv|gatvė"
 )
 _UNIT = (
     r"(?:apt\.?|apartment|suite|ste\.?|unit|flat|floor|fl\.?|room|rm\.?|box|no\.?)\s*#?\s*\d+[a-z]?"
@@ -106,12 +108,20 @@ _CAP = (
 _UNIT_RE = re.compile(rf"[ \t]*,?[ \t]*\n?[ \t]*{_UNIT}\b\.?", re.IGNORECASE)
 # One more part of an address after a separator: a unit, a postal code, a state code,
 # or up to four capitalised words (optionally with a postal code).
+# Small words inside place names ("Soto del Barco", "Črni Vrh nad Idrijo"), only
+# between two capitalised words.
+_LINK = (
+    r"de|du|des|la|le|les|am|an|upon|on|del|della|di|da|do|dos|das|van|von|der|den|nad"
+    r"|pod|na|sur|sous|y|i|et|und|en|op|aan|im|bei|ob"
+)
 _PART = re.compile(
-    rf"(?:[ \t]*,[ \t]*\n?|[ \t]*\n[ \t]*(?:[>\u2022?]+[ \t]*)?|[ \t]+(?=[A-Z\d(]))"
+    # a comma; one line break, or two (a blank line), optionally with a list marker;
+    # or spaces before a capital, digit or parenthesis
+    rf"(?:[ \t]*,[ \t]*\n?|[ \t]*\n(?:[ \t]*\n)?[ \t]*(?:[>\u2022?]+[ \t]*)?|[ \t]+(?=[A-Z\d(]))"
     rf"(?:(?i:{_UNIT})\b\.?"
     r"|\d{4,6}(?:-\d{4})?\b"
     r"|[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?\b"
-    rf"|(?:and[ \t]+)?{_CAP}(?:[ \t]+(?:{_CAP}|de|du|la|le|am|an|upon|on)){{0,4}}"
+    rf"|(?:and[ \t]+)?{_CAP}(?:[ \t]+(?:{_CAP}|(?:{_LINK})[ \t]+{_CAP})){{0,4}}"
     r"(?:[ \t]+\d{4,6}(?:-\d{4})?)?\b)",
 )
 _MAX_PARTS = 4
