@@ -17,6 +17,7 @@ A block is never an exception: filters return a :class:`~guardrail.guard.types.V
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 
 
@@ -97,3 +98,13 @@ class BackendBadResponse(BackendError):
 
     status = 502
     code = "backend_bad_response"
+
+
+def where(exc: BaseException) -> str:
+    """``file:line in function`` of the frame that raised, without the message (which
+    may quote user text)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{last.filename}:{last.lineno} in {last.name}"

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.guard import FILTER_ERROR_CATEGORY, Guard
@@ -152,13 +153,21 @@ async def test_a_failing_filter_blocks_by_default_and_is_reported(
     guard = make_guard(
         f"- {{id: broken, type: script, timeout_ms: 50, config: {{behaviour: {behaviour}}}}}\n"
     )
-    decision = await guard.check(Stage.INPUT, "secret user text", CTX)
+    with capture_logs() as logs:
+        decision = await guard.check(Stage.INPUT, "secret user text", CTX)
     assert decision.action is Action.BLOCK
     outcome = decision.outcomes[0]
     assert (outcome.status, outcome.error) == (status, error)
     assert decision.findings[0].category == FILTER_ERROR_CATEGORY
     # The error is recorded by type only: exception messages may quote user text.
     assert "secret" not in repr(outcome)
+    failed = [e for e in logs if e["event"] == "filter_failed"]
+    if status == "error":  # logged for operators: filter, type and where, never the text
+        assert [(e["filter"], e["error"]) for e in failed] == [("broken", error)]
+        assert ".py:" in failed[0]["at"]
+        assert "secret" not in repr(failed)
+    else:
+        assert failed == []
 
 
 @pytest.mark.parametrize(("on_error", "expected"), [("allow", Action.ALLOW), ("flag", Action.FLAG)])

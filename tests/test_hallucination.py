@@ -392,6 +392,26 @@ def test_moderation_with_context_returns_groundedness_per_input(
     assert "groundedness" not in plain.json()["results"][0]
 
 
+@pytest.mark.parametrize(
+    "extra", [{}, {"prompt": "Tell me about the tower."}], ids=["no prompt", "with a prompt"]
+)
+def test_moderation_inputs_are_checked_as_inputs_not_as_conversation_messages(
+    facts_app: Callable[..., Litestar], extra: dict[str, Any]
+) -> None:
+    # A moderation request numbers its inputs; the filter once read that number as an
+    # index into the (empty or one-message) conversation and failed on every input.
+    with TestClient(app=facts_app()) as client:
+        r = client.post(
+            "/v1/moderations",
+            json={"input": ["The tower is tall.", "Who won the 2025 Tour de France?"], **extra},
+        )
+    assert r.status_code == 200, r.text
+    plain, recent = r.json()["results"]
+    assert plain["action"] == "allow"
+    assert plain["findings"] == []
+    assert [f["category"] for f in recent["findings"]] == ["knowledge_cutoff"]
+
+
 def test_moderation_context_works_without_a_grounding_filter(client: TestClient[Any]) -> None:
     r = client.post(
         "/v1/moderations",

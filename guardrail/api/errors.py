@@ -7,7 +7,6 @@ that says what to fix; nothing a client sends produces a 500.
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,7 +14,7 @@ import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from guardrail.errors import BackendError
+from guardrail.errors import BackendError, where
 
 log = structlog.get_logger("guardrail.api")
 
@@ -148,15 +147,6 @@ def to_api_error(request: Request[Any, Any, Any], exc: Exception, max_body_bytes
         "Internal error in the gateway; the request id is in x-request-id.",
         code="internal_error",
     )
-
-
-def where(exc: BaseException) -> str:
-    """``file:line in function`` of the frame that raised, without the message."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return "?"
-    last = frames[-1]
-    return f"{last.filename}:{last.lineno} in {last.name}"
 
 
 def _code(status: int) -> str:

@@ -23,7 +23,7 @@ from litestar.response import Stream
 
 from guardrail.api.auth import OPEN_PRINCIPAL, Principal, TenantRules, Tenants
 from guardrail.api.consistency import ConsistencyChecker
-from guardrail.api.errors import APIError, from_backend_error, where
+from guardrail.api.errors import APIError, from_backend_error
 from guardrail.api.ratelimit import Limits, MemoryRateLimiter, RateLimiter, estimate_tokens
 from guardrail.api.schemas import (
     ChatCompletionRequest,
@@ -33,7 +33,7 @@ from guardrail.api.schemas import (
 )
 from guardrail.backends.base import Backend, Chunk, Completion, GenerationRequest, SamplingParams
 from guardrail.chat import Message
-from guardrail.errors import BackendError, BackendUnavailable
+from guardrail.errors import BackendError, BackendUnavailable, where
 from guardrail.exchange import Exchange, Outcome, Route
 from guardrail.guard.filter import Grounder, Grounds
 from guardrail.guard.guard import Guard

@@ -376,12 +376,17 @@ class HallucinationFilter:
         if not text.strip():
             return Verdict()
         findings: list[Finding] = []
+        index = ctx.message_index
         if (
             ctx.stage is Stage.INPUT
-            and ctx.message_index is not None
-            and ctx.messages[ctx.message_index].role != "user"
+            and index is not None
+            and 0 <= index < len(ctx.messages)
+            and ctx.messages[index].content == text
+            and ctx.messages[index].role != "user"
         ):
             return Verdict()  # sources and history are not questions
+        # (A moderation request numbers its inputs, not messages: an index that does not
+        # point at this text is no message of the conversation.)
         if self._config.cutoff.enabled and ctx.stage in self._cutoff_stages:
             findings.extend(self._cutoff_findings(text, ctx))
         if ctx.stage is Stage.OUTPUT:

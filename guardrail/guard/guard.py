@@ -17,7 +17,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
+import structlog
+
 from guardrail.chat import Message
+from guardrail.errors import where
 from guardrail.guard.cache import (
     CacheKey,
     VerdictCache,
@@ -43,6 +46,8 @@ from guardrail.policy.model import FilterConfig, Policy
 
 # Category of the finding a failed filter leaves behind; dashboards count it like any other.
 FILTER_ERROR_CATEGORY = "filter_error"
+
+log = structlog.get_logger("guardrail.guard")
 # How a conversation-level filter sees the conversation: the message texts in order.
 CONVERSATION_SEPARATOR = "\n\n"
 
@@ -276,6 +281,15 @@ async def _run(config: FilterConfig, filt: Filter, text: str, ctx: FilterContext
         status, verdict = "timeout", _failed(config)
     except Exception as e:  # a broken filter must not take the request down with it
         status, error, verdict = "error", type(e).__name__, _failed(config)
+        # The type and where it was raised, never the message: it may quote user text.
+        log.warning(
+            "filter_failed",
+            filter=config.id,
+            stage=ctx.stage.value,
+            error=error,
+            at=where(e),
+            request_id=ctx.request_id,
+        )
     return FilterOutcome(
         filter_id=config.id,
         filter_type=config.type,
