@@ -8,8 +8,8 @@ median of runs is printed):
 - ``short``: a one-sentence answer against a one-sentence source (TruthfulQA-like);
 - ``rag``: a five-sentence answer against five retrieved documents of five sentences
   each, sources new each time (no evidence cache: what a fresh request pays);
-- ``rag-stream``: the same, sources already embedded (each window of a stream after
-  the first, or a moderation call after the filter ran);
+- ``rag-stream``: a new answer against the same sources, already embedded (each
+  window of a stream after the first);
 - ``no-sources``: a five-sentence answer with no sources (citation and cutoff checks
   only).
 
@@ -36,17 +36,20 @@ from guardrail.filters.hallucination import HallucinationConfig, HallucinationFi
 from guardrail.guard.filter import BuildContext  # noqa: E402
 from guardrail.guard.types import FilterContext, Stage  # noqa: E402
 
+# Every sentence carries {n}: the gateway caches embeddings by text (CachingModel), and
+# a sentence seen before would measure that cache, not what a fresh request pays.
 DOC = (
     "Order {n} ships from the Leeds warehouse within two working days. "
-    "Standard delivery takes three to five days after dispatch. "
-    "Express delivery costs 9 pounds and arrives the next working day. "
-    "Returns are accepted within 30 days of delivery for unused items. "
-    "Refunds go back to the original payment method within 10 days."
+    "For order {n}, standard delivery takes three to five days after dispatch. "
+    "Express delivery of order {n} costs 9 pounds and arrives the next working day. "
+    "Returns of order {n} are accepted within 30 days of delivery for unused items. "
+    "Refunds for order {n} go back to the original payment method within 10 days."
 )
 ANSWER = (
-    "Your order ships within two working days. Standard delivery then takes three to five "
-    "days. Express delivery costs 9 pounds and arrives the next day. You can return unused "
-    "items within 30 days of delivery. Refunds are paid to your card within 10 days."
+    "Your order {n} ships within two working days. Standard delivery of order {n} then "
+    "takes three to five days. Express delivery of order {n} costs 9 pounds and arrives "
+    "the next day. You can return unused items of order {n} within 30 days of delivery. "
+    "Refunds for order {n} are paid to your card within 10 days."
 )
 
 
@@ -61,7 +64,9 @@ async def run(runs: int, repeat: int) -> None:
         env = BuildContext(executor=pool)
         filt = HallucinationFilter("facts", msgspec.convert({}, HallucinationConfig), env)
         question = (Message("user", "When will my order arrive and can I return it?"),)
-        await filt.check(ANSWER, FilterContext("warm", Stage.OUTPUT, messages=question))
+        await filt.check(
+            ANSWER.format(n="warm"), FilterContext("warm", Stage.OUTPUT, messages=question)
+        )
         results: dict[str, list[float]] = {}
         counter = 0
         for _ in range(runs):
@@ -75,16 +80,19 @@ async def run(runs: int, repeat: int) -> None:
                     context_documents=(f"Refunds take 10 days (case {counter}).",),
                 )
                 per.setdefault("short", []).append(
-                    await timed(filt, "Refunds are paid within ten days.", short_ctx)
+                    await timed(filt, f"Refunds are paid within ten days ({counter}).", short_ctx)
                 )
                 docs = tuple(DOC.format(n=f"{counter}-{i}") for i in range(5))
                 rag_ctx = FilterContext(
                     "r", Stage.OUTPUT, messages=question, context_documents=docs
                 )
-                per.setdefault("rag", []).append(await timed(filt, ANSWER, rag_ctx))
-                per.setdefault("rag-stream", []).append(await timed(filt, ANSWER, rag_ctx))
+                answer = ANSWER.format(n=counter)
+                per.setdefault("rag", []).append(await timed(filt, answer, rag_ctx))
+                # the same sources, new answer text: a later window of the same stream
+                later = ANSWER.format(n=f"{counter}b")
+                per.setdefault("rag-stream", []).append(await timed(filt, later, rag_ctx))
                 per.setdefault("no-sources", []).append(
-                    await timed(filt, ANSWER, FilterContext("n", Stage.OUTPUT, messages=question))
+                    await timed(filt, answer, FilterContext("n", Stage.OUTPUT, messages=question))
                 )
             for shape, values in per.items():
                 results.setdefault(shape, []).append(statistics.median(values))

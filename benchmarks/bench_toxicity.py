@@ -37,9 +37,18 @@ BASE = (
 )
 
 
+_issued = 0
+
+
 def texts(n: int) -> list[str]:
-    """Distinct texts of about 100 tokens each."""
-    return [f"Note {i}: {BASE}." for i in range(n)]
+    """Texts of about 100 tokens each, never the same twice in a process.
+
+    The gateway caches embeddings by text (``CachingModel``): a text measured twice
+    would measure the cache, not the filter.
+    """
+    global _issued
+    first, _issued = _issued, _issued + n
+    return [f"Note {first + i}: {BASE}." for i in range(n)]
 
 
 async def _alone(filt: ToxicityFilter, items: list[str]) -> list[float]:

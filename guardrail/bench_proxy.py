@@ -38,33 +38,53 @@ from pathlib import Path
 from typing import Any
 
 NO_FILTERS_POLICY = 'name: no-filters\nversion: "1"\nfilters: []\n'
-ANSWER = json.dumps(
-    {
-        "id": "bench-1",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "bench-model",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Paris is the capital of France."},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20},
-    }
-).encode()
+# Every request and every answer is a different text (a number in it), as in real traffic:
+# the gateway caches verdicts and embeddings by text, and one text sent again and again
+# would measure those caches, not the filters.
+
+
+def answer_body(n: int) -> bytes:
+    """The fake upstream's completion; ``n`` makes each answer's text its own."""
+    return json.dumps(
+        {
+            "id": f"bench-{n}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "bench-model",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": f"Paris is the capital of France (answer {n}).",
+                    },
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20},
+        }
+    ).encode()
+
+
+def request_body(tag: str) -> bytes:
+    """A chat request whose question carries ``tag``, so no two are the same text."""
+    return json.dumps(
+        {
+            "model": "bench-model",
+            "max_tokens": 32,
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {
+                    "role": "user",
+                    "content": f"What is the capital of France? Answer in one line. ({tag})",
+                },
+            ],
+        }
+    ).encode()
+
+
+RESPONSE_TIMEOUT_S = 30.0
 MODELS = json.dumps({"object": "list", "data": [{"id": "bench-model", "object": "model"}]}).encode()
-REQUEST_BODY = json.dumps(
-    {
-        "model": "bench-model",
-        "max_tokens": 32,
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "What is the capital of France? Answer in one line."},
-        ],
-    }
-).encode()
 
 
 # --- the fake upstream: a minimal HTTP/1.1 server, cheap so it never is the bottleneck ---
@@ -75,6 +95,7 @@ class _Upstream(asyncio.Protocol):
         self.latency_s = latency_s
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
+        self.answered = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -96,7 +117,8 @@ class _Upstream(asyncio.Protocol):
             if len(self.buffer) < end:
                 return
             self.buffer = self.buffer[end:]
-            body = MODELS if head.startswith("GET") else ANSWER
+            self.answered += 1
+            body = MODELS if head.startswith("GET") else answer_body(self.answered)
             asyncio.get_running_loop().call_later(self.latency_s, self._answer, body)
 
     def _answer(self, body: bytes) -> None:
@@ -141,28 +163,42 @@ def _serve_gateway(port: int, upstream: str, policy: str) -> None:
 
 
 async def _one_client(
-    port: int, path: str, deadline: float, warmup_until: float, latencies: list[float]
+    client: int,
+    port: int,
+    path: str,
+    *,
+    deadline: float,
+    warmup_until: float,
+    latencies: list[float],
 ) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    request = (
+    request_head = (
         f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer bench\r\ncontent-length: {len(REQUEST_BODY)}\r\n\r\n"
-    ).encode() + REQUEST_BODY
+        "authorization: Bearer bench\r\ncontent-length: "
+    ).encode()
     errors = 0
+    sent = 0
     try:
         while True:
+            sent += 1
+            body = request_body(f"{port} {client} {sent}")
             started = time.perf_counter()
             if started >= deadline:
                 return errors
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            await reader.readexactly(length)
+            writer.write(request_head + str(len(body)).encode() + b"\r\n\r\n" + body)
+            try:
+                # A target that stops answering is an error, never a benchmark that hangs.
+                async with asyncio.timeout(RESPONSE_TIMEOUT_S):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    status = int(head[9:12])
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        name, _, value = line.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    await reader.readexactly(length)
+            except TimeoutError:
+                return errors + 1
             if status != 200:
                 errors += 1
             elif started >= warmup_until:
@@ -185,7 +221,12 @@ async def _phase(port: int, path: str, concurrency: int, seconds: float) -> Phas
     warmup_until = start + min(1.0, seconds / 5)
     deadline = warmup_until + seconds
     errors = await asyncio.gather(
-        *(_one_client(port, path, deadline, warmup_until, latencies) for _ in range(concurrency))
+        *(
+            _one_client(
+                i, port, path, deadline=deadline, warmup_until=warmup_until, latencies=latencies
+            )
+            for i in range(concurrency)
+        )
     )
     latencies.sort()
     n = len(latencies)
