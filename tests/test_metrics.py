@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from guardrail.exchange import Exchange, Outcome, Route
 from guardrail.guard.types import (
+    FILTER_ERROR_CATEGORY,
     Action,
     CacheResult,
     Decision,
@@ -274,6 +275,19 @@ def test_harmful_content_counts_each_category_once_per_exchange_and_stage(
     assert harm(registry, stage="input", category="hate") == 1.0
     assert harm(registry, stage="output", category="hate") == 1.0
     assert harm(registry, stage="input", category="self_harm") is None
+
+
+def test_a_failed_filters_block_is_a_filter_error_not_harmful_content(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    failed = filter_outcome(
+        "facts", finding(FILTER_ERROR_CATEGORY, Action.BLOCK, "facts"), status="error"
+    )
+    metrics.record(exchange("blocked_input", decision(Stage.INPUT, failed)))
+
+    assert harm(registry) is None
+    labels = {"filter": "facts", "stage": "input", "kind": "error"}
+    assert value(registry, "guardrail_filter_errors_total", **labels) == 1.0
 
 
 def test_verdict_cache_hits_and_misses_are_counted_and_hits_take_no_filter_time(

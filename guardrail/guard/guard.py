@@ -30,6 +30,7 @@ from guardrail.guard.cache import (
 )
 from guardrail.guard.filter import BuildContext, Filter, FilterSpec, HoldsBack, Stateful
 from guardrail.guard.types import (
+    FILTER_ERROR_CATEGORY,
     Action,
     Decision,
     FilterContext,
@@ -45,7 +46,6 @@ from guardrail.plugins import PluginRegistry
 from guardrail.policy.model import FilterConfig, Policy
 
 # Category of the finding a failed filter leaves behind; dashboards count it like any other.
-FILTER_ERROR_CATEGORY = "filter_error"
 
 log = structlog.get_logger("guardrail.guard")
 # How a conversation-level filter sees the conversation: the message texts in order.

@@ -16,6 +16,10 @@ from guardrail.chat import Message
 
 Concern = Literal["harm", "accuracy"]
 
+FILTER_ERROR_CATEGORY = "filter_error"
+"""The category of the finding a failed filter leaves (its policy's ``on_error`` action).
+A failure is not harmful content: it is counted in ``guardrail_filter_errors_total``."""
+
 
 class Stage(enum.StrEnum):
     """Where a text is checked: the prompt on its way in, the completion on its way out."""

@@ -84,7 +84,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from guardrail.exchange import Exchange, Route
-from guardrail.guard.types import Action, Decision, Stage
+from guardrail.guard.types import FILTER_ERROR_CATEGORY, Action, Decision, Stage
 from guardrail.observability.audit import AuditStats
 
 __all__ = [
@@ -440,7 +440,13 @@ class GatewayMetrics:
             for f in d.findings
             if f.action is not Action.ALLOW
         }
-        harmful = {(stage, category) for stage, category, concern in acted if concern == "harm"}
+        # A failed filter's block is not harmful content (it has its own counter), as in
+        # the harmful-rate drift windows.
+        harmful = {
+            (stage, category)
+            for stage, category, concern in acted
+            if concern == "harm" and category != FILTER_ERROR_CATEGORY
+        }
         for stage, kind, concern in sorted(acted):
             if concern == "accuracy":
                 self.hallucination_flags.labels(stage=stage, kind=self._category(kind)).inc()
