@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,6 +38,14 @@ class Held:
         return self.model.encode(texts, **kwargs)
 
 
+def wait_for_a_waiter(cached: CachingModel, limit_s: float = 10.0) -> None:
+    """Until the second caller registers as a waiter; fails instead of hanging."""
+    deadline = time.monotonic() + limit_s
+    while cached.waits == 0:
+        assert time.monotonic() < deadline, "the second caller never waited"
+        time.sleep(0.001)
+
+
 def test_rows_equal_the_models_and_case_shares_an_entry(model: Any) -> None:
     cached = CachingModel(model)
     texts = ["How do I bake bread?", "how do i bake bread?", "Write a poem."]
@@ -61,8 +70,7 @@ def test_a_text_another_thread_is_computing_is_waited_for_not_computed_again(
         first = pool.submit(encode, cached, ["Is this prompt harmful?"])
         assert held.entered.wait(10)
         second = pool.submit(encode, cached, ["is this prompt HARMFUL?", "Another one."])
-        while cached.waits == 0:  # the second caller registers as a waiter
-            threading.Event().wait(0.001)
+        wait_for_a_waiter(cached)
         held.gate.set()
         a, b = first.result(10), second.result(10)
 
@@ -78,8 +86,7 @@ def test_an_error_reaches_the_waiters_and_nothing_is_kept(model: Any) -> None:
         first = pool.submit(encode, cached, ["Will this fail?"])
         assert held.entered.wait(10)
         second = pool.submit(encode, cached, ["Will this fail?"])
-        while cached.waits == 0:
-            threading.Event().wait(0.001)
+        wait_for_a_waiter(cached)
         held.gate.set()
         for future in (first, second):
             with pytest.raises(RuntimeError, match="encoder failed"):

@@ -103,11 +103,11 @@ def _digits(s: str) -> str:
     return "".join(c for c in s if c.isdigit())
 
 
-def _valid_phone(candidate: str) -> bool:
-    """Whether phonenumbers accepts it: by its country code, or in one of the regions."""
+def _valid_phone(body: str) -> bool:
+    """Whether phonenumbers accepts a number (no extension): by its country code, or in
+    one of the regions."""
     import phonenumbers  # presidio-analyzer's dependency; imported on first use
 
-    body = _EXTENSION.sub("", candidate)
     if body.startswith("00"):
         body = "+" + body[2:]
     regions: tuple[str | None, ...] = (None,) if body.startswith("+") else PHONE_REGIONS
@@ -132,22 +132,18 @@ def find_phone_numbers(text: str) -> list[Span]:
         if _holds_date(body) or _DOTTED_QUAD.match(body):
             continue
         start, end = m.start(), m.start() + len(candidate)
-        international = body.startswith(("+", "00"))
+        before = text[max(0, start - _LOOK_BEFORE) : start]
         cued = bool(
-            _PHONE_BEFORE.search(text[max(0, start - _LOOK_BEFORE) : start])
-            or _PHONE_AFTER.match(text[end : end + _LOOK_AFTER])
+            _PHONE_BEFORE.search(before) or _PHONE_AFTER.match(text[end : end + _LOOK_AFTER])
         )
-        if (
-            cued
-            or (
-                not _OTHER_SHAPE.match(body)
-                and (len(body) >= 10 or not body.isdigit())  # a bare 7-9 digit run is an id
-                and not _OTHER_BEFORE.search(text[max(0, start - _LOOK_BEFORE) : start])
-                and _valid_phone(candidate)
-            )
+        if cued or (
+            not _OTHER_SHAPE.match(body)
+            and (len(body) >= 10 or not body.isdigit())  # a bare 7-9 digit run is an id
+            and not _OTHER_BEFORE.search(before)
+            and _valid_phone(body)
         ):
             score = 0.5
-        elif international:
+        elif body.startswith(("+", "00")):  # international form
             score = 0.45
         else:
             continue

@@ -110,6 +110,8 @@ class CachingModel:
     ) -> npt.NDArray[np.float32]:
         import numpy as np
 
+        if not texts:
+            return np.zeros((0, DIMENSIONS), dtype=np.float32)
         keys = [(self._digest(t), normalize_embeddings) for t in texts]
         original = dict(zip(keys, texts, strict=True))
         rows: dict[tuple[bytes, bool], Any] = {}
@@ -153,8 +155,6 @@ class CachingModel:
                     self._done.popitem(last=False)
         for key, future in waiting.items():
             rows[key] = future.result()
-        if not keys:
-            return np.zeros((0, DIMENSIONS), dtype=np.float32)
         return np.stack([rows[key] for key in keys])
 
 
