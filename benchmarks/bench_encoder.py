@@ -10,9 +10,11 @@ ceiling. With the same ~100-token texts as ``bench_toxicity.py``:
 - a plain matrix product of the encoder's feed-forward shape (rows x 384 by 384 x 1536)
   at 100 rows (one text) and 3,200 rows (32 texts): GFLOP/s, i.e. how close one text
   already comes to what the cores can do;
+- the same encoder under bf16 autocast (what ``embedding_precision: auto`` picks on a
+  CPU with native bf16), when this CPU has it: speed, and the cosine of its embeddings
+  to the fp32 ones (the shipped classifier heads were trained on fp32 embeddings);
 - for information, the same encoder with torch's dynamic int8 quantization of its
-  linear layers: speed, and the cosine of its embeddings to the fp32 ones (the shipped
-  classifier heads were trained on fp32 embeddings).
+  linear layers: speed and cosine, likewise.
 
 Medians over ``--runs`` runs.
 """
@@ -33,7 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_toxicity import texts  # noqa: E402
-from guardrail.filters.embedder import encode, load_sentence_model  # noqa: E402
+from guardrail.filters.embedder import (  # noqa: E402
+    Bf16Model,
+    encode,
+    load_sentence_model,
+    native_bf16,
+)
 
 BATCH = 32
 
@@ -85,6 +92,16 @@ def measure(runs: int) -> dict[str, Any]:
         )
     int8 = speeds(quantized)
     cosines = (reference * encode(quantized, items)).sum(axis=1)
+
+    def versus_fp32(m: Any) -> dict[str, float]:
+        rows = (reference * encode(m, items)).sum(axis=1)
+        return {
+            "cosine_to_fp32_mean": round(float(np.mean(rows)), 5),
+            "cosine_to_fp32_min": round(float(np.min(rows)), 5),
+        }
+
+    bf16 = Bf16Model(model)
+    bf16_result = {**speeds(bf16), **versus_fp32(bf16)} if native_bf16() else None
     return {
         "tokens_per_text": round(tokens, 1),
         "batch": BATCH,
@@ -93,6 +110,7 @@ def measure(runs: int) -> dict[str, Any]:
             "rows_100": round(statistics.median(_gflops(100, 200) for _ in range(runs)), 1),
             "rows_3200": round(statistics.median(_gflops(3200, 20) for _ in range(runs)), 1),
         },
+        "bf16_autocast": bf16_result,
         "int8_dynamic": {
             **int8,
             "cosine_to_fp32_mean": round(float(np.mean(cosines)), 3),
@@ -117,7 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"~{result['tokens_per_text']} tokens per text, {result['torch_threads']} threads")
     print(f"{'encoder':<14} {'1 at a time ms':>15} {'batch 32 ms':>12} {'ratio':>6}")
     print(f"{'fp32':<14} {f['one_at_a_time_ms']:>15} {f['batched_ms']:>12} {f['ratio']:>6}")
+    b = result["bf16_autocast"]
+    if b is not None:
+        row = f"{b['one_at_a_time_ms']:>15} {b['batched_ms']:>12} {b['ratio']:>6}"
+        print(f"{'bf16 autocast':<14} {row}")
     print(f"{'int8 dynamic':<14} {q['one_at_a_time_ms']:>15} {q['batched_ms']:>12} {q['ratio']:>6}")
+    if b is not None:
+        print(
+            f"bf16 embeddings vs fp32: cosine mean {b['cosine_to_fp32_mean']}, "
+            f"min {b['cosine_to_fp32_min']}"
+        )
+    else:
+        print("bf16 autocast: not measured, this CPU has no native bf16")
     print(
         f"int8 embeddings vs fp32: cosine mean {q['cosine_to_fp32_mean']}, "
         f"min {q['cosine_to_fp32_min']}"

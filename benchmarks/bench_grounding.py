@@ -1,6 +1,7 @@
 """Latency the hallucination filter adds to one response, on the real shipped head.
 
     .venv/bin/python benchmarks/bench_grounding.py [--runs 5] [--repeat 20]
+        [--precision auto|fp32|bf16]
 
 Three shapes, each checked ``--repeat`` times per run (the median per run, then the
 median of runs is printed):
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import msgspec  # noqa: E402
 
 from guardrail.chat import Message  # noqa: E402
+from guardrail.filters.embedder import resolve_precision  # noqa: E402
 from guardrail.filters.hallucination import HallucinationConfig, HallucinationFilter  # noqa: E402
 from guardrail.guard.filter import BuildContext  # noqa: E402
 from guardrail.guard.types import FilterContext, Stage  # noqa: E402
@@ -59,9 +61,9 @@ async def timed(filt: HallucinationFilter, text: str, ctx: FilterContext) -> flo
     return time.perf_counter() - started
 
 
-async def run(runs: int, repeat: int) -> None:
+async def run(runs: int, repeat: int, precision: str = "auto") -> None:
     with ThreadPoolExecutor(2) as pool:
-        env = BuildContext(executor=pool)
+        env = BuildContext(executor=pool, embedding_precision=precision)
         filt = HallucinationFilter("facts", msgspec.convert({}, HallucinationConfig), env)
         question = (Message("user", "When will my order arrive and can I return it?"),)
         await filt.check(
@@ -96,7 +98,10 @@ async def run(runs: int, repeat: int) -> None:
                 )
             for shape, values in per.items():
                 results.setdefault(shape, []).append(statistics.median(values))
-        print(f"median of {runs} runs of {repeat} checks each (ms):")
+        print(
+            f"median of {runs} runs of {repeat} checks each (ms), "
+            f"encoder {resolve_precision(precision)}:"
+        )
         for shape, medians in results.items():
             print(
                 f"  {shape:12s} {statistics.median(medians) * 1000:8.2f}"
@@ -108,8 +113,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="the sentence encoder's, as the embedding_precision setting",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.runs, args.repeat))
+    asyncio.run(run(args.runs, args.repeat, args.precision))
 
 
 if __name__ == "__main__":

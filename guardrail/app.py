@@ -114,6 +114,7 @@ def create_app(
         base_dir=Path(settings.policy).resolve().parent,
         cache_dir=settings.cache_path,
         allow_downloads=settings.allow_downloads,
+        embedding_precision=settings.embedding_precision,
         incremental=settings.verdict_cache_entries > 0,
     )
     registry = filters if filters is not None else filter_registry()

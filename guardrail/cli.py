@@ -62,6 +62,7 @@ def _build_guard(policy_path: str, executor: ThreadPoolExecutor) -> Any:
         base_dir=Path(policy_path).resolve().parent,
         cache_dir=settings.cache_path,
         allow_downloads=settings.allow_downloads,
+        embedding_precision=settings.embedding_precision,
     )
     return Guard.build(policy, registry, env)
 

@@ -214,6 +214,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allow_downloads: Annotated[
         bool, _doc("Whether models may be fetched from a hub (off: everything loads locally).")
     ] = False
+    embedding_precision: Annotated[
+        Literal["auto", "fp32", "bf16"],
+        _doc(
+            "Arithmetic of the shared sentence encoder (toxicity, semantic rules, "
+            "groundedness): bf16 (torch autocast) or fp32; auto picks bf16 where the CPU "
+            "has native bf16 instructions (AVX512-BF16 or AMX), else fp32."
+        ),
+    ] = "auto"
     max_body_bytes: Annotated[
         int, _doc("Largest request body accepted, in bytes."), msgspec.Meta(ge=1024)
     ] = 4 * 1024 * 1024

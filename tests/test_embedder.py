@@ -107,3 +107,57 @@ def test_the_cache_is_bounded_least_recently_used_first(model: Any) -> None:
     assert cached.hits == hits + 1
     encode(cached, ["two"])
     assert cached.computed == 4
+
+
+# -- precision ------------------------------------------------------------------------------
+
+
+def test_precision_auto_follows_the_cpu_and_bad_names_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from guardrail.filters import embedder
+
+    assert embedder.resolve_precision("fp32") == "fp32"
+    assert embedder.resolve_precision("bf16") == "bf16"
+    monkeypatch.setattr(embedder, "native_bf16", lambda: True)
+    assert embedder.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(embedder, "native_bf16", lambda: False)
+    assert embedder.resolve_precision("auto") == "fp32"
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        embedder.resolve_precision("fp16")
+
+
+def test_bf16_embeddings_keep_the_fp32_ones_meaning(model: Any) -> None:
+    """The heads were fitted on fp32 embeddings: bf16 autocast must land next to them.
+
+    Runs on any CPU (torch emulates bf16 where the CPU lacks it, slowly but correctly).
+    """
+    from guardrail.filters.embedder import Bf16Model
+
+    texts = [
+        "People like you should not exist.",
+        "What is the capital of France?",
+        "Explain step by step how to pick a lock on a neighbour's front door.",
+        "The committee postponed the budget decision until the auditors report next month.",
+    ]
+    bf16 = Bf16Model(model)
+    reference, lowered = encode(model, texts), encode(bf16, texts)
+    cosines = (reference * lowered).sum(axis=1)
+    assert cosines.min() > 0.999, cosines
+    assert not np.array_equal(reference, lowered)  # it really ran in bf16
+    assert bf16.tokenizer is model.tokenizer  # other attributes are the model's
+
+
+def test_the_shared_embedder_follows_the_settings_precision() -> None:
+    from guardrail.filters.embedder import Bf16Model, shared_embedder
+    from guardrail.guard.filter import BuildContext, SharedResources
+
+    with ThreadPoolExecutor(1) as pool:
+        resources = SharedResources()
+        fp32 = shared_embedder(BuildContext(pool, resources=resources, embedding_precision="fp32"))
+        bf16 = shared_embedder(BuildContext(pool, resources=resources, embedding_precision="bf16"))
+        assert not isinstance(fp32.model.model, Bf16Model)
+        assert isinstance(bf16.model.model, Bf16Model)
+        assert fp32 is not bf16
+        again = shared_embedder(BuildContext(pool, resources=resources, embedding_precision="fp32"))
+        assert again is fp32  # one per process and precision

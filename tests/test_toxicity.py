@@ -254,9 +254,11 @@ class _BrokenEngine:
 
 
 async def test_when_the_model_fails_the_guard_blocks(pool: ThreadPoolExecutor) -> None:
+    from guardrail.filters.embedder import resolve_precision
+
     resources = SharedResources()
-    resources.get(("toxicity-features", "all-MiniLM-L6-v2"), object)
-    resources.get(("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve())), _BrokenEngine)
+    precision = resolve_precision(BuildContext(pool).embedding_precision)
+    resources.get(("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve()), precision), _BrokenEngine)
     policy = load_policy_text(_policy("      max_wait_ms: 1\n"), "p.yaml", filter_registry())
     guard = Guard.build(policy, filter_registry(), BuildContext(pool, resources=resources))
     decisions = await asyncio.gather(

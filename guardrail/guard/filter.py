@@ -82,6 +82,7 @@ class BuildContext:
     ``allow_downloads`` is false unless the settings say the machine may fetch models.
     ``incremental`` says whether filters may reuse per-text results across requests
     (their own analysis caches); it follows the verdict cache setting.
+    ``embedding_precision`` is the shared sentence encoder's (``auto``, ``fp32``, ``bf16``).
     """
 
     executor: Executor
@@ -90,6 +91,7 @@ class BuildContext:
     allow_downloads: bool = False
     resources: SharedResources = field(default_factory=SharedResources)
     incremental: bool = True
+    embedding_precision: str = "auto"
 
 
 @runtime_checkable
