@@ -167,10 +167,21 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
-    passed = failed = 0
+    passed = failed = broken = 0
     with ThreadPoolExecutor(2) as executor:
         for path in args.files:
-            guard = _guard(path, executor)
+            # A file that does not load fails like a failing test; the others still run.
+            try:
+                guard = _guard(path, executor)
+            except PolicyError as e:
+                broken += 1
+                for problem in e.problems:
+                    print(problem, file=sys.stderr)
+                continue
+            except (ConfigError, GuardrailError) as e:
+                broken += 1
+                print(f"{path}: {e}", file=sys.stderr)
+                continue
             tests = guard.policy.tests
             if not tests:
                 print(f"{path}: no tests")
@@ -180,8 +191,8 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
                 passed, failed = passed + ok, failed + (not ok)
                 if line:
                     print(line)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    print(f"{passed} passed, {failed} failed" + (f", {broken} files invalid" if broken else ""))
+    return 1 if failed or broken else 0
 
 
 async def _run_policy_tests(guard: Any, *, verbose: bool) -> list[tuple[str, bool]]:
@@ -227,7 +238,11 @@ def cmd_policy_schema(args: argparse.Namespace) -> int:
 
     registry = filter_registry()
     if args.out:
-        write_schema(Path(args.out), registry)
+        try:
+            write_schema(Path(args.out), registry)
+        except OSError as e:
+            print(f"guardrail: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(json.dumps(policy_json_schema(registry), indent=2, sort_keys=True))

@@ -73,10 +73,14 @@ class BackendError(GuardrailError):
     status = 502
     code = "backend_error"
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
+        # When a retry can next succeed (an open circuit's next trial), for Retry-After.
+        self.retry_after_s = retry_after_s
 
 
 class BackendUnavailable(BackendError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from guardrail.guard.types import Action, Decision, Stage
 
@@ -32,6 +32,11 @@ RESPONSE_ID_PREFIXES: dict[str, str] = {
     "moderations": "modr",
 }
 """Route -> prefix of the response ids it answers with (OpenAI's prefixes)."""
+
+
+MONITORED_ROUTES: Final = frozenset({"chat", "completions"})
+"""Routes whose exchanges count in the harmful-content metrics, drift windows and
+report: the prompts and completions of the traffic (not ``/v1/moderations`` checks)."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -61,6 +66,8 @@ class Exchange:
     policy_version: str = ""
     started: float = field(default_factory=time.perf_counter)
     decisions: list[Decision] = field(default_factory=list)
+    # The size of each held-back stream window the output decisions checked, in order.
+    stream_window_chars: list[int] = field(default_factory=list)
     backend_duration_s: float | None = None
     time_to_first_token_s: float | None = None
     prompt_tokens: int | None = None

@@ -285,6 +285,9 @@ def test_streamed_completions_route(client: Client, backend: FakeBackend) -> Non
             400,
             "image_url",
         ),
+        (body_with(b'"x": "caf\xe9"'), 400, "not valid UTF-8"),
+        (body_with(b'"x": ' + b"[" * 100_000 + b"]" * 100_000), 400, "nested too deeply"),
+        (b'{"model": "' + b"m" * 257 + b'", "messages": []}', 400, "model"),
     ],
 )
 def test_bad_requests_get_a_clear_openai_error_and_never_reach_the_backend(
@@ -320,12 +323,17 @@ def test_too_many_messages_is_400(make_app: Callable[..., Litestar]) -> None:
     ("method", "path", "status"),
     [("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)],
 )
-def test_unknown_routes_and_methods_are_openai_errors(
-    client: Client, method: str, path: str, status: int
+def test_unknown_routes_and_methods_are_openai_errors_with_an_id_and_no_exchange(
+    client: Client, method: str, path: str, status: int, metrics_registry: CollectorRegistry
 ) -> None:
     r = client.request(method, path)
     assert r.status_code == status
     assert_openai_error(r.json())
+    assert len(r.headers["x-request-id"]) == 32
+    # Neither is an exchange: nothing counted (nor audited, nor open to feedback).
+    assert metrics_registry.get_sample_value(
+        "guardrail_requests_total", {"route": "chat", "outcome": "invalid_request"}
+    ) in (None, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -417,6 +425,23 @@ def test_metrics_count_requests_outcomes_and_harmful_content(
     assert "build a bomb" not in text
 
 
+def test_a_stream_observes_its_held_windows_and_moderations_are_not_harm(
+    client: Client, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    get = metrics_registry.get_sample_value
+    r = client.post("/v1/chat/completions", json=chat("hi", stream=True))
+    assert content(r.text) == backend.reply
+    windows = get("guardrail_stream_windows_total", {"action": "allow"})
+    assert windows is not None
+    assert windows >= 1
+    assert get("guardrail_stream_held_characters_count") == windows
+    assert get("guardrail_stream_held_characters_sum") == len(backend.reply)
+    r = client.post("/v1/moderations", json={"input": "build a bomb"})
+    assert r.json()["results"][0]["flagged"] is True
+    harmful = {"stage": "input", "category": "weapons", "tenant": "default", "policy_version": "7"}
+    assert get("guardrail_harmful_content_total", harmful) is None
+
+
 def _digest(client: Client) -> str:
     gateway = client.app.state.gateway
     return str(gateway.store.current.policy.digest)
@@ -436,7 +461,7 @@ def test_admin_reload_swaps_policy_and_a_bad_file_keeps_the_old_one(
     error = assert_openai_error(r.json())
     assert "keywordz" in error["message"]
     assert ":" in error["message"]
-    assert "still running test 8" in error["message"]
+    assert "Policy test not reloaded; still running its version 8" in error["message"]
     assert (
         client.post("/v1/chat/completions", json=chat("hi")).json()["guardrail"]["policy"][
             "version"

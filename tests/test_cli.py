@@ -63,6 +63,21 @@ def test_policy_test_reports_failures_and_exits_non_zero(
     assert out.strip().endswith("1 passed, 1 failed")
 
 
+def test_policy_test_reports_an_invalid_file_and_still_runs_the_others(
+    write_policy: Callable[..., Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bad = write_policy(TEST_POLICY.replace("action: flag", "action: flagg"), "bad.yaml")
+    good = write_policy(TEST_POLICY + "tests:\n  - {input: hello, expect: allow}\n", "good.yaml")
+    code, out, err = run(["policy", "test", str(bad), str(good)], capsys)
+    assert code == 1
+    assert f"{bad}:" in err
+    assert "'flagg'" in err
+    assert out.strip().endswith("1 passed, 0 failed, 1 files invalid")
+    code, _, err = run(["policy", "schema", "--out", str(tmp_path / "no" / "dir.json")], capsys)
+    assert code == 2
+    assert err.startswith("guardrail: cannot write")
+
+
 def test_policy_test_passes_the_default_policy(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["policy", "test", str(DEFAULT_POLICY)], capsys)
     assert code == 0

@@ -23,6 +23,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
+from guardrail.api.errors import from_backend_error
 from guardrail.app import build_backend, create_app
 from guardrail.backends.base import GenerationRequest
 from guardrail.backends.breaker import CircuitBreaker, CircuitState
@@ -161,9 +162,12 @@ async def test_when_every_circuit_is_open_the_call_fails_fast_with_503() -> None
         )
         with pytest.raises(BackendBadResponse):
             await backend.generate(_request())
-        with pytest.raises(BackendUnavailable, match="circuit of every backend URL is open"):
+        with pytest.raises(BackendUnavailable, match="circuit of every backend URL is open") as e:
             await backend.generate(_request())
         assert len(bad.requests) == 1
+    # Clients are told to come back when the circuit's trial opens, not in a second.
+    assert e.value.retry_after_s == pytest.approx(30.0)
+    assert from_backend_error(e.value).headers["retry-after"] == "30"
 
 
 async def test_a_4xx_does_not_count_against_the_circuit() -> None:

@@ -383,7 +383,15 @@ def test_moderation_with_context_returns_groundedness_per_input(
             },
         )
         plain = client.post("/v1/moderations", json={"input": supported})
+        empty = [
+            client.post("/v1/moderations", json={"input": supported, "context": c})
+            for c in ("", [], ["  "])
+        ]
     assert r.status_code == 200, r.text
+    # Without sources nothing is scored (not "everything unsupported").
+    for answer in empty:
+        assert answer.status_code == 200, answer.text
+        assert "groundedness" not in answer.json()["results"][0]
     good, bad = (res["groundedness"] for res in r.json()["results"])
     assert good["score"] > bad["score"]
     assert good["unsupported"] == []

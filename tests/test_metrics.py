@@ -277,6 +277,34 @@ def test_harmful_content_counts_each_category_once_per_exchange_and_stage(
     assert harm(registry, stage="input", category="self_harm") is None
 
 
+def test_moderation_checks_are_not_harmful_content_of_the_traffic(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    """The harmful rate divides by chat and completions requests: only they count."""
+    blocked = decision(Stage.INPUT, filter_outcome("rules", finding("hate", Action.BLOCK)))
+    metrics.record(exchange("blocked_input", blocked, route="moderations"))
+    assert harm(registry) is None
+    metrics.record(exchange("blocked_input", blocked, route="completions"))
+    assert harm(registry, stage="input", category="hate") == 1.0
+
+
+def test_a_streamed_exchange_observes_each_held_window_size(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    ex = exchange(
+        "allowed",
+        decision(Stage.INPUT, filter_outcome("rules")),
+        decision(Stage.OUTPUT, filter_outcome("rules")),
+        decision(Stage.OUTPUT, filter_outcome("rules")),
+        stream=True,
+    )
+    ex.stream_window_chars.extend([120, 40])
+    metrics.record(ex)
+    assert value(registry, "guardrail_stream_windows_total", action="allow") == 2.0
+    assert value(registry, "guardrail_stream_held_characters_count") == 2.0
+    assert value(registry, "guardrail_stream_held_characters_sum") == 160.0
+
+
 def test_a_failed_filters_block_is_a_filter_error_not_harmful_content(
     metrics: GatewayMetrics, registry: CollectorRegistry
 ) -> None:

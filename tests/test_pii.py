@@ -352,6 +352,20 @@ async def test_the_requests_own_values_are_not_a_leak_but_a_new_ssn_blocks(guard
     assert leak.action is Action.BLOCK
 
 
+async def test_a_placeholder_the_user_wrote_is_never_handed_out_or_restored(
+    guard: Guard,
+) -> None:
+    ctx = conversation("Keep the literal text <EMAIL_ADDRESS_1> as it is.", f"Mine is {EMAIL}.")
+    sent = await check_all(guard, ctx)
+    assert sent == [
+        "Keep the literal text <EMAIL_ADDRESS_1> as it is.",
+        "Mine is <EMAIL_ADDRESS_2>.",
+    ]
+    reply = "Template: <EMAIL_ADDRESS_1>; yours: <EMAIL_ADDRESS_2>."
+    decision = await guard.check(Stage.OUTPUT, reply, ctx.at(Stage.OUTPUT))
+    assert decision.text == f"Template: <EMAIL_ADDRESS_1>; yours: {EMAIL}."
+
+
 async def test_placeholders_of_another_request_are_never_restored(guard: Guard) -> None:
     first = conversation(f"Email {EMAIL}.")
     await check_all(guard, first)
@@ -381,6 +395,12 @@ def test_remember_rebuilds_the_map_from_a_cached_verdict(pii: PiiFilter) -> None
         ("a < b", 0),
         ("done <EMAIL_ADDRESS_1>", 0),
         ("plain text", 0),
+        # The start of a number-shaped entity, with up to three words after it.
+        ("pay with card 5500 0000 ", 10),
+        ("call +1 (555) ", 9),
+        ("I live at 24 Clarke ", 10),
+        ("It was 1990. ", 0),  # a sentence end: nothing runs on past it
+        ("in 1990 and then it rained ", 0),  # more than three words since the number
     ],
 )
 def test_holdback_keeps_a_trailing_partial_placeholder(
@@ -419,6 +439,29 @@ async def test_a_streamed_completion_shows_the_originals_and_never_a_partial_pla
         f"Your SSN {SSN} stays private. Done."
     )
     assert not any("<" in s for s in sent)
+
+
+@pytest.mark.parametrize("release", ["sentence", "window"])
+async def test_a_card_cut_by_a_stream_window_is_masked_whole(guard: Guard, release: str) -> None:
+    """A window cut at a space inside the number must not release its first digits."""
+    reply = (
+        "Here is a long line of words that goes on for a while, and then the card "
+        "5500 0000 0000 0004 is the one you should use for the payment later on today"
+    )
+    for window_chars in range(40, 110, 3):
+        for size in (1, 7, 50):
+            ctx = conversation("Which card should I use?")
+            await check_all(guard, ctx)
+            settings = StreamSettings(release=release, window_chars=window_chars)
+            window = StreamGuard(guard, ctx, settings)
+            sent = [
+                (await window.feed(reply[i : i + size])).text for i in range(0, len(reply), size)
+            ]
+            sent.append((await window.finish()).text)
+            shown = "".join(sent)
+            assert "5500" not in shown, (window_chars, size, shown)
+            assert "0000 0000" not in shown, (window_chars, size, shown)
+            assert shown.endswith("0004 is the one you should use for the payment later on today")
 
 
 # -- through the gateway -------------------------------------------------------------------

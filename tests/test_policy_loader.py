@@ -146,7 +146,7 @@ def test_filter_type_default_stages_apply_when_the_entry_names_none(
 def test_text_policy_digest_is_of_its_utf8_bytes_and_it_has_no_source_file(
     registry: PluginRegistry[FilterSpec],
 ) -> None:
-    text = "name: p\nversion: 'é-1'\n"
+    text = "name: p\nversion: '1'\ndescription: 'é'\n"
 
     policy = load_policy_text(text, "<api>", registry)
 
@@ -501,3 +501,36 @@ def test_config_schemas_with_clashing_definition_names_keep_their_own_meaning() 
     assert not validator.is_valid(entry("clash", {"id": "r", "category": "c"}))
     assert validator.is_valid(entry("rules", {"id": "r", "category": "c"}))
     assert not validator.is_valid(entry("rules", {"pattern": "x"}))
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["2026.11 \u2013 \u00fcn\u00efcode", "v7\r\nx-injected: yes", " 1", "1 ", "tab\there"],
+)
+def test_a_version_that_cannot_be_an_http_header_value_is_refused(
+    registry: PluginRegistry[FilterSpec], version: str
+) -> None:
+    """It is sent in x-guardrail-policy-version: a bad one would break every response."""
+    (problem,) = text_problems(f"name: p\nversion: {json.dumps(version)}\n", registry)
+    assert problem.startswith("inline.yaml:2:10: version: ")
+    assert problem.endswith(
+        "cannot be sent in an HTTP header: use printable ASCII (letters, "
+        "digits, punctuation, inner spaces), no line breaks"
+    )
+    for good in ("2026.11.22-6", "1", "v1.2.3+build.7", "shadow 2"):
+        load_policy_text(f"name: p\nversion: {json.dumps(good)}\n", "p.yaml", registry)
+
+
+def test_a_mistyped_engine_type_is_named_as_the_mistake(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    text = (
+        'name: p\nversion: "1"\nfilters:\n  - id: aup\n    type: rules\n    config:\n'
+        "      classifiers:\n        guard: {type: llama-gaurd, model: /m}\n"
+        "      rules:\n        - {id: a, category: c, keywords: [x]}\n"
+    )
+    assert text_problems(text, registry) == [
+        "inline.yaml:8:23: filters[0].config.classifiers.guard.type: 'llama-gaurd' is not a "
+        "valid value (expected one of: embedding-heads, llama-guard); did you mean "
+        "'llama-guard'?"
+    ]

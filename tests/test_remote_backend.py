@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from guardrail.backends.base import Backend, Chunk, GenerationRequest, SamplingParams
 from guardrail.backends.remote import SPEC, RemoteBackend, from_settings
@@ -185,6 +187,16 @@ async def test_when_upstream_fails_with_500_then_retries_with_backoff_until_it_a
     assert completion.text == REPLY
     assert len(up_a.requests) == 3
     assert sleeps.delays == [0.2, 0.4]
+
+
+async def test_a_failed_attempt_logs_the_status_the_upstream_answered(
+    client: httpx.AsyncClient, up_a: FakeUpstream, sleeps: SleepRecorder
+) -> None:
+    up_a.mode, up_a.times = "500", 1
+    with capture_logs() as logs:
+        await backend(client, up_a.base_url, sleeps=sleeps).generate(chat_request())
+    (failed,) = [e for e in logs if e["event"] == "backend_attempt_failed"]
+    assert (failed["upstream_status"], failed["status"]) == (500, 502)
 
 
 async def test_when_first_url_keeps_failing_with_500_then_second_url_answers(
@@ -515,6 +527,41 @@ async def test_stream_parses_the_sse_variants_servers_send(body: bytes) -> None:
     assert "".join(c.text for c in chunks) == "Hi!"
     assert chunks[-1].finish_reason in ("length", "stop")
     assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+async def test_stream_lines_end_only_at_cr_lf_or_crlf_however_the_bytes_arrive() -> None:
+    """JSON strings may hold U+2028, U+2029, U+0085 or U+001C raw; they are not line ends.
+
+    The body also arrives in awkward reads: a CRLF cut between CR and LF, a UTF-8
+    character cut in the middle.
+    """
+    texts = ["one\u2028two", "\u2029three\u0085", "four\x1cfive ", "Ünïcode"]
+    frames = [
+        json.dumps({"choices": [{"index": 0, "delta": {"content": t}}]}, ensure_ascii=False)
+        for t in texts
+    ]
+    finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    body = (
+        "".join(f"data: {f}\r\n\r\n" for f in frames)
+        + f"data: {json.dumps(finish)}\r\r"
+        + "data: [DONE]\n\n"
+    ).encode()
+    cuts = sorted({body.index(b"\r\n") + 1, body.index("Ü".encode()) + 1, 7, len(body) - 3})
+
+    async def pieces() -> AsyncIterator[bytes]:
+        start = 0
+        for cut in [*cuts, len(body)]:
+            yield body[start:cut]
+            start = cut
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=pieces(), headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        chunks = await collect(backend(client, "http://up.test/v1").stream(chat_request()))
+
+    assert "".join(c.text for c in chunks) == "".join(texts)
+    assert chunks[-1].finish_reason == "stop"
 
 
 class ClosingWatch(httpx.AsyncBaseTransport):

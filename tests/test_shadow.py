@@ -81,7 +81,10 @@ def test_a_bad_shadow_file_on_reload_keeps_the_previous_shadow_policy(
         candidate.write_text(CANDIDATE.replace("keywords: [tea]", "keywordz: [tea]"))
         r = client.post("/admin/reload")
         assert r.status_code == 422
-        assert "candidate.yaml" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert "candidate.yaml" in message
+        # It says which policy failed, and that the default one was reloaded.
+        assert "the shadow policy failed (the default policy " in message
         client.post("/v1/chat/completions", json=chat("tea please"))
         wait_for(lambda: shadow_count(metrics_registry, "input", "allow", "block") == 1)
 

@@ -7,6 +7,8 @@ that says what to fix; nothing a client sends produces a 500.
 
 from __future__ import annotations
 
+import math
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -76,7 +78,12 @@ class APIError(Exception):
 
 
 def from_backend_error(e: BackendError) -> APIError:
-    headers = {"retry-after": "1"} if e.status in (429, 503) else None
+    headers = None
+    if e.status in (429, 503):
+        # Whole seconds, rounded up: a client that waits that long finds the circuit's
+        # trial open (1 when the backend gave no time).
+        wait = e.retry_after_s if e.retry_after_s is not None else 1
+        headers = {"retry-after": str(max(1, math.ceil(wait)))}
     return APIError(e.status, str(e), code=e.code, headers=headers)
 
 
@@ -112,10 +119,16 @@ def make_exception_handler(max_body_bytes: int, on_rejected: OnRejected | None =
 
     def handle(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         err = to_api_error(request, exc, max_body_bytes)
-        rid = request.scope.get("state", {}).get("request_id") or ""
-        if on_rejected is not None and isinstance(exc, HTTPException):
+        # The router answers 404 and 405 before the request-id middleware runs: those
+        # responses get an id here, so every response carries one.
+        rid = request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
+        if (
+            on_rejected is not None
+            and err.status != 405  # a wrong method is no exchange (nor an audit row)
+            and (isinstance(exc, HTTPException) or _body_decode_error(exc) is not None)
+        ):
             on_rejected(request.url.path, rid, err.status, err.code or "")
-        return err.response({"x-request-id": rid} if rid else None)
+        return err.response({"x-request-id": rid})
 
     return handle
 
@@ -128,6 +141,8 @@ def to_api_error(request: Request[Any, Any, Any], exc: Exception, max_body_bytes
     if isinstance(exc, ValidationException):
         message, param = _validation_message(exc)
         return APIError(400, message, param=param, code="invalid_request")
+    if (decode_error := _body_decode_error(exc)) is not None:
+        return decode_error
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         template = _HTTP_MESSAGES.get(exc.status_code)
         if template:
@@ -147,6 +162,30 @@ def to_api_error(request: Request[Any, Any, Any], exc: Exception, max_body_bytes
         "Internal error in the gateway; the request id is in x-request-id.",
         code="internal_error",
     )
+
+
+# Frames of the framework's request body decoding: msgspec raises these two errors
+# itself (not as a DecodeError), so they arrive unwrapped.
+_BODY_DECODERS = frozenset({"decode_json", "decode_msgpack"})
+
+
+def _body_decode_error(exc: Exception) -> APIError | None:
+    """A 400 for a body that is not UTF-8 or is nested too deeply to decode, else None."""
+    if not isinstance(exc, UnicodeDecodeError | RecursionError):
+        return None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in _BODY_DECODERS:
+            break
+        tb = tb.tb_next
+    else:
+        return None
+    message = (
+        "The request body is not valid UTF-8 text."
+        if isinstance(exc, UnicodeDecodeError)
+        else "The request body's JSON is nested too deeply."
+    )
+    return APIError(400, message, code="invalid_request")
 
 
 def _code(status: int) -> str:

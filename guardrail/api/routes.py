@@ -139,7 +139,8 @@ async def admin_reload(state: State) -> Response[Any]:
     if not result.ok:
         raise APIError(
             422,
-            f"Policy not reloaded; still running {result.name} {result.version}: {result.error}",
+            f"Policy {result.name} not reloaded; still running its version {result.version}: "
+            f"{result.error}",
             code="policy_invalid",
         )
     return Response(

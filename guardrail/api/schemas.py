@@ -79,8 +79,13 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
+# Model ids are short (the longest common ones are under 100 characters); a longer
+# "model" is not a model name, and it must not reach logs and audit rows.
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
 class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    model: Annotated[str, msgspec.Meta(min_length=1)]
+    model: ModelName
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: MaxTokens | None = None
@@ -180,7 +185,7 @@ class CompletionRequest(_Sampling, kw_only=True):
 
 class ModerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=256)]
-    model: str | None = None
+    model: ModelName | None = None
     stage: Literal["input", "output"] = "input"
     # Score each input against these sources (groundedness), as the answer to ``prompt``.
     context: str | Documents | None = None

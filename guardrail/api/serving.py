@@ -10,6 +10,7 @@ is handed to :meth:`Gateway.record` exactly once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -206,15 +207,21 @@ class Gateway:
     async def reload_policy(self, trigger: str) -> ReloadResult:
         """Reload the policy file(s); a bad file keeps its running policy (and is reported).
 
-        Tenant policies reload too; the answer is the default policy's result, or the
-        first tenant policy that failed.
+        Tenant and shadow policies reload too; the answer is the default policy's result,
+        or the first other policy that failed (its error says which, and that the others
+        were reloaded).
         """
         result = await self.store.reload()
-        shadow = [self.shadow.store] if self.shadow is not None else []
-        for store in [*self.stores.values(), *shadow]:
+        shadow = [(self.shadow.store, "shadow")] if self.shadow is not None else []
+        tenants = [(store, "tenant") for store in self.stores.values()]
+        for store, role in [*tenants, *shadow]:
             other = await store.reload()
             if result.ok and not other.ok:
-                result = other
+                result = dataclasses.replace(
+                    other,
+                    error=f"the {role} policy failed (the default policy {result.name} "
+                    f"{result.version} is in force): {other.error}",
+                )
         self.metrics.policy_reload(result.ok)
         if result.ok:
             log.info("policy_reloaded", trigger=trigger, name=result.name, version=result.version)
@@ -450,7 +457,12 @@ class Serving:
         rules = self.gw.rules(principal)
         guard = self.gw.guard_for(rules)
         stage = Stage(body.stage)
-        exchange = self._exchange("moderations", request_id, guard, model=body.model)
+        # The model is recorded (logs, audit) only when it is one this gateway serves: a
+        # client's made-up name is client text.
+        served = body.model is not None and body.model in await self.gw.served_models()
+        exchange = self._exchange(
+            "moderations", request_id, guard, model=body.model if served else None
+        )
         exchange.tenant = principal.tenant
         sources = body.sources()
         ctx = FilterContext(
@@ -474,7 +486,7 @@ class Serving:
             )
             exchange.decisions.extend(decisions)
             grounding = None
-            if body.context is not None:
+            if any(source.strip() for source in sources):  # without sources nothing is scored
                 grounding = await asyncio.gather(
                     *(self._groundedness(guard, t, sources, body.prompt) for t in body.inputs())
                 )
@@ -527,7 +539,8 @@ class Serving:
     ) -> Response[Any]:
         rules = self.gw.rules(principal)
         guard = self.gw.guard_for(rules)
-        exchange = self._exchange(kind, request_id, guard, model=body.model, stream=body.stream)
+        # The model is recorded once it is known to be one this gateway serves (below).
+        exchange = self._exchange(kind, request_id, guard, stream=body.stream)
         exchange.tenant = principal.tenant
         admission = _Admission()
         streaming = False
@@ -547,6 +560,7 @@ class Serving:
             backend = self.gw.require_backend()
             exchange.backend = backend.name
             await self._check_model(body.model)
+            exchange.model = body.model
             ctx = FilterContext(
                 request_id,
                 stage=Stage.INPUT,
@@ -743,6 +757,7 @@ class Serving:
                         exchange.time_to_first_token_s = time.perf_counter() - exchange.started
                     yield self._frame(call, content=released.text)
             exchange.decisions.extend(window.decisions)
+            exchange.stream_window_chars.extend(window.window_chars)
             recorded = True
             if self.gw.shadow is not None and not window.blocked:
                 # A blocked stream's text was cut short: only whole completions compare.
@@ -787,6 +802,7 @@ class Serving:
         finally:
             if not recorded:
                 exchange.decisions.extend(window.decisions)
+                exchange.stream_window_chars.extend(window.window_chars)
             await _aclose(chunks)
             self._close(exchange, call.admission)
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -149,10 +150,14 @@ _Kind = Literal["connect", "timeout", "status", "dropped"]
 class _AttemptFailed(Exception):
     """One URL, one attempt, failed in a way that another attempt or URL may fix."""
 
-    def __init__(self, kind: _Kind, error: BackendError) -> None:
+    def __init__(
+        self, kind: _Kind, error: BackendError, upstream_status: int | None = None
+    ) -> None:
         super().__init__(str(error))
         self.kind = kind
         self.error = error
+        # What the upstream answered (for the log), when it answered with a status.
+        self.upstream_status = upstream_status
 
     @property
     def retryable(self) -> bool:
@@ -173,7 +178,8 @@ class _Failures:
             url=_display_url(url),
             attempt=attempt,
             reason=failure.kind,
-            status=failure.error.status,
+            status=failure.error.status,  # what the gateway answers with
+            upstream_status=failure.upstream_status,
         )
 
     def error(self, urls: int) -> BackendError:
@@ -222,7 +228,9 @@ def _status_error(status: int, content: bytes) -> BackendError | _AttemptFailed:
     """An upstream error status: a final error (4xx) or a failed attempt (5xx)."""
     if status >= 500:
         return _AttemptFailed(
-            "status", BackendBadResponse(f"backend failed with HTTP {status}", status=502)
+            "status",
+            BackendBadResponse(f"backend failed with HTTP {status}", status=502),
+            upstream_status=status,
         )
     if status in (400, 413, 422):
         return BackendBadResponse(
@@ -261,6 +269,31 @@ def _first_choice(choices: list[_Choice]) -> _Choice:
 def _error_text(error: _ErrorInfo | str) -> str:
     message = error if isinstance(error, str) else (error.message or "no message")
     return _upstream_message(msgspec.json.encode({"message": message}))
+
+
+_SSE_EOL = re.compile(r"\r\n|\r|\n")
+
+
+async def _sse_lines(chunks: AsyncIterator[str]) -> AsyncGenerator[str]:
+    """Lines of an SSE body, split where the SSE format says: CR, LF or CRLF only.
+
+    Not ``httpx.Response.aiter_lines``: that splits like ``str.splitlines``, also at
+    U+2028, U+2029, U+0085 and other separators that are legal inside a JSON string,
+    cutting a valid frame in two.
+    """
+    pending = ""
+    async with contextlib.aclosing(cast(AsyncGenerator[str], chunks)):
+        async for text in chunks:
+            pending += text
+            start = 0
+            for eol in _SSE_EOL.finditer(pending):
+                if eol.group() == "\r" and eol.end() == len(pending):
+                    break  # perhaps the first half of a CRLF split across reads
+                yield pending[start : eol.start()]
+                start = eol.end()
+            pending = pending[start:]
+    if pending:
+        yield pending.removesuffix("\r")
 
 
 def _decode_frame(data: str) -> _Answer:
@@ -404,7 +437,8 @@ class RemoteBackend:
             wait = min(b.retry_in() for b in self.breakers.values())
             raise BackendUnavailable(
                 f"backend unavailable: the circuit of every backend URL is open "
-                f"(recent failures); next trial in {wait:.0f}s"
+                f"(recent failures); next trial in {wait:.0f}s",
+                retry_after_s=wait,
             )
 
     # -- requests
@@ -623,8 +657,7 @@ class RemoteBackend:
         JSON never spans lines, so each ``data:`` line is one frame; comments
         (keepalives), ``event:``/``id:`` fields and blank lines are skipped.
         """
-        # httpx types it as an iterator; it is a generator, closed here however we leave.
-        lines = cast(AsyncGenerator[str], response.aiter_lines())
+        lines = _sse_lines(response.aiter_text())
         async with contextlib.aclosing(lines):
             while True:
                 try:

@@ -70,6 +70,19 @@ _CONFUSABLES = {
     "\u03c5": "u",  # greek small letter upsilon
     "\u03c7": "x",  # greek small letter chi
     "\u03c9": "w",  # greek small letter omega
+    # Latin letters with a stroke that NFKD does not take apart
+    "\u00f8": "o",  # latin small letter o with stroke
+    "\u0111": "d",  # latin small letter d with stroke
+    "\u0142": "l",  # latin small letter l with stroke
+}
+
+# Capitals that look like a different Latin letter than their small form: Greek capital
+# eta is "H" but small eta is "n". Looked up before case folding.
+_CAPITAL_CONFUSABLES = {
+    "\u0397": "h",  # greek capital letter eta
+    "\u039c": "m",  # greek capital letter mu
+    "\u039d": "n",  # greek capital letter nu
+    "\u0396": "z",  # greek capital letter zeta
 }
 
 # Digits and symbols written for letters. Applied only inside a word that also has
@@ -113,6 +126,9 @@ class Normalized:
 
 
 def _fold(char: str) -> str:
+    capital = _CAPITAL_CONFUSABLES.get(char)
+    if capital is not None:
+        return capital
     decomposed = unicodedata.normalize("NFKD", char)
     kept = "".join(c for c in decomposed if not unicodedata.combining(c))
     folded = unicodedata.normalize("NFKC", kept).casefold()

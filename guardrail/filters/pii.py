@@ -31,7 +31,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -101,6 +101,14 @@ _ENTITY_NAME = re.compile(r"^[A-Z][A-Z0-9_]*[A-Z0-9]$")
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)_(\d{1,6})>")
 # A trailing prefix of a placeholder, held back in streams: "<", "<PERSO", "<US_SSN_1".
 _PARTIAL = re.compile(r"<[A-Z][A-Z0-9_]{0,40}(?:_\d{0,6})?$|<$")
+# The end of a stream window that may be the first part of a number-shaped entity (a
+# card, phone, IBAN, account or house number cut at a space), with up to three words
+# after it (a street name before its "Street"). Held back so the whole entity is
+# checked in the next window, instead of its first digits being released unredacted.
+_NUMBER_TAIL = re.compile(r"(?<!\w)[+(]?\d[\d\s\-.()/]*(?:[^\s\d]\S*\s+){0,3}$")
+_NUMBER_TAIL_CHARS = 64
+# A window that ends a sentence has no entity running on past it.
+_ENDS_SENTENCE = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+$|\n$""")
 
 # The small English model's parts that presidio does not need: the NER has its own
 # tok2vec; the shared one only feeds the tagger and parser.
@@ -291,6 +299,15 @@ class PlaceholderMap:
     originals: dict[str, str] = field(default_factory=dict)  # placeholder -> value
     by_value: dict[tuple[str, str], str] = field(default_factory=dict)  # (entity, value)
     counters: dict[str, int] = field(default_factory=dict)
+    # Placeholder-shaped strings the user wrote: never handed out, or the model's echo
+    # of the user's literal "<EMAIL_ADDRESS_1>" would be "restored" to a real address.
+    reserved: set[str] = field(default_factory=set)
+
+    def reserve(self, texts: Iterable[str]) -> None:
+        """Keep the placeholders written literally in ``texts`` from being assigned."""
+        for text in texts:
+            if "<" in text:
+                self.reserved.update(m.group(0) for m in PLACEHOLDER.finditer(text))
 
     def assign(self, entity: str, value: str) -> str:
         """The value's placeholder, a new one if the value is new to this request."""
@@ -299,7 +316,7 @@ class PlaceholderMap:
         if found is not None:
             return found
         n = self.counters.get(entity, 0) + 1
-        while f"<{entity}_{n}>" in self.originals:
+        while f"<{entity}_{n}>" in self.originals or f"<{entity}_{n}>" in self.reserved:
             n += 1
         self.counters[entity] = n
         placeholder = f"<{entity}_{n}>"
@@ -572,6 +589,7 @@ class PiiFilter:
         self._analyzer = env.resources.get(key, lambda: build_analyzer(config, env.allow_downloads))
         self._ad_hoc = _custom_recognizers(config)
         self._entities = sorted(config.entities)
+        self._acts_on_output = any(r.output != "allow" for r in config.entities.values())
         self._min_threshold = min((r.threshold for r in config.entities.values()), default=1.0)
         self._allow = frozenset(config.allow_list)
         self._key = self._encrypt_key(config)
@@ -668,12 +686,14 @@ class PiiFilter:
             texts = tuple(m.content for m in ctx.messages)
             if state.conversation is None or state.texts != texts:
                 state.texts = texts
+                state.placeholders.reserve(texts)
                 state.conversation = asyncio.get_running_loop().create_task(
                     self._conversation(texts, state.placeholders)
                 )
             # Shielded: a check that times out must not cancel the others' analysis.
             verdicts = await asyncio.shield(state.conversation)
             return verdicts[index]
+        state.placeholders.reserve([text])
         (detections,) = await self._analyze([text])
         return self._input_verdict(text, detections, state.placeholders)
 
@@ -754,11 +774,16 @@ class PiiFilter:
     # -- optional protocols --
 
     def holdback(self, text: str) -> int:
-        """Trailing characters that may be the start of a placeholder (kept in streams)."""
-        if not self._config.reversible:
-            return 0
-        m = _PARTIAL.search(text, max(0, len(text) - 56))
-        return len(text) - m.start() if m else 0
+        """Trailing characters a stream must keep back: the start of a placeholder (to be
+        restored whole), or of a number-shaped entity (to be detected whole)."""
+        keep = 0
+        if self._config.reversible:
+            m = _PARTIAL.search(text, max(0, len(text) - 56))
+            keep = len(text) - m.start() if m else 0
+        if self._acts_on_output and not _ENDS_SENTENCE.search(text):
+            m = _NUMBER_TAIL.search(text, max(0, len(text) - _NUMBER_TAIL_CHARS))
+            keep = max(keep, len(text) - m.start() if m else 0)
+        return keep
 
     def remember(self, text: str, verdict: Verdict, ctx: FilterContext) -> None:
         """Rebuild the placeholder map from a cached input verdict's redactions."""

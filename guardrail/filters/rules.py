@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
+import itertools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -140,7 +142,11 @@ class Rule(Condition, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One rule: a condition plus what it is, where it applies, and what it does."""
 
     id: Annotated[Id, _doc("Unique rule id, reported in findings.")]
-    category: Annotated[str, _doc("Category reported in findings and metrics (a fixed set).")]
+    category: Annotated[
+        str,
+        _doc("Category reported in findings and metrics (a fixed set)."),
+        msgspec.Meta(min_length=1, max_length=128, pattern=r"\S"),
+    ]
     description: Annotated[
         str, _doc("What the rule is for; also the category text shown to Llama Guard.")
     ] = ""
@@ -148,7 +154,8 @@ class Rule(Condition, frozen=True, kw_only=True, forbid_unknown_fields=True):
         Literal["low", "medium", "high", "critical"], _doc("Severity reported in findings.")
     ] = "medium"
     stages: Annotated[
-        list[Stage] | None, _doc("Stages this rule applies to; default: the filter's stages.")
+        Annotated[list[Stage], msgspec.Meta(min_length=1)] | None,
+        _doc("Stages this rule applies to; default: the filter's stages."),
     ] = None
     scope: Annotated[Scope | None, _doc("Tenants, routes and models the rule applies to.")] = None
     action: Annotated[Literal["block", "redact", "flag"], _doc("What a match does.")] = "block"
@@ -215,6 +222,20 @@ def _positive_only_negation(cond: Condition) -> bool:
     return cond.none_of is not None and not any(parts)
 
 
+def _needs_a_match(cond: Condition) -> bool:
+    """Whether the condition can only hold when something is found in the text.
+
+    ``all: [{not: ...}]`` or ``any: [{keywords: ...}, {not: ...}]`` can hold on ``not``
+    alone, like a bare ``not``.
+    """
+    if cond.keywords or cond.regex or cond.semantic or cond.classifier:
+        return True
+    if cond.all_of and any(_needs_a_match(c) for c in cond.all_of):
+        return True
+    any_of = cond.any_of or []
+    return bool(any_of) and all(_needs_a_match(c) for c in any_of)
+
+
 def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
     """What a schema cannot say: unique ids, compiling regexes, known engines and labels."""
     seen: set[str] = set()
@@ -227,6 +248,12 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
             yield ConfigIssue(
                 (*base, "not"),
                 "a rule needs something to match besides 'not' (it would hit nearly every text)",
+            )
+        elif _has_part(rule) and not _needs_a_match(rule):
+            yield ConfigIssue(
+                base,
+                "a rule needs something to match besides 'not': here 'all'/'any' can hold "
+                "on a 'not' alone (it would hit nearly every text)",
             )
         if rule.action == "redact" and not (rule.keywords or rule.regex):
             yield ConfigIssue(
@@ -255,6 +282,28 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
                     (*path, "classifier", "engine"),
                     f"unknown classifier engine {cond.classifier.engine!r} ({known})",
                 )
+            elif cond.classifier is not None:
+                settings = config.classifiers[cond.classifier.engine]
+                labels = _shipped_labels(settings)
+                if labels is not None and cond.classifier.label not in labels:
+                    yield ConfigIssue(
+                        (*path, "classifier", "label"),
+                        f"classifier engine {cond.classifier.engine!r} does not score "
+                        f"{cond.classifier.label!r} (it scores: {', '.join(sorted(labels))})",
+                    )
+
+
+@functools.cache
+def _default_heads_labels() -> frozenset[str]:
+    return frozenset(AupHeads.load(DEFAULT_AUP_WEIGHTS).categories) | {"unsafe"}
+
+
+def _shipped_labels(settings: object) -> frozenset[str] | None:
+    """The labels of an engine whose weights are known without the policy's folder (the
+    shipped heads), else None: other weights are checked when the policy is built."""
+    if isinstance(settings, EmbeddingHeadsSettings) and settings.weights is None:
+        return _default_heads_labels()
+    return None
 
 
 # -- compiled form --------------------------------------------------------------------------
@@ -272,20 +321,33 @@ def _word_pattern(word: str) -> str:
     return f"(?:{plain}|{spelled})"
 
 
+# Between the words of a keyword: spaces, hyphens, underscores or slashes ("pipe-bomb").
+_BETWEEN_WORDS = r"[\s\-_/]+"
+# Two long words may also be glued ("pipebomb"); a short one may not, or "the rapist"
+# would match "therapist" and "kill er" "killer".
+_GLUE_MIN = 4
+
+
 def _keyword_pattern(keyword: str) -> str:
-    words = normalize(keyword, glue=False).text.split(" ")
-    body = r"\s*".join(_word_pattern(w) for w in words if w)
+    words = [w for w in normalize(keyword, glue=False).text.split(" ") if w]
+    body = _word_pattern(words[0]) if words else ""
+    for before, word in itertools.pairwise(words):
+        glued = len(before) >= _GLUE_MIN and len(word) >= _GLUE_MIN
+        body += f"(?:{_BETWEEN_WORDS})?" if glued else _BETWEEN_WORDS
+        body += _word_pattern(word)
     return rf"(?<!\w){body}(?!\w)"
 
 
 def _compile_pattern(cond: Condition) -> _Pattern | None:
     keywords = [_keyword_pattern(k) for k in cond.keywords]
-    regexes = [f"(?:{r})" for r in cond.regex]
-    if not keywords and not regexes:
+    if not keywords and not cond.regex:
         return None
+    # Each regex on its own, as validation compiled it: joined into one alternation, a
+    # global flag ("(?i)") not at the start, a group name used twice or a backreference
+    # ("\1" meaning another regex's group) would fail or change meaning.
     return _Pattern(
         re.compile("|".join(keywords), re.IGNORECASE) if keywords else None,
-        re.compile("|".join(regexes), re.IGNORECASE) if regexes else None,
+        tuple(re.compile(r, re.IGNORECASE) for r in cond.regex),
     )
 
 
@@ -294,7 +356,7 @@ class _Pattern:
     """Keywords match the fully normalised text; regexes the folded text."""
 
     keywords: re.Pattern[str] | None
-    regex: re.Pattern[str] | None
+    regexes: tuple[re.Pattern[str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,11 +458,12 @@ class _Check:
         if pattern.keywords is not None:
             norm = self.norm
             found += [norm.span(m.start(), m.end()) for m in pattern.keywords.finditer(norm.text)]
-        if pattern.regex is not None:
+        if pattern.regexes:
             if self._folded is None:
                 self._folded = normalize(self.text, leet=False, glue=False)
             folded = self._folded
-            found += [folded.span(m.start(), m.end()) for m in pattern.regex.finditer(folded.text)]
+            for regex in pattern.regexes:
+                found += [folded.span(m.start(), m.end()) for m in regex.finditer(folded.text)]
         return sorted(s for s in found if s[1] > s[0])
 
     async def match(self, node: _Node) -> _Match:

@@ -57,6 +57,8 @@ class StreamGuard:
         self._released = ""
         self.blocked = False
         self.decisions: list[Decision] = []
+        # The held-back size of each checked window (the metric's, never the text).
+        self.window_chars: list[int] = []
 
     @property
     def released_text(self) -> str:
@@ -90,11 +92,17 @@ class StreamGuard:
 
     def _release_point(self) -> int:
         cut = self._window_cut()
-        if cut == 0:
-            return 0
-        # A filter may need the end of the window kept (a placeholder cut in half).
-        keep = self._guard.holdback(Stage.OUTPUT, self._held[:cut])
-        return max(cut - keep, 0)
+        # A filter may need the end of the window kept (a placeholder cut in half, the
+        # start of a card number). Moving the cut back can split something else, so ask
+        # again at the new cut until no filter wants more kept.
+        for _ in range(8):
+            if cut <= 0:
+                return 0
+            keep = self._guard.holdback(Stage.OUTPUT, self._held[:cut])
+            if keep <= 0:
+                return cut
+            cut -= keep
+        return 0  # still moving: keep it all until more text (or the end) settles it
 
     def _window_cut(self) -> int:
         held, limit = self._held, self._settings.window_chars
@@ -119,6 +127,7 @@ class StreamGuard:
         )
         decision = await self._guard.check(Stage.OUTPUT, tail + window, self._ctx)
         self.decisions.append(decision)
+        self.window_chars.append(len(window))
         if decision.blocked:
             self.blocked = True
             self._held = ""

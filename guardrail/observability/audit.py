@@ -927,7 +927,7 @@ class AuditLog:
         writer.task = asyncio.create_task(self._run(writer), name="guardrail-audit-writer")
         writer.task.add_done_callback(_report_crash)
         self._writer = writer
-        log.info("audit_started", store=repr(self.store), text=self.config.text)
+        log.info("audit_started", store=repr(self.store), audit_text=self.config.text)
 
     async def flush(self) -> None:
         """Wait until every row recorded so far is written or dropped."""

@@ -83,7 +83,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from guardrail.exchange import Exchange, Route
+from guardrail.exchange import MONITORED_ROUTES, Exchange, Route
 from guardrail.guard.types import FILTER_ERROR_CATEGORY, Action, Decision, Stage
 from guardrail.observability.audit import AuditStats
 
@@ -428,12 +428,17 @@ class GatewayMetrics:
             )
         self.requests.labels(route=exchange.route, outcome=exchange.outcome).inc()
         self.request_duration.labels(route=exchange.route).observe(exchange.duration_s)
+        window_chars = iter(exchange.stream_window_chars)
         for decision in exchange.decisions:
             self.record_decision(decision)
             if exchange.stream and decision.stage is Stage.OUTPUT:
-                self.stream_window(decision.action)
+                self.stream_window(decision.action, next(window_chars, None))
         # Harmful content counts once per exchange, stage and category: a chat client
-        # resends its whole history every turn, and an old finding is not new harm.
+        # resends its whole history every turn, and an old finding is not new harm. Only
+        # chat and completions exchanges count (as in the drift windows and the report):
+        # the rate's denominator is their requests, and a batch of /v1/moderations
+        # checks is not traffic that reached users.
+        counted = exchange.route in MONITORED_ROUTES
         acted = {
             (d.stage.value, f.category, f.concern)
             for d in exchange.decisions
@@ -445,7 +450,7 @@ class GatewayMetrics:
         harmful = {
             (stage, category)
             for stage, category, concern in acted
-            if concern == "harm" and category != FILTER_ERROR_CATEGORY
+            if counted and concern == "harm" and category != FILTER_ERROR_CATEGORY
         }
         for stage, kind, concern in sorted(acted):
             if concern == "accuracy":

@@ -56,7 +56,7 @@ from prometheus_client.registry import Collector
 
 from guardrail.chat import Message
 from guardrail.errors import ConfigError
-from guardrail.exchange import Exchange, GroupMention
+from guardrail.exchange import MONITORED_ROUTES, Exchange, GroupMention
 from guardrail.guard.types import Action, Decision, FilterContext, Stage
 from guardrail.observability.counterfactual import (
     SKIP_REASONS,
@@ -77,9 +77,6 @@ __all__ = [
     "MonitoringMetrics",
     "monitor_from_settings",
 ]
-
-MONITORED_ROUTES: Final = frozenset({"chat", "completions"})
-"""Routes whose exchanges count: the prompts and completions of the traffic."""
 
 TOXICITY_FILTER_TYPE: Final = "toxicity"
 """Filter type whose scores feed the toxicity histograms (its highest category score)."""

@@ -44,7 +44,13 @@ from guardrail.errors import PolicyError, Problem, RegistryError
 from guardrail.guard.filter import FilterSpec
 from guardrail.guard.types import Action, Stage
 from guardrail.plugins import PluginRegistry
-from guardrail.policy.model import FilterConfig, Id, Policy, PolicyDocument
+from guardrail.policy.model import (
+    HEADER_VALUE_PATTERN,
+    FilterConfig,
+    Id,
+    Policy,
+    PolicyDocument,
+)
 
 __all__ = ["load_policy", "load_policy_text"]
 
@@ -64,6 +70,7 @@ _MERGE_TAG = f"{_YAML}merge"
 _MAX_VALUES = 1_000_000
 
 _ID_PATTERN: str = msgspec.json.schema(Id)["pattern"]
+_HEADER_PATTERN = HEADER_VALUE_PATTERN
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _STAGES = frozenset(s.value for s in Stage)
 
@@ -523,11 +530,37 @@ def _explain_alternatives(error: ValidationError, prefix: JsonPath) -> Iterator[
         words = " or ".join(dict.fromkeys(_TYPE_WORDS.get(t, t) for t in types))
         yield _Issue(path, f"expected {words}, got {_describe(error.instance)}")
         return
+    tags = _tag_values(branches)
+    if tags is not None and isinstance(error.instance, dict):
+        # A tagged union (classifier engines by "type"): a wrong tag is the mistake,
+        # not the keys that the closest branch would have wanted.
+        wrong = error.instance.get("type")
+        yield _Issue(
+            (*path, "type"),
+            f"{_show(wrong)} is not a valid value (expected one of: {_one_of(tags)})"
+            + _did_you_mean(wrong, tags),
+        )
+        return
     best = best_match(subs) if subs else None
     if best is None:
         yield _Issue(path, error.message)
     else:
         yield from _explain(best, prefix)
+
+
+def _tag_values(branches: dict[int, list[ValidationError]]) -> list[Any] | None:
+    """The allowed tags when every branch refused the value's ``type`` tag, else None."""
+    tags: list[Any] = []
+    for errors in branches.values():
+        refusals = [
+            e
+            for e in errors
+            if list(e.relative_path) == ["type"] and e.validator in ("const", "enum")
+        ]
+        if not refusals:
+            return None
+        tags += _as_list(_value(refusals[0]))
+    return tags or None
 
 
 def _value(error: ValidationError) -> Any:
@@ -558,6 +591,13 @@ def _message(keyword: str, expected: Any, instance: Any, fallback: str) -> str:
             return (
                 f"{_show(instance)} is not a valid id: use letters, digits, '_', '.', ':' "
                 "and '-', starting with a letter or digit"
+            )
+        if expected == r"\S":
+            return "must not be blank"
+        if expected == _HEADER_PATTERN:
+            return (
+                f"{_show(instance)} cannot be sent in an HTTP header: use printable ASCII "
+                "(letters, digits, punctuation, inner spaces), no line breaks"
             )
         return f"{_show(instance)} does not match the pattern {expected}"
     bounds = {

@@ -24,6 +24,8 @@ Id = Annotated[
         description="Identifier: letters, digits, '_', '.', ':', '-'.",
     ),
 ]
+# A value sent as an HTTP header (the policy version): visible ASCII, inner spaces.
+HEADER_VALUE_PATTERN = r"^[!-~](?:[ -~]*[!-~])?$"
 OnError = Literal["block", "flag", "allow"]
 
 
@@ -113,8 +115,13 @@ class PolicyDocument(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     name: Annotated[Id, _doc("Policy name, reported with every decision.")]
     version: Annotated[
         str,
-        _doc("Policy version, stamped on every decision; bump it on every change."),
-        msgspec.Meta(min_length=1, max_length=64),
+        _doc(
+            "Policy version, stamped on every decision and sent in the "
+            "x-guardrail-policy-version header; bump it on every change. Printable ASCII "
+            "(letters, digits, punctuation, inner spaces)."
+        ),
+        # An HTTP header value: no line breaks, no non-ASCII (they would break responses).
+        msgspec.Meta(min_length=1, max_length=64, pattern=HEADER_VALUE_PATTERN),
     ]
     description: Annotated[str, _doc("What this policy is for.")] = ""
     on_error: Annotated[
