@@ -451,3 +451,40 @@ def test_shutdown_finishes_open_streams_then_runs_the_shutdown_hooks(test_policy
     assert [line for line in body if line][-1] == "data: [DONE]"
     assert [name for name, _ in sorted(events, key=lambda e: e[1])] == ["stream_done", "hook"]
     assert backend.closed
+
+
+class _Watched(FakeBackend):
+    """A slow backend that says whether its call was cancelled."""
+
+    cancelled = threading.Event()
+
+    async def generate(self, request: GenerationRequest) -> Any:
+        try:
+            return await super().generate(request)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+def test_a_client_that_leaves_a_non_streamed_call_cancels_it_and_it_is_counted(
+    test_policy: Path,
+) -> None:
+    backend = _Watched(delay_s=5.0)
+    registry = CollectorRegistry()
+    settings = Settings(policy=str(test_policy), models=["fake-model"])
+    app = create_app(settings, backend=backend, metrics_registry=registry)
+    with serve_asgi(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=chat(), timeout=0.5)
+        # The backend call is cancelled at once, not after its 5 s.
+        assert backend.cancelled.wait(3.0)
+        cancelled = {"route": "chat", "outcome": "cancelled"}
+        deadline = time.monotonic() + 3.0
+        while registry.get_sample_value("guardrail_requests_total", cancelled) != 1.0:
+            assert time.monotonic() < deadline, "the disconnect was not recorded"
+            time.sleep(0.05)
+        # A client that stays gets its answer as before.
+        backend.delay_s = 0.0
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat(), timeout=5.0)
+        assert r.status_code == 200
+        assert registry.get_sample_value("guardrail_requests_total", cancelled) == 1.0

@@ -70,7 +70,9 @@ def _gateway(state: State) -> Gateway:
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
-    return await _serving(state).chat(data, request_id_of(request), principal_of(request.scope))
+    return await _serving(state).chat(
+        data, request_id_of(request), principal_of(request.scope), request.receive
+    )
 
 
 @post("/v1/completions", status_code=200, summary="Text completion, moderated")
@@ -78,7 +80,7 @@ async def completions(
     data: JSONBody[CompletionRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
     return await _serving(state).completions(
-        data, request_id_of(request), principal_of(request.scope)
+        data, request_id_of(request), principal_of(request.scope), request.receive
     )
 
 

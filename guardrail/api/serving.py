@@ -15,12 +15,13 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import structlog
 from litestar import Response
 from litestar.response import Stream
+from litestar.types import Receive
 
 from guardrail.api.auth import OPEN_PRINCIPAL, Principal, TenantRules, Tenants
 from guardrail.api.consistency import ConsistencyChecker
@@ -373,6 +374,8 @@ class _Call:
     include_usage: bool
     admission: _Admission | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    # The client connection's ASGI receive: tells a non-streamed call the client left.
+    receive: Receive | None = None
 
     @property
     def response_id(self) -> str:
@@ -408,6 +411,7 @@ class Serving:
         body: ChatCompletionRequest,
         request_id: str,
         principal: Principal = OPEN_PRINCIPAL,
+        receive: Receive | None = None,
     ) -> Response[Any]:
         def prepare() -> _Prepared:
             body.refuse_unmoderated()
@@ -428,13 +432,14 @@ class Serving:
 
             return [m.content for m in messages], messages, build
 
-        return await self._serve("chat", body, request_id, prepare, principal)
+        return await self._serve("chat", body, request_id, prepare, principal, receive=receive)
 
     async def completions(
         self,
         body: CompletionRequest,
         request_id: str,
         principal: Principal = OPEN_PRINCIPAL,
+        receive: Receive | None = None,
     ) -> Response[Any]:
         def prepare() -> _Prepared:
             body.refuse_unmoderated()
@@ -446,7 +451,9 @@ class Serving:
 
             return [prompt], (Message("user", prompt),), build
 
-        return await self._serve("completions", body, request_id, prepare, principal)
+        return await self._serve(
+            "completions", body, request_id, prepare, principal, receive=receive
+        )
 
     async def moderations(
         self,
@@ -536,6 +543,8 @@ class Serving:
         request_id: str,
         prepare: Callable[[], _Prepared],
         principal: Principal = OPEN_PRINCIPAL,
+        *,
+        receive: Receive | None = None,
     ) -> Response[Any]:
         rules = self.gw.rules(principal)
         guard = self.gw.guard_for(rules)
@@ -593,6 +602,7 @@ class Serving:
                 input_decisions=input_decisions,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
                 admission=admission,
+                receive=receive,
             )
             if body.stream:
                 response = await self._start_stream(call)
@@ -602,6 +612,10 @@ class Serving:
         except BackendError as e:
             exchange.finish("backend_error", e.status, e.code)
             raise from_backend_error(e) from e
+        except ClientDisconnected:
+            # Nobody is left to answer; the backend call was cancelled, freeing its slot.
+            exchange.finish("cancelled", 499, "client_disconnected")
+            return Response(b"", status_code=499)
         except APIError as e:
             if e.code == "content_filter":
                 exchange.finish("blocked_input", e.status, e.code)
@@ -649,7 +663,7 @@ class Serving:
     async def _complete(self, call: _Call) -> Response[Any]:
         exchange = call.exchange
         started = time.perf_counter()
-        completion = await call.backend.generate(call.request)
+        completion = await _unless_disconnected(call.backend.generate(call.request), call.receive)
         exchange.backend_duration_s = time.perf_counter() - started
         exchange.prompt_tokens = completion.prompt_tokens
         exchange.completion_tokens = completion.completion_tokens
@@ -924,6 +938,47 @@ class Serving:
             param="model",
             code="model_not_found",
         )
+
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection before its non-streamed answer was ready."""
+
+
+async def _client_left(receive: Receive) -> bool:
+    """True once the client disconnects; False if the connection cannot say."""
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return True
+    except Exception:  # a server that cannot be asked: never a reason to stop the call
+        return False
+
+
+async def _unless_disconnected(work: Awaitable[T], receive: Receive | None) -> T:
+    """``await work``, cancelled if the client disconnects first (its backend slot freed).
+
+    After the body is read, the ASGI ``receive`` only answers ``http.disconnect``: when
+    the client goes away, or once the response is sent.
+    """
+    if receive is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_client_left(receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watch.result():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientDisconnected
+        return await task
+    finally:
+        for pending in (task, watch):
+            if not pending.done():
+                pending.cancel()
 
 
 async def _aclose(chunks: AsyncIterator[Chunk]) -> None:
