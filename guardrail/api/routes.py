@@ -10,10 +10,12 @@ import re
 import uuid
 from typing import Any
 
+import msgspec
 import structlog
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.enums import MediaType, ScopeType
+from litestar.exceptions import ValidationException
 from litestar.params import JSONBody
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -66,10 +68,26 @@ def _gateway(state: State) -> Gateway:
     return gateway
 
 
+async def _strictly(request: Request[Any, Any, Any], kind: type[Any]) -> None:
+    """Refuse a body that only parsed by coercion ("max_tokens": "5", "stream": "true").
+
+    The framework converts bodies leniently (as it must for query strings); a JSON body
+    with a mistyped field gets a 400 naming it instead of a silently converted value.
+    """
+    try:
+        msgspec.json.decode(await request.body(), type=kind, strict=True)
+    except msgspec.ValidationError as e:
+        # The same error (and count) as the framework's own validation failures.
+        message, _, where = str(e).partition(" - at `$.")
+        detail = {"message": message, "key": where.rstrip("`") or "data"}
+        raise ValidationException(detail=message, extra=[detail]) from None
+
+
 @post("/v1/chat/completions", status_code=200, summary="Chat completion, moderated")
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
+    await _strictly(request, ChatCompletionRequest)
     return await _serving(state).chat(
         data, request_id_of(request), principal_of(request.scope), request.receive
     )
@@ -79,6 +97,7 @@ async def chat_completions(
 async def completions(
     data: JSONBody[CompletionRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
+    await _strictly(request, CompletionRequest)
     return await _serving(state).completions(
         data, request_id_of(request), principal_of(request.scope), request.receive
     )
@@ -88,6 +107,7 @@ async def completions(
 async def moderations(
     data: JSONBody[ModerationRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
+    await _strictly(request, ModerationRequest)
     body = await _serving(state).moderations(
         data, request_id_of(request), principal_of(request.scope)
     )
