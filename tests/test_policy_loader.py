@@ -534,3 +534,20 @@ def test_a_mistyped_engine_type_is_named_as_the_mistake(
         "valid value (expected one of: embedding-heads, llama-guard); did you mean "
         "'llama-guard'?"
     ]
+
+
+def test_a_schema_error_in_a_config_does_not_hide_its_other_problems(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    text = (
+        'name: p\nversion: "1"\nfilters:\n  - id: aup\n    type: rules\n    config:\n'
+        "      colour: blue\n      rules:\n"
+        "        - {id: a, category: c, keywords: [x]}\n"
+        "        - {id: a, category: c, regex: ['(']}\n"
+    )
+    problems = text_problems(text, registry)
+    assert [p.split(": ")[1] for p in problems] == [
+        "filters[0].config.colour",
+        "filters[0].config.rules[1].id",
+        "filters[0].config.rules[1].regex[0]",
+    ]

@@ -23,6 +23,7 @@ Only when nothing is wrong is the data converted into typed structs and resolved
 
 from __future__ import annotations
 
+import copy
 import datetime
 import difflib
 import functools
@@ -718,6 +719,19 @@ def _check_config(
     schema_issues = list(_schema_issues(_config_validator(spec.config_type), config, path))
     if schema_issues:
         issues += schema_issues
+        # Report the config's other problems too (every problem at once): check what is
+        # left without the keys the schema refused, when that still makes a config.
+        removed = [i.path for i in schema_issues]
+        pruned = _without(config, [r[len(path) :] for r in removed])
+        if pruned is not None and spec.validate is not None:
+            try:
+                typed = msgspec.convert(pruned, spec.config_type)
+                found = [_Issue((*path, *c.path), c.message) for c in spec.validate(typed)]
+            except Exception:  # best effort: the schema issues stand
+                found = []
+            # Not about an object that lost a key here ("a condition needs ..." once
+            # its misspelt key is gone): that would be the pruning's own doing.
+            issues += [i for i in found if not any(r[: len(i.path)] == i.path for r in removed)]
         return None
     try:
         typed = msgspec.convert(config, spec.config_type)
@@ -731,6 +745,25 @@ def _check_config(
             message = f"the '{spec.type}' filter's config check failed: {type(e).__name__}: {e}"
             issues.append(_Issue(path, message))
     return typed
+
+
+def _without(config: dict[str, Any], paths: list[JsonPath]) -> dict[str, Any] | None:
+    """``config`` less the mapping keys at ``paths``; None when a path is not a mapping key
+    (removing a list item would shift the indices of every later problem)."""
+    pruned = copy.deepcopy(config)
+    for rel in paths:
+        if not rel or not isinstance(rel[-1], str):
+            return None
+        parent: Any = pruned
+        for part in rel[:-1]:
+            try:
+                parent = parent[part]
+            except (KeyError, IndexError, TypeError):
+                return None
+        if not isinstance(parent, dict):
+            return None
+        parent.pop(rel[-1], None)
+    return pruned
 
 
 # --- keys ------------------------------------------------------------------------------
