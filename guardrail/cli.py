@@ -126,10 +126,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- check --------------------------------------------------------------------------------
 
 
+def _log_to_stderr() -> None:
+    """Log lines (a failed filter's warning) go to stderr: stdout is the command's result."""
+    from guardrail.observability.logging import configure_logging
+    from guardrail.settings import load_settings
+
+    settings = load_settings()
+    # Warnings and worse only, unless the settings ask for more detail: info lines from
+    # model loading would bury the command's own messages.
+    level = settings.log_level if settings.log_level == "debug" else "warning"
+    configure_logging(level, settings.log_format, log_text=settings.log_text)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from guardrail.guard.types import FilterContext, Stage
 
+    _log_to_stderr()
     text = sys.stdin.read() if args.text == "-" else args.text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes on stdin come in as lone surrogates
+        raise ConfigError("the text to check is not valid UTF-8") from None
     stage = Stage(args.stage)
     with ThreadPoolExecutor(2) as executor:
         guard = _guard(args.policy or _default_policy(), executor)
@@ -256,6 +273,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from guardrail.evaluation import evaluate, format_report, read_dataset
     from guardrail.guard.types import Stage
 
+    _log_to_stderr()
     rows = read_dataset(Path(args.data))
     with ThreadPoolExecutor(2) as executor:
         guard = _guard(args.policy or _default_policy(), executor)
@@ -471,6 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (ConfigError, GuardrailError) as e:
         print(f"guardrail: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the command cannot read or write
+        where = f": {e.filename}" if e.filename else ""
+        print(f"guardrail: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

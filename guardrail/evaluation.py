@@ -47,6 +47,8 @@ def read_dataset(path: Path) -> list[Example]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from e
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -63,7 +65,7 @@ def read_dataset(path: Path) -> list[Example]:
         context = row.get("context") or ()
         if isinstance(context, str):
             context = (context,)
-        if not all(isinstance(c, str) for c in context):
+        if not isinstance(context, list | tuple) or not all(isinstance(c, str) for c in context):
             raise ConfigError(f'{where}: "context" must be a string or a list of strings')
         category = row.get("category")
         prompt = row.get("prompt")

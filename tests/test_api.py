@@ -287,6 +287,7 @@ def test_streamed_completions_route(client: Client, backend: FakeBackend) -> Non
         ),
         (body_with(b'"max_tokens": "5"'), 400, "got `str` (at 'max_tokens')"),
         (body_with(b'"stream": "true"'), 400, "(at 'stream')"),
+        (body_with(b'"seed": 1180591620717411303424'), 400, "(at 'seed')"),
         (body_with(b'"temperature": "0.5"'), 400, "(at 'temperature')"),
         (body_with(b'"x": "caf\xe9"'), 400, "not valid UTF-8"),
         (body_with(b'"x": ' + b"[" * 100_000 + b"]" * 100_000), 400, "nested too deeply"),

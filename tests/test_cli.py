@@ -158,3 +158,40 @@ def test_schema_command_matches_the_committed_schema(
     code, _, _ = run(["policy", "schema", "--out", str(out_file)], capsys)
     assert code == 0
     assert out_file.read_text() == (ROOT / "policies" / "schema.json").read_text()
+
+
+def test_bad_inputs_and_paths_are_clear_errors_not_tracebacks(
+    test_policy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b'\xff\xfe{"text": "a"}\n')
+    code, _, err = run(["eval", str(binary), "--policy", str(test_policy)], capsys)
+    assert (code, err.strip()) == (
+        2,
+        f"guardrail: {binary}: not UTF-8 text (byte 0 cannot be decoded)",
+    )
+    context = tmp_path / "ctx.jsonl"
+    context.write_text('{"text": "a", "label": "allow", "context": 7}\n')
+    code, _, err = run(["eval", str(context), "--policy", str(test_policy)], capsys)
+    assert code == 2
+    assert '"context" must be a string or a list of strings' in err
+    code, _, err = run(["model", "prepare", "--cache-dir", "/proc/no/such"], capsys)
+    assert code == 2
+    assert err.startswith("guardrail: ")
+
+
+def test_check_keeps_stdout_for_its_json_even_when_a_filter_fails(
+    test_policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Log lines (a failed filter's warning) go to stderr; stdout parses as JSON."""
+    from guardrail.filters.rules import RulesFilter
+
+    async def broken(self: object, text: str, ctx: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(RulesFilter, "check", broken)
+    code, out, err = run(["check", "--policy", str(test_policy), "hello"], capsys)
+    assert code == 0
+    assert json.loads(out)["action"] == "block"  # the filter failed: fail closed
+    assert "filter_failed" in err
+    assert "filter_failed" not in out

@@ -242,6 +242,18 @@ async def test_when_max_tokens_is_reached_then_finish_reason_is_length(
 
 
 @slow
+async def test_a_request_whose_seed_cannot_be_used_fails_alone(local: LocalBackend) -> None:
+    """One client's bad parameters never fail the others in its batch."""
+    alone = await local.generate(chat(max_tokens=8))
+    bad = chat(max_tokens=8, temperature=1.0, seed=2**70)
+    results = await asyncio.gather(
+        local.generate(chat(max_tokens=8)), local.generate(bad), return_exceptions=True
+    )
+    assert results[0] == alone
+    assert isinstance(results[1], BackendError)
+    assert await local.generate(chat(max_tokens=8)) == alone  # the engine still serves
+
+
 async def test_a_seed_makes_sampling_repeatable(local: LocalBackend) -> None:
     request = chat("Tell me about dragons.", max_tokens=12, temperature=1.0, seed=1234)
     first = await local.generate(request)

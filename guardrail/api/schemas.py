@@ -93,7 +93,8 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     top_p: TopP | None = None
     n: Annotated[int, msgspec.Meta(ge=1)] | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
-    seed: int | None = None
+    # An int64 (within what torch's generators take): a larger seed is a client mistake.
+    seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None

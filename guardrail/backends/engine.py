@@ -478,7 +478,11 @@ class Engine:
             self._observe(
                 "engine_prefix_lookup", cache is not None, reused, self.prefix_cache.bytes
             )
-            row = self._row(work, ids, max_new, reused, torch)
+            try:
+                row = self._row(work, ids, max_new, reused, torch)
+            except Exception as e:  # this request's own parameters: fail it alone
+                _settle(work.future, _failed(e))
+                continue
             if cache is None:
                 fresh.append((row, ids))
                 continue
