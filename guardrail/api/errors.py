@@ -125,7 +125,11 @@ def make_exception_handler(max_body_bytes: int, on_rejected: OnRejected | None =
         if (
             on_rejected is not None
             and err.status != 405  # a wrong method is no exchange (nor an audit row)
-            and (isinstance(exc, HTTPException) or _body_decode_error(exc) is not None)
+            # the framework's refusals, and a body it could not decode (mapped to a 400)
+            and (
+                isinstance(exc, HTTPException)
+                or (isinstance(exc, UnicodeDecodeError | RecursionError) and err.status == 400)
+            )
         ):
             on_rejected(request.url.path, rid, err.status, err.code or "")
         return err.response({"x-request-id": rid})

@@ -72,8 +72,6 @@ class Bf16Model:
     embeddings keep their meaning. Other attributes are the model's.
     """
 
-    precision = "bf16"
-
     def __init__(self, model: Any) -> None:
         self.model = model
 

@@ -45,8 +45,6 @@ from guardrail.guard.types import (
 from guardrail.plugins import PluginRegistry
 from guardrail.policy.model import FilterConfig, Policy
 
-# Category of the finding a failed filter leaves behind; dashboards count it like any other.
-
 log = structlog.get_logger("guardrail.guard")
 # How a conversation-level filter sees the conversation: the message texts in order.
 CONVERSATION_SEPARATOR = "\n\n"

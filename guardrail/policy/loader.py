@@ -71,7 +71,6 @@ _MERGE_TAG = f"{_YAML}merge"
 _MAX_VALUES = 1_000_000
 
 _ID_PATTERN: str = msgspec.json.schema(Id)["pattern"]
-_HEADER_PATTERN = HEADER_VALUE_PATTERN
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _STAGES = frozenset(s.value for s in Stage)
 
@@ -595,7 +594,7 @@ def _message(keyword: str, expected: Any, instance: Any, fallback: str) -> str:
             )
         if expected == r"\S":
             return "must not be blank"
-        if expected == _HEADER_PATTERN:
+        if expected == HEADER_VALUE_PATTERN:
             return (
                 f"{_show(instance)} cannot be sent in an HTTP header: use printable ASCII "
                 "(letters, digits, punctuation, inner spaces), no line breaks"
