@@ -13,7 +13,8 @@ unless ``--model`` names another), loaded once with ``dtype`` and ``device`` aut
   answer that turn greedily and checks the answers are the same (``ttft_same_answers``).
   The report is the median over ``--runs``.
 - **Throughput** (``throughput_sequential_tps``, ``throughput_batched_tps``,
-  ``throughput_ratio``): the same 8 chat prompts, each asking for a long story so the
+  ``throughput_ratio``): the same 8 chat prompts (``--concurrency N``: N prompts, the 8
+  repeated in order, and a batch of N), each asking for a long story so the
   model does not stop early, encoded with the model's chat template. *Sequential* is
   plain ``model.generate`` (greedy, a batch of one) on one prompt after another, with
   ``min_new_tokens = max_new_tokens = 64`` so every request generates exactly 64 tokens.
@@ -83,7 +84,7 @@ from guardrail.chat import Message
 from guardrail.errors import ConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
-    from guardrail.backends.local import LocalBackend, Quantization
+    from guardrail.backends.local import DType, LocalBackend, Quantization
 
 __all__ = [
     "AGREEMENT_PROMPTS",
@@ -91,6 +92,7 @@ __all__ = [
     "THROUGHPUT_PROMPTS",
     "Throughput",
     "Ttft",
+    "concurrent_prompts",
     "format_table",
     "greedy_answers",
     "measure_batched",
@@ -482,8 +484,10 @@ def measure_quantization(
     prompts: Sequence[str] = AGREEMENT_PROMPTS,
     tokens: int = 32,
     device: str = "auto",
+    dtype: DType = "auto",
 ) -> dict[str, dict[str, Any]]:
-    """Weight bytes and greedy agreement of each mode against ``model`` (unquantized)."""
+    """Weight bytes and greedy agreement of each mode against ``model`` (unquantized,
+    loaded with the same ``dtype``: it is also the dtype of what a mode leaves unquantized)."""
     from guardrail.backends.local import load_local_model
 
     fp32_bytes = weight_bytes(model, as_fp32=True)
@@ -496,7 +500,9 @@ def measure_quantization(
             agreement = token_agreement(model, tokenizer, prompts, reference)
         else:
             try:
-                quantized, _ = load_local_model(source, device=device, quantization=mode)
+                quantized, _ = load_local_model(
+                    source, device=device, dtype=dtype, quantization=mode
+                )
             except (ConfigError, MissingDependencyError) as e:
                 out[mode] = {"unsupported": str(e)}
                 continue
@@ -523,6 +529,11 @@ def measure_quantization(
 # --- the whole run -------------------------------------------------------------------------
 
 
+def progress(message: str) -> None:
+    """A line on stderr: each measurement as it is taken (stdout is kept for the report)."""
+    print(f"guardrail: {message}", file=sys.stderr)
+
+
 def _resolve_model(model: str | None, cache_dir: Path | None) -> tuple[str, str]:
     """``(source, served name)`` of ``--model``, or of the embedded model when it is None."""
     from guardrail.backends.local import served_model_name
@@ -532,11 +543,15 @@ def _resolve_model(model: str | None, cache_dir: Path | None) -> tuple[str, str]
     from guardrail.backends.embedded import EMBEDDED_MODEL_NAME, prepare_embedded_model
     from guardrail.settings import default_cache_dir
 
-    def progress(message: str) -> None:
-        print(f"guardrail: {message}", file=sys.stderr)
-
     folder = prepare_embedded_model(cache_dir or default_cache_dir(), log=progress)
     return str(folder), EMBEDDED_MODEL_NAME
+
+
+def concurrent_prompts(count: int) -> tuple[str, ...]:
+    """``count`` throughput prompts: :data:`THROUGHPUT_PROMPTS` repeated in order."""
+    if count < 1:
+        raise ConfigError(f"concurrency must be at least 1, not {count}")
+    return tuple(THROUGHPUT_PROMPTS[i % len(THROUGHPUT_PROMPTS)] for i in range(count))
 
 
 def run(
@@ -544,6 +559,7 @@ def run(
     model: str | None = None,
     cache_dir: Path | None = None,
     device: str = "auto",
+    dtype: DType = "auto",
     runs: int = 5,
     answer_tokens: int = 24,
     prompts: Sequence[str] = THROUGHPUT_PROMPTS,
@@ -557,9 +573,13 @@ def run(
     from guardrail.backends.local import load_local_model
 
     source, name = _resolve_model(model, cache_dir)
-    loaded, tokenizer = load_local_model(source, device=device)
+    loaded, tokenizer = load_local_model(source, device=device, dtype=dtype)
     ttft = asyncio.run(
         measure_ttft(loaded, tokenizer, name, runs=runs, answer_tokens=answer_tokens)
+    )
+    progress(
+        f"turn-2 time to first token {ttft.recompute_ms:.1f} ms recomputed, "
+        f"{ttft.reuse_ms:.1f} ms from the cache; measuring throughput"
     )
     sequential: list[Throughput] = []
     batched: list[Throughput] = []
@@ -582,7 +602,11 @@ def run(
     seq_tps = statistics.median(t.tokens_per_second for t in sequential)
     bat_tps = statistics.median(t.tokens_per_second for t in batched)
     device_name = str(loaded.device)
-    dtype = str(loaded.dtype).removeprefix("torch.")
+    loaded_dtype = str(loaded.dtype).removeprefix("torch.")
+    progress(
+        f"throughput {seq_tps:.1f} tokens/s sequential, {bat_tps:.1f} batched "
+        f"({bat_tps / seq_tps:.2f}x); measuring quantization"
+    )
     quantization = measure_quantization(
         source,
         loaded,
@@ -591,6 +615,7 @@ def run(
         prompts=agreement_prompts,
         tokens=agreement_tokens,
         device=device,
+        dtype=dtype,
     )
     return {
         "ttft_recompute_ms": round(ttft.recompute_ms, 2),
@@ -624,7 +649,7 @@ def run(
         },
         "model": name,
         "device": device_name,
-        "dtype": dtype,
+        "dtype": loaded_dtype,
         "runs": runs,
         "machine": {
             "processor": platform.processor() or platform.machine(),

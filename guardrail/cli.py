@@ -12,7 +12,8 @@
     guardrail model prepare [--cache-dir DIR]
     guardrail bench proxy [--policy FILE] [--latency-ms MS] [--concurrency N]
                           [--seconds S] [--runs N] [--json]
-    guardrail bench engine [--model PATH] [--runs N] [--json]
+    guardrail bench engine [--model PATH] [--runs N] [--device D] [--dtype T]
+                           [--concurrency N] [--json]
     guardrail report [--config FILE] [--audit-dsn DSN] [--since 7d] [--until WHEN]
                      [--step 6h] [--out report.html]
 
@@ -334,7 +335,14 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
         "(time to first token, throughput, quantization; minutes) ...",
         file=sys.stderr,
     )
-    report = bench_engine.run(model=args.model, runs=args.runs)
+    report = bench_engine.run(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        runs=args.runs,
+        prompts=bench_engine.concurrent_prompts(args.concurrency),
+        max_batch_size=args.concurrency,
+    )
     if args.json:
         print(json.dumps(report))
     else:
@@ -459,6 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="local model folder or .gguf file (default: the embedded model)"
     )
     engine.add_argument("--runs", type=int, default=5, help="the report is the median")
+    engine.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N"
+    )
+    engine.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: fp32 on CPU, bf16 on CUDA",
+    )
+    engine.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="requests sent at once, and the engine's batch size (default 8)",
+    )
     engine.add_argument("--json", action="store_true", help="print one JSON object")
     engine.set_defaults(func=cmd_bench_engine)
 

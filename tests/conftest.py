@@ -127,8 +127,15 @@ def model_dir(cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def loaded(model_dir: Path) -> tuple[Any, Any]:
-    return load_local_model(str(model_dir), dtype="fp32", device="cpu")
+def test_device() -> str:
+    """Where the model tests run: ``$GUARDRAIL_TEST_DEVICE`` (``cuda`` on a GPU machine,
+    to run the same engine tests there), else the CPU."""
+    return os.environ.get("GUARDRAIL_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dir: Path, test_device: str) -> tuple[Any, Any]:
+    return load_local_model(str(model_dir), dtype="fp32", device=test_device)
 
 
 def tiny_decoder(config_class: Any, model_class: Any, tokenizer: Any, **extra: Any) -> Any:

@@ -12,6 +12,7 @@ import pytest
 
 from guardrail import bench_engine
 from guardrail.cli import build_parser, cmd_bench_engine
+from guardrail.errors import ConfigError
 
 
 def _int8_weight_only(model: Any) -> None:
@@ -57,6 +58,27 @@ def test_weight_bytes_counts_tied_weights_once() -> None:
 def test_bench_engine_command_takes_model_runs_and_json() -> None:
     args = build_parser().parse_args(["bench", "engine", "--model", "/m", "--runs", "2", "--json"])
     assert (args.func, args.model, args.runs, args.json) == (cmd_bench_engine, "/m", 2, True)
+    assert (args.device, args.dtype, args.concurrency) == ("auto", "auto", 8)
+
+
+def test_bench_engine_takes_device_dtype_and_concurrency() -> None:
+    args = build_parser().parse_args(
+        ["bench", "engine", "--device", "cuda:1", "--dtype", "fp16", "--concurrency", "32"]
+    )
+    assert (args.device, args.dtype, args.concurrency) == ("cuda:1", "fp16", 32)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "engine", "--dtype", "int8"])
+
+
+def test_concurrent_prompts_repeat_the_throughput_prompts_in_order() -> None:
+    prompts = bench_engine.THROUGHPUT_PROMPTS
+    assert bench_engine.concurrent_prompts(len(prompts)) == prompts
+    assert bench_engine.concurrent_prompts(3) == prompts[:3]
+    twenty = bench_engine.concurrent_prompts(20)
+    assert len(twenty) == 20
+    assert twenty[len(prompts)] == prompts[0]
+    with pytest.raises(ConfigError, match="at least 1"):
+        bench_engine.concurrent_prompts(0)
 
 
 @pytest.mark.slow

@@ -147,6 +147,12 @@ def _resolve_device(device: str, torch: Any) -> str:
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} was asked for, but CUDA is not available")
+        count = torch.cuda.device_count()
+        if device != "cuda" and int(device[5:]) >= count:
+            raise ConfigError(
+                f"device {device!r} was asked for, but this machine has {count} CUDA "
+                f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})"
+            )
         return device
     raise ConfigError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
 
