@@ -402,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="settings YAML file")
-    serve.add_argument("--policy", help="policy YAML file (default: policies/default.yaml)")
+    serve.add_argument(
+        "--policy",
+        help="policy YAML file (default: policies/default.yaml, else the shipped default)",
+    )
     serve.add_argument("--backend", help="backend type: local or remote")
     serve.add_argument(
         "--backend-url", action="append", help="remote backend base URL (repeat for failover)"

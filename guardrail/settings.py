@@ -25,6 +25,18 @@ import yaml
 from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError
 
+DEFAULT_POLICY = "policies/default.yaml"
+
+
+def shipped_policy(name: str = "default.yaml") -> Path | None:
+    """A policy shipped with Guardrail: inside the installed package (a wheel carries
+    ``policies/`` as ``guardrail/policies/``) or in the source checkout it runs from."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "policies", package.parent / "policies"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -80,7 +92,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     host: Annotated[str, _doc("Address to listen on.")] = "127.0.0.1"
     port: Annotated[int, _doc("Port to listen on."), msgspec.Meta(ge=0, le=65535)] = 8080
-    policy: Annotated[str, _doc("Path of the policy YAML file in force.")] = "policies/default.yaml"
+    policy: Annotated[
+        str,
+        _doc(
+            "Path of the policy YAML file in force. The default, policies/default.yaml, "
+            "is read from the current folder when it is there, else the copy shipped "
+            "with the package is used."
+        ),
+    ] = DEFAULT_POLICY
     shadow_policy: Annotated[
         str | None,
         _doc(
@@ -488,6 +507,13 @@ def load_settings(
     merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         # str_values: environment values arrive as strings and are converted here.
-        return msgspec.convert(merged, Settings, strict=False)
+        settings = msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as e:
         raise ConfigError(f"invalid settings ({source}, environment or flags): {e}") from e
+    if settings.policy == DEFAULT_POLICY and not Path(DEFAULT_POLICY).is_file():
+        # Started outside a checkout (an installed wheel, a service's working folder):
+        # the default policy is the one that ships with the package.
+        shipped = shipped_policy()
+        if shipped is not None:
+            settings = msgspec.structs.replace(settings, policy=str(shipped))
+    return settings

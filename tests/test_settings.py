@@ -58,3 +58,56 @@ def test_unknown_keys_in_the_file_are_errors(tmp_path: Path) -> None:
 def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "nope.yaml", environ={})
+
+
+# -- the default policy outside a checkout ---------------------------------------------
+
+
+def test_outside_a_checkout_the_default_policy_is_the_shipped_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guardrail.settings import shipped_policy
+
+    monkeypatch.chdir(tmp_path)  # no policies/ here
+    settings = load_settings(environ={})
+    shipped = shipped_policy()
+    assert shipped is not None
+    assert settings.policy == str(shipped)
+    repo_default = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
+    assert Path(settings.policy).read_bytes() == repo_default.read_bytes()
+
+
+def test_a_default_policy_in_the_current_folder_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "default.yaml").write_text("name: local\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(environ={}).policy == "policies/default.yaml"
+
+
+def test_a_policy_that_was_asked_for_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(environ={"GUARDRAIL_POLICY": "policies/strict.yaml"})
+    assert settings.policy == "policies/strict.yaml"  # missing: startup names it
+
+
+def test_the_wheel_carries_the_shipped_policies() -> None:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    wheel = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["hatch"]["build"]
+    # shipped_policy() looks for guardrail/policies/ inside an installed package.
+    assert wheel["targets"]["wheel"]["force-include"]["policies"] == "guardrail/policies"
+
+
+def test_guardrail_check_works_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guardrail.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "hello"]) == 0
+    assert '"action": "allow"' in capsys.readouterr().out
