@@ -23,7 +23,7 @@ from guardrail.chat import Message
 from guardrail.errors import PolicyError
 from guardrail.filters.address import find_addresses
 from guardrail.filters.digits import find_card_numbers, find_phone_numbers, luhn_valid
-from guardrail.filters.names import find_cued_names
+from guardrail.filters.names import find_cued_names, find_initial_names
 from guardrail.filters.pii import PiiFilter
 from guardrail.guard.filter import BuildContext, SharedResources
 from guardrail.guard.guard import Guard
@@ -296,6 +296,31 @@ def test_card_numbers_outside_the_common_issuers_need_luhn_and_a_card_word() -> 
 )
 def test_a_cue_introduces_a_name_whatever_its_case(text: str, names: list[str]) -> None:
     assert [text[n.start : n.end] for n in find_cued_names(text)] == names
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("A song by Szabina J Gelencsér, go figure", ["Szabina J Gelencsér"]),
+        ("verses from Faina D. Yefremova's Cautionary Tales", ["Faina D. Yefremova"]),
+        ("Ask O'Neil B Smith or Anne-Marie T. Dupont", ["O'Neil B Smith", "Anne-Marie T. Dupont"]),
+        ("Directed by John A. Smith", ["John A. Smith"]),
+        # Not names: a function word first, a bare A or I, capitals only, a street.
+        ("This Is A Good Day", []),
+        ("Plan A Works, and Then I Said so", []),
+        ("MIJAIL C ADOMO", []),
+        ("Turn into New York E Street", []),
+        ("Lower case john m smith", []),
+    ],
+)
+def test_a_middle_initial_between_capitalised_words_is_a_name(text: str, names: list[str]) -> None:
+    assert [text[n.start : n.end] for n in find_initial_names(text)] == names
+
+
+def test_the_filter_finds_a_name_the_ner_misses_by_its_middle_initial(pii: PiiFilter) -> None:
+    text = "Tube Snake Boogie by Szabina J Gelencsér is the best song."
+    names = [text[d.start : d.end] for d in pii.analyze(text) if d.entity == "PERSON"]
+    assert names == ["Szabina J Gelencsér"]
 
 
 def test_the_engine_runs_only_the_ner_and_still_uses_context_words(pii: PiiFilter) -> None:
