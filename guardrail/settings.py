@@ -448,7 +448,11 @@ _NOT_FROM_ENV = {"api_keys", "tenants"}
 
 
 def parse_api_keys(raw: str) -> list[dict[str, str]]:
-    """``key1=tenant1,key2=tenant2`` as api_keys entries, the keys hashed at once."""
+    """``key1=tenant1,key2=tenant2`` as api_keys entries, the keys hashed at once.
+
+    A value with no entry at all (blank, only commas) is an error, not "no keys": it
+    would replace the config file's keys and leave the gateway open to everyone.
+    """
     entries = []
     for n, part in enumerate((p.strip() for p in raw.split(",")), start=1):
         if not part:
@@ -458,15 +462,24 @@ def parse_api_keys(raw: str) -> list[dict[str, str]]:
             # Never echo the entry: it holds a key.
             raise ConfigError(f"GUARDRAIL_API_KEYS entry {n} is not KEY=TENANT")
         entries.append({"key_sha256": key_digest(key.strip()), "tenant": tenant.strip()})
+    if not entries:
+        raise ConfigError(
+            "GUARDRAIL_API_KEYS is set but holds no KEY=TENANT entry; unset it to use the "
+            "config file's api_keys (or to run open)"
+        )
     return entries
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if environ.get(ENV_PREFIX + "API_KEYS"):
+    if ENV_PREFIX + "API_KEYS" in environ:
         out["api_keys"] = parse_api_keys(environ[ENV_PREFIX + "API_KEYS"])
-    if environ.get(ENV_PREFIX + "ADMIN_KEY"):
-        out["admin_key_sha256"] = key_digest(environ[ENV_PREFIX + "ADMIN_KEY"])
+    if ENV_PREFIX + "ADMIN_KEY" in environ:
+        # Stripped like every key source (a secret file often ends in a line break).
+        admin = environ[ENV_PREFIX + "ADMIN_KEY"].strip()
+        if not admin:
+            raise ConfigError("GUARDRAIL_ADMIN_KEY is set but empty; unset it or give the key")
+        out["admin_key_sha256"] = key_digest(admin)
     for name, f in _FIELDS.items():
         if name in _NOT_FROM_ENV:
             continue

@@ -234,6 +234,52 @@ def test_a_key_can_come_from_a_named_environment_variable() -> None:
         KeyRing.from_settings(settings, environ={})
 
 
+@pytest.mark.parametrize("value", ["", " ", ",", " , ,"])
+def test_a_blank_env_key_list_is_refused_not_read_as_no_keys(value: str) -> None:
+    # Taken as "no keys", it replaced the file's keys and ran the gateway open.
+    with pytest.raises(ConfigError, match="holds no KEY=TENANT entry"):
+        load_settings(environ={"GUARDRAIL_API_KEYS": value})
+
+
+def test_a_blank_env_admin_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match="GUARDRAIL_ADMIN_KEY is set but empty"):
+        load_settings(environ={"GUARDRAIL_ADMIN_KEY": " \n"})
+
+
+def test_keys_from_every_source_are_stripped_alike() -> None:
+    # Kubernetes secrets made --from-file keep the file's last line break.
+    settings = load_settings(
+        environ={"GUARDRAIL_API_KEYS": f"{ALICE}=alice", "GUARDRAIL_ADMIN_KEY": f"{ADMIN}\n"}
+    )
+    settings = Settings(
+        api_keys=[*settings.api_keys, ApiKeyEntry(tenant="ci", key_env="CI_KEY")],
+        admin_key_sha256=settings.admin_key_sha256,
+    )
+    ring = KeyRing.from_settings(settings, environ={"CI_KEY": "sk-ci-key\n"})
+    ci = ring.identify("sk-ci-key")
+    assert ci is not None
+    assert ci.tenant == "ci"
+    admin = ring.identify(ADMIN)
+    assert admin is not None
+    assert admin.admin
+
+
+def test_a_key_listed_twice_is_refused_naming_its_id_not_the_key() -> None:
+    settings = load_settings(environ={"GUARDRAIL_API_KEYS": f"{ALICE}=alice,{ALICE}=bob"})
+    with pytest.raises(ConfigError, match="listed twice") as info:
+        KeyRing.from_settings(settings)
+    assert sha(ALICE)[:8] in str(info.value)
+    assert ALICE not in str(info.value)
+
+
+def test_a_tenant_key_that_is_also_the_admin_key_is_refused() -> None:
+    settings = load_settings(
+        environ={"GUARDRAIL_API_KEYS": f"{ADMIN}=alice", "GUARDRAIL_ADMIN_KEY": ADMIN}
+    )
+    with pytest.raises(ConfigError, match="also the admin key"):
+        KeyRing.from_settings(settings)
+
+
 PREFLIGHT = {"origin": "https://app.example", "access-control-request-method": "POST"}
 
 

@@ -93,18 +93,30 @@ class KeyRing:
     def from_settings(cls, settings: Settings, environ: Mapping[str, str] | None = None) -> KeyRing:
         env = os.environ if environ is None else environ
         keys: dict[bytes, str] = {}
+        admin = bytes.fromhex(settings.admin_key_sha256) if settings.admin_key_sha256 else None
         for n, entry in enumerate(settings.api_keys):
             if entry.key_sha256 is not None:
                 digest = bytes.fromhex(entry.key_sha256)
             else:
-                value = env.get(entry.key_env or "")
+                # Stripped as presented keys are (a secret file often ends in a line break).
+                value = env.get(entry.key_env or "", "").strip()
                 if not value:
                     raise ConfigError(
                         f"api_keys[{n}]: environment variable {entry.key_env} is not set"
                     )
                 digest = hashlib.sha256(value.encode("utf-8")).digest()
+            # Never name the key itself: its id is enough to find the two entries.
+            if digest in keys:
+                raise ConfigError(
+                    f"api_keys[{n}]: key {key_id(digest)} is listed twice (tenants "
+                    f"{keys[digest]!r} and {entry.tenant!r}); a key belongs to one tenant"
+                )
+            if digest == admin:
+                raise ConfigError(
+                    f"api_keys[{n}]: key {key_id(digest)} is also the admin key; "
+                    "give the admin its own key"
+                )
             keys[digest] = entry.tenant
-        admin = bytes.fromhex(settings.admin_key_sha256) if settings.admin_key_sha256 else None
         return cls(keys, admin)
 
     @property
