@@ -74,6 +74,28 @@ async def test_a_request_refused_for_tokens_does_not_use_a_request() -> None:
     assert (await limiter.acquire("k", limits, tokens=10)).allowed
 
 
+async def test_retry_after_is_the_longest_wait_of_the_refusing_buckets() -> None:
+    # Waiting out only the first refusing bucket got another 429 from the second.
+    clock = Clock()
+    limiter = MemoryRateLimiter(clock)
+    limits = Limits(requests_per_minute=2, tokens_per_minute=1000)
+    assert (await limiter.acquire("k", limits, tokens=500)).allowed
+    assert (await limiter.acquire("k", limits, tokens=500)).allowed
+    refused = await limiter.acquire("k", limits, tokens=900)
+    assert (refused.allowed, refused.limit) == (False, "tokens")
+    assert refused.retry_after_s == pytest.approx(54.0)  # 900 tokens at 1000 a minute
+    clock.now += refused.retry_after_s
+    assert (await limiter.acquire("k", limits, tokens=900)).allowed
+
+
+async def test_a_cost_no_minute_can_hold_is_named_whatever_the_other_bucket() -> None:
+    limiter = MemoryRateLimiter(Clock())
+    limits = Limits(requests_per_minute=1, tokens_per_minute=100)
+    assert (await limiter.acquire("k", limits, tokens=10)).allowed  # requests now empty
+    never = await limiter.acquire("k", limits, tokens=101)
+    assert (never.allowed, never.limit, never.retry_after_s) == (False, "tokens", 60.0)
+
+
 async def test_adjust_gives_back_unused_tokens() -> None:
     limiter = MemoryRateLimiter(Clock())
     limits = Limits(tokens_per_minute=100)
@@ -191,6 +213,20 @@ async def test_redis_tokens_refused_without_using_a_request_and_adjusted(
     assert (await a.acquire("k", limits, tokens=40)).allowed
     too_big = await a.acquire("k", limits, tokens=101)
     assert (too_big.allowed, too_big.limit) == (False, "tokens")
+
+
+async def test_redis_retry_after_is_the_longest_wait_of_the_refusing_buckets(
+    redis_limiters: tuple[RateLimiter, RateLimiter],
+) -> None:
+    a, b = redis_limiters
+    limits = Limits(requests_per_minute=2, tokens_per_minute=1000)
+    assert (await a.acquire("k", limits, tokens=500)).allowed
+    assert (await b.acquire("k", limits, tokens=500)).allowed
+    refused = await a.acquire("k", limits, tokens=900)
+    assert (refused.allowed, refused.limit) == (False, "tokens")
+    assert refused.retry_after_s == pytest.approx(54.0, abs=0.5)
+    never = await b.acquire("k", limits, tokens=1001)
+    assert (never.allowed, never.limit, never.retry_after_s) == (False, "tokens", 60.0)
 
 
 async def test_redis_unreachable_lets_requests_through_and_counts_it() -> None:

@@ -134,11 +134,20 @@ class MemoryRateLimiter:
                 (kind, limit, cost, self._bucket(key, kind, limit, now))
                 for kind, limit, cost in wanted
             ]
-            for kind, limit, cost, bucket in buckets:
+            # A cost over a whole minute's limit never passes, whatever the other bucket
+            # says; otherwise the wait is the longest of the buckets that refuse, so a
+            # client that waits Retry-After is not refused again by the other one.
+            for kind, limit, cost, _ in buckets:
                 if cost > limit:
                     return RateDecision(False, kind, 60.0)
-                if bucket.level < cost:
-                    return RateDecision(False, kind, (cost - bucket.level) * 60.0 / limit)
+            waits = [
+                (kind, (cost - bucket.level) * 60.0 / limit)
+                for kind, limit, cost, bucket in buckets
+                if bucket.level < cost
+            ]
+            if waits:
+                kind, wait = max(waits, key=lambda w: w[1])
+                return RateDecision(False, kind, wait)
             for _, _, cost, bucket in buckets:
                 bucket.level -= cost
             if len(self._buckets) > 100_000:
@@ -173,6 +182,8 @@ local limits = {tonumber(ARGV[1]), tonumber(ARGV[2])}
 local costs = {1, tonumber(ARGV[3])}
 local acquire = ARGV[4] == '1'
 local levels = {}
+local never = 0
+local worst, worst_wait = 0, 0
 for i = 1, 2 do
   local limit = limits[i]
   if limit > 0 then
@@ -187,13 +198,19 @@ for i = 1, 2 do
     levels[i] = level
     if acquire then
       if costs[i] > limit then
-        return {0, i, 60000}
-      end
-      if level < costs[i] then
-        return {0, i, math.ceil((costs[i] - level) * 60000 / limit)}
+        if never == 0 then never = i end
+      elseif level < costs[i] then
+        local wait = math.ceil((costs[i] - level) * 60000 / limit)
+        if wait > worst_wait then worst, worst_wait = i, wait end
       end
     end
   end
+end
+if never > 0 then
+  return {0, never, 60000}
+end
+if worst > 0 then
+  return {0, worst, worst_wait}
 end
 for i = 1, 2 do
   local limit = limits[i]
