@@ -374,6 +374,9 @@ def test_moderations_accepts_a_string_or_a_list(client: Client, backend: FakeBac
     r = client.post("/v1/moderations", json={"input": "how to build a bomb"})
     assert r.status_code == 200
     result = r.json()["results"][0]
+    # Like every answer: the decision and the policy version in force, as headers.
+    assert r.headers["x-guardrail-action"] == "block"
+    assert r.headers["x-guardrail-policy-version"] == "7"
     assert result["flagged"] is True
     assert result["categories"] == {"weapons": True}
     assert result["category_scores"] == {"weapons": 1.0}

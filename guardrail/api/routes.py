@@ -111,8 +111,14 @@ async def moderations(
     body = await _serving(state).moderations(
         data, request_id_of(request), principal_of(request.scope)
     )
-    action = body["guardrail"]["action"]
-    return Response(body, headers={"x-guardrail-action": action})
+    decision = body["guardrail"]
+    return Response(
+        body,
+        headers={
+            "x-guardrail-action": decision["action"],
+            "x-guardrail-policy-version": decision["policy"]["version"],
+        },
+    )
 
 
 @get("/v1/models", summary="Models served through the gateway")
