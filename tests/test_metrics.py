@@ -9,6 +9,8 @@ import subprocess
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from litestar import Litestar
+from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
 from guardrail.exchange import Exchange, Outcome, Route
@@ -564,6 +566,17 @@ def test_policy_reloads_count_results_and_stamp_only_successes(
     assert value(registry, "guardrail_policy_reloads_total", result="error") == 1.0
     assert value(registry, "guardrail_policy_last_reload_timestamp_seconds") == stamped
     assert value(registry, "guardrail_policy_last_reload_success") == 0.0
+
+
+def test_a_fresh_gateway_reports_its_startup_load_as_a_successful_load(
+    client: TestClient[Litestar], metrics_registry: CollectorRegistry
+) -> None:
+    # Before: 0 and 0 until the first /admin/reload, so the alerts fired on new replicas.
+    assert value(metrics_registry, "guardrail_policy_last_reload_success") == 1.0
+    stamp = value(metrics_registry, "guardrail_policy_last_reload_timestamp_seconds")
+    assert stamp is not None
+    assert stamp > 1.6e9
+    assert value(metrics_registry, "guardrail_policy_reloads_total", result="ok") == 0.0
 
 
 # --- exposition -------------------------------------------------------------

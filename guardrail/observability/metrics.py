@@ -313,11 +313,11 @@ class GatewayMetrics:
         )
         self.policy_last_reload_timestamp = gauge(
             "policy_last_reload_timestamp_seconds",
-            "Unix time of the last successful policy reload.",
+            "Unix time of the last successful policy load (startup) or reload.",
         )
         self.policy_last_reload_success = gauge(
             "policy_last_reload_success",
-            "1 if the last policy reload attempt succeeded, else 0.",
+            "1 if the last policy load or reload attempt succeeded, else 0.",
         )
         self.rate_limited_requests = counter(
             "rate_limited_total",
@@ -603,10 +603,14 @@ class GatewayMetrics:
     # --- policy --------------------------------------------------------------
 
     def set_policy(self, name: str, version: str, digest: str) -> None:
-        """Mark the policy in force; the previous policy's series disappears."""
+        """Mark the policy in force; the previous policy's series disappears. Loading it
+        (at startup too) is a successful load: an alert on the success gauge or on the
+        load's age must not fire on every new replica."""
         with self._policy_lock:
             self.policy_info.clear()
             self.policy_info.labels(name=name, version=version, digest=digest).set(1)
+        self.policy_last_reload_success.set(1)
+        self.policy_last_reload_timestamp.set(time.time())
 
     def policy_reload(self, ok: bool) -> None:
         """Record a reload attempt; a success also stamps the reload time."""
