@@ -493,6 +493,10 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+# String settings that `off` switches off; in a YAML file a bare `off` is a boolean.
+_OFF_SWITCHES = ("audit_dsn", "group_lexicon")
+
+
 def load_settings(
     config_file: str | Path | None = None,
     *,
@@ -514,6 +518,10 @@ def load_settings(
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_file} must be a mapping of settings")
+        for name in _OFF_SWITCHES:
+            # YAML 1.1 reads a bare `off` (the README's own spelling) as false.
+            if loaded.get(name) is False:
+                loaded[name] = "off"
         merged.update(loaded)
     env = _from_env(os.environ if environ is None else environ)
     merged.update(env)

@@ -111,3 +111,13 @@ def test_guardrail_check_works_from_any_folder(
     monkeypatch.chdir(tmp_path)
     assert main(["check", "hello"]) == 0
     assert '"action": "allow"' in capsys.readouterr().out
+
+
+def test_a_bare_off_in_the_config_file_switches_the_audit_log_and_lexicon_off(
+    tmp_path: Path,
+) -> None:
+    # YAML reads `off` as false; the README writes `audit_dsn: off`.
+    config = tmp_path / "gateway.yaml"
+    config.write_text("audit_dsn: off\ngroup_lexicon: off\n", encoding="utf-8")
+    settings = load_settings(config, environ={})
+    assert (settings.audit_dsn, settings.group_lexicon) == ("off", "off")
