@@ -377,7 +377,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from e
     if since >= until:
         raise ConfigError("--since must be before --until")
-    report = load_report(dsn, since, until, bucket_s=step)
+    try:
+        report = load_report(dsn, since, until, bucket_s=step)
+    except ValueError as e:  # a window with too many time steps
+        raise ConfigError(str(e)) from e
     page = render_html(report)
     if args.out == "-":
         sys.stdout.write(page)

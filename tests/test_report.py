@@ -322,6 +322,9 @@ def test_the_report_reads_postgresql_too(
         (["--audit-dsn", "off"], "the audit log is off"),
         (["--audit-dsn", "{tmp}/missing.db", "--since", "yesterday"], "neither a duration"),
         (["--audit-dsn", "{tmp}/missing.db", "--since", "1h", "--until", "2h"], "before --until"),
+        # Each time step holds counters: these once ran out of memory (a traceback).
+        (["--audit-dsn", "{tmp}/missing.db", "--since", "2w", "--step", "1s"], "time steps"),
+        (["--audit-dsn", "{tmp}/missing.db", "--since", "99999999999d"], "time steps"),
     ],
 )
 def test_report_problems_exit_2_with_a_message(

@@ -241,6 +241,10 @@ def _percentiles(values: list[float]) -> Percentiles:
     )
 
 
+MAX_BUCKETS = 10_000
+"""The most time steps a report's charts hold (a year in hours is 8,760)."""
+
+
 def default_bucket(span_s: float) -> float:
     """Chart step for a window: an hour up to two days, six hours up to two weeks,
     a day up to ninety days, then a week."""
@@ -276,6 +280,12 @@ class ReportBuilder:
         self.since, self.until = since, until
         self.bucket_s = bucket_s or default_bucket(until - since)
         self.n_buckets = max(1, math.ceil((until - since) / self.bucket_s))
+        if self.n_buckets > MAX_BUCKETS:
+            # Each step holds counters per category: a year in seconds exhausted memory.
+            raise ValueError(
+                f"the window holds {self.n_buckets:,} time steps, and a report draws at most "
+                f"{MAX_BUCKETS:,}; choose a larger --step or a shorter window"
+            )
         self.groups_known = groups_known
         self.feedback_known = feedback_known
         self.rows = 0
