@@ -15,3 +15,5 @@ class Message:
 
     role: str
     content: str
+    tool_call_id: str | None = None
+    """For a ``tool`` message: the call it answers (passed on to a remote backend)."""

@@ -215,6 +215,35 @@ def test_stream_blocked_mid_way_sends_no_byte_of_the_harmful_sentence(
     assert backend.stream_closed == 1
 
 
+def test_max_completion_tokens_keeps_its_name_and_is_named_when_too_large(
+    client: Client, backend: FakeBackend
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat("hi", max_completion_tokens=7))
+    assert r.status_code == 200
+    params = backend.requests[-1].params
+    assert (params.max_tokens, params.max_tokens_field) == (7, "max_completion_tokens")
+    r = client.post("/v1/chat/completions", json=chat("hi", max_completion_tokens=10**6))
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_a_tool_message_keeps_its_call_id_and_a_message_name_is_refused(
+    client: Client, backend: FakeBackend
+) -> None:
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}, tool]},
+    )
+    assert r.status_code == 200
+    assert backend.requests[-1].messages[-1].tool_call_id == "call_1"
+    named = {"role": "user", "content": "hi", "name": "alice"}
+    r = client.post("/v1/chat/completions", json={"model": "fake-model", "messages": [named]})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("unsupported_parameter", "messages[0].name")
+
+
 def test_stream_usage_is_sent_when_asked(client: Client, backend: FakeBackend) -> None:
     r = client.post(
         "/v1/chat/completions",
@@ -223,6 +252,23 @@ def test_stream_usage_is_sent_when_asked(client: Client, backend: FakeBackend) -
     got = [f for f in frames(r.text) if isinstance(f, dict)]
     assert got[-1]["choices"] == []
     assert got[-1]["usage"]["prompt_tokens"] == 5
+
+
+def test_a_stream_blocked_midway_reports_unknown_usage_not_zero(
+    client: Client, backend: FakeBackend
+) -> None:
+    # The backend's usage comes last; a stream the policy cut never reads it.
+    backend.reply = "Fine. Now build a bomb with this. The end."
+    backend.chunk_size = 6
+    r = client.post(
+        "/v1/chat/completions",
+        json=chat("hi", stream=True, stream_options={"include_usage": True}),
+    )
+    got = [f for f in frames(r.text) if isinstance(f, dict)]
+    assert got[-2]["choices"][0]["finish_reason"] == "content_filter"
+    assert got[-1]["choices"] == []
+    assert "usage" in got[-1]
+    assert got[-1]["usage"] is None
 
 
 def test_stream_with_blocked_input_is_a_plain_400(client: Client, backend: FakeBackend) -> None:

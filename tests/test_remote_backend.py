@@ -416,6 +416,26 @@ async def test_stream_yields_the_reply_and_ends_with_finish_reason_and_usage(
     assert last.prompt_tokens is not None
 
 
+async def test_the_upstream_gets_the_token_limit_by_the_name_the_client_used_and_tool_ids(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    request = GenerationRequest(
+        model="fake-model",
+        request_id="req-44",
+        messages=(Message("user", "Weather?"), Message("tool", "sunny", "call_1")),
+        params=SamplingParams(max_tokens=5, max_tokens_field="max_completion_tokens"),
+    )
+    await backend(client, up_a.base_url).generate(request)
+    sent = up_a.requests[0]
+    # OpenAI's newer models refuse max_tokens; the client chose the name.
+    assert sent["max_completion_tokens"] == 5
+    assert "max_tokens" not in sent
+    assert sent["messages"] == [
+        {"role": "user", "content": "Weather?"},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
+
+
 async def test_stream_asks_for_usage_in_the_stream(
     client: httpx.AsyncClient, up_a: FakeUpstream
 ) -> None:

@@ -71,6 +71,30 @@ def test_the_shadow_policy_is_compared_but_never_enforced(
         wait_for(lambda: shadow_count(metrics_registry, "input", "allow", "allow") == 1)
 
 
+def test_a_stream_is_compared_on_what_the_backend_wrote_not_on_the_redacted_release(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[..., Path],
+    metrics_registry: CollectorRegistry,
+    backend: FakeBackend,
+) -> None:
+    # The active (test) policy redacts sk- keys; this candidate blocks them.
+    candidate = write_policy(
+        CANDIDATE.replace(
+            "[coffee]}", "[coffee]}\n        - {id: key, category: secrets, regex: ['sk-[a-z]{8}']}"
+        ),
+        "candidate.yaml",
+    )
+    backend.reply = "Key sk-abcdefgh. Bye."
+    backend.chunk_size = 4
+    with TestClient(app=make_app(shadow_policy=str(candidate))) as client:
+        streamed = dict(chat("hello"), stream=True)
+        r = client.post("/v1/chat/completions", json=streamed)
+        assert "sk-abcdefgh" not in r.text
+        assert "[SECRET]" in r.text
+        wait_for(lambda: shadow_count(metrics_registry, "output", "redact", "block") == 1)
+        assert shadow_count(metrics_registry, "output", "redact", "allow") == 0
+
+
 def test_a_bad_shadow_file_on_reload_keeps_the_previous_shadow_policy(
     make_app: Callable[..., Litestar],
     write_policy: Callable[..., Path],

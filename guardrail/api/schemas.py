@@ -140,6 +140,15 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
     def refuse_unmoderated(self) -> None:
         super().refuse_unmoderated()
+        for i, message in enumerate(self.messages):
+            if message.name is not None:
+                raise APIError(
+                    400,
+                    "Message names are not supported: a participant name would reach the "
+                    "model without moderation; put it in the message content.",
+                    param=f"messages[{i}].name",
+                    code="unsupported_parameter",
+                )
         if self.logprobs or self.top_logprobs:
             raise APIError(
                 400,

@@ -423,11 +423,17 @@ class Serving:
                     param="messages",
                     code="too_many_messages",
                 )
-            messages = tuple(Message(m.role, m.text(i)) for i, m in enumerate(body.messages))
+            messages = tuple(
+                Message(m.role, m.text(i), m.tool_call_id) for i, m in enumerate(body.messages)
+            )
             params = _sampling(body, body.max_completion_tokens or body.max_tokens)
+            if body.max_completion_tokens is not None:
+                params = dataclasses.replace(params, max_tokens_field="max_completion_tokens")
 
             def build(texts: list[str]) -> GenerationRequest:
-                sent = tuple(Message(m.role, t) for m, t in zip(messages, texts, strict=True))
+                sent = tuple(
+                    dataclasses.replace(m, content=t) for m, t in zip(messages, texts, strict=True)
+                )
                 return GenerationRequest(body.model, request_id, messages=sent, params=params)
 
             return [m.content for m in messages], messages, build
@@ -747,7 +753,9 @@ class Serving:
         try:
             yield self._frame(call, role=True)
             pending: list[Chunk] = [first]
+            generated: list[str] = []  # the backend's text, before redaction or restoring
             async for chunk in _prepend(pending, chunks):
+                generated.append(chunk.text)
                 if chunk.prompt_tokens is not None:
                     prompt_tokens = chunk.prompt_tokens
                 if chunk.completion_tokens is not None:
@@ -776,7 +784,9 @@ class Serving:
             if self.gw.shadow is not None and not window.blocked:
                 # A blocked stream's text was cut short: only whole completions compare.
                 active = Action.strictest(d.action for d in window.decisions)
-                self.gw.shadow.observe_text(Stage.OUTPUT, window.released_text, call.ctx, active)
+                # The candidate sees what the backend wrote, as for a whole completion,
+                # not the active policy's redacted release.
+                self.gw.shadow.observe_text(Stage.OUTPUT, "".join(generated), call.ctx, active)
             exchange.prompt_tokens, exchange.completion_tokens = prompt_tokens, completion_tokens
             if window.blocked:
                 refusal = guard.policy.messages.output_blocked
@@ -792,7 +802,11 @@ class Serving:
                 exchange.finish(exchange.passed_outcome())
             yield self._frame(call, finish=finish, guardrail=call.guardrail(spans=False))
             if call.include_usage:
-                yield self._frame(call, usage=_usage(prompt_tokens, completion_tokens))
+                # A stream cut short by the policy never read the backend's usage: null,
+                # not zeros, so nobody bills or counts a call as free.
+                known = prompt_tokens is not None or completion_tokens is not None
+                usage = _usage(prompt_tokens, completion_tokens) if known else None
+                yield self._frame(call, usage=usage, usage_frame=True)
             yield b"data: [DONE]\n\n"
         except BackendError as e:
             exchange.finish("backend_error", e.status, e.code)
@@ -829,9 +843,12 @@ class Serving:
         finish: str | None = None,
         guardrail: dict[str, Any] | None = None,
         usage: dict[str, Any] | None = None,
+        usage_frame: bool = False,
     ) -> bytes:
+        """One SSE frame. ``usage_frame``: the last frame of ``include_usage``, no choices,
+        its ``usage`` the given counts or null when they are not known."""
         choices: list[dict[str, Any]] = []
-        if usage is None:
+        if not usage_frame:
             if call.kind == "chat":
                 delta: dict[str, Any] = {}
                 if role:
@@ -850,7 +867,7 @@ class Serving:
             "model": call.request.model,
             "choices": choices,
         }
-        if usage is not None:
+        if usage_frame:
             body["usage"] = usage
         if guardrail is not None:
             body["guardrail"] = guardrail
@@ -878,13 +895,15 @@ class Serving:
         )
 
     def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest) -> int:
-        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        newer = getattr(body, "max_completion_tokens", None)
+        asked = newer or body.max_tokens
+        name = "max_completion_tokens" if newer else "max_tokens"
         limit = self.gw.settings.max_tokens_limit
         if asked is not None and asked > limit:
             raise APIError(
                 400,
-                f"max_tokens is {asked}; this gateway allows at most {limit}.",
-                param="max_tokens",
+                f"{name} is {asked}; this gateway allows at most {limit}.",
+                param=name,
                 code="max_tokens_too_large",
             )
         return asked or self.gw.settings.default_max_tokens

@@ -51,6 +51,9 @@ class SamplingParams:
     frequency_penalty: float | None = None
     # Backend-specific knobs accepted by the gateway (top_k, repetition_penalty).
     extra: Mapping[str, Any] = field(default_factory=dict)
+    max_tokens_field: str = "max_tokens"
+    """The name the client gave ``max_tokens`` (``max_completion_tokens`` for OpenAI's
+    newer models, which refuse the old name); a remote backend is sent the same name."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,7 @@ from guardrail.backends.base import (
     GenerationRequest,
 )
 from guardrail.backends.breaker import CircuitBreaker, CircuitState, OnChange
+from guardrail.chat import Message
 from guardrail.errors import (
     BackendBadResponse,
     BackendError,
@@ -193,6 +194,13 @@ class _Failures:
             error, cause = last.error, last.error.__cause__
         error.__cause__ = cause
         return error
+
+
+def _wire_message(message: Message) -> dict[str, str]:
+    wire = {"role": message.role, "content": message.content}
+    if message.tool_call_id is not None:
+        wire["tool_call_id"] = message.tool_call_id
+    return wire
 
 
 def _display_url(url: str) -> str:
@@ -453,7 +461,7 @@ class RemoteBackend:
             k: v for k, v in params.extra.items() if k not in ("messages", "prompt")
         }
         sampling = {
-            "max_tokens": params.max_tokens,
+            params.max_tokens_field: params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "seed": params.seed,
@@ -465,7 +473,7 @@ class RemoteBackend:
             body["stop"] = list(params.stop)
         body["model"] = request.model
         if request.messages is not None:
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            body["messages"] = [_wire_message(m) for m in request.messages]
         else:
             body["prompt"] = request.prompt or ""
         body["stream"] = stream
