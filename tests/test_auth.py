@@ -182,6 +182,22 @@ def test_the_exchange_records_the_tenant(keyed: Client) -> None:
     assert ALICE not in repr(logs)
 
 
+def test_a_request_refused_before_its_handler_is_recorded_under_its_tenant(
+    keyed: Client,
+) -> None:
+    # Bad JSON and an unknown field are refused by the framework, after the key check.
+    with structlog.testing.capture_logs() as logs:
+        keyed.post(
+            "/v1/chat/completions",
+            content=b"{bad",
+            headers={**bearer(BOB), "content-type": "application/json"},
+        )
+        keyed.post("/v1/chat/completions", json={**chat(), "bogus": 1}, headers=bearer(BOB))
+    lines = [e for e in logs if e["event"] == "exchange"]
+    assert [(e["tenant"], e["status"]) for e in lines] == [("bob", 400), ("bob", 400)]
+    assert [e["policy_version"] for e in lines] == ["7", "7"]  # was empty
+
+
 def test_without_keys_the_gateway_is_open_and_says_so(
     make_app: Callable[..., Litestar],
 ) -> None:

@@ -56,7 +56,7 @@ ADMIN_KEY_ID = "admin"
 # The review page holds no data: it asks for the admin key and sends it with each call.
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/admin/review/ui"})
 
-OnRejected = Callable[[str, str, int, str], None]
+OnRejected = Callable[[str, str, int, str, Any], None]
 
 
 def key_id(digest: bytes) -> str:
@@ -303,7 +303,7 @@ class AuthMiddleware:
     async def _reject(self, scope: Scope, send: Send, status: int, code: str, message: str) -> None:
         rid = str((scope.get("state") or {}).get("request_id") or "")
         if self.on_rejected is not None:
-            self.on_rejected(scope["path"], rid, status, code)
+            self.on_rejected(scope["path"], rid, status, code, scope)
         await send_error(send, APIError(status, message, code=code))
 
 

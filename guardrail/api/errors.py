@@ -110,8 +110,9 @@ _HTTP_MESSAGES = {
 
 
 # Errors raised before a handler ran (the framework's parsing and validation) are
-# counted through this callback: (path, request id, status, code).
-OnRejected = Callable[[str, str, int, str], None]
+# counted through this callback: (path, request id, status, code, the scope, whose
+# state holds the authenticated principal when the key was checked first).
+OnRejected = Callable[[str, str, int, str, Any], None]
 
 
 def make_exception_handler(max_body_bytes: int, on_rejected: OnRejected | None = None) -> Any:
@@ -131,7 +132,7 @@ def make_exception_handler(max_body_bytes: int, on_rejected: OnRejected | None =
                 or (isinstance(exc, UnicodeDecodeError | RecursionError) and err.status == 400)
             )
         ):
-            on_rejected(request.url.path, rid, err.status, err.code or "")
+            on_rejected(request.url.path, rid, err.status, err.code or "", request.scope)
         return err.response({"x-request-id": rid})
 
     return handle

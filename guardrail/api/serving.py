@@ -23,7 +23,7 @@ from litestar import Response
 from litestar.response import Stream
 from litestar.types import Receive
 
-from guardrail.api.auth import OPEN_PRINCIPAL, Principal, TenantRules, Tenants
+from guardrail.api.auth import OPEN_PRINCIPAL, Principal, TenantRules, Tenants, principal_of
 from guardrail.api.consistency import ConsistencyChecker
 from guardrail.api.errors import APIError, from_backend_error
 from guardrail.api.ratelimit import Limits, MemoryRateLimiter, RateLimiter, estimate_tokens
@@ -245,15 +245,24 @@ class Gateway:
             raise APIError(503, message, code="backend_unavailable", headers={"retry-after": "5"})
         return self.backend
 
-    def on_rejected(self, path: str, request_id: str, status: int, code: str) -> None:
+    def on_rejected(
+        self, path: str, request_id: str, status: int, code: str, scope: Any = None
+    ) -> None:
         """Count a request the framework refused before a handler ran (bad JSON, schema).
 
         Only the gateway's own API routes count: a path label must stay a bounded set.
+        A request whose key was already checked is recorded under its tenant and the
+        tenant's policy, so the tenant's numbers and feedback on it find the row.
         """
         route = API_ROUTES.get(path)
         if route is None:
             return
         exchange = Exchange(request_id=request_id, route=route)
+        principal = principal_of(scope) if scope is not None else None
+        if principal is not None and not principal.admin and self.tenants is not None:
+            exchange.tenant = principal.tenant
+            policy = self.guard_for(self.rules(principal)).policy
+            exchange.policy_name, exchange.policy_version = policy.name, policy.version
         exchange.finish("invalid_request" if status < 500 else "error", status, code)
         self.record(exchange)
 
