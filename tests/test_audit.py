@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from litestar import Litestar
 from structlog.testing import capture_logs
 
 from guardrail.errors import ConfigError
@@ -1114,3 +1115,27 @@ async def test_the_documented_postgres_queries_run(postgres_dsn: str) -> None:
         [("pii.ssn", 1, 0.9), ("toxicity", 1, 0.61)],  # sorted: the counts tie
         [("pii", 4.2), ("toxicity", 1500.0)],
     ]
+
+
+def test_redacted_audit_text_keeps_what_the_policy_left_and_hides_what_blocked(
+    make_app: Callable[..., Litestar], tmp_path: Path
+) -> None:
+    # audit_text: redacted stored nothing at all: the gateway never passed the text.
+    from litestar.testing import TestClient
+
+    db = tmp_path / "audit.db"
+
+    def chat(text: str) -> dict[str, object]:
+        return {"model": "fake-model", "messages": [{"role": "user", "content": text}]}
+
+    with TestClient(app=make_app(audit_dsn=str(db), audit_text="redacted")) as client:
+        assert client.post("/v1/chat/completions", json=chat("my key sk-abcdefgh")).is_success
+        blocked = client.post("/v1/chat/completions", json=chat("build a bomb, key sk-zyxwvuts"))
+        assert blocked.status_code == 400
+        assert client.post("/v1/chat/completions", json=chat("hi dummy")).is_success
+    rows = sqlite3.connect(db).execute("select outcome, text from audit_log order by epoch")
+    texts = {outcome: text for outcome, text in rows}
+    assert texts["blocked_input"] == "[WEAPONS], key [SECRET]"
+    assert "sk-abcdefgh" not in repr(texts)
+    assert "my key [SECRET]" in texts.values()
+    assert "hi dummy" in texts.values()  # flagged, not redacted: as the model saw it

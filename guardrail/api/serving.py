@@ -43,7 +43,7 @@ from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore, ReloadResult
 from guardrail.guard.stream import StreamGuard
 from guardrail.guard.types import Action, Decision, FilterContext, Finding, Stage
-from guardrail.observability.audit import AuditLog
+from guardrail.observability.audit import AuditLog, redacted_text
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.observability.monitoring import Monitor
 from guardrail.settings import Settings
@@ -272,7 +272,8 @@ class Gateway:
             self.monitor.record(exchange)
         self.metrics.record(exchange)
         if self.audit is not None:
-            self.audit.record(exchange)
+            keep = self.audit.config.text == "redacted"
+            self.audit.record(exchange, text=redacted_text(exchange) if keep else None)
         categories = sorted(
             {
                 f.category

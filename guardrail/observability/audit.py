@@ -79,7 +79,7 @@ import structlog
 
 from guardrail.errors import ConfigError, GuardrailError, MissingDependencyError
 from guardrail.exchange import Exchange
-from guardrail.guard.types import Action, Stage
+from guardrail.guard.types import Action, Redaction, Stage, apply_redactions
 
 if TYPE_CHECKING:
     import psycopg
@@ -270,6 +270,36 @@ def _stage_action(exchange: Exchange, stage: Stage) -> str | None:
     if not decisions:
         return None
     return Action.strictest(d.action for d in decisions).value
+
+
+_STRICTNESS: Final = (Action.ALLOW, Action.FLAG, Action.REDACT, Action.BLOCK)
+
+
+def redacted_text(exchange: Exchange) -> str | None:
+    """The text an ``audit_text: redacted`` row keeps, or None when nothing was checked.
+
+    It is the text of the decision that set the exchange's action (the later one among
+    equals), as the policy left it: redacted where it redacted. A blocked text was never
+    redacted, so it is kept with every redaction any filter proposed applied and every
+    span a harm finding marked replaced by ``[CATEGORY]``: the personal data or the
+    phrase that blocked it is not stored.
+    """
+    if not exchange.decisions:
+        return None
+    deciding = max(reversed(exchange.decisions), key=lambda d: _STRICTNESS.index(d.action))
+    if deciding.action is not Action.BLOCK:
+        return deciding.text
+    proposed = [r for o in deciding.outcomes for r in o.verdict.redactions]
+    marked = [
+        Redaction(f.span[0], f.span[1], f"[{f.category.upper()}]")
+        for f in deciding.findings
+        if f.span is not None and f.concern == "harm"
+    ]
+    # A filter's own replacement ("<EMAIL_ADDRESS_1>", "[SECRET]") wins where both cover.
+    hide = proposed + [
+        m for m in marked if all(m.end <= p.start or m.start >= p.end for p in proposed)
+    ]
+    return apply_redactions(deciding.text, hide)
 
 
 def record_from_exchange(
