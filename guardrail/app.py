@@ -19,7 +19,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from litestar import Litestar
@@ -139,15 +139,33 @@ def create_app(
         )
         for path in sorted(tenants.policies())
     }
-    shadow_store = (
-        GuardStore(
-            settings.shadow_policy,
-            registry,
-            dataclasses.replace(env, base_dir=Path(settings.shadow_policy).resolve().parent),
+    # The candidate policy gets its own filter threads: its checks, however slow, must
+    # never queue ahead of the active policy's on a shared pool (answers never wait).
+    shadow_executor = (
+        ThreadPoolExecutor(
+            max(1, settings.filter_workers // 2), thread_name_prefix="guardrail-shadow"
         )
         if settings.shadow_policy
         else None
     )
+    shadow_store = (
+        GuardStore(
+            settings.shadow_policy,
+            registry,
+            dataclasses.replace(
+                env,
+                executor=shadow_executor or executor,
+                base_dir=Path(settings.shadow_policy).resolve().parent,
+            ),
+        )
+        if settings.shadow_policy
+        else None
+    )
+
+    def shutdown_executors(**kwargs: Any) -> None:
+        for pool in (executor, shadow_executor):
+            if pool is not None:
+                pool.shutdown(**kwargs)
 
     def load_policies() -> None:
         store.load()
@@ -158,7 +176,7 @@ def create_app(
         # Built on a worker thread, as reloads are: the main thread runs no torch.
         off_main_thread(load_policies)
     except BaseException:
-        executor.shutdown(wait=False)
+        shutdown_executors(wait=False)
         raise
     gateway = Gateway(
         settings=settings,
@@ -230,7 +248,7 @@ def create_app(
             await gateway.limiter.aclose()
             if gateway.backend is not None:
                 await gateway.backend.aclose()
-            executor.shutdown(wait=False, cancel_futures=True)
+            shutdown_executors(wait=False, cancel_futures=True)
 
     return Litestar(
         route_handlers=[*ROUTES, *FEEDBACK_ROUTES, *REVIEW_ROUTES],

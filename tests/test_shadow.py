@@ -6,11 +6,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import msgspec
 from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
+from guardrail.guard.types import FilterContext, Stage, Verdict
 from tests.fakes.backend import FakeBackend
 
 CANDIDATE = """
@@ -140,3 +143,59 @@ async def test_shadow_checks_past_the_limit_are_dropped_and_counted(
     assert sorted(seen) == sorted(
         [("output", "allow", "block")] * 2 + [("output", "allow", "dropped")] * 3
     )
+
+
+class _BlockingConfig(msgspec.Struct, frozen=True):
+    pass
+
+
+class _OnThreads:
+    """Does its work on the filter threads, as the model filters do: ``seconds`` of it."""
+
+    seconds = 0.0
+
+    def __init__(self, name: str, config: _BlockingConfig, env: Any) -> None:
+        self.name, self.stages, self.env = name, frozenset({Stage.INPUT}), env
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.env.executor, time.sleep, self.seconds)
+        return Verdict()
+
+
+class _Blocking(_OnThreads):
+    seconds = 1.0
+
+
+def test_a_slow_shadow_policy_never_delays_the_answers(
+    write_policy: Callable[..., Path], backend: FakeBackend
+) -> None:
+    # The candidate shared the active policy's filter threads: each answer waited 1 s.
+    from guardrail.app import create_app
+    from guardrail.guard.filter import FilterSpec
+    from guardrail.guard.registry import filter_registry
+    from guardrail.settings import Settings
+
+    registry = filter_registry()
+    registry.register(
+        "blocking", FilterSpec(type="blocking", config_type=_BlockingConfig, build=_Blocking)
+    )
+    registry.register(
+        "quick", FilterSpec(type="quick", config_type=_BlockingConfig, build=_OnThreads)
+    )
+    active = write_policy(
+        'name: a\nversion: "1"\nfilters:\n  - {id: q, type: quick}\n', "active.yaml"
+    )
+    candidate = write_policy(
+        'name: c\nversion: "1"\nfilters:\n  - {id: b, type: blocking}\n', "candidate.yaml"
+    )
+    settings = Settings(policy=str(active), shadow_policy=str(candidate), filter_workers=2)
+    app = create_app(settings, backend=backend, filters=registry)
+    with TestClient(app=app) as client:
+        took = []
+        for _ in range(3):
+            started = time.perf_counter()
+            assert client.post("/v1/chat/completions", json=chat("hello")).status_code == 200
+            took.append(time.perf_counter() - started)
+    # The candidate's threads are busy for seconds; the answers do not wait for them.
+    assert max(took) < 0.5, took
