@@ -470,6 +470,8 @@ def test_bad_review_queries_are_400(client: Client, query: str) -> None:
 
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+    if "format" in query:  # the query parameter's name, not the handler's argument
+        assert response.json()["error"]["param"] == "format"
 
 
 def test_the_export_has_every_verdict_with_its_scores(client: Client, backend: FakeBackend) -> None:

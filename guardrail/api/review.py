@@ -278,9 +278,12 @@ async def review_list(
 @get("/admin/review/export", summary="Reviewer verdicts with their scores (JSONL or CSV)")
 async def review_export(
     state: State,
-    export_format: Annotated[Literal["jsonl", "csv"], QueryParameter(name="format")] = "jsonl",
+    export_format: Annotated[str, QueryParameter(name="format")] = "jsonl",
     since: Annotated[float | None, QueryParameter(ge=0, le=1e12)] = None,
 ) -> Stream:
+    # Checked here, not by the framework, whose error names the Python parameter.
+    if export_format not in ("jsonl", "csv"):
+        raise APIError(400, "format must be jsonl or csv.", param="format", code="invalid_format")
     oversight = oversight_of(state)
     # The first page is read before answering, so a database failure is a plain 503.
     first = await oversight.guarded(oversight.store.verdicts(since=since, limit=EXPORT_PAGE))
