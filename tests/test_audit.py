@@ -63,6 +63,7 @@ from guardrail.observability.oversight import (
     ReviewVerdict,
     oversight_store_for,
 )
+from tests.fakes.backend import FakeBackend
 
 SECRET = "my social is 078-05-1120, tell no one"
 NOW = 1_790_000_000.25  # a fixed clock: 2026-09-21T14:13:20.25Z
@@ -1139,3 +1140,33 @@ def test_redacted_audit_text_keeps_what_the_policy_left_and_hides_what_blocked(
     assert "sk-abcdefgh" not in repr(texts)
     assert "my key [SECRET]" in texts.values()
     assert "hi dummy" in texts.values()  # flagged, not redacted: as the model saw it
+
+
+def test_redacted_audit_text_never_keeps_values_restored_for_the_client(
+    make_app: Callable[..., Litestar], write_policy: Callable[..., Path], backend: FakeBackend
+) -> None:
+    # The completion came back with the user's email restored; the row kept it.
+    from litestar.testing import TestClient
+
+    policy = write_policy(
+        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        "      entities:\n        EMAIL_ADDRESS: {input: redact, output: flag}\n"
+        "        CREDIT_CARD: {input: redact, output: block}\n",
+        "pii.yaml",
+    )
+    db = Path(str(policy) + ".db")
+    backend.reply = "Done, I wrote to <EMAIL_ADDRESS_1> about your order."
+    with TestClient(app=make_app(policy=policy, audit_dsn=str(db), audit_text="redacted")) as c:
+        chat = {"role": "user", "content": "Email jane.doe@example.com about my order."}
+        r = c.post("/v1/chat/completions", json={"model": "fake-model", "messages": [chat]})
+        assert "jane.doe@example.com" in r.json()["choices"][0]["message"]["content"]
+        backend.reply = "Your card <CREDIT_CARD_1> and jane.doe@example.com are on file."
+        chat = {"role": "user", "content": "Is my card 4111 1111 1111 1111 on file?"}
+        c.post("/v1/chat/completions", json={"model": "fake-model", "messages": [chat]})
+    texts = [t for (t,) in sqlite3.connect(db).execute("select text from audit_log")]
+    assert texts == [
+        "Done, I wrote to [RESTORED] about your order.",
+        # The card was restored; the email the model wrote itself is only flagged by this
+        # policy, so it stays as the client saw it (redact it to keep it out).
+        "Your card [RESTORED] and jane.doe@example.com are on file.",
+    ]

@@ -738,7 +738,7 @@ class PiiFilter:
                 if original is None:
                     continue
                 restored.append(m.span())
-                redactions.append(Redaction(m.start(), m.end(), original))
+                redactions.append(Redaction(m.start(), m.end(), original, restore=True))
         (detections,) = await self._analyze([text])
         # The request's own values (restored, or quoted back in a stream's context tail)
         # are not a leak.

@@ -151,5 +151,5 @@ def _shift(redactions: tuple[Redaction, ...], offset: int, length: int) -> list[
     for r in redactions:
         start, end = max(r.start - offset, 0), min(r.end - offset, length)
         if end > start:
-            out.append(Redaction(start, end, r.replacement))
+            out.append(Redaction(start, end, r.replacement, r.restore))
     return out

@@ -91,11 +91,17 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class Redaction:
-    """Replace ``text[start:end]`` with ``replacement``."""
+    """Replace ``text[start:end]`` with ``replacement``.
+
+    ``restore``: the replacement is the user's own value put back for a placeholder
+    (reversible PII redaction), so the result holds personal data again; the audit
+    log's redacted text must not keep it.
+    """
 
     start: int
     end: int
     replacement: str
+    restore: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -288,8 +288,16 @@ def redacted_text(exchange: Exchange) -> str | None:
         return None
     deciding = max(reversed(exchange.decisions), key=lambda d: _STRICTNESS.index(d.action))
     if deciding.action is not Action.BLOCK:
-        return deciding.text
-    proposed = [r for o in deciding.outcomes for r in o.verdict.redactions]
+        # A completion's placeholders were restored to the user's values for the client:
+        # those values are personal data the policy redacted on the way in.
+        restored = {
+            r.replacement for o in deciding.outcomes for r in o.verdict.redactions if r.restore
+        }
+        text = deciding.text
+        for value in sorted(restored, key=len, reverse=True):
+            text = text.replace(value, "[RESTORED]")
+        return text
+    proposed = [r for o in deciding.outcomes for r in o.verdict.redactions if not r.restore]
     marked = [
         Redaction(f.span[0], f.span[1], f"[{f.category.upper()}]")
         for f in deciding.findings
