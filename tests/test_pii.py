@@ -417,9 +417,14 @@ def test_remember_rebuilds_the_map_from_a_cached_verdict(pii: PiiFilter) -> None
         ("Hi <EMAIL_ADDRESS_", 15),
         ("x <US_SSN_1", 9),
         ("a <", 1),
-        ("a < b", 0),
+        ("a < b", 1),  # a word the window cut: it may run on into an email
         ("done <EMAIL_ADDRESS_1>", 0),
-        ("plain text", 0),
+        ("plain text", 4),
+        ("plain text ", 0),
+        # An email, an IBAN or a code still running at the cut: a prefix would leak.
+        ('{"note":"x","iban":"GB82WEST123', 11),
+        ("user0,firstname.lastname0@exa", 23),
+        ("the account GB82 WEST 1234", 14),
         # The start of a number-shaped entity, with up to three words after it.
         ("pay with card 5500 0000 ", 10),
         ("call +1 (555) ", 9),
@@ -464,6 +469,34 @@ async def test_a_streamed_completion_shows_the_originals_and_never_a_partial_pla
         f"Your SSN {SSN} stays private. Done."
     )
     assert not any("<" in s for s in sent)
+
+
+@pytest.mark.parametrize("window_chars", [40, 47, 53, 60])
+async def test_an_email_or_iban_cut_by_a_stream_window_never_leaks_a_prefix(
+    executor: ThreadPoolExecutor, resources: SharedResources, window_chars: int
+) -> None:
+    # JSON and CSV have no spaces to cut at: "GB82WEST123" and "firstname.la" went out.
+    registry = filter_registry()
+    policy = load_policy_text(
+        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        "      entities:\n        EMAIL_ADDRESS: {input: redact, output: redact}\n"
+        "        IBAN_CODE: {input: redact, output: redact}\n",
+        "p.yaml",
+        registry,
+    )
+    guard = Guard.build(policy, registry, BuildContext(executor, resources=resources))
+    ctx = conversation("List the accounts.")
+    await check_all(guard, ctx)
+    reply = (
+        '{"n":"' + "a" * 37 + '","iban":"GB82WEST12345698765432"}\n'
+        "user0,firstname.lastname0@example.com\nuser1,firstname.lastname1@example.com\n"
+    )
+    window = StreamGuard(guard, ctx, StreamSettings(release="window", window_chars=window_chars))
+    sent = [(await window.feed(piece)).text for piece in _chunk(reply, list(range(0, 200, 5)))]
+    sent.append((await window.finish()).text)
+    out = "".join(sent)
+    for secret in ("GB82", "WEST", "firstname", "lastname", "example.com"):
+        assert secret not in out, out
 
 
 @pytest.mark.parametrize("release", ["sentence", "window"])

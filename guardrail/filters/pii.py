@@ -107,6 +107,10 @@ _PARTIAL = re.compile(r"<[A-Z][A-Z0-9_]{0,40}(?:_\d{0,6})?$|<$")
 # checked in the next window, instead of its first digits being released unredacted.
 _NUMBER_TAIL = re.compile(r"(?<!\w)[+(]?\d[\d\s\-.()/]*(?:[^\s\d]\S*\s+){0,3}$")
 _NUMBER_TAIL_CHARS = 64
+# An email, an IBAN or a code still running at the window's end (`"iban":"GB82WEST123`,
+# `firstname.lastname0@exa`), or a spaced IBAN's first groups (`GB82 WEST 1234`): held
+# until the next window shows where it ends, or a prefix of it would be sent unredacted.
+_TOKEN_TAIL = re.compile(r"(?:[A-Z]{2}\d{2}(?: [A-Z0-9]{1,4}){0,8} ?|[\w.+\-@%]+)$")
 # A window that ends a sentence has no entity running on past it.
 _ENDS_SENTENCE = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+$|\n$""")
 
@@ -775,14 +779,17 @@ class PiiFilter:
 
     def holdback(self, text: str) -> int:
         """Trailing characters a stream must keep back: the start of a placeholder (to be
-        restored whole), or of a number-shaped entity (to be detected whole)."""
+        restored whole), or of a number-shaped entity, an email, an IBAN or any token the
+        window cut (to be detected whole)."""
         keep = 0
         if self._config.reversible:
             m = _PARTIAL.search(text, max(0, len(text) - 56))
             keep = len(text) - m.start() if m else 0
         if self._acts_on_output and not _ENDS_SENTENCE.search(text):
-            m = _NUMBER_TAIL.search(text, max(0, len(text) - _NUMBER_TAIL_CHARS))
-            keep = max(keep, len(text) - m.start() if m else 0)
+            tail = max(0, len(text) - _NUMBER_TAIL_CHARS)
+            for pattern in (_NUMBER_TAIL, _TOKEN_TAIL):
+                m = pattern.search(text, tail)
+                keep = max(keep, len(text) - m.start() if m else 0)
         return keep
 
     def remember(self, text: str, verdict: Verdict, ctx: FilterContext) -> None:
