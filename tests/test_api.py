@@ -227,6 +227,15 @@ def test_max_completion_tokens_keeps_its_name_and_is_named_when_too_large(
     assert r.json()["error"]["param"] == "max_completion_tokens"
 
 
+@pytest.mark.parametrize("penalty", [0.0, 1e-300, 11.0])
+def test_a_repetition_penalty_that_overflows_the_logits_is_400(
+    client: Client, backend: FakeBackend, penalty: float
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat("hi", repetition_penalty=penalty))
+    assert r.status_code == 400
+    assert backend.requests == []
+
+
 def test_a_tool_message_keeps_its_call_id_and_a_message_name_is_refused(
     client: Client, backend: FakeBackend
 ) -> None:

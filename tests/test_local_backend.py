@@ -646,6 +646,47 @@ async def test_each_request_in_a_batch_keeps_its_own_parameters(local: LocalBack
 
 
 @slow
+async def test_edge_sampling_parameters_answer_and_never_fail_the_batch(
+    local: LocalBackend,
+) -> None:
+    # Each of these failed its request and every request batched with it (502).
+    greedy, penalised, no_top_k, tiny_temperature = await asyncio.gather(
+        local.generate(chat(PROMPTS[0], max_tokens=6)),
+        local.generate(chat(PROMPTS[0], max_tokens=6, extra={"repetition_penalty": 1.3})),
+        local.generate(chat(PROMPTS[0], max_tokens=6, temperature=0.7, extra={"top_k": -1})),
+        local.generate(chat(PROMPTS[0], max_tokens=6, temperature=1e-300, seed=1)),
+    )
+    assert "Paris" in greedy.text
+    assert penalised.completion_tokens > 0
+    assert no_top_k.completion_tokens > 0
+    assert tiny_temperature.text == greedy.text  # a temperature that small is greedy
+
+
+@slow
+async def test_a_request_whose_sampling_fails_fails_alone(
+    local: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guardrail.backends.engine import Engine
+
+    sample = Engine._sample
+
+    def broken_for_seed_7(self: Engine, row: Any, logits: Any) -> int:
+        if row.work.params.seed == 7:
+            raise RuntimeError("sampling broke")
+        return sample(self, row, logits)
+
+    monkeypatch.setattr(Engine, "_sample", broken_for_seed_7)
+    good, bad = await asyncio.gather(
+        local.generate(chat(PROMPTS[0], max_tokens=6)),
+        local.generate(chat(PROMPTS[0], max_tokens=6, temperature=0.5, seed=7)),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, BackendError)
+    assert not isinstance(good, BaseException)
+    assert "Paris" in good.text
+
+
+@slow
 async def test_top_p_zero_samples_the_most_likely_token(local: LocalBackend) -> None:
     greedy, nucleus = await asyncio.gather(
         local.generate(chat(PROMPTS[1], max_tokens=8)),

@@ -100,7 +100,8 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     user: str | None = None
     # Extensions understood by vLLM, TGI and the local engine.
     top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    # Bounded: a penalty near 0 divides logits into overflow.
+    repetition_penalty: Annotated[float, msgspec.Meta(ge=0.01, le=10.0)] | None = None
     # Gateway extension: the sources the answer should rest on (retrieved documents).
     # Read by the hallucination filter; never sent to the backend.
     documents: Documents | None = None

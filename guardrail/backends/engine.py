@@ -539,7 +539,7 @@ class Engine:
         for i, row in enumerate(rows):
             row.first_token_at = now
             self._observe("engine_first_token", now - row.work.enqueued)
-            if self._advance(row, self._sample(row, logits[i])):
+            if self._next(row, logits[i]):
                 done.append(len(self._rows) + i)
         self._join(rows, out.past_key_values, pads or [0] * len(rows))
         if done:
@@ -581,11 +581,21 @@ class Engine:
         self._cache = out.past_key_values
         self._length += 1
         logits = out.logits[:, -1]
-        leaving = [
-            i for i, row in enumerate(rows) if self._advance(row, self._sample(row, logits[i]))
-        ]
+        leaving = [i for i, row in enumerate(rows) if self._next(row, logits[i])]
         if leaving:
             self._leave(leaving)
+
+    def _next(self, row: _Row, logits: Any) -> bool:
+        """Sample and add ``row``'s next token; whether the row is done. A failure here
+        belongs to the request (its sampling parameters): it fails that row alone, and
+        the rest of the batch goes on."""
+        try:
+            return self._advance(row, self._sample(row, logits))
+        except Exception as e:
+            log.warning("local engine: sampling failed; failing its request", error=repr(e))
+            row.work.cancelled.set()  # nothing of it goes to the prefix cache
+            _settle(row.work.future, _failed(e))
+            return True
 
     def _sample(self, row: _Row, logits: Any) -> int:
         torch = _torch()
@@ -593,14 +603,21 @@ class Engine:
         logits = logits.float()
         penalty = params.extra.get("repetition_penalty")
         if penalty is not None and float(penalty) != 1.0:
+            # A copy: the model's output is an inference tensor, not to change in place
+            # (and in fp32, .float() returns that very tensor).
+            logits = logits.clone()
             seen = torch.tensor(sorted(set(row.prompt) | set(row.generated)), device=logits.device)
             picked = logits[seen]
             logits[seen] = torch.where(picked > 0, picked / float(penalty), picked * float(penalty))
         if not params.temperature:  # None or 0: greedy
             return int(torch.argmax(logits))
-        logits = logits / params.temperature
+        # The gaps to the best logit, scaled: a tiny temperature sends the others far down
+        # (greedy in effect) instead of overflowing every logit to inf and softmax to NaN.
+        # Below 1e-6 it changes nothing more, and 1e-300 would be 0 in float32.
+        logits = (logits - logits.max()) / max(params.temperature, 1e-6)
         top_k = int(params.extra["top_k"]) if "top_k" in params.extra else self._default_top_k
-        if top_k and top_k < logits.shape[-1]:
+        # -1 and 0 mean no top-k cut, as in vLLM.
+        if top_k is not None and 0 < top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if params.top_p is not None and params.top_p < 1.0:
