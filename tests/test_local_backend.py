@@ -528,6 +528,41 @@ async def test_the_next_turn_reuses_the_kv_cache_and_answers_the_same(
     assert second.prompt_tokens == baseline.prompt_tokens
 
 
+@slow
+async def test_a_chat_sharing_only_the_system_prompt_leaves_the_other_conversation_cached(
+    loaded: tuple[Any, Any],
+) -> None:
+    # B took A's entry and cropped it to the system prompt: A's next turn started over.
+    model, tokenizer = loaded
+    cached = LocalBackend(model, tokenizer, model_name="m", prefix_cache_entries=4)
+    plain = LocalBackend(model, tokenizer, model_name="m", prefix_cache_entries=0)
+    system = Message("system", "You answer briefly, politely and accurately, in English.")
+
+    def turn(*texts: str) -> GenerationRequest:
+        return GenerationRequest(
+            model="m",
+            request_id="t",
+            messages=(system, *(Message(r, t) for r, t in zip(ROLES, texts, strict=False))),
+            params=SamplingParams(max_tokens=8),
+        )
+
+    try:
+        a1 = await cached.generate(turn("Tell me about Rome."))
+        await cached.generate(turn("Give me a pancake recipe."))
+        before = cached.prefix_cache.reused_tokens
+        a2 = await cached.generate(turn("Tell me about Rome.", a1.text, "And Athens?"))
+        reused = cached.prefix_cache.reused_tokens - before
+        alone = await plain.generate(turn("Tell me about Rome.", a1.text, "And Athens?"))
+    finally:
+        await cached.aclose()
+        await plain.aclose()
+    assert reused >= a1.prompt_tokens  # A's whole first turn, not just the system prompt
+    assert a2.text == alone.text  # the copy B got changed nothing of A's entry
+
+
+ROLES = ("user", "assistant", "user")
+
+
 def test_prefix_cache_takes_the_longest_shared_prefix_and_crops_it() -> None:
     from guardrail.backends.local import PrefixCache
 

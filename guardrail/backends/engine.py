@@ -214,9 +214,20 @@ class PrefixCache:
         if best < 0 or best_len < self.min_tokens:
             self.misses += 1
             return None, 0
-        _, cache, size = self._items.pop(best)
-        self.bytes -= size
+        cached_ids, cache, size = self._items[best]
         extra = int(cache.get_seq_length()) - best_len
+        if extra > 0 and len(cached_ids) - best_len > 1:
+            # The prompt leaves this conversation part-way (another chat sharing only its
+            # system prompt): hand out a copy of the shared part and keep the entry for
+            # its own next turn. Taking and cropping it left one entry for everyone.
+            copied = _copy_prefix(cache, best_len)
+            if copied is not None:
+                self._items.append(self._items.pop(best))  # most recently used
+                self.hits += 1
+                self.reused_tokens += best_len
+                return copied, best_len
+        self._items.pop(best)
+        self.bytes -= size
         if extra > 0:
             try:
                 cache.crop(-extra)  # transformers 5: a negative count of tokens to drop
@@ -240,6 +251,24 @@ class PrefixCache:
             self.max_bytes is not None and self.bytes > self.max_bytes
         ):
             self.bytes -= self._items.pop(0)[2]
+
+
+def _copy_prefix(cache: Any, length: int) -> Any:
+    """A new cache holding the first ``length`` positions of ``cache`` (copied, so the
+    model can extend it), or None where the cache is not plain keys and values."""
+    import copy
+
+    try:
+        copied = copy.copy(cache)
+        copied.layers = [copy.copy(layer) for layer in cache.layers]
+        for layer in copied.layers:
+            layer.keys = layer.keys[:, :, :length, :].clone()
+            layer.values = layer.values[:, :, :length, :].clone()
+        if int(copied.get_seq_length()) != length:
+            return None
+    except Exception:  # a cache type with more state than keys and values
+        return None
+    return copied
 
 
 # ----------------------------------------------------------------------- work
