@@ -776,6 +776,27 @@ async def test_past_the_queue_requests_are_refused_with_429(loaded: tuple[Any, A
 
 
 @slow
+async def test_a_client_that_left_the_queue_frees_its_place(loaded: tuple[Any, Any]) -> None:
+    # Its dead work held the one queue place: the next client got a 429.
+    model, tokenizer = loaded
+    backend = LocalBackend(model, tokenizer, model_name="m", max_batch_size=1, max_queue=1)
+    try:
+        running = backend.stream(chat("Write a long story about a dragon.", max_tokens=400))
+        await anext(running)
+        left = asyncio.create_task(backend.generate(chat(max_tokens=2)))
+        await asyncio.sleep(0.1)
+        left.cancel()
+        await asyncio.sleep(0.1)
+        queued = asyncio.create_task(backend.generate(chat(max_tokens=2)))
+        await asyncio.sleep(0.1)
+        assert backend.engine.queue_depth == 1  # the new one, not the one that left
+        await running.aclose()
+        assert (await queued).completion_tokens == 2
+    finally:
+        await backend.aclose()
+
+
+@slow
 def test_the_gateway_answers_429_with_retry_after_when_the_engine_is_full(
     loaded: tuple[Any, Any], test_policy: Path
 ) -> None:
@@ -847,7 +868,8 @@ async def test_the_engine_reports_to_its_observer(loaded: tuple[Any, Any]) -> No
     assert value("guardrail_engine_tokens_per_second_count") >= 3
     assert value("guardrail_engine_prefix_cache_total", result="hit") >= 1
     assert value("guardrail_engine_prefix_cache_reused_tokens_total") >= 16
-    assert value("guardrail_engine_prefix_cache_bytes") > 0
+    # Set after each stored conversation too, not only at a lookup (it read 0 before).
+    assert value("guardrail_engine_prefix_cache_bytes") == backend.prefix_cache.bytes > 0
     assert value("guardrail_engine_queue_depth") == 0
 
 

@@ -76,6 +76,8 @@ class EngineObserver(Protocol):
 
     def engine_prefix_lookup(self, hit: bool, reused_tokens: int, cached_bytes: int) -> None: ...
 
+    def engine_prefix_bytes(self, cached_bytes: int) -> None: ...
+
 
 # ------------------------------------------------------------------------- text
 
@@ -399,7 +401,15 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise BackendUnavailable("the local backend is closed")
-            # Free places in the batch first, then max_queue waiting.
+            # Free places in the batch first, then max_queue waiting. A client that left
+            # while it waited holds no place: its work is dropped here, not at admission.
+            gone = [w for w in self._pending if w.cancelled.is_set()]
+            if gone:
+                self._pending = collections.deque(
+                    w for w in self._pending if not w.cancelled.is_set()
+                )
+                for w in gone:
+                    _settle(w.future, Outcome("", "stop", 0, 0))
             free = max(0, self._room() - self.active)
             if len(self._pending) >= self.max_queue + free:
                 raise BackendError(
@@ -754,6 +764,7 @@ class Engine:
             finish = "stop"  # cancelled: nobody reads this
         if cache is not None and not row.work.cancelled.is_set():
             self.prefix_cache.put(row.prompt + generated, cache)
+            self._observe("engine_prefix_bytes", self.prefix_cache.bytes)
         decode_s = time.perf_counter() - row.first_token_at
         self._observe("engine_finished", len(generated), decode_s)
         log.debug(

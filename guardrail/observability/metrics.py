@@ -582,6 +582,10 @@ class GatewayMetrics:
             self.engine_reused_tokens.inc(reused_tokens)
         self.engine_cache_bytes.set(cached_bytes)
 
+    def engine_prefix_bytes(self, cached_bytes: int) -> None:
+        """The prefix cache's size after a finished generation stored its keys and values."""
+        self.engine_cache_bytes.set(cached_bytes)
+
     def consistency(self, mode: str, score: float) -> None:
         """One self-consistency score (``mode``: background or inline)."""
         self.consistency_score.labels(mode=mode).observe(score)
