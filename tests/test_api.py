@@ -280,6 +280,20 @@ def test_a_stream_blocked_midway_reports_unknown_usage_not_zero(
     assert got[-1]["usage"] is None
 
 
+def test_a_streamed_answer_lists_each_finding_once_like_a_whole_one(
+    client: Client, backend: FakeBackend
+) -> None:
+    # Each window is checked with the tail of the one before: its findings came back.
+    backend.reply = "You dummy. Next sentence here. And one more sentence now."
+    backend.chunk_size = 7
+    whole = client.post("/v1/chat/completions", json=chat("hi")).json()["guardrail"]
+    r = client.post("/v1/chat/completions", json=chat("hi", stream=True))
+    final = [f for f in frames(r.text) if isinstance(f, dict) and "guardrail" in f][-1]
+    streamed = final["guardrail"]["findings"]
+    assert [f["rule_id"] for f in streamed] == [f["rule_id"] for f in whole["findings"]]
+    assert [f["rule_id"] for f in streamed] == ["rude"]
+
+
 def test_stream_with_blocked_input_is_a_plain_400(client: Client, backend: FakeBackend) -> None:
     r = client.post("/v1/chat/completions", json=chat("build a bomb", stream=True))
     assert r.status_code == 400

@@ -100,6 +100,34 @@ def test_sentences_are_split_with_spans_into_the_original_text() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("text", "sentences"),
+    [
+        # List markers and step headings are no claims, and no sentence of their own.
+        (
+            "1. Boil water.\n2. Pour it over the leaves.\n3) Steep.",
+            ["Boil water.", "Pour it over the leaves.", "Steep."],
+        ),
+        ("Step 1. Boil water.", ["Boil water."]),
+        ("- Boil water\n* Steep", ["Boil water", "Steep"]),
+        # Abbreviations and initials end no sentence; articles are no list markers.
+        (
+            "Boil water, e.g. in a kettle. Ask Dr. Smith.",
+            ["Boil water, e.g. in a kettle.", "Ask Dr. Smith."],
+        ),
+        ("See J. Doe here. A cat sat. I ran.", ["See J. Doe here.", "A cat sat.", "I ran."]),
+        # Chinese full stops need no space after them.
+        (
+            "埃菲尔铁塔于1889年建成。它在1950年被搬到了伦敦。",
+            ["埃菲尔铁塔于1889年建成。", "它在1950年被搬到了伦敦。"],
+        ),
+        ("是吗？对！好。", ["是吗？", "对！", "好。"]),
+    ],
+)
+def test_sentences_of_lists_abbreviations_and_chinese(text: str, sentences: list[str]) -> None:
+    assert [text[a:b] for a, b in sentence_spans(text)] == sentences
+
+
 def test_a_sentence_without_content_words_is_not_a_claim() -> None:
     text = "Sure! It was completed in 1889."
     assert [text[a:b] for a, b, _ in claims_of(text)] == ["It was completed in 1889."]
@@ -224,6 +252,46 @@ async def test_citations_in_the_sources_are_verified_others_flagged(env: BuildCo
     }
 
 
+@pytest.mark.parametrize(
+    ("answer", "flagged"),
+    [
+        # A URL must be a whole URL of the sources: not another host, not a piece of one.
+        ("See https://example.com/returns or https://shop.example.com/re", 2),
+        ("See https://shop.example.com/returns/ now.", 0),
+        # Typographic punctuation and Markdown after a URL are not part of it.
+        ("See \u201chttps://shop.example.com/returns\u201d.", 0),
+        ("\u8be6\u89c1 https://shop.example.com/returns\u3002", 0),
+        ("See **https://shop.example.com/returns**.", 0),
+        # A DOI or arXiv id written as a link is the bare id of the sources.
+        ("See https://doi.org/10.1000/xyz123 and https://arxiv.org/abs/2106.01234", 0),
+        # An author-year reference needs the name and the year.
+        ("(Smithson, 2021)", 1),
+        ("(Smith, 2020)", 1),
+        ("(Smith, 2019)", 0),
+        # [n] counts documents, not system or tool messages; code indexes are no references.
+        ("As shown in [1] and [2].", 1),
+        ("Use `items[0]` or x[1] for the first item.", 0),
+    ],
+)
+async def test_citations_match_whole_sources(env: BuildContext, answer: str, flagged: int) -> None:
+    filt = make_filter(env, groundedness={"enabled": False}, cutoff={"enabled": False})
+    docs = (
+        "Returns: https://shop.example.com/returns. See doi:10.1000/xyz123 and "
+        "arXiv:2106.01234. Smith wrote it in 2019 at the Smithsonian.",
+    )
+    system = Message("system", "Be brief.")
+    tool = Message("tool", "{}", "call_1")
+    verdict = await filt.check(answer, out_ctx(system, tool, documents=docs))
+    assert len(verdict.findings) == flagged, [answer[slice(*f.span)] for f in verdict.findings]
+
+
+async def test_blank_documents_are_no_sources(env: BuildContext) -> None:
+    # They flagged every sentence of the answer as ungrounded, with support 0.
+    filt = make_filter(env, cutoff={"enabled": False})
+    verdict = await filt.check("Boil water. Steep it.", out_ctx(documents=("", "  ")))
+    assert verdict.findings == ()
+
+
 async def test_without_sources_citations_are_unverified_unless_configured(
     env: BuildContext,
 ) -> None:
@@ -248,6 +316,12 @@ async def test_without_sources_citations_are_unverified_unless_configured(
         ("Who is the current prime minister?", ["the current"]),
         ("Explain how an electric current flows.", []),
         ("What is the price of bitcoin right now?", ["right now"]),
+        # Not the time: a current in a circuit, a tense, counts and codes.
+        ("What is the current through a 10 ohm resistor?", []),
+        ("How do I use the present perfect tense?", []),
+        ("Is 2100 calories a day enough?", []),
+        ("How do I beat the game 2048? Is port 2049 open?", []),
+        ("2025\u5e74\u53d1\u751f\u4e86\u4ec0\u4e48\uff1f", ["2025"]),
     ],
 )
 def test_cutoff_spans(text: str, expected: list[str]) -> None:

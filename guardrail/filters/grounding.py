@@ -68,7 +68,21 @@ DEFAULT_HEAD = Path(__file__).resolve().parent / "data" / "grounding_head.npz"
 
 # A sentence ends at terminal punctuation (optionally closed by quotes or brackets)
 # followed by whitespace, or at a line break.
-_SENTENCE_END = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*(?=\s)|\n""")
+_SENTENCE_END = re.compile(
+    r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*(?=\s)|[\u3002\uff01\uff1f]+["\u201d\u300d)]*|\n"""
+)
+# A list marker or a step heading in front of a sentence, or standing alone.
+_LIST_MARKER = re.compile(
+    r"(?:(?:step|part|item)\s*\d{1,3}[.):]?|\d{1,3}[.)]|[a-z][.)]|[-*\u2022])(?:\s+|$)",
+    re.IGNORECASE,
+)
+# A full stop after these ends no sentence: a list marker ("1." at a line's start), an
+# initial ("J."), an abbreviation ("e.g.", "Dr.").
+_NOT_AN_END = re.compile(
+    r"(?:^|\n)[ \t]*(?:\d{1,3}|[a-z])\.$|(?<![\w.])[A-Za-z]\.$|"
+    r"(?<![\w.])(?:e\.g|i\.e|etc|vs|cf|approx|mr|mrs|ms|dr|prof|st|no|fig|vol|pp|jr|sr)\.$",
+    re.IGNORECASE,
+)
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _NEGATION = re.compile(
@@ -98,6 +112,8 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     start = 0
     for m in _SENTENCE_END.finditer(text):
+        if m.group() == "." and _NOT_AN_END.search(text, max(0, m.start() - 12), m.end()):
+            continue
         spans.append((start, m.end()))
         start = m.end()
     spans.append((start, len(text)))
@@ -105,6 +121,9 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     for a, b in spans:
         piece = text[a:b]
         lead = len(piece) - len(piece.lstrip())
+        marker = _LIST_MARKER.match(piece, lead)  # "1. ", "- ", "Step 2: ": no claim
+        if marker is not None:
+            lead = marker.end()
         trail = len(piece.rstrip())
         if trail > lead:
             out.append((a + lead, a + trail))

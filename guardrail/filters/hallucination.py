@@ -178,11 +178,13 @@ def validate(config: HallucinationConfig) -> Iterator[ConfigIssue]:
 _URL = re.compile(r"\b(?:https?://|www\.)[^\s<>\"'`]+", re.IGNORECASE)
 _DOI = re.compile(r"\b10\.\d{4,9}/[^\s<>\"'`]+")
 _ARXIV = re.compile(r"\barxiv:\s?\d{4}\.\d{4,5}(?:v\d+)?", re.IGNORECASE)
-_NUMBERED = re.compile(r"\[(\d{1,3})\]")
+# Not an index in code (`items[0]`, `x[1]`): a reference follows a space or punctuation.
+_NUMBERED = re.compile(r"(?<![\w\])`])\[(\d{1,3})\]")
 _AUTHOR_YEAR = re.compile(
     r"\(([A-Z][\w'-]+)(?: et al\.?| (?:and|&) [A-Z][\w'-]+)?,? (\d{4}[a-z]?)\)"
 )
-_TRAILING = ".,;:!?)]}>\"'"
+# ASCII and typographic punctuation that ends a sentence around a URL, and Markdown.
+_TRAILING = ".,;:!?)]}>\"'*_\u2019\u201d\u3002\uff0c\uff01\uff1f\u2026"
 
 
 def _norm_url(url: str) -> str:
@@ -205,15 +207,34 @@ def citations(text: str) -> Iterator[tuple[int, int, str, str]]:
     for m in _NUMBERED.finditer(text):
         yield m.start(), m.end(), "numbered", m.group(1)
     for m in _AUTHOR_YEAR.finditer(text):
-        yield m.start(), m.end(), "author_year", m.group(1).lower()
+        yield m.start(), m.end(), "author_year", f"{m.group(1).lower()} {m.group(2)[:4]}"
 
 
-def verified(kind: str, key: str, sources: Sequence[str], folded: str) -> bool:
-    """Whether a citation appears in the sources (``folded``: them, lower-cased, joined)."""
+# A DOI or arXiv id written as a link is the same reference as the bare id.
+_ID_LINK = re.compile(r"^(?:dx\.)?doi\.org/(10\..+)$|^arxiv\.org/(?:abs|pdf)/(.+?)(?:\.pdf)?$")
+
+
+def verified(
+    kind: str, key: str, sources: Sequence[str], folded: str, documents: int | None = None
+) -> bool:
+    """Whether a citation appears in the sources (``folded``: them, lower-cased, joined).
+
+    ``[n]`` needs at least ``n`` documents (``documents``; default: every source). A
+    URL must be a whole URL of the sources, not a piece of one; an author-year
+    reference needs the name and the year in the same source.
+    """
     if kind == "numbered":
-        return 1 <= int(key) <= len(sources)
-    # A normalised URL (no scheme, "www." or trailing slash) is a substring of the URL
-    # it came from, so one substring test covers URLs, DOIs, arXiv ids and names.
+        return 1 <= int(key) <= (len(sources) if documents is None else documents)
+    if kind == "url":
+        link = _ID_LINK.match(key)
+        if link is not None:  # doi.org/10.x/y or arxiv.org/abs/2106.01234
+            return (link.group(1) or link.group(2)) in folded
+        return key in {_norm_url(u) for u in _URL.findall(folded)}
+    if kind == "author_year":
+        name, year = key.rsplit(" ", 1)
+        return any(
+            re.search(rf"\b{re.escape(name)}\b", s) and year in s for s in folded.split("\n\x00")
+        )
     return key in folded
 
 
@@ -232,15 +253,23 @@ _MONTHS = {
     for m in names.split()
 }  # fmt: skip
 _YEAR = re.compile(
-    r"\b(?:(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?,?\s+)?"
-    r"(?P<year>(?:19|20|21)\d\d)\b(?!\s*(?:bc|bce|b\.c\.)\b)",
+    r"(?:\b(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?,?\s+)?"
+    # Not part of a longer number or a word, and no bare count or code: "2100 calories",
+    # "port 2049", "the game 2048" ("2025年" is a year: no \b is needed before 年).
+    r"(?<![\dA-Za-z.#])(?<!port )(?<!game )(?<!number )(?<!model )"
+    r"(?P<year>(?:19|20|21)\d\d)(?![\d.,]\d|\d)"
+    r"(?!\s*(?:bc|bce|b\.c\.|calories|kcal|kg|km|mg|ml|mah|ohms?|watts?|rpm|dpi|px|mb|gb"
+    r"|mhz|ghz|dollars|euros|points|words|tokens|characters|rows|items|people|users|%)\b)",
     re.IGNORECASE,
 )
 _RECENCY = re.compile(
     r"\b(?:latest|newest|most recent(?:ly)?|up[- ]to[- ]date|currently|right now|"
     r"as of (?:now|today|this year)|at the moment|these days|nowadays|this (?:week|month|year)|"
     r"today(?:'s)?|yesterday|tonight|breaking news|so far this)\b|"
-    r"\b(?:the|who is|what is|what's|who's|who are|what are)\s+(?:current|present)\b",
+    r"\b(?:the|who is|what is|what's|who's|who are|what are)\s+(?:current|present)\b"
+    # Not the electric or water current, nor grammar's or finance's present.
+    r"(?!\s+(?:through|in|flowing|flow|density|draw|drawn|limit|source|perfect|tense"
+    r"|participle|continuous|progressive|simple|values?)\b)",
     re.IGNORECASE,
 )
 
@@ -319,7 +348,7 @@ def sources_of(ctx: FilterContext, kinds: Sequence[str]) -> list[str]:
     """The request's sources of the given kinds, in order: documents, system, tool."""
     out: list[str] = []
     if "documents" in kinds:
-        out.extend(ctx.context_documents)
+        out.extend(d for d in ctx.context_documents if d.strip())  # a blank one is none
     roles = {r for k in kinds for r in _ROLES.get(k, ())}
     out.extend(m.content for m in ctx.messages if m.role in roles and m.content.strip())
     return out
@@ -392,7 +421,8 @@ class HallucinationFilter:
         if ctx.stage is Stage.OUTPUT:
             sources = sources_of(ctx, self._config.groundedness.sources)
             if self._config.citations.enabled:
-                findings.extend(self._citation_findings(text, sources))
+                documents = sum(1 for d in ctx.context_documents if d.strip())
+                findings.extend(self._citation_findings(text, sources, documents))
             if self.scorer is not None and sources:
                 findings.extend(await self._groundedness_findings(text, sources, ctx))
         return Verdict.from_findings(findings)
@@ -412,13 +442,16 @@ class HallucinationFilter:
                 concern="accuracy",
             )
 
-    def _citation_findings(self, text: str, sources: Sequence[str]) -> Iterator[Finding]:
+    def _citation_findings(
+        self, text: str, sources: Sequence[str], documents: int
+    ) -> Iterator[Finding]:
+        """``documents``: how many the request brought; ``[n]`` refers to them only."""
         c = self._config.citations
         if not sources and not c.without_sources:
             return
-        folded = "\n".join(sources).lower()
+        folded = "\n\x00".join(sources).lower()
         for start, end, kind, key in citations(text):
-            if not verified(kind, key, sources, folded):
+            if not verified(kind, key, sources, folded, documents=documents):
                 yield Finding(
                     "unverified_citation",
                     1.0,

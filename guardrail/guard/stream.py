@@ -15,6 +15,7 @@ released before the phrase arrives (the phrase itself never is).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -126,7 +127,14 @@ class StreamGuard:
             self._released[-self._settings.context_chars :] if self._settings.context_chars else ""
         )
         decision = await self._guard.check(Stage.OUTPUT, tail + window, self._ctx)
-        self.decisions.append(decision)
+        # A finding that lies wholly in the tail was reported with the window before: the
+        # answer's findings list it once, as for a whole completion.
+        seen = [f for f in decision.findings if f.span is not None and f.span[1] <= len(tail)]
+        if seen:
+            fresh = tuple(f for f in decision.findings if f not in seen)
+            self.decisions.append(dataclasses.replace(decision, findings=fresh))
+        else:
+            self.decisions.append(decision)
         self.window_chars.append(len(window))
         if decision.blocked:
             self.blocked = True
