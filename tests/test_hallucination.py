@@ -121,7 +121,7 @@ def test_sentences_are_split_with_spans_into_the_original_text() -> None:
             "埃菲尔铁塔于1889年建成。它在1950年被搬到了伦敦。",
             ["埃菲尔铁塔于1889年建成。", "它在1950年被搬到了伦敦。"],
         ),
-        ("是吗？对！好。", ["是吗？", "对！", "好。"]),
+        ("是吗\uff1f对\uff01好。", ["是吗\uff1f", "对\uff01", "好。"]),
     ],
 )
 def test_sentences_of_lists_abbreviations_and_chinese(text: str, sentences: list[str]) -> None:
