@@ -120,7 +120,12 @@ async def check_all(guard: Guard, ctx: FilterContext) -> list[str]:
             "entities: {X_ID: {}}\n      recognizers: [{entity: X_ID, patterns: ['(']}]",
             "invalid regex",
         ),
-        ("entities: {EMAIL_ADDRESS: {operator: encrypt}}", "encrypt_key_env"),
+        ("entities: {EMAIL_ADDRESS: {operator: encrypt}}", "EMAIL_ADDRESS.operator: the encrypt"),
+        # Named where the file says encrypt.
+        (
+            "entities: {EMAIL_ADDRESS: {output_operator: encrypt}}",
+            "EMAIL_ADDRESS.output_operator: the encrypt",
+        ),
         ("entities: {EMAIL_ADDRESS: {input: redakt}}", "redakt"),
         ("recognizers: [{entity: X_ID, deny_list: [a]}]", "has no entry in entities"),
     ],

@@ -248,8 +248,10 @@ def validate(config: PiiConfig) -> Iterator[ConfigIssue]:
             )
         uses_encrypt = "encrypt" in (rule.operator, rule.output_operator)
         if uses_encrypt and not config.encrypt_key_env:
+            # Named where the file says encrypt (output_operator alone has no operator).
+            key = "operator" if rule.operator == "encrypt" else "output_operator"
             yield ConfigIssue(
-                ("entities", name, "operator"),
+                ("entities", name, key),
                 "the encrypt operator needs encrypt_key_env (the variable holding the key)",
             )
         if len(rule.mask_char) != 1:
