@@ -141,6 +141,32 @@ def test_when_a_pii_config_is_wrong_then_the_policy_does_not_load(
     assert "bad.yaml:" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "entity", "value"),
+    [
+        # Look-alike characters hid these from Presidio: they reached the backend.
+        ("My card is 4111\xa01111\xa01111\xa01111.", "CREDIT_CARD", "4111\xa01111\xa01111\xa01111"),
+        (
+            "My card is 4111\u200b1111\u200b1111\u200b1111.",
+            "CREDIT_CARD",
+            "4111\u200b1111\u200b1111\u200b1111",
+        ),
+        ("My email is jane.doe\u200b@example.com.", "EMAIL_ADDRESS", "jane.doe\u200b@example.com"),
+        ("My email is jane.doe\uff20example.com.", "EMAIL_ADDRESS", "jane.doe\uff20example.com"),
+        (
+            "SSN \uff15\uff13\uff16-\uff12\uff12-\uff18\uff11\uff17\uff13 here",
+            "US_SSN",
+            "\uff15\uff13\uff16-\uff12\uff12-\uff18\uff11\uff17\uff13",
+        ),
+    ],
+)
+def test_look_alike_and_zero_width_characters_do_not_hide_an_entity(
+    pii: PiiFilter, text: str, entity: str, value: str
+) -> None:
+    found = [(d.entity, text[d.start : d.end]) for d in pii.analyze(text)]
+    assert (entity, value) in found
+
+
 def test_importing_the_filter_module_does_not_import_presidio_or_spacy() -> None:
     code = (
         "import sys, guardrail.filters.pii, guardrail.filters.address,"

@@ -122,6 +122,28 @@ ActionName = Literal["block", "redact", "flag", "allow"]
 OperatorName = Literal["placeholder", "mask", "hash", "encrypt", "replace"]
 
 
+# The text Presidio sees: look-alike characters that hide an entity from its patterns
+# (a card number with no-break spaces, an email with a full-width @, a phone number
+# with non-breaking hyphens) become their ASCII forms, one for one, so offsets hold;
+# zero-width characters are dropped and offsets mapped back.
+_SAME_LENGTH = {
+    **{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)},  # full-width ASCII
+    **dict.fromkeys((0x00A0, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000), 0x20),
+    **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013, 0x2212, 0xFE63, 0xFF0D), 0x2D),
+}
+_ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
+
+
+def _probe_text(text: str) -> tuple[str, list[int] | None]:
+    """The text to analyze, and for each of its characters the original's index (None
+    when they are the same)."""
+    probe = text.translate(_SAME_LENGTH)
+    if not any(c in _ZERO_WIDTH for c in probe):
+        return probe, None
+    positions = [i for i, c in enumerate(probe) if c not in _ZERO_WIDTH]
+    return "".join(probe[i] for i in positions), positions
+
+
 class EntityRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What to do with one entity type."""
 
@@ -622,8 +644,9 @@ class PiiFilter:
         """Detections above each entity's threshold, overlaps resolved (blocking)."""
         if not text.strip() or not self._entities:
             return []
+        probe, positions = _probe_text(text)
         results = self._analyzer.analyze(
-            text,
+            probe,
             language=self._config.language,
             entities=self._entities,
             score_threshold=self._min_threshold,
@@ -634,9 +657,12 @@ class PiiFilter:
             rule = self._config.entities.get(r.entity_type)
             if rule is None or r.score < rule.threshold:
                 continue
-            if text[r.start : r.end] in self._allow:
+            start, end = r.start, r.end
+            if positions is not None:  # back onto the text with its zero-width characters
+                start, end = positions[start], positions[end - 1] + 1
+            if text[start:end] in self._allow:
                 continue
-            found.append(Detection(r.entity_type, r.start, r.end, float(r.score)))
+            found.append(Detection(r.entity_type, start, end, float(r.score)))
         # Overlaps: an address wins over a name inside it ("24 Gordon Terrace": the NER
         # scores names 0.85, above the address heuristic); otherwise the higher score
         # wins, then the longer span (an address over a number).
