@@ -531,6 +531,31 @@ async def test_an_email_or_iban_cut_by_a_stream_window_never_leaks_a_prefix(
 
 
 @pytest.mark.parametrize("release", ["sentence", "window"])
+async def test_the_users_own_value_cut_by_the_context_tail_is_no_leak(
+    executor: ThreadPoolExecutor, resources: SharedResources, release: str
+) -> None:
+    # The tail began inside the restored email ("doe@example.com"): a "new" email that
+    # the policy blocks, so the stream was cut.
+    registry = filter_registry()
+    policy = load_policy_text(
+        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        "      entities:\n        EMAIL_ADDRESS: {input: redact, output: block}\n",
+        "p.yaml",
+        registry,
+    )
+    guard = Guard.build(policy, registry, BuildContext(executor, resources=resources))
+    ctx = conversation(f"Please write to {EMAIL} for me.")
+    await check_all(guard, ctx)
+    reply = "Sure thing, I will write to <EMAIL_ADDRESS_1> right away and then I will report."
+    settings = StreamSettings(release=release, window_chars=60, context_chars=30)
+    window = StreamGuard(guard, ctx, settings)
+    sent = [(await window.feed(piece)).text for piece in _chunk(reply, list(range(0, 90, 4)))]
+    sent.append((await window.finish()).text)
+    assert not window.blocked
+    assert "".join(sent) == reply.replace("<EMAIL_ADDRESS_1>", EMAIL)
+
+
+@pytest.mark.parametrize("release", ["sentence", "window"])
 async def test_a_card_cut_by_a_stream_window_is_masked_whole(guard: Guard, release: str) -> None:
     """A window cut at a space inside the number must not release its first digits."""
     reply = (
