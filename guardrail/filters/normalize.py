@@ -6,12 +6,16 @@ the user sent, so every normalised character remembers the original index it cam
 What is undone, in order:
 
 - compatibility forms, accents and case (full-width ``bomb``, ``bómb``, ``BOMB`` -> ``bomb``);
-- invisible format characters (zero-width spaces and joiners, soft hyphens);
+- invisible format characters (zero-width spaces and joiners, soft hyphens), marks that
+  show nothing or draw around a letter (grapheme joiner, variation selectors, enclosing
+  circles, keycaps), blank letters (Hangul fillers, the blank braille pattern);
+- Unicode dashes become hyphens and middle dots full stops;
 - look-alike letters from other scripts (Cyrillic and Greek o -> Latin ``o``);
 - leetspeak next to letters in words that hold letters (``b0mb``, ``h4ck``, ``k1ll``);
-  numbers are left alone (``2024``, ``4 eggs``, ``covid-19``);
-- letters spelled out one at a time (``b o m b``, ``b.o.m.b``, ``b-o-m-b``): a run of
-  three or more single letters joined by one space or ``. - _ *`` is glued together;
+  numbers are left alone (``2024``, ``4 eggs``, ``covid-19``), and so is a number with a
+  unit or suffix (``80MB``, ``1080p``);
+- letters spelled out one at a time (``b o m b``, ``b.o.m.b``, ``b/o/m/b``): a run of
+  three or more single letters joined by one space or ``. - _ * / , ~ : '`` is glued;
 - runs of whitespace become one space.
 
 The text models see gets all of it. Keywords match the text with leetspeak undone and
@@ -26,6 +30,16 @@ from dataclasses import dataclass
 
 # Zero-width and other invisible formatting characters used to split words.
 _INVISIBLE_CATEGORIES = frozenset({"Cf"})
+# Marks that show nothing of their own (the grapheme joiner, variation selectors) or draw
+# around a letter (enclosing circles, keycaps) go whatever their combining class, and so
+# do blank letters: Hangul fillers, Khmer inherent vowels, the blank braille pattern.
+_MARK_CATEGORIES = frozenset({"Mn", "Me"})
+_BLANKS = frozenset("\u115f\u1160\u3164\uffa0\u17b4\u17b5\u2800")
+# Dashes and middle dots between spelled-out letters or words: hyphens and full stops.
+_PUNCTUATION = {
+    **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-"),
+    **dict.fromkeys("\u00b7\u2022\u2027\u2219", "."),
+}
 
 # Letters of other scripts that look like Latin ones (lower case; input is casefolded
 # first). Written here from the Unicode charts for Cyrillic and Greek.
@@ -105,8 +119,8 @@ _LEET = {
 
 # One letter or digit, then (separator, one letter or digit) at least twice, with no
 # word character on either side: "b o m b", "b.o.m.b", "b-o-m-b".
-_SPELLED = re.compile(r"(?<![\w])\w(?:[ ._*-]\w){2,}(?![\w])")
-_SEPARATORS = frozenset(" ._*-")
+_SPELLED = re.compile(r"(?<![\w])\w(?:[ ._*/,~:'-]\w){2,}(?![\w])")
+_SEPARATORS = frozenset(" ._*/,~:'-")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +143,15 @@ def _fold(char: str) -> str:
     capital = _CAPITAL_CONFUSABLES.get(char)
     if capital is not None:
         return capital
+    punctuation = _PUNCTUATION.get(char)
+    if punctuation is not None:
+        return punctuation
     decomposed = unicodedata.normalize("NFKD", char)
-    kept = "".join(c for c in decomposed if not unicodedata.combining(c))
+    kept = "".join(
+        c
+        for c in decomposed
+        if not unicodedata.combining(c) and unicodedata.category(c) not in _MARK_CATEGORIES
+    )
     folded = unicodedata.normalize("NFKC", kept).casefold()
     return "".join(_CONFUSABLES.get(c, c) for c in folded)
 
@@ -140,7 +161,7 @@ def _fold_and_squeeze(text: str) -> tuple[list[str], list[int]]:
     origin: list[int] = []
     last_space = True  # also trims leading whitespace
     for i, char in enumerate(text):
-        if unicodedata.category(char) in _INVISIBLE_CATEGORIES:
+        if unicodedata.category(char) in _INVISIBLE_CATEGORIES or char in _BLANKS:
             continue
         if char.isspace():
             if not last_space:
@@ -176,7 +197,13 @@ def _unleet(chars: list[str]) -> None:
         end = start
         while end < n and chars[end] != " ":
             end += 1
-        if sum(chars[k].isalpha() for k in range(start, end)) >= 2:
+        # A number with a unit or a model suffix ("80mb", "16gb", "1080p") is no leet:
+        # its digits would turn "80mb" into "bomb".
+        digits = start
+        while digits < end and chars[digits].isdigit():
+            digits += 1
+        unit = digits - start >= 2 and all(chars[k].isalpha() for k in range(digits, end))
+        if not unit and sum(chars[k].isalpha() for k in range(start, end)) >= 2:
             # Trailing punctuation ("wow!") is punctuation, not a letter.
             last = end
             while last > start and chars[last - 1] in "!$+|":

@@ -309,7 +309,7 @@ def _shipped_labels(settings: object) -> frozenset[str] | None:
 # -- compiled form --------------------------------------------------------------------------
 
 
-_SPELL_SEPARATOR = r"[ ._*-]"
+_SPELL_SEPARATOR = r"[ ._*/,~:'-]"
 
 
 def _word_pattern(word: str) -> str:
@@ -321,8 +321,10 @@ def _word_pattern(word: str) -> str:
     return f"(?:{plain}|{spelled})"
 
 
-# Between the words of a keyword: spaces, hyphens, underscores or slashes ("pipe-bomb").
-_BETWEEN_WORDS = r"[\s\-_/]+"
+# Between the words of a keyword: spaces, hyphens (dashes fold to them), underscores,
+# slashes, or a full stop with no space after it ("pipe-bomb", "kill.yourself"; a
+# sentence's end is no joint: "we build. A bomb").
+_BETWEEN_WORDS = r"(?:[\s\-_/]|\.(?!\s))+"
 # Two long words may also be glued ("pipebomb"); a short one may not, or "the rapist"
 # would match "therapist" and "kill er" "killer".
 _GLUE_MIN = 4
