@@ -132,13 +132,14 @@ _SAME_LENGTH = {
     **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013, 0x2212, 0xFE63, 0xFF0D), 0x2D),
 }
 _ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
+_HAS_ZERO_WIDTH = re.compile("[" + "".join(sorted(_ZERO_WIDTH)) + "]")
 
 
 def _probe_text(text: str) -> tuple[str, list[int] | None]:
     """The text to analyze, and for each of its characters the original's index (None
     when they are the same)."""
     probe = text.translate(_SAME_LENGTH)
-    if not any(c in _ZERO_WIDTH for c in probe):
+    if _HAS_ZERO_WIDTH.search(probe) is None:
         return probe, None
     positions = [i for i, c in enumerate(probe) if c not in _ZERO_WIDTH]
     return "".join(probe[i] for i in positions), positions
