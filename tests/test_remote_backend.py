@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from guardrail.backends.base import Backend, Chunk, GenerationRequest, SamplingParams
+from guardrail.backends.breaker import CircuitState
 from guardrail.backends.remote import SPEC, RemoteBackend, from_settings
 from guardrail.chat import Message
 from guardrail.errors import (
@@ -778,3 +779,118 @@ async def test_the_fake_upstream_speaks_the_wire_format_the_openai_sdk_reads() -
     assert text.choices[0].text == REPLY
     assert [m.id for m in models.data] == ["m1", "m2"]
     assert fake.headers[0]["authorization"] == "Bearer sk-test"
+
+
+# -- from a bug hunt: half-open trials, keepalives, 4xx in streams, failover, Retry-After --
+
+
+class Tick:
+    """A clock tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _sse(*frames: str) -> bytes:
+    return "".join(f"data: {f}\n\n" for f in frames).encode()
+
+
+REPLY_FRAMES = (
+    json.dumps({"choices": [{"index": 0, "delta": {"content": "Hello there. "}}]}),
+    json.dumps({"choices": [{"index": 0, "delta": {"content": "More."}, "finish_reason": "stop"}]}),
+    "[DONE]",
+)
+
+
+async def test_a_half_open_trial_the_caller_abandons_gives_its_place_back() -> None:
+    # A stream closed early (the policy cut it) held the trial: every later call got 503.
+    calls = {"n": 0}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return httpx.Response(500, json={"error": {"message": "boom"}})
+        return httpx.Response(
+            200, content=_sse(*REPLY_FRAMES), headers={"content-type": "text/event-stream"}
+        )
+
+    clock = Tick()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(
+            client, "http://up.test/v1", breaker_failures=1, breaker_reset_s=1.0, clock=clock
+        )
+        with pytest.raises(BackendError):
+            await remote.generate(chat_request())
+        assert remote.breakers["http://up.test/v1"].state is CircuitState.OPEN
+        clock.now += 1.5  # half-open: one trial
+        stream = remote.stream(chat_request())
+        await anext(stream)
+        await stream.aclose()  # the caller leaves before the end: no verdict
+        chunks = await collect(remote.stream(chat_request()))  # not a 503
+    assert "".join(c.text for c in chunks) == "Hello there. More."
+    assert remote.breakers["http://up.test/v1"].state is CircuitState.CLOSED
+
+
+async def test_keepalive_comments_do_not_hold_a_stream_past_the_timeout() -> None:
+    async def pings() -> AsyncIterator[bytes]:
+        while True:
+            yield b": ping\n\n"
+            await asyncio.sleep(0.05)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=pings(), headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://up.test/v1", timeout_s=0.3)
+        with pytest.raises(BackendTimeout):
+            await collect(remote.stream(chat_request()), limit_s=3.0)
+
+
+async def test_a_4xx_on_a_stream_is_the_request_s_fault_and_never_opens_the_circuit() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"error": {"message": "model does not exist"}})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://up.test/v1", breaker_failures=2)
+        for _ in range(3):
+            with pytest.raises(BackendError) as refused:
+                await collect(remote.stream(chat_request()))
+            assert refused.value.status == 502  # not 503: the circuit stays closed
+    assert remote.breakers["http://up.test/v1"].state is CircuitState.CLOSED
+
+
+async def test_a_stream_that_ends_before_any_text_fails_over_to_the_next_url() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "a.test":
+            return httpx.Response(200, content=b"", headers={"content-type": "text/event-stream"})
+        return httpx.Response(
+            200, content=_sse(*REPLY_FRAMES), headers={"content-type": "text/event-stream"}
+        )
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://a.test/v1", "http://b.test/v1")
+        chunks = await collect(remote.stream(chat_request()))
+    assert "".join(c.text for c in chunks) == "Hello there. More."
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_upstream_s_retry_after_reaches_the_client(stream: bool) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            429, json={"error": {"message": "slow down"}}, headers={"retry-after": "42"}
+        )
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://up.test/v1")
+
+        async def call() -> object:
+            if stream:
+                return await collect(remote.stream(chat_request()))
+            return await remote.generate(chat_request())
+
+        with pytest.raises(BackendError) as limited:
+            await call()
+    assert (limited.value.status, limited.value.retry_after_s) == (429, 42.0)

@@ -119,6 +119,16 @@ class CircuitBreaker:
                 self._opened_at = self._clock()
                 self._set(CircuitState.OPEN)
 
+    def release(self) -> None:
+        """End a half-open trial that reached no verdict (the client left, the policy cut
+        the stream): the next request may try. Does nothing in any other state, so it is
+        safe to call after :meth:`success` or :meth:`failure`."""
+        if not self._threshold:
+            return
+        with self._lock:
+            if self._state is CircuitState.HALF_OPEN:
+                self._trial_out = False
+
     def _tick(self) -> None:
         if self._state is CircuitState.OPEN and self._clock() - self._opened_at >= self._reset_s:
             self._trial_out = False

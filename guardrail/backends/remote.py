@@ -232,7 +232,20 @@ def _upstream_message(content: bytes) -> str:
     return text or "no message"
 
 
-def _status_error(status: int, content: bytes) -> BackendError | _AttemptFailed:
+def _retry_after(value: str | None) -> float | None:
+    """An upstream Retry-After in seconds (a date form is ignored), capped at an hour."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    if seconds is None or not 0 <= seconds < float("inf"):
+        return None
+    return min(seconds, 3600.0)
+
+
+def _status_error(
+    status: int, content: bytes, retry_after: str | None = None
+) -> BackendError | _AttemptFailed:
     """An upstream error status: a final error (4xx) or a failed attempt (5xx)."""
     if status >= 500:
         return _AttemptFailed(
@@ -248,6 +261,7 @@ def _status_error(status: int, content: bytes) -> BackendError | _AttemptFailed:
         return BackendBadResponse(
             f"backend is rate limiting requests (HTTP 429): {_upstream_message(content)}",
             status=429,
+            retry_after_s=_retry_after(retry_after),
         )
     if status in (401, 403):
         # Not echoed: some servers quote part of the key they refused.
@@ -505,6 +519,11 @@ class RemoteBackend:
                     await self._sleep(self._backoff_s * 2 ** (attempt - 1))
                 try:
                     content = await self._post(url, body, headers)
+                except asyncio.CancelledError:
+                    # The client left mid-call: no verdict on the replica. A half-open
+                    # trial that never ended kept the URL out of use for good.
+                    breaker.release()
+                    raise
                 except _AttemptFailed as failure:
                     breaker.failure()
                     failures.add(failure, url, attempt)
@@ -527,7 +546,9 @@ class RemoteBackend:
         """The body of a 200 answer; raises a final error or :class:`_AttemptFailed`."""
         response = await self._send("POST", url, self._timeout_s, json=body, headers=headers)
         if response.status_code != 200:
-            raise _status_error(response.status_code, response.content)
+            raise _status_error(
+                response.status_code, response.content, response.headers.get("retry-after")
+            )
         return response.content
 
     async def _send(self, method: str, url: str, timeout_s: float, **kwargs: Any) -> httpx.Response:
@@ -562,7 +583,11 @@ class RemoteBackend:
             started = False
             response: httpx.Response | None = None
             try:
-                response = await self._open_stream(url, body, headers)
+                try:
+                    response = await self._open_stream(url, body, headers)
+                except BackendError:
+                    breaker.success()  # a 4xx: the replica is up, the request was wrong
+                    raise
                 async with contextlib.aclosing(self._chunks(response, chat=request.is_chat)) as it:
                     async for chunk in it:
                         started = True
@@ -575,12 +600,17 @@ class RemoteBackend:
                     raise failure.error from failure.error.__cause__
                 failures.add(failure, url, 0)
             except BackendError as e:
-                if e.status in {400, 429}:
-                    breaker.success()  # the replica answered; the request was refused
-                else:
-                    breaker.failure()  # garbage or an error frame
+                if response is not None:  # garbage or an error frame from a 200
+                    breaker.failure()
+                if not started and response is not None and e.status == 502:
+                    # Nothing reached the caller yet: the next URL may still answer.
+                    failures.add(_AttemptFailed("status", e), url, 0)
+                    continue
                 raise
             finally:
+                # A stream closed early (the policy cut it, the client left) reached no
+                # verdict on the replica: a half-open trial gives its place back.
+                breaker.release()
                 if response is not None:
                     await response.aclose()
         raise failures.error(len(self.urls))
@@ -608,7 +638,7 @@ class RemoteBackend:
             content = b""
         finally:
             await response.aclose()
-        raise _status_error(response.status_code, content)
+        raise _status_error(response.status_code, content, response.headers.get("retry-after"))
 
     async def _chunks(self, response: httpx.Response, *, chat: bool) -> AsyncGenerator[Chunk]:
         """Turn SSE frames into chunks; transport trouble comes out as :class:`_AttemptFailed`.
@@ -666,10 +696,14 @@ class RemoteBackend:
         (keepalives), ``event:``/``id:`` fields and blank lines are skipped.
         """
         lines = _sse_lines(response.aiter_text())
+        loop = asyncio.get_running_loop()
+        # Bounded from one data payload to the next: keepalive comments and blank lines
+        # do not restart the clock, or a server pinging forever would hang the request.
+        deadline = loop.time() + self._timeout_s
         async with contextlib.aclosing(lines):
             while True:
                 try:
-                    async with asyncio.timeout(self._timeout_s):
+                    async with asyncio.timeout_at(deadline):
                         line = await anext(lines)
                 except StopAsyncIteration:
                     return
@@ -686,6 +720,7 @@ class RemoteBackend:
                 data = line[5:].strip()
                 if data:
                     yield data
+                    deadline = loop.time() + self._timeout_s
 
     # -- discovery
 
