@@ -112,15 +112,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"guardrail: serving on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        # SIGTERM: stop accepting, let open requests and streams finish, then shut down.
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            # SIGTERM: stop accepting, let open requests and streams finish, then shut down.
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        )
+    except SystemExit as e:
+        # uvicorn exits 3 when it cannot start (the port is taken, the host is unknown):
+        # a startup error, which is exit 2 here; its reason is in the log line before.
+        if e.code == 3:
+            print(
+                f"guardrail: cannot listen on {settings.host}:{settings.port} "
+                "(see the error logged above)",
+                file=sys.stderr,
+            )
+            return 2
+        raise
     return 0
 
 
@@ -185,6 +197,9 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(args: argparse.Namespace) -> int:
+    from guardrail.settings import load_settings
+
+    load_settings()  # bad settings are a startup error (exit 2), not every file's fault
     passed = failed = broken = 0
     with ThreadPoolExecutor(2) as executor:
         for path in args.files:
@@ -459,10 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
         "proxy", help="latency and throughput the gateway adds, against a fake upstream"
     )
     proxy.add_argument("--policy", help="the policy measured besides no filters (default policy)")
-    proxy.add_argument("--latency-ms", type=float, default=20.0, help="simulated model latency")
-    proxy.add_argument("--concurrency", type=int, default=8, help="clients sending at once")
-    proxy.add_argument("--seconds", type=float, default=5.0, help="per phase and run")
-    proxy.add_argument("--runs", type=int, default=3, help="the report is the median")
+    proxy.add_argument(
+        "--latency-ms", type=_at_least(0.0), default=20.0, help="simulated model latency"
+    )
+    proxy.add_argument(
+        "--concurrency", type=_at_least(1, int), default=8, help="clients sending at once"
+    )
+    proxy.add_argument("--seconds", type=_at_least(0.1), default=5.0, help="per phase and run")
+    proxy.add_argument("--runs", type=_at_least(1, int), default=3, help="the report is the median")
     proxy.add_argument("--json", action="store_true", help="print one JSON object")
     proxy.set_defaults(func=cmd_bench_proxy)
     engine = bench.add_parser(
@@ -472,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--model", help="local model folder or .gguf file (default: the embedded model)"
     )
-    engine.add_argument("--runs", type=int, default=5, help="the report is the median")
+    engine.add_argument(
+        "--runs", type=_at_least(1, int), default=5, help="the report is the median"
+    )
     engine.add_argument(
         "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N"
     )
@@ -506,6 +527,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report.html", help="the HTML file, or - for stdout")
     report.set_defaults(func=cmd_report)
     return parser
+
+
+def _at_least(low: float, kind: type = float) -> Any:
+    """An argparse type: a number of ``kind`` no smaller than ``low`` (else exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, not {text}")
+        return value
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

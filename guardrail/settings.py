@@ -512,6 +512,11 @@ def load_settings(
             loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {config_file} is not UTF-8 text "
+                f"(byte {e.object[e.start]:#04x} at offset {e.start})"
+            ) from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
         if loaded is None:

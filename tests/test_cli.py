@@ -180,6 +180,59 @@ def test_bad_inputs_and_paths_are_clear_errors_not_tracebacks(
     assert err.startswith("guardrail: ")
 
 
+def test_startup_problems_are_exit_2_with_one_line_not_a_traceback(
+    test_policy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A config file that is not UTF-8 gave a UnicodeDecodeError traceback (exit 1).
+    config = tmp_path / "bin.yaml"
+    config.write_bytes(b"\xff\xfe")
+    code, _, err = run(["report", "--config", str(config)], capsys)
+    assert code == 2
+    assert "is not UTF-8 text (byte 0xff at offset 0)" in err
+    # Bench sizes under 1 ran the whole benchmark, then died dividing by zero.
+    for flags in (["--runs", "0"], ["--concurrency", "0"], ["--seconds", "-1"]):
+        with pytest.raises(SystemExit) as usage:
+            main(["bench", "proxy", *flags])
+        assert usage.value.code == 2
+    assert "must be at least" in capsys.readouterr().err
+    # A bad setting is not every policy file's fault: exit 2 once, files untouched.
+    monkeypatch.setenv("GUARDRAIL_PORT", "abc")
+    code, out, err = run(["policy", "test", str(test_policy)], capsys)
+    assert code == 2
+    assert "invalid settings" in err
+    assert "files invalid" not in out + err
+
+
+def test_serve_that_cannot_listen_exits_2(
+    test_policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run(
+            [
+                "serve",
+                "--backend",
+                "remote",
+                "--backend-url",
+                "http://127.0.0.1:9/v1",
+                "--policy",
+                str(test_policy),
+                "--port",
+                str(port),
+            ],
+            capsys,
+        )
+    assert code == 2  # uvicorn's own exit code was 3
+    assert f"cannot listen on 127.0.0.1:{port}" in err
+
+
 def test_check_keeps_stdout_for_its_json_even_when_a_filter_fails(
     test_policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
