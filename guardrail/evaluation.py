@@ -48,7 +48,9 @@ def read_dataset(path: Path) -> list[Example]:
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from e
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from e
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+        ) from e
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -168,7 +168,7 @@ def test_bad_inputs_and_paths_are_clear_errors_not_tracebacks(
     code, _, err = run(["eval", str(binary), "--policy", str(test_policy)], capsys)
     assert (code, err.strip()) == (
         2,
-        f"guardrail: {binary}: not UTF-8 text (byte 0 cannot be decoded)",
+        f"guardrail: {binary}: not UTF-8 text (byte 0xff at offset 0)",
     )
     context = tmp_path / "ctx.jsonl"
     context.write_text('{"text": "a", "label": "allow", "context": 7}\n')
