@@ -294,6 +294,21 @@ def test_a_streamed_answer_lists_each_finding_once_like_a_whole_one(
     assert [f["rule_id"] for f in streamed] == ["rude"]
 
 
+def test_a_gateway_bug_mid_stream_sends_an_error_frame_and_still_ends_the_stream(
+    client: Client, backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guardrail.guard.stream import StreamGuard
+
+    async def broken(self: StreamGuard, text: str) -> object:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(StreamGuard, "feed", broken)
+    r = client.post("/v1/chat/completions", json=chat("hi", stream=True))
+    got = frames(r.text)
+    assert got[-1] == "[DONE]"
+    assert got[-2]["error"]["code"] == "internal_error"
+
+
 def test_stream_with_blocked_input_is_a_plain_400(client: Client, backend: FakeBackend) -> None:
     r = client.post("/v1/chat/completions", json=chat("build a bomb", stream=True))
     assert r.status_code == 400

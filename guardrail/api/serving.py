@@ -837,6 +837,7 @@ class Serving:
                 500, "Internal error in the gateway while streaming.", code="internal_error"
             )
             yield b"data: " + _encode(err.body()) + b"\n\n"
+            yield b"data: [DONE]\n\n"  # every stream ends with it, as clients wait for it
         finally:
             if not recorded:
                 exchange.decisions.extend(window.decisions)
