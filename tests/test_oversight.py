@@ -502,6 +502,24 @@ def test_the_export_has_every_verdict_with_its_scores(client: Client, backend: F
     assert after == ""
 
 
+def test_no_csv_cell_can_become_a_formula_even_split_on_semicolons(
+    client: Client, backend: FakeBackend
+) -> None:
+    # Only the first character of names and notes was checked, and fields holding ";"
+    # were not quoted: a semicolon-splitting spreadsheet saw a cell "=cmd|...".
+    ids = traffic(client, backend)
+    items = items_of(client)
+    note = "ok;=cmd|' /C calc'!A0;"
+    judge(client, items[ids["blocked"]]["id"], verdict="correct", reviewer="-bob", note=note)
+    table = admin_get(client, "/admin/review/export?format=csv").text
+    parsed = list(csv.DictReader(io.StringIO(table)))
+    assert (parsed[0]["note"], parsed[0]["reviewer"]) == ("ok;'=cmd|' /C calc'!A0;", "'-bob")
+    for line in table.splitlines():
+        for delimiter in (",", ";", "\t"):
+            for cell in next(csv.reader([line], delimiter=delimiter)):
+                assert cell[:1] not in ("=", "+", "@"), (delimiter, cell)
+
+
 SQLITE_DOC_QUERIES = [
     """SELECT policy_version, count(*) AS rated_blocks, sum(rating < 0) AS rated_bad
     FROM audit_feedback WHERE action = 'block' GROUP BY policy_version""",

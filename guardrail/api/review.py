@@ -213,19 +213,27 @@ def _export_json(v: ExportedVerdict) -> dict[str, Any]:
     }
 
 
-def _cell(value: str | None) -> str:
-    # A spreadsheet runs a cell that starts with one of these as a formula: people type
-    # the reviewer names and notes, so those cells are quoted.
-    text = value or ""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+def _cell(value: Any) -> Any:
+    """A text cell a spreadsheet will not run: one that starts like a formula gets a
+    leading apostrophe. Clients (request ids), reviewers (names, notes) and policy
+    authors (categories, tenants) all write text that lands in cells; numbers pass."""
+    if not isinstance(value, str):
+        return "" if value is None else value
+    # A spreadsheet that splits on ";" (or tabs) starts a cell after each one, quoted or
+    # not: a formula character there gets its apostrophe too.
+    value = _FORMULA_AFTER_SEPARATOR.sub(r"\1'\2", value)
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+_FORMULA_AFTER_SEPARATOR = re.compile(r"([;,\t\r\n])([=+\-@])")
 
 
 def _csv_rows(v: ExportedVerdict) -> list[list[Any]]:
     head = [
         v.record_id, v.request_id, iso_time(v.exchange_epoch), v.tenant, v.route,
         v.policy_name, v.policy_version, v.outcome, v.action, v.review.verdict,
-        v.review.expected_action, _cell(v.review.reviewer), iso_time(v.review.epoch),
-        _cell(v.review.note),
+        v.review.expected_action, v.review.reviewer, iso_time(v.review.epoch),
+        v.review.note,
     ]  # fmt: skip
     if not v.findings:
         return [[*head, "", "", "", "", "", ""]]
@@ -245,7 +253,11 @@ def _csv_rows(v: ExportedVerdict) -> list[list[Any]]:
 
 def _csv_line(rows: list[list[Any]]) -> bytes:
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\r\n").writerows(rows)
+    # Every cell neutralised and quoted: a ";" inside a note cannot start a new cell in
+    # a spreadsheet that splits on semicolons.
+    csv.writer(buffer, lineterminator="\r\n", quoting=csv.QUOTE_ALL).writerows(
+        [[_cell(value) for value in row] for row in rows]
+    )
     return buffer.getvalue().encode("utf-8")
 
 

@@ -24,7 +24,7 @@ from guardrail.api.errors import APIError
 from guardrail.api.schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest
 from guardrail.api.serving import Gateway, Serving
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id_of(request: Request[Any, Any, Any]) -> str:
@@ -43,7 +43,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        rid = given if _CLIENT_ID.match(given) else uuid.uuid4().hex
+        rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:
