@@ -44,7 +44,7 @@ def default_cache_dir() -> Path:
 
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$(?!\n)")]
 
 
 def key_digest(key: str) -> str:

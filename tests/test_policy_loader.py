@@ -505,7 +505,14 @@ def test_config_schemas_with_clashing_definition_names_keep_their_own_meaning() 
 
 @pytest.mark.parametrize(
     "version",
-    ["2026.11 \u2013 \u00fcn\u00efcode", "v7\r\nx-injected: yes", " 1", "1 ", "tab\there"],
+    [
+        "2026.11 \u2013 \u00fcn\u00efcode",
+        "v7\r\nx-injected: yes",
+        " 1",
+        "1 ",
+        "tab\there",
+        "2026-1\n",  # Python's "$" matched before the final line break: it passed
+    ],
 )
 def test_a_version_that_cannot_be_an_http_header_value_is_refused(
     registry: PluginRegistry[FilterSpec], version: str
@@ -519,6 +526,12 @@ def test_a_version_that_cannot_be_an_http_header_value_is_refused(
     )
     for good in ("2026.11.22-6", "1", "v1.2.3+build.7", "shadow 2"):
         load_policy_text(f"name: p\nversion: {json.dumps(good)}\n", "p.yaml", registry)
+
+
+def test_an_id_ending_in_a_line_break_is_refused(registry: PluginRegistry[FilterSpec]) -> None:
+    text = 'name: "p\\n"\nversion: "1"\n'
+    problems = text_problems(text, registry)
+    assert any(p.startswith("inline.yaml:1:7: name: ") for p in problems), problems
 
 
 def test_a_mistyped_engine_type_is_named_as_the_mistake(

@@ -272,6 +272,20 @@ async def test_findings_carry_rule_severity_and_message(make_guard: Callable[...
         ),
         ("- {id: a, category: c, all: [{}]}\n", "rules[0].all[0]: a condition needs"),
         ("- {id: a, category: ' ', keywords: [x]}\n", "rules[0].category: must not be blank"),
+        # Examples with no words matched every short text without words ("ok", an emoji).
+        (
+            "- {id: a, category: c, semantic: {examples: ['   ']}}\n",
+            "rules[0].semantic.examples[0]: an example needs words",
+        ),
+        (
+            "- {id: a, category: c, semantic: {examples: [x], counter_examples: ['\U0001f525']}}\n",
+            "rules[0].semantic.counter_examples[0]: an example needs words",
+        ),
+        (
+            "- {id: a, category: c, semantic: {examples: [build a bomb], "
+            "counter_examples: [Build a BOMB]}}\n",
+            "rules[0].semantic.counter_examples[0]: the same text as examples[0]",
+        ),
         (
             "- {id: a, category: c, keywords: [x], stages: []}\n",
             "rules[0].stages: must not be an empty list",

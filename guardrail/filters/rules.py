@@ -268,6 +268,8 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
             for j, kw in enumerate(cond.keywords):
                 if not normalize(kw).text:
                     yield ConfigIssue((*path, "keywords", j), "empty keyword")
+            if cond.semantic is not None:
+                yield from _semantic_issues(cond.semantic, (*path, "semantic"))
             for j, pattern in enumerate(cond.regex):
                 try:
                     compiled = re.compile(pattern)
@@ -291,6 +293,24 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
                         f"classifier engine {cond.classifier.engine!r} does not score "
                         f"{cond.classifier.label!r} (it scores: {', '.join(sorted(labels))})",
                     )
+
+
+def _semantic_issues(semantic: Semantic, path: ConfigPath) -> Iterator[ConfigIssue]:
+    """Examples with no words (blank, emoji only) embed like any other text with none and
+    matched "ok" and "👍"; a counter-example equal to an example could never win."""
+    examples = {}
+    for key in ("examples", "counter_examples"):
+        for j, text in enumerate(getattr(semantic, key)):
+            folded = normalize(text).text
+            if not any(c.isalnum() for c in folded):
+                yield ConfigIssue((*path, key, j), "an example needs words: it has none")
+            elif key == "examples":
+                examples[folded] = j
+            elif folded in examples:
+                yield ConfigIssue(
+                    (*path, key, j),
+                    f"the same text as examples[{examples[folded]}]: it could never win",
+                )
 
 
 @functools.cache

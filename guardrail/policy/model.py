@@ -19,13 +19,16 @@ from guardrail.guard.types import Action, Stage
 Id = Annotated[
     str,
     msgspec.Meta(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$(?!\n)",
         max_length=128,
         description="Identifier: letters, digits, '_', '.', ':', '-'.",
     ),
 ]
 # A value sent as an HTTP header (the policy version): visible ASCII, inner spaces.
-HEADER_VALUE_PATTERN = r"^[!-~](?:[ -~]*[!-~])?$"
+# "$(?!\n)": Python's "$" also matches before a final line break, which an HTTP header
+# cannot hold (a version "1\n" passed and then broke every response); JSON Schema's "$"
+# (ECMA-262) is the end of the text, and the lookahead changes nothing there.
+HEADER_VALUE_PATTERN = r"^[!-~](?:[ -~]*[!-~])?$(?!\n)"
 OnError = Literal["block", "flag", "allow"]
 
 
