@@ -502,20 +502,32 @@ async def test_a_streamed_completion_shows_the_originals_and_never_a_partial_pla
     assert not any("<" in s for s in sent)
 
 
+def entities_guard(
+    executor: ThreadPoolExecutor, resources: SharedResources, *entities: str
+) -> Guard:
+    """A guard with one pii filter over ``entities`` (YAML lines ``NAME: {...}``)."""
+    registry = filter_registry()
+    lines = "".join(f"        {e}\n" for e in entities)
+    policy = load_policy_text(
+        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        f"      entities:\n{lines}",
+        "p.yaml",
+        registry,
+    )
+    return Guard.build(policy, registry, BuildContext(executor, resources=resources))
+
+
 @pytest.mark.parametrize("window_chars", [40, 47, 53, 60])
 async def test_an_email_or_iban_cut_by_a_stream_window_never_leaks_a_prefix(
     executor: ThreadPoolExecutor, resources: SharedResources, window_chars: int
 ) -> None:
     # JSON and CSV have no spaces to cut at: "GB82WEST123" and "firstname.la" went out.
-    registry = filter_registry()
-    policy = load_policy_text(
-        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
-        "      entities:\n        EMAIL_ADDRESS: {input: redact, output: redact}\n"
-        "        IBAN_CODE: {input: redact, output: redact}\n",
-        "p.yaml",
-        registry,
+    guard = entities_guard(
+        executor,
+        resources,
+        "EMAIL_ADDRESS: {input: redact, output: redact}",
+        "IBAN_CODE: {input: redact, output: redact}",
     )
-    guard = Guard.build(policy, registry, BuildContext(executor, resources=resources))
     ctx = conversation("List the accounts.")
     await check_all(guard, ctx)
     reply = (
@@ -536,14 +548,7 @@ async def test_the_users_own_value_cut_by_the_context_tail_is_no_leak(
 ) -> None:
     # The tail began inside the restored email ("doe@example.com"): a "new" email that
     # the policy blocks, so the stream was cut.
-    registry = filter_registry()
-    policy = load_policy_text(
-        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
-        "      entities:\n        EMAIL_ADDRESS: {input: redact, output: block}\n",
-        "p.yaml",
-        registry,
-    )
-    guard = Guard.build(policy, registry, BuildContext(executor, resources=resources))
+    guard = entities_guard(executor, resources, "EMAIL_ADDRESS: {input: redact, output: block}")
     ctx = conversation(f"Please write to {EMAIL} for me.")
     await check_all(guard, ctx)
     reply = "Sure thing, I will write to <EMAIL_ADDRESS_1> right away and then I will report."
