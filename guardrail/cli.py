@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     engine.add_argument(
         "--concurrency",
-        type=int,
+        type=_at_least(1, int),
         default=8,
         help="requests sent at once, and the engine's batch size (default 8)",
     )

@@ -129,12 +129,10 @@ class StreamGuard:
         decision = await self._guard.check(Stage.OUTPUT, tail + window, self._ctx)
         # A finding that lies wholly in the tail was reported with the window before: the
         # answer's findings list it once, as for a whole completion.
-        seen = [f for f in decision.findings if f.span is not None and f.span[1] <= len(tail)]
-        if seen:
-            fresh = tuple(f for f in decision.findings if f not in seen)
-            self.decisions.append(dataclasses.replace(decision, findings=fresh))
-        else:
-            self.decisions.append(decision)
+        fresh = tuple(f for f in decision.findings if f.span is None or f.span[1] > len(tail))
+        if len(fresh) < len(decision.findings):
+            decision = dataclasses.replace(decision, findings=fresh)
+        self.decisions.append(decision)
         self.window_chars.append(len(window))
         if decision.blocked:
             self.blocked = True

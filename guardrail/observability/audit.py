@@ -272,9 +272,6 @@ def _stage_action(exchange: Exchange, stage: Stage) -> str | None:
     return Action.strictest(d.action for d in decisions).value
 
 
-_STRICTNESS: Final = (Action.ALLOW, Action.FLAG, Action.REDACT, Action.BLOCK)
-
-
 def redacted_text(exchange: Exchange) -> str | None:
     """The text an ``audit_text: redacted`` row keeps, or None when nothing was checked.
 
@@ -286,7 +283,7 @@ def redacted_text(exchange: Exchange) -> str | None:
     """
     if not exchange.decisions:
         return None
-    deciding = max(reversed(exchange.decisions), key=lambda d: _STRICTNESS.index(d.action))
+    deciding = max(reversed(exchange.decisions), key=lambda d: d.action.rank)
     if deciding.action is not Action.BLOCK:
         # A completion's placeholders were restored to the user's values for the client:
         # those values are personal data the policy redacted on the way in.
