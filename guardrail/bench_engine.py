@@ -34,7 +34,11 @@ unless ``--model`` names another), loaded once with ``dtype`` and ``device`` aut
   62-73 ms (three paired processes each), and batched/sequential measured 3.3-3.9x with
   the sequential side on the main thread against 4.5-5.2x with it on a worker thread.
   Each side is warmed up with one short generation first; each is measured once per
-  run and the report is the median.
+  run and the report is the median. On CUDA the sequential side is measured a second
+  time with the attention backends the engine uses (flash and math: see
+  :mod:`guardrail.backends.engine`), as ``throughput_sequential_engine_attention_tps``
+  and ``throughput_ratio_engine_attention``, so the engine's choice of backend is not
+  counted as a gain of batching.
   ``details.batched_latency_p50_ms`` is the median time a batched request took from
   sending to its whole answer (the stream's first chunk would not be the first token:
   the policy's stream window holds text back).
@@ -279,21 +283,34 @@ def _generate(model: Any, tokenizer: Any, prompt: str, tokens: int, *, exact: bo
 
 
 def measure_sequential(
-    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    engine_attention: bool = False,
 ) -> Throughput:
     """Plain ``model.generate``, one prompt at a time, exactly ``max_new_tokens`` each.
 
     It runs on a worker thread, as the engine does: the gateway never runs torch on its
     main thread, and torch work there slows OpenMP work on other threads (see the
-    module doc).
+    module doc). ``engine_attention``: with the attention backends the engine uses (on
+    CUDA, flash and math), so the baseline does not pay for what the engine avoids.
     """
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bench-sequential") as pool:
-        return pool.submit(_sequential, model, tokenizer, prompts, max_new_tokens).result()
+        return pool.submit(
+            _sequential, model, tokenizer, prompts, max_new_tokens, engine_attention
+        ).result()
 
 
 def _sequential(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, engine_attention: bool
 ) -> Throughput:
+    if engine_attention:
+        from guardrail.backends.engine import _attention_backends
+
+        with _attention_backends(model)():
+            return _sequential(model, tokenizer, prompts, max_new_tokens, False)
     _generate(model, tokenizer, prompts[0], 2, exact=True)  # warm-up
     tokens = 0
     latencies = []
@@ -582,11 +599,22 @@ def run(
         f"{ttft.reuse_ms:.1f} ms from the cache; measuring throughput"
     )
     sequential: list[Throughput] = []
+    # On CUDA, plain generate with torch's default attention backends pays cuDNN's
+    # per-length graph builds, which the engine avoids; the same baseline with the
+    # engine's backends is measured too, so the ratio is not only that difference.
+    on_cuda = loaded.device.type == "cuda"
+    sequential_engine_attention: list[Throughput] = []
     batched: list[Throughput] = []
     for _ in range(runs):
         sequential.append(
             measure_sequential(loaded, tokenizer, prompts, max_new_tokens=max_new_tokens)
         )
+        if on_cuda:
+            sequential_engine_attention.append(
+                measure_sequential(
+                    loaded, tokenizer, prompts, max_new_tokens=max_new_tokens, engine_attention=True
+                )
+            )
         batched.append(
             asyncio.run(
                 measure_batched(
@@ -607,6 +635,14 @@ def run(
         f"throughput {seq_tps:.1f} tokens/s sequential, {bat_tps:.1f} batched "
         f"({bat_tps / seq_tps:.2f}x); measuring quantization"
     )
+    like_engine: dict[str, float] = {}
+    if sequential_engine_attention:
+        tps = statistics.median(t.tokens_per_second for t in sequential_engine_attention)
+        like_engine = {
+            "throughput_sequential_engine_attention_tps": round(tps, 2),
+            "throughput_ratio_engine_attention": round(bat_tps / tps, 3),
+        }
+        progress(f"sequential with the engine's attention backends: {tps:.1f} tokens/s")
     quantization = measure_quantization(
         source,
         loaded,
@@ -624,6 +660,7 @@ def run(
         "throughput_sequential_tps": round(seq_tps, 2),
         "throughput_batched_tps": round(bat_tps, 2),
         "throughput_ratio": round(bat_tps / seq_tps, 3),
+        **like_engine,
         "quantization": quantization,
         "details": {
             "ttft_prompt_tokens": ttft.prompt_tokens,

@@ -916,3 +916,42 @@ async def test_an_unexpected_error_fails_the_batch_and_the_engine_keeps_serving(
     finally:
         await backend.aclose()
     assert after.completion_tokens == 3
+
+
+def test_on_cuda_the_engine_attends_with_flash_and_math_only() -> None:
+    """cuDNN attention rebuilds its graph for each new key length (every decoding step)
+    and the memory-efficient kernel changed a batched bf16 answer: on CUDA the engine's
+    forward passes allow neither, and the flags are back as they were afterwards. The
+    flags are torch's own (global, settable without a GPU); elsewhere nothing changes."""
+    import torch
+
+    from guardrail.backends.engine import _attention_backends
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+    class OnCpu:
+        device = torch.device("cpu")
+
+    flags = torch.backends.cuda
+    before = (
+        flags.flash_sdp_enabled(),
+        flags.math_sdp_enabled(),
+        flags.mem_efficient_sdp_enabled(),
+        flags.cudnn_sdp_enabled(),
+    )
+    assert before == (True, True, True, True)  # torch's defaults
+    with _attention_backends(OnCuda())():
+        assert flags.flash_sdp_enabled()
+        assert flags.math_sdp_enabled()
+        assert not flags.mem_efficient_sdp_enabled()
+        assert not flags.cudnn_sdp_enabled()
+    with _attention_backends(OnCpu())():
+        assert flags.cudnn_sdp_enabled()
+        assert flags.mem_efficient_sdp_enabled()
+    assert (
+        flags.flash_sdp_enabled(),
+        flags.math_sdp_enabled(),
+        flags.mem_efficient_sdp_enabled(),
+        flags.cudnn_sdp_enabled(),
+    ) == before

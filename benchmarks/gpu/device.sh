@@ -12,6 +12,8 @@
 #                         and run tests/test_cuda.py
 #   more                  bench at 32 concurrent; the engine suite on CUDA
 #   profile  DIR          as run, then benchmarks/gpu/profile_engine.py at 8 and 32 rows
+#   trace    DIR          as run without bitsandbytes and the CUDA tests, then
+#                         benchmarks/gpu/trace_engine.py at 8 rows (torch.profiler)
 #
 # The model is the embedded SmolLM2-135M-Instruct GGUF (98 MB) split in two pieces,
 # since one call cannot carry it; .gpu2 also holds the model's LICENSE (from the wheel):
@@ -101,6 +103,14 @@ profile)
             | grep -v "local generation finished" | tee "$OUT/profile_$n.txt"
     done
     ;;
+trace)
+    prepare_model "$2" || exit 1
+    bench 8 300
+    step "trace, 8 rows"
+    timeout 150 python3 benchmarks/gpu/trace_engine.py "$MODEL" --rows 8 2>&1 \
+        | grep -v "local generation finished" > "$OUT/trace_8.txt"
+    grep -E '^(engine|bare|model.gen|---)' "$OUT/trace_8.txt"
+    ;;
 more)
     mkdir -p "$OUT"
     bench 32 270
@@ -111,7 +121,7 @@ more)
         | tee "$OUT/test_local_cuda.txt" | tail -25
     ;;
 *)
-    echo "usage: $0 install WHEELS_DIR | stash DIR | run DIR | more | profile DIR" >&2
+    echo "usage: $0 install WHEELS_DIR | stash DIR | run DIR | more | profile DIR | trace DIR" >&2
     exit 2
     ;;
 esac

@@ -26,6 +26,15 @@ How the batch is kept:
   without bound.
 - When idle, the scheduler waits up to ``max_wait_ms`` after the first arrival for
   others to batch with; once a batch runs, arrivals join between steps without waiting.
+- On CUDA the model's attention runs on PyTorch's flash and math backends only.
+  cuDNN attention builds a new execution graph for every key length it has not seen,
+  and while decoding the length grows by one each step. Measured on an H100
+  (``benchmarks/gpu/trace_engine.py``), that cost 1.3 to 2.4 ms of CPU per layer per
+  step: 40 to 70 ms a step for a 30-layer model whose step otherwise took about 25 ms.
+  The memory-efficient backend, next in line for masked (padded) batches, changed
+  SmolLM2's batched bf16 answer to "What is the capital of France?" from "The capital
+  of France is Paris." to another first token, where fp32, cuDNN, and flash with math
+  all gave Paris; it is left out until that is understood.
 
 Everything that touches the model runs on the scheduler thread; ``submit`` and
 ``close`` may be called from any thread.
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -370,6 +380,7 @@ class Engine:
         self._cache: Any = None  # the batch's KV cache: len(_rows) rows, _length tokens
         self._length = 0
         self._joinable = _joinable(model.config)
+        self._attention = _attention_backends(model)
         if not self._joinable and self.max_batch > 1:
             log.warning("local engine: this model's KV cache cannot be batched; one at a time")
         self.steps = 0
@@ -587,7 +598,7 @@ class Engine:
     def _forward(self, tokens: Any, mask: Any, positions: Any, cache: Any) -> Any:
         """The model on ``tokens`` after ``cache`` (extended in place); last logits only."""
         torch = _torch()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention():
             return self._model(
                 input_ids=tokens,
                 attention_mask=mask,
@@ -797,6 +808,18 @@ def _torch() -> Any:
     import torch
 
     return torch
+
+
+def _attention_backends(model: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """What the forward passes run under: on CUDA, the flash and math attention backends
+    (see the module doc); elsewhere nothing changes."""
+    device = getattr(model, "device", None)
+    if getattr(device, "type", None) != "cuda":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    return lambda: sdpa_kernel(backends)
 
 
 def _joinable(config: Any) -> bool:
