@@ -11,7 +11,6 @@
 #                         GGUF (sha256 checked), convert it, bench (8 concurrent, bf16)
 #                         and run tests/test_cuda.py
 #   more                  bench at 32 concurrent; the engine suite on CUDA
-#   profile  DIR          as run, then benchmarks/gpu/profile_engine.py at 8 and 32 rows
 #   trace    DIR          as run without bitsandbytes and the CUDA tests, then
 #                         benchmarks/gpu/trace_engine.py at 8 rows (torch.profiler)
 #
@@ -24,7 +23,7 @@
 # gguf, litestar, litestar-htmx, msgspec, multipart, rich-click, structlog, jsonschema
 # (with jsonschema-specifications, referencing, rpds-py), sniffio, annotated-types, pytest,
 # pytest-asyncio and pytest-timeout; the machine's image has torch and the rest.
-# Calls in a row: install, stash .gpu1, then run .gpu2 (or profile .gpu2), then more; each
+# Calls in a row: install, stash .gpu1, then run .gpu2 (or trace .gpu2), then more; each
 # within the machine's idle time, or it is given back with everything installed.
 # Results go to $OUT. Measured 2026-11-22 on an H100: see README "The local engine on a GPU".
 set -uo pipefail
@@ -95,14 +94,6 @@ run)
         2>&1 | tee "$OUT/test_cuda.txt" | tail -40
     nvidia-smi --query-gpu=name,memory.used,temperature.gpu,clocks.sm --format=csv
     ;;
-profile)
-    prepare_model "$2" || exit 1
-    for n in 8 32; do
-        step "profile, $n rows"
-        timeout 200 python3 benchmarks/gpu/profile_engine.py "$MODEL" --rows "$n" 2>&1 \
-            | grep -v "local generation finished" | tee "$OUT/profile_$n.txt"
-    done
-    ;;
 trace)
     prepare_model "$2" || exit 1
     bench 8 300
@@ -121,7 +112,7 @@ more)
         | tee "$OUT/test_local_cuda.txt" | tail -25
     ;;
 *)
-    echo "usage: $0 install WHEELS_DIR | stash DIR | run DIR | more | profile DIR | trace DIR" >&2
+    echo "usage: $0 install WHEELS_DIR | stash DIR | run DIR | more | trace DIR" >&2
     exit 2
     ;;
 esac
