@@ -257,6 +257,13 @@ ERROR_CASES = [
         id="stage-not-supported",
     ),
     pytest.param(
+        "dead_rule_stage.yaml",
+        "14:19: filters[0].config.rules[1].stages: rule 'dead' runs at output only, but this "
+        "filter entry runs at input only: the rule would never run (add its stage to the "
+        "entry's 'stages', or change the rule's)",
+        id="rule-stage-outside-its-filter",
+    ),
+    pytest.param(
         "not_a_mapping.yaml",
         "1:1: a policy must be a mapping of keys to values, got a list",
         id="not-a-mapping",

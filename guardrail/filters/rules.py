@@ -155,7 +155,10 @@ class Rule(Condition, frozen=True, kw_only=True, forbid_unknown_fields=True):
     ] = "medium"
     stages: Annotated[
         Annotated[list[Stage], msgspec.Meta(min_length=1)] | None,
-        _doc("Stages this rule applies to; default: the filter's stages."),
+        _doc(
+            "Stages this rule applies to, among its filter entry's (a rule that shares none "
+            "is an error); default: the filter's stages."
+        ),
     ] = None
     scope: Annotated[Scope | None, _doc("Tenants, routes and models the rule applies to.")] = None
     action: Annotated[Literal["block", "redact", "flag"], _doc("What a match does.")] = "block"

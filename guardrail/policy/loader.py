@@ -677,6 +677,7 @@ def _check_filters(
         if isinstance(config, dict):
             typed = _check_config(spec, config, (*base, "config"), issues)
             resolved.append((spec, typed))
+            issues += _dead_rules(spec, entry.get("stages"), typed, (*base, "config"))
     return resolved, issues
 
 
@@ -709,6 +710,26 @@ def _check_stages(spec: FilterSpec, stages: Any, path: JsonPath) -> Iterator[_Is
         if stage in _STAGES and Stage(stage) not in spec.stages:
             message = f"the '{spec.type}' filter does not run at stage '{stage}'"
             yield _Issue((*path, j), f"{message} (supported: {supported})")
+
+
+def _dead_rules(spec: FilterSpec, stages: Any, typed: Any, path: JsonPath) -> Iterator[_Issue]:
+    """A rule whose own ``stages`` miss every stage its filter entry runs at would never
+    run: the author meant something else, so it is an error, at the rule's stages."""
+    rules = getattr(typed, "rules", None)
+    if not isinstance(rules, list) or not isinstance(stages, list):
+        return
+    runs = {Stage(s) for s in stages if s in _STAGES} & spec.stages
+    if not runs:  # the entry's own stages are wrong: reported by _check_stages
+        return
+    for k, rule in enumerate(rules):
+        own = getattr(rule, "stages", None)
+        if own and not runs & set(own):
+            yield _Issue(
+                (*path, "rules", k, "stages"),
+                f"rule '{rule.id}' runs at {', '.join(sorted(own))} only, but this filter "
+                f"entry runs at {', '.join(sorted(runs))} only: the rule would never run "
+                "(add its stage to the entry's 'stages', or change the rule's)",
+            )
 
 
 def _check_config(
