@@ -70,6 +70,8 @@ def read_dataset(path: Path) -> list[Example]:
         if not isinstance(context, list | tuple) or not all(isinstance(c, str) for c in context):
             raise ConfigError(f'{where}: "context" must be a string or a list of strings')
         category = row.get("category")
+        if category is not None and not isinstance(category, str):
+            raise ConfigError(f'{where}: "category" must be a string, got {category!r}')
         prompt = row.get("prompt")
         if prompt is not None and not isinstance(prompt, str):
             raise ConfigError(f'{where}: "prompt" must be a string')
@@ -77,7 +79,7 @@ def read_dataset(path: Path) -> list[Example]:
             Example(
                 row["text"],
                 label == "block",
-                str(category) if category else None,
+                category or None,
                 tuple(context),
                 prompt,
             )

@@ -1031,6 +1031,7 @@ class FakeSettings:
     ("dsn", "kind", "where"),
     [
         ("sqlite:////var/lib/guardrail/audit.db", SQLiteStore, "/var/lib/guardrail/audit.db"),
+        ("sqlite:///var/lib/guardrail/audit.db", SQLiteStore, "/var/lib/guardrail/audit.db"),
         ("sqlite://data/audit.db", SQLiteStore, "data/audit.db"),
         ("/srv/audit.db", SQLiteStore, "/srv/audit.db"),
         ("audit.db", SQLiteStore, "audit.db"),
@@ -1042,11 +1043,14 @@ def test_the_dsn_picks_the_store(dsn: str, kind: type, where: str) -> None:
     store = store_from_dsn(dsn)
 
     assert isinstance(store, kind)
-    assert where in (str(store.path) if isinstance(store, SQLiteStore) else repr(store))
+    if isinstance(store, SQLiteStore):  # shown as written, one leading slash at most
+        assert (str(store.path), repr(store)) == (where, f"SQLiteStore({where!r})")
+    else:
+        assert where in repr(store)
     assert "pw" not in repr(store)
 
 
-@pytest.mark.parametrize("dsn", ["mysql://db/audit", "sqlite://", "sqlite:///"])
+@pytest.mark.parametrize("dsn", ["mysql://db/audit", "sqlite://", "sqlite:///", "sqlite:////"])
 def test_an_unusable_dsn_stops_startup(dsn: str) -> None:
     with pytest.raises(ConfigError, match="audit dsn"):
         store_from_dsn(dsn)

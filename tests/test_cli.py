@@ -175,6 +175,11 @@ def test_bad_inputs_and_paths_are_clear_errors_not_tracebacks(
     code, _, err = run(["eval", str(context), "--policy", str(test_policy)], capsys)
     assert code == 2
     assert '"context" must be a string or a list of strings' in err
+    category = tmp_path / "cat.jsonl"
+    category.write_text('{"text": "a", "label": "block", "category": ["weapons"]}\n')
+    code, _, err = run(["eval", str(category), "--policy", str(test_policy)], capsys)
+    assert code == 2
+    assert f"{category}:1: \"category\" must be a string, got ['weapons']" in err
     code, _, err = run(["model", "prepare", "--cache-dir", "/proc/no/such"], capsys)
     assert code == 2
     assert err.startswith("guardrail: ")

@@ -792,8 +792,8 @@ class AuditConfig:
     """How the audit log writes. Validated on construction."""
 
     dsn: str
-    """``sqlite:///abs/path.db``, ``sqlite://rel/path.db``, a plain path (SQLite), or
-    ``postgresql://user@host:port/db`` (needs the ``postgres`` extra)."""
+    """``sqlite:////abs/path.db`` (or three slashes), ``sqlite://rel/path.db``, a plain path
+    (SQLite), or ``postgresql://user@host:port/db`` (needs the ``postgres`` extra)."""
     queue_size: int = 100_000
     """Most rows waiting in memory for the store; past it a row is dropped (counted, logged)."""
     batch_size: int = 500
@@ -1135,10 +1135,12 @@ def store_from_dsn(dsn: str) -> AuditStore:
     if scheme in ("postgresql", "postgres"):
         return PostgresStore(dsn)
     if scheme == "sqlite":
-        # sqlite:///abs/path (three slashes: absolute), sqlite://rel/path (relative)
+        # sqlite:///abs/path or sqlite:////abs/path (absolute), sqlite://rel/path (relative)
         path = unquote(dsn.split("://", 1)[1])
-        if not path or path == "/":
+        if not path.strip("/"):
             raise ConfigError(f"audit dsn {dsn!r} names no SQLite file")
+        if path.startswith("//"):  # the same file as one slash; shown and logged as such
+            path = "/" + path.lstrip("/")
         return SQLiteStore(path)
     if scheme:
         raise ConfigError(
