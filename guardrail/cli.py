@@ -184,6 +184,10 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
 
     registry = filter_registry()
     failed = 0
+    if args.build:
+        from guardrail.settings import load_settings
+
+        load_settings()  # bad settings are a startup error (exit 2), not every file's fault
     for path in args.files:
         try:
             policy = load_policy(path, registry)
@@ -192,7 +196,19 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
             for problem in e.problems:
                 print(problem)
             continue
-        print(f"{path}: ok ({policy.name} {policy.version}, {len(policy.filters)} filters)")
+        built = ""
+        if args.build:
+            # What serve does next: build every filter, so weights or models that are
+            # missing show up here, not at startup.
+            try:
+                with ThreadPoolExecutor(2) as executor:
+                    _guard(path, executor)
+            except (ConfigError, GuardrailError) as e:
+                failed += 1
+                print(f"{path}: the policy is valid but its filters do not build: {e}")
+                continue
+            built = ", filters built"
+        print(f"{path}: ok ({policy.name} {policy.version}, {len(policy.filters)} filters{built})")
     return 1 if failed else 0
 
 
@@ -444,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate = policy.add_parser("validate", help="check policy files; file:line:col per error")
     validate.add_argument("files", nargs="+")
+    validate.add_argument(
+        "--build",
+        action="store_true",
+        help="also build the filters as serve would (loads their models: slower)",
+    )
     validate.set_defaults(func=cmd_policy_validate)
     ptest = policy.add_parser("test", help="run the tests written inside policy files")
     ptest.add_argument("files", nargs="+")

@@ -25,6 +25,29 @@ def test_validate_accepts_the_shipped_policies(capsys: pytest.CaptureFixture[str
     assert "default.yaml: ok (default" in out
 
 
+def test_validate_build_finds_what_only_building_the_filters_can(
+    write_policy: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A policy can be valid and still not start: here the toxicity weights file is
+    missing. ``validate`` checks the file alone; ``--build`` builds the filters as
+    ``serve`` does and fails on it."""
+    missing = write_policy(
+        'name: tox-missing\nversion: "1"\nfilters:\n  - id: tox\n    type: toxicity\n'
+        "    config: {weights: no-such-heads.npz}\n",
+        "tox.yaml",
+    )
+    good = write_policy(TEST_POLICY, "good.yaml")
+    code, out, _ = run(["policy", "validate", str(missing)], capsys)
+    assert (code, out.strip()) == (0, f"{missing}: ok (tox-missing 1, 1 filters)")
+    code, out, _ = run(["policy", "validate", "--build", str(good), str(missing)], capsys)
+    assert code == 1
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"{good}: ok (")
+    assert lines[0].endswith(", filters built)")
+    assert lines[1].startswith(f"{missing}: the policy is valid but its filters do not build: ")
+    assert "no-such-heads.npz" in lines[1]
+
+
 def test_validate_reports_every_error_as_file_line_column(
     write_policy: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
