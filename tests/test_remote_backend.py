@@ -585,6 +585,27 @@ async def test_stream_lines_end_only_at_cr_lf_or_crlf_however_the_bytes_arrive()
     assert chunks[-1].finish_reason == "stop"
 
 
+async def test_stream_lines_are_the_same_however_the_text_is_cut() -> None:
+    """Every way of reading the body in equal pieces gives the lines it holds, with
+    CR, LF and CRLF ends, a CRLF cut in two, and a long line across many reads (held
+    as pieces and joined once, so a 1 MB frame costs linear time, not quadratic)."""
+    from guardrail.backends.remote import _sse_lines
+
+    long = "data: " + "x" * 5000
+    body = f"data: a\r\n\r\ndata: b\rdata: c\n\n{long}\r\n\r\n: note\rtail"
+    expected = ["data: a", "", "data: b", "data: c", "", long, "", ": note", "tail"]
+
+    async def read(size: int) -> list[str]:
+        async def pieces() -> AsyncIterator[str]:
+            for i in range(0, len(body), size):
+                yield body[i : i + size]
+
+        return [line async for line in _sse_lines(pieces())]
+
+    for size in (*range(1, 40), 97, 4096, len(body)):
+        assert await read(size) == expected, size
+
+
 class ClosingWatch(httpx.AsyncBaseTransport):
     """Wraps a transport and counts response bodies opened and closed."""
 

@@ -304,8 +304,17 @@ async def _sse_lines(chunks: AsyncIterator[str]) -> AsyncGenerator[str]:
     cutting a valid frame in two.
     """
     pending = ""
+    held: list[str] = []  # pieces of a long line, joined once its end arrives
     async with contextlib.aclosing(cast(AsyncGenerator[str], chunks)):
         async for text in chunks:
+            if not _SSE_EOL.search(text) and not pending.endswith("\r"):
+                # No line ends here: keep the piece, without rescanning (or recopying) the
+                # line so far, so a 1 MB frame in 4 KB reads costs linear time.
+                held.append(text)
+                continue
+            if held:
+                pending += "".join(held)
+                held = []
             pending += text
             start = 0
             for eol in _SSE_EOL.finditer(pending):
@@ -314,6 +323,7 @@ async def _sse_lines(chunks: AsyncIterator[str]) -> AsyncGenerator[str]:
                 yield pending[start : eol.start()]
                 start = eol.end()
             pending = pending[start:]
+    pending += "".join(held)
     if pending:
         yield pending.removesuffix("\r")
 
