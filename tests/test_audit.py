@@ -697,6 +697,24 @@ async def test_ratings_and_verdicts_round_trip_with_the_decision_they_judged(
     )
 
 
+async def test_an_id_or_tenant_with_a_nul_is_simply_not_found(database: Database) -> None:
+    # A client chooses these strings (a feedback's response_id, a review item id in the
+    # path, the tenant filter): PostgreSQL refuses NUL even as a query parameter, which
+    # answered 503 "the audit database is not answering" instead of not found.
+    async with running(database.make_store()) as audit:
+        audit.record(exchange("flagged-1", outcome="flagged"))
+
+    async with oversight(database.make_store()) as store:
+        assert await store.find_response("acme", "chatcmpl-flagged-1\x00") is None
+        assert await store.find_response("acme\x00", "flagged-1") is None
+        assert await store.exchange("no-such\x00record") is None
+        assert await store.review_items("all", tenant="acme\x00") == ([], False)
+        verdict = ReviewVerdict("correct", "flag", "alice", None, NOW)
+        assert await store.save_review(ReviewEntry("no-such\x00record", verdict)) is None
+        listed, _ = await store.review_items("all", tenant="acme")
+        assert [i.request_id for i in listed] == ["flagged-1"]
+
+
 POSTGRES_FEEDBACK_QUERIES = [
     """SELECT policy_version, count(*) AS rated_blocks,
     count(*) FILTER (WHERE rating < 0) AS rated_bad

@@ -429,12 +429,15 @@ class OversightStore:
 
     async def find_response(self, tenant: str, response_id: str) -> AuditedExchange | None:
         """The latest exchange of ``tenant`` whose response id (or request id) this is."""
+        # Stored ids never hold NUL (the audit log writes it as U+FFFD, and PostgreSQL
+        # refuses a NUL even as a query parameter): ask for what would have been stored.
+        response_id = _clean(response_id) or ""
         bare, route = response_id, ""
         for prefix, prefix_route in _PREFIX_ROUTES.items():
             if response_id.startswith(prefix):
                 bare, route = response_id.removeprefix(prefix), prefix_route
                 break
-        params = (response_id, response_id, bare, route, tenant)
+        params = (response_id, response_id, bare, route, _clean(tenant))
         rows = await self._call(self._rows, _FIND_RESPONSE, params)
         return _exchange(rows[0]) if rows else None
 
@@ -444,7 +447,7 @@ class OversightStore:
 
     def _save_feedback(self, entry: FeedbackEntry) -> bool:
         ex = entry.exchange
-        response_id = ex.response_id or entry.response_id or ex.request_id
+        response_id = _clean(ex.response_id or entry.response_id or ex.request_id)
         with self._transaction() as conn:
             found = conn.execute(
                 self._sql("SELECT 1 FROM audit_feedback WHERE record_id = ?"), (ex.record_id,)
@@ -475,7 +478,7 @@ class OversightStore:
 
     async def exchange(self, record_id: str) -> AuditedExchange | None:
         """One exchange by its audit record id, with its rating and verdict."""
-        rows = await self._call(self._rows, _ITEM + "WHERE a.record_id = ?", (record_id,))
+        rows = await self._call(self._rows, _ITEM + "WHERE a.record_id = ?", (_clean(record_id),))
         return _exchange(rows[0]) if rows else None
 
     async def review_items(
@@ -502,7 +505,7 @@ class OversightStore:
             params.append(before)
         if tenant is not None:
             extra += " AND a.tenant = ?"
-            params.append(tenant)
+            params.append(_clean(tenant))
         found: dict[int, AuditedExchange] = {}
         for condition in _BRANCHES[status]:
             select = _QUEUE_ITEM if condition.startswith(_FLAGGED) else _ITEM
@@ -527,9 +530,10 @@ class OversightStore:
 
     def _save_review(self, entry: ReviewEntry) -> bool | None:
         v = entry.verdict
+        record_id = _clean(entry.record_id)
         with self._transaction() as conn:
             found = conn.execute(
-                self._sql("SELECT 1 FROM audit_review WHERE record_id = ?"), (entry.record_id,)
+                self._sql("SELECT 1 FROM audit_review WHERE record_id = ?"), (record_id,)
             ).fetchone()
             cursor = conn.execute(
                 self._sql(_UPSERT_REVIEW),
@@ -540,7 +544,7 @@ class OversightStore:
                     _clean(v.note),
                     iso_time(v.epoch),
                     v.epoch,
-                    entry.record_id,
+                    record_id,
                 ),
             )
             if cursor.rowcount == 0:
