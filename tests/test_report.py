@@ -287,6 +287,10 @@ def test_an_older_database_without_groups_or_feedback_still_reports(tmp_path: Pa
     conn.close()
 
     page = report(str(db), tmp_path, "--since", "1h")
+    # A window reaching back before 1970 starts at 1970 (it once crashed the page's
+    # time axis with "year -1914508 is out of range").
+    whole = report(str(db), tmp_path, "--since", "99999999w", "--step", "99999999w")
+    assert whole.sections["summary"].values("totals")[1] == ["chat and completion exchanges", 1]
 
     assert page.sections["summary"].values("totals")[1] == ["chat and completion exchanges", 1]
     assert "no groups column" in page.sections["groups"].text
@@ -324,7 +328,10 @@ def test_the_report_reads_postgresql_too(
         (["--audit-dsn", "{tmp}/missing.db", "--since", "1h", "--until", "2h"], "before --until"),
         # Each time step holds counters: these once ran out of memory (a traceback).
         (["--audit-dsn", "{tmp}/missing.db", "--since", "2w", "--step", "1s"], "time steps"),
-        (["--audit-dsn", "{tmp}/missing.db", "--since", "99999999999d"], "time steps"),
+        (
+            ["--audit-dsn", "{tmp}/missing.db", "--since", "99999999999d", "--step", "1m"],
+            "time steps",
+        ),
     ],
 )
 def test_report_problems_exit_2_with_a_message(
@@ -342,7 +349,11 @@ def test_report_problems_exit_2_with_a_message(
     [("7d", 7 * 86_400), ("12h", 12 * 3600), ("30m", 1800), ("2w", 14 * 86_400), ("90s", 90)],
 )
 def test_since_takes_a_duration_back_from_now(text: str, seconds_before: float) -> None:
-    assert parse_since(text, 1_000_000.0) == 1_000_000.0 - seconds_before
+    assert parse_since(text, 1_700_000_000.0) == 1_700_000_000.0 - seconds_before
+
+
+def test_since_never_reaches_back_before_1970() -> None:
+    assert parse_since("99999999w", 1_700_000_000.0) == 0.0
 
 
 def test_since_takes_an_iso_date_in_utc() -> None:

@@ -91,9 +91,10 @@ def parse_duration(text: str) -> float:
 
 def parse_since(text: str, now: float) -> float:
     """A window start: a duration before ``now`` (``7d``) or an ISO 8601 date or time
-    (UTC unless it says otherwise). ``ValueError`` for anything else."""
+    (UTC unless it says otherwise), never before 1970 (no audit row is older, and the
+    page's dates would not exist). ``ValueError`` for anything else."""
     try:
-        return now - parse_duration(text)
+        return max(0.0, now - parse_duration(text))
     except ValueError:
         pass
     try:
