@@ -61,6 +61,18 @@ def test_rows_equal_the_models_and_case_shares_an_entry(model: Any) -> None:
     assert cached.computed == 2
 
 
+def test_a_special_token_keeps_its_case_in_the_key(model: Any) -> None:
+    # The tokenizer lowercases words but matches "[SEP]" only as written: "[sep]" is three
+    # ordinary word pieces. Folding case in the key gave one text the other's embedding.
+    cached = CachingModel(model)
+    texts = ["you [sep] idiot", "you [SEP] idiot"]
+
+    rows = np.concatenate([encode(cached, [t]) for t in texts])
+
+    assert np.allclose(rows, encode(model, texts), atol=1e-5)
+    assert cached.computed == 2
+
+
 def test_a_text_another_thread_is_computing_is_waited_for_not_computed_again(
     model: Any,
 ) -> None:

@@ -268,6 +268,41 @@ async def test_when_the_model_fails_the_guard_blocks(pool: ThreadPoolExecutor) -
     assert all(d.outcomes[0].status == "error" for d in decisions)
 
 
+class _NanOnSomePiecesEngine:
+    """Scores a piece NaN when it says 'garbled', else a harmless 0.1."""
+
+    categories = ("toxicity", "identity_attack", "obscene")
+
+    def score(self, texts: list[str]) -> list[Scores]:
+        return [
+            {c: float("nan") if "garbled" in t else 0.1 for c in self.categories} for t in texts
+        ]
+
+
+async def test_a_nan_score_in_any_piece_of_a_long_text_fails_closed(
+    pool: ThreadPoolExecutor,
+) -> None:
+    # max() over the pieces skipped a NaN that came after a number, so a long text whose
+    # later piece scored NaN was allowed, while the same NaN in a short text blocked.
+    from guardrail.filters.embedder import resolve_precision
+
+    resources = SharedResources()
+    precision = resolve_precision(BuildContext(pool).embedding_precision)
+    resources.get(
+        ("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve()), precision), _NanOnSomePiecesEngine
+    )
+    policy = load_policy_text(
+        _policy("      max_wait_ms: 1\n      chunk_chars: 100\n"), "p.yaml", filter_registry()
+    )
+    guard = Guard.build(policy, filter_registry(), BuildContext(pool, resources=resources))
+    short = await guard.check(Stage.INPUT, "garbled", FilterContext("a"))
+    long = await guard.check(Stage.INPUT, "fine words " * 20 + "garbled", FilterContext("b"))
+    assert short.action is Action.BLOCK
+    assert short.outcomes[0].status == "error"
+    assert long.action is Action.BLOCK
+    assert long.outcomes[0].status == "error"
+
+
 # -- detoxify, offline, on a tiny checkpoint built here --------------------------------------
 
 CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]

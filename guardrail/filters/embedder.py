@@ -132,16 +132,20 @@ class CachingModel:
     the key; ``batch_size``, ``convert_to_numpy`` and ``show_progress_bar`` are passed
     on) and returns float32 rows, as SentenceTransformer does. A text is keyed in lower
     case when the model's tokenizer lowercases anyway (all-MiniLM-L6-v2's does), so
-    "Hello" and "hello" share an entry; the key is the sha256 of the text, so the cache
-    holds vectors and digests, never text. Texts another thread is computing right now are
-    waited for, not computed again; an error reaches every waiter. Other attributes
-    (``tokenizer``, ``max_seq_length``...) are the model's.
+    "Hello" and "hello" share an entry (not a text holding a special token such as
+    "[SEP]", which the tokenizer matches only as written); the key is the sha256 of the
+    text, so the cache holds vectors and digests, never text. Texts another thread is
+    computing right now are waited for, not computed again; an error reaches every
+    waiter. Other attributes (``tokenizer``, ``max_seq_length``...) are the model's.
     """
 
     def __init__(self, model: Any, entries: int = CACHE_ENTRIES) -> None:
         self.model = model
         self._entries = entries
         self._uncased = _lowercases(model)
+        # The tokenizer matches its special tokens ("[SEP]", "[MASK]") only as written,
+        # so a text holding one keeps its case in the key.
+        self._cased_tokens = _cased_special_tokens(model) if self._uncased else ()
         self._lock = threading.Lock()
         self._done: OrderedDict[tuple[bytes, bool], Any] = OrderedDict()
         self._running: dict[tuple[bytes, bool], Future[Any]] = {}
@@ -150,7 +154,8 @@ class CachingModel:
         self.computed = 0
 
     def _digest(self, text: str) -> bytes:
-        folded = text.lower() if self._uncased else text
+        fold = self._uncased and not any(t in text for t in self._cased_tokens)
+        folded = text.lower() if fold else text
         return hashlib.sha256(folded.encode("utf-8", "surrogatepass")).digest()
 
     def __getattr__(self, name: str) -> Any:
@@ -216,6 +221,13 @@ def _lowercases(model: Any) -> bool:
         return False
     probe = "Guardrail Checks ONE Text"
     return bool(tokenizer(probe)["input_ids"] == tokenizer(probe.lower())["input_ids"])
+
+
+def _cased_special_tokens(model: Any) -> tuple[str, ...]:
+    """The tokenizer's special tokens that lower case would change (matched as written)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    tokens = getattr(tokenizer, "all_special_tokens", None) or ()
+    return tuple(t for t in tokens if isinstance(t, str) and t.lower() != t)
 
 
 def segments(text: str, max_chars: int, max_segments: int) -> list[str]:

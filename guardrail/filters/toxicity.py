@@ -610,6 +610,11 @@ def _warm(engine: Engine) -> Engine:
     return engine
 
 
+def _highest(values: Sequence[float]) -> float:
+    """The highest of ``values``, or NaN if any is NaN."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 class ToxicityFilter:
     """Scores texts through a shared micro-batcher and applies the category table."""
 
@@ -644,7 +649,9 @@ class ToxicityFilter:
         import asyncio
 
         results = await asyncio.gather(*(self.batcher.submit(p) for p in pieces))
-        return {c: max(r[c] for r in results) for c in self._categories}
+        # A NaN in any piece must reach check() (which fails closed on it): max() alone
+        # would skip a NaN that comes after a number.
+        return {c: _highest([r[c] for r in results]) for c in self._categories}
 
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
         if not text.strip():
