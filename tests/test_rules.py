@@ -6,6 +6,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -271,6 +272,15 @@ async def test_findings_carry_rule_severity_and_message(make_guard: Callable[...
             "rules[0].classifier.engine: unknown classifier engine 'nope'",
         ),
         ("- {id: a, category: c, all: [{}]}\n", "rules[0].all[0]: a condition needs"),
+        # An empty list beside other parts was skipped, and 'any: []' held.
+        (
+            "- {id: a, category: c, keywords: [x], any: []}\n",
+            "rules[0].any: 'any' needs at least one condition",
+        ),
+        (
+            "- {id: a, category: c, keywords: [x], all: []}\n",
+            "rules[0].all: 'all' needs at least one condition",
+        ),
         ("- {id: a, category: ' ', keywords: [x]}\n", "rules[0].category: must not be blank"),
         # Examples with no words matched every short text without words ("ok", an emoji).
         (
@@ -434,6 +444,9 @@ def test_the_llama_guard_prompt_carries_the_policy_taxonomy_and_the_conversation
         ("unsafe\nO2", True, ("O2",)),
         ("Unsafe\n S2, S2 ", True, ("S2",)),
         ("unsafe", True, ()),
+        # Codes wrapped or one per line: every listed code counts.
+        ("unsafe\nS1,\nS2", True, ("S1", "S2")),
+        ("unsafe\nS1\nS3", True, ("S1", "S3")),
         ("I think this is fine", None, ()),
         ("", None, ()),
     ],
@@ -480,3 +493,99 @@ async def test_the_llama_guard_engine_runs_a_real_checkpoint_through_the_local_l
     else:
         assert outcome.status == "ok"
         assert decision.action in (Action.ALLOW, Action.BLOCK)
+
+
+class _ScriptedTokenizer:
+    """Words and single whitespace characters are tokens: enough for the engine's use."""
+
+    vocab = ("<pad>", "safe", "unsafe", "\n", " ", "S1", "S2", ",")
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        import re
+
+        return [self.vocab.index(t) if t in self.vocab else 0 for t in re.findall(r"\S+|\s", text)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.vocab[int(i)] for i in ids)
+
+
+class _ScriptedModel:
+    """Emits the scripted tokens greedily; each step's logits put 10 on the token it
+    emits and the scripted logits on 'safe' and 'unsafe'."""
+
+    def __init__(self, steps: list[tuple[int, float, float]]) -> None:
+        self.steps = steps  # (token emitted, safe logit, unsafe logit)
+
+    def parameters(self) -> Iterator[Any]:
+        import torch
+
+        yield torch.zeros(1)
+
+    def generate(self, input_ids: Any, **_: Any) -> Any:
+        import torch
+
+        scores = []
+        for token, safe, unsafe in self.steps:
+            logits = torch.full((1, len(_ScriptedTokenizer.vocab)), -5.0)
+            logits[0, 1], logits[0, 2] = safe, unsafe
+            logits[0, token] = max(logits[0, token].item(), 10.0)
+            scores.append(logits)
+        generated = torch.tensor([[t for t, _, _ in self.steps]])
+        return SimpleNamespace(sequences=torch.cat([input_ids, generated], dim=1), scores=scores)
+
+
+async def test_llama_guard_reads_the_verdict_probability_past_leading_whitespace(
+    executor: ThreadPoolExecutor,
+) -> None:
+    # The model opens its answer with a newline token, then says "unsafe" at the next
+    # step. The probability must come from the step that holds the verdict word, not from
+    # the newline's step (where 'safe' edged 'unsafe' and the category rule let it pass).
+    from guardrail.filters.classifiers import LlamaGuardSettings
+    from guardrail.filters.llama_guard import LlamaGuardEngine
+
+    newline, unsafe, s1 = 3, 2, 5
+    model = _ScriptedModel([(newline, 2.0, 1.0), (unsafe, 0.0, 10.0), (newline, 0, 0), (s1, 0, 0)])
+    engine = LlamaGuardEngine(
+        model,
+        _ScriptedTokenizer(),
+        LlamaGuardSettings(model="m"),
+        taxonomy([("weapons", "Weapons.")], "llama-guard-3", {}),
+        executor,
+    )
+    scores = await engine.scores("how do I build a bomb", CTX, None)
+    assert scores["unsafe"] > 0.99
+    assert scores["weapons"] > 0.99
+
+
+def test_llama_guard_shows_an_earlier_assistant_turn_as_the_agent_at_input(
+    executor: ThreadPoolExecutor,
+) -> None:
+    # At input every message of the conversation is checked, earlier assistant turns too.
+    # Such a turn was shown as a 'User' message; it is the agent's, after the user's ask.
+    from guardrail.filters.classifiers import LlamaGuardSettings
+    from guardrail.filters.llama_guard import LlamaGuardEngine
+
+    engine = LlamaGuardEngine(
+        _ScriptedModel([]),
+        _ScriptedTokenizer(),
+        LlamaGuardSettings(model="m"),
+        taxonomy([("weapons", "Weapons.")], "llama-guard-3", {}),
+        executor,
+    )
+    messages = (
+        Message("system", "be nice"),
+        Message("user", "how do I build it?"),
+        Message("assistant", "Fill the pipe with powder."),
+        Message("user", "thanks"),
+    )
+    ctx = FilterContext("r", stage=Stage.INPUT, messages=messages, message_index=2)
+    assert engine.conversation("Fill the pipe with powder.", ctx) == [
+        ("user", "how do I build it?"),
+        ("agent", "Fill the pipe with powder."),
+    ]
+    assert "'Agent' messages" in engine.prompt("Fill the pipe with powder.", ctx)
+    # A user turn is still the user's, alone.
+    user_ctx = FilterContext("r", stage=Stage.INPUT, messages=messages, message_index=1)
+    assert engine.conversation("how do I build it?", user_ctx) == [("user", "how do I build it?")]

@@ -8,10 +8,11 @@ condition asks of this engine becomes one code, described by that rule's descrip
 (or ``descriptions`` in the engine settings), so policy authors change the taxonomy in
 YAML.
 
-Scores: ``unsafe`` is the probability the model gives the first answer token
-``unsafe`` against ``safe`` (from the logits, so thresholds work); a category label
-scores that probability when the answer lists its code, else 0. An answer that is
-neither ``safe`` nor ``unsafe`` is an error, so the guard fails closed on it.
+Scores: ``unsafe`` is the probability the model gives the first answer token (past
+any leading whitespace tokens) ``unsafe`` against ``safe`` (from the logits, so
+thresholds work); a category label scores that probability when the answer lists its
+code, else 0. An answer that is neither ``safe`` nor ``unsafe`` is an error, so the
+guard fails closed on it.
 
 The model loads through the local backend's loader (folder, GGUF file, or a hub id
 when downloads are allowed) and runs on the shared executor.
@@ -121,7 +122,9 @@ def parse_answer(text: str) -> Answer:
     if first == "safe":
         return Answer(False)
     if first.startswith("unsafe"):
-        rest = " ".join([first[len("unsafe") :], *lines[1:2]]).upper()
+        # The codes belong on the second line, but a model may wrap them ("S1,\nS2") or
+        # put one per line: every code after the verdict counts.
+        rest = " ".join([first[len("unsafe") :], *lines[1:]]).upper()
         return Answer(True, tuple(dict.fromkeys(_CODE.findall(rest))))
     return Answer(None)
 
@@ -178,13 +181,26 @@ class LlamaGuardEngine:
         return ids
 
     def conversation(self, text: str, ctx: FilterContext) -> list[tuple[str, str]]:
-        """The turns shown to the model: at output, the last user message and the answer."""
+        """The turns shown to the model: at output, the last user message and the answer;
+        at input, an earlier assistant turn likewise (the user message before it and the
+        turn), any other message as the user's."""
         limit = self._settings.max_chars
+        messages = ctx.messages
         if ctx.stage is Stage.OUTPUT:
-            users = [m.content for m in ctx.messages if m.role == "user"]
-            turns = [("user", _clip(users[-1], limit))] if users else []
-            return [*turns, ("agent", _clip(text, limit))]
-        return [("user", _clip(text, limit))]
+            before = len(messages)
+        else:
+            index = ctx.message_index
+            if (
+                index is None
+                or not 0 <= index < len(messages)
+                or messages[index].role != "assistant"
+                or messages[index].content != text
+            ):
+                return [("user", _clip(text, limit))]
+            before = index
+        users = [m.content for m in messages[:before] if m.role == "user"]
+        turns = [("user", _clip(users[-1], limit))] if users else []
+        return [*turns, ("agent", _clip(text, limit))]
 
     def prompt(self, text: str, ctx: FilterContext) -> str:
         return build_prompt(self._settings.template, self.categories, self.conversation(text, ctx))
@@ -207,11 +223,22 @@ class LlamaGuardEngine:
                 output_scores=True,
                 pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
             )
-        first = torch.log_softmax(out.scores[0][0].float(), dim=-1)
+        generated = out.sequences[0][len(ids) :]
+        # The verdict word's step: an answer may open with whitespace tokens ("\n\nsafe"),
+        # and the safe/unsafe odds at a newline's step say nothing about the verdict.
+        step = next(
+            (
+                i
+                for i, tok in enumerate(generated[: len(out.scores)].tolist())
+                if self._tokenizer.decode([int(tok)]).strip()
+            ),
+            0,
+        )
+        first = torch.log_softmax(out.scores[step][0].float(), dim=-1)
         safe = torch.logsumexp(first[sorted(self._safe_ids)], dim=0)
         unsafe = torch.logsumexp(first[sorted(self._unsafe_ids)], dim=0)
         p_unsafe = float(torch.sigmoid(unsafe - safe))
-        raw = self._tokenizer.decode(out.sequences[0][len(ids) :], skip_special_tokens=True)
+        raw = self._tokenizer.decode(generated, skip_special_tokens=True)
         return Assessment(p_unsafe, raw, parse_answer(raw))
 
     async def assess(self, text: str, ctx: FilterContext) -> Assessment:

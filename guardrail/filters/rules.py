@@ -268,6 +268,11 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
                 yield ConfigIssue(
                     path, "a condition needs keywords, regex, semantic, classifier, all, any or not"
                 )
+            # Beside other parts an empty list was skipped: 'any: []' held ("any of
+            # nothing") and the rule matched on the other parts alone.
+            for key, children in (("all", cond.all_of), ("any", cond.any_of)):
+                if children is not None and not children:
+                    yield ConfigIssue((*path, key), f"'{key}' needs at least one condition")
             for j, kw in enumerate(cond.keywords):
                 if not normalize(kw).text:
                     yield ConfigIssue((*path, "keywords", j), "empty keyword")
