@@ -269,7 +269,13 @@ def create_app(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
-            expose_headers=["x-request-id", "x-guardrail-action", "x-guardrail-policy-version"],
+            expose_headers=[
+                "x-request-id",
+                "x-guardrail-action",
+                "x-guardrail-policy-version",
+                # 429 and 503 say when to retry; browsers hide unlisted headers.
+                "retry-after",
+            ],
         )
         if settings.cors_origins
         else None,

@@ -276,6 +276,28 @@ def test_over_the_request_limit_is_429_with_retry_after(
     )
 
 
+def test_a_browser_client_can_read_retry_after_on_a_429(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    # Retry-After is not a CORS-safelisted response header: unless it is exposed, a
+    # browser client (cors_origins) sees the 429 but cannot read when to retry.
+    app = _app(
+        test_policy,
+        backend,
+        metrics_registry,
+        rate_limit_requests_per_minute=1,
+        cors_origins=["https://app.example"],
+    )
+    headers = {**AUTH, "origin": "https://app.example"}
+    with TestClient(app=app) as c:
+        codes = [c.post("/v1/chat/completions", json=CHAT, headers=headers) for _ in range(2)]
+    refused = codes[1]
+    assert refused.status_code == 429
+    assert refused.headers["access-control-allow-origin"] == "https://app.example"
+    exposed = refused.headers["access-control-expose-headers"].lower().split(",")
+    assert "retry-after" in {h.strip() for h in exposed}
+
+
 def test_tenant_token_limit_counts_max_tokens_up_front(
     test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
 ) -> None:
