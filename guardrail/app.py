@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,7 @@ from guardrail.observability.audit import audit_from_settings
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.observability.monitoring import monitor_from_settings
 from guardrail.plugins import PluginRegistry
-from guardrail.settings import Settings
+from guardrail.settings import Settings, misspelt_env
 
 log = structlog.get_logger("guardrail.app")
 _T = TypeVar("_T")
@@ -207,6 +208,8 @@ def create_app(
         metrics.observe_audit(audit.stats)
     if backend is not None:
         _observe_circuits(backend, metrics)
+    for name, meant in misspelt_env(os.environ):  # names only: values may be secrets
+        log.warning("unknown_setting_variable", variable=name, did_you_mean=meant)
     warning = open_mode_warning(ring)
     if warning:
         log.warning("running_open", message=warning, admin_key=ring.has_admin)

@@ -13,6 +13,7 @@ are hashed (sha256) as they are read; only the hashes are kept in :class:`Settin
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 from collections.abc import Mapping
@@ -490,6 +491,23 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             out[name] = [part.strip() for part in raw.split(",") if part.strip()]
         else:
             out[name] = raw
+    return out
+
+
+def misspelt_env(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``GUARDRAIL_*`` variables that set nothing but look like one that does, each with
+    that one: ``GUARDRAIL_API_KEY`` leaves the gateway open while its operator believes
+    keys are on. Only near misses count, since a policy's ``key_env`` or
+    ``encrypt_key_env`` may name a variable of this prefix on purpose."""
+    known = [ENV_PREFIX + n.upper() for n in _FIELDS if n not in _NOT_FROM_ENV]
+    known += [ENV_PREFIX + "API_KEYS", ENV_PREFIX + "ADMIN_KEY"]
+    out = []
+    for name in sorted(environ):
+        # GUARDRAIL_TEST_*: this project's own test run settings (GUARDRAIL_TEST_DEVICE).
+        if name.startswith(ENV_PREFIX) and name not in known and "_TEST_" not in name:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            if close:
+                out.append((name, close[0]))
     return out
 
 

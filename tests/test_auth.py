@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from guardrail.api.auth import KeyRing, open_mode_warning
 from guardrail.errors import ConfigError
-from guardrail.settings import ApiKeyEntry, Settings, TenantConfig, load_settings
+from guardrail.settings import ApiKeyEntry, Settings, TenantConfig, load_settings, misspelt_env
 from tests.conftest import TEST_POLICY
 from tests.fakes.backend import FakeBackend
 
@@ -209,6 +209,27 @@ def test_without_keys_the_gateway_is_open_and_says_so(
     warnings = [e for e in logs if e["event"] == "running_open"]
     assert warnings
     assert warnings[0]["log_level"] == "warning"
+
+
+def test_a_misspelt_key_variable_is_named_at_startup_without_its_value(
+    make_app: Callable[..., Litestar], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GUARDRAIL_API_KEY (no S) sets nothing: the gateway runs open while its operator
+    believes keys are on. Startup names the variable and the one it resembles; a
+    variable a policy's key_env may name on purpose (not a near miss) is left alone."""
+    monkeypatch.setenv("GUARDRAIL_API_KEY", ALICE)
+    monkeypatch.setenv("GUARDRAIL_PII_SECRET", "for a policy's encrypt_key_env")
+    with structlog.testing.capture_logs() as logs:
+        make_app()
+    warned = [e for e in logs if e["event"] == "unknown_setting_variable"]
+    assert [(e["variable"], e["did_you_mean"]) for e in warned] == [
+        ("GUARDRAIL_API_KEY", "GUARDRAIL_API_KEYS")
+    ]
+    assert warned[0]["log_level"] == "warning"
+    assert ALICE not in repr(logs)
+    assert misspelt_env({"GUARDRAIL_AUDITDSN": "off", "GUARDRAIL_TEST_DEVICE": "cuda"}) == [
+        ("GUARDRAIL_AUDITDSN", "GUARDRAIL_AUDIT_DSN")
+    ]
 
 
 def test_env_keys_are_hashed_as_they_are_read() -> None:
