@@ -57,6 +57,24 @@ async def test_requests_per_minute_burst_then_refill() -> None:
     assert (await limiter.acquire("k", limits, tokens=0)).allowed
 
 
+async def test_forgetting_idle_buckets_keeps_an_overdrawn_one() -> None:
+    """Past 100,000 buckets the idle full ones are forgotten (a new bucket starts full).
+    A token bucket that ``adjust`` overdrew (the backend used more than the estimate)
+    is not full after a minute: forgetting it would hand the key a full minute early."""
+    clock = Clock()
+    limiter = MemoryRateLimiter(clock)
+    limits = Limits(tokens_per_minute=100)
+    assert (await limiter.acquire("heavy", limits, tokens=100)).allowed
+    await limiter.adjust("heavy", limits, tokens=200)  # level -200: three minutes to full
+    assert (await limiter.acquire("light", limits, tokens=1)).allowed
+    clock.now += 61.0
+    limiter._evict(clock.now)  # what acquire does past 100,000 buckets
+    refused = await limiter.acquire("heavy", limits, tokens=50)
+    assert (refused.allowed, refused.limit) == (False, "tokens")
+    assert refused.retry_after_s == pytest.approx(89.0)  # from -98.3 to 50 at 100 a minute
+    assert ("light", "tokens") not in limiter._buckets  # full again: forgotten
+
+
 async def test_keys_have_separate_buckets() -> None:
     limiter = MemoryRateLimiter(Clock())
     limits = Limits(requests_per_minute=1)

@@ -97,6 +97,7 @@ class RateLimiter(Protocol):
 class _Bucket:
     level: float
     stamp: float
+    limit: float  # per minute, as last applied
 
 
 class MemoryRateLimiter:
@@ -110,11 +111,12 @@ class MemoryRateLimiter:
     def _bucket(self, key: str, kind: str, limit: int, now: float) -> _Bucket:
         bucket = self._buckets.get((key, kind))
         if bucket is None:
-            bucket = self._buckets[(key, kind)] = _Bucket(float(limit), now)
+            bucket = self._buckets[(key, kind)] = _Bucket(float(limit), now, float(limit))
         else:
             rate = limit / 60.0
             bucket.level = min(float(limit), bucket.level + (now - bucket.stamp) * rate)
             bucket.stamp = now
+            bucket.limit = float(limit)
         return bucket
 
     async def acquire(self, key: str, limits: Limits, *, tokens: int) -> RateDecision:
@@ -163,8 +165,14 @@ class MemoryRateLimiter:
             bucket.level = min(float(limits.tokens_per_minute), bucket.level - tokens)
 
     def _evict(self, now: float) -> None:
-        # Buckets untouched for a minute are full again: forgetting them changes nothing.
-        for k in [k for k, b in self._buckets.items() if now - b.stamp > 60.0]:
+        # Forgetting a full bucket changes nothing (a new one starts full). One that
+        # ``adjust`` took below zero needs more than a minute to be full again.
+        full = [
+            k
+            for k, b in self._buckets.items()
+            if b.level + (now - b.stamp) * b.limit / 60.0 >= b.limit
+        ]
+        for k in full:
             del self._buckets[k]
 
     async def aclose(self) -> None:
