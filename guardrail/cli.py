@@ -96,8 +96,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
     )
     configure_logging(settings.log_level, settings.log_format, log_text=settings.log_text)
-    # Check the policy before loading a model that may take minutes.
-    load_policy(settings.policy, filter_registry())
+    # Check the policies and the keys before loading a model that may take minutes.
+    from guardrail.api.auth import KeyRing, Tenants
+
+    registry = filter_registry()
+    load_policy(settings.policy, registry)
+    KeyRing.from_settings(settings)  # a key_env that is not set
+    for path in sorted(Tenants(settings).policies()):
+        load_policy(path, registry)
     print(
         f"guardrail: loading {settings.backend} backend"
         + (f" ({settings.model})" if settings.model else ""),

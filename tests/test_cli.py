@@ -261,6 +261,39 @@ def test_serve_that_cannot_listen_exits_2(
     assert f"cannot listen on 127.0.0.1:{port}" in err
 
 
+def test_serve_checks_keys_and_tenant_policies_before_loading_the_model(
+    test_policy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key whose variable is not set, or a tenant's broken policy, stops ``serve`` at
+    once: a local model may take minutes to load before they were looked at."""
+    monkeypatch.delenv("CI_GATEWAY_KEY", raising=False)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"backend: local\nmodel: {tmp_path / 'no-such-model'}\npolicy: {test_policy}\n"
+        "api_keys: [{tenant: ci, key_env: CI_GATEWAY_KEY}]\n",
+        encoding="utf-8",
+    )
+    code, _, err = run(["serve", "--config", str(config)], capsys)
+    assert code == 2
+    assert "CI_GATEWAY_KEY" in err
+    assert "loading local backend" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\n", encoding="utf-8")
+    config.write_text(
+        f"backend: local\nmodel: {tmp_path / 'no-such-model'}\npolicy: {test_policy}\n"
+        f"tenants: {{acme: {{policy: {bad}}}}}\n",
+        encoding="utf-8",
+    )
+    code, _, err = run(["serve", "--config", str(config)], capsys)
+    assert code == 2
+    assert f"{bad}:" in err
+    assert "missing required key 'version'" in err
+    assert "loading local backend" not in err
+
+
 def test_check_keeps_stdout_for_its_json_even_when_a_filter_fails(
     test_policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
