@@ -252,6 +252,32 @@ async def test_findings_carry_rule_severity_and_message(make_guard: Callable[...
 # -- validation ---------------------------------------------------------------------------
 
 
+def test_a_llama_guard_description_no_rule_asks_for_is_a_policy_error(
+    make_guard: Callable[..., Guard],
+) -> None:
+    """A misspelt ``descriptions`` key described nothing, silently; the error names it
+    (validation runs before any model is loaded, so the folder need not exist)."""
+    with pytest.raises(PolicyError) as info:
+        make_guard(
+            """
+            - id: weapons
+              category: weapons
+              classifier: {engine: guard, label: weapons, threshold: 0.5}
+            """,
+            extra_config=(
+                "classifiers:\n  guard: {type: llama-guard, model: /no/such/model, "
+                "descriptions: {weapon: Weapons of any kind., weapons: Guns.}}\n"
+            ),
+        )
+    message = str(info.value)
+    assert "inline.yaml:" in message
+    assert "classifiers.guard.descriptions.weapon: no rule asks engine 'guard' for label " in (
+        message
+    )
+    assert "(the categories rules ask for: weapons)" in message
+    assert "descriptions.weapons" not in message
+
+
 @pytest.mark.parametrize(
     ("rules", "expected"),
     [

@@ -301,6 +301,30 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
                         f"classifier engine {cond.classifier.engine!r} does not score "
                         f"{cond.classifier.label!r} (it scores: {', '.join(sorted(labels))})",
                     )
+    yield from _description_issues(config)
+
+
+def _description_issues(config: RulesConfig) -> Iterator[ConfigIssue]:
+    """A Llama Guard ``descriptions`` key that no rule asks that engine for (a typo, or
+    ``unsafe``, which has no category) would describe nothing: the intended category
+    then goes to the model with the rule's description or none."""
+    asked: dict[str, set[str]] = {}
+    for i, rule in enumerate(config.rules):
+        for cond, _ in _walk(rule, ("rules", i)):
+            if cond.classifier is not None:
+                asked.setdefault(cond.classifier.engine, set()).add(cond.classifier.label)
+    for name, settings in config.classifiers.items():
+        if not isinstance(settings, LlamaGuardSettings):
+            continue
+        categories = asked.get(name, set()) - {"unsafe"}
+        for label in settings.descriptions:
+            if label not in categories:
+                used = ", ".join(sorted(categories)) or "none"
+                yield ConfigIssue(
+                    ("classifiers", name, "descriptions", label),
+                    f"no rule asks engine {name!r} for label {label!r}, so this describes "
+                    f"no category (the categories rules ask for: {used})",
+                )
 
 
 def _semantic_issues(semantic: Semantic, path: ConfigPath) -> Iterator[ConfigIssue]:
