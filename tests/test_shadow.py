@@ -199,3 +199,68 @@ def test_a_slow_shadow_policy_never_delays_the_answers(
             took.append(time.perf_counter() - started)
     # The candidate's threads are busy for seconds; the answers do not wait for them.
     assert max(took) < 0.5, took
+
+
+async def test_a_shadow_check_is_decided_and_recorded_by_one_candidate_version(
+    write_policy: Callable[..., Path],
+) -> None:
+    # A reload between the request and its shadow check: the check ran under the new
+    # candidate but was counted and logged under the old one's version.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from guardrail.guard.filter import BuildContext
+    from guardrail.guard.registry import filter_registry
+    from guardrail.guard.shadow import ShadowPolicy
+    from guardrail.guard.store import GuardStore
+    from guardrail.guard.types import Action, FilterContext, Stage
+
+    seen: list[tuple[str, str]] = []
+    path = write_policy(CANDIDATE, "c.yaml")
+    with ThreadPoolExecutor(1) as pool:
+        store = GuardStore(str(path), filter_registry(), BuildContext(pool))
+        store.load()
+        shadow = ShadowPolicy(store, lambda st, a, s, v: seen.append((s, v)))
+        shadow.observe_text(Stage.OUTPUT, "tea", FilterContext("r"), Action.ALLOW)
+        path.write_text(
+            CANDIDATE.replace('version: "c1"', 'version: "c2"').replace("[tea]", "[cake]")
+        )
+        store.load()  # swapped before the shadow task got to run
+        await shadow.drain()
+    # c1 blocks tea, c2 allows it: the action and the version come from the same policy.
+    assert seen in ([("block", "c1")], [("allow", "c2")])
+
+
+class _Broken(_OnThreads):
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        raise RuntimeError("candidate filter bug")
+
+
+async def test_a_candidate_filter_that_fails_is_counted_as_an_error_not_a_block(
+    write_policy: Callable[..., Path],
+) -> None:
+    # The candidate's broken filter failed closed (on_error: block) and was counted as
+    # shadow="block": a disagreement the candidate never decided.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from guardrail.guard.filter import BuildContext, FilterSpec
+    from guardrail.guard.registry import filter_registry
+    from guardrail.guard.shadow import ShadowPolicy
+    from guardrail.guard.store import GuardStore
+    from guardrail.guard.types import Action, FilterContext, Stage
+
+    registry = filter_registry()
+    registry.register(
+        "broken", FilterSpec(type="broken", config_type=_BlockingConfig, build=_Broken)
+    )
+    path = write_policy(
+        'name: c\nversion: "1"\non_error: block\nfilters:\n  - {id: b, type: broken}\n',
+        "c.yaml",
+    )
+    seen: list[tuple[str, str, str]] = []
+    with ThreadPoolExecutor(1) as pool:
+        store = GuardStore(str(path), registry, BuildContext(pool))
+        store.load()
+        shadow = ShadowPolicy(store, lambda st, a, s, v: seen.append((st.value, a.value, s)))
+        shadow.observe_text(Stage.INPUT, "hello", FilterContext("r"), Action.ALLOW)
+        await shadow.drain()
+    assert seen == [("input", "allow", "error")]

@@ -21,6 +21,7 @@ from dataclasses import replace
 import structlog
 
 from guardrail.chat import Message
+from guardrail.guard.guard import Guard
 from guardrail.guard.store import GuardStore
 from guardrail.guard.types import Action, Decision, FilterContext, Stage
 
@@ -48,8 +49,7 @@ class ShadowPolicy:
     ) -> None:
         """Compare the input stage: the shadow policy checks the same messages."""
 
-        async def run() -> list[Decision]:
-            guard = self.store.current
+        async def run(guard: Guard) -> list[Decision]:
             decided = await guard.check_messages(Stage.INPUT, messages, _detached(ctx))
             return [d for _, d in decided]
 
@@ -58,8 +58,7 @@ class ShadowPolicy:
     def observe_text(self, stage: Stage, text: str, ctx: FilterContext, active: Action) -> None:
         """Compare one text's decision (a completion at the output stage)."""
 
-        async def run() -> list[Decision]:
-            guard = self.store.current
+        async def run(guard: Guard) -> list[Decision]:
             return [await guard.check(stage, text, _detached(ctx).at(stage))]
 
         self._spawn(stage, ctx.request_id, active, run)
@@ -69,14 +68,17 @@ class ShadowPolicy:
         stage: Stage,
         request_id: str,
         active: Action,
-        run: Callable[[], Awaitable[list[Decision]]],
+        run: Callable[[Guard], Awaitable[list[Decision]]],
     ) -> None:
-        version = self.store.current.policy.version
+        # The candidate in force now decides, and names its version, even if a reload
+        # swaps it before the task runs: one decision, one policy version.
+        guard = self.store.current
+        version = guard.policy.version
         if len(self._tasks) >= self._max_in_flight:
             self._record(stage, active, "dropped", version)
             return
         task = asyncio.get_running_loop().create_task(
-            self._compare(stage, request_id, active, version, run)
+            self._compare(stage, request_id, active, version, lambda: run(guard))
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -94,6 +96,13 @@ class ShadowPolicy:
         except Exception as e:  # the shadow never affects traffic; count and log the type
             self._record(stage, active, "error", version)
             log.warning("shadow_error", request_id=request_id, error=type(e).__name__)
+            return
+        failed = sorted({o.status for d in decisions for o in d.outcomes if o.status != "ok"})
+        if failed:
+            # A candidate filter that errored or timed out decided by its on_error, not by
+            # the text: that is the candidate failing, not a disagreement to count.
+            self._record(stage, active, "error", version)
+            log.warning("shadow_error", request_id=request_id, error="filter_" + failed[0])
             return
         shadow = Action.strictest(d.action for d in decisions)
         self._record(stage, active, shadow.value, version)
