@@ -264,6 +264,12 @@ async def test_citations_in_the_sources_are_verified_others_flagged(env: BuildCo
         ("See **https://shop.example.com/returns**.", 0),
         # A DOI or arXiv id written as a link is the bare id of the sources.
         ("See https://doi.org/10.1000/xyz123 and https://arxiv.org/abs/2106.01234", 0),
+        # A Markdown link whose text is its URL is one URL of the sources, not
+        # "https://...returns](https://...returns".
+        ("See [https://shop.example.com/returns](https://shop.example.com/returns).", 0),
+        # A DOI or arXiv id must be a whole id of the sources, not the start of a longer one.
+        ("See doi:10.1000/xyz12 and arXiv:2106.0123.", 2),
+        ("See arXiv:2106.01234v2.", 0),
         # An author-year reference needs the name and the year.
         ("(Smithson, 2021)", 1),
         ("(Smith, 2020)", 1),
@@ -321,6 +327,10 @@ async def test_without_sources_citations_are_unverified_unless_configured(
         ("How do I use the present perfect tense?", []),
         ("Is 2100 calories a day enough?", []),
         ("How do I beat the game 2048? Is port 2049 open?", []),
+        # A price is no year: "$2099" once read as a date past the cutoff.
+        ("Is a $2099 laptop worth it, or one at \u20ac2100 or \u00a32050?", []),
+        ("Room 2101 is on page 2045; it weighs 2050 grams; meet at 2030 hours.", []),
+        ("Is flight 2024 on time? What did suite 2030 cost in 2025?", ["2025"]),
         ("2025\u5e74\u53d1\u751f\u4e86\u4ec0\u4e48\uff1f", ["2025"]),
     ],
 )

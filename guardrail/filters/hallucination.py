@@ -175,7 +175,8 @@ def validate(config: HallucinationConfig) -> Iterator[ConfigIssue]:
 
 # -- citations -----------------------------------------------------------------------------
 
-_URL = re.compile(r"\b(?:https?://|www\.)[^\s<>\"'`]+", re.IGNORECASE)
+# A URL ends where a Markdown link's target starts: "[https://a.b/c](https://a.b/c)".
+_URL = re.compile(r"\b(?:https?://|www\.)(?:(?!\]\()[^\s<>\"'`])+", re.IGNORECASE)
 _DOI = re.compile(r"\b10\.\d{4,9}/[^\s<>\"'`]+")
 _ARXIV = re.compile(r"\barxiv:\s?\d{4}\.\d{4,5}(?:v\d+)?", re.IGNORECASE)
 # Not an index in code (`items[0]`, `x[1]`): a reference follows a space or punctuation.
@@ -210,6 +211,17 @@ def citations(text: str) -> Iterator[tuple[int, int, str, str]]:
         yield m.start(), m.end(), "author_year", f"{m.group(1).lower()} {m.group(2)[:4]}"
 
 
+def _has_doi(doi: str, folded: str) -> bool:
+    """A whole DOI of the sources: ``10.1000/123`` is not ``10.1000/1234``."""
+    return doi in {m.rstrip(_TRAILING) for m in _DOI.findall(folded)}
+
+
+def _has_arxiv(arxiv: str, folded: str) -> bool:
+    """A whole arXiv id of the sources; any version of it is the same paper."""
+    base = re.sub(r"v\d+$", "", arxiv)
+    return re.search(rf"(?<![\d.]){re.escape(base)}(?!\d)", folded) is not None
+
+
 # A DOI or arXiv id written as a link is the same reference as the bare id.
 _ID_LINK = re.compile(r"^(?:dx\.)?doi\.org/(10\..+)$|^arxiv\.org/(?:abs|pdf)/(.+?)(?:\.pdf)?$")
 
@@ -228,8 +240,14 @@ def verified(
     if kind == "url":
         link = _ID_LINK.match(key)
         if link is not None:  # doi.org/10.x/y or arxiv.org/abs/2106.01234
-            return (link.group(1) or link.group(2)) in folded
+            if link.group(1) is not None:
+                return _has_doi(link.group(1), folded)
+            return _has_arxiv(link.group(2), folded)
         return key in {_norm_url(u) for u in _URL.findall(folded)}
+    if kind == "doi":
+        return _has_doi(key, folded)
+    if kind == "arxiv":
+        return _has_arxiv(key, folded)
     if kind == "author_year":
         name, year = key.rsplit(" ", 1)
         return any(
@@ -256,10 +274,11 @@ _YEAR = re.compile(
     r"(?:\b(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?,?\s+)?"
     # Not part of a longer number or a word, and no bare count or code: "2100 calories",
     # "port 2049", "the game 2048" ("2025年" is a year: no \b is needed before 年).
-    r"(?<![\dA-Za-z.#])(?<!port )(?<!game )(?<!number )(?<!model )"
+    r"(?<![\dA-Za-z.#$\u00a3\u20ac\u00a5\u20b9])(?<!port )(?<!game )(?<!number )(?<!model )"
+    r"(?<!room )(?<!page )(?<!suite )(?<!flight )"
     r"(?P<year>(?:19|20|21)\d\d)(?![\d.,]\d|\d)"
     r"(?!\s*(?:bc|bce|b\.c\.|calories|kcal|kg|km|mg|ml|mah|ohms?|watts?|rpm|dpi|px|mb|gb"
-    r"|mhz|ghz|dollars|euros|points|words|tokens|characters|rows|items|people|users|%)\b)",
+    r"|mhz|ghz|dollars|euros|points|words|tokens|characters|rows|items|people|users|grams|hours|hrs|pages|%)\b)",
     re.IGNORECASE,
 )
 _RECENCY = re.compile(
