@@ -560,6 +560,26 @@ async def test_the_users_own_value_cut_by_the_context_tail_is_no_leak(
     assert "".join(sent) == reply.replace("<EMAIL_ADDRESS_1>", EMAIL)
 
 
+async def test_a_context_tail_that_starts_at_a_dot_inside_the_users_own_email_is_no_leak(
+    executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    # The tail began at ".doe@example.com": the detection ("doe@example.com") did not
+    # start at 0, so it was taken for a new email and the stream was blocked.
+    guard = entities_guard(executor, resources, "EMAIL_ADDRESS: {input: redact, output: block}")
+    ctx = conversation(f"Please write to {EMAIL} for me.")
+    await check_all(guard, ctx)
+    reply = (
+        "Sure thing, I will write to <EMAIL_ADDRESS_1> right away and then I will report "
+        "back to you soon."
+    )
+    settings = StreamSettings(release="sentence", window_chars=30, context_chars=28)
+    window = StreamGuard(guard, ctx, settings)
+    sent = [(await window.feed(c)).text for c in reply]
+    sent.append((await window.finish()).text)
+    assert not window.blocked
+    assert "".join(sent) == reply.replace("<EMAIL_ADDRESS_1>", EMAIL)
+
+
 @pytest.mark.parametrize("release", ["sentence", "window"])
 async def test_a_card_cut_by_a_stream_window_is_masked_whole(guard: Guard, release: str) -> None:
     """A window cut at a space inside the number must not release its first digits."""

@@ -781,9 +781,10 @@ class PiiFilter:
             found = text[d.start : d.end]
             if rule.output == "allow" or found in own:
                 continue
-            if d.start == 0 and any(v.endswith(found) for v in own):
+            if any(v.endswith(text[: d.end]) for v in own):
                 # A stream's context tail can begin inside the user's own value
-                # ("doe@example.com" of "jane.doe@example.com"): that is no leak either.
+                # ("doe@example.com" of "jane.doe@example.com", also when the tail starts
+                # at the "." before it): that is no leak either.
                 continue
             if any(d.start < e and s < d.end for s, e in restored):
                 continue
