@@ -14,7 +14,7 @@ from guardrail.guard.filter import BuildContext
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.stream import StreamGuard
-from guardrail.guard.types import Action, FilterContext, Stage, Verdict
+from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 from guardrail.policy.loader import load_policy_text
 from guardrail.policy.model import FilterConfig, StreamSettings
 
@@ -220,3 +220,34 @@ async def test_a_filter_can_hold_back_an_unfinished_placeholder(
     assert (first.text + second.text + (await window.finish()).text) == (
         "Dear <PERSON_1> said hi and left."
     )
+
+
+class _StartMatcher:
+    """Blocks "abc" only where the checked text starts with it: a match that the cut of
+    the context tail can create in text already released (like the end of an email)."""
+
+    name = "start"
+    stages = frozenset({Stage.OUTPUT})
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        if text.startswith("abc"):
+            return Verdict.from_findings([Finding("secret", action=Action.BLOCK, span=(0, 3))])
+        return Verdict()
+
+
+async def test_a_match_only_in_the_released_tail_does_not_decide_the_next_window(
+    executor: ThreadPoolExecutor,
+) -> None:
+    policy = make_guard(executor).policy
+    config = FilterConfig("start", "start", frozenset({Stage.OUTPUT}), 1.0, Action.BLOCK, None)
+    guard = Guard(policy, [(config, _StartMatcher())])
+    settings = StreamSettings(release="sentence", window_chars=40, context_chars=14)
+    window = StreamGuard(guard, FilterContext("s"), settings)
+    first = await window.feed("It says xabc and more. ")
+    assert first.text == "It says xabc and more. "  # "abc" not at the start: allowed
+    # The next check sees the tail "abc and more. " (14 characters back) + the new text.
+    second = await window.feed("Then it ends. ")
+    assert second.text == "Then it ends. "
+    assert not second.blocked
+    assert window.decisions[-1].findings == ()
+    assert window.decisions[-1].action is Action.ALLOW

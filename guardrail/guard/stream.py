@@ -131,7 +131,17 @@ class StreamGuard:
         # answer's findings list it once, as for a whole completion.
         fresh = tuple(f for f in decision.findings if f.span is None or f.span[1] > len(tail))
         if len(fresh) < len(decision.findings):
-            decision = dataclasses.replace(decision, findings=fresh)
+            # Nor does it decide this window: that text was released, so it passed when it
+            # was checked, and a match that the tail's cut alone creates ("doe@example.com"
+            # of an email already sent) must not block what follows. Recomputed only when
+            # every filter ran and decided by its findings; otherwise the decision stands.
+            derived = all(
+                o.status == "ok"
+                and o.verdict.action is Action.strictest(f.action for f in o.verdict.findings)
+                for o in decision.outcomes
+            )
+            action = Action.strictest(f.action for f in fresh) if derived else decision.action
+            decision = dataclasses.replace(decision, findings=fresh, action=action)
         self.decisions.append(decision)
         self.window_chars.append(len(window))
         if decision.blocked:
