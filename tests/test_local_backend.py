@@ -420,6 +420,9 @@ def run_tracker(
         (["a", "<E"], ("<END>",), ["a", "<E"], "a<E"),
         # A half character (U+FFFD) waits for its other bytes.
         (["x", b"\xc3", b"\xa9!"], (), ["x", "é!"], "xé!"),
+        # ...and so does what precedes it when a stop string could go on into it: the
+        # "a" of "aé" is not sent while "é" is half there.
+        (["x", "a", b"\xc3", b"\xa9!"], ("aé",), ["x"], "x"),
         # The earliest stop string wins, whatever their order.
         (["one two three"], ("three", "two"), ["one "], "one "),
         # Empty stop strings are ignored.

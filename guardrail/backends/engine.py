@@ -101,16 +101,19 @@ def _stop_index(text: str, stops: Sequence[str]) -> int | None:
 def _safe_end(text: str, stops: Sequence[str]) -> int:
     """How much of ``text`` can be sent: not a tail that may grow into a stop string,
     nor a trailing half character (decoded as U+FFFD until its other bytes arrive)."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    end = len(text) - hold
+    end = len(text)
     while end > 0 and text[end - 1] == _REPLACEMENT_CHAR:
         end -= 1
-    return end
+    # Held before the half character too: its other bytes may complete a stop string
+    # ("a" then the first byte of "é", for the stop string "aé").
+    head = text[:end]
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(head)), hold, -1):
+            if head.endswith(stop[:k]):
+                hold = k
+                break
+    return end - hold
 
 
 class TextTracker:
