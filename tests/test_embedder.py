@@ -173,3 +173,25 @@ def test_the_shared_embedder_follows_the_settings_precision() -> None:
         assert fp32 is not bf16
         again = shared_embedder(BuildContext(pool, resources=resources, embedding_precision="fp32"))
         assert again is fp32  # one per process and precision
+
+
+def test_another_executor_gets_its_own_batches_on_the_same_model() -> None:
+    """A shadow policy runs on its own threads: its embedding and toxicity checks must
+    not queue in the active policy's batches, nor run on its threads, while the model
+    (and its cache) stays one copy in the process."""
+    from guardrail.filters.embedder import shared_embedder
+    from guardrail.filters.toxicity import ToxicityConfig, ToxicityFilter
+    from guardrail.guard.filter import BuildContext, SharedResources
+
+    resources = SharedResources()
+    with ThreadPoolExecutor(1) as active, ThreadPoolExecutor(1) as shadow:
+        envs = [BuildContext(pool, resources=resources) for pool in (active, shadow)]
+        first, second = (shared_embedder(env) for env in envs)
+        assert first is not second
+        assert first.model is second.model
+        assert first._batcher._executor is active
+        assert second._batcher._executor is shadow
+        assert shared_embedder(envs[0]) is first  # still one per executor
+        tox = [ToxicityFilter("tox", ToxicityConfig(), env) for env in envs]
+        assert tox[0].batcher is not tox[1].batcher
+        assert (tox[0].batcher._executor, tox[1].batcher._executor) == (active, shadow)

@@ -292,10 +292,16 @@ class Embedder:
 
 
 def shared_embedder(env: BuildContext) -> Embedder:
-    """The process's embedder (created on first use, kept across policy reloads), in the
-    settings' ``embedding_precision``."""
+    """The embedder of ``env``'s executor (created on first use, kept across policy
+    reloads), in the settings' ``embedding_precision``. The model and its cache are the
+    process's one copy; each executor gets its own batcher, so a shadow policy's checks
+    never run on, or queue in the batches of, the active policy's threads."""
     precision = resolve_precision(env.embedding_precision)
+    model = env.resources.get(
+        ("sentence-model", EMBEDDING_MODEL, precision),
+        lambda: CachingModel(load_sentence_model(precision)),
+    )
     return env.resources.get(
-        ("sentence-embedder", EMBEDDING_MODEL, precision),
-        lambda: Embedder(CachingModel(load_sentence_model(precision)), env.executor),
+        ("sentence-embedder", EMBEDDING_MODEL, precision, env.executor),
+        lambda: Embedder(model, env.executor),
     )

@@ -334,7 +334,7 @@ def shared_scorer(
     if judge is not None:
         model, tokenizer = shared_local_model(env, judge.model, judge.device, judge.dtype)
         local_judge = LocalJudge(model, tokenizer, env.executor, judge.max_chars)
-    key = ("grounding-scorer", str(path.resolve()), max_units, judge)
+    key = ("grounding-scorer", str(path.resolve()), max_units, judge, env.executor)
     return env.resources.get(
         key,
         lambda: GroundingScorer(

@@ -631,8 +631,9 @@ class ToxicityFilter:
         if missing:
             raise ConfigError(f"filter {name}: the engine does not score {', '.join(missing)}")
         self._rules = {c: config.categories[c] for c in self._categories if c in config.categories}
+        # One batcher per executor: a shadow policy's texts run on its own threads.
         self.batcher: MicroBatcher[str, Scores] = env.resources.get(
-            (*key, "batcher", config.max_batch, config.max_wait_ms),
+            (*key, "batcher", config.max_batch, config.max_wait_ms, env.executor),
             lambda: MicroBatcher(
                 engine.score,
                 env.executor,
