@@ -476,6 +476,11 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     if ENV_PREFIX + "API_KEYS" in environ:
         out["api_keys"] = parse_api_keys(environ[ENV_PREFIX + "API_KEYS"])
     if ENV_PREFIX + "ADMIN_KEY" in environ:
+        if ENV_PREFIX + "ADMIN_KEY_SHA256" in environ:
+            # One of them silently won: say which key is meant.
+            raise ConfigError(
+                "GUARDRAIL_ADMIN_KEY and GUARDRAIL_ADMIN_KEY_SHA256 are both set; set one"
+            )
         # Stripped like every key source (a secret file often ends in a line break).
         admin = environ[ENV_PREFIX + "ADMIN_KEY"].strip()
         if not admin:

@@ -283,6 +283,14 @@ def test_a_blank_env_admin_key_is_refused() -> None:
         load_settings(environ={"GUARDRAIL_ADMIN_KEY": " \n"})
 
 
+def test_the_admin_key_and_its_hash_both_in_the_environment_are_refused() -> None:
+    # The hash variable silently won over the key: which admin key is meant is unclear.
+    with pytest.raises(ConfigError, match="both set; set one"):
+        load_settings(
+            environ={"GUARDRAIL_ADMIN_KEY": ADMIN, "GUARDRAIL_ADMIN_KEY_SHA256": sha(ALICE)}
+        )
+
+
 def test_keys_from_every_source_are_stripped_alike() -> None:
     # Kubernetes secrets made --from-file keep the file's last line break.
     settings = load_settings(
