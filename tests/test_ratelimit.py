@@ -333,6 +333,33 @@ def test_tenant_token_limit_counts_max_tokens_up_front(
     assert ok.status_code == 200
 
 
+def test_a_request_no_backend_saw_gives_its_tokens_back(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    """Refused by the gateway itself (here: no such model; also at capacity or with the
+    backend down), a request is retried by its client: its estimated tokens come back."""
+    app = _app(
+        test_policy,
+        backend,
+        metrics_registry,
+        tenants={"t": TenantConfig(tokens_per_minute=1000)},
+    )
+    with TestClient(app=app) as c:
+        missing = [
+            c.post(
+                "/v1/chat/completions",
+                json={**CHAT, "model": "no-such-model", "max_tokens": 600},
+                headers=AUTH,
+            )
+            for _ in range(3)
+        ]
+        ok = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 600}, headers=AUTH)
+    assert [r.status_code for r in missing] == [404, 404, 404]
+    assert ok.status_code == 200  # was 429: the 404s had spent the minute's tokens
+    assert backend.requests
+    assert all(r.model == "fake-model" for r in backend.requests)
+
+
 def test_max_tokens_over_the_gateway_limit_is_400(
     make_app: Callable[..., Litestar], backend: FakeBackend
 ) -> None:

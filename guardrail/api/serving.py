@@ -105,6 +105,10 @@ class Slots:
         await self._idle.wait()
 
 
+# Refusals before any backend saw the request, for the gateway's own reasons.
+_NOT_SERVED = frozenset({"overloaded", "model_not_found", "backend_unavailable"})
+
+
 def _overloaded(why: str) -> APIError:
     return APIError(
         503,
@@ -946,8 +950,14 @@ class Serving:
         if limits is None or not limits.tokens_per_minute:
             return
         if exchange.prompt_tokens is None and exchange.completion_tokens is None:
-            return  # the backend reported nothing (or was never called): keep the estimate
-        used = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+            if exchange.error_code not in _NOT_SERVED:
+                # A blocked prompt, a backend that failed: keep the estimate.
+                return
+            # Refused by the gateway before any backend saw it (at capacity, no such
+            # model, backend down): clients retry those, and must not burn their tokens.
+            used = 0
+        else:
+            used = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
         delta = used - admission.tokens
         if delta:
             task = asyncio.get_running_loop().create_task(
