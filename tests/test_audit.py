@@ -957,6 +957,27 @@ async def test_one_row_the_database_rejects_does_not_hold_back_the_others() -> N
     assert (stats.written, stats.dropped) == (40, 1)
 
 
+async def test_a_rejected_row_written_alone_does_not_hold_back_the_rows_after_it() -> None:
+    # Light traffic: the bad row is a batch of its own, the good rows arrive behind it.
+    store = PickyStore()
+
+    with capture_logs() as logs:
+        async with running(store, config(batch_size=64)) as audit:
+            audit.record(exchange("poison"))
+            await asyncio.sleep(0.05)  # its write is failing and being retried
+            for ex in finished(5, "ok"):
+                audit.record(ex)
+            async with asyncio.timeout(5):
+                await audit.flush()
+            assert len(store.rows) == 5
+
+    dropped = [e for e in logs if e["event"] == "audit_record_dropped"]
+    assert [(e["request_id"], e["reason"]) for e in dropped] == [("poison", "rejected")]
+    assert not [e for e in logs if e["event"] == "audit_records_lost"]
+    stats = audit.stats()
+    assert (stats.written, stats.dropped) == (5, 1)
+
+
 @pytest.mark.parametrize("down_from", [3, 4])
 async def test_an_outage_while_a_split_batch_is_written_drops_nothing(down_from: int) -> None:
     # Attempts 1-2 fail (the batch is split), 3 writes a half: the store looked healthy

@@ -1082,6 +1082,12 @@ class AuditLog:
                     self._left += 1
                     self._drop(chunk, "rejected")
                     continue
+                elif len(chunk) == 1 and not chunks and self._pending:
+                    # A row that failed alone: write the rows queued behind it first, so
+                    # their success tells a bad row from an outage (and they are not held).
+                    count = min(self.config.batch_size, len(self._pending))
+                    chunks.append(([self._pending.popleft() for _ in range(count)], 0))
+                    chunks.append((chunk, fails))
                 elif len(chunk) == 1 and chunks:
                     chunks.append((chunk, fails))
                 else:
