@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 
 from guardrail.backends.base import Backend, Chunk, GenerationRequest, SamplingParams
 from guardrail.backends.embedded import (
@@ -710,18 +712,24 @@ async def test_a_request_whose_sampling_fails_fails_alone(
 
     def broken_for_seed_7(self: Engine, row: Any, logits: Any) -> int:
         if row.work.params.seed == 7:
-            raise RuntimeError("sampling broke")
+            raise RuntimeError("sampling broke on: the user's secret prompt")
         return sample(self, row, logits)
 
     monkeypatch.setattr(Engine, "_sample", broken_for_seed_7)
-    good, bad = await asyncio.gather(
-        local.generate(chat(PROMPTS[0], max_tokens=6)),
-        local.generate(chat(PROMPTS[0], max_tokens=6, temperature=0.5, seed=7)),
-        return_exceptions=True,
-    )
+    with structlog.testing.capture_logs() as logs:
+        good, bad = await asyncio.gather(
+            local.generate(chat(PROMPTS[0], max_tokens=6)),
+            local.generate(chat(PROMPTS[0], max_tokens=6, temperature=0.5, seed=7)),
+            return_exceptions=True,
+        )
     assert isinstance(bad, BackendError)
     assert not isinstance(good, BaseException)
     assert "Paris" in good.text
+    # The log says what and where, never the message (it may quote a prompt).
+    failed = [e for e in logs if "sampling failed" in e["event"]]
+    assert [e["error"] for e in failed] == ["RuntimeError"]
+    assert failed[0]["at"].startswith("test_local_backend.py:")
+    assert "secret prompt" not in repr(logs)
 
 
 @slow

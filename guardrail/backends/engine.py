@@ -467,7 +467,12 @@ class Engine:
             except Exception as e:
                 # A bug, not a model error (those fail their own requests): the thread
                 # must survive it, or every later request would wait forever.
-                log.exception("local engine: unexpected error; failing the batch")
+                # The type and where it was raised, never the message: it may quote text.
+                log.error(
+                    "local engine: unexpected error; failing the batch",
+                    error=type(e).__name__,
+                    at=_raised_at(e),
+                )
                 self._fail_batch(_failed(e), admitted or [])
         self._fail_batch(BackendUnavailable("the local backend was closed during generation"))
 
@@ -645,7 +650,11 @@ class Engine:
         try:
             return self._advance(row, self._sample(row, logits))
         except Exception as e:
-            log.warning("local engine: sampling failed; failing its request", error=repr(e))
+            log.warning(
+                "local engine: sampling failed; failing its request",
+                error=type(e).__name__,
+                at=_raised_at(e),
+            )
             row.work.cancelled.set()  # nothing of it goes to the prefix cache
             _settle(row.work.future, _failed(e))
             return True
@@ -801,6 +810,18 @@ class Engine:
             getattr(observer, event)(*args)
         except Exception:  # metrics never break generation
             log.exception("engine observer failed", observed=event)
+
+
+def _raised_at(e: BaseException) -> str:
+    """``file.py:line in function`` of the innermost frame: enough to find a bug, with
+    none of the message (which may quote a prompt)."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
 
 
 def _failed(e: Exception) -> BackendError:
