@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 
@@ -10,7 +11,8 @@ def frames(body: str) -> list[Any]:
     """Every ``data:`` payload, JSON-decoded; ``[DONE]`` is returned as the string."""
     out: list[Any] = []
     for block in body.split("\n\n"):
-        for line in block.splitlines():
+        # SSE lines end at CR, LF or CRLF only (str.splitlines also cuts at U+2028, U+0085).
+        for line in re.split(r"\r\n|\r|\n", block):
             if line.startswith("data: "):
                 data = line[len("data: ") :]
                 out.append(data if data == "[DONE]" else json.loads(data))

@@ -331,6 +331,16 @@ def test_backend_dying_mid_stream_ends_with_an_error_frame(
     assert "Four" not in content(r.text)
 
 
+def test_a_streamed_line_separator_stays_inside_its_frame(
+    client: Client, backend: FakeBackend
+) -> None:
+    # U+2028 and U+0085 are legal raw inside JSON and do not end an SSE line.
+    backend.reply = "One\u2028two\u0085three. Done."
+    r = client.post("/v1/chat/completions", json=chat("hi", stream=True))
+    assert frames(r.text)[-1] == "[DONE]"
+    assert content(r.text) == backend.reply
+
+
 def test_streamed_completions_route(client: Client, backend: FakeBackend) -> None:
     r = client.post("/v1/completions", json={"model": "fake-model", "prompt": "Hi", "stream": True})
     assert content(r.text) == backend.reply
