@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,6 +88,22 @@ def consistency_from_settings(
         max_in_flight=settings.consistency_max_in_flight,
         count=metrics.consistency_check,
     )
+
+
+SHADOW_DRAIN_S = 10.0
+
+
+def _bounded(
+    hook: Callable[[], Awaitable[object]], seconds: float
+) -> Callable[[], Awaitable[None]]:
+    """``hook`` given at most ``seconds`` (a shutdown step that must not hang shutdown)."""
+
+    async def run() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hook(), timeout=seconds)
+
+    run.__name__ = getattr(hook, "__name__", "hook")
+    return run
 
 
 def create_app(
@@ -199,6 +215,10 @@ def create_app(
         grounding=default_grounder(env),
         consistency=consistency_from_settings(settings, env, metrics),
     )
+    if gateway.shadow is not None:
+        # Comparisons still running are counted, not cancelled with the loop; bounded,
+        # so a stuck candidate cannot hold shutdown.
+        gateway.on_shutdown.append(_bounded(gateway.shadow.drain, SHADOW_DRAIN_S))
     gateway.on_shutdown.append(monitor.aclose)  # cancels running counterfactual probes
     if gateway.consistency is not None:
         gateway.on_shutdown.append(gateway.consistency.aclose)

@@ -201,6 +201,36 @@ def test_a_slow_shadow_policy_never_delays_the_answers(
     assert max(took) < 0.5, took
 
 
+class _Slowish(_OnThreads):
+    seconds = 0.4
+
+
+def test_shadow_checks_still_running_at_shutdown_are_waited_for(
+    write_policy: Callable[..., Path], backend: FakeBackend
+) -> None:
+    # They were cancelled with the event loop: the last comparisons went uncounted.
+    from guardrail.app import create_app
+    from guardrail.guard.filter import FilterSpec
+    from guardrail.guard.registry import filter_registry
+    from guardrail.settings import Settings
+
+    registry = filter_registry()
+    registry.register(
+        "slowish", FilterSpec(type="slowish", config_type=_BlockingConfig, build=_Slowish)
+    )
+    active = write_policy('name: a\nversion: "1"\nfilters: []\n', "active.yaml")
+    candidate = write_policy(
+        'name: c\nversion: "1"\nfilters:\n  - {id: s, type: slowish}\n', "candidate.yaml"
+    )
+    metrics = CollectorRegistry()
+    settings = Settings(policy=str(active), shadow_policy=str(candidate), filter_workers=2)
+    app = create_app(settings, backend=backend, filters=registry, metrics_registry=metrics)
+    with TestClient(app=app) as client:
+        assert client.post("/v1/chat/completions", json=chat("hello")).status_code == 200
+        assert shadow_count(metrics, "input", "allow", "allow") == 0  # still running
+    assert shadow_count(metrics, "input", "allow", "allow") == 1
+
+
 async def test_a_shadow_check_is_decided_and_recorded_by_one_candidate_version(
     write_policy: Callable[..., Path],
 ) -> None:
