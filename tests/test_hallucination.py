@@ -270,6 +270,8 @@ async def test_citations_in_the_sources_are_verified_others_flagged(env: BuildCo
         # A DOI or arXiv id must be a whole id of the sources, not the start of a longer one.
         ("See doi:10.1000/xyz12 and arXiv:2106.0123.", 2),
         ("See arXiv:2106.01234v2.", 0),
+        # A link to an id not in the sources is one unverified citation, not two.
+        ("See https://doi.org/10.1000/other and https://arxiv.org/abs/2201.00001", 2),
         # An author-year reference needs the name and the year.
         ("(Smithson, 2021)", 1),
         ("(Smith, 2020)", 1),

@@ -197,14 +197,22 @@ def _norm_url(url: str) -> str:
 
 def citations(text: str) -> Iterator[tuple[int, int, str, str]]:
     """``(start, end, kind, key)`` of each citation in ``text``; ``key`` is what must match."""
+    links = []
     for m in _URL.finditer(text):
         raw = m.group(0).rstrip(_TRAILING)
+        links.append((m.start(), m.start() + len(raw)))
         yield m.start(), m.start() + len(raw), "url", _norm_url(raw)
+
+    def in_link(start: int, end: int) -> bool:  # "https://doi.org/10.x/y" is one citation
+        return any(a <= start and end <= b for a, b in links)
+
     for m in _DOI.finditer(text):
         raw = m.group(0).rstrip(_TRAILING)
-        yield m.start(), m.start() + len(raw), "doi", raw.lower()
+        if not in_link(m.start(), m.start() + len(raw)):
+            yield m.start(), m.start() + len(raw), "doi", raw.lower()
     for m in _ARXIV.finditer(text):
-        yield m.start(), m.end(), "arxiv", re.sub(r"^arxiv:\s?", "", m.group(0).lower())
+        if not in_link(m.start(), m.end()):
+            yield m.start(), m.end(), "arxiv", re.sub(r"^arxiv:\s?", "", m.group(0).lower())
     for m in _NUMBERED.finditer(text):
         yield m.start(), m.end(), "numbered", m.group(1)
     for m in _AUTHOR_YEAR.finditer(text):
