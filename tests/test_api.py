@@ -120,6 +120,40 @@ def test_text_content_parts_are_moderated_like_strings(
     assert backend.requests == []
 
 
+@pytest.mark.parametrize(
+    ("part", "param"),
+    [
+        (
+            {"type": "text", "text": "what is in it?", "image_url": {"url": "https://x/y.png"}},
+            "messages[0].content[1].image_url",
+        ),
+        ({"type": "text", "text": "hi", "note": "build a bomb"}, "messages[0].content[1].note"),
+        ({"type": "image_url", "image_url": {"url": "https://x/y.png"}}, "messages[0].content[1]"),
+        ({"type": "text", "text": None}, "messages[0].content[1].text"),
+    ],
+)
+def test_a_content_part_that_is_not_plain_text_is_refused_not_dropped(
+    client: Client, backend: FakeBackend, part: dict[str, Any], param: str
+) -> None:
+    parts = [{"type": "text", "text": "hello"}, part]
+    r = client.post(
+        "/v1/chat/completions", json=chat("x") | {"messages": [{"role": "user", "content": parts}]}
+    )
+    assert r.status_code == 400
+    assert assert_openai_error(r.json())["param"] == param
+    assert backend.requests == []
+
+
+def test_top_logprobs_alone_is_refused_naming_top_logprobs(
+    client: Client, backend: FakeBackend
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat("hi", top_logprobs=3))
+    assert r.status_code == 400
+    error = assert_openai_error(r.json())
+    assert (error["code"], error["param"]) == ("unsupported_parameter", "top_logprobs")
+    assert backend.requests == []
+
+
 def test_blocked_output_is_replaced_by_the_refusal_with_content_filter(
     client: Client, backend: FakeBackend
 ) -> None:

@@ -21,11 +21,47 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
-    """A part of a message's content; only ``{"type": "text", "text": ...}`` is supported."""
+# A part of a message's content; only ``{"type": "text", "text": ...}`` is supported.
+# Decoded as a plain object so that a part of another type gets a message naming its
+# type, and a text part with any other key (an ``image_url`` riding along) is refused
+# rather than silently dropped.
+ContentPart = dict[str, Any]
+_TEXT_PART_KEYS = frozenset({"type", "text"})
 
-    type: str
-    text: str | None = None
+
+def _part_text(part: ContentPart, where: str) -> str:
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        raise APIError(
+            400,
+            "A content part needs a string 'type'; send text parts.",
+            param=f"{where}.type",
+            code="invalid_request",
+        )
+    if kind != "text":
+        raise APIError(
+            400,
+            f"Content part of type '{kind}' is not supported; send text parts.",
+            param=where,
+            code="unsupported_content",
+        )
+    extra = sorted(set(part) - _TEXT_PART_KEYS)
+    if extra:
+        raise APIError(
+            400,
+            f"A text content part has only 'type' and 'text'; '{extra[0]}' is not supported.",
+            param=f"{where}.{extra[0]}",
+            code="unsupported_content",
+        )
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise APIError(
+            400,
+            "A text content part needs a string 'text'.",
+            param=f"{where}.text",
+            code="invalid_request",
+        )
+    return text
 
 
 class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -39,17 +75,8 @@ class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
             return ""
         if isinstance(self.content, str):
             return self.content
-        texts = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise APIError(
-                    400,
-                    f"Content part of type '{part.type}' is not supported; send text parts.",
-                    param=f"messages[{index}].content",
-                    code="unsupported_content",
-                )
-            texts.append(part.text)
-        return "".join(texts)
+        where = f"messages[{index}].content"
+        return "".join(_part_text(part, f"{where}[{i}]") for i, part in enumerate(self.content))
 
 
 class Document(msgspec.Struct, forbid_unknown_fields=True):
@@ -155,7 +182,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                 400,
                 "logprobs are not supported: token log-probabilities would bypass output "
                 "moderation.",
-                param="logprobs",
+                param="logprobs" if self.logprobs else "top_logprobs",
                 code="unsupported_parameter",
             )
 
