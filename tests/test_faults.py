@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,14 @@ from prometheus_client import CollectorRegistry
 
 from guardrail.api.errors import from_backend_error
 from guardrail.app import build_backend, create_app
-from guardrail.backends.base import GenerationRequest
+from guardrail.backends.base import Chunk, GenerationRequest
 from guardrail.backends.breaker import CircuitBreaker, CircuitState
 from guardrail.backends.remote import RemoteBackend
 from guardrail.chat import Message
 from guardrail.errors import BackendBadResponse, BackendUnavailable
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.registry import filter_registry
-from guardrail.guard.types import FilterContext, Stage, Verdict
+from guardrail.guard.types import Action, FilterContext, Stage, Verdict
 from guardrail.settings import Settings
 from tests.fakes.backend import FakeBackend
 from tests.fakes.upstream import FakeUpstream, Mode, fake_client, refused_url, serve_upstream
@@ -152,6 +152,28 @@ async def test_a_half_open_url_keeps_its_trial_until_it_is_really_tried() -> Non
         await backend.generate(_request())  # the first fails; the trial goes to the second
         assert len(second.requests) == 1
         assert backend.breakers[second.base_url].state is CircuitState.CLOSED
+
+
+async def test_a_call_that_was_not_the_trial_does_not_free_the_trial_of_another() -> None:
+    # A stream opened while the circuit was closed is cut short (the policy blocked it)
+    # after the circuit opened and went half-open: its end must not hand the running
+    # trial's place to a second request.
+    clock = Clock()
+    up = FakeUpstream(host="one.test")
+    async with fake_client(up) as client:
+        backend = RemoteBackend([up.base_url], client, retries=0, breaker_failures=1, clock=clock)
+        breaker = backend.breakers[up.base_url]
+        old = backend.stream(_request())
+        await anext(old)  # opened while closed
+        breaker.failure()  # another call failed: open
+        clock.now += 60  # half-open
+        trial = backend.stream(_request())
+        await anext(trial)  # the one trial, still running
+        assert not breaker.allow()
+        await old.aclose()  # type: ignore[attr-defined]
+        assert not breaker.allow(), "a second trial was let through"
+        await trial.aclose()  # type: ignore[attr-defined]
+        assert breaker.allow()  # the trial reached no verdict: the next call may try
 
 
 async def test_when_every_circuit_is_open_the_call_fails_fast_with_503() -> None:
@@ -488,3 +510,58 @@ def test_a_client_that_leaves_a_non_streamed_call_cancels_it_and_it_is_counted(
         r = httpx.post(f"{url}/v1/chat/completions", json=chat(), timeout=5.0)
         assert r.status_code == 200
         assert registry.get_sample_value("guardrail_requests_total", cancelled) == 1.0
+
+
+class _SlowOutputFilter:
+    """Takes a while on every output window, so a client can leave during a check."""
+
+    def __init__(self, name: str, config: _FaultConfig, env: BuildContext) -> None:
+        self.name, self.stages = name, frozenset({Stage.OUTPUT})
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        await asyncio.sleep(0.3)
+        return Verdict(Action.ALLOW, ())
+
+
+class _TidyBackend(FakeBackend):
+    """A backend whose stream awaits its cleanup, as closing an HTTP response does."""
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        try:
+            async for chunk in super().stream(request):
+                yield chunk
+        finally:
+            await asyncio.sleep(0.01)
+
+
+def test_a_client_that_leaves_a_stream_during_a_check_gives_its_slot_back(
+    write_policy: Callable[..., Path],
+) -> None:
+    registry = filter_registry()
+    registry.register(
+        "slow", FilterSpec(type="slow", config_type=_FaultConfig, build=_SlowOutputFilter)
+    )
+    policy = write_policy(
+        'name: s\nversion: "1"\nfilters:\n'
+        "  - {id: s, type: slow, stages: [output], timeout_ms: 5000}\n"
+    )
+    metrics = CollectorRegistry()
+    backend = _TidyBackend(chunks=[f"Word{i}. " for i in range(20)])
+    app = create_app(
+        Settings(policy=str(policy), models=["fake-model"]),
+        backend=backend,
+        filters=registry,
+        metrics_registry=metrics,
+    )
+    slots = app.state.gateway.slots
+    with serve_asgi(app) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat(True), timeout=5) as r:
+            next(r.iter_lines())  # the role frame; the first window is being checked
+        cancelled = {"route": "chat", "outcome": "cancelled"}
+        deadline = time.monotonic() + 3.0
+        while metrics.get_sample_value("guardrail_requests_total", cancelled) != 1.0:
+            assert time.monotonic() < deadline, "the stream's exchange was never closed"
+            time.sleep(0.05)
+        assert slots.active == 0
+        assert metrics.get_sample_value("guardrail_in_flight_requests", {"route": "chat"}) == 0
+        assert backend.stream_closed == 1

@@ -846,8 +846,12 @@ class Serving:
             if not recorded:
                 exchange.decisions.extend(window.decisions)
                 exchange.stream_window_chars.extend(window.window_chars)
-            await _aclose(chunks)
-            self._close(exchange, call.admission)
+            try:
+                await _aclose(chunks)
+            finally:
+                # Closing the backend stream may be cancelled too (a client that left is
+                # cancelled again at every await): the slot and the record must not leak.
+                self._close(exchange, call.admission)
 
     def _frame(
         self,

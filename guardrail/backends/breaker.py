@@ -11,7 +11,8 @@ States, as usual:
 What counts as a failure is the remote backend's business: connection errors,
 timeouts, 5xx answers and broken streams. A 4xx is the request's fault, and counts
 as a success (the replica is up). When every URL's circuit is open, the remote backend
-still tries the one that will close soonest rather than failing without trying.
+fails at once with 503 and a ``Retry-After`` of the soonest reset, instead of waiting on
+replicas known to be down.
 
 ``on_change(url, state)`` is told about every transition (the app turns it into the
 ``guardrail_backend_circuit_state`` gauge).

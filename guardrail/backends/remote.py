@@ -524,6 +524,7 @@ class RemoteBackend:
         for base in self._usable():
             url = base + self._path(request)
             breaker = self.breakers[base]
+            trial = _holds_trial(breaker)
             for attempt in range(self._retries + 1):
                 if attempt:
                     await self._sleep(self._backoff_s * 2 ** (attempt - 1))
@@ -531,8 +532,11 @@ class RemoteBackend:
                     content = await self._post(url, body, headers)
                 except asyncio.CancelledError:
                     # The client left mid-call: no verdict on the replica. A half-open
-                    # trial that never ended kept the URL out of use for good.
-                    breaker.release()
+                    # trial that never ended kept the URL out of use for good. Only the
+                    # trial itself gives its place back: a call let through while the
+                    # circuit was closed must not free another call's running trial.
+                    if trial:
+                        breaker.release()
                     raise
                 except _AttemptFailed as failure:
                     breaker.failure()
@@ -590,6 +594,7 @@ class RemoteBackend:
         for base in self._usable():
             url = base + self._path(request)
             breaker = self.breakers[base]
+            trial = _holds_trial(breaker)
             started = False
             response: httpx.Response | None = None
             try:
@@ -619,8 +624,10 @@ class RemoteBackend:
                 raise
             finally:
                 # A stream closed early (the policy cut it, the client left) reached no
-                # verdict on the replica: a half-open trial gives its place back.
-                breaker.release()
+                # verdict on the replica: a half-open trial gives its place back (only
+                # the trial: a stream opened while the circuit was closed holds none).
+                if trial:
+                    breaker.release()
                 if response is not None:
                     await response.aclose()
         raise failures.error(len(self.urls))
@@ -775,6 +782,12 @@ class RemoteBackend:
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()
+
+
+def _holds_trial(breaker: CircuitBreaker) -> bool:
+    """Whether the call that ``breaker.allow()`` just let through is its half-open trial
+    (a half-open circuit lets nothing else through)."""
+    return breaker.state is CircuitState.HALF_OPEN
 
 
 def _check_urls(urls: Sequence[str]) -> None:
