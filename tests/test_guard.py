@@ -170,6 +170,56 @@ async def test_a_failing_filter_blocks_by_default_and_is_reported(
         assert failed == []
 
 
+MALFORMED: dict[str, Callable[[], object]] = {
+    # The action as a plain string: "block" is not Action.BLOCK, so it must not pass.
+    "string_action": lambda: Verdict("block", (Finding("x", 1.0, Action.BLOCK),)),  # type: ignore[arg-type]
+    "unknown_action": lambda: Verdict("deny"),  # type: ignore[arg-type]
+    "no_action": lambda: Verdict(None),  # type: ignore[arg-type]
+    "finding_action_string": lambda: Verdict(Action.FLAG, (Finding("x", 1.0, "flag"),)),  # type: ignore[arg-type]
+    "finding_score_string": lambda: Verdict(Action.FLAG, (Finding("x", "high"),)),  # type: ignore[arg-type]
+    "finding_span_outside": lambda: Verdict(Action.FLAG, (Finding("x", span=(50, 90)),)),
+    "float_span": lambda: Verdict(Action.REDACT, (), (Redaction(0.0, 2, "#"),)),  # type: ignore[arg-type]
+    "replacement_none": lambda: Verdict(Action.REDACT, (), (Redaction(0, 2, None),)),  # type: ignore[arg-type]
+}
+
+
+class MalformedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    returns: str = ""
+
+
+class MalformedFilter:
+    """A third-party filter that returns a Verdict with ill-typed or impossible parts."""
+
+    def __init__(self, name: str, config: MalformedConfig, env: BuildContext) -> None:
+        self.name, self.stages, self.returns = name, frozenset(Stage), config.returns
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return MALFORMED[self.returns]()  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("returns", sorted(MALFORMED))
+async def test_a_malformed_verdict_is_a_filter_error_and_blocks(
+    registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor, returns: str
+) -> None:
+    registry.register("malformed", FilterSpec("malformed", MalformedConfig, MalformedFilter))
+    policy = load_policy_text(
+        'name: t\nversion: "1"\nfilters:\n'
+        f"  - {{id: odd, type: malformed, config: {{returns: {returns}}}}}\n",
+        "inline.yaml",
+        registry,
+    )
+    guard = Guard.build(policy, registry, BuildContext(executor))
+    decision = await guard.check(Stage.INPUT, "hello world", CTX)
+    assert decision.action is Action.BLOCK
+    assert decision.blocked
+    assert decision.text == "hello world"
+    assert (decision.outcomes[0].status, decision.outcomes[0].error) in {
+        ("error", "TypeError"),
+        ("error", "ValueError"),
+    }
+    assert [f.to_dict()["category"] for f in decision.findings] == [FILTER_ERROR_CATEGORY]
+
+
 @pytest.mark.parametrize(("on_error", "expected"), [("allow", Action.ALLOW), ("flag", Action.FLAG)])
 async def test_on_error_can_be_relaxed_per_policy_or_per_filter(
     make_guard: Callable[[str], Guard], on_error: str, expected: Action
@@ -224,6 +274,13 @@ def test_a_redaction_leaves_none_of_its_findings_behind(
         "Q" if any(r.start <= i < r.end for r in redactions) else c for i, c in enumerate(text)
     )
     assert "Q" not in apply_redactions(marked, redactions)
+
+
+@pytest.mark.parametrize(
+    "span", [(5, 7), (3, 9), (-5, -2), (-3, 0)], ids=["after", "at_end", "before", "to_start"]
+)
+def test_a_redaction_outside_the_text_changes_nothing(span: tuple[int, int]) -> None:
+    assert apply_redactions("abc", [Redaction(*span, "[X]")]) == "abc"
 
 
 @given(text=st.text(max_size=60))

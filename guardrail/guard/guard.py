@@ -13,9 +13,12 @@ see the whole conversation once.
 from __future__ import annotations
 
 import asyncio
+import numbers
+import operator
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import cast
 
 import structlog
 
@@ -313,8 +316,41 @@ def _stamp(verdict: object, filter_id: str, length: int) -> Verdict:
     """Key findings by the policy's filter id; reject malformed verdicts as filter errors."""
     if not isinstance(verdict, Verdict):
         raise TypeError(f"filter returned {type(verdict).__name__}, not a Verdict")
-    findings = tuple(replace(f, filter_id=filter_id) for f in verdict.findings)
-    redactions = tuple(r for r in verdict.redactions if 0 <= r.start < r.end <= length)
-    if len(redactions) != len(verdict.redactions):
-        raise ValueError("filter returned a redaction outside the text")
-    return Verdict(verdict.action, findings, redactions)
+    # An action that is not an Action (the string "block", None) would be combined as
+    # something other than a block: a plugin's typo must fail closed, not open.
+    if type(verdict.action) is not Action:
+        raise TypeError("filter returned a verdict whose action is not an Action")
+    findings = tuple(verdict.findings)
+    for f in findings:
+        if not isinstance(f, Finding):
+            raise TypeError("filter returned a malformed finding")
+        # Typed as Finding, but a plugin is not type-checked: look at what it returned.
+        action, category, score = cast(
+            "tuple[object, object, object]", (f.action, f.category, f.score)
+        )
+        if (
+            type(action) is not Action
+            or not isinstance(category, str)
+            or not isinstance(score, numbers.Real)
+        ):
+            raise TypeError("filter returned a malformed finding")
+        if f.span is not None and not _fits(f.span[0], f.span[1], length):
+            raise ValueError("filter returned a finding span outside the text")
+    redactions = tuple(verdict.redactions)
+    for r in redactions:
+        if not isinstance(r, Redaction) or not isinstance(r.replacement, str):
+            raise TypeError("filter returned a malformed redaction")
+        if not _fits(r.start, r.end, length) or r.start == r.end:
+            raise ValueError("filter returned a redaction outside the text")
+    stamped = tuple(replace(f, filter_id=filter_id) for f in findings)
+    return Verdict(verdict.action, stamped, redactions)
+
+
+def _fits(start: object, end: object, length: int) -> bool:
+    """Whether ``(start, end)`` is a span of a text of ``length`` characters (integers
+    only: a float cannot index the text)."""
+    try:
+        first, last = operator.index(start), operator.index(end)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return 0 <= first <= last <= length

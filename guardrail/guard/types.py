@@ -130,11 +130,9 @@ def apply_redactions(text: str, redactions: Iterable[Redaction]) -> str:
     Overlapping spans merge into their union, replaced by the replacement of the
     widest span among them, so no character any filter asked to hide survives.
     """
-    spans = sorted(
-        (max(0, r.start), min(len(text), r.end), r.replacement)
-        for r in redactions
-        if r.end > r.start
-    )
+    clipped = ((max(0, r.start), min(len(text), r.end), r.replacement) for r in redactions)
+    # A span wholly outside the text hides nothing (it must not insert its replacement).
+    spans = sorted(span for span in clipped if span[1] > span[0])
     if not spans:
         return text
     merged: list[list[Any]] = []
