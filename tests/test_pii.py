@@ -24,7 +24,7 @@ from guardrail.errors import PolicyError
 from guardrail.filters.address import find_addresses
 from guardrail.filters.digits import find_card_numbers, find_phone_numbers, luhn_valid
 from guardrail.filters.names import find_cued_names, find_initial_names
-from guardrail.filters.pii import PiiFilter
+from guardrail.filters.pii import KNOWN_ENTITIES, PiiFilter
 from guardrail.guard.filter import BuildContext, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
@@ -128,6 +128,15 @@ async def check_all(guard: Guard, ctx: FilterContext) -> list[str]:
         ),
         ("entities: {EMAIL_ADDRESS: {input: redakt}}", "redakt"),
         ("recognizers: [{entity: X_ID, deny_list: [a]}]", "has no entry in entities"),
+        # Presidio's country identifiers are off for English: never reported.
+        ("entities: {ES_NIF: {input: block}}", "unknown entity 'ES_NIF'"),
+        ("entities: {UK_NINO: {input: block}}", "unknown entity 'UK_NINO'"),
+        # Presidio matches a context word against one token: a phrase never counts.
+        (
+            "entities: {X_ID: {}}\n      recognizers: [{entity: X_ID, patterns: ['X-\\d+'],"
+            " context: ['staff number']}]",
+            "recognizers[0].context[0]: a context word is one word",
+        ),
     ],
 )
 def test_when_a_pii_config_is_wrong_then_the_policy_does_not_load(
@@ -165,6 +174,69 @@ def test_look_alike_and_zero_width_characters_do_not_hide_an_entity(
 ) -> None:
     found = [(d.entity, text[d.start : d.end]) for d in pii.analyze(text)]
     assert (entity, value) in found
+
+
+def test_every_known_entity_is_one_the_analyzer_reports(pii: PiiFilter) -> None:
+    # Validation accepted ES_NIF, IT_FISCAL_CODE, AU_TFN...: an English analyzer never
+    # reports them, so a policy blocking them silently let every one through.
+    reported = set(pii._analyzer.get_supported_entities("en"))
+    assert KNOWN_ENTITIES - reported == set()
+
+
+MASK_POLICY = """
+name: p
+version: "1"
+filters:
+  - id: pii
+    type: pii
+    config:
+      entities:
+        PIN: {input: redact, operator: mask, mask_keep: 4, output: allow}
+      recognizers:
+        - entity: PIN
+          patterns: ['(?<=PIN )\\d{4,6}\\b']
+          score: 0.9
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "sent"),
+    [
+        # mask_keep 4 kept a 4-digit PIN whole: "redacted" and sent as it was.
+        ("My PIN 4821 please", "My PIN **21 please"),
+        ("My PIN 482193 please", "My PIN ***193 please"),
+    ],
+)
+async def test_a_mask_never_leaves_more_than_half_of_a_short_value_visible(
+    executor: ThreadPoolExecutor, resources: SharedResources, text: str, sent: str
+) -> None:
+    registry = filter_registry()
+    policy = load_policy_text(MASK_POLICY, "mask.yaml", registry)
+    guard = Guard.build(policy, registry, BuildContext(executor, resources=resources))
+    decision = await guard.check(Stage.INPUT, text, conversation(text).at(Stage.INPUT, 0))
+    assert decision.action is Action.REDACT
+    assert decision.text == sent
+
+
+def test_a_deny_list_entry_with_surrounding_spaces_still_matches(
+    executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    policy = (
+        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        "      entities: {PROJECT: {input: block}}\n"
+        "      recognizers: [{entity: PROJECT, deny_list: ['Nightjar ']}]\n"
+    )
+    registry = filter_registry()
+    guard = Guard.build(
+        load_policy_text(policy, "deny.yaml", registry),
+        registry,
+        BuildContext(executor, resources=resources),
+    )
+    filt = next(f for _, f in guard._by_stage[Stage.INPUT] if isinstance(f, PiiFilter))
+    text = "The Nightjar is late."
+    assert [(d.entity, text[d.start : d.end]) for d in filt.analyze(text)] == [
+        ("PROJECT", "Nightjar")
+    ]
 
 
 def test_importing_the_filter_module_does_not_import_presidio_or_spacy() -> None:

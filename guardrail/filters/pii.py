@@ -43,8 +43,11 @@ from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Sta
 
 CATEGORY = "pii"
 
-# Entities the engine knows without policy help: Presidio's predefined English
-# recognizers, spaCy's NER labels as Presidio maps them, and our street addresses.
+# Entities the engine reports without policy help: Presidio's predefined recognizers that
+# its default configuration enables for English, spaCy's NER labels as Presidio maps them,
+# and ours (street addresses). Presidio's country identifiers (ES_NIF, IT_FISCAL_CODE,
+# AU_TFN, UK_NINO...) are off in that configuration or registered for other languages:
+# an English analyzer never reports them, so a policy naming one would silently do nothing.
 KNOWN_ENTITIES = frozenset(
     {
         "PERSON",
@@ -60,7 +63,6 @@ KNOWN_ENTITIES = frozenset(
         "US_PASSPORT",
         "US_BANK_NUMBER",
         "UK_NHS",
-        "UK_NINO",
         "CRYPTO",
         "URL",
         "DATE_TIME",
@@ -69,25 +71,6 @@ KNOWN_ENTITIES = frozenset(
         "ORGANIZATION",
         "MEDICAL_LICENSE",
         "STREET_ADDRESS",
-        "AU_ABN",
-        "AU_ACN",
-        "AU_TFN",
-        "AU_MEDICARE",
-        "IN_PAN",
-        "IN_AADHAAR",
-        "IN_VEHICLE_REGISTRATION",
-        "IN_VOTER",
-        "IN_PASSPORT",
-        "SG_NRIC_FIN",
-        "ES_NIF",
-        "ES_NIE",
-        "IT_FISCAL_CODE",
-        "IT_DRIVER_LICENSE",
-        "IT_VAT_CODE",
-        "IT_PASSPORT",
-        "IT_IDENTITY_CARD",
-        "PL_PESEL",
-        "FI_PERSONAL_IDENTITY_CODE",
     }
 )
 
@@ -183,7 +166,10 @@ class EntityRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     mask_char: Annotated[str, _doc("Mask operator: the masking character.")] = "*"
     mask_keep: Annotated[
         int,
-        _doc("Mask operator: characters left visible at the end (e.g. 4 for cards)."),
+        _doc(
+            "Mask operator: characters left visible at the end (e.g. 4 for cards); at most "
+            "half of a value stays visible."
+        ),
         msgspec.Meta(ge=0),
     ] = 0
     hash_type: Annotated[Literal["sha256", "sha512"], _doc("Hash operator: the algorithm.")] = (
@@ -291,6 +277,15 @@ def validate(config: PiiConfig) -> Iterator[ConfigIssue]:
             )
         if not rec.patterns and not rec.deny_list:
             yield ConfigIssue(("recognizers", i), "a recognizer needs patterns or a deny_list")
+        for j, word in enumerate(rec.context):
+            if not word.strip() or any(c.isspace() for c in word.strip()):
+                # Presidio compares each context word with one token's lemma: a phrase
+                # ("staff number") never matches, and the context would silently not count.
+                yield ConfigIssue(
+                    ("recognizers", i, "context", j),
+                    "a context word is one word (Presidio matches it against single tokens); "
+                    "list the words of a phrase separately",
+                )
         for j, pattern in enumerate(rec.patterns):
             try:
                 compiled = re.compile(pattern)
@@ -555,7 +550,10 @@ def _custom_recognizers(config: PiiConfig) -> list[Any]:
                 PatternRecognizer(
                     supported_entity=rec.entity,
                     name=f"custom-{i}-{rec.entity}-deny",
-                    deny_list=rec.deny_list,
+                    # Stripped: Presidio's deny-list regex wants a non-word character
+                    # before and after the entry, so "Nightjar " (quoted in YAML) would
+                    # never match "the Nightjar is late".
+                    deny_list=[w.strip() for w in rec.deny_list],
                     deny_list_score=1.0,
                     supported_language=config.language,
                 )
@@ -575,13 +573,16 @@ def _operate(rule: EntityRule, operator: OperatorName, entity: str, value: str, 
     if operator == "mask":
         from presidio_anonymizer.operators import Mask
 
-        hide = max(len(value) - rule.mask_keep, 0)
+        # Never more than half of the value stays visible: a short value (a 4-digit PIN
+        # with mask_keep 4) would otherwise come out whole, "redacted" in name only.
+        keep = min(rule.mask_keep, len(value) // 2)
+        hide = len(value) - keep
         params = {"masking_char": rule.mask_char, "chars_to_mask": hide, "from_end": False}
         return str(Mask().operate(value, params))
     if operator == "hash":
         from presidio_anonymizer.operators import Hash
 
-        # A salt per filter instance: equal values hash equally within a process, and
+        # A salt per filter instance: equal values hash equally until a reload or restart, and
         # the digest cannot be looked up in a table of hashed phone numbers.
         salt = hashlib.sha256(key + entity.encode()).digest()
         return str(Hash().operate(value, {"hash_type": rule.hash_type, "salt": salt}))
