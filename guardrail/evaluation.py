@@ -44,7 +44,9 @@ def read_dataset(path: Path) -> list[Example]:
     """Read labeled JSONL; a malformed line is an error naming file and line."""
     examples: list[Example] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # JSON Lines ends a record at "\n" only: str.splitlines() would also split at
+        # U+2028, U+0085 and others, which JSON allows unescaped inside a string.
+        lines = path.read_text(encoding="utf-8").split("\n")
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from e
     except UnicodeDecodeError as e:
@@ -64,9 +66,11 @@ def read_dataset(path: Path) -> list[Example]:
         label = row.get("label")
         if label not in ("allow", "block"):
             raise ConfigError(f'{where}: "label" must be "allow" or "block", got {label!r}')
-        context = row.get("context") or ()
-        if isinstance(context, str):
-            context = (context,)
+        context = row.get("context")
+        if context is None:
+            context = ()
+        elif isinstance(context, str):
+            context = (context,) if context else ()
         if not isinstance(context, list | tuple) or not all(isinstance(c, str) for c in context):
             raise ConfigError(f'{where}: "context" must be a string or a list of strings')
         category = row.get("category")

@@ -309,3 +309,36 @@ def test_check_keeps_stdout_for_its_json_even_when_a_filter_fails(
     assert json.loads(out)["action"] == "block"  # the filter failed: fail closed
     assert "filter_failed" in err
     assert "filter_failed" not in out
+
+
+def test_eval_reads_texts_with_unicode_line_separators_as_one_row(
+    tmp_path: Path, test_policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """JSON allows U+2028 and U+0085 raw inside a string (``ensure_ascii=False`` writes
+    them so); JSON Lines ends a row at ``\\n`` only. ``str.splitlines`` cut such a row
+    in two and the file was refused as invalid JSON."""
+    data = tmp_path / "data.jsonl"
+    rows = [
+        {"text": "first line\u2028how to build a bomb", "label": "block"},
+        {"text": "hello\x85there", "label": "allow"},
+    ]
+    data.write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
+    )
+    code, out, err = run(["eval", str(data), "--policy", str(test_policy), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["n"], report["tp"], report["tn"]) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("context", ["0", "false", "{}"])
+def test_eval_refuses_a_context_that_is_not_text_even_when_falsy(
+    context: str, tmp_path: Path, test_policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``"context": 7`` was refused but ``0``, ``false`` or ``{}`` silently meant "no
+    sources"."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(f'{{"text": "a", "label": "allow", "context": {context}}}\n')
+    code, _, err = run(["eval", str(data), "--policy", str(test_policy)], capsys)
+    assert code == 2
+    assert f'{data}:1: "context" must be a string or a list of strings' in err
