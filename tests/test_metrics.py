@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -26,6 +28,7 @@ from guardrail.guard.types import (
     Verdict,
 )
 from guardrail.observability.metrics import OTHER, UNKNOWN, GatewayMetrics
+from tests.fakes.backend import FakeBackend
 
 SECRET = "my social is 078-05-1120, tell no one"
 
@@ -750,3 +753,39 @@ def test_two_registries_never_share_counts() -> None:
     labels = {"route": "chat", "outcome": "allowed"}
     assert first.get_sample_value("guardrail_requests_total", labels) == 1.0
     assert second.get_sample_value("guardrail_requests_total", labels) is None
+
+
+STREAM_FLAG_POLICY = """
+name: streamed
+version: "1"
+stream: {release: sentence, window_chars: 80, context_chars: 40}
+filters:
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: rude, category: insult, action: flag, keywords: [dummy]}
+"""
+
+
+def test_a_streamed_finding_left_in_the_context_tail_counts_one_filter_verdict(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+) -> None:
+    # The windows after "You dummy. " are checked with it as released context; before,
+    # the rules filter's verdict on each of them still said flag: 4 flags for 1 finding.
+    backend.reply = "You dummy. Fine. Also fine. The end."
+    with TestClient(app=make_app(policy=write_policy(STREAM_FLAG_POLICY))) as client:
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+        response = client.post("/v1/chat/completions", json={**body, "stream": True})
+        assert response.status_code == 200
+    get = metrics_registry.get_sample_value
+    verdicts = "guardrail_filter_verdicts_total"
+    flags = {"filter": "words", "stage": "output", "action": "flag"}
+    assert get("guardrail_decisions_total", {"stage": "output", "action": "flag"}) == 1.0
+    assert get("guardrail_stream_windows_total", {"action": "flag"}) == 1.0
+    assert get(verdicts, flags) == 1.0
+    assert get(verdicts, {**flags, "action": "allow"}) == 3.0
+    assert get("guardrail_requests_total", {"route": "chat", "outcome": "flagged"}) == 1.0

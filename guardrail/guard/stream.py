@@ -24,6 +24,7 @@ from guardrail.guard.types import (
     Action,
     Decision,
     FilterContext,
+    FilterOutcome,
     Redaction,
     Stage,
     apply_redactions,
@@ -141,7 +142,16 @@ class StreamGuard:
                 for o in decision.outcomes
             )
             action = Action.strictest(f.action for f in fresh) if derived else decision.action
-            decision = dataclasses.replace(decision, findings=fresh, action=action)
+            outcomes = decision.outcomes
+            if derived:
+                # Each filter's verdict loses the tail's findings too: a finding already
+                # counted with its own window must not count again, per filter, in
+                # filter_verdicts_total and the audit row, for every window it stays in
+                # the context.
+                outcomes = tuple(_without_tail(o, len(tail)) for o in outcomes)
+            decision = dataclasses.replace(
+                decision, findings=fresh, action=action, outcomes=outcomes
+            )
         self.decisions.append(decision)
         self.window_chars.append(len(window))
         if decision.blocked:
@@ -169,3 +179,16 @@ def _shift(redactions: tuple[Redaction, ...], offset: int, length: int) -> list[
         if end > start:
             out.append(Redaction(start, end, r.replacement, r.restore))
     return out
+
+
+def _without_tail(outcome: FilterOutcome, tail: int) -> FilterOutcome:
+    """``outcome`` without the findings that lie wholly in the first ``tail`` characters,
+    its verdict's action the strictest of the findings left (redactions are kept)."""
+    verdict = outcome.verdict
+    kept = tuple(f for f in verdict.findings if f.span is None or f.span[1] > tail)
+    if len(kept) == len(verdict.findings):
+        return outcome
+    action = Action.strictest(f.action for f in kept)
+    return dataclasses.replace(
+        outcome, verdict=dataclasses.replace(verdict, findings=kept, action=action)
+    )

@@ -283,7 +283,7 @@ class GatewayMetrics:
         )
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds",
-            "Streams: seconds from the backend call to its first token.",
+            "Streams: seconds from the request to the first checked text sent.",
             ("backend",),
             TTFT_BUCKETS,
         )
