@@ -167,30 +167,39 @@ class _Blocking(_OnThreads):
     seconds = 1.0
 
 
-def test_a_slow_shadow_policy_never_delays_the_answers(
-    write_policy: Callable[..., Path], backend: FakeBackend
-) -> None:
-    # The candidate shared the active policy's filter threads: each answer waited 1 s.
+def _shadow_app(
+    write_policy: Callable[..., Path],
+    backend: FakeBackend,
+    *,
+    active: type[_OnThreads],
+    candidate: type[_OnThreads],
+    metrics: CollectorRegistry | None = None,
+) -> Litestar:
+    """A gateway whose active policy runs one ``active`` filter and whose shadow policy
+    runs one ``candidate`` filter (both registered as filter types here)."""
     from guardrail.app import create_app
     from guardrail.guard.filter import FilterSpec
     from guardrail.guard.registry import filter_registry
     from guardrail.settings import Settings
 
     registry = filter_registry()
-    registry.register(
-        "blocking", FilterSpec(type="blocking", config_type=_BlockingConfig, build=_Blocking)
-    )
-    registry.register(
-        "quick", FilterSpec(type="quick", config_type=_BlockingConfig, build=_OnThreads)
-    )
-    active = write_policy(
-        'name: a\nversion: "1"\nfilters:\n  - {id: q, type: quick}\n', "active.yaml"
-    )
-    candidate = write_policy(
-        'name: c\nversion: "1"\nfilters:\n  - {id: b, type: blocking}\n', "candidate.yaml"
-    )
-    settings = Settings(policy=str(active), shadow_policy=str(candidate), filter_workers=2)
-    app = create_app(settings, backend=backend, filters=registry)
+    for name, build in (("active-kind", active), ("candidate-kind", candidate)):
+        registry.register(name, FilterSpec(type=name, config_type=_BlockingConfig, build=build))
+    files = [
+        write_policy(
+            f'name: {p}\nversion: "1"\nfilters:\n  - {{id: f, type: {p}-kind}}\n', f"{p}.yaml"
+        )
+        for p in ("active", "candidate")
+    ]
+    settings = Settings(policy=str(files[0]), shadow_policy=str(files[1]), filter_workers=2)
+    return create_app(settings, backend=backend, filters=registry, metrics_registry=metrics)
+
+
+def test_a_slow_shadow_policy_never_delays_the_answers(
+    write_policy: Callable[..., Path], backend: FakeBackend
+) -> None:
+    # The candidate shared the active policy's filter threads: each answer waited 1 s.
+    app = _shadow_app(write_policy, backend, active=_OnThreads, candidate=_Blocking)
     with TestClient(app=app) as client:
         took = []
         for _ in range(3):
@@ -209,22 +218,8 @@ def test_shadow_checks_still_running_at_shutdown_are_waited_for(
     write_policy: Callable[..., Path], backend: FakeBackend
 ) -> None:
     # They were cancelled with the event loop: the last comparisons went uncounted.
-    from guardrail.app import create_app
-    from guardrail.guard.filter import FilterSpec
-    from guardrail.guard.registry import filter_registry
-    from guardrail.settings import Settings
-
-    registry = filter_registry()
-    registry.register(
-        "slowish", FilterSpec(type="slowish", config_type=_BlockingConfig, build=_Slowish)
-    )
-    active = write_policy('name: a\nversion: "1"\nfilters: []\n', "active.yaml")
-    candidate = write_policy(
-        'name: c\nversion: "1"\nfilters:\n  - {id: s, type: slowish}\n', "candidate.yaml"
-    )
     metrics = CollectorRegistry()
-    settings = Settings(policy=str(active), shadow_policy=str(candidate), filter_workers=2)
-    app = create_app(settings, backend=backend, filters=registry, metrics_registry=metrics)
+    app = _shadow_app(write_policy, backend, active=_OnThreads, candidate=_Slowish, metrics=metrics)
     with TestClient(app=app) as client:
         assert client.post("/v1/chat/completions", json=chat("hello")).status_code == 200
         assert shadow_count(metrics, "input", "allow", "allow") == 0  # still running
