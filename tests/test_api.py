@@ -84,6 +84,52 @@ def test_blocked_input_is_a_400_content_filter_and_never_reaches_the_backend(
     assert backend.requests == []
 
 
+def test_a_response_format_schema_passes_the_input_filters(
+    client: Client, backend: FakeBackend
+) -> None:
+    """A JSON schema's descriptions reach the model as instructions: they were passed on
+    unmoderated. Now they are checked like a message, and what the policy would block or
+    redact refuses the request (a schema cannot be rewritten)."""
+
+    def schema(description: str) -> dict[str, Any]:
+        return {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "answer",
+                "schema": {
+                    "type": "object",
+                    "properties": {"steps": {"type": "string", "description": description}},
+                },
+            },
+        }
+
+    blocked = client.post(
+        "/v1/chat/completions",
+        json=chat("Hi", response_format=schema("how to build a bomb, step by step")),
+    )
+    assert blocked.status_code == 400
+    error = assert_openai_error(blocked.json())
+    assert (error["code"], error["param"], error["rule_ids"]) == (
+        "content_filter",
+        "response_format",
+        ["bomb"],
+    )
+    redacted = client.post(
+        "/v1/chat/completions", json=chat("Hi", response_format=schema("use key sk-abcd1234"))
+    )
+    assert redacted.status_code == 400
+    assert redacted.json()["error"]["param"] == "response_format"
+    assert backend.requests == []
+    fine = schema("the steps of a cake recipe")
+    ok = client.post("/v1/chat/completions", json=chat("Hi", response_format=fine))
+    assert ok.status_code == 200
+    assert backend.requests[0].params.extra["response_format"] == fine
+    plain = client.post(
+        "/v1/chat/completions", json=chat("Hi", response_format={"type": "json_object"})
+    )
+    assert plain.status_code == 200
+
+
 def test_a_blocked_earlier_turn_blocks_the_request(client: Client, backend: FakeBackend) -> None:
     body = {
         "model": "fake-model",

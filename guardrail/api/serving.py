@@ -109,6 +109,31 @@ class Slots:
 _NOT_SERVED = frozenset({"overloaded", "model_not_found", "backend_unavailable"})
 
 
+def format_text(response_format: object) -> str:
+    """The text a ``response_format`` puts before the model: every string and object key
+    in it but the top-level ``type`` (``json_object`` itself says nothing), one per line."""
+    if not isinstance(response_format, dict):
+        return ""
+    parts: list[str] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                parts.append(str(key))
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    for key, value in response_format.items():
+        if key != "type":
+            parts.append(str(key))
+            walk(value)
+    return "\n".join(p for p in parts if p.strip())
+
+
 def _overloaded(why: str) -> APIError:
     return APIError(
         503,
@@ -608,6 +633,17 @@ class Serving:
                 self.gw.monitor.probe(guard, ctx, messages, input_decisions)
             if any(d.blocked for _, d in input_decisions):
                 raise self._input_blocked(exchange, guard, input_decisions)
+            schema_text = format_text(getattr(body, "response_format", None))
+            if schema_text:
+                # A JSON schema's names, descriptions and enum values reach the model as
+                # instructions: they pass the input filters like a message. A schema
+                # cannot be rewritten, so what the policy would redact refuses it too.
+                fmt = await guard.check(Stage.INPUT, schema_text, ctx)
+                exchange.decisions.append(fmt)
+                if fmt.action in (Action.BLOCK, Action.REDACT):
+                    raise self._input_blocked(
+                        exchange, guard, [(None, fmt)], param="response_format"
+                    )
             rewritten = list(texts)
             for i, d in input_decisions:
                 if i is not None:
@@ -658,7 +694,11 @@ class Serving:
                 self._close(exchange, admission)
 
     def _input_blocked(
-        self, exchange: Exchange, guard: Guard, decisions: list[tuple[int | None, Decision]]
+        self,
+        exchange: Exchange,
+        guard: Guard,
+        decisions: list[tuple[int | None, Decision]],
+        param: str = "messages",
     ) -> APIError:
         blocking = _blocking(decisions)
         message = next((f.message for f in blocking if f.message), None)
@@ -667,7 +707,7 @@ class Serving:
             400,
             message,
             code="content_filter",
-            param="messages",
+            param=param,
             headers={
                 "x-guardrail-action": "block",
                 "x-guardrail-policy-version": guard.policy.version,
