@@ -64,11 +64,16 @@ def _part_text(part: ContentPart, where: str) -> str:
     return text
 
 
+# An id, not text: some chat templates write it into the prompt, where free text would
+# reach the model unmoderated. OpenAI's, vLLM's and Mistral's ids all fit.
+ToolCallId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,256}$")]
+
+
 class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_call_id: ToolCallId | None = None
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -150,6 +155,13 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return out
 
     def refuse_unmoderated(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(
+                400,
+                "stream_options is only allowed when stream is true.",
+                param="stream_options",
+                code="invalid_request",
+            )
         if self.n not in (None, 1):
             raise APIError(
                 400,
