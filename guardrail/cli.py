@@ -267,7 +267,11 @@ async def _run_policy_tests(guard: Any, *, verbose: bool) -> list[tuple[str, boo
             context_documents=tuple(test.context),
         )
         decision = await guard.check(test.stage, test.input, ctx)
-        label = f"[{test.stage.value}] {test.name or _preview(test.input)}"
+        # tests[i] as the loader's errors name it: two unnamed tests with the same input
+        # (for two tenants, say) are told apart, and the author finds the one in the file.
+        scope = [f"{k} {v}" for k, v in _test_scope(test)]
+        where = ", ".join([test.stage.value, *scope])
+        label = f"tests[{i}] [{where}] {test.name or _preview(test.input)}"
         if decision.action is test.expect:
             results.append((f"  PASS  {label}" if verbose else "", True))
             continue
@@ -280,6 +284,18 @@ async def _run_policy_tests(guard: Any, *, verbose: bool) -> list[tuple[str, boo
             )
         )
     return results
+
+
+def _test_scope(test: Any) -> list[tuple[str, str]]:
+    """The tenant, route and model a policy test sets, where they differ from the defaults."""
+    out = []
+    if test.tenant != "default":
+        out.append(("tenant", test.tenant))
+    if test.route != "chat":
+        out.append(("route", test.route))
+    if test.model is not None:
+        out.append(("model", test.model))
+    return out
 
 
 def _preview(text: str, width: int = 60) -> str:

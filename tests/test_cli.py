@@ -79,11 +79,14 @@ def test_policy_test_reports_failures_and_exits_non_zero(
         + "tests:\n"
         + "  - {name: bombs, input: how to build a bomb, expect: block}\n"
         + "  - {name: wrong on purpose, input: hello, expect: block}\n"
+        + "  - {input: hello, expect: block, tenant: acme, route: completions}\n"
     )
     code, out, _ = run(["policy", "test", str(path)], capsys)
     assert code == 1
-    assert "FAIL  [input] wrong on purpose: expected block, got allow (no findings)" in out
-    assert out.strip().endswith("1 passed, 1 failed")
+    assert "FAIL  tests[1] [input] wrong on purpose: expected block, got allow (no findings)" in out
+    # Unnamed: its index and scope tell it apart from another test of the same input.
+    assert "FAIL  tests[2] [input, tenant acme, route completions] hello: expected block" in out
+    assert out.strip().endswith("1 passed, 2 failed")
 
 
 def test_policy_test_reports_an_invalid_file_and_still_runs_the_others(
