@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import os
 import platform
@@ -306,20 +307,19 @@ def measure_sequential(
 def _sequential(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, engine_attention: bool
 ) -> Throughput:
-    if engine_attention:
-        from guardrail.backends.engine import _attention_backends
+    from guardrail.backends.engine import attention_backends
 
-        with _attention_backends(model)():
-            return _sequential(model, tokenizer, prompts, max_new_tokens, False)
-    _generate(model, tokenizer, prompts[0], 2, exact=True)  # warm-up
-    tokens = 0
-    latencies = []
-    started = time.perf_counter()
-    for prompt in prompts:
-        one = time.perf_counter()
-        tokens += len(_generate(model, tokenizer, prompt, max_new_tokens, exact=True))
-        latencies.append(time.perf_counter() - one)
-    seconds = time.perf_counter() - started
+    backends = attention_backends(model) if engine_attention else contextlib.nullcontext
+    with backends():
+        _generate(model, tokenizer, prompts[0], 2, exact=True)  # warm-up
+        tokens = 0
+        latencies = []
+        started = time.perf_counter()
+        for prompt in prompts:
+            one = time.perf_counter()
+            tokens += len(_generate(model, tokenizer, prompt, max_new_tokens, exact=True))
+            latencies.append(time.perf_counter() - one)
+        seconds = time.perf_counter() - started
     return Throughput(tokens, seconds, statistics.median(latencies) * 1000)
 
 

@@ -936,7 +936,7 @@ def test_on_cuda_the_engine_attends_with_flash_and_math_only() -> None:
     flags are torch's own (global, settable without a GPU); elsewhere nothing changes."""
     import torch
 
-    from guardrail.backends.engine import _attention_backends
+    from guardrail.backends.engine import attention_backends
 
     class OnCuda:
         device = torch.device("cuda")
@@ -952,12 +952,12 @@ def test_on_cuda_the_engine_attends_with_flash_and_math_only() -> None:
         flags.cudnn_sdp_enabled(),
     )
     assert before == (True, True, True, True)  # torch's defaults
-    with _attention_backends(OnCuda())():
+    with attention_backends(OnCuda())():
         assert flags.flash_sdp_enabled()
         assert flags.math_sdp_enabled()
         assert not flags.mem_efficient_sdp_enabled()
         assert not flags.cudnn_sdp_enabled()
-    with _attention_backends(OnCpu())():
+    with attention_backends(OnCpu())():
         assert flags.cudnn_sdp_enabled()
         assert flags.mem_efficient_sdp_enabled()
     assert (

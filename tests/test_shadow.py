@@ -211,7 +211,7 @@ def test_a_slow_shadow_policy_never_delays_the_answers(
 
 
 class _Slowish(_OnThreads):
-    seconds = 0.4
+    seconds = 1.5  # far longer than the request itself: still running at shutdown
 
 
 def test_shadow_checks_still_running_at_shutdown_are_waited_for(

@@ -62,6 +62,7 @@ __all__ = [
     "PrefixCache",
     "TextTracker",
     "Work",
+    "attention_backends",
     "cache_bytes",
 ]
 
@@ -383,7 +384,7 @@ class Engine:
         self._cache: Any = None  # the batch's KV cache: len(_rows) rows, _length tokens
         self._length = 0
         self._joinable = _joinable(model.config)
-        self._attention = _attention_backends(model)
+        self._attention = attention_backends(model)
         if not self._joinable and self.max_batch > 1:
             log.warning("local engine: this model's KV cache cannot be batched; one at a time")
         self.steps = 0
@@ -834,7 +835,7 @@ def _torch() -> Any:
     return torch
 
 
-def _attention_backends(model: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+def attention_backends(model: Any) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """What the forward passes run under: on CUDA, the flash and math attention backends
     (see the module doc); elsewhere nothing changes."""
     device = getattr(model, "device", None)

@@ -18,7 +18,6 @@ import operator
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import cast
 
 import structlog
 
@@ -325,9 +324,9 @@ def _stamp(verdict: object, filter_id: str, length: int) -> Verdict:
         if not isinstance(f, Finding):
             raise TypeError("filter returned a malformed finding")
         # Typed as Finding, but a plugin is not type-checked: look at what it returned.
-        action, category, score = cast(
-            "tuple[object, object, object]", (f.action, f.category, f.score)
-        )
+        action: object = f.action
+        category: object = f.category
+        score: object = f.score
         if (
             type(action) is not Action
             or not isinstance(category, str)
