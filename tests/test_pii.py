@@ -23,8 +23,15 @@ from guardrail.chat import Message
 from guardrail.errors import PolicyError
 from guardrail.filters.address import find_addresses
 from guardrail.filters.digits import find_card_numbers, find_phone_numbers, luhn_valid
-from guardrail.filters.names import find_cued_names, find_initial_names
-from guardrail.filters.pii import KNOWN_ENTITIES, PiiFilter
+from guardrail.filters.names import (
+    NameLists,
+    find_cued_names,
+    find_initial_names,
+    find_listed_names,
+    name_lists,
+    spacy_lexicon,
+)
+from guardrail.filters.pii import KNOWN_ENTITIES, PiiFilter, plausible_name
 from guardrail.guard.filter import BuildContext, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
@@ -746,3 +753,188 @@ async def test_a_resent_conversation_reaches_the_analyzer_only_for_new_messages(
         assert calls == [*turn1, f"Also {OTHER_EMAIL}."]
     else:
         assert len(calls) == 5
+
+
+# -- name lists, street types from Faker, and what the NER gets wrong ---------------------
+
+
+@pytest.fixture(scope="module")
+def lists(pii: PiiFilter) -> NameLists:
+    return name_lists(spacy_lexicon(pii._analyzer.nlp_engine.nlp["en"]))
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        # foreign names the small model calls places or companies
+        ("I want to add Tünde Hoffmann as a beneficiary", ["Tünde Hoffmann"]),
+        ("The founders were Eklund, Becker and Vasquez.", ["Eklund", "Becker", "Vasquez"]),
+        ("the verses from Anna Nowak's poems", ["Anna Nowak"]),
+        # a listed name that is an English word first: only inside a name, never alone
+        ("Edit the following sentence.", []),
+        ("Rush the order, please.", []),
+        ("She joined Boston Consulting Group last year.", []),
+        ("Meet me at Martinez Mall", []),
+        ("The Princess Royal arrived this morning.", []),
+        ("lower case anna nowak", []),
+        ("SHOUTING ANNA NOWAK", []),
+    ],
+)
+def test_listed_names_are_found_and_english_words_are_not(
+    lists: NameLists, text: str, names: list[str]
+) -> None:
+    assert [text[n.start : n.end] for n in find_listed_names(text, lists)] == names
+
+
+def test_a_place_vetoes_a_name_of_one_word_and_a_date_or_nationality_any_name(
+    lists: NameLists,
+) -> None:
+    text = "Tünde flew to Tünde Hoffmann"
+    places = [(0, 5), (14, 28)]  # as if the NER had called both places
+    assert [text[n.start : n.end] for n in find_listed_names(text, lists, places=places)] == [
+        "Tünde Hoffmann"
+    ]
+    assert find_listed_names(text, lists, not_names=[(0, 28)]) == []
+
+
+def test_the_filter_finds_listed_names_the_ner_misses_and_name_lists_false_turns_that_off(
+    pii: PiiFilter, executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    text = "I want to add Tünde Hoffmann as a beneficiary to my account."
+    assert [(d.entity, text[d.start : d.end]) for d in pii.analyze(text)] == [
+        ("PERSON", "Tünde Hoffmann")
+    ]
+    policy = load_policy_text(
+        POLICY.replace("      entities:\n", "      name_lists: false\n      entities:\n", 1),
+        "pii.yaml",
+        filter_registry(),
+    )
+    guard = Guard.build(policy, filter_registry(), BuildContext(executor, resources=resources))
+    off = next(f for _, f in guard._by_stage[Stage.INPUT] if isinstance(f, PiiFilter))
+    assert [d for d in off.analyze(text) if d.entity == "PERSON"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "span"),
+    [
+        ("Jonas Berg\njonas@berg.se", (0, 10)),  # a name ends at its line
+        ("Jonas Berg, ", (0, 10)),
+        ("nan\n 06079", (0, 3)),
+        ("06079 Drammen", None),  # digits: no name
+        ("https://BrightLamps.ch/", None),
+        ("jonas@berg.se", None),
+        ("\nJonas", None),
+    ],
+)
+def test_a_ners_person_span_is_cut_at_its_line_and_dropped_with_digits_or_urls(
+    text: str, span: tuple[int, int] | None
+) -> None:
+    assert plausible_name(text, 0, len(text)) == span
+
+
+def test_the_filter_keeps_the_name_of_a_person_span_the_ner_ran_on_over_lines(
+    pii: PiiFilter,
+) -> None:
+    text = "Contact: Jonas Berg\njonas@berg.se\nMobile: 0490 39 07 81"
+    found = [(d.entity, text[d.start : d.end]) for d in pii.analyze(text)]
+    assert ("PERSON", "Jonas Berg") in found
+    assert ("EMAIL_ADDRESS", "jonas@berg.se") in found
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        # street types from Faker's address providers
+        ("Ship it to 0342 Raymond Well today", "0342 Raymond Well"),
+        ("It is at 432/3 Autumn Ramble now", "432/3 Autumn Ramble"),
+        ("Send it to Kyrkostigen 5\n49336 Motala", "Kyrkostigen 5\n49336 Motala"),
+        ("Incrocio Fernanda, 11 is the place", "Incrocio Fernanda, 11"),
+        ("We live at 16, boulevard Gauthier", "16, boulevard Gauthier"),
+        ("Astrup Allé 7\n8106 Malling", "Astrup Allé 7\n8106 Malling"),
+        # shapes with no street type
+        ("The bus station is on P.O. Box 104", "P.O. Box 104"),
+        (
+            "Mrs. Usamov Apt. 675 62314 Mellemvej 32\nAalborg",
+            "Apt. 675 62314 Mellemvej 32\nAalborg",
+        ),
+        (
+            "> 2224 Trenerys gate 232\n> Apt. 342\n> TRONDHEIM",
+            "2224 Trenerys gate 232\n> Apt. 342\n> TRONDHEIM",
+        ),
+        ("Please return to 72134 Coronilla 3599\nNijmegen", "72134 Coronilla 3599\nNijmegen"),
+        ("Budějovická 11\n649 74 Zruč nad Sázavou", "Budějovická 11\n649 74 Zruč nad Sázavou"),
+        ("early shows on Marina Fort Street were", "Marina Fort Street"),
+        ("Bjornsteeg 46\n5819 JR\nHaaksbergen", "Bjornsteeg 46\n5819 JR\nHaaksbergen"),
+    ],
+)
+def test_street_types_from_the_lists_and_address_blocks_are_addresses(
+    text: str, address: str
+) -> None:
+    assert [text[a.start : a.end] for a in find_addresses(text)] == [address]
+
+
+def test_both_streets_of_a_corner_are_addresses() -> None:
+    text = "Ask the driver to stop at the corner of Nieuwe Baan 473 St. and Inna Loop St."
+    assert [text[a.start : a.end] for a in find_addresses(text)] == [
+        "Nieuwe Baan 473 St.",
+        "Inna Loop St.",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I have 2 dogs in the park",
+        "We walked 3 miles up the hill",
+        "There were 2 people on the street",
+        "Boarding Gate 5 closes soon",
+        "The Offering 5 was late",
+        "During 2017 we grew",
+        "ÖVERTURINGEN 840",
+        "Chapter 3 Part 2",
+    ],
+)
+def test_numbers_beside_ordinary_words_are_not_addresses(pii: PiiFilter, text: str) -> None:
+    lexicon = spacy_lexicon(pii._analyzer.nlp_engine.nlp["en"])
+    assert find_addresses(text, lexicon) == [], text
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        "Ottoplatz 3\n26221 Wolgast\n08792 243298",
+        "846 Josh Mews\nMariaport\nN0U 9PA\n0141 496 0992",
+        "87 Michael Dell\nEast Georgeview, NT, 1796\n4349-8860",
+    ],
+)
+def test_an_address_block_stops_before_the_phone_number_under_it(block: str) -> None:
+    phone = block.rsplit("\n", 1)[1]
+    found = find_addresses(block)
+    assert found
+    assert all(a.end <= block.index(phone) for a in found)
+
+
+def test_the_engine_computes_presidios_keywords_and_context_scores_unchanged(
+    pii: PiiFilter,
+) -> None:
+    from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
+    from presidio_analyzer.nlp_engine import NlpArtifacts
+
+    engine = pii._analyzer.nlp_engine
+    texts = [
+        "My phone: 212-555-0143, call me at home: 24 Clarke Avenue!",
+        "Card number 4111 1111 1111 1111; expiry: 05/27. Be quick.",
+        "Ship it to Friedhofstrasse 33 - thanks, Jonas Berg",
+    ]
+    for text in texts:
+        artifacts = engine.process_text(text, "en")
+        assert artifacts.keywords == NlpArtifacts.set_keywords(engine, artifacts.lemmas, "en")
+    ours = [pii.analyze(t) for t in texts]
+    enhancer = pii._analyzer.context_aware_enhancer
+    pii._analyzer.context_aware_enhancer = LemmaContextAwareEnhancer()
+    try:
+        stock = [pii.analyze(t) for t in texts]
+    finally:
+        pii._analyzer.context_aware_enhancer = enhancer
+    assert ours == stock
+    assert any(d.entity == "PHONE_NUMBER" for d in ours[0])

@@ -177,9 +177,11 @@ def find_card_numbers(text: str) -> list[Span]:
 def phone_recognizer(language: str = "en") -> Any:
     """A Presidio recognizer for ``PHONE_NUMBER`` built on :func:`find_phone_numbers`."""
     context = ["phone", "telephone", "cell", "mobile", "call", "fax", "tel"]
-    return span_recognizer(PHONE, "PhoneRecognizer", find_phone_numbers, language, context)
+    return span_recognizer(PHONE, "PhoneRecognizer", find_phone_numbers, language, context=context)
 
 
 def card_recognizer(language: str = "en") -> Any:
     """A Presidio recognizer for ``CREDIT_CARD`` built on :func:`find_card_numbers`."""
-    return span_recognizer(CARD, "CardNumberRecognizer", find_card_numbers, language, ["card"])
+    return span_recognizer(
+        CARD, "CardNumberRecognizer", find_card_numbers, language, context=["card"]
+    )

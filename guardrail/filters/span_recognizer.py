@@ -25,11 +25,17 @@ class Span:
 def span_recognizer(
     entity: str,
     name: str,
-    find: Callable[[str], list[Span]],
+    find: Callable[..., list[Span]],
     language: str = "en",
+    *,
     context: list[str] | None = None,
+    with_artifacts: bool = False,
 ) -> Any:
-    """A Presidio ``EntityRecognizer`` reporting ``find(text)`` as ``entity``."""
+    """A Presidio ``EntityRecognizer`` reporting ``find(text)`` as ``entity``.
+
+    With ``with_artifacts``, ``find(text, nlp_artifacts)``: the NLP engine's entities and
+    tokens for the text (or None).
+    """
     from presidio_analyzer import EntityRecognizer, RecognizerResult
     from presidio_analyzer.analysis_explanation import AnalysisExplanation
 
@@ -52,7 +58,7 @@ def span_recognizer(
                         RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
                     },
                 )
-                for s in find(text)
+                for s in (find(text, nlp_artifacts) if with_artifacts else find(text))
             ]
 
     return SpanRecognizer(
