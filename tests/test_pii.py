@@ -892,6 +892,7 @@ def test_both_streets_of_a_corner_are_addresses() -> None:
         "During 2017 we grew",
         "ÖVERTURINGEN 840",
         "Chapter 3 Part 2",
+        "I read 2 papers about Main Street",
     ],
 )
 def test_numbers_beside_ordinary_words_are_not_addresses(pii: PiiFilter, text: str) -> None:
@@ -938,3 +939,47 @@ def test_the_engine_computes_presidios_keywords_and_context_scores_unchanged(
         pii._analyzer.context_aware_enhancer = enhancer
     assert ours == stock
     assert any(d.entity == "PHONE_NUMBER" for d in ours[0])
+
+
+def test_many_ner_entities_veto_exactly_the_words_inside_them(lists: NameLists) -> None:
+    # Vetoes are looked up per character (a word reads only its own characters), so a
+    # text with thousands of entities costs one pass; each veto still applies exactly.
+    n = 2000
+    text = "Monday Anna. " * n
+    dates = [(i * 13, i * 13 + 6) for i in range(n)]  # every "Monday" a DATE
+    found = find_listed_names(text, lists, dates, dates)
+    assert [text[f.start : f.end] for f in found] == ["Anna"] * n
+    anna = [(i * 13 + 7, i * 13 + 11) for i in range(0, n, 2)]  # every other "Anna" a DATE
+    assert len(find_listed_names(text, lists, anna)) == n // 2
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I played Silent Hill 2 last night.",
+        "We watched Jurassic Park 3 yesterday.",
+        "Connect to Access Point 2 first",
+        "Take Route 66 to the west",
+        "Our Data Center 3 is down",
+        "Call Center 24 hours a day",
+        # found by other anchors before: a unit word with no house number after it, an
+        # everyday plural, a number inside a word, a sentence's article
+        "Unit 5 Lesson 3 is hard",
+        "Suite 5 Movement 2 is slow",
+        "I scored 100 Bonus Points",
+        "The COVID-19 Testing Center opened",
+        "See Chapter 7 The Well",
+    ],
+)
+def test_an_english_word_between_a_name_and_a_number_is_no_street_type(
+    pii: PiiFilter, text: str
+) -> None:
+    lexicon = spacy_lexicon(pii._analyzer.nlp_engine.nlp["en"])
+    assert find_addresses(text, lexicon) == [], text
+
+
+def test_a_cued_address_starts_at_its_number_and_ends_before_a_sentences_full_stop() -> None:
+    text = "The meeting is on Monday at 10 Downing Street. Bring the papers."
+    assert [text[a.start : a.end] for a in find_addresses(text)] == ["10 Downing Street"]
+    text = "Ship to 24 Main St. today"
+    assert [text[a.start : a.end] for a in find_addresses(text)] == ["24 Main St."]

@@ -77,7 +77,7 @@ _NOT_STREET_WORD = (
     r"(?!(?:the|a|an|of|in|on|at|to|my|your|his|her|our|their|its|and|or|for|with|from"
     r"|by|into|up|down|over|per|each|every|more|less|than|times|years?|months?|weeks?"
     r"|days?|hours?|minutes?|miles?|people|persons?|today|tomorrow|tonight|yesterday|now"
-    r"|soon|please|then|thanks|asap)\b)"
+    r"|soon|please|then|thanks|asap|about|around|near|after|before)\b)"
 )
 # Street types that come first ("Rue de Virton 38", "Via Roma 131").
 _PREFIX = (
@@ -139,7 +139,7 @@ _ANCHORS: tuple[tuple[str, float], ...] = (
     ),
     # Apt. 675 62314 Mellemvej 32 / Suite 913 0547 Bygget 91: a unit first, then the street
     (
-        rf"\b{_UNIT_FIRST}[ \t,]+(?:{_NUM}[ \t]+)?(?:{_CAP_WORD}[ \t]+){{1,3}}{_NUM}\b",
+        rf"\b{_UNIT_FIRST}[ \t,]+{_NUM}[ \t]+(?:{_CAP_WORD}[ \t]+){{1,3}}{_NUM}\b",
         0.55,
     ),
     # P.O. Box 104 / PO Box 77
@@ -211,14 +211,14 @@ _CUE = re.compile(
     r"\b(?:address(?:\s+is)?|address\s*:|located\s+at|lives?\s+(?:at|on|in)|living\s+at"
     r"|moved\s+to|ship(?:ped)?\s+(?:it\s+)?to|send\s+(?:it\s+)?to|sent\s+to"
     r"|deliver(?:ed)?\s+(?:it\s+)?to|drops?\s+you\s+off\s+at|is\s+on|it'?s\s+in|corner\s+of)"
-    r"[:\s]+(?:the\s+corner\s+of\s+)?",
+    r"[:\s]+(?:(?:with|to|at|in|on|is)\s+)?(?:the\s+corner\s+of\s+)?",
     re.IGNORECASE,
 )
 # A word after a cue; a dot ends it only as an abbreviation, not as a sentence's end
 # ("... is on the weekend. I'll turn 23" is no address).
 _CUED_WORD = r"[^\W\d_][\w'\u2019-]*(?:\.(?![ \t]+[A-Z]))?(?:[\w'\u2019-]+)?"
 _CUED = re.compile(
-    rf"(?:{_NUM}[ \t]+)?(?:{_CUED_WORD}[ \t]+){{1,4}}?{_NUM}\b"
+    rf"(?:{_NUM}[ \t]+)?(?:{_NOT_STREET_WORD}{_CUED_WORD}[ \t]+){{1,4}}?{_NUM}\b"
     rf"|(?:{_NUM}[ \t]+){{1,2}}{_CUED_WORD}(?:[ \t]+{_NOT_STREET_WORD}{_CUED_WORD}){{0,3}}",
 )
 
@@ -252,6 +252,8 @@ _CONTEXT = ["address", "street", "live", "lives", "located", "ship", "deliver", 
 
 def _extend(text: str, end: int) -> int:
     """Extend an address over a unit and a few trailing address parts."""
+    if _ends_sentence(text, end):
+        return end - 1
     unit = _UNIT_RE.match(text, end)
     if unit:
         end = unit.end()
@@ -267,9 +269,18 @@ def _extend(text: str, end: int) -> int:
     # Never end on trailing separators or a sentence-ending dot of the next sentence.
     while end > 0 and text[end - 1] in " \t\n,":
         end -= 1
-    if end > 1 and text[end - 1] == "." and text[end - 2].isdigit():
+    if (end > 1 and text[end - 1] == "." and text[end - 2].isdigit()) or _ends_sentence(text, end):
         end -= 1
     return end
+
+
+def _ends_sentence(text: str, end: int) -> bool:
+    """``text[:end]`` ends in a full stop after a whole word: "Downing Street." ends a
+    sentence, so nothing after it is part of the address; "St." is an abbreviation."""
+    if end < 2 or text[end - 1] != ".":
+        return False
+    word = re.search(r"[^\W\d_]+\.\Z", text[max(0, end - 40) : end])
+    return word is not None and len(word.group()) > 5
 
 
 _STOP_WORDS = frozenset(
@@ -288,7 +299,7 @@ _STOP_WORDS = frozenset(
 # capitals ("10 Great Lakes") only the first group is left out; after a name and before
 # a number ("Boarding Gate 5", "Part 3") the second too.
 _NEVER_TYPES_WORDS = (
-    "a b c a. c. part level top end round run rest turn follow break little upper"
+    "points a b c a. c. part level top end round run rest turn follow break little upper"
     " lower line link flat flats block steps stairs back front ies ny stor gen"
 )
 _NEVER_TYPES = frozenset(_NEVER_TYPES_WORDS.split(" "))
@@ -384,11 +395,12 @@ def _listed_anchors() -> tuple[tuple[re.Pattern[str], float], ...]:
         strict = _alternation({w for w in after if w.lower() not in _COMMON_TYPES})
         anchors += [
             # 0342 Raymond Well / 432/3 Autumn Ramble / 30/16, Boase Marg
-            rf"\b{_NUM},?[ \t]+(?:{_NUM}[ \t]+)?(?:{_CAP_WORD}[ \t]+){{1,4}}?(?-i:{types})"
+            rf"(?<![\w-]){_NUM},?[ \t]+(?:{_NUM}[ \t]+)?{_NOT_STREET_WORD}"
+            rf"(?:{_CAP_WORD}[ \t]+){{1,4}}?(?-i:{types})"
             r"(?!\w)\.?",
             # Astrup Allé 7 / Lajoshídi tér 20 / Šilobodov put 189: a name, a type, a number
             rf"\b{_CAP_WORD}[ \t]+(?:{_CAP_WORD}[ \t]+|[a-z\u00df-\u024f]+[ \t]+)?"
-            rf"(?-i:{strict})[ \t]+{_NUM}\b\.?",
+            rf"(?P<type>(?-i:{strict}))[ \t]+{_NUM}\b\.?",
         ]
     if before:
         types = _alternation(before)
@@ -435,6 +447,11 @@ def find_addresses(text: str, lexicon: frozenset[str] = frozenset()) -> list[Spa
         if pattern is _COMPOUND_RE and not compound:
             continue
         for m in pattern.finditer(text):
+            kind = m.groupdict().get("type")
+            # "Silent Hill 2", "Access Point 2": an English word before a number is no
+            # street type (English addresses put the number first: "24 Gordon Park").
+            if kind and kind[:1].isupper() and kind.lower() in lexicon:
+                continue
             found.append(Span(m.start(), _extend(text, m.end()), score))
     for start, end in _glued_streets(text, lexicon):
         found.append(Span(start, _extend(text, end), _LISTED_SCORE))

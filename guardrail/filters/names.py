@@ -286,8 +286,8 @@ def find_listed_names(
     inside one of ``places`` is dropped too. A run of capitals ending in, or followed by,
     a company or street word is no name.
     """
-    vetoes = list(not_names)
-    place_spans = list(places)
+    vetoes = _coverage(text, not_names)
+    place_spans = _coverage(text, places)
     words = list(_NAME_WORD.finditer(text))
     found: list[Span] = []
     i = 0
@@ -339,12 +339,27 @@ def find_listed_names(
 
 
 def _opens_sentence(text: str, start: int) -> bool:
-    before = text[:start].rstrip(" \t\"'\u201c\u2018(")
+    # A bounded look back: copying all of text[:start] per word would be quadratic.
+    before = text[max(0, start - 64) : start].rstrip(" \t\"'\u201c\u2018(")
     return not before or before[-1] in ".!?:\n"
 
 
-def _inside(word: re.Match[str], spans: list[tuple[int, int]]) -> bool:
-    return any(a < word.end() and word.start() < b for a, b in spans)
+def _coverage(text: str, spans: Iterable[tuple[int, int]]) -> bytearray:
+    """For each character of ``text``, 1 inside one of ``spans``.
+
+    A word is then looked up in its own characters, not in every span (quadratic with
+    many entities).
+    """
+    covered = bytearray(len(text))
+    for start, end in spans:
+        a, b = max(start, 0), min(end, len(text))
+        if a < b:
+            covered[a:b] = b"\x01" * (b - a)
+    return covered
+
+
+def _inside(word: re.Match[str], covered: bytearray) -> bool:
+    return any(covered[word.start() : word.end()])
 
 
 def _capitalised(word: str) -> bool:

@@ -793,9 +793,11 @@ class PiiFilter:
             key=lambda d: (d.entity != "STREET_ADDRESS", -d.score, -(d.end - d.start), d.start)
         )
         kept: list[Detection] = []
+        taken = bytearray(len(text))  # characters of kept detections: one pass, not pairs
         for d in found:
-            if all(d.end <= k.start or d.start >= k.end for k in kept):
+            if not any(taken[d.start : d.end]):
                 kept.append(d)
+                taken[d.start : d.end] = b"\x01" * (d.end - d.start)
         return sorted(kept, key=lambda d: d.start)
 
     async def _analyze(self, texts: Sequence[str]) -> list[list[Detection]]:
