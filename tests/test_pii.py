@@ -983,3 +983,27 @@ def test_a_cued_address_starts_at_its_number_and_ends_before_a_sentences_full_st
     assert [text[a.start : a.end] for a in find_addresses(text)] == ["10 Downing Street"]
     text = "Ship to 24 Main St. today"
     assert [text[a.start : a.end] for a in find_addresses(text)] == ["24 Main St."]
+
+
+def test_the_words_of_analysed_texts_do_not_stay_in_spacys_vocabulary(pii: PiiFilter) -> None:
+    # spaCy keeps every new word for the life of the process unless it met it inside a
+    # memory zone: a gateway's memory grew with every novel name, ID and typo it checked.
+    strings = pii._analyzer.nlp_engine.nlp["en"].vocab.strings
+    before = len(strings)
+    novel = " ".join(f"zqxv{i}wyk Blorfington{i} Quibbleshaw{i}" for i in range(200))
+    found = pii.analyze(f"My name is Quibbleshawzz and I live at 12 Blorfingtonzz Street. {novel}")
+    assert len(strings) == before
+    assert "zqxv7wyk" not in strings
+    assert any(d.entity == "STREET_ADDRESS" for d in found)
+
+
+def test_concurrent_analyses_of_one_engine_agree_with_sequential_ones(pii: PiiFilter) -> None:
+    texts = [
+        f"Call Anna Nowak{i} at 212-555-01{i:02d} or write to {i} Clarke Avenue, Springfield."
+        for i in range(24)
+    ]
+    sequential = [pii.analyze(t) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(pii.analyze, texts))
+    assert concurrent == sequential
+    assert all(any(d.entity == "PHONE_NUMBER" for d in found) for found in sequential)
