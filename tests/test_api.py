@@ -481,6 +481,9 @@ def test_streamed_completions_route(client: Client, backend: FakeBackend) -> Non
         (body_with(b'"x": "caf\xe9"'), 400, "not valid UTF-8"),
         (body_with(b'"x": ' + b"[" * 100_000 + b"]" * 100_000), 400, "nested too deeply"),
         (b'{"model": "' + b"m" * 257 + b'", "messages": []}', 400, "model"),
+        (body_with(b'"stop": "' + b"s" * 257 + b'"'), 400, "(at 'stop')"),
+        (body_with(b'"stop": ["a", "' + b"s" * 257 + b'"]'), 400, "stop"),
+        (body_with(b'"user": "' + b"u" * 257 + b'"'), 400, "(at 'user')"),
     ],
 )
 def test_bad_requests_get_a_clear_openai_error_and_never_reach_the_backend(

@@ -116,6 +116,12 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
+# A stop sequence is a few characters ("\n\n", "</answer>"); a user is an end-user id.
+# Longer values are client mistakes (or padding), and a backend would get them whole.
+StopSequence = Annotated[str, msgspec.Meta(max_length=256)]
+EndUserId = Annotated[str, msgspec.Meta(max_length=256)]
+
+
 class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelName
     stream: bool = False
@@ -124,12 +130,12 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     n: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    stop: StopSequence | Annotated[list[StopSequence], msgspec.Meta(max_length=4)] | None = None
     # An int64 (within what torch's generators take): a larger seed is a client mistake.
     seed: Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    user: str | None = None
+    user: EndUserId | None = None
     # Extensions understood by vLLM, TGI and the local engine.
     top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
     # Bounded: a penalty near 0 divides logits into overflow.
