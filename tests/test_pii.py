@@ -682,6 +682,50 @@ async def test_a_card_cut_by_a_stream_window_is_masked_whole(guard: Guard, relea
             assert shown.endswith("0004 is the one you should use for the payment later on today")
 
 
+@pytest.mark.parametrize(
+    ("text", "parts"),
+    [
+        ("Please send it to Tünde Hoffmann tomorrow", ["Tünde", "Hoffmann"]),
+        ("The parcel goes to Kyrkostigen 5 in the morning", ["Kyrkostigen"]),
+        ("The parcel goes to Incrocio Fernanda, 11 in the morning", ["Incrocio", "Fernanda"]),
+        ("Write to P.O. Box 104 in the morning", ["P.O.", "Box", "104"]),
+        ("The office is at Apt. 675 62314 Mellemvej 32 now", ["Apt.", "675", "Mellemvej"]),
+        ("The office is at\nBudějovická 11\n649 74 Zruč nad Sázavou\nand", ["Budějovická", "11"]),
+        ("The office is at Kerkstraat 12, 5819 JR Amsterdam now", ["Kerkstraat", "12,", "5819"]),
+        ("The office is at ul. Polna 3, 72-880 Kraków now", ["ul.", "Polna", "72-880"]),
+    ],
+)
+async def test_a_name_or_address_cut_by_a_stream_window_never_leaks_a_part(
+    executor: ThreadPoolExecutor, resources: SharedResources, text: str, parts: list[str]
+) -> None:
+    """A window cut before a street's number, after an abbreviation's full stop or at an
+    address's line break released its first words ("Kyrkostigen ", "P.O. ", "Tünde ")."""
+    guard = entities_guard(
+        executor,
+        resources,
+        "PERSON: {input: redact, output: redact}",
+        "STREET_ADDRESS: {input: redact, output: redact}",
+    )
+    reply = "Here is a line of filler words that goes on for a while and then: " + text
+    ctx = conversation("Where?")
+    await check_all(guard, ctx)
+    whole = (await guard.check(Stage.OUTPUT, reply, ctx)).text
+    assert not any(p in whole for p in parts), whole
+    for release in ("window", "sentence"):
+        for window_chars in range(40, 130, 7):
+            for size in (1, 50):
+                settings = StreamSettings(release=release, window_chars=window_chars)
+                window = StreamGuard(guard, ctx, settings)
+                sent = [
+                    (await window.feed(reply[i : i + size])).text
+                    for i in range(0, len(reply), size)
+                ]
+                sent.append((await window.finish()).text)
+                shown = "".join(sent)
+                for part in parts:
+                    assert part not in shown, (release, window_chars, size, shown)
+
+
 # -- through the gateway -------------------------------------------------------------------
 
 
@@ -865,6 +909,9 @@ def test_the_filter_keeps_the_name_of_a_person_span_the_ner_ran_on_over_lines(
         ("Budějovická 11\n649 74 Zruč nad Sázavou", "Budějovická 11\n649 74 Zruč nad Sázavou"),
         ("early shows on Marina Fort Street were", "Marina Fort Street"),
         ("Bjornsteeg 46\n5819 JR\nHaaksbergen", "Bjornsteeg 46\n5819 JR\nHaaksbergen"),
+        # a postcode is not a place name with digits: the whole code is taken
+        ("Ship to 10 Downing Street, London E9A 7XS today", "10 Downing Street, London E9A 7XS"),
+        ("28 Small Street T14 HV9N Meabh", "28 Small Street T14 HV9N Meabh"),
     ],
 )
 def test_street_types_from_the_lists_and_address_blocks_are_addresses(
@@ -1007,3 +1054,20 @@ def test_concurrent_analyses_of_one_engine_agree_with_sequential_ones(pii: PiiFi
         concurrent = list(pool.map(pii.analyze, texts))
     assert concurrent == sequential
     assert all(any(d.entity == "PHONE_NUMBER" for d in found) for found in sequential)
+
+
+async def test_a_stream_of_capitalised_words_is_released_window_by_window(
+    executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    """Holding back the start of a name must not hold a Title Case text until it ends."""
+    guard = entities_guard(
+        executor, resources, "PERSON: {input: redact, output: redact}", "EMAIL_ADDRESS: {}"
+    )
+    ctx = conversation("Titles?")
+    await check_all(guard, ctx)
+    reply = " ".join(["Alpha Beta Gamma Delta Epsilon Zeta Theta Iota Kappa Lambda"] * 6)
+    window = StreamGuard(guard, ctx, StreamSettings(release="window", window_chars=60))
+    released_early = ""
+    for i in range(0, len(reply), 10):
+        released_early += (await window.feed(reply[i : i + 10])).text
+    assert len(released_early) > len(reply) // 2

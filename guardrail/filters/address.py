@@ -172,11 +172,12 @@ _ANCHORS: tuple[tuple[str, float], ...] = (
 )
 # Postal codes: 12345, 12345-6789, 5819 JR (Netherlands), 72-880 (Poland), 182 46
 # (Czechia, Slovakia), 1613-186 and 99528-907 (Portugal, Brazil), H-7613 (Hungary),
-# E9A 7XS (United Kingdom), B5M 7T6 (Canada).
+# E9A 7XS (United Kingdom), B5M 7T6 (Canada), T14 HV9N (Ireland).
 _POSTAL = (
     r"(?:\d{5}-\d{4}|\d{4,5}-\d{3}|\d{4,6}|\d{4}[ \t]?[A-Z]{2}|\d{2}-\d{3}|\d{3}[ \t]\d{2}"
     r"|[A-Z]-\d{4,5}"
-    r"|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d)\b"
+    r"|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d"
+    r"|[A-Z]\d[\dW][ \t]?[A-Z\d]{4})\b"
     # more digits after it: a phone number ("0141 496 0992"), not a postal code
     r"(?![ \t]*[-./]?[ \t]*\d)"
 )
@@ -225,7 +226,9 @@ _CUED = re.compile(
 # A capitalised word that is not a unit word (those start a unit part instead).
 _CAP = (
     r"(?!(?i:apt|apartment|suite|ste|unit|flat|floor|room|box)\b)"
-    r"(?:[^\W\d_a-z][\w'\u2019-]{0,2}\.|[^\W\d_a-z][\w'\u2019-]*|\([^\W\d_][\w'\u2019-]*\))"
+    # no digits: "E9A" of "London E9A 7XS" starts a postcode, not a place name
+    r"(?:[^\W\d_a-z][^\W\d'\u2019-]{0,2}\.|[^\W\d_a-z](?:[^\W\d]|['\u2019-])*"
+    r"|\([^\W\d_][\w'\u2019-]*\))"
 )
 _UNIT_RE = re.compile(rf"[ \t]*,?[ \t]*\n?[ \t]*{_UNIT}\b\.?", re.IGNORECASE)
 # One more part of an address after a separator: a unit, a postal code, a state code,

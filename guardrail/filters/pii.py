@@ -98,6 +98,23 @@ _NUMBER_TAIL_CHARS = 64
 _TOKEN_TAIL = re.compile(r"(?:[A-Z]{2}\d{2}(?: [A-Z0-9]{1,4}){0,8} ?|[\w.+\-@%]+)$")
 # A window that ends a sentence has no entity running on past it.
 _ENDS_SENTENCE = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+$|\n$""")
+# ... unless its full stop ends an abbreviation that starts an address or a name
+# ("P.O. ", "Apt. ", "ul. ", "Dr. "), or its line break ends an address's first line
+# ("Budějovická 11\n" before "649 74 Zruč nad Sázavou").
+_FALSE_SENTENCE_END = re.compile(
+    r"(?<![\w.])(?:[^\W\d_]{1,3}\.)+\s+$|\d[ \t]*\n$|(?-i:[^\W\d_a-z])\w*[ \t]*\n$"
+)
+# Up to three capitalised words (or short abbreviations) at the window's end, with a
+# number-shaped tail after them or none: the start of a name ("Tünde " of "Tünde
+# Hoffmann") or of a street name before its number ("Kyrkostigen " of "Kyrkostigen 5",
+# "Incrocio Fernanda, " of "Incrocio Fernanda, 11", "Kerkstraat 12, " of "Kerkstraat
+# 12, 5819 JR"). Held back so the name or address is checked whole in the next window.
+_WORD = r"(?:(?-i:[^\W\d_a-z])[\w'\u2019\-.]*|[^\W\d_]{1,3}\.),?[ \t]+"
+_TITLE_RUN = re.compile(r"(?<![\w.])(?-i:[^\W\d_a-z])[\w'\u2019\-.]*,?[ \t]+\Z")
+_NAME_TAIL = re.compile(
+    rf"(?<![\w.])(?:{_WORD}){{1,3}}$"
+    rf"|(?<![\w.])(?:{_WORD}){{0,3}}[+(]?\d[\d\s\-.,()/]*(?:[^\s\d]\S*\s+){{0,3}}$"
+)
 
 # The small English model's parts that presidio does not need: the NER has its own
 # tok2vec; the shared one only feeds the tagger and parser.
@@ -976,10 +993,17 @@ class PiiFilter:
         if self._config.reversible:
             m = _PARTIAL.search(text, max(0, len(text) - 56))
             keep = len(text) - m.start() if m else 0
-        if self._acts_on_output and not _ENDS_SENTENCE.search(text):
+        if self._acts_on_output and (
+            not _ENDS_SENTENCE.search(text) or _FALSE_SENTENCE_END.search(text)
+        ):
             tail = max(0, len(text) - _NUMBER_TAIL_CHARS)
-            for pattern in (_NUMBER_TAIL, _TOKEN_TAIL):
+            for pattern in (_NUMBER_TAIL, _TOKEN_TAIL, _NAME_TAIL):
                 m = pattern.search(text, tail)
+                if m and pattern is _NAME_TAIL and _TITLE_RUN.search(text, tail, m.start()):
+                    # A fourth capitalised word before it: a title or a heading ("Alpha
+                    # Beta Gamma Delta ..."), not a name. Held, a stream of them would
+                    # release nothing until it ends.
+                    continue
                 keep = max(keep, len(text) - m.start() if m else 0)
         return keep
 
