@@ -31,7 +31,7 @@ from guardrail.filters.names import (
     name_lists,
     spacy_lexicon,
 )
-from guardrail.filters.pii import KNOWN_ENTITIES, PiiFilter, plausible_name
+from guardrail.filters.pii import KNOWN_ENTITIES, PiiFilter, SpacyMemoryZone, plausible_name
 from guardrail.guard.filter import BuildContext, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
@@ -1035,13 +1035,40 @@ def test_a_cued_address_starts_at_its_number_and_ends_before_a_sentences_full_st
 def test_the_words_of_analysed_texts_do_not_stay_in_spacys_vocabulary(pii: PiiFilter) -> None:
     # spaCy keeps every new word for the life of the process unless it met it inside a
     # memory zone: a gateway's memory grew with every novel name, ID and typo it checked.
+    # A zone spans many analyses (words repeat within it); when it ends, all it added goes.
     strings = pii._analyzer.nlp_engine.nlp["en"].vocab.strings
+    pii._zone.release()
     before = len(strings)
     novel = " ".join(f"zqxv{i}wyk Blorfington{i} Quibbleshaw{i}" for i in range(200))
     found = pii.analyze(f"My name is Quibbleshawzz and I live at 12 Blorfingtonzz Street. {novel}")
+    again = pii.analyze(f"My name is Quibbleshawzz and I live at 12 Blorfingtonzz Street. {novel}")
+    assert found == again
+    assert any(d.entity == "STREET_ADDRESS" for d in found)
+    pii._zone.release()
     assert len(strings) == before
     assert "zqxv7wyk" not in strings
-    assert any(d.entity == "STREET_ADDRESS" for d in found)
+
+
+def test_a_memory_zone_ends_after_its_number_of_analyses(pii: PiiFilter) -> None:
+    strings = pii._analyzer.nlp_engine.nlp["en"].vocab.strings
+    pii._zone.release()  # zones must not nest: the filter's own is closed first
+    zone = SpacyMemoryZone(pii._analyzer, per_zone=3)
+    before = len(strings)
+    for i in range(2):
+        with zone():
+            pii._analyzer.nlp_engine.nlp["en"](f"Vrexbold{i} lives here.")
+    assert "Vrexbold0" in strings  # the zone is still open
+    with zone():
+        pii._analyzer.nlp_engine.nlp["en"]("Vrexbold2 lives here.")
+    assert "Vrexbold0" not in strings
+    assert len(strings) == before
+    by_size = SpacyMemoryZone(pii._analyzer, chars_per_zone=40)
+    with by_size(30):
+        pii._analyzer.nlp_engine.nlp["en"]("Vrexbold3 lives here.")
+    assert "Vrexbold3" in strings
+    with by_size(30):  # 60 characters: past the zone's size, so it ends
+        pii._analyzer.nlp_engine.nlp["en"]("Vrexbold4 lives here.")
+    assert "Vrexbold3" not in strings
 
 
 def test_concurrent_analyses_of_one_engine_agree_with_sequential_ones(pii: PiiFilter) -> None:
