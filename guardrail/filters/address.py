@@ -101,7 +101,7 @@ _COMPOUND_END = "(?:{})".format(
     )
 )
 # Every word that could end a compound street name, with its number after it: the
-# compound anchor (slow: it tries each street word at each word) runs only if one does.
+# compound anchor runs only if one does.
 _COMPOUND_ENDINGS = tuple(w.replace("\\.", ".") for w in _COMPOUND.split("|"))
 _WORD_BEFORE_NUMBER = re.compile(r"(?<![^\W\d_])([^\W\d_]++\.?)[ \t]+\d")
 _UNIT = (
@@ -149,12 +149,6 @@ _ANCHORS: tuple[tuple[str, float], ...] = (
         rf"(?<=\bon |\bat )(?:{_CAP_WORD}[ \t]+){{1,3}}"
         r"(?-i:Street|Avenue|Road|Boulevard|Lane|Drive|Terrace)\b",
         0.5,
-    ),
-    # Friedhofstrasse 33 / Luddingsbo Mekanikusv 11 is not covered; Koskikatu 25 is
-    (
-        rf"(?:\b{_NUM}[ \t]+)?\b(?:{_NOT_STREET_WORD}[^\W\d_][\w'\u2019.-]*+[ \t]+)?"
-        rf"[^\W\d_]++{_COMPOUND_END}[ \t]+{_NUM}\b",
-        0.55,
     ),
     # 28030 Edeby 55, Apt. 297: a name between numbers is an address when a unit follows
     (
@@ -205,7 +199,16 @@ _CORNER_AND = re.compile(
     re.IGNORECASE,
 )
 _ANCHOR_RES = tuple((re.compile(p, re.IGNORECASE), s) for p, s in _ANCHORS)
-_COMPOUND_RE = next(p for p, _ in _ANCHOR_RES if _COMPOUND_END in p.pattern)
+# Friedhofstrasse 33 / Koskikatu 25 (Luddingsbo Mekanikusv 11 is not covered). Slow (it
+# tries each street word at each word): run only when a word before a number ends in one.
+_COMPOUND_ANCHOR = (
+    re.compile(
+        rf"(?:\b{_NUM}[ \t]+)?\b(?:{_NOT_STREET_WORD}[^\W\d_][\w'\u2019.-]*+[ \t]+)?"
+        rf"[^\W\d_]++{_COMPOUND_END}[ \t]+{_NUM}\b",
+        re.IGNORECASE,
+    ),
+    0.55,
+)
 
 # A cue, then (optionally "the corner of") a capitalised name and a number.
 _CUE = re.compile(
@@ -443,12 +446,12 @@ def find_addresses(text: str, lexicon: frozenset[str] = frozenset()) -> list[Spa
     ``lexicon``: English words (lower case), which are never a street name of one word.
     """
     found: list[Span] = []
-    compound = any(
+    anchors = (*_ANCHOR_RES, *_listed_anchors())
+    if any(
         m.group(1).lower().endswith(_COMPOUND_ENDINGS) for m in _WORD_BEFORE_NUMBER.finditer(text)
-    )
-    for pattern, score in (*_ANCHOR_RES, *_listed_anchors()):
-        if pattern is _COMPOUND_RE and not compound:
-            continue
+    ):
+        anchors = (*anchors, _COMPOUND_ANCHOR)
+    for pattern, score in anchors:
         for m in pattern.finditer(text):
             kind = m.groupdict().get("type")
             # "Silent Hill 2", "Access Point 2": an English word before a number is no

@@ -23,11 +23,14 @@ address (``New York E Street``). Score 0.85.
 a capitalised word that is a given name or surname in the person providers of the
 ``faker`` package (86 locales, MIT) is a name, with up to two capitalised words after it
 (``Miklós Hajdu``, ``Lina Artemova``). This is what the small spaCy model misses most:
-foreign names, and single names in lists (``Kónya, Becker and Vasquez``). Ordinary
-words that are also names somewhere (``Will``, ``May``, ``Love``) are left out, and so
-is a word inside a place, nationality, language or date that spaCy found (``France``,
-``Danish``), or a run of capitals that ends in a company or street word
-(``Morgan Stanley Inc``, ``Martinez Mall``). Score 0.85, as spaCy's own names.
+foreign names, and single names in lists (``Kónya, Becker and Vasquez``). A listed word
+that is first an English word (``Edit``, ``Trace``: WordNet lemmas from the spaCy
+model's lemmatizer tables) only continues a name, unless it is an English given name
+(``John``); nor does a sentence's first English word (``Rush the order``) start one.
+A word inside a nationality, language or date that spaCy found is no name, nor a name of
+one word inside a place (``France``), nor a run of capitals that ends in a company or
+street word (``Morgan Stanley Inc``, ``Martinez Mall``). Score 0.85, as spaCy's own
+names.
 """
 
 from __future__ import annotations
@@ -262,8 +265,13 @@ def name_lists(lexicon: frozenset[str] = frozenset()) -> NameLists:
     return NameLists(names, english, lexicon)
 
 
+@functools.lru_cache(maxsize=8)
 def spacy_lexicon(nlp: Any) -> frozenset[str]:
-    """English words from a spaCy pipeline's lemmatizer tables (empty when it has none)."""
+    """English words from a spaCy pipeline's lemmatizer tables (empty when it has none).
+
+    Read once per pipeline: the engine's address recognizer and every pii filter built on
+    the engine (each policy reload builds new ones) share it.
+    """
     try:
         lemmatizer = dict(nlp.components)["lemmatizer"]
         index = lemmatizer.lookups.get_table("lemma_index")
