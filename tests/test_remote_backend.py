@@ -772,6 +772,24 @@ async def test_from_settings_builds_a_backend_that_owns_and_closes_its_client(
     assert client.is_closed
 
 
+async def test_the_built_client_keeps_no_cookies_between_requests() -> None:
+    """One client serves every tenant: a cookie an upstream sets on one tenant's call must
+    not ride along on the next (httpx clients keep cookies by default)."""
+    fake = FakeUpstream(reply=REPLY, set_cookie="session=tenant-a; Path=/")
+    with serve_upstream(fake) as url:
+        backend = from_settings(Settings(backend="remote", backend_urls=[url]))
+        try:
+            await backend.generate(chat_request())
+            await backend.generate(chat_request())
+            async for _ in backend.stream(chat_request()):
+                pass
+        finally:
+            await backend.aclose()
+
+    assert len(fake.headers) == 3
+    assert [h.get("cookie") for h in fake.headers] == [None, None, None]
+
+
 async def test_aclose_leaves_a_callers_client_open(client: httpx.AsyncClient) -> None:
     await RemoteBackend(["http://a.test/v1"], client).aclose()
 

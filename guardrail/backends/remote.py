@@ -23,6 +23,8 @@ the thin, careful client in between. Why it looks the way it does:
   skipped for ``breaker_reset_s``, then one trial request decides. When every URL's
   circuit is open, the call fails at once with :class:`BackendUnavailable` (503,
   ``Retry-After``) instead of waiting on replicas known to be down.
+- The client it builds keeps no cookies: it is shared by every tenant, so a cookie an
+  upstream sets on one call must not be sent on another tenant's.
 - Upstream JSON is decoded into lenient ``msgspec`` structs: unknown fields are
   ignored, wrong types become a 502.
 - Nothing here logs prompt or completion text, nor upstream error bodies (they may
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.cookiejar
 import re
 import time
 from collections.abc import (
@@ -367,6 +370,29 @@ def _parse_completion(content: bytes, *, chat: bool) -> Completion:
     )
 
 
+class _NoCookies(http.cookiejar.CookiePolicy):
+    """Keep no cookie and send none. The one pooled client serves every tenant, and
+    httpx clients keep the cookies upstreams set (load balancers' affinity cookies,
+    hosted APIs' session cookies): one tenant's cookie would ride on the next tenant's
+    call. The gateway is stateless towards its upstreams."""
+
+    netscape = True
+    rfc2965 = False
+    hide_cookie2 = False
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: Any) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: Any) -> bool:
+        return False
+
+
 # --- The backend ---------------------------------------------------------------------
 
 
@@ -428,6 +454,7 @@ class RemoteBackend:
         """Build from ``backend_*`` settings, with one shared, pooled client."""
         _check_urls(settings.backend_urls)  # before a client exists that would need closing
         client = httpx.AsyncClient(
+            cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
             timeout=httpx.Timeout(
                 settings.backend_timeout_s, connect=settings.backend_connect_timeout_s
             ),

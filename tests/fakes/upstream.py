@@ -102,6 +102,8 @@ class FakeUpstream:
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     models_calls: int = 0
+    # A ``Set-Cookie`` value sent with every answer (as load balancers and hosted APIs do).
+    set_cookie: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -131,6 +133,8 @@ class FakeUpstream:
             return
         if scope["type"] != "http":
             return
+        if self.set_cookie is not None:
+            send = _with_cookie(send, self.set_cookie)
         method, path = scope["method"], scope["path"]
         raw = await _read_body(receive)
         mode = self._take_mode()
@@ -312,6 +316,16 @@ async def _wait_or_hang_up(receive: Receive, delay_s: float) -> None:
                 pass
     except TimeoutError:
         pass
+
+
+def _with_cookie(send: Send, cookie: str) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", []), (b"set-cookie", cookie.encode("latin-1"))]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sending
 
 
 async def _start(send: Send, status: int, content_type: str) -> None:
