@@ -1098,3 +1098,64 @@ async def test_a_stream_of_capitalised_words_is_released_window_by_window(
     for i in range(0, len(reply), 10):
         released_early += (await window.feed(reply[i : i + 10])).text
     assert len(released_early) > len(reply) // 2
+
+
+# Chinese, Japanese and Thai are written without spaces; a hex digest has none either.
+_UNSPACED = [
+    "我们的产品在全国各地都有销售，顾客对质量和服务的评价一直很高，今年的销量比去年增长了很多" * 4,  # noqa: RUF001
+    "きょうはてんきがよいのでこうえんにさんぽにいきましたそしてともだちとあいました" * 10,
+    "วันนี้อากาศดีมากเราจึงไปเดินเล่นที่สวนสาธารณะกับเพื่อนๆและกินข้าวด้วยกัน" * 10,
+    "sha256:" + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08" * 4,
+]
+
+
+@pytest.mark.parametrize("reply", _UNSPACED, ids=["zh", "ja", "th", "hex"])
+@pytest.mark.parametrize("window_chars", [80, 160])
+async def test_text_without_spaces_is_released_window_by_window(
+    executor: ThreadPoolExecutor, resources: SharedResources, reply: str, window_chars: int
+) -> None:
+    """The hold-back of a token the window cut must not hold a whole unspaced text: it
+    was held (the token never ended), so the client got nothing until the stream ended.
+    (A window shorter than the longest token held, 64 characters, still holds a long
+    unbroken token whole.)"""
+    guard = entities_guard(
+        executor,
+        resources,
+        "EMAIL_ADDRESS: {input: redact, output: redact}",
+        "IBAN_CODE: {input: redact, output: redact}",
+    )
+    ctx = conversation("Tell me more.")
+    await check_all(guard, ctx)
+    window = StreamGuard(guard, ctx, StreamSettings(release="window", window_chars=window_chars))
+    released_early = ""
+    for i in range(0, len(reply), 7):
+        released_early += (await window.feed(reply[i : i + 7])).text
+    released = released_early + (await window.finish()).text
+    assert released == reply
+    assert len(released_early) > len(reply) // 2
+
+
+@pytest.mark.parametrize("window_chars", [40, 47, 53, 60, 71])
+async def test_an_email_or_iban_after_unspaced_text_never_leaks_a_prefix(
+    executor: ThreadPoolExecutor, resources: SharedResources, window_chars: int
+) -> None:
+    guard = entities_guard(
+        executor,
+        resources,
+        "EMAIL_ADDRESS: {input: redact, output: redact}",
+        "IBAN_CODE: {input: redact, output: redact}",
+    )
+    ctx = conversation("List the accounts.")
+    await check_all(guard, ctx)
+    reply = (
+        "我们的产品在全国各地都有销售顾客对质量和服务的评价一直很高今年的销量比去年增长了很多"
+        "账号：GB82WEST12345698765432。请联系：firstname.lastname0@example.com。"  # noqa: RUF001
+        "顾客对质量和服务的评价一直很高今年的销量比去年增长了很多"
+        "邮箱：firstname.lastname1@example.com。"  # noqa: RUF001
+    )
+    window = StreamGuard(guard, ctx, StreamSettings(release="window", window_chars=window_chars))
+    sent = [(await window.feed(piece)).text for piece in _chunk(reply, list(range(0, 300, 5)))]
+    sent.append((await window.finish()).text)
+    out = "".join(sent)
+    for secret in ("GB82", "WEST", "firstname", "lastname", "example.com"):
+        assert secret not in out, out

@@ -95,7 +95,24 @@ _NUMBER_TAIL_CHARS = 64
 # An email, an IBAN or a code still running at the window's end (`"iban":"GB82WEST123`,
 # `firstname.lastname0@exa`), or a spaced IBAN's first groups (`GB82 WEST 1234`): held
 # until the next window shows where it ends, or a prefix of it would be sent unredacted.
-_TOKEN_TAIL = re.compile(r"(?:[A-Z]{2}\d{2}(?: [A-Z0-9]{1,4}){0,8} ?|[\w.+\-@%]+)$")
+#
+# A token is at most 64 characters (a long hex digest or base64 blob is cut like a long
+# word), or 254 once it has an @ (the longest email address). Letters of scripts
+# written without spaces (Thai, Lao, Myanmar, Khmer, kana, CJK ideographs) are running
+# text, not a token: counted as token characters, a Japanese answer was one endless
+# token and was held until the stream ended. A token glued to them still counts from
+# its first Latin letter or digit.
+_UNSPACED = (
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+)
+_TOKEN_CHAR = rf"(?:[.+\-@%]|[^\W{_UNSPACED}])"
+_TOKEN_START = rf"(?<![.+\-@%])(?<![^\W{_UNSPACED}])"
+_TOKEN_TAIL = re.compile(
+    rf"(?:[A-Z]{{2}}\d{{2}}(?: [A-Z0-9]{{1,4}}){{0,8}} ?"
+    rf"|{_TOKEN_START}{_TOKEN_CHAR}{{1,64}}"
+    rf"|{_TOKEN_START}{_TOKEN_CHAR}{{0,64}}@{_TOKEN_CHAR}{{0,189}})$"
+)
+_TOKEN_TAIL_CHARS = 256
 # A window that ends a sentence has no entity running on past it.
 _ENDS_SENTENCE = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+$|\n$""")
 # ... unless its full stop ends an abbreviation that starts an address or a name
@@ -1030,7 +1047,8 @@ class PiiFilter:
         ):
             tail = max(0, len(text) - _NUMBER_TAIL_CHARS)
             for pattern in (_NUMBER_TAIL, _TOKEN_TAIL, _NAME_TAIL):
-                m = pattern.search(text, tail)
+                start = max(0, len(text) - _TOKEN_TAIL_CHARS) if pattern is _TOKEN_TAIL else tail
+                m = pattern.search(text, start)
                 if m and pattern is _NAME_TAIL and _TITLE_RUN.search(text, tail, m.start()):
                     # A fourth capitalised word before it: a title or a heading ("Alpha
                     # Beta Gamma Delta ..."), not a name. Held, a stream of them would
