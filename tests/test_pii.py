@@ -596,11 +596,25 @@ def entities_guard(
     return Guard.build(policy, registry, BuildContext(executor, resources=resources))
 
 
-@pytest.mark.parametrize("window_chars", [40, 47, 53, 60])
+# JSON and CSV have no spaces to cut at: "GB82WEST123" and "firstname.la" went out.
+_ACCOUNTS_JSON = (
+    '{"n":"' + "a" * 37 + '","iban":"GB82WEST12345698765432"}\n'
+    "user0,firstname.lastname0@example.com\nuser1,firstname.lastname1@example.com\n"
+)
+# The same right after Chinese text, which has no spaces either.
+_ACCOUNTS_ZH = (
+    "我们的产品在全国各地都有销售顾客对质量和服务的评价一直很高今年的销量比去年增长了很多"
+    "账号：GB82WEST12345698765432。请联系：firstname.lastname0@example.com。"  # noqa: RUF001
+    "顾客对质量和服务的评价一直很高今年的销量比去年增长了很多"
+    "邮箱：firstname.lastname1@example.com。"  # noqa: RUF001
+)
+
+
+@pytest.mark.parametrize("reply", [_ACCOUNTS_JSON, _ACCOUNTS_ZH], ids=["json", "zh"])
+@pytest.mark.parametrize("window_chars", [40, 47, 53, 60, 71])
 async def test_an_email_or_iban_cut_by_a_stream_window_never_leaks_a_prefix(
-    executor: ThreadPoolExecutor, resources: SharedResources, window_chars: int
+    executor: ThreadPoolExecutor, resources: SharedResources, reply: str, window_chars: int
 ) -> None:
-    # JSON and CSV have no spaces to cut at: "GB82WEST123" and "firstname.la" went out.
     guard = entities_guard(
         executor,
         resources,
@@ -609,12 +623,8 @@ async def test_an_email_or_iban_cut_by_a_stream_window_never_leaks_a_prefix(
     )
     ctx = conversation("List the accounts.")
     await check_all(guard, ctx)
-    reply = (
-        '{"n":"' + "a" * 37 + '","iban":"GB82WEST12345698765432"}\n'
-        "user0,firstname.lastname0@example.com\nuser1,firstname.lastname1@example.com\n"
-    )
     window = StreamGuard(guard, ctx, StreamSettings(release="window", window_chars=window_chars))
-    sent = [(await window.feed(piece)).text for piece in _chunk(reply, list(range(0, 200, 5)))]
+    sent = [(await window.feed(piece)).text for piece in _chunk(reply, list(range(0, 300, 5)))]
     sent.append((await window.finish()).text)
     out = "".join(sent)
     for secret in ("GB82", "WEST", "firstname", "lastname", "example.com"):
@@ -1133,29 +1143,3 @@ async def test_text_without_spaces_is_released_window_by_window(
     released = released_early + (await window.finish()).text
     assert released == reply
     assert len(released_early) > len(reply) // 2
-
-
-@pytest.mark.parametrize("window_chars", [40, 47, 53, 60, 71])
-async def test_an_email_or_iban_after_unspaced_text_never_leaks_a_prefix(
-    executor: ThreadPoolExecutor, resources: SharedResources, window_chars: int
-) -> None:
-    guard = entities_guard(
-        executor,
-        resources,
-        "EMAIL_ADDRESS: {input: redact, output: redact}",
-        "IBAN_CODE: {input: redact, output: redact}",
-    )
-    ctx = conversation("List the accounts.")
-    await check_all(guard, ctx)
-    reply = (
-        "我们的产品在全国各地都有销售顾客对质量和服务的评价一直很高今年的销量比去年增长了很多"
-        "账号：GB82WEST12345698765432。请联系：firstname.lastname0@example.com。"  # noqa: RUF001
-        "顾客对质量和服务的评价一直很高今年的销量比去年增长了很多"
-        "邮箱：firstname.lastname1@example.com。"  # noqa: RUF001
-    )
-    window = StreamGuard(guard, ctx, StreamSettings(release="window", window_chars=window_chars))
-    sent = [(await window.feed(piece)).text for piece in _chunk(reply, list(range(0, 300, 5)))]
-    sent.append((await window.finish()).text)
-    out = "".join(sent)
-    for secret in ("GB82", "WEST", "firstname", "lastname", "example.com"):
-        assert secret not in out, out
