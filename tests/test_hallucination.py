@@ -293,6 +293,56 @@ async def test_citations_match_whole_sources(env: BuildContext, answer: str, fla
     assert len(verdict.findings) == flagged, [answer[slice(*f.span)] for f in verdict.findings]
 
 
+@pytest.mark.parametrize(
+    ("answer", "flagged"),
+    [
+        # The same URL written another way: scheme and host case, a default port, a
+        # trailing slash, percent-encoded unreserved characters, query order, a fragment.
+        ("See HTTPS://Docs.Example.COM/Guide/Start?b=2&a=1.", 0),
+        (
+            "See https://docs.example.com:443/Guide/Start?b=2&a=1 or http://docs.example.com:80/Guide/Start?b=2&a=1",
+            0,
+        ),
+        ("See https://docs.example.com/Guide/Start/?a=1&b=2#install", 0),
+        ("See https://docs.example.com/%47uide/Start?a=%31&b=2", 0),
+        ("See https://docs.example.com/~bob/notes and https://docs.example.com/%7ebob/notes/", 0),
+        ("See https://docs.example.com/Guide/Start?b=2&a=1#top).", 0),
+        (
+            "(https://docs.example.com/Guide/Start?a=1&b=2), [https://docs.example.com/~bob/notes]",
+            0,
+        ),
+        # A URL whose own brackets are balanced keeps its closing one.
+        ("See https://en.wikipedia.org/wiki/Mercury_(planet).", 0),
+        ("See (https://en.wikipedia.org/wiki/Mercury_(planet)).", 0),
+        ("See https://en.wikipedia.org/wiki/Mercury_(element).", 1),
+        # Another path, host, port, query value or missing parameter is another URL.
+        ("See https://docs.example.com/guide/start?a=1&b=2", 1),
+        ("See https://docs.example.com/Guide/Stop?a=1&b=2", 1),
+        ("See https://docs.example.org/Guide/Start?a=1&b=2", 1),
+        ("See https://docs.example.com:8443/Guide/Start?a=1&b=2", 1),
+        ("See https://docs.example.com/Guide/Start?a=1&b=3", 1),
+        ("See https://docs.example.com/Guide/Start?a=1", 1),
+        ("See https://docs.example.com/Guide/Start", 1),
+        ("See https://docs.example.com/Guide/Start?a=1&b=2&c=3", 1),
+        # DOIs are case-insensitive, bare or as links.
+        ("See doi:10.1000/ABC.Def-9 and https://doi.org/10.1000/abc.def-9", 0),
+        ("See https://DOI.org/10.1000/ABC.DEF-9.", 0),
+        ("See doi:10.1000/abc.def-8", 1),
+    ],
+)
+async def test_urls_match_the_sources_after_canonicalisation(
+    env: BuildContext, answer: str, flagged: int
+) -> None:
+    filt = make_filter(env, groundedness={"enabled": False}, cutoff={"enabled": False})
+    docs = (
+        "Start here: https://docs.example.com/Guide/Start?a=1&b=2 and "
+        "https://docs.example.com/~bob/notes. Mercury: "
+        "https://en.wikipedia.org/wiki/Mercury_(planet). See doi:10.1000/abc.DEF-9.",
+    )
+    verdict = await filt.check(answer, out_ctx(documents=docs))
+    assert len(verdict.findings) == flagged, [answer[slice(*f.span)] for f in verdict.findings]
+
+
 async def test_blank_documents_are_no_sources(env: BuildContext) -> None:
     # They flagged every sentence of the answer as ungrounded, with support 0.
     filt = make_filter(env, cutoff={"enabled": False})
@@ -340,6 +390,53 @@ def test_cutoff_spans(text: str, expected: list[str]) -> None:
     from guardrail.filters.hallucination import _RECENCY
 
     spans = cutoff_spans(text, parse_date("2023-07"), _RECENCY)
+    assert [text[a:b] for a, b in spans] == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Digit groups of phone numbers: the last group once read as a year.
+        "Call 555-2024 to book.",
+        "Call +1 (212) 555-2031 or 1-800-555-2030.",
+        "Call +44 20 7946 2030 or 020 7946 2031.",
+        "Call 555 2030, ext. 2030, tel: 2031, phone 555 2031.",
+        # Ids and codes joined to letters or other digit groups.
+        "Your order A-2030-77 shipped; see ticket #2031 and Ticket No. 2030.",
+        "SKU 4412-2030 and part 2030-4412 are in stock; ID 2030-A too.",
+        "Invoice 2030/4412 is due; code 12-345-2031 is void.",
+    ],
+)
+def test_phone_numbers_ids_and_codes_are_no_years(text: str) -> None:
+    assert list(cutoff_spans(text, parse_date("2023-07"), None)) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("What happens in 2031?", ["2031"]),
+        ("Plans for March 2030 and May 1, 2030.", ["March 2030", "2030"]),
+        ("Due 2030-05-01 or 2030-05-01T10:00, else 2031-12.", ["2030", "2030", "2031"]),
+        ("On 05/01/2030 or 1-5-2030 or 12/2030.", ["2030", "2030", "2030"]),
+        ("Who wins the 2030 election? Done by 2030.", ["2030", "2030"]),
+        (
+            "From 2024-2026, then 2030\u20132031 and the 2030-31 season.",
+            ["2024", "2026", "2030", "2031", "2030"],
+        ),
+        (
+            "In mid-2030, the 2030s, (2031), JAN-2031 and post-2030 plans.",
+            ["2030", "2030", "2031", "2031", "2030"],
+        ),
+        (
+            "The 2030-era cars, Vision 2030 and the years 2030, 2031 and 2032.",
+            ["2030", "2030", "2030", "2031", "2032"],
+        ),
+    ],
+)
+def test_dates_and_years_near_digits_and_dashes_are_still_years(
+    text: str, expected: list[str]
+) -> None:
+    spans = cutoff_spans(text, parse_date("2023-07"), None)
     assert [text[a:b] for a, b in spans] == expected
 
 

@@ -29,6 +29,7 @@ import fnmatch
 import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -188,26 +189,77 @@ _AUTHOR_YEAR = re.compile(
 _TRAILING = ".,;:!?)]}>\"'*_\u2019\u201d\u3002\uff0c\uff01\uff1f\u2026"
 
 
+_CLOSING = {")": "(", "]": "[", "}": "{"}
+# RFC 3986 unreserved characters mean the same written as %XX or as themselves.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _strip_trailing(raw: str) -> str:
+    """``raw`` without the punctuation that ends a sentence or a bracket around it; a
+    closing bracket opened inside stays (``https://en.wikipedia.org/wiki/Mercury_(planet)``)."""
+    while raw and raw[-1] in _TRAILING:
+        opener = _CLOSING.get(raw[-1])
+        if opener is not None and raw.count(opener) >= raw.count(raw[-1]):
+            break
+        raw = raw[:-1]
+    return raw
+
+
+def _unescape_unreserved(part: str) -> str:
+    """``%7E`` is ``~``; any other escape keeps its meaning, written in upper case."""
+
+    def one(m: re.Match[str]) -> str:
+        char = chr(int(m.group(1), 16))
+        return char if char in _UNRESERVED else "%" + m.group(1).upper()
+
+    return _PERCENT.sub(one, part)
+
+
 def _norm_url(url: str) -> str:
-    url = url.rstrip(_TRAILING).lower()
-    url = re.sub(r"^https?://", "", url)
-    url = re.sub(r"^www\.", "", url)
-    return url.rstrip("/")
+    """The URL as compared: no scheme, ``www.``, default port, trailing slash or fragment;
+    the host in lower case; the query's parameters sorted by name.
+
+    Path and query stay case-sensitive, and every parameter and value is kept: another
+    page is another citation.
+    """
+    if not re.match(r"https?://", url, re.IGNORECASE):
+        url = "http://" + url  # "www.example.org/a"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # "http://[x" or a port that is no number: compare it as written
+        return url.lower()
+    host = (parts.hostname or "").rstrip(".")
+    host = host[4:] if host.startswith("www.") else host
+    if port is not None and str(port) != _DEFAULT_PORTS.get(parts.scheme.lower()):
+        host = f"{host}:{port}"
+    path = _unescape_unreserved(parts.path).rstrip("/")
+    params = [_unescape_unreserved(p) for p in parts.query.split("&") if p]
+    # Sorted by name only: repeated names ("a=2&a=1") keep their order, which may matter.
+    query = "&".join(sorted(params, key=lambda p: p.split("=", 1)[0]))
+    return host + path + ("?" + query if query else "")
+
+
+def _urls(text: str) -> Iterator[tuple[int, int]]:
+    """Spans of the URLs in ``text``, without the punctuation after them."""
+    for m in _URL.finditer(text):
+        yield m.start(), m.start() + len(_strip_trailing(m.group(0)))
 
 
 def citations(text: str) -> Iterator[tuple[int, int, str, str]]:
     """``(start, end, kind, key)`` of each citation in ``text``; ``key`` is what must match."""
     links = []
-    for m in _URL.finditer(text):
-        raw = m.group(0).rstrip(_TRAILING)
-        links.append((m.start(), m.start() + len(raw)))
-        yield m.start(), m.start() + len(raw), "url", _norm_url(raw)
+    for start, end in _urls(text):
+        links.append((start, end))
+        yield start, end, "url", _norm_url(text[start:end])
 
     def in_link(start: int, end: int) -> bool:  # "https://doi.org/10.x/y" is one citation
         return any(a <= start and end <= b for a, b in links)
 
     for m in _DOI.finditer(text):
-        raw = m.group(0).rstrip(_TRAILING)
+        raw = _strip_trailing(m.group(0))
         if not in_link(m.start(), m.start() + len(raw)):
             yield m.start(), m.start() + len(raw), "doi", raw.lower()
     for m in _ARXIV.finditer(text):
@@ -221,7 +273,7 @@ def citations(text: str) -> Iterator[tuple[int, int, str, str]]:
 
 def _has_doi(doi: str, folded: str) -> bool:
     """A whole DOI of the sources: ``10.1000/123`` is not ``10.1000/1234``."""
-    return doi in {m.rstrip(_TRAILING) for m in _DOI.findall(folded)}
+    return doi in {_strip_trailing(m) for m in _DOI.findall(folded)}
 
 
 def _has_arxiv(arxiv: str, folded: str) -> bool:
@@ -241,17 +293,19 @@ def verified(
 
     ``[n]`` needs at least ``n`` documents (``documents``; default: every source). A
     URL must be a whole URL of the sources, not a piece of one; an author-year
-    reference needs the name and the year in the same source.
+    reference needs the name and the year in the same source. URLs are compared in the
+    form :func:`_norm_url` gives both sides; DOIs ignore case, as DOIs do.
     """
     if kind == "numbered":
         return 1 <= int(key) <= (len(sources) if documents is None else documents)
     if kind == "url":
-        link = _ID_LINK.match(key)
+        link = _ID_LINK.match(key.lower())
         if link is not None:  # doi.org/10.x/y or arxiv.org/abs/2106.01234
             if link.group(1) is not None:
                 return _has_doi(link.group(1), folded)
             return _has_arxiv(link.group(2), folded)
-        return key in {_norm_url(u) for u in _URL.findall(folded)}
+        # From the sources as written: a URL's path and query are case-sensitive.
+        return key in {_norm_url(s[a:b]) for s in sources for a, b in _urls(s)}
     if kind == "doi":
         return _has_doi(key, folded)
     if kind == "arxiv":
@@ -280,10 +334,9 @@ _MONTHS = {
 }  # fmt: skip
 _YEAR = re.compile(
     r"(?:\b(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?,?\s+)?"
-    # Not part of a longer number or a word, and no bare count or code: "2100 calories",
-    # "port 2049", "the game 2048" ("2025年" is a year: no \b is needed before 年).
-    r"(?<![\dA-Za-z.#$\u00a3\u20ac\u00a5\u20b9])(?<!port )(?<!game )(?<!number )(?<!model )"
-    r"(?<!room )(?<!page )(?<!suite )(?<!flight )"
+    # Not part of a longer number or a word, and no bare count: "2100 calories", "$2099"
+    # ("2025年" is a year: no \b is needed before 年). Codes are _in_code's business.
+    r"(?<![\dA-Za-z.#$\u00a3\u20ac\u00a5\u20b9])"
     r"(?P<year>(?:19|20|21)\d\d)(?![\d.,]\d|\d)"
     r"(?!\s*(?:bc|bce|b\.c\.|calories|kcal|kg|km|mg|ml|mah|ohms?|watts?|rpm|dpi|px|mb|gb"
     r"|mhz|ghz|dollars|euros|points|words|tokens|characters|rows|items|people|users|grams|hours|hrs|pages|%)\b)",
@@ -301,6 +354,67 @@ _RECENCY = re.compile(
 )
 
 
+# A number named as one right before it: "port 2049", "ext. 2030", "Ticket No. 2031",
+# "call 555 2030" (the groups of a phone number may come between).
+_CODE_WORD = re.compile(
+    r"\b(?:port|game|number|model|room|page|suite|flight|ext|extension|tel|phone|fax|call"
+    r"|dial|mobile|ticket|order|invoice|sku|id|ref|pin|zip|serial|part|account|acct)\b\.?"
+    r"(?:\s*(?:no|nr|number)\b\.?)?[\s#:()+.\d-]*$",
+    re.IGNORECASE,
+)
+# The last group of a phone number written with spaces: after a country or area code
+# ("+44 20 7946 2030", "(212) 555 2031") or two more groups that are no years
+# ("020 7946 2030"; "2024 2025 2026" is a list of years).
+_PHONE_HEAD = re.compile(
+    r"(?:(?:\+\d{1,3}|\(\d{1,4}\))[\s.-]*(?:\d{1,5}[\s.-]+)+"
+    r"|(?<![\d,.])(?:(?!(?:19|20|21)\d\d\b)\d{2,5}\s+){2})$"
+)
+_DASH = "[-/\u2010-\u2014]"
+# Letters and digit groups joined to the year by dashes or slashes, on either side.
+_JOINED_BEFORE = re.compile(rf"(?:[A-Za-z0-9]+{_DASH})+$")
+_JOINED_AFTER = re.compile(rf"(?:{_DASH}[A-Za-z0-9]+)+")
+_A_YEAR = re.compile(r"(?:19|20|21)\d\d")
+_A_DAY = re.compile(r"(?:0?[1-9]|[12]\d|3[01])(?:T\d*)?")  # "01" of "2030-05-01T10:00"
+
+
+def _is_word(part: str) -> bool:
+    """ "mid" of "mid-2030", "era" of "2030-era", "JAN"; "A" of "A-2030-77" is a code."""
+    return part.isalpha() and (not part.isupper() or part.lower() in _MONTHS)
+
+
+def _date_before(parts: list[str]) -> bool:
+    """A year's left neighbours that make a date: "2024-" (a range), "05/01/", "mid-"."""
+    if len(parts) == 1 and (_A_YEAR.fullmatch(parts[0]) or _is_word(parts[0])):
+        return True
+    return len(parts) <= 2 and all(p.isdigit() and len(p) <= 2 for p in parts)
+
+
+def _date_after(parts: list[str], year: int) -> bool:
+    """A year's right neighbours that make a date: "-05-01", "-2031" or "-31" (a range), "-era"."""
+    first = parts[0]
+    if len(parts) == 1 and (_A_YEAR.fullmatch(first) or _is_word(first)):
+        return True
+    if len(parts) == 1 and len(first) == 2 and first.isdigit() and int(first) > year % 100:
+        return True  # "2030-31"
+    month = first.isdigit() and len(first) <= 2 and 1 <= int(first) <= 12
+    return month and (len(parts) == 1 or (len(parts) == 2 and bool(_A_DAY.fullmatch(parts[1]))))
+
+
+def _in_code(text: str, start: int, end: int) -> bool:
+    """Whether the year-like digits ``text[start:end]`` are a group of a phone number, an
+    id or a code ("555-2024", "A-2030-77", "ext. 2030") rather than a year."""
+    before = text[max(0, start - 40) : start]
+    if _CODE_WORD.search(before) or _PHONE_HEAD.search(before):
+        return True
+    joined = _JOINED_BEFORE.search(before)
+    if joined and not _date_before(re.split(_DASH, joined.group(0))[:-1]):
+        return True
+    joined = _JOINED_AFTER.match(text, end)
+    return joined is not None and not _date_after(
+        re.split(_DASH, joined.group(0))[1:], int(text[start:end])
+    )
+
+
 def cutoff_spans(
     text: str, cutoff: tuple[int, int] | None, recency: re.Pattern[str] | None
 ) -> Iterator[tuple[int, int]]:
@@ -309,7 +423,9 @@ def cutoff_spans(
         for m in _YEAR.finditer(text):
             year = int(m.group("year"))
             month = _MONTHS.get((m.group("month") or "").lower(), 1)
-            if (year, month) > cutoff:
+            if (year, month) <= cutoff:
+                continue
+            if m.group("month") or not _in_code(text, m.start("year"), m.end("year")):
                 yield m.start(), m.end()
     if recency is not None:
         for m in recency.finditer(text):
