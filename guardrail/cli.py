@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from guardrail.errors import ConfigError, GuardrailError, PolicyError
 
@@ -41,14 +42,27 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     return load_settings(getattr(args, "config", None), overrides=overrides)
 
 
-def _guard(policy_path: str, executor: ThreadPoolExecutor) -> Any:
-    """The policy's guard, built on a worker thread (torch stays off the main thread)."""
+# `policy test` checks decisions, not speed: its filters get this time limit instead of
+# the policy's, so a slow or busy machine (a first model call, a CI runner) does not
+# turn a test into an ERROR. A filter that hangs still ends.
+POLICY_TEST_TIMEOUT_S = 300.0
+
+
+def _guard(
+    policy_path: str, executor: ThreadPoolExecutor, *, timeout_s: float | None = None
+) -> Any:
+    """The policy's guard, built on a worker thread (torch stays off the main thread).
+
+    ``timeout_s`` replaces every filter's time limit when given.
+    """
     from guardrail.app import off_main_thread
 
-    return off_main_thread(lambda: _build_guard(policy_path, executor))
+    return off_main_thread(lambda: _build_guard(policy_path, executor, timeout_s))
 
 
-def _build_guard(policy_path: str, executor: ThreadPoolExecutor) -> Any:
+def _build_guard(
+    policy_path: str, executor: ThreadPoolExecutor, timeout_s: float | None = None
+) -> Any:
     from guardrail.guard.filter import BuildContext
     from guardrail.guard.guard import Guard
     from guardrail.guard.registry import filter_registry
@@ -58,6 +72,9 @@ def _build_guard(policy_path: str, executor: ThreadPoolExecutor) -> Any:
     settings = load_settings()
     registry = filter_registry()
     policy = load_policy(policy_path, registry)
+    if timeout_s is not None:
+        filters = tuple(dataclasses.replace(f, timeout_s=timeout_s) for f in policy.filters)
+        policy = dataclasses.replace(policy, filters=filters)
     env = BuildContext(
         executor=executor,
         base_dir=Path(policy_path).resolve().parent,
@@ -222,12 +239,12 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     from guardrail.settings import load_settings
 
     load_settings()  # bad settings are a startup error (exit 2), not every file's fault
-    passed = failed = broken = 0
+    passed = failed = errored = broken = 0
     with ThreadPoolExecutor(2) as executor:
         for path in args.files:
             # A file that does not load fails like a failing test; the others still run.
             try:
-                guard = _guard(path, executor)
+                guard = _guard(path, executor, timeout_s=POLICY_TEST_TIMEOUT_S)
             except PolicyError as e:
                 broken += 1
                 for problem in e.problems:
@@ -242,21 +259,35 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
                 print(f"{path}: no tests")
                 continue
             print(f"{path}: {len(tests)} tests ({guard.policy.name} {guard.policy.version})")
-            for line, ok in asyncio.run(_run_policy_tests(guard, verbose=args.verbose)):
-                passed, failed = passed + ok, failed + (not ok)
+            for line, result in asyncio.run(_run_policy_tests(guard, path, verbose=args.verbose)):
+                passed += result == "pass"
+                failed += result == "fail"
+                errored += result == "error"
                 if line:
                     print(line)
-    print(f"{passed} passed, {failed} failed" + (f", {broken} files invalid" if broken else ""))
-    return 1 if failed or broken else 0
+    summary = f"{passed} passed, {failed} failed"
+    summary += f", {errored} errored" if errored else ""
+    print(summary + (f", {broken} files invalid" if broken else ""))
+    return 1 if failed or errored or broken else 0
 
 
-async def _run_policy_tests(guard: Any, *, verbose: bool) -> list[tuple[str, bool]]:
-    """Each test's report line (empty for a quiet pass) and whether it passed."""
+TestResult = Literal["pass", "fail", "error"]
+
+
+async def _run_policy_tests(
+    guard: Any, path: str, *, verbose: bool
+) -> list[tuple[str, TestResult]]:
+    """Each test's report line (empty for a quiet pass) and its result.
+
+    A test during which a filter errored or timed out is an error whatever the action:
+    that action came from ``on_error``, not from the policy's judgement of the text.
+    """
     from guardrail.chat import Message
     from guardrail.guard.types import FilterContext
 
-    results = []
-    for i, test in enumerate(guard.policy.tests):
+    results: list[tuple[str, TestResult]] = []
+    policy = guard.policy
+    for i, test in enumerate(policy.tests):
         ctx = FilterContext(
             f"policy-test-{i}",
             stage=test.stage,
@@ -267,22 +298,31 @@ async def _run_policy_tests(guard: Any, *, verbose: bool) -> list[tuple[str, boo
             context_documents=tuple(test.context),
         )
         decision = await guard.check(test.stage, test.input, ctx)
-        # tests[i] as the loader's errors name it: two unnamed tests with the same input
-        # (for two tenants, say) are told apart, and the author finds the one in the file.
+        # file:line:column and tests[i] as the loader's errors name them: two unnamed
+        # tests with the same input (for two tenants, say) are told apart, and the
+        # author's editor jumps to the one in the file.
+        line, column = policy.test_positions[i] if i < len(policy.test_positions) else (1, 1)
         scope = [f"{k} {v}" for k, v in _test_scope(test)]
         where = ", ".join([test.stage.value, *scope])
-        label = f"tests[{i}] [{where}] {test.name or _preview(test.input)}"
-        if decision.action is test.expect:
-            results.append((f"  PASS  {label}" if verbose else "", True))
-            continue
-        why = ", ".join(f"{f.filter_id}/{f.rule_id or f.category}" for f in decision.findings)
-        results.append(
-            (
-                f"  FAIL  {label}: expected {test.expect.value}, "
-                f"got {decision.action.value} ({why or 'no findings'})",
-                False,
+        label = f"{path}:{line}:{column}: tests[{i}] [{where}] {test.name or _preview(test.input)}"
+        failures = [o for o in decision.outcomes if o.status != "ok"]
+        if failures:
+            why = ", ".join(
+                f"filter {o.filter_id} {o.status}" + (f" ({o.error})" if o.error else "")
+                for o in failures
             )
-        )
+            results.append((f"  ERROR {label}: {why}", "error"))
+        elif decision.action is test.expect:
+            results.append((f"  PASS  {label}" if verbose else "", "pass"))
+        else:
+            why = ", ".join(f"{f.filter_id}/{f.rule_id or f.category}" for f in decision.findings)
+            results.append(
+                (
+                    f"  FAIL  {label}: expected {test.expect.value}, "
+                    f"got {decision.action.value} ({why or 'no findings'})",
+                    "fail",
+                )
+            )
     return results
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 from guardrail.cli import main
+from guardrail.guard.filter import BuildContext, FilterSpec
+from guardrail.guard.registry import BUILTIN_FILTERS
+from guardrail.guard.types import FilterContext, Stage, Verdict
 from tests.conftest import DEFAULT_POLICY, ROOT, TEST_POLICY
 
 
@@ -81,12 +87,88 @@ def test_policy_test_reports_failures_and_exits_non_zero(
         + "  - {name: wrong on purpose, input: hello, expect: block}\n"
         + "  - {input: hello, expect: block, tenant: acme, route: completions}\n"
     )
+    lines = path.read_text(encoding="utf-8").splitlines()
+    wrong = lines.index("  - {name: wrong on purpose, input: hello, expect: block}") + 1
     code, out, _ = run(["policy", "test", str(path)], capsys)
     assert code == 1
-    assert "FAIL  tests[1] [input] wrong on purpose: expected block, got allow (no findings)" in out
+    # file:line:column of the test entry, as every other policy error names its place.
+    assert (
+        f"FAIL  {path}:{wrong}:5: tests[1] [input] wrong on purpose: "
+        "expected block, got allow (no findings)"
+    ) in out
     # Unnamed: its index and scope tell it apart from another test of the same input.
-    assert "FAIL  tests[2] [input, tenant acme, route completions] hello: expected block" in out
+    assert (
+        f"FAIL  {path}:{wrong + 1}:5: tests[2] [input, tenant acme, route completions] hello: "
+        "expected block"
+    ) in out
     assert out.strip().endswith("1 passed, 2 failed")
+
+
+class BrokenFilter:
+    """A filter whose every check raises: the guard answers with the policy's on_error."""
+
+    def __init__(self, name: str, config: Any, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        raise RuntimeError("broken on purpose")
+
+
+class NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+BROKEN = FilterSpec(type="broken", config_type=NoConfig, build=BrokenFilter)
+
+
+def test_policy_test_reports_a_filter_error_at_the_test_line_even_when_on_error_matches(
+    write_policy: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The block came from on_error, not from the policy's judgement: not a pass."""
+    monkeypatch.setitem(BUILTIN_FILTERS, "broken", "tests.test_cli:BROKEN")
+    path = write_policy(
+        'name: b\nversion: "1"\nfilters:\n  - {id: oops, type: broken}\n'
+        "tests:\n  - {name: fails closed, input: hello, expect: block}\n"
+    )
+    code, out, _ = run(["policy", "test", str(path)], capsys)
+    assert code == 1
+    assert (
+        f"ERROR {path}:6:5: tests[0] [input] fails closed: filter oops error (RuntimeError)" in out
+    )
+    assert out.strip().endswith("0 passed, 0 failed, 1 errored")
+
+
+class SlowFilter:
+    """A filter slower than its policy's timeout_ms, then allowing."""
+
+    def __init__(self, name: str, config: Any, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        await asyncio.sleep(0.3)
+        return Verdict()
+
+
+SLOW = FilterSpec(type="slow", config_type=NoConfig, build=SlowFilter)
+
+
+def test_policy_tests_check_decisions_not_the_policys_time_limits(
+    write_policy: Callable[..., Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow first model call on a busy CI machine must not be an ERROR."""
+    monkeypatch.setitem(BUILTIN_FILTERS, "slow", "tests.test_cli:SLOW")
+    path = write_policy(
+        'name: s\nversion: "1"\ntimeout_ms: 50\nfilters:\n  - {id: lazy, type: slow}\n'
+        "tests:\n  - {name: slow but fine, input: hello, expect: allow}\n"
+    )
+    code, out, _ = run(["policy", "test", str(path)], capsys)
+    assert (code, out.strip().splitlines()[-1]) == (0, "1 passed, 0 failed")
 
 
 def test_policy_test_reports_an_invalid_file_and_still_runs_the_others(

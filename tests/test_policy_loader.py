@@ -102,6 +102,23 @@ def test_valid_policy_loads_with_typed_filter_config(
     assert policy.tests[1].stage is Stage.OUTPUT
 
 
+def test_each_test_keeps_the_line_and_column_its_entry_starts_at(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    """`policy test` names a failing test as file:line, like every other policy error."""
+    policy = load_policy(FIXTURES / "valid.yaml", registry)
+
+    assert policy.test_positions == ((45, 5), (48, 5))
+    text = (
+        'name: p\nversion: "1"\ntests:\n'
+        "  - {input: a, expect: allow}\n"
+        "\n"
+        "  -   input: b\n"
+        "      expect: block\n"
+    )
+    assert load_policy_text(text, "inline.yaml", registry).test_positions == ((4, 5), (6, 7))
+
+
 def test_filter_defaults_come_from_the_policy_and_the_filter_type(
     registry: PluginRegistry[FilterSpec],
 ) -> None:
@@ -425,6 +442,41 @@ def test_policy_error_message_lists_every_problem(registry: PluginRegistry[Filte
     assert str(caught.value).splitlines() == [str(p) for p in caught.value.problems]
 
 
+class StagedRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    stages: list[Stage] | None = None
+
+
+class StagedRulesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    rules: list[StagedRule] = msgspec.field(default_factory=list)
+
+
+def test_a_rule_outside_the_stages_its_filter_type_runs_at_is_an_error(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    """The entry sets no stages: it runs at every stage its (input-only) type supports."""
+    registry.register(
+        "input-rules",
+        FilterSpec(
+            type="input-rules",
+            config_type=StagedRulesConfig,
+            build=InputOnlyFilter,
+            stages=frozenset({Stage.INPUT}),
+        ),
+    )
+    text = (
+        HEAD
+        + "filters:\n  - id: a\n    type: input-rules\n    config:\n      rules:\n"
+        + "        - {id: live, stages: [input, output]}\n"
+        + "        - {id: dead, stages: [output]}\n"
+    )
+    assert text_problems(text, registry) == [
+        "inline.yaml:9:30: filters[0].config.rules[1].stages: rule 'dead' runs at output "
+        "only, but the 'input-rules' filter runs at input only: the rule would never run "
+        "(change the rule's 'stages')"
+    ]
+
+
 # --- the exported editor schema --------------------------------------------------------
 
 
@@ -477,6 +529,42 @@ def test_a_valid_policy_validates_against_the_exported_schema() -> None:
 def test_an_invalid_policy_fails_the_exported_schema(fixture: str) -> None:
     validator = jsonschema.Draft202012Validator(policy_json_schema(filter_registry()))
     assert not validator.is_valid(load_yaml(FIXTURES / fixture))
+
+
+AGREEMENT_CASES = [
+    pytest.param("timeout_ms: {v}\n", id="timeout_ms"),
+    pytest.param("stream: {{window_chars: {v}}}\n", id="stream.window_chars"),
+    pytest.param(
+        "filters:\n  - {{id: a, type: rules, timeout_ms: {v}}}\n", id="filters[0].timeout_ms"
+    ),
+    pytest.param(
+        "filters:\n  - {{id: a, type: rules, config: {{segment_chars: {v}}}}}\n",
+        id="rules.segment_chars",
+    ),
+]
+
+
+@pytest.mark.parametrize("value", ["200", "200.0", "2.5", "'200'", "true", "0", "-1.0"])
+@pytest.mark.parametrize("where", AGREEMENT_CASES)
+def test_the_loader_and_the_exported_schema_agree_on_whole_numbers(where: str, value: str) -> None:
+    """JSON has one number type: Draft 2020-12 counts 200.0 as an integer, as does any
+    YAML-to-JSON step a CI check runs first. A file that passes the schema loads, with
+    the value as an int, and one the loader refuses fails the schema."""
+    text = 'name: p\nversion: "1"\n' + where.format(v=value)
+    schema = jsonschema.Draft202012Validator(policy_json_schema(filter_registry()))
+    schema_accepts = schema.is_valid(yaml.safe_load(text))
+    try:
+        policy = load_policy_text(text, "inline.yaml", filter_registry())
+    except PolicyError:
+        loader_accepts = False
+    else:
+        loader_accepts = True
+        ints = [policy.stream.window_chars] + [
+            getattr(f.config, "segment_chars", 0) for f in policy.filters
+        ]
+        assert all(type(n) is int for n in ints)
+    assert loader_accepts == schema_accepts
+    assert loader_accepts == (value in ("200", "200.0"))
 
 
 class ClashRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

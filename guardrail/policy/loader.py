@@ -39,7 +39,7 @@ import msgspec
 import yaml
 from jsonschema.exceptions import ValidationError, best_match
 from jsonschema.protocols import Validator
-from jsonschema.validators import Draft202012Validator, extend
+from jsonschema.validators import Draft202012Validator
 
 from guardrail.errors import PolicyError, Problem, RegistryError
 from guardrail.guard.filter import FilterSpec
@@ -168,7 +168,7 @@ def _load(
         raise PolicyError(_sorted(problems))
 
     try:
-        doc = msgspec.convert(data, PolicyDocument)
+        doc = _convert(data, PolicyDocument)
     except msgspec.ValidationError as e:
         # The schema is generated from these structs, so this is a safety net only.
         raise PolicyError([where.problem(name, _msgspec_issue(e, ()))]) from e
@@ -198,6 +198,7 @@ def _load(
         stream=doc.stream,
         filters=tuple(resolved),
         tests=tuple(doc.tests),
+        test_positions=tuple(where.value_at(("tests", i)) for i in range(len(doc.tests))),
     )
 
 
@@ -398,15 +399,11 @@ class _Builder:
 # --- schema validation -----------------------------------------------------------------
 
 
-def _is_integer(_checker: object, value: object) -> bool:
-    # jsonschema counts 2.0 as an integer; msgspec (rightly) does not accept it for an int.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_Validator: type[Validator] = extend(  # type: ignore[no-untyped-call]  # untyped in the stubs
-    Draft202012Validator,
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
-)
+# Plain Draft 2020-12, as editors and CI checks read the exported schema: a file passes
+# it exactly when it passes here. There a whole number written 200.0 is an integer (JSON
+# has one number type; no schema can refuse it), so it is one here too, and _convert
+# turns it into the int the typed structs hold.
+_Validator = Draft202012Validator
 
 
 @functools.cache
@@ -423,6 +420,16 @@ def _config_validator(config_type: type[Any]) -> Validator:
     if validator is None:
         validator = _CONFIG_VALIDATORS[config_type] = _Validator(msgspec.json.schema(config_type))
     return validator
+
+
+def _convert(data: Any, type_: type[Any]) -> Any:
+    """``data``, which the schema of ``type_`` accepted, as a ``type_``.
+
+    Lax conversion, for one coercion only: a whole number written as a float (200.0)
+    becomes the int the schema counts it as. The other lax coercions (text to a number
+    or a boolean) never apply: the schema has refused text where it wants those.
+    """
+    return msgspec.convert(data, type_, strict=False)
 
 
 def _schema_issues(validator: Validator, instance: Any, prefix: JsonPath) -> Iterator[_Issue]:
@@ -714,11 +721,25 @@ def _check_stages(spec: FilterSpec, stages: Any, path: JsonPath) -> Iterator[_Is
 
 def _dead_rules(spec: FilterSpec, stages: Any, typed: Any, path: JsonPath) -> Iterator[_Issue]:
     """A rule whose own ``stages`` miss every stage its filter entry runs at would never
-    run: the author meant something else, so it is an error, at the rule's stages."""
+    run: the author meant something else, so it is an error, at the rule's stages.
+
+    An entry without ``stages`` runs at every stage its type supports, so a rule can
+    also be dead in a filter type that supports fewer stages than the rule names.
+    """
     rules = getattr(typed, "rules", None)
-    if not isinstance(rules, list) or not isinstance(stages, list):
+    if not isinstance(rules, list):
         return
-    runs = {Stage(s) for s in stages if s in _STAGES} & spec.stages
+    if isinstance(stages, list):
+        runs = {Stage(s) for s in stages if s in _STAGES} & spec.stages
+        where, fix = (
+            "this filter entry",
+            "add its stage to the entry's 'stages', or change the rule's",
+        )
+    elif stages is None:
+        runs = set(spec.stages)
+        where, fix = f"the '{spec.type}' filter", "change the rule's 'stages'"
+    else:  # not a list: reported by the schema
+        return
     if not runs:  # the entry's own stages are wrong: reported by _check_stages
         return
     for k, rule in enumerate(rules):
@@ -726,9 +747,8 @@ def _dead_rules(spec: FilterSpec, stages: Any, typed: Any, path: JsonPath) -> It
         if own and not runs & set(own):
             yield _Issue(
                 (*path, "rules", k, "stages"),
-                f"rule '{rule.id}' runs at {', '.join(sorted(own))} only, but this filter "
-                f"entry runs at {', '.join(sorted(runs))} only: the rule would never run "
-                "(add its stage to the entry's 'stages', or change the rule's)",
+                f"rule '{rule.id}' runs at {', '.join(sorted(own))} only, but {where} "
+                f"runs at {', '.join(sorted(runs))} only: the rule would never run ({fix})",
             )
 
 
@@ -745,7 +765,7 @@ def _check_config(
         pruned = _without(config, [r[len(path) :] for r in removed])
         if pruned is not None and spec.validate is not None:
             try:
-                typed = msgspec.convert(pruned, spec.config_type)
+                typed = _convert(pruned, spec.config_type)
                 found = [_Issue((*path, *c.path), c.message) for c in spec.validate(typed)]
             except Exception:  # best effort: the schema issues stand
                 found = []
@@ -754,7 +774,7 @@ def _check_config(
             issues += [i for i in found if not any(r[: len(i.path)] == i.path for r in removed)]
         return None
     try:
-        typed = msgspec.convert(config, spec.config_type)
+        typed = _convert(config, spec.config_type)
     except msgspec.ValidationError as e:
         issues.append(_msgspec_issue(e, path))
         return None

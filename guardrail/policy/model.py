@@ -163,7 +163,12 @@ class FilterConfig:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """A loaded, validated policy. ``digest`` is the sha256 of the file's bytes."""
+    """A loaded, validated policy. ``digest`` is the sha256 of the file's bytes.
+
+    ``test_positions`` holds the 1-based ``(line, column)`` where each of ``tests``
+    starts in the policy text, in the same order, so `guardrail policy test` names a
+    test as ``file:line:column`` like every other policy error.
+    """
 
     name: str
     version: str
@@ -175,3 +180,4 @@ class Policy:
     stream: StreamSettings
     filters: tuple[FilterConfig, ...]
     tests: tuple[PolicyTest, ...]
+    test_positions: tuple[tuple[int, int], ...] = ()
