@@ -785,3 +785,70 @@ def test_the_policy_is_built_off_the_main_thread(
     make_app()
     assert builders
     assert threading.main_thread() not in builders
+
+
+class _Seen(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+def test_a_plugin_is_given_a_message_only_when_it_checks_that_message(
+    write_policy: Callable[..., Path], backend: FakeBackend
+) -> None:
+    """On every route, ``ctx.message_index`` is None or names the message being checked."""
+    from guardrail.app import create_app
+    from guardrail.guard.filter import FilterSpec
+    from guardrail.guard.registry import filter_registry
+    from guardrail.guard.types import FilterContext
+    from guardrail.settings import Settings
+
+    seen: list[tuple[str, str, str, int | None]] = []
+    wrong: list[tuple[str, str, int | None]] = []
+
+    class Seeing:
+        def __init__(self, name: str, config: _Seen, env: Any) -> None:
+            self.name, self.stages = name, frozenset(Stage)
+
+        async def check(self, text: str, ctx: FilterContext) -> Verdict:
+            index = ctx.message_index
+            # What a plugin may rely on without checking. (Recorded, not asserted: the
+            # guard would turn an AssertionError into a filter error.)
+            message = ctx.messages[index] if index is not None else None
+            if message is not ctx.message or (message is not None and message.content != text):
+                wrong.append((ctx.route, text, index))
+            seen.append((ctx.route, ctx.stage.value, text, index))
+            return Verdict()
+
+    registry = filter_registry()
+    registry.register("seeing", FilterSpec(type="seeing", config_type=_Seen, build=Seeing))
+    policy = write_policy('name: s\nversion: "1"\nfilters:\n  - {id: s, type: seeing}\n')
+    app = create_app(Settings(policy=str(policy)), backend=backend, filters=registry)
+    history = [
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "more"},
+    ]
+    with TestClient(app=app) as c:
+        assert c.post("/v1/chat/completions", json=chat("x") | {"messages": history}).is_success
+        assert c.post("/v1/chat/completions", json=chat("go", stream=True)).is_success
+        assert c.post("/v1/completions", json={"model": "fake-model", "prompt": "Once"}).is_success
+        # The prompt is messages[0]; the inputs are no messages, even one with its text.
+        moderation = {"input": ["Why?", "an answer"], "prompt": "Why?", "stage": "output"}
+        assert c.post("/v1/moderations", json=moderation).is_success
+    assert wrong == []
+    by_route = {
+        route: sorted((stage, text, index) for r, stage, text, index in seen if r == route)
+        for route in ("chat", "completions", "moderations")
+    }
+    reply = backend.reply
+    assert by_route["chat"][:5] == [
+        ("input", "be kind", 0),
+        ("input", "go", 0),
+        ("input", "hello", 2),
+        ("input", "hi", 1),
+        ("input", "more", 3),
+    ]
+    assert all(index is None for stage, _, index in by_route["chat"] if stage == "output")
+    assert ("output", reply, None) in by_route["chat"]
+    assert by_route["completions"] == [("input", "Once", 0), ("output", reply, None)]
+    assert by_route["moderations"] == [("output", "Why?", None), ("output", "an answer", None)]

@@ -16,9 +16,25 @@ from guardrail.chat import Message
 from guardrail.errors import BackendError, ConfigError
 from tests.conftest import tiny_decoder
 
+# The Llama 2 chat checkpoints' own template, written from Meta's reference rules: the
+# system text is joined to the first user turn, then each turn is stripped as a whole.
+LLAMA2_TEMPLATE = r"""
+{%- set ns = namespace(system=none, turns=messages) -%}
+{%- if messages and messages[0].role == 'system' -%}
+  {%- set ns.system = messages[0].content -%}{%- set ns.turns = messages[1:] -%}
+{%- endif -%}
+{%- for m in ns.turns -%}
+  {%- set text = m.content -%}
+  {%- if loop.first and ns.system is not none -%}
+    {%- set text = '<<SYS>>\n' + ns.system + '\n<</SYS>>\n\n' + text -%}
+  {%- endif -%}
+  {%- if m.role == 'user' -%}{{ bos_token + '[INST] ' + text.strip() + ' [/INST]' }}
+  {%- else -%}{{ ' ' + text.strip() + ' ' + eos_token }}{%- endif -%}
+{%- endfor -%}
+"""
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
+
+def _tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,6 +49,19 @@ def tokenizer() -> Any:
     corpus = ["[INST] <<SYS>> <</SYS>> [/INST] Be brief. Hi Hello More? What is two plus two?"]
     raw.train_from_iterator(corpus * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return _tokenizer()
+
+
+@pytest.fixture(scope="module")
+def templated() -> Any:
+    """The same tokenizer, carrying the Llama 2 chat template as checkpoints ship it."""
+    tok = _tokenizer()
+    tok.chat_template = LLAMA2_TEMPLATE
+    return tok
 
 
 def test_the_llama2_format_wraps_system_turns_and_answers(tokenizer: Any) -> None:
@@ -50,6 +79,55 @@ def test_the_llama2_format_wraps_system_turns_and_answers(tokenizer: Any) -> Non
     assert ids[0] == bos
     assert ids.count(bos) == 2
     assert ids.count(eos) == 1
+
+
+SYSTEM_CASES = [
+    pytest.param(None, "Hi", "[INST] Hi [/INST]", id="no-system"),
+    pytest.param("", "Hi", "[INST] <<SYS>>\n\n<</SYS>>\n\nHi [/INST]", id="empty"),
+    pytest.param("   ", "Hi", "[INST] <<SYS>>\n   \n<</SYS>>\n\nHi [/INST]", id="spaces"),
+    pytest.param("\n", " Hi ", "[INST] <<SYS>>\n\n\n<</SYS>>\n\n Hi [/INST]", id="newline"),
+    pytest.param(
+        " Be brief.\n", "Hi\n", "[INST] <<SYS>>\n Be brief.\n\n<</SYS>>\n\nHi [/INST]", id="padded"
+    ),
+    pytest.param("", "", "[INST] <<SYS>>\n\n<</SYS>> [/INST]", id="all-blank"),
+    pytest.param(None, "  Hi  ", "[INST] Hi [/INST]", id="padded-user"),
+]
+
+
+def _conversation(system: str | None, user: str, role: str = "system") -> list[Message]:
+    head = [] if system is None else [Message(role, system)]
+    return [
+        *head,
+        Message("user", user),
+        Message("assistant", " Hello\n"),
+        Message("user", "More?"),
+    ]
+
+
+@pytest.mark.parametrize(("system", "user", "first"), SYSTEM_CASES)
+@pytest.mark.parametrize("role", ["system", "developer"])
+def test_a_blank_system_message_keeps_its_block_as_in_the_reference(
+    tokenizer: Any, system: str | None, user: str, first: str, role: str
+) -> None:
+    """Meta's reference keeps the <<SYS>> block for any system message, empty or blank,
+    and strips only the joined first turn."""
+    ids = llama2_chat_ids(tokenizer, _conversation(system, user, role))
+    assert tokenizer.decode(ids) == f"<s>{first} Hello </s><s>[INST] More? [/INST]"
+
+
+@pytest.mark.parametrize(("system", "user", "first"), SYSTEM_CASES)
+def test_the_built_format_and_the_checkpoint_template_give_the_same_ids(
+    tokenizer: Any, templated: Any, system: str | None, user: str, first: str
+) -> None:
+    """A checkpoint with the template and one without get the same prompt, token for token."""
+    messages = _conversation(system, user)
+    rendered = templated.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages], tokenize=False
+    )
+    assert rendered == f"<s>{first} Hello </s><s>[INST] More? [/INST]"
+    # Tokenized whole, as the local backend does: "<s>" and "</s>" become the tokens.
+    ids = templated(rendered, add_special_tokens=False)["input_ids"]
+    assert ids == llama2_chat_ids(tokenizer, messages)
 
 
 def test_a_user_typing_the_special_text_gets_no_special_tokens(tokenizer: Any) -> None:

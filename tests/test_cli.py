@@ -268,6 +268,35 @@ def test_schema_command_matches_the_committed_schema(
     assert out_file.read_text() == (ROOT / "policies" / "schema.json").read_text()
 
 
+@pytest.mark.parametrize("value", ["3", "0", "1.5", "true", "false", '["weapons"]', '{"a": 1}'])
+def test_an_eval_record_whose_category_is_not_a_string_is_an_error(
+    tmp_path: Path, value: str
+) -> None:
+    """Never stringified into a category ("3", "True"): the file and line are named."""
+    from guardrail.errors import ConfigError
+    from guardrail.evaluation import read_dataset
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        '{"text": "a", "label": "allow", "category": "fine"}\n'
+        f'{{"text": "b", "label": "block", "category": {value}}}\n'
+    )
+    with pytest.raises(ConfigError) as raised:
+        read_dataset(data)
+    assert str(raised.value) == f'{data}:2: "category" must be a string, got {json.loads(value)!r}'
+
+
+@pytest.mark.parametrize(("value", "category"), [("null", None), ('""', None), ('"x"', "x")])
+def test_a_null_or_empty_eval_category_means_none(
+    tmp_path: Path, value: str, category: str | None
+) -> None:
+    from guardrail.evaluation import read_dataset
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(f'{{"text": "a", "label": "block", "category": {value}}}\n')
+    assert [e.category for e in read_dataset(data)] == [category]
+
+
 def test_bad_inputs_and_paths_are_clear_errors_not_tracebacks(
     test_policy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -291,6 +320,17 @@ def test_bad_inputs_and_paths_are_clear_errors_not_tracebacks(
     code, _, err = run(["model", "prepare", "--cache-dir", "/proc/no/such"], capsys)
     assert code == 2
     assert err.startswith("guardrail: ")
+
+
+@pytest.mark.parametrize("slashes", ["///", "////"])
+def test_report_names_an_sqlite_file_by_its_path_not_the_dsn_remainder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], slashes: str
+) -> None:
+    missing = tmp_path / "no-audit.db"  # sqlite:////tmp/... was once shown as //tmp/...
+    dsn = f"sqlite:{slashes}{str(missing).lstrip('/')}"
+    code, _, err = run(["report", "--audit-dsn", dsn], capsys)
+    assert code == 2
+    assert f"no audit database at {missing} " in err
 
 
 def test_startup_problems_are_exit_2_with_one_line_not_a_traceback(

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from guardrail.chat import Message
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.guard import FILTER_ERROR_CATEGORY, Guard
 from guardrail.guard.registry import filter_registry
@@ -387,3 +388,53 @@ def test_shared_resources_create_each_model_once_across_threads() -> None:
     assert all(r is results[0] for r in results)
     assert shared.get(("model", "y"), load) is not results[0]
     assert len(shared) == 2
+
+
+class Seen(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class SeeingFilter:
+    """Records what a plugin would see: the text, the index and the message it names."""
+
+    def __init__(self, name: str, config: Seen, env: BuildContext) -> None:
+        self.name, self.stages = name, frozenset(Stage)
+        self.seen: list[tuple[str, int | None, str | None]] = []
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        message = ctx.message
+        self.seen.append((text, ctx.message_index, None if message is None else message.content))
+        return Verdict()
+
+
+@pytest.mark.parametrize("index", [-1, 2, 5])
+def test_a_context_cannot_name_a_message_it_does_not_have(index: int) -> None:
+    messages = (Message("system", "s"), Message("user", "u"))
+    with pytest.raises(ValueError, match="message_index"):
+        FilterContext("r", messages=messages, message_index=index)
+    with pytest.raises(ValueError, match="message_index"):
+        FilterContext("r", messages=messages).at(Stage.INPUT, index)
+    assert FilterContext("r", messages=messages, message_index=1).message == messages[1]
+    assert FilterContext("r", messages=messages).message is None
+
+
+async def test_a_filter_gets_an_index_only_for_the_message_it_checks(
+    registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor
+) -> None:
+    registry.register("seeing", FilterSpec(type="seeing", config_type=Seen, build=SeeingFilter))
+    policy = load_policy_text(
+        'name: t\nversion: "1"\nfilters:\n  - {id: s, type: seeing}\n', "inline.yaml", registry
+    )
+    guard = Guard.build(policy, registry, BuildContext(executor))
+    (_, filt), *_ = guard.filters
+    assert isinstance(filt, SeeingFilter)
+    messages = (Message("system", "be kind"), Message("user", "hi"), Message("user", ""))
+    ctx = FilterContext("r", messages=messages)
+    await guard.check_messages(Stage.INPUT, messages, ctx)
+    assert sorted(filt.seen) == [("be kind", 0, "be kind"), ("hi", 1, "hi")]
+    filt.seen.clear()
+    # A caller passing a context for another text: the index does not reach the filter.
+    await guard.check(Stage.INPUT, "hi [redacted]", ctx.at(Stage.INPUT, 1))
+    await guard.check(Stage.OUTPUT, "an answer", ctx.at(Stage.INPUT, 1))
+    await guard.check(Stage.OUTPUT, "hi", ctx.at(Stage.INPUT, 1))  # the same text: kept
+    assert filt.seen == [("hi [redacted]", None, None), ("an answer", None, None), ("hi", 1, "hi")]

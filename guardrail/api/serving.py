@@ -530,11 +530,10 @@ class Serving:
         try:
             chars = sum(len(t) for t in body.inputs())
             await self._admit(admission, principal, rules, estimate_tokens(chars, 0))
+            # No message index: the inputs are the texts to judge, not messages of the
+            # conversation (that is the prompt alone, if given).
             decisions = await asyncio.gather(
-                *(
-                    guard.check(stage, text, ctx.at(stage, i))
-                    for i, text in enumerate(body.inputs())
-                )
+                *(guard.check(stage, text, ctx) for text in body.inputs())
             )
             exchange.decisions.extend(decisions)
             grounding = None

@@ -10,7 +10,10 @@ ids:
   ``<s>[INST] {user} [/INST] {answer} </s>``, where ``<s>`` and ``</s>`` are the BOS
   and EOS *tokens* (never the literal text, which a user could otherwise type);
 - a system prompt goes inside the first ``[INST]``, wrapped as
-  ``<<SYS>>\\n{system}\\n<</SYS>>\\n\\n`` before the user's text;
+  ``<<SYS>>\\n{system}\\n<</SYS>>\\n\\n`` before the user's text. As in the reference
+  code, the block is there whenever a system message is, even an empty one, and the
+  system text goes in as written: only each turn's whole text (the first one's with its
+  system block) is stripped of surrounding whitespace;
 - the conversation ends with an open ``[INST] ... [/INST]`` for the model to answer.
 
 Roles must alternate user/assistant after an optional system message; anything else is
@@ -56,9 +59,9 @@ def llama2_chat_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
             status=400,
         )
     turns = list(messages)
-    system = ""
+    system: str | None = None
     if turns and turns[0].role in ("system", "developer"):
-        system = turns.pop(0).content.strip()
+        system = turns.pop(0).content
     roles = [m.role for m in turns]
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
     if not turns or roles != expected or roles[-1] != "user":
@@ -70,10 +73,12 @@ def llama2_chat_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
         )
     ids: list[int] = []
     for i in range(0, len(turns), 2):
-        user = turns[i].content.strip()
-        if i == 0 and system:
+        user = turns[i].content
+        if i == 0 and system is not None:
+            # Meta's reference joins first and strips the result, so a blank system
+            # prompt still leaves its (empty) block, and whitespace inside it stays.
             user = f"{_B_SYS}{system}{_E_SYS}{user}"
-        exchange = f"{_B_INST} {user} {_E_INST}"
+        exchange = f"{_B_INST} {user.strip()} {_E_INST}"
         answered = i + 1 < len(turns)
         if answered:
             exchange += f" {turns[i + 1].content.strip()} "

@@ -557,8 +557,8 @@ class HallucinationFilter:
             and ctx.messages[index].role != "user"
         ):
             return Verdict()  # sources and history are not questions
-        # (A moderation request numbers its inputs, not messages: an index that does not
-        # point at this text is no message of the conversation.)
+        # (Without an index, as for a moderation request's inputs, the text is no message
+        # of the conversation.)
         if self._config.cutoff.enabled and ctx.stage in self._cutoff_stages:
             findings.extend(self._cutoff_findings(text, ctx))
         if ctx.stage is Stage.OUTPUT:

@@ -111,8 +111,15 @@ class Guard:
 
     async def check(self, stage: Stage, text: str, ctx: FilterContext) -> Decision:
         """Decide on one ``text`` at ``stage`` with every filter. Never raises for a
-        filter's failure."""
-        ctx = ctx if ctx.stage is stage else ctx.at(stage, ctx.message_index)
+        filter's failure.
+
+        ``ctx.message_index`` reaches the filters only if that message is ``text``.
+        """
+        index = ctx.message_index
+        if index is not None and ctx.messages[index].content != text:
+            index = None  # the text is not that message: filters get no index for it
+        if ctx.stage is not stage or index != ctx.message_index:
+            ctx = ctx.at(stage, index)
         return await self._decide(stage, text, ctx, self._by_stage[stage])
 
     async def check_messages(

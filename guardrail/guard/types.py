@@ -158,6 +158,15 @@ def apply_redactions(text: str, redactions: Iterable[Redaction]) -> str:
 class FilterContext:
     """What a filter may know about the request besides the text it checks.
 
+    ``messages`` is the conversation (the chat messages, or the completions prompt as
+    one user message; a moderation request's ``prompt``). ``message_index`` says which
+    of them the checked text is, and :attr:`message` gives that message: a filter need
+    not check either. The index is always a valid index of ``messages`` (checked when
+    the context is made), and the guard hands a filter an index only when that
+    message's content *is* the text being checked; otherwise it is ``None``: a
+    completion or stream window, each input of a moderation request, a response
+    format's schema, the joined conversation a conversation-level filter sees.
+
     ``state`` is request-scoped scratch space (for example a PII filter's placeholder
     mapping), keyed by filter id by convention: it lives exactly as long as the
     request and is never shared between requests.
@@ -172,6 +181,20 @@ class FilterContext:
     message_index: int | None = None
     context_documents: tuple[str, ...] = ()
     state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        index = self.message_index
+        # Negative indexes too: messages[-1] would quietly name another message.
+        if index is not None and not 0 <= index < len(self.messages):
+            raise ValueError(
+                f"message_index {index} is not an index of the {len(self.messages)} messages"
+            )
+
+    @property
+    def message(self) -> Message | None:
+        """The message whose text is being checked, or ``None`` (see the class doc)."""
+        index = self.message_index
+        return None if index is None else self.messages[index]
 
     def at(self, stage: Stage, message_index: int | None = None) -> FilterContext:
         """The same request context for another stage or message (``state`` is shared)."""
