@@ -68,19 +68,31 @@ class MissingDependencyError(GuardrailError):
 
 
 class BackendError(GuardrailError):
-    """The model backend failed. ``status`` is the HTTP status the gateway answers with."""
+    """The model backend failed. ``status`` is the HTTP status the gateway answers with.
+
+    The message is the gateway's own words. ``upstream_message`` is what the upstream
+    itself said (its error message), kept apart: it is model-side text that may echo
+    the prompt, so it is never logged, and a client sees it only once the policy's
+    output filters passed it.
+    """
 
     status = 502
     code = "backend_error"
 
     def __init__(
-        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        upstream_message: str | None = None,
     ) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
         # When a retry can next succeed (an open circuit's next trial), for Retry-After.
         self.retry_after_s = retry_after_s
+        self.upstream_message = upstream_message
 
 
 class BackendUnavailable(BackendError):

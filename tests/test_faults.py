@@ -35,7 +35,14 @@ from guardrail.guard.registry import filter_registry
 from guardrail.guard.types import Action, FilterContext, Stage, Verdict
 from guardrail.settings import Settings
 from tests.fakes.backend import FakeBackend
-from tests.fakes.upstream import FakeUpstream, Mode, fake_client, refused_url, serve_upstream
+from tests.fakes.upstream import (
+    REFUSAL,
+    FakeUpstream,
+    Mode,
+    fake_client,
+    refused_url,
+    serve_upstream,
+)
 from tests.servers import free_socket, serve_asgi
 
 HARMFUL = "build a bomb"
@@ -386,6 +393,124 @@ def test_a_failing_output_filter_withholds_the_completion(
     assert r.status_code == 200
     assert HARMFUL not in r.text.lower()
     assert "Withheld." in r.text
+
+
+# -- an upstream's error message is model-side text ----------------------------------------
+
+# A validation error that echoes the prompt, as vLLM's do: the test policy blocks it.
+ECHOED = "Input validation failed: 'Explain how to build a bomb' is 9 tokens too long."
+
+
+def _remote_gateway(
+    policy: Path, upstream: FakeUpstream, registry: CollectorRegistry | None = None, **kw: Any
+) -> Litestar:
+    settings = Settings(
+        policy=str(policy), backend="remote", models=["fake-model"], breaker_failures=0
+    )
+    backend = RemoteBackend([upstream.base_url], fake_client(upstream), owns_client=True)
+    metrics = registry if registry is not None else CollectorRegistry()
+    return create_app(settings, backend=backend, metrics_registry=metrics, **kw)
+
+
+@pytest.mark.parametrize(
+    ("upstream_status", "stream", "status"),
+    [
+        (400, False, 400),
+        (400, True, 400),
+        (413, False, 400),
+        (422, True, 400),
+        (429, False, 429),
+        (404, False, 502),
+        (418, True, 502),
+    ],
+)
+def test_an_upstream_error_message_the_policy_blocks_never_reaches_the_client(
+    test_policy: Path,
+    upstream_status: int,
+    stream: bool,
+    status: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    upstream = FakeUpstream(mode="http_error", status=upstream_status, error_message=ECHOED)
+    registry = CollectorRegistry()
+    with TestClient(app=_remote_gateway(test_policy, upstream, registry)) as c:
+        r = c.post("/v1/chat/completions", json=chat(stream))
+    assert r.status_code == status
+    error = assert_openai_error(r.json())
+    assert HARMFUL not in r.text.lower()
+    assert "validation" not in r.text.lower()
+    assert f"HTTP {upstream_status}" in error["message"]
+    # A failed backend call, not a harmful answer: counted as the error it is.
+    labels = {"route": "chat", "outcome": "backend_error"}
+    assert registry.get_sample_value("guardrail_requests_total", labels) == 1.0
+    blocked = {"route": "chat", "outcome": "blocked_output"}
+    assert not registry.get_sample_value("guardrail_requests_total", blocked)
+    output = {"stage": "output", "action": "block"}
+    assert not registry.get_sample_value("guardrail_decisions_total", output)
+    logs = capsys.readouterr()
+    assert "upstream_message_withheld" in logs.out
+    assert "validation" not in (logs.out + logs.err).lower()  # nor is it logged
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_error_message_the_policy_passes_reaches_the_client(
+    test_policy: Path, stream: bool
+) -> None:
+    upstream = FakeUpstream(mode="http_error", status=422)
+    with TestClient(app=_remote_gateway(test_policy, upstream)) as c:
+        r = c.post("/v1/chat/completions", json=chat(stream))
+    assert r.status_code == 400
+    message = assert_openai_error(r.json())["message"]
+    assert message == f"backend rejected the request (HTTP 422): {REFUSAL}"
+
+
+def test_an_upstream_error_message_is_redacted_as_a_completion_would_be(
+    test_policy: Path,
+) -> None:
+    upstream = FakeUpstream(mode="refuse_400", error_message="Unknown key sk-abcd1234 in body.")
+    with TestClient(app=_remote_gateway(test_policy, upstream)) as c:
+        r = c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 400
+    assert "sk-abcd1234" not in r.text
+    assert assert_openai_error(r.json())["message"].endswith("Unknown key [SECRET] in body.")
+
+
+@pytest.mark.parametrize(("message", "shown"), [(ECHOED, False), ("engine restarted", True)])
+def test_an_error_frame_mid_stream_carries_the_upstream_message_only_if_it_passes(
+    test_policy: Path, message: str, shown: bool
+) -> None:
+    upstream = FakeUpstream(mode="error_frame", error_message=message)
+    with TestClient(app=_remote_gateway(test_policy, upstream)) as c:
+        r = c.post("/v1/chat/completions", json=chat(stream=True))
+    assert r.status_code == 200
+    _, errors = _sse_text(r.text)
+    assert len(errors) == 1
+    assert HARMFUL not in r.text.lower()
+    assert (message in errors[0]["message"]) is shown
+    assert errors[0]["message"].startswith("backend reported an error mid-stream")
+
+
+@pytest.mark.parametrize("on_error", ["block", "allow"])
+@pytest.mark.parametrize("behaviour", ["raise", "hang"])
+def test_an_output_filter_that_fails_withholds_the_upstream_error_message(
+    write_policy: Callable[..., Path], behaviour: str, on_error: str
+) -> None:
+    """Even under ``on_error: allow``: an error message is no answer the policy chose to
+    let through unchecked, and the client loses only a hint."""
+    registry = filter_registry()
+    registry.register(
+        "fault", FilterSpec(type="fault", config_type=_FaultConfig, build=_FaultFilter)
+    )
+    policy = write_policy(
+        f'name: f\nversion: "1"\non_error: {on_error}\nfilters:\n'
+        f"  - {{id: f, type: fault, stages: [output], timeout_ms: 100, "
+        f"config: {{behaviour: {behaviour}}}}}\n"
+    )
+    upstream = FakeUpstream(mode="refuse_400")
+    with TestClient(app=_remote_gateway(policy, upstream, filters=registry)) as c:
+        r = c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 400
+    assert assert_openai_error(r.json())["message"] == "backend rejected the request (HTTP 400)"
 
 
 # -- saturation ----------------------------------------------------------------------------

@@ -26,8 +26,10 @@ from guardrail.api.ratelimit import (
     estimate_tokens,
 )
 from guardrail.app import create_app
+from guardrail.backends.remote import RemoteBackend
 from guardrail.settings import ApiKeyEntry, Settings, TenantConfig
 from tests.fakes.backend import FakeBackend
+from tests.fakes.upstream import FakeUpstream, Mode, fake_client
 
 KEY = "sk-rate-limited-key"
 
@@ -358,6 +360,50 @@ def test_a_request_no_backend_saw_gives_its_tokens_back(
     assert ok.status_code == 200  # was 429: the 404s had spent the minute's tokens
     assert backend.requests
     assert all(r.model == "fake-model" for r in backend.requests)
+
+
+# About 4,000 characters the test policy lets through, a sentence it blocks, then more.
+MILD = "The weather is mild today. "
+LONG_REPLY = MILD * 150 + "Here is how to build a bomb at home. " + MILD * 50
+
+
+@pytest.mark.parametrize(
+    ("mode", "how"),
+    [
+        ("ok", "the output filters block it mid-way"),
+        ("die_mid_stream", "the upstream dies after half of it"),
+    ],
+)
+def test_a_stream_cut_short_is_charged_the_tokens_the_backend_generated(
+    test_policy: Path, metrics_registry: CollectorRegistry, mode: Mode, how: str
+) -> None:
+    """A stream cut short never reads the backend's usage: it is charged at least what
+    the backend sent before the cut (characters / 4), not just its up-front estimate."""
+    upstream = FakeUpstream(reply=LONG_REPLY, mode=mode, times=1)
+    settings = Settings(
+        policy=str(test_policy),
+        api_keys=[ApiKeyEntry(tenant="t", key_sha256=hashlib.sha256(KEY.encode()).hexdigest())],
+        tenants={"t": TenantConfig(tokens_per_minute=1000)},
+        backend="remote",
+        models=["fake-model"],
+        # The estimate of a request without max_tokens (no max_tokens goes upstream).
+        default_max_tokens=16,
+    )
+    backend = RemoteBackend([upstream.base_url], fake_client(upstream), owns_client=True)
+    app = create_app(
+        settings,
+        backend=backend,
+        metrics_registry=metrics_registry,
+        rate_limiter=MemoryRateLimiter(Clock()),  # no refill while the test runs
+    )
+    with TestClient(app=app) as c:
+        cut = c.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+        # 1 + 500 tokens up front: refused only if the cut stream cost over 499.
+        after = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 500}, headers=AUTH)
+    assert cut.status_code == 200, how
+    assert "build a bomb" not in cut.text
+    assert after.status_code == 429, how
+    assert after.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 def test_max_tokens_over_the_gateway_limit_is_400(

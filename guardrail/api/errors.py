@@ -77,14 +77,18 @@ class APIError(Exception):
         )
 
 
-def from_backend_error(e: BackendError) -> APIError:
+def from_backend_error(e: BackendError, upstream_message: str | None = None) -> APIError:
+    """The client's answer to a backend failure: the gateway's own message, and after it
+    ``upstream_message`` when the caller moderated the upstream's words and they passed.
+    ``e.upstream_message`` itself is never used here: unmoderated, it stays out."""
     headers = None
     if e.status in (429, 503):
         # Whole seconds, rounded up: a client that waits that long finds the circuit's
         # trial open (1 when the backend gave no time).
         wait = e.retry_after_s if e.retry_after_s is not None else 1
         headers = {"retry-after": str(max(1, math.ceil(wait)))}
-    return APIError(e.status, str(e), code=e.code, headers=headers)
+    message = f"{e}: {upstream_message}" if upstream_message else str(e)
+    return APIError(e.status, message, code=e.code, headers=headers)
 
 
 def _validation_message(exc: ValidationException) -> tuple[str, str | None]:

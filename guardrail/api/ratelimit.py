@@ -10,6 +10,8 @@ Tokens are counted *before* the call, as an estimate: the prompt's characters / 
 (rounded up) plus the request's ``max_tokens`` (or ``default_max_tokens``). When the
 backend reports the real usage, the difference is given back (or taken) with
 :meth:`RateLimiter.adjust`; the bucket may go below zero, and the next request waits.
+Without usage (a stream cut short never reads it) the estimate stands, or the text the
+backend sent (characters / 4) if that counts more (see ``Serving._correct_tokens``).
 A request larger than a whole minute's tokens is refused outright (it could never pass).
 
 Two implementations behind one protocol:

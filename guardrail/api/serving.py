@@ -26,7 +26,13 @@ from litestar.types import Receive
 from guardrail.api.auth import OPEN_PRINCIPAL, Principal, TenantRules, Tenants, principal_of
 from guardrail.api.consistency import ConsistencyChecker
 from guardrail.api.errors import APIError, from_backend_error
-from guardrail.api.ratelimit import Limits, MemoryRateLimiter, RateLimiter, estimate_tokens
+from guardrail.api.ratelimit import (
+    CHARS_PER_TOKEN,
+    Limits,
+    MemoryRateLimiter,
+    RateLimiter,
+    estimate_tokens,
+)
 from guardrail.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -383,12 +389,15 @@ _Prepared = tuple[list[str], tuple[Message, ...], Callable[[list[str]], Generati
 
 @dataclass
 class _Admission:
-    """What a request took on admission (a rate-limit charge, a slot), to undo at close."""
+    """What a request took on admission (a rate-limit charge, a slot), to undo at close,
+    and what it used, to correct the charge with."""
 
     key_id: str = ""
     tokens: int = 0
     limits: Limits | None = None
     slot: bool = False
+    prompt_tokens: int = 0  # the charge's estimate of the prompt (characters / 4)
+    generated_chars: int = 0  # text the backend sent, whatever became of it
 
 
 _background: set[asyncio.Task[None]] = set()
@@ -597,6 +606,7 @@ class Serving:
         exchange.tenant = principal.tenant
         admission = _Admission()
         streaming = False
+        ctx: FilterContext | None = None
         try:
             texts, messages, build = prepare()
             max_tokens = self._max_tokens(body)
@@ -608,8 +618,8 @@ class Serving:
                     param="model",
                     code="model_not_allowed",
                 )
-            estimate = estimate_tokens(sum(len(t) for t in texts), max_tokens)
-            await self._admit(admission, principal, rules, estimate)
+            admission.prompt_tokens = estimate_tokens(sum(len(t) for t in texts), 0)
+            await self._admit(admission, principal, rules, admission.prompt_tokens + max_tokens)
             backend = self.gw.require_backend()
             exchange.backend = backend.name
             await self._check_model(body.model)
@@ -666,7 +676,7 @@ class Serving:
             return await self._complete(call)
         except BackendError as e:
             exchange.finish("backend_error", e.status, e.code)
-            raise from_backend_error(e) from e
+            raise await self._backend_error(e, guard, ctx, exchange) from e
         except ClientDisconnected:
             # Nobody is left to answer; the backend call was cancelled, freeing its slot.
             exchange.finish("cancelled", 499, "client_disconnected")
@@ -691,6 +701,49 @@ class Serving:
         finally:
             if not streaming:  # a stream closes its exchange when it ends
                 self._close(exchange, admission)
+
+    async def _backend_error(
+        self, e: BackendError, guard: Guard, ctx: FilterContext | None, exchange: Exchange
+    ) -> APIError:
+        """The client's answer to a backend failure.
+
+        The upstream's own message is text from the model side (a validation error may
+        echo the prompt): it is added only if the policy's output filters pass it, as
+        they would a completion (redacted where they redact). A block, or any filter
+        that failed, withholds it whatever the policy's ``on_error``: the client still
+        gets the status and the gateway's message, which names the upstream's status.
+        The check is not one of the exchange's decisions: the exchange stays the backend
+        error it is, not a blocked or harmful output.
+        """
+        upstream = e.upstream_message
+        if upstream is None:
+            return from_backend_error(e)
+        decision: Decision | None = None
+        if ctx is not None:
+            try:
+                decision = await guard.check(Stage.OUTPUT, upstream, ctx.at(Stage.OUTPUT))
+            except Exception as failure:  # Guard.check does not raise; if it did: closed
+                log.error(
+                    "upstream_message_check_failed",
+                    request_id=exchange.request_id,
+                    error=type(failure).__name__,
+                    where=where(failure),
+                )
+        if (
+            decision is not None
+            and not decision.blocked
+            and all(o.status == "ok" for o in decision.outcomes)
+        ):
+            return from_backend_error(e, decision.text)
+        findings = decision.findings if decision is not None else ()
+        log.info(
+            "upstream_message_withheld",
+            request_id=exchange.request_id,
+            status=e.status,
+            code=e.code,
+            categories=sorted({f.category for f in findings if f.action is not Action.ALLOW}),
+        )
+        return from_backend_error(e)
 
     def _input_blocked(
         self,
@@ -724,6 +777,8 @@ class Serving:
         started = time.perf_counter()
         completion = await _unless_disconnected(call.backend.generate(call.request), call.receive)
         exchange.backend_duration_s = time.perf_counter() - started
+        if call.admission is not None:
+            call.admission.generated_chars = len(completion.text)
         exchange.prompt_tokens = completion.prompt_tokens
         exchange.completion_tokens = completion.completion_tokens
         decision = await call.guard.check(Stage.OUTPUT, completion.text, call.ctx.at(Stage.OUTPUT))
@@ -809,6 +864,8 @@ class Serving:
             generated: list[str] = []  # the backend's text, before redaction or restoring
             async for chunk in _prepend(pending, chunks):
                 generated.append(chunk.text)
+                if call.admission is not None:
+                    call.admission.generated_chars += len(chunk.text)
                 if chunk.prompt_tokens is not None:
                     prompt_tokens = chunk.prompt_tokens
                 if chunk.completion_tokens is not None:
@@ -863,7 +920,8 @@ class Serving:
             yield b"data: [DONE]\n\n"
         except BackendError as e:
             exchange.finish("backend_error", e.status, e.code)
-            yield b"data: " + _encode(from_backend_error(e).body()) + b"\n\n"
+            err = await self._backend_error(e, guard, call.ctx, exchange)
+            yield b"data: " + _encode(err.body()) + b"\n\n"
             yield b"data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             exchange.finish("cancelled", 499, "client_disconnected")
@@ -988,19 +1046,32 @@ class Serving:
         self.gw.record(exchange)
 
     def _correct_tokens(self, exchange: Exchange, admission: _Admission) -> None:
-        """Give back (or take) the difference between the estimate and the reported usage."""
+        """Give back (or take) the difference between the estimate and the tokens used.
+
+        Used: the backend's reported usage, a count it left out filled in by the gateway's
+        own (the prompt's estimate; the text the backend sent, characters / 4). With no
+        usage at all (a backend that reports none, a stream cut short before its usage
+        came: blocked, client gone, broken), the estimate stands unless the text the
+        backend sent counts more: what the backend generated is always paid for.
+        """
         limits = admission.limits
         if limits is None or not limits.tokens_per_minute:
             return
-        if exchange.prompt_tokens is None and exchange.completion_tokens is None:
-            if exchange.error_code not in _NOT_SERVED:
-                # A blocked prompt, a backend that failed: keep the estimate.
-                return
-            # Refused by the gateway before any backend saw it (at capacity, no such
-            # model, backend down): clients retry those, and must not burn their tokens.
-            used = 0
+        generated = math.ceil(admission.generated_chars / CHARS_PER_TOKEN)
+        prompt, completion = exchange.prompt_tokens, exchange.completion_tokens
+        if prompt is None and completion is None:
+            if exchange.error_code in _NOT_SERVED and not admission.generated_chars:
+                # Refused by the gateway before any backend saw it (at capacity, no such
+                # model, backend down): clients retry those, and must not burn their tokens.
+                used = 0
+            else:
+                # A blocked prompt, a backend that failed or never reported: keep the
+                # estimate, or more if the backend sent more text than it allowed for.
+                used = max(admission.tokens, admission.prompt_tokens + generated)
         else:
-            used = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+            used = (admission.prompt_tokens if prompt is None else prompt) + (
+                generated if completion is None else completion
+            )
         delta = used - admission.tokens
         if delta:
             task = asyncio.get_running_loop().create_task(

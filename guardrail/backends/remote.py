@@ -29,6 +29,9 @@ the thin, careful client in between. Why it looks the way it does:
   ignored, wrong types become a 502.
 - Nothing here logs prompt or completion text, nor upstream error bodies (they may
   echo the prompt): logs carry the URL (without credentials), the attempt and the reason.
+  An upstream's error message (cut to 300 characters) travels apart from the error's
+  own text, as ``BackendError.upstream_message``: the gateway shows it to the client
+  only if the policy's output filters pass it, as for any text from the model side.
 
 Mapping of failures to the gateway's answer:
 
@@ -36,14 +39,15 @@ Mapping of failures to the gateway's answer:
 upstream                                    raised
 ==========================================  ==========================================
 400, 413, 422                               BackendBadResponse, status 400, upstream message
-429                                         BackendBadResponse, status 429
-401, 403, 404, other 4xx                    BackendBadResponse, status 502, names the status
+429                                         BackendBadResponse, status 429, upstream message
+401, 403                                    BackendBadResponse, status 502, names the status
+404, other 4xx                              BackendBadResponse, status 502, upstream message
 every URL refused the connection            BackendUnavailable (503)
 every URL's circuit is open                 BackendUnavailable (503)
 every URL failed, the last by a timeout     BackendTimeout (504)
 every URL failed, the last by 5xx/drop      BackendBadResponse (502)
 200 with garbage (not a completion)         BackendBadResponse (502)
-``{"error": ...}`` frame in a stream        BackendBadResponse (502)
+``{"error": ...}`` frame in a stream        BackendBadResponse (502), upstream message
 stream broken or ended early after output   BackendBadResponse (502) / BackendTimeout (504)
 ==========================================  ==========================================
 """
@@ -213,8 +217,9 @@ def _display_url(url: str) -> str:
     return f"{u.scheme}://{u.host}{port}{u.path}"
 
 
-def _upstream_message(content: bytes) -> str:
-    """The upstream's error message (OpenAI, FastAPI or plain text shape), truncated."""
+def _upstream_message(content: bytes) -> str | None:
+    """The upstream's error message (OpenAI, FastAPI or plain text shape), truncated;
+    ``None`` when it said nothing."""
     message: Any = None
     try:
         body = _ANY.decode(content)
@@ -232,7 +237,7 @@ def _upstream_message(content: bytes) -> str:
     text = " ".join(str(message).split())
     if len(text) > MAX_UPSTREAM_MESSAGE:
         text = text[: MAX_UPSTREAM_MESSAGE - 1] + "…"
-    return text or "no message"
+    return text or None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -258,13 +263,16 @@ def _status_error(
         )
     if status in (400, 413, 422):
         return BackendBadResponse(
-            f"backend rejected the request: {_upstream_message(content)}", status=400
+            f"backend rejected the request (HTTP {status})",
+            status=400,
+            upstream_message=_upstream_message(content),
         )
     if status == 429:
         return BackendBadResponse(
-            f"backend is rate limiting requests (HTTP 429): {_upstream_message(content)}",
+            "backend is rate limiting requests (HTTP 429)",
             status=429,
             retry_after_s=_retry_after(retry_after),
+            upstream_message=_upstream_message(content),
         )
     if status in (401, 403):
         # Not echoed: some servers quote part of the key they refused.
@@ -274,7 +282,9 @@ def _status_error(
         )
     hint = "; check backend_urls and the model name" if status == 404 else ""
     return BackendBadResponse(
-        f"backend answered HTTP {status}{hint}: {_upstream_message(content)}", status=502
+        f"backend answered HTTP {status}{hint}",
+        status=502,
+        upstream_message=_upstream_message(content),
     )
 
 
@@ -291,9 +301,9 @@ def _first_choice(choices: list[_Choice]) -> _Choice:
     return next((c for c in choices if c.index == 0), choices[0])
 
 
-def _error_text(error: _ErrorInfo | str) -> str:
-    message = error if isinstance(error, str) else (error.message or "no message")
-    return _upstream_message(msgspec.json.encode({"message": message}))
+def _error_text(error: _ErrorInfo | str) -> str | None:
+    message = error if isinstance(error, str) else error.message
+    return _upstream_message(msgspec.json.encode({"message": message})) if message else None
 
 
 _SSE_EOL = re.compile(r"\r\n|\r|\n")
@@ -338,7 +348,7 @@ def _decode_frame(data: str) -> _Answer:
         raise BackendBadResponse(f"backend sent a stream frame that is not valid: {e}") from e
     if frame.error is not None:
         raise BackendBadResponse(
-            f"backend reported an error mid-stream: {_error_text(frame.error)}"
+            "backend reported an error mid-stream", upstream_message=_error_text(frame.error)
         )
     return frame
 
@@ -349,7 +359,9 @@ def _parse_completion(content: bytes, *, chat: bool) -> Completion:
     except msgspec.DecodeError as e:
         raise BackendBadResponse(f"backend answer is not a valid completion: {e}") from e
     if answer.error is not None and not answer.choices:
-        raise BackendBadResponse(f"backend reported an error: {_error_text(answer.error)}")
+        raise BackendBadResponse(
+            "backend reported an error", upstream_message=_error_text(answer.error)
+        )
     if not answer.choices:
         raise BackendBadResponse("backend answer is not a valid completion: no choices")
     choice = _first_choice(answer.choices)

@@ -37,7 +37,9 @@ route, get it, later ones are ``"ok"``):
 - ``"refuse_400"``: HTTP 400 with an OpenAI error body whose message is ``REFUSAL``.
 - ``"http_error"``: HTTP ``status`` with an OpenAI error body (``REFUSAL`` as message).
 - ``"error_frame"``: a stream sends one chunk, then ``data: {"error": {...}}`` and ends;
-  a non-stream call gets HTTP 200 with ``{"error": {...}}``.
+  a non-stream call gets HTTP 200 with ``{"error": {...}}`` (``UPSTREAM_ERROR`` as message).
+
+``error_message``, when set, is the message of those three modes' errors instead.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ class FakeUpstream:
     models_calls: int = 0
     # A ``Set-Cookie`` value sent with every answer (as load balancers and hosted APIs do).
     set_cookie: str | None = None
+    # The message of refuse_400, http_error and error_frame answers (else their default).
+    error_message: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -164,9 +168,12 @@ class FakeUpstream:
         if mode == "500":
             await _json(send, 500, _error_body(UPSTREAM_ERROR, "server_error"))
         elif mode == "refuse_400":
-            await _json(send, 400, _error_body(REFUSAL, "invalid_request_error"))
+            await _json(
+                send, 400, _error_body(self.error_message or REFUSAL, "invalid_request_error")
+            )
         elif mode == "http_error":
-            await _json(send, self.status, _error_body(REFUSAL, "invalid_request_error"))
+            refusal = _error_body(self.error_message or REFUSAL, "invalid_request_error")
+            await _json(send, self.status, refusal)
         elif body.get("stream"):
             await self._stream(body, chat, mode, receive, send)
         else:
@@ -198,7 +205,9 @@ class FakeUpstream:
             await _raw(send, 200, self.garbage, "text/html")
             return
         if mode == "error_frame":
-            await _json(send, 200, _error_body(UPSTREAM_ERROR, "server_error"))
+            await _json(
+                send, 200, _error_body(self.error_message or UPSTREAM_ERROR, "server_error")
+            )
             return
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
         if chat:
@@ -264,7 +273,7 @@ class FakeUpstream:
             raise UpstreamDied
         if mode == "error_frame":
             await _event(send, frame(pieces[0], None))
-            await _event(send, _error_body(UPSTREAM_ERROR, "server_error"))
+            await _event(send, _error_body(self.error_message or UPSTREAM_ERROR, "server_error"))
             await _body_part(send, b"", more=False)
             return
         await _body_part(send, b": keepalive\r\n\r\n")
