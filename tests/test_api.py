@@ -302,6 +302,23 @@ def test_stream_blocked_mid_way_sends_no_byte_of_the_harmful_sentence(
     assert backend.stream_closed == 1
 
 
+def test_a_request_without_a_token_limit_gets_the_default_one(
+    client: Client, backend: FakeBackend
+) -> None:
+    """Else an upstream generates up to its own default (often the whole context): the
+    gateway's max_tokens_limit and the tokens-per-minute estimate would not hold."""
+    assert client.post("/v1/chat/completions", json=chat("hi")).status_code == 200
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": "Once"})
+    assert r.status_code == 200
+    from guardrail.settings import Settings
+
+    default = Settings().default_max_tokens
+    assert [(r.params.max_tokens, r.params.max_tokens_field) for r in backend.requests] == [
+        (default, "max_tokens"),
+        (default, "max_tokens"),
+    ]
+
+
 def test_max_completion_tokens_keeps_its_name_and_is_named_when_too_large(
     client: Client, backend: FakeBackend
 ) -> None:

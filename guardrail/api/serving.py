@@ -474,7 +474,7 @@ class Serving:
             messages = tuple(
                 Message(m.role, m.text(i), m.tool_call_id) for i, m in enumerate(body.messages)
             )
-            params = _sampling(body, body.max_completion_tokens or body.max_tokens)
+            params = _sampling(body, self._max_tokens(body))
             if body.max_completion_tokens is not None:
                 params = dataclasses.replace(params, max_tokens_field="max_completion_tokens")
 
@@ -498,7 +498,7 @@ class Serving:
         def prepare() -> _Prepared:
             body.refuse_unmoderated()
             prompt = body.prompt_text()
-            params = _sampling(body, body.max_tokens)
+            params = _sampling(body, self._max_tokens(body))
 
             def build(texts: list[str]) -> GenerationRequest:
                 return GenerationRequest(body.model, request_id, prompt=texts[0], params=params)
