@@ -1,29 +1,45 @@
 """Text normalisation against evasion, keeping a map back to the original offsets.
 
 Rules match on the normalised text; findings and redactions must point into the text
-the user sent, so every normalised character remembers the original index it came from.
+the user sent, so every normalised character remembers the original characters it came
+from.
 
 What is undone, in order:
 
+- markup inside words (``markup=True``): HTML character references (``&#98;omb``,
+  ``b&#x6f;mb``, ``&oacute;``), URL escapes of letters, digits and spaces (``b%6Fmb``),
+  HTML tags and Markdown emphasis between two letters (``b<b>o</b>mb``, ``b**o**mb``);
+- a right-to-left override (U+202E) shows the text after it reversed, up to its pop
+  (U+202C) or the end of the line: that text is put back in reading order;
 - compatibility forms, accents and case (full-width ``bomb``, ``bómb``, ``BOMB`` -> ``bomb``);
 - invisible format characters (zero-width spaces and joiners, soft hyphens), marks that
   show nothing or draw around a letter (grapheme joiner, variation selectors, enclosing
   circles, keycaps), blank letters (Hangul fillers, the blank braille pattern);
 - Unicode dashes become hyphens and middle dots full stops;
-- look-alike letters from other scripts (Cyrillic and Greek o -> Latin ``o``);
+- look-alike Latin letters (small capitals ``ʙᴏᴍʙ``, IPA and hooked letters) become the
+  letter; look-alike letters from other scripts (Cyrillic, Greek, Armenian, Cherokee)
+  become Latin in a word that mixes them with Latin letters (``b\u043emb``), or in a
+  word of their script alone when the text holds no other letter of that script (a
+  Cyrillic ``\u042c\u041e\u041c\u042c`` in an English sentence). In text written in
+  that script they stay: ``сок`` in a Russian sentence is no ``cok``;
 - leetspeak next to letters in words that hold letters (``b0mb``, ``h4ck``, ``k1ll``);
   numbers are left alone (``2024``, ``4 eggs``, ``covid-19``), and so is a number with a
-  unit or suffix (``80MB``, ``1080p``);
+  unit or suffix (``80MB``, ``1080p``) and a code of two capitals in text that is not
+  all capitals (``Model S3X``). ``1`` and ``|`` become ``I``, which keyword patterns read
+  as ``i`` or ``l`` (``k1ll`` and ``ki11``); nothing else in the output is upper case;
 - letters spelled out one at a time (``b o m b``, ``b.o.m.b``, ``b/o/m/b``): a run of
   three or more single letters joined by one space or ``. - _ * / , ~ : '`` is glued;
 - runs of whitespace become one space.
 
 The text models see gets all of it. Keywords match the text with leetspeak undone and
-accept spelled-out letters in their own patterns; regexes see the folded text only.
+accept spelled-out letters in their own patterns; regexes see the folded text only, with
+markup as written.
 """
 
 from __future__ import annotations
 
+import functools
+import html.entities
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -84,10 +100,39 @@ _CONFUSABLES = {
     "\u03c5": "u",  # greek small letter upsilon
     "\u03c7": "x",  # greek small letter chi
     "\u03c9": "w",  # greek small letter omega
-    # Latin letters with a stroke that NFKD does not take apart
-    "\u00f8": "o",  # latin small letter o with stroke
-    "\u0111": "d",  # latin small letter d with stroke
-    "\u0142": "l",  # latin small letter l with stroke
+    # Armenian (small letters: capitals fold to them)
+    "\u0570": "h",  # armenian small letter ho
+    "\u0566": "q",  # armenian small letter za
+    "\u056c": "l",  # armenian small letter liwn
+    "\u0575": "j",  # armenian small letter yi
+    "\u0578": "n",  # armenian small letter vo
+    "\u057d": "u",  # armenian small letter seh
+    "\u0581": "g",  # armenian small letter co
+    "\u0585": "o",  # armenian small letter oh
+    # Cherokee (capitals: small letters fold to them)
+    "\u13aa": "a",  # cherokee letter go
+    "\u13f4": "b",  # cherokee letter yv
+    "\u13df": "c",  # cherokee letter tli
+    "\u13a0": "d",  # cherokee letter a
+    "\u13ac": "e",  # cherokee letter gv
+    "\u13c0": "g",  # cherokee letter nah
+    "\u13bb": "h",  # cherokee letter mi
+    "\u13a5": "i",  # cherokee letter v
+    "\u13ab": "j",  # cherokee letter gu
+    "\u13e6": "k",  # cherokee letter tso
+    "\u13de": "l",  # cherokee letter tle
+    "\u13b7": "m",  # cherokee letter lu
+    "\u13e2": "p",  # cherokee letter tlv
+    "\u13a1": "r",  # cherokee letter e
+    "\u13da": "s",  # cherokee letter du
+    "\u13a2": "t",  # cherokee letter i
+    "\u13d9": "v",  # cherokee letter do
+    "\u13b3": "w",  # cherokee letter la
+    "\u13c3": "z",  # cherokee letter no
+    # Latin letters whose name gives no plain letter to read (see _LATIN_LOOKALIKES)
+    "\u0251": "a",  # latin small letter alpha
+    "\u025b": "e",  # latin small letter open e
+    "\u0269": "i",  # latin small letter iota
 }
 
 # Capitals that look like a different Latin letter than their small form: Greek capital
@@ -97,13 +142,43 @@ _CAPITAL_CONFUSABLES = {
     "\u039c": "m",  # greek capital letter mu
     "\u039d": "n",  # greek capital letter nu
     "\u0396": "z",  # greek capital letter zeta
+    "\u054f": "s",  # armenian capital letter tiwn (small tiwn looks like no Latin letter)
 }
+
+
+def _latin_lookalikes() -> dict[str, str]:
+    """Latin letters that NFKD keeps whole but that are a plain letter with a stroke, hook,
+    curl or tail, a small capital, or a dotless or script form: ``ø``, ``ł``, ``ɓ``,
+    ``ʙ``, ``ᴍ``, dotless i, script g. The letter is read from the Unicode name ("LATIN SMALL
+    LETTER B WITH HOOK", "LATIN LETTER SMALL CAPITAL B"); turned, reversed and other
+    shapes keep their own. Blocks scanned: Latin-1 Supplement and Latin Extended-A and -B
+    (U+00C0-024F), IPA Extensions (U+0250-02AF), Phonetic Extensions and their
+    Supplement (U+1D00-1DBF), Latin Extended-C (U+2C60-2C7F), -D (U+A720-A7FF) and -E
+    (U+AB30-AB6F). Small letters only: input is casefolded first.
+    """
+    name = re.compile(
+        r"LATIN (?:SMALL LETTER|LETTER SMALL CAPITAL|SMALL CAPITAL LETTER) "
+        r"(?:DOTLESS |SCRIPT )?([A-Z])(?: WITH [A-Z ]+)?"
+    )
+    blocks = [(0x00C0, 0x0250), (0x0250, 0x02B0), (0x1D00, 0x1DC0), (0x2C60, 0x2C80)]
+    blocks += [(0xA720, 0xA800), (0xAB30, 0xAB70)]
+    table = {}
+    for first, stop in blocks:
+        for code in range(first, stop):
+            char = chr(code)
+            m = name.fullmatch(unicodedata.name(char, ""))
+            if m and unicodedata.normalize("NFKD", char) == char:
+                table[char] = m.group(1).lower()
+    return table
+
+
+_LATIN_LOOKALIKES = _latin_lookalikes()
 
 # Digits and symbols written for letters. Applied only inside a word that also has
 # letters, so plain numbers survive.
 _LEET = {
     "0": "o",
-    "1": "i",
+    "1": "I",  # i or l: keyword patterns take either
     "3": "e",
     "4": "a",
     "5": "s",
@@ -113,7 +188,7 @@ _LEET = {
     "@": "a",
     "$": "s",
     "!": "i",
-    "|": "l",
+    "|": "I",
     "+": "t",
 }
 
@@ -123,29 +198,139 @@ _SPELLED = re.compile(r"(?<![\w])\w(?:[ ._*/,~:'-]\w){2,}(?![\w])")
 _SEPARATORS = frozenset(" ._*/,~:'-")
 
 
+# Markup that hides a letter or splits a word. Character references and URL escapes
+# decode wherever they are; tags and Markdown emphasis go only between two letters or
+# digits (``b<b>o</b>mb``, ``b**o**mb``), so "**bold** words" and "a <b> c" keep theirs.
+# Every quantifier is bounded or runs over characters its neighbour cannot take, so a
+# match attempt never backtracks past the next "<" or ">".
+_TAG = (
+    r"</?[A-Za-z][A-Za-z0-9]{0,15}"
+    r"(?:\s{1,20}[A-Za-z_:][\w:.-]{0,63}\s{0,20}=\s{0,20}"
+    r"(?:\"[^\"<>]{0,500}\"|'[^'<>]{0,500}'|[^\s\"'<>=`]{1,500})){0,20}"
+    r"\s{0,20}/?>"
+)
+_MARKUP = re.compile(
+    r"&#(?:[0-9]{1,7}|[xX][0-9a-fA-F]{1,6});?"
+    r"|&[A-Za-z][A-Za-z0-9]{1,31};"
+    r"|%[0-9A-Fa-f]{2}"
+    rf"|(?:{_TAG})+"
+    r"|\*{1,3}|~~|`"
+)
+# A right-to-left override shows what follows it reversed, up to the pop or the end of
+# the paragraph (Unicode bidi algorithm, UAX #9).
+_OVERRIDE = "\u202e"
+_OVERRIDE_ENDS = frozenset("\u202c\n\r\u2028\u2029\x85")
+
+
 @dataclass(frozen=True, slots=True)
 class Normalized:
-    """``text`` is the normalised form; ``origin[i]`` is the original index of ``text[i]``."""
+    """``text`` is the normalised form; ``text[i]`` came from the original characters
+    ``origin[i]`` to ``ends[i]`` (more than one for a decoded ``&#111;``; ``origin`` runs
+    backwards where reversed text was put back in reading order)."""
 
     text: str
     origin: tuple[int, ...]
+    ends: tuple[int, ...]
     source_length: int
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """Map a span of the normalised text back to the original text."""
         if start >= len(self.origin):
             return (self.source_length, self.source_length)
-        last = self.origin[end - 1] if end > start else self.origin[start]
-        return (self.origin[start], last + 1)
+        end = max(end, start + 1)
+        return (min(self.origin[start:end]), max(self.ends[start:end]))
 
 
-def _fold(char: str) -> str:
+@dataclass(slots=True)
+class _Chars:
+    """Characters being normalised, each with the original span it came from."""
+
+    chars: list[str]
+    starts: list[int]
+    ends: list[int]
+
+    def add(self, char: str, start: int, end: int) -> None:
+        self.chars.append(char)
+        self.starts.append(start)
+        self.ends.append(end)
+
+
+def _decoded(text: str, m: re.Match[str]) -> str | None:
+    """What a piece of markup stands for, or None to keep it as written."""
+    s = m.group()
+    if s.startswith("&#"):
+        digits = s[2:].rstrip(";")
+        code = int(digits[1:], 16) if digits[0] in "xX" else int(digits)
+        if code > 0x10FFFF or unicodedata.category(chr(code)) in {"Cc", "Cs", "Cn"}:
+            return None
+        return chr(code)
+    if s.startswith("&"):
+        return html.entities.html5.get(s[1:])
+    if s.startswith("%"):
+        char = chr(int(s[1:], 16))
+        # Only letters, digits and spaces: "20%deal" is no "20\xdeal".
+        return char if char.isascii() and (char.isalnum() or char == " ") else None
+    before = text[m.start() - 1] if m.start() else ""
+    after = text[m.end()] if m.end() < len(text) else ""
+    if not (before.isalnum() and after.isalnum()):
+        return None
+    # "2*3" is arithmetic; "b*o" or "b<i>0" hides a letter.
+    if s.startswith("<") or not (before.isdigit() and after.isdigit()):
+        return ""
+    return None
+
+
+def _source(text: str, markup: bool) -> _Chars:
+    out = _Chars([], [], [])
+    pos = 0
+    if markup:
+        for m in _MARKUP.finditer(text):
+            decoded = _decoded(text, m)
+            if decoded is None:
+                continue
+            for i in range(pos, m.start()):
+                out.add(text[i], i, i + 1)
+            for char in decoded:
+                out.add(char, m.start(), m.end())
+            pos = m.end()
+    for i in range(pos, len(text)):
+        out.add(text[i], i, i + 1)
+    _undo_override(out)
+    return out
+
+
+def _undo_override(src: _Chars) -> None:
+    chars = src.chars
+    n = len(chars)
+    k = 0
+    while k < n:
+        if chars[k] != _OVERRIDE:
+            k += 1
+            continue
+        stop = k + 1
+        while stop < n and chars[stop] not in _OVERRIDE_ENDS:
+            stop += 1
+        src.chars[k + 1 : stop] = src.chars[k + 1 : stop][::-1]
+        src.starts[k + 1 : stop] = src.starts[k + 1 : stop][::-1]
+        src.ends[k + 1 : stop] = src.ends[k + 1 : stop][::-1]
+        k = stop
+
+
+@functools.cache
+def _script(char: str) -> str:
+    """The script a letter's Unicode name starts with: LATIN, CYRILLIC, GREEK, ..."""
+    return unicodedata.name(char, "").partition(" ")[0]
+
+
+def _fold(char: str) -> list[tuple[str, str | None]]:
+    """The folded pieces of ``char``, each with the Latin letter it looks like when it is
+    a letter of another script (mapped or not by :func:`_unconfuse`)."""
     capital = _CAPITAL_CONFUSABLES.get(char)
     if capital is not None:
-        return capital
+        return [(char.casefold(), capital)]
     punctuation = _PUNCTUATION.get(char)
     if punctuation is not None:
-        return punctuation
+        return [(punctuation, None)]
     decomposed = unicodedata.normalize("NFKD", char)
     kept = "".join(
         c
@@ -153,44 +338,91 @@ def _fold(char: str) -> str:
         if not unicodedata.combining(c) and unicodedata.category(c) not in _MARK_CATEGORIES
     )
     folded = unicodedata.normalize("NFKC", kept).casefold()
-    return "".join(_CONFUSABLES.get(c, c) for c in folded)
+    return [(_LATIN_LOOKALIKES.get(c, c), _CONFUSABLES.get(c)) for c in folded]
 
 
-def _fold_and_squeeze(text: str) -> tuple[list[str], list[int]]:
-    out: list[str] = []
-    origin: list[int] = []
+@dataclass(slots=True)
+class _Folded:
+    chars: list[str]
+    starts: list[int]
+    ends: list[int]
+    lookalikes: list[str | None]
+    upper: list[bool]
+
+
+def _fold_and_squeeze(src: _Chars) -> _Folded:
+    out = _Folded([], [], [], [], [])
+
+    def add(piece: str, i: int, lookalike: str | None, upper: bool) -> None:
+        out.chars.append(piece)
+        out.starts.append(src.starts[i])
+        out.ends.append(src.ends[i])
+        out.lookalikes.append(lookalike)
+        out.upper.append(upper)
+
     last_space = True  # also trims leading whitespace
-    for i, char in enumerate(text):
+    for i, char in enumerate(src.chars):
         if unicodedata.category(char) in _INVISIBLE_CATEGORIES or char in _BLANKS:
             continue
         if char.isspace():
             if not last_space:
-                out.append(" ")
-                origin.append(i)
+                add(" ", i, None, False)
                 last_space = True
             continue
-        for piece in _fold(char):
+        upper = char.isupper()
+        for piece, lookalike in _fold(char):
             if piece.isspace():
                 if last_space:
                     continue
                 last_space = True
-                out.append(" ")
+                add(" ", i, None, False)
             else:
                 last_space = False
-                out.append(piece)
-            origin.append(i)
-    while out and out[-1] == " ":
-        out.pop()
-        origin.pop()
-    return out, origin
+                add(piece, i, lookalike, upper)
+    while out.chars and out.chars[-1] == " ":
+        for part in (out.chars, out.starts, out.ends, out.lookalikes, out.upper):
+            part.pop()
+    return out
 
 
-def _unleet(chars: list[str]) -> None:
+def _unconfuse(folded: _Folded) -> None:
+    """Map look-alike letters of other scripts to Latin, word by word.
+
+    In a word that mixes them with Latin letters (``b\u043emb``) they are disguise. In a word
+    of their own script they are disguise only if the text holds no other letter of that
+    script: a Russian sentence has letters no Latin one looks like (``я``, ``л``), and
+    its words stay Russian (``соке`` is not ``coke`` there).
+    """
+    chars, lookalikes = folded.chars, folded.lookalikes
+    written = {
+        _script(c)
+        for c, alt in zip(chars, lookalikes, strict=True)
+        if alt is None and c.isalpha() and not c.isascii()
+    }
+    n = len(chars)
+    start = 0
+    while start < n:
+        if not chars[start].isalnum():
+            start += 1
+            continue
+        end = start
+        while end < n and chars[end].isalnum():
+            end += 1
+        mixed = any(lookalikes[k] is None and "a" <= chars[k] <= "z" for k in range(start, end))
+        for k in range(start, end):
+            alt = lookalikes[k]
+            if alt is not None and (mixed or _script(chars[k]) not in written):
+                chars[k] = alt
+        start = end
+
+
+def _unleet(folded: _Folded, text_has_lower: bool) -> None:
     """Replace leet characters in place: in words with two or more letters, next to a letter.
 
     A replaced character counts as a letter for its neighbours, so ``c0c41ne`` becomes
     ``cocaine``; ``covid-19``, ``gpt-4`` and ``3d`` stay as they are.
     """
+    chars = folded.chars
     start = 0
     n = len(chars)
     while start < n:
@@ -203,47 +435,64 @@ def _unleet(chars: list[str]) -> None:
         while digits < end and chars[digits].isdigit():
             digits += 1
         unit = digits - start >= 2 and all(chars[k].isalpha() for k in range(digits, end))
-        if not unit and sum(chars[k].isalpha() for k in range(start, end)) >= 2:
+        letters = [k for k in range(start, end) if chars[k].isalpha()]
+        # Two capitals and a digit in text that is not all capitals is a code ("Model
+        # S3X", "R2D2"), not "sex"; in shouted text ("WRITE S3X") it is leet again.
+        code = len(letters) == 2 and text_has_lower and all(folded.upper[k] for k in letters)
+        if not unit and not code and len(letters) >= 2:
             # Trailing punctuation ("wow!") is punctuation, not a letter.
             last = end
             while last > start and chars[last - 1] in "!$+|":
                 last -= 1
-            changed = True
-            while changed:
-                changed = False
-                for k in range(start, last):
-                    c = chars[k]
-                    if c not in _LEET:
-                        continue
-                    left = k > start and chars[k - 1].isalpha()
-                    right = k + 1 < last and chars[k + 1].isalpha()
-                    if left or right:
-                        chars[k] = _LEET[c]
-                        changed = True
+            _unleet_runs(chars, start, last)
         start = end + 1
 
 
-def _glue_spelled(chars: list[str], origin: list[int]) -> tuple[list[str], list[int]]:
-    text = "".join(chars)
+def _unleet_runs(chars: list[str], start: int, end: int) -> None:
+    """A run of leet characters becomes letters if a letter touches either end of it: the
+    fixed point of "a leet character next to a letter is a letter", in one pass."""
+    k = start
+    while k < end:
+        if chars[k] not in _LEET:
+            k += 1
+            continue
+        stop = k
+        while stop < end and chars[stop] in _LEET:
+            stop += 1
+        if (k > start and chars[k - 1].isalpha()) or (stop < end and chars[stop].isalpha()):
+            for j in range(k, stop):
+                chars[j] = _LEET[chars[j]]
+        k = stop
+
+
+def _glue_spelled(folded: _Folded) -> None:
+    text = "".join(folded.chars)
     drop: set[int] = set()
     for m in _SPELLED.finditer(text):
         drop.update(k for k in range(m.start(), m.end()) if text[k] in _SEPARATORS)
     if not drop:
-        return chars, origin
-    keep = [k for k in range(len(chars)) if k not in drop]
-    return [chars[k] for k in keep], [origin[k] for k in keep]
+        return
+    keep = [k for k in range(len(text)) if k not in drop]
+    folded.chars = [folded.chars[k] for k in keep]
+    folded.starts = [folded.starts[k] for k in keep]
+    folded.ends = [folded.ends[k] for k in keep]
 
 
-def normalize(text: str, *, leet: bool = True, glue: bool = True) -> Normalized:
+def normalize(
+    text: str, *, leet: bool = True, glue: bool = True, markup: bool = True
+) -> Normalized:
     """The text with evasion undone (see the module doc), and its map to ``text``.
 
     ``leet=False`` keeps digits and symbols (regexes on structured text such as e-mail
     addresses need them); ``glue=False`` keeps spelled-out letters apart (keyword
-    patterns match them letter by letter, so a neighbouring word is not glued on).
+    patterns match them letter by letter, so a neighbouring word is not glued on);
+    ``markup=False`` keeps character references, URL escapes, tags and emphasis as
+    written (regexes see them).
     """
-    chars, origin = _fold_and_squeeze(text)
+    folded = _fold_and_squeeze(_source(text, markup))
+    _unconfuse(folded)
     if leet:
-        _unleet(chars)
+        _unleet(folded, any(c.islower() for c in text))
     if glue:
-        chars, origin = _glue_spelled(chars, origin)
-    return Normalized("".join(chars), tuple(origin), len(text))
+        _glue_spelled(folded)
+    return Normalized("".join(folded.chars), tuple(folded.starts), tuple(folded.ends), len(text))

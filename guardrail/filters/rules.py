@@ -5,9 +5,10 @@ A rule names what it catches (``category``, ``severity``), where (``stages`` and
 the message users see. What it matches is a *condition*:
 
 - ``keywords`` / ``regex``: words, phrases or Python regexes. Keywords match the text
-  after evasion is undone (case, look-alike letters, zero-width characters, leetspeak,
-  spaced-out letters; see :mod:`.normalize`); regexes match it folded (case, width,
-  look-alikes, invisible characters) but with digits and symbols kept. Any one hits.
+  after evasion is undone (case, look-alike letters, zero-width characters, markup
+  inside words, reversed text, leetspeak, spaced-out and repeated letters; see
+  :mod:`.normalize`); regexes match it folded (case, width, look-alikes, invisible
+  characters, reversed text) but with digits, symbols and markup kept. Any one hits.
 - ``semantic``: example phrases (and counter-examples) compared with the text by
   sentence-embedding similarity; a hit when the nearest example is at least
   ``threshold`` similar and beats the nearest counter-example by ``margin``.
@@ -362,15 +363,46 @@ def _shipped_labels(settings: object) -> frozenset[str] | None:
 
 
 _SPELL_SEPARATOR = r"[ ._*/,~:'-]"
+# Normalised text is lower case but for "I", a leet "1" or "|" that reads as i or l.
+_LETTER_CLASS = {"i": "[iI]", "l": "[lI]", "I": "[ilI]"}
+
+
+def _letter(char: str) -> str:
+    return _LETTER_CLASS.get(char) or re.escape(char)
 
 
 def _word_pattern(word: str) -> str:
     """A word as written, or spelled out one letter at a time (``b o m b``, ``b.o.m.b``)."""
-    plain = re.escape(word)
+    plain = "".join(_letter(c) for c in word)
     if len(word) < 3:
         return plain
-    spelled = _SPELL_SEPARATOR.join(re.escape(c) for c in word)
+    spelled = _SPELL_SEPARATOR.join(_letter(c) for c in word)
     return f"(?:{plain}|{spelled})"
+
+
+# Letters may be written more than once ("boommb", "kiiill") in a word of at least this
+# many letters, when the match has at least _STRETCH_MIN letters more than the keyword.
+# One doubled letter is no evasion: too many real words are another with one letter
+# doubled ("rapped"/"raped", "shoot"/"shot", "dinner"/"diner"); short keywords never
+# stretch ("good"/"god", "poop"/"pop", and "goood morning").
+_STRETCH_WORD = 4
+_STRETCH_MIN = 2
+
+
+def _stretched_word(word: str) -> str:
+    """``word`` with each run of a letter written once or more often than that."""
+    if len(word) < _STRETCH_WORD:
+        return "".join(_letter(c) for c in word)
+    out = []
+    for char, run in itertools.groupby(word):
+        count = len(list(run))
+        if char.isalpha() and char != "I":
+            # The run as the keyword has it, then more of the plain letter: neighbouring
+            # runs are of other letters, so no two quantifiers compete for a character.
+            out.append(f"{_letter(char)}{{{count}}}{re.escape(char)}*")
+        else:
+            out.append(_letter(char) * count)
+    return "".join(out)
 
 
 # Between the words of a keyword: spaces, hyphens (dashes fold to them), underscores,
@@ -382,13 +414,18 @@ _BETWEEN_WORDS = r"(?:[\s\-_/]|\.(?!\s))+"
 _GLUE_MIN = 4
 
 
-def _keyword_pattern(keyword: str) -> str:
-    words = [w for w in normalize(keyword, glue=False).text.split(" ") if w]
-    body = _word_pattern(words[0]) if words else ""
+def _keyword_words(keyword: str) -> list[str]:
+    return [w for w in normalize(keyword, glue=False).text.split(" ") if w]
+
+
+def _keyword_pattern(keyword: str, *, stretch: bool = False) -> str:
+    words = _keyword_words(keyword)
+    word_pattern = _stretched_word if stretch else _word_pattern
+    body = word_pattern(words[0]) if words else ""
     for before, word in itertools.pairwise(words):
         glued = len(before) >= _GLUE_MIN and len(word) >= _GLUE_MIN
         body += f"(?:{_BETWEEN_WORDS})?" if glued else _BETWEEN_WORDS
-        body += _word_pattern(word)
+        body += word_pattern(word)
     return rf"(?<!\w){body}(?!\w)"
 
 
@@ -396,12 +433,18 @@ def _compile_pattern(cond: Condition) -> _Pattern | None:
     keywords = [_keyword_pattern(k) for k in cond.keywords]
     if not keywords and not cond.regex:
         return None
-    # Each regex on its own, as validation compiled it: joined into one alternation, a
-    # global flag ("(?i)") not at the start, a group name used twice or a backreference
-    # ("\1" meaning another regex's group) would fail or change meaning.
+    # A group per keyword that can stretch: its number says how many letters it has.
+    stretchy = [k for k in cond.keywords if any(len(w) >= _STRETCH_WORD for w in _keyword_words(k))]
+    stretched = "|".join(f"({_keyword_pattern(k, stretch=True)})" for k in stretchy)
+    # Each regex on its own, as validated: joined into one alternation, a global flag
+    # ("(?i)") not at the start, a group name used twice or a backreference ("\1"
+    # meaning another regex's group) would fail or change meaning. Keywords are matched
+    # case-sensitively: the text is folded, and its one capital is the leet "I".
     return _Pattern(
-        re.compile("|".join(keywords), re.IGNORECASE) if keywords else None,
+        re.compile("|".join(keywords)) if keywords else None,
         tuple(re.compile(r, re.IGNORECASE) for r in cond.regex),
+        re.compile(stretched) if stretched else None,
+        tuple(sum(c.isalpha() for c in "".join(_keyword_words(k))) for k in stretchy),
     )
 
 
@@ -411,6 +454,10 @@ class _Pattern:
 
     keywords: re.Pattern[str] | None
     regexes: tuple[re.Pattern[str], ...]
+    # Keywords with letters written more than once; group i is keyword i, and hits with
+    # fewer than _STRETCH_MIN letters more than its letters[i] are dropped.
+    stretched: re.Pattern[str] | None = None
+    letters: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,9 +559,17 @@ class _Check:
         if pattern.keywords is not None:
             norm = self.norm
             found += [norm.span(m.start(), m.end()) for m in pattern.keywords.finditer(norm.text)]
+        if pattern.stretched is not None:
+            norm = self.norm
+            for m in pattern.stretched.finditer(norm.text):
+                extra = (
+                    sum(c.isalpha() for c in m.group()) - pattern.letters[(m.lastindex or 1) - 1]
+                )
+                if extra >= _STRETCH_MIN:
+                    found.append(norm.span(m.start(), m.end()))
         if pattern.regexes:
             if self._folded is None:
-                self._folded = normalize(self.text, leet=False, glue=False)
+                self._folded = normalize(self.text, leet=False, glue=False, markup=False)
             folded = self._folded
             for regex in pattern.regexes:
                 found += [folded.span(m.start(), m.end()) for m in regex.finditer(folded.text)]
