@@ -139,7 +139,7 @@ async def _serve_upstream(port: int, latency_s: float) -> None:
         await server.serve_forever()
 
 
-def _serve_gateway(port: int, upstream: str, policy: str) -> None:
+def _serve_gateway(port: int, upstream: str, policy: str, audit_dsn: str) -> None:
     import uvicorn
 
     from guardrail.app import build_backend, create_app
@@ -147,12 +147,15 @@ def _serve_gateway(port: int, upstream: str, policy: str) -> None:
     from guardrail.settings import Settings
 
     # Logged as `guardrail serve` logs (one JSON line per exchange); stderr is discarded.
+    # Audited as it serves, into the benchmark's own database: never the operator's audit
+    # log, which tens of thousands of synthetic exchanges per run would fill.
     settings = Settings(
         policy=policy,
         backend="remote",
         backend_urls=[upstream],
         models=["bench-model"],
         port=port,
+        audit_dsn=audit_dsn,
     )
     configure_logging(settings.log_level, settings.log_format, log_text=False)
     app = create_app(settings, backend=build_backend(settings))
@@ -294,11 +297,15 @@ def run(
         no_filters = Path(tmp) / "no-filters.yaml"
         no_filters.write_text(NO_FILTERS_POLICY, encoding="utf-8")
         upstream = f"http://127.0.0.1:{up_port}/v1"
-        gateway = ["--role", "gateway", "--upstream", upstream, "--policy"]
+        gateway = ["--role", "gateway", "--upstream", upstream]
+
+        def audit(name: str) -> list[str]:
+            return ["--audit-dsn", f"sqlite:///{Path(tmp).resolve() / name}"]
+
         with (
             _process(["--role", "upstream", "--latency-ms", str(latency_ms)], up_port),
-            _process([*gateway, str(no_filters)], plain_port),
-            _process([*gateway, policy], default_port),
+            _process([*gateway, *audit("plain.db"), "--policy", str(no_filters)], plain_port),
+            _process([*gateway, *audit("default.db"), "--policy", policy], default_port),
         ):
             targets = {
                 "direct": up_port,
@@ -400,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--upstream")
     parser.add_argument("--policy")
+    parser.add_argument("--audit-dsn", default="off")
     args = parser.parse_args(argv)
     try:
         if args.role == "upstream":
             asyncio.run(_serve_upstream(args.port, args.latency_ms / 1000))
         else:
-            _serve_gateway(args.port, args.upstream, args.policy)
+            _serve_gateway(args.port, args.upstream, args.policy, args.audit_dsn)
     except KeyboardInterrupt:
         pass
     return 0

@@ -12,8 +12,13 @@ from guardrail.cli import main
 
 @pytest.mark.slow
 def test_bench_proxy_json_prints_one_object_with_the_documented_keys(
-    test_policy: Path, capsys: pytest.CaptureFixture[str]
+    test_policy: Path,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Where the operator's audit log would be: the benchmark's gateways must not write it.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     code = main(
         [
             "bench", "proxy", "--json", "--policy", str(test_policy),
@@ -32,3 +37,4 @@ def test_bench_proxy_json_prints_one_object_with_the_documented_keys(
     assert report["phases"]["no_filters"]["errors"] == 0
     assert report["phases"]["default_policy"]["errors"] == 0
     assert report["throughput_ratio_no_filters"] > 0
+    assert not (tmp_path / "guardrail").exists()
