@@ -146,7 +146,7 @@ def create_app(
     )
     tenants = Tenants(settings)
     # One store per distinct tenant policy file; they share the pool and the verdict
-    # cache (whose keys carry the policy's name, version and digest).
+    # cache (whose keys name the guard that decided each verdict).
     stores = {
         path: GuardStore(
             path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -352,3 +353,68 @@ def test_the_cache_can_be_turned_off(
             )
     get = metrics_registry.get_sample_value
     assert get("guardrail_verdict_cache_total", {"filter": "words", "result": "hit"}) is None
+
+
+class ListedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    words: str  # a word list, relative to the policy file's folder
+
+
+class Listed:
+    """Blocks the words of a list file next to its policy; verdicts depend on the text."""
+
+    cache_scope = "text"
+
+    def __init__(self, name: str, config: ListedConfig, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+        self.words = frozenset((env.base_dir / config.words).read_text().split())
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        hits = [w for w in text.split() if w in self.words]
+        return Verdict.from_findings([Finding("listed", 1.0, Action.BLOCK) for _ in hits])
+
+
+LISTED_POLICY = """name: tenant
+version: "1"
+filters:
+  - {id: listed, type: listed, config: {words: words.txt}}
+"""
+
+
+def test_a_tenant_never_gets_a_verdict_cached_under_another_tenants_policy(
+    tmp_path: Path, test_policy: Path, backend: Any
+) -> None:
+    # Two tenants' folders hold the same policy file (same name, version and bytes)
+    # next to different word lists: the cache key was the same for both, so the first
+    # tenant's "allow" was served to the second, whose list blocks the word.
+    from guardrail.app import create_app
+    from guardrail.settings import ApiKeyEntry, Settings, TenantConfig
+
+    registry = filter_registry()
+    registry.register("listed", FilterSpec(type="listed", config_type=ListedConfig, build=Listed))
+    files = {}
+    for tenant, words in (("lenient", "nothing"), ("strict", "tea")):
+        folder = tmp_path / tenant
+        folder.mkdir()
+        (folder / "words.txt").write_text(words)
+        files[tenant] = folder / "policy.yaml"
+        files[tenant].write_text(LISTED_POLICY)
+    keys = {t: f"sk-{t}-0123456789" for t in files}
+    settings = Settings(
+        policy=str(test_policy),
+        api_keys=[
+            ApiKeyEntry(tenant=t, key_sha256=hashlib.sha256(k.encode()).hexdigest())
+            for t, k in keys.items()
+        ],
+        tenants={t: TenantConfig(policy=str(p)) for t, p in files.items()},
+    )
+    app = create_app(settings, backend=backend, filters=registry)
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "tea please"}]}
+    with TestClient(app=app) as client:
+        for tenant, status in (("lenient", 200), ("strict", 400), ("lenient", 200)):
+            r = client.post(
+                "/v1/chat/completions",
+                json=body,
+                headers={"authorization": f"Bearer {keys[tenant]}"},
+            )
+            assert r.status_code == status, (tenant, r.text)

@@ -744,3 +744,30 @@ def test_llama_guard_shows_an_earlier_assistant_turn_as_the_agent_at_input(
     # A user turn is still the user's, alone.
     user_ctx = FilterContext("r", stage=Stage.INPUT, messages=messages, message_index=1)
     assert engine.conversation("how do I build it?", user_ctx) == [("user", "how do I build it?")]
+
+
+def test_a_weights_file_changed_in_place_is_read_again_by_the_next_build(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    # The heads were shared by path alone: a policy reload after new weights were
+    # written over the old file reported success and went on scoring with the old ones.
+    import numpy as np
+
+    from guardrail.filters.classifiers import DEFAULT_AUP_WEIGHTS, EmbeddingHeadsSettings
+    from guardrail.filters.rules import build_engine
+
+    weights = tmp_path / "heads.npz"
+    weights.write_bytes(DEFAULT_AUP_WEIGHTS.read_bytes())
+    env = BuildContext(executor, base_dir=tmp_path, resources=SharedResources())
+    settings = EmbeddingHeadsSettings(weights="heads.npz")
+    before = build_engine("aup", settings, [("unsafe", "unsafe")], env)
+    with np.load(weights, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["b2"] = np.asarray(float(arrays["b2"]) + 1.0)
+    with weights.open("wb") as out:
+        np.savez(out, **arrays)
+    after = build_engine("aup", settings, [("unsafe", "unsafe")], env)
+    assert after._heads.b2 == pytest.approx(before._heads.b2 + 1.0)  # type: ignore[attr-defined]
+    # An unchanged file is still shared, not read again.
+    again = build_engine("aup", settings, [("unsafe", "unsafe")], env)
+    assert again._heads is after._heads  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ from guardrail.filters.toxicity import (
     chunks,
     split_of,
 )
+from guardrail.filters.weights import file_stamp
 from guardrail.guard.filter import BuildContext, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
@@ -258,7 +259,15 @@ async def test_when_the_model_fails_the_guard_blocks(pool: ThreadPoolExecutor) -
 
     resources = SharedResources()
     precision = resolve_precision(BuildContext(pool).embedding_precision)
-    resources.get(("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve()), precision), _BrokenEngine)
+    resources.get(
+        (
+            "toxicity-embedding",
+            str(DEFAULT_WEIGHTS.resolve()),
+            precision,
+            file_stamp(DEFAULT_WEIGHTS),
+        ),
+        _BrokenEngine,
+    )
     policy = load_policy_text(_policy("      max_wait_ms: 1\n"), "p.yaml", filter_registry())
     guard = Guard.build(policy, filter_registry(), BuildContext(pool, resources=resources))
     decisions = await asyncio.gather(
@@ -289,7 +298,13 @@ async def test_a_nan_score_in_any_piece_of_a_long_text_fails_closed(
     resources = SharedResources()
     precision = resolve_precision(BuildContext(pool).embedding_precision)
     resources.get(
-        ("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve()), precision), _NanOnSomePiecesEngine
+        (
+            "toxicity-embedding",
+            str(DEFAULT_WEIGHTS.resolve()),
+            precision,
+            file_stamp(DEFAULT_WEIGHTS),
+        ),
+        _NanOnSomePiecesEngine,
     )
     policy = load_policy_text(
         _policy("      max_wait_ms: 1\n      chunk_chars: 100\n"), "p.yaml", filter_registry()

@@ -451,14 +451,17 @@ def shared_scorer(
     if not path.is_absolute():
         path = env.base_dir / path
     embedder = shared_embedder(env)  # never nest resources.get calls
+    from guardrail.filters.weights import file_stamp
+
+    stamp = file_stamp(path)  # new weights over the old file are read again on reload
     head = env.resources.get(
-        ("grounding-head", str(path.resolve())), lambda: SupportHead.load(path)
+        ("grounding-head", str(path.resolve()), stamp), lambda: SupportHead.load(path)
     )
     local_judge = None
     if judge is not None:
         model, tokenizer = shared_local_model(env, judge.model, judge.device, judge.dtype)
         local_judge = LocalJudge(model, tokenizer, env.executor, judge.max_chars)
-    key = ("grounding-scorer", str(path.resolve()), max_units, judge, env.executor)
+    key = ("grounding-scorer", str(path.resolve()), stamp, max_units, judge, env.executor)
     return env.resources.get(
         key,
         lambda: GroundingScorer(

@@ -60,6 +60,7 @@ from guardrail.filters.classifiers import (
     LlamaGuardSettings,
 )
 from guardrail.filters.normalize import Normalized, normalize
+from guardrail.filters.weights import file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
 from guardrail.policy.model import Id
@@ -644,7 +645,8 @@ def build_engine(
             _resolve(env.base_dir, settings.weights) if settings.weights else DEFAULT_AUP_WEIGHTS
         )
         heads = env.resources.get(
-            ("aup-heads", str(weights.resolve())), lambda: AupHeads.load(weights)
+            ("aup-heads", str(weights.resolve()), file_stamp(weights)),
+            lambda: AupHeads.load(weights),
         )
         engine: ClassifierEngine = EmbeddingHeadsEngine(heads)
     else:

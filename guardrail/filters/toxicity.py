@@ -46,6 +46,7 @@ import msgspec
 from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError, MissingDependencyError
 from guardrail.filters.batching import MicroBatcher
+from guardrail.filters.weights import file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
 from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 
@@ -571,7 +572,12 @@ def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...],
         from guardrail.filters.embedder import resolve_precision, shared_embedder
 
         precision = resolve_precision(env.embedding_precision)
-        key: tuple[Any, ...] = ("toxicity-embedding", str(weights.resolve()), precision)
+        key: tuple[Any, ...] = (
+            "toxicity-embedding",
+            str(weights.resolve()),
+            precision,
+            file_stamp(weights),
+        )
         sentence_model = shared_embedder(env).model
         extractor = env.resources.get(
             ("toxicity-features", EMBEDDING_MODEL, precision),
@@ -584,7 +590,7 @@ def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...],
     if det.checkpoint and det.config_dir:
         ckpt = _resolve(env.base_dir, det.checkpoint).resolve()
         folder = _resolve(env.base_dir, det.config_dir).resolve()
-        key = ("toxicity-detoxify", str(ckpt), str(folder), det.device)
+        key = ("toxicity-detoxify", str(ckpt), str(folder), det.device, file_stamp(ckpt))
         return key, env.resources.get(
             key,
             lambda: _warm(

@@ -33,3 +33,18 @@ def read_arrays(path: Path, what: str, version: int) -> dict[str, npt.NDArray[np
             "retrain them"
         )
     return arrays
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of the file at ``path``, for keys of models shared across reloads.
+
+    Models are kept per process by key (``BuildContext.resources``); a key of the path
+    alone kept serving the old weights after new ones were written over the file and the
+    policy reloaded. With the stamp, changed weights are read again and unchanged ones
+    stay shared. A file that cannot be read stamps ``(-1, -1)``: loading it reports why.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)

@@ -3,14 +3,18 @@
 Chat clients resend the whole conversation every turn. The cache keeps, per process,
 each filter's verdict on each input message, keyed by
 
-    (policy name, version and digest, filter id, stage, sha256 of the message text
-     [, sha256 of the conversation before the message])
+    (policy name, version and digest and the guard built from it, filter id, stage,
+     sha256 of the message text [, sha256 of the conversation before the message])
 
 so unchanged system prompts and earlier turns reuse their verdicts and only new or
-changed messages are checked. What it stores is the verdict alone: categories,
-scores, rule ids, spans and replacement strings. Never the text, and never an
-original value behind a reversible redaction (filters rebuild those from the text
-of the current request through :class:`~guardrail.guard.filter.Stateful`).
+changed messages are checked. The guard is part of the key because the policy's bytes
+do not fix its filters: two tenants' copies of one file in different folders may read
+different word lists or weights next to them, and must never share verdicts.
+
+What it stores is the verdict alone: categories, scores, rule ids, spans and
+replacement strings. Never the text, and never an original value behind a reversible
+redaction (filters rebuild those from the text of the current request through
+:class:`~guardrail.guard.filter.Stateful`).
 
 The text is hashed exactly as sent. Any looser normalisation (case, whitespace)
 could give a text the verdict of a different text, with spans that do not fit it;

@@ -13,6 +13,7 @@ see the whole conversation once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import numbers
 import operator
 import time
@@ -52,6 +53,8 @@ log = structlog.get_logger("guardrail.guard")
 CONVERSATION_SEPARATOR = "\n\n"
 
 Bound = tuple[FilterConfig, Filter]
+# Numbers each built Guard for its verdict-cache keys (see Guard.__init__).
+_GUARD_IDS = itertools.count(1)
 
 
 def is_conversation_filter(filt: object) -> bool:
@@ -82,7 +85,14 @@ class Guard:
             s: tuple(b for b in bound if is_conversation_filter(b[1]))
             for s, bound in self._by_stage.items()
         }
-        self._cache_id = f"{policy.name}\x00{policy.version}\x00{policy.digest}"
+        # The policy's identity is not enough: the same file bytes in two folders (two
+        # tenants' copies) build different filters when a config names a file relative
+        # to its policy (a word list, weights), and a reload of unchanged YAML may pick
+        # up a changed file. Each Guard keys its own verdicts, so none is ever served by
+        # filters other than those that decided it.
+        self._cache_id = (
+            f"{policy.name}\x00{policy.version}\x00{policy.digest}\x00{next(_GUARD_IDS)}"
+        )
         # Decided once here: protocol checks are too slow for the per-message path.
         self._scope = {c.id: cache_scope(f) for c, f in filters}
         self._stateful = {c.id: f for c, f in filters if isinstance(f, Stateful)}

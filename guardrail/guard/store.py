@@ -33,8 +33,9 @@ class ReloadResult:
 class GuardStore:
     """Holds the current :class:`Guard`; ``on_swap`` is told about each new one.
 
-    The verdict cache is shared by successive guards and cleared on every swap (its
-    keys also carry the policy version and digest, so no verdict outlives its policy).
+    The verdict cache is shared by successive guards (and by the tenant stores) and
+    cleared on every swap; its keys also name the guard that decided each verdict, so
+    no verdict outlives its guard nor reaches another store's.
     """
 
     def __init__(
