@@ -51,6 +51,8 @@ def test_validate_build_finds_what_only_building_the_filters_can(
     assert lines[0].startswith(f"{good}: ok (")
     assert lines[0].endswith(", filters built)")
     assert lines[1].startswith(f"{missing}: the policy is valid but its filters do not build: ")
+    # Named where the entry is, as the loader names its problems.
+    assert f"{missing}:4:5: filters[0]: filter 'tox' (toxicity) does not build: " in lines[1]
     assert "no-such-heads.npz" in lines[1]
 
 

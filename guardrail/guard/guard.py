@@ -23,7 +23,7 @@ from dataclasses import replace
 import structlog
 
 from guardrail.chat import Message
-from guardrail.errors import where
+from guardrail.errors import ConfigError, PolicyError, Problem, where
 from guardrail.guard.cache import (
     CacheKey,
     VerdictCache,
@@ -105,8 +105,25 @@ class Guard:
         env: BuildContext,
         cache: VerdictCache | None = None,
     ) -> Guard:
-        """Instantiate every filter of ``policy`` (may load models: call off the event loop)."""
-        built = [(c, registry.get(c.type).build(c.id, c.config, env)) for c in policy.filters]
+        """Instantiate every filter of ``policy`` (may load models: call off the event loop).
+
+        A filter whose settings cannot be used (:class:`ConfigError`: a weights file that
+        is missing or does not fit) is a :class:`PolicyError` naming the file, line and
+        entry, as the loader's errors do.
+        """
+        built = []
+        for k, c in enumerate(policy.filters):
+            try:
+                built.append((c, registry.get(c.type).build(c.id, c.config, env)))
+            except ConfigError as e:
+                if policy.source is None or k >= len(policy.filter_positions):
+                    raise
+                index, line, column = policy.filter_positions[k]
+                problem = Problem(
+                    str(policy.source), line, column, f"filters[{index}]",
+                    f"filter '{c.id}' ({c.type}) does not build: {e}",
+                )  # fmt: skip
+                raise PolicyError([problem]) from e
         return cls(policy, built, cache)
 
     def filters_at(self, stage: Stage) -> list[str]:

@@ -174,9 +174,11 @@ def _load(
         raise PolicyError([where.problem(name, _msgspec_issue(e, ()))]) from e
 
     resolved: list[FilterConfig] = []
-    for entry, (spec, config) in zip(doc.filters, filters, strict=True):
+    positions: list[tuple[int, int, int]] = []
+    for i, (entry, (spec, config)) in enumerate(zip(doc.filters, filters, strict=True)):
         if not entry.enabled:
             continue
+        positions.append((i, *where.value_at(("filters", i))))
         resolved.append(
             FilterConfig(
                 id=entry.id,
@@ -199,6 +201,7 @@ def _load(
         filters=tuple(resolved),
         tests=tuple(doc.tests),
         test_positions=tuple(where.value_at(("tests", i)) for i in range(len(doc.tests))),
+        filter_positions=tuple(positions),
     )
 
 

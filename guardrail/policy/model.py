@@ -167,7 +167,10 @@ class Policy:
 
     ``test_positions`` holds the 1-based ``(line, column)`` where each of ``tests``
     starts in the policy text, in the same order, so `guardrail policy test` names a
-    test as ``file:line:column`` like every other policy error.
+    test as ``file:line:column`` like every other policy error. ``filter_positions``
+    holds, for each of ``filters``, its entry's index in the file's ``filters`` list and
+    its ``(line, column)``, so a filter that does not build (a weights file missing) is
+    named there too.
     """
 
     name: str
@@ -181,3 +184,4 @@ class Policy:
     filters: tuple[FilterConfig, ...]
     tests: tuple[PolicyTest, ...]
     test_positions: tuple[tuple[int, int], ...] = ()
+    filter_positions: tuple[tuple[int, int, int], ...] = ()
