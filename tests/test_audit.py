@@ -367,9 +367,9 @@ def test_a_record_holds_ids_verdicts_scores_and_latency_but_no_text() -> None:
     )
     assert record.findings == [
         {"stage": "input", "filter": "pii", "category": "pii.ssn", "score": 0.9,
-         "action": "redact", "rule_id": "ssn"},
+         "action": "redact", "rule_id": "ssn", "concern": "harm"},
         {"stage": "output", "filter": "pii", "category": "toxicity", "score": 0.61,
-         "action": "flag", "rule_id": None},
+         "action": "flag", "rule_id": None, "concern": "harm"},
     ]  # fmt: skip
     assert record.filters[:2] == [
         {"stage": "input", "filter": "pii", "type": "pii", "status": "ok", "action": "redact",
@@ -684,7 +684,7 @@ async def test_ratings_and_verdicts_round_trip_with_the_decision_they_judged(
         ]
         assert exported[0].findings == (
             {"stage": "input", "filter": "pii", "category": "weapons", "score": 0.97,
-             "action": "block", "rule_id": "bomb"},
+             "action": "block", "rule_id": "bomb", "concern": "harm"},
         )  # fmt: skip
         assert await store.verdicts(after=exported[0].seq) == []
         assert await store.verdicts(since=NOW + 7) == []
@@ -1213,3 +1213,29 @@ def test_redacted_audit_text_never_keeps_values_restored_for_the_client(
         # policy, so it stays as the client saw it (redact it to keep it out).
         "Your card [RESTORED] and jane.doe@example.com are on file.",
     ]
+
+
+def test_a_streamed_rows_text_never_keeps_a_value_restored_in_an_earlier_window(
+    make_app: Callable[..., Litestar], write_policy: Callable[..., Path], backend: FakeBackend
+) -> None:
+    """A window is checked with the released text before it, restored values included."""
+    from litestar.testing import TestClient
+
+    policy = write_policy(
+        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        "      entities:\n        EMAIL_ADDRESS: {input: redact, output: flag}\n",
+        "pii.yaml",
+    )
+    db = Path(str(policy) + ".db")
+    backend.reply = "I wrote to <EMAIL_ADDRESS_1>. Then I wrote to <EMAIL_ADDRESS_2> as well."
+    chat = {"role": "user", "content": "Email jane.doe@example.com and bob.smith@example.org."}
+    with TestClient(app=make_app(policy=policy, audit_dsn=str(db), audit_text="redacted")) as c:
+        body = {"model": "fake-model", "messages": [chat], "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            streamed = "".join(r.iter_text())
+        assert "jane.doe@example.com" in streamed
+        assert "bob.smith@example.org" in streamed
+    (text,) = [t for (t,) in sqlite3.connect(db).execute("select text from audit_log")]
+    assert "jane.doe" not in text
+    assert "bob.smith" not in text
+    assert "[RESTORED]" in text

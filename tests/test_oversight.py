@@ -318,7 +318,7 @@ def test_flagged_and_blocked_exchanges_wait_for_review_with_their_scores(
     assert blocked["policy"] == {"name": "test", "version": "7"}
     assert blocked["findings"] == [
         {"stage": "input", "filter": "words", "category": "weapons", "score": 1.0,
-         "action": "block", "rule_id": "bomb"},
+         "action": "block", "rule_id": "bomb", "concern": "harm"},
     ]  # fmt: skip
     assert blocked["text"] is None  # the audit log stores no text unless configured
     assert blocked["queued_because"] == "blocked"

@@ -359,3 +359,60 @@ def test_since_never_reaches_back_before_1970() -> None:
 def test_since_takes_an_iso_date_in_utc() -> None:
     assert parse_since("2025-01-31", 0) == 1_738_281_600
     assert parse_since("2025-01-31T01:00:00+01:00", 0) == 1_738_281_600
+
+
+ACCURACY_POLICY = """
+name: facts
+version: "1"
+filters:
+  - id: facts
+    type: hallucination
+    config:
+      groundedness: {enabled: false}
+      citations: {enabled: false}
+      cutoff: {date: "2023-07"}
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: rude, category: insult, action: flag, keywords: [dummy]}
+"""
+
+
+def test_a_hallucination_flag_is_not_counted_as_harmful_content(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str], Path],
+    metrics_registry: Any,
+    tmp_path: Path,
+) -> None:
+    """The report's harmful rate matches harmful_content_total: accuracy flags are apart."""
+    db = tmp_path / "audit.db"
+    app = make_app(policy=write_policy(ACCURACY_POLICY), audit_dsn=str(db))
+    with TestClient(app=app) as client:
+        for prompt in ("Who won the 2025 Tour de France?", "Hello, dummy.", "Hi there."):
+            r = client.post(
+                "/v1/chat/completions",
+                json={"model": "fake-model", "messages": [{"role": "user", "content": prompt}]},
+            )
+            assert r.status_code == 200, r.text
+    harmful_metric = sum(
+        s.value
+        for m in metrics_registry.collect()
+        for s in m.samples
+        if s.name == "guardrail_harmful_content_total"
+    )
+    assert harmful_metric == 1  # the insult only
+
+    page = report(str(db), tmp_path, "--since", "1h")
+
+    assert page.sections["summary"].values("totals")[1:] == [
+        ["chat and completion exchanges", 3],
+        ["harmful exchanges", 1],
+        ["harmful rate", pytest.approx(1 / 3)],
+    ]
+    assert page.sections["harmful"].values("categories") == [["insult", 1, pytest.approx(1 / 3)]]
+    # The flag still acted: it is listed among the rules that fired.
+    assert [row[1] for row in page.sections["rules"].rows("rules")] == [
+        "hallucination.cutoff",
+        "rude",
+    ]

@@ -279,21 +279,25 @@ def redacted_text(exchange: Exchange) -> str | None:
     equals), as the policy left it: redacted where it redacted. A blocked text was never
     redacted, so it is kept with every redaction any filter proposed applied and every
     span a harm finding marked replaced by ``[CATEGORY]``: the personal data or the
-    phrase that blocked it is not stored.
+    phrase that blocked it is not stored. Either way, every value any decision of the
+    exchange restored for the client is replaced by ``[RESTORED]``.
     """
     if not exchange.decisions:
         return None
     deciding = max(reversed(exchange.decisions), key=lambda d: d.action.rank)
+    # A completion's placeholders were restored to the user's values for the client:
+    # those values are personal data the policy redacted on the way in. Every decision's
+    # restores count: a stream window is checked after the released text before it, so
+    # it holds the values earlier windows restored (and may itself be blocked).
+    restored = {
+        r.replacement
+        for d in exchange.decisions
+        for o in d.outcomes
+        for r in o.verdict.redactions
+        if r.restore and r.replacement
+    }
     if deciding.action is not Action.BLOCK:
-        # A completion's placeholders were restored to the user's values for the client:
-        # those values are personal data the policy redacted on the way in.
-        restored = {
-            r.replacement for o in deciding.outcomes for r in o.verdict.redactions if r.restore
-        }
-        text = deciding.text
-        for value in sorted(restored, key=len, reverse=True):
-            text = text.replace(value, "[RESTORED]")
-        return text
+        return _hide_restored(deciding.text, restored)
     proposed = [r for o in deciding.outcomes for r in o.verdict.redactions if not r.restore]
     marked = [
         Redaction(f.span[0], f.span[1], f"[{f.category.upper()}]")
@@ -304,7 +308,13 @@ def redacted_text(exchange: Exchange) -> str | None:
     hide = proposed + [
         m for m in marked if all(m.end <= p.start or m.start >= p.end for p in proposed)
     ]
-    return apply_redactions(deciding.text, hide)
+    return _hide_restored(apply_redactions(deciding.text, hide), restored)
+
+
+def _hide_restored(text: str, restored: set[str]) -> str:
+    for value in sorted(restored, key=len, reverse=True):
+        text = text.replace(value, "[RESTORED]")
+    return text
 
 
 def record_from_exchange(
@@ -338,6 +348,7 @@ def record_from_exchange(
             "score": round(f.score, 6),
             "action": f.action.value,
             "rule_id": _clean_opt(f.rule_id),
+            "concern": f.concern,
         }
         for d in exchange.decisions
         for f in d.findings

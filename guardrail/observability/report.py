@@ -19,7 +19,8 @@ Why it is built this way:
   refused requests are counted in the summary only.
 - **Definitions match the metrics.** An exchange is harmful in a category when a
   finding of that category acted (flag, redact, block) at either stage, once per
-  exchange; failed filters (``filter_error``) are not harm. A group's block rate at a
+  exchange; failed filters (``filter_error``) and hallucination flags (``concern``
+  ``accuracy``) are not harm. A group's block rate at a
   stage is the share of exchanges mentioning it (the row's ``groups``) whose action at
   that stage was ``block``; its *disparity* is that rate over the rate of every
   exchange checked at the stage. Percentiles are nearest-rank.
@@ -67,6 +68,7 @@ __all__ = [
 
 REPORT_ROUTES: Final = frozenset({"chat", "completions"})
 _FILTER_ERROR: Final = "filter_error"
+_ACCURACY_RULES: Final = "hallucination."
 _STAGES: Final = ("input", "output")
 _TOP_CATEGORIES: Final = 8
 _TOP_RULES: Final = 20
@@ -332,7 +334,7 @@ class ReportBuilder:
             self.served[bucket].append(float(row.duration_ms))
 
         acting = [f for f in row.findings if f.get("action", "allow") != "allow"]
-        categories = {str(f.get("category")) for f in acting} - {_FILTER_ERROR}
+        categories = {str(f.get("category")) for f in acting if _is_harm(f)} - {_FILTER_ERROR}
         if categories:
             self.harmful_exchanges += 1
         for category in categories:
@@ -456,6 +458,16 @@ class ReportBuilder:
 _ROW_COLUMNS: Final = (
     "epoch, route, outcome, input_action, output_action, findings, duration_ms, backend_ms, ttft_ms"
 )
+
+
+def _is_harm(finding: dict[str, Any]) -> bool:
+    """Whether a finding is about harm, not accuracy (hallucination flags are apart, as in
+    the metrics). Rows written before findings carried ``concern`` tell accuracy flags by
+    their rule ids, which are all ``hallucination.*``."""
+    concern = finding.get("concern")
+    if concern is not None:
+        return bool(concern == "harm")
+    return not str(finding.get("rule_id") or "").startswith(_ACCURACY_RULES)
 
 
 def _json(value: Any) -> Any:
