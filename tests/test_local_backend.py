@@ -966,3 +966,51 @@ def test_on_cuda_the_engine_attends_with_flash_and_math_only() -> None:
         flags.mem_efficient_sdp_enabled(),
         flags.cudnn_sdp_enabled(),
     ) == before
+
+
+def _metaspace_tokenizer() -> Any:
+    """A word-level tokenizer with the Llama (SentencePiece) space handling: a word's
+    leading space is part of its token (``▁Paris``), and decoding drops the space at the
+    very start of a text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+async def test_a_completion_keeps_the_leading_space_a_sentencepiece_decode_drops() -> None:
+    """A plain prompt's completion is the text that follows it: "The capital of France
+    is" + " Paris", never "Paris" (decoded alone, SentencePiece drops that space)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _metaspace_tokenizer()
+    model = tiny_decoder(LlamaConfig, LlamaForCausalLM, tokenizer)
+    paris = tokenizer.convert_tokens_to_ids("▁Paris")
+    # The model always answers "▁Paris": a head with no weights and a bias on that token.
+    head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[paris] = 10.0
+    model.lm_head = head
+    backend = LocalBackend(model, tokenizer, model_name="tiny-llama")
+    request = GenerationRequest(
+        model="tiny-llama",
+        request_id="test",
+        prompt="The capital of France is",
+        params=SamplingParams(max_tokens=2),
+    )
+    try:
+        completion = await backend.generate(request)
+        chunks = await collect(backend.stream(request))
+    finally:
+        await backend.aclose()
+    assert completion.text == " Paris Paris"
+    assert "".join(chunk.text for chunk in chunks) == completion.text

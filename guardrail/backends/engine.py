@@ -305,6 +305,12 @@ class Work:
     ``prepare`` runs on the scheduler thread and returns the prompt's token ids and
     the token budget; it may raise :class:`BackendError` (a prompt over the context).
     ``emit`` receives text deltas; ``cancelled`` is set when the consumer has gone.
+    ``continues``: how many of the prompt's last tokens the generated text continues
+    (a plain completion's prompt). They are decoded together with the generated ids and
+    their own text is cut off, so the first token's leading space survives: a
+    SentencePiece (Llama) decode drops the space at the start of a text, and
+    "The capital of France is" would be completed with "Paris", not " Paris". 0 (a chat
+    answer) decodes the generated ids alone.
     """
 
     request_id: str
@@ -312,6 +318,7 @@ class Work:
     prepare: Callable[[], tuple[list[int], int]]
     emit: Callable[[str], None]
     cancelled: threading.Event
+    continues: int = 0
     future: concurrent.futures.Future[Outcome] = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -564,12 +571,23 @@ class Engine:
 
     def _row(self, work: Work, ids: list[int], max_new: int, reused: int, torch: Any) -> _Row:
         params = work.params
-        tracker = TextTracker(self._decode, params.stop, work.emit, work.cancelled)
+        decode = self._decode
+        if work.continues > 0:
+            decode = _continuing(decode, ids[-work.continues :])
+        tracker = TextTracker(decode, params.stop, work.emit, work.cancelled)
         generator = None
         if params.seed is not None and params.temperature:
-            generator = torch.Generator(device=self._model.device)
+            generator = torch.Generator(device=self._logits_device())
             generator.manual_seed(params.seed)
         return _Row(work, ids, max_new, tracker, generator, reused)
+
+    def _logits_device(self) -> Any:
+        """Where the logits are sampled: the output head's device. With ``device_map``
+        over several GPUs that is the last one, not ``model.device`` (the first), and
+        ``torch.multinomial`` refuses a generator made for another device."""
+        head = self._model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        return weight.device if weight is not None else self._model.device
 
     def _prefill(
         self,
@@ -811,6 +829,21 @@ class Engine:
             getattr(observer, event)(*args)
         except Exception:  # metrics never break generation
             log.exception("engine observer failed", observed=event)
+
+
+def _continuing(
+    decode: Callable[[list[int]], str], context: list[int]
+) -> Callable[[list[int]], str]:
+    """``decode`` for ids that follow ``context``: their text after the context's own."""
+    before = decode(context)
+
+    def after(ids: list[int]) -> str:
+        text = decode(context + ids)
+        if text.startswith(before):
+            return text[len(before) :]
+        return decode(ids)  # a decoder that rewrites the context's text: no context
+
+    return after
 
 
 def _raised_at(e: BaseException) -> str:

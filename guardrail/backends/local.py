@@ -94,6 +94,11 @@ log = get_logger(__name__)
 # a system message by another name.
 _ROLE_ALIASES: Final[Mapping[str, str]] = {"developer": "system"}
 
+# A plain completion is decoded after this many of its prompt's last tokens, so its
+# first token keeps the leading space a SentencePiece decode drops at a text's start
+# (see ``Work.continues``); a few tokens, as vLLM's incremental detokenizer uses.
+_COMPLETION_CONTEXT_TOKENS: Final = 5
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -505,6 +510,7 @@ class LocalBackend:
             prepare=lambda: self._prepare(request),
             emit=emit,
             cancelled=cancelled,
+            continues=_COMPLETION_CONTEXT_TOKENS if request.messages is None else 0,
         )
         self.engine.submit(work)
         return asyncio.wrap_future(work.future)
