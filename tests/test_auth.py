@@ -65,6 +65,16 @@ def keyed(
         yield c
 
 
+def test_the_backend_is_told_the_tenant_as_the_scope_of_what_it_may_cache(
+    keyed: Client, backend: FakeBackend
+) -> None:
+    """The local engine shares its KV cache only within a scope: the tenant."""
+    assert keyed.post("/v1/chat/completions", json=chat(), headers=bearer(ALICE)).is_success
+    completion = {"model": "fake-model", "prompt": "Once upon a time"}
+    assert keyed.post("/v1/completions", json=completion, headers=bearer(BOB)).is_success
+    assert [r.cache_scope for r in backend.requests] == ["alice", "bob"]
+
+
 def test_when_no_key_is_sent_then_401_says_how_to_send_one(keyed: Client) -> None:
     r = keyed.post("/v1/chat/completions", json=chat())
     assert r.status_code == 401

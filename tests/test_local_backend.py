@@ -568,6 +568,46 @@ async def test_a_chat_sharing_only_the_system_prompt_leaves_the_other_conversati
 ROLES = ("user", "assistant", "user")
 
 
+@slow
+async def test_a_tenant_never_reuses_another_tenants_kv_cache(loaded: tuple[Any, Any]) -> None:
+    """A cache hit is faster: shared across tenants, its timing tells one tenant whether
+    another recently sent the same prompt start (a system prompt, a document)."""
+    model, tokenizer = loaded
+    backend = LocalBackend(model, tokenizer, model_name="m", prefix_cache_entries=4)
+    system = Message("system", "You are the support assistant of Example Corp. Be brief.")
+
+    def ask(tenant: str, question: str) -> GenerationRequest:
+        messages = (system, Message("user", question))
+        params = SamplingParams(max_tokens=4)
+        return GenerationRequest("m", "t", messages=messages, params=params, cache_scope=tenant)
+
+    try:
+        await backend.generate(ask("alice", "What are your opening hours?"))
+        await backend.generate(ask("bob", "What are your opening hours today?"))
+        assert backend.prefix_cache.hits == 0  # bob started from nothing
+        await backend.generate(ask("alice", "What are your opening hours on Sunday?"))
+    finally:
+        await backend.aclose()
+    assert backend.prefix_cache.hits == 1  # alice reuses her own
+
+
+def test_prefix_cache_entries_belong_to_their_scope() -> None:
+    from guardrail.backends.engine import PrefixCache
+
+    class FakeCache:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+    cache = PrefixCache(entries=4, min_tokens=2)
+    cache.put([1, 2, 3, 4], FakeCache(4), scope="alice")
+    assert cache.take([1, 2, 3, 4, 5], scope="bob") == (None, 0)
+    assert cache.take([1, 2, 3, 4, 5]) == (None, 0)  # no scope is a scope of its own
+    assert cache.take([1, 2, 3, 4, 5], scope="alice")[1] == 4
+
+
 def test_prefix_cache_takes_the_longest_shared_prefix_and_crops_it() -> None:
     from guardrail.backends.local import PrefixCache
 

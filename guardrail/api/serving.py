@@ -482,7 +482,13 @@ class Serving:
                 sent = tuple(
                     dataclasses.replace(m, content=t) for m, t in zip(messages, texts, strict=True)
                 )
-                return GenerationRequest(body.model, request_id, messages=sent, params=params)
+                return GenerationRequest(
+                    body.model,
+                    request_id,
+                    messages=sent,
+                    params=params,
+                    cache_scope=principal.tenant,
+                )
 
             return [m.content for m in messages], messages, build
 
@@ -501,7 +507,13 @@ class Serving:
             params = _sampling(body, self._max_tokens(body))
 
             def build(texts: list[str]) -> GenerationRequest:
-                return GenerationRequest(body.model, request_id, prompt=texts[0], params=params)
+                return GenerationRequest(
+                    body.model,
+                    request_id,
+                    prompt=texts[0],
+                    params=params,
+                    cache_scope=principal.tenant,
+                )
 
             return [prompt], (Message("user", prompt),), build
 

@@ -58,13 +58,20 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """A chat (``messages``) or a plain completion (``prompt``) request; exactly one is set."""
+    """A chat (``messages``) or a plain completion (``prompt``) request; exactly one is set.
+
+    ``cache_scope`` says who may reuse what this request computes (the tenant): a backend
+    that keeps state across requests, as the local engine's KV cache, shares it only
+    within one scope. Shared across tenants, a cache's speed-up tells one tenant whether
+    another recently sent the same prompt start (a system prompt, a document).
+    """
 
     model: str
     request_id: str
     messages: tuple[Message, ...] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    cache_scope: str | None = None
 
     @property
     def is_chat(self) -> bool:

@@ -203,7 +203,9 @@ class PrefixCache:
     generations. The least recently used entries go when more than ``entries`` are
     kept or they hold more than ``max_bytes``; a cache larger than ``max_bytes`` on its
     own is not kept. The chat template may tokenize an earlier answer differently from
-    how it was generated: the common prefix then simply ends there.
+    how it was generated: the common prefix then simply ends there. Each entry belongs
+    to a scope (a tenant): a prompt reuses only entries of its own scope, so no tenant
+    can time whether another sent the same prompt start.
     """
 
     def __init__(
@@ -212,16 +214,20 @@ class PrefixCache:
         self.entries = entries
         self.min_tokens = min_tokens
         self.max_bytes = max_bytes
-        self._items: list[tuple[list[int], Any, int]] = []  # most recently used last
+        # (ids, cache, bytes, scope), most recently used last
+        self._items: list[tuple[list[int], Any, int, str | None]] = []
         self.bytes = 0
         self.reused_tokens = 0
         self.hits = 0
         self.misses = 0
 
-    def take(self, ids: list[int]) -> tuple[Any, int]:
-        """The cache to start ``ids`` from (cropped), and how many tokens it covers."""
+    def take(self, ids: list[int], scope: str | None = None) -> tuple[Any, int]:
+        """The cache to start ``ids`` from (cropped), and how many tokens it covers; only
+        entries put in ``scope`` are considered."""
         best, best_len = -1, 0
-        for i, (cached, _, _) in enumerate(self._items):
+        for i, (cached, _, _, owner) in enumerate(self._items):
+            if owner != scope:
+                continue
             n = _common_prefix(cached, ids)
             if n > best_len:
                 best, best_len = i, n
@@ -230,7 +236,7 @@ class PrefixCache:
         if best < 0 or best_len < self.min_tokens:
             self.misses += 1
             return None, 0
-        cached_ids, cache, size = self._items[best]
+        cached_ids, cache, size, _ = self._items[best]
         extra = int(cache.get_seq_length()) - best_len
         if extra > 0 and len(cached_ids) - best_len > 1:
             # The prompt leaves this conversation part-way (another chat sharing only its
@@ -254,14 +260,14 @@ class PrefixCache:
         self.reused_tokens += best_len
         return cache, best_len
 
-    def put(self, ids: list[int], cache: Any) -> None:
+    def put(self, ids: list[int], cache: Any, scope: str | None = None) -> None:
         if self.entries <= 0 or cache is None:
             return
         size = cache_bytes(cache)
         if self.max_bytes is not None and size > self.max_bytes:
             return
         length = int(cache.get_seq_length())
-        self._items.append((ids[:length], cache, size))
+        self._items.append((ids[:length], cache, size, scope))
         self.bytes += size
         while len(self._items) > self.entries or (
             self.max_bytes is not None and self.bytes > self.max_bytes
@@ -305,6 +311,8 @@ class Work:
     ``prepare`` runs on the scheduler thread and returns the prompt's token ids and
     the token budget; it may raise :class:`BackendError` (a prompt over the context).
     ``emit`` receives text deltas; ``cancelled`` is set when the consumer has gone.
+    ``cache_scope``: the prefix cache reuses only entries of the same scope (the tenant;
+    see :class:`~guardrail.backends.base.GenerationRequest`).
     ``continues``: how many of the prompt's last tokens the generated text continues
     (a plain completion's prompt). They are decoded together with the generated ids and
     their own text is cut off, so the first token's leading space survives: a
@@ -319,6 +327,7 @@ class Work:
     emit: Callable[[str], None]
     cancelled: threading.Event
     continues: int = 0
+    cache_scope: str | None = None
     future: concurrent.futures.Future[Outcome] = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -540,7 +549,7 @@ class Engine:
             if max_new <= 0:
                 _settle(work.future, Outcome("", "length", len(ids), 0))
                 continue
-            cache, reused = self.prefix_cache.take(ids)
+            cache, reused = self.prefix_cache.take(ids, work.cache_scope)
             self._observe(
                 "engine_prefix_lookup", cache is not None, reused, self.prefix_cache.bytes
             )
@@ -805,7 +814,7 @@ class Engine:
         else:
             finish = "stop"  # cancelled: nobody reads this
         if cache is not None and not row.work.cancelled.is_set():
-            self.prefix_cache.put(row.prompt + generated, cache)
+            self.prefix_cache.put(row.prompt + generated, cache, row.work.cache_scope)
             self._observe("engine_prefix_bytes", self.prefix_cache.bytes)
         decode_s = time.perf_counter() - row.first_token_at
         self._observe("engine_finished", len(generated), decode_s)

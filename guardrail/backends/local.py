@@ -511,6 +511,7 @@ class LocalBackend:
             emit=emit,
             cancelled=cancelled,
             continues=_COMPLETION_CONTEXT_TOKENS if request.messages is None else 0,
+            cache_scope=request.cache_scope,
         )
         self.engine.submit(work)
         return asyncio.wrap_future(work.future)
