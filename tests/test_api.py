@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +375,48 @@ def test_stream_usage_is_sent_when_asked(client: Client, backend: FakeBackend) -
     assert got[-1]["usage"]["prompt_tokens"] == 5
 
 
+@pytest.mark.parametrize("route", ["chat/completions", "completions"])
+def test_with_include_usage_every_chunk_has_a_usage_field_null_until_the_last(
+    client: Client, backend: FakeBackend, route: str
+) -> None:
+    """As OpenAI: "All other chunks will also include a usage field, but with a null value"."""
+    backend.reply = "One. Two. Three."
+    body: dict[str, Any] = {"model": "fake-model", "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    if route == "completions":
+        body["prompt"] = "hi"
+    else:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    got = [f for f in frames(client.post(f"/v1/{route}", json=body).text) if isinstance(f, dict)]
+    assert len(got) > 3
+    assert all("usage" in f and f["usage"] is None for f in got[:-1])
+    assert got[-1]["usage"]["prompt_tokens"] == 5
+
+
+def test_without_include_usage_no_chunk_has_a_usage_field(
+    client: Client, backend: FakeBackend
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat("hi", stream=True))
+    assert not any("usage" in f for f in frames(r.text) if isinstance(f, dict))
+
+
+def test_a_huge_chunk_reaches_the_client_window_by_window(
+    client: Client, backend: FakeBackend
+) -> None:
+    # The test policy releases at sentence ends, windows of up to 80 characters.
+    # One chunk of some 8,000 characters.
+    backend.chunks = ["".join(f"Sentence number {i} is here. " for i in range(300))]
+    r = client.post("/v1/chat/completions", json=chat("hi", stream=True))
+    deltas = [
+        f["choices"][0]["delta"]["content"]
+        for f in frames(r.text)
+        if isinstance(f, dict) and f["choices"][0]["delta"].get("content")
+    ]
+    assert "".join(deltas) == backend.chunks[0]
+    assert len(deltas) > 50
+    assert all(len(d) <= 80 for d in deltas)
+
+
 def test_a_stream_blocked_midway_reports_unknown_usage_not_zero(
     client: Client, backend: FakeBackend
 ) -> None:
@@ -411,10 +453,11 @@ def test_a_gateway_bug_mid_stream_sends_an_error_frame_and_still_ends_the_stream
 ) -> None:
     from guardrail.guard.stream import StreamGuard
 
-    async def broken(self: StreamGuard, text: str) -> object:
+    async def broken(self: StreamGuard, text: str) -> AsyncIterator[object]:
         raise RuntimeError("a bug")
+        yield  # an async generator, as the method it replaces
 
-    monkeypatch.setattr(StreamGuard, "feed", broken)
+    monkeypatch.setattr(StreamGuard, "releases", broken)
     r = client.post("/v1/chat/completions", json=chat("hi", stream=True))
     got = frames(r.text)
     assert got[-1] == "[DONE]"

@@ -640,6 +640,46 @@ def test_a_client_that_leaves_a_non_streamed_call_cancels_it_and_it_is_counted(
         assert registry.get_sample_value("guardrail_requests_total", cancelled) == 1.0
 
 
+class _SlowToStart(FakeBackend):
+    """A stream whose first chunk is long in coming (a queued engine, a slow prefill);
+    says whether it was cancelled while the client waited for it."""
+
+    cancelled = threading.Event()
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        async for chunk in super().stream(request):
+            yield chunk
+
+
+def test_a_client_that_leaves_before_the_first_chunk_frees_the_stream_at_once(
+    test_policy: Path,
+) -> None:
+    backend = _SlowToStart(delay_s=30.0)
+    registry = CollectorRegistry()
+    app = create_app(
+        Settings(policy=str(test_policy), models=["fake-model"]),
+        backend=backend,
+        metrics_registry=registry,
+    )
+    with serve_asgi(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=chat(True), timeout=0.5)
+        # Cancelled when the client leaves, not 30 s later when the first chunk comes.
+        assert backend.cancelled.wait(10.0)
+        cancelled = {"route": "chat", "outcome": "cancelled"}
+        deadline = time.monotonic() + 10.0
+        while registry.get_sample_value("guardrail_requests_total", cancelled) != 1.0:
+            assert time.monotonic() < deadline, "the disconnect was not recorded"
+            time.sleep(0.05)
+        assert app.state.gateway.slots.active == 0
+        assert registry.get_sample_value("guardrail_in_flight_requests", {"route": "chat"}) == 0
+
+
 class _SlowOutputFilter:
     """Takes a while on every output window, so a client can leave during a check."""
 

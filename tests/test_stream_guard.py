@@ -192,6 +192,63 @@ async def test_a_large_chunk_is_released_window_by_window(executor: ThreadPoolEx
     assert (await window.finish()).text == "Tail"
 
 
+class _Counting:
+    """Allows everything and counts its checks."""
+
+    name = "count"
+    stages = frozenset({Stage.OUTPUT})
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        self.checks += 1
+        return Verdict()
+
+
+async def test_a_large_chunk_yields_each_window_before_the_next_is_checked(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """A megabyte chunk's first window is not held until its last one is checked."""
+    policy = make_guard(executor).policy
+    counting = _Counting()
+    config = FilterConfig("count", "count", frozenset({Stage.OUTPUT}), 1.0, Action.BLOCK, None)
+    guard = Guard(policy, [(config, counting)])
+    settings = StreamSettings(release="window", window_chars=20, context_chars=5)
+    window = StreamGuard(guard, FilterContext("s"), settings)
+    text = "word " * 40
+    sent = []
+    async for release in window.releases(text):
+        sent.append(release.text)
+        assert counting.checks == len(sent)  # this window's check only, none ahead
+    assert len(sent) == 10
+    assert "".join(sent) + (await window.finish()).text == text
+
+
+@pytest.mark.parametrize("release", ["sentence", "window"])
+async def test_a_long_text_without_a_sentence_end_is_cut_into_windows(
+    executor: ThreadPoolExecutor, release: str
+) -> None:
+    settings = StreamSettings(release=release, window_chars=30, context_chars=10)
+    window = StreamGuard(make_guard(executor), FilterContext("s"), settings)
+    text = "word " * 2000 + "end. Then more"
+    released = [r.text async for r in window.releases(text)]
+    assert all(0 < len(t) <= 30 for t in released)
+    assert "".join(released) + (await window.finish()).text == text
+
+
+async def test_window_mode_cuts_at_a_line_break_too_never_inside_a_secret(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Lines with no space are cut at their line break, not through the word at the limit."""
+    settings = StreamSettings(release="window", window_chars=30, context_chars=10)
+    window = StreamGuard(make_guard(executor), FilterContext("s"), settings)
+    released = [r.text async for r in window.releases("line\n" * 5 + "abc,sk-1234 x")]
+    released.append((await window.finish()).text)
+    assert released[0] == "line\n" * 5
+    assert "".join(released) == "line\n" * 5 + "abc,# x"
+
+
 class _TagHolder:
     """A filter that needs an unfinished ``<TAG...`` kept back, like a PII placeholder."""
 

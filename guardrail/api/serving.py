@@ -850,7 +850,9 @@ class Serving:
         started = time.perf_counter()
         chunks = call.backend.stream(call.request)
         try:
-            first = await anext(chunks)
+            # A client that leaves before the first chunk (a queued engine, a slow
+            # prefill) frees the backend call then, not when the chunk comes.
+            first = await _unless_disconnected(anext(chunks), call.receive)
         except StopAsyncIteration:
             first = Chunk("", finish_reason="stop")
         except BaseException:
@@ -886,12 +888,14 @@ class Serving:
                     finish = chunk.finish_reason
                 if not chunk.text:
                     continue
-                released = await window.feed(chunk.text)
-                if released.text:
-                    if exchange.time_to_first_token_s is None:
-                        exchange.time_to_first_token_s = time.perf_counter() - exchange.started
-                    yield self._frame(call, content=released.text)
-                if released.blocked:
+                # Each window is sent as soon as it passed: a huge chunk's first window
+                # does not wait for the checks of all the others.
+                async for released in window.releases(chunk.text):
+                    if released.text:
+                        if exchange.time_to_first_token_s is None:
+                            exchange.time_to_first_token_s = time.perf_counter() - exchange.started
+                        yield self._frame(call, content=released.text)
+                if window.blocked:
                     break
             exchange.backend_duration_s = time.perf_counter() - started
             if not window.blocked:
@@ -995,8 +999,9 @@ class Serving:
             "model": call.request.model,
             "choices": choices,
         }
-        if usage_frame:
-            body["usage"] = usage
+        if usage_frame or call.include_usage:
+            # OpenAI: with include_usage every other chunk carries ``usage: null`` too.
+            body["usage"] = usage if usage_frame else None
         if guardrail is not None:
             body["guardrail"] = guardrail
         return b"data: " + _encode(body) + b"\n\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from guardrail.guard.guard import Guard
@@ -34,6 +35,8 @@ from guardrail.policy.model import StreamSettings
 # A sentence ends at terminal punctuation (optionally closed by quotes or brackets)
 # followed by whitespace, or at a line break.
 _SENTENCE_END = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+|\n+""")
+# Everything up to and including the last whitespace character.
+_THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,19 +75,28 @@ class StreamGuard:
 
     async def feed(self, text: str) -> Release:
         """Add backend text; returns the text that may be released now (maybe empty)."""
+        released: list[str] = []
+        decision = None
+        async for window in self.releases(text):
+            released.append(window.text)
+            decision = window.decision
+        return Release("".join(released), decision)
+
+    async def releases(self, text: str) -> AsyncIterator[Release]:
+        """Add backend text; yield each window as soon as its check passed (or blocked).
+
+        A large chunk may hold many windows: the first can be sent while the rest are
+        still being checked, instead of a megabyte chunk waiting for its last window.
+        Nothing follows a blocked window.
+        """
         if self.blocked:
             raise RuntimeError("stream already blocked")
         self._held += text
-        released: list[str] = []
-        decision = None
-        # A large chunk may hold several windows: check and release each in order.
         while (cut := self._release_point()) > 0:
             window = await self._check(cut)
-            released.append(window.text)
-            decision = window.decision
+            yield window
             if window.blocked:
-                break
-        return Release("".join(released), decision)
+                return
 
     async def finish(self) -> Release:
         """The backend is done: check and release whatever is still held."""
@@ -110,17 +122,18 @@ class StreamGuard:
         held, limit = self._held, self._settings.window_chars
         if self._settings.release == "sentence":
             last_end = 0
-            for m in _SENTENCE_END.finditer(held):
-                if m.end() > limit:
-                    break
+            # Only the window's own text is searched: a megabyte held with no sentence
+            # end would otherwise be scanned whole for every window cut from it.
+            for m in _SENTENCE_END.finditer(held, 0, limit):
                 last_end = m.end()
             if last_end:
                 return last_end
         if len(held) < limit:
             return 0
-        # Cut at a word boundary inside the window so words are not split across checks.
-        space = held.rfind(" ", 0, limit)
-        return space + 1 if space > 0 else limit
+        # Cut after the window's last whitespace (a space, a line break) so words are
+        # not split across checks: a token cut in half is released before its end is seen.
+        through = _THROUGH_LAST_SPACE.match(held, 0, limit)
+        return through.end() if through and through.end() > 1 else limit
 
     async def _check(self, cut: int) -> Release:
         window = self._held[:cut]
