@@ -616,6 +616,16 @@ class _Watched(FakeBackend):
             raise
 
 
+def _wait_for_sample(
+    registry: CollectorRegistry, name: str, labels: dict[str, str], value: float, timeout_s: float
+) -> None:
+    """Until the metric has ``value`` (recorded after the response, off the test's thread)."""
+    deadline = time.monotonic() + timeout_s
+    while registry.get_sample_value(name, labels) != value:
+        assert time.monotonic() < deadline, f"{name}{labels} never reached {value}"
+        time.sleep(0.05)
+
+
 def test_a_client_that_leaves_a_non_streamed_call_cancels_it_and_it_is_counted(
     test_policy: Path,
 ) -> None:
@@ -629,10 +639,7 @@ def test_a_client_that_leaves_a_non_streamed_call_cancels_it_and_it_is_counted(
         # The backend call is cancelled at once, not after its 5 s.
         assert backend.cancelled.wait(3.0)
         cancelled = {"route": "chat", "outcome": "cancelled"}
-        deadline = time.monotonic() + 3.0
-        while registry.get_sample_value("guardrail_requests_total", cancelled) != 1.0:
-            assert time.monotonic() < deadline, "the disconnect was not recorded"
-            time.sleep(0.05)
+        _wait_for_sample(registry, "guardrail_requests_total", cancelled, 1.0, 3.0)
         # A client that stays gets its answer as before.
         backend.delay_s = 0.0
         r = httpx.post(f"{url}/v1/chat/completions", json=chat(), timeout=5.0)
@@ -672,10 +679,7 @@ def test_a_client_that_leaves_before_the_first_chunk_frees_the_stream_at_once(
         # Cancelled when the client leaves, not 30 s later when the first chunk comes.
         assert backend.cancelled.wait(10.0)
         cancelled = {"route": "chat", "outcome": "cancelled"}
-        deadline = time.monotonic() + 10.0
-        while registry.get_sample_value("guardrail_requests_total", cancelled) != 1.0:
-            assert time.monotonic() < deadline, "the disconnect was not recorded"
-            time.sleep(0.05)
+        _wait_for_sample(registry, "guardrail_requests_total", cancelled, 1.0, 10.0)
         assert app.state.gateway.slots.active == 0
         assert registry.get_sample_value("guardrail_in_flight_requests", {"route": "chat"}) == 0
 

@@ -591,16 +591,24 @@ async def test_a_tenant_never_reuses_another_tenants_kv_cache(loaded: tuple[Any,
     assert backend.prefix_cache.hits == 1  # alice reuses her own
 
 
+class CountingCache:
+    """A KV cache that is only its length (what the prefix cache reads and crops)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def crop(self, n: int) -> None:
+        assert n < 0  # transformers 5 takes how many tokens to drop, negative
+        self.n += n
+
+
 def test_prefix_cache_entries_belong_to_their_scope() -> None:
     from guardrail.backends.engine import PrefixCache
 
-    class FakeCache:
-        def __init__(self, n: int) -> None:
-            self.n = n
-
-        def get_seq_length(self) -> int:
-            return self.n
-
+    FakeCache = CountingCache
     cache = PrefixCache(entries=4, min_tokens=2)
     cache.put([1, 2, 3, 4], FakeCache(4), scope="alice")
     assert cache.take([1, 2, 3, 4, 5], scope="bob") == (None, 0)
@@ -611,17 +619,7 @@ def test_prefix_cache_entries_belong_to_their_scope() -> None:
 def test_prefix_cache_takes_the_longest_shared_prefix_and_crops_it() -> None:
     from guardrail.backends.local import PrefixCache
 
-    class FakeCache:
-        def __init__(self, n: int) -> None:
-            self.n = n
-
-        def get_seq_length(self) -> int:
-            return self.n
-
-        def crop(self, n: int) -> None:
-            assert n < 0  # transformers 5 takes how many tokens to drop, negative
-            self.n += n
-
+    FakeCache = CountingCache
     cache = PrefixCache(entries=2, min_tokens=3)
     cache.put(list(range(10)), FakeCache(9))  # the last token has no cached keys yet
     cache.put([0, 1, 7, 7, 7], FakeCache(5))
