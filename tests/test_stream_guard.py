@@ -249,6 +249,22 @@ async def test_window_mode_cuts_at_a_line_break_too_never_inside_a_secret(
     assert "".join(released) == "line\n" * 5 + "abc,# x"
 
 
+@pytest.mark.parametrize("pad", range(12))
+async def test_minified_json_is_cut_between_values_never_through_a_secret(
+    executor: ThreadPoolExecutor, pad: int
+) -> None:
+    """No whitespace at all: the cut falls after the last delimiter of the window (a
+    comma, a quote, a brace), not at the limit through a value that a rule redacts."""
+    settings = StreamSettings(release="window", window_chars=30, context_chars=10)
+    window = StreamGuard(make_guard(executor), FilterContext("s"), settings)
+    reply = '{"note":"' + "x" * pad + '","key":"sk-1234","more":"' + "y" * 40 + '"}'
+    released = [r.text async for r in window.releases(reply)]
+    released.append((await window.finish()).text)
+    out = "".join(released)
+    assert out == reply.replace("sk-1234", "#")
+    assert len(released) > 2  # still released window by window
+
+
 class _TagHolder:
     """A filter that needs an unfinished ``<TAG...`` kept back, like a PII placeholder."""
 

@@ -37,6 +37,9 @@ from guardrail.policy.model import StreamSettings
 _SENTENCE_END = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+|\n+""")
 # Everything up to and including the last whitespace character.
 _THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
+# ... or, in text with no whitespace (minified JSON, CSV), the last delimiter between
+# values: a value a rule matches (a key, an id) does not hold one.
+_THROUGH_LAST_DELIMITER = re.compile(r""".*[,;{}\[\]"'<>]""", re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +135,11 @@ class StreamGuard:
             return 0
         # Cut after the window's last whitespace (a space, a line break) so words are
         # not split across checks: a token cut in half is released before its end is seen.
-        through = _THROUGH_LAST_SPACE.match(held, 0, limit)
-        return through.end() if through and through.end() > 1 else limit
+        for boundary in (_THROUGH_LAST_SPACE, _THROUGH_LAST_DELIMITER):
+            through = boundary.match(held, 0, limit)
+            if through and through.end() > 1:
+                return through.end()
+        return limit
 
     async def _check(self, cut: int) -> Release:
         window = self._held[:cut]
