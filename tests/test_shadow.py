@@ -116,6 +116,26 @@ def test_a_bad_shadow_file_on_reload_keeps_the_previous_shadow_policy(
         wait_for(lambda: shadow_count(metrics_registry, "input", "allow", "block") == 1)
 
 
+def test_a_reload_where_every_policy_fails_names_each_and_keeps_each_running(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[..., Path],
+    test_policy: Path,
+) -> None:
+    """Only the default policy's problem was reported: the shadow's went unsaid."""
+    default = write_policy(test_policy.read_text(), "mine.yaml")
+    candidate = write_policy(CANDIDATE, "candidate.yaml")
+    with TestClient(app=make_app(policy=str(default), shadow_policy=str(candidate))) as client:
+        default.write_text(default.read_text().replace("filters:", "filterz:"))
+        candidate.write_text(CANDIDATE.replace("keywords: [tea]", "keywordz: [tea]"))
+        r = client.post("/admin/reload")
+        assert r.status_code == 422
+        message = r.json()["error"]["message"]
+        assert "mine.yaml" in message
+        assert "the shadow policy failed: " in message
+        assert "candidate.yaml" in message
+        assert client.post("/v1/chat/completions", json=chat("hello")).status_code == 200
+
+
 async def test_shadow_checks_past_the_limit_are_dropped_and_counted(
     write_policy: Callable[..., Path],
 ) -> None:

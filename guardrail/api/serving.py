@@ -243,21 +243,26 @@ class Gateway:
     async def reload_policy(self, trigger: str) -> ReloadResult:
         """Reload the policy file(s); a bad file keeps its running policy (and is reported).
 
-        Tenant and shadow policies reload too; the answer is the default policy's result,
-        or the first other policy that failed (its error says which, and that the others
-        were reloaded).
+        Tenant and shadow policies reload too, each on its own: one that fails keeps its
+        running version, the others take their new one. The answer is the default
+        policy's result; it fails if any policy failed, and its error names every one
+        that did (and says which version of the default policy is in force).
         """
         result = await self.store.reload()
         shadow = [(self.shadow.store, "shadow")] if self.shadow is not None else []
         tenants = [(store, "tenant") for store in self.stores.values()]
+        failures = [] if result.ok else [result.error or "the default policy failed"]
         for store, role in [*tenants, *shadow]:
             other = await store.reload()
-            if result.ok and not other.ok:
-                result = dataclasses.replace(
-                    other,
-                    error=f"the {role} policy failed (the default policy {result.name} "
-                    f"{result.version} is in force): {other.error}",
-                )
+            if not other.ok:
+                failures.append(f"the {role} policy failed: {other.error}")
+        if failures and result.ok:
+            # The default policy did reload: say so before the others' problems.
+            in_force = f"the default policy {result.name} {result.version} is in force"
+            first, *rest = failures
+            failures = [first.replace(" failed: ", f" failed ({in_force}): ", 1), *rest]
+        if failures:
+            result = dataclasses.replace(result, ok=False, error="\n".join(failures))
         self.metrics.policy_reload(result.ok)
         if result.ok:
             log.info("policy_reloaded", trigger=trigger, name=result.name, version=result.version)
