@@ -11,7 +11,10 @@ the reloader logs the answer and waits for the next change. Standard library onl
 
 Environment:
 
-- ``POLICY_FILE``: the file to watch (default ``/etc/guardrail/policies/policy.yaml``)
+- ``POLICY_FILE``: what to watch (default ``/etc/guardrail/policies/policy.yaml``): a
+  file, or a folder, meaning every ``*.yaml`` and ``*.yml`` in it (the default policy
+  and the tenant and shadow policies of one ConfigMap), or several of these separated by
+  ``:``. A change to any of them posts one reload, which reloads every policy.
 - ``GATEWAY_URL``: the gateway (default ``http://127.0.0.1:8080``)
 - ``GUARDRAIL_ADMIN_KEY``: sent as ``Authorization: Bearer <key>`` when set
 - ``INTERVAL_S``: seconds between polls (default 10)
@@ -35,11 +38,22 @@ def log(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, "logger": "policy_reloader", **fields}), flush=True)
 
 
-def digest(path: Path) -> str | None:
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return [path]
+
+
+def digest(paths: list[Path]) -> str | None:
+    """One sha256 over the watched files' names and bytes; None if one cannot be read."""
+    h = hashlib.sha256()
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in paths:
+            for file in _files(path):
+                h.update(str(file).encode() + b"\0" + file.read_bytes() + b"\0")
     except OSError:
         return None
+    return h.hexdigest()
 
 
 def reload(gateway: str, admin_key: str, timeout_s: float = 30.0) -> tuple[int, str]:
@@ -57,7 +71,8 @@ def reload(gateway: str, admin_key: str, timeout_s: float = 30.0) -> tuple[int, 
 
 
 def main(argv: list[str]) -> int:
-    path = Path(os.environ.get("POLICY_FILE", "/etc/guardrail/policies/policy.yaml"))
+    watched = os.environ.get("POLICY_FILE", "/etc/guardrail/policies/policy.yaml")
+    paths = [Path(p) for p in watched.split(":") if p]
     gateway = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080")
     admin_key = os.environ.get("GUARDRAIL_ADMIN_KEY", "")
     interval = float(os.environ.get("INTERVAL_S", "10"))
@@ -66,12 +81,12 @@ def main(argv: list[str]) -> int:
         log("reload", status=status, body=body[:500])
         return 0 if status == 200 else 1
     # The gateway loaded the file as it was at startup: only later changes are posted.
-    seen = digest(path)
-    log("watching", file=str(path), sha256=seen, gateway=gateway, interval_s=interval)
+    seen = digest(paths)
+    log("watching", file=watched, sha256=seen, gateway=gateway, interval_s=interval)
     pending: str | None = None  # a change not yet acknowledged by the gateway
     while True:
         time.sleep(interval)
-        current = digest(path)
+        current = digest(paths)
         if current is None or (current == seen and pending is None):
             continue
         status, body = reload(gateway, admin_key)

@@ -490,7 +490,8 @@ def test_k8s_gateway_wiring() -> None:
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert "/tmp" in {m["mountPath"] for m in gateway["volumeMounts"]}
     # The policy file is the ConfigMap's key, under a directory mount (no subPath,
-    # which Kubernetes would never update), and the reloader watches the same file.
+    # which Kubernetes would never update), and the reloader watches that folder (the
+    # tenant and shadow policies of the same ConfigMap too).
     env = {e["name"]: e.get("value") for e in gateway["env"]}
     reloader_env = {e["name"]: e for e in reloader["env"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
@@ -500,7 +501,7 @@ def test_k8s_gateway_wiring() -> None:
     policy_file = Path(env["GUARDRAIL_POLICY"])
     assert policy_file.parent == Path(mount["mountPath"])
     assert policy_file.name in configmap["data"]
-    assert reloader_env["POLICY_FILE"]["value"] == str(policy_file)
+    assert reloader_env["POLICY_FILE"]["value"] == str(policy_file.parent)
     assert reloader["command"] == ["python", "/app/policy_reloader.py"]
     # Keys come from the Secret the example describes.
     secret = objects["Secret", "guardrail-secrets"]
@@ -677,6 +678,40 @@ def test_policy_reloader_reloads_a_changed_policy(
         # Refused once, not retried until the file changes again.
         time.sleep(0.5)
         assert all('"reload"' not in line for line in list(lines.queue))
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_policy_reloader_watching_a_folder_reloads_when_any_policy_in_it_changes(
+    reloader_gateway: tuple[str, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """Tenant and shadow policies live in the same ConfigMap folder: a change to one of
+    them must reload too (the gateway reloads every policy at once)."""
+    _, policy, env = reloader_gateway
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    tenant = folder / "tenant.yaml"
+    tenant.write_text(policy.read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "notes.txt").write_text("not a policy", encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, str(DEPLOY / "policy_reloader.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env | {"POLICY_FILE": f"{policy}:{folder}"},
+    )
+    try:
+        assert process.stdout is not None
+        lines = _lines(process.stdout)
+        _next_event(lines, "watching")
+        (folder / "notes.txt").write_text("still not a policy", encoding="utf-8")
+        time.sleep(0.5)
+        assert all('"reload"' not in line for line in list(lines.queue))
+        tenant.write_text(tenant.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
+        assert _next_event(lines, "reload")["status"] == 200
     finally:
         process.terminate()
         process.wait(timeout=10)
