@@ -786,3 +786,37 @@ async def test_a_judge_model_is_loaded_by_the_local_loader_and_blended_in(
     base = (await plain.scorer.score(answer, [SOURCE], QUESTION)).score  # type: ignore[union-attr]
     blended = {f.category: f.score for f in (await judged.check(answer, ctx)).findings}
     assert blended["groundedness"] == pytest.approx(0.5 * base + 0.5 * p_yes, abs=1e-6)
+
+
+def _strip_trailing_reference(raw: str) -> str:
+    # The first, one-character-at-a-time version: the meaning _strip_trailing keeps.
+    from guardrail.filters.hallucination import _CLOSING, _TRAILING
+
+    while raw and raw[-1] in _TRAILING:
+        opener = _CLOSING.get(raw[-1])
+        if opener is not None and raw.count(opener) >= raw.count(raw[-1]):
+            break
+        raw = raw[:-1]
+    return raw
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "https://en.wikipedia.org/wiki/Mercury_(planet)",
+        "https://en.wikipedia.org/wiki/Mercury_(planet)).",
+        "https://x.example/a_(b_(c))]).,",
+        "https://x.example/[a]}]>'\"",
+        "https://x.example/a" + ")" * 3000,
+        "https://x.example/(a" + ")." * 1500,
+        "https://x.example/a" + "." * 3000,
+        ")))",
+        "",
+    ],
+)
+def test_strip_trailing_counts_brackets_once(raw: str) -> None:
+    # A URL ending in a long run of ")" was recounted and copied for each character
+    # stripped (quadratic: a 160k-character run took seconds); the answer is unchanged.
+    from guardrail.filters.hallucination import _strip_trailing
+
+    assert _strip_trailing(raw) == _strip_trailing_reference(raw)

@@ -263,6 +263,24 @@ async def test_look_alikes_and_leet_still_match_where_they_disguise(
     assert await action(guard, text) is Action.BLOCK, text
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u0441\u0435\u043a\u0441",  # the keyword alone
+        "\u0445\u043e\u0447\u0443 \u0441\u0435\u043a\u0441",  # in Russian text
+        "\u0432\u0438\u0434\u0435\u043e \u0441\u0435\u043a\u0441 \u0442\u0443\u0442",
+        "buy \u0441\u0435\u043a\u0441 now",  # in English text: read as Latin
+    ],
+)
+async def test_a_keyword_of_look_alike_letters_matches_in_its_own_script(
+    make_guard: Callable[..., Guard], text: str
+) -> None:
+    # A Russian keyword made of look-alike letters alone compiled to its Latin look-alike
+    # ("cekc") only, while Russian text keeps its words Cyrillic: it never matched there.
+    guard = make_guard("- {id: w, category: c, keywords: [\u0441\u0435\u043a\u0441]}\n")
+    assert await action(guard, text) is Action.BLOCK, text
+
+
 async def test_a_redaction_covers_all_of_the_markup_it_decoded(
     make_guard: Callable[..., Guard],
 ) -> None:
@@ -761,6 +779,7 @@ def test_a_weights_file_changed_in_place_is_read_again_by_the_next_build(
     env = BuildContext(executor, base_dir=tmp_path, resources=SharedResources())
     settings = EmbeddingHeadsSettings(weights="heads.npz")
     before = build_engine("aup", settings, [("unsafe", "unsafe")], env)
+    held = len(env.resources)
     with np.load(weights, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     arrays["b2"] = np.asarray(float(arrays["b2"]) + 1.0)
@@ -771,3 +790,6 @@ def test_a_weights_file_changed_in_place_is_read_again_by_the_next_build(
     # An unchanged file is still shared, not read again.
     again = build_engine("aup", settings, [("unsafe", "unsafe")], env)
     assert again._heads is after._heads  # type: ignore[attr-defined]
+    # The old heads are not kept besides the new ones: a file touched on every deploy
+    # would otherwise pile up one more copy of the model per reload.
+    assert len(env.resources) == held

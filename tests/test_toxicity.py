@@ -260,13 +260,9 @@ async def test_when_the_model_fails_the_guard_blocks(pool: ThreadPoolExecutor) -
     resources = SharedResources()
     precision = resolve_precision(BuildContext(pool).embedding_precision)
     resources.get(
-        (
-            "toxicity-embedding",
-            str(DEFAULT_WEIGHTS.resolve()),
-            precision,
-            file_stamp(DEFAULT_WEIGHTS),
-        ),
+        ("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve()), precision),
         _BrokenEngine,
+        version=file_stamp(DEFAULT_WEIGHTS),
     )
     policy = load_policy_text(_policy("      max_wait_ms: 1\n"), "p.yaml", filter_registry())
     guard = Guard.build(policy, filter_registry(), BuildContext(pool, resources=resources))
@@ -298,13 +294,9 @@ async def test_a_nan_score_in_any_piece_of_a_long_text_fails_closed(
     resources = SharedResources()
     precision = resolve_precision(BuildContext(pool).embedding_precision)
     resources.get(
-        (
-            "toxicity-embedding",
-            str(DEFAULT_WEIGHTS.resolve()),
-            precision,
-            file_stamp(DEFAULT_WEIGHTS),
-        ),
+        ("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve()), precision),
         _NanOnSomePiecesEngine,
+        version=file_stamp(DEFAULT_WEIGHTS),
     )
     policy = load_policy_text(
         _policy("      max_wait_ms: 1\n      chunk_chars: 100\n"), "p.yaml", filter_registry()

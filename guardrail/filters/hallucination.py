@@ -199,12 +199,20 @@ _DEFAULT_PORTS = {"http": "80", "https": "443"}
 def _strip_trailing(raw: str) -> str:
     """``raw`` without the punctuation that ends a sentence or a bracket around it; a
     closing bracket opened inside stays (``https://en.wikipedia.org/wiki/Mercury_(planet)``)."""
-    while raw and raw[-1] in _TRAILING:
-        opener = _CLOSING.get(raw[-1])
-        if opener is not None and raw.count(opener) >= raw.count(raw[-1]):
-            break
-        raw = raw[:-1]
-    return raw
+    # Counted once and kept up to date: recounting and slicing for each character
+    # stripped is quadratic in a URL that ends in a long run of ")" or ".".
+    opened = {opener: raw.count(opener) for opener in _CLOSING.values()}
+    closed = {closer: raw.count(closer) for closer in _CLOSING}
+    end = len(raw)
+    while end and raw[end - 1] in _TRAILING:
+        char = raw[end - 1]
+        opener = _CLOSING.get(char)
+        if opener is not None:
+            if opened[opener] >= closed[char]:
+                break
+            closed[char] -= 1
+        end -= 1
+    return raw[:end]
 
 
 def _unescape_unreserved(part: str) -> str:
@@ -455,13 +463,13 @@ def shared_scorer(
 
     stamp = file_stamp(path)  # new weights over the old file are read again on reload
     head = env.resources.get(
-        ("grounding-head", str(path.resolve()), stamp), lambda: SupportHead.load(path)
+        ("grounding-head", str(path.resolve())), lambda: SupportHead.load(path), version=stamp
     )
     local_judge = None
     if judge is not None:
         model, tokenizer = shared_local_model(env, judge.model, judge.device, judge.dtype)
         local_judge = LocalJudge(model, tokenizer, env.executor, judge.max_chars)
-    key = ("grounding-scorer", str(path.resolve()), stamp, max_units, judge, env.executor)
+    key = ("grounding-scorer", str(path.resolve()), max_units, judge, env.executor)
     return env.resources.get(
         key,
         lambda: GroundingScorer(

@@ -479,7 +479,12 @@ def _glue_spelled(folded: _Folded) -> None:
 
 
 def normalize(
-    text: str, *, leet: bool = True, glue: bool = True, markup: bool = True
+    text: str,
+    *,
+    leet: bool = True,
+    glue: bool = True,
+    markup: bool = True,
+    unconfuse: bool = True,
 ) -> Normalized:
     """The text with evasion undone (see the module doc), and its map to ``text``.
 
@@ -487,10 +492,13 @@ def normalize(
     addresses need them); ``glue=False`` keeps spelled-out letters apart (keyword
     patterns match them letter by letter, so a neighbouring word is not glued on);
     ``markup=False`` keeps character references, URL escapes, tags and emphasis as
-    written (regexes see them).
+    written (regexes see them); ``unconfuse=False`` keeps look-alike letters of other
+    scripts as they are (a keyword of such letters alone, as a text in that script
+    holds it).
     """
     folded = _fold_and_squeeze(_source(text, markup))
-    _unconfuse(folded)
+    if unconfuse:
+        _unconfuse(folded)
     if leet:
         _unleet(folded, any(c.islower() for c in text))
     if glue:

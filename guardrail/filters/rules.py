@@ -415,12 +415,21 @@ _BETWEEN_WORDS = r"(?:[\s\-_/]|\.(?!\s))+"
 _GLUE_MIN = 4
 
 
-def _keyword_words(keyword: str) -> list[str]:
-    return [w for w in normalize(keyword, glue=False).text.split(" ") if w]
+def _keyword_forms(keyword: str) -> list[list[str]]:
+    """The keyword's words as normalised text can hold them: with look-alike letters of
+    another script read as Latin (a Cyrillic word among English ones), and as written (a
+    text in that script keeps its words: a Russian keyword of look-alike letters alone,
+    such as the Cyrillic "sex", stays Cyrillic in a Russian sentence)."""
+    forms: list[list[str]] = []
+    for unconfuse in (True, False):
+        text = normalize(keyword, glue=False, unconfuse=unconfuse).text
+        words = [w for w in text.split(" ") if w]
+        if words not in forms:
+            forms.append(words)
+    return forms
 
 
-def _keyword_pattern(keyword: str, *, stretch: bool = False) -> str:
-    words = _keyword_words(keyword)
+def _keyword_pattern(words: list[str], *, stretch: bool = False) -> str:
     word_pattern = _stretched_word if stretch else _word_pattern
     body = word_pattern(words[0]) if words else ""
     for before, word in itertools.pairwise(words):
@@ -431,12 +440,13 @@ def _keyword_pattern(keyword: str, *, stretch: bool = False) -> str:
 
 
 def _compile_pattern(cond: Condition) -> _Pattern | None:
-    keywords = [_keyword_pattern(k) for k in cond.keywords]
+    forms = [words for k in cond.keywords for words in _keyword_forms(k)]
+    keywords = [_keyword_pattern(words) for words in forms]
     if not keywords and not cond.regex:
         return None
     # A group per keyword that can stretch: its number says how many letters it has.
-    stretchy = [k for k in cond.keywords if any(len(w) >= _STRETCH_WORD for w in _keyword_words(k))]
-    stretched = "|".join(f"({_keyword_pattern(k, stretch=True)})" for k in stretchy)
+    stretchy = [words for words in forms if any(len(w) >= _STRETCH_WORD for w in words)]
+    stretched = "|".join(f"({_keyword_pattern(words, stretch=True)})" for words in stretchy)
     # Each regex on its own, as validated: joined into one alternation, a global flag
     # ("(?i)") not at the start, a group name used twice or a backreference ("\1"
     # meaning another regex's group) would fail or change meaning. Keywords are matched
@@ -445,7 +455,7 @@ def _compile_pattern(cond: Condition) -> _Pattern | None:
         re.compile("|".join(keywords)) if keywords else None,
         tuple(re.compile(r, re.IGNORECASE) for r in cond.regex),
         re.compile(stretched) if stretched else None,
-        tuple(sum(c.isalpha() for c in "".join(_keyword_words(k))) for k in stretchy),
+        tuple(sum(c.isalpha() for c in "".join(words)) for words in stretchy),
     )
 
 
@@ -455,8 +465,8 @@ class _Pattern:
 
     keywords: re.Pattern[str] | None
     regexes: tuple[re.Pattern[str], ...]
-    # Keywords with letters written more than once; group i is keyword i, and hits with
-    # fewer than _STRETCH_MIN letters more than its letters[i] are dropped.
+    # Keywords with letters written more than once; group i is keyword form i, and hits
+    # with fewer than _STRETCH_MIN letters more than its letters[i] are dropped.
     stretched: re.Pattern[str] | None = None
     letters: tuple[int, ...] = ()
 
@@ -645,8 +655,9 @@ def build_engine(
             _resolve(env.base_dir, settings.weights) if settings.weights else DEFAULT_AUP_WEIGHTS
         )
         heads = env.resources.get(
-            ("aup-heads", str(weights.resolve()), file_stamp(weights)),
+            ("aup-heads", str(weights.resolve())),
             lambda: AupHeads.load(weights),
+            version=file_stamp(weights),
         )
         engine: ClassifierEngine = EmbeddingHeadsEngine(heads)
     else:

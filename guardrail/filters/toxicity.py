@@ -36,7 +36,7 @@ import html
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
@@ -564,7 +564,7 @@ def _resolve(base: Path, path: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...], Engine]:
+def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...], Hashable, Engine]:
     """The engine for ``config``, shared through ``env.resources`` (one per process)."""
     if config.engine == "embedding":
         weights = _resolve(env.base_dir, config.weights) if config.weights else DEFAULT_WEIGHTS
@@ -572,31 +572,39 @@ def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...],
         from guardrail.filters.embedder import resolve_precision, shared_embedder
 
         precision = resolve_precision(env.embedding_precision)
-        key: tuple[Any, ...] = (
-            "toxicity-embedding",
-            str(weights.resolve()),
-            precision,
-            file_stamp(weights),
-        )
+        key: tuple[Any, ...] = ("toxicity-embedding", str(weights.resolve()), precision)
+        stamp = file_stamp(weights)
         sentence_model = shared_embedder(env).model
         extractor = env.resources.get(
             ("toxicity-features", EMBEDDING_MODEL, precision),
             lambda: FeatureExtractor.load(sentence_model),
         )
-        return key, env.resources.get(
-            key, lambda: _warm(EmbeddingEngine(extractor, LinearHeads.load(weights)))
+        return (
+            key,
+            stamp,
+            env.resources.get(
+                key,
+                lambda: _warm(EmbeddingEngine(extractor, LinearHeads.load(weights))),
+                version=stamp,
+            ),
         )
     det = config.detoxify
     if det.checkpoint and det.config_dir:
         ckpt = _resolve(env.base_dir, det.checkpoint).resolve()
         folder = _resolve(env.base_dir, det.config_dir).resolve()
-        key = ("toxicity-detoxify", str(ckpt), str(folder), det.device, file_stamp(ckpt))
-        return key, env.resources.get(
+        key = ("toxicity-detoxify", str(ckpt), str(folder), det.device)
+        stamp = file_stamp(ckpt)
+        return (
             key,
-            lambda: _warm(
-                DetoxifyEngine.from_files(
-                    ckpt, folder, trust=det.trust_checkpoint, device=det.device
-                )
+            stamp,
+            env.resources.get(
+                key,
+                lambda: _warm(
+                    DetoxifyEngine.from_files(
+                        ckpt, folder, trust=det.trust_checkpoint, device=det.device
+                    )
+                ),
+                version=stamp,
             ),
         )
     if not env.allow_downloads:
@@ -605,8 +613,10 @@ def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...],
             "without downloads (allow_downloads is false)"
         )
     key = ("toxicity-detoxify-download", det.variant, det.device)
-    return key, env.resources.get(
-        key, lambda: _warm(DetoxifyEngine.download(det.variant, det.device))
+    return (
+        key,
+        None,
+        env.resources.get(key, lambda: _warm(DetoxifyEngine.download(det.variant, det.device))),
     )
 
 
@@ -631,7 +641,7 @@ class ToxicityFilter:
         self.name = name
         self.stages = frozenset(Stage)
         self._config = config
-        key, engine = _engine(config, env)
+        key, version, engine = _engine(config, env)
         self._categories = tuple(c for c in engine.categories if c in CATEGORIES)
         missing = [c for c in config.categories if c not in self._categories]
         if missing:
@@ -646,6 +656,7 @@ class ToxicityFilter:
                 max_batch=config.max_batch,
                 max_wait_s=config.max_wait_ms / 1000,
             ),
+            version=version,
         )
 
     async def scores(self, text: str) -> Scores:

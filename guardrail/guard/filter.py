@@ -57,15 +57,23 @@ class SharedResources:
     """
 
     def __init__(self) -> None:
-        self._items: dict[Hashable, Any] = {}
+        self._items: dict[Hashable, tuple[Hashable, Any]] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, create: Callable[[], T]) -> T:
-        """The object stored under ``key``, created by ``create()`` the first time."""
+    def get(self, key: Hashable, create: Callable[[], T], *, version: Hashable = None) -> T:
+        """The object stored under ``key``, created by ``create()`` the first time.
+
+        ``version`` says which state of its source the object reflects (a weights
+        file's size and mtime): asked for another version, ``get`` creates the object
+        again and keeps only the new one. Filters built before still hold the old one
+        until they go; the store never keeps two, however often the file changes.
+        """
         with self._lock:
-            if key not in self._items:
-                self._items[key] = create()
-            item: T = self._items[key]
+            held = self._items.get(key)
+            if held is None or held[0] != version:
+                held = (version, create())
+                self._items[key] = held
+            item: T = held[1]
             return item
 
     def __len__(self) -> int:
