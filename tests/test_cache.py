@@ -418,3 +418,26 @@ def test_a_tenant_never_gets_a_verdict_cached_under_another_tenants_policy(
                 headers={"authorization": f"Bearer {keys[tenant]}"},
             )
             assert r.status_code == status, (tenant, r.text)
+
+
+def test_when_verdicts_carry_many_redactions_then_the_cache_holds_a_bounded_number() -> None:
+    """Bounded by findings and redactions kept, not only by entries: one message of the
+    maximum body size can carry hundreds of thousands of redactions."""
+    from guardrail.guard.types import Action, Finding, Redaction
+
+    cache = VerdictCache(max_entries=1_000, max_items=100)
+    for i in range(10):
+        spans = [(k * 3, k * 3 + 2) for k in range(30)]
+        verdict = Verdict.from_findings(
+            [Finding("secret", 1.0, Action.REDACT, span=s) for s in spans],
+            [Redaction(a, b, "[X]") for a, b in spans],
+        )
+        cache.put(("p", "f", "input", bytes([i]), b""), verdict)
+    huge = Verdict.from_findings(
+        [Finding("secret", 1.0, Action.FLAG, span=(k, k + 1)) for k in range(500)]
+    )
+    cache.put(("p", "f", "input", b"huge", b""), huge)
+
+    assert cache.held_items <= 100
+    assert cache.get(("p", "f", "input", b"huge", b"")) is None
+    assert cache.get(("p", "f", "input", bytes([9]), b"")) is not None

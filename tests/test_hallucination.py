@@ -820,3 +820,76 @@ def test_strip_trailing_counts_brackets_once(raw: str) -> None:
     from guardrail.filters.hallucination import _strip_trailing
 
     assert _strip_trailing(raw) == _strip_trailing_reference(raw)
+
+
+class CountingEmbedder:
+    """Stands in for :class:`Embedder`: unit vectors, every text it was asked for counted."""
+
+    def __init__(self) -> None:
+        self.texts = 0
+
+    async def encode(self, texts: list[str]) -> Any:
+        import numpy as np
+
+        self.texts += len(texts)
+        rows = np.ones((len(texts), 384), dtype=np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+async def test_when_an_answer_has_thousands_of_sentences_then_a_bounded_number_is_embedded() -> (
+    None
+):
+    # A moderation request of the maximum body size holds about a million short sentences;
+    # each claim is one embedding (and one judge forward pass, with a judge).
+    embedder = CountingEmbedder()
+    scorer = GroundingScorer(
+        embedder,  # type: ignore[arg-type]
+        SupportHead.load(DEFAULT_HEAD),
+        max_units=8,
+        max_claims=16,
+    )
+    answer = " ".join(f"Claim number {i} about towers." for i in range(2000))
+
+    result = await scorer.score(answer, [SOURCE], QUESTION)
+
+    assert len(result.claims) == 16
+    assert embedder.texts <= 8 + 16 + 1  # source units, claims, the question
+    # Spread over the answer, not its beginning only: the last sentence is scored.
+    assert result.claims[-1].end == len(answer)
+
+
+async def test_when_sources_are_huge_then_the_evidence_cache_holds_a_bounded_size() -> None:
+    embedder = CountingEmbedder()
+    scorer = GroundingScorer(
+        embedder,  # type: ignore[arg-type]
+        SupportHead.load(DEFAULT_HEAD),
+        max_units=4,
+        cache_chars=50_000,
+    )
+    for i in range(20):  # each set of sources is 40 000 characters in one sentence
+        await scorer.evidence([f"doc {i} " + "word " * 8_000])
+
+    assert scorer.cached_chars <= 50_000
+
+
+def test_new_grounding_weights_written_over_the_old_file_reach_the_scorer(
+    tmp_path: Path,
+) -> None:
+    """The scorer holds the head: keeping the scorer across a change of the head's file
+    would go on scoring with the old weights."""
+    from guardrail.filters.hallucination import shared_scorer
+    from guardrail.guard.filter import SharedResources
+
+    weights = tmp_path / "head.npz"
+    weights.write_bytes(DEFAULT_HEAD.read_bytes())
+    with ThreadPoolExecutor(1) as pool:
+        env = BuildContext(pool, base_dir=tmp_path, resources=SharedResources())
+        before = shared_scorer(env, "head.npz")
+        assert shared_scorer(env, "head.npz") is before  # unchanged: shared
+        import os
+
+        stat = weights.stat()  # written again: a new modification time
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        after = shared_scorer(env, "head.npz")
+    assert after is not before
+    assert after._head is not before._head  # type: ignore[attr-defined]

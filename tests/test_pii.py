@@ -1143,3 +1143,25 @@ async def test_text_without_spaces_is_released_window_by_window(
     released = released_early + (await window.finish()).text
     assert released == reply
     assert len(released_early) > len(reply) // 2
+
+
+async def test_when_texts_carry_many_findings_then_the_analysis_cache_stays_bounded(
+    executor: ThreadPoolExecutor, resources: SharedResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is bounded by detections kept, not only by texts: one message of the
+    maximum body size holds hundreds of thousands of e-mail addresses."""
+    import guardrail.filters.pii as pii_module
+
+    monkeypatch.setattr(pii_module, "ANALYSIS_CACHE_DETECTIONS", 100)
+    registry = filter_registry()
+    policy = load_policy_text(POLICY, "pii.yaml", registry)
+    guard = Guard.build(policy, registry, BuildContext(executor, resources=resources))
+    filt = next(f for _, f in guard._by_stage[Stage.INPUT] if isinstance(f, PiiFilter))
+
+    for i in range(6):
+        text = " ".join(f"user{i}x{j}@example.com" for j in range(40))
+        await filt.check(text, FilterContext(f"req-{i}"))
+
+    assert filt.cached_detections <= 100
+    kept = sum(1 + len(d) for d in filt._analyses.values())
+    assert kept == filt.cached_detections

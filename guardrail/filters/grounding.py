@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from guardrail.errors import ConfigError
 from guardrail.filters.weights import read_arrays
@@ -65,6 +65,10 @@ FEATURES = (
 # Features are built exactly like this at training time; bump when that changes.
 FEATURE_VERSION = 1
 DEFAULT_HEAD = Path(__file__).resolve().parent / "data" / "grounding_head.npz"
+# Most text (characters of units, words and numbers) the evidence cache holds.
+CACHE_CHARS = 8_000_000
+
+T = TypeVar("T")
 
 # A sentence ends at terminal punctuation (optionally closed by quotes or brackets)
 # followed by whitespace, or at a line break.
@@ -159,10 +163,18 @@ def source_units(sources: Sequence[str], limit: int) -> list[str]:
         sentences = [doc[a:b] for a, b in sentence_spans(doc)]
         units.extend(sentences)
         units.extend(f"{x} {y}" for x, y in itertools.pairwise(sentences))
-    if len(units) > limit:
-        step = (len(units) - 1) / (limit - 1)
-        units = [units[round(i * step)] for i in range(limit)]
-    return units
+    return spread(units, limit)
+
+
+def spread(items: list[T], limit: int) -> list[T]:
+    """``items`` if there are at most ``limit``, else ``limit`` of them evenly spread
+    (the first and the last kept)."""
+    if len(items) <= limit:
+        return items
+    if limit <= 1:  # one unit: the last (the one step below would divide by zero)
+        return items[-1:] if limit == 1 else []
+    step = (len(items) - 1) / (limit - 1)
+    return [items[round(i * step)] for i in range(limit)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,30 +420,41 @@ class GroundingScorer:
         head: SupportHead,
         *,
         max_units: int = 128,
+        max_claims: int = 256,
         judge: LocalJudge | None = None,
         judge_weight: float = 0.5,
         cache_size: int = 64,
+        cache_chars: int = CACHE_CHARS,
     ) -> None:
         self._embedder = embedder
         self._head = head
         self._max_units = max_units
+        self._max_claims = max_claims
         self._judge = judge
         self._judge_weight = judge_weight
-        self._cache: OrderedDict[str, Evidence] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[Evidence, int]] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_chars = cache_chars
+        self.cached_chars = 0
 
     async def evidence(self, sources: Sequence[str]) -> Evidence:
         key = hashlib.sha256("\x00".join(sources).encode()).hexdigest()
         found = self._cache.get(key)
         if found is not None:
             self._cache.move_to_end(key)
-            return found
+            return found[0]
         units = source_units(sources, self._max_units)
         vectors = await self._embedder.encode(units)
         evidence = make_evidence(sources, units, vectors)
-        self._cache[key] = evidence
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        # Bounded by size as well as by count: one unit may be a whole sentence-less
+        # document, so 64 entries of the largest requests would hold gigabytes.
+        size = evidence_chars(evidence)
+        if key not in self._cache and size <= self._cache_chars:
+            self._cache[key] = (evidence, size)
+            self.cached_chars += size
+        while len(self._cache) > self._cache_size or self.cached_chars > self._cache_chars:
+            _, (_, dropped) = self._cache.popitem(last=False)
+            self.cached_chars -= dropped
         return evidence
 
     async def score(
@@ -440,7 +463,7 @@ class GroundingScorer:
         """The groundedness of ``text`` given ``sources``; 1.0 for a text with no claims."""
         import numpy as np
 
-        spans = claims_of(text)
+        spans = spread(claims_of(text), self._max_claims)
         if not spans:
             return Groundedness(1.0, ())
         claims = [text[a:b] for a, b, _ in spans]
@@ -465,6 +488,15 @@ class GroundingScorer:
         )
         total = sum(c.weight for c in out)
         return Groundedness(sum(c.support * c.weight for c in out) / total, out)
+
+
+def evidence_chars(evidence: Evidence) -> int:
+    """About how much text ``evidence`` holds: its units, words and numbers."""
+    return (
+        sum(map(len, evidence.units))
+        + sum(map(len, evidence.words))
+        + sum(map(len, evidence.numbers))
+    )
 
 
 def make_evidence(

@@ -96,6 +96,14 @@ class GroundednessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
         _doc("Most source sentences (and sentence pairs) embedded per request."),
         msgspec.Meta(ge=1, le=4096),
     ] = 128
+    max_claims: Annotated[
+        int,
+        _doc(
+            "Most answer sentences scored per text (each is one embedding and, with a "
+            "judge, one forward pass); a longer answer has this many, evenly spread, scored."
+        ),
+        msgspec.Meta(ge=1, le=4096),
+    ] = 256
     judge: Annotated[
         JudgeSettings | None, _doc("Optional judge model blended into each sentence's support.")
     ] = None
@@ -448,6 +456,7 @@ def shared_scorer(
     weights: str | None = None,
     max_units: int = 128,
     judge: JudgeSettings | None = None,
+    max_claims: int = 256,
 ) -> GroundingScorer:
     """The process's :class:`GroundingScorer` for these settings (kept across reloads)."""
     from pathlib import Path
@@ -469,16 +478,18 @@ def shared_scorer(
     if judge is not None:
         model, tokenizer = shared_local_model(env, judge.model, judge.device, judge.dtype)
         local_judge = LocalJudge(model, tokenizer, env.executor, judge.max_chars)
-    key = ("grounding-scorer", str(path.resolve()), max_units, judge, env.executor)
+    key = ("grounding-scorer", str(path.resolve()), max_units, max_claims, judge, env.executor)
     return env.resources.get(
         key,
         lambda: GroundingScorer(
             embedder,
             head,
             max_units=max_units,
+            max_claims=max_claims,
             judge=local_judge,
             judge_weight=judge.weight if judge else 0.0,
         ),
+        version=stamp,  # the scorer holds the head: a new head needs a new scorer
     )
 
 
@@ -524,7 +535,9 @@ class HallucinationFilter:
         self.stages = frozenset(Stage)
         self._config = config
         g = config.groundedness
-        self.scorer = shared_scorer(env, g.weights, g.max_units, g.judge) if g.enabled else None
+        self.scorer = (
+            shared_scorer(env, g.weights, g.max_units, g.judge, g.max_claims) if g.enabled else None
+        )
         self._env = env
         cutoff = config.cutoff
         try:
@@ -546,7 +559,7 @@ class HallucinationFilter:
 
     def _lazy_scorer(self) -> GroundingScorer:
         g = self._config.groundedness
-        return shared_scorer(self._env, g.weights, g.max_units, g.judge)
+        return shared_scorer(self._env, g.weights, g.max_units, g.judge, g.max_claims)
 
     def cutoff_for(self, model: str | None) -> tuple[int, int] | None:
         if model:

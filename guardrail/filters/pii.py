@@ -803,6 +803,9 @@ def plausible_name(text: str, start: int, end: int) -> tuple[int, int] | None:
 
 # Analyses kept per filter (types, offsets, scores; no text), least recently used first out.
 ANALYSIS_CACHE_ENTRIES = 20_000
+# ... and at most this many detections (plus one per text) in all: a text of the maximum
+# body size can hold hundreds of thousands, so a bound on texts alone does not bound memory.
+ANALYSIS_CACHE_DETECTIONS = 500_000
 
 
 class PiiFilter:
@@ -839,6 +842,7 @@ class PiiFilter:
         # Per filter instance: a reload builds a new filter, so a new policy starts empty.
         self._analyses: OrderedDict[bytes, list[Detection]] = OrderedDict()
         self._cache_analyses = env.incremental
+        self.cached_detections = 0  # one per text kept, plus its detections
 
     @staticmethod
     def _encrypt_key(config: PiiConfig) -> bytes:
@@ -920,10 +924,20 @@ class PiiFilter:
             )
             for i, detections in zip(todo, computed, strict=True):
                 found[i] = detections
-                if self._cache_analyses:
+                weight = 1 + len(detections)
+                if (
+                    self._cache_analyses
+                    and keys[i] not in self._analyses
+                    and weight <= ANALYSIS_CACHE_DETECTIONS
+                ):
                     self._analyses[keys[i]] = detections
-            while len(self._analyses) > ANALYSIS_CACHE_ENTRIES:
-                self._analyses.popitem(last=False)
+                    self.cached_detections += weight
+            while (
+                len(self._analyses) > ANALYSIS_CACHE_ENTRIES
+                or self.cached_detections > ANALYSIS_CACHE_DETECTIONS
+            ):
+                _, dropped = self._analyses.popitem(last=False)
+                self.cached_detections -= 1 + len(dropped)
         return [found[i] for i in range(len(texts))]
 
     # -- the Filter protocol --

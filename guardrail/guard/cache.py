@@ -72,12 +72,19 @@ def prefix_digests(messages: Sequence[Message]) -> list[bytes]:
 
 
 class VerdictCache:
-    """A bounded LRU map of verdicts, for the event loop's thread only."""
+    """A bounded LRU map of verdicts, for the event loop's thread only.
 
-    def __init__(self, max_entries: int = 50_000) -> None:
+    Bounded twice: ``max_entries`` verdicts, and ``max_items`` findings and redactions in
+    all (one per verdict besides). A verdict for a text of the maximum body size can carry
+    hundreds of thousands of redactions; one larger than ``max_items`` is not kept.
+    """
+
+    def __init__(self, max_entries: int = 50_000, max_items: int = 1_000_000) -> None:
         if max_entries < 0:
             raise ValueError("max_entries must be >= 0")
         self.max_entries = max_entries
+        self.max_items = max_items
+        self.held_items = 0  # findings, redactions and verdicts kept (see _weight)
         self._items: OrderedDict[CacheKey, Verdict] = OrderedDict()
 
     def get(self, key: CacheKey) -> Verdict | None:
@@ -87,18 +94,28 @@ class VerdictCache:
         return verdict
 
     def put(self, key: CacheKey, verdict: Verdict) -> None:
-        if self.max_entries == 0:
+        weight = _weight(verdict)
+        if self.max_entries == 0 or weight > self.max_items:
             return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.held_items -= _weight(old)
         self._items[key] = verdict
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        self.held_items += weight
+        while len(self._items) > self.max_entries or self.held_items > self.max_items:
+            _, dropped = self._items.popitem(last=False)
+            self.held_items -= _weight(dropped)
 
     def clear(self) -> None:
         self._items.clear()
+        self.held_items = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __bool__(self) -> bool:  # an empty cache is still a cache: `cache or default` must not
         return True
+
+
+def _weight(verdict: Verdict) -> int:
+    return 1 + len(verdict.findings) + len(verdict.redactions)
