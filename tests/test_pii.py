@@ -793,9 +793,9 @@ async def test_a_resent_conversation_reaches_the_analyzer_only_for_new_messages(
     calls: list[str] = []
     analyze = filt.analyze
 
-    def counting(text: str) -> list[Any]:
+    def counting(text: str, cancelled: Any = None) -> list[Any]:
         calls.append(text)
-        return analyze(text)
+        return analyze(text, cancelled)
 
     filt.analyze = counting  # type: ignore[method-assign]
     turn1 = (f"Mail {EMAIL} please.", "Sure.")
@@ -1165,3 +1165,90 @@ async def test_when_texts_carry_many_findings_then_the_analysis_cache_stays_boun
     assert filt.cached_detections <= 100
     kept = sum(1 + len(d) for d in filt._analyses.values())
     assert kept == filt.cached_detections
+
+
+# --- long texts: analysed in pieces, and given up between pieces -------------------------
+
+
+_GREEK_WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+
+
+@pytest.mark.parametrize("n", [5_000, 9_999, 12_345, 40_000])
+def test_the_pieces_of_a_long_text_own_every_position_once_with_context_around(
+    monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
+    from guardrail.filters import pii as pii_module
+
+    monkeypatch.setattr(pii_module, "ANALYSIS_CHUNK_CHARS", 2_000)
+    monkeypatch.setattr(pii_module, "ANALYSIS_OVERLAP_CHARS", 400)
+    words = _GREEK_WORDS.split(" ")
+    text = " ".join(words[i % 12] * (1 + i % 3) for i in range(n))[:n]
+    pieces = list(pii_module._pieces(text))
+    assert pieces[0][2] == 0
+    assert (pieces[-1][1], pieces[-1][3]) == (n, n)
+    for (start, end, own_start, own_end), following in itertools.zip_longest(pieces, pieces[1:]):
+        assert start <= own_start < own_end <= end
+        assert end - start <= 2_000
+        if following is not None:
+            assert following[2] == own_end  # owned parts follow each other, no gap
+            assert end - own_end >= 200 - 1  # an entity up to half the overlap fits whole
+            assert following[2] - following[0] >= 200 - 1
+
+
+def test_a_long_text_is_analysed_in_pieces_with_the_same_detections(
+    pii: PiiFilter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guardrail.filters import pii as pii_module
+
+    records = [
+        f"Ticket {i}: contact firstname.lastname{i}@example.com or call "
+        f"+1 (212) 555-01{i % 90 + 10}; "
+        f"card 4111 1111 1111 1111, IBAN GB82 WEST 1234 5698 7654 32. The rest is ordinary "
+        "prose about the weather and the train timetable, written to fill the line. "
+        for i in range(60)
+    ]
+    text = "".join(records)
+    whole = [(d.entity, d.start, d.end) for d in pii.analyze(text)]
+    monkeypatch.setattr(pii_module, "ANALYSIS_CHUNK_CHARS", 1_500)
+    monkeypatch.setattr(pii_module, "ANALYSIS_OVERLAP_CHARS", 400)
+    assert len(list(pii_module._pieces(text))) > 5
+    pieced = [(d.entity, d.start, d.end) for d in pii.analyze(text)]
+    kinds = {"EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE"}
+    assert [d for d in pieced if d[0] in kinds] == [d for d in whole if d[0] in kinds]
+    assert sum(d[0] == "EMAIL_ADDRESS" for d in pieced) == 60
+
+
+def test_an_analysis_given_up_stops_before_its_next_piece(
+    pii: PiiFilter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check past its time limit is cancelled, but its executor thread ran on: a
+    megabyte message kept a filter thread busy for minutes after its request was gone."""
+    import threading
+
+    from guardrail.filters import pii as pii_module
+
+    monkeypatch.setattr(pii_module, "ANALYSIS_CHUNK_CHARS", 1_000)
+    text = "Write to jane.doe@example.com about the order. " * 400  # about 19 pieces
+    analysed: list[int] = []
+    first_piece_started, let_it_finish = threading.Event(), threading.Event()
+    real = pii._analyze_piece
+
+    def counting(piece: str) -> list[Any]:
+        analysed.append(len(piece))
+        first_piece_started.set()
+        let_it_finish.wait(10)
+        return real(piece)
+
+    monkeypatch.setattr(pii, "_analyze_piece", counting)
+
+    async def give_up() -> None:
+        task = asyncio.create_task(pii._analyze([text]))
+        await asyncio.get_running_loop().run_in_executor(None, first_piece_started.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(give_up())
+    let_it_finish.set()
+    pii._executor.submit(lambda: None).result(timeout=30)  # the thread is done
+    assert len(analysed) == 1

@@ -802,10 +802,55 @@ def plausible_name(text: str, start: int, end: int) -> tuple[int, int] | None:
 
 
 # Analyses kept per filter (types, offsets, scores; no text), least recently used first out.
+# A text longer than this is analysed in pieces of about this size, each overlapping
+# the next by ANALYSIS_OVERLAP_CHARS. A piece keeps the entities that start in its own
+# part (up to the middle of each overlap), so an entity shorter than half the overlap is
+# always seen whole by the piece that keeps it. Between pieces the analysis stops if
+# its check was given up (the filter's time limit): a timed-out megabyte message does not
+# keep an executor thread busy for minutes. spaCy also refuses a text over 1,000,000
+# characters, which pieces never reach.
+ANALYSIS_CHUNK_CHARS = 20_000
+ANALYSIS_OVERLAP_CHARS = 400
+
 ANALYSIS_CACHE_ENTRIES = 20_000
 # ... and at most this many detections (plus one per text) in all: a text of the maximum
 # body size can hold hundreds of thousands, so a bound on texts alone does not bound memory.
 ANALYSIS_CACHE_DETECTIONS = 500_000
+
+
+class AnalysisCancelled(Exception):
+    """An analysis stopped between pieces because its check was given up."""
+
+
+def _pieces(text: str) -> Iterator[tuple[int, int, int, int]]:
+    """``(start, end, own_start, own_end)`` of the pieces ``text`` is analysed in.
+
+    One piece for a text up to ``ANALYSIS_CHUNK_CHARS``. Longer ones are cut at
+    whitespace where there is some near the cut; each piece overlaps the next by about
+    ``ANALYSIS_OVERLAP_CHARS`` and owns the entities starting before the middle of that
+    overlap.
+    """
+    n = len(text)
+    if n <= ANALYSIS_CHUNK_CHARS:
+        yield 0, n, 0, n
+        return
+    half = ANALYSIS_OVERLAP_CHARS // 2
+    start = own_start = 0
+    while True:
+        end = start + ANALYSIS_CHUNK_CHARS
+        if end >= n:
+            yield start, n, own_start, n
+            return
+        space = text.rfind(" ", end - half, end)  # cut after a space, not through a word
+        if space > start:
+            end = space + 1
+        middle = end - half  # entities starting before it belong to this piece
+        yield start, end, own_start, middle
+        following = middle - half
+        space = text.rfind(" ", following - half, following)  # start at a word's start
+        if space > 0:
+            following = space + 1
+        start, own_start = max(following, start + 1), middle
 
 
 class PiiFilter:
@@ -859,10 +904,38 @@ class PiiFilter:
 
     # -- analysis (blocking, in the executor) --
 
-    def analyze(self, text: str) -> list[Detection]:
-        """Detections above each entity's threshold, overlaps resolved (blocking)."""
+    def analyze(self, text: str, cancelled: threading.Event | None = None) -> list[Detection]:
+        """Detections above each entity's threshold, overlaps resolved (blocking).
+
+        A long text is analysed piece by piece (``ANALYSIS_CHUNK_CHARS``); when
+        ``cancelled`` is set, the analysis stops before the next piece and raises
+        :class:`AnalysisCancelled`.
+        """
         if not text.strip() or not self._entities:
             return []
+        found: list[Detection] = []
+        for start, end, own_start, own_end in _pieces(text):
+            if cancelled is not None and cancelled.is_set():
+                raise AnalysisCancelled
+            for d in self._analyze_piece(text[start:end]):
+                if own_start <= start + d.start < own_end:
+                    found.append(Detection(d.entity, start + d.start, start + d.end, d.score))
+        # Overlaps: an address wins over a name inside it ("24 Gordon Terrace": the NER
+        # scores names 0.85, above the address heuristic); otherwise the higher score
+        # wins, then the longer span (an address over a number).
+        found.sort(
+            key=lambda d: (d.entity != "STREET_ADDRESS", -d.score, -(d.end - d.start), d.start)
+        )
+        kept: list[Detection] = []
+        taken = bytearray(len(text))  # characters of kept detections: one pass, not pairs
+        for d in found:
+            if not any(taken[d.start : d.end]):
+                kept.append(d)
+                taken[d.start : d.end] = b"\x01" * (d.end - d.start)
+        return sorted(kept, key=lambda d: d.start)
+
+    def _analyze_piece(self, text: str) -> list[Detection]:
+        """Detections in ``text`` above each entity's threshold, overlapping ones included."""
         probe, positions = _probe_text(text)
         with self._zone(len(probe)):
             results = self._analyzer.analyze(
@@ -888,19 +961,7 @@ class PiiFilter:
             if text[start:end] in self._allow:
                 continue
             found.append(Detection(r.entity_type, start, end, float(r.score)))
-        # Overlaps: an address wins over a name inside it ("24 Gordon Terrace": the NER
-        # scores names 0.85, above the address heuristic); otherwise the higher score
-        # wins, then the longer span (an address over a number).
-        found.sort(
-            key=lambda d: (d.entity != "STREET_ADDRESS", -d.score, -(d.end - d.start), d.start)
-        )
-        kept: list[Detection] = []
-        taken = bytearray(len(text))  # characters of kept detections: one pass, not pairs
-        for d in found:
-            if not any(taken[d.start : d.end]):
-                kept.append(d)
-                taken[d.start : d.end] = b"\x01" * (d.end - d.start)
-        return sorted(kept, key=lambda d: d.start)
+        return found
 
     async def _analyze(self, texts: Sequence[str]) -> list[list[Detection]]:
         """Detections per text; texts seen before are answered from the analysis cache.
@@ -919,9 +980,14 @@ class PiiFilter:
         todo = [i for i in range(len(texts)) if i not in found]
         if todo:
             loop = asyncio.get_running_loop()
-            computed = await loop.run_in_executor(
-                self._executor, lambda: [self.analyze(texts[i]) for i in todo]
-            )
+            cancelled = threading.Event()
+            try:
+                computed = await loop.run_in_executor(
+                    self._executor, lambda: [self.analyze(texts[i], cancelled) for i in todo]
+                )
+            except asyncio.CancelledError:
+                cancelled.set()  # timed out or abandoned: the thread stops at its next piece
+                raise
             for i, detections in zip(todo, computed, strict=True):
                 found[i] = detections
                 weight = 1 + len(detections)
