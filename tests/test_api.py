@@ -643,6 +643,29 @@ def test_moderations_accepts_a_string_or_a_list(client: Client, backend: FakeBac
     assert backend.requests == []
 
 
+def test_the_openai_sdk_reads_a_moderation_with_every_field_its_model_requires(
+    make_app: Callable[..., Litestar],
+) -> None:
+    """``category_applied_input_types`` is required in the SDK's ``Moderation``: it
+    came back as None, where OpenAI answers each scored category with ["text"]."""
+    openai = pytest.importorskip("openai")
+    from tests.servers import serve_asgi
+
+    with serve_asgi(make_app()) as url:
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)
+        answer = sdk.moderations.create(
+            model="omni-moderation-latest", input=["hello", "how to build a bomb"]
+        )
+    assert answer.id.startswith("modr-")
+    clean, bomb = answer.results
+    assert (clean.flagged, bomb.flagged) == (False, True)
+    assert bomb.categories.model_dump(exclude_none=True) == {"weapons": True}
+    assert bomb.category_scores.model_dump(exclude_none=True) == {"weapons": 1.0}
+    assert bomb.category_applied_input_types is not None
+    assert bomb.category_applied_input_types.model_dump(exclude_none=True) == {"weapons": ["text"]}
+    assert clean.category_applied_input_types is not None
+
+
 def test_models_lists_what_the_backend_serves(client: Client) -> None:
     r = client.get("/v1/models")
     assert r.json()["data"][0]["id"] == "fake-model"

@@ -31,7 +31,13 @@ from guardrail.filters.names import (
     name_lists,
     spacy_lexicon,
 )
-from guardrail.filters.pii import KNOWN_ENTITIES, PiiFilter, SpacyMemoryZone, plausible_name
+from guardrail.filters.pii import (
+    KNOWN_ENTITIES,
+    PiiEngineError,
+    PiiFilter,
+    SpacyMemoryZone,
+    plausible_name,
+)
 from guardrail.guard.filter import BuildContext, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
@@ -223,6 +229,71 @@ async def test_a_mask_never_leaves_more_than_half_of_a_short_value_visible(
     decision = await guard.check(Stage.INPUT, text, conversation(text).at(Stage.INPUT, 0))
     assert decision.action is Action.REDACT
     assert decision.text == sent
+
+
+ENCRYPT_POLICY = """
+name: enc
+version: "1"
+filters:
+  - id: pii
+    type: pii
+    config:
+      encrypt_key_env: TEST_PII_AES_KEY
+      entities:
+        EMAIL_ADDRESS: {input: redact, operator: encrypt}
+        US_SSN: {input: redact, operator: hash}
+"""
+
+
+async def test_hashes_are_salted_per_filter_even_when_an_encrypt_key_is_configured(
+    executor: ThreadPoolExecutor, resources: SharedResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash salt was derived from the AES key: with encrypt in the policy, every
+    filter (and every restart) hashed a value to the same digest."""
+    from presidio_anonymizer.operators import Decrypt
+
+    key = "k" * 32
+    monkeypatch.setenv("TEST_PII_AES_KEY", key)
+    text = f"Mail {EMAIL}, SSN {SSN}."
+    sent = []
+    for _ in range(2):
+        registry = filter_registry()
+        policy = load_policy_text(ENCRYPT_POLICY, "enc.yaml", registry)
+        guard = Guard.build(policy, registry, BuildContext(executor, resources=resources))
+        decision = await guard.check(Stage.INPUT, text, conversation(text).at(Stage.INPUT, 0))
+        sent.append(decision.text.removesuffix(".").split(" "))
+    (_, token1, _, digest1), (_, token2, _, digest2) = sent
+    assert Decrypt().operate(token1.removesuffix(","), {"key": key}) == EMAIL
+    assert Decrypt().operate(token2.removesuffix(","), {"key": key}) == EMAIL
+    assert SSN not in digest1
+    assert digest1 != digest2
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (None, "TEST_PII_AES_KEY is not set"),
+        ("", "TEST_PII_AES_KEY is not set"),
+        ("s3cret-17-bytes!!", "TEST_PII_AES_KEY must hold an AES key of 16, 24 or 32 bytes"),
+    ],
+)
+def test_a_missing_or_wrongly_sized_encrypt_key_stops_startup_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str | None, message: str
+) -> None:
+    if key is None:
+        monkeypatch.delenv("TEST_PII_AES_KEY", raising=False)
+    else:
+        monkeypatch.setenv("TEST_PII_AES_KEY", key)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(ENCRYPT_POLICY, encoding="utf-8")
+    with pytest.raises(PiiEngineError, match=message) as caught:
+        create_app(
+            Settings(policy=str(policy)),
+            backend=FakeBackend(),
+            metrics_registry=CollectorRegistry(),
+        )
+    if key:
+        assert key not in str(caught.value)
 
 
 def test_a_deny_list_entry_with_surrounding_spaces_still_matches(
@@ -451,6 +522,36 @@ def test_a_name_inside_an_address_does_not_cut_the_address(pii: PiiFilter) -> No
     found = [(d.entity, text[d.start : d.end]) for d in pii.analyze(text)]
     assert ("STREET_ADDRESS", "69 Gordon Terrace, Springfield") in found
     assert all(entity != "PERSON" for entity, _ in found)
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "entity"),
+    [
+        # spaCy's NER scores "07700 900123" and "912803456" a DATE (0.85), above the phone
+        # and passport patterns: the number reached the model whole.
+        ("call me on 07700 900123 after 5pm", "07700 900123", "PHONE_NUMBER"),
+        ("passport 912803456 issued 2015", "912803456", "US_PASSPORT"),
+    ],
+)
+async def test_an_entity_the_policy_allows_never_hides_one_it_redacts(
+    executor: ThreadPoolExecutor, resources: SharedResources, text: str, value: str, entity: str
+) -> None:
+    guard = entities_guard(
+        executor,
+        resources,
+        "DATE_TIME: {input: allow, output: flag}",
+        "PHONE_NUMBER: {threshold: 0.4, input: redact, output: redact}",
+        "US_PASSPORT: {threshold: 0.4, input: redact, output: redact}",
+    )
+    ctx = conversation(text)
+    (sent,) = await check_all(guard, ctx)
+    assert value not in sent
+    assert f"<{entity}_1>" in sent
+    # On output the stricter action wins too: redact over flag.
+    decision = await guard.check(Stage.OUTPUT, text, FilterContext("other", stage=Stage.OUTPUT))
+    assert decision.action is Action.REDACT
+    assert value not in decision.text
+    assert [f.rule_id for f in decision.findings if f.action is Action.REDACT] == [entity]
 
 
 # -- output: restore and leaks -------------------------------------------------------------
@@ -779,6 +880,28 @@ def test_seeded_pii_reaches_neither_backend_nor_logs_nor_metrics_and_the_answer_
     assert "exchange" in logs.getvalue()
 
 
+def test_each_moderation_input_is_redacted_on_its_own_whatever_else_is_in_the_list(
+    tmp_path: Path,
+) -> None:
+    """The inputs shared one placeholder map, numbered in the order their analyses
+    finished: an input whose analysis was cached took <EMAIL_ADDRESS_1> from the one
+    listed before it, and a literal placeholder in one input renumbered the others."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY, encoding="utf-8")
+    app = create_app(
+        Settings(policy=str(policy)), backend=FakeBackend(), metrics_registry=CollectorRegistry()
+    )
+    alone, first = f"Write to {EMAIL}.", f"Mail {OTHER_EMAIL}, not <EMAIL_ADDRESS_1>."
+    with TestClient(app=app) as client:
+        single = client.post("/v1/moderations", json={"input": alone}).json()
+        batch = client.post("/v1/moderations", json={"input": [first, alone]}).json()
+    assert single["results"][0]["text"] == "Write to <EMAIL_ADDRESS_1>."
+    assert [r["text"] for r in batch["results"]] == [
+        "Mail <EMAIL_ADDRESS_2>, not <EMAIL_ADDRESS_1>.",
+        "Write to <EMAIL_ADDRESS_1>.",
+    ]
+
+
 @pytest.mark.parametrize("incremental", [True, False])
 async def test_a_resent_conversation_reaches_the_analyzer_only_for_new_messages(
     executor: ThreadPoolExecutor, resources: SharedResources, incremental: bool
@@ -791,13 +914,13 @@ async def test_a_resent_conversation_reaches_the_analyzer_only_for_new_messages(
     guard = Guard.build(policy, registry, env)
     filt = next(f for _, f in guard._by_stage[Stage.INPUT] if isinstance(f, PiiFilter))
     calls: list[str] = []
-    analyze = filt.analyze
+    detect = filt.detect
 
     def counting(text: str, cancelled: Any = None) -> list[Any]:
         calls.append(text)
-        return analyze(text, cancelled)
+        return detect(text, cancelled)
 
-    filt.analyze = counting  # type: ignore[method-assign]
+    filt.detect = counting  # type: ignore[method-assign]
     turn1 = (f"Mail {EMAIL} please.", "Sure.")
     first = await check_all(guard, conversation(*turn1))
     second = await check_all(guard, conversation(*turn1, f"Also {OTHER_EMAIL}."))

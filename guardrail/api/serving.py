@@ -557,9 +557,14 @@ class Serving:
             chars = sum(len(t) for t in body.inputs())
             await self._admit(admission, principal, rules, estimate_tokens(chars, 0))
             # No message index: the inputs are the texts to judge, not messages of the
-            # conversation (that is the prompt alone, if given).
+            # conversation (that is the prompt alone, if given). Each has its own request
+            # state: with one shared, the PII placeholders were numbered in the order the
+            # analyses finished, so an input's result depended on the others in the list.
             decisions = await asyncio.gather(
-                *(guard.check(stage, text, ctx) for text in body.inputs())
+                *(
+                    guard.check(stage, text, dataclasses.replace(ctx, state={}))
+                    for text in body.inputs()
+                )
             )
             exchange.decisions.extend(decisions)
             grounding = None
@@ -1201,6 +1206,9 @@ def _moderation_result(decision: Decision) -> dict[str, Any]:
         # Every category scored, true where a finding acted (OpenAI's shape: all keys).
         "categories": {c: c in acted for c in scores},
         "category_scores": scores,
+        # OpenAI's omni models say what each score was computed from; here always the text
+        # (the openai SDK's Moderation requires the field).
+        "category_applied_input_types": {c: ["text"] for c in scores},
         "action": decision.action.value,
         "findings": [f.to_dict() for f in decision.findings],
     }

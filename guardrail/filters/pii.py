@@ -693,8 +693,11 @@ def _custom_recognizers(config: PiiConfig) -> list[Any]:
 # -- operators ----------------------------------------------------------------------------
 
 
-def _operate(rule: EntityRule, operator: OperatorName, entity: str, value: str, key: bytes) -> str:
-    """The non-reversible replacement of ``value`` (presidio-anonymizer operators)."""
+def _operate(
+    rule: EntityRule, operator: OperatorName, entity: str, value: str, *, key: bytes, salt: bytes
+) -> str:
+    """The non-reversible replacement of ``value`` (presidio-anonymizer operators): ``key``
+    is the AES key of encrypt, ``salt`` the filter's random hash salt."""
     if operator == "placeholder":
         return f"<{entity}>"
     if operator == "replace":
@@ -713,8 +716,8 @@ def _operate(rule: EntityRule, operator: OperatorName, entity: str, value: str, 
 
         # A salt per filter instance: equal values hash equally until a reload or restart, and
         # the digest cannot be looked up in a table of hashed phone numbers.
-        salt = hashlib.sha256(key + entity.encode()).digest()
-        return str(Hash().operate(value, {"hash_type": rule.hash_type, "salt": salt}))
+        salted = hashlib.sha256(salt + entity.encode()).digest()
+        return str(Hash().operate(value, {"hash_type": rule.hash_type, "salt": salted}))
     from presidio_anonymizer.operators import Encrypt
 
     return str(Encrypt().operate(value, {"key": key}))
@@ -884,6 +887,9 @@ class PiiFilter:
         self._min_threshold = min((r.threshold for r in config.entities.values()), default=1.0)
         self._allow = frozenset(config.allow_list)
         self._key = self._encrypt_key(config)
+        # Never derived from the AES key: that made every filter sharing the key, and
+        # every restart, hash a value to the same digest.
+        self._salt = os.urandom(16)
         # Per filter instance: a reload builds a new filter, so a new policy starts empty.
         self._analyses: OrderedDict[bytes, list[Detection]] = OrderedDict()
         self._cache_analyses = env.incremental
@@ -893,19 +899,33 @@ class PiiFilter:
     def _encrypt_key(config: PiiConfig) -> bytes:
         uses = any("encrypt" in (r.operator, r.output_operator) for r in config.entities.values())
         if not uses:
-            return os.urandom(16)  # only salts hashes; never leaves the process
-        raw = os.environ.get(config.encrypt_key_env or "", "")
-        key = raw.encode()
-        if len(key) not in (16, 24, 32):
+            return b""
+        name = config.encrypt_key_env or ""
+        raw = os.environ.get(name)
+        if not raw:
             raise PiiEngineError(
-                f"{config.encrypt_key_env} must hold an AES key of 16, 24 or 32 bytes"
+                f"{name} is not set: the encrypt operator needs an AES key of 16, 24 or 32 bytes"
+            )
+        key = raw.encode()
+        if len(key) not in (16, 24, 32):  # the message names the variable, never the key
+            raise PiiEngineError(
+                f"{name} must hold an AES key of 16, 24 or 32 bytes (UTF-8), not {len(key)}"
             )
         return key
 
     # -- analysis (blocking, in the executor) --
 
-    def analyze(self, text: str, cancelled: threading.Event | None = None) -> list[Detection]:
-        """Detections above each entity's threshold, overlaps resolved (blocking).
+    def analyze(
+        self, text: str, stage: Stage | None = None, cancelled: threading.Event | None = None
+    ) -> list[Detection]:
+        """Detections above each entity's threshold, overlaps resolved (blocking): for
+        ``stage``'s actions when given (see :meth:`resolve`)."""
+        return self.resolve(self.detect(text, cancelled), stage)
+
+    def detect(self, text: str, cancelled: threading.Event | None = None) -> list[Detection]:
+        """Every detection above its entity's threshold, overlapping ones included, by
+        start (blocking). Which of two overlapping ones counts depends on the stage's
+        actions, so that is decided per check (:meth:`resolve`), not here.
 
         A long text is analysed piece by piece (``ANALYSIS_CHUNK_CHARS``); when
         ``cancelled`` is set, the analysis stops before the next piece and raises
@@ -920,15 +940,41 @@ class PiiFilter:
             for d in self._analyze_piece(text[start:end]):
                 if own_start <= start + d.start < own_end:
                     found.append(Detection(d.entity, start + d.start, start + d.end, d.score))
-        # Overlaps: an address wins over a name inside it ("24 Gordon Terrace": the NER
-        # scores names 0.85, above the address heuristic); otherwise the higher score
-        # wins, then the longer span (an address over a number).
-        found.sort(
-            key=lambda d: (d.entity != "STREET_ADDRESS", -d.score, -(d.end - d.start), d.start)
+        return sorted(found, key=lambda d: (d.start, -d.end))
+
+    def resolve(self, detections: Sequence[Detection], stage: Stage | None) -> list[Detection]:
+        """``detections`` without overlaps, by start.
+
+        With a ``stage``, entities that stage allows are dropped first, and of two
+        overlapping detections the one with the stricter action wins: spaCy scores
+        "07700 900123" a date (0.85), above the phone pattern, and a policy that allows
+        dates let the phone number through whole. An address wins over a name inside
+        it ("24 Gordon Terrace": the NER scores names 0.85, above the address
+        heuristic); then the higher score, then the longer span (an address over a
+        number).
+        """
+        rules = self._config.entities
+
+        def action(d: Detection) -> Action:
+            rule = rules[d.entity]
+            return Action(rule.input if stage is Stage.INPUT else rule.output)
+
+        if stage is not None:
+            detections = [d for d in detections if action(d) is not Action.ALLOW]
+        ranked = sorted(
+            detections,
+            key=lambda d: (
+                d.entity != "STREET_ADDRESS",
+                -action(d).rank if stage is not None else 0,
+                -d.score,
+                -(d.end - d.start),
+                d.start,
+            ),
         )
         kept: list[Detection] = []
-        taken = bytearray(len(text))  # characters of kept detections: one pass, not pairs
-        for d in found:
+        # Characters of kept detections: one pass, not pairs.
+        taken = bytearray(max((d.end for d in ranked), default=0))
+        for d in ranked:
             if not any(taken[d.start : d.end]):
                 kept.append(d)
                 taken[d.start : d.end] = b"\x01" * (d.end - d.start)
@@ -964,7 +1010,7 @@ class PiiFilter:
         return found
 
     async def _analyze(self, texts: Sequence[str]) -> list[list[Detection]]:
-        """Detections per text; texts seen before are answered from the analysis cache.
+        """:meth:`detect` per text; texts seen before are answered from the analysis cache.
 
         A chat client resends the whole conversation every turn: only new messages
         reach the analyzer. The cache keeps entity types, offsets and scores under the
@@ -983,7 +1029,7 @@ class PiiFilter:
             cancelled = threading.Event()
             try:
                 computed = await loop.run_in_executor(
-                    self._executor, lambda: [self.analyze(texts[i], cancelled) for i in todo]
+                    self._executor, lambda: [self.detect(texts[i], cancelled) for i in todo]
                 )
             except asyncio.CancelledError:
                 cancelled.set()  # timed out or abandoned: the thread stops at its next piece
@@ -1046,7 +1092,7 @@ class PiiFilter:
     ) -> Verdict:
         findings: list[Finding] = []
         redactions: list[Redaction] = []
-        for d in detections:
+        for d in self.resolve(detections, Stage.INPUT):
             rule = self._config.entities[d.entity]
             if rule.input == "allow":
                 continue
@@ -1059,7 +1105,9 @@ class PiiFilter:
                 if rule.operator == "placeholder":
                     replacement = placeholders.assign(d.entity, value)
                 else:
-                    replacement = _operate(rule, rule.operator, d.entity, value, self._key)
+                    replacement = _operate(
+                        rule, rule.operator, d.entity, value, key=self._key, salt=self._salt
+                    )
                 redactions.append(Redaction(d.start, d.end, replacement))
         return Verdict.from_findings(findings, redactions)
 
@@ -1078,7 +1126,7 @@ class PiiFilter:
         # The request's own values (restored, or quoted back in a stream's context tail)
         # are not a leak.
         own = state.placeholders.values()
-        for d in detections:
+        for d in self.resolve(detections, Stage.OUTPUT):
             rule = self._config.entities[d.entity]
             found = text[d.start : d.end]
             if rule.output == "allow" or found in own:
@@ -1096,7 +1144,9 @@ class PiiFilter:
             )
             if action is Action.REDACT:
                 value = text[d.start : d.end]
-                replacement = _operate(rule, rule.output_operator, d.entity, value, self._key)
+                replacement = _operate(
+                    rule, rule.output_operator, d.entity, value, key=self._key, salt=self._salt
+                )
                 redactions.append(Redaction(d.start, d.end, replacement))
         verdict = Verdict.from_findings(findings, redactions)
         if restored and verdict.action.rank < Action.REDACT.rank:
