@@ -416,6 +416,10 @@ def _unconfuse(folded: _Folded) -> None:
         start = end
 
 
+# Leet symbols that also serve as punctuation at a word's edges.
+_EDGE_SYMBOLS = "!$+|"
+
+
 def _unleet(folded: _Folded, text_has_lower: bool) -> None:
     """Replace leet characters in place: in words with two or more letters, next to a letter.
 
@@ -442,9 +446,18 @@ def _unleet(folded: _Folded, text_has_lower: bool) -> None:
         if not unit and not code and len(letters) >= 2:
             # Trailing punctuation ("wow!") is punctuation, not a letter.
             last = end
-            while last > start and chars[last - 1] in "!$+|":
+            while last > start and chars[last - 1] in _EDGE_SYMBOLS:
                 last -= 1
-            _unleet_runs(chars, start, last)
+            # So is a leading "|" (a Markdown table's cell: "|how to ...|"), and any
+            # leading one the word's end answers ("$x$", "!bomb!"): "Ikill" would hide the
+            # word from every keyword. A leading one alone is leet ("$ex", "!diot").
+            first = start
+            while first < last and chars[first] == "|":
+                first += 1
+            if last < end:
+                while first < last and chars[first] in _EDGE_SYMBOLS:
+                    first += 1
+            _unleet_runs(chars, first, last)
         start = end + 1
 
 
