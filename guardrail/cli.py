@@ -85,6 +85,15 @@ def _build_guard(
     return Guard.build(policy, registry, env)
 
 
+def _acting_guard(policy_path: str, executor: ThreadPoolExecutor) -> Any:
+    """The guard of a policy that ``check`` and ``eval`` judge texts with: one with no
+    enabled filter allows every text, so its decisions measure nothing."""
+    guard = _guard(policy_path, executor)
+    if not guard.policy.filters:
+        raise ConfigError(f"{policy_path}: the policy has no enabled filters")
+    return guard
+
+
 def _default_policy() -> str:
     from guardrail.settings import load_settings
 
@@ -185,7 +194,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise ConfigError("the text to check is not valid UTF-8") from None
     stage = Stage(args.stage)
     with ThreadPoolExecutor(2) as executor:
-        guard = _guard(args.policy or _default_policy(), executor)
+        guard = _acting_guard(args.policy or _default_policy(), executor)
         decision = asyncio.run(guard.check(stage, text, FilterContext("cli", stage=stage)))
     out = decision.to_dict()
     if decision.text != text:
@@ -232,6 +241,12 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
                 continue
             built = ", filters built"
         print(f"{path}: ok ({policy.name} {policy.version}, {len(policy.filters)} filters{built})")
+        if not policy.filters:
+            # Valid (the proxy benchmark measures one), but rarely what its author meant.
+            print(
+                f"guardrail: warning: {path} has no enabled filters: every text is allowed",
+                file=sys.stderr,
+            )
     return 1 if failed else 0
 
 
@@ -370,7 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _log_to_stderr()
     rows = read_dataset(Path(args.data))
     with ThreadPoolExecutor(2) as executor:
-        guard = _guard(args.policy or _default_policy(), executor)
+        guard = _acting_guard(args.policy or _default_policy(), executor)
         report = asyncio.run(
             evaluate(guard, rows, Stage(args.stage), progress=None if args.json else sys.stderr)
         )

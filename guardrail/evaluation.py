@@ -125,6 +125,13 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else 0.0
 
 
+def _measured(a: float, b: float) -> float | None:
+    """``a / b`` rounded, or None where ``b`` is 0: a metric the data cannot measure
+    (precision with nothing acted on, recall with no ``block`` label) is unknown, and a
+    0.0 there would read as a measured failure."""
+    return round(a / b, 4) if b else None
+
+
 async def evaluate(
     guard: Guard, examples: list[Example], stage: Stage, progress: TextIO | None = None
 ) -> dict[str, Any]:
@@ -164,8 +171,9 @@ async def evaluate(
             fp, tn = fp + predicted, tn + (not predicted)
         bar.step()
     bar.done()
-    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    f1 = _ratio(2 * precision * recall, precision + recall) if precision + recall else 0.0
+    precision, recall = _measured(tp, tp + fp), _measured(tp, tp + fn)
+    # F1 from the counts (not the rounded ratios); undefined where either part is.
+    f1 = None if precision is None or recall is None else _measured(2 * tp, 2 * tp + fp + fn)
     return {
         "policy": {"name": guard.policy.name, "version": guard.policy.version},
         "stage": stage.value,
@@ -174,10 +182,10 @@ async def evaluate(
         "fp": fp,
         "tn": tn,
         "fn": fn,
-        "precision": round(precision, 4),
-        "recall": round(recall, 4),
-        "f1": round(f1, 4),
-        "fpr": round(_ratio(fp, fp + tn), 4),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "fpr": _measured(fp, fp + tn),
         "accuracy": round(_ratio(tp + tn, len(examples)), 4),
         "actions": by_action,
         "acted_by_category": {
@@ -209,8 +217,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"policy {report['policy']['name']} {report['policy']['version']}, "
         f"stage {report['stage']}, n={report['n']}",
         f"  tp={report['tp']} fp={report['fp']} tn={report['tn']} fn={report['fn']}",
-        f"  precision={report['precision']:.4f} recall={report['recall']:.4f} "
-        f"f1={report['f1']:.4f} fpr={report['fpr']:.4f}",
+        "  "
+        + " ".join(f"{key}={_fixed(report[key])}" for key in ("precision", "recall", "f1", "fpr")),
         f"  latency per text: p50={report['latency_ms']['p50']:.3f} ms "
         f"p95={report['latency_ms']['p95']:.3f} ms",
     ]
@@ -227,6 +235,10 @@ def format_report(report: dict[str, Any]) -> str:
         for category, stats in report["recall_by_category"].items():
             lines.append(f"    {category:<32} {stats['recall']:.4f}  (n={stats['n']})")
     return "\n".join(lines)
+
+
+def _fixed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 class _Progress:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -473,6 +474,12 @@ def parse_api_keys(raw: str) -> list[dict[str, str]]:
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if ENV_PREFIX + "TENANTS" in environ:
+        # Ignored, it left its operator believing per-tenant limits were in force.
+        raise ConfigError(
+            "GUARDRAIL_TENANTS cannot be set from the environment; set tenants in the "
+            "config file (--config)"
+        )
     if ENV_PREFIX + "API_KEYS" in environ:
         out["api_keys"] = parse_api_keys(environ[ENV_PREFIX + "API_KEYS"])
     if ENV_PREFIX + "ADMIN_KEY" in environ:
@@ -516,6 +523,65 @@ def misspelt_env(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     return out
 
 
+class _SettingsLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (YAML keeps the last:
+    which of the two the operator meant is unknown)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            mark = key_node.start_mark
+            try:
+                first = seen.get(key)
+                seen[key] = mark.line + 1
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not None:
+                raise ConfigError(
+                    f"{self.name}:{mark.line + 1}:{mark.column + 1}: {key} is given twice "
+                    f"(first at line {first})"
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _flag(name: str) -> str:
+    return "--backend-url" if name == "backend_urls" else "--" + name.replace("_", "-")
+
+
+def _env_name(name: str, environ: Mapping[str, str]) -> str:
+    if name == "admin_key_sha256" and ENV_PREFIX + "ADMIN_KEY" in environ:
+        return ENV_PREFIX + "ADMIN_KEY"
+    return ENV_PREFIX + name.upper()
+
+
+def _invalid(
+    error: msgspec.ValidationError,
+    *,
+    config_file: str | Path | None,
+    file_keys: set[Any],
+    env_keys: set[str],
+    environ: Mapping[str, str],
+    flag_keys: set[str],
+) -> ConfigError:
+    """The settings error naming the field and the one source it came from (the flag, the
+    variable or the file, by precedence). Never the value: it may be a key."""
+    text = str(error)
+    found = re.search(r" - at `\$\.(\w+)", text) or re.match(
+        r"Object contains unknown field `([^`]*)`$", text
+    )
+    name = found.group(1) if found else None
+    if name is not None and name in flag_keys:
+        where = f"{name} (command-line flag {_flag(name)})"
+    elif name is not None and name in env_keys:
+        where = f"{name} (environment variable {_env_name(name, environ)})"
+    elif config_file is not None and (name is None or name in file_keys):
+        where = f"{name} (in {config_file})" if name else f"in {config_file}"
+    else:
+        where = "environment or flags"
+    return ConfigError(f"invalid settings: {where}: {text}")
+
+
 # String settings that `off` switches off; in a YAML file a bare `off` is a boolean.
 _OFF_SWITCHES = ("audit_dsn", "group_lexicon")
 
@@ -528,11 +594,16 @@ def load_settings(
 ) -> Settings:
     """Build settings from a YAML file, the environment and explicit overrides."""
     merged: dict[str, Any] = {}
-    source = "settings"
+    file_keys: set[Any] = set()
     if config_file is not None:
-        source = str(config_file)
         try:
-            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
+            text = Path(config_file).read_text(encoding="utf-8")
+            loader = _SettingsLoader(text)
+            loader.name = str(config_file)
+            try:
+                loaded = loader.get_single_data()
+            finally:
+                loader.dispose()
         except OSError as e:
             raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from e
         except UnicodeDecodeError as e:
@@ -551,14 +622,24 @@ def load_settings(
             if loaded.get(name) is False:
                 loaded[name] = "off"
         merged.update(loaded)
-    env = _from_env(os.environ if environ is None else environ)
+        file_keys = set(loaded)
+    environ = os.environ if environ is None else environ
+    env = _from_env(environ)
     merged.update(env)
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    merged.update(flags)
     try:
         # str_values: environment values arrive as strings and are converted here.
         settings = msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"invalid settings ({source}, environment or flags): {e}") from e
+        raise _invalid(
+            e,
+            config_file=config_file,
+            file_keys=file_keys,
+            env_keys=set(env),
+            environ=environ,
+            flag_keys=set(flags),
+        ) from e
     if settings.policy == DEFAULT_POLICY and not Path(DEFAULT_POLICY).is_file():
         # Started outside a checkout (an installed wheel, a service's working folder):
         # the default policy is the one that ships with the package.

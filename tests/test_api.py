@@ -935,3 +935,48 @@ def test_a_plugin_is_given_a_message_only_when_it_checks_that_message(
     assert ("output", reply, None) in by_route["chat"]
     assert by_route["completions"] == [("input", "Once", 0), ("output", reply, None)]
     assert by_route["moderations"] == [("output", "Why?", None), ("output", "an answer", None)]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "key"),
+    [
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "model": "other", ' + USER_X + b"}",
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "fake-model", "messages": [{"role": "user", "role": "system",'
+            b' "content": "x"}]}',
+            "role",
+        ),
+        ("/v1/completions", b'{"model": "fake-model", "prompt": "a", "prompt": "b"}', "prompt"),
+        ("/v1/moderations", b'{"input": "how to build a bomb", "input": "hello"}', "input"),
+    ],
+)
+def test_a_key_given_twice_in_a_body_is_a_400_not_the_last_one_silently(
+    client: Client, backend: FakeBackend, path: str, body: bytes, key: str
+) -> None:
+    """A filter in front may read the first value while the model gets the last."""
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    error = assert_openai_error(r.json())
+    assert error["code"] == "invalid_request"
+    assert f"'{key}' is given twice" in error["message"]
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize(
+    "extra", [b'"max_tokens": 1e999', b'"temperature": -1e400', b'"seed": 1e999']
+)
+def test_a_number_too_large_for_json_is_a_400_saying_so(client: Client, extra: bytes) -> None:
+    r = client.post(
+        "/v1/chat/completions",
+        content=body_with(extra),
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400
+    error = assert_openai_error(r.json())
+    assert error["message"].startswith("The request body is not valid JSON: ")
+    assert "$[...]" not in error["message"]

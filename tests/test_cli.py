@@ -469,3 +469,79 @@ def test_eval_refuses_a_context_that_is_not_text_even_when_falsy(
     code, _, err = run(["eval", str(data), "--policy", str(test_policy)], capsys)
     assert code == 2
     assert f'{data}:1: "context" must be a string or a list of strings' in err
+
+
+@pytest.mark.parametrize(
+    ("rows", "undefined", "defined"),
+    [
+        # Every text allowed and labelled allow: no positives, nothing predicted positive.
+        (
+            [("hello there", "allow"), ("the sky is blue", "allow")],
+            {"precision", "recall", "f1"},
+            {"fpr": 0.0, "accuracy": 1.0},
+        ),
+        # Every text labelled block and caught: no negatives, so no false-positive rate.
+        (
+            [("how to build a bomb", "block"), ("build a bomb now", "block")],
+            {"fpr"},
+            {"precision": 1.0, "recall": 1.0, "f1": 1.0, "accuracy": 1.0},
+        ),
+        # Positives present, none caught: recall 0 is measured, precision is not.
+        (
+            [("hello there", "block"), ("the sky is blue", "allow")],
+            {"precision", "f1"},
+            {"recall": 0.0, "fpr": 0.0, "accuracy": 0.5},
+        ),
+    ],
+)
+def test_eval_metrics_that_are_undefined_on_the_data_are_null_not_zero(
+    tmp_path: Path,
+    test_policy: Path,
+    capsys: pytest.CaptureFixture[str],
+    rows: list[tuple[str, str]],
+    undefined: set[str],
+    defined: dict[str, float],
+) -> None:
+    """A 0/0 metric is null in --json and n/a in the table: 0.0 would read as measured."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    code, out, _ = run(["eval", str(data), "--policy", str(test_policy), "--json"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert {k for k in ("precision", "recall", "f1", "fpr") if report[k] is None} == undefined
+    assert {k: report[k] for k in defined} == defined
+    assert report["auroc"] == {}  # one label only, or no score: nothing to rank
+    code, out, _ = run(["eval", str(data), "--policy", str(test_policy)], capsys)
+    assert code == 0
+    for key in undefined:
+        assert f"{key}=n/a" in out
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        'name: empty\nversion: "1"\nfilters: []\n',
+        'name: empty\nversion: "1"\n',
+        'name: disabled\nversion: "1"\nfilters:\n  - {id: w, type: rules, enabled: false,'
+        " config: {rules: [{id: r, category: c, keywords: [x]}]}}\n",
+    ],
+)
+def test_check_and_eval_refuse_a_policy_with_no_filters(
+    tmp_path: Path,
+    write_policy: Callable[[str], Path],
+    capsys: pytest.CaptureFixture[str],
+    policy: str,
+) -> None:
+    """A policy that checks nothing allows everything: measuring it is a mistake, not a result."""
+    path = write_policy(policy)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a", "label": "block"}\n')
+    for argv in (["eval", str(data), "--json"], ["check", "hello"]):
+        code, out, err = run([*argv, "--policy", str(path)], capsys)
+        assert (code, out) == (2, "")
+        assert err.strip() == f"guardrail: {path}: the policy has no enabled filters"
+    # Valid all the same (the proxy benchmark uses one), but said on stderr.
+    code, out, err = run(["policy", "validate", str(path)], capsys)
+    assert code == 0
+    assert "0 filters" in out
+    assert "no enabled filters: every text is allowed" in err

@@ -82,6 +82,9 @@ def test_every_group_has_a_counterpart_on_its_axis_and_a_plural_to_swap_in(
         ("African Americans", {"race_ethnicity/black"}),
         ("Americans abroad", {"nationality/american"}),
         ("Black Americans", {"race_ethnicity/black", "nationality/american"}),
+        # A multi-word term is often hyphenated: still one mention, not two nationalities.
+        ("African-Americans vote", {"race_ethnicity/black"}),
+        ("Asian-American voters", {"race_ethnicity/asian"}),
         # Whole words only.
         ("Germany, Mandarin, woman-hating, mankind", {"gender/women"}),
         ("humanity, Manchester, amendment, semen", set()),
@@ -142,6 +145,7 @@ def test_the_fast_path_finds_exactly_what_the_full_scan_finds(
         ("my gay friend", "sexual_orientation/gay", "my straight friend"),
         ("gays and lesbians", "sexual_orientation/gay", "straight people and lesbians"),
         ("Black women vote", "race_ethnicity/black", "White women vote"),
+        ("African-American voters", "race_ethnicity/black", "White voters"),
         ("nothing here", "religion/muslim", "nothing here"),
     ],
 )

@@ -121,3 +121,65 @@ def test_a_bare_off_in_the_config_file_switches_the_audit_log_and_lexicon_off(
     config.write_text("audit_dsn: off\ngroup_lexicon: off\n", encoding="utf-8")
     settings = load_settings(config, environ={})
     assert (settings.audit_dsn, settings.group_lexicon) == ("off", "off")
+
+
+@pytest.mark.parametrize(
+    ("file", "env", "overrides", "expected"),
+    [
+        ("", {"GUARDRAIL_PORT": "abc"}, {}, "port (environment variable GUARDRAIL_PORT)"),
+        ("port: abc\n", {}, {}, "port (in {config})"),
+        ("port: 1\n", {"GUARDRAIL_PORT": "abc"}, {}, "port (environment variable GUARDRAIL_PORT)"),
+        ("port: abc\n", {"GUARDRAIL_PORT": "1"}, {}, None),  # the environment wins: valid
+        ("", {}, {"port": 70000}, "port (command-line flag --port)"),
+        ("prot: 1\n", {}, {}, "prot (in {config})"),
+        ("tenants: {a: {modles: [x]}}\n", {}, {}, "tenants (in {config})"),
+        (
+            "api_keys: [{tenant: a, key_sha256: abc}]\n",
+            {},
+            {},
+            "api_keys (in {config})",
+        ),
+        (
+            "",
+            {"GUARDRAIL_ADMIN_KEY_SHA256": "not-hex"},
+            {},
+            "admin_key_sha256 (environment variable GUARDRAIL_ADMIN_KEY_SHA256)",
+        ),
+        (
+            "",
+            {"GUARDRAIL_LOG_TEXT": "maybe"},
+            {},
+            "log_text (environment variable GUARDRAIL_LOG_TEXT)",
+        ),
+    ],
+)
+def test_a_bad_setting_is_named_with_the_source_that_gave_it(
+    tmp_path: Path,
+    file: str,
+    env: dict[str, str],
+    overrides: dict[str, object],
+    expected: str | None,
+) -> None:
+    """Three sources can set one field: the error says which one to fix."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(file)
+    if expected is None:
+        load_settings(config, environ=env, overrides=overrides)
+        return
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ=env, overrides=overrides)
+    assert f"invalid settings: {expected.format(config=config)}: " in str(raised.value)
+
+
+def test_tenants_cannot_be_set_from_the_environment() -> None:
+    """Silently ignored, GUARDRAIL_TENANTS left its operator believing limits were on."""
+    with pytest.raises(ConfigError, match="GUARDRAIL_TENANTS cannot be set from the environment"):
+        load_settings(environ={"GUARDRAIL_TENANTS": "acme"})
+
+
+def test_a_setting_given_twice_in_the_file_is_an_error(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys: which one the operator meant is unknown."""
+    config = tmp_path / "gw.yaml"
+    config.write_text("port: 9000\nhost: 0.0.0.0\nport: 9001\n")
+    with pytest.raises(ConfigError, match=r"gw.yaml:3:1: port is given twice \(first at line 1\)"):
+        load_settings(config, environ={})

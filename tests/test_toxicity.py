@@ -118,6 +118,14 @@ def test_long_texts_are_cut_at_whitespace_without_losing_words() -> None:
     assert " ".join(pieces).split() == text.split()
 
 
+def test_texts_with_line_breaks_only_are_cut_at_whitespace_not_inside_words() -> None:
+    # Only spaces counted as cut points, so text split by line breaks was cut mid-word.
+    text = "\n".join(f"word{i:03}" for i in range(400))
+    pieces = chunks(text, 100)
+    assert all(len(p) <= 100 for p in pieces)
+    assert "\n".join(pieces).split() == text.split()
+
+
 # -- config validation --------------------------------------------------------------------
 
 
@@ -211,6 +219,29 @@ async def test_neutral_counter_speech_and_negated_texts_are_allowed(
     toxicity: ToxicityFilter, text: str
 ) -> None:
     assert (await toxicity.check(text, CTX)).action is Action.ALLOW
+
+
+_FILLER = "The weather report said it would be mild and sunny for most of the week ahead. "
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text",
+    [
+        _FILLER + "People like you should not exist.",
+        _FILLER * 8 + "People like you should not exist.",
+        _FILLER * 20 + "People like you should not exist. " + _FILLER * 20,
+        "People like you should not exist.\n" + _FILLER * 30,
+    ],
+)
+async def test_a_hateful_sentence_among_neutral_ones_is_still_acted_on(
+    toxicity: ToxicityFilter, text: str
+) -> None:
+    # Mean-pooled embeddings dilute one sentence: 0.89 alone, 0.22 after one neutral
+    # sentence and 0.04 at the end of a 900-character piece, so it went unseen.
+    verdict = await toxicity.check(text, CTX)
+    assert verdict.action is not Action.ALLOW
+    assert max(f.score for f in verdict.findings if f.category == "toxicity") >= 0.8
 
 
 @pytest.mark.slow

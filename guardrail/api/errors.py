@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 
 from guardrail.errors import BackendError, where
 
@@ -158,8 +158,13 @@ def to_api_error(request: Request[Any, Any, Any], exc: Exception, max_body_bytes
             message = template.format(
                 method=request.method, path=request.url.path, limit=max_body_bytes
             )
-        elif exc.detail and "JSON" in exc.detail:
-            message = f"The request body is not valid JSON: {exc.detail}."
+        elif isinstance(exc.__cause__, SerializationException) or (
+            exc.detail and "JSON" in exc.detail
+        ):
+            # msgspec's words ("Number out of range", "Input data was truncated") say
+            # nothing of JSON alone, and its "- at `$[...]`" locates nothing.
+            detail = (exc.detail or "malformed").partition(" - at `")[0]
+            message = f"The request body is not valid JSON: {detail}."
         else:
             message = exc.detail or "Bad request."
         headers = {"allow": exc.headers["allow"]} if exc.headers and "allow" in exc.headers else {}

@@ -190,7 +190,8 @@ class ToxicityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         int,
         _doc(
             "Longer texts are scored in pieces of about this many characters (cut at "
-            "whitespace); each category takes its highest score over the pieces."
+            "whitespace); a text of several sentences is also scored sentence by sentence; "
+            "each category takes its highest score over the pieces."
         ),
         msgspec.Meta(ge=100, le=100_000),
     ] = 1000
@@ -269,6 +270,13 @@ def split_of(key: str) -> Literal["train", "dev", "test"]:
     return "test" if bucket == 9 else "dev" if bucket == 8 else "train"
 
 
+# Everything up to and including the last whitespace character (any kind, not only " ").
+_THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
+# A sentence ends at terminal punctuation (maybe closed by quotes or brackets) followed
+# by whitespace, or at a line break.
+_SENTENCE_END = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+|\s*\n\s*""")
+
+
 def chunks(text: str, size: int) -> list[str]:
     """``text`` cut into pieces of at most about ``size`` characters, at whitespace."""
     if len(text) <= size:
@@ -278,13 +286,47 @@ def chunks(text: str, size: int) -> list[str]:
     while start < len(text):
         end = min(len(text), start + size)
         if end < len(text):
-            cut = text.rfind(" ", start + size // 2, end)
-            end = cut if cut > start else end
+            # The last whitespace of any kind (a line break too) in the second half.
+            through = _THROUGH_LAST_SPACE.match(text, start + size // 2, end)
+            end = through.end() - 1 if through else end
         piece = text[start:end].strip()
         if piece:
             out.append(piece)
         start = end
     return out or [text[:size]]
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences (and lines) of ``text``, stripped, empty ones left out."""
+    out: list[str] = []
+    start = 0
+    for end in _SENTENCE_END.finditer(text):
+        piece = text[start : end.end()].strip()
+        if piece:
+            out.append(piece)
+        start = end.end()
+    tail = text[start:].strip()
+    if tail:
+        out.append(tail)
+    return out
+
+
+def pieces(text: str, size: int) -> list[str]:
+    """What is scored for ``text``: the text (in ``chunks`` when longer than ``size``),
+    and each of its sentences when it has more than one.
+
+    Sentence embeddings are mean-pooled, so one hateful sentence among neutral ones is
+    diluted: "People like you should not exist." scores 0.89 alone, 0.22 after one
+    neutral sentence and 0.05 after eight. Scoring each sentence too (the filter takes
+    each category's highest score) finds it wherever it is; the whole text keeps the
+    meaning that only spans sentences. Duplicates are scored once.
+    """
+    out = chunks(text, size)
+    split = sentences(text)
+    if len(split) > 1:
+        for sentence in split:
+            out.extend(chunks(sentence, size))
+    return list(dict.fromkeys(out))
 
 
 @contextlib.contextmanager
@@ -660,13 +702,13 @@ class ToxicityFilter:
         )
 
     async def scores(self, text: str) -> Scores:
-        """Every category's score for ``text`` (the highest over its pieces)."""
-        pieces = chunks(text, self._config.chunk_chars)
-        if len(pieces) == 1:
-            return await self.batcher.submit(pieces[0])
+        """Every category's score for ``text``: the highest over its pieces (:func:`pieces`)."""
+        parts = pieces(text, self._config.chunk_chars)
+        if len(parts) == 1:
+            return await self.batcher.submit(parts[0])
         import asyncio
 
-        results = await asyncio.gather(*(self.batcher.submit(p) for p in pieces))
+        results = await asyncio.gather(*(self.batcher.submit(p) for p in parts))
         # A NaN in any piece must reach check() (which fails closed on it): max() alone
         # would skip a NaN that comes after a number.
         return {c: _highest([r[c] for r in results]) for c in self._categories}

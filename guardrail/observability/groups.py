@@ -417,7 +417,9 @@ def _compile(terms: Iterable[str], who: Iterable[str]) -> str:
         if followers
         else r"(?!)"
     )
-    rendered = {_SPACE: r"\s+", _HYPHEN: r"[-\s]?", _FOLLOWED: follow}
+    # "African American" is as often written "African-American": a space in a term also
+    # matches a hyphen (with or without spaces around it).
+    rendered = {_SPACE: r"(?:\s*-\s*|\s+)", _HYPHEN: r"[-\s]?", _FOLLOWED: follow}
 
     def render(node: dict[str, Any]) -> str:
         branches = [
