@@ -1375,3 +1375,31 @@ def test_an_analysis_given_up_stops_before_its_next_piece(
     let_it_finish.set()
     pii._executor.submit(lambda: None).result(timeout=30)  # the thread is done
     assert len(analysed) == 1
+
+
+def test_two_redacted_entities_overlapping_in_part_are_redacted_whole(pii: PiiFilter) -> None:
+    """The loser of an overlap lost only to the winner's span: its part outside it was
+    sent as it was."""
+    from guardrail.filters.pii import Detection
+
+    phone = Detection("PHONE_NUMBER", 10, 24, 0.75)
+    card = Detection("CREDIT_CARD", 18, 37, 1.0)
+    person = Detection("PERSON", 0, 12, 0.85)  # flagged on input, allowed on output
+    found = [person, phone, card]
+    assert [(d.entity, d.start, d.end) for d in pii.resolve(found, Stage.INPUT)] == [
+        ("CREDIT_CARD", 10, 37)  # one span over both; the flagged name overlaps it: dropped
+    ]
+    alone = Detection("PERSON", 40, 50, 0.9)
+    assert [(d.entity, d.start) for d in pii.resolve([*found, alone], Stage.INPUT)] == [
+        ("CREDIT_CARD", 10),
+        ("PERSON", 40),
+    ]
+    # On output the name is allowed and the phone number only flagged: the card alone hides.
+    assert [(d.entity, d.start, d.end) for d in pii.resolve(found, Stage.OUTPUT)] == [
+        ("CREDIT_CARD", 18, 37)
+    ]
+    # Without a stage (what the evaluation scores), overlaps are only resolved.
+    assert [(d.entity, d.start, d.end) for d in pii.resolve(found, None)] == [
+        ("PERSON", 0, 12),
+        ("CREDIT_CARD", 18, 37),
+    ]

@@ -33,7 +33,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -821,6 +821,25 @@ ANALYSIS_CACHE_ENTRIES = 20_000
 ANALYSIS_CACHE_DETECTIONS = 500_000
 
 
+def _merged(detections: Sequence[Detection], rank: Callable[[Detection], Any]) -> list[Detection]:
+    """Overlapping detections as one each: the best ranked one's entity and score over
+    the union of their spans, by start."""
+    out: list[Detection] = []
+    group: list[Detection] = []
+    end = -1
+    for d in sorted(detections, key=lambda d: (d.start, -d.end)):
+        if group and d.start >= end:
+            best = min(group, key=rank)
+            out.append(Detection(best.entity, group[0].start, end, best.score))
+            group = []
+        group.append(d)
+        end = max(end, d.end) if len(group) > 1 else d.end
+    if group:
+        best = min(group, key=rank)
+        out.append(Detection(best.entity, group[0].start, end, best.score))
+    return out
+
+
 class AnalysisCancelled(Exception):
     """An analysis stopped between pieces because its check was given up."""
 
@@ -951,7 +970,10 @@ class PiiFilter:
         dates let the phone number through whole. An address wins over a name inside
         it ("24 Gordon Terrace": the NER scores names 0.85, above the address
         heuristic); then the higher score, then the longer span (an address over a
-        number).
+        number). With a stage, overlapping detections that are redacted or blocked become
+        one, the winner's, over the union of their spans: the part of a losing one
+        outside the winner is personal data too, and would otherwise be sent as it is.
+        A flagged one is kept where it overlaps none of those.
         """
         rules = self._config.entities
 
@@ -959,21 +981,32 @@ class PiiFilter:
             rule = rules[d.entity]
             return Action(rule.input if stage is Stage.INPUT else rule.output)
 
-        if stage is not None:
-            detections = [d for d in detections if action(d) is not Action.ALLOW]
-        ranked = sorted(
-            detections,
-            key=lambda d: (
+        def rank(d: Detection) -> tuple[bool, int, float, int, int]:
+            return (
                 d.entity != "STREET_ADDRESS",
                 -action(d).rank if stage is not None else 0,
                 -d.score,
                 -(d.end - d.start),
                 d.start,
-            ),
-        )
-        kept: list[Detection] = []
+            )
+
+        if stage is not None:
+            # What is redacted or blocked: overlapping ones merge into one span. What is
+            # only flagged: kept where it overlaps none of those, as below.
+            hiding = [d for d in detections if action(d).rank >= Action.REDACT.rank]
+            merged = _merged(hiding, rank)
+            flagged = [d for d in detections if action(d) is Action.FLAG]
+            if not flagged:
+                return merged
+            detections, first = flagged, merged
+        else:
+            first = []
+        ranked = sorted(detections, key=rank)
+        kept: list[Detection] = list(first)
         # Characters of kept detections: one pass, not pairs.
-        taken = bytearray(max((d.end for d in ranked), default=0))
+        taken = bytearray(max((d.end for d in (*ranked, *first)), default=0))
+        for d in first:
+            taken[d.start : d.end] = b"\x01" * (d.end - d.start)
         for d in ranked:
             if not any(taken[d.start : d.end]):
                 kept.append(d)
