@@ -54,6 +54,11 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+# The longest time setting: a finite bound, so "inf" (which parses as a float) is refused
+# rather than turning a time limit off.
+_DAY_S = 86_400.0
+
+
 class ApiKeyEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One API key, bound to a tenant: its sha256 (hex), or an environment variable holding it."""
 
@@ -130,12 +135,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     backend_timeout_s: Annotated[
         float,
         _doc("Seconds to wait for a remote backend's whole answer (or next chunk)."),
-        msgspec.Meta(gt=0),
+        msgspec.Meta(gt=0, le=_DAY_S),
     ] = 120.0
     backend_connect_timeout_s: Annotated[
         float,
         _doc("Seconds to wait for a TCP connection to a remote backend."),
-        msgspec.Meta(gt=0),
+        msgspec.Meta(gt=0, le=_DAY_S),
     ] = 5.0
     backend_retries: Annotated[
         int,
@@ -143,7 +148,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         msgspec.Meta(ge=0, le=10),
     ] = 2
     backend_retry_backoff_s: Annotated[
-        float, _doc("First retry delay in seconds; doubles on each retry."), msgspec.Meta(ge=0)
+        float,
+        _doc("First retry delay in seconds; doubles on each retry."),
+        msgspec.Meta(ge=0, le=_DAY_S),
     ] = 0.2
     models: Annotated[
         list[str],
@@ -307,7 +314,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         int, _doc("Requests that may wait for a slot; more get 503 at once."), msgspec.Meta(ge=0)
     ] = 1024
     queue_timeout_s: Annotated[
-        float, _doc("Longest wait for a slot before a 503."), msgspec.Meta(gt=0)
+        float, _doc("Longest wait for a slot before a 503."), msgspec.Meta(gt=0, le=_DAY_S)
     ] = 30.0
     breaker_failures: Annotated[
         int,
@@ -315,12 +322,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         msgspec.Meta(ge=0),
     ] = 5
     breaker_reset_s: Annotated[
-        float, _doc("Seconds an open circuit waits before one trial request."), msgspec.Meta(gt=0)
+        float,
+        _doc("Seconds an open circuit waits before one trial request."),
+        msgspec.Meta(gt=0, le=_DAY_S),
     ] = 30.0
     shutdown_timeout_s: Annotated[
         float,
         _doc("On SIGTERM, seconds open requests and streams get to finish."),
-        msgspec.Meta(ge=0),
+        msgspec.Meta(ge=0, le=_DAY_S),
     ] = 30.0
     audit_dsn: Annotated[
         str | None,

@@ -41,6 +41,11 @@ def test_defaults_serve_the_default_policy_on_loopback() -> None:
         ({"GUARDRAIL_PORT": "70000"}, "$.port"),
         ({"GUARDRAIL_DTYPE": "int3"}, "$.dtype"),
         ({"GUARDRAIL_BACKEND_TIMEOUT_S": "0"}, "$.backend_timeout_s"),
+        # "inf" parses as a float: a time limit that never ends is refused, not taken.
+        ({"GUARDRAIL_BACKEND_TIMEOUT_S": "inf"}, "$.backend_timeout_s"),
+        ({"GUARDRAIL_QUEUE_TIMEOUT_S": "inf"}, "$.queue_timeout_s"),
+        ({"GUARDRAIL_SHUTDOWN_TIMEOUT_S": "inf"}, "$.shutdown_timeout_s"),
+        ({"GUARDRAIL_BACKEND_TIMEOUT_S": "nan"}, "$.backend_timeout_s"),
     ],
 )
 def test_bad_values_are_errors_naming_the_field(env: dict[str, str], fragment: str) -> None:
