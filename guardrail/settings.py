@@ -539,6 +539,8 @@ class _SettingsLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *defaults": merged (and overridden) by the base class
             key = self.construct_object(key_node, deep=True)
             mark = key_node.start_mark
             try:

@@ -1403,3 +1403,44 @@ def test_two_redacted_entities_overlapping_in_part_are_redacted_whole(pii: PiiFi
         ("PERSON", 0, 12),
         ("CREDIT_CARD", 18, 37),
     ]
+
+
+def test_a_conversation_check_given_up_stops_its_analysis_before_the_next_piece(
+    pii: PiiFilter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The messages of a chat request are analysed in one shielded task (so that one
+    check's time limit does not cancel the others'): a check given up there did not
+    cancel the analysis, and the executor thread ran through every piece."""
+    import threading
+
+    from guardrail.filters import pii as pii_module
+
+    monkeypatch.setattr(pii_module, "ANALYSIS_CHUNK_CHARS", 1_000)
+    text = "Write to jane.doe@example.com about the order. " * 400  # about 19 pieces
+    analysed: list[int] = []
+    first_piece_started, let_it_finish = threading.Event(), threading.Event()
+    real = pii._analyze_piece
+
+    def counting(piece: str) -> list[Any]:
+        analysed.append(len(piece))
+        first_piece_started.set()
+        let_it_finish.wait(10)
+        return real(piece)
+
+    monkeypatch.setattr(pii, "_analyze_piece", counting)
+    ctx = conversation(text).at(Stage.INPUT, 0)
+
+    async def give_up() -> None:
+        task = asyncio.create_task(pii.check(text, ctx))
+        await asyncio.get_running_loop().run_in_executor(None, first_piece_started.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The server's loop runs on (asyncio.run would cancel what is left on leaving).
+        let_it_finish.set()
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if left:
+            await asyncio.wait(left, timeout=30)
+
+    asyncio.run(give_up())
+    assert len(analysed) == 1

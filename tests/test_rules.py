@@ -145,6 +145,15 @@ async def test_a_word_wrapped_in_symbols_that_are_leet_elsewhere_still_matches(
     assert text[start:end] == word
 
 
+@pytest.mark.parametrize("text", ["you $hit!", "you $hit", "a +hreat!", "|$hit|", "$hit!!"])
+async def test_a_leading_leet_symbol_stays_leet_when_the_word_ends_in_another(
+    make_guard: Callable[..., Guard], text: str
+) -> None:
+    """Any trailing "!" made a leading "$" punctuation: "$hit!" read as "$hit!"."""
+    guard = make_guard("- {id: w, category: c, keywords: [shit, threat]}\n")
+    assert await action(guard, text) is Action.BLOCK
+
+
 @pytest.mark.parametrize(
     "text", ["the bombay mix", "2024 b 0 m", "covid-19 and gpt-4", "abomb is not a word"]
 )

@@ -182,6 +182,20 @@ def test_tenants_cannot_be_set_from_the_environment() -> None:
         load_settings(environ={"GUARDRAIL_TENANTS": "acme"})
 
 
+def test_a_yaml_merge_key_still_loads(tmp_path: Path) -> None:
+    """The check for repeated keys constructed "<<" as a key: no constructor for the
+    merge tag, so a file sharing tenant settings through an anchor was "not valid YAML"."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "tenants:\n"
+        "  acme: &limits {requests_per_minute: 5}\n"
+        "  beta:\n    <<: *limits\n    models: [m]\n"
+    )
+    settings = load_settings(config, environ={})
+    assert settings.tenants["beta"].requests_per_minute == 5
+    assert settings.tenants["beta"].models == ["m"]
+
+
 def test_a_setting_given_twice_in_the_file_is_an_error(tmp_path: Path) -> None:
     """YAML keeps the last of two equal keys: which one the operator meant is unknown."""
     config = tmp_path / "gw.yaml"

@@ -126,6 +126,18 @@ def test_texts_with_line_breaks_only_are_cut_at_whitespace_not_inside_words() ->
     assert "\n".join(pieces).split() == text.split()
 
 
+def test_sentences_end_after_a_run_of_punctuation_or_at_a_line_break() -> None:
+    # The end pattern starts only where a run of "." or of whitespace starts (searched
+    # from every character of the run, 80,000 dots took a minute on the event loop).
+    from guardrail.filters.toxicity import sentences
+
+    assert sentences("Wait... what?! No.  \n\n Yes") == ["Wait...", "what?!", "No.", "Yes"]
+    assert sentences("a...b. c") == ["a...b.", "c"]
+    assert sentences('He said "go." Then   \t left') == ['He said "go."', "Then   \t left"]
+    assert sentences("." * 5_000 + "x") == ["." * 5_000 + "x"]
+    assert sentences("a" + " " * 5_000 + "b") == ["a" + " " * 5_000 + "b"]
+
+
 # -- config validation --------------------------------------------------------------------
 
 
@@ -484,3 +496,20 @@ def test_a_checkpoint_with_arbitrary_objects_needs_trust(
     with pytest.raises(ConfigError, match="trust_checkpoint"):
         DetoxifyEngine.from_files(risky, config_dir)
     assert DetoxifyEngine.from_files(risky, config_dir, trust=True).categories
+
+
+def test_the_sentence_pieces_of_one_text_are_bounded() -> None:
+    """Scoring every sentence of "1. 2. 3. ..." in a 700 KB body was 100,000 model inputs:
+    past the bound, runs of consecutive sentences are scored instead."""
+    from guardrail.filters.toxicity import MAX_SENTENCE_PIECES, pieces
+
+    many = " ".join(f"Sentence number {i} is here." for i in range(5_000))
+    scored = pieces(many, 1000)
+    chunk_count = len(chunks(many, 1000))
+    # The runs are cut in chunks too when longer than one: at most about twice the
+    # chunking's work plus the bound, however many sentences.
+    assert len(scored) <= 2 * chunk_count + MAX_SENTENCE_PIECES
+    # Every sentence is still inside some piece.
+    assert all(f"number {i} " in " ".join(scored) for i in range(0, 5_000, 499))
+    few = "Fine weather today. People like you should not exist. See you tomorrow."
+    assert "People like you should not exist." in pieces(few, 1000)

@@ -454,9 +454,10 @@ def _unleet(folded: _Folded, text_has_lower: bool) -> None:
             first = start
             while first < last and chars[first] == "|":
                 first += 1
-            if last < end:
-                while first < last and chars[first] in _EDGE_SYMBOLS:
-                    first += 1
+            # Only a symbol the end repeats: "$hit!" and "+hreat!" keep their leet.
+            closing = "".join(chars[last:end])
+            while first < last and chars[first] in _EDGE_SYMBOLS and chars[first] in closing:
+                first += 1
             _unleet_runs(chars, first, last)
         start = end + 1
 

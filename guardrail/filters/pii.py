@@ -408,6 +408,7 @@ class _RequestState:
     # Conversation analysis: one task per request, shared by the concurrent input checks.
     conversation: asyncio.Task[list[Verdict]] | None = None
     texts: tuple[str, ...] = ()
+    waiting: int = 0  # checks awaiting the conversation task
 
     def __repr__(self) -> str:
         return f"_RequestState({self.placeholders!r})"
@@ -1098,14 +1099,23 @@ class PiiFilter:
             and ctx.messages[index].content == text
         ):
             texts = tuple(m.content for m in ctx.messages)
-            if state.conversation is None or state.texts != texts:
+            if state.conversation is None or state.texts != texts or state.conversation.cancelled():
                 state.texts = texts
                 state.placeholders.reserve(texts)
                 state.conversation = asyncio.get_running_loop().create_task(
                     self._conversation(texts, state.placeholders)
                 )
-            # Shielded: a check that times out must not cancel the others' analysis.
-            verdicts = await asyncio.shield(state.conversation)
+            conversation = state.conversation
+            # Shielded: a check that times out must not cancel the others' analysis. The
+            # last one given up does cancel it, so that its executor thread stops at its
+            # next piece (shielded, it analysed every piece with nobody waiting).
+            state.waiting += 1
+            try:
+                verdicts = await asyncio.shield(conversation)
+            finally:
+                state.waiting -= 1
+                if not state.waiting and not conversation.done():
+                    conversation.cancel()
             return verdicts[index]
         state.placeholders.reserve([text])
         (detections,) = await self._analyze([text])
