@@ -7,6 +7,7 @@ import io
 import itertools
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1341,17 +1342,14 @@ def test_a_long_text_is_analysed_in_pieces_with_the_same_detections(
     assert sum(d[0] == "EMAIL_ADDRESS" for d in pieced) == 60
 
 
-def test_an_analysis_given_up_stops_before_its_next_piece(
+def _held_pieces(
     pii: PiiFilter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A check past its time limit is cancelled, but its executor thread ran on: a
-    megabyte message kept a filter thread busy for minutes after its request was gone."""
-    import threading
-
+) -> tuple[list[int], threading.Event, threading.Event]:
+    """Pieces of 1,000 characters; each piece's length recorded, the first held until
+    ``let_it_finish`` is set (``first_piece_started`` says it began)."""
     from guardrail.filters import pii as pii_module
 
     monkeypatch.setattr(pii_module, "ANALYSIS_CHUNK_CHARS", 1_000)
-    text = "Write to jane.doe@example.com about the order. " * 400  # about 19 pieces
     analysed: list[int] = []
     first_piece_started, let_it_finish = threading.Event(), threading.Event()
     real = pii._analyze_piece
@@ -1363,6 +1361,16 @@ def test_an_analysis_given_up_stops_before_its_next_piece(
         return real(piece)
 
     monkeypatch.setattr(pii, "_analyze_piece", counting)
+    return analysed, first_piece_started, let_it_finish
+
+
+def test_an_analysis_given_up_stops_before_its_next_piece(
+    pii: PiiFilter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check past its time limit is cancelled, but its executor thread ran on: a
+    megabyte message kept a filter thread busy for minutes after its request was gone."""
+    text = "Write to jane.doe@example.com about the order. " * 400  # about 19 pieces
+    analysed, first_piece_started, let_it_finish = _held_pieces(pii, monkeypatch)
 
     async def give_up() -> None:
         task = asyncio.create_task(pii._analyze([text]))
@@ -1411,23 +1419,8 @@ def test_a_conversation_check_given_up_stops_its_analysis_before_the_next_piece(
     """The messages of a chat request are analysed in one shielded task (so that one
     check's time limit does not cancel the others'): a check given up there did not
     cancel the analysis, and the executor thread ran through every piece."""
-    import threading
-
-    from guardrail.filters import pii as pii_module
-
-    monkeypatch.setattr(pii_module, "ANALYSIS_CHUNK_CHARS", 1_000)
     text = "Write to jane.doe@example.com about the order. " * 400  # about 19 pieces
-    analysed: list[int] = []
-    first_piece_started, let_it_finish = threading.Event(), threading.Event()
-    real = pii._analyze_piece
-
-    def counting(piece: str) -> list[Any]:
-        analysed.append(len(piece))
-        first_piece_started.set()
-        let_it_finish.wait(10)
-        return real(piece)
-
-    monkeypatch.setattr(pii, "_analyze_piece", counting)
+    analysed, first_piece_started, let_it_finish = _held_pieces(pii, monkeypatch)
     ctx = conversation(text).at(Stage.INPUT, 0)
 
     async def give_up() -> None:
