@@ -71,9 +71,12 @@ CACHE_CHARS = 8_000_000
 T = TypeVar("T")
 
 # A sentence ends at terminal punctuation (optionally closed by quotes or brackets)
-# followed by whitespace, or at a line break.
+# followed by whitespace, or at a line break. The first alternative starts only where
+# its run of punctuation starts: tried at every dot of a long run with no space after
+# it, it was quadratic (20,000 dots: 6 s of the event loop).
 _SENTENCE_END = re.compile(
-    r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*(?=\s)|[\u3002\uff01\uff1f]+["\u201d\u300d)]*|\n"""
+    r"""(?<![.!?\u2026\u3002])[.!?\u2026\u3002]+["'\u201d\u2019)\]]*(?=\s)"""
+    r"""|[\u3002\uff01\uff1f]+["\u201d\u300d)]*|\n"""
 )
 # A list marker or a step heading in front of a sentence, or standing alone.
 _LIST_MARKER = re.compile(

@@ -272,14 +272,6 @@ def split_of(key: str) -> Literal["train", "dev", "test"]:
 
 # Everything up to and including the last whitespace character (any kind, not only " ").
 _THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
-# A sentence ends at terminal punctuation (maybe closed by quotes or brackets) followed
-# by whitespace, or at a line break. Each alternative starts only where its run starts
-# (the lookbehinds): tried at every character of a long run of "." or of spaces, the
-# greedy run and its backtracking made the search quadratic (seconds for 20,000 dots).
-# Only a match's end is used, and a match inside a run ends where one from its start does.
-_SENTENCE_END = re.compile(
-    r"""(?<![.!?\u2026\u3002])[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+|(?<!\s)\s*\n\s*"""
-)
 
 
 def chunks(text: str, size: int) -> list[str]:
@@ -302,18 +294,10 @@ def chunks(text: str, size: int) -> list[str]:
 
 
 def sentences(text: str) -> list[str]:
-    """The sentences (and lines) of ``text``, stripped, empty ones left out."""
-    out: list[str] = []
-    start = 0
-    for end in _SENTENCE_END.finditer(text):
-        piece = text[start : end.end()].strip()
-        if piece:
-            out.append(piece)
-        start = end.end()
-    tail = text[start:].strip()
-    if tail:
-        out.append(tail)
-    return out
+    """The sentences (and lines) of ``text``, as the groundedness check splits them."""
+    from guardrail.filters.grounding import sentence_spans
+
+    return [text[a:b] for a, b in sentence_spans(text)]
 
 
 def pieces(text: str, size: int) -> list[str]:
