@@ -33,8 +33,11 @@ from guardrail.guard.types import (
 from guardrail.policy.model import StreamSettings
 
 # A sentence ends at terminal punctuation (optionally closed by quotes or brackets)
-# followed by whitespace, or at a line break.
-_SENTENCE_END = re.compile(r"""[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+|\n+""")
+# followed by whitespace, or at a line break; matched from the start of a run of
+# punctuation only, so a long run with no space after it is not retried at every dot.
+_SENTENCE_END = re.compile(
+    r"""(?<![.!?\u2026\u3002])[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+|\n+"""
+)
 # Everything up to and including the last whitespace character.
 _THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
 # ... or, in text with no whitespace (minified JSON, CSV), the last delimiter between
