@@ -917,9 +917,9 @@ async def test_a_resent_conversation_reaches_the_analyzer_only_for_new_messages(
     calls: list[str] = []
     detect = filt.detect
 
-    def counting(text: str, cancelled: Any = None) -> list[Any]:
+    def counting(text: str, cancelled: Any = None, stage: Any = None) -> list[Any]:
         calls.append(text)
-        return detect(text, cancelled)
+        return detect(text, cancelled, stage)
 
     filt.detect = counting  # type: ignore[method-assign]
     turn1 = (f"Mail {EMAIL} please.", "Sure.")
@@ -1354,11 +1354,11 @@ def _held_pieces(
     first_piece_started, let_it_finish = threading.Event(), threading.Event()
     real = pii._analyze_piece
 
-    def counting(piece: str) -> list[Any]:
+    def counting(piece: str, entities: list[str], ner: bool) -> list[Any]:
         analysed.append(len(piece))
         first_piece_started.set()
         let_it_finish.wait(10)
-        return real(piece)
+        return real(piece, entities, ner)
 
     monkeypatch.setattr(pii, "_analyze_piece", counting)
     return analysed, first_piece_started, let_it_finish
@@ -1373,7 +1373,7 @@ def test_an_analysis_given_up_stops_before_its_next_piece(
     analysed, first_piece_started, let_it_finish = _held_pieces(pii, monkeypatch)
 
     async def give_up() -> None:
-        task = asyncio.create_task(pii._analyze([text]))
+        task = asyncio.create_task(pii._analyze([text], Stage.INPUT))
         await asyncio.get_running_loop().run_in_executor(None, first_piece_started.wait, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -1437,3 +1437,93 @@ def test_a_conversation_check_given_up_stops_its_analysis_before_the_next_piece(
 
     asyncio.run(give_up())
     assert len(analysed) == 1
+
+
+# --- what a check runs: only the entities its stage acts on ------------------------------
+
+
+def _build(policy_text: str, executor: ThreadPoolExecutor, resources: SharedResources) -> Any:
+    registry = filter_registry()
+    policy = load_policy_text(policy_text, "pii.yaml", registry)
+    env = BuildContext(executor, resources=resources, incremental=True)
+    guard = Guard.build(policy, registry, env)
+    return next(f for _, f in guard._by_stage[Stage.INPUT] if isinstance(f, PiiFilter))
+
+
+def _count_ner_runs(filt: PiiFilter, monkeypatch: pytest.MonkeyPatch, marker: str) -> list[str]:
+    """Texts with ``marker`` that the engine ran its whole pipeline, NER included, on
+    (Presidio's call). The engine is the module's: an earlier test's analysis may still
+    be finishing in another thread."""
+    engine = filt._analyzer.nlp_engine
+    real = engine.process_text
+    runs: list[str] = []
+
+    def counting(text: str, language: str) -> Any:
+        if marker in text:
+            runs.append(text)
+        return real(text, language)
+
+    monkeypatch.setattr(engine, "process_text", counting)
+    return runs
+
+
+NAMES_ALLOWED = POLICY.replace(
+    "PERSON: {threshold: 0.85, input: flag, output: allow}",
+    "PERSON: {threshold: 0.85, input: allow, output: allow}",
+)
+NAMES_ON_OUTPUT = POLICY.replace(
+    "PERSON: {threshold: 0.85, input: flag, output: allow}",
+    "PERSON: {threshold: 0.85, input: allow, output: flag}",
+)
+STAGE_TEXTS = [
+    f"Jane Doe wrote to {EMAIL} from 24 Gordon Terrace, Leeds.",
+    "Call Mr. Peter Hansen on 07700 900123 before Friday.",
+    f"Card {CARD}, SSN {SSN}; employee EMP-123456 on Project Bluebird.",
+    "Anna Kowalski lives at Kerkstraat 12, 5819 JR Amsterdam, with Tom.",
+    "Nothing personal here at all, just the weather in Paris on 3 May 2024.",
+]
+
+
+async def test_a_stage_that_acts_on_no_ner_entity_runs_no_ner(
+    executor: ThreadPoolExecutor, resources: SharedResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names flagged on input and allowed on output (the test policy): the input check
+    runs the NER, the output check does not, and still finds what it acts on."""
+    filt = _build(POLICY, executor, resources)
+    text = f"Jane Doe wrote to {EMAIL} at noon."
+    runs = _count_ner_runs(filt, monkeypatch, text)
+    verdict = await filt.check(text, FilterContext("in", stage=Stage.INPUT))
+    assert {f.rule_id for f in verdict.findings} == {"PERSON", "EMAIL_ADDRESS"}
+    assert runs == [text]
+    out = await filt.check(text + " ", FilterContext("out", stage=Stage.OUTPUT))
+    assert [f.rule_id for f in out.findings] == ["EMAIL_ADDRESS"]
+    assert runs == [text]  # the output check ran the tokenizer only
+
+
+@pytest.mark.parametrize("policy_text", [POLICY, NAMES_ALLOWED, NAMES_ON_OUTPUT])
+def test_a_checks_detections_are_those_of_the_full_analysis_its_stage_keeps(
+    executor: ThreadPoolExecutor, resources: SharedResources, policy_text: str
+) -> None:
+    """Looking only for what a stage acts on, with or without the NER, decides as the
+    analysis of every entity resolved for that stage did."""
+    filt = _build(policy_text, executor, resources)
+    with_names = 0
+    for text in STAGE_TEXTS:
+        full = filt.detect(text)
+        with_names += any(d.entity == "PERSON" for d in full)
+        for stage in (Stage.INPUT, Stage.OUTPUT):
+            assert filt.analyze(text, stage) == filt.resolve(full, stage), (text, stage)
+    assert with_names >= 3  # names the policies allow were there to be dropped
+
+
+async def test_an_analysis_cached_for_one_stage_is_not_reused_by_a_stage_looking_for_more(
+    executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    """Names allowed on input and flagged on output: the input check's analysis (no
+    names looked for) must not answer the output check of the same text."""
+    filt = _build(NAMES_ON_OUTPUT, executor, resources)
+    text = "Jane Doe wrote this."
+    verdict = await filt.check(text, FilterContext("in", stage=Stage.INPUT))
+    assert verdict.action is Action.ALLOW
+    out = await filt.check(text, FilterContext("out", stage=Stage.OUTPUT))
+    assert [f.rule_id for f in out.findings] == ["PERSON"]

@@ -498,6 +498,36 @@ def _light_spacy_engine(models: list[dict[str, str]]) -> Any:
             return self._precomputed_keywords
 
     class LightSpacyNlpEngine(SpacyNlpEngine):
+        def _ner_pipes(self, language: str) -> tuple[Any, list[str]]:
+            """The language's pipeline, and the names of its parts that set entities."""
+            pipelines: Any = self.nlp  # Presidio declares it None, and fills it in load()
+            pipeline = pipelines[language]
+            names = [
+                name
+                for name in pipeline.pipe_names
+                if "doc.ents" in pipeline.get_pipe_meta(name).assigns
+            ]
+            return pipeline, names
+
+        def ner_entities(self, language: str) -> frozenset[str] | None:
+            """The Presidio entities the NER can give (its labels, mapped as Presidio
+            maps them), or None when a part that sets entities does not list its labels."""
+            pipeline, names = self._ner_pipes(language)
+            mapping = self.ner_model_configuration.model_to_presidio_entity_mapping or {}
+            found: set[str] = set()
+            for name in names:
+                labels = getattr(pipeline.get_pipe(name), "labels", None)
+                if labels is None:
+                    return None
+                found.update(mapping.get(label, label) for label in labels)
+            return frozenset(found)
+
+        def process_tokens(self, text: str, language: str) -> Any:
+            """Artefacts without entities: the pipeline minus its parts that set them
+            (the NER; tokens and lemmas are the same as :meth:`process_text`'s)."""
+            pipeline, names = self._ner_pipes(language)
+            return self._doc_to_nlp_artifact(pipeline(text, disable=names), language)
+
         def _doc_to_nlp_artifact(self, doc: Any, language: str) -> Any:
             texts: list[_TokenText] = []
             offsets: list[int] = []
@@ -603,6 +633,15 @@ def build_analyzer(config: PiiConfig, allow_downloads: bool = False) -> Any:
         supported_languages=[lang],
         context_aware_enhancer=_context_enhancer(),
     )
+
+
+def _ner_entities(engine: Any, language: str) -> frozenset[str] | None:
+    """The entities ``engine``'s NER gives, or None when it cannot run without it (only
+    the spaCy engine of :func:`_light_spacy_engine` can)."""
+    if not hasattr(engine, "ner_entities"):
+        return None
+    found: frozenset[str] | None = engine.ner_entities(language)
+    return found
 
 
 def _context_enhancer() -> Any:
@@ -903,6 +942,19 @@ class PiiFilter:
         if config.name_lists and "PERSON" in config.entities:
             self._ad_hoc.append(_listed_name_recognizer(self._analyzer, config.language))
         self._entities = sorted(config.entities)
+        # What a check runs: the entities its stage does not allow (an allowed one is
+        # dropped whatever it overlaps, see resolve), and the NER only when one of those
+        # comes from it. The default policy allows names, so its checks run no NER: the
+        # tokens are all its recognizers need, about three quarters of the time saved.
+        ner = _ner_entities(self._analyzer.nlp_engine, config.language)
+        self._checked: dict[Stage, tuple[list[str], bool]] = {}
+        for stage in (Stage.INPUT, Stage.OUTPUT):
+            wanted = [
+                e
+                for e, r in sorted(config.entities.items())
+                if (r.input if stage is Stage.INPUT else r.output) != "allow"
+            ]
+            self._checked[stage] = (wanted, ner is None or not ner.isdisjoint(wanted))
         self._acts_on_output = any(r.output != "allow" for r in config.entities.values())
         self._min_threshold = min((r.threshold for r in config.entities.values()), default=1.0)
         self._allow = frozenset(config.allow_list)
@@ -940,24 +992,29 @@ class PiiFilter:
     ) -> list[Detection]:
         """Detections above each entity's threshold, overlaps resolved (blocking): for
         ``stage``'s actions when given (see :meth:`resolve`)."""
-        return self.resolve(self.detect(text, cancelled), stage)
+        return self.resolve(self.detect(text, cancelled, stage), stage)
 
-    def detect(self, text: str, cancelled: threading.Event | None = None) -> list[Detection]:
+    def detect(
+        self, text: str, cancelled: threading.Event | None = None, stage: Stage | None = None
+    ) -> list[Detection]:
         """Every detection above its entity's threshold, overlapping ones included, by
         start (blocking). Which of two overlapping ones counts depends on the stage's
-        actions, so that is decided per check (:meth:`resolve`), not here.
+        actions, so that is decided per check (:meth:`resolve`), not here. With a
+        ``stage``, only the entities it does not allow are looked for (the others are
+        dropped by :meth:`resolve` anyway), and the NER runs only if one of them needs it.
 
         A long text is analysed piece by piece (``ANALYSIS_CHUNK_CHARS``); when
         ``cancelled`` is set, the analysis stops before the next piece and raises
         :class:`AnalysisCancelled`.
         """
-        if not text.strip() or not self._entities:
+        entities, ner = (self._entities, True) if stage is None else self._checked[stage]
+        if not text.strip() or not entities:
             return []
         found: list[Detection] = []
         for start, end, own_start, own_end in _pieces(text):
             if cancelled is not None and cancelled.is_set():
                 raise AnalysisCancelled
-            for d in self._analyze_piece(text[start:end]):
+            for d in self._analyze_piece(text[start:end], entities, ner):
                 if own_start <= start + d.start < own_end:
                     found.append(Detection(d.entity, start + d.start, start + d.end, d.score))
         return sorted(found, key=lambda d: (d.start, -d.end))
@@ -1014,16 +1071,20 @@ class PiiFilter:
                 taken[d.start : d.end] = b"\x01" * (d.end - d.start)
         return sorted(kept, key=lambda d: d.start)
 
-    def _analyze_piece(self, text: str) -> list[Detection]:
-        """Detections in ``text`` above each entity's threshold, overlapping ones included."""
+    def _analyze_piece(self, text: str, entities: list[str], ner: bool) -> list[Detection]:
+        """Detections of ``entities`` in ``text`` above each one's threshold, overlapping
+        ones included; without the NER unless ``ner``."""
         probe, positions = _probe_text(text)
+        language = self._config.language
         with self._zone(len(probe)):
+            engine = self._analyzer.nlp_engine
             results = self._analyzer.analyze(
                 probe,
-                language=self._config.language,
-                entities=self._entities,
+                language=language,
+                entities=entities,
                 score_threshold=self._min_threshold,
                 ad_hoc_recognizers=self._ad_hoc or None,
+                nlp_artifacts=None if ner else engine.process_tokens(probe, language),
             )
         found = []
         for r in results:
@@ -1043,14 +1104,19 @@ class PiiFilter:
             found.append(Detection(r.entity_type, start, end, float(r.score)))
         return found
 
-    async def _analyze(self, texts: Sequence[str]) -> list[list[Detection]]:
-        """:meth:`detect` per text; texts seen before are answered from the analysis cache.
+    async def _analyze(self, texts: Sequence[str], stage: Stage) -> list[list[Detection]]:
+        """:meth:`detect` per text for ``stage``; texts seen before are answered from the
+        analysis cache.
 
         A chat client resends the whole conversation every turn: only new messages
         reach the analyzer. The cache keeps entity types, offsets and scores under the
-        text's sha256, never a value; numbering placeholders stays per request.
+        sha256 of the text and the entities looked for, never a value; numbering
+        placeholders stays per request.
         """
-        keys = [hashlib.sha256(t.encode("utf-8", "surrogatepass")).digest() for t in texts]
+        looked_for = ",".join(self._checked[stage][0]).encode() + b"\0"
+        keys = [
+            hashlib.sha256(looked_for + t.encode("utf-8", "surrogatepass")).digest() for t in texts
+        ]
         found: dict[int, list[Detection]] = {}
         for i, key in enumerate(keys):
             cached = self._analyses.get(key)
@@ -1063,7 +1129,7 @@ class PiiFilter:
             cancelled = threading.Event()
             try:
                 computed = await loop.run_in_executor(
-                    self._executor, lambda: [self.detect(texts[i], cancelled) for i in todo]
+                    self._executor, lambda: [self.detect(texts[i], cancelled, stage) for i in todo]
                 )
             except asyncio.CancelledError:
                 cancelled.set()  # timed out or abandoned: the thread stops at its next piece
@@ -1118,14 +1184,14 @@ class PiiFilter:
                     conversation.cancel()
             return verdicts[index]
         state.placeholders.reserve([text])
-        (detections,) = await self._analyze([text])
+        (detections,) = await self._analyze([text], Stage.INPUT)
         return self._input_verdict(text, detections, state.placeholders)
 
     async def _conversation(
         self, texts: tuple[str, ...], placeholders: PlaceholderMap
     ) -> list[Verdict]:
         """Every message's verdict, placeholders numbered in conversation order."""
-        analyses = await self._analyze(texts)
+        analyses = await self._analyze(texts, Stage.INPUT)
         return [
             self._input_verdict(t, d, placeholders) for t, d in zip(texts, analyses, strict=True)
         ]
@@ -1165,7 +1231,7 @@ class PiiFilter:
                     continue
                 restored.append(m.span())
                 redactions.append(Redaction(m.start(), m.end(), original, restore=True))
-        (detections,) = await self._analyze([text])
+        (detections,) = await self._analyze([text], Stage.OUTPUT)
         # The request's own values (restored, or quoted back in a stream's context tail)
         # are not a leak.
         own = state.placeholders.values()
