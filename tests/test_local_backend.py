@@ -263,6 +263,50 @@ async def test_a_seed_makes_sampling_repeatable(local: LocalBackend) -> None:
     assert first.text
 
 
+def test_the_models_sampling_defaults_apply_only_when_its_config_samples() -> None:
+    from transformers import GenerationConfig
+
+    from guardrail.backends.local import _sampling_defaults
+
+    llama_chat = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9)
+    assert _sampling_defaults(llama_chat) == {"temperature": 0.6, "top_p": 0.9}
+    penalised = GenerationConfig(do_sample=True, repetition_penalty=1.2)
+    assert _sampling_defaults(penalised)["repetition_penalty"] == 1.2
+    assert _sampling_defaults(GenerationConfig(temperature=0.6)) == {}  # greedy model
+    assert _sampling_defaults(GenerationConfig()) == {}
+
+
+@slow
+async def test_a_request_without_sampling_settings_gets_the_models_own(
+    loaded: tuple[Any, Any],
+) -> None:
+    """A Llama chat checkpoint's generation config samples (temperature 0.6, top_p
+    0.9): a request that sets neither is sampled with them, as vLLM serves it, not
+    decoded greedily; what the request sets wins."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = loaded
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig(
+        **{**shipped.to_dict(), "do_sample": True, "temperature": 1.0, "top_p": 0.95}
+    )
+    try:
+        backend = LocalBackend(model, tokenizer, model_name=EMBEDDED_MODEL_NAME)
+    finally:
+        model.generation_config = shipped
+    try:
+        prompt = "Tell me about dragons."
+        greedy = await backend.generate(chat(prompt, max_tokens=12, temperature=0.0))
+        defaults = [await backend.generate(chat(prompt, max_tokens=12, seed=s)) for s in (1, 2, 3)]
+        explicit = await backend.generate(
+            chat(prompt, max_tokens=12, seed=1, temperature=1.0, top_p=0.95)
+        )
+        assert defaults[0].text == explicit.text
+        assert any(d.text != greedy.text for d in defaults)
+    finally:
+        await backend.aclose()
+
+
 @slow
 async def test_a_plain_prompt_is_completed(local: LocalBackend) -> None:
     request = GenerationRequest(

@@ -45,6 +45,7 @@ import io
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -53,6 +54,7 @@ from guardrail.backends.base import (
     Chunk,
     Completion,
     GenerationRequest,
+    SamplingParams,
 )
 from guardrail.backends.chat_format import chat_format
 from guardrail.backends.engine import (
@@ -339,6 +341,22 @@ def _ids_of(encoded: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _sampling_defaults(config: Any) -> dict[str, float]:
+    """The sampling settings of a model's generation config that apply to requests that
+    set none: nothing unless it samples (``do_sample``); its temperature (1.0 when it
+    gives none), top_p and repetition penalty where it gives them. Its top_k is the
+    engine's ``default_top_k``."""
+    if not getattr(config, "do_sample", False):
+        return {}
+    temperature = getattr(config, "temperature", None)
+    out = {"temperature": 1.0 if temperature is None else float(temperature)}
+    for name in ("top_p", "repetition_penalty"):
+        value = getattr(config, name, None)
+        if value is not None:
+            out[name] = float(value)
+    return out
+
+
 def _token_ids(value: Any) -> set[int]:
     if value is None:
         return set()
@@ -371,6 +389,11 @@ class LocalBackend:
     an idle engine waits ``batch_wait_ms`` for companions; past ``max_queue`` waiting
     requests, new ones get 429. ``prefix_cache_entries`` and ``prefix_cache_bytes``
     bound the KV caches kept for the next turn of a conversation.
+
+    A request that sets no ``temperature`` or ``top_p`` (or ``repetition_penalty``) gets
+    the model's own, from its ``generation_config.json``, when that config samples
+    (``do_sample: true``, as Llama 2 and 3 chat models ship: temperature 0.6, top_p
+    0.9), as vLLM does; otherwise it is decoded greedily.
     """
 
     name = "local"
@@ -412,6 +435,7 @@ class LocalBackend:
             0 if generation_config.top_k is None else generation_config.top_k
         )
         self._context: int | None = getattr(model.config, "max_position_embeddings", None)
+        self._sampling_defaults = _sampling_defaults(generation_config)
         self.engine = Engine(
             model,
             decode=self._decode,
@@ -506,7 +530,7 @@ class LocalBackend:
     ) -> asyncio.Future[Outcome]:
         work = Work(
             request_id=request.request_id,
-            params=request.params,
+            params=self._with_defaults(request.params),
             prepare=lambda: self._prepare(request),
             emit=emit,
             cancelled=cancelled,
@@ -515,6 +539,23 @@ class LocalBackend:
         )
         self.engine.submit(work)
         return asyncio.wrap_future(work.future)
+
+    def _with_defaults(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with the model's sampling defaults where the request set none."""
+        defaults = self._sampling_defaults
+        if not defaults:
+            return params
+        extra = dict(params.extra)
+        if "repetition_penalty" in defaults:
+            extra.setdefault("repetition_penalty", defaults["repetition_penalty"])
+        return replace(
+            params,
+            temperature=defaults.get("temperature")
+            if params.temperature is None
+            else params.temperature,
+            top_p=defaults.get("top_p") if params.top_p is None else params.top_p,
+            extra=extra,
+        )
 
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
         """The prompt's token ids and the token budget (on the engine's thread)."""
