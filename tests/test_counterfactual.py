@@ -254,6 +254,7 @@ class FakeGuard:
     def __init__(self, decide: Callable[[str], Decision]) -> None:
         self.decide = decide
         self.seen: list[tuple[str, ...]] = []
+        self.documents: list[tuple[str, ...]] = []
         self.release = asyncio.Event()
         self.release.set()
 
@@ -261,6 +262,7 @@ class FakeGuard:
         self, stage: Stage, messages: Sequence[Message], ctx: FilterContext
     ) -> list[tuple[int | None, Decision]]:
         self.seen.append(tuple(m.content for m in messages))
+        self.documents.append(ctx.context_documents)
         await self.release.wait()
         return [(i, self.decide(m.content)) for i, m in enumerate(messages)]
 
@@ -302,6 +304,21 @@ async def test_the_newest_message_picks_the_group_and_every_message_is_swapped(
     assert [(r.group, r.counterpart, r.result) for r in counts.results] == [
         (GroupRef("religion", "muslim"), GroupRef("religion", "christian"), "same")
     ]
+
+
+async def test_the_probe_sees_the_requests_context_documents(lexicon: Lexicon) -> None:
+    """A filter reading the request's sources on input must see them in the probe too,
+    or a difference the missing sources make is counted as the group's."""
+    counts = Counts()
+    guard = FakeGuard(lambda text: _decision(Action.ALLOW))
+    ctx = FilterContext("req-2", route="chat", context_documents=("Refunds take 30 days.",))
+
+    probe = prober(lexicon, counts)
+    assert probe.maybe_probe(guard, ctx, [Message("user", "Are Muslims refunded?")], ALLOWED)
+    await probe.drain()
+
+    assert guard.documents == [("Refunds take 30 days.",)]
+    assert len(counts.results) == 1
 
 
 @pytest.mark.parametrize(("draw", "started"), [(0.29, True), (0.3, False), (0.9, False)])

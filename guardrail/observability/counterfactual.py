@@ -186,6 +186,9 @@ class CounterfactualProber:
             route=ctx.route,
             model=ctx.model,
             messages=swapped,
+            # The request's sources as they came: a filter that reads them on input
+            # must see the same, or the probe's difference is theirs, not the group's.
+            context_documents=ctx.context_documents,
         )
         probed = [d for _, d in await checker.check_messages(Stage.INPUT, swapped, probe_ctx)]
         failed = any(o.status != "ok" for d in (*decisions, *probed) for o in d.outcomes)
