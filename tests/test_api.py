@@ -630,8 +630,8 @@ def test_moderations_accepts_a_string_or_a_list(client: Client, backend: FakeBac
     assert r.headers["x-guardrail-action"] == "block"
     assert r.headers["x-guardrail-policy-version"] == "7"
     assert result["flagged"] is True
-    assert result["categories"] == {"weapons": True}
-    assert result["category_scores"] == {"weapons": 1.0}
+    assert result["categories"]["weapons"] is True
+    assert result["category_scores"]["weapons"] == 1.0
     assert result["action"] == "block"
     assert result["findings"][0]["rule_id"] == "bomb"
     r = client.post(
@@ -659,11 +659,109 @@ def test_the_openai_sdk_reads_a_moderation_with_every_field_its_model_requires(
     assert answer.id.startswith("modr-")
     clean, bomb = answer.results
     assert (clean.flagged, bomb.flagged) == (False, True)
-    assert bomb.categories.model_dump(exclude_none=True) == {"weapons": True}
-    assert bomb.category_scores.model_dump(exclude_none=True) == {"weapons": 1.0}
+    assert bomb.categories.model_dump(exclude_none=True)["weapons"] is True
+    assert bomb.category_scores.model_dump(exclude_none=True)["weapons"] == 1.0
     assert bomb.category_applied_input_types is not None
-    assert bomb.category_applied_input_types.model_dump(exclude_none=True) == {"weapons": ["text"]}
+    assert bomb.category_applied_input_types.model_dump(exclude_none=True)["weapons"] == ["text"]
     assert clean.category_applied_input_types is not None
+
+
+OPENAI_KEYS = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+
+VIOLENCE_POLICY = """
+name: v
+version: "1"
+filters:
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: attack, category: violence_terrorism, action: block, keywords: [attack the stadium]}
+        - {id: slur, category: discrimination, action: flag, keywords: [those people are vermin]}
+"""
+
+
+def test_a_harmful_moderation_sets_openai_keys_the_sdk_reads(
+    make_app: Callable[..., Litestar], write_policy: Callable[..., Path]
+) -> None:
+    """A violence_terrorism finding is OpenAI's ``violence``; nothing maps to ``hate``."""
+    from openai.types import ModerationCreateResponse
+
+    app = make_app(policy=write_policy(VIOLENCE_POLICY))
+    with TestClient(app=app) as c:
+        body = c.post("/v1/moderations", json={"input": "help me attack the stadium"}).json()
+    result = body["results"][0]
+    assert result["categories"]["violence"] is True
+    assert result["category_scores"]["violence"] == 1.0
+    assert result["category_applied_input_types"]["violence"] == ["text"]
+    assert result["categories"]["hate"] is False
+    parsed = ModerationCreateResponse.model_validate(body)
+    moderation = parsed.results[0]
+    assert moderation.flagged is True
+    assert moderation.categories.violence is True
+    assert moderation.categories.hate is False
+    assert moderation.category_scores.violence == 1.0
+    assert moderation.category_scores.hate == 0.0
+    assert moderation.category_applied_input_types is not None
+    assert moderation.category_applied_input_types.violence == ["text"]
+    assert moderation.category_applied_input_types.hate == []
+
+
+def test_every_openai_key_is_present_on_a_benign_input(client: Client) -> None:
+    """False, 0.0 and no input type for each: nothing was scored, nothing acted."""
+    result = client.post("/v1/moderations", json={"input": "hello"}).json()["results"][0]
+    assert result["flagged"] is False
+    assert result["categories"] == dict.fromkeys(OPENAI_KEYS, False)
+    assert result["category_scores"] == dict.fromkeys(OPENAI_KEYS, 0.0)
+    assert result["category_applied_input_types"] == {k: [] for k in OPENAI_KEYS}
+
+
+def test_the_policys_own_categories_stay_beside_the_openai_keys(client: Client) -> None:
+    """``weapons`` is reported as itself and as OpenAI's illicit and illicit/violent."""
+    result = client.post("/v1/moderations", json={"input": "how to build a bomb"}).json()
+    result = result["results"][0]
+    assert set(result["categories"]) == {"weapons", *OPENAI_KEYS}
+    assert set(result["category_scores"]) == {"weapons", *OPENAI_KEYS}
+    assert set(result["category_applied_input_types"]) == {"weapons", *OPENAI_KEYS}
+    assert result["categories"]["weapons"] is True
+    acted = {k for k in OPENAI_KEYS if result["categories"][k]}
+    assert acted == {"illicit", "illicit/violent"}
+    assert result["category_scores"]["illicit/violent"] == 1.0
+    assert result["category_applied_input_types"]["illicit"] == ["text"]
+
+
+def test_a_policy_can_remap_its_categories_onto_openai_keys(
+    make_app: Callable[..., Litestar], write_policy: Callable[..., Path]
+) -> None:
+    """A row replaces the built-in one; ``[]`` maps a category to no OpenAI key."""
+    text = (
+        VIOLENCE_POLICY
+        + "openai_categories:\n"
+        + "  violence_terrorism: [violence, illicit/violent]\n"
+        + "  discrimination: []\n"
+    )
+    with TestClient(app=make_app(policy=write_policy(text))) as c:
+        attack, slur = c.post(
+            "/v1/moderations",
+            json={"input": ["attack the stadium", "those people are vermin"]},
+        ).json()["results"]
+    assert {k for k in OPENAI_KEYS if attack["categories"][k]} == {"violence", "illicit/violent"}
+    assert (slur["flagged"], slur["categories"]["discrimination"]) == (True, True)
+    assert not any(slur["categories"][k] for k in OPENAI_KEYS)
 
 
 def test_models_lists_what_the_backend_serves(client: Client) -> None:
@@ -806,8 +904,21 @@ def test_scores_below_threshold_reach_moderation_but_not_chat_findings(
     app = create_app(Settings(policy=str(policy)), backend=backend, filters=registry)
     with TestClient(app=app) as c:
         result = c.post("/v1/moderations", json={"input": "x"}).json()["results"][0]
-        assert result["categories"] == {"insult": False, "threat": True}
-        assert result["category_scores"] == {"insult": 0.2, "threat": 0.9}
+        own = {"insult", "threat"}
+        assert {k: v for k, v in result["categories"].items() if k in own} == {
+            "insult": False,
+            "threat": True,
+        }
+        assert {k: v for k, v in result["category_scores"].items() if k in own} == {
+            "insult": 0.2,
+            "threat": 0.9,
+        }
+        # An OpenAI key takes the highest score of the categories mapped onto it and is
+        # true when any of them acted: insult (0.2, allowed) and threat (0.9, flagged).
+        assert result["category_scores"]["harassment"] == 0.9
+        assert result["categories"]["harassment"] is True
+        assert result["categories"]["harassment/threatening"] is True
+        assert result["categories"]["violence"] is False
         assert len(result["findings"]) == 2
         chat_body = c.post("/v1/chat/completions", json=chat("x")).json()
         assert [f["category"] for f in chat_body["guardrail"]["findings"]] == [

@@ -206,7 +206,8 @@ ERROR_CASES = [
     pytest.param(
         "unknown_top_level_key.yaml",
         "3:1: on_eror: unknown key 'on_eror' (expected one of: name, version, description, "
-        "on_error, timeout_ms, messages, stream, filters, tests); did you mean 'on_error'?",
+        "on_error, timeout_ms, messages, stream, filters, tests, openai_categories); "
+        "did you mean 'on_error'?",
         id="unknown-top-level-key",
     ),
     pytest.param(
@@ -321,7 +322,7 @@ def test_every_problem_in_a_file_is_reported_in_file_order(
         "keywords, regex, semantic, classifier, all, any, not, id, category, description, "
         "severity, stages, scope, action, message, score, replacement)",
         "23:1: extra: unknown key 'extra' (expected one of: name, version, description, "
-        "on_error, timeout_ms, messages, stream, filters, tests)",
+        "on_error, timeout_ms, messages, stream, filters, tests, openai_categories)",
     ]
 
 
@@ -659,3 +660,21 @@ def test_a_schema_error_in_a_config_does_not_hide_its_other_problems(
         "filters[0].config.rules[1].id",
         "filters[0].config.rules[1].regex[0]",
     ]
+
+
+def test_openai_categories_rows_replace_the_built_in_ones(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    """Rows of the file win; unlisted categories keep the built-in table's row."""
+    text = 'name: m\nversion: "1"\nopenai_categories:\n  weapons: [violence]\n  spam: []\n'
+    policy = load_policy_text(text, "inline.yaml", registry)
+    assert policy.openai_categories["weapons"] == ("violence",)
+    assert policy.openai_categories["spam"] == ()
+    assert policy.openai_categories["self_harm"] == ("self-harm",)
+
+
+def test_an_unknown_openai_category_is_located(registry: PluginRegistry[FilterSpec]) -> None:
+    text = 'name: m\nversion: "1"\nopenai_categories:\n  weapons: [violence, gore]\n'
+    [problem] = text_problems(text, registry)
+    assert problem.startswith("inline.yaml:4:23: openai_categories.weapons[1]:")
+    assert "violence/graphic)" in problem

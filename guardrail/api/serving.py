@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -52,6 +52,7 @@ from guardrail.guard.types import Action, Decision, FilterContext, Finding, Stag
 from guardrail.observability.audit import AuditLog, redacted_text
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.observability.monitoring import Monitor
+from guardrail.policy.openai_categories import OPENAI_CATEGORIES, OpenAICategory
 from guardrail.settings import Settings
 
 log = structlog.get_logger("guardrail.serving")
@@ -582,7 +583,7 @@ class Serving:
             raise
         finally:
             self._close(exchange, admission)
-        results = [_moderation_result(d) for d in decisions]
+        results = [_moderation_result(d, guard.policy.openai_categories) for d in decisions]
         for result, report in zip(results, grounding or (), strict=False):
             result["groundedness"] = report
         return {
@@ -1196,19 +1197,40 @@ def _usage(prompt: int | None, completion: int | None) -> dict[str, Any]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _moderation_result(decision: Decision) -> dict[str, Any]:
+def _moderation_result(
+    decision: Decision, mapping: Mapping[str, tuple[OpenAICategory, ...]]
+) -> dict[str, Any]:
     scores: dict[str, float] = {}
     for f in decision.findings:
         scores[f.category] = max(scores.get(f.category, 0.0), round(f.score, 6))
     acted = {f.category for f in decision.findings if f.action is not Action.ALLOW}
+    categories = {c: c in acted for c in scores}
+    applied = {c: ["text"] for c in scores}
+    # OpenAI's keys, always all of them (clients read `categories.hate`): each the highest
+    # score of the categories mapped onto it, true when one of them acted. A category
+    # named like an OpenAI key counts toward it whatever its row says, so the key's value
+    # never hides the category's own.
+    openai_scores = dict.fromkeys(OPENAI_CATEGORIES, 0.0)
+    openai_acted: set[str] = set()
+    openai_applied: set[str] = set()
+    for c, score in scores.items():
+        keys = set(mapping.get(c, ()))
+        if c in openai_scores:
+            keys.add(c)
+        for key in keys:
+            openai_scores[key] = max(openai_scores[key], score)
+            openai_applied.add(key)
+            if c in acted:
+                openai_acted.add(key)
     result: dict[str, Any] = {
         "flagged": decision.action is not Action.ALLOW,
-        # Every category scored, true where a finding acted (OpenAI's shape: all keys).
-        "categories": {c: c in acted for c in scores},
-        "category_scores": scores,
-        # OpenAI's omni models say what each score was computed from; here always the text
-        # (the openai SDK's Moderation requires the field).
-        "category_applied_input_types": {c: ["text"] for c in scores},
+        "categories": categories | {k: k in openai_acted for k in OPENAI_CATEGORIES},
+        "category_scores": scores | openai_scores,
+        # OpenAI's omni models say what each score was computed from: ["text"] for text
+        # input. Here the text where a score was computed, [] where nothing was scored
+        # (a 0.0 placeholder); the openai SDK's Moderation requires every key.
+        "category_applied_input_types": applied
+        | {k: ["text"] if k in openai_applied else [] for k in OPENAI_CATEGORIES},
         "action": decision.action.value,
         "findings": [f.to_dict() for f in decision.findings],
     }

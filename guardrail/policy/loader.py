@@ -52,6 +52,7 @@ from guardrail.policy.model import (
     Policy,
     PolicyDocument,
 )
+from guardrail.policy.openai_categories import DEFAULT_OPENAI_MAPPING
 
 __all__ = ["load_policy", "load_policy_text"]
 
@@ -202,6 +203,10 @@ def _load(
         tests=tuple(doc.tests),
         test_positions=tuple(where.value_at(("tests", i)) for i in range(len(doc.tests))),
         filter_positions=tuple(positions),
+        openai_categories={
+            **DEFAULT_OPENAI_MAPPING,
+            **{c: tuple(keys) for c, keys in doc.openai_categories.items()},
+        },
     )
 
 

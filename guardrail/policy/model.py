@@ -7,7 +7,8 @@ descriptions become editor hover text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,6 +16,7 @@ import msgspec
 
 from guardrail.docs import doc as _doc
 from guardrail.guard.types import Action, Stage
+from guardrail.policy.openai_categories import DEFAULT_OPENAI_MAPPING, OpenAICategory
 
 Id = Annotated[
     str,
@@ -147,6 +149,18 @@ class PolicyDocument(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     tests: Annotated[list[PolicyTest], _doc("Examples checked by `guardrail policy test`.")] = (
         msgspec.field(default_factory=list)
     )
+    openai_categories: Annotated[
+        dict[
+            Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"\S")],
+            list[OpenAICategory],
+        ],
+        _doc(
+            "OpenAI moderation keys each of the policy's categories counts toward in "
+            "/v1/moderations results (an OpenAI key's score is the highest of its "
+            "categories', true when any acted). A row replaces the built-in one for that "
+            "category (README); [] maps it to none."
+        ),
+    ] = msgspec.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +184,8 @@ class Policy:
     test as ``file:line:column`` like every other policy error. ``filter_positions``
     holds, for each of ``filters``, its entry's index in the file's ``filters`` list and
     its ``(line, column)``, so a filter that does not build (a weights file missing) is
-    named there too.
+    named there too. ``openai_categories`` maps a category onto the OpenAI moderation
+    keys it counts toward: the built-in table with the file's rows over it.
     """
 
     name: str
@@ -185,3 +200,6 @@ class Policy:
     tests: tuple[PolicyTest, ...]
     test_positions: tuple[tuple[int, int], ...] = ()
     filter_positions: tuple[tuple[int, int, int], ...] = ()
+    openai_categories: Mapping[str, tuple[OpenAICategory, ...]] = field(
+        default_factory=lambda: dict(DEFAULT_OPENAI_MAPPING)
+    )
