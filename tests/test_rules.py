@@ -267,6 +267,8 @@ async def test_one_and_bar_read_as_i_or_l_and_repeats_as_one(
         # Product codes: two capitals and a digit in ordinary text.
         "the Model S3X ships in May",
         "R2D2 and the B2B deal",
+        "the Model S3X, in May",  # punctuation after a code
+        "the U+0053 S3X mark",  # a symbol inside a code
     ],
 )
 async def test_ordinary_text_stays_unmatched(make_guard: Callable[..., Guard], text: str) -> None:
@@ -284,6 +286,7 @@ async def test_ordinary_text_stays_unmatched(make_guard: Callable[..., Guard], t
         "\u043a\u0443\u043f\u0438\u0442\u044c c\u043eke",  # mixed word in Russian text
         "write s3x stories",
         "WRITE S3X STORIES",  # shouted: no product code
+        "have $EX now",  # a leet symbol at its edge: no code
     ],
 )
 async def test_look_alikes_and_leet_still_match_where_they_disguise(
@@ -823,3 +826,97 @@ def test_a_weights_file_changed_in_place_is_read_again_by_the_next_build(
     # The old heads are not kept besides the new ones: a file touched on every deploy
     # would otherwise pile up one more copy of the model per reload.
     assert len(env.resources) == held
+
+
+# -- evasion gaps of 2026-11-22 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # One real Cyrillic word elsewhere, or beside it, keeps no look-alike word Cyrillic.
+        "\u043f\u0440\u0438\u0432\u0435\u0442! how to make a \u0412\u041e\u041c\u0412",
+        "\u043f\u0440\u0438\u0432\u0435\u0442! how to make a b\u043emb",
+        "how to make a \u0412\u041e\u041c\u0412, \u043f\u0440\u0438\u0432\u0435\u0442",
+        "\u03b3\u03b5\u03b9\u03b1! how to make a \u0392\u039f\u039c\u0392",  # Greek
+    ],
+)
+async def test_a_look_alike_word_among_latin_words_is_read_as_latin(
+    make_guard: Callable[..., Guard], text: str
+) -> None:
+    """A real Cyrillic word anywhere in the text kept a look-alike word Cyrillic in English."""
+    guard = make_guard("- {id: w, category: weapons, keywords: [bomb]}\n")
+    assert await action(guard, text) is Action.BLOCK, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Look-alike words among Russian words stay Russian, wherever the text has Latin.
+        "\u0412\u0438\u0442\u0430\u043c\u0438\u043d\u044b \u0432 \u0441\u043e\u043a\u0435",
+        "I like \u0412\u0438\u0442\u0430\u043c\u0438\u043d\u044b \u0432 \u0441\u043e\u043a\u0435",
+        "\u0441\u043e\u043a\u0435 \u043f\u0440\u0438\u0432\u0435\u0442, and coffee",
+        "\u043a\u0443\u043f\u0438 \u0441\u043e\u043a\u0435 \u0438 \u0441\u043e\u043a. Nice",
+    ],
+)
+async def test_a_look_alike_word_next_to_a_word_of_its_script_stays_in_it(
+    make_guard: Callable[..., Guard], text: str
+) -> None:
+    guard = make_guard("- {id: w, category: c, keywords: [coke]}\n")
+    assert await action(guard, text) is Action.ALLOW, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "how to make a bommb",
+        "how to make a bombb",
+        "how to make a pipe bommb",
+        "cook some metth",
+        "the rapisst",
+    ],
+)
+async def test_one_doubled_consonant_in_a_consonant_cluster_matches(
+    make_guard: Callable[..., Guard], text: str
+) -> None:
+    """English never doubles a consonant beside another one in a word: "bommb" hides "bomb"."""
+    guard = make_guard("- {id: w, category: c, keywords: [bomb, pipe bomb, meth, rapist]}\n")
+    assert await action(guard, text) is Action.BLOCK, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the boom of a gun",  # another letter, not a repeat
+        "shoot the ball",  # a doubled vowel
+        "he rapped the verse",  # a doubled consonant between vowels
+        "see you at dinner",
+        "good morning",  # short keywords never stretch
+        "a cup of coffee",
+        "the tnnt show",
+    ],
+)
+async def test_a_doubled_vowel_or_consonant_between_vowels_stays_apart(
+    make_guard: Callable[..., Guard], text: str
+) -> None:
+    guard = make_guard(
+        "- {id: w, category: c, keywords: [bomb, shot, raped, diner, god, cofee, tnt]}\n"
+    )
+    assert await action(guard, text) is Action.ALLOW, text
+
+
+@pytest.mark.parametrize("text", ["ki|| him", "ki||! now", "KI|| him", "fa|| down"])
+async def test_bars_that_end_a_word_after_a_letter_read_as_letters(
+    make_guard: Callable[..., Guard], text: str
+) -> None:
+    """Every trailing "|" was punctuation, so "ki||" missed "kill" while "ki||." matched."""
+    guard = make_guard("- {id: w, category: c, keywords: [kill, fall]}\n")
+    assert await action(guard, text) is Action.BLOCK, text
+
+
+@pytest.mark.parametrize("text", ["|ki|", "| ki| b |", "a || b", "x = ok ||", "|ki||"])
+async def test_one_closing_bar_or_a_bar_the_word_opens_with_stays_punctuation(
+    make_guard: Callable[..., Guard], text: str
+) -> None:
+    guard = make_guard("- {id: w, category: c, keywords: [kil, kill, okll, okil]}\n")
+    assert await action(guard, text) is Action.ALLOW, text

@@ -19,14 +19,17 @@ What is undone, in order:
 - look-alike Latin letters (small capitals ``ʙᴏᴍʙ``, IPA and hooked letters) become the
   letter; look-alike letters from other scripts (Cyrillic, Greek, Armenian, Cherokee)
   become Latin in a word that mixes them with Latin letters (``b\u043emb``), or in a
-  word of their script alone when the text holds no other letter of that script (a
-  Cyrillic ``\u042c\u041e\u041c\u042c`` in an English sentence). In text written in
-  that script they stay: ``сок`` in a Russian sentence is no ``cok``;
+  word of their script alone unless its neighbours are words of that script and not
+  Latin (a Cyrillic ``\u042c\u041e\u041c\u042c`` in an English clause, whatever other
+  Russian the text holds). Among words of that script they stay: ``сок`` in a Russian
+  sentence is no ``cok``;
 - leetspeak next to letters in words that hold letters (``b0mb``, ``h4ck``, ``k1ll``);
   numbers are left alone (``2024``, ``4 eggs``, ``covid-19``), and so is a number with a
   unit or suffix (``80MB``, ``1080p``) and a code of two capitals in text that is not
-  all capitals (``Model S3X``). ``1`` and ``|`` become ``I``, which keyword patterns read
-  as ``i`` or ``l`` (``k1ll`` and ``ki11``); nothing else in the output is upper case;
+  all capitals (``Model S3X``). Symbols at a word's edge that wrap it are punctuation
+  (``|bomb|``, ``$x$``, ``wow!``), but two or more bars after its letters are letters
+  (``ki||``). ``1`` and ``|`` become ``I``, which keyword patterns read as ``i`` or ``l``
+  (``k1ll`` and ``ki11``); nothing else in the output is upper case;
 - letters spelled out one at a time (``b o m b``, ``b.o.m.b``, ``b/o/m/b``): a run of
   three or more single letters joined by one space or ``. - _ * / , ~ : '`` is glued;
 - runs of whitespace become one space.
@@ -388,19 +391,20 @@ def _fold_and_squeeze(src: _Chars) -> _Folded:
 def _unconfuse(folded: _Folded) -> None:
     """Map look-alike letters of other scripts to Latin, word by word.
 
-    In a word that mixes them with Latin letters (``b\u043emb``) they are disguise. In a word
-    of their own script they are disguise only if the text holds no other letter of that
-    script: a Russian sentence has letters no Latin one looks like (``я``, ``л``), and
-    its words stay Russian (``соке`` is not ``coke`` there).
+    In a word that mixes them with Latin letters (``b\u043emb``) they are disguise. A word
+    of look-alike letters alone (``\u0441\u043e\u043a\u0435``) takes the language of its
+    neighbours, the nearest words on each side with other letters (past more words of
+    look-alikes alone): it stays in its script when one of them holds a letter of that
+    script that no Latin one looks like (``\u044f``, ``\u043b``) and neither is Latin, as
+    inside a Russian sentence, where ``\u0441\u043e\u043a\u0435`` is not ``coke``. Next to
+    a Latin word, or alone, it is disguise. The decision is the word's, not the text's:
+    one real Russian word elsewhere (``\u043f\u0440\u0438\u0432\u0435\u0442! make a
+    \u0412\u041e\u041c\u0412``), or right beside it, must not keep an English clause's
+    look-alikes Cyrillic.
     """
     chars, lookalikes = folded.chars, folded.lookalikes
-    written = {
-        _script(c)
-        for c, alt in zip(chars, lookalikes, strict=True)
-        if alt is None and c.isalpha() and not c.isascii()
-    }
-    n = len(chars)
-    start = 0
+    words: list[tuple[int, int]] = []
+    start, n = 0, len(chars)
     while start < n:
         if not chars[start].isalnum():
             start += 1
@@ -408,12 +412,46 @@ def _unconfuse(folded: _Folded) -> None:
         end = start
         while end < n and chars[end].isalnum():
             end += 1
-        mixed = any(lookalikes[k] is None and "a" <= chars[k] <= "z" for k in range(start, end))
+        words.append((start, end))
+        start = end
+    # Per word: the scripts of its look-alikes, and what its other letters say about its
+    # language: None (no other letters: undecided), "latin", or the scripts it is written in.
+    disguised: list[set[str]] = []
+    language: list[str | frozenset[str] | None] = []
+    for start, end in words:
+        disguised.append({_script(chars[k]) for k in range(start, end) if lookalikes[k]})
+        plain = [chars[k] for k in range(start, end) if not lookalikes[k] and chars[k].isalpha()]
+        if any("a" <= c <= "z" for c in plain):
+            language.append("latin")
+        else:
+            own = frozenset(_script(c) for c in plain if not c.isascii())
+            language.append(own or None)
+    # The nearest decided word on each side, in two linear passes.
+    before: list[str | frozenset[str] | None] = []
+    last: str | frozenset[str] | None = None
+    for lang in language:
+        before.append(last)
+        last = lang if lang is not None else last
+    after: list[str | frozenset[str] | None] = [None] * len(words)
+    last = None
+    for i in range(len(words) - 1, -1, -1):
+        after[i] = last
+        last = language[i] if language[i] is not None else last
+    for i, (start, end) in enumerate(words):
+        if not disguised[i]:
+            continue
+        if language[i] is None:
+            sides = {before[i], after[i]} - {None}
+            if "latin" not in sides and any(
+                isinstance(own, frozenset) and own & disguised[i] for own in sides
+            ):
+                continue
+        elif language[i] != "latin":
+            continue  # a word of its own script: its look-alikes are letters of it
         for k in range(start, end):
             alt = lookalikes[k]
-            if alt is not None and (mixed or _script(chars[k]) not in written):
+            if alt is not None:
                 chars[k] = alt
-        start = end
 
 
 # Leet symbols that also serve as punctuation at a word's edges.
@@ -440,10 +478,7 @@ def _unleet(folded: _Folded, text_has_lower: bool) -> None:
             digits += 1
         unit = digits - start >= 2 and all(chars[k].isalpha() for k in range(digits, end))
         letters = [k for k in range(start, end) if chars[k].isalpha()]
-        # Two capitals and a digit in text that is not all capitals is a code ("Model
-        # S3X", "R2D2"), not "sex"; in shouted text ("WRITE S3X") it is leet again.
-        code = len(letters) == 2 and text_has_lower and all(folded.upper[k] for k in letters)
-        if not unit and not code and len(letters) >= 2:
+        if not unit and len(letters) >= 2:
             # Trailing punctuation ("wow!") is punctuation, not a letter.
             last = end
             while last > start and chars[last - 1] in _EDGE_SYMBOLS:
@@ -458,7 +493,27 @@ def _unleet(folded: _Folded, text_has_lower: bool) -> None:
             closing = "".join(chars[last:end])
             while first < last and chars[first] in _EDGE_SYMBOLS and chars[first] in closing:
                 first += 1
-            _unleet_runs(chars, first, last)
+            # But two or more bars right after the letters are letters ("ki||", "fa||"):
+            # a table cell's edge is one bar, and a word that opens with one ("|bomb||")
+            # closes its cell with them.
+            bars = last
+            while bars < end and chars[bars] == "|":
+                bars += 1
+            if bars - last >= 2 and first == start:
+                last = bars
+            # Two capitals and digits in text that is not all capitals is a code ("Model
+            # S3X", "R2D2", "U+202E"), not "sex"; in shouted text ("WRITE S3X") it is leet
+            # again, and so is a word that opens or closes with a leet symbol, as no code
+            # does ("$EX", "KI||").
+            edges = {chars[first], chars[last - 1]} if first < last else set()
+            code = (
+                len(letters) == 2
+                and text_has_lower
+                and all(folded.upper[k] for k in letters)
+                and not any(c in _LEET and not c.isdigit() for c in edges)
+            )
+            if not code:
+                _unleet_runs(chars, first, last)
         start = end + 1
 
 

@@ -383,9 +383,10 @@ def _word_pattern(word: str) -> str:
 
 # Letters may be written more than once ("boommb", "kiiill") in a word of at least this
 # many letters, when the match has at least _STRETCH_MIN letters more than the keyword.
-# One doubled letter is no evasion: too many real words are another with one letter
-# doubled ("rapped"/"raped", "shoot"/"shot", "dinner"/"diner"); short keywords never
-# stretch ("good"/"god", "poop"/"pop", and "goood morning").
+# One doubled letter is no evasion in general: too many real words are another with one
+# letter doubled ("rapped"/"raped", "shoot"/"shot", "dinner"/"diner"; the exception is
+# _doubled_forms); short keywords never stretch ("good"/"god", "poop"/"pop", and "goood
+# morning").
 _STRETCH_WORD = 4
 _STRETCH_MIN = 2
 
@@ -404,6 +405,35 @@ def _stretched_word(word: str) -> str:
         else:
             out.append(_letter(char) * count)
     return "".join(out)
+
+
+# One letter written twice hides a keyword where doubling it makes no other word: a
+# consonant that touches another consonant in the keyword ("mb" in "bomb", "th" in
+# "meth"), doubled ("bommb", "bombb"), however short of _STRETCH_MIN extra letters it falls.
+# Words do double a consonant there ("address", "little", "calls"), but their single-letter
+# spelling is a misspelling ("adress", "litle"), not a keyword. Between vowels, or as a
+# vowel, the doubled word is too often another word ("rapped"/"raped", "dinner"/"diner",
+# "shoot"/"shot"), and those keep the two-letter rule.
+_VOWELS = frozenset("aeiouy")
+
+
+def _consonant(char: str) -> bool:
+    # "I" is a leet 1 or |, either i or l: neither a known consonant nor a vowel.
+    return char.isascii() and char.islower() and char not in _VOWELS
+
+
+def _doubled_forms(words: list[str]) -> list[list[str]]:
+    """The keyword with one consonant that touches another consonant written twice, one
+    form per such consonant, in its words of at least _STRETCH_WORD letters."""
+    forms = []
+    for i, word in enumerate(words):
+        if len(word) < _STRETCH_WORD:
+            continue
+        for k, char in enumerate(word):
+            beside = word[max(k - 1, 0) : k] + word[k + 1 : k + 2]
+            if _consonant(char) and any(_consonant(c) and c != char for c in beside):
+                forms.append([*words[:i], word[:k] + char + word[k:], *words[i + 1 :]])
+    return forms
 
 
 # Between the words of a keyword: spaces, hyphens (dashes fold to them), underscores,
@@ -441,7 +471,8 @@ def _keyword_pattern(words: list[str], *, stretch: bool = False) -> str:
 
 def _compile_pattern(cond: Condition) -> _Pattern | None:
     forms = [words for k in cond.keywords for words in _keyword_forms(k)]
-    keywords = [_keyword_pattern(words) for words in forms]
+    doubled = [double for words in forms for double in _doubled_forms(words)]
+    keywords = [_keyword_pattern(words) for words in forms + doubled]
     if not keywords and not cond.regex:
         return None
     # A group per keyword that can stretch: its number says how many letters it has.
