@@ -865,8 +865,10 @@ class GatedStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.gate = asyncio.Event()
+        self.writing = asyncio.Event()
 
     async def write(self, records: list[AuditRecord]) -> None:
+        self.writing.set()
         await self.gate.wait()
         await super().write(records)
 
@@ -1016,6 +1018,40 @@ async def test_rows_a_dead_store_never_took_are_reported_by_id_at_shutdown() -> 
     assert (stats.written, stats.dropped, stats.depth) == (0, 5, 0)
     assert stats.write_errors >= 1
     assert store.closed
+
+
+async def test_a_batch_still_being_written_counts_in_the_depth() -> None:
+    """flush_audit() skips the flush when the depth is 0: a row being written is not done."""
+    store = GatedStore()
+    async with running(store, config(batch_size=2)) as audit:
+        for ex in finished(3, "slow"):
+            audit.record(ex)
+        await store.writing.wait()
+
+        assert audit.depth == 3
+        store.gate.set()
+        await audit.flush()
+        assert audit.depth == 0
+
+
+async def test_a_write_cut_short_at_shutdown_is_counted_and_reported_by_id() -> None:
+    store = GatedStore()  # the gate never opens: a write that hangs past close_timeout_s
+
+    with capture_logs() as logs:
+        async with running(store, config(batch_size=2, close_timeout_s=0.05)) as audit:
+            for ex in finished(3, "hung"):
+                audit.record(ex)
+            await store.writing.wait()
+
+    reported = [
+        rid
+        for e in logs
+        if e["event"] in {"audit_records_lost", "audit_record_dropped"}
+        for rid in e.get("request_ids", [e.get("request_id")])
+    ]
+    assert sorted(reported) == [f"hung-{i}" for i in range(3)]
+    stats = audit.stats()
+    assert (stats.recorded, stats.written, stats.dropped, stats.depth) == (3, 0, 3, 0)
 
 
 async def test_a_record_after_aclose_is_counted_and_logged_not_silently_lost() -> None:

@@ -227,6 +227,33 @@ def test_a_bad_feedback_body_is_400(
         assert error["param"] == param
 
 
+@pytest.mark.parametrize(
+    ("rating", "message"),
+    [
+        ('"rating": -1, "rating": 1', "'rating' is given twice"),
+        ('"rating": "1"', "Expected `int`, got `str`"),
+    ],
+)
+def test_a_feedback_body_only_the_lenient_parser_takes_is_a_400_and_nothing_is_stored(
+    client: Client, database: Path, rating: str, message: str
+) -> None:
+    """As on every other JSON route: a repeated key or a coerced value is refused."""
+    answer = chat(client, "hello")
+    body = f'{{"response_id": "{answer["id"]}", {rating}}}'
+
+    response = client.post(
+        "/v1/feedback",
+        content=body,
+        headers={**auth(ACME), "content-type": "application/json"},
+    )
+
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "rating")
+    assert message in error["message"]
+    assert rows(database, "SELECT rating FROM audit_feedback") == []
+
+
 def test_feedback_needs_a_tenant_key(client: Client) -> None:
     body = {"response_id": "x", "rating": 1}
 

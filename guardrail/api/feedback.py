@@ -17,6 +17,8 @@ interfaces ask for. An application with a finer scale maps it onto these two.
   never logged and never a label. It is stored only with ``feedback_comments:
   redacted``, and then only after the tenant policy's input filters (redactions
   applied; a comment they block is not stored).
+- The body is read as strictly as on the other JSON routes: a key given twice or a
+  value of the wrong JSON type (``"rating": "1"``) is a 400, not resolved.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from litestar.params import JSONBody
 from guardrail.api.auth import Principal, principal_of
 from guardrail.api.errors import APIError
 from guardrail.api.oversight import now, oversight_of
-from guardrail.api.routes import request_id_of
+from guardrail.api.routes import request_id_of, strictly
 from guardrail.api.serving import Gateway
 from guardrail.guard.types import FilterContext, Stage
 from guardrail.observability.oversight import FeedbackEntry
@@ -79,6 +81,7 @@ async def _storable_comment(
 async def feedback(
     data: JSONBody[FeedbackRequest], request: Request[Any, Any, Any], state: State
 ) -> dict[str, Any]:
+    await strictly(request, FeedbackRequest)
     oversight = oversight_of(state)
     gateway: Gateway = state.gateway
     limit = gateway.settings.feedback_comment_max_chars

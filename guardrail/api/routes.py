@@ -86,7 +86,7 @@ def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def _strictly(request: Request[Any, Any, Any], kind: type[Any]) -> None:
+async def strictly(request: Request[Any, Any, Any], kind: type[Any]) -> None:
     """Refuse a body that only parsed by coercion ("max_tokens": "5", "stream": "true").
 
     The framework converts bodies leniently (as it must for query strings); a JSON body
@@ -119,7 +119,7 @@ async def _strictly(request: Request[Any, Any, Any], kind: type[Any]) -> None:
 async def chat_completions(
     data: JSONBody[ChatCompletionRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
-    await _strictly(request, ChatCompletionRequest)
+    await strictly(request, ChatCompletionRequest)
     return await _serving(state).chat(
         data, request_id_of(request), principal_of(request.scope), request.receive
     )
@@ -129,7 +129,7 @@ async def chat_completions(
 async def completions(
     data: JSONBody[CompletionRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
-    await _strictly(request, CompletionRequest)
+    await strictly(request, CompletionRequest)
     return await _serving(state).completions(
         data, request_id_of(request), principal_of(request.scope), request.receive
     )
@@ -139,7 +139,7 @@ async def completions(
 async def moderations(
     data: JSONBody[ModerationRequest], request: Request[Any, Any, Any], state: State
 ) -> Response[Any]:
-    await _strictly(request, ModerationRequest)
+    await strictly(request, ModerationRequest)
     body = await _serving(state).moderations(
         data, request_id_of(request), principal_of(request.scope)
     )

@@ -388,9 +388,20 @@ def _blocking(decisions: list[tuple[int | None, Decision]]) -> list[Finding]:
 
 
 Kind = Literal["chat", "completions"]
-# What a route's prepare step yields: texts to check, the conversation, and how to
-# build the backend request from the (possibly redacted) texts.
-_Prepared = tuple[list[str], tuple[Message, ...], Callable[[list[str]], GenerationRequest]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What a route's prepare step yields."""
+
+    texts: list[str]
+    """The texts to check."""
+    messages: tuple[Message, ...]
+    """The conversation."""
+    build: Callable[[list[str]], GenerationRequest]
+    """Builds the backend request from the (possibly redacted) texts."""
+    max_tokens: int
+    """The completion's token budget, checked against the limit once, when prepared."""
 
 
 @dataclass
@@ -480,7 +491,8 @@ class Serving:
             messages = tuple(
                 Message(m.role, m.text(i), m.tool_call_id) for i, m in enumerate(body.messages)
             )
-            params = _sampling(body, self._max_tokens(body))
+            max_tokens = self._max_tokens(body)
+            params = _sampling(body, max_tokens)
             if body.max_completion_tokens is not None:
                 params = dataclasses.replace(params, max_tokens_field="max_completion_tokens")
 
@@ -496,7 +508,7 @@ class Serving:
                     cache_scope=principal.tenant,
                 )
 
-            return [m.content for m in messages], messages, build
+            return _Prepared([m.content for m in messages], messages, build, max_tokens)
 
         return await self._serve("chat", body, request_id, prepare, principal, receive=receive)
 
@@ -510,7 +522,8 @@ class Serving:
         def prepare() -> _Prepared:
             body.refuse_unmoderated()
             prompt = body.prompt_text()
-            params = _sampling(body, self._max_tokens(body))
+            max_tokens = self._max_tokens(body)
+            params = _sampling(body, max_tokens)
 
             def build(texts: list[str]) -> GenerationRequest:
                 return GenerationRequest(
@@ -521,7 +534,7 @@ class Serving:
                     cache_scope=principal.tenant,
                 )
 
-            return [prompt], (Message("user", prompt),), build
+            return _Prepared([prompt], (Message("user", prompt),), build, max_tokens)
 
         return await self._serve(
             "completions", body, request_id, prepare, principal, receive=receive
@@ -631,8 +644,8 @@ class Serving:
         streaming = False
         ctx: FilterContext | None = None
         try:
-            texts, messages, build = prepare()
-            max_tokens = self._max_tokens(body)
+            prepared = prepare()
+            texts, messages, build = prepared.texts, prepared.messages, prepared.build
             if not rules.allows_model(body.model):
                 raise APIError(
                     403,
@@ -642,7 +655,9 @@ class Serving:
                     code="model_not_allowed",
                 )
             admission.prompt_tokens = estimate_tokens(sum(len(t) for t in texts), 0)
-            await self._admit(admission, principal, rules, admission.prompt_tokens + max_tokens)
+            await self._admit(
+                admission, principal, rules, admission.prompt_tokens + prepared.max_tokens
+            )
             backend = self.gw.require_backend()
             exchange.backend = backend.name
             await self._check_model(body.model)

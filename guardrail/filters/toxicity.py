@@ -48,6 +48,7 @@ from guardrail.errors import ConfigError, MissingDependencyError
 from guardrail.filters.batching import MicroBatcher
 from guardrail.filters.weights import file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
+from guardrail.guard.stream import THROUGH_LAST_SPACE
 from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 
 if TYPE_CHECKING:
@@ -270,10 +271,6 @@ def split_of(key: str) -> Literal["train", "dev", "test"]:
     return "test" if bucket == 9 else "dev" if bucket == 8 else "train"
 
 
-# Everything up to and including the last whitespace character (any kind, not only " ").
-_THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
-
-
 def chunks(text: str, size: int) -> list[str]:
     """``text`` cut into pieces of at most about ``size`` characters, at whitespace."""
     if len(text) <= size:
@@ -284,7 +281,7 @@ def chunks(text: str, size: int) -> list[str]:
         end = min(len(text), start + size)
         if end < len(text):
             # The last whitespace of any kind (a line break too) in the second half.
-            through = _THROUGH_LAST_SPACE.match(text, start + size // 2, end)
+            through = THROUGH_LAST_SPACE.match(text, start + size // 2, end)
             end = through.end() - 1 if through else end
         piece = text[start:end].strip()
         if piece:

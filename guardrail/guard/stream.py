@@ -38,8 +38,9 @@ from guardrail.policy.model import StreamSettings
 _SENTENCE_END = re.compile(
     r"""(?<![.!?\u2026\u3002])[.!?\u2026\u3002]+["'\u201d\u2019)\]]*\s+|\n+"""
 )
-# Everything up to and including the last whitespace character.
-_THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
+# Everything up to and including the last whitespace character (any kind, not only " ";
+# a line break too). The toxicity filter's chunking cuts at the same place.
+THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
 # ... or, in text with no whitespace (minified JSON, CSV), the last delimiter between
 # values: a value a rule matches (a key, an id) does not hold one.
 _THROUGH_LAST_DELIMITER = re.compile(r""".*[,;{}\[\]"'<>]""", re.DOTALL)
@@ -138,7 +139,7 @@ class StreamGuard:
             return 0
         # Cut after the window's last whitespace (a space, a line break) so words are
         # not split across checks: a token cut in half is released before its end is seen.
-        for boundary in (_THROUGH_LAST_SPACE, _THROUGH_LAST_DELIMITER):
+        for boundary in (THROUGH_LAST_SPACE, _THROUGH_LAST_DELIMITER):
             through = boundary.match(held, 0, limit)
             if through and through.end() > 1:
                 return through.end()

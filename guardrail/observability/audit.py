@@ -882,7 +882,10 @@ class AuditLog:
         self._closed = False
         self._flushing = 0  # flush() calls waiting: write at once, without gathering
         self._entered = 0  # rows ever appended to the queue ...
-        self._left = 0  # ... and rows that left it written, in the same (FIFO) order
+        # ... and rows that left it, written or rejected. Rows of one batch may leave out
+        # of order, but progress is signalled only once the batch is done, so a flush that
+        # wakes to find _left >= its target knows every row it waits for has left.
+        self._left = 0
         self.recorded = 0
         self.written = 0
         self.dropped = 0
@@ -994,7 +997,8 @@ class AuditLog:
         """Write everything queued, then close the store (the app's shutdown).
 
         Keeps retrying a failing store for ``close_timeout_s``; what is still unwritten
-        then is counted as dropped and logged by request id. Safe to call twice.
+        then is counted as dropped and logged by request id, including a batch whose write
+        was cut short (the database may still have committed it). Safe to call twice.
         """
         if self._closed:
             return
@@ -1067,10 +1071,13 @@ class AuditLog:
         healthy = False
         last_failed: set[str] | None = None  # record ids of the last chunk that failed
         while chunks:
-            chunk, fails = chunks.popleft()
+            # The chunk stays queued until its write returns: a write cut short at
+            # shutdown is then reported by aclose(), and the depth counts it meanwhile.
+            chunk, fails = chunks[0]
             try:
                 await self.store.write(chunk)
             except Exception as e:
+                chunks.popleft()
                 self.write_errors += 1
                 fails += 1
                 ids = {r.record_id for r in chunk}
@@ -1106,6 +1113,7 @@ class AuditLog:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max_s)
                 continue
+            chunks.popleft()
             self.written += len(chunk)
             self._left += len(chunk)
             delay = self.config.retry_initial_s
