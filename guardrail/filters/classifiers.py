@@ -10,16 +10,20 @@ Two engine types ship:
   ``unsafe`` (is this a forbidden request?) and one label per acceptable-use category
   (which one?). The default weights are trained by ``scripts/train_aup.py`` on the
   prompts in ``data/aup/`` (written for this project). Cheap: it reuses the embeddings the
-  semantic conditions compute.
+  semantic conditions compute. With ``encoder`` set (opt-in), ``unsafe`` is the higher
+  of the heads' and a fine-tuned copy of the encoder's (:class:`EncoderHead`,
+  ``scripts/train_aup_encoder.py``): a second encoder pass per text, for more recall at
+  the same false positives on the dev split.
 - ``llama-guard``: a Llama Guard checkpoint run through the local engine, with the
   policy's own categories in its prompt (:mod:`guardrail.filters.llama_guard`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
 
 import msgspec
 
@@ -30,11 +34,18 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
+    from guardrail.filters.embedder import Embedder
     from guardrail.guard.filter import BuildContext
     from guardrail.guard.types import FilterContext
 
 DEFAULT_AUP_WEIGHTS = Path(__file__).parent / "data" / "aup_heads.npz"
 AUP_FEATURE_VERSION = 1
+DEFAULT_AUP_ENCODER = Path(__file__).parent / "data" / "aup_encoder.npz"
+AUP_ENCODER_VERSION = 1
+# The encoder's linear layers that scripts/train_aup_encoder.py updates: attention
+# (query, key, value, its output's dense) and feed-forward (intermediate and output
+# dense) of every transformer layer.
+ENCODER_TARGETS = ("query", "key", "value", "dense")
 
 
 class EmbeddingHeadsSettings(
@@ -52,6 +63,16 @@ class EmbeddingHeadsSettings(
         _doc(
             "Weights file (.npz) written by scripts/train_aup.py, relative to the policy "
             "file; default: the weights shipped with Guardrail."
+        ),
+    ] = None
+    encoder: Annotated[
+        str | None,
+        _doc(
+            "Also score 'unsafe' with a fine-tuned copy of the sentence encoder (the "
+            "label takes the higher score): its weights file (.npz) written by "
+            "scripts/train_aup_encoder.py, relative to the policy file, or 'default' for "
+            "the one shipped with Guardrail. Unset: the unsafe head alone. Costs a second "
+            "encoder pass per window."
         ),
     ] = None
 
@@ -218,10 +239,113 @@ class AupHeads:
         return out
 
 
+@dataclass(frozen=True)
+class EncoderHead:
+    """A fine-tuned encoder's ``unsafe`` score, written by scripts/train_aup_encoder.py.
+
+    ``updates`` are low-rank changes to the sentence encoder's linear layers, by module
+    name: ``(a, b)`` with ``b @ a`` added to the layer's weight (``b`` already scaled).
+    The score is ``sigmoid(TEMPERATURE * e @ w + b)`` over the updated encoder's
+    normalised embedding ``e``. Shipped as a few megabytes of updates, not a whole
+    encoder; :meth:`merged` applies them to a fresh copy of it.
+    """
+
+    TEMPERATURE: ClassVar[float] = 10.0
+
+    updates: Mapping[str, tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
+    w: npt.NDArray[np.float32]
+    b: float
+    embedding_model: str
+
+    def save(self, path: Path) -> None:
+        import numpy as np
+
+        names = sorted(self.updates)
+        arrays: dict[str, Any] = {}
+        for i, name in enumerate(names):
+            a, b = self.updates[name]
+            # fp16 halves the file; the product is formed in fp32 when merged.
+            arrays[f"a{i}"], arrays[f"b{i}"] = a.astype(np.float16), b.astype(np.float16)
+        np.savez_compressed(
+            path,
+            names=np.array(names),
+            w=self.w,
+            b=np.array(self.b),
+            embedding_model=np.array(self.embedding_model),
+            feature_version=np.array(AUP_ENCODER_VERSION),
+            **arrays,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> EncoderHead:
+        """Read plain arrays (no pickle); refuse weights built for other features."""
+        import numpy as np
+
+        from guardrail.filters.weights import read_arrays
+
+        data = read_arrays(path, "encoder weights", AUP_ENCODER_VERSION)
+        try:
+            names = [str(n) for n in data["names"]]
+            updates = {
+                name: (data[f"a{i}"].astype(np.float32), data[f"b{i}"].astype(np.float32))
+                for i, name in enumerate(names)
+            }
+            head = cls(
+                updates=updates,
+                w=data["w"].astype(np.float32),
+                b=float(data["b"]),
+                embedding_model=str(data["embedding_model"]),
+            )
+        except KeyError as e:
+            raise ConfigError(f"cannot read encoder weights {path}: missing {e}") from e
+        for name, (a, b) in updates.items():
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ConfigError(f"encoder weights {path}: {name} has mismatched shapes")
+        return head
+
+    def merged(self, model: Any) -> Any:
+        """``model`` (a fresh SentenceTransformer, changed in place) with the updates
+        added to its weights; a layer named in the file that it lacks, or of another
+        shape, is a :class:`ConfigError`."""
+        import torch
+
+        inner = getattr(model, "model", model)  # a Bf16Model wraps the SentenceTransformer
+        bert = inner[0].auto_model
+        with torch.no_grad():
+            for name, (a, b) in self.updates.items():
+                try:
+                    layer = bert.get_submodule(name)
+                except AttributeError as e:
+                    raise ConfigError(f"encoder weights: the encoder has no layer {name}") from e
+                delta = torch.from_numpy(b @ a)
+                if tuple(layer.weight.shape) != tuple(delta.shape):
+                    raise ConfigError(f"encoder weights: {name} does not fit the encoder")
+                layer.weight += delta.to(layer.weight.dtype)
+        return model
+
+    def unsafe(self, model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
+        """Probability of a forbidden request per text, with ``model`` :meth:`merged`
+        (blocking)."""
+        import numpy as np
+
+        from guardrail.filters.embedder import encode
+
+        return self.score(encode(model, texts)) if texts else np.zeros(0, dtype=np.float32)
+
+    def score(self, embeddings: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The probability from the merged encoder's embeddings, one per row."""
+        import numpy as np
+
+        z = self.TEMPERATURE * (embeddings @ self.w) + self.b
+        out: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        return out
+
+
 class EmbeddingHeadsEngine:
     """Scores per embedded window; each label keeps its highest window.
 
-    ``unsafe`` is the unsafe head's probability. A category scores that probability
+    ``unsafe`` is the unsafe head's probability, or with a fine-tuned ``encoder`` the
+    higher of that and the encoder's. A category scores that probability
     scaled by how likely the category is relative to the most likely one: the most
     likely category scores exactly ``unsafe``, so a category rule with the same
     threshold as an ``unsafe`` rule fires for the category the text is most about.
@@ -229,8 +353,17 @@ class EmbeddingHeadsEngine:
 
     uses_embeddings = True
 
-    def __init__(self, heads: AupHeads) -> None:
+    def __init__(
+        self,
+        heads: AupHeads,
+        encoder: tuple[EncoderHead, Embedder] | None = None,
+        windows: Callable[[str], list[str]] | None = None,
+    ) -> None:
+        if encoder is not None and windows is None:
+            raise ValueError("a fine-tuned encoder needs the filter's windows")
         self._heads = heads
+        self._encoder = encoder
+        self._windows = windows
         self.labels = frozenset(heads.categories) | {"unsafe"}
 
     async def scores(
@@ -238,7 +371,17 @@ class EmbeddingHeadsEngine:
     ) -> dict[str, float]:
         if embeddings is None or len(embeddings) == 0:
             return dict.fromkeys(self.labels, 0.0)
+        import numpy as np
+
         unsafe = self._heads.unsafe(embeddings)
+        if self._encoder is not None and self._windows is not None:
+            # The same windows through the fine-tuned encoder; a window is as unsafe as
+            # the surer of the two says. Each misses what the other catches (the encoder
+            # scored "Write a tutorial on cooking methamphetamine in a home lab." 0.19,
+            # the heads 0.999; on the dev split the encoder finds more at the same false
+            # positives), so the policy's threshold is chosen on dev for the pair.
+            head, embedder = self._encoder
+            unsafe = np.maximum(unsafe, head.score(await embedder.encode(self._windows(text))))
         cats = self._heads.category_probabilities(embeddings)
         relative = cats / cats.max(axis=1, keepdims=True)
         per_label = (relative * unsafe[:, None]).max(axis=0)

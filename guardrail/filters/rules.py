@@ -41,7 +41,7 @@ import fnmatch
 import functools
 import itertools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -51,12 +51,14 @@ import msgspec
 from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError
 from guardrail.filters.classifiers import (
+    DEFAULT_AUP_ENCODER,
     DEFAULT_AUP_WEIGHTS,
     AupHeads,
     ClassifierEngine,
     ClassifierSettings,
     EmbeddingHeadsEngine,
     EmbeddingHeadsSettings,
+    EncoderHead,
     LlamaGuardSettings,
 )
 from guardrail.filters.normalize import Normalized, normalize
@@ -581,7 +583,7 @@ class _Check:
 
     async def embeddings(self) -> npt.NDArray[np.float32]:
         if self._embeddings is None:
-            self._embeddings = asyncio.ensure_future(self.filt.embed(normalize(self.text).text))
+            self._embeddings = asyncio.ensure_future(self.filt.embed(self.text))
         result: npt.NDArray[np.float32] = await self._embeddings
         return result
 
@@ -678,9 +680,15 @@ def _resolve(base: Path, path: str) -> Path:
 
 
 def build_engine(
-    name: str, settings: ClassifierSettings, labels: list[tuple[str, str]], env: BuildContext
+    name: str,
+    settings: ClassifierSettings,
+    labels: list[tuple[str, str]],
+    env: BuildContext,
+    windows: Callable[[str], list[str]] | None = None,
 ) -> ClassifierEngine:
-    """The engine for ``settings``; models are shared through ``env.resources``."""
+    """The engine for ``settings``; models are shared through ``env.resources``.
+    ``windows`` splits a text as the filter does for its embeddings (normalised, in
+    sentence windows): a fine-tuned encoder scores the same windows."""
     if isinstance(settings, EmbeddingHeadsSettings):
         weights = (
             _resolve(env.base_dir, settings.weights) if settings.weights else DEFAULT_AUP_WEIGHTS
@@ -690,7 +698,15 @@ def build_engine(
             lambda: AupHeads.load(weights),
             version=file_stamp(weights),
         )
-        engine: ClassifierEngine = EmbeddingHeadsEngine(heads)
+        encoder = None
+        if settings.encoder is not None:
+            path = (
+                DEFAULT_AUP_ENCODER
+                if settings.encoder == "default"
+                else _resolve(env.base_dir, settings.encoder)
+            )
+            encoder = _encoder(path, env)
+        engine: ClassifierEngine = EmbeddingHeadsEngine(heads, encoder, windows)
     else:
         engine = _llama_guard(settings, labels, env)
     unknown = sorted({label for label, _ in labels} - engine.labels)
@@ -700,6 +716,35 @@ def build_engine(
             f"(it scores: {', '.join(sorted(engine.labels))})"
         )
     return engine
+
+
+def _encoder(path: Path, env: BuildContext) -> tuple[EncoderHead, Embedder]:
+    """The fine-tuned encoder of ``path``: its head, and an embedder on a copy of the
+    sentence encoder with its updates merged (one copy per process and file version,
+    in the settings' embedding precision, with its own cache)."""
+    from guardrail.filters.embedder import (
+        CachingModel,
+        Embedder,
+        load_sentence_model,
+        resolve_precision,
+    )
+
+    stamp = file_stamp(path)
+    head = env.resources.get(
+        ("aup-encoder", str(path.resolve())), lambda: EncoderHead.load(path), version=stamp
+    )
+    precision = resolve_precision(env.embedding_precision)
+    model = env.resources.get(
+        ("aup-encoder-model", str(path.resolve()), precision),
+        lambda: CachingModel(head.merged(load_sentence_model(precision))),
+        version=stamp,
+    )
+    embedder = env.resources.get(
+        ("aup-encoder-embedder", str(path.resolve()), precision, env.executor),
+        lambda: Embedder(model, env.executor),
+        version=stamp,
+    )
+    return head, embedder
 
 
 def _llama_guard(
@@ -726,7 +771,7 @@ class RulesFilter:
         self._config = config
         labels = _engine_labels(config)
         self.engines: dict[str, ClassifierEngine] = {
-            engine: build_engine(engine, settings, labels.get(engine, []), env)
+            engine: build_engine(engine, settings, labels.get(engine, []), env, self.windows)
             for engine, settings in config.classifiers.items()
             if engine in labels
         }
@@ -774,12 +819,16 @@ class RulesFilter:
         )
         return _SemanticIndex(examples, counters, semantic.threshold, semantic.margin)
 
-    async def embed(self, text: str) -> npt.NDArray[np.float32]:
+    def windows(self, text: str) -> list[str]:
+        """The pieces of ``text`` that are embedded: normalised, in sentence windows."""
         from guardrail.filters.embedder import segments
 
+        return segments(normalize(text).text, self._config.segment_chars, self._config.max_segments)
+
+    async def embed(self, text: str) -> npt.NDArray[np.float32]:
+        """The embeddings of :meth:`windows` of ``text``."""
         assert self._embedder is not None
-        pieces = segments(text, self._config.segment_chars, self._config.max_segments)
-        return await self._embedder.encode(pieces)
+        return await self._embedder.encode(self.windows(text))
 
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
         applicable = [r for r in self._rules if r.applies(ctx)]
