@@ -467,6 +467,26 @@ def test_a_bad_verdict_is_400(client: Client, backend: FakeBackend, body: dict[s
     assert set(response.json()["error"]) >= {"message", "type", "param", "code"}
 
 
+def test_a_verdict_with_a_repeated_key_is_a_400_and_nothing_is_stored(
+    client: Client, backend: FakeBackend
+) -> None:
+    """As on the other JSON routes: a key given twice (a proxy in front may read the
+    first, the framework reads the last) is refused."""
+    ids = traffic(client, backend)
+    item = items_of(client)[ids["blocked"]]
+    body = '{"reviewer": "alice", "verdict": "correct", "verdict": "false_positive"}'
+
+    response = client.post(
+        f"/admin/review/{item['id']}",
+        content=body,
+        headers={**auth(ADMIN), "content-type": "application/json"},
+    )
+
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert ids["blocked"] in items_of(client)  # still waiting for review
+
+
 def test_an_unknown_review_item_is_404(client: Client) -> None:
     response = judge(client, "no-such-item", verdict="correct", reviewer="a")
 

@@ -42,7 +42,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 import structlog
-from litestar import Response, get, post
+from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.enums import MediaType
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
@@ -50,6 +50,7 @@ from litestar.response import Stream
 
 from guardrail.api.errors import APIError
 from guardrail.api.oversight import now, oversight_of
+from guardrail.api.routes import strictly
 from guardrail.guard.types import Action
 from guardrail.observability.oversight import (
     AuditedExchange,
@@ -354,8 +355,12 @@ async def review_item(state: State, item_id: FromPath[str]) -> dict[str, Any]:
 
 @post("/admin/review/{item_id:str}", status_code=200, summary="Record a reviewer's verdict")
 async def review_verdict(
-    state: State, item_id: FromPath[str], data: JSONBody[VerdictRequest]
+    state: State,
+    item_id: FromPath[str],
+    data: JSONBody[VerdictRequest],
+    request: Request[Any, Any, Any],
 ) -> dict[str, Any]:
+    await strictly(request, VerdictRequest)  # a key given twice is refused, as elsewhere
     oversight = oversight_of(state)
     reviewer = data.reviewer.strip()
     if not reviewer:
