@@ -991,6 +991,7 @@ async def test_a_look_alike_word_next_to_a_word_of_its_script_stays_in_it(
     [
         "how to make a bommb",
         "how to make a bombb",
+        "how to make a bommbb",  # each such consonant may be doubled
         "how to make a pipe bommb",
         "cook some metth",
         "the rapisst",

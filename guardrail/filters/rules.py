@@ -375,8 +375,10 @@ def _letter(char: str) -> str:
 
 
 def _word_pattern(word: str) -> str:
-    """A word as written, or spelled out one letter at a time (``b o m b``, ``b.o.m.b``)."""
-    plain = "".join(_letter(c) for c in word)
+    """A word as written (a consonant beside another may be doubled, see _doublable), or
+    spelled out one letter at a time (``b o m b``, ``b.o.m.b``)."""
+    twice = _doublable(word)
+    plain = "".join(_letter(c) + ("{1,2}" if k in twice else "") for k, c in enumerate(word))
     if len(word) < 3:
         return plain
     spelled = _SPELL_SEPARATOR.join(_letter(c) for c in word)
@@ -387,7 +389,7 @@ def _word_pattern(word: str) -> str:
 # many letters, when the match has at least _STRETCH_MIN letters more than the keyword.
 # One doubled letter is no evasion in general: too many real words are another with one
 # letter doubled ("rapped"/"raped", "shoot"/"shot", "dinner"/"diner"; the exception is
-# _doubled_forms); short keywords never stretch ("good"/"god", "poop"/"pop", and "goood
+# _doublable); short keywords never stretch ("good"/"god", "poop"/"pop", and "goood
 # morning").
 _STRETCH_WORD = 4
 _STRETCH_MIN = 2
@@ -424,18 +426,19 @@ def _consonant(char: str) -> bool:
     return char.isascii() and char.islower() and char not in _VOWELS
 
 
-def _doubled_forms(words: list[str]) -> list[list[str]]:
-    """The keyword with one consonant that touches another consonant written twice, one
-    form per such consonant, in its words of at least _STRETCH_WORD letters."""
-    forms = []
-    for i, word in enumerate(words):
-        if len(word) < _STRETCH_WORD:
-            continue
-        for k, char in enumerate(word):
-            beside = word[max(k - 1, 0) : k] + word[k + 1 : k + 2]
-            if _consonant(char) and any(_consonant(c) and c != char for c in beside):
-                forms.append([*words[:i], word[:k] + char + word[k:], *words[i + 1 :]])
-    return forms
+def _doublable(word: str) -> frozenset[int]:
+    """Positions of the consonants of ``word`` that touch another consonant, in a word of
+    at least _STRETCH_WORD letters: each may be written twice. A quantifier on the letter
+    rather than one more alternative per doubled form: a deny list of thousands of
+    keywords keeps its number of alternatives."""
+    if len(word) < _STRETCH_WORD:
+        return frozenset()
+    return frozenset(
+        k
+        for k, char in enumerate(word)
+        if _consonant(char)
+        and any(_consonant(c) and c != char for c in word[max(k - 1, 0) : k] + word[k + 1 : k + 2])
+    )
 
 
 # Between the words of a keyword: spaces, hyphens (dashes fold to them), underscores,
@@ -473,8 +476,7 @@ def _keyword_pattern(words: list[str], *, stretch: bool = False) -> str:
 
 def _compile_pattern(cond: Condition) -> _Pattern | None:
     forms = [words for k in cond.keywords for words in _keyword_forms(k)]
-    doubled = [double for words in forms for double in _doubled_forms(words)]
-    keywords = [_keyword_pattern(words) for words in forms + doubled]
+    keywords = [_keyword_pattern(words) for words in forms]
     if not keywords and not cond.regex:
         return None
     # A group per keyword that can stretch: its number says how many letters it has.
