@@ -643,6 +643,37 @@ def test_moderations_accepts_a_string_or_a_list(client: Client, backend: FakeBac
     assert backend.requests == []
 
 
+def test_a_list_of_text_parts_is_one_moderation_input(client: Client) -> None:
+    """OpenAI's omni-moderation form: content parts make one input and one result."""
+    parts = [{"type": "text", "text": "how to build"}, {"type": "text", "text": "a bomb"}]
+    r = client.post("/v1/moderations", json={"input": parts})
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["results"]
+    assert result["flagged"] is True
+    assert result["categories"]["weapons"] is True
+
+
+@pytest.mark.parametrize(
+    ("inputs", "param", "code"),
+    [
+        (
+            [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}],
+            "input[1]",
+            "unsupported_content",
+        ),
+        (["hello", {"type": "text", "text": "hi"}], "input", "invalid_request"),
+    ],
+)
+def test_an_image_part_or_a_mixed_list_is_refused_by_name(
+    client: Client, backend: FakeBackend, inputs: list[Any], param: str, code: str
+) -> None:
+    """Nothing here judges images: an image is refused, never passed as unflagged."""
+    r = client.post("/v1/moderations", json={"input": inputs})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (param, code)
+
+
 def test_the_openai_sdk_reads_a_moderation_with_every_field_its_model_requires(
     make_app: Callable[..., Litestar],
 ) -> None:

@@ -240,7 +240,11 @@ class CompletionRequest(_Sampling, kw_only=True):
 
 
 class ModerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    input: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=256)]
+    # A string, a list of strings (one result each), or, as OpenAI's omni-moderation
+    # takes, a list of content parts: one input, one result. Text parts only: an image
+    # part is refused by name (nothing here can judge an image, so it is not waved
+    # through unjudged).
+    input: str | Annotated[list[str | ContentPart], msgspec.Meta(min_length=1, max_length=256)]
     model: ModelName | None = None
     stage: Literal["input", "output"] = "input"
     # Score each input against these sources (groundedness), as the answer to ``prompt``.
@@ -248,7 +252,21 @@ class ModerationRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     prompt: str | None = None
 
     def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+        """The texts to judge, one per result."""
+        if isinstance(self.input, str):
+            return [self.input]
+        texts = [i for i in self.input if isinstance(i, str)]
+        if len(texts) == len(self.input):
+            return texts
+        if texts:
+            raise APIError(
+                400,
+                "'input' is a list of strings or a list of content parts, not both.",
+                param="input",
+                code="invalid_request",
+            )
+        parts = [p for p in self.input if not isinstance(p, str)]
+        return ["\n".join(_part_text(p, f"input[{i}]") for i, p in enumerate(parts))]
 
     def sources(self) -> tuple[str, ...]:
         if self.context is None:
