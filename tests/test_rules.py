@@ -700,6 +700,10 @@ def test_encoder_weights_that_do_not_fit_the_encoder_are_a_config_error(tmp_path
     bad.save(tmp_path / "bad.npz")
     with pytest.raises(ConfigError, match=r"no layer encoder\.layer\.9"):
         EncoderHead.load(tmp_path / "bad.npz").merged(load_sentence_model())
+    column = EncoderHead({}, np.zeros((384, 1), np.float32), 0.0, "all-MiniLM-L6-v2")
+    column.save(tmp_path / "column.npz")
+    with pytest.raises(ConfigError, match="w is not one weight per dimension"):
+        EncoderHead.load(tmp_path / "column.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ConfigError, match="cannot read encoder weights"):
         EncoderHead.load(tmp_path / "junk.npz")

@@ -281,6 +281,7 @@ class EncoderHead:
         """Read plain arrays (no pickle); refuse weights built for other features."""
         import numpy as np
 
+        from guardrail.filters.embedder import DIMENSIONS
         from guardrail.filters.weights import read_arrays
 
         data = read_arrays(path, "encoder weights", AUP_ENCODER_VERSION)
@@ -301,6 +302,9 @@ class EncoderHead:
         for name, (a, b) in updates.items():
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
                 raise ConfigError(f"encoder weights {path}: {name} has mismatched shapes")
+        if head.w.shape != (DIMENSIONS,):
+            # Else the first check fails (or a column w broadcasts into a matrix of scores).
+            raise ConfigError(f"encoder weights {path}: w is not one weight per dimension")
         return head
 
     def merged(self, model: Any) -> Any:

@@ -399,8 +399,10 @@ def _unconfuse(folded: _Folded) -> None:
     inside a Russian sentence, where ``\u0441\u043e\u043a\u0435`` is not ``coke``. Next to
     a Latin word, or alone, it is disguise. The decision is the word's, not the text's:
     one real Russian word elsewhere (``\u043f\u0440\u0438\u0432\u0435\u0442! make a
-    \u0412\u041e\u041c\u0412``), or right beside it, must not keep an English clause's
-    look-alikes Cyrillic.
+    \u0412\u041e\u041c\u0412``), or beside it with a Latin word on its other side,
+    must not keep an English clause's look-alikes Cyrillic. A Russian word beside it with
+    nothing Latin after (``make a \u043f\u0440\u0438\u0432\u0435\u0442
+    \u0412\u041e\u041c\u0412`` at the text's end) still keeps it Cyrillic: a known gap.
     """
     chars, lookalikes = folded.chars, folded.lookalikes
     words: list[tuple[int, int]] = []
