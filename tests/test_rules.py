@@ -733,7 +733,7 @@ async def test_the_shipped_encoder_finds_what_the_heads_miss(
     assert await action(pair, text) is with_encoder
 
 
-def test_the_shipped_encoder_loads_and_changes_the_encoder() -> None:
+def test_the_shipped_encoder_holds_an_update_for_every_linear_map() -> None:
     from guardrail.filters.classifiers import DEFAULT_AUP_ENCODER, ENCODER_TARGETS, EncoderHead
 
     head = EncoderHead.load(DEFAULT_AUP_ENCODER)
