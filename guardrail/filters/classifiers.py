@@ -13,7 +13,9 @@ Two engine types ship:
   semantic conditions compute. With ``encoder`` set (opt-in), ``unsafe`` is the higher
   of the heads' and a fine-tuned copy of the encoder's (:class:`EncoderHead`,
   ``scripts/train_aup_encoder.py``): a second encoder pass per text, for more recall at
-  the same false positives on the dev split.
+  the same false positives on the dev split. With ``probe`` set (opt-in), ``unsafe`` blends
+  the heads' score with a linear probe on a language model's hidden states
+  (:mod:`guardrail.filters.probe`, ``scripts/train_aup_probe.py``).
 - ``llama-guard``: a Llama Guard checkpoint run through the local engine, with the
   policy's own categories in its prompt (:mod:`guardrail.filters.llama_guard`).
 """
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from guardrail.filters.embedder import Embedder
+    from guardrail.filters.probe import ProbeScorer
     from guardrail.guard.filter import BuildContext
     from guardrail.guard.types import FilterContext
 
@@ -46,6 +49,38 @@ AUP_ENCODER_VERSION = 1
 # (query, key, value, its output's dense) and feed-forward (intermediate and output
 # dense) of every transformer layer.
 ENCODER_TARGETS = ("query", "key", "value", "dense")
+
+
+# Where and how a causal LM that a filter runs is loaded (Llama Guard, a grounding judge,
+# a probe).
+ModelDevice = Annotated[str, _doc("'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")]
+ModelDType = Annotated[
+    Literal["auto", "fp32", "bf16", "fp16"],
+    _doc("Weights dtype; auto is fp32 on CPU, bf16 on CUDA."),
+]
+
+
+class ProbeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A linear probe on a causal LM's hidden states, blended into ``unsafe``."""
+
+    weights: Annotated[
+        str,
+        _doc(
+            "Probe file (.npz) written by scripts/train_aup_probe.py, relative to the "
+            "policy file, or 'default' for the one shipped for the embedded model."
+        ),
+    ] = "default"
+    model: Annotated[
+        str,
+        _doc(
+            "The model whose hidden states the probe reads: 'embedded' (the gateway's "
+            "embedded SmolLM2, prepared by 'guardrail model prepare'), a model folder or "
+            "a .gguf file, relative to the policy file. It must be the model the probe "
+            "was trained on."
+        ),
+    ] = "embedded"
+    device: ModelDevice = "auto"
+    dtype: ModelDType = "auto"
 
 
 class EmbeddingHeadsSettings(
@@ -75,14 +110,23 @@ class EmbeddingHeadsSettings(
             "encoder pass per window."
         ),
     ] = None
+    probe: Annotated[
+        ProbeSettings | None,
+        _doc(
+            "Also score 'unsafe' with a linear probe on a language model's hidden states "
+            "(guardrail.filters.probe): the label is a blend of the heads' and the "
+            "probe's scores, calibrated so that the policy's thresholds keep their "
+            "meaning. Costs a forward pass through the model's first layers per window. "
+            "Not with 'encoder'."
+        ),
+    ] = None
 
-
-# Where and how a causal LM that a filter runs is loaded (Llama Guard, a grounding judge).
-ModelDevice = Annotated[str, _doc("'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")]
-ModelDType = Annotated[
-    Literal["auto", "fp32", "bf16", "fp16"],
-    _doc("Weights dtype; auto is fp32 on CPU, bf16 on CUDA."),
-]
+    def __post_init__(self) -> None:
+        if self.encoder is not None and self.probe is not None:
+            raise ValueError(
+                "'probe' and 'encoder' are alternatives (the probe is calibrated for the "
+                "heads alone)"
+            )
 
 
 def shared_local_model(env: BuildContext, source: str, device: str, dtype: str) -> Any:
@@ -349,9 +393,10 @@ class EmbeddingHeadsEngine:
     """Scores per embedded window; each label keeps its highest window.
 
     ``unsafe`` is the unsafe head's probability, or with a fine-tuned ``encoder`` the
-    higher of that and the encoder's. A category scores that probability
-    scaled by how likely the category is relative to the most likely one: the most
-    likely category scores exactly ``unsafe``, so a category rule with the same
+    higher of that and the encoder's, or with a ``probe`` the calibrated blend of the
+    head's and the probe's (:meth:`guardrail.filters.probe.Probe.blend`). A category
+    scores that probability scaled by how likely the category is relative to the most
+    likely one: the most likely category scores exactly ``unsafe``, so a category rule with the same
     threshold as an ``unsafe`` rule fires for the category the text is most about.
     """
 
@@ -362,11 +407,15 @@ class EmbeddingHeadsEngine:
         heads: AupHeads,
         encoder: tuple[EncoderHead, Embedder] | None = None,
         windows: Callable[[str], list[str]] | None = None,
+        probe: ProbeScorer | None = None,
     ) -> None:
-        if encoder is not None and windows is None:
-            raise ValueError("a fine-tuned encoder needs the filter's windows")
+        if (encoder is not None or probe is not None) and windows is None:
+            raise ValueError("a fine-tuned encoder or a probe needs the filter's windows")
+        if encoder is not None and probe is not None:
+            raise ValueError("the probe is calibrated for the heads alone, not with an encoder")
         self._heads = heads
         self._encoder = encoder
+        self._probe = probe
         self._windows = windows
         self.labels = frozenset(heads.categories) | {"unsafe"}
 
@@ -386,6 +435,10 @@ class EmbeddingHeadsEngine:
             # positives), so the policy's threshold is chosen on dev for the pair.
             head, embedder = self._encoder
             unsafe = np.maximum(unsafe, head.score(await embedder.encode(self._windows(text))))
+        if self._probe is not None and self._windows is not None:
+            # The same windows through the probe, blended with the heads per window.
+            probed = await self._probe.unsafe(self._windows(text))
+            unsafe = self._probe.probe.blend(unsafe, probed)
         cats = self._heads.category_probabilities(embeddings)
         relative = cats / cats.max(axis=1, keepdims=True)
         per_label = (relative * unsafe[:, None]).max(axis=0)

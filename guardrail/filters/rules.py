@@ -708,7 +708,12 @@ def build_engine(
                 else _resolve(env.base_dir, settings.encoder)
             )
             encoder = _encoder(path, env)
-        engine: ClassifierEngine = EmbeddingHeadsEngine(heads, encoder, windows)
+        probe = None
+        if settings.probe is not None:  # never with an encoder: the settings refuse it
+            from guardrail.filters.probe import shared_probe
+
+            probe = shared_probe(settings.probe, env)
+        engine: ClassifierEngine = EmbeddingHeadsEngine(heads, encoder, windows, probe)
     else:
         engine = _llama_guard(settings, labels, env)
     unknown = sorted({label for label, _ in labels} - engine.labels)

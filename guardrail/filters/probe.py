@@ -1,0 +1,354 @@
+"""A linear probe on a causal LM's hidden states, for the acceptable-use ``unsafe`` score.
+
+Opt-in, as ``probe`` of an ``embedding-heads`` engine. The text runs through the first
+layers of a decoder (by default the embedded SmolLM2-135M-Instruct, which the gateway
+already prepares for ``--backend local``); the hidden states of a few layers, averaged
+over the text's tokens, go through a logistic head. A language model's middle layers
+carry more of a request's intent than a sentence encoder's embedding: on the dev split of
+``data/aup`` the probe blended with the heads finds more forbidden requests at the same
+false positives than the heads alone (README, acceptable use).
+
+The head is trained by ``scripts/train_aup_probe.py`` on ``data/aup``'s train split, for
+one model: the file keeps a corner of that model's input embeddings, and a model that does
+not match it is a :class:`ConfigError` (a probe read off another model's hidden states
+scores noise). The same script trains a probe for any other Llama-family checkpoint
+(``--model``), such as the one a deployment serves.
+
+Scores are blended in log-odds (:func:`mix_scores`), then calibrated so that the policy's
+thresholds keep their meaning: ``mix`` is the probe's weight, and ``knee`` the blend's
+value that the training script chose on dev (at most 1% of ordinary and 5% of look-alike
+dev prompts above it); the knee maps to 0.9, the default policy's threshold, linearly on
+each side. The map is monotone, so it changes no ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from guardrail.errors import ConfigError
+from guardrail.filters.batching import MicroBatcher
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from guardrail.filters.classifiers import ProbeSettings
+    from guardrail.guard.filter import BuildContext
+
+DEFAULT_AUP_PROBE = Path(__file__).parent / "data" / "aup_probe.npz"
+PROBE_VERSION = 1
+# The blend's dev threshold becomes this score: the default policy's threshold.
+CALIBRATED_KNEE = 0.9
+# Tokens of one text the probe reads; the rules filter's windows are shorter.
+MAX_TOKENS = 256
+# The corner of the input embedding matrix a probe file keeps to recognise its model.
+SIGNATURE_ROWS, SIGNATURE_COLUMNS = 8, 16
+
+
+@dataclass(frozen=True, eq=False)
+class Probe:
+    """A logistic head over the mean hidden states of ``layers`` (1-based: layer 12 is the
+    output of the twelfth decoder layer), standardised by ``mean`` and ``scale``."""
+
+    layers: tuple[int, ...]
+    mean: npt.NDArray[np.float32]
+    scale: npt.NDArray[np.float32]
+    coef: npt.NDArray[np.float32]
+    intercept: float
+    mix: float
+    knee: float
+    signature: npt.NDArray[np.float32]
+
+    def save(self, path: Path) -> None:
+        import numpy as np
+
+        np.savez_compressed(
+            path,
+            layers=np.array(self.layers),
+            mean=self.mean,
+            scale=self.scale,
+            coef=self.coef,
+            intercept=np.array(self.intercept),
+            mix=np.array(self.mix),
+            knee=np.array(self.knee),
+            signature=self.signature,
+            feature_version=np.array(PROBE_VERSION),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Probe:
+        """Read plain arrays (no pickle); a file that does not hold a consistent probe is
+        a :class:`ConfigError`."""
+        import numpy as np
+
+        from guardrail.filters.weights import read_arrays
+
+        data = read_arrays(path, "probe weights", PROBE_VERSION)
+        try:
+            probe = cls(
+                layers=tuple(int(n) for n in data["layers"]),
+                mean=data["mean"].astype(np.float32),
+                scale=data["scale"].astype(np.float32),
+                coef=data["coef"].astype(np.float32),
+                intercept=float(data["intercept"]),
+                mix=float(data["mix"]),
+                knee=float(data["knee"]),
+                signature=data["signature"].astype(np.float32),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"cannot read probe weights {path}: {e}") from e
+        width = probe.coef.shape[0] if probe.coef.ndim == 1 else -1
+        if (
+            not probe.layers
+            or min(probe.layers) < 1
+            or width < 1
+            or width % len(probe.layers)
+            or probe.mean.shape != (width,)
+            or probe.scale.shape != (width,)
+            or not np.all(probe.scale > 0)
+        ):
+            raise ConfigError(
+                f"probe weights {path}: layers, mean, scale and coef do not fit together"
+            )
+        if not (0.0 <= probe.mix <= 1.0 and 0.0 < probe.knee < 1.0):
+            raise ConfigError(f"probe weights {path}: mix must be in [0, 1] and knee in (0, 1)")
+        if probe.signature.shape != (SIGNATURE_ROWS, SIGNATURE_COLUMNS):
+            raise ConfigError(f"probe weights {path}: signature is not {SIGNATURE_ROWS}x16")
+        return probe
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.coef.shape[0]) // len(self.layers)
+
+    def check_model(self, decoder: Any, where: str) -> None:
+        """Refuse a decoder other than the one the probe was trained on."""
+        import numpy as np
+
+        hidden = int(decoder.config.hidden_size)
+        count = len(decoder.layers)
+        if hidden != self.hidden_size or max(self.layers) > count:
+            raise ConfigError(
+                f"the probe reads {self.hidden_size}-wide hidden states of layers "
+                f"{list(self.layers)}; {where} has {count} layers of width {hidden}: "
+                "train a probe for it with scripts/train_aup_probe.py"
+            )
+        if not np.allclose(signature(decoder), self.signature, atol=2e-2):
+            raise ConfigError(
+                f"the probe was trained on another model than {where} (their input "
+                "embeddings differ): train a probe for it with scripts/train_aup_probe.py"
+            )
+
+    def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The probe's probability of a forbidden request, one per row of features."""
+        import numpy as np
+
+        z = ((features - self.mean) / self.scale) @ self.coef + self.intercept
+        out: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(
+            np.float32
+        )
+        return out
+
+    def blend(
+        self, heads: npt.NDArray[np.float32], probe: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float32]:
+        """The calibrated blend of the heads' and the probe's ``unsafe`` scores."""
+        return calibrate(mix_scores(heads, probe, self.mix), self.knee)
+
+
+def mix_scores(
+    heads: npt.NDArray[np.floating[Any]], probe: npt.NDArray[np.floating[Any]], mix: float
+) -> npt.NDArray[np.float32]:
+    """The probability whose log-odds are the weighted mean of the two scores' log-odds
+    (``mix`` the probe's weight). In log-odds a sure score outweighs a doubtful one: the
+    heads' 0.997 for "how do i c00k m3th at home" still blocks next to the probe's 0.24,
+    where a plain average (0.49) let it through; on the dev split it also finds a little
+    more at the same false positives."""
+    import numpy as np
+
+    def log_odds(p: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]:
+        q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1.0 - 1e-6)
+        out: npt.NDArray[np.float64] = np.log(q / (1.0 - q))
+        return out
+
+    z = (1.0 - mix) * log_odds(heads) + mix * log_odds(probe)
+    result: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+    return result
+
+
+def calibrate(scores: npt.NDArray[np.float32], knee: float) -> npt.NDArray[np.float32]:
+    """``knee`` to :data:`CALIBRATED_KNEE`, 0 to 0 and 1 to 1, linear in between."""
+    import numpy as np
+
+    k = CALIBRATED_KNEE
+    out = np.where(
+        scores <= knee,
+        scores * (k / knee),
+        k + (scores - knee) * ((1.0 - k) / (1.0 - knee)),
+    )
+    result: npt.NDArray[np.float32] = np.clip(out, 0.0, 1.0).astype(np.float32)
+    return result
+
+
+def signature(decoder: Any) -> npt.NDArray[np.float32]:
+    """The corner of ``decoder``'s input embedding matrix that identifies it."""
+    import numpy as np
+
+    weight = decoder.get_input_embeddings().weight
+    corner = weight[:SIGNATURE_ROWS, :SIGNATURE_COLUMNS].detach().float().cpu().numpy()
+    result: npt.NDArray[np.float32] = np.asarray(corner, dtype=np.float32)
+    return result
+
+
+def decoder_of(model: Any, layers: Sequence[int]) -> Any:
+    """The decoder stack of a causal LM, cut after the deepest of ``layers`` (changed in
+    place: give it a copy of its own, never a model that generates)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    stack = getattr(base, "layers", None)
+    if base is None or stack is None or not hasattr(base, "get_input_embeddings"):
+        raise ConfigError(
+            f"the probe needs a decoder with a list of layers; {type(model).__name__} has none"
+        )
+    if max(layers) > len(stack):
+        raise ConfigError(f"the probe reads layer {max(layers)}; the model has {len(stack)} layers")
+    base.layers = stack[: max(layers)]
+    base.eval()
+    return base
+
+
+def hidden_features(
+    decoder: Any, tokenizer: Any, texts: Sequence[str], layers: Sequence[int]
+) -> npt.NDArray[np.float32]:
+    """Per text, the hidden states of ``layers`` averaged over its tokens, side by side
+    (blocking). The outputs are taken from the layers themselves, not from the model's
+    ``hidden_states``, whose last entry some versions pass through the final norm."""
+    import numpy as np
+    import torch
+
+    if not texts:
+        width = int(decoder.config.hidden_size) * len(layers)
+        return np.zeros((0, width), dtype=np.float32)
+    caught: dict[int, Any] = {}
+
+    def keep(index: int) -> Any:
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            caught[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [decoder.layers[n - 1].register_forward_hook(keep(n)) for n in layers]
+    try:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        rows = [
+            tokenizer(t, add_special_tokens=True, truncation=True, max_length=MAX_TOKENS)[
+                "input_ids"
+            ]
+            or [pad]
+            for t in texts
+        ]
+        width = max(map(len, rows))
+        device = decoder.get_input_embeddings().weight.device
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # right padding: a causal model's tokens never see it
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        with torch.inference_mode():
+            decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            weights = mask.to(device).unsqueeze(-1).float()
+            pooled = [
+                (caught[n].float() * weights).sum(1) / weights.sum(1).clamp(min=1.0) for n in layers
+            ]
+            out = torch.cat(pooled, dim=1).cpu().numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
+    result: npt.NDArray[np.float32] = out.astype(np.float32)
+    return result
+
+
+class ProbeScorer:
+    """A probe on its own copy of its model, scoring texts in micro-batches on the
+    executor (concurrent requests share a forward pass)."""
+
+    def __init__(self, probe: Probe, decoder: Any, tokenizer: Any, executor: Executor) -> None:
+        self.probe = probe
+        self._decoder = decoder
+        self._tokenizer = tokenizer
+        self._batcher: MicroBatcher[str, float] = MicroBatcher(
+            lambda texts: [float(s) for s in self.unsafe_sync(list(texts))],
+            executor,
+            max_batch=16,
+            max_wait_s=0.002,
+        )
+
+    def unsafe_sync(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        """The probe's probability per text (blocking)."""
+        features = hidden_features(self._decoder, self._tokenizer, texts, self.probe.layers)
+        return self.probe.predict(features)
+
+    async def unsafe(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        import asyncio
+
+        import numpy as np
+
+        scores = await asyncio.gather(*(self._batcher.submit(t) for t in texts))
+        return np.asarray(scores, dtype=np.float32)
+
+
+def probe_model_source(settings: ProbeSettings, env: BuildContext) -> str:
+    """The model folder or file of ``settings.model``; 'embedded' must be prepared."""
+    if settings.model != "embedded":
+        path = Path(settings.model).expanduser()
+        return str(path if path.is_absolute() else env.base_dir / path)
+    from guardrail.backends.embedded import embedded_model_path
+
+    folder = embedded_model_path(env.cache_dir)
+    if folder is None:
+        raise ConfigError(
+            "the probe reads the embedded model, which is not prepared: run "
+            "'guardrail model prepare' (or give the probe a model folder)"
+        )
+    return str(folder)
+
+
+def shared_probe(settings: ProbeSettings, env: BuildContext) -> ProbeScorer:
+    """The probe of ``settings`` on its own truncated copy of its model: one per process,
+    weights file version and executor."""
+    from guardrail.backends.local import load_local_model
+    from guardrail.filters.weights import file_stamp
+
+    path = DEFAULT_AUP_PROBE if settings.weights == "default" else Path(settings.weights)
+    if not path.is_absolute():
+        path = env.base_dir / path
+    stamp = file_stamp(path)
+    probe = env.resources.get(
+        ("aup-probe", str(path.resolve())), lambda: Probe.load(path), version=stamp
+    )
+    source = probe_model_source(settings, env)
+
+    def load() -> tuple[Any, Any]:
+        model, tokenizer = load_local_model(
+            source,
+            dtype=settings.dtype,
+            device=settings.device,
+            allow_downloads=env.allow_downloads,
+            cache_dir=env.cache_dir,
+        )
+        decoder = decoder_of(model, probe.layers)
+        probe.check_model(decoder, source)
+        return decoder, tokenizer
+
+    decoder, tokenizer = env.resources.get(
+        ("aup-probe-model", str(path.resolve()), source, settings.device, settings.dtype),
+        load,
+        version=stamp,
+    )
+    return env.resources.get(
+        ("aup-probe-scorer", str(path.resolve()), source, settings.device, env.executor),
+        lambda: ProbeScorer(probe, decoder, tokenizer, env.executor),
+        version=stamp,
+    )
