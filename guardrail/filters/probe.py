@@ -23,6 +23,7 @@ each side. The map is monotone, so it changes no ranking.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ CALIBRATED_KNEE = 0.9
 MAX_TOKENS = 256
 # The corner of the input embedding matrix a probe file keeps to recognise its model.
 SIGNATURE_ROWS, SIGNATURE_COLUMNS = 8, 16
+# One probe forward pass at a time: each pass hangs its hooks on the shared layers, and
+# hooks fire for every pass through them, so two at once would read each other's states
+# (a shadow policy's executor, or two batches, can call at the same moment).
+_FORWARD = threading.Lock()
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,11 +231,20 @@ def hidden_features(
     (blocking). The outputs are taken from the layers themselves, not from the model's
     ``hidden_states``, whose last entry some versions pass through the final norm."""
     import numpy as np
-    import torch
 
     if not texts:
         width = int(decoder.config.hidden_size) * len(layers)
         return np.zeros((0, width), dtype=np.float32)
+    with _FORWARD:
+        return _pooled(decoder, tokenizer, texts, layers)
+
+
+def _pooled(
+    decoder: Any, tokenizer: Any, texts: Sequence[str], layers: Sequence[int]
+) -> npt.NDArray[np.float32]:
+    import numpy as np
+    import torch
+
     caught: dict[int, Any] = {}
 
     def keep(index: int) -> Any:
