@@ -66,6 +66,26 @@ def rows_for(model: Any, groups: list[Group]) -> dict[str, np.ndarray]:
     }
 
 
+def groups_of(eval_dir: Path) -> dict[str, list[Group]]:
+    """Our items ("ours", with their dev flags) and TruthfulQA's "dev" and "test" halves."""
+    items = training.load(ROOT / "data" / "grounding")
+    out: dict[str, list[Group]] = {"ours": []}
+    for i, item in enumerate(items):
+        supported, unsupported = training.answers_of(items, i)
+        answers = [(a, 1) for a in supported] + [(a, 0) for a in unsupported]
+        question = str(item["question"])
+        out["ours"].append((str(item["context"]), question, answers, training.is_dev(question)))
+    for half in ("dev", "test"):
+        by_question: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        path = eval_dir / f"truthfulqa-grounded-{half}.jsonl"
+        for line in path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            label = 1 if r["label"] == "allow" else 0
+            by_question.setdefault((r["context"], r["prompt"]), []).append((r["text"], label))
+        out[half] = [(c, q, a, False) for (c, q), a in by_question.items()]
+    return out
+
+
 def inputs(d: dict[str, np.ndarray], kind: str) -> np.ndarray:
     parts = [d["h"]]
     if "prod" in kind:
@@ -85,23 +105,7 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
 
     model = load_sentence_model()
-    items = training.load(ROOT / "data" / "grounding")
-    ours: list[Group] = []
-    for i, item in enumerate(items):
-        supported, unsupported = training.answers_of(items, i)
-        answers = [(a, 1) for a in supported] + [(a, 0) for a in unsupported]
-        question = str(item["question"])
-        ours.append((str(item["context"]), question, answers, training.is_dev(question)))
-    data = {"ours": rows_for(model, ours)}
-    for half in ("dev", "test"):
-        path = args.eval_dir / f"truthfulqa-grounded-{half}.jsonl"
-        by_question: dict[tuple[str, str], list[tuple[str, int]]] = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            label = 1 if r["label"] == "allow" else 0
-            by_question.setdefault((r["context"], r["prompt"]), []).append((r["text"], label))
-        groups = [(c, q, a, False) for (c, q), a in by_question.items()]
-        data[half] = rows_for(model, groups)
+    data = {name: rows_for(model, groups) for name, groups in groups_of(args.eval_dir).items()}
     o, tqa_dev, tqa_test = data["ours"], data["dev"], data["test"]
     train = ~o["dev"]
     for kind in ("h", "prod", "prod+diff", "prod+diff+q"):

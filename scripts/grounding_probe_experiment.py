@@ -16,7 +16,6 @@ and ``--weight`` (pick them on dev first) is scored once on the test half.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,32 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import train_grounding as training  # noqa: E402
-from grounding_mix_experiment import Group, rows_for  # noqa: E402
+from grounding_mix_experiment import groups_of, rows_for  # noqa: E402
 
 from guardrail.filters.embedder import load_sentence_model  # noqa: E402
 from guardrail.filters.grounding import DEFAULT_HEAD, SupportHead  # noqa: E402
+from guardrail.filters.probe import mix_scores  # noqa: E402
 
 LAYERS = (6, 9, 12, 15, 18, 21, 24, 27, 30)
-
-
-def groups_of(eval_dir: Path) -> dict[str, list[Group]]:
-    items = training.load(ROOT / "data" / "grounding")
-    out: dict[str, list[Group]] = {"ours": []}
-    for i, item in enumerate(items):
-        supported, unsupported = training.answers_of(items, i)
-        answers = [(a, 1) for a in supported] + [(a, 0) for a in unsupported]
-        question = str(item["question"])
-        out["ours"].append((str(item["context"]), question, answers, training.is_dev(question)))
-    for half in ("dev", "test"):
-        by_question: dict[tuple[str, str], list[tuple[str, int]]] = {}
-        path = eval_dir / f"truthfulqa-grounded-{half}.jsonl"
-        for line in path.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            label = 1 if r["label"] == "allow" else 0
-            by_question.setdefault((r["context"], r["prompt"]), []).append((r["text"], label))
-        out[half] = [(c, q, a, False) for (c, q), a in by_question.items()]
-    return out
 
 
 def states(lm: Any, tokenizer: Any, rows: list[tuple[str, str, str]]) -> dict[str, np.ndarray]:
@@ -83,12 +63,6 @@ def states(lm: Any, tokenizer: Any, rows: list[tuple[str, str, str]]) -> dict[st
             mean[i] = np.concatenate([hidden[n][j, begin:end].mean(0).numpy() for n in LAYERS])
             last[i] = np.concatenate([hidden[n][j, end - 1].numpy() for n in LAYERS])
     return {"mean": np.stack(mean), "last": np.stack(last)}
-
-
-def log_odds(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    result: np.ndarray = np.log(p / (1 - p))
-    return result
 
 
 def main() -> None:
@@ -145,7 +119,7 @@ def main() -> None:
     print(f"head alone: {roc_auc_score(other['y'], other['head']):.3f} on {halves[1]}")
     if args.test:
         own, scores = fit(args.pool, LAYERS.index(args.layer), args.c)
-        blend = args.weight * log_odds(scores) + (1 - args.weight) * log_odds(other["head"])
+        blend = mix_scores(other["head"], scores, args.weight)
         print(
             f"probe: ours-dev {own:.3f}, test {roc_auc_score(other['y'], scores):.3f}, "
             f"blend {roc_auc_score(other['y'], blend):.3f}"
@@ -156,9 +130,7 @@ def main() -> None:
             for c in (0.001, 0.01):
                 own, scores = fit(pool, index, c)
                 blends = [
-                    roc_auc_score(
-                        other["y"], w * log_odds(scores) + (1 - w) * log_odds(other["head"])
-                    )
+                    roc_auc_score(other["y"], mix_scores(other["head"], scores, w))
                     for w in (0.2, 0.33, 0.5)
                 ]
                 print(
