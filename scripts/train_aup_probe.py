@@ -46,7 +46,7 @@ from guardrail.filters.probe import (  # noqa: E402
     Probe,
     calibrate,
     decoder_of,
-    hidden_features,
+    features_in_batches,
     mix_scores,
     signature,
 )
@@ -119,13 +119,7 @@ def main() -> None:
     model, tokenizer = load_local_model(str(source), dtype="fp32", device=args.device)
     decoder = decoder_of(model, args.layers)
     started = time.perf_counter()
-    order = np.argsort([len(t) for t in texts])  # similar lengths batch with little padding
-    parts = [
-        hidden_features(decoder, tokenizer, [texts[j] for j in order[i : i + 32]], args.layers)
-        for i in range(0, len(order), 32)
-    ]
-    features = np.empty((len(texts), parts[0].shape[1]), dtype=np.float64)
-    features[order] = np.concatenate(parts)
+    features = features_in_batches(decoder, tokenizer, texts, args.layers)
     print(f"hidden states of {len(texts)} texts in {time.perf_counter() - started:.0f} s")
 
     train = ~dev

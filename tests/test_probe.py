@@ -207,7 +207,7 @@ def test_a_probe_file_round_trips_and_blends_as_saved(
         ({"scale": np.zeros(1152, np.float32)}, "do not fit together"),
         ({"layers": (0, 18)}, "do not fit together"),
         ({"mix": 1.5}, "mix must be in"),
-        ({"knee": 1.0}, "knee in"),
+        ({"knee": 1.0}, "knee and target in"),
         ({"signature": np.zeros((2, 2), np.float32)}, "signature is not"),
     ],
 )

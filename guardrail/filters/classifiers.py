@@ -66,8 +66,9 @@ class ProbeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     weights: Annotated[
         str,
         _doc(
-            "Probe file (.npz) written by scripts/train_aup_probe.py, relative to the "
-            "policy file, or 'default' for the one shipped for the embedded model."
+            "Probe file (.npz) written by scripts/train_aup_probe.py (for groundedness: "
+            "scripts/train_grounding_probe.py), relative to the policy file, or 'default' "
+            "for the one shipped for the embedded model."
         ),
     ] = "default"
     model: Annotated[

@@ -24,7 +24,11 @@ beyond the shared sentence embedder (all-MiniLM-L6-v2):
 The head is trained by ``scripts/train_grounding.py`` on the hand-written
 ``data/grounding`` set (never on an evaluation set); its weights are
 ``data/grounding_head.npz``. A judge model (an NLI-style yes/no question put to a local
-causal LM) can be blended in where one is configured; see :class:`LocalJudge`.
+causal LM) can be blended in where one is configured; see :class:`LocalJudge`. So can a
+probe (opt-in): a logistic head on a causal LM's hidden states over the claim, read after
+``Source: ... Question: ... Answer:`` (:func:`probe_pair`; :mod:`guardrail.filters.probe`),
+trained by ``scripts/train_grounding_probe.py`` on the same items, used when the
+question is known.
 
 Heavy libraries (numpy, torch) are imported inside functions.
 """
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from guardrail.filters.embedder import Embedder
+    from guardrail.filters.probe import ProbeScorer
 
 FEATURES = (
     "cosine",
@@ -351,6 +356,21 @@ def claims_of(text: str) -> list[tuple[int, int, int]]:
     return out
 
 
+# The probe's reading of a claim: the sources and the question in front, then the claim.
+PROBE_QUESTION_CHARS = 1000
+
+
+def probe_pair(
+    sources: Sequence[str], question: str, claim: str, max_chars: int
+) -> tuple[str, str]:
+    """``(prefix, text)`` for the groundedness probe: ``Source: ... Question: ...
+    Answer:`` (the sources cut to ``max_chars``) and `` claim``. Training and serving
+    build it here alike."""
+    source = "\n".join(sources)[:max_chars]
+    asked = question[:PROBE_QUESTION_CHARS]
+    return f"Source: {source}\nQuestion: {asked}\nAnswer:", f" {claim}"
+
+
 class LocalJudge:
     """Asks a causal LM whether a source supports a claim: P("yes") against P("no").
 
@@ -426,6 +446,8 @@ class GroundingScorer:
         max_claims: int = 256,
         judge: LocalJudge | None = None,
         judge_weight: float = 0.5,
+        probe: ProbeScorer | None = None,
+        probe_chars: int = 2000,
         cache_size: int = 64,
         cache_chars: int = CACHE_CHARS,
     ) -> None:
@@ -435,6 +457,8 @@ class GroundingScorer:
         self._max_claims = max_claims
         self._judge = judge
         self._judge_weight = judge_weight
+        self._probe = probe
+        self._probe_chars = probe_chars
         self._cache: OrderedDict[str, tuple[Evidence, int]] = OrderedDict()
         self._cache_size = cache_size
         self._cache_chars = cache_chars
@@ -480,6 +504,11 @@ class GroundingScorer:
                 claims, vectors[: len(claims)], evidence, question, vectors[-1] if asked else None
             )
             supports = self._head.predict(rows, question=bool(asked))
+            if self._probe is not None and asked:  # trained with the question known only
+                live = [s for s in sources if s.strip()]
+                pairs = [probe_pair(live, asked[0], c, self._probe_chars) for c in claims]
+                probed = await self._probe.scores(pairs)
+                supports = self._probe.probe.blend(supports, probed).astype(np.float64)
             if self._judge is not None:
                 judged = np.asarray(await self._judge.judge("\n".join(sources), claims))
                 w = self._judge_weight

@@ -35,7 +35,12 @@ import msgspec
 
 from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError
-from guardrail.filters.classifiers import ModelDevice, ModelDType, shared_local_model
+from guardrail.filters.classifiers import (
+    ModelDevice,
+    ModelDType,
+    ProbeSettings,
+    shared_local_model,
+)
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, Grounder
 from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 
@@ -65,6 +70,17 @@ class JudgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_chars: Annotated[
         int, _doc("Longest source text put in the prompt."), msgspec.Meta(ge=100, le=200_000)
     ] = 4000
+
+
+class GroundingProbeSettings(ProbeSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A linear probe on a causal LM's hidden states, blended into each claim's support
+    (``weights``: a file of scripts/train_grounding_probe.py)."""
+
+    max_chars: Annotated[
+        int,
+        _doc("Most characters of the sources the probe reads in front of each claim."),
+        msgspec.Meta(ge=100, le=20_000),
+    ] = 2000
 
 
 class GroundednessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,6 +122,13 @@ class GroundednessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     ] = 256
     judge: Annotated[
         JudgeSettings | None, _doc("Optional judge model blended into each sentence's support.")
+    ] = None
+    probe: Annotated[
+        GroundingProbeSettings | None,
+        _doc(
+            "Optional probe on a causal LM's hidden states blended into each sentence's "
+            "support when the question is known (about 55 ms per sentence on 2 CPU cores)."
+        ),
     ] = None
 
 
@@ -454,9 +477,11 @@ def cutoff_spans(
 def shared_scorer(
     env: BuildContext,
     weights: str | None = None,
+    *,
     max_units: int = 128,
     judge: JudgeSettings | None = None,
     max_claims: int = 256,
+    probe: GroundingProbeSettings | None = None,
 ) -> GroundingScorer:
     """The process's :class:`GroundingScorer` for these settings (kept across reloads)."""
     from pathlib import Path
@@ -478,7 +503,21 @@ def shared_scorer(
     if judge is not None:
         model, tokenizer = shared_local_model(env, judge.model, judge.device, judge.dtype)
         local_judge = LocalJudge(model, tokenizer, env.executor, judge.max_chars)
-    key = ("grounding-scorer", str(path.resolve()), max_units, max_claims, judge, env.executor)
+    probe_scorer = None
+    if probe is not None:
+        from guardrail.filters.probe import DEFAULT_GROUNDING_PROBE, shared_probe
+
+        probe_scorer = shared_probe(probe, env, DEFAULT_GROUNDING_PROBE)
+    key = (
+        "grounding-scorer",
+        str(path.resolve()),
+        max_units,
+        max_claims,
+        judge,
+        probe_scorer,
+        probe.max_chars if probe else 0,
+        env.executor,
+    )
     return env.resources.get(
         key,
         lambda: GroundingScorer(
@@ -488,6 +527,8 @@ def shared_scorer(
             max_claims=max_claims,
             judge=local_judge,
             judge_weight=judge.weight if judge else 0.0,
+            probe=probe_scorer,
+            probe_chars=probe.max_chars if probe else 0,
         ),
         version=stamp,  # the scorer holds the head: a new head needs a new scorer
     )
@@ -534,11 +575,8 @@ class HallucinationFilter:
         self.name = name
         self.stages = frozenset(Stage)
         self._config = config
-        g = config.groundedness
-        self.scorer = (
-            shared_scorer(env, g.weights, g.max_units, g.judge, g.max_claims) if g.enabled else None
-        )
         self._env = env
+        self.scorer = self._lazy_scorer() if config.groundedness.enabled else None
         cutoff = config.cutoff
         try:
             self._cutoff = parse_date(cutoff.date) if cutoff.date else None
@@ -559,7 +597,14 @@ class HallucinationFilter:
 
     def _lazy_scorer(self) -> GroundingScorer:
         g = self._config.groundedness
-        return shared_scorer(self._env, g.weights, g.max_units, g.judge, g.max_claims)
+        return shared_scorer(
+            self._env,
+            g.weights,
+            max_units=g.max_units,
+            judge=g.judge,
+            max_claims=g.max_claims,
+            probe=g.probe,
+        )
 
     def cutoff_for(self, model: str | None) -> tuple[int, int] | None:
         if model:

@@ -1,6 +1,8 @@
-"""A linear probe on a causal LM's hidden states, for the acceptable-use ``unsafe`` score.
+"""A linear probe on a causal LM's hidden states, for the acceptable-use ``unsafe`` score
+and for groundedness.
 
-Opt-in, as ``probe`` of an ``embedding-heads`` engine. The text runs through the first
+Opt-in, as ``probe`` of an ``embedding-heads`` engine (and of a hallucination filter's
+``groundedness``: see :mod:`guardrail.filters.grounding`). The text runs through the first
 layers of a decoder (by default the embedded SmolLM2-135M-Instruct, which the gateway
 already prepares for ``--backend local``); the hidden states of a few layers, averaged
 over the text's tokens, go through a logistic head. A language model's middle layers
@@ -18,7 +20,12 @@ Scores are blended in log-odds (:func:`mix_scores`), then calibrated so that the
 thresholds keep their meaning: ``mix`` is the probe's weight, and ``knee`` the blend's
 value that the training script chose on dev (at most 1% of ordinary and 5% of look-alike
 dev prompts above it); the knee maps to 0.9, the default policy's threshold, linearly on
-each side. The map is monotone, so it changes no ranking.
+each side. The map is monotone, so it changes no ranking. A groundedness probe maps its
+knee to the groundedness threshold (0.4) instead: its file says so (``target``).
+
+A probe may read only part of a text: given a *prefix* (a groundedness probe's
+``Source: ... Question: ... Answer:``), the prefix's tokens are run but only the tokens
+after it are averaged.
 """
 
 from __future__ import annotations
@@ -41,11 +48,15 @@ if TYPE_CHECKING:
     from guardrail.guard.filter import BuildContext
 
 DEFAULT_AUP_PROBE = Path(__file__).parent / "data" / "aup_probe.npz"
+DEFAULT_GROUNDING_PROBE = Path(__file__).parent / "data" / "grounding_probe.npz"
+TRAINERS = "scripts/train_aup_probe.py or scripts/train_grounding_probe.py, --model"
 PROBE_VERSION = 1
 # The blend's dev threshold becomes this score: the default policy's threshold.
 CALIBRATED_KNEE = 0.9
 # Tokens of one text the probe reads; the rules filter's windows are shorter.
 MAX_TOKENS = 256
+# Tokens of a prefix and its text together (callers cap the prefix's characters).
+MAX_PAIR_TOKENS = 1024
 # The corner of the input embedding matrix a probe file keeps to recognise its model.
 SIGNATURE_ROWS, SIGNATURE_COLUMNS = 8, 16
 # One probe forward pass at a time: each pass hangs its hooks on the shared layers, and
@@ -67,6 +78,7 @@ class Probe:
     mix: float
     knee: float
     signature: npt.NDArray[np.float32]
+    target: float = CALIBRATED_KNEE
 
     def save(self, path: Path) -> None:
         import numpy as np
@@ -81,6 +93,7 @@ class Probe:
             mix=np.array(self.mix),
             knee=np.array(self.knee),
             signature=self.signature,
+            target=np.array(self.target),
             feature_version=np.array(PROBE_VERSION),
         )
 
@@ -103,6 +116,8 @@ class Probe:
                 mix=float(data["mix"]),
                 knee=float(data["knee"]),
                 signature=data["signature"].astype(np.float32),
+                # Files from before groundedness probes calibrate to the AUP threshold.
+                target=float(data["target"]) if "target" in data else CALIBRATED_KNEE,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"cannot read probe weights {path}: {e}") from e
@@ -119,8 +134,10 @@ class Probe:
             raise ConfigError(
                 f"probe weights {path}: layers, mean, scale and coef do not fit together"
             )
-        if not (0.0 <= probe.mix <= 1.0 and 0.0 < probe.knee < 1.0):
-            raise ConfigError(f"probe weights {path}: mix must be in [0, 1] and knee in (0, 1)")
+        if not (0.0 <= probe.mix <= 1.0 and 0.0 < probe.knee < 1.0 and 0.0 < probe.target < 1.0):
+            raise ConfigError(
+                f"probe weights {path}: mix must be in [0, 1], knee and target in (0, 1)"
+            )
         if probe.signature.shape != (SIGNATURE_ROWS, SIGNATURE_COLUMNS):
             raise ConfigError(f"probe weights {path}: signature is not {SIGNATURE_ROWS}x16")
         return probe
@@ -139,16 +156,16 @@ class Probe:
             raise ConfigError(
                 f"the probe reads {self.hidden_size}-wide hidden states of layers "
                 f"{list(self.layers)}; {where} has {count} layers of width {hidden}: "
-                "train a probe for it with scripts/train_aup_probe.py"
+                f"train a probe for it ({TRAINERS})"
             )
         if not np.allclose(signature(decoder), self.signature, atol=2e-2):
             raise ConfigError(
                 f"the probe was trained on another model than {where} (their input "
-                "embeddings differ): train a probe for it with scripts/train_aup_probe.py"
+                f"embeddings differ): train a probe for it ({TRAINERS})"
             )
 
     def predict(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """The probe's probability of a forbidden request, one per row of features."""
+        """The probe's probability (a forbidden request, a supported claim), one per row."""
         import numpy as np
 
         z = ((features - self.mean) / self.scale) @ self.coef + self.intercept
@@ -158,10 +175,10 @@ class Probe:
         return out
 
     def blend(
-        self, heads: npt.NDArray[np.float32], probe: npt.NDArray[np.float32]
+        self, heads: npt.NDArray[np.floating[Any]], probe: npt.NDArray[np.floating[Any]]
     ) -> npt.NDArray[np.float32]:
-        """The calibrated blend of the heads' and the probe's ``unsafe`` scores."""
-        return calibrate(mix_scores(heads, probe, self.mix), self.knee)
+        """The calibrated blend of the heads' and the probe's scores."""
+        return calibrate(mix_scores(heads, probe, self.mix), self.knee, self.target)
 
 
 def mix_scores(
@@ -184,11 +201,13 @@ def mix_scores(
     return result
 
 
-def calibrate(scores: npt.NDArray[np.float32], knee: float) -> npt.NDArray[np.float32]:
-    """``knee`` to :data:`CALIBRATED_KNEE`, 0 to 0 and 1 to 1, linear in between."""
+def calibrate(
+    scores: npt.NDArray[np.floating[Any]], knee: float, target: float = CALIBRATED_KNEE
+) -> npt.NDArray[np.float32]:
+    """``knee`` to ``target``, 0 to 0 and 1 to 1, linear in between."""
     import numpy as np
 
-    k = CALIBRATED_KNEE
+    k = target
     out = np.where(
         scores <= knee,
         scores * (k / knee),
@@ -225,22 +244,67 @@ def decoder_of(model: Any, layers: Sequence[int]) -> Any:
 
 
 def hidden_features(
-    decoder: Any, tokenizer: Any, texts: Sequence[str], layers: Sequence[int]
+    decoder: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    prefixes: Sequence[str] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Per text, the hidden states of ``layers`` averaged over its tokens, side by side
-    (blocking). The outputs are taken from the layers themselves, not from the model's
-    ``hidden_states``, whose last entry some versions pass through the final norm."""
+    (blocking). With ``prefixes``, each text is read after its prefix and only its own
+    tokens are averaged. The outputs are taken from the layers themselves, not from the
+    model's ``hidden_states``, whose last entry some versions pass through the final norm."""
     import numpy as np
 
     if not texts:
         width = int(decoder.config.hidden_size) * len(layers)
         return np.zeros((0, width), dtype=np.float32)
+    if prefixes is not None and len(prefixes) != len(texts):
+        raise ValueError("one prefix per text")
+    rows = [_token_row(tokenizer, t, prefixes[i] if prefixes else "") for i, t in enumerate(texts)]
     with _FORWARD:
-        return _pooled(decoder, tokenizer, texts, layers)
+        return _pooled(decoder, tokenizer, rows, layers)
+
+
+def features_in_batches(
+    decoder: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    prefixes: Sequence[str] | None = None,
+    batch: int = 32,
+) -> npt.NDArray[np.float64]:
+    """:func:`hidden_features` of many texts (training), in batches of similar length so
+    little of each is padding; rows in the order of ``texts``."""
+    import numpy as np
+
+    sizes = [len(t) + (len(prefixes[i]) if prefixes else 0) for i, t in enumerate(texts)]
+    order = np.argsort(sizes, kind="stable")
+    width = int(decoder.config.hidden_size) * len(layers)
+    out = np.empty((len(texts), width), dtype=np.float64)
+    for start in range(0, len(order), batch):
+        rows = order[start : start + batch]
+        chosen = [prefixes[j] for j in rows] if prefixes else None
+        out[rows] = hidden_features(decoder, tokenizer, [texts[j] for j in rows], layers, chosen)
+    return out
+
+
+def _token_row(tokenizer: Any, text: str, prefix: str) -> tuple[list[int], int]:
+    """The token ids of ``prefix + text`` and where ``text``'s tokens start."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if not prefix:
+        ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=MAX_TOKENS)
+        return ids["input_ids"] or [pad], 0
+    # The prefix alone tokenizes as it does in front of the text when it ends at a word
+    # boundary ("Answer:" then " ..."), as the groundedness probe's does.
+    start = len(tokenizer(prefix, add_special_tokens=True)["input_ids"])
+    ids = tokenizer(prefix + text, add_special_tokens=True)["input_ids"][:MAX_PAIR_TOKENS]
+    return ids or [pad], min(start, max(len(ids) - 1, 0))
 
 
 def _pooled(
-    decoder: Any, tokenizer: Any, texts: Sequence[str], layers: Sequence[int]
+    decoder: Any, tokenizer: Any, rows: Sequence[tuple[list[int], int]], layers: Sequence[int]
 ) -> npt.NDArray[np.float32]:
     import numpy as np
     import torch
@@ -256,23 +320,18 @@ def _pooled(
     handles = [decoder.layers[n - 1].register_forward_hook(keep(n)) for n in layers]
     try:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        rows = [
-            tokenizer(t, add_special_tokens=True, truncation=True, max_length=MAX_TOKENS)[
-                "input_ids"
-            ]
-            or [pad]
-            for t in texts
-        ]
-        width = max(map(len, rows))
+        width = max(len(row) for row, _ in rows)
         device = decoder.get_input_embeddings().weight.device
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # right padding: a causal model's tokens never see it
+        pooled_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row, start) in enumerate(rows):  # right padding: causal tokens never see it
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
+            pooled_mask[i, start : len(row)] = 1
         with torch.inference_mode():
             decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            weights = mask.to(device).unsqueeze(-1).float()
+            weights = pooled_mask.to(device).unsqueeze(-1).float()
             pooled = [
                 (caught[n].float() * weights).sum(1) / weights.sum(1).clamp(min=1.0) for n in layers
             ]
@@ -292,25 +351,38 @@ class ProbeScorer:
         self.probe = probe
         self._decoder = decoder
         self._tokenizer = tokenizer
-        self._batcher: MicroBatcher[str, float] = MicroBatcher(
-            lambda texts: [float(s) for s in self.unsafe_sync(list(texts))],
+        self._batcher: MicroBatcher[tuple[str, str], float] = MicroBatcher(
+            lambda pairs: [float(s) for s in self.scores_sync(list(pairs))],
             executor,
             max_batch=16,
             max_wait_s=0.002,
         )
 
-    def unsafe_sync(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        """The probe's probability per text (blocking)."""
-        features = hidden_features(self._decoder, self._tokenizer, texts, self.probe.layers)
+    def scores_sync(self, pairs: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
+        """The probe's probability per ``(prefix, text)`` (blocking); "" is no prefix."""
+        features = hidden_features(
+            self._decoder,
+            self._tokenizer,
+            [text for _, text in pairs],
+            self.probe.layers,
+            [prefix for prefix, _ in pairs],
+        )
         return self.probe.predict(features)
 
-    async def unsafe(self, texts: list[str]) -> npt.NDArray[np.float32]:
+    def unsafe_sync(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        """The probe's probability per whole text (blocking)."""
+        return self.scores_sync([("", t) for t in texts])
+
+    async def scores(self, pairs: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
         import asyncio
 
         import numpy as np
 
-        scores = await asyncio.gather(*(self._batcher.submit(t) for t in texts))
-        return np.asarray(scores, dtype=np.float32)
+        found = await asyncio.gather(*(self._batcher.submit(p) for p in pairs))
+        return np.asarray(found, dtype=np.float32)
+
+    async def unsafe(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        return await self.scores([("", t) for t in texts])
 
 
 def probe_model_source(settings: ProbeSettings, env: BuildContext) -> str:
@@ -329,13 +401,17 @@ def probe_model_source(settings: ProbeSettings, env: BuildContext) -> str:
     return str(folder)
 
 
-def shared_probe(settings: ProbeSettings, env: BuildContext) -> ProbeScorer:
-    """The probe of ``settings`` on its own truncated copy of its model: one per process,
-    weights file version and executor."""
+def shared_probe(
+    settings: ProbeSettings,
+    env: BuildContext,
+    default: Path = DEFAULT_AUP_PROBE,
+) -> ProbeScorer:
+    """The probe of ``settings`` (``weights: default`` is ``default``) on its own truncated
+    copy of its model: one per process, weights file version and executor."""
     from guardrail.backends.local import load_local_model
     from guardrail.filters.weights import file_stamp
 
-    path = DEFAULT_AUP_PROBE if settings.weights == "default" else Path(settings.weights)
+    path = default if settings.weights == "default" else Path(settings.weights)
     if not path.is_absolute():
         path = env.base_dir / path
     stamp = file_stamp(path)
