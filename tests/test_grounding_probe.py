@@ -25,11 +25,13 @@ from guardrail.filters.probe import (
     CALIBRATED_KNEE,
     DEFAULT_AUP_PROBE,
     DEFAULT_GROUNDING_PROBE,
+    MAX_PAIR_TOKENS,
     Probe,
     decoder_of,
     features_in_batches,
     hidden_features,
     signature,
+    token_row,
 )
 from guardrail.guard.filter import BuildContext, SharedResources
 from guardrail.guard.types import FilterContext, Message, Stage
@@ -115,6 +117,19 @@ def test_training_features_come_back_in_the_texts_order(loaded: tuple[Any, Any],
     for i, claim in enumerate(claims):
         alone = hidden_features(cut, tokenizer, [claim], [18], [prefixes[i]])
         assert np.allclose(batched[i], alone[0], atol=1e-4)
+
+
+def test_a_prefix_too_long_loses_its_middle_never_the_claim(loaded: tuple[Any, Any]) -> None:
+    _, tokenizer = loaded
+    prefix = "Source: " + "many words of a long document " * 600 + "\nQuestion: Why?\nAnswer:"
+    ids, start = token_row(tokenizer, " It was completed in 1889.", prefix)
+    assert len(ids) == MAX_PAIR_TOKENS
+    assert tokenizer.decode(ids[start:]) == " It was completed in 1889."
+    assert tokenizer.decode(ids[:start]).startswith("Source: many words")
+    assert tokenizer.decode(ids[:start]).endswith("\nQuestion: Why?\nAnswer:")
+    short, at = token_row(tokenizer, " It was 1889.", "Source: x\nAnswer:")
+    assert tokenizer.decode(short) == "Source: x\nAnswer: It was 1889."
+    assert tokenizer.decode(short[at:]) == " It was 1889."
 
 
 def test_the_probe_reads_at_most_max_chars_of_the_sources() -> None:

@@ -261,7 +261,7 @@ def hidden_features(
         return np.zeros((0, width), dtype=np.float32)
     if prefixes is not None and len(prefixes) != len(texts):
         raise ValueError("one prefix per text")
-    rows = [_token_row(tokenizer, t, prefixes[i] if prefixes else "") for i, t in enumerate(texts)]
+    rows = [token_row(tokenizer, t, prefixes[i] if prefixes else "") for i, t in enumerate(texts)]
     with _FORWARD:
         return _pooled(decoder, tokenizer, rows, layers)
 
@@ -290,7 +290,7 @@ def features_in_batches(
     return out
 
 
-def _token_row(tokenizer: Any, text: str, prefix: str) -> tuple[list[int], int]:
+def token_row(tokenizer: Any, text: str, prefix: str) -> tuple[list[int], int]:
     """The token ids of ``prefix + text`` and where ``text``'s tokens start."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if not prefix:
@@ -298,9 +298,15 @@ def _token_row(tokenizer: Any, text: str, prefix: str) -> tuple[list[int], int]:
         return ids["input_ids"] or [pad], 0
     # The prefix alone tokenizes as it does in front of the text when it ends at a word
     # boundary ("Answer:" then " ..."), as the groundedness probe's does.
-    start = len(tokenizer(prefix, add_special_tokens=True)["input_ids"])
-    ids = tokenizer(prefix + text, add_special_tokens=True)["input_ids"][:MAX_PAIR_TOKENS]
-    return ids or [pad], min(start, max(len(ids) - 1, 0))
+    full = tokenizer(prefix + text, add_special_tokens=True)["input_ids"]
+    start = min(len(tokenizer(prefix, add_special_tokens=True)["input_ids"]), len(full))
+    own = full[start:][:MAX_TOKENS] or [pad]
+    before = full[:start]
+    room = MAX_PAIR_TOKENS - len(own)
+    if len(before) > room:  # too long: the middle of the prefix goes, never the text, and
+        # the prefix keeps its start and its end (the question and "Answer:")
+        before = before[: room // 2] + before[len(before) - (room - room // 2) :]
+    return before + own, len(before)
 
 
 def _pooled(
