@@ -1,7 +1,7 @@
 """Latency the hallucination filter adds to one response, on the real shipped head.
 
     .venv/bin/python benchmarks/bench_grounding.py [--runs 5] [--repeat 20]
-        [--precision auto|fp32|bf16]
+        [--precision auto|fp32|bf16] [--probe]
 
 Three shapes, each checked ``--repeat`` times per run (the median per run, then the
 median of runs is printed):
@@ -13,6 +13,10 @@ median of runs is printed):
   window of a stream after the first);
 - ``no-sources``: a five-sentence answer with no sources (citation and cutoff checks
   only).
+
+With ``--probe`` a second filter with ``groundedness: {probe: {}}`` (the embedded model's
+hidden states; needs ``guardrail model prepare``) checks the same texts right after the
+first, in the same run, and its medians and their ratio to the first's are printed too.
 
 The texts are written here; they only need realistic lengths.
 """
@@ -61,52 +65,67 @@ async def timed(filt: HallucinationFilter, text: str, ctx: FilterContext) -> flo
     return time.perf_counter() - started
 
 
-async def run(runs: int, repeat: int, precision: str = "auto") -> None:
+async def run(runs: int, repeat: int, precision: str = "auto", probe: bool = False) -> None:
     with ThreadPoolExecutor(2) as pool:
         env = BuildContext(executor=pool, embedding_precision=precision)
-        filt = HallucinationFilter("facts", msgspec.convert({}, HallucinationConfig), env)
+        configs = {"head": {}, "probe": {"groundedness": {"probe": {}}}}
+        filters = {
+            name: HallucinationFilter("facts", msgspec.convert(config, HallucinationConfig), env)
+            for name, config in configs.items()
+            if probe or name == "head"
+        }
         question = (Message("user", "When will my order arrive and can I return it?"),)
-        await filt.check(
-            ANSWER.format(n="warm"), FilterContext("warm", Stage.OUTPUT, messages=question)
-        )
-        results: dict[str, list[float]] = {}
+        warm = FilterContext("warm", Stage.OUTPUT, messages=question, context_documents=("x.",))
+        for filt in filters.values():
+            await filt.check(ANSWER.format(n="warm"), warm)
+        results: dict[tuple[str, str], list[float]] = {}
         counter = 0
         for _ in range(runs):
-            per: dict[str, list[float]] = {}
+            per: dict[tuple[str, str], list[float]] = {}
             for _ in range(repeat):
                 counter += 1
-                short_ctx = FilterContext(
-                    "s",
-                    Stage.OUTPUT,
-                    messages=(Message("user", "How long do refunds take?"),),
-                    context_documents=(f"Refunds take 10 days (case {counter}).",),
-                )
-                per.setdefault("short", []).append(
-                    await timed(filt, f"Refunds are paid within ten days ({counter}).", short_ctx)
-                )
-                docs = tuple(DOC.format(n=f"{counter}-{i}") for i in range(5))
-                rag_ctx = FilterContext(
-                    "r", Stage.OUTPUT, messages=question, context_documents=docs
-                )
-                answer = ANSWER.format(n=counter)
-                per.setdefault("rag", []).append(await timed(filt, answer, rag_ctx))
-                # the same sources, new answer text: a later window of the same stream
-                later = ANSWER.format(n=f"{counter}b")
-                per.setdefault("rag-stream", []).append(await timed(filt, later, rag_ctx))
-                per.setdefault("no-sources", []).append(
-                    await timed(filt, answer, FilterContext("n", Stage.OUTPUT, messages=question))
-                )
-            for shape, values in per.items():
-                results.setdefault(shape, []).append(statistics.median(values))
+                for name, filt in filters.items():
+                    n = f"{counter}{name}"  # each filter its own texts: no shared caches
+                    short_ctx = FilterContext(
+                        "s",
+                        Stage.OUTPUT,
+                        messages=(Message("user", "How long do refunds take?"),),
+                        context_documents=(f"Refunds take 10 days (case {n}).",),
+                    )
+                    per.setdefault((name, "short"), []).append(
+                        await timed(filt, f"Refunds are paid within ten days ({n}).", short_ctx)
+                    )
+                    docs = tuple(DOC.format(n=f"{n}-{i}") for i in range(5))
+                    rag_ctx = FilterContext(
+                        "r", Stage.OUTPUT, messages=question, context_documents=docs
+                    )
+                    answer = ANSWER.format(n=n)
+                    per.setdefault((name, "rag"), []).append(await timed(filt, answer, rag_ctx))
+                    # the same sources, new answer text: a later window of the same stream
+                    later = ANSWER.format(n=f"{n}b")
+                    per.setdefault((name, "rag-stream"), []).append(
+                        await timed(filt, later, rag_ctx)
+                    )
+                    per.setdefault((name, "no-sources"), []).append(
+                        await timed(
+                            filt, answer, FilterContext("n", Stage.OUTPUT, messages=question)
+                        )
+                    )
+            for key, values in per.items():
+                results.setdefault(key, []).append(statistics.median(values))
         print(
             f"median of {runs} runs of {repeat} checks each (ms), "
             f"encoder {resolve_precision(precision)}:"
         )
-        for shape, medians in results.items():
-            print(
-                f"  {shape:12s} {statistics.median(medians) * 1000:8.2f}"
+        for (name, shape), medians in results.items():
+            line = (
+                f"  {name:6s} {shape:12s} {statistics.median(medians) * 1000:8.2f}"
                 f"   (runs: {', '.join(f'{m * 1000:.1f}' for m in medians)})"
             )
+            if name != "head":
+                base = statistics.median(results["head", shape])
+                line += f"   {statistics.median(medians) / base:.1f}x the head's"
+            print(line)
 
 
 def main() -> None:
@@ -119,8 +138,11 @@ def main() -> None:
         default="auto",
         help="the sentence encoder's, as the embedding_precision setting",
     )
+    parser.add_argument(
+        "--probe", action="store_true", help="also time the filter with the probe, alternately"
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.runs, args.repeat, args.precision))
+    asyncio.run(run(args.runs, args.repeat, args.precision, args.probe))
 
 
 if __name__ == "__main__":

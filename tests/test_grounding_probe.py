@@ -25,9 +25,10 @@ from guardrail.filters.probe import (
     CALIBRATED_KNEE,
     DEFAULT_AUP_PROBE,
     DEFAULT_GROUNDING_PROBE,
-    MAX_PAIR_TOKENS,
+    PREFIX_TOKENS,
     Probe,
     decoder_of,
+    features_after,
     features_in_batches,
     hidden_features,
     signature,
@@ -119,11 +120,31 @@ def test_training_features_come_back_in_the_texts_order(loaded: tuple[Any, Any],
         assert np.allclose(batched[i], alone[0], atol=1e-4)
 
 
+def test_claims_after_one_prefix_reuse_its_run_and_get_the_same_features(
+    loaded: tuple[Any, Any], cut: Any
+) -> None:
+    """The prefix run once and its keys and values reused (in batches of 8) gives each
+    claim what reading prefix and claim whole gives; so does the fallback, taken when a
+    claim's tokens merge with the prefix's last one."""
+    _, tokenizer = loaded
+    prefix, _ = probe_pair([SOURCE], QUESTION, "", 2000)
+    claims = [f" Claim number {i} says the tower was finished in {1880 + i}." for i in range(9)]
+    claims.append(" Short.")
+    shared = features_after(cut, tokenizer, prefix, claims, [18])
+    whole = hidden_features(cut, tokenizer, claims, [18], [prefix] * len(claims))
+    assert shared.shape == whole.shape == (10, 576)
+    assert np.allclose(shared, whole, atol=1e-4)
+    merged = ["s are unclear.", " It was 1889."]  # "Answer" + "s" is one token
+    shared = features_after(cut, tokenizer, "Source: x\nAnswer", merged, [18])
+    whole = hidden_features(cut, tokenizer, merged, [18], ["Source: x\nAnswer"] * 2)
+    assert np.allclose(shared, whole, atol=1e-4)
+
+
 def test_a_prefix_too_long_loses_its_middle_never_the_claim(loaded: tuple[Any, Any]) -> None:
     _, tokenizer = loaded
     prefix = "Source: " + "many words of a long document " * 600 + "\nQuestion: Why?\nAnswer:"
     ids, start = token_row(tokenizer, " It was completed in 1889.", prefix)
-    assert len(ids) == MAX_PAIR_TOKENS
+    assert len(ids) == PREFIX_TOKENS + len(tokenizer(" It was completed in 1889.")["input_ids"])
     assert tokenizer.decode(ids[start:]) == " It was completed in 1889."
     assert tokenizer.decode(ids[:start]).startswith("Source: many words")
     assert tokenizer.decode(ids[:start]).endswith("\nQuestion: Why?\nAnswer:")
@@ -182,6 +203,26 @@ async def test_the_shipped_probe_is_blended_into_each_claims_support(
     right, wrong = scores["It was completed in 1889."], scores["It was completed in 1925."]
     assert right[1] > wrong[1]  # the probe alone
     assert right[2] > 0.4 > wrong[2]  # the blend, across the threshold
+
+
+async def test_the_sentences_of_one_answer_share_their_sources_run(
+    env: BuildContext, model_dir: Path
+) -> None:
+    """A longer answer's sentences are probed together after one run of the sources
+    (``scores_after``); each sentence's support is still its own blend."""
+    plain = make_filter(env, None).scorer
+    probed = make_filter(env, {"model": str(model_dir), "device": "cpu", "dtype": "fp32"}).scorer
+    assert plain is not None
+    assert probed is not None
+    assert probed._probe is not None
+    answer = "It was completed in 1889. It was the entrance to the World's Fair. It is blue."
+    heads = await plain.score(answer, [SOURCE], QUESTION)
+    blended = await probed.score(answer, [SOURCE], QUESTION)
+    assert len(blended.claims) == 3
+    claims = [answer[c.start : c.end] for c in heads.claims]
+    own = probed._probe.scores_sync([probe_pair([SOURCE], QUESTION, c, 2000) for c in claims])
+    expected = probed._probe.probe.blend(np.array([c.support for c in heads.claims]), own)
+    assert [c.support for c in blended.claims] == pytest.approx(list(expected), abs=1e-5)
 
 
 async def test_without_a_question_the_head_decides_alone(

@@ -507,7 +507,7 @@ class GroundingScorer:
             if self._probe is not None and asked:  # trained with the question known only
                 live = [s for s in sources if s.strip()]
                 pairs = [probe_pair(live, asked[0], c, self._probe_chars) for c in claims]
-                probed = await self._probe.scores(pairs)
+                probed = await self._probe.scores_after(pairs[0][0], [t for _, t in pairs])
                 supports = self._probe.probe.blend(supports, probed).astype(np.float64)
             if self._judge is not None:
                 judged = np.asarray(await self._judge.judge("\n".join(sources), claims))

@@ -55,8 +55,13 @@ PROBE_VERSION = 1
 CALIBRATED_KNEE = 0.9
 # Tokens of one text the probe reads; the rules filter's windows are shorter.
 MAX_TOKENS = 256
-# Tokens of a prefix and its text together (callers cap the prefix's characters).
+# Tokens of a prefix and its text together (callers cap the prefix's characters); a
+# longer prefix loses its middle down to PREFIX_TOKENS.
 MAX_PAIR_TOKENS = 1024
+PREFIX_TOKENS = MAX_PAIR_TOKENS - MAX_TOKENS
+# Texts read at once after one shared prefix (each holds its own copy of the prefix's
+# keys and values: 8 of 768 tokens through 18 SmolLM2 layers are about 170 MB).
+SHARED_PREFIX_BATCH = 8
 # The corner of the input embedding matrix a probe file keeps to recognise its model.
 SIGNATURE_ROWS, SIGNATURE_COLUMNS = 8, 16
 # One probe forward pass at a time: each pass hangs its hooks on the shared layers, and
@@ -302,51 +307,135 @@ def token_row(tokenizer: Any, text: str, prefix: str) -> tuple[list[int], int]:
     start = min(len(tokenizer(prefix, add_special_tokens=True)["input_ids"]), len(full))
     own = full[start:][:MAX_TOKENS] or [pad]
     before = full[:start]
-    room = MAX_PAIR_TOKENS - len(own)
-    if len(before) > room:  # too long: the middle of the prefix goes, never the text, and
-        # the prefix keeps its start and its end (the question and "Answer:")
-        before = before[: room // 2] + before[len(before) - (room - room // 2) :]
+    if len(before) > PREFIX_TOKENS:  # too long: the middle of the prefix goes, never the
+        # text, and the prefix keeps its start and its end (the question and "Answer:")
+        half = PREFIX_TOKENS // 2
+        before = before[:half] + before[len(before) - (PREFIX_TOKENS - half) :]
     return before + own, len(before)
+
+
+def features_after(
+    decoder: Any, tokenizer: Any, prefix: str, texts: Sequence[str], layers: Sequence[int]
+) -> npt.NDArray[np.float32]:
+    """What ``hidden_features(decoder, tokenizer, texts, layers, [prefix] * len(texts))``
+    computes, with the prefix run once: its keys and values are kept and each text runs
+    after them (the claims of one answer share their sources). A single text, or texts
+    whose tokens do not all start at the prefix's end, go the plain way."""
+    import numpy as np
+
+    if len(texts) < 2:  # nothing to share: one pass, not two
+        return hidden_features(decoder, tokenizer, texts, layers, [prefix] * len(texts))
+    rows = [token_row(tokenizer, t, prefix) for t in texts]
+    head = rows[0][0][: rows[0][1]]
+    if not head or any(row[:start] != head for row, start in rows):
+        return hidden_features(decoder, tokenizer, texts, layers, [prefix] * len(texts))
+    import copy
+
+    import torch
+
+    tails = [row[start:] for row, start in rows]
+    device = decoder.get_input_embeddings().weight.device
+    parts = []
+    with _FORWARD, torch.inference_mode():
+        run = decoder(input_ids=torch.tensor([head], device=device), use_cache=True)
+        for i in range(0, len(tails), SHARED_PREFIX_BATCH):
+            chunk = tails[i : i + SHARED_PREFIX_BATCH]
+            past = copy.deepcopy(run.past_key_values)  # each chunk extends its own copy
+            past.batch_repeat_interleave(len(chunk))
+            parts.append(
+                _pooled_after(decoder, tokenizer, len(head), past=past, tails=chunk, layers=layers)
+            )
+    return np.concatenate(parts)
+
+
+class _Catch:
+    """Forward hooks keeping each of ``layers``' output while the block runs."""
+
+    def __init__(self, decoder: Any, layers: Sequence[int]) -> None:
+        self.decoder, self.layers = decoder, layers
+        self.caught: dict[int, Any] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> dict[int, Any]:
+        def keep(index: int) -> Any:
+            def hook(_module: Any, _inputs: Any, output: Any) -> None:
+                self.caught[index] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        self._handles = [
+            self.decoder.layers[n - 1].register_forward_hook(keep(n)) for n in self.layers
+        ]
+        return self.caught
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _mean_of(caught: dict[int, Any], weights: Any, layers: Sequence[int]) -> Any:
+    import torch
+
+    pooled = [(caught[n].float() * weights).sum(1) / weights.sum(1).clamp(min=1.0) for n in layers]
+    return torch.cat(pooled, dim=1).cpu().numpy().astype("float32")
+
+
+def _pooled_after(
+    decoder: Any,
+    tokenizer: Any,
+    done: int,
+    *,
+    past: Any,
+    tails: list[list[int]],
+    layers: Sequence[int],
+) -> npt.NDArray[np.float32]:
+    """The texts ``tails`` run after ``done`` tokens whose keys and values are ``past``
+    (one row per text); their own tokens' states averaged."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = decoder.get_input_embeddings().weight.device
+    width = max(map(len, tails))
+    ids = torch.full((len(tails), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(tails), done + width), dtype=torch.long)
+    mask[:, :done] = 1
+    for i, tail in enumerate(tails):  # right padding: causal tokens never see it
+        ids[i, : len(tail)] = torch.tensor(tail)
+        mask[i, done : done + len(tail)] = 1
+    positions = torch.arange(done, done + width).expand(len(tails), -1)
+    with _Catch(decoder, layers) as caught:
+        decoder(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            past_key_values=past,
+            use_cache=True,
+        )
+    weights = mask[:, done:].to(device).unsqueeze(-1).float()
+    out: npt.NDArray[np.float32] = _mean_of(caught, weights, layers)
+    return out
 
 
 def _pooled(
     decoder: Any, tokenizer: Any, rows: Sequence[tuple[list[int], int]], layers: Sequence[int]
 ) -> npt.NDArray[np.float32]:
-    import numpy as np
     import torch
 
-    caught: dict[int, Any] = {}
-
-    def keep(index: int) -> Any:
-        def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            caught[index] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    handles = [decoder.layers[n - 1].register_forward_hook(keep(n)) for n in layers]
-    try:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        width = max(len(row) for row, _ in rows)
-        device = decoder.get_input_embeddings().weight.device
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        pooled_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row, start) in enumerate(rows):  # right padding: causal tokens never see it
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-            pooled_mask[i, start : len(row)] = 1
-        with torch.inference_mode():
-            decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            weights = pooled_mask.to(device).unsqueeze(-1).float()
-            pooled = [
-                (caught[n].float() * weights).sum(1) / weights.sum(1).clamp(min=1.0) for n in layers
-            ]
-            out = torch.cat(pooled, dim=1).cpu().numpy()
-    finally:
-        for handle in handles:
-            handle.remove()
-    result: npt.NDArray[np.float32] = out.astype(np.float32)
-    return result
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(row) for row, _ in rows)
+    device = decoder.get_input_embeddings().weight.device
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    pooled_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, start) in enumerate(rows):  # right padding: causal tokens never see it
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        pooled_mask[i, start : len(row)] = 1
+    with torch.inference_mode(), _Catch(decoder, layers) as caught:
+        decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        weights = pooled_mask.to(device).unsqueeze(-1).float()
+        out: npt.NDArray[np.float32] = _mean_of(caught, weights, layers)
+    return out
 
 
 class ProbeScorer:
@@ -357,6 +446,7 @@ class ProbeScorer:
         self.probe = probe
         self._decoder = decoder
         self._tokenizer = tokenizer
+        self._executor = executor
         self._batcher: MicroBatcher[tuple[str, str], float] = MicroBatcher(
             lambda pairs: [float(s) for s in self.scores_sync(list(pairs))],
             executor,
@@ -374,6 +464,22 @@ class ProbeScorer:
             [prefix for prefix, _ in pairs],
         )
         return self.probe.predict(features)
+
+    def scores_after_sync(self, prefix: str, texts: list[str]) -> npt.NDArray[np.float32]:
+        """The probe's probability per text, all read after ``prefix`` (blocking)."""
+        features = features_after(self._decoder, self._tokenizer, prefix, texts, self.probe.layers)
+        return self.probe.predict(features)
+
+    async def scores_after(self, prefix: str, texts: list[str]) -> npt.NDArray[np.float32]:
+        """:meth:`scores_after_sync` on the executor: one request's texts are a batch of
+        their own, their prefix run once. A single text has nothing to share, so it joins
+        other requests' micro-batches instead."""
+        import asyncio
+
+        if len(texts) == 1:
+            return await self.scores([(prefix, texts[0])])
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.scores_after_sync, prefix, texts)
 
     def unsafe_sync(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """The probe's probability per whole text (blocking)."""
