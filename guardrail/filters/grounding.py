@@ -494,7 +494,8 @@ class GroundingScorer:
         if not spans:
             return Groundedness(1.0, ())
         claims = [text[a:b] for a, b, _ in spans]
-        evidence = await self.evidence([s for s in sources if s.strip()])
+        live = [s for s in sources if s.strip()]
+        evidence = await self.evidence(live)
         if not evidence.units:
             supports = np.zeros(len(claims))
         else:
@@ -505,7 +506,6 @@ class GroundingScorer:
             )
             supports = self._head.predict(rows, question=bool(asked))
             if self._probe is not None and asked:  # trained with the question known only
-                live = [s for s in sources if s.strip()]
                 pairs = [probe_pair(live, asked[0], c, self._probe_chars) for c in claims]
                 probed = await self._probe.scores_after(pairs[0][0], [t for _, t in pairs])
                 supports = self._probe.probe.blend(supports, probed).astype(np.float64)

@@ -481,10 +481,6 @@ class ProbeScorer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.scores_after_sync, prefix, texts)
 
-    def unsafe_sync(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        """The probe's probability per whole text (blocking)."""
-        return self.scores_sync([("", t) for t in texts])
-
     async def scores(self, pairs: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
         import asyncio
 
