@@ -11,12 +11,16 @@ median of runs is printed):
   each, sources new each time (no evidence cache: what a fresh request pays);
 - ``rag-stream``: a new answer against the same sources, already embedded (each
   window of a stream after the first);
+- ``sentence``: one new sentence against the same sources (a stream's later window in
+  ``sentence`` mode);
 - ``no-sources``: a five-sentence answer with no sources (citation and cutoff checks
   only).
 
 With ``--probe`` a second filter with ``groundedness: {probe: {}}`` (the embedded model's
 hidden states; needs ``guardrail model prepare``) checks the same texts right after the
-first, in the same run, and its medians and their ratio to the first's are printed too.
+first, in the same run, and its medians and their ratio to the first's are printed too;
+a third, ``probe-fresh``, keeps no prefixes (``prefix_cache_mb: 0``), so ``rag-stream``
+shows what keeping the sources' keys and values saves a stream's later windows.
 
 The texts are written here; they only need realistic lengths.
 """
@@ -30,6 +34,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -68,11 +73,13 @@ async def timed(filt: HallucinationFilter, text: str, ctx: FilterContext) -> flo
 async def run(runs: int, repeat: int, precision: str = "auto", probe: bool = False) -> None:
     with ThreadPoolExecutor(2) as pool:
         env = BuildContext(executor=pool, embedding_precision=precision)
-        configs = {"head": {}, "probe": {"groundedness": {"probe": {}}}}
+        configs: dict[str, dict[str, Any]] = {"head": {}}
+        if probe:
+            configs["probe"] = {"groundedness": {"probe": {}}}
+            configs["probe-fresh"] = {"groundedness": {"probe": {"prefix_cache_mb": 0}}}
         filters = {
             name: HallucinationFilter("facts", msgspec.convert(config, HallucinationConfig), env)
             for name, config in configs.items()
-            if probe or name == "head"
         }
         question = (Message("user", "When will my order arrive and can I return it?"),)
         warm = FilterContext("warm", Stage.OUTPUT, messages=question, context_documents=("x.",))
@@ -106,6 +113,10 @@ async def run(runs: int, repeat: int, precision: str = "auto", probe: bool = Fal
                     per.setdefault((name, "rag-stream"), []).append(
                         await timed(filt, later, rag_ctx)
                     )
+                    sentence = f"Refunds for order {n} reach your card within 10 days."
+                    per.setdefault((name, "sentence"), []).append(
+                        await timed(filt, sentence, rag_ctx)
+                    )
                     per.setdefault((name, "no-sources"), []).append(
                         await timed(
                             filt, answer, FilterContext("n", Stage.OUTPUT, messages=question)
@@ -119,7 +130,7 @@ async def run(runs: int, repeat: int, precision: str = "auto", probe: bool = Fal
         )
         for (name, shape), medians in results.items():
             line = (
-                f"  {name:6s} {shape:12s} {statistics.median(medians) * 1000:8.2f}"
+                f"  {name:11s} {shape:12s} {statistics.median(medians) * 1000:8.2f}"
                 f"   (runs: {', '.join(f'{m * 1000:.1f}' for m in medians)})"
             )
             if name != "head":

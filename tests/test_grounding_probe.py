@@ -26,6 +26,7 @@ from guardrail.filters.probe import (
     DEFAULT_AUP_PROBE,
     DEFAULT_GROUNDING_PROBE,
     PREFIX_TOKENS,
+    KeptPrefixes,
     Probe,
     decoder_of,
     features_after,
@@ -140,6 +141,66 @@ def test_claims_after_one_prefix_reuse_its_run_and_get_the_same_features(
     assert np.allclose(shared, whole, atol=1e-4)
 
 
+def test_a_kept_prefix_is_run_once_and_gives_the_same_features(
+    loaded: tuple[Any, Any], cut: Any
+) -> None:
+    """A stream's windows: the first reads sources and claim in one pass and keeps the
+    sources' keys and values; the next runs its claims' tokens only, and every claim gets
+    what reading prefix and claim whole gives. Another tenant's text keeps its own."""
+    _, tokenizer = loaded
+    prefix, _ = probe_pair([SOURCE], QUESTION, "", 2000)
+    claims = [" It was completed in 1889.", " It is blue.", " It stands in Paris."]
+    head = token_row(tokenizer, claims[0], prefix)[1]
+    widths: list[int] = []
+
+    def count(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        widths.append(int(kwargs["input_ids"].shape[1]))
+
+    kept = KeptPrefixes(64 << 20)
+    handle = cut.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        first = features_after(cut, tokenizer, prefix, claims[:1], [18], kept=kept, scope="a")
+        later = features_after(cut, tokenizer, prefix, claims[1:], [18], kept=kept, scope="a")
+        again = features_after(cut, tokenizer, prefix, claims[:1], [18], kept=kept, scope="a")
+    finally:
+        handle.remove()
+    whole = hidden_features(cut, tokenizer, claims, [18], [prefix] * 3)
+    assert np.allclose(np.concatenate([first, later]), whole, atol=1e-4)
+    assert np.allclose(again, first, atol=1e-4)  # the kept entry was not extended
+    # Tokens per pass: prefix and claim, then the two claims (padded), then the claim.
+    tails = [len(token_row(tokenizer, c, prefix)[0]) - head for c in claims]
+    assert widths == [head + tails[0], max(tails[1:]), tails[0]]
+    assert (kept.hits, kept.misses, len(kept)) == (2, 1, 1)
+    assert 0 < kept.bytes <= 64 << 20
+    other = features_after(cut, tokenizer, prefix, claims[:1], [18], kept=kept, scope="b")
+    assert np.allclose(other, first, atol=1e-4)
+    assert (kept.hits, kept.misses, len(kept)) == (2, 2, 2)
+
+
+def test_kept_prefixes_stay_within_their_bytes(loaded: tuple[Any, Any], cut: Any) -> None:
+    """The least recently used prefix goes when the next would pass the bound; a prefix
+    larger than the bound alone is not kept, and its claims are scored all the same."""
+    _, tokenizer = loaded
+    prefixes = [probe_pair([SOURCE], f"{QUESTION} ({n})", "", 2000)[0] for n in range(3)]
+    claim = [" It was completed in 1889."]
+    sizing = KeptPrefixes(1 << 30)
+    features_after(cut, tokenizer, prefixes[0], claim, [18], kept=sizing)
+    one = sizing.bytes
+    kept = KeptPrefixes(2 * one + one // 2)
+    for prefix in prefixes:
+        features_after(cut, tokenizer, prefix, claim, [18], kept=kept)
+    assert len(kept) == 2
+    assert kept.bytes <= kept.max_bytes
+    features_after(cut, tokenizer, prefixes[0], claim, [18], kept=kept)
+    assert kept.misses == 4  # the first prefix had gone
+    small = KeptPrefixes(one - 1)
+    scored = features_after(cut, tokenizer, prefixes[1], claim, [18], kept=small)
+    assert len(small) == 0
+    assert small.bytes == 0
+    plain = hidden_features(cut, tokenizer, claim, [18], [prefixes[1]])
+    assert np.allclose(scored, plain, atol=1e-4)
+
+
 def test_a_prefix_too_long_loses_its_middle_never_the_claim(loaded: tuple[Any, Any]) -> None:
     _, tokenizer = loaded
     prefix = "Source: " + "many words of a long document " * 600 + "\nQuestion: Why?\nAnswer:"
@@ -223,6 +284,48 @@ async def test_the_sentences_of_one_answer_share_their_sources_run(
     own = probed._probe.scores_sync([probe_pair([SOURCE], QUESTION, c, 2000) for c in claims])
     expected = probed._probe.probe.blend(np.array([c.support for c in heads.claims]), own)
     assert [c.support for c in blended.claims] == pytest.approx(list(expected), abs=1e-5)
+
+
+async def test_a_streams_later_windows_reuse_the_sources_kept_for_their_tenant(
+    env: BuildContext, model_dir: Path
+) -> None:
+    """Through the filter: each window of a stream is a check of its own against the same
+    sources and question; after the first, the kept prefix is reused (per tenant), and
+    each window scores what a filter keeping nothing scores. ``prefix_cache_mb: 0``
+    keeps nothing."""
+    settings = {"model": str(model_dir), "device": "cpu", "dtype": "fp32"}
+    keeping = make_filter(env, {**settings, "prefix_cache_mb": 96})
+    plain = make_filter(env, {**settings, "prefix_cache_mb": 0})
+    assert plain.scorer is not None
+    assert plain.scorer.kept_prefixes is None
+    assert keeping.scorer is not None
+    kept = keeping.scorer.kept_prefixes
+    assert kept is not None
+    assert kept.max_bytes == 96 << 20
+    question = Message("user", QUESTION)
+    windows = ["It was completed in 1889.", "It was the entrance to the fair.", "It is blue."]
+
+    def window_ctx(tenant: str) -> FilterContext:
+        return FilterContext(
+            "r1",
+            stage=Stage.OUTPUT,
+            messages=(question,),
+            context_documents=(SOURCE,),
+            tenant=tenant,
+        )
+
+    async def score(flt: HallucinationFilter, text: str, tenant: str) -> float:
+        verdict = await flt.check(text, window_ctx(tenant))
+        return float({f.category: f.score for f in verdict.findings}["groundedness"])
+
+    hits, misses = kept.hits, kept.misses
+    for window in windows:
+        assert await score(keeping, window, "t1") == pytest.approx(
+            await score(plain, window, "t1"), abs=1e-4
+        )
+    assert (kept.hits - hits, kept.misses - misses) == (2, 1)
+    await score(keeping, windows[0], "t2")
+    assert kept.misses - misses == 2
 
 
 async def test_without_a_question_the_head_decides_alone(

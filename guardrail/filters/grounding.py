@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from guardrail.filters.embedder import Embedder
-    from guardrail.filters.probe import ProbeScorer
+    from guardrail.filters.probe import KeptPrefixes, ProbeScorer
 
 FEATURES = (
     "cosine",
@@ -448,6 +448,7 @@ class GroundingScorer:
         judge_weight: float = 0.5,
         probe: ProbeScorer | None = None,
         probe_chars: int = 2000,
+        probe_cache_bytes: int = 0,
         cache_size: int = 64,
         cache_chars: int = CACHE_CHARS,
     ) -> None:
@@ -459,6 +460,11 @@ class GroundingScorer:
         self._judge_weight = judge_weight
         self._probe = probe
         self._probe_chars = probe_chars
+        self.kept_prefixes: KeptPrefixes | None = None
+        if probe is not None and probe_cache_bytes > 0:
+            from guardrail.filters.probe import KeptPrefixes
+
+            self.kept_prefixes = KeptPrefixes(probe_cache_bytes)
         self._cache: OrderedDict[str, tuple[Evidence, int]] = OrderedDict()
         self._cache_size = cache_size
         self._cache_chars = cache_chars
@@ -485,9 +491,15 @@ class GroundingScorer:
         return evidence
 
     async def score(
-        self, text: str, sources: Sequence[str], question: str | None = None
+        self,
+        text: str,
+        sources: Sequence[str],
+        question: str | None = None,
+        *,
+        scope: str | None = None,
     ) -> Groundedness:
-        """The groundedness of ``text`` given ``sources``; 1.0 for a text with no claims."""
+        """The groundedness of ``text`` given ``sources``; 1.0 for a text with no claims.
+        ``scope`` (the tenant) is whose kept probe prefixes it may reuse."""
         import numpy as np
 
         spans = spread(claims_of(text), self._max_claims)
@@ -507,7 +519,9 @@ class GroundingScorer:
             supports = self._head.predict(rows, question=bool(asked))
             if self._probe is not None and asked:  # trained with the question known only
                 pairs = [probe_pair(live, asked[0], c, self._probe_chars) for c in claims]
-                probed = await self._probe.scores_after(pairs[0][0], [t for _, t in pairs])
+                probed = await self._probe.scores_after(
+                    pairs[0][0], [t for _, t in pairs], self.kept_prefixes, scope
+                )
                 supports = self._probe.probe.blend(supports, probed).astype(np.float64)
             if self._judge is not None:
                 judged = np.asarray(await self._judge.judge("\n".join(sources), claims))

@@ -31,6 +31,7 @@ after it are averaged.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -314,16 +315,74 @@ def token_row(tokenizer: Any, text: str, prefix: str) -> tuple[list[int], int]:
     return before + own, len(before)
 
 
+class KeptPrefixes:
+    """The keys and values of recent prefixes, least recently used out first.
+
+    A stream's windows are scored one after another against the same sources and
+    question, and so are a request's choices: each would run the whole prefix (up to
+    768 tokens) again for a sentence of twenty. Kept, a later window runs only its own
+    tokens. Bounded by bytes (``max_bytes``; a prefix larger than that alone is not
+    kept). Each entry belongs to a scope (the tenant): a text reuses only its own
+    scope's, so no tenant can time whether another sent the same sources. Used only
+    under the forward lock.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str | None, tuple[int, ...]], tuple[Any, int]] = (
+            OrderedDict()
+        )
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, scope: str | None, head: Sequence[int]) -> Any:
+        """The kept keys and values of ``head`` in ``scope`` (never to be extended: copy
+        them), or None."""
+        found = self._items.get((scope, tuple(head)))
+        if found is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end((scope, tuple(head)))
+        self.hits += 1
+        return found[0]
+
+    def put(self, scope: str | None, head: Sequence[int], past: Any) -> None:
+        from guardrail.backends.engine import cache_bytes
+
+        size = cache_bytes(past)
+        key = (scope, tuple(head))
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = (past, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.bytes -= dropped
+
+
 def features_after(
-    decoder: Any, tokenizer: Any, prefix: str, texts: Sequence[str], layers: Sequence[int]
+    decoder: Any,
+    tokenizer: Any,
+    prefix: str,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    kept: KeptPrefixes | None = None,
+    scope: str | None = None,
 ) -> npt.NDArray[np.float32]:
     """What ``hidden_features(decoder, tokenizer, texts, layers, [prefix] * len(texts))``
     computes, with the prefix run once: its keys and values are kept and each text runs
-    after them (the claims of one answer share their sources). A single text, or texts
-    whose tokens do not all start at the prefix's end, go the plain way."""
+    after them (the claims of one answer share their sources). With ``kept``, the
+    prefix's keys and values are looked up there first and left there for the next
+    call (in ``scope``). Without it, a single text has nothing to share and goes the plain
+    way in one pass; so do texts whose tokens do not all start at the prefix's end."""
     import numpy as np
 
-    if len(texts) < 2:  # nothing to share: one pass, not two
+    if len(texts) < (1 if kept is not None else 2):
         return hidden_features(decoder, tokenizer, texts, layers, [prefix] * len(texts))
     rows = [token_row(tokenizer, t, prefix) for t in texts]
     head = rows[0][0][: rows[0][1]]
@@ -337,10 +396,22 @@ def features_after(
     device = decoder.get_input_embeddings().weight.device
     parts = []
     with _FORWARD, torch.inference_mode():
-        run = decoder(input_ids=torch.tensor([head], device=device), use_cache=True)
+        done = kept.get(scope, head) if kept is not None else None
+        if done is None and kept is not None and len(tails) == 1:
+            # One text, prefix not kept: one pass over both, as the plain way, and the
+            # prefix's part of its keys and values kept (causal: the text changed none).
+            features, done = _pooled_keeping(decoder, rows[0], layers)
+            done.crop(len(head) - len(rows[0][0]))  # transformers 5: tokens to drop
+            kept.put(scope, head, done)
+            return features
+        if done is None:
+            run = decoder(input_ids=torch.tensor([head], device=device), use_cache=True)
+            done = run.past_key_values
+            if kept is not None:
+                kept.put(scope, head, done)
         for i in range(0, len(tails), SHARED_PREFIX_BATCH):
             chunk = tails[i : i + SHARED_PREFIX_BATCH]
-            past = copy.deepcopy(run.past_key_values)  # each chunk extends its own copy
+            past = copy.deepcopy(done)  # each chunk extends its own copy
             past.batch_repeat_interleave(len(chunk))
             parts.append(
                 _pooled_after(decoder, tokenizer, len(head), past=past, tails=chunk, layers=layers)
@@ -416,6 +487,22 @@ def _pooled_after(
     return out
 
 
+def _pooled_keeping(
+    decoder: Any, row: tuple[list[int], int], layers: Sequence[int]
+) -> tuple[npt.NDArray[np.float32], Any]:
+    """One ``(ids, start)`` row's pooled states, and its keys and values."""
+    import torch
+
+    ids, start = row
+    device = decoder.get_input_embeddings().weight.device
+    with _Catch(decoder, layers) as caught:
+        run = decoder(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    weights = torch.zeros((1, len(ids), 1), device=device)
+    weights[0, start:] = 1.0
+    out: npt.NDArray[np.float32] = _mean_of(caught, weights, layers)
+    return out, run.past_key_values
+
+
 def _pooled(
     decoder: Any, tokenizer: Any, rows: Sequence[tuple[list[int], int]], layers: Sequence[int]
 ) -> npt.NDArray[np.float32]:
@@ -465,21 +552,45 @@ class ProbeScorer:
         )
         return self.probe.predict(features)
 
-    def scores_after_sync(self, prefix: str, texts: list[str]) -> npt.NDArray[np.float32]:
-        """The probe's probability per text, all read after ``prefix`` (blocking)."""
-        features = features_after(self._decoder, self._tokenizer, prefix, texts, self.probe.layers)
+    def scores_after_sync(
+        self,
+        prefix: str,
+        texts: list[str],
+        kept: KeptPrefixes | None = None,
+        scope: str | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """The probe's probability per text, all read after ``prefix`` (blocking); the
+        prefix's keys and values looked up in and left in ``kept``."""
+        features = features_after(
+            self._decoder,
+            self._tokenizer,
+            prefix,
+            texts,
+            self.probe.layers,
+            kept=kept,
+            scope=scope,
+        )
         return self.probe.predict(features)
 
-    async def scores_after(self, prefix: str, texts: list[str]) -> npt.NDArray[np.float32]:
+    async def scores_after(
+        self,
+        prefix: str,
+        texts: list[str],
+        kept: KeptPrefixes | None = None,
+        scope: str | None = None,
+    ) -> npt.NDArray[np.float32]:
         """:meth:`scores_after_sync` on the executor: one request's texts are a batch of
-        their own, their prefix run once. A single text has nothing to share, so it joins
-        other requests' micro-batches instead."""
+        their own, their prefix run once (or not at all, when ``kept`` has it). Without
+        ``kept``, a single text has nothing to share, so it joins other requests'
+        micro-batches instead."""
         import asyncio
 
-        if len(texts) == 1:
+        if len(texts) == 1 and kept is None:
             return await self.scores([(prefix, texts[0])])
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.scores_after_sync, prefix, texts)
+        return await loop.run_in_executor(
+            self._executor, self.scores_after_sync, prefix, texts, kept, scope
+        )
 
     async def scores(self, pairs: list[tuple[str, str]]) -> npt.NDArray[np.float32]:
         import asyncio
