@@ -141,6 +141,29 @@ async def test_unchanged_turns_reuse_their_verdicts_and_only_new_ones_are_checke
     assert outcomes == ["hit"] * len(history) + ["miss"]
 
 
+async def test_a_tenant_never_reuses_a_verdict_another_tenant_left(
+    make_guard: Callable[..., Guard],
+) -> None:
+    """Tenants on one policy keep their own verdicts: a hit answers faster, so a shared
+    entry would let one tenant time whether another recently sent the same message."""
+    guard = make_guard()
+    history = conversation(2)
+
+    async def as_tenant(tenant: str) -> list[str | None]:
+        ctx = FilterContext("r", messages=tuple(history), tenant=tenant)
+        decisions = await guard.check_messages(Stage.INPUT, history, ctx)
+        return [d.outcomes[0].cache for _, d in decisions]
+
+    assert await as_tenant("a") == ["miss"] * len(history)
+    Counting.calls.clear()
+    assert await as_tenant("b") == ["miss"] * len(history)
+    assert Counting.calls == [m.content for m in history]  # checked again for "b"
+    Counting.calls.clear()
+    assert await as_tenant("a") == ["hit"] * len(history)
+    assert await as_tenant("b") == ["hit"] * len(history)
+    assert Counting.calls == []
+
+
 async def test_a_changed_message_is_checked_again(make_guard: Callable[..., Guard]) -> None:
     guard = make_guard()
     history = conversation(2)

@@ -85,8 +85,9 @@ class GroundingProbeSettings(ProbeSettings, frozen=True, kw_only=True, forbid_un
         int,
         _doc(
             "Memory for the keys and values of recent prefixes (sources and question), so "
-            "that a stream's later windows and a request's other choices do not read their "
-            "sources again (a 768-token prefix holds about 21 MB in fp32); 0: none kept."
+            "that a stream's later windows and a moderation request's other inputs do not "
+            "read their sources again (a 768-token prefix holds about 21 MB in fp32); 0: "
+            "none kept."
         ),
         msgspec.Meta(ge=0, le=65_536),
     ] = 128

@@ -319,12 +319,12 @@ class KeptPrefixes:
     """The keys and values of recent prefixes, least recently used out first.
 
     A stream's windows are scored one after another against the same sources and
-    question, and so are a request's choices: each would run the whole prefix (up to
-    768 tokens) again for a sentence of twenty. Kept, a later window runs only its own
-    tokens. Bounded by bytes (``max_bytes``; a prefix larger than that alone is not
-    kept). Each entry belongs to a scope (the tenant): a text reuses only its own
-    scope's, so no tenant can time whether another sent the same sources. Used only
-    under the forward lock.
+    question, and so are a moderation request's inputs against one ``context``: each
+    would run the whole prefix (up to 768 tokens) again for a sentence of twenty. Kept,
+    a later window runs only its own tokens. Bounded by bytes (``max_bytes``; a prefix
+    larger than that alone is not kept). Each entry belongs to a scope (the tenant): a
+    text reuses only its own scope's, so no tenant can time whether another sent the
+    same sources. Used only under the forward lock.
     """
 
     def __init__(self, max_bytes: int) -> None:

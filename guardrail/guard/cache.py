@@ -4,12 +4,15 @@ Chat clients resend the whole conversation every turn. The cache keeps, per proc
 each filter's verdict on each input message, keyed by
 
     (policy name, version and digest and the guard built from it, filter id, stage,
-     sha256 of the message text [, sha256 of the conversation before the message])
+     sha256 of the message text [, sha256 of the conversation before the message],
+     tenant)
 
 so unchanged system prompts and earlier turns reuse their verdicts and only new or
 changed messages are checked. The guard is part of the key because the policy's bytes
 do not fix its filters: two tenants' copies of one file in different folders may read
-different word lists or weights next to them, and must never share verdicts.
+different word lists or weights next to them, and must never share verdicts. The tenant
+is part of it because a hit answers faster: tenants sharing one policy would otherwise
+let one time whether another recently sent a given message.
 
 What it stores is the verdict alone: categories, scores, rule ids, spans and
 replacement strings. Never the text, and never an original value behind a reversible
@@ -41,7 +44,7 @@ from guardrail.chat import Message
 from guardrail.guard.types import Verdict
 
 CacheScope = Literal["text", "prefix", "none"]
-CacheKey = tuple[str, str, str, bytes, bytes]
+CacheKey = tuple[str, str, str, bytes, bytes, str]  # ..., text, prefix, tenant
 
 
 def cache_scope(filt: object) -> CacheScope:

@@ -194,13 +194,13 @@ class Guard:
         return ordered
 
     def _key(
-        self, config: FilterConfig, stage: Stage, digest: bytes, prefix: bytes
+        self, config: FilterConfig, stage: Stage, digest: bytes, prefix: bytes, tenant: str
     ) -> CacheKey | None:
         scope = self._scope[config.id]
         if scope == "none":
             return None
         scoped = prefix if scope == "prefix" else b""
-        return (self._cache_id, config.id, stage.value, digest, scoped)
+        return (self._cache_id, config.id, stage.value, digest, scoped, tenant)
 
     def _lookup(
         self,
@@ -216,7 +216,7 @@ class Guard:
         digest = text_digest(text)
         hits = []
         for config, _ in filters:
-            key = self._key(config, stage, digest, prefix)
+            key = self._key(config, stage, digest, prefix, ctx.tenant)
             verdict = self.cache.get(key) if key is not None else None
             if verdict is None:
                 continue
@@ -248,7 +248,7 @@ class Guard:
             config, filt = bound
             if config.id in answered:
                 return answered[config.id]
-            key = self._key(config, stage, digest, prefix or b"") if cache else None
+            key = self._key(config, stage, digest, prefix or b"", ctx.tenant) if cache else None
             outcome = await _run(config, filt, text, ctx)
             if cache is None or key is None:
                 return outcome
