@@ -36,7 +36,10 @@ def restore_logging() -> Iterator[None]:
         name: (lg.handlers[:], lg.propagate, lg.level)
         for name, lg in ((n, logging.getLogger(n)) for n in ROUTED)
     }
+    quiet = {name: logging.getLogger(name).level for name in ("httpx", "httpcore")}
     yield
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)
     clear_request()
     structlog.reset_defaults()
     structlog.configure(**saved_structlog)
@@ -173,7 +176,7 @@ def test_stdlib_loggers_come_out_as_the_same_json(stream: io.StringIO) -> None:
 
     logging.getLogger("uvicorn.error").warning("Started server process [%d]", 123)
     logging.getLogger("uvicorn.access").info("GET /healthz 200")
-    logging.getLogger("httpx").info("HTTP Request", extra={"content": SECRET})
+    logging.getLogger("httpx").warning("HTTP Request", extra={"content": SECRET})
 
     error, access, httpx = lines(stream)
     assert error["event"] == "Started server process [123]"
@@ -205,6 +208,27 @@ def test_import_time_notes_of_torchao_and_torch_are_dropped_but_errors_kept(
         logger = logging.getLogger(name)
         assert not logger.isEnabledFor(logging.WARNING), name
         assert logger.isEnabledFor(logging.ERROR), name
+
+
+async def test_upstream_calls_are_not_logged_by_httpx_unless_debugging(
+    stream: io.StringIO,
+) -> None:
+    """httpx's own line per call repeats the upstream URL (a query string may carry a
+    key) and costs time on every request: only at debug."""
+    import httpx
+
+    async def call() -> None:
+        answer = httpx.MockTransport(lambda _r: httpx.Response(200, json={}))
+        async with httpx.AsyncClient(transport=answer) as client:
+            await client.post("http://upstream.test/v1/chat/completions?key=s3cret", json={})
+
+    configure_logging(level="info", stream=stream)
+    await call()
+    assert "s3cret" not in stream.getvalue()
+    assert logging.getLogger("httpx").isEnabledFor(logging.WARNING)
+    configure_logging(level="debug", stream=stream)
+    await call()
+    assert [line["logger"] for line in lines(stream)] == ["httpx"]
 
 
 def test_exceptions_are_rendered_into_the_json_line(stream: io.StringIO) -> None:
