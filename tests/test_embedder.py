@@ -61,6 +61,42 @@ def test_rows_equal_the_models_and_case_shares_an_entry(model: Any) -> None:
     assert cached.computed == 2
 
 
+def test_each_scope_keeps_its_own_vectors(model: Any) -> None:
+    """A text cached for one tenant is computed again for another (a hit answers
+    faster, so a shared entry tells one tenant what another sent), then each hits its
+    own; the vectors are the same."""
+    cached = CachingModel(model)
+    text = ["Summarise the merger memo for the board."]
+
+    acme = encode(cached, text, ["acme"])
+    beta = encode(cached, text, ["beta"])
+    assert cached.computed == 2
+    assert np.allclose(acme, beta, atol=1e-6)
+    encode(cached, text, ["acme"])
+    encode(cached, text, ["beta"])
+    assert (cached.computed, cached.hits) == (2, 2)
+    encode(cached, text)  # no scope: build time and scripts, apart from both
+    assert cached.computed == 3
+    with pytest.raises(ValueError, match="one scope per text"):
+        cached.encode(text * 2, scopes=["acme"])
+
+
+async def test_the_embedder_carries_each_texts_scope_through_its_batches(model: Any) -> None:
+    """Concurrent requests of two tenants share a batch, never a cached vector."""
+    import asyncio
+
+    from guardrail.filters.embedder import Embedder
+
+    cached = CachingModel(model)
+    with ThreadPoolExecutor(1) as pool:
+        embedder = Embedder(cached, pool)
+        texts = ["Reset my password.", "Where is my parcel?"]
+        await asyncio.gather(embedder.encode(texts, "acme"), embedder.encode(texts, "beta"))
+        assert cached.computed == 4
+        await embedder.encode(texts, "acme")
+        assert (cached.computed, cached.hits) == (4, 2)
+
+
 def test_a_special_token_keeps_its_case_in_the_key(model: Any) -> None:
     # The tokenizer lowercases words but matches "[SEP]" only as written: "[sep]" is three
     # ordinary word pieces. Folding case in the key gave one text the other's embedding.
@@ -195,3 +231,34 @@ def test_another_executor_gets_its_own_batches_on_the_same_model() -> None:
         tox = [ToxicityFilter("tox", ToxicityConfig(), env) for env in envs]
         assert tox[0].batcher is not tox[1].batcher
         assert (tox[0].batcher._executor, tox[1].batcher._executor) == (active, shadow)
+
+
+async def test_the_default_policys_filters_embed_each_tenants_texts_apart() -> None:
+    """Through the shipped policy's filters (rules, toxicity): a message one tenant sent
+    is embedded again for another, and each tenant's second check computes nothing."""
+    from guardrail.filters.embedder import shared_embedder
+    from guardrail.guard.filter import BuildContext, SharedResources
+    from guardrail.guard.guard import Guard
+    from guardrail.guard.registry import filter_registry
+    from guardrail.guard.types import FilterContext, Stage
+    from guardrail.policy.loader import load_policy
+    from tests.conftest import DEFAULT_POLICY
+
+    registry = filter_registry()
+    with ThreadPoolExecutor(2) as pool:
+        env = BuildContext(pool, resources=SharedResources())
+        guard = Guard.build(load_policy(DEFAULT_POLICY, registry), registry, env)  # no cache
+        cached = shared_embedder(env).model
+        text = "Could you draft a polite note asking my landlord to fix the heating?"
+
+        async def computed_for(tenant: str) -> int:
+            before = cached.computed
+            decision = await guard.check(Stage.INPUT, text, FilterContext("r", tenant=tenant))
+            assert all(o.status == "ok" for o in decision.outcomes)
+            return int(cached.computed - before)
+
+        first = await computed_for("acme")
+        assert first > 0
+        assert await computed_for("beta") == first
+        assert await computed_for("acme") == 0
+        assert await computed_for("beta") == 0

@@ -827,11 +827,13 @@ class CountingEmbedder:
 
     def __init__(self) -> None:
         self.texts = 0
+        self.scopes: list[str | None] = []
 
-    async def encode(self, texts: list[str]) -> Any:
+    async def encode(self, texts: list[str], scope: str | None = None) -> Any:
         import numpy as np
 
         self.texts += len(texts)
+        self.scopes.append(scope)
         rows = np.ones((len(texts), 384), dtype=np.float32)
         return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
@@ -870,6 +872,50 @@ async def test_when_sources_are_huge_then_the_evidence_cache_holds_a_bounded_siz
         await scorer.evidence([f"doc {i} " + "word " * 8_000])
 
     assert scorer.cached_chars <= 50_000
+
+
+async def test_a_tenants_sources_are_embedded_and_kept_for_it_alone() -> None:
+    """The evidence cache is per tenant: another tenant's identical documents are
+    embedded again (a hit answers faster, so a shared entry would tell one tenant what
+    documents another sent), and the embedder is asked under the tenant's scope."""
+    embedder = CountingEmbedder()
+    scorer = GroundingScorer(embedder, SupportHead.load(DEFAULT_HEAD))  # type: ignore[arg-type]
+    sources = [SOURCE]
+    await scorer.evidence(sources, "acme")
+    once = embedder.texts
+    await scorer.evidence(sources, "acme")
+    assert embedder.texts == once
+    await scorer.evidence(sources, "beta")
+    assert embedder.texts == 2 * once
+    await scorer.score("It was finished in 1889.", sources, QUESTION, scope="beta")
+    assert embedder.scopes == ["acme", "beta", "beta"]
+
+
+async def test_the_filter_scores_under_the_requests_tenant(env: BuildContext) -> None:
+    """Through the filter and the real encoder: the same answer and documents from a
+    second tenant are embedded again; a repeat of either computes nothing."""
+    from guardrail.filters.embedder import shared_embedder
+
+    filt = make_filter(env, citations={"enabled": False}, cutoff={"enabled": False})
+    cached = shared_embedder(env).model
+    document = "The Leeds depot ships order 4471 within two working days of payment."
+
+    async def computed_for(tenant: str) -> int:
+        ctx = FilterContext(
+            "r",
+            stage=Stage.OUTPUT,
+            messages=(Message("user", "When does order 4471 ship?"),),
+            context_documents=(document,),
+            tenant=tenant,
+        )
+        before = cached.computed
+        await filt.check("Order 4471 ships within two working days.", ctx)
+        return int(cached.computed - before)
+
+    first = await computed_for("acme")
+    assert first > 0
+    assert await computed_for("beta") == first
+    assert await computed_for("acme") == 0
 
 
 def test_new_grounding_weights_written_over_the_old_file_reach_the_scorer(

@@ -1291,6 +1291,30 @@ async def test_when_texts_carry_many_findings_then_the_analysis_cache_stays_boun
     assert kept == filt.cached_detections
 
 
+async def test_a_tenant_never_reuses_another_tenants_analysis(
+    pii: PiiFilter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The analysis cache is per tenant: a hit answers faster, so one tenant reusing
+    another's could time whether it sent the same text."""
+    analysed: list[str] = []
+    real = pii._analyze_piece
+
+    def counting(piece: str, entities: list[str], ner: bool) -> list[Any]:
+        analysed.append(piece)
+        return real(piece, entities, ner)
+
+    monkeypatch.setattr(pii, "_analyze_piece", counting)
+    text = "Mail the invoice to kim.lee@example.org today."
+    first = await pii.check(text, FilterContext("a1", tenant="acme"))
+    assert len(analysed) == 1
+    again = await pii.check(text, FilterContext("a2", tenant="acme"))
+    assert len(analysed) == 1  # acme's own, from the cache
+    other = await pii.check(text, FilterContext("b1", tenant="beta"))
+    assert len(analysed) == 2  # beta's is its own analysis
+    assert first.redactions == again.redactions == other.redactions
+    assert first.redactions
+
+
 # --- long texts: analysed in pieces, and given up between pieces -------------------------
 
 
@@ -1373,7 +1397,7 @@ def test_an_analysis_given_up_stops_before_its_next_piece(
     analysed, first_piece_started, let_it_finish = _held_pieces(pii, monkeypatch)
 
     async def give_up() -> None:
-        task = asyncio.create_task(pii._analyze([text], Stage.INPUT))
+        task = asyncio.create_task(pii._analyze([text], Stage.INPUT, "default"))
         await asyncio.get_running_loop().run_in_executor(None, first_piece_started.wait, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -293,7 +293,7 @@ def test_filters_of_a_reloaded_policy_share_the_model(
 class _BrokenEngine:
     categories = ("toxicity", "identity_attack", "obscene")
 
-    def score(self, texts: list[str]) -> list[Scores]:
+    def score(self, texts: list[str], scopes: object = None) -> list[Scores]:
         raise RuntimeError("out of memory")
 
 
@@ -321,7 +321,7 @@ class _NanOnSomePiecesEngine:
 
     categories = ("toxicity", "identity_attack", "obscene")
 
-    def score(self, texts: list[str]) -> list[Scores]:
+    def score(self, texts: list[str], scopes: object = None) -> list[Scores]:
         return [
             {c: float("nan") if "garbled" in t else 0.1 for c in self.categories} for t in texts
         ]
@@ -351,6 +351,8 @@ async def test_a_nan_score_in_any_piece_of_a_long_text_fails_closed(
     assert short.outcomes[0].status == "error"
     assert long.action is Action.BLOCK
     assert long.outcomes[0].status == "error"
+    fine = await guard.check(Stage.INPUT, "fine words", FilterContext("c"))
+    assert fine.outcomes[0].status == "ok"  # the engine itself ran: the NaN failed closed
 
 
 # -- detoxify, offline, on a tiny checkpoint built here --------------------------------------

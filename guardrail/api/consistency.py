@@ -91,7 +91,8 @@ class ConsistencyChecker:
             raise ValueError("every consistency sample was empty")
         question = _question(request)
         scorer = await self._scorer()
-        scores = [(await scorer.score(answer, [t], question)).score for t in texts]
+        scope = request.cache_scope  # the tenant: its cached embeddings only
+        scores = [(await scorer.score(answer, [t], question, scope=scope)).score for t in texts]
         return float(statistics.fmean(scores))
 
     async def inline(

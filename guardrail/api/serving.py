@@ -584,7 +584,10 @@ class Serving:
             grounding = None
             if any(source.strip() for source in sources):  # without sources nothing is scored
                 grounding = await asyncio.gather(
-                    *(self._groundedness(guard, t, sources, body.prompt) for t in body.inputs())
+                    *(
+                        self._groundedness(guard, t, sources, body.prompt, principal.tenant)
+                        for t in body.inputs()
+                    )
                 )
             action = exchange.action
             if action is Action.BLOCK:
@@ -607,13 +610,13 @@ class Serving:
         }
 
     async def _groundedness(
-        self, guard: Guard, text: str, sources: tuple[str, ...], prompt: str | None
+        self, guard: Guard, text: str, sources: tuple[str, ...], prompt: str | None, tenant: str
     ) -> dict[str, Any]:
         """``text`` scored against ``sources``: by the policy's grounding filter if it has
         one (its weights, judge and threshold), else by the gateway's default scorer."""
         for _, filt in guard.filters:
             if isinstance(filt, Grounds):
-                return await filt.groundedness(text, sources, prompt)
+                return await filt.groundedness(text, sources, prompt, scope=tenant)
         if self.gw.grounding is None:
             raise APIError(
                 400,
@@ -621,7 +624,7 @@ class Serving:
                 param="context",
                 code="unsupported_parameter",
             )
-        return await self.gw.grounding(text, sources, prompt)
+        return await self.gw.grounding(text, sources, prompt, tenant)
 
     # -- the shared path ------------------------------------------------------------------
 

@@ -435,7 +435,8 @@ class EmbeddingHeadsEngine:
             # the heads 0.999; on the dev split the encoder finds more at the same false
             # positives), so the policy's threshold is chosen on dev for the pair.
             head, embedder = self._encoder
-            unsafe = np.maximum(unsafe, head.score(await embedder.encode(self._windows(text))))
+            windows = await embedder.encode(self._windows(text), ctx.tenant)
+            unsafe = np.maximum(unsafe, head.score(windows))
         if self._probe is not None and self._windows is not None:
             # The same windows through the probe, blended with the heads per window.
             probed = await self._probe.unsafe(self._windows(text))

@@ -22,6 +22,7 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
 
@@ -105,24 +106,32 @@ def load_sentence_model(precision: str = "fp32") -> Any:
     return Bf16Model(model) if chosen == "bf16" else model
 
 
-def encode(model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
-    """Unit-length embeddings of ``texts``, one row each (blocking)."""
+def encode(
+    model: Any, texts: list[str], scopes: Sequence[str | None] | None = None
+) -> npt.NDArray[np.float32]:
+    """Unit-length embeddings of ``texts``, one row each (blocking). ``scopes``: whose
+    cached vectors each text may reuse, for a :class:`CachingModel`."""
     import numpy as np
 
     if not texts:
         return np.zeros((0, DIMENSIONS), dtype=np.float32)
+    scoped = {"scopes": scopes} if scopes is not None and isinstance(model, CachingModel) else {}
     out = model.encode(
         texts,
         batch_size=64,
         normalize_embeddings=True,
         convert_to_numpy=True,
         show_progress_bar=False,
+        **scoped,
     )
     return np.asarray(out, dtype=np.float32)
 
 
 # Embeddings kept by the process's CachingModel: 384 float32 each, 1.5 KB; 6 MB in all.
 CACHE_ENTRIES = 4096
+# A cached vector's key: the scope (tenant) that may reuse it, the text's digest, and
+# whether it was normalised.
+_Key = tuple[str | None, bytes, bool]
 
 
 class CachingModel:
@@ -137,6 +146,10 @@ class CachingModel:
     text, so the cache holds vectors and digests, never text. Texts another thread is
     computing right now are waited for, not computed again; an error reaches every
     waiter. Other attributes (``tokenizer``, ``max_seq_length``...) are the model's.
+
+    ``scopes`` (one per text, the tenant) keeps each tenant's vectors apart: a hit
+    answers faster, so a tenant reusing another's could time whether the other recently
+    sent a given text. Without it, texts share the unscoped entries (build time, scripts).
     """
 
     def __init__(self, model: Any, entries: int = CACHE_ENTRIES) -> None:
@@ -147,8 +160,8 @@ class CachingModel:
         # so a text holding one keeps its case in the key.
         self._cased_tokens = _cased_special_tokens(model) if self._uncased else ()
         self._lock = threading.Lock()
-        self._done: OrderedDict[tuple[bytes, bool], Any] = OrderedDict()
-        self._running: dict[tuple[bytes, bool], Future[Any]] = {}
+        self._done: OrderedDict[_Key, Any] = OrderedDict()
+        self._running: dict[_Key, Future[Any]] = {}
         self.hits = 0
         self.waits = 0
         self.computed = 0
@@ -162,17 +175,28 @@ class CachingModel:
         return getattr(self.model, name)
 
     def encode(
-        self, texts: list[str], *, normalize_embeddings: bool = False, **kwargs: Any
+        self,
+        texts: list[str],
+        *,
+        normalize_embeddings: bool = False,
+        scopes: Sequence[str | None] | None = None,
+        **kwargs: Any,
     ) -> npt.NDArray[np.float32]:
         import numpy as np
 
         if not texts:
             return np.zeros((0, DIMENSIONS), dtype=np.float32)
-        keys = [(self._digest(t), normalize_embeddings) for t in texts]
+        owners = scopes if scopes is not None else [None] * len(texts)
+        if len(owners) != len(texts):
+            raise ValueError("one scope per text")
+        keys = [
+            (owner, self._digest(t), normalize_embeddings)
+            for owner, t in zip(owners, texts, strict=True)
+        ]
         original = dict(zip(keys, texts, strict=True))
-        rows: dict[tuple[bytes, bool], Any] = {}
-        waiting: dict[tuple[bytes, bool], Future[Any]] = {}
-        mine: dict[tuple[bytes, bool], Future[Any]] = {}
+        rows: dict[_Key, Any] = {}
+        waiting: dict[_Key, Future[Any]] = {}
+        mine: dict[_Key, Future[Any]] = {}
         with self._lock:
             for key in keys:
                 if key in rows or key in waiting or key in mine:
@@ -270,8 +294,8 @@ class Embedder:
 
     def __init__(self, model: Any, executor: Executor, *, max_batch: int = 64) -> None:
         self.model = model
-        self._batcher: MicroBatcher[str, Any] = MicroBatcher(
-            lambda texts: list(encode(model, list(texts))),
+        self._batcher: MicroBatcher[tuple[str | None, str], Any] = MicroBatcher(
+            lambda items: list(encode(model, [t for _, t in items], [s for s, _ in items])),
             executor,
             max_batch=max_batch,
             max_wait_s=0.002,
@@ -281,13 +305,14 @@ class Embedder:
         """Blocking encode, for build time (example phrases) and scripts."""
         return encode(self.model, texts)
 
-    async def encode(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        """Encode ``texts`` together with whatever other requests are encoding now."""
+    async def encode(self, texts: list[str], scope: str | None = None) -> npt.NDArray[np.float32]:
+        """Encode ``texts`` together with whatever other requests are encoding now;
+        cached vectors are reused within ``scope`` (the tenant) only."""
         import numpy as np
 
         if not texts:
             return np.zeros((0, DIMENSIONS), dtype=np.float32)
-        rows = await asyncio.gather(*(self._batcher.submit(t) for t in texts))
+        rows = await asyncio.gather(*(self._batcher.submit((scope, t)) for t in texts))
         return np.stack(rows)
 
 

@@ -432,9 +432,9 @@ class LocalJudge:
 class GroundingScorer:
     """Scores answers against sources; one per process, shared by filters and the API.
 
-    The sources' evidence (unit embeddings, words) is kept in a small LRU keyed by a hash
-    of the sources, so the windows of one stream, or the filter and the moderation
-    endpoint, embed a request's documents once.
+    The sources' evidence (unit embeddings, words) is kept in a small LRU keyed by the
+    tenant and a hash of the sources, so the windows of one stream embed a request's
+    documents once, and no tenant reuses (and so times) another's.
     """
 
     def __init__(
@@ -465,19 +465,20 @@ class GroundingScorer:
             from guardrail.filters.probe import KeptPrefixes
 
             self.kept_prefixes = KeptPrefixes(probe_cache_bytes)
-        self._cache: OrderedDict[str, tuple[Evidence, int]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str | None, str], tuple[Evidence, int]] = OrderedDict()
         self._cache_size = cache_size
         self._cache_chars = cache_chars
         self.cached_chars = 0
 
-    async def evidence(self, sources: Sequence[str]) -> Evidence:
-        key = hashlib.sha256("\x00".join(sources).encode()).hexdigest()
+    async def evidence(self, sources: Sequence[str], scope: str | None = None) -> Evidence:
+        """The sources' evidence, kept for ``scope`` (the tenant) only."""
+        key = (scope, hashlib.sha256("\x00".join(sources).encode()).hexdigest())
         found = self._cache.get(key)
         if found is not None:
             self._cache.move_to_end(key)
             return found[0]
         units = source_units(sources, self._max_units)
-        vectors = await self._embedder.encode(units)
+        vectors = await self._embedder.encode(units, scope)
         evidence = make_evidence(sources, units, vectors)
         # Bounded by size as well as by count: one unit may be a whole sentence-less
         # document, so 64 entries of the largest requests would hold gigabytes.
@@ -507,12 +508,12 @@ class GroundingScorer:
             return Groundedness(1.0, ())
         claims = [text[a:b] for a, b, _ in spans]
         live = [s for s in sources if s.strip()]
-        evidence = await self.evidence(live)
+        evidence = await self.evidence(live, scope)
         if not evidence.units:
             supports = np.zeros(len(claims))
         else:
             asked = [question] if question and question.strip() else []
-            vectors = await self._embedder.encode(claims + asked)
+            vectors = await self._embedder.encode(claims + asked, scope)
             rows = features(
                 claims, vectors[: len(claims)], evidence, question, vectors[-1] if asked else None
             )

@@ -555,10 +555,12 @@ def default_grounder(env: BuildContext) -> Grounder:
 
     threshold = GroundednessSettings().threshold
 
-    async def grounder(text: str, sources: Sequence[str], question: str | None) -> dict[str, Any]:
+    async def grounder(
+        text: str, sources: Sequence[str], question: str | None, scope: str | None
+    ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         scorer = await loop.run_in_executor(env.executor, shared_scorer, env)
-        result = await scorer.score(text, sources, question)
+        result = await scorer.score(text, sources, question, scope=scope)
         return result.to_dict(text, threshold)
 
     return grounder
@@ -602,11 +604,12 @@ class HallucinationFilter:
         self._cutoff_stages = frozenset(Stage(s) for s in cutoff.stages)
 
     async def groundedness(
-        self, text: str, sources: Sequence[str], question: str | None
+        self, text: str, sources: Sequence[str], question: str | None, *, scope: str | None = None
     ) -> dict[str, Any]:
-        """``text`` scored against ``sources`` with this filter's scorer and threshold."""
+        """``text`` scored against ``sources`` with this filter's scorer and threshold;
+        ``scope``: the tenant, whose cached embeddings alone it reuses."""
         scorer = self.scorer if self.scorer is not None else self._lazy_scorer()
-        result = await scorer.score(text, sources, question)
+        result = await scorer.score(text, sources, question, scope=scope)
         return result.to_dict(text, self._config.groundedness.threshold)
 
     def _lazy_scorer(self) -> GroundingScorer:

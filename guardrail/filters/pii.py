@@ -1104,16 +1104,21 @@ class PiiFilter:
             found.append(Detection(r.entity_type, start, end, float(r.score)))
         return found
 
-    async def _analyze(self, texts: Sequence[str], stage: Stage) -> list[list[Detection]]:
-        """:meth:`detect` per text for ``stage``; texts seen before are answered from the
-        analysis cache.
+    async def _analyze(
+        self, texts: Sequence[str], stage: Stage, scope: str
+    ) -> list[list[Detection]]:
+        """:meth:`detect` per text for ``stage``; texts seen before by the same tenant
+        (``scope``) are answered from the analysis cache (a hit answers faster, so one
+        tenant reusing another's could time whether it sent a text).
 
         A chat client resends the whole conversation every turn: only new messages
         reach the analyzer. The cache keeps entity types, offsets and scores under the
         sha256 of the text and the entities looked for, never a value; numbering
         placeholders stays per request.
         """
-        looked_for = ",".join(self._checked[stage][0]).encode() + b"\0"
+        owner = scope.encode("utf-8", "surrogatepass")
+        looked_for = len(owner).to_bytes(4, "big") + owner
+        looked_for += ",".join(self._checked[stage][0]).encode() + b"\0"
         keys = [
             hashlib.sha256(looked_for + t.encode("utf-8", "surrogatepass")).digest() for t in texts
         ]
@@ -1169,7 +1174,7 @@ class PiiFilter:
                 state.texts = texts
                 state.placeholders.reserve(texts)
                 state.conversation = asyncio.get_running_loop().create_task(
-                    self._conversation(texts, state.placeholders)
+                    self._conversation(texts, state.placeholders, ctx.tenant)
                 )
             conversation = state.conversation
             # Shielded: a check that times out must not cancel the others' analysis. The
@@ -1184,14 +1189,14 @@ class PiiFilter:
                     conversation.cancel()
             return verdicts[index]
         state.placeholders.reserve([text])
-        (detections,) = await self._analyze([text], Stage.INPUT)
+        (detections,) = await self._analyze([text], Stage.INPUT, ctx.tenant)
         return self._input_verdict(text, detections, state.placeholders)
 
     async def _conversation(
-        self, texts: tuple[str, ...], placeholders: PlaceholderMap
+        self, texts: tuple[str, ...], placeholders: PlaceholderMap, scope: str
     ) -> list[Verdict]:
         """Every message's verdict, placeholders numbered in conversation order."""
-        analyses = await self._analyze(texts, Stage.INPUT)
+        analyses = await self._analyze(texts, Stage.INPUT, scope)
         return [
             self._input_verdict(t, d, placeholders) for t, d in zip(texts, analyses, strict=True)
         ]
@@ -1231,7 +1236,7 @@ class PiiFilter:
                     continue
                 restored.append(m.span())
                 redactions.append(Redaction(m.start(), m.end(), original, restore=True))
-        (detections,) = await self._analyze([text], Stage.OUTPUT)
+        (detections,) = await self._analyze([text], Stage.OUTPUT, ctx.tenant)
         # The request's own values (restored, or quoted back in a stream's context tail)
         # are not a leak.
         own = state.placeholders.values()

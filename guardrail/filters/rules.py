@@ -585,7 +585,7 @@ class _Check:
 
     async def embeddings(self) -> npt.NDArray[np.float32]:
         if self._embeddings is None:
-            self._embeddings = asyncio.ensure_future(self.filt.embed(self.text))
+            self._embeddings = asyncio.ensure_future(self.filt.embed(self.text, self.ctx.tenant))
         result: npt.NDArray[np.float32] = await self._embeddings
         return result
 
@@ -832,10 +832,11 @@ class RulesFilter:
 
         return segments(normalize(text).text, self._config.segment_chars, self._config.max_segments)
 
-    async def embed(self, text: str) -> npt.NDArray[np.float32]:
-        """The embeddings of :meth:`windows` of ``text``."""
+    async def embed(self, text: str, scope: str | None = None) -> npt.NDArray[np.float32]:
+        """The embeddings of :meth:`windows` of ``text``, cached for ``scope`` (the
+        tenant) only."""
         assert self._embedder is not None
-        return await self._embedder.encode(self.windows(text))
+        return await self._embedder.encode(self.windows(text), scope)
 
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
         applicable = [r for r in self._rules if r.applies(ctx)]

@@ -364,12 +364,15 @@ def hub_offline() -> Iterator[None]:
 class Engine(Protocol):
     """Scores a batch of texts per category (blocking; runs on the executor).
 
-    Example: ``engine.score(["you are great"]) -> [{"toxicity": 0.01, ...}]``.
+    Example: ``engine.score(["you are great"]) -> [{"toxicity": 0.01, ...}]``. ``scopes``
+    (one per text, the tenant) says whose cached embeddings each text may reuse.
     """
 
     categories: tuple[str, ...]
 
-    def score(self, texts: list[str]) -> list[Scores]: ...
+    def score(
+        self, texts: list[str], scopes: Sequence[str | None] | None = None
+    ) -> list[Scores]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,11 +462,15 @@ class FeatureExtractor:
         return probs
 
     def features(
-        self, texts: Sequence[str], profanity: npt.NDArray[np.float64] | None = None
+        self,
+        texts: Sequence[str],
+        profanity: npt.NDArray[np.float64] | None = None,
+        scopes: Sequence[str | None] | None = None,
     ) -> npt.NDArray[np.float64]:
         import numpy as np
 
         cleaned = [clean_text(t) for t in texts]
+        scoped = {"scopes": scopes} if scopes is not None else {}  # a CachingModel's
         emb = np.asarray(
             self._embedder.encode(
                 cleaned,
@@ -471,6 +478,7 @@ class FeatureExtractor:
                 normalize_embeddings=True,
                 convert_to_numpy=True,
                 show_progress_bar=False,
+                **scoped,
             ),
             dtype=np.float64,
         )
@@ -492,10 +500,10 @@ class EmbeddingEngine:
         self._extractor = extractor
         self._heads = heads
 
-    def score(self, texts: list[str]) -> list[Scores]:
+    def score(self, texts: list[str], scopes: Sequence[str | None] | None = None) -> list[Scores]:
         cleaned = [clean_text(t) for t in texts]
         prof = self._extractor.profanity(cleaned)
-        probs = self._heads.predict(self._extractor.features(texts, prof))
+        probs = self._heads.predict(self._extractor.features(texts, prof, scopes))
         out: list[Scores] = []
         for i in range(len(texts)):
             scores = {name: float(probs[i, j]) for j, name in enumerate(self._heads.names)}
@@ -586,7 +594,7 @@ class DetoxifyEngine:
         det = Detoxify(variant, device=device)
         return cls(det.model, det.tokenizer, det.class_names, device)
 
-    def score(self, texts: list[str]) -> list[Scores]:
+    def score(self, texts: list[str], scopes: Sequence[str | None] | None = None) -> list[Scores]:
         import torch
 
         with torch.inference_mode():
@@ -688,10 +696,11 @@ class ToxicityFilter:
             raise ConfigError(f"filter {name}: the engine does not score {', '.join(missing)}")
         self._rules = {c: config.categories[c] for c in self._categories if c in config.categories}
         # One batcher per executor: a shadow policy's texts run on its own threads.
-        self.batcher: MicroBatcher[str, Scores] = env.resources.get(
+        self.batcher: MicroBatcher[tuple[str | None, str], Scores] = env.resources.get(
             (*key, "batcher", config.max_batch, config.max_wait_ms, env.executor),
             lambda: MicroBatcher(
-                engine.score,
+                # Each text with its tenant: cached embeddings are reused per tenant only.
+                lambda items: engine.score([t for _, t in items], [s for s, _ in items]),
                 env.executor,
                 max_batch=config.max_batch,
                 max_wait_s=config.max_wait_ms / 1000,
@@ -699,14 +708,15 @@ class ToxicityFilter:
             version=version,
         )
 
-    async def scores(self, text: str) -> Scores:
-        """Every category's score for ``text``: the highest over its pieces (:func:`pieces`)."""
+    async def scores(self, text: str, scope: str | None = None) -> Scores:
+        """Every category's score for ``text``: the highest over its pieces (:func:`pieces`);
+        ``scope``, the tenant whose cached embeddings alone it reuses."""
         parts = pieces(text, self._config.chunk_chars)
         if len(parts) == 1:
-            return await self.batcher.submit(parts[0])
+            return await self.batcher.submit((scope, parts[0]))
         import asyncio
 
-        results = await asyncio.gather(*(self.batcher.submit(p) for p in parts))
+        results = await asyncio.gather(*(self.batcher.submit((scope, p)) for p in parts))
         # A NaN in any piece must reach check() (which fails closed on it): max() alone
         # would skip a NaN that comes after a number.
         return {c: _highest([r[c] for r in results]) for c in self._categories}
@@ -714,7 +724,7 @@ class ToxicityFilter:
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
         if not text.strip():
             return Verdict()
-        scores = await self.scores(text)
+        scores = await self.scores(text, ctx.tenant)
         findings: list[Finding] = []
         for category in self._categories:
             score = scores[category]

@@ -126,8 +126,10 @@ class Stateful(Protocol):
     def remember(self, text: str, verdict: Verdict, ctx: FilterContext) -> None: ...
 
 
-Grounder = Callable[[str, Sequence[str], "str | None"], Awaitable[dict[str, Any]]]
-"""Scores ``text`` against ``sources`` as the answer to a question: the groundedness report."""
+Grounder = Callable[[str, Sequence[str], "str | None", "str | None"], Awaitable[dict[str, Any]]]
+"""Scores ``text`` against ``sources`` as the answer to a question (text, sources,
+question, scope: the tenant, whose cached embeddings alone it reuses): the groundedness
+report."""
 
 
 @runtime_checkable
@@ -135,11 +137,12 @@ class Grounds(Protocol):
     """Optional: a filter that can score any text against any sources (groundedness).
 
     The moderation endpoint asks the policy's grounding filter, so its weights, judge
-    and threshold apply to ``context`` requests too.
+    and threshold apply to ``context`` requests too. ``scope`` is the tenant asking:
+    what is cached for one tenant never answers another (a hit answers faster).
     """
 
     async def groundedness(
-        self, text: str, sources: Sequence[str], question: str | None
+        self, text: str, sources: Sequence[str], question: str | None, *, scope: str | None = None
     ) -> dict[str, Any]: ...
 
 
