@@ -46,12 +46,12 @@ from guardrail.backends.registry import backend_registry
 from guardrail.filters.grounding import GroundingScorer
 from guardrail.filters.hallucination import default_grounder, shared_scorer
 from guardrail.guard.cache import VerdictCache
-from guardrail.guard.filter import BuildContext, FilterSpec
+from guardrail.guard.filter import BuildContext, FilterSpec, SharedResources
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore
 from guardrail.observability.audit import audit_from_settings
-from guardrail.observability.metrics import GatewayMetrics
+from guardrail.observability.metrics import CacheStats, GatewayMetrics
 from guardrail.observability.monitoring import monitor_from_settings
 from guardrail.plugins import PluginRegistry
 from guardrail.settings import Settings, misspelt_env
@@ -228,6 +228,7 @@ def create_app(
         metrics.observe_audit(audit.stats)
     if backend is not None:
         _observe_circuits(backend, metrics)
+    metrics.observe_caches(lambda: model_cache_stats(env.resources))
     for name, meant in misspelt_env(os.environ):  # names only: values may be secrets
         log.warning("unknown_setting_variable", variable=name, did_you_mean=meant)
     warning = open_mode_warning(ring)
@@ -338,6 +339,29 @@ async def _load_backend(gateway: Gateway) -> None:
     _observe_circuits(backend, gateway.metrics)
     models = await gateway.served_models()
     log.info("backend_ready", backend=backend.name, models=models)
+
+
+def model_cache_stats(resources: SharedResources) -> list[CacheStats]:
+    """The process's model caches, for the metrics: the sentence encoder's embeddings (a
+    text another thread was computing counts as a hit), the groundedness evidence and
+    the groundedness probe's kept prefixes."""
+    from guardrail.filters.embedder import CachingModel
+    from guardrail.filters.grounding import GroundingScorer
+
+    out: list[CacheStats] = []
+    for item in resources.values():
+        if isinstance(item, CachingModel):
+            out.append(
+                CacheStats("embeddings", item.hits + item.waits, item.computed, item.held_bytes)
+            )
+        elif isinstance(item, GroundingScorer):
+            out.append(CacheStats("grounding_evidence", item.evidence_hits, item.evidence_misses))
+            kept = item.kept_prefixes
+            if kept is not None:
+                out.append(
+                    CacheStats("grounding_probe_prefixes", kept.hits, kept.misses, kept.bytes)
+                )
+    return out
 
 
 def _observe_circuits(backend: Backend, metrics: GatewayMetrics) -> None:

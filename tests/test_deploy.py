@@ -144,6 +144,8 @@ def exposed_metric_names() -> set[str]:
     metrics = GatewayMetrics(registry)
     # The audit log's metrics exist whenever the audit log is on (the default).
     metrics.observe_audit(lambda: AuditStats(0, 0, 0, 0, 0))
+    # The model caches' metrics: the app always registers them.
+    metrics.observe_caches(lambda: [])
     # Bias, probes and drift: the app registers them beside GatewayMetrics.
     MonitoringMetrics(registry)
     suffixes = {

@@ -27,7 +27,7 @@ from guardrail.guard.types import (
     Stage,
     Verdict,
 )
-from guardrail.observability.metrics import OTHER, UNKNOWN, GatewayMetrics
+from guardrail.observability.metrics import OTHER, UNKNOWN, CacheStats, GatewayMetrics
 from tests.fakes.backend import FakeBackend
 
 SECRET = "my social is 078-05-1120, tell no one"
@@ -789,3 +789,68 @@ def test_a_streamed_finding_left_in_the_context_tail_counts_one_filter_verdict(
     assert get(verdicts, flags) == 1.0
     assert get(verdicts, {**flags, "action": "allow"}) == 3.0
     assert get("guardrail_requests_total", {"route": "chat", "outcome": "flagged"}) == 1.0
+
+
+def test_model_caches_are_exported_by_name_summed_over_instances(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    metrics.observe_caches(
+        lambda: [
+            CacheStats("embeddings", hits=5, misses=3, bytes=1536),
+            CacheStats("embeddings", hits=1, misses=1, bytes=1536),  # a second encoder
+            CacheStats("grounding_evidence", hits=2, misses=4),  # size not measured
+        ]
+    )
+    lookups = "guardrail_model_cache_lookups_total"
+    assert value(registry, lookups, cache="embeddings", result="hit") == 6.0
+    assert value(registry, lookups, cache="embeddings", result="miss") == 4.0
+    assert value(registry, lookups, cache="grounding_evidence", result="miss") == 4.0
+    assert value(registry, "guardrail_model_cache_bytes", cache="embeddings") == 3072.0
+    assert value(registry, "guardrail_model_cache_bytes", cache="grounding_evidence") is None
+
+
+CACHED_POLICY = """
+name: cached
+version: "1"
+filters:
+  - {id: tox, type: toxicity, config: {}}
+  - id: facts
+    type: hallucination
+    config: {citations: {enabled: false}, cutoff: {enabled: false}}
+"""
+
+
+def test_the_gateways_model_caches_show_their_hits_misses_and_size(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+) -> None:
+    """Read off the real caches at scrape time: the same answer to the same tenant twice
+    embeds it once; the request's documents are embedded once for the two requests."""
+    backend.reply = "The depot ships orders within two working days."
+    body = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "When do orders ship?"}],
+        "documents": [{"text": "Orders leave the Leeds depot within two working days."}],
+    }
+    with TestClient(app=make_app(policy=write_policy(CACHED_POLICY))) as client:
+        for _ in range(2):
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        scraped = client.get("/metrics").text
+
+    def lookups(cache: str, result: str) -> float:
+        found = metrics_registry.get_sample_value(
+            "guardrail_model_cache_lookups_total", {"cache": cache, "result": result}
+        )
+        assert found is not None, (cache, result)
+        return found
+
+    assert lookups("embeddings", "miss") >= 3  # question, answer, the document's sentence
+    assert lookups("embeddings", "hit") >= 1  # the same answer, checked again
+    assert lookups("grounding_evidence", "miss") == 1.0
+    assert lookups("grounding_evidence", "hit") == 1.0
+    held = metrics_registry.get_sample_value("guardrail_model_cache_bytes", {"cache": "embeddings"})
+    assert held is not None
+    assert held > 0
+    assert 'guardrail_model_cache_lookups_total{cache="embeddings",result="hit"}' in scraped

@@ -166,6 +166,11 @@ class CachingModel:
         self.waits = 0
         self.computed = 0
 
+    @property
+    def held_bytes(self) -> int:
+        """What the kept vectors take (float32 rows)."""
+        return len(self._done) * DIMENSIONS * 4
+
     def _digest(self, text: str) -> bytes:
         fold = self._uncased and not any(t in text for t in self._cased_tokens)
         folded = text.lower() if fold else text

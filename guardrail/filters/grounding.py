@@ -469,6 +469,8 @@ class GroundingScorer:
         self._cache_size = cache_size
         self._cache_chars = cache_chars
         self.cached_chars = 0
+        self.evidence_hits = 0
+        self.evidence_misses = 0
 
     async def evidence(self, sources: Sequence[str], scope: str | None = None) -> Evidence:
         """The sources' evidence, kept for ``scope`` (the tenant) only."""
@@ -476,7 +478,9 @@ class GroundingScorer:
         found = self._cache.get(key)
         if found is not None:
             self._cache.move_to_end(key)
+            self.evidence_hits += 1
             return found[0]
+        self.evidence_misses += 1
         units = source_units(sources, self._max_units)
         vectors = await self._embedder.encode(units, scope)
         evidence = make_evidence(sources, units, vectors)

@@ -79,6 +79,11 @@ class SharedResources:
     def __len__(self) -> int:
         return len(self._items)
 
+    def values(self) -> list[Any]:
+        """The objects held now (a copy: for metrics, read at each scrape)."""
+        with self._lock:
+            return [item for _, item in self._items.values()]
+
 
 @dataclass(frozen=True, slots=True)
 class BuildContext:

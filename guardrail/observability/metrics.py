@@ -61,6 +61,8 @@ hallucination_flags_total                       counter    stage, kind
 groundedness_score                              histogram  stage
 consistency_score                               histogram  mode
 consistency_checks_total                        counter    result
+model_cache_lookups_total                       counter    cache, result
+model_cache_bytes                               gauge      cache
 ==============================================  =========  ===========================
 """
 
@@ -68,8 +70,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Final, get_args
 
 from prometheus_client import (
@@ -96,8 +99,21 @@ __all__ = [
     "SCORE_BUCKETS",
     "TTFT_BUCKETS",
     "UNKNOWN",
+    "CacheStats",
     "GatewayMetrics",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """One model cache's counts since start: ``cache`` is a fixed name (never user text),
+    ``bytes`` what it holds now (None where it is not measured)."""
+
+    cache: str
+    hits: int
+    misses: int
+    bytes: int | None = None
+
 
 OTHER: Final = "other"
 """Label value that stands for every value past the cap of an open label."""
@@ -520,6 +536,11 @@ class GatewayMetrics:
         """Export the audit log's counters, read at each scrape."""
         self.registry.register(_AuditCollector(stats))
 
+    def observe_caches(self, stats: Callable[[], Iterable[CacheStats]]) -> None:
+        """Export the model caches' lookups and sizes, read at each scrape (caches of
+        one name are summed: two policies' encoders, say)."""
+        self.registry.register(_CacheCollector(stats))
+
     # --- in-flight requests --------------------------------------------------
 
     def request_started(self, route: Route) -> None:
@@ -649,6 +670,39 @@ class GatewayMetrics:
     def exposition(self) -> tuple[bytes, str]:
         """The registry in the Prometheus text format, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _CacheCollector(Collector):
+    """Hits, misses and bytes of the process's model caches, read when Prometheus
+    scrapes: tenants' separate entries make hit rates the number to watch."""
+
+    def __init__(self, stats: Callable[[], Iterable[CacheStats]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        lookups = CounterMetricFamily(
+            "guardrail_model_cache_lookups",
+            "Lookups in the model caches (embeddings, groundedness evidence, probe "
+            "prefixes) by result: hit or miss.",
+            labels=["cache", "result"],
+        )
+        held = GaugeMetricFamily(
+            "guardrail_model_cache_bytes", "What the model caches hold now.", labels=["cache"]
+        )
+        counts: dict[str, list[int]] = {}
+        sizes: dict[str, int] = {}
+        for s in self._stats():
+            hits, misses = counts.setdefault(s.cache, [0, 0])
+            counts[s.cache] = [hits + s.hits, misses + s.misses]
+            if s.bytes is not None:
+                sizes[s.cache] = sizes.get(s.cache, 0) + s.bytes
+        for name, (hits, misses) in sorted(counts.items()):
+            lookups.add_metric([name, "hit"], hits)
+            lookups.add_metric([name, "miss"], misses)
+        for name, size in sorted(sizes.items()):
+            held.add_metric([name], size)
+        yield lookups
+        yield held
 
 
 class _AuditCollector(Collector):
