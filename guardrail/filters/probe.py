@@ -342,11 +342,12 @@ class KeptPrefixes:
     def get(self, scope: str | None, head: Sequence[int]) -> Any:
         """The kept keys and values of ``head`` in ``scope`` (never to be extended: copy
         them), or None."""
-        found = self._items.get((scope, tuple(head)))
+        key = (scope, tuple(head))
+        found = self._items.get(key)
         if found is None:
             self.misses += 1
             return None
-        self._items.move_to_end((scope, tuple(head)))
+        self._items.move_to_end(key)
         self.hits += 1
         return found[0]
 

@@ -469,19 +469,10 @@ class FeatureExtractor:
     ) -> npt.NDArray[np.float64]:
         import numpy as np
 
+        from guardrail.filters.embedder import encode
+
         cleaned = [clean_text(t) for t in texts]
-        scoped = {"scopes": scopes} if scopes is not None else {}  # a CachingModel's
-        emb = np.asarray(
-            self._embedder.encode(
-                cleaned,
-                batch_size=64,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-                **scoped,
-            ),
-            dtype=np.float64,
-        )
+        emb = np.asarray(encode(self._embedder, cleaned, scopes), dtype=np.float64)
         prof = self.profanity(cleaned) if profanity is None else profanity
         clipped = np.clip(prof, 1e-4, 1 - 1e-4)
         log_odds = np.log(clipped / (1 - clipped)) / 4.0

@@ -155,9 +155,9 @@ def configure_logging(
     # httpx logs every upstream call at info, with its full URL (a query string may hold
     # a key) and nothing the exchange's own line does not say: debug only. It cost about
     # a third of the gateway's logging time per request.
+    upstream_calls = numeric_level if numeric_level <= logging.DEBUG else logging.WARNING
     for name in ("httpx", "httpcore"):
-        quiet = numeric_level if numeric_level <= logging.DEBUG else logging.WARNING
-        logging.getLogger(name).setLevel(max(numeric_level, quiet))
+        logging.getLogger(name).setLevel(max(numeric_level, upstream_calls))
     for name in _STDLIB_LOGGERS_TO_ROUTE:
         routed = logging.getLogger(name)
         routed.handlers.clear()

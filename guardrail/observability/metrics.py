@@ -68,6 +68,7 @@ model_cache_bytes                               gauge      cache
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -689,16 +690,17 @@ class _CacheCollector(Collector):
         held = GaugeMetricFamily(
             "guardrail_model_cache_bytes", "What the model caches hold now.", labels=["cache"]
         )
-        counts: dict[str, list[int]] = {}
-        sizes: dict[str, int] = {}
+        hits: collections.Counter[str] = collections.Counter()
+        misses: collections.Counter[str] = collections.Counter()
+        sizes: collections.Counter[str] = collections.Counter()
         for s in self._stats():
-            hits, misses = counts.setdefault(s.cache, [0, 0])
-            counts[s.cache] = [hits + s.hits, misses + s.misses]
+            hits[s.cache] += s.hits
+            misses[s.cache] += s.misses
             if s.bytes is not None:
-                sizes[s.cache] = sizes.get(s.cache, 0) + s.bytes
-        for name, (hits, misses) in sorted(counts.items()):
-            lookups.add_metric([name, "hit"], hits)
-            lookups.add_metric([name, "miss"], misses)
+                sizes[s.cache] += s.bytes
+        for name in sorted(hits.keys() | misses.keys()):
+            lookups.add_metric([name, "hit"], hits[name])
+            lookups.add_metric([name, "miss"], misses[name])
         for name, size in sorted(sizes.items()):
             held.add_metric([name], size)
         yield lookups
