@@ -82,6 +82,7 @@ from guardrail.backends.base import (
     GenerationRequest,
 )
 from guardrail.backends.breaker import CircuitBreaker, CircuitState, OnChange
+from guardrail.backends.transport import AiohttpTransport
 from guardrail.chat import Message
 from guardrail.errors import (
     BackendBadResponse,
@@ -98,10 +99,9 @@ log = structlog.get_logger(__name__)
 
 Sleep = Callable[[float], Awaitable[object]]
 
-# Long generations hold a connection each; httpx's default of 100 connections would
-# queue concurrent streams behind each other on a busy gateway replica.
+# Long generations hold a connection each; a pool of 100 (httpx's and aiohttp's default)
+# would queue concurrent streams behind each other on a busy gateway replica.
 MAX_CONNECTIONS = 512
-MAX_KEEPALIVE_CONNECTIONS = 64
 # Upstream error text passed on to the client is cut to this many characters.
 MAX_UPSTREAM_MESSAGE = 300
 
@@ -470,10 +470,7 @@ class RemoteBackend:
             timeout=httpx.Timeout(
                 settings.backend_timeout_s, connect=settings.backend_connect_timeout_s
             ),
-            limits=httpx.Limits(
-                max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
-            ),
+            transport=AiohttpTransport(max_connections=MAX_CONNECTIONS),
         )
         return cls(
             settings.backend_urls,
