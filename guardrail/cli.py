@@ -138,9 +138,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     backend: Backend = off_main_thread(lambda: build_backend(settings))
     app = create_app(settings, backend=backend)
     if not settings.api_keys:
+        admin = "" if settings.admin_key_sha256 else "; /admin/* answers this machine only"
         print(
             "guardrail: WARNING: running OPEN: no API keys configured "
-            "(set GUARDRAIL_API_KEYS=key=tenant,... or api_keys in the config file)",
+            "(set GUARDRAIL_API_KEYS=key=tenant,... or api_keys in the config file)" + admin,
             file=sys.stderr,
         )
     print(f"guardrail: serving on http://{settings.host}:{settings.port}/v1", file=sys.stderr)

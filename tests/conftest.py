@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,11 @@ from tests.fakes.backend import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = ROOT / "policies" / "default.yaml"
+# For tests of admin routes: with no key at all they answer loopback clients only, and
+# Litestar's test client calls from "testclient", not an address.
+ADMIN_KEY = "sk-test-admin"
+ADMIN_KEY_SHA256 = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
+AS_ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 # A small policy whose rules the API tests rely on; independent of default.yaml's wording.
 TEST_POLICY = """

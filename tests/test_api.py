@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from guardrail.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
 from guardrail.guard.types import Action, Finding, Stage, Verdict
+from tests.conftest import ADMIN_KEY_SHA256, AS_ADMIN
 from tests.fakes.backend import FakeBackend
 from tests.sse import content, frames
 
@@ -859,26 +860,27 @@ def _digest(client: Client) -> str:
 
 
 def test_admin_reload_swaps_policy_and_a_bad_file_keeps_the_old_one(
-    client: Client, test_policy: Path
+    make_app: Callable[..., Litestar], test_policy: Path
 ) -> None:
-    original = test_policy.read_text()
-    test_policy.write_text(original.replace('version: "7"', 'version: "8"'))
-    r = client.post("/admin/reload")
-    assert r.status_code == 200
-    assert r.json()["policy"]["version"] == "8"
-    test_policy.write_text(original.replace("keywords: [dummy]", "keywordz: [dummy]"))
-    r = client.post("/admin/reload")
-    assert r.status_code == 422
-    error = assert_openai_error(r.json())
-    assert "keywordz" in error["message"]
-    assert ":" in error["message"]
-    assert "Policy test not reloaded; still running its version 8" in error["message"]
-    assert (
-        client.post("/v1/chat/completions", json=chat("hi")).json()["guardrail"]["policy"][
-            "version"
-        ]
-        == "8"
-    )
+    with TestClient(app=make_app(admin_key_sha256=ADMIN_KEY_SHA256)) as client:
+        original = test_policy.read_text()
+        test_policy.write_text(original.replace('version: "7"', 'version: "8"'))
+        r = client.post("/admin/reload", headers=AS_ADMIN)
+        assert r.status_code == 200
+        assert r.json()["policy"]["version"] == "8"
+        test_policy.write_text(original.replace("keywords: [dummy]", "keywordz: [dummy]"))
+        r = client.post("/admin/reload", headers=AS_ADMIN)
+        assert r.status_code == 422
+        error = assert_openai_error(r.json())
+        assert "keywordz" in error["message"]
+        assert ":" in error["message"]
+        assert "Policy test not reloaded; still running its version 8" in error["message"]
+        assert (
+            client.post("/v1/chat/completions", json=chat("hi")).json()["guardrail"]["policy"][
+                "version"
+            ]
+            == "8"
+        )
 
 
 def test_a_backend_that_failed_to_load_answers_503_and_counts_as_backend_error(

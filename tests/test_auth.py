@@ -7,17 +7,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
-from guardrail.api.auth import KeyRing, open_mode_warning
+from guardrail.api.auth import KeyRing, from_this_machine, open_mode_warning
+from guardrail.app import create_app
 from guardrail.errors import ConfigError
 from guardrail.settings import ApiKeyEntry, Settings, TenantConfig, load_settings, misspelt_env
 from tests.conftest import TEST_POLICY
 from tests.fakes.backend import FakeBackend
+from tests.servers import serve_asgi
 
 Client = TestClient[Litestar]
 
@@ -215,10 +218,67 @@ def test_without_keys_the_gateway_is_open_and_says_so(
         app = make_app()
     with TestClient(app=app) as c:
         assert c.post("/v1/chat/completions", json=chat()).status_code == 200
-        assert c.post("/admin/reload").status_code == 200
     warnings = [e for e in logs if e["event"] == "running_open"]
     assert warnings
     assert warnings[0]["log_level"] == "warning"
+    assert "/admin/* answers requests from this machine only" in warnings[0]["message"]
+
+
+def _fresh_app(test_policy: Path, **overrides: Any) -> Litestar:
+    """A gateway with metrics of its own, for tests that start two."""
+    settings = Settings(policy=str(test_policy), **overrides)
+    return create_app(settings, backend=FakeBackend(), metrics_registry=CollectorRegistry())
+
+
+def test_without_keys_admin_routes_answer_this_machine_only(test_policy: Path) -> None:
+    # Over TCP on 127.0.0.1: the caller is this machine.
+    with serve_asgi(_fresh_app(test_policy)) as url:
+        assert httpx.post(url + "/admin/reload", timeout=30).status_code == 200
+        assert httpx.post(url + "/v1/chat/completions", json=chat(), timeout=30).status_code == 200
+    # Litestar's test client calls from "testclient": not a loopback address.
+    with TestClient(app=_fresh_app(test_policy)) as c:
+        r = c.post("/admin/reload")
+        assert c.post("/v1/chat/completions", json=chat()).status_code == 200
+    assert r.status_code == 403
+    error = r.json()["error"]
+    assert error["code"] == "admin_local_only"
+    assert "GUARDRAIL_ADMIN_KEY" in error["message"]
+
+
+def test_with_an_admin_key_and_no_tenant_keys_admin_routes_need_that_key_from_anywhere(
+    test_policy: Path,
+) -> None:
+    with serve_asgi(_fresh_app(test_policy, admin_key_sha256=sha(ADMIN))) as url:
+        local = httpx.post(url + "/admin/reload", timeout=30)
+    assert local.status_code == 401
+    with TestClient(app=_fresh_app(test_policy, admin_key_sha256=sha(ADMIN))) as c:
+        assert c.post("/admin/reload", headers=bearer(ADMIN)).status_code == 200
+    assert open_mode_warning(KeyRing.from_settings(Settings(admin_key_sha256=sha(ADMIN)))) == (
+        "running OPEN: no API keys configured; anyone who can reach this port may use it"
+    )
+
+
+@pytest.mark.parametrize(
+    ("client", "local"),
+    [
+        (("127.0.0.1", 50123), True),
+        (("127.8.9.10", 1), True),
+        (("::1", 50123), True),
+        (("::ffff:127.0.0.1", 50123), True),
+        (("10.0.0.7", 50123), False),
+        (("203.0.113.9", 443), False),
+        (("::ffff:203.0.113.9", 443), False),
+        (("fe80::1%eth0", 50123), False),
+        (("testclient", 50000), False),
+        (("", 0), False),
+        (None, False),
+    ],
+)
+def test_this_machine_is_a_loopback_address_and_nothing_else(
+    client: tuple[str, int] | None, local: bool
+) -> None:
+    scope: dict[str, Any] = {"type": "http", "client": client}
+    assert from_this_machine(scope) is local  # type: ignore[arg-type]
 
 
 def test_a_misspelt_key_variable_is_named_at_startup_without_its_value(
@@ -388,7 +448,9 @@ def _serve_stderr(test_policy: Path, extra_env: dict[str, str]) -> str:
 
 
 def test_serve_says_on_stderr_when_it_runs_open(test_policy: Path) -> None:
-    assert "running OPEN: no API keys configured" in _serve_stderr(test_policy, {})
+    err = _serve_stderr(test_policy, {})
+    assert "running OPEN: no API keys configured" in err
+    assert "/admin/* answers this machine only" in err
 
 
 def test_serve_with_keys_does_not_say_open_nor_print_a_key(test_policy: Path) -> None:

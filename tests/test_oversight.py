@@ -294,12 +294,14 @@ def test_kept_comments_pass_the_tenant_policy_first(
 def test_with_the_audit_log_off_feedback_and_review_say_so(
     make_app: Callable[..., Litestar],
 ) -> None:
-    with TestClient(app=make_app(audit_dsn="off")) as client:
+    with TestClient(app=make_app(audit_dsn="off", **KEYS)) as client:
         answer = chat(client, "hello")
         responses = [
-            client.post("/v1/feedback", json={"response_id": answer["id"], "rating": 1}),
-            client.get("/admin/review"),
-            client.get("/admin/review/export"),
+            client.post(
+                "/v1/feedback", json={"response_id": answer["id"], "rating": 1}, headers=auth(ACME)
+            ),
+            client.get("/admin/review", headers=auth(ADMIN)),
+            client.get("/admin/review/export", headers=auth(ADMIN)),
         ]
 
     assert [(r.status_code, r.json()["error"]["code"]) for r in responses] == [

@@ -14,6 +14,7 @@ from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
 from guardrail.guard.types import FilterContext, Stage, Verdict
+from tests.conftest import ADMIN_KEY_SHA256, AS_ADMIN
 from tests.fakes.backend import FakeBackend
 
 CANDIDATE = """
@@ -104,9 +105,10 @@ def test_a_bad_shadow_file_on_reload_keeps_the_previous_shadow_policy(
     metrics_registry: CollectorRegistry,
 ) -> None:
     candidate = write_policy(CANDIDATE, "candidate.yaml")
-    with TestClient(app=make_app(shadow_policy=str(candidate))) as client:
+    app = make_app(shadow_policy=str(candidate), admin_key_sha256=ADMIN_KEY_SHA256)
+    with TestClient(app=app) as client:
         candidate.write_text(CANDIDATE.replace("keywords: [tea]", "keywordz: [tea]"))
-        r = client.post("/admin/reload")
+        r = client.post("/admin/reload", headers=AS_ADMIN)
         assert r.status_code == 422
         message = r.json()["error"]["message"]
         assert "candidate.yaml" in message
@@ -124,10 +126,13 @@ def test_a_reload_where_every_policy_fails_names_each_and_keeps_each_running(
     """Only the default policy's problem was reported: the shadow's went unsaid."""
     default = write_policy(test_policy.read_text(), "mine.yaml")
     candidate = write_policy(CANDIDATE, "candidate.yaml")
-    with TestClient(app=make_app(policy=str(default), shadow_policy=str(candidate))) as client:
+    app = make_app(
+        policy=str(default), shadow_policy=str(candidate), admin_key_sha256=ADMIN_KEY_SHA256
+    )
+    with TestClient(app=app) as client:
         default.write_text(default.read_text().replace("filters:", "filterz:"))
         candidate.write_text(CANDIDATE.replace("keywords: [tea]", "keywordz: [tea]"))
-        r = client.post("/admin/reload")
+        r = client.post("/admin/reload", headers=AS_ADMIN)
         assert r.status_code == 422
         message = r.json()["error"]["message"]
         assert "mine.yaml" in message

@@ -24,10 +24,12 @@
   It answers 401 (no key: ``missing_api_key``; a key nobody issued:
   ``invalid_api_key``) and 403 (a tenant key on an admin route: ``admin_key_required``;
   the admin key on an API route: ``tenant_key_required``; an admin route with no admin
-  key configured: ``admin_disabled``), each in the OpenAI error shape, and puts the
+  key configured: ``admin_disabled``; with no key at all, an admin route called from
+  another machine: ``admin_local_only``), each in the OpenAI error shape, and puts the
   :class:`Principal` in ``scope["state"]["principal"]``.
 - With no API key configured at all, the API routes are **open**: every request is
-  tenant ``default``, and :func:`open_mode_warning` says so at startup.
+  tenant ``default``, and :func:`open_mode_warning` says so at startup. The admin
+  routes are then open to loopback clients only (:func:`from_this_machine`).
 
 What a tenant may do (its policy, models and rate limits) is :class:`Tenants`; the
 serving layer asks it (403 ``model_not_allowed``).
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -210,13 +213,36 @@ def open_mode_warning(ring: KeyRing) -> str | None:
     """The startup warning for a gateway whose API routes anyone may call, if it is one."""
     if not ring.open:
         return None
-    return "running OPEN: no API keys configured; anyone who can reach this port may use it"
+    warning = "running OPEN: no API keys configured; anyone who can reach this port may use it"
+    if not ring.has_admin:
+        warning += "; /admin/* answers requests from this machine only"
+    return warning
 
 
 def principal_of(scope: Scope) -> Principal:
     state = scope.get("state") or {}
     principal = state.get("principal")
     return principal if isinstance(principal, Principal) else OPEN_PRINCIPAL
+
+
+def from_this_machine(scope: Scope) -> bool:
+    """Whether the request came from a loopback address (127.0.0.0/8, ::1).
+
+    uvicorn puts the address a trusted local proxy forwarded (``X-Forwarded-For`` from
+    ``forwarded_allow_ips``, 127.0.0.1 by default) in ``client``, so a request relayed by a
+    proxy on this machine counts as from where it really came. No address (a Unix
+    socket, a server that does not say) is not "this machine": fail closed.
+    """
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        address = ipaddress.ip_address(str(client[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _presented_key(scope: Scope) -> str | None:
@@ -268,11 +294,17 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         if need == "admin" and not self.ring.has_admin:
-            if self.ring.open:  # nothing configured at all: open, like the API routes
-                state["principal"] = OPEN_PRINCIPAL
-                await self.app(scope, receive, send)
+            if not self.ring.open:
+                await self._reject(scope, send, 403, "admin_disabled", _ADMIN_DISABLED)
                 return
-            await self._reject(scope, send, 403, "admin_disabled", _ADMIN_DISABLED)
+            # Nothing configured at all: open like the API routes, but to this machine
+            # only. The review queue holds exchanges' text, and a reload or a shadow
+            # switch is an operator's act, not any caller's.
+            if not from_this_machine(scope):
+                await self._reject(scope, send, 403, "admin_local_only", _ADMIN_LOCAL_ONLY)
+                return
+            state["principal"] = OPEN_PRINCIPAL
+            await self.app(scope, receive, send)
             return
         key = _presented_key(scope)
         if key is None:
@@ -308,6 +340,10 @@ class AuthMiddleware:
 
 
 _ADMIN_DISABLED = "Admin routes are disabled: no admin key is configured (GUARDRAIL_ADMIN_KEY)."
+_ADMIN_LOCAL_ONLY = (
+    "With no keys configured, admin routes answer requests from this machine only; "
+    "set an admin key (GUARDRAIL_ADMIN_KEY) to reach them from elsewhere."
+)
 _ADMIN_REQUIRED = "This route needs the admin key; the key given is a tenant key."
 _TENANT_REQUIRED = "The admin key is for /admin routes only; call the API with a tenant key."
 _encode = msgspec.json.Encoder().encode
