@@ -343,10 +343,11 @@ async def _load_backend(gateway: Gateway) -> None:
 
 def model_cache_stats(resources: SharedResources) -> list[CacheStats]:
     """The process's model caches, for the metrics: the sentence encoder's embeddings (a
-    text another thread was computing counts as a hit), the groundedness evidence and
-    the groundedness probe's kept prefixes."""
+    text another thread was computing counts as a hit), the groundedness evidence, the
+    groundedness probe's kept prefixes and the PII filters' analyses."""
     from guardrail.filters.embedder import CachingModel
     from guardrail.filters.grounding import GroundingScorer
+    from guardrail.filters.pii import AnalysisLookups
 
     out: list[CacheStats] = []
     for item in resources.values():
@@ -361,6 +362,8 @@ def model_cache_stats(resources: SharedResources) -> list[CacheStats]:
                 out.append(
                     CacheStats("grounding_probe_prefixes", kept.hits, kept.misses, kept.bytes)
                 )
+        elif isinstance(item, AnalysisLookups):
+            out.append(CacheStats("pii_analyses", item.hits, item.misses))
     return out
 
 

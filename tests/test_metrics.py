@@ -15,7 +15,10 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
+from guardrail.app import model_cache_stats
 from guardrail.exchange import Exchange, Outcome, Route
+from guardrail.filters.pii import AnalysisLookups
+from guardrail.guard.filter import SharedResources
 from guardrail.guard.types import (
     FILTER_ERROR_CATEGORY,
     Action,
@@ -807,6 +810,15 @@ def test_model_caches_are_exported_by_name_summed_over_instances(
     assert value(registry, lookups, cache="grounding_evidence", result="miss") == 4.0
     assert value(registry, "guardrail_model_cache_bytes", cache="embeddings") == 3072.0
     assert value(registry, "guardrail_model_cache_bytes", cache="grounding_evidence") is None
+
+
+def test_the_pii_filters_analysis_lookups_are_a_model_cache() -> None:
+    """Counted once for the process in the shared resources, so a reload, which builds
+    new filters, does not reset the counter."""
+    resources = SharedResources()
+    lookups = resources.get(("pii", "analysis-lookups"), AnalysisLookups)
+    lookups.hits, lookups.misses = 7, 2
+    assert model_cache_stats(resources) == [CacheStats("pii_analyses", 7, 2)]
 
 
 CACHED_POLICY = """

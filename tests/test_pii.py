@@ -34,6 +34,7 @@ from guardrail.filters.names import (
 )
 from guardrail.filters.pii import (
     KNOWN_ENTITIES,
+    AnalysisLookups,
     PiiEngineError,
     PiiFilter,
     SpacyMemoryZone,
@@ -922,15 +923,20 @@ async def test_a_resent_conversation_reaches_the_analyzer_only_for_new_messages(
         return detect(text, cancelled, stage)
 
     filt.detect = counting  # type: ignore[method-assign]
+    lookups = resources.get(("pii", "analysis-lookups"), AnalysisLookups)
+    before = (lookups.hits, lookups.misses)
     turn1 = (f"Mail {EMAIL} please.", "Sure.")
     first = await check_all(guard, conversation(*turn1))
     second = await check_all(guard, conversation(*turn1, f"Also {OTHER_EMAIL}."))
     assert second[: len(first)] == first
     assert second[-1] == "Also <EMAIL_ADDRESS_2>."
+    counted = (lookups.hits - before[0], lookups.misses - before[1])
     if incremental:
         assert calls == [*turn1, f"Also {OTHER_EMAIL}."]
+        assert counted == (2, 3)  # what the metric guardrail_model_cache_lookups reads
     else:
         assert len(calls) == 5
+        assert counted == (0, 0)  # no cache, no lookups
 
 
 # -- name lists, street types from Faker, and what the NER gets wrong ---------------------

@@ -844,7 +844,6 @@ def plausible_name(text: str, start: int, end: int) -> tuple[int, int] | None:
     return start, end
 
 
-# Analyses kept per filter (types, offsets, scores; no text), least recently used first out.
 # A text longer than this is analysed in pieces of about this size, each overlapping
 # the next by ANALYSIS_OVERLAP_CHARS. A piece keeps the entities that start in its own
 # part (up to the middle of each overlap), so an entity shorter than half the overlap is
@@ -855,10 +854,19 @@ def plausible_name(text: str, start: int, end: int) -> tuple[int, int] | None:
 ANALYSIS_CHUNK_CHARS = 20_000
 ANALYSIS_OVERLAP_CHARS = 400
 
+# Analyses kept per filter (types, offsets, scores; no text), least recently used first out.
 ANALYSIS_CACHE_ENTRIES = 20_000
 # ... and at most this many detections (plus one per text) in all: a text of the maximum
 # body size can hold hundreds of thousands, so a bound on texts alone does not bound memory.
 ANALYSIS_CACHE_DETECTIONS = 500_000
+
+
+@dataclass(slots=True)
+class AnalysisLookups:
+    """Lookups in every PII filter's analysis cache, for the model cache metrics."""
+
+    hits: int = 0
+    misses: int = 0
 
 
 def _merged(detections: Sequence[Detection], rank: Callable[[Detection], Any]) -> list[Detection]:
@@ -965,6 +973,8 @@ class PiiFilter:
         # Per filter instance: a reload builds a new filter, so a new policy starts empty.
         self._analyses: OrderedDict[bytes, list[Detection]] = OrderedDict()
         self._cache_analyses = env.incremental
+        # Counted for the whole process, across filters and reloads (a metric's counter).
+        self._lookups = env.resources.get(("pii", "analysis-lookups"), AnalysisLookups)
         self.cached_detections = 0  # one per text kept, plus its detections
 
     @staticmethod
@@ -1129,6 +1139,9 @@ class PiiFilter:
                 self._analyses.move_to_end(key)
                 found[i] = cached
         todo = [i for i in range(len(texts)) if i not in found]
+        if self._cache_analyses:
+            self._lookups.hits += len(found)
+            self._lookups.misses += len(todo)
         if todo:
             loop = asyncio.get_running_loop()
             cancelled = threading.Event()

@@ -684,7 +684,7 @@ class _CacheCollector(Collector):
         lookups = CounterMetricFamily(
             "guardrail_model_cache_lookups",
             "Lookups in the model caches (embeddings, groundedness evidence, probe "
-            "prefixes) by result: hit or miss.",
+            "prefixes, PII analyses) by result: hit or miss.",
             labels=["cache", "result"],
         )
         held = GaugeMetricFamily(
