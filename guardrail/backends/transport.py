@@ -28,6 +28,9 @@ under httpx the whole call costs about half (README, "Measurements: proxy overhe
   connection instead of returning it to the pool.
 - TLS uses the context given, by default httpx's own (``httpx.create_ssl_context()``:
   the same CA bundle and ``SSL_CERT_FILE`` handling as a plain httpx client).
+- Host names are resolved by aiohttp, which keeps an answer for 10 seconds: an
+  upstream whose DNS name moves (a rolling replacement) is reached at its new address
+  within that time. httpcore resolved on every new connection.
 
 The aiohttp session belongs to the event loop of the first request; it is created
 then, not at construction (gateways are built before their loop runs).
