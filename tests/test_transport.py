@@ -161,6 +161,25 @@ async def test_a_post_goes_out_as_httpx_built_it_and_the_answer_comes_back() -> 
     assert b"host: " + up.url.removeprefix("http://").encode() in lines
 
 
+async def test_a_streamed_request_body_goes_out_whole_with_one_framing() -> None:
+    """httpx frames a body it streams as chunked; the transport sends it read, so its
+    Content-Length must be aiohttp's alone, with no Transfer-Encoding left beside it."""
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield b'{"q": '
+        yield b'"hi"}'
+
+    async with upstream(keep_answering(answer())) as up, client() as c:
+        r = await c.post(up.url + "/x", content=parts())
+
+    assert r.status_code == 200
+    head, body = up.requests[0]
+    lines = [line.lower() for line in head.split(b"\r\n")[1:] if line]
+    assert b"content-length: 11" in lines
+    assert not any(line.startswith(b"transfer-encoding") for line in lines)
+    assert body == b'{"q": "hi"}'
+
+
 async def test_requests_reuse_one_kept_alive_connection() -> None:
     async with upstream(keep_answering(answer())) as up, client() as c:
         for _ in range(5):
@@ -356,12 +375,8 @@ async def test_tls_is_verified_against_the_context_given(tmp_path: Path) -> None
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert_file, key_file)
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await up.read_request(reader):
-            writer.write(answer())
-            await writer.drain()
-
-    up = Upstream(handle)
+    up = Upstream(lambda r, w: asyncio.sleep(0))
+    up.handler = keep_answering(answer())(up)
     tls = await asyncio.start_server(up.serve, "127.0.0.1", 0, ssl=server)
     url = f"https://127.0.0.1:{tls.sockets[0].getsockname()[1]}/x"
     async with tls:
