@@ -29,10 +29,13 @@ from tests.servers import serve_asgi
 
 EXAMPLES = int(os.environ.get("GUARDRAIL_FUZZ_EXAMPLES", "100"))
 
+# Schemathesis reads the schema at collection time, before fixtures exist, so the
+# policy file lives in a folder of the module's own, removed when the run ends.
+_POLICY_DIR = tempfile.TemporaryDirectory(prefix="guardrail-fuzz-")
+
 
 def _gateway() -> Litestar:
-    # Schemathesis reads the schema at collection time, before fixtures exist.
-    policy = Path(tempfile.mkdtemp(prefix="guardrail-fuzz-")) / "policy.yaml"
+    policy = Path(_POLICY_DIR.name) / "policy.yaml"
     policy.write_text(TEST_POLICY, encoding="utf-8")
     return create_app(
         Settings(policy=str(policy), max_body_bytes=64 * 1024),
