@@ -47,6 +47,7 @@ def default_cache_dir() -> Path:
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$(?!\n)")]
+BearerToken = Annotated[str, msgspec.Meta(pattern=r"^[!-~]+$(?!\n)")]
 
 
 def key_digest(key: str) -> str:
@@ -130,7 +131,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
     ] = msgspec.field(default_factory=list)
     backend_api_key: Annotated[
-        str | None, _doc("Bearer token sent to the remote backend, if it needs one.")
+        BearerToken | None,
+        _doc(
+            "Bearer token sent to the remote backend, if it needs one: visible ASCII, no "
+            "spaces (a line break would be refused by the HTTP client at every call)."
+        ),
     ] = None
     backend_timeout_s: Annotated[
         float,
@@ -510,6 +515,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         if "list[" in str(f.type):
             out[name] = [part.strip() for part in raw.split(",") if part.strip()]
+        elif name == "backend_api_key":
+            out[name] = raw.strip()  # like every key source: a secret file's line break
         else:
             out[name] = raw
     return out

@@ -369,6 +369,21 @@ async def test_when_upstream_answers_garbage_then_502_without_retry(
     assert len(up_a.requests) == 1
 
 
+@pytest.mark.parametrize("mode", ["garbage", "error_frame"])
+async def test_a_200_that_is_not_a_completion_fails_over_to_the_next_url(
+    client: httpx.AsyncClient, up_a: FakeUpstream, up_b: FakeUpstream, mode: str
+) -> None:
+    # As a stream that has sent nothing does: a broken replica must not fail every call
+    # until its circuit opens while the next one answers.
+    up_a.mode = mode  # type: ignore[assignment]
+    remote = backend(client, up_a.base_url, up_b.base_url)
+
+    completion = await remote.generate(chat_request())
+
+    assert completion.text == "Answer from b."
+    assert (len(up_a.requests), len(up_b.requests)) == (1, 1)  # no retry of a
+
+
 async def test_when_upstream_answers_an_error_object_then_502_naming_it(
     client: httpx.AsyncClient, up_a: FakeUpstream
 ) -> None:
@@ -851,14 +866,20 @@ REPLY_FRAMES = (
 )
 
 
-async def test_a_half_open_trial_the_caller_abandons_gives_its_place_back() -> None:
-    # A stream closed early (the policy cut it) held the trial: every later call got 503.
+@pytest.mark.parametrize("ending", ["stream-abandoned", "unexpected-error"])
+async def test_a_half_open_trial_that_reaches_no_verdict_gives_its_place_back(
+    ending: str,
+) -> None:
+    # A stream closed early (the policy cut it), or a call that raised anything but a
+    # backend error or a cancel, held the trial: every later call got 503 for good.
     calls = {"n": 0}
 
     async def handler(request: httpx.Request) -> httpx.Response:
         calls["n"] += 1
         if calls["n"] == 1:
             return httpx.Response(500, json={"error": {"message": "boom"}})
+        if calls["n"] == 2 and ending == "unexpected-error":
+            raise RuntimeError("a transport bug")
         return httpx.Response(
             200, content=_sse(*REPLY_FRAMES), headers={"content-type": "text/event-stream"}
         )
@@ -872,9 +893,13 @@ async def test_a_half_open_trial_the_caller_abandons_gives_its_place_back() -> N
             await remote.generate(chat_request())
         assert remote.breakers["http://up.test/v1"].state is CircuitState.OPEN
         clock.now += 1.5  # half-open: one trial
-        stream = remote.stream(chat_request())
-        await anext(stream)
-        await stream.aclose()  # the caller leaves before the end: no verdict
+        if ending == "stream-abandoned":
+            stream = remote.stream(chat_request())
+            await anext(stream)
+            await stream.aclose()  # the caller leaves before the end: no verdict
+        else:
+            with pytest.raises(RuntimeError):
+                await remote.generate(chat_request())
         chunks = await collect(remote.stream(chat_request()))  # not a 503
     assert "".join(c.text for c in chunks) == "Hello there. More."
     assert remote.breakers["http://up.test/v1"].state is CircuitState.CLOSED

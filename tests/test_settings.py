@@ -202,3 +202,21 @@ def test_a_setting_given_twice_in_the_file_is_an_error(tmp_path: Path) -> None:
     config.write_text("port: 9000\nhost: 0.0.0.0\nport: 9001\n")
     with pytest.raises(ConfigError, match=r"gw.yaml:3:1: port is given twice \(first at line 1\)"):
         load_settings(config, environ={})
+
+
+def test_the_backend_api_key_from_the_environment_is_stripped_like_every_key() -> None:
+    # A secret file's line break had gone out in the Authorization header of every call.
+    s = load_settings(environ={"GUARDRAIL_BACKEND_API_KEY": "sk-abc123\n"})
+    assert s.backend_api_key == "sk-abc123"
+
+
+@pytest.mark.parametrize("key", ["sk abc", "sk-abc\n123", "sk-abc\n", "", "sk-é"])
+def test_a_backend_api_key_no_header_can_carry_is_an_error_that_does_not_echo_it(
+    tmp_path: Path, key: str
+) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"backend_api_key: {key!r}\n".replace("'", '"'))
+    with pytest.raises(ConfigError, match=r"\$\.backend_api_key") as raised:
+        load_settings(config, environ={})
+    if key:
+        assert key.split(maxsplit=1)[0] not in str(raised.value)  # a secret is never echoed

@@ -180,6 +180,21 @@ async def test_a_streamed_request_body_goes_out_whole_with_one_framing() -> None
     assert body == b'{"q": "hi"}'
 
 
+async def test_credentials_in_the_url_go_out_as_httpx_s_basic_authorization_alone() -> None:
+    async with upstream(keep_answering(answer())) as up, client() as c:
+        url = up.url.replace("http://", "http://user:pw@") + "/v1/models"
+        r = await c.get(url)
+
+    assert r.status_code == 200
+    head, _ = up.requests[0]
+    assert head.startswith(b"GET /v1/models HTTP/1.1\r\n")
+    lines = [line.lower() for line in head.split(b"\r\n")[1:] if line]
+    # base64("user:pw"); aiohttp had refused a URL with credentials beside the header.
+    assert [line for line in lines if line.startswith(b"authorization")] == [
+        b"authorization: basic dxnlcjpwdw=="
+    ]
+
+
 async def test_requests_reuse_one_kept_alive_connection() -> None:
     async with upstream(keep_answering(answer())) as up, client() as c:
         for _ in range(5):
@@ -322,6 +337,14 @@ async def test_an_answer_cut_short_or_not_http_is_a_protocol_error(
     async with upstream(once(reply)) as up, client() as c:
         with pytest.raises(httpx.RemoteProtocolError):
             await c.post(up.url + "/x", json={})
+
+
+async def test_a_header_aiohttp_will_not_write_is_a_local_protocol_error() -> None:
+    async with upstream(keep_answering(answer())) as up, client() as c:
+        with pytest.raises(httpx.LocalProtocolError, match="ValueError"):
+            await c.post(up.url + "/x", json={}, headers={"authorization": "Bearer sk\n1"})
+
+    assert up.requests == []
 
 
 async def test_closing_the_client_ends_its_kept_alive_connections() -> None:

@@ -11,6 +11,8 @@ the thin, careful client in between. Why it looks the way it does:
   then fails over to the next URL. A timeout is not retried on the same URL (it
   already cost the whole budget) but fails over. A 4xx is the request's own fault:
   it is answered at once, with no failover, since every replica would answer the same.
+  A 200 whose body is not a completion (a load balancer's page, an error object) fails
+  over without a retry on the same URL, as a stream that has sent nothing yet does.
 - A stream fails over only before its first chunk reached the caller; after that
   the text is already on its way to the client, so a broken or stalled stream raises
   (:class:`BackendBadResponse` / :class:`BackendTimeout`) and the gateway ends the
@@ -46,7 +48,7 @@ every URL refused the connection            BackendUnavailable (503)
 every URL's circuit is open                 BackendUnavailable (503)
 every URL failed, the last by a timeout     BackendTimeout (504)
 every URL failed, the last by 5xx/drop      BackendBadResponse (502)
-200 with garbage (not a completion)         BackendBadResponse (502)
+every URL answered 200 with garbage         BackendBadResponse (502)
 ``{"error": ...}`` frame in a stream        BackendBadResponse (502), upstream message
 stream broken or ended early after output   BackendBadResponse (502) / BackendTimeout (504)
 ==========================================  ==========================================
@@ -561,35 +563,39 @@ class RemoteBackend:
             url = base + self._path(request)
             breaker = self.breakers[base]
             trial = _holds_trial(breaker)
-            for attempt in range(self._retries + 1):
-                if attempt:
-                    await self._sleep(self._backoff_s * 2 ** (attempt - 1))
-                try:
-                    content = await self._post(url, body, headers)
-                except asyncio.CancelledError:
-                    # The client left mid-call: no verdict on the replica. A half-open
-                    # trial that never ended kept the URL out of use for good. Only the
-                    # trial itself gives its place back: a call let through while the
-                    # circuit was closed must not free another call's running trial.
-                    if trial:
-                        breaker.release()
-                    raise
-                except _AttemptFailed as failure:
-                    breaker.failure()
-                    failures.add(failure, url, attempt)
-                    if failure.retryable and breaker.state is CircuitState.CLOSED:
-                        continue
-                    break
-                except BackendError:
-                    breaker.success()  # a 4xx: the replica is up, the request was wrong
-                    raise
-                try:
-                    completion = _parse_completion(content, chat=request.is_chat)
-                except BackendError:
-                    breaker.failure()  # 200 with garbage: this replica is broken
-                    raise
-                breaker.success()
-                return completion
+            try:
+                for attempt in range(self._retries + 1):
+                    if attempt:
+                        await self._sleep(self._backoff_s * 2 ** (attempt - 1))
+                    try:
+                        content = await self._post(url, body, headers)
+                    except _AttemptFailed as failure:
+                        breaker.failure()
+                        failures.add(failure, url, attempt)
+                        if failure.retryable and breaker.state is CircuitState.CLOSED:
+                            continue
+                        break
+                    except BackendError:
+                        breaker.success()  # a 4xx: the replica is up, the request was wrong
+                        raise
+                    try:
+                        completion = _parse_completion(content, chat=request.is_chat)
+                    except BackendError as e:
+                        # 200 with garbage or an error body: this replica is broken, and
+                        # asking it again gets the same; the next URL may still answer.
+                        breaker.failure()
+                        failures.add(_AttemptFailed("status", e), url, attempt)
+                        break
+                    breaker.success()
+                    return completion
+            finally:
+                # A trial that reached no verdict (the client left, or something no
+                # branch above expected was raised) gives its place back: kept, it would
+                # hold the URL out of use for good. Only the trial itself does: a call
+                # let through while the circuit was closed must not free another call's
+                # running trial. After success() or failure() this does nothing.
+                if trial:
+                    breaker.release()
         raise failures.error(len(self.urls))
 
     async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:

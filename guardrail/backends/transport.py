@@ -22,7 +22,11 @@ under httpx the whole call costs about half (README, "Measurements: proxy overhe
   unchanged: refused or failed connections are :class:`httpx.ConnectError` (nothing was
   sent), a handshake past its time :class:`httpx.ConnectTimeout`, a stalled read
   :class:`httpx.ReadTimeout`, an answer cut short or not HTTP
-  :class:`httpx.RemoteProtocolError`, a reset :class:`httpx.ReadError`.
+  :class:`httpx.RemoteProtocolError`, a reset :class:`httpx.ReadError`, a request
+  aiohttp will not write (a line break in a header value)
+  :class:`httpx.LocalProtocolError`.
+- Credentials in the URL (``http://user:pw@host/v1``) travel as httpx's Basic
+  ``Authorization`` header only; aiohttp is given the URL without them.
 - Connections are pooled per host up to ``max_connections`` in all; idle ones close
   after ``keepalive_expiry`` seconds. A response closed before its end closes its
   connection instead of returning it to the pool.
@@ -101,10 +105,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             sock_connect=limits.get("connect"),
             sock_read=limits.get("read"),
         )
+        url = request.url
+        if url.userinfo:
+            # httpx turned the URL's credentials into an Authorization header already;
+            # aiohttp refuses a request that carries both.
+            url = url.copy_with(userinfo=b"")
         try:
             response = await self._session_now().request(
                 request.method,
-                str(request.url),
+                str(url),
                 data=body or None,
                 headers=headers,
                 allow_redirects=False,
@@ -116,6 +125,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(_reason(e), request=request) from e
         except aiohttp.ClientError as e:
             raise _exchange_error(e, request) from e
+        except ValueError as e:
+            # aiohttp refuses what it will not write (a line break in a header value):
+            # httpcore raises LocalProtocolError for the same request.
+            raise httpx.LocalProtocolError(_reason(e), request=request) from e
         version = response.version
         return httpx.Response(
             response.status,
