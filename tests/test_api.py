@@ -435,6 +435,27 @@ def test_a_stream_blocked_midway_reports_unknown_usage_not_zero(
     assert got[-1]["usage"] is None
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_token_counts_the_backend_did_not_report_are_null_not_zero(
+    client: Client, backend: FakeBackend, stream: bool
+) -> None:
+    """Made up as zeros, an upstream's missing counts had the call billed as free."""
+    backend.reports_usage = False
+    body = chat("hi", stream=stream)
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    if stream:
+        last = [f for f in frames(r.text) if isinstance(f, dict)][-1]
+        assert last["choices"] == []
+    else:
+        last = r.json()
+        assert last["choices"][0]["message"]["content"] == backend.reply
+    assert "usage" in last
+    assert last["usage"] is None
+
+
 def test_a_streamed_answer_lists_each_finding_once_like_a_whole_one(
     client: Client, backend: FakeBackend
 ) -> None:

@@ -179,6 +179,9 @@ MALFORMED: dict[str, Callable[[], object]] = {
     "finding_action_string": lambda: Verdict(Action.FLAG, (Finding("x", 1.0, "flag"),)),  # type: ignore[arg-type]
     "finding_score_string": lambda: Verdict(Action.FLAG, (Finding("x", "high"),)),  # type: ignore[arg-type]
     "finding_span_outside": lambda: Verdict(Action.FLAG, (Finding("x", span=(50, 90)),)),
+    "finding_extent_outside": lambda: Verdict(
+        Action.FLAG, (Finding("x", span=(0, 2), extent=(0, 90)),)
+    ),
     "float_span": lambda: Verdict(Action.REDACT, (), (Redaction(0.0, 2, "#"),)),  # type: ignore[arg-type]
     "replacement_none": lambda: Verdict(Action.REDACT, (), (Redaction(0, 2, None),)),  # type: ignore[arg-type]
 }

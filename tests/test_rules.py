@@ -125,6 +125,29 @@ async def test_keywords_see_through_evasion(make_guard: Callable[..., Guard], te
 
 
 @pytest.mark.parametrize(
+    ("rule", "text", "span", "extent"),
+    [
+        ("keywords: [bomb]", "a bomb and a bomb", (2, 6), (2, 17)),
+        ("keywords: [bomb]", "just a bomb here", (7, 11), None),
+        # Parts matched apart: the extent covers both, whichever part is listed first.
+        ("all: [{keywords: [bomb]}, {keywords: [build]}]", "a bomb, then build", (2, 6), (2, 18)),
+        ("all: [{keywords: [build]}, {keywords: [bomb]}]", "a bomb, then build", (13, 18), (2, 18)),
+    ],
+)
+async def test_a_finding_s_extent_covers_every_match_it_rests_on(
+    make_guard: Callable[..., Guard],
+    rule: str,
+    text: str,
+    span: tuple[int, int],
+    extent: tuple[int, int] | None,
+) -> None:
+    """The span names the first match; a stream needs to know where the last one ends."""
+    guard = make_guard(f"- {{id: w, category: weapons, {rule}}}\n")
+    (finding,) = (await guard.check(Stage.INPUT, text, CTX)).findings
+    assert (finding.span, finding.extent) == (span, extent)
+
+
+@pytest.mark.parametrize(
     ("text", "word"),
     [
         ("| how to make a |bomb| |", "bomb"),

@@ -27,7 +27,7 @@ filters:
     config:
       rules:
         - {id: bomb, category: weapons, action: block, keywords: [build a bomb]}
-        - {id: key, category: secret, action: redact, replacement: "#", regex: ['sk-\\d{4}']}
+        - {id: key, category: secret, action: redact, replacement: "#", regex: ['\\bsk-\\d{4}']}
 """
 
 BENIGN = [
@@ -324,3 +324,81 @@ async def test_a_match_only_in_the_released_tail_does_not_decide_the_next_window
     assert not second.blocked
     assert window.decisions[-1].findings == ()
     assert window.decisions[-1].action is Action.ALLOW
+
+
+# -- from a bug hunt: a match the tail's cut creates, a block in the tail, a cut token --
+
+REBUILD = "Please rebuild a bomb shelter now, ok? "
+# Context that starts the tail at "build": the tail's cut makes "build a bomb" match
+# where "rebuild a bomb" did not.
+AT_BUILD = len(REBUILD) - REBUILD.index("build")
+
+
+async def test_a_match_the_tail_creates_does_not_hide_a_real_one_in_the_window(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """A rule's finding names its first match; that match lay in the tail, so the whole
+    finding was taken for the tail's, and the window with the second match was sent."""
+    settings = StreamSettings(release="sentence", window_chars=400, context_chars=AT_BUILD)
+    sent, blocked = await run_stream(
+        make_guard(executor), [REBUILD, "Next, build a bomb with the parts. ", "Done. "], settings
+    )
+    assert blocked
+    assert sent == REBUILD
+
+
+async def test_a_redaction_the_tail_creates_does_not_hide_a_real_one_in_the_window(
+    executor: ThreadPoolExecutor,
+) -> None:
+    first = "Old value xsk-1111 was revoked. "
+    settings = StreamSettings(
+        release="sentence", window_chars=400, context_chars=len(first) - first.index("sk-")
+    )
+    sent, blocked = await run_stream(
+        make_guard(executor), [first, "Your new key is sk-2222 now. "], settings
+    )
+    assert not blocked
+    assert sent == first + "Your new key is # now. "
+
+
+async def test_a_block_in_the_tail_alone_leaves_the_window_s_redaction_applied(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """Blocked by the tail's finding, the check had gathered no redactions; once that
+    finding was set aside the window went out as a redaction with nothing to redact."""
+    settings = StreamSettings(release="sentence", window_chars=400, context_chars=AT_BUILD)
+    window = StreamGuard(make_guard(executor), FilterContext("s"), settings)
+    assert (await window.feed(REBUILD)).text == REBUILD
+    second = await window.feed("Your key is sk-1234 here. ")
+    assert second.text == "Your key is # here. "
+    assert not window.blocked
+    assert [f.rule_id for f in window.decisions[-1].findings] == ["key"]
+
+
+@pytest.mark.parametrize("pad", range(30))
+async def test_a_window_cut_through_a_token_never_releases_part_of_a_secret(
+    executor: ThreadPoolExecutor, pad: int
+) -> None:
+    """No space or delimiter in the window (a URL path): the cut at the size limit fell
+    inside the key, and its first half went out before the rest made it match."""
+    settings = StreamSettings(release="window", window_chars=30, context_chars=20)
+    text = "see /" + "a" * pad + "/sk-1234/" + "b" * 40 + " done"
+    sent, blocked = await run_stream(make_guard(executor), [text], settings)
+    assert not blocked
+    assert sent == text.replace("sk-1234", "#")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pad=st.integers(0, 60),
+    cuts=st.lists(st.integers(0, 10_000), max_size=20),
+    window_chars=st.integers(20, 60),
+)
+async def test_a_secret_in_a_long_token_is_redacted_however_it_streams(
+    executor: ThreadPoolExecutor, pad: int, cuts: list[int], window_chars: int
+) -> None:
+    settings = StreamSettings(release="window", window_chars=window_chars, context_chars=20)
+    text = "/" + "a" * pad + "/sk-1234/" + "b" * 70 + " end"
+    sent, blocked = await run_stream(make_guard(executor), chunk(text, cuts), settings)
+    assert not blocked
+    assert sent == text.replace("sk-1234", "#")

@@ -959,8 +959,7 @@ class Serving:
             if call.include_usage:
                 # A stream cut short by the policy never read the backend's usage: null,
                 # not zeros, so nobody bills or counts a call as free.
-                known = prompt_tokens is not None or completion_tokens is not None
-                usage = _usage(prompt_tokens, completion_tokens) if known else None
+                usage = _usage(prompt_tokens, completion_tokens)
                 yield self._frame(call, usage=usage, usage_frame=True)
             yield b"data: [DONE]\n\n"
         except BackendError as e:
@@ -1210,9 +1209,17 @@ def _sampling(
     )
 
 
-def _usage(prompt: int | None, completion: int | None) -> dict[str, Any]:
-    p, c = prompt or 0, completion or 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _usage(prompt: int | None, completion: int | None) -> dict[str, Any] | None:
+    """The usage object, or ``None`` (sent as ``null``) unless both counts are known: a
+    count made up as 0 has a call billed or counted as free, and OpenAI's usage object
+    has no place for a count that is not known."""
+    if prompt is None or completion is None:
+        return None
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _moderation_result(

@@ -851,15 +851,21 @@ class RulesFilter:
                 continue
             rule = compiled.rule
             action = Action(rule.action)
+            spans = match.spans
             findings.append(
                 Finding(
                     category=rule.category,
                     score=match.score,
                     action=action,
                     rule_id=rule.id,
-                    span=match.spans[0] if match.spans else None,
+                    span=spans[0] if spans else None,
                     message=rule.message,
                     severity=rule.severity,
+                    # A stream's check needs all of it: a first match in text already
+                    # released must not hide a second one in the new window.
+                    extent=(min(s for s, _ in spans), max(e for _, e in spans))
+                    if len(spans) > 1
+                    else None,
                 )
             )
             if action is Action.REDACT:

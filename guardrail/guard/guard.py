@@ -172,7 +172,7 @@ class Guard:
             prefix = prefixes[i] if prefixes is not None else b""
             known = self._lookup(stage, message.content, message_ctx, per_message, prefix)
             if len(known) == len(per_message):
-                decided[i] = self._combine(stage, message.content, known)
+                decided[i] = self.combine(stage, message.content, known)
             else:
                 jobs.append(
                     self._decide(
@@ -260,7 +260,7 @@ class Guard:
             outcomes: Sequence[FilterOutcome] = [await one(filters[0])]
         else:
             outcomes = await asyncio.gather(*(one(b) for b in filters))
-        return self._combine(stage, text, outcomes)
+        return self.combine(stage, text, outcomes)
 
     async def _decide_conversation(
         self, stage: Stage, text: str, ctx: FilterContext, filters: Sequence[Bound]
@@ -272,7 +272,9 @@ class Guard:
             return replace(decision, action=Action.FLAG, text=text, redactions=())
         return decision
 
-    def _combine(self, stage: Stage, text: str, outcomes: Sequence[FilterOutcome]) -> Decision:
+    def combine(self, stage: Stage, text: str, outcomes: Sequence[FilterOutcome]) -> Decision:
+        """The decision the filters' ``outcomes`` on ``text`` make together: the
+        strictest action wins, and a redaction applies every filter's redactions."""
         findings = tuple(f for o in outcomes for f in o.verdict.findings)
         action = Action.strictest(o.verdict.action for o in outcomes)
         redactions: tuple[Redaction, ...] = ()
@@ -367,8 +369,9 @@ def _stamp(verdict: object, filter_id: str, length: int) -> Verdict:
             or not isinstance(score, numbers.Real)
         ):
             raise TypeError("filter returned a malformed finding")
-        if f.span is not None and not _fits(f.span[0], f.span[1], length):
-            raise ValueError("filter returned a finding span outside the text")
+        for span in (f.span, f.extent):
+            if span is not None and not _fits(span[0], span[1], length):
+                raise ValueError("filter returned a finding span outside the text")
     redactions = tuple(verdict.redactions)
     for r in redactions:
         if not isinstance(r, Redaction) or not isinstance(r.replacement, str):

@@ -6,6 +6,16 @@ together with the last ``context_chars`` of already released text, so a phrase s
 across windows is still seen whole. Only text that passed is released; a block ends
 the stream and nothing of the blocked window is ever sent.
 
+A window cut at ``window_chars`` inside a token (no whitespace or delimiter in the
+whole window: a URL, base64) is checked with the rest of that token too, up to
+:data:`LOOKAHEAD_CHARS` (or ``context_chars``, if fewer), and waits for it: a redaction
+across the cut moves the cut to the redaction's start (or past its end, when it starts
+the window), so no part of it is released unredacted.
+
+A finding lying wholly in the released tail (or in that look-ahead) is not the window's:
+it was (or will be) decided with its own window. A finding that rests on several matches
+(``Finding.extent``) is the window's if any part of it is.
+
 Invariant (tested with Hypothesis over arbitrary chunkings): everything released is
 the (possibly redacted) text of windows whose check did not block, in order. In
 ``sentence`` mode a sentence shorter than ``window_chars`` is checked whole before
@@ -26,6 +36,7 @@ from guardrail.guard.types import (
     Decision,
     FilterContext,
     FilterOutcome,
+    Finding,
     Redaction,
     Stage,
     apply_redactions,
@@ -44,6 +55,16 @@ THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
 # ... or, in text with no whitespace (minified JSON, CSV), the last delimiter between
 # values: a value a rule matches (a key, an id) does not hold one.
 _THROUGH_LAST_DELIMITER = re.compile(r""".*[,;{}\[\]"'<>]""", re.DOTALL)
+# The rest of a token a window cut runs through: up to whitespace, a delimiter, or a
+# letter of a script written without spaces (Thai, Lao, Myanmar, Khmer, kana, CJK), whose
+# text is running words, not one endless token. At most this many characters are awaited
+# past the cut (or context_chars, if fewer): a longer run (a hex digest, base64) is cut
+# like a long word, as the pii filter's hold-back of a token does.
+LOOKAHEAD_CHARS = 64
+_TOKEN_RUN = re.compile(
+    r"""[^\s,;{}\[\]"'<>\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff"""
+    r"""\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +120,8 @@ class StreamGuard:
         if self.blocked:
             raise RuntimeError("stream already blocked")
         self._held += text
-        while (cut := self._release_point()) > 0:
-            window = await self._check(cut)
+        while (point := self._release_point())[0] > 0:
+            window = await self._check(*point)
             yield window
             if window.blocked:
                 return
@@ -111,21 +132,37 @@ class StreamGuard:
             return Release("")
         return await self._check(len(self._held))
 
-    def _release_point(self) -> int:
-        cut = self._window_cut()
+    def _release_point(self) -> tuple[int, int]:
+        """Where to cut the held text now, and how much of the text after the cut to
+        check with it (``(0, 0)``: nothing to release yet)."""
+        cut, forced = self._window_cut()
         # A filter may need the end of the window kept (a placeholder cut in half, the
         # start of a card number). Moving the cut back can split something else, so ask
         # again at the new cut until no filter wants more kept.
         for _ in range(8):
             if cut <= 0:
-                return 0
+                return 0, 0
             keep = self._guard.holdback(Stage.OUTPUT, self._held[:cut])
             if keep <= 0:
-                return cut
+                break
             cut -= keep
-        return 0  # still moving: keep it all until more text (or the end) settles it
+            forced = False
+        else:
+            return 0, 0  # still moving: keep it all until more text (or the end) settles it
+        if not forced:
+            return cut, 0
+        # Cut through a token (no space or delimiter in the whole window): what the token
+        # holds on both sides of the cut (a key, a URL's secret) is seen whole only with
+        # the rest of the token, so that is awaited and checked too, up to a limit.
+        limit = min(self._settings.context_chars, LOOKAHEAD_CHARS)
+        run = _TOKEN_RUN.match(self._held, cut, cut + limit)
+        ahead = run.end() - cut if run else 0
+        if ahead < limit and cut + ahead == len(self._held):
+            return 0, 0  # the token may run on in the text still to come
+        return cut, ahead
 
-    def _window_cut(self) -> int:
+    def _window_cut(self) -> tuple[int, bool]:
+        """The release point, and whether it falls inside a token (at the size limit)."""
         held, limit = self._held, self._settings.window_chars
         if self._settings.release == "sentence":
             last_end = 0
@@ -134,59 +171,93 @@ class StreamGuard:
             for m in _SENTENCE_END.finditer(held, 0, limit):
                 last_end = m.end()
             if last_end:
-                return last_end
+                return last_end, False
         if len(held) < limit:
-            return 0
+            return 0, False
         # Cut after the window's last whitespace (a space, a line break) so words are
         # not split across checks: a token cut in half is released before its end is seen.
         for boundary in (THROUGH_LAST_SPACE, _THROUGH_LAST_DELIMITER):
             through = boundary.match(held, 0, limit)
             if through and through.end() > 1:
-                return through.end()
-        return limit
+                return through.end(), False
+        return limit, True
 
-    async def _check(self, cut: int) -> Release:
-        window = self._held[:cut]
+    async def _check(self, cut: int, ahead: int = 0) -> Release:
+        """Check the first ``cut`` held characters, with the released tail before them
+        and ``ahead`` held characters after them, and release what passed."""
         tail = (
             self._released[-self._settings.context_chars :] if self._settings.context_chars else ""
         )
-        decision = await self._guard.check(Stage.OUTPUT, tail + window, self._ctx)
-        # A finding that lies wholly in the tail was reported with the window before: the
-        # answer's findings list it once, as for a whole completion.
-        fresh = tuple(f for f in decision.findings if f.span is None or f.span[1] > len(tail))
-        if len(fresh) < len(decision.findings):
-            # Nor does it decide this window: that text was released, so it passed when it
-            # was checked, and a match that the tail's cut alone creates ("doe@example.com"
-            # of an email already sent) must not block what follows. Recomputed only when
-            # every filter ran and decided by its findings; otherwise the decision stands.
-            derived = all(
-                o.status == "ok"
-                and o.verdict.action is Action.strictest(f.action for f in o.verdict.findings)
-                for o in decision.outcomes
-            )
-            action = Action.strictest(f.action for f in fresh) if derived else decision.action
-            outcomes = decision.outcomes
-            if derived:
-                # Each filter's verdict loses the tail's findings too: a finding already
-                # counted with its own window must not count again, per filter, in
-                # filter_verdicts_total and the audit row, for every window it stays in
-                # the context.
-                outcomes = tuple(_without_tail(o, len(tail)) for o in outcomes)
-            decision = dataclasses.replace(
-                decision, findings=fresh, action=action, outcomes=outcomes
-            )
+        start = len(tail)
+        checked = tail + self._held[: cut + ahead]
+        decision = await self._guard.check(Stage.OUTPUT, checked, self._ctx)
+        if ahead:
+            # A redaction across the cut: release up to where it starts, so the next
+            # window holds it whole; if it starts the window, release through its end.
+            every = [r for o in decision.outcomes for r in o.verdict.redactions]
+            crossing = [r.start for r in every if r.start < start + cut < r.end]
+            if crossing and min(crossing) > start:
+                back = min(crossing) - start
+                return await self._check(back, cut + ahead - back)
+            cut = _through(every, start + cut) - start
+        decision = self._own(decision, checked, start, start + cut)
         self.decisions.append(decision)
-        self.window_chars.append(len(window))
+        self.window_chars.append(cut)
         if decision.blocked:
             self.blocked = True
             self._held = ""
             return Release("", decision)
-        self._held = self._held[cut:]
+        window, self._held = self._held[:cut], self._held[cut:]
         released = window
         if decision.action is Action.REDACT:
-            released = apply_redactions(window, _shift(decision.redactions, len(tail), len(window)))
+            released = apply_redactions(window, _shift(decision.redactions, start, len(window)))
         self._released += released
         return Release(released, decision)
+
+    def _own(self, decision: Decision, checked: str, start: int, end: int) -> Decision:
+        """``decision`` on ``checked`` with only the findings of the window
+        ``checked[start:end]``: one that lies wholly in the released tail before it was
+        reported with its own window, and one wholly in the text after it will be.
+
+        Nor does such a finding decide this window: the tail was released, so it passed
+        when it was checked, and a match that the tail's cut alone creates
+        ("doe@example.com" of an email already sent) must not block what follows.
+        Decided again only when every filter ran and decided by its findings; otherwise
+        the decision stands.
+        """
+        if all(_within(f, start, end) for f in decision.findings):
+            return decision
+        derived = all(
+            o.status == "ok"
+            and o.verdict.action is Action.strictest(f.action for f in o.verdict.findings)
+            for o in decision.outcomes
+        )
+        if not derived:
+            return dataclasses.replace(
+                decision, findings=tuple(f for f in decision.findings if _within(f, start, end))
+            )
+        # Each filter's verdict loses them too: a finding already counted with its own
+        # window must not count again, per filter, in filter_verdicts_total and the audit
+        # row, for every window it stays in the context. Combined again, so the action
+        # and the redactions are those of the findings left (a block in the tail alone
+        # had left a redaction in the window unapplied).
+        outcomes = [_only_within(o, start, end) for o in decision.outcomes]
+        return self._guard.combine(Stage.OUTPUT, checked, outcomes)
+
+
+def _within(finding: Finding, start: int, end: int) -> bool:
+    """Whether ``finding`` rests on any of ``[start, end)`` (one with no span always does)."""
+    reach = finding.reach
+    return reach is None or (reach[1] > start and reach[0] < end)
+
+
+def _through(redactions: list[Redaction], cut: int) -> int:
+    """``cut`` moved past every redaction that crosses it (and those that cross that)."""
+    while True:
+        moved = max((r.end for r in redactions if r.start < cut < r.end), default=cut)
+        if moved == cut:
+            return cut
+        cut = moved
 
 
 def _shift(redactions: tuple[Redaction, ...], offset: int, length: int) -> list[Redaction]:
@@ -204,11 +275,11 @@ def _shift(redactions: tuple[Redaction, ...], offset: int, length: int) -> list[
     return out
 
 
-def _without_tail(outcome: FilterOutcome, tail: int) -> FilterOutcome:
-    """``outcome`` without the findings that lie wholly in the first ``tail`` characters,
-    its verdict's action the strictest of the findings left (redactions are kept)."""
+def _only_within(outcome: FilterOutcome, start: int, end: int) -> FilterOutcome:
+    """``outcome`` with only the findings that rest on ``[start, end)``, its verdict's
+    action the strictest of those (redactions are kept: they are clipped to the window)."""
     verdict = outcome.verdict
-    kept = tuple(f for f in verdict.findings if f.span is None or f.span[1] > tail)
+    kept = tuple(f for f in verdict.findings if _within(f, start, end))
     if len(kept) == len(verdict.findings):
         return outcome
     action = Action.strictest(f.action for f in kept)

@@ -54,7 +54,10 @@ class Finding:
 
     ``filter_id`` is the policy's id of the filter; the guard fills it in, so a filter
     need not know how the policy named it. ``span`` is ``(start, end)`` in the checked
-    text. ``message`` is the policy author's text for users, if the rule has one.
+    text; ``extent``, when the finding rests on more than that one span (a rule whose
+    pattern matched several times, or whose parts matched apart), runs from the first
+    match's start to the last one's end. ``message`` is the policy author's text for
+    users, if the rule has one.
     ``concern`` says what the finding is about: ``harm`` (counted as harmful content)
     or ``accuracy`` (hallucination flags: ungrounded claims, unverified citations,
     questions past the model's knowledge cutoff), counted apart so a doubtful fact is
@@ -70,6 +73,12 @@ class Finding:
     filter_id: str = ""
     severity: str | None = None
     concern: Concern = "harm"
+    extent: tuple[int, int] | None = None
+
+    @property
+    def reach(self) -> tuple[int, int] | None:
+        """All the checked text this finding rests on: ``extent``, else ``span``."""
+        return self.extent if self.extent is not None else self.span
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -46,14 +46,19 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ] = "sentence"
     window_chars: Annotated[
         int,
-        _doc("Most characters held back before they are checked and released."),
+        _doc(
+            "Most characters held back before they are checked and released (a window cut "
+            "inside a token also holds the rest of the token, up to 64 characters)."
+        ),
         msgspec.Meta(ge=1, le=100_000),
     ] = 400
     context_chars: Annotated[
         int,
         _doc(
             "Characters of already released text checked again with each held window, so "
-            "a phrase split across windows is still seen whole."
+            "a phrase split across windows is still seen whole; a window cut inside a token "
+            "(no space or delimiter in it) is checked with the rest of the token too, up to "
+            "this many characters or 64."
         ),
         msgspec.Meta(ge=0, le=100_000),
     ] = 200

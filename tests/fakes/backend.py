@@ -29,6 +29,7 @@ class FakeBackend:
     closed: bool = False
     stream_closed: int = 0
     name: str = "fake"
+    reports_usage: bool = True  # False: token counts unknown, as from some upstreams
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -42,9 +43,13 @@ class FakeBackend:
             await asyncio.sleep(self.delay_s)
         if self.error is not None:
             raise self.error
+        prompt, completion = self._usage(len(self.pieces()))
         return Completion(
-            "".join(self.pieces()), "stop", prompt_tokens=5, completion_tokens=len(self.pieces())
+            "".join(self.pieces()), "stop", prompt_tokens=prompt, completion_tokens=completion
         )
+
+    def _usage(self, pieces: int) -> tuple[int | None, int | None]:
+        return (5, pieces) if self.reports_usage else (None, None)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         self.requests.append(request)
@@ -58,7 +63,8 @@ class FakeBackend:
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 yield Chunk(piece)
-            yield Chunk("", "stop", prompt_tokens=5, completion_tokens=len(pieces))
+            prompt, completion = self._usage(len(pieces))
+            yield Chunk("", "stop", prompt_tokens=prompt, completion_tokens=completion)
         finally:
             self.stream_closed += 1
 
