@@ -428,7 +428,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     harmful_rate_recent_s: Annotated[
         float,
         _doc("Recent window of the in-process harmful-content rate (guardrail_harmful_rate)."),
-        msgspec.Meta(gt=0),
+        msgspec.Meta(gt=0, le=_DAY_S),
     ] = 900.0
     harmful_rate_baseline_s: Annotated[
         float,
@@ -436,7 +436,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             "Baseline window, just before the recent one, that the recent harmful-content "
             "rate is compared with (guardrail_harmful_rate_drift); at most 6666 recent windows."
         ),
-        msgspec.Meta(gt=0),
+        msgspec.Meta(gt=0, le=30 * _DAY_S),
     ] = 86_400.0
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"], _doc("Lowest level logged.")
@@ -631,6 +631,12 @@ def load_settings(
             ) from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
+        except ValueError as e:  # an integer of more digits than Python converts
+            raise ConfigError(f"config file {config_file} holds a value out of range: {e}") from e
+        except RecursionError as e:
+            raise ConfigError(
+                f"config file {config_file} nests lists or mappings too deeply to be read"
+            ) from e
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -403,6 +404,27 @@ INLINE_CASES = [
         id="duplicate-keys-are-all-reported",
     ),
     pytest.param("version: '1'\n", ["1:1: missing required key 'name'"], id="missing-name"),
+    # From a bug hunt: each of these was a traceback instead of a located problem.
+    pytest.param(
+        HEAD + "filters:\n  - id: a\n    type: rules\n    stages: [[input], {output: 1}]\n",
+        [
+            "6:14: filters[0].stages[0]: ['input'] is not a valid value "
+            "(expected one of: input, output)",
+            "6:23: filters[0].stages[1]: {'output': 1} is not a valid value "
+            "(expected one of: input, output)",
+        ],
+        id="stage-not-a-string",
+    ),
+    pytest.param(
+        HEAD + "timeout_ms: 1" + "0" * 400 + "\n",
+        ["3:13: timeout_ms: must be at most 3600000, got 1" + "0" * 400],
+        id="timeout-past-a-float",
+    ),
+    pytest.param(
+        HEAD + 'messages: {input_blocked: "No \\ud800 way"}\n',
+        ["3:27: messages.input_blocked: the string holds a lone surrogate (U+D800), not text"],
+        id="lone-surrogate",
+    ),
     pytest.param(
         "just text\n",
         ["1:1: a policy must be a mapping of keys to values, got a string"],
@@ -416,6 +438,19 @@ def test_inline_policy_problems_are_located(
     registry: PluginRegistry[FilterSpec], text: str, expected: list[str]
 ) -> None:
     assert text_problems(text, registry) == [f"inline.yaml:{e}" for e in expected]
+
+
+def test_a_file_nested_past_the_stack_is_a_located_problem(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    """PyYAML composes by recursion: some hundreds of "[" raised RecursionError."""
+    text = HEAD + "description: " + "[" * 2000 + "]" * 2000 + "\n"
+    (problem,) = text_problems(text, registry)
+    # Where the reader stood when the stack ran out: on line 3, its column depends on
+    # how deep the caller's own stack already was.
+    assert re.fullmatch(
+        r"inline\.yaml:3:\d+: the file nests lists or mappings too deeply to be read", problem
+    ), problem
 
 
 def test_when_the_file_cannot_be_read_then_the_problem_is_at_its_start(

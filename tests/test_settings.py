@@ -46,6 +46,9 @@ def test_defaults_serve_the_default_policy_on_loopback() -> None:
         ({"GUARDRAIL_QUEUE_TIMEOUT_S": "inf"}, "$.queue_timeout_s"),
         ({"GUARDRAIL_SHUTDOWN_TIMEOUT_S": "inf"}, "$.shutdown_timeout_s"),
         ({"GUARDRAIL_BACKEND_TIMEOUT_S": "nan"}, "$.backend_timeout_s"),
+        # An endless window crashed startup (OverflowError in the drift monitor).
+        ({"GUARDRAIL_HARMFUL_RATE_BASELINE_S": "inf"}, "$.harmful_rate_baseline_s"),
+        ({"GUARDRAIL_HARMFUL_RATE_RECENT_S": "inf"}, "$.harmful_rate_recent_s"),
     ],
 )
 def test_bad_values_are_errors_naming_the_field(env: dict[str, str], fragment: str) -> None:
@@ -220,3 +223,21 @@ def test_a_backend_api_key_no_header_can_carry_is_an_error_that_does_not_echo_it
         load_settings(config, environ={})
     if key:
         assert key.split(maxsplit=1)[0] not in str(raised.value)  # a secret is never echoed
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("port: " + "9" * 5000 + "\n", "holds a value out of range"),
+        ("models: " + "[" * 2000 + "]" * 2000 + "\n", "nests lists or mappings too deeply"),
+    ],
+    ids=["huge-integer", "deep-nesting"],
+)
+def test_a_config_file_yaml_cannot_hold_is_a_config_error_naming_it(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    """Each was a traceback: PyYAML raises ValueError and RecursionError for these."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(content)
+    with pytest.raises(ConfigError, match=f"config file {config} {expected}"):
+        load_settings(config, environ={})

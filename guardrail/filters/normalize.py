@@ -12,7 +12,8 @@ What is undone, in order:
 - a right-to-left override (U+202E) shows the text after it reversed, up to its pop
   (U+202C) or the end of the line: that text is put back in reading order;
 - compatibility forms, accents and case (full-width ``bomb``, ``bómb``, ``BOMB`` -> ``bomb``);
-- invisible format characters (zero-width spaces and joiners, soft hyphens), marks that
+- invisible format characters (zero-width spaces and joiners, soft hyphens) and control
+  characters other than whitespace (``bo\x00mb``, ``bo\x1bmb``), marks that
   show nothing or draw around a letter (grapheme joiner, variation selectors, enclosing
   circles, keycaps), blank letters (Hangul fillers, the blank braille pattern);
 - Unicode dashes become hyphens and middle dots full stops;
@@ -47,8 +48,10 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-# Zero-width and other invisible formatting characters used to split words.
-_INVISIBLE_CATEGORIES = frozenset({"Cf"})
+# Zero-width and other invisible formatting characters used to split words, and control
+# characters that are not whitespace (NUL, ESC, DEL, C1 controls): JSON carries them,
+# screens show nothing, and one inside a word hid it from every rule.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc"})
 # Marks that show nothing of their own (the grapheme joiner, variation selectors) or draw
 # around a letter (enclosing circles, keycaps) go whatever their combining class, and so
 # do blank letters: Hangul fillers, Khmer inherent vowels, the blank braille pattern.
@@ -365,7 +368,9 @@ def _fold_and_squeeze(src: _Chars) -> _Folded:
 
     last_space = True  # also trims leading whitespace
     for i, char in enumerate(src.chars):
-        if unicodedata.category(char) in _INVISIBLE_CATEGORIES or char in _BLANKS:
+        if char in _BLANKS or (
+            unicodedata.category(char) in _INVISIBLE_CATEGORIES and not char.isspace()
+        ):
             continue
         if char.isspace():
             if not last_space:

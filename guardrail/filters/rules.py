@@ -288,8 +288,15 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
                 except re.error as e:
                     yield ConfigIssue((*path, "regex", j), f"invalid regex: {e}")
                     continue
-                if compiled.match(""):
-                    yield ConfigIssue((*path, "regex", j), "regex matches the empty string")
+                if compiled.match("") or any(
+                    m.end() == m.start() for m in compiled.finditer(_ZERO_WIDTH_PROBE)
+                ):
+                    # "\b" or "(?=\w)" miss "" but match between characters of any text.
+                    yield ConfigIssue(
+                        (*path, "regex", j),
+                        "regex matches empty text (it would hit every message); "
+                        "make it match at least one character",
+                    )
             if cond.classifier is not None and cond.classifier.engine not in config.classifiers:
                 known = ", ".join(sorted(config.classifiers)) or "none declared"
                 yield ConfigIssue(
@@ -365,6 +372,9 @@ def _shipped_labels(settings: object) -> frozenset[str] | None:
 # -- compiled form --------------------------------------------------------------------------
 
 
+# Text a regex is tried on at validation: one that matches it empty somewhere ("\b",
+# "(?=\w)", "x*") matches every message.
+_ZERO_WIDTH_PROBE = "Ab 1.\n-x"
 _SPELL_SEPARATOR = r"[ ._*/,~:'-]"
 # Normalised text is lower case but for "I", a leet "1" or "|" that reads as i or l.
 _LETTER_CLASS = {"i": "[iI]", "l": "[lI]", "I": "[ilI]"}
@@ -618,7 +628,13 @@ class _Check:
                 self._folded = normalize(self.text, leet=False, glue=False, markup=False)
             folded = self._folded
             for regex in pattern.regexes:
-                found += [folded.span(m.start(), m.end()) for m in regex.finditer(folded.text)]
+                # An empty match (a lookahead, "\S*" with nothing after its anchor) finds
+                # nothing: span() widens it to a character, which a redaction then ate.
+                found += [
+                    folded.span(m.start(), m.end())
+                    for m in regex.finditer(folded.text)
+                    if m.end() > m.start()
+                ]
         return sorted(s for s in found if s[1] > s[0])
 
     async def match(self, node: _Node) -> _Match:

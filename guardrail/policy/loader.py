@@ -70,6 +70,7 @@ _MERGE_TAG = f"{_YAML}merge"
 # Aliases let a small file expand to a huge one ("billion laughs"); no real policy
 # comes near this many values.
 _MAX_VALUES = 1_000_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _ID_PATTERN: str = msgspec.json.schema(Id)["pattern"]
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -253,6 +254,11 @@ class _TooLarge(Exception):
     pass
 
 
+# PyYAML composes nested collections by recursion: some hundreds of levels ("[[[[...")
+# exhaust Python's stack. No policy nests deeper than a dozen.
+_TOO_DEEP = "the file nests lists or mappings too deeply to be read"
+
+
 def _parse_yaml(text: str, name: str) -> _Parsed:
     """Compose ``text`` and build plain data plus its source map; syntax errors are problems."""
     try:
@@ -270,6 +276,9 @@ def _parse_yaml(text: str, name: str) -> _Parsed:
             return _Parsed(None, _SourceMap(), [_yaml_problem(name, e)])
         except yaml.YAMLError as e:
             return _Parsed(None, _SourceMap(), [Problem(name, 1, 1, "", f"invalid YAML: {e}")])
+        except RecursionError:
+            line, column = _pos(loader.get_mark())
+            return _Parsed(None, _SourceMap(), [Problem(name, line, column, "", _TOO_DEEP)])
         if root is None:
             return _Parsed(None, _SourceMap(), [])
         builder = _Builder(loader, name)
@@ -279,6 +288,9 @@ def _parse_yaml(text: str, name: str) -> _Parsed:
             line, column = _pos(root.start_mark)
             message = f"the file expands to more than {_MAX_VALUES:,} values (through aliases)"
             return _Parsed(None, builder.where, [Problem(name, line, column, "", message)])
+        except RecursionError:
+            line, column = _pos(root.start_mark)
+            return _Parsed(None, builder.where, [Problem(name, line, column, "", _TOO_DEEP)])
         return _Parsed(data, builder.where, builder.problems, frozenset(builder.rejected))
     finally:
         loader.dispose()
@@ -352,11 +364,18 @@ class _Builder:
             self._reject(_pos(node.start_mark), path, message)
             return None
         try:
-            return self._loader.construct_object(node, deep=True)
+            value = self._loader.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError) as e:
             message = f"{node.value!r} is not a valid {_tag_name(node.tag)} value ({e})"
             self._reject(_pos(node.start_mark), path, message)
             return None
+        if isinstance(value, str) and (bad := _SURROGATE.search(value)):
+            # A YAML escape ("\ud800") makes one; no UTF-8 text holds it, so every
+            # answer that quotes the string (a block's message) failed to encode.
+            message = f"the string holds a lone surrogate (U+{ord(bad.group()):04X}), not text"
+            self._reject(_pos(node.start_mark), path, message)
+            return None
+        return value
 
     def _collection(self, node: yaml.Node, path: JsonPath) -> Any:
         if isinstance(node, yaml.SequenceNode) and node.tag == f"{_YAML}seq":
@@ -722,7 +741,8 @@ def _check_stages(spec: FilterSpec, stages: Any, path: JsonPath) -> Iterator[_Is
             f"'{spec.type}' filter supports ({supported})",
         )
     for j, stage in enumerate(stages):
-        if stage in _STAGES and Stage(stage) not in spec.stages:
+        # Not a string (a list, a mapping): the schema says so; `in` would raise.
+        if isinstance(stage, str) and stage in _STAGES and Stage(stage) not in spec.stages:
             message = f"the '{spec.type}' filter does not run at stage '{stage}'"
             yield _Issue((*path, j), f"{message} (supported: {supported})")
 
@@ -738,7 +758,7 @@ def _dead_rules(spec: FilterSpec, stages: Any, typed: Any, path: JsonPath) -> It
     if not isinstance(rules, list):
         return
     if isinstance(stages, list):
-        runs = {Stage(s) for s in stages if s in _STAGES} & spec.stages
+        runs = {Stage(s) for s in stages if isinstance(s, str) and s in _STAGES} & spec.stages
         where, fix = (
             "this filter entry",
             "add its stage to the entry's 'stages', or change the rule's",

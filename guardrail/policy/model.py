@@ -30,6 +30,9 @@ Id = Annotated[
 # "$(?!\n)": Python's "$" also matches before a final line break, which an HTTP header
 # cannot hold (a version "1\n" passed and then broke every response); JSON Schema's "$"
 # (ECMA-262) is the end of the text, and the lookahead changes nothing there.
+# A filter check's time limit, at most an hour: a bound keeps an absurd value (a number
+# of 400 digits) from overflowing on its way to seconds.
+MAX_TIMEOUT_MS = 3_600_000
 HEADER_VALUE_PATTERN = r"^[!-~](?:[ -~]*[!-~])?$(?!\n)"
 OnError = Literal["block", "flag", "allow"]
 
@@ -85,7 +88,7 @@ class FilterEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ] = None
     enabled: Annotated[bool, _doc("Set false to keep the entry but not run it.")] = True
     timeout_ms: Annotated[
-        Annotated[int, msgspec.Meta(ge=1)] | None,
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_TIMEOUT_MS)] | None,
         _doc("Time limit per check; default: the policy's timeout_ms."),
     ] = None
     on_error: Annotated[
@@ -140,7 +143,7 @@ class PolicyDocument(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     timeout_ms: Annotated[
         int,
         _doc("Default time limit for one filter check, in milliseconds."),
-        msgspec.Meta(ge=1),
+        msgspec.Meta(ge=1, le=MAX_TIMEOUT_MS),
     ] = 2000
     messages: Annotated[Messages, _doc("Texts users see on a block.")] = msgspec.field(
         default_factory=Messages
