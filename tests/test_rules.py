@@ -142,6 +142,35 @@ async def test_a_regex_that_can_match_empty_redacts_only_what_it_matched(
     assert (filled.action, filled.text) == (Action.REDACT, "the key=# is set")
 
 
+async def test_a_regex_in_another_script_is_valid_and_matches_its_own_text(
+    make_guard: Callable[..., Guard],
+) -> None:
+    """Only characters that folding changes are refused: Cyrillic stays Cyrillic among
+    Russian words, so a Russian regex matches there."""
+    guard = make_guard("- {id: ru, category: c, regex: ['\u0431\u043e\u043c\u0431\u0430']}\n")
+    text = (
+        "\u043a\u0430\u043a \u0441\u0434\u0435\u043b\u0430\u0442\u044c "
+        "\u0411\u043e\u043c\u0431\u0443"
+    )
+    assert await action(guard, text) is Action.ALLOW  # "бомбу": another word
+    text = "\u044d\u0442\u043e \u0431\u043e\u043c\u0431\u0430 \u0437\u0434\u0435\u0441\u044c"
+    assert await action(guard, text) is Action.BLOCK
+
+
+async def test_a_regex_that_backtracks_without_end_times_out_and_fails_closed(
+    make_guard: Callable[..., Guard],
+) -> None:
+    """Matching runs on the event loop: Python's re took about 20 s on this text, and
+    the filter's time limit cannot interrupt code that never yields, so every request
+    waited. The regex engine stops it; the guard counts a timeout and on_error holds."""
+    guard = make_guard("- {id: slow, category: c, action: flag, regex: ['^(a|aa)+$']}\n")
+    decision = await guard.check(Stage.INPUT, "a" * 40 + "b", CTX)
+    (outcome,) = decision.outcomes
+    assert outcome.status == "timeout"
+    assert decision.action is Action.BLOCK  # the policy's on_error, not the rule's flag
+    assert (await guard.check(Stage.INPUT, "a" * 40, CTX)).action is Action.FLAG
+
+
 @pytest.mark.parametrize(
     ("rule", "text", "span", "extent"),
     [
@@ -562,6 +591,17 @@ def test_a_llama_guard_description_no_rule_asks_for_is_a_policy_error(
                 "rules[0].regex[0]: regex matches empty text (it would hit every message)",
             )
             for rx in (r"\b", r"(?=\w)", r"\B", r"x*\b", r"secret|\b")
+        ),
+        # Regexes see the text folded: these spell what it never holds.
+        (
+            "- {id: a, category: c, regex: ['coca\u00edna']}\n",
+            "rules[0].regex[0]: regex holds characters the folded text it runs on never "
+            "holds: '\u00ed' (reads 'i'); write them as they read",
+        ),
+        (
+            "- {id: a, category: c, regex: ['Stra\u00dfe|\ufb01le']}\n",
+            "rules[0].regex[0]: regex holds characters the folded text it runs on never "
+            "holds: '\u00df' (reads 'ss'), '\ufb01' (reads 'fi'); write them as they read",
         ),
     ],
 )

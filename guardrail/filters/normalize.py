@@ -347,6 +347,13 @@ def _fold(char: str) -> list[tuple[str, str | None]]:
     return [(_LATIN_LOOKALIKES.get(c, c), _CONFUSABLES.get(c)) for c in folded]
 
 
+def folded_char(char: str) -> str:
+    """What ``char`` becomes in folded text, before look-alikes of other scripts are
+    read as Latin (``É`` -> ``e``, ``ß`` -> ``ss``, an em dash -> ``-``). A regex that
+    spells a character its folding changes (beyond case) can never match there."""
+    return "".join(piece for piece, _ in _fold(char))
+
+
 @dataclass(slots=True)
 class _Folded:
     chars: list[str]

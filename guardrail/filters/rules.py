@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
+import regex as regex_engine
 
 from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError
@@ -61,7 +62,7 @@ from guardrail.filters.classifiers import (
     EncoderHead,
     LlamaGuardSettings,
 )
-from guardrail.filters.normalize import Normalized, normalize
+from guardrail.filters.normalize import Normalized, folded_char, normalize
 from guardrail.filters.weights import file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
@@ -288,6 +289,25 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
                 except re.error as e:
                     yield ConfigIssue((*path, "regex", j), f"invalid regex: {e}")
                     continue
+                unfoldable = sorted(
+                    {c for c in pattern if not c.isascii() and folded_char(c) != c.lower()}
+                )
+                if unfoldable:
+                    # Regexes see the text folded: "cocaína" reads "cocaina" there.
+                    shown = ", ".join(f"{c!r} (reads {folded_char(c)!r})" for c in unfoldable)
+                    yield ConfigIssue(
+                        (*path, "regex", j),
+                        f"regex holds characters the folded text it runs on never holds: "
+                        f"{shown}; write them as they read",
+                    )
+                try:
+                    regex_engine.compile(pattern, regex_engine.VERSION0)
+                except regex_engine.error as e:
+                    yield ConfigIssue(
+                        (*path, "regex", j),
+                        f"regex not supported by the time-limited regex engine: {e}",
+                    )
+                    continue
                 if compiled.match("") or any(
                     m.end() == m.start() for m in compiled.finditer(_ZERO_WIDTH_PROBE)
                 ):
@@ -372,6 +392,20 @@ def _shipped_labels(settings: object) -> frozenset[str] | None:
 # -- compiled form --------------------------------------------------------------------------
 
 
+def _regex_time_limit(chars: int) -> float:
+    """Seconds one policy regex may run on a text of ``chars`` characters.
+
+    Regexes run on the event loop (a thread would cost more than most matches take), so
+    one that backtracks without end on some input ("^(a|aa)+$" on "aaaa...b") would stop
+    every request; the filter's own time limit cannot interrupt code that never yields.
+    The ``regex`` engine stops a match past its limit with TimeoutError, which the guard
+    counts as the filter timing out (on_error applies). A linear regex reads tens of
+    characters a microsecond (about 56 for the default policy's); the limit allows one.
+    """
+    return _REGEX_TIME_BASE_S + chars * 1e-6
+
+
+_REGEX_TIME_BASE_S = 0.1
 # Text a regex is tried on at validation: one that matches it empty somewhere ("\b",
 # "(?=\w)", "x*") matches every message.
 _ZERO_WIDTH_PROBE = "Ab 1.\n-x"
@@ -498,7 +532,10 @@ def _compile_pattern(cond: Condition) -> _Pattern | None:
     # case-sensitively: the text is folded, and its one capital is the leet "I".
     return _Pattern(
         re.compile("|".join(keywords)) if keywords else None,
-        tuple(re.compile(r, re.IGNORECASE) for r in cond.regex),
+        tuple(
+            regex_engine.compile(r, regex_engine.IGNORECASE | regex_engine.VERSION0)
+            for r in cond.regex
+        ),
         re.compile(stretched) if stretched else None,
         tuple(sum(c.isalpha() for c in "".join(words)) for words in stretchy),
     )
@@ -509,7 +546,8 @@ class _Pattern:
     """Keywords match the fully normalised text; regexes the folded text."""
 
     keywords: re.Pattern[str] | None
-    regexes: tuple[re.Pattern[str], ...]
+    # The policy author's, on the regex engine: time-limited, see _regex_time_limit.
+    regexes: tuple[regex_engine.Pattern[str], ...]
     # Keywords with letters written more than once; group i is keyword form i, and hits
     # with fewer than _STRETCH_MIN letters more than its letters[i] are dropped.
     stretched: re.Pattern[str] | None = None
@@ -627,12 +665,13 @@ class _Check:
             if self._folded is None:
                 self._folded = normalize(self.text, leet=False, glue=False, markup=False)
             folded = self._folded
+            limit = _regex_time_limit(len(folded.text))
             for regex in pattern.regexes:
                 # An empty match (a lookahead, "\S*" with nothing after its anchor) finds
                 # nothing: span() widens it to a character, which a redaction then ate.
                 found += [
                     folded.span(m.start(), m.end())
-                    for m in regex.finditer(folded.text)
+                    for m in regex.finditer(folded.text, timeout=limit)
                     if m.end() > m.start()
                 ]
         return sorted(s for s in found if s[1] > s[0])
