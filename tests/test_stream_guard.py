@@ -295,6 +295,39 @@ async def test_a_filter_can_hold_back_an_unfinished_placeholder(
     )
 
 
+class _BrokenHolder:
+    """A plugin filter whose hold-back raises (or answers a non-count)."""
+
+    name = "broken"
+    stages = frozenset({Stage.OUTPUT})
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return Verdict()
+
+    def holdback(self, text: str) -> int:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("answer", [RuntimeError("bug"), "3", 2.0, None])
+async def test_a_failing_holdback_holds_the_text_for_the_final_check(
+    executor: ThreadPoolExecutor, answer: object
+) -> None:
+    """It had ended the stream with an internal error; now nothing it may have needed
+    kept is released, and the whole text is checked once the backend is done."""
+    policy = make_guard(executor).policy
+    config = FilterConfig("broken", "broken", frozenset({Stage.OUTPUT}), 1.0, Action.BLOCK, None)
+    guard = Guard(policy, [(config, _BrokenHolder(answer))])
+    settings = StreamSettings(release="sentence", window_chars=20, context_chars=0)
+    window = StreamGuard(guard, FilterContext("s"), settings)
+    assert (await window.feed("One. Two three four five six. ")).text == ""
+    assert (await window.finish()).text == "One. Two three four five six. "
+
+
 class _StartMatcher:
     """Blocks "abc" only where the checked text starts with it: a match that the cut of
     the context tail can create in text already released (like the end of an email)."""

@@ -130,11 +130,26 @@ class Guard:
         return [c.id for c, _ in self._by_stage[stage]]
 
     def holdback(self, stage: Stage, text: str) -> int:
-        """Trailing characters of ``text`` that some filter needs held back (streams)."""
-        return max(
-            (f.holdback(text) for _, f in self._by_stage[stage] if isinstance(f, HoldsBack)),
-            default=0,
-        )
+        """Trailing characters of ``text`` that some filter needs held back (streams).
+
+        A filter whose hold-back fails (raises, or answers something not a count) has
+        all of ``text`` held: nothing is released that it may have needed kept, and the
+        check of the whole text at the stream's end applies its ``on_error``.
+        """
+        keep = 0
+        for config, f in self._by_stage[stage]:
+            if not isinstance(f, HoldsBack):
+                continue
+            try:
+                wanted = f.holdback(text)
+                if type(wanted) is not int:
+                    raise TypeError("filter's holdback returned a non-integer")
+            except Exception as e:
+                log.warning("filter_holdback_failed", filter=config.id, error=type(e).__name__,
+                            at=where(e))  # fmt: skip
+                return len(text)
+            keep = max(keep, wanted)
+        return keep
 
     async def check(self, stage: Stage, text: str, ctx: FilterContext) -> Decision:
         """Decide on one ``text`` at ``stage`` with every filter. Never raises for a
