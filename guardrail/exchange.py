@@ -21,10 +21,14 @@ Outcome = Literal[
     "blocked_input",
     "blocked_output",
     "invalid_request",  # the client's mistake (4xx)
-    "backend_error",  # the backend failed (502/503/504)
+    "backend_error",  # the backend failed (502/503/504), or the gateway was at capacity
     "cancelled",  # the client went away
     "error",  # a gateway bug (500)
 ]
+
+OVERLOADED: Final = "overloaded"
+"""The error code of a request the gateway shed at capacity (503): counted with the
+``backend_error`` outcome, and in ``overloaded_total`` rather than as a backend's error."""
 
 RESPONSE_ID_PREFIXES: dict[str, str] = {
     "chat": "chatcmpl",

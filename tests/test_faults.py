@@ -9,6 +9,7 @@ policy blocks, and no response may contain it.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -535,13 +536,19 @@ async def test_a_saturated_gateway_sheds_load_with_503_and_retry_after(
 ) -> None:
     backend = FakeBackend(delay_s=0.3)
     settings = Settings(policy=str(test_policy), max_concurrency=2, max_queue=1)
-    app = create_app(settings, backend=backend, metrics_registry=CollectorRegistry())
+    registry = CollectorRegistry()
+    app = create_app(settings, backend=backend, metrics_registry=registry)
     answers = await _concurrently(app, 5)
     codes = sorted(r.status_code for r in answers)
     assert codes == [200, 200, 200, 503, 503]
     refused = next(r for r in answers if r.status_code == 503)
     assert assert_openai_error(refused.json())["code"] == "overloaded"
     assert refused.headers["retry-after"] == "1"
+    assert registry.get_sample_value("guardrail_overloaded_total", {"route": "chat"}) == 2
+    backend_errors = registry.get_sample_value(
+        "guardrail_backend_errors_total", {"backend": "unknown", "code": "overloaded"}
+    )
+    assert backend_errors is None
 
 
 async def test_a_request_that_waits_too_long_for_a_slot_gets_503(test_policy: Path) -> None:
@@ -645,6 +652,32 @@ def test_a_client_that_leaves_a_non_streamed_call_cancels_it_and_it_is_counted(
         r = httpx.post(f"{url}/v1/chat/completions", json=chat(), timeout=5.0)
         assert r.status_code == 200
         assert registry.get_sample_value("guardrail_requests_total", cancelled) == 1.0
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_counted_as_cancelled(
+    test_policy: Path,
+) -> None:
+    """Litestar reports the disconnect as a 500: it had been counted as a gateway bug
+    (outcome error, an unhandled_error log line) and fired the 5xx alert."""
+    backend = FakeBackend()
+    registry = CollectorRegistry()
+    settings = Settings(policy=str(test_policy), models=["fake-model"])
+    app = create_app(settings, backend=backend, metrics_registry=registry)
+    with structlog.testing.capture_logs() as logs, serve_asgi(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+                b'{"model": "fake-model", "messages": [{"role": "user", "con'
+            )
+            time.sleep(0.2)  # the body is being read when the client goes
+        cancelled = {"route": "chat", "outcome": "cancelled"}
+        _wait_for_sample(registry, "guardrail_requests_total", cancelled, 1.0, 5.0)
+    error = {"route": "chat", "outcome": "error"}
+    assert registry.get_sample_value("guardrail_requests_total", error) is None
+    assert not [e for e in logs if e["event"] == "unhandled_error"]
+    assert backend.requests == []
 
 
 class _SlowToStart(FakeBackend):

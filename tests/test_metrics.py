@@ -493,6 +493,24 @@ def test_backend_errors_are_counted_by_backend_and_error_code(
     assert registry.get_sample_value("guardrail_backend_errors_total", labels) == 1.0
 
 
+def test_a_request_shed_at_capacity_is_counted_as_overloaded_not_as_a_backend_error(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    """It fired the backend-errors alert ("backend unknown fails with overloaded") while
+    the model was healthy and the gateway's own max_concurrency was the limit."""
+    assert value(registry, "guardrail_overloaded_total", route="chat") == 0.0
+    metrics.record(exchange("backend_error", error_code="overloaded"))
+
+    assert value(registry, "guardrail_overloaded_total", route="chat") == 1.0
+    assert value(registry, "guardrail_requests_total", route="chat", outcome="backend_error") == 1
+    assert not [
+        s
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == "guardrail_backend_errors_total"
+    ]
+
+
 def test_other_outcomes_count_no_backend_error(
     metrics: GatewayMetrics, registry: CollectorRegistry
 ) -> None:

@@ -14,7 +14,12 @@ from typing import Any
 
 import structlog
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, SerializationException, ValidationException
+from litestar.exceptions import (
+    HTTPException,
+    InternalServerException,
+    SerializationException,
+    ValidationException,
+)
 
 from guardrail.errors import BackendError, where
 
@@ -152,6 +157,10 @@ def to_api_error(request: Request[Any, Any, Any], exc: Exception, max_body_bytes
         return APIError(400, message, param=param, code="invalid_request")
     if (decode_error := _body_decode_error(exc)) is not None:
         return decode_error
+    if _client_left(exc):
+        # Not a gateway bug: the client went away mid-upload (no one reads this answer).
+        return APIError(499, "The client closed the connection before its request was read.",
+                        code=CLIENT_DISCONNECTED)  # fmt: skip
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         template = _HTTP_MESSAGES.get(exc.status_code)
         if template:
@@ -176,6 +185,15 @@ def to_api_error(request: Request[Any, Any, Any], exc: Exception, max_body_bytes
         "Internal error in the gateway; the request id is in x-request-id.",
         code="internal_error",
     )
+
+
+CLIENT_DISCONNECTED = "client_disconnected"
+
+
+def _client_left(exc: Exception) -> bool:
+    """Litestar's answer to an ``http.disconnect`` while it reads the request body: a
+    500 ``InternalServerException`` that only its words tell apart."""
+    return type(exc) is InternalServerException and "disconnected" in (exc.detail or "")
 
 
 # Frames of the framework's request body decoding: msgspec raises these two errors

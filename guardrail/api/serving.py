@@ -25,7 +25,7 @@ from litestar.types import Receive
 
 from guardrail.api.auth import OPEN_PRINCIPAL, Principal, TenantRules, Tenants, principal_of
 from guardrail.api.consistency import ConsistencyChecker
-from guardrail.api.errors import APIError, from_backend_error
+from guardrail.api.errors import CLIENT_DISCONNECTED, APIError, from_backend_error
 from guardrail.api.ratelimit import (
     CHARS_PER_TOKEN,
     Limits,
@@ -42,7 +42,7 @@ from guardrail.api.schemas import (
 from guardrail.backends.base import Backend, Chunk, Completion, GenerationRequest, SamplingParams
 from guardrail.chat import Message
 from guardrail.errors import BackendError, BackendUnavailable, where
-from guardrail.exchange import Exchange, Outcome, Route
+from guardrail.exchange import OVERLOADED, Exchange, Outcome, Route
 from guardrail.guard.filter import Grounder, Grounds
 from guardrail.guard.guard import Guard
 from guardrail.guard.shadow import ShadowPolicy
@@ -113,7 +113,7 @@ class Slots:
 
 
 # Refusals before any backend saw the request, for the gateway's own reasons.
-_NOT_SERVED = frozenset({"overloaded", "model_not_found", "backend_unavailable"})
+_NOT_SERVED = frozenset({OVERLOADED, "model_not_found", "backend_unavailable"})
 
 
 def format_text(response_format: object) -> str:
@@ -145,7 +145,7 @@ def _overloaded(why: str) -> APIError:
     return APIError(
         503,
         f"The gateway is at capacity ({why}); retry shortly.",
-        code="overloaded",
+        code=OVERLOADED,
         headers={"retry-after": "1"},
     )
 
@@ -304,7 +304,10 @@ class Gateway:
             exchange.tenant = principal.tenant
             policy = self.guard_for(self.rules(principal)).policy
             exchange.policy_name, exchange.policy_version = policy.name, policy.version
-        exchange.finish("invalid_request" if status < 500 else "error", status, code)
+        if code == CLIENT_DISCONNECTED:  # gone mid-upload: the client left, no bug
+            exchange.finish("cancelled", status, code)
+        else:
+            exchange.finish("invalid_request" if status < 500 else "error", status, code)
         self.record(exchange)
 
     def record(self, exchange: Exchange) -> None:
@@ -720,7 +723,7 @@ class Serving:
             raise await self._backend_error(e, guard, ctx, exchange) from e
         except ClientDisconnected:
             # Nobody is left to answer; the backend call was cancelled, freeing its slot.
-            exchange.finish("cancelled", 499, "client_disconnected")
+            exchange.finish("cancelled", 499, CLIENT_DISCONNECTED)
             return Response(b"", status_code=499)
         except APIError as e:
             if e.code == "content_filter":
@@ -968,7 +971,7 @@ class Serving:
             yield b"data: " + _encode(err.body()) + b"\n\n"
             yield b"data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
-            exchange.finish("cancelled", 499, "client_disconnected")
+            exchange.finish("cancelled", 499, CLIENT_DISCONNECTED)
             raise
         except Exception as e:
             exchange.finish("error", 500, type(e).__name__)

@@ -52,6 +52,7 @@ policy_reloads_total                            counter    result
 policy_last_reload_timestamp_seconds            gauge      (none)
 policy_last_reload_success                      gauge      (none)
 rate_limited_total                              counter    limit
+overloaded_total                                counter    route
 backend_circuit_state                           gauge      url
 feedback_total                                  counter    rating_class, decision
 review_verdicts_total                           counter    verdict, action
@@ -87,7 +88,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from guardrail.exchange import MONITORED_ROUTES, Exchange, Route
+from guardrail.exchange import MONITORED_ROUTES, OVERLOADED, Exchange, Route
 from guardrail.guard.types import FILTER_ERROR_CATEGORY, Action, Decision, Stage
 from guardrail.observability.audit import AuditStats
 
@@ -341,6 +342,12 @@ class GatewayMetrics:
             "Requests refused with 429 by the per-key rate limits, by limit (requests, tokens).",
             ("limit",),
         )
+        self.overloaded = counter(
+            "overloaded_total",
+            "Requests refused with 503 overloaded: the gateway's own capacity (max_concurrency, "
+            "max_queue, queue_timeout_s) was the limit, not the backend.",
+            ("route",),
+        )
         self.backend_circuit_state = gauge(
             "backend_circuit_state",
             "Circuit of each remote backend URL: 0 closed, 1 half-open (trial), 2 open.",
@@ -423,6 +430,7 @@ class GatewayMetrics:
             self.rate_limited_requests.labels(limit=limit)
         for route in get_args(Route):
             self.in_flight_requests.labels(route=route)
+            self.overloaded.labels(route=route)
         for action in _ACTIONS:
             for rating_class in _RATING_CLASSES:
                 self.feedback.labels(rating_class=rating_class, decision=action)
@@ -480,7 +488,10 @@ class GatewayMetrics:
                 policy_version=self._version(exchange.policy_version),
             ).inc()
 
-        if exchange.outcome == "backend_error":
+        if exchange.error_code == OVERLOADED:
+            # The gateway shed the load: no backend failed, and none was called.
+            self.overloaded.labels(route=exchange.route).inc()
+        elif exchange.outcome == "backend_error":
             self.backend_errors.labels(
                 backend=self._backend(exchange.backend), code=self._code(exchange.error_code)
             ).inc()
