@@ -728,7 +728,7 @@ def test_every_metric_has_help_text_and_samples_after_every_kind_of_exchange(
     _record_every_kind(metrics)
 
     families = [f for f in registry.collect() if f.name.startswith("guardrail_")]
-    assert len(families) == 37
+    assert len(families) == 38
     for family in families:
         assert family.documentation, family.name
         assert family.samples, family.name
