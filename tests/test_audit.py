@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -37,6 +38,7 @@ from guardrail.guard.types import (
     Decision,
     FilterOutcome,
     Finding,
+    Redaction,
     Stage,
     Verdict,
 )
@@ -45,6 +47,7 @@ from guardrail.observability.audit import (
     POSTGRES_MIGRATIONS,
     SCHEMA_VERSION,
     SQLITE_MIGRATIONS,
+    UNCHECKED_TEXT,
     AuditConfig,
     AuditError,
     AuditLog,
@@ -54,6 +57,7 @@ from guardrail.observability.audit import (
     SQLiteStore,
     audit_from_settings,
     record_from_exchange,
+    redacted_text,
     store_from_dsn,
 )
 from guardrail.observability.oversight import (
@@ -1219,6 +1223,50 @@ def test_redacted_audit_text_keeps_what_the_policy_left_and_hides_what_blocked(
     assert "sk-abcdefgh" not in repr(texts)
     assert "my key [SECRET]" in texts.values()
     assert "hi dummy" in texts.values()  # flagged, not redacted: as the model saw it
+
+
+def test_redacted_audit_text_is_not_stored_where_a_filter_failed_on_it() -> None:
+    """A pii filter that timed out blocked the prompt, proposed no redaction and marked
+    no span: the whole prompt, its personal data included, went into the row."""
+    failed = dataclasses.replace(
+        decision(Stage.INPUT, finding("filter_error", Action.BLOCK)), text="SSN 536-22-8173"
+    )
+    assert redacted_text(exchange(decisions=[failed])) == UNCHECKED_TEXT
+    checked = Decision(
+        stage=Stage.INPUT, action=Action.ALLOW, text="hello", findings=(),
+        outcomes=(FilterOutcome("pii", "pii", Verdict(), 0.001),),
+        policy_name="p", policy_version="1",
+    )  # fmt: skip
+    assert redacted_text(exchange(decisions=[checked])) == "hello"
+
+
+@pytest.mark.parametrize(
+    ("window", "stored"),
+    [
+        # The context tail began inside the value restored by the window before.
+        ("e.marie@example.com. Then I call.", "[RESTORED]. Then I call."),
+        ("com. Then I call.", "[RESTORED]. Then I call."),
+        # Two characters identify no one; a word that merely starts alike stays.
+        ("om. Then I call.", "om. Then I call."),
+        ("Then I call.", "Then I call."),
+    ],
+)
+def test_redacted_audit_text_hides_the_end_of_a_value_an_earlier_window_restored(
+    window: str, stored: str
+) -> None:
+    def window_decision(text: str, action: Action, *redactions: Redaction) -> Decision:
+        verdict = Verdict(action, (), redactions)
+        return Decision(
+            stage=Stage.OUTPUT, action=verdict.action, text=text, findings=(),
+            outcomes=(FilterOutcome("pii", "pii", verdict, 0.001),),
+            policy_name="p", policy_version="1",
+        )  # fmt: skip
+
+    value = "jane.marie@example.com"
+    restored = Redaction(5, 22, value, restore=True)
+    earlier = window_decision(f"Mail {value}.", Action.FLAG, restored)
+    later = window_decision(window, Action.REDACT)  # it decides the row's text
+    assert redacted_text(exchange(decisions=[earlier, later])) == stored
 
 
 def test_redacted_audit_text_never_keeps_values_restored_for_the_client(

@@ -272,6 +272,9 @@ def _stage_action(exchange: Exchange, stage: Stage) -> str | None:
     return Action.strictest(d.action for d in decisions).value
 
 
+UNCHECKED_TEXT: Final = "[not stored: a filter failed on this text]"
+
+
 def redacted_text(exchange: Exchange) -> str | None:
     """The text an ``audit_text: redacted`` row keeps, or None when nothing was checked.
 
@@ -281,10 +284,16 @@ def redacted_text(exchange: Exchange) -> str | None:
     span a harm finding marked replaced by ``[CATEGORY]``: the personal data or the
     phrase that blocked it is not stored. Either way, every value any decision of the
     exchange restored for the client is replaced by ``[RESTORED]``.
+
+    A text some filter failed on (an error, a timeout) is not stored: what that filter
+    would have redacted is unknown (a pii filter that timed out left the whole prompt,
+    its personal data included). :data:`UNCHECKED_TEXT` stands in its place.
     """
     if not exchange.decisions:
         return None
     deciding = max(reversed(exchange.decisions), key=lambda d: d.action.rank)
+    if any(o.status != "ok" for o in deciding.outcomes):
+        return UNCHECKED_TEXT
     # A completion's placeholders were restored to the user's values for the client:
     # those values are personal data the policy redacted on the way in. Every decision's
     # restores count: a stream window is checked after the released text before it, so
@@ -314,7 +323,18 @@ def redacted_text(exchange: Exchange) -> str | None:
 def _hide_restored(text: str, restored: set[str]) -> str:
     for value in sorted(restored, key=len, reverse=True):
         text = text.replace(value, "[RESTORED]")
-    return text
+    # A stream window's text starts with the released text before it, cut wherever the
+    # context ran out: maybe inside a value an earlier window restored ("ne.doe@...").
+    cut = max(
+        (k for v in restored for k in range(_FRAGMENT_CHARS, len(v)) if text.startswith(v[-k:])),
+        default=0,
+    )
+    return "[RESTORED]" + text[cut:] if cut else text
+
+
+# The shortest end of a restored value hidden at the start of a text: shorter ones
+# ("om") identify no one, and hiding them would hide a word that merely starts alike.
+_FRAGMENT_CHARS = 3
 
 
 def record_from_exchange(
