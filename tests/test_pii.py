@@ -8,6 +8,7 @@ import itertools
 import subprocess
 import sys
 import threading
+import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,6 +190,61 @@ def test_look_alike_and_zero_width_characters_do_not_hide_an_entity(
 ) -> None:
     found = [(d.entity, text[d.start : d.end]) for d in pii.analyze(text)]
     assert (entity, value) in found
+
+
+@pytest.mark.parametrize(
+    ("text", "sent"),
+    [
+        (
+            "My name is Zo\u00eb M\u00fcller and I need help.",
+            "My name is <PERSON_1> and I need help.",
+        ),
+        ("I live at 3 rue de l'\u00c9glise, Paris.", "I live at <STREET_ADDRESS_1>."),
+    ],
+)
+async def test_decomposed_accents_do_not_cut_an_entity_short(
+    executor: ThreadPoolExecutor, resources: SharedResources, text: str, sent: str
+) -> None:
+    """Written decomposed (NFD: "e" + U+0308), a name stopped at its first accent: the
+    rest of it reached the model, and the restored value lost its accents."""
+    guard = entities_guard(
+        executor,
+        resources,
+        "PERSON: {input: redact, output: redact}",
+        "STREET_ADDRESS: {input: redact, output: redact}",
+    )
+    for written in (text, unicodedata.normalize("NFD", text)):
+        ctx = conversation(written)
+        assert await check_all(guard, ctx) == [sent]
+        placeholder = sent.split("<", 1)[1].split(">", 1)[0]
+        echo = await guard.check(Stage.OUTPUT, f"Noted: <{placeholder}>.", ctx.at(Stage.OUTPUT))
+        value = written[len(sent.split("<", 1)[0]) : len(written) - len(sent.split(">", 1)[1])]
+        assert echo.text == f"Noted: {value}."  # as the user wrote it, marks and all
+
+
+async def test_a_blocked_entity_inside_an_address_blocks(
+    executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    """The address won every overlap, whatever the other's action: a blocked project
+    name in a street name went to the model as a reversible placeholder."""
+    registry = filter_registry()
+    policy = load_policy_text(
+        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        "      entities:\n"
+        "        STREET_ADDRESS: {input: redact, output: redact}\n"
+        "        PERSON: {input: redact, output: redact}\n"
+        "        PROJECT: {input: block, output: block}\n"
+        "      recognizers: [{entity: PROJECT, deny_list: [Bluebird]}]\n",
+        "p.yaml",
+        registry,
+    )
+    guard = Guard.build(policy, registry, BuildContext(executor, resources=resources))
+    ctx = conversation("Ship the prototypes to 14 Bluebird Road, Springfield.")
+    decision = await guard.check(Stage.INPUT, ctx.messages[0].content, ctx.at(Stage.INPUT, 0))
+    assert decision.action is Action.BLOCK
+    # Of equal actions the address still wins over a name inside it.
+    ctx = conversation("Ship the prototypes to 24 Gordon Terrace, Springfield.")
+    assert await check_all(guard, ctx) == ["Ship the prototypes to <STREET_ADDRESS_1>."]
 
 
 def test_every_known_entity_is_one_the_analyzer_reports(pii: PiiFilter) -> None:

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -144,24 +145,45 @@ OperatorName = Literal["placeholder", "mask", "hash", "encrypt", "replace"]
 # The text Presidio sees: look-alike characters that hide an entity from its patterns
 # (a card number with no-break spaces, an email with a full-width @, a phone number
 # with non-breaking hyphens) become their ASCII forms, one for one, so offsets hold;
-# zero-width characters are dropped and offsets mapped back.
+# zero-width characters are dropped, and a letter written with its accents as separate
+# combining marks (decomposed, NFD: "e" + U+0308) becomes the composed letter ("ë"),
+# offsets mapped back. A mark is no word character: "Zoe\u0308 Mu\u0308ller" was a
+# name cut short at its first accent, the rest sent to the model as written.
 _SAME_LENGTH = {
     **{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)},  # full-width ASCII
     **dict.fromkeys((0x00A0, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000), 0x20),
     **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013, 0x2212, 0xFE63, 0xFF0D), 0x2D),
 }
 _ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
-_HAS_ZERO_WIDTH = re.compile("[" + "".join(sorted(_ZERO_WIDTH)) + "]")
 
 
-def _probe_text(text: str) -> tuple[str, list[int] | None]:
-    """The text to analyze, and for each of its characters the original's index (None
-    when they are the same)."""
+# Combining diacritical marks (the blocks Latin, Greek and Cyrillic accents come from;
+# not the vowel signs of Indic scripts, which are letters' parts there).
+_DIACRITICS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+_ZERO_WIDTH_CLASS = "".join(sorted(_ZERO_WIDTH))
+_NEEDS_MAP = re.compile(f"[{_ZERO_WIDTH_CLASS}{_DIACRITICS}]")
+# A letter and the marks after it, or any one character.
+_WITH_MARKS = re.compile(f"[^{_ZERO_WIDTH_CLASS}{_DIACRITICS}][{_DIACRITICS}]+|.", re.DOTALL)
+
+
+def _probe_text(text: str) -> tuple[str, list[tuple[int, int]] | None]:
+    """The text to analyze, and for each of its characters the span of the original it
+    stands for (None when they are the same)."""
     probe = text.translate(_SAME_LENGTH)
-    if _HAS_ZERO_WIDTH.search(probe) is None:
+    if _NEEDS_MAP.search(probe) is None:
         return probe, None
-    positions = [i for i, c in enumerate(probe) if c not in _ZERO_WIDTH]
-    return "".join(probe[i] for i in positions), positions
+    chars: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for m in _WITH_MARKS.finditer(probe):
+        piece = m.group()
+        if piece in _ZERO_WIDTH:
+            continue
+        # Composed where Unicode has the letter; marks it has none for are dropped.
+        for c in unicodedata.normalize("NFC", piece) if len(piece) > 1 else piece:
+            if len(piece) == 1 or not unicodedata.combining(c):
+                chars.append(c)
+                spans.append(m.span())
+    return "".join(chars), spans
 
 
 class EntityRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -1035,9 +1057,9 @@ class PiiFilter:
         With a ``stage``, entities that stage allows are dropped first, and of two
         overlapping detections the one with the stricter action wins: spaCy scores
         "07700 900123" a date (0.85), above the phone pattern, and a policy that allows
-        dates let the phone number through whole. An address wins over a name inside
-        it ("24 Gordon Terrace": the NER scores names 0.85, above the address
-        heuristic); then the higher score, then the longer span (an address over a
+        dates let the phone number through whole. Of equal actions, an address wins over
+        a name inside it ("24 Gordon Terrace": the NER scores names 0.85, above the
+        address heuristic); then the higher score, then the longer span (an address over a
         number). With a stage, overlapping detections that are redacted or blocked become
         one, the winner's, over the union of their spans: the part of a losing one
         outside the winner is personal data too, and would otherwise be sent as it is.
@@ -1049,10 +1071,12 @@ class PiiFilter:
             rule = rules[d.entity]
             return Action(rule.input if stage is Stage.INPUT else rule.output)
 
-        def rank(d: Detection) -> tuple[bool, int, float, int, int]:
+        def rank(d: Detection) -> tuple[int, bool, float, int, int]:
             return (
-                d.entity != "STREET_ADDRESS",
+                # The stricter action first: an address must not turn a blocked entity
+                # inside it ("14 Bluebird Road", Bluebird blocked) into a redaction.
                 -action(d).rank if stage is not None else 0,
+                d.entity != "STREET_ADDRESS",
                 -d.score,
                 -(d.end - d.start),
                 d.start,
@@ -1107,8 +1131,8 @@ class PiiFilter:
                 if name is None:
                     continue
                 start, end = name
-            if positions is not None:  # back onto the text with its zero-width characters
-                start, end = positions[start], positions[end - 1] + 1
+            if positions is not None:  # back onto the text as written
+                start, end = positions[start][0], positions[end - 1][1]
             if text[start:end] in self._allow:
                 continue
             found.append(Detection(r.entity_type, start, end, float(r.score)))
