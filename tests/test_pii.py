@@ -808,6 +808,26 @@ async def test_the_users_own_value_cut_by_the_context_tail_is_no_leak(
     assert "".join(sent) == reply.replace("<EMAIL_ADDRESS_1>", EMAIL)
 
 
+@pytest.mark.parametrize("where", ["start", "middle"])
+async def test_another_persons_email_ending_like_the_users_own_is_redacted_anywhere(
+    executor: ThreadPoolExecutor, resources: SharedResources, where: str
+) -> None:
+    """The exemption for a stream tail that starts inside the user's own value applied
+    to every check: a whole completion starting with "jane@corp-mail.com" passed, the
+    user's own being "mary.jane@corp-mail.com"."""
+    guard = entities_guard(executor, resources, "EMAIL_ADDRESS: {input: redact, output: redact}")
+    ctx = conversation("My address is mary.jane@corp-mail.com, keep it.")
+    await check_all(guard, ctx)
+    reply = (
+        "jane@corp-mail.com owns the account."
+        if where == "start"
+        else "The owner is jane@corp-mail.com, then."
+    )
+    decision = await guard.check(Stage.OUTPUT, reply, ctx.at(Stage.OUTPUT))
+    assert decision.action is Action.REDACT
+    assert "jane@corp-mail.com" not in decision.text
+
+
 async def test_a_context_tail_that_starts_at_a_dot_inside_the_users_own_email_is_no_leak(
     executor: ThreadPoolExecutor, resources: SharedResources
 ) -> None:

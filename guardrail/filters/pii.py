@@ -1275,17 +1275,16 @@ class PiiFilter:
                 redactions.append(Redaction(m.start(), m.end(), original, restore=True))
         (detections,) = await self._analyze([text], Stage.OUTPUT, ctx.tenant)
         # The request's own values (restored, or quoted back in a stream's context tail)
-        # are not a leak.
+        # are not a leak. A stream's tail can begin inside one ("doe@example.com" of
+        # "jane.doe@example.com"): the stream guard sets aside what lies in the tail
+        # alone. Exempted here, it let a completion that starts with another person's
+        # address ending like the user's own ("jane@corp.com", the user's being
+        # "mary.jane@corp.com") through.
         own = state.placeholders.values()
         for d in self.resolve(detections, Stage.OUTPUT):
             rule = self._config.entities[d.entity]
             found = text[d.start : d.end]
             if rule.output == "allow" or found in own:
-                continue
-            if any(v.endswith(text[: d.end]) for v in own):
-                # A stream's context tail can begin inside the user's own value
-                # ("doe@example.com" of "jane.doe@example.com", also when the tail starts
-                # at the "." before it): that is no leak either.
                 continue
             if any(d.start < e and s < d.end for s, e in restored):
                 continue
