@@ -958,6 +958,34 @@ def test_seeded_pii_reaches_neither_backend_nor_logs_nor_metrics_and_the_answer_
     assert "exchange" in logs.getvalue()
 
 
+def test_a_placeholder_written_in_the_response_format_is_never_restored_to_user_data(
+    tmp_path: Path,
+) -> None:
+    """The schema was checked after the messages were numbered: the user's email took
+    the schema's literal <EMAIL_ADDRESS_1>, and the model's echo of the schema was
+    "restored" to the real address."""
+    backend = FakeBackend(reply='{"contact": "<EMAIL_ADDRESS_1>"}')
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((ROOT / "policies" / "default.yaml").read_text(), encoding="utf-8")
+    app = create_app(
+        Settings(policy=str(policy)), backend=backend, metrics_registry=CollectorRegistry()
+    )
+    schema = {
+        "type": "object",
+        "properties": {"contact": {"type": "string", "description": "<EMAIL_ADDRESS_1>"}},
+    }
+    body = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": f"I am {EMAIL}. Fill the template in."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+    }
+    with TestClient(app=app) as client:
+        answer = client.post("/v1/chat/completions", json=body).json()
+    assert answer["choices"][0]["message"]["content"] == '{"contact": "<EMAIL_ADDRESS_1>"}'
+    (sent,) = [m.content for m in backend.requests[0].messages or ()]
+    assert sent == "I am <EMAIL_ADDRESS_2>. Fill the template in."
+
+
 def test_each_moderation_input_is_redacted_on_its_own_whatever_else_is_in_the_list(
     tmp_path: Path,
 ) -> None:

@@ -677,6 +677,15 @@ class Serving:
                 messages=messages,
                 context_documents=document_texts(body.documents),
             )
+            schema_text = format_text(getattr(body, "response_format", None))
+            fmt: Decision | None = None
+            if schema_text:
+                # A JSON schema's names, descriptions and enum values reach the model as
+                # instructions: they pass the input filters like a message. Checked
+                # first: a placeholder written in it ("<EMAIL_ADDRESS_1>") is then held
+                # back before the messages' values are numbered, so the model's echo of
+                # it is never "restored" to the user's data.
+                fmt = await guard.check(Stage.INPUT, schema_text, ctx)
             input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
             exchange.decisions.extend(d for _, d in input_decisions)
             if self.gw.shadow is not None:
@@ -686,13 +695,9 @@ class Serving:
                 self.gw.monitor.probe(guard, ctx, messages, input_decisions)
             if any(d.blocked for _, d in input_decisions):
                 raise self._input_blocked(exchange, guard, input_decisions)
-            schema_text = format_text(getattr(body, "response_format", None))
-            if schema_text:
-                # A JSON schema's names, descriptions and enum values reach the model as
-                # instructions: they pass the input filters like a message. A schema
-                # cannot be rewritten, so what the policy would redact refuses it too.
-                fmt = await guard.check(Stage.INPUT, schema_text, ctx)
+            if fmt is not None:
                 exchange.decisions.append(fmt)
+                # A schema cannot be rewritten: what the policy would redact refuses it.
                 if fmt.action in (Action.BLOCK, Action.REDACT):
                     raise self._input_blocked(
                         exchange, guard, [(None, fmt)], param="response_format"
