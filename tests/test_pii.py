@@ -192,6 +192,22 @@ def test_look_alike_and_zero_width_characters_do_not_hide_an_entity(
     assert (entity, value) in found
 
 
+async def test_a_value_detected_once_is_redacted_wherever_it_is_repeated(
+    executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    """The detector missed the lower-case repeat in the next message: a name the filter
+    already knew to be personal data went to the model as written."""
+    guard = entities_guard(executor, resources, "PERSON: {input: redact, output: redact}")
+    ctx = conversation("My name is Jane Doe.", "Please sign the letter as jane doe, thanks.")
+    assert await check_all(guard, ctx) == [
+        "My name is <PERSON_1>.",
+        "Please sign the letter as <PERSON_2>, thanks.",
+    ]
+    # Whole words only: "Doe" inside another word is not the name.
+    ctx = conversation("My name is Jane Doe.", "Send it to janedoetown, the jane doers.")
+    assert (await check_all(guard, ctx))[1] == "Send it to janedoetown, the jane doers."
+
+
 @pytest.mark.parametrize(
     ("text", "sent"),
     [

@@ -382,6 +382,42 @@ class Detection:
     score: float
 
 
+def _with_repeats(texts: Sequence[str], analyses: list[list[Detection]]) -> list[list[Detection]]:
+    """``analyses`` plus every other occurrence, in any message, of a value detected in
+    one: the same words in another case or another message, where the detector missed
+    them ("Jane Doe" in one message, "jane doe" in the next), are the same personal
+    data. Whole words only, and values of three characters or more."""
+    values: dict[str, Detection] = {}
+    for text, found in zip(texts, analyses, strict=True):
+        for d in found:
+            value = text[d.start : d.end]
+            if len(value.strip()) >= _REPEAT_MIN_CHARS:
+                values.setdefault(value.casefold(), d)
+    if not values:
+        return analyses
+    pattern = re.compile(
+        r"(?<!\w)(?:"
+        + "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+        + r")(?!\w)",
+        re.IGNORECASE,
+    )
+    out = []
+    for text, found in zip(texts, analyses, strict=True):
+        taken = [(d.start, d.end) for d in found]
+        extra = []
+        for m in pattern.finditer(text):
+            if any(m.start() < e and s < m.end() for s, e in taken):
+                continue
+            source = values.get(m.group().casefold())
+            if source is not None:
+                extra.append(Detection(source.entity, m.start(), m.end(), source.score))
+        out.append(sorted([*found, *extra], key=lambda d: (d.start, -d.end)) if extra else found)
+    return out
+
+
+_REPEAT_MIN_CHARS = 3
+
+
 @dataclass(slots=True)
 class PlaceholderMap:
     """A request's reversible map. Lives in ``ctx.state[filter_id]`` and nowhere else."""
@@ -1233,7 +1269,7 @@ class PiiFilter:
         self, texts: tuple[str, ...], placeholders: PlaceholderMap, scope: str
     ) -> list[Verdict]:
         """Every message's verdict, placeholders numbered in conversation order."""
-        analyses = await self._analyze(texts, Stage.INPUT, scope)
+        analyses = _with_repeats(texts, await self._analyze(texts, Stage.INPUT, scope))
         return [
             self._input_verdict(t, d, placeholders) for t, d in zip(texts, analyses, strict=True)
         ]
