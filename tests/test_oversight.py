@@ -23,7 +23,7 @@ from structlog.testing import capture_logs
 
 from guardrail.api.errors import APIError
 from guardrail.api.review import expected_action
-from guardrail.settings import ApiKeyEntry, key_digest
+from guardrail.settings import ApiKeyEntry, TenantConfig, key_digest
 from tests.fakes.backend import FakeBackend
 
 Client = TestClient[Litestar]
@@ -289,6 +289,23 @@ def test_kept_comments_pass_the_tenant_policy_first(
         (None,),
     ]
     assert "sk-abcdefgh" not in repr(logs)
+
+
+def test_a_comment_the_filters_check_is_charged_to_the_key_like_a_prompt(
+    gateway: Callable[..., Iterator[Client]],
+) -> None:
+    """Feedback took no part in the rate limits: every comment ran the tenant's input
+    filters, as many as a client cared to send."""
+    limited = {"acme": TenantConfig(requests_per_minute=3)}
+    for client in gateway(feedback_comments="redacted", tenants=limited):
+        answer = chat(client, "hello")  # 1 of 3
+        assert rate(client, answer["id"], 1).status_code == 200  # no comment: not charged
+        assert rate(client, answer["id"], -1, comment="too slow").status_code == 200  # 2
+        assert rate(client, answer["id"], -1, comment="still slow").status_code == 200  # 3
+        refused = rate(client, answer["id"], -1, comment="and again")
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert rate(client, answer["id"], 1).status_code == 200
 
 
 def test_with_the_audit_log_off_feedback_and_review_say_so(

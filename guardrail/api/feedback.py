@@ -34,6 +34,7 @@ from litestar.params import JSONBody
 from guardrail.api.auth import Principal, principal_of
 from guardrail.api.errors import APIError
 from guardrail.api.oversight import now, oversight_of
+from guardrail.api.ratelimit import estimate_tokens
 from guardrail.api.routes import request_id_of, strictly
 from guardrail.api.serving import Gateway
 from guardrail.guard.types import FilterContext, Stage
@@ -71,7 +72,12 @@ async def _storable_comment(
     comments, and then the text after the tenant policy's input filters."""
     if not comment or gateway.settings.feedback_comments != "redacted":
         return None
-    guard = gateway.guard_for(gateway.rules(principal))
+    rules = gateway.rules(principal)
+    # The comment runs the tenant's input filters (models among them): it is charged
+    # like a prompt, one request and its tokens, or feedback were a way around the key's
+    # rate limits to as much filter work as a client cares to send.
+    await gateway.admit(principal, rules, estimate_tokens(len(comment), 0))
+    guard = gateway.guard_for(rules)
     ctx = FilterContext(request_id, stage=Stage.INPUT, tenant=principal.tenant, route="feedback")
     decision = await guard.check(Stage.INPUT, comment, ctx)
     return None if decision.blocked else decision.text
