@@ -382,14 +382,21 @@ class Detection:
     score: float
 
 
-def _with_repeats(texts: Sequence[str], analyses: list[list[Detection]]) -> list[list[Detection]]:
+def _with_repeats(
+    texts: Sequence[str],
+    analyses: list[list[Detection]],
+    hidden: Callable[[Detection], bool],
+) -> list[list[Detection]]:
     """``analyses`` plus every other occurrence, in any message, of a value detected in
-    one: the same words in another case or another message, where the detector missed
-    them ("Jane Doe" in one message, "jane doe" in the next), are the same personal
-    data. Whole words only, and values of three characters or more."""
+    one that the policy ``hidden`` (redacts or blocks): the same words in another case or
+    another message, where the detector missed them ("Jane Doe" in one message, "jane
+    doe" in the next), are the same personal data. Whole words only, and values of three
+    characters or more."""
     values: dict[str, Detection] = {}
     for text, found in zip(texts, analyses, strict=True):
         for d in found:
+            if not hidden(d):
+                continue
             value = text[d.start : d.end]
             if len(value.strip()) >= _REPEAT_MIN_CHARS:
                 values.setdefault(value.casefold(), d)
@@ -1269,7 +1276,12 @@ class PiiFilter:
         self, texts: tuple[str, ...], placeholders: PlaceholderMap, scope: str
     ) -> list[Verdict]:
         """Every message's verdict, placeholders numbered in conversation order."""
-        analyses = _with_repeats(texts, await self._analyze(texts, Stage.INPUT, scope))
+        rules = self._config.entities
+        analyses = _with_repeats(
+            texts,
+            await self._analyze(texts, Stage.INPUT, scope),
+            hidden=lambda d: rules[d.entity].input in ("redact", "block"),
+        )
         return [
             self._input_verdict(t, d, placeholders) for t, d in zip(texts, analyses, strict=True)
         ]
