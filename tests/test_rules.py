@@ -160,9 +160,10 @@ async def test_a_regex_in_another_script_is_valid_and_matches_its_own_text(
 async def test_a_regex_that_backtracks_without_end_times_out_and_fails_closed(
     make_guard: Callable[..., Guard],
 ) -> None:
-    """Matching runs on the event loop: Python's re took about 20 s on this text, and
-    the filter's time limit cannot interrupt code that never yields, so every request
-    waited. The regex engine stops it; the guard counts a timeout and on_error holds."""
+    """Matching runs on the event loop: Python's re would take about 20 s on this text
+    (0.17 s at 30 characters, 1.6 times more per character), and the filter's time limit
+    cannot interrupt code that never yields, so every request waited. The regex engine
+    stops it; the guard counts a timeout and on_error holds."""
     guard = make_guard("- {id: slow, category: c, action: flag, regex: ['^(a|aa)+$']}\n")
     decision = await guard.check(Stage.INPUT, "a" * 40 + "b", CTX)
     (outcome,) = decision.outcomes

@@ -503,6 +503,8 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if value is None:
         return "an empty value"
+    if isinstance(value, int) and len(shown := str(value)) > 60:
+        return f"a number of {len(shown)} digits"  # not all of them in the message
     return str(value)
 
 
