@@ -42,6 +42,7 @@ import msgspec
 
 from guardrail.docs import doc as _doc
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
+from guardrail.guard.stream import UNSPACED_LETTERS
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
 
 CATEGORY = "pii"
@@ -103,11 +104,8 @@ _NUMBER_TAIL_CHARS = 64
 # text, not a token: counted as token characters, a Japanese answer was one endless
 # token and was held until the stream ended. A token glued to them still counts from
 # its first Latin letter or digit.
-_UNSPACED = (
-    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-)
-_TOKEN_CHAR = rf"(?:[.+\-@%]|[^\W{_UNSPACED}])"
-_TOKEN_START = rf"(?<![.+\-@%])(?<![^\W{_UNSPACED}])"
+_TOKEN_CHAR = rf"(?:[.+\-@%]|[^\W{UNSPACED_LETTERS}])"
+_TOKEN_START = rf"(?<![.+\-@%])(?<![^\W{UNSPACED_LETTERS}])"
 _TOKEN_TAIL = re.compile(
     rf"(?:[A-Z]{{2}}\d{{2}}(?: [A-Z0-9]{{1,4}}){{0,8}} ?"
     rf"|{_TOKEN_START}{_TOKEN_CHAR}{{1,64}}"

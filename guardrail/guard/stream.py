@@ -55,16 +55,18 @@ THROUGH_LAST_SPACE = re.compile(r".*\s", re.DOTALL)
 # ... or, in text with no whitespace (minified JSON, CSV), the last delimiter between
 # values: a value a rule matches (a key, an id) does not hold one.
 _THROUGH_LAST_DELIMITER = re.compile(r""".*[,;{}\[\]"'<>]""", re.DOTALL)
-# The rest of a token a window cut runs through: up to whitespace, a delimiter, or a
-# letter of a script written without spaces (Thai, Lao, Myanmar, Khmer, kana, CJK), whose
-# text is running words, not one endless token. At most this many characters are awaited
-# past the cut (or context_chars, if fewer): a longer run (a hex digest, base64) is cut
-# like a long word, as the pii filter's hold-back of a token does.
-LOOKAHEAD_CHARS = 64
-_TOKEN_RUN = re.compile(
-    r"""[^\s,;{}\[\]"'<>\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff"""
-    r"""\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+"""
+# Letters of scripts written without spaces (Thai, Lao, Myanmar, Khmer, kana, CJK
+# ideographs), as a regex class body: their text is running words, not one endless token
+# (the pii filter's hold-back of a token reads them so too).
+UNSPACED_LETTERS = (
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 )
+# The rest of a token a window cut runs through: up to whitespace, a delimiter, or an
+# unspaced letter. At most this many characters are awaited past the cut (or
+# context_chars, if fewer): a longer run (a hex digest, base64) is cut like a long word,
+# as the pii filter's hold-back of a token does.
+LOOKAHEAD_CHARS = 64
+_TOKEN_RUN = re.compile(f"""[^\\s,;{{}}\\[\\]"'<>{UNSPACED_LETTERS}]+""")
 
 
 @dataclass(frozen=True, slots=True)

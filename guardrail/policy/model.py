@@ -26,13 +26,13 @@ Id = Annotated[
         description="Identifier: letters, digits, '_', '.', ':', '-'.",
     ),
 ]
+# A filter check's time limit, at most an hour: a bound keeps an absurd value (a number
+# of 400 digits) from overflowing on its way to seconds.
+MAX_TIMEOUT_MS = 3_600_000
 # A value sent as an HTTP header (the policy version): visible ASCII, inner spaces.
 # "$(?!\n)": Python's "$" also matches before a final line break, which an HTTP header
 # cannot hold (a version "1\n" passed and then broke every response); JSON Schema's "$"
 # (ECMA-262) is the end of the text, and the lookahead changes nothing there.
-# A filter check's time limit, at most an hour: a bound keeps an absurd value (a number
-# of 400 digits) from overflowing on its way to seconds.
-MAX_TIMEOUT_MS = 3_600_000
 HEADER_VALUE_PATTERN = r"^[!-~](?:[ -~]*[!-~])?$(?!\n)"
 OnError = Literal["block", "flag", "allow"]
 
