@@ -292,7 +292,11 @@ def create_app(
         cors_config=CORSConfig(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+            # Any request header: the key is a header, never a cookie, so a header lets a
+            # page do nothing its origin may not. A list missed the SDKs' own headers
+            # (the OpenAI JavaScript SDK sends x-stainless-* on every call): their
+            # preflights failed, and no browser app built on them could call the gateway.
+            allow_headers=["*"],
             expose_headers=[
                 "x-request-id",
                 "x-guardrail-action",

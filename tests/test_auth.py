@@ -458,3 +458,24 @@ def test_serve_with_keys_does_not_say_open_nor_print_a_key(test_policy: Path) ->
     assert "running OPEN" not in err
     assert "serving on" in err
     assert ALICE not in err
+
+
+def test_cors_lets_a_configured_origin_send_the_sdk_headers(
+    make_app: Callable[..., Litestar],
+) -> None:
+    """The OpenAI JavaScript SDK sends x-stainless-* headers on every call."""
+    asked = "authorization,content-type,x-stainless-os,x-stainless-lang,x-stainless-retry-count"
+    with TestClient(app=make_app(cors_origins=["https://app.example"])) as c:
+        r = c.options(
+            "/v1/chat/completions",
+            headers={**PREFLIGHT, "access-control-request-headers": asked},
+        )
+        other = c.options(
+            "/v1/chat/completions",
+            headers={**PREFLIGHT, "origin": "https://evil.example"},
+        )
+    assert r.status_code == 204
+    allowed = {h.strip() for h in r.headers["access-control-allow-headers"].split(",")}
+    assert set(asked.split(",")) <= allowed
+    assert other.status_code == 400
+    assert "access-control-allow-origin" not in other.headers

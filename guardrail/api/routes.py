@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 import structlog
-from litestar import Request, Response, get, post
+from litestar import HttpMethod, Request, Response, post, route
 from litestar.datastructures import State
 from litestar.enums import MediaType, ScopeType
 from litestar.exceptions import ValidationException
@@ -59,6 +59,12 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
 
 
+# What answers GET answers HEAD too (RFC 9110 9.1): load balancers and uptime checks
+# probe with HEAD, and a 405 there marks a healthy gateway down. The server sends
+# the headers alone.
+_GET_HEAD = [HttpMethod.GET, HttpMethod.HEAD]
+
+
 def _serving(state: State) -> Serving:
     serving: Serving = state.serving
     return serving
@@ -91,7 +97,19 @@ async def strictly(request: Request[Any, Any, Any], kind: type[Any]) -> None:
 
     The framework converts bodies leniently (as it must for query strings); a JSON body
     with a mistyped field gets a 400 naming it instead of a silently converted value.
+
+    A body declared as something other than JSON is refused (415) though it parsed: the
+    framework reads any body as JSON, and a form or ``text/plain`` post is what a web page
+    may send from a browser without a CORS preflight, so in open mode any site its user
+    visits could spend the gateway's model. A body with no declared type is read as JSON.
     """
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise APIError(
+            415,
+            f"Send the request body as JSON (content-type: application/json), not {media_type}.",
+            code="unsupported_media_type",
+        )
     body = await request.body()
     try:
         # The framework, like msgspec, keeps the last of two equal keys; a filter or WAF
@@ -102,9 +120,15 @@ async def strictly(request: Request[Any, Any, Any], kind: type[Any]) -> None:
         raise ValidationException(
             detail=message, extra=[{"message": message, "key": e.key}]
         ) from None
-    except (ValueError, RecursionError):
+    except RecursionError:
+        # Nested past the standard parser's stack, which ends a few levels before msgspec's:
+        # passed on, a key given twice deeper down went unchecked.
+        raise APIError(
+            400, "The request body's JSON is nested too deeply.", code="invalid_request"
+        ) from None
+    except ValueError:
         # What msgspec took but the standard parser does not (an integer of thousands of
-        # digits, deep nesting): the type check below still runs.
+        # digits): the type check below still runs.
         pass
     try:
         msgspec.json.decode(body, type=kind, strict=True)
@@ -153,7 +177,7 @@ async def moderations(
     )
 
 
-@get("/v1/models", summary="Models served through the gateway")
+@route("/v1/models", http_method=_GET_HEAD, summary="Models served through the gateway")
 async def list_models(state: State, request: Request[Any, Any, Any]) -> dict[str, Any]:
     gateway = _gateway(state)
     rules = gateway.rules(principal_of(request.scope))
@@ -166,12 +190,12 @@ async def list_models(state: State, request: Request[Any, Any, Any]) -> dict[str
     }
 
 
-@get("/healthz", summary="Liveness: the process answers")
+@route("/healthz", http_method=_GET_HEAD, summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: policy and backend loaded and healthy")
+@route("/readyz", http_method=_GET_HEAD, summary="Readiness: policy and backend loaded and healthy")
 async def readyz(state: State) -> Response[Any]:
     gw = _gateway(state)
     checks = {
@@ -187,7 +211,7 @@ async def readyz(state: State) -> Response[Any]:
     ).response({"retry-after": "5"})
 
 
-@get("/metrics", summary="Prometheus metrics", media_type=MediaType.TEXT)
+@route("/metrics", http_method=_GET_HEAD, summary="Prometheus metrics", media_type=MediaType.TEXT)
 async def metrics(state: State) -> Response[bytes]:
     data, content_type = _gateway(state).metrics.exposition()
     return Response(data, media_type=content_type)

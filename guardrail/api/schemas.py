@@ -81,7 +81,9 @@ class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
         if isinstance(self.content, str):
             return self.content
         where = f"messages[{index}].content"
-        return "".join(_part_text(part, f"{where}[{i}]") for i, part in enumerate(self.content))
+        # Joined by line breaks, as vLLM does, and as /v1/moderations joins an input's
+        # parts: one text gets one verdict on both routes, and two parts' words do not fuse.
+        return "\n".join(_part_text(part, f"{where}[{i}]") for i, part in enumerate(self.content))
 
 
 class Document(msgspec.Struct, forbid_unknown_fields=True):
@@ -187,6 +189,14 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     def refuse_unmoderated(self) -> None:
         super().refuse_unmoderated()
         for i, message in enumerate(self.messages):
+            if message.tool_call_id is not None and message.role != "tool":
+                # It answers a tool call; on another role it is only a place for words.
+                raise APIError(
+                    400,
+                    "'tool_call_id' belongs to a message with role 'tool' only.",
+                    param=f"messages[{i}].tool_call_id",
+                    code="invalid_request",
+                )
             if message.name is not None:
                 raise APIError(
                     400,
@@ -212,17 +222,41 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    # OpenAI's shapes are all decoded (text, a batch of texts, token ids, batches of
+    # those) so that each one the gateway does not serve gets an error that says why,
+    # not a type mismatch; 2048 is the most OpenAI's API takes.
+    prompt: str | Annotated[list[str | int | list[int]], msgspec.Meta(max_length=2048)]
     echo: bool | None = None
     logprobs: int | None = None
     suffix: str | None = None
     best_of: int | None = None
 
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        if isinstance(self.prompt, str):
+            return self.prompt
+        (text,) = self.prompt  # one string: refuse_unmoderated ran first
+        assert isinstance(text, str)
+        return text
 
     def refuse_unmoderated(self) -> None:
         super().refuse_unmoderated()
+        if not isinstance(self.prompt, str):
+            if any(not isinstance(p, str) for p in self.prompt):
+                # Token ids are text the filters cannot read without the model's tokenizer.
+                raise APIError(
+                    400,
+                    "A prompt of token ids is not supported by this gateway: send it as text.",
+                    param="prompt",
+                    code="unsupported_parameter",
+                )
+            if len(self.prompt) != 1:
+                raise APIError(
+                    400,
+                    "'prompt' must be one text: a batch of prompts is not supported by this "
+                    f"gateway (got {len(self.prompt)}); send one request per prompt.",
+                    param="prompt",
+                    code="unsupported_parameter",
+                )
         unsupported = {
             "echo": bool(self.echo),
             "logprobs": self.logprobs is not None,

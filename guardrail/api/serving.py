@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -114,6 +115,9 @@ class Slots:
 
 # Refusals before any backend saw the request, for the gateway's own reasons.
 _NOT_SERVED = frozenset({OVERLOADED, "model_not_found", "backend_unavailable"})
+
+
+_ID_SEPARATORS = re.compile(r"[_.:-]+")
 
 
 def format_text(response_format: object) -> str:
@@ -694,7 +698,8 @@ class Serving:
             if self.gw.monitor is not None:
                 self.gw.monitor.probe(guard, ctx, messages, input_decisions)
             if any(d.blocked for _, d in input_decisions):
-                raise self._input_blocked(exchange, guard, input_decisions)
+                field = "prompt" if kind == "completions" else "messages"
+                raise self._input_blocked(exchange, guard, input_decisions, param=field)
             if fmt is not None:
                 exchange.decisions.append(fmt)
                 # A schema cannot be rewritten: what the policy would redact refuses it.
@@ -702,6 +707,7 @@ class Serving:
                     raise self._input_blocked(
                         exchange, guard, [(None, fmt)], param="response_format"
                     )
+            await self._check_tool_call_ids(exchange, guard, messages, ctx)
             rewritten = list(texts)
             for i, d in input_decisions:
                 if i is not None:
@@ -793,6 +799,29 @@ class Serving:
             categories=sorted({f.category for f in findings if f.action is not Action.ALLOW}),
         )
         return from_backend_error(e)
+
+    async def _check_tool_call_ids(
+        self, exchange: Exchange, guard: Guard, messages: tuple[Message, ...], ctx: FilterContext
+    ) -> None:
+        """Tool call ids pass the input filters: some chat templates write them into the
+        prompt, and an id's pattern still lets words through (``how-to-build-a-bomb``).
+
+        Each is read as written (a key's pattern holds its dashes) and with its separators
+        as spaces (so its words are words to the filters). An id cannot be rewritten, so
+        what the policy would redact refuses it, as a schema.
+        """
+        where = [i for i, m in enumerate(messages) if m.tool_call_id]
+        if not where:
+            return
+        ids = [messages[i].tool_call_id or "" for i in where]
+        text = "\n".join(
+            line for i in ids for line in dict.fromkeys((i, _ID_SEPARATORS.sub(" ", i)))
+        )
+        decision = await guard.check(Stage.INPUT, text, ctx)
+        exchange.decisions.append(decision)
+        if decision.action in (Action.BLOCK, Action.REDACT):
+            param = f"messages[{where[0]}].tool_call_id" if len(where) == 1 else "messages"
+            raise self._input_blocked(exchange, guard, [(None, decision)], param=param)
 
     def _input_blocked(
         self,
