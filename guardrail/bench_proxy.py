@@ -29,13 +29,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from guardrail.errors import GuardrailError
 
 NO_FILTERS_POLICY = 'name: no-filters\nversion: "1"\nfilters: []\n'
 # Every request and every answer is a different text (a number in it), as in real traffic:
@@ -251,11 +254,18 @@ def _free_port() -> int:
         return port
 
 
-def _wait_for(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+def _wait_for(
+    port: int, proc: subprocess.Popen[bytes], log: IO[bytes], role: str, timeout_s: float = 60.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"a benchmark process exited early (code {proc.returncode})")
+            log.seek(0)
+            tail = log.read().decode("utf-8", "replace").strip().splitlines()[-5:]
+            said = ("; it said:\n  " + "\n  ".join(tail)) if tail else ""
+            raise GuardrailError(
+                f"a benchmark process ({role}) exited early (code {proc.returncode}){said}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -266,21 +276,23 @@ def _wait_for(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0)
 
 @contextmanager
 def _process(args: list[str], port: int) -> Iterator[None]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "guardrail.bench_proxy", *args, "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_for(port, proc)
-        yield
-    finally:
-        proc.send_signal(signal.SIGINT)
+    # Its stderr is kept (not read while it runs) so a start that fails says why.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "guardrail.bench_proxy", *args, "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            _wait_for(port, proc, log, args[1])
+            yield
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def run(
@@ -291,7 +303,35 @@ def run(
     seconds: float = 5.0,
     runs: int = 3,
 ) -> dict[str, Any]:
-    """Run the benchmark; the result as a JSON-ready dict."""
+    """Run the benchmark; the result as a JSON-ready dict.
+
+    A SIGTERM (``timeout``, a cancelled CI job, ``kill``) ends it as Ctrl-C does, through
+    the cleanup: by default it ended the process at once, leaving the three servers
+    running and the temporary folder behind.
+    """
+    with _terminated_as_exit():
+        return _run(policy, latency_ms, concurrency, seconds, runs)
+
+
+@contextmanager
+def _terminated_as_exit() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers are the main thread's alone
+        return
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(
+    policy: str, latency_ms: float, concurrency: int, seconds: float, runs: int
+) -> dict[str, Any]:
     up_port, plain_port, default_port = _free_port(), _free_port(), _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         no_filters = Path(tmp) / "no-filters.yaml"

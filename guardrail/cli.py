@@ -27,6 +27,9 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +45,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     return load_settings(getattr(args, "config", None), overrides=overrides)
 
 
-# `policy test` checks decisions, not speed: its filters get this time limit instead of
+# `policy test` and `eval` check decisions, not speed: their filters get this time limit instead of
 # the policy's, so a slow or busy machine (a first model call, a CI runner) does not
 # turn a test into an ERROR. A filter that hangs still ends.
 POLICY_TEST_TIMEOUT_S = 300.0
@@ -85,10 +88,12 @@ def _build_guard(
     return Guard.build(policy, registry, env)
 
 
-def _acting_guard(policy_path: str, executor: ThreadPoolExecutor) -> Any:
+def _acting_guard(
+    policy_path: str, executor: ThreadPoolExecutor, *, timeout_s: float | None = None
+) -> Any:
     """The guard of a policy that ``check`` and ``eval`` judge texts with: one with no
     enabled filter allows every text, so its decisions measure nothing."""
-    guard = _guard(policy_path, executor)
+    guard = _guard(policy_path, executor, timeout_s=timeout_s)
     if not guard.policy.filters:
         raise ConfigError(f"{policy_path}: the policy has no enabled filters")
     return guard
@@ -386,7 +391,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _log_to_stderr()
     rows = read_dataset(Path(args.data))
     with ThreadPoolExecutor(2) as executor:
-        guard = _acting_guard(args.policy or _default_policy(), executor)
+        # The policy's own time limits are for serving: on a busy machine they would
+        # turn its judgement into on_error actions, measuring the machine, not the policy.
+        policy = args.policy or _default_policy()
+        guard = _acting_guard(policy, executor, timeout_s=POLICY_TEST_TIMEOUT_S)
         report = asyncio.run(
             evaluate(guard, rows, Stage(args.stage), progress=None if args.json else sys.stderr)
         )
@@ -394,6 +402,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report))
+    if report["errors"]:
+        print(
+            f"guardrail: {report['errors']} of {report['n']} examples were left out: a filter "
+            "failed or timed out on them (errors_by_filter)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -413,7 +428,12 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 def cmd_bench_proxy(args: argparse.Namespace) -> int:
     from guardrail import bench_proxy
+    from guardrail.guard.registry import filter_registry
+    from guardrail.policy.loader import load_policy
 
+    # Loaded here, where its problems reach the user: in the benchmark's gateway process
+    # they became "a benchmark process exited early" seconds later.
+    load_policy(args.policy or _default_policy(), filter_registry())
     print(
         "guardrail: benchmarking the proxy (upstream directly, gateway with no filters, "
         f"gateway with {args.policy or _default_policy()}) ...",
@@ -486,6 +506,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from e
     if since >= until:
         raise ConfigError("--since must be before --until")
+    if step is not None:
+        step = min(step, until - since)  # one step holds the window; a longer one ends past it
     try:
         report = load_report(dsn, since, until, bucket_s=step)
     except ValueError as e:  # a window with too many time steps
@@ -636,6 +658,8 @@ def _at_least(low: float, kind: type = float) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):  # nan passes every comparison; inf never ends
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low:g}, not {text}")
         return value
@@ -654,6 +678,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, GuardrailError) as e:
         print(f"guardrail: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left (`guardrail eval ... --json | head -1`): not a file problem.
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as e:  # a file or folder the command cannot read or write
         where = f": {e.filename}" if e.filename else ""
         print(f"guardrail: {e.strerror or e}{where}", file=sys.stderr)

@@ -13,6 +13,10 @@ every example (``groundedness``, a toxicity category, ...), ``auroc`` says how w
 score separates ``block`` from ``allow`` examples (1.0: perfectly, 0.5: not at all).
 For ``groundedness``, where a higher score means better supported, the ranking is
 reversed, so 1.0 still means "the unsupported answers score lower".
+
+An example during which a filter failed or timed out is counted in ``errors`` (and
+``errors_by_filter``) and left out of every other number: its action came from the
+policy's ``on_error``, not from its judgement of the text, as ``policy test`` reads it.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def read_dataset(path: Path) -> list[Example]:
     try:
         # JSON Lines ends a record at "\n" only: str.splitlines() would also split at
         # U+2028, U+0085 and others, which JSON allows unescaped inside a string.
-        lines = path.read_text(encoding="utf-8").split("\n")
+        # utf-8-sig: a byte order mark (Windows editors, PowerShell) is not part of line 1.
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from e
     except UnicodeDecodeError as e:
@@ -61,6 +66,8 @@ def read_dataset(path: Path) -> list[Example]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: not valid JSON: {e.msg}") from e
+        except RecursionError:
+            raise ConfigError(f"{where}: not valid JSON: nested too deeply") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise ConfigError(f'{where}: each line needs a string "text"')
         label = row.get("label")
@@ -107,6 +114,9 @@ def auroc(positives: list[float], negatives: list[float]) -> float:
     """P(a positive scores above a negative), ties counting half (Mann-Whitney U)."""
     if not positives or not negatives:
         return float("nan")
+    if not all(math.isfinite(s) for s in (*positives, *negatives)):
+        # A NaN ranks against nothing (and equals nothing: the tie loop never ended).
+        return float("nan")
     ranked = sorted([(s, 1) for s in positives] + [(s, 0) for s in negatives])
     rank_sum = 0.0
     i = 0
@@ -137,6 +147,7 @@ async def evaluate(
 ) -> dict[str, Any]:
     """Run every example through the guard, one at a time (latency is per text)."""
     tp = fp = tn = fn = 0
+    errors_by_filter: dict[str, int] = {}
     latencies: list[float] = []
     by_category: dict[str, list[int]] = {}  # category -> [caught, total] over positives
     by_action: dict[str, int] = {a.value: 0 for a in Action}
@@ -152,6 +163,12 @@ async def evaluate(
         started = time.perf_counter()
         decision = await guard.check(stage, ex.text, ctx)
         latencies.append(time.perf_counter() - started)
+        failed = {o.filter_id for o in decision.outcomes if o.status != "ok"}
+        if failed:
+            for filter_id in failed:
+                errors_by_filter[filter_id] = errors_by_filter.get(filter_id, 0) + 1
+            bar.step()
+            continue
         predicted = decision.action is not Action.ALLOW
         by_action[decision.action.value] += 1
         best: dict[str, float] = {}
@@ -174,10 +191,13 @@ async def evaluate(
     precision, recall = _measured(tp, tp + fp), _measured(tp, tp + fn)
     # F1 from the counts (not the rounded ratios); undefined where either part is.
     f1 = None if precision is None or recall is None else _measured(2 * tp, 2 * tp + fp + fn)
+    scored = tp + fp + tn + fn
     return {
         "policy": {"name": guard.policy.name, "version": guard.policy.version},
         "stage": stage.value,
         "n": len(examples),
+        "errors": len(examples) - scored,
+        "errors_by_filter": dict(sorted(errors_by_filter.items())),
         "tp": tp,
         "fp": fp,
         "tn": tn,
@@ -186,7 +206,7 @@ async def evaluate(
         "recall": recall,
         "f1": f1,
         "fpr": _measured(fp, fp + tn),
-        "accuracy": round(_ratio(tp + tn, len(examples)), 4),
+        "accuracy": _measured(tp + tn, scored),
         "actions": by_action,
         "acted_by_category": {
             c: {"positive": n[0], "negative": n[1]} for c, n in sorted(acted_by.items())
@@ -198,7 +218,7 @@ async def evaluate(
         "auroc": {
             c: round(_auroc_of(c, pairs), 4)
             for c, pairs in sorted(scores.items())
-            if len(pairs) == len(examples) and 0 < tp + fn < len(examples)
+            if len(pairs) == scored and 0 < tp + fn < scored
         },
         "latency_ms": {
             "p50": round(statistics.median(latencies) * 1000, 3),
@@ -217,6 +237,16 @@ def format_report(report: dict[str, Any]) -> str:
         f"policy {report['policy']['name']} {report['policy']['version']}, "
         f"stage {report['stage']}, n={report['n']}",
         f"  tp={report['tp']} fp={report['fp']} tn={report['tn']} fn={report['fn']}",
+        *(
+            [
+                f"  errors={report['errors']}: left out of every number here (a filter failed "
+                "or timed out on them: "
+                + ", ".join(f"{k} {n}" for k, n in report["errors_by_filter"].items())
+                + ")"
+            ]
+            if report["errors"]
+            else []
+        ),
         "  "
         + " ".join(f"{key}={_fixed(report[key])}" for key in ("precision", "recall", "f1", "fpr")),
         f"  latency per text: p50={report['latency_ms']['p50']:.3f} ms "

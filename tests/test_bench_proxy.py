@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +44,65 @@ def test_bench_proxy_json_prints_one_object_with_the_documented_keys(
     assert report["phases"]["default_policy"]["errors"] == 0
     assert report["throughput_ratio_no_filters"] > 0
     assert not (tmp_path / "guardrail").exists()
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (read from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_terminated_benchmark_stops_its_servers_and_removes_its_folder(
+    test_policy: Path, tmp_path: Path
+) -> None:
+    """``timeout`` and a cancelled CI job send SIGTERM: it had ended the benchmark with no
+    cleanup, its three servers left running and its temporary folder left behind."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "XDG_DATA_HOME": str(tmp_path)}
+    command = [
+        sys.executable, "-c", "import sys; from guardrail.cli import main; sys.exit(main())",
+        "bench", "proxy", "--policy", str(test_policy), "--seconds", "60", "--runs", "1",
+    ]  # fmt: skip
+    bench = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    servers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(servers := _children(bench.pid)) < 3:
+            assert bench.poll() is None, "the benchmark ended before its servers started"
+            assert time.monotonic() < deadline, "its servers never started"
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the measuring
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        for pid in servers:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert list(temp.iterdir()) == []
+    finally:
+        for pid in servers | _children(bench.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        bench.kill()
+        bench.wait()
+
+
+def test_a_benchmark_server_that_fails_to_start_says_why(test_policy: Path) -> None:
+    """Its stderr had gone to /dev/null: the user read only "exited early (code 1)"."""
+    from guardrail.bench_proxy import _process
+    from guardrail.errors import GuardrailError
+
+    args = ["--role", "gateway", "--upstream", "http://127.0.0.1:9/v1"]
+    with pytest.raises(GuardrailError) as raised, _process([*args, "--policy", "/nowhere.yaml"], 9):
+        pass
+    message = str(raised.value)
+    assert "a benchmark process (gateway) exited early (code 1); it said:" in message
+    assert "/nowhere.yaml:1:1: cannot read the policy file" in message

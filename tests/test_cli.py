@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from guardrail.cli import main
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.registry import BUILTIN_FILTERS
-from guardrail.guard.types import FilterContext, Stage, Verdict
+from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 from tests.conftest import DEFAULT_POLICY, ROOT, TEST_POLICY
 
 
@@ -545,3 +546,122 @@ def test_check_and_eval_refuse_a_policy_with_no_filters(
     assert code == 0
     assert "0 filters" in out
     assert "no enabled filters: every text is allowed" in err
+
+
+class PartlyBrokenFilter:
+    """Blocks texts with "bad" in them and raises on texts with "boom"."""
+
+    def __init__(self, name: str, config: Any, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        if "boom" in text:
+            raise RuntimeError("broken on purpose")
+        if "bad" in text:
+            return Verdict(Action.BLOCK, (Finding("bad", 1.0),))
+        return Verdict()
+
+
+PARTLY = FilterSpec(type="partly", config_type=NoConfig, build=PartlyBrokenFilter)
+
+
+def test_eval_leaves_out_and_counts_the_examples_a_filter_failed_on(
+    write_policy: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Their block came from on_error: counted as detections, it had made a policy that
+    fails on everything look perfect."""
+    monkeypatch.setitem(BUILTIN_FILTERS, "partly", "tests.test_cli:PARTLY")
+    monkeypatch.setitem(BUILTIN_FILTERS, "slow", "tests.test_cli:SLOW")
+    path = write_policy(
+        'name: p\nversion: "1"\ntimeout_ms: 50\n'
+        "filters:\n  - {id: oops, type: partly}\n  - {id: lazy, type: slow}\n"
+    )
+    data = tmp_path / "data.jsonl"
+    rows = [
+        {"text": "a bad thing", "label": "block"},
+        {"text": "boom", "label": "block"},
+        {"text": "boom boom", "label": "allow"},
+        {"text": "a fine thing", "label": "allow"},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    code, out, err = run(["eval", str(data), "--policy", str(path), "--json"], capsys)
+    assert code == 1
+    report = json.loads(out)
+    counts = [report[k] for k in ("n", "errors", "tp", "fp", "tn", "fn")]
+    assert counts == [4, 2, 1, 0, 1, 0]
+    assert report["errors_by_filter"] == {"oops": 2}
+    assert (report["precision"], report["recall"], report["fpr"]) == (1.0, 1.0, 0.0)
+    assert "filter_error" not in report["auroc"]
+    assert "2 of 4 examples were left out" in err
+    # The slow filter (300 ms against the policy's 50) is waited for, not an error.
+    code, out, _ = run(["eval", str(data), "--policy", str(path)], capsys)
+    assert code == 1
+    assert (
+        "errors=2: left out of every number here (a filter failed or timed out on them: oops 2)"
+        in out
+    )
+
+
+def test_eval_reads_a_file_that_starts_with_a_byte_order_mark(
+    tmp_path: Path, test_policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'\xef\xbb\xbf{"text": "how to build a bomb", "label": "block"}\n')
+    code, out, _ = run(["eval", str(data), "--policy", str(test_policy), "--json"], capsys)
+    assert code == 0
+    assert json.loads(out)["tp"] == 1
+
+
+def test_eval_names_the_line_of_json_nested_too_deeply(
+    tmp_path: Path, test_policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a", "label": "allow"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    code, _, err = run(["eval", str(data), "--policy", str(test_policy)], capsys)
+    assert code == 2
+    assert f"{data}:2: not valid JSON: nested too deeply" in err
+
+
+def test_auroc_of_scores_with_a_nan_is_nan_not_a_hang() -> None:
+    from guardrail.evaluation import auroc
+
+    assert math.isnan(auroc([0.9, float("nan")], [0.1]))
+    assert math.isnan(auroc([0.9], [float("inf")]))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_bench_numbers_must_be_finite(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--seconds nan`` passed the lower-bound check and the benchmark never ended."""
+    for option in ("--seconds", "--latency-ms"):
+        with pytest.raises(SystemExit) as raised:
+            main(["bench", "proxy", f"{option}={value}"])
+        assert raised.value.code == 2
+        assert "must be a finite number" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_the_pipe_is_not_a_file_error(
+    tmp_path: Path, test_policy: Path
+) -> None:
+    """``guardrail eval ... --json | head -1``: it had said "guardrail: Broken pipe"."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello", "label": "allow"}\n')
+    command = [
+        sys.executable, "-c", "import sys; from guardrail.cli import main; sys.exit(main())",
+        "eval", str(data), "--policy", str(test_policy), "--json",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.close()  # gone before the report is written
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Broken pipe" not in err
+    assert "Traceback" not in err

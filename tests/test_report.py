@@ -332,6 +332,12 @@ def test_the_report_reads_postgresql_too(
             ["--audit-dsn", "{tmp}/missing.db", "--since", "99999999999d", "--step", "1m"],
             "time steps",
         ),
+        # Dates and steps past the calendar a page can show had been tracebacks.
+        (
+            ["--audit-dsn", "{tmp}/missing.db", "--until", "9999-12-31T23:00:00-05:00"],
+            "after the year 9999",
+        ),
+        (["--audit-dsn", "{tmp}/missing.db", "--step", "1" + "0" * 320 + "w"], "too long a"),
     ],
 )
 def test_report_problems_exit_2_with_a_message(
@@ -354,6 +360,10 @@ def test_since_takes_a_duration_back_from_now(text: str, seconds_before: float) 
 
 def test_since_never_reaches_back_before_1970() -> None:
     assert parse_since("99999999w", 1_700_000_000.0) == 0.0
+
+
+def test_an_iso_date_before_1970_is_1970() -> None:
+    assert parse_since("1960-01-01", 1_700_000_000.0) == 0.0
 
 
 def test_since_takes_an_iso_date_in_utc() -> None:

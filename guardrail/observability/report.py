@@ -75,6 +75,9 @@ _TOP_RULES: Final = 20
 _FEW_MENTIONS: Final = 30
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+# The last second a page's dates can name: 9999-12-30, a day short of the calendar's
+# end, so that a step added past it or a local time zone cannot leave the calendar.
+_LATEST: Final = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -88,7 +91,13 @@ def parse_duration(text: str) -> float:
     seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds <= 0:
         raise ValueError(f"{text!r} is not longer than zero")
+    if not math.isfinite(seconds):  # a count of hundreds of digits
+        raise ValueError(f"{_shown(text)!r} is too long a duration")
     return seconds
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:12]}...{text[-4:]}"
 
 
 def parse_since(text: str, now: float) -> float:
@@ -107,7 +116,10 @@ def parse_since(text: str, now: float) -> float:
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+    moment = when.timestamp()
+    if moment > _LATEST:
+        raise ValueError(f"{text!r} is after the year 9999, which a page cannot show")
+    return max(0.0, moment)
 
 
 @dataclass(frozen=True, slots=True)
