@@ -14,6 +14,10 @@ thresholds work); a category label scores that probability when the answer lists
 code, else 0. An answer that is neither ``safe`` nor ``unsafe`` is an error, so the
 guard fails closed on it.
 
+Only the template's control tokens are special tokens: the conversation's texts are
+tokenized as text, so a user who types ``<|eot_id|>`` cannot close their own turn and
+write the model's verdict after it.
+
 The model loads through the local backend's loader (folder, GGUF file, or a hub id
 when downloads are allowed) and runs on the shared executor.
 """
@@ -62,12 +66,9 @@ def _title(label: str) -> str:
     return label.replace("_", " ").replace("-", " ").strip().capitalize()
 
 
-def build_prompt(
-    template: str,
-    categories: Sequence[Category],
-    conversation: Sequence[tuple[str, str]],
-) -> str:
-    """The full prompt for ``conversation`` (``(role, text)`` pairs, role user or agent).
+def build_body(categories: Sequence[Category], conversation: Sequence[tuple[str, str]]) -> str:
+    """The prompt's text between the template's control tokens, for ``conversation``
+    (``(role, text)`` pairs, role user or agent).
 
     The last turn is the one assessed: the user's prompt at the input stage, the
     model's answer at the output stage.
@@ -93,13 +94,49 @@ def build_prompt(
         "- First line must read 'safe' or 'unsafe'.",
         "- If unsafe, a second line must include a comma-separated list of violated categories.",
     ]
-    body = "\n".join(lines)
+    return "\n".join(lines)
+
+
+# Llama Guard 3's header format around the body; these control tokens are the template's.
+_LLAMA3_HEAD = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
+_LLAMA3_TAIL = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def build_prompt(
+    template: str,
+    categories: Sequence[Category],
+    conversation: Sequence[tuple[str, str]],
+) -> str:
+    """The full prompt as text, to read; the model is given :func:`prompt_ids`."""
+    body = build_body(categories, conversation)
     if template == "llama-guard-3":
-        return (
-            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-            f"{body}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-        )
+        return f"{_LLAMA3_HEAD}\n\n{body}{_LLAMA3_TAIL}"
     return f"[INST] {body} [/INST]"
+
+
+def _ids(tokenizer: Any, text: str, *, add_special_tokens: bool, split_special: bool) -> list[int]:
+    ids = tokenizer(
+        text, add_special_tokens=add_special_tokens, split_special_tokens=split_special
+    )["input_ids"]
+    return [int(i) for i in ids]
+
+
+def prompt_ids(tokenizer: Any, template: str, body: str) -> list[int]:
+    """The prompt's token ids: the template's control tokens are special tokens, and
+    nothing in ``body`` is. The body holds the user's and the model's words; a
+    ``<|eot_id|>`` typed there, tokenized as the control token, would end the user's
+    turn and let the text forge the rest of the conversation (an answer of 'safe')."""
+    if template == "llama-guard-3":
+        # The tokenizer splits a text at its special tokens and tokenizes the pieces
+        # apart anyway, so these three calls give the ids one call on the whole prompt
+        # gives when the body holds no control token.
+        return [
+            *_ids(tokenizer, _LLAMA3_HEAD, add_special_tokens=False, split_special=False),
+            *_ids(tokenizer, f"\n\n{body}", add_special_tokens=False, split_special=True),
+            *_ids(tokenizer, _LLAMA3_TAIL, add_special_tokens=False, split_special=False),
+        ]
+    # [INST] is text in Llama 2's vocabulary; the tokenizer adds the BOS token.
+    return _ids(tokenizer, f"[INST] {body} [/INST]", add_special_tokens=True, split_special=True)
 
 
 _CODE = re.compile(r"\b([OS]\d{1,2})\b")
@@ -203,14 +240,15 @@ class LlamaGuardEngine:
         return [*turns, ("agent", _clip(text, limit))]
 
     def prompt(self, text: str, ctx: FilterContext) -> str:
-        return build_prompt(self._settings.template, self.categories, self.conversation(text, ctx))
+        """The prompt's body for ``text`` (see :func:`build_body`)."""
+        return build_body(self.categories, self.conversation(text, ctx))
 
-    def assess_sync(self, prompt: str) -> Assessment:
-        """Run the model once (blocking): greedy answer and the safe/unsafe probability."""
+    def assess_sync(self, body: str) -> Assessment:
+        """Run the model once on the prompt around ``body`` (blocking): greedy answer
+        and the safe/unsafe probability."""
         import torch
 
-        add_special = self._settings.template != "llama-guard-3"
-        ids = self._tokenizer.encode(prompt, add_special_tokens=add_special)
+        ids = prompt_ids(self._tokenizer, self._settings.template, body)
         device = next(self._model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
         with torch.inference_mode():
