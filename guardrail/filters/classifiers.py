@@ -169,9 +169,23 @@ class LlamaGuardSettings(
     dtype: ModelDType = "auto"
     max_chars: Annotated[
         int,
-        _doc("Longest text put in the prompt; longer texts keep their start and end."),
+        _doc(
+            "Longest text put in one prompt. A longer text is assessed in windows of this "
+            "size, each overlapping the next by a quarter, one model call each, and the "
+            "worst window wins; the user message shown before an answer as context keeps "
+            "its start and end."
+        ),
         msgspec.Meta(ge=100, le=200_000),
     ] = 6000
+    max_windows: Annotated[
+        int,
+        _doc(
+            "Most windows of max_chars a text is assessed in (model calls per text); a "
+            "longer text is a filter error, so the policy's on_error applies. 1: any text "
+            "longer than max_chars is an error."
+        ),
+        msgspec.Meta(ge=1, le=64),
+    ] = 8
     max_new_tokens: Annotated[
         int, _doc("Tokens generated for the verdict lines."), msgspec.Meta(ge=2, le=64)
     ] = 12

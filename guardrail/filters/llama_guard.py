@@ -18,6 +18,10 @@ Only the template's control tokens are special tokens: the conversation's texts 
 tokenized as text, so a user who types ``<|eot_id|>`` cannot close their own turn and
 write the model's verdict after it.
 
+A text longer than ``max_chars`` is assessed in overlapping windows of that size, one
+model call each (see :func:`windows`), and each score is its highest over the windows;
+a text that needs more than ``max_windows`` of them is a filter error, not read in part.
+
 The model loads through the local backend's loader (folder, GGUF file, or a hub id
 when downloads are allowed) and runs on the shared executor.
 """
@@ -173,6 +177,25 @@ def _clip(text: str, limit: int) -> str:
     return f"{text[:half]}\n[...]\n{text[-half:]}"
 
 
+_CUT = "[...]"
+
+
+def windows(text: str, size: int) -> list[str]:
+    """``text`` in windows of ``size`` characters, each overlapping the next by a
+    quarter of ``size`` at least, so that any passage of that length is whole in one
+    window; a cut edge is marked ``[...]``. A text of ``size`` or fewer is one window."""
+    if len(text) <= size:
+        return [text]
+    stride = size - size // 4
+    last = len(text) - size
+    out = []
+    for start in [*range(0, last, stride), last]:
+        head = f"{_CUT} " if start > 0 else ""
+        tail = f" {_CUT}" if start < last else ""
+        out.append(f"{head}{text[start : start + size]}{tail}")
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Assessment:
     """What the model said: probability of ``unsafe`` first, the raw answer, its parse."""
@@ -220,7 +243,9 @@ class LlamaGuardEngine:
     def conversation(self, text: str, ctx: FilterContext) -> list[tuple[str, str]]:
         """The turns shown to the model: at output, the last user message and the answer;
         at input, an earlier assistant turn likewise (the user message before it and the
-        turn), any other message as the user's."""
+        turn), any other message as the user's. The last turn, the one assessed, is
+        ``text`` whole; the user message before an answer, only context, is clipped to
+        ``max_chars`` (its start and end)."""
         limit = self._settings.max_chars
         messages = ctx.messages
         if ctx.stage is Stage.OUTPUT:
@@ -233,15 +258,29 @@ class LlamaGuardEngine:
                 or messages[index].role != "assistant"
                 or messages[index].content != text
             ):
-                return [("user", _clip(text, limit))]
+                return [("user", text)]
             before = index
         users = [m.content for m in messages[:before] if m.role == "user"]
         turns = [("user", _clip(users[-1], limit))] if users else []
-        return [*turns, ("agent", _clip(text, limit))]
+        return [*turns, ("agent", text)]
 
-    def prompt(self, text: str, ctx: FilterContext) -> str:
-        """The prompt's body for ``text`` (see :func:`build_body`)."""
-        return build_body(self.categories, self.conversation(text, ctx))
+    def prompts(self, text: str, ctx: FilterContext) -> list[str]:
+        """The prompt bodies for ``text`` (see :func:`build_body`), one per window of
+        ``max_chars`` (see :func:`windows`).
+
+        Raises ``ValueError`` (a filter error: the policy's ``on_error`` applies) when
+        ``text`` needs more than ``max_windows`` windows: each window is one model call,
+        and a text the guard cannot read whole must not pass unread.
+        """
+        *context, (role, assessed) = self.conversation(text, ctx)
+        limit, most = self._settings.max_chars, self._settings.max_windows
+        parts = windows(assessed, limit)
+        if len(parts) > most:
+            raise ValueError(
+                f"the text has {len(assessed)} characters: more than max_windows ({most}) "
+                f"windows of max_chars ({limit}) for the Llama Guard model"
+            )
+        return [build_body(self.categories, [*context, (role, part)]) for part in parts]
 
     def assess_sync(self, body: str) -> Assessment:
         """Run the model once on the prompt around ``body`` (blocking): greedy answer
@@ -279,20 +318,26 @@ class LlamaGuardEngine:
         raw = self._tokenizer.decode(generated, skip_special_tokens=True)
         return Assessment(p_unsafe, raw, parse_answer(raw))
 
-    async def assess(self, text: str, ctx: FilterContext) -> Assessment:
+    async def assess(self, text: str, ctx: FilterContext) -> list[Assessment]:
+        """One assessment per window of ``text``, in order."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.assess_sync, self.prompt(text, ctx))
+        out = []
+        # One window at a time: a check that timed out stops before the next model call.
+        for body in self.prompts(text, ctx):
+            out.append(await loop.run_in_executor(self._executor, self.assess_sync, body))
+        return out
 
     async def scores(
         self, text: str, ctx: FilterContext, embeddings: npt.NDArray[np.float32] | None
     ) -> dict[str, float]:
-        result = await self.assess(text, ctx)
-        if result.answer.unsafe is None:
-            raise ValueError("the Llama Guard model answered neither 'safe' nor 'unsafe'")
+        """Each label's score is its highest over the windows: the worst window wins."""
         out = dict.fromkeys(self.labels, 0.0)
-        out["unsafe"] = result.p_unsafe
-        for code in result.answer.codes:
-            label = self._by_code.get(code)
-            if label is not None:
-                out[label] = result.p_unsafe
+        for result in await self.assess(text, ctx):
+            if result.answer.unsafe is None:
+                raise ValueError("the Llama Guard model answered neither 'safe' nor 'unsafe'")
+            out["unsafe"] = max(out["unsafe"], result.p_unsafe)
+            for code in result.answer.codes:
+                label = self._by_code.get(code)
+                if label is not None:
+                    out[label] = max(out[label], result.p_unsafe)
         return out
