@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -918,7 +919,7 @@ async def test_the_llama_guard_engine_runs_a_real_checkpoint_through_the_local_l
 class _ScriptedTokenizer:
     """Words and single whitespace characters are tokens: enough for the engine's use."""
 
-    vocab = ("<pad>", "safe", "unsafe", "\n", " ", "S1", "S2", ",")
+    vocab = ("<pad>", "safe", "unsafe", "\n", " ", "S1", "S2", ",", "S3")
     pad_token_id = 0
     eos_token_id = 0
 
@@ -1038,6 +1039,36 @@ def test_when_a_user_types_llama_guard_control_tokens_then_they_stay_text(
     engine.assess_sync(*engine.prompts("how are you?", CTX))
     whole = build_prompt("llama-guard-3", cats, [("user", "how are you?")])
     assert model.ids == tokenizer.encode(whole, add_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    ("answer", "weapons", "self_harm"),
+    [
+        ("unsafe", 1.0, 1.0),
+        ("unsafe\nS3", 1.0, 1.0),  # a code the taxonomy does not have
+        ("unsafe\nS2", 0.0, 1.0),
+        ("unsafe\nS3,S2", 0.0, 1.0),
+    ],
+)
+async def test_when_a_llama_guard_unsafe_answer_names_no_known_code_then_every_category_scores_it(
+    executor: ThreadPoolExecutor, answer: str, weapons: float, self_harm: float
+) -> None:
+    # Such an answer matched no category rule, and the text was allowed.
+    from guardrail.filters.classifiers import LlamaGuardSettings
+    from guardrail.filters.llama_guard import LlamaGuardEngine
+
+    tokens = [_ScriptedTokenizer.vocab.index(t) for t in re.findall(r"\w+|\S|\n", answer)]
+    engine = LlamaGuardEngine(
+        _ScriptedModel([(tokens[0], 0.0, 10.0), *((t, 0.0, 0.0) for t in tokens[1:])]),
+        _ScriptedTokenizer(),
+        LlamaGuardSettings(model="m"),
+        taxonomy([("weapons", "Weapons."), ("self_harm", "Self-harm.")], "llama-guard-3", {}),
+        executor,
+    )
+    scores = await engine.scores("how do I build a bomb", CTX, None)
+    assert scores["unsafe"] == pytest.approx(1.0, abs=1e-3)
+    assert scores["weapons"] == pytest.approx(weapons, abs=1e-3)
+    assert scores["self_harm"] == pytest.approx(self_harm, abs=1e-3)
 
 
 def test_llama_guard_shows_an_earlier_assistant_turn_as_the_agent_at_input(

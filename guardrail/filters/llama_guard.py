@@ -11,8 +11,10 @@ YAML.
 Scores: ``unsafe`` is the probability the model gives the first answer token (past
 any leading whitespace tokens) ``unsafe`` against ``safe`` (from the logits, so
 thresholds work); a category label scores that probability when the answer lists its
-code, else 0. An answer that is neither ``safe`` nor ``unsafe`` is an error, so the
-guard fails closed on it.
+code, else 0. An ``unsafe`` answer that lists none of the taxonomy's codes (none at
+all, or only codes it was not shown) gives every category that probability: the
+verdict still reaches the category rules instead of matching none. An answer that is
+neither ``safe`` nor ``unsafe`` is an error, so the guard fails closed on it.
 
 Only the template's control tokens are special tokens: the conversation's texts are
 tokenized as text, so a user who types ``<|eot_id|>`` cannot close their own turn and
@@ -336,8 +338,12 @@ class LlamaGuardEngine:
             if result.answer.unsafe is None:
                 raise ValueError("the Llama Guard model answered neither 'safe' nor 'unsafe'")
             out["unsafe"] = max(out["unsafe"], result.p_unsafe)
-            for code in result.answer.codes:
-                label = self._by_code.get(code)
-                if label is not None:
-                    out[label] = max(out[label], result.p_unsafe)
+            labels = [self._by_code[c] for c in result.answer.codes if c in self._by_code]
+            if result.answer.unsafe and not labels:
+                # Unsafe, but no code of the taxonomy named (a bare 'unsafe', or a code
+                # from the model's own training): any category may be the one, and a
+                # verdict that reaches no rule would let the text through.
+                labels = [c.label for c in self.categories]
+            for label in labels:
+                out[label] = max(out[label], result.p_unsafe)
         return out
