@@ -493,6 +493,26 @@ def test_an_address_block_extends_over_a_blank_line_and_place_names_with_small_w
 
 
 @pytest.mark.parametrize(
+    "name",
+    [
+        "\u0930\u093e\u0939\u0941\u0932 \u0936\u0930\u094d\u092e\u093e",  # Hindi: Rahul Sharma
+        "\u09b8\u09cc\u09ae\u09bf\u09a4\u09cd\u09b0",  # Bengali: Soumitra
+        "\u0b95\u0bbe\u0bb0\u0bcd\u0ba4\u0bcd\u0ba4\u0bbf\u0b95\u0bcd",  # Tamil: Karthik
+        "\u0e2a\u0e21\u0e28\u0e23\u0e35",  # Thai: Somsri
+    ],
+)
+async def test_a_cued_name_in_a_script_with_vowel_signs_is_redacted_whole(
+    executor: ThreadPoolExecutor, resources: SharedResources, name: str
+) -> None:
+    """A vowel sign or virama is a combining mark, not a letter: the name stopped at the
+    first one, and the rest of it reached the model."""
+    guard = entities_guard(executor, resources, "PERSON: {input: redact, output: redact}")
+    text = f"My name is {name} and I need help."
+    assert [text[n.start : n.end] for n in find_cued_names(text)] == [name]
+    assert await check_all(guard, conversation(text)) == ["My name is <PERSON_1> and I need help."]
+
+
+@pytest.mark.parametrize(
     ("text", "phone"),
     [
         ("Phone: 60-56-85-91  E-mail: x", "60-56-85-91"),  # a cue before

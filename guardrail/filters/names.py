@@ -11,7 +11,8 @@ the model thinks:
 
 The name is one to four words (initials count: ``Shane M Culp``), ending at
 punctuation, a line break or a word that cannot be part of a name (``and``, ``is``,
-``from``...). Capitalisation is not required after a cue. Score 0.9.
+``from``...). Capitalisation is not required after a cue, and a word may be in any
+script, its combining marks included (``My name is राहुल शर्मा``). Score 0.9.
 
 Without a cue, one shape is a name by itself: a capitalised word, a middle initial and
 a capitalised word (``Szabina J Gelencsér``, ``Faina D. Yefremova``). The first word must
@@ -43,6 +44,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+import regex
+
 from guardrail.filters.span_recognizer import Span, span_recognizer
 
 ENTITY = "PERSON"
@@ -69,7 +72,11 @@ _STOP_WORDS = (
     " address phone email e-mail tel mobile date job title"
 )
 _STOP = frozenset(_STOP_WORDS.split(" "))
-_WORD = re.compile(r"[^\W\d_](?:[\w'\u2019-]*[^\W\d_])?\.?|[^\W\d_]\.?", re.UNICODE)
+# A letter, then letters and their combining marks: the vowel signs and viramas of
+# Indic scripts and Thai are marks (Mn, Mc), not letters, and a word must not end at
+# the first of them ("राहुल" is ra + the sign aa + ...). Latin accents never get here
+# loose: the pii filter composes them, or drops the ones with no composed letter.
+_WORD = regex.compile(r"\p{L}(?:[\w\p{M}'\u2019-]*[\p{L}\p{M}])?\.?")
 _GAP = re.compile(r"[ \t]{1,4}")
 _MAX_WORDS = 4
 SCORE = 0.9
