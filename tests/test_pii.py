@@ -522,10 +522,24 @@ async def test_a_cued_name_in_a_script_with_vowel_signs_is_redacted_whole(
         ("Ring the front desk on (602)272-9781.", "(602)272-9781"),  # valid in the US
         ("It is +1-903-140-4508x769 during the day", "+1-903-140-4508x769"),
         ("Try 0049 30 901820 after nine", "0049 30 901820"),  # valid for its country code
+        # More than seven groups: the number was cut after the seventh, the rest sent.
+        ("Call me at 2 1 2 5 5 5 0 1 2 3 tonight.", "2 1 2 5 5 5 0 1 2 3"),
+        ("Call me at 0 7 7 0 0 9 0 0 1 2 3 tonight.", "0 7 7 0 0 9 0 0 1 2 3"),
+        ("Phone: 4-4-2-0-7-9-4-6-0-9-5-8", "4-4-2-0-7-9-4-6-0-9-5-8"),
     ],
 )
 def test_phone_numbers_in_local_and_international_formats_are_found(text: str, phone: str) -> None:
     assert [text[d.start : d.end] for d in find_phone_numbers(text)] == [phone]
+
+
+async def test_a_phone_number_in_single_digit_groups_is_redacted_whole(
+    executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    guard = entities_guard(
+        executor, resources, "PHONE_NUMBER: {threshold: 0.4, input: redact, output: redact}"
+    )
+    ctx = conversation("Call me at 2 1 2 5 5 5 0 1 2 3 tonight.")
+    assert await check_all(guard, ctx) == ["Call me at <PHONE_NUMBER_1> tonight."]
 
 
 @pytest.mark.parametrize(

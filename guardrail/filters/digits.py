@@ -6,7 +6,7 @@ project's machine) and finds only numbers valid in those regions, so local forma
 other countries (``699 956 915``, ``(99) 645-791``) and short numbers (``467 3395``) are
 missed. This one makes one pass with a regular expression for candidates (digit groups
 with spaces, dots, dashes or parentheses, a leading ``+`` or ``00``, an extension; 7 to
-15 digits) and then scores each:
+15 digits, in as many as 15 groups: ``2 1 2 5 5 5 0 1 2 3``) and then scores each:
 
 - a phone word just before it (``phone``, ``mobile``, ``fax``, ``call``, ``reach me
   at``...) or just after it (``... office``, ``... mobile``): 0.5;
@@ -44,11 +44,14 @@ CARD = "CREDIT_CARD"
 PHONE_REGIONS = ("US", "GB", "DE", "FR", "IL", "IN", "CA", "BR")
 
 _SEP = r"[ \t.\-\u00a0]"
+# Up to 15 groups, as many as a phone number has digits ("2 1 2 5 5 5 0 1 2 3"); the
+# digit count is checked afterwards. A digit run is possessive (\d++): one that could
+# end anywhere would have a long run of digits backtrack through all its splits.
 _CANDIDATE = re.compile(
     r"(?<![\w+/.-])"  # not inside a word, a path, a decimal or another number
     r"(?:\+|00)?"
-    r"(?:\(\d{1,5}\)|\d{1,5})"
-    rf"(?:{_SEP}?(?:\(0?\d{{1,5}}\)|\d{{1,6}})){{0,6}}"
+    r"(?:\(\d{1,5}\)|\d++)"
+    rf"(?:{_SEP}?(?:\(0?\d{{1,5}}\)|\d++)){{0,14}}"
     r"(?:[ \t]?(?:x|ext\.?|#)[ \t]?\d{1,5})?"
     r"(?![\w@]|[.,]\d)"
 )
