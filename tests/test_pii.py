@@ -183,6 +183,17 @@ def test_when_a_pii_config_is_wrong_then_the_policy_does_not_load(
             "US_SSN",
             "\uff15\uff13\uff16-\uff12\uff12-\uff18\uff11\uff17\uff13",
         ),
+        # Superscript and subscript digits are no \d to a pattern.
+        (
+            "Call me at \u00b2\u00b9\u00b2 \u2075\u2075\u2075 \u2070\u00b9\u00b2\u00b3 tonight.",
+            "PHONE_NUMBER",
+            "\u00b2\u00b9\u00b2 \u2075\u2075\u2075 \u2070\u00b9\u00b2\u00b3",
+        ),
+        (
+            "SSN \u2085\u2083\u2086-\u2082\u2082-\u2088\u2081\u2087\u2083 here",
+            "US_SSN",
+            "\u2085\u2083\u2086-\u2082\u2082-\u2088\u2081\u2087\u2083",
+        ),
     ],
 )
 def test_look_alike_and_zero_width_characters_do_not_hide_an_entity(

@@ -142,7 +142,8 @@ OperatorName = Literal["placeholder", "mask", "hash", "encrypt", "replace"]
 
 # The text Presidio sees: look-alike characters that hide an entity from its patterns
 # (a card number with no-break spaces, an email with a full-width @, a phone number
-# with non-breaking hyphens) become their ASCII forms, one for one, so offsets hold;
+# with non-breaking hyphens or in superscript digits) become their ASCII forms, one for
+# one, so offsets hold;
 # zero-width characters are dropped, and a letter written with its accents as separate
 # combining marks (decomposed, NFD: "e" + U+0308) becomes the composed letter ("ë"),
 # offsets mapped back. A mark is no word character: "Zoe\u0308 Mu\u0308ller" was a
@@ -151,6 +152,13 @@ _SAME_LENGTH = {
     **{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)},  # full-width ASCII
     **dict.fromkeys((0x00A0, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000), 0x20),
     **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013, 0x2212, 0xFE63, 0xFF0D), 0x2D),
+    # Superscript and subscript digits read as digits but are none to a pattern's \d
+    # (full-width and other scripts' decimal digits are): "Call me at ²¹² ⁵⁵⁵ ⁰¹²³".
+    **{
+        ord(c): 0x30 + i
+        for i, c in enumerate("\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+    },
+    **{0x2080 + i: 0x30 + i for i in range(10)},
 }
 _ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
 
