@@ -81,6 +81,31 @@ async def test_when_the_batch_function_raises_every_caller_gets_the_error(
     assert all(isinstance(r, RuntimeError) for r in results)
 
 
+class _Abort(BaseException):
+    """An exception outside ``Exception``, as KeyboardInterrupt and SystemExit are."""
+
+
+@pytest.mark.parametrize("raised", [StopIteration, _Abort])
+async def test_when_the_batch_function_raises_stopiteration_then_callers_get_an_error(
+    pool: ThreadPoolExecutor, raised: type[BaseException]
+) -> None:
+    # asyncio cannot put StopIteration into a future: the batch never ended, and every
+    # later caller on the loop waited behind it for ever.
+    calls: list[list[int]] = []
+
+    def fn(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise raised()
+        return [i * 10 for i in items]
+
+    batcher = MicroBatcher(fn, pool, max_batch=4, max_wait_s=0.001)
+    # The wait_for only turns a hang into a failure; nothing here is timed.
+    with pytest.raises(RuntimeError, match=raised.__name__):
+        await asyncio.wait_for(batcher.submit(1), 30)
+    assert await asyncio.wait_for(batcher.submit(2), 30) == 20
+
+
 async def test_a_wrong_number_of_results_is_an_error_for_the_batch(
     pool: ThreadPoolExecutor,
 ) -> None:

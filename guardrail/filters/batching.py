@@ -11,8 +11,10 @@ on the event loop), and hands each caller its own result. Example::
 
 One batch runs at a time per event loop: items that arrive while it runs wait for the
 next one, which is what makes batches grow under load. A batch function that raises
-fails every caller of that batch with the same exception (so the guard fails closed),
-and a caller that gives up (a filter timeout) leaves the others' results intact.
+fails every caller of that batch with the same exception (so the guard fails closed;
+``StopIteration`` and exceptions that are no ``Exception`` become a ``RuntimeError``,
+which an asyncio future can hold), and a caller that gives up (a filter timeout) leaves
+the others' results intact.
 """
 
 from __future__ import annotations
@@ -112,26 +114,48 @@ class MicroBatcher(Generic[In, Out]):
             if batch:
                 await self._run(loop, batch)
 
+    def _call(self, items: list[In]) -> Sequence[Out]:
+        """``fn(items)`` on the executor, with what it raises made an ``Exception``
+        that an asyncio future can carry."""
+        try:
+            return self._fn(items)
+        except StopIteration as e:
+            # asyncio refuses StopIteration in a future, and its executor bridge then
+            # leaves the awaited future unset: the batch, and every later one behind it
+            # on this loop, would wait for ever.
+            raise RuntimeError("the batch function raised StopIteration") from e
+        except Exception:
+            raise
+        except BaseException as e:
+            # KeyboardInterrupt, SystemExit or the like from a worker thread is no signal
+            # to this process: it fails the batch rather than end the runner's task and
+            # strand its callers.
+            raise RuntimeError(f"the batch function raised {type(e).__name__}") from e
+
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[In, Out]]) -> None:
         items = [p.item for p in batch]
         self.stats.batches += 1
         self.stats.items += len(items)
         self.stats.largest = max(self.stats.largest, len(items))
         try:
-            results = await loop.run_in_executor(self._executor, self._fn, items)
+            results = await loop.run_in_executor(self._executor, self._call, items)
             if len(results) != len(items):
                 raise RuntimeError(
                     f"batch function returned {len(results)} results for {len(items)} items"
                 )
+            for p, result in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)
         except Exception as e:
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(e)
-            return
         except asyncio.CancelledError:
             for p in batch:
                 p.future.cancel()
             raise
-        for p, result in zip(batch, results, strict=True):
-            if not p.future.done():
-                p.future.set_result(result)
+        finally:
+            # Whatever else ends the batch, none of its callers is left waiting.
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(RuntimeError("the batch ended without a result"))
