@@ -985,6 +985,46 @@ async def test_a_sliding_window_model_is_served_one_sequence_at_a_time(
 
 
 @slow
+@pytest.mark.parametrize("window", [16, 64])
+async def test_a_prompt_sharing_a_cached_start_on_a_hybrid_window_model_gets_the_same_answer(
+    loaded: tuple[Any, Any], window: int
+) -> None:
+    """Layer 0 full attention, layer 1 a sliding window (Qwen2's max_window_layers): the
+    copy of a cached prompt start had cut the window layer's rolled keys as if they were
+    the first positions. Past the window the answer was garbage (16) or a 502 (64)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, tokenizer = loaded
+    model = tiny_decoder(
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        tokenizer,
+        use_sliding_window=True,
+        sliding_window=window,
+        max_window_layers=1,
+    )
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    shared = "System: you answer briefly and politely to every single question you are asked. "
+    prompts = [f"{shared}User: tell me about Rome and its history.", f"{shared}User: pancakes?"]
+
+    async def answers(backend: LocalBackend) -> list[str]:
+        try:
+            return [
+                (await backend.generate(GenerationRequest("q", "t", prompt=p, params=PARAMS))).text
+                for p in prompts
+            ]
+        finally:
+            await backend.aclose()
+
+    cached = LocalBackend(model, tokenizer, model_name="q", prefix_cache_entries=4)
+    plain = LocalBackend(model, tokenizer, model_name="q", prefix_cache_entries=0)
+    assert await answers(cached) == await answers(plain)
+
+
+PARAMS = SamplingParams(max_tokens=8)
+
+
+@slow
 async def test_an_unexpected_error_fails_the_batch_and_the_engine_keeps_serving(
     loaded: tuple[Any, Any],
 ) -> None:

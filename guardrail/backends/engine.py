@@ -277,16 +277,26 @@ class PrefixCache:
 
 def _copy_prefix(cache: Any, length: int) -> Any:
     """A new cache holding the first ``length`` positions of ``cache`` (copied, so the
-    model can extend it), or None where the cache is not plain keys and values."""
+    model can extend it), or None where the cache is not plain keys and values.
+
+    Every layer must be a plain full-attention one: a sliding-window layer past its
+    window holds only the last positions, so its first ``length`` are the wrong ones, and
+    the cache's length (read from layer 0 alone) did not show it when layer 0 was full
+    attention (Qwen2 with ``max_window_layers``): the model answered garbage or failed.
+    """
     import copy
 
+    from transformers.cache_utils import DynamicLayer
+
     try:
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            return None
         copied = copy.copy(cache)
         copied.layers = [copy.copy(layer) for layer in cache.layers]
         for layer in copied.layers:
             layer.keys = layer.keys[:, :, :length, :].clone()
             layer.values = layer.values[:, :, :length, :].clone()
-        if int(copied.get_seq_length()) != length:
+        if any(int(layer.get_seq_length()) != length for layer in copied.layers):
             return None
     except Exception:  # a cache type with more state than keys and values
         return None
