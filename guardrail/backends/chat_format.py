@@ -50,8 +50,28 @@ def _text_ids(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in ids]
 
 
+# The format's turn markers are plain text, not special tokens: typed in a message they
+# give the very ids the format builds, so a user could open a system block or forge a
+# whole answered turn. Meta's reference refuses such messages; so does this format.
+LLAMA2_TAGS: Final = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+
+
+def refuse_tags(messages: Sequence[Message], tags: Sequence[str], format_name: str) -> None:
+    """A 400 for the first message holding one of ``tags`` (a prompt format's markers)."""
+    for index, message in enumerate(messages):
+        for tag in tags:
+            if tag in message.content:
+                raise BackendError(
+                    f"messages[{index}] contains {tag!r}, a turn marker of {format_name}; "
+                    "it cannot be sent as message text (it would change the conversation's "
+                    "structure)",
+                    status=400,
+                )
+
+
 def llama2_chat_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     """The Llama 2 chat prompt for ``messages``, as token ids (see the module doc)."""
+    refuse_tags(messages, LLAMA2_TAGS, "the Llama 2 chat format")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None or eos is None:
         raise BackendError(

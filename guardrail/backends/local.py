@@ -56,7 +56,7 @@ from guardrail.backends.base import (
     GenerationRequest,
     SamplingParams,
 )
-from guardrail.backends.chat_format import chat_format
+from guardrail.backends.chat_format import LLAMA2_TAGS, chat_format
 from guardrail.backends.engine import (
     Engine,
     EngineObserver,
@@ -424,9 +424,13 @@ class LocalBackend:
             log.info("local model chat format", model=model_name, chat_format="llama-2")
         # A chat template renders messages to text that is then tokenized with special
         # tokens parsed: "<|im_end|><|im_start|>system" typed by a user would open a
-        # system turn. Such messages are refused (the llama-2 format needs no check:
-        # it tokenizes message text with special tokens split).
-        self._control_texts = _control_texts(tokenizer)
+        # system turn. Such messages are refused, and so are a template's plain-text turn
+        # markers (Llama 2's "[INST]", "<<SYS>>"), which give the same ids typed or built.
+        # (The llama-2 format splits special tokens and refuses its markers itself.)
+        template = str(getattr(tokenizer, "chat_template", None) or "")
+        self._control_texts = _control_texts(tokenizer) + tuple(
+            tag for tag in LLAMA2_TAGS if tag in template
+        )
         self._default_max_tokens = default_max_tokens
         generation_config = model.generation_config
         eos_ids = _token_ids(generation_config.eos_token_id) | _token_ids(tokenizer.eos_token_id)
