@@ -1288,3 +1288,20 @@ def test_text_parts_are_joined_by_line_breaks_as_on_the_moderations_route(
     ).json()["guardrail"]["action"]
     moderation = client.post("/v1/moderations", json={"input": secret}).json()
     assert chat_action == moderation["guardrail"]["action"]
+
+
+def test_a_served_model_is_retrieved_by_id_and_another_is_a_404(client: Client) -> None:
+    """OpenAI's models.retrieve (GET /v1/models/{id}) had no route."""
+    r = client.get("/v1/models/fake-model")
+    assert r.status_code == 200
+    assert r.json() == {
+        "id": "fake-model",
+        "object": "model",
+        "created": 0,
+        "owned_by": "guardrail",
+    }
+    assert client.head("/v1/models/fake-model").status_code == 200
+    for name in ("no-such-model", "org/fake-model"):
+        missing = client.get(f"/v1/models/{name}")
+        assert missing.status_code == 404
+        assert assert_openai_error(missing.json())["code"] == "model_not_found"

@@ -137,6 +137,10 @@ def test_models_lists_only_what_the_tenant_may_use(keyed: Client) -> None:
     bob = keyed.get("/v1/models", headers=bearer(BOB)).json()
     assert [m["id"] for m in alice["data"]] == ["fake-model", "big-model"]
     assert [m["id"] for m in bob["data"]] == ["fake-model"]
+    # One model by id: another tenant's model is as unknown as a model nobody serves.
+    assert keyed.get("/v1/models/big-model", headers=bearer(ALICE)).status_code == 200
+    assert keyed.get("/v1/models/big-model", headers=bearer(BOB)).status_code == 404
+    assert keyed.get("/v1/models/big-model").status_code == 401
 
 
 def test_admin_routes_need_the_admin_key(keyed: Client) -> None:

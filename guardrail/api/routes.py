@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -17,7 +18,7 @@ from litestar import HttpMethod, Request, Response, post, route
 from litestar.datastructures import State
 from litestar.enums import MediaType, ScopeType
 from litestar.exceptions import ValidationException
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from guardrail.api.auth import principal_of
@@ -190,6 +191,22 @@ async def list_models(state: State, request: Request[Any, Any, Any]) -> dict[str
     }
 
 
+@route("/v1/models/{model_id:path}", http_method=_GET_HEAD, summary="One model, if served")
+async def retrieve_model(
+    model_id: FromPath[Path], state: State, request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    """OpenAI's ``models.retrieve``; an id may hold slashes (``meta-llama/Llama-2-7b``)."""
+    gateway = _gateway(state)
+    rules = gateway.rules(principal_of(request.scope))
+    name = str(model_id).lstrip("/")
+    if name not in await gateway.served_models() or not rules.allows_model(name):
+        # One answer for "not served" and "not yours": a tenant learns nothing of others.
+        raise APIError(
+            404, f"The model '{name}' does not exist here.", param="model", code="model_not_found"
+        )
+    return {"id": name, "object": "model", "created": 0, "owned_by": "guardrail"}
+
+
 @route("/healthz", http_method=_GET_HEAD, summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -244,6 +261,7 @@ ROUTES = [
     completions,
     moderations,
     list_models,
+    retrieve_model,
     healthz,
     readyz,
     metrics,
