@@ -140,6 +140,18 @@ class Probe:
             raise ConfigError(
                 f"probe weights {path}: layers, mean, scale and coef do not fit together"
             )
+        # A NaN or infinite weight loads without complaint and then scores every text NaN,
+        # which no threshold comparison catches: the rules filter lets it through and the
+        # metrics sum NaN.
+        if not (
+            np.isfinite(probe.intercept)
+            and np.all(np.isfinite(probe.coef))
+            and np.all(np.isfinite(probe.mean))
+            and np.all(np.isfinite(probe.scale))
+        ):
+            raise ConfigError(
+                f"probe weights {path}: intercept, coef, mean and scale must be finite"
+            )
         if not (0.0 <= probe.mix <= 1.0 and 0.0 < probe.knee < 1.0 and 0.0 < probe.target < 1.0):
             raise ConfigError(
                 f"probe weights {path}: mix must be in [0, 1], knee and target in (0, 1)"
