@@ -221,6 +221,30 @@ def test_weights_built_for_other_features_are_refused(tmp_path: Path) -> None:
     assert {v: h.coef.shape for v, h in head.variants.items()} == {"question": (8,), "plain": (8,)}
 
 
+@pytest.mark.parametrize(
+    ("array", "value"),
+    [
+        ("question_mean", [0.0] * 5),
+        ("plain_scale", [[1.0] * 8] * 3),
+        ("question_scale", [0.0] * 8),
+        ("plain_scale", [float("nan")] * 8),
+        ("question_coef", [float("inf")] * 8),
+        ("plain_intercept", float("nan")),
+    ],
+)
+def test_when_a_head_file_has_misshapen_or_non_finite_weights_then_it_is_refused_at_load(
+    tmp_path: Path, array: str, value: Any
+) -> None:
+    import numpy as np
+
+    arrays = dict(np.load(DEFAULT_HEAD, allow_pickle=False))
+    arrays[array] = np.array(value)
+    path = tmp_path / "head.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ConfigError, match="grounding weights"):
+        SupportHead.load(path)
+
+
 # -- citations ------------------------------------------------------------------------------
 
 

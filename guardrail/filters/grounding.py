@@ -275,6 +275,8 @@ class SupportHead:
 
     @classmethod
     def load(cls, path: Path) -> SupportHead:
+        import numpy as np
+
         arrays = read_arrays(path, "grounding weights", FEATURE_VERSION)
         try:
             names = tuple(str(n) for n in arrays["features"])
@@ -289,8 +291,30 @@ class SupportHead:
             ]
         except KeyError as e:
             raise ConfigError(f"grounding weights {path}: missing array {e}") from e
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"cannot read grounding weights {path}: {e}") from e
         if names != FEATURES or any(h.coef.shape != (len(FEATURES),) for h in heads):
             raise ConfigError(f"grounding weights {path}: built for other features {names}")
+        # Checked here, not at the first answer: a mean or scale of another shape fails
+        # (or broadcasts to several scores per claim) on every request, and a zero, NaN or
+        # infinite weight scores every claim NaN, which no threshold comparison catches.
+        for variant, head in zip(VARIANTS, heads, strict=True):
+            if head.mean.shape != head.coef.shape or head.scale.shape != head.coef.shape:
+                raise ConfigError(
+                    f"grounding weights {path}: {variant}_mean and {variant}_scale must "
+                    f"hold {len(FEATURES)} values, one per feature"
+                )
+            if not (
+                math.isfinite(head.intercept)
+                and np.all(np.isfinite(head.mean))
+                and np.all(np.isfinite(head.coef))
+                and np.all(np.isfinite(head.scale))
+                and np.all(head.scale > 0)
+            ):
+                raise ConfigError(
+                    f"grounding weights {path}: the {variant} head's weights must be "
+                    f"finite and its scale above 0"
+                )
         return cls(*heads)
 
     def save(self, path: Path) -> None:
