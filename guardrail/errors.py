@@ -7,6 +7,7 @@
     ├── PolicyError              a policy file that cannot be loaded; carries every problem found
     ├── RegistryError            an unknown or broken filter/backend plugin
     ├── MissingDependencyError   an optional dependency is not installed; names the extra
+    ├── TextTooLongError         a text over a filter's documented bound (the filter fails)
     └── BackendError             the model backend failed; carries the HTTP status to answer with
         ├── BackendUnavailable   nothing could be reached (503)
         ├── BackendTimeout       the backend took too long (504)
@@ -65,6 +66,11 @@ class MissingDependencyError(GuardrailError):
         )
         self.package = package
         self.extra = extra
+
+
+class TextTooLongError(GuardrailError):
+    """A text longer than a filter's documented bound: the filter fails on it (so its
+    ``on_error`` applies) rather than check part of it. The message gives sizes only."""
 
 
 class BackendError(GuardrailError):

@@ -6,7 +6,9 @@ texts from concurrent requests in micro-batches, so the rules filter's semantic 
 classifier conditions and the toxicity filter hold one copy of the model between them.
 
 Long texts are embedded in pieces (:func:`segments`): a harmful sentence inside a long
-harmless frame keeps its own vector instead of being averaged away.
+harmless frame keeps its own vector instead of being averaged away. Every piece is
+embedded; a text of more pieces than the filter's bound is an error, never checked in
+part.
 
 The process's model is wrapped in :class:`CachingModel`: the toxicity filter and the
 rules filter both embed each prompt (one its cleaned text, the other its normalised
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING, Any
 
-from guardrail.errors import MissingDependencyError
+from guardrail.errors import MissingDependencyError, TextTooLongError
 from guardrail.filters.batching import MicroBatcher
 
 if TYPE_CHECKING:
@@ -263,8 +265,9 @@ def segments(text: str, max_chars: int, max_segments: int) -> list[str]:
     """The pieces of ``text`` that are embedded: the whole text when it is short, else
     windows of whole sentences of at most about ``max_chars`` characters.
 
-    At most ``max_segments`` pieces: a longer text keeps evenly spread windows, and
-    always its first and last.
+    A text of more than ``max_segments`` windows is a :class:`TextTooLongError`: keeping
+    only some windows left a harmful request in a dropped one unread, and embedding all
+    of any text would let one request hold the shared model for as long as it likes.
     """
     text = text.strip()
     if len(text) <= max_chars:
@@ -289,8 +292,10 @@ def segments(text: str, max_chars: int, max_segments: int) -> list[str]:
         windows.append(current)
     windows = [w for w in windows if w]
     if len(windows) > max_segments:
-        step = (len(windows) - 1) / (max_segments - 1)
-        windows = [windows[round(i * step)] for i in range(max_segments)]
+        raise TextTooLongError(
+            f"a text of {len(text)} characters makes {len(windows)} windows of about "
+            f"{max_chars} characters; at most {max_segments} are embedded"
+        )
     return windows
 
 

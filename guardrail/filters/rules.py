@@ -193,8 +193,13 @@ class RulesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ] = 320
     max_segments: Annotated[
         int,
-        _doc("Most windows embedded per text; longer texts keep evenly spread windows."),
-        msgspec.Meta(ge=1, le=512),
+        _doc(
+            "Most windows embedded per text. Every window of a text is embedded; a text of "
+            "more windows fails the filter (its on_error applies) instead of being checked "
+            "in part."
+        ),
+        # 16384 windows of the default size cover the largest body the gateway accepts.
+        msgspec.Meta(ge=1, le=16384),
     ] = 48
 
 
