@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from guardrail.api.consistency import ConsistencyChecker
 from guardrail.backends.base import Completion, GenerationRequest
 from guardrail.chat import Message
-from guardrail.errors import ConfigError, PolicyError
+from guardrail.errors import BackendUnavailable, ConfigError, PolicyError
 from guardrail.evaluation import auroc, evaluate, read_dataset
 from guardrail.filters.grounding import (
     DEFAULT_HEAD,
@@ -752,6 +752,54 @@ async def test_consistent_samples_score_higher_and_background_mode_never_waits(
     assert counted.count("dropped") == 1
     assert counted.count("scored") == 1
     assert recorded[-1][0] == "background"
+
+
+@dataclass
+class OneFailsBackend(FakeBackend):
+    """The first sample fails once the others are generating; the others generate until
+    they are cancelled."""
+
+    calls: int = 0
+    running: int = 0
+    cancelled: int = 0
+    others_started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        self.calls += 1
+        if self.calls == 1:
+            await self.others_started.wait()
+            raise BackendUnavailable("the backend is gone")
+        self.running += 1
+        if self.running == 2:
+            self.others_started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1
+        raise AssertionError("unreachable")
+
+
+async def test_when_one_consistency_sample_fails_then_no_other_generation_is_left_running(
+    scorer: GroundingScorer,
+) -> None:
+    counted: list[str] = []
+
+    async def get_scorer() -> GroundingScorer:
+        return scorer
+
+    checker = ConsistencyChecker(
+        get_scorer, lambda mode, s: None, rate=1.0, samples=3, max_in_flight=1, count=counted.append
+    )
+    backend = OneFailsBackend()
+    request = GenerationRequest("m", "req-1", messages=(Message("user", QUESTION),))
+    checker.background(backend, request, "The tower was completed in 1889.")
+    await asyncio.gather(*checker._tasks)
+    assert counted == ["error"]
+    assert checker.in_flight == 0
+    assert (backend.running, backend.cancelled) == (0, 2)
 
 
 # -- evaluation -----------------------------------------------------------------------------

@@ -19,7 +19,8 @@ Two modes:
   always checked in the background: their text is already sent.
 
 The extra samples are never shown to anyone and never moderated; they do cost backend
-time (``k`` generations per checked request), which is why the rate defaults to 0.
+time (``k`` generations per checked request), which is why the rate defaults to 0. One
+failed sample fails the check (counted as ``error``), and its other samples are cancelled.
 """
 
 from __future__ import annotations
@@ -85,7 +86,16 @@ class ConsistencyChecker:
             replace(request, request_id=f"{request.request_id}-sc{i}", params=params)
             for i in range(self.samples)
         ]
-        completions = await asyncio.gather(*(backend.generate(r) for r in extra))
+        samples = [asyncio.ensure_future(backend.generate(r)) for r in extra]
+        try:
+            completions = await asyncio.gather(*samples)
+        finally:
+            # One failed sample fails the check; the others would go on generating, read by
+            # no one and outside consistency_max_in_flight, so they are stopped, and waited
+            # for: when the check ends, none of its generations is still running.
+            for sample in samples:
+                sample.cancel()
+            await asyncio.gather(*samples, return_exceptions=True)
         texts = [c.text for c in completions if c.text.strip()]
         if not texts:
             raise ValueError("every consistency sample was empty")
