@@ -116,6 +116,21 @@ def test_sentences_are_split_with_spans_into_the_original_text() -> None:
             ["Boil water, e.g. in a kettle.", "Ask Dr. Smith."],
         ),
         ("See J. Doe here. A cat sat. I ran.", ["See J. Doe here.", "A cat sat.", "I ran."]),
+        (
+            "John F. Kennedy was shot. It was restored by J. R. Smith. See no. 5 on p. 12.",
+            ["John F. Kennedy was shot.", "It was restored by J. R. Smith.", "See no. 5 on p. 12."],
+        ),
+        # A lone letter or "no" that ends a sentence ends it: the next sentence is a claim
+        # of its own, not averaged into a supported one.
+        (
+            "It was plan B. It was painted gold by Napoleon.",
+            ["It was plan B.", "It was painted gold by Napoleon."],
+        ),
+        ("Take vitamin C. Oranges have it.", ["Take vitamin C.", "Oranges have it."]),
+        (
+            "The answer is no. The Eiffel Tower is in Berlin.",
+            ["The answer is no.", "The Eiffel Tower is in Berlin."],
+        ),
         # Chinese full stops need no space after them.
         (
             "埃菲尔铁塔于1889年建成。它在1950年被搬到了伦敦。",
@@ -164,6 +179,20 @@ async def test_each_unsupported_sentence_is_reported_with_its_span(
     ]
     assert 0.0 <= result.score <= 1.0
     assert len(result.claims) == 2
+
+
+@pytest.mark.parametrize(
+    "lead", ["The tower was completed in 1889 as plan B.", "The answer is no."]
+)
+async def test_an_unsupported_sentence_after_a_lone_letter_or_no_is_a_claim_of_its_own(
+    scorer: GroundingScorer, lead: str
+) -> None:
+    answer = f"{lead} It was painted gold by Napoleon."
+    result = await scorer.score(answer, [SOURCE], QUESTION)
+    assert [answer[c.start : c.end] for c in result.claims] == [lead, answer[len(lead) + 1 :]]
+    assert answer[result.claims[1].start :] in [
+        answer[c.start : c.end] for c in result.unsupported(0.5)
+    ]
 
 
 async def test_without_sources_every_claim_is_unsupported(scorer: GroundingScorer) -> None:

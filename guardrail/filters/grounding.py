@@ -89,12 +89,18 @@ _LIST_MARKER = re.compile(
     re.IGNORECASE,
 )
 # A full stop after these ends no sentence: a list marker ("1." at a line's start), an
-# initial ("J."), an abbreviation ("e.g.", "Dr.").
+# abbreviation ("e.g.", "Dr.").
 _NOT_AN_END = re.compile(
-    r"(?:^|\n)[ \t]*(?:\d{1,3}|[a-z])\.$|(?<![\w.])[A-Za-z]\.$|"
-    r"(?<![\w.])(?:e\.g|i\.e|etc|vs|cf|approx|mr|mrs|ms|dr|prof|st|no|fig|vol|pp|jr|sr)\.$",
+    r"(?:^|\n)[ \t]*(?:\d{1,3}|[a-z])\.$|"
+    r"(?<![\w.])(?:e\.g|i\.e|etc|vs|cf|approx|mr|mrs|ms|dr|prof|st|fig|vol|pp|jr|sr)\.$",
     re.IGNORECASE,
 )
+# A lone letter, or "no", and its full stop: an initial ("J. Smith"), "no. 5", "p. 12"; or
+# a sentence's last word ("as plan B.", "The answer is no."), which is told by the words
+# around it (:func:`_abbreviated`).
+_LONE_LETTER = re.compile(r"(?<![\w.])(?:[^\W\d_]|no)\.$", re.IGNORECASE)
+_WORD_BEFORE = re.compile(r"([^\W\d_]+)[ \t]+$")
+_AFTER_DOT = re.compile(r"\s+(?:(?P<number>\d)|(?P<initial>[A-Z]\.)|(?P<word>[^\W\d_]+))")
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _NEGATION = re.compile(
@@ -119,12 +125,44 @@ _STOPWORDS = """a about above after again against all am an and any are as at be
 STOPWORDS = frozenset(_STOPWORDS.split())
 
 
+def _abbreviated(text: str, dot: int) -> bool:
+    """Whether the full stop at ``text[dot]`` (whitespace after it) ends no sentence.
+
+    A lone letter or "no" before it abbreviates only before a number ("no. 5", "p. 12"),
+    and a capital is an initial only before a name or another initial, after a capital
+    word, a little word or nothing ("J. Smith", "John F. Kennedy", "by J. R. Tolkien"):
+    "as plan B. It was painted gold." and "The answer is no. The tower is in Berlin."
+    are two sentences each, whose second a groundedness check must see on its own.
+    """
+    if _NOT_AN_END.search(text, max(0, dot - 12), dot + 1):
+        return True
+    lone = _LONE_LETTER.search(text, max(0, dot - 2), dot + 1)
+    if lone is None:
+        return False
+    after = _AFTER_DOT.match(text, dot + 1)
+    if after is None:
+        return False
+    if after["number"]:
+        return True
+    letter = text[lone.start()]
+    if not (letter.isupper() and lone.end() - lone.start() == 2):
+        return False
+    following = after["word"]
+    if following is not None and (not following[0].isupper() or following.lower() in STOPWORDS):
+        return False
+    before = _WORD_BEFORE.search(text, max(0, lone.start() - 40), lone.start())
+    if before is None:
+        return True  # at the start, or after punctuation: "(J. Smith", "1990, J. Smith"
+    word = before.group(1)
+    return word[0].isupper() or word.lower() in STOPWORDS
+
+
 def sentence_spans(text: str) -> list[tuple[int, int]]:
     """``(start, end)`` of each sentence of ``text``, trimmed of surrounding whitespace."""
     spans: list[tuple[int, int]] = []
     start = 0
     for m in _SENTENCE_END.finditer(text):
-        if m.group() == "." and _NOT_AN_END.search(text, max(0, m.start() - 12), m.end()):
+        if m.group() == "." and _abbreviated(text, m.start()):
             continue
         spans.append((start, m.end()))
         start = m.end()
