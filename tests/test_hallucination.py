@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from guardrail.filters.grounding import (
     GroundingScorer,
     SupportHead,
     claims_of,
+    held_claim,
     sentence_spans,
 )
 from guardrail.filters.hallucination import (
@@ -41,8 +43,10 @@ from guardrail.filters.hallucination import (
 from guardrail.guard.filter import BuildContext
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
+from guardrail.guard.stream import StreamGuard
 from guardrail.guard.types import Action, FilterContext, Finding, Stage
-from guardrail.policy.loader import load_policy
+from guardrail.policy.loader import load_policy, load_policy_text
+from guardrail.policy.model import StreamSettings
 from tests.fakes.backend import FakeBackend
 
 SOURCE = (
@@ -143,12 +147,74 @@ def test_sentences_of_lists_abbreviations_and_chinese(text: str, sentences: list
     assert [text[a:b] for a, b in sentence_spans(text)] == sentences
 
 
+@pytest.mark.parametrize(
+    ("text", "held"),
+    [
+        ("Restored by J. ", "Restored by J. "),
+        ("It is red. Restored by J. ", "Restored by J. "),
+        ("It is red. The painting (fig. ", "The painting (fig. "),
+        ("It was plan B. ", "It was plan B. "),  # "B. Smith" or "B. It": not yet known
+        ("The answer is no. ", "The answer is no. "),
+        ("See J. Doe here. It is red. ", ""),
+        ("It is red. Restored by J. Smith in ", ""),  # cut mid-sentence: not a full stop
+        ("It is red!  ", ""),
+    ],
+)
+def test_a_stream_keeps_back_a_sentence_cut_at_a_full_stop_that_may_end_none(
+    text: str, held: str
+) -> None:
+    assert held_claim(text) == len(held)
+
+
 def test_a_sentence_without_content_words_is_not_a_claim() -> None:
     text = "Sure! It was completed in 1889."
     assert [text[a:b] for a, b, _ in claims_of(text)] == ["It was completed in 1889."]
 
 
 # -- groundedness ---------------------------------------------------------------------------
+
+
+PAINTING = (
+    "Dr. Smith of the St. Louis museum restored the painting in 1975. "
+    "The painting was sold in 1990 for 2 million dollars."
+)
+BLOCKING = """
+name: s
+version: "1"
+filters:
+  - id: facts
+    type: hallucination
+    timeout_ms: 60000
+    config:
+      groundedness: {threshold: 0.4, action: block}
+      citations: {enabled: false}
+      cutoff: {enabled: false}
+"""
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "Restored by J. Smith in 1975, the painting was sold in 1990.",
+        "The painting (fig. 2) was restored by Dr. Smith in 1975.",
+        "The painting was restored in 1975 by a conservator, i.e. Dr. Smith.",
+    ],
+)
+async def test_a_streamed_answer_is_scored_in_the_sentences_of_the_whole_answer(
+    env: BuildContext, answer: str
+) -> None:
+    """The stream had cut it at "J. ", and "Restored by J." was scored as a claim: an
+    answer that passes whole was blocked when streamed."""
+    guard = Guard.build(
+        load_policy_text(BLOCKING, "s.yaml", filter_registry()), filter_registry(), env
+    )
+    ctx = out_ctx(Message("system", PAINTING), Message("user", "Who restored the painting?"))
+    assert (await guard.check(Stage.OUTPUT, answer, ctx)).action is Action.ALLOW
+    window = StreamGuard(guard, ctx, StreamSettings())
+    sent = [(await window.feed(word)).text for word in re.split(r"(?<= )", answer)]
+    sent.append((await window.finish()).text)
+    assert not window.blocked
+    assert "".join(sent) == answer
 
 
 async def test_a_sentence_taken_from_the_source_is_supported(scorer: GroundingScorer) -> None:

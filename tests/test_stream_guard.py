@@ -295,6 +295,39 @@ async def test_a_filter_can_hold_back_an_unfinished_placeholder(
     )
 
 
+class _AbbreviationHolder:
+    """Keeps back a window that its cut would end at "Dr. ", like the hallucination
+    filter keeping back a sentence until the name after the abbreviation is seen."""
+
+    name = "abbreviations"
+    stages = frozenset({Stage.OUTPUT})
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return Verdict()
+
+    def holdback(self, text: str) -> int:
+        return len(text) if text.endswith("Dr. ") else 0
+
+
+async def test_when_a_full_window_is_kept_back_to_its_last_sentence_end_then_it_is_cut_at_its_size(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """A sentence-mode window whose only sentence end a filter keeps back ("Dr. ") had
+    nothing released until the backend was done, however long the sentence ran."""
+    policy = make_guard(executor).policy
+    config = FilterConfig("abbr", "abbr", frozenset({Stage.OUTPUT}), 1.0, Action.BLOCK, None)
+    guard = Guard(policy, [(config, _AbbreviationHolder())])
+    settings = StreamSettings(release="sentence", window_chars=30, context_chars=10)
+    window = StreamGuard(guard, FilterContext("s"), settings)
+    assert (await window.feed("Ask Dr. ")).text == ""  # kept until "Smith" is seen
+    text = "Ask Dr. " + "word " * 20 + "end. "
+    pieces = chunk(text[8:], [5, 40, 70])
+    released = [r.text for piece in pieces async for r in window.releases(piece)]
+    assert released[0].startswith("Ask Dr. word")  # before the sentence, or the stream, ends
+    assert all(0 < len(t) <= 30 for t in released)
+    assert "".join(released) + (await window.finish()).text == text
+
+
 class _BrokenHolder:
     """A plugin filter whose hold-back raises (or answers a non-count)."""
 

@@ -100,6 +100,8 @@ _NOT_AN_END = re.compile(
 # around it (:func:`_abbreviated`).
 _LONE_LETTER = re.compile(r"(?<![\w.])(?:[^\W\d_]|no)\.$", re.IGNORECASE)
 _WORD_BEFORE = re.compile(r"([^\W\d_]+)[ \t]+$")
+# A full stop that ends the text but for whitespace: where a stream's window was cut.
+_FINAL_STOP = re.compile(r"(?<![.!?\u2026\u3002])\.\s+$")
 _AFTER_DOT = re.compile(r"\s+(?:(?P<number>\d)|(?P<initial>[A-Z]\.)|(?P<word>[^\W\d_]+))")
 _WORD = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -155,6 +157,24 @@ def _abbreviated(text: str, dot: int) -> bool:
         return True  # at the start, or after punctuation: "(J. Smith", "1990, J. Smith"
     word = before.group(1)
     return word[0].isupper() or word.lower() in STOPWORDS
+
+
+def held_claim(text: str) -> int:
+    """How many trailing characters of ``text`` a stream should keep back because its cut
+    falls after a full stop that ends no sentence here, or may not ("Restored by J. ",
+    "(fig. ", "as plan B. " before its next word is seen): the sentence that full stop
+    is in, which scored alone is a fragment, not a claim. 0 for any other text."""
+    stop = _FINAL_STOP.search(text)
+    if stop is None:
+        return 0
+    dot = stop.start()
+    if not (_abbreviated(text, dot) or _LONE_LETTER.search(text, max(0, dot - 2), dot + 1)):
+        return 0
+    start = 0
+    for m in _SENTENCE_END.finditer(text, 0, dot):
+        if not (m.group() == "." and _abbreviated(text, m.start())):
+            start = m.end()
+    return len(text[start:].lstrip())
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:

@@ -20,7 +20,9 @@ reach. Three checks, each switched on and given an action in the filter config:
 Every finding here has ``concern: accuracy``: metrics count them in
 ``guardrail_hallucination_flags_total`` and never as harmful content. The verdict
 cache is off for this filter (``cache_scope = "none"``): its answer depends on the
-request's sources and model, not on the text alone.
+request's sources and model, not on the text alone. In a stream, a window that would
+end at an abbreviation's or initial's full stop is kept back (:meth:`holdback`), so the
+sentence is scored whole rather than as the fragment "Restored by J.".
 """
 
 from __future__ import annotations
@@ -629,6 +631,16 @@ class HallucinationFilter:
                 if fnmatch.fnmatchcase(model, pattern):
                     return date
         return self._cutoff
+
+    def holdback(self, text: str) -> int:
+        """Trailing characters a stream must keep back: a sentence its window would end at
+        an abbreviation's or an initial's full stop ("Restored by J. "), so that the
+        sentence is scored whole with what follows, not as a claim of its own."""
+        from guardrail.filters.grounding import held_claim
+
+        if self.scorer is None:
+            return 0
+        return held_claim(text)
 
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
         if not text.strip():

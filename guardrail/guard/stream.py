@@ -137,20 +137,19 @@ class StreamGuard:
     def _release_point(self) -> tuple[int, int]:
         """Where to cut the held text now, and how much of the text after the cut to
         check with it (``(0, 0)``: nothing to release yet)."""
-        cut, forced = self._window_cut()
-        # A filter may need the end of the window kept (a placeholder cut in half, the
-        # start of a card number). Moving the cut back can split something else, so ask
-        # again at the new cut until no filter wants more kept.
-        for _ in range(8):
-            if cut <= 0:
-                return 0, 0
-            keep = self._guard.holdback(Stage.OUTPUT, self._held[:cut])
-            if keep <= 0:
-                break
-            cut -= keep
-            forced = False
-        else:
-            return 0, 0  # still moving: keep it all until more text (or the end) settles it
+        settled = self._held_back(*self._window_cut())
+        if (
+            settled is None
+            and self._settings.release == "sentence"
+            and len(self._held) >= self._settings.window_chars
+        ):
+            # The filters keep back everything up to the window's last sentence end (to
+            # them it is none: "J. " of "J. Smith"), and a full window has no other: the
+            # window is cut at its size instead, or nothing would go out until the end.
+            settled = self._held_back(*self._size_cut())
+        if settled is None:
+            return 0, 0
+        cut, forced = settled
         if not forced:
             return cut, 0
         # Cut through a token (no space or delimiter in the whole window): what the token
@@ -163,17 +162,37 @@ class StreamGuard:
             return 0, 0  # the token may run on in the text still to come
         return cut, ahead
 
+    def _held_back(self, cut: int, forced: bool) -> tuple[int, bool] | None:
+        """``cut`` moved back over what the filters need kept; ``None`` if nothing can be
+        released there now."""
+        # A filter may need the end of the window kept (a placeholder cut in half, the
+        # start of a card number). Moving the cut back can split something else, so ask
+        # again at the new cut until no filter wants more kept.
+        for _ in range(8):
+            if cut <= 0:
+                return None
+            keep = self._guard.holdback(Stage.OUTPUT, self._held[:cut])
+            if keep <= 0:
+                return cut, forced
+            cut -= keep
+            forced = False
+        return None  # still moving: keep it all until more text (or the end) settles it
+
     def _window_cut(self) -> tuple[int, bool]:
         """The release point, and whether it falls inside a token (at the size limit)."""
-        held, limit = self._held, self._settings.window_chars
         if self._settings.release == "sentence":
             last_end = 0
             # Only the window's own text is searched: a megabyte held with no sentence
             # end would otherwise be scanned whole for every window cut from it.
-            for m in _SENTENCE_END.finditer(held, 0, limit):
+            for m in _SENTENCE_END.finditer(self._held, 0, self._settings.window_chars):
                 last_end = m.end()
             if last_end:
                 return last_end, False
+        return self._size_cut()
+
+    def _size_cut(self) -> tuple[int, bool]:
+        """The cut of a window of ``window_chars`` (``0``: fewer are held)."""
+        held, limit = self._held, self._settings.window_chars
         if len(held) < limit:
             return 0, False
         # Cut after the window's last whitespace (a space, a line break) so words are
