@@ -109,6 +109,22 @@ def test_a_special_token_keeps_its_case_in_the_key(model: Any) -> None:
     assert cached.computed == 2
 
 
+def test_when_an_upper_case_greek_text_ends_a_word_in_sigma_then_it_keeps_its_own_vector(
+    model: Any,
+) -> None:
+    """str.lower() makes a word-final capital sigma the final small sigma, the tokenizer
+    the ordinary one: the key folded the upper-case text like the lower-case one, which
+    the model embeds differently, and the second got the first's vector."""
+    cached = CachingModel(model)
+    lower = "\u03c3\u03c4\u03b9\u03c2 \u03ba\u03c5\u03ba\u03bb\u03b1\u03b4\u03b5\u03c2"
+    texts = [lower.upper(), lower]  # "STIS KYKLADES", in Greek
+
+    rows = np.concatenate([encode(cached, [t]) for t in texts])
+
+    assert np.allclose(rows, encode(model, texts), atol=1e-5)
+    assert cached.computed == 2
+
+
 def test_a_text_another_thread_is_computing_is_waited_for_not_computed_again(
     model: Any,
 ) -> None:

@@ -175,7 +175,11 @@ class CachingModel:
 
     def _digest(self, text: str) -> bytes:
         fold = self._uncased and not any(t in text for t in self._cased_tokens)
-        folded = text.lower() if fold else text
+        # Letter by letter, as the tokenizer lowercases: str.lower() makes a word-final
+        # capital sigma (U+03A3) the final small sigma (U+03C2), where the tokenizer
+        # makes every capital sigma U+03C3, so two texts the model embeds apart shared
+        # one entry. Sigma is the one letter str.lower() folds by its neighbours.
+        folded = text.replace("\u03a3", "\u03c3").lower() if fold else text
         return hashlib.sha256(folded.encode("utf-8", "surrogatepass")).digest()
 
     def __getattr__(self, name: str) -> Any:
