@@ -1041,6 +1041,20 @@ async def test_when_sources_are_huge_then_the_evidence_cache_holds_a_bounded_siz
     assert scorer.cached_chars <= 50_000
 
 
+async def test_when_sources_differ_only_in_where_they_split_then_each_gets_its_own_evidence() -> (
+    None
+):
+    """["A", "B"] and ["A\x00B"] were keyed alike, and the second got the first's units."""
+    scorer = GroundingScorer(CountingEmbedder(), SupportHead.load(DEFAULT_HEAD))  # type: ignore[arg-type]
+    first = "The museum opened in 1975."
+    second = "Its first director was Maria Lopez."
+    apart = await scorer.evidence([first, second])
+    joined = await scorer.evidence([first + "\x00" + second])
+
+    assert (scorer.evidence_hits, scorer.evidence_misses) == (0, 2)
+    assert apart.units != joined.units
+
+
 async def test_a_tenants_sources_are_embedded_and_kept_for_it_alone() -> None:
     """The evidence cache is per tenant: another tenant's identical documents are
     embedded again (a hit answers faster, so a shared entry would tell one tenant what

@@ -556,7 +556,14 @@ class GroundingScorer:
 
     async def evidence(self, sources: Sequence[str], scope: str | None = None) -> Evidence:
         """The sources' evidence, kept for ``scope`` (the tenant) only."""
-        key = (scope, hashlib.sha256("\x00".join(sources).encode()).hexdigest())
+        # Each source with its length in front: joined with a separator, ["A", "B"] and
+        # ["A\x00B"] (a NUL is valid JSON) had shared one entry, and one got the other's.
+        digest = hashlib.sha256()
+        for source in sources:
+            data = source.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "big"))
+            digest.update(data)
+        key = (scope, digest.hexdigest())
         found = self._cache.get(key)
         if found is not None:
             self._cache.move_to_end(key)
