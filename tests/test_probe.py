@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from guardrail.errors import ConfigError, PolicyError
+from guardrail.filters.classifiers import ProbeSettings
 from guardrail.filters.probe import (
     CALIBRATED_KNEE,
     DEFAULT_AUP_PROBE,
@@ -25,8 +26,10 @@ from guardrail.filters.probe import (
     decoder_of,
     hidden_features,
     mix_scores,
+    shared_probe,
     signature,
 )
+from guardrail.filters.weights import file_stamp
 from guardrail.guard.filter import BuildContext, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
@@ -222,6 +225,28 @@ def test_a_probe_file_that_does_not_hold_together_is_a_config_error(
     _probe(cut, **overrides).save(tmp_path / "bad.npz")
     with pytest.raises(ConfigError, match=message):
         Probe.load(tmp_path / "bad.npz")
+
+
+def test_when_two_filters_ask_for_the_probe_in_two_dtypes_then_each_runs_its_own_model(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    """The scorer was keyed without the dtype: the bf16 one ran the fp32 model."""
+    env = BuildContext(executor, base_dir=tmp_path, resources=SharedResources())
+    source = str(tmp_path / "model")
+    models = {}
+    for dtype in ("fp32", "bf16"):
+        # Stand-ins for the loaded models, where shared_probe looks for them.
+        models[dtype] = env.resources.get(
+            ("aup-probe-model", str(DEFAULT_AUP_PROBE.resolve()), source, "cpu", dtype),
+            lambda: (object(), object()),
+            version=file_stamp(DEFAULT_AUP_PROBE),
+        )
+    scorers = {
+        dtype: shared_probe(ProbeSettings(model=source, device="cpu", dtype=dtype), env)
+        for dtype in ("fp32", "bf16")
+    }
+    assert scorers["fp32"]._decoder is models["fp32"][0]
+    assert scorers["bf16"]._decoder is models["bf16"][0]
 
 
 def test_a_probe_refuses_a_model_it_was_not_trained_on(decoder: tuple[Any, Any]) -> None:

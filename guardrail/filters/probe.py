@@ -669,8 +669,17 @@ def shared_probe(
         load,
         version=stamp,
     )
+    # Keyed like the model it runs: without the dtype, a second filter asking for bf16
+    # got the scorer built on the first one's fp32 model.
     return env.resources.get(
-        ("aup-probe-scorer", str(path.resolve()), source, settings.device, env.executor),
+        (
+            "aup-probe-scorer",
+            str(path.resolve()),
+            source,
+            settings.device,
+            settings.dtype,
+            env.executor,
+        ),
         lambda: ProbeScorer(probe, decoder, tokenizer, env.executor),
         version=stamp,
     )
