@@ -693,6 +693,13 @@ async def test_when_a_text_has_more_windows_than_max_segments_then_the_filter_fa
     decision = await guard.check(CTX.stage, text, CTX)
     assert decision.action is Action.BLOCK
     assert [(o.status, o.error) for o in decision.outcomes] == [("error", "TextTooLongError")]
+    # The client is told why (a bare "blocked" read as a verdict on what the text says),
+    # in sizes only: nothing of the text.
+    (finding,) = decision.findings
+    assert finding.message is not None
+    assert finding.message.startswith("The text is longer than the gateway's filter ")
+    assert "characters makes" in finding.message
+    assert "murder" not in finding.message
 
 
 # -- classifier: the shipped embedding heads ---------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import replace
 import structlog
 
 from guardrail.chat import Message
-from guardrail.errors import ConfigError, PolicyError, Problem, where
+from guardrail.errors import ConfigError, PolicyError, Problem, TextTooLongError, where
 from guardrail.guard.cache import (
     CacheKey,
     VerdictCache,
@@ -330,6 +330,16 @@ async def _run(config: FilterConfig, filt: Filter, text: str, ctx: FilterContext
         )
     except TimeoutError:
         status, verdict = "timeout", _failed(config)
+    except TextTooLongError as e:
+        # Not broken: the text is past the filter's bound. The message gives sizes only,
+        # and tells the client why (a generic "blocked" read as a verdict on the text).
+        status, error = "error", type(e).__name__
+        verdict = _failed(
+            config,
+            f"The text is longer than the gateway's filter {config.id} checks ({e}); "
+            "send a shorter text.",
+        )
+        log.warning("filter_text_too_long", filter=config.id, request_id=ctx.request_id)
     except Exception as e:  # a broken filter must not take the request down with it
         status, error, verdict = "error", type(e).__name__, _failed(config)
         # The type and where it was raised, never the message: it may quote user text.
@@ -351,13 +361,14 @@ async def _run(config: FilterConfig, filt: Filter, text: str, ctx: FilterContext
     )
 
 
-def _failed(config: FilterConfig) -> Verdict:
+def _failed(config: FilterConfig, message: str | None = None) -> Verdict:
     """The policy's verdict for a filter that errored or timed out (block by default)."""
     finding = Finding(
         category=FILTER_ERROR_CATEGORY,
         score=1.0,
         action=config.on_error,
         filter_id=config.id,
+        message=message,
     )
     return Verdict(config.on_error, (finding,))
 
