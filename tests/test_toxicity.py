@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -269,6 +270,9 @@ _FILLER = "The weather report said it would be mild and sunny for most of the we
         _FILLER * 8 + "People like you should not exist.",
         _FILLER * 20 + "People like you should not exist. " + _FILLER * 20,
         "People like you should not exist.\n" + _FILLER * 30,
+        # 129 sentences: past 128, runs of sentences were scored (0.21, allowed).
+        _FILLER * 64 + "People like you should not exist. " + _FILLER * 64,
+        _FILLER * 300 + "People like you should not exist. " + _FILLER * 300,
     ],
 )
 async def test_a_hateful_sentence_among_neutral_ones_is_still_acted_on(
@@ -525,18 +529,255 @@ def test_a_checkpoint_with_arbitrary_objects_needs_trust(
     assert DetoxifyEngine.from_files(risky, config_dir, trust=True).categories
 
 
-def test_the_sentence_pieces_of_one_text_are_bounded() -> None:
-    """Scoring every sentence of "1. 2. 3. ..." in a 700 KB body was 100,000 model inputs:
-    past the bound, runs of consecutive sentences are scored instead."""
-    from guardrail.filters.toxicity import MAX_SENTENCE_PIECES, pieces
+@pytest.mark.usefixtures("no_network")
+def test_detoxify_scores_every_window_of_a_text_longer_than_it_reads(
+    tiny_detoxify: tuple[Path, Path, Any],
+) -> None:
+    """The tokenizer's truncation dropped whatever came after the model's positions
+    (512 tokens for detoxify's BERT): the tail of a long piece never counted."""
+    import torch
+
+    from guardrail.filters.toxicity import token_counter, token_windows
+
+    checkpoint, config_dir, (model, tokenizer) = tiny_detoxify
+    engine = DetoxifyEngine.from_files(checkpoint, config_dir)
+    # The tiny BERT has 64 positions and its tokenizer names no model_max_length.
+    assert engine._limit == 62
+    count = token_counter(tokenizer)
+    text = "the " * 150 + "people like you should not exist"
+    windows = token_windows(text, count, 62)
+    assert len(windows) == 3
+    assert all(n <= 62 for n in count(windows))
+    assert windows[-1].endswith("people like you should not exist")
+    with torch.inference_mode():
+        each = torch.sigmoid(model(**tokenizer(windows, return_tensors="pt", padding=True))[0])
+    [scores] = engine.score([text])
+    assert list(scores.values()) == pytest.approx(each.max(dim=0).values.tolist(), abs=1e-5)
+    # Texts that fit are scored as before, beside the long one, in one call.
+    short = engine.score(["you are a kind person", text])
+    assert short[1] == pytest.approx(scores, abs=1e-5)
+
+
+def test_a_roberta_detoxify_model_reads_its_positions_less_the_padding_offset(
+    tiny_detoxify: tuple[Path, Path, Any],
+) -> None:
+    # RoBERTa's position ids start after its padding id: 66 positions read 64 tokens
+    # with <s> and </s>, and a window of 64 tokens besides would index past them.
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    _, _, (_, tokenizer) = tiny_detoxify
+    config = RobertaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        pad_token_id=1,
+        num_labels=len(CLASSES),
+    )
+    torch.manual_seed(0)
+    engine = DetoxifyEngine(RobertaForSequenceClassification(config), tokenizer, CLASSES, "cpu")
+    assert engine._limit == 62
+    [scores] = engine.score(["the " * 200 + "people like you should not exist"])
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_the_tokens_a_model_reads() -> None:
+    from guardrail.filters.toxicity import token_limit
+
+    class Tokenizer:
+        def __init__(self, most: int) -> None:
+            self.model_max_length = most
+
+        def num_special_tokens_to_add(self, pair: bool = False) -> int:
+            return 2
+
+    assert token_limit(Tokenizer(512), 512) == 510  # bert-base-uncased
+    assert token_limit(Tokenizer(512), None) == 510
+    assert token_limit(Tokenizer(int(1e30)), 64) == 62  # no model_max_length: the positions
+    assert token_limit(Tokenizer(256), 512) == 254
+
+
+def test_every_sentence_is_a_piece_of_its_own_however_many() -> None:
+    """Past 128 sentences, runs of consecutive sentences were scored instead of each
+    sentence, and one hateful sentence among 128 neutral ones was diluted (0.21) again."""
+    from guardrail.filters.toxicity import pieces, sentences
 
     many = " ".join(f"Sentence number {i} is here." for i in range(5_000))
     scored = pieces(many, 1000)
-    chunk_count = len(chunks(many, 1000))
-    # The runs are cut in chunks too when longer than one: at most about twice the
-    # chunking's work plus the bound, however many sentences.
-    assert len(scored) <= 2 * chunk_count + MAX_SENTENCE_PIECES
-    # Every sentence is still inside some piece.
-    assert all(f"number {i} " in " ".join(scored) for i in range(0, 5_000, 499))
+    assert set(sentences(many)) <= set(scored)
+    # The work: the chunks and the sentences, nothing more (duplicates once).
+    assert len(scored) == len(chunks(many, 1000)) + 5_000
     few = "Fine weather today. People like you should not exist. See you tomorrow."
     assert "People like you should not exist." in pieces(few, 1000)
+
+
+class _SlowCountingEngine:
+    """Scores every text 0.1, a millisecond each, and counts them."""
+
+    categories = ("toxicity", "identity_attack", "obscene")
+
+    def __init__(self) -> None:
+        self.scored = 0
+
+    def score(self, texts: list[str], scopes: object = None) -> list[Scores]:
+        import time
+
+        time.sleep(0.001 * len(texts))
+        self.scored += len(texts)
+        return [dict.fromkeys(self.categories, 0.1) for _ in texts]
+
+
+async def test_a_text_of_many_sentences_is_handed_over_a_few_batches_at_a_time(
+    pool: ThreadPoolExecutor,
+) -> None:
+    # Every sentence is its own piece now: all handed to the micro-batcher at once, a
+    # body of 100,000 sentences held as many waiting tasks, queued ahead of everyone.
+    from guardrail.filters.embedder import resolve_precision
+
+    resources = SharedResources()
+    precision = resolve_precision(BuildContext(pool).embedding_precision)
+    engine = resources.get(
+        ("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve()), precision),
+        _SlowCountingEngine,
+        version=file_stamp(DEFAULT_WEIGHTS),
+    )
+    filt = ToxicityFilter(
+        "tox", ToxicityConfig(max_wait_ms=1, max_batch=8), BuildContext(pool, resources=resources)
+    )
+    text = " ".join(f"Sentence {i}." for i in range(5_000))
+    task = asyncio.ensure_future(filt.scores(text))
+    await asyncio.sleep(0.1)
+    pending = sum(len(state.pending) for state in filt.batcher._loops.values())
+    assert 0 < pending <= 4 * 8
+    task.cancel()  # what a filter timeout does
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    given_up = engine.scored
+    await asyncio.sleep(0.1)
+    assert engine.scored == given_up < 1_000  # nothing more is scored for it
+
+
+# -- URLs -----------------------------------------------------------------------------------
+
+
+def test_a_urls_words_are_a_piece_of_their_own_and_the_text_keeps_its_url_folded() -> None:
+    """clean_text folds a URL into the word URL (as in training); the URL's words were
+    scored nowhere, so abuse written as a URL was erased."""
+    from guardrail.filters.toxicity import clean_text, pieces, url_words
+
+    assert url_words("https://You.are.a.worthless.piece.of.shit") == [
+        "You are a worthless piece of shit"
+    ]
+    assert url_words("http://People-like-you-should-not-exist.") == [
+        "People like you should not exist"
+    ]
+    assert url_words("https://example.com/a_b/c%20d?q=1#top") == [
+        "example com a b c d q 1 top",
+        "a b c d q 1 top",
+    ]
+    text = "Read https://example.com/weather/forecast today"
+    assert clean_text(text) == "Read URL today"  # what the trained heads read, unchanged
+    assert pieces(text, 1000) == [text, "example com weather forecast", "weather forecast"]
+    assert pieces("no link here", 1000) == ["no link here"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text",
+    [
+        "https://You.are.a.worthless.fucking.piece.of.shit",
+        "http://People-like-you-should-not-exist.",
+        "Look at this: https://example.com/people-like-you-should-not-exist today.",
+    ],
+)
+async def test_abuse_written_as_a_url_is_acted_on(toxicity: ToxicityFilter, text: str) -> None:
+    verdict = await toxicity.check(text, CTX)
+    assert verdict.action is not Action.ALLOW
+    assert max(f.score for f in verdict.findings if f.category == "toxicity") >= 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "text",
+    [
+        "See https://docs.python.org/3/library/re.html for the details.",
+        "The recipe is at https://www.example.com/recipes/banana-bread?servings=4 if you want it.",
+        "Watch https://www.youtube.com/watch?v=dQw4w9WgXcQ and tell me what you think.",
+        "Our docs moved to http://blog.example.net/posts/42. Update your bookmarks.",
+    ],
+)
+async def test_ordinary_urls_stay_allowed(toxicity: ToxicityFilter, text: str) -> None:
+    assert (await toxicity.check(text, CTX)).action is Action.ALLOW
+
+
+# -- texts longer than the model reads --------------------------------------------------------
+
+
+def _words(texts: list[str]) -> list[int]:
+    """A token counter for tests: a token per "-" and per other run of letters."""
+    return [len(re.findall(r"-|[^\s-]+", t)) for t in texts]
+
+
+def test_token_windows_fit_the_limit_and_keep_every_word_in_order() -> None:
+    from guardrail.filters.toxicity import token_windows
+
+    text = " ".join(f"w{i}" for i in range(1_000))
+    windows = token_windows(text, _words, 64)
+    assert all(n <= 64 for n in _words(windows))
+    assert " ".join(windows).split() == text.split()
+    assert token_windows("short text", _words, 64) == ["short text"]
+    # A word longer than the limit alone (a run of dashes) is cut inside.
+    long = "-" * 300 + " people like you should not exist"
+    windows = token_windows(long, _words, 64)
+    assert all(n <= 64 for n in _words(windows))
+    assert "".join(windows).replace(" ", "") == long.replace(" ", "")
+    assert windows[-1].endswith("people like you should not exist")
+
+
+def test_windows_are_packed_again_when_words_count_more_together() -> None:
+    # Byte-level BPE counts a word differently after a space: the windows are counted
+    # whole and packed tighter until each fits.
+    from guardrail.filters.toxicity import token_windows
+
+    def bpe_like(texts: list[str]) -> list[int]:
+        return [2 * len(t.split()) - 1 if " " in t else len(t.split()) for t in texts]
+
+    text = " ".join(f"w{i}" for i in range(500))
+    windows = token_windows(text, bpe_like, 50)
+    assert all(n <= 50 for n in bpe_like(windows))
+    assert " ".join(windows).split() == text.split()
+
+
+@pytest.mark.slow
+async def test_a_hateful_sentence_past_the_encoders_token_limit_is_acted_on(
+    toxicity: ToxicityFilter,
+) -> None:
+    """all-MiniLM-L6-v2 reads 256 tokens: after 300 tokens of padding in one piece, the
+    sentence had no effect on the embedding at all (0.27, allowed; alone 0.89)."""
+    from guardrail.filters.toxicity import pieces
+
+    text = "- " * 300 + "people like you should not exist"
+    assert len(pieces(text, 1000)) == 1  # one piece by characters, 308 tokens
+    verdict = await toxicity.check(text, CTX)
+    assert verdict.action is not Action.ALLOW
+    assert max(f.score for f in verdict.findings if f.category == "toxicity") >= 0.8
+    benign = await toxicity.check("- " * 300 + "people like you should enjoy lunch", CTX)
+    assert benign.action is Action.ALLOW
+
+
+@pytest.mark.slow
+def test_the_embedding_engines_windows_fit_the_encoder() -> None:
+    from guardrail.filters.embedder import load_sentence_model
+    from guardrail.filters.toxicity import FeatureExtractor, token_windows
+
+    extractor = FeatureExtractor.load(load_sentence_model("fp32"))
+    assert extractor.token_limit == 254  # max_seq_length 256, less [CLS] and [SEP]
+    text = "Cette phrase est en français, n'est-ce pas? " * 40 + "中文字符" * 100
+    windows = token_windows(text, extractor.count_tokens, extractor.token_limit)
+    assert len(windows) > 1
+    assert all(n <= 254 for n in extractor.count_tokens(windows))
+    assert "".join(windows).replace(" ", "") == text.replace(" ", "")

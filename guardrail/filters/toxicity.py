@@ -31,12 +31,14 @@ imported inside functions: policy validation and the schema import this module.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import html
 import math
 import os
 import re
-from collections.abc import Hashable, Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
@@ -192,6 +194,7 @@ class ToxicityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         _doc(
             "Longer texts are scored in pieces of about this many characters (cut at "
             "whitespace); a text of several sentences is also scored sentence by sentence; "
+            "a piece longer than the model reads (in tokens) is scored in windows that fit; "
             "each category takes its highest score over the pieces."
         ),
         msgspec.Meta(ge=100, le=100_000),
@@ -252,13 +255,30 @@ def clean_text(text: str) -> str:
     """Fold what tells tweets from prompts (HTML entities, RT, @mentions, URLs).
 
     Training tweets and checked texts go through the same function, so the model
-    learns from words, not from Twitter markup.
+    learns from words, not from Twitter markup. A URL becomes the word ``URL`` here,
+    as in training; its words are scored too, in a piece of their own
+    (:func:`url_words`, :func:`pieces`), so abuse written as a URL is not erased.
     """
     text = html.unescape(html.unescape(text))
     text = _RETWEET.sub("", text)
     text = _URL.sub("URL", text)
     text = _MENTION.sub("@user", text)
     return _SPACES.sub(" ", text).strip()
+
+
+_URL_PUNCTUATION = re.compile(r"[\W_]+")
+
+
+def url_words(url: str) -> list[str]:
+    """The words of a URL without its scheme, split at punctuation after %-decoding,
+    and those of its path alone (the host's words dilute a sentence written as a path):
+    ``https://You.are.a.worthless.piece.of.shit`` -> ``["You are a worthless piece of
+    shit"]``; ``https://example.com/a_b?q=1`` -> ``["example com a b q 1", "a b q 1"]``.
+    """
+    rest = urllib.parse.unquote(url.split("://", 1)[-1])
+    whole = _URL_PUNCTUATION.sub(" ", rest).strip()
+    path = _URL_PUNCTUATION.sub(" ", rest.partition("/")[2]).strip()
+    return [w for w in dict.fromkeys((whole, path)) if w]
 
 
 def split_of(key: str) -> Literal["train", "dev", "test"]:
@@ -299,32 +319,40 @@ def sentences(text: str) -> list[str]:
 
 def pieces(text: str, size: int) -> list[str]:
     """What is scored for ``text``: the text (in ``chunks`` when longer than ``size``),
-    and each of its sentences when it has more than one.
+    each of its sentences when it has more than one, and the words of each URL in it.
 
     Sentence embeddings are mean-pooled, so one hateful sentence among neutral ones is
     diluted: "People like you should not exist." scores 0.89 alone, 0.22 after one
     neutral sentence and 0.05 after eight. Scoring each sentence too (the filter takes
     each category's highest score) finds it wherever it is; the whole text keeps the
-    meaning that only spans sentences. Duplicates are scored once.
+    meaning that only spans sentences. Every sentence is a piece of its own, however
+    many there are: joining sentences into runs to save work diluted the hateful one
+    again (129 sentences scored 0.21 where 121 scored 0.89). Duplicates are scored once.
 
-    At most ``MAX_SENTENCE_PIECES`` sentence pieces are scored: a text of more sentences
-    has them scored in that many runs of consecutive sentences, so the work per text
-    stays bounded ("1. 2. 3. ..." in a 700 KB body was 100,000 model inputs) and a long
-    document does not fail its time limit where scoring it whole passed.
+    :func:`clean_text` turns a URL into the word ``URL`` (training and serving fold
+    tweets' links alike); the URL's words (:func:`url_words`) are a piece of their own,
+    so a text written as a URL (``https://You.are.a.worthless.piece.of.shit``) is scored.
+
+    What bounds the work: the text itself, at most the gateway's ``max_body_bytes``
+    (4 MiB by default). Every piece is a slice of the text or of one of its URLs (at
+    most about four times the text's characters in all), and a piece longer than the
+    model reads is scored in windows of its tokens (the engines' ``score``), each token
+    once: the model reads about twice the text's tokens plus two per sentence (its
+    [CLS] and [SEP]), whatever the sentences. Runs of joined sentences saved those two
+    tokens per sentence (and read nothing past a run's first 256 tokens), at the cost
+    of the dilution above. The filter hands the
+    pieces to the micro-batcher a few batches at a time (``max_batch`` per model call),
+    and a check given up at its ``timeout_ms`` hands it no more.
     """
     out = chunks(text, size)
     split = sentences(text)
-    if len(split) > MAX_SENTENCE_PIECES:
-        per = -(-len(split) // MAX_SENTENCE_PIECES)  # sentences per run, rounded up
-        split = [" ".join(split[i : i + per]) for i in range(0, len(split), per)]
     if len(split) > 1:
         for sentence in split:
             out.extend(chunks(sentence, size))
+    for url in _URL.findall(text):
+        for words in url_words(url):
+            out.extend(chunks(words, size))
     return list(dict.fromkeys(out))
-
-
-# Sentence pieces scored per text at most (see :func:`pieces`).
-MAX_SENTENCE_PIECES = 128
 
 
 @contextlib.contextmanager
@@ -373,6 +401,144 @@ class Engine(Protocol):
     def score(
         self, texts: list[str], scopes: Sequence[str | None] | None = None
     ) -> list[Scores]: ...
+
+
+# -- texts longer than the model reads ---------------------------------------------------
+
+TokenCounter = Callable[[list[str]], list[int]]
+_WORD = re.compile(r"\S+")
+
+
+def token_counter(tokenizer: Any) -> TokenCounter:
+    """Each text's number of tokens under ``tokenizer``, special tokens not counted.
+
+    A fast (Rust) tokenizer is counted on a copy of its own: transformers switches the
+    shared tokenizer's truncation on or off at each call that asks for the other, and a
+    switch while another thread encodes with it (the sentence encoder is shared by the
+    filters' threads) can raise "RuntimeError: Already borrowed" (huggingface/tokenizers
+    #537). The copy never truncates or pads, so concurrent counts only read it.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        own = copy.deepcopy(backend)
+        own.no_truncation()
+        own.no_padding()
+
+        def count_fast(texts: list[str]) -> list[int]:
+            return [len(e.ids) for e in own.encode_batch(texts, add_special_tokens=False)]
+
+        return count_fast
+
+    def count(texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return [len(row) for row in ids]
+
+    return count
+
+
+def token_limit(tokenizer: Any, positions: int | None) -> int:
+    """How many tokens of a text the model reads: the smaller of the tokenizer's
+    ``model_max_length`` (when set) and ``positions`` (the model's), less the special
+    tokens the tokenizer adds ([CLS] and [SEP], <s> and </s>)."""
+    lengths = [n for n in (getattr(tokenizer, "model_max_length", None), positions) if n]
+    lengths = [int(n) for n in lengths if n < 1_000_000]  # transformers' "no limit" sentinel
+    total = min(lengths) if lengths else 512
+    specials = int(tokenizer.num_special_tokens_to_add(pair=False))
+    if total - specials < 1:
+        raise ConfigError(f"the model reads {total} tokens, no more than its special tokens")
+    return total - specials
+
+
+def token_windows(
+    text: str, count: TokenCounter, limit: int, tokens: int | None = None
+) -> list[str]:
+    """``text`` as consecutive windows of at most ``limit`` tokens, cut at whitespace
+    (inside a word only when the word alone is longer), each window the text's own
+    characters; ``[text]`` when it fits (``tokens``: its count, when known).
+
+    Models read at most so many tokens and drop the rest silently: a hateful sentence
+    after 300 tokens of padding scored exactly as the padding alone. Here every token
+    of the text is in some window.
+    """
+    if (count([text])[0] if tokens is None else tokens) <= limit:
+        return [text]
+    spans = [m.span() for m in _WORD.finditer(text)]
+    units: list[tuple[int, int, int]] = []  # (start, end, tokens) of each word or part
+    for (a, b), n in zip(spans, count([text[a:b] for a, b in spans]), strict=True):
+        units.extend([(a, b, n)] if n <= limit else _cut_word(text, a, b, count, limit))
+    return _fit(text, units, count, limit, limit)
+
+
+def _cut_word(
+    text: str, start: int, end: int, count: TokenCounter, limit: int
+) -> list[tuple[int, int, int]]:
+    """A word longer than ``limit`` tokens (no whitespace: a run of dashes, a long
+    identifier) cut by characters into parts that fit, by halving."""
+    parts: list[tuple[int, int, int]] = []
+    todo = [(start, end)]
+    while todo:
+        a, b = todo.pop()
+        n = count([text[a:b]])[0]
+        if n <= limit or b - a <= 1:
+            parts.append((a, b, n))
+        else:
+            mid = (a + b) // 2
+            todo += [(mid, b), (a, mid)]  # popped first half first: parts stay in order
+    return parts
+
+
+def _fit(
+    text: str, units: list[tuple[int, int, int]], count: TokenCounter, limit: int, budget: int
+) -> list[str]:
+    """``units`` packed into windows of at most ``budget`` tokens by their own counts,
+    then each window counted whole: tokenizers whose words count differently next to
+    others (byte-level BPE) are packed again, tighter, until every window fits."""
+    groups: list[list[tuple[int, int, int]]] = [[]]
+    total = 0
+    for unit in units:
+        if groups[-1] and total + unit[2] > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(unit)
+        total += unit[2]
+    windows = [text[g[0][0] : g[-1][1]] for g in groups]
+    out: list[str] = []
+    for group, window, n in zip(groups, windows, count(windows), strict=True):
+        if n <= limit or len(group) == 1:
+            out.append(window)
+        else:
+            out.extend(
+                _fit(text, group, count, limit, max(1, min(budget - 1, budget * limit // n)))
+            )
+    return out
+
+
+def score_windows(
+    texts: list[str],
+    scopes: Sequence[str | None] | None,
+    count: TokenCounter,
+    limit: int,
+    score: Callable[[list[str], Sequence[str | None] | None], list[Scores]],
+) -> list[Scores]:
+    """``score`` of each text, where a text longer than ``limit`` tokens is scored in
+    :func:`token_windows` and each category takes its highest score (NaN if any is)."""
+    windows = [token_windows(t, count, limit, n) for t, n in zip(texts, count(texts), strict=True)]
+    if all(len(w) == 1 for w in windows):
+        return score(texts, scopes)
+    flat = [w for ws in windows for w in ws]
+    flat_scopes = (
+        None if scopes is None else [s for s, ws in zip(scopes, windows, strict=True) for _ in ws]
+    )
+    rows = score(flat, flat_scopes)
+    out: list[Scores] = []
+    at = 0
+    for ws in windows:
+        part = rows[at : at + len(ws)]
+        at += len(ws)
+        out.append({c: _highest([r[c] for r in part]) for c in part[0]})
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +604,7 @@ class FeatureExtractor:
     def __init__(self, embedder: Any, profanity: Any) -> None:
         self._embedder = embedder
         self._profanity = profanity
+        self._count = token_counter(embedder.tokenizer)
 
     @classmethod
     def load(cls, embedder: Any = None) -> FeatureExtractor:
@@ -461,17 +628,36 @@ class FeatureExtractor:
         )
         return probs
 
+    @property
+    def token_limit(self) -> int:
+        """The tokens of a text the sentence encoder reads (254 for all-MiniLM-L6-v2:
+        its ``max_seq_length`` of 256 less [CLS] and [SEP]); it drops the rest."""
+        return token_limit(self._embedder.tokenizer, self._embedder.max_seq_length)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Each text's tokens under the sentence encoder's tokenizer."""
+        return self._count(texts)
+
     def features(
         self,
         texts: Sequence[str],
         profanity: npt.NDArray[np.float64] | None = None,
         scopes: Sequence[str | None] | None = None,
     ) -> npt.NDArray[np.float64]:
+        return self.cleaned_features([clean_text(t) for t in texts], profanity, scopes)
+
+    def cleaned_features(
+        self,
+        cleaned: Sequence[str],
+        profanity: npt.NDArray[np.float64] | None = None,
+        scopes: Sequence[str | None] | None = None,
+    ) -> npt.NDArray[np.float64]:
+        """:meth:`features` of texts already through :func:`clean_text`."""
         import numpy as np
 
         from guardrail.filters.embedder import encode
 
-        cleaned = [clean_text(t) for t in texts]
+        cleaned = list(cleaned)
         emb = np.asarray(encode(self._embedder, cleaned, scopes), dtype=np.float64)
         prof = self.profanity(cleaned) if profanity is None else profanity
         clipped = np.clip(prof, 1e-4, 1 - 1e-4)
@@ -490,13 +676,22 @@ class EmbeddingEngine:
             raise ConfigError(f"toxicity weights lack heads: {', '.join(sorted(missing))}")
         self._extractor = extractor
         self._heads = heads
+        self._limit = extractor.token_limit
 
     def score(self, texts: list[str], scopes: Sequence[str | None] | None = None) -> list[Scores]:
+        # The cleaned text is what the encoder reads: it is what must fit its tokens.
         cleaned = [clean_text(t) for t in texts]
+        return score_windows(
+            cleaned, scopes, self._extractor.count_tokens, self._limit, self._score_cleaned
+        )
+
+    def _score_cleaned(
+        self, cleaned: list[str], scopes: Sequence[str | None] | None = None
+    ) -> list[Scores]:
         prof = self._extractor.profanity(cleaned)
-        probs = self._heads.predict(self._extractor.features(texts, prof, scopes))
+        probs = self._heads.predict(self._extractor.cleaned_features(cleaned, prof, scopes))
         out: list[Scores] = []
-        for i in range(len(texts)):
+        for i in range(len(cleaned)):
             scores = {name: float(probs[i, j]) for j, name in enumerate(self._heads.names)}
             scores["obscene"] = float(prof[i])
             out.append({c: scores[c] for c in self.categories})
@@ -510,6 +705,13 @@ class DetoxifyEngine:
         self._model = model.to(device).eval()
         self._tokenizer = tokenizer
         self._device = device
+        config = getattr(model, "config", None)
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions and getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
+            # Their position ids start after the padding id: 514 positions read 512 tokens.
+            positions -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+        self._limit = token_limit(tokenizer, positions)
+        self._count = token_counter(tokenizer)
         self._columns = [
             (i, _DETOXIFY_NAMES.get(n, n))
             for i, n in enumerate(class_names)
@@ -586,12 +788,32 @@ class DetoxifyEngine:
         return cls(det.model, det.tokenizer, det.class_names, device)
 
     def score(self, texts: list[str], scopes: Sequence[str | None] | None = None) -> list[Scores]:
+        # A text longer than the model reads is scored in windows of its tokens: the
+        # tokenizer's truncation used to drop everything past token 512 unseen.
+        step = max(1, len(texts))
+        return score_windows(
+            texts, scopes, self._count, self._limit, lambda fit, _: self._score_fitting(fit, step)
+        )
+
+    def _score_fitting(self, texts: list[str], step: int) -> list[Scores]:
+        """Texts that fit the model, ``step`` per forward pass: as many as the batch had
+        before windows were added, so memory stays what ``max_batch`` allows."""
         import torch
 
+        probs: list[list[float]] = []
         with torch.inference_mode():
-            inputs = self._tokenizer(texts, return_tensors="pt", truncation=True, padding=True)
-            logits = self._model(**inputs.to(self._device))[0]
-            probs = torch.sigmoid(logits).cpu().tolist()
+            for at in range(0, len(texts), step):
+                inputs = self._tokenizer(
+                    texts[at : at + step],
+                    return_tensors="pt",
+                    padding=True,
+                    # Never cuts (every text fits): keeps the model's positions safe
+                    # even where the tokenizer names no model_max_length.
+                    truncation=True,
+                    max_length=self._limit + self._tokenizer.num_special_tokens_to_add(),
+                )
+                logits = self._model(**inputs.to(self._device))[0]
+                probs.extend(torch.sigmoid(logits).cpu().tolist())
         return [{name: float(row[i]) for i, name in self._columns} for row in probs]
 
 
@@ -670,6 +892,10 @@ def _highest(values: Sequence[float]) -> float:
     return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
+# Batches' worth of one text's pieces waiting in the micro-batcher at once.
+_GROUP_BATCHES = 4
+
+
 class ToxicityFilter:
     """Scores texts through a shared micro-batcher and applies the category table."""
 
@@ -707,7 +933,15 @@ class ToxicityFilter:
             return await self.batcher.submit((scope, parts[0]))
         import asyncio
 
-        results = await asyncio.gather(*(self.batcher.submit((scope, p)) for p in parts))
+        # A few batches' worth of pieces at a time, not all at once: a text of 100,000
+        # sentences held 100,000 waiting tasks and queued them all ahead of every other
+        # request's texts. In groups, others' texts join the batches between groups, and
+        # a check that is given up (its timeout) submits nothing more.
+        group = _GROUP_BATCHES * self.batcher.max_batch
+        results: list[Scores] = []
+        for at in range(0, len(parts), group):
+            batch = parts[at : at + group]
+            results += await asyncio.gather(*(self.batcher.submit((scope, p)) for p in batch))
         # A NaN in any piece must reach check() (which fails closed on it): max() alone
         # would skip a NaN that comes after a number.
         return {c: _highest([r[c] for r in results]) for c in self._categories}
