@@ -781,3 +781,28 @@ def test_the_embedding_engines_windows_fit_the_encoder() -> None:
     assert len(windows) > 1
     assert all(n <= 254 for n in extractor.count_tokens(windows))
     assert "".join(windows).replace(" ", "") == text.replace(" ", "")
+
+
+# -- mentions -------------------------------------------------------------------------------
+
+
+def test_a_handle_of_several_words_is_a_piece_of_its_own() -> None:
+    """clean_text folds every @mention into @user (as in training): abuse written as a
+    handle was erased as a URL's was."""
+    from guardrail.filters.toxicity import clean_text, mention_words, pieces
+
+    assert mention_words("@YouWorthlessPieceOfShit") == "You Worthless Piece Of Shit"
+    assert mention_words("@you_are_trash99") == "you are trash"
+    assert mention_words("@alice") is None  # one word is a name: not scored as a word
+    text = "thanks @john_smith, mail jane@big_corp.com"
+    assert clean_text(text) == "thanks @user, mail jane@user.com"
+    assert pieces(text, 1000) == [text, "john smith"]  # not the address's host
+
+
+@pytest.mark.slow
+async def test_abuse_written_as_a_handle_is_acted_on(toxicity: ToxicityFilter) -> None:
+    verdict = await toxicity.check("@YouWorthlessFuckingPieceOfShit", CTX)
+    assert verdict.action is not Action.ALLOW
+    assert (await toxicity.check("Thanks @JaneDoe_42 for the review!", CTX)).action is (
+        Action.ALLOW
+    )

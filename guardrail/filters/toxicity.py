@@ -257,7 +257,9 @@ def clean_text(text: str) -> str:
     Training tweets and checked texts go through the same function, so the model
     learns from words, not from Twitter markup. A URL becomes the word ``URL`` here,
     as in training; its words are scored too, in a piece of their own
-    (:func:`url_words`, :func:`pieces`), so abuse written as a URL is not erased.
+    (:func:`url_words`, :func:`pieces`), so abuse written as a URL is not erased. A
+    mention becomes ``@user``; one of several words (``@YouWorthlessPieceOfShit``) is
+    scored as those words too (:func:`mention_words`).
     """
     text = html.unescape(html.unescape(text))
     text = _RETWEET.sub("", text)
@@ -267,6 +269,18 @@ def clean_text(text: str) -> str:
 
 
 _URL_PUNCTUATION = re.compile(r"[\W_]+")
+# A mention that starts a word: the "@host" of an e-mail address names no one.
+_HANDLE = re.compile(r"(?<![\w.])@\w+")
+# Where a handle's words meet: an underscore or digit run, or a capital after a small letter.
+_HANDLE_BREAKS = re.compile(r"[_\d]+|(?<=[a-z])(?=[A-Z])")
+
+
+def mention_words(mention: str) -> str | None:
+    """The words of an ``@handle`` written as several (``@YouWorthlessPieceOfShit`` ->
+    ``You Worthless Piece Of Shit``), or None for a one-word handle (``@alice``): one
+    word alone is a name, and scored on its own it would read as the word it is."""
+    words = [w for w in _HANDLE_BREAKS.split(mention.lstrip("@")) if w]
+    return " ".join(words) if len(words) > 1 else None
 
 
 def url_words(url: str) -> list[str]:
@@ -352,6 +366,9 @@ def pieces(text: str, size: int) -> list[str]:
     for url in _URL.findall(text):
         for words in url_words(url):
             out.extend(chunks(words, size))
+    for mention in _HANDLE.findall(_URL.sub(" ", text)):
+        if (handle := mention_words(mention)) is not None:
+            out.extend(chunks(handle, size))
     return list(dict.fromkeys(out))
 
 
