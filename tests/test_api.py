@@ -1305,3 +1305,25 @@ def test_a_served_model_is_retrieved_by_id_and_another_is_a_404(client: Client) 
         missing = client.get(f"/v1/models/{name}")
         assert missing.status_code == 404
         assert assert_openai_error(missing.json())["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backend_refusing_the_request_is_an_invalid_request_not_a_backend_error(
+    client: Client, backend: FakeBackend, metrics_registry: CollectorRegistry, stream: bool
+) -> None:
+    """A context too long is the client's mistake: counted as a backend error, it fired
+    the backend-errors alert. A failing backend still counts as one."""
+
+    def count(name: str, labels: dict[str, str]) -> float:
+        return metrics_registry.get_sample_value(name, labels) or 0.0
+
+    backend.error = BackendBadResponse("context too long", status=400)  # type: ignore[assignment]
+    assert client.post("/v1/chat/completions", json=chat("hi", stream=stream)).status_code == 400
+    refused = {"route": "chat", "outcome": "invalid_request"}
+    assert count("guardrail_requests_total", refused) == 1
+    assert count("guardrail_requests_total", {"route": "chat", "outcome": "backend_error"}) == 0
+    failed = {"backend": "fake", "code": "backend_bad_response"}
+    assert count("guardrail_backend_errors_total", failed) == 0
+    backend.error = BackendBadResponse("garbage")  # type: ignore[assignment]
+    assert client.post("/v1/chat/completions", json=chat("hi", stream=stream)).status_code == 502
+    assert count("guardrail_backend_errors_total", failed) == 1

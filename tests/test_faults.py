@@ -445,8 +445,10 @@ def test_an_upstream_error_message_the_policy_blocks_never_reaches_the_client(
     assert HARMFUL not in r.text.lower()
     assert "validation" not in r.text.lower()
     assert f"HTTP {upstream_status}" in error["message"]
-    # A failed backend call, not a harmful answer: counted as the error it is.
-    labels = {"route": "chat", "outcome": "backend_error"}
+    # A failed backend call, not a harmful answer: counted as the error it is (a refusal
+    # of the request, answered 400, as the client's invalid request).
+    outcome = "invalid_request" if status == 400 else "backend_error"
+    labels = {"route": "chat", "outcome": outcome}
     assert registry.get_sample_value("guardrail_requests_total", labels) == 1.0
     blocked = {"route": "chat", "outcome": "blocked_output"}
     assert not registry.get_sample_value("guardrail_requests_total", blocked)

@@ -427,6 +427,14 @@ class _Admission:
 _background: set[asyncio.Task[None]] = set()
 
 
+def _backend_outcome(e: BackendError) -> Outcome:
+    """A backend's refusal of the request itself (a context too long, a parameter it
+    does not take: answered 400) is the client's invalid request, not a failing backend:
+    counted as one, it fired the backend-errors alert on a client's mistakes. A 429 is
+    the backend's capacity, and stays a backend error."""
+    return "invalid_request" if e.status == 400 else "backend_error"
+
+
 def _rejected_outcome(e: APIError) -> Outcome:
     # 5xx here means no usable backend or no capacity (still loading, overloaded).
     return "backend_error" if e.status >= 500 else "invalid_request"
@@ -730,7 +738,7 @@ class Serving:
                 return response
             return await self._complete(call)
         except BackendError as e:
-            exchange.finish("backend_error", e.status, e.code)
+            exchange.finish(_backend_outcome(e), e.status, e.code)
             raise await self._backend_error(e, guard, ctx, exchange) from e
         except ClientDisconnected:
             # Nobody is left to answer; the backend call was cancelled, freeing its slot.
@@ -1000,7 +1008,7 @@ class Serving:
                 yield self._frame(call, usage=usage, usage_frame=True)
             yield b"data: [DONE]\n\n"
         except BackendError as e:
-            exchange.finish("backend_error", e.status, e.code)
+            exchange.finish(_backend_outcome(e), e.status, e.code)
             err = await self._backend_error(e, guard, call.ctx, exchange)
             yield b"data: " + _encode(err.body()) + b"\n\n"
             yield b"data: [DONE]\n\n"
