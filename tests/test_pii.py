@@ -1245,6 +1245,13 @@ def test_both_streets_of_a_corner_are_addresses() -> None:
         "ÖVERTURINGEN 840",
         "Chapter 3 Part 2",
         "I read 2 papers about Main Street",
+        # A street type straight after a number names no street.
+        "I bought 12 Street Fighter games",
+        "page 5 Road map",
+        "version 2 Drive update",
+        "Section 3 Court rulings",
+        "See Chapter 11 Drive for details",
+        "I need 4 St. John's wort pills",
     ],
 )
 def test_numbers_beside_ordinary_words_are_not_addresses(pii: PiiFilter, text: str) -> None:
@@ -1722,3 +1729,26 @@ async def test_an_analysis_cached_for_one_stage_is_not_reused_by_a_stage_looking
     assert verdict.action is Action.ALLOW
     out = await filt.check(text, FilterContext("out", stage=Stage.OUTPUT))
     assert [f.rule_id for f in out.findings] == ["PERSON"]
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        # Numbered streets: "5th" is neither a house number nor a word of letters.
+        ("Send it to 350 5th Ave, New York, NY 10118", "350 5th Ave, New York, NY 10118"),
+        ("It is at 123 42nd Street.", "123 42nd Street"),
+        ("Meet me at 2 E 73rd St, New York", "2 E 73rd St, New York"),
+        ("Ship to 500 W 2nd St, Austin, TX 78701", "500 W 2nd St, Austin, TX 78701"),
+        ("I live at 100 Broadway, New York", "100 Broadway, New York"),
+        # A unit before the street line is part of the address, its word too.
+        (
+            "Apt 4B, 350 Fifth Avenue, New York, NY 10118",
+            "Apt 4B, 350 Fifth Avenue, New York, NY 10118",
+        ),
+        ("Flat 3, 22 Baker Street, London NW1 6XE", "Flat 3, 22 Baker Street, London NW1 6XE"),
+    ],
+)
+def test_numbered_streets_and_a_unit_written_first_are_whole_addresses(
+    text: str, address: str
+) -> None:
+    assert [text[a.start : a.end] for a in find_addresses(text)] == [address]

@@ -29,7 +29,11 @@ follows an address line:
 
 A number beside ordinary words is not an address: "2 people on the street" and "3 miles
 up the hill" do not anchor, since function words, units of time and distance never
-stand between a house number and its street type.
+stand between a house number and its street type, and a street type straight after a
+number ("12 Street Fighter", "Chapter 11 Drive") needs a name before the number with a
+word that is no English word ("Nieuwe Baan 473 St."). A numbered street's ordinal is a
+word of its name (``350 5th Ave``), and a unit written first (``Apt 4B, 350 Fifth
+Avenue``) starts the address.
 
 From an anchor the match extends over a secondary unit (``Apt. 864``, ``Suite 510``),
 and then over at most four short comma- or line-separated parts that look like the
@@ -114,13 +118,17 @@ _NUM = r"\d{1,6}[a-z]?(?:[-/]\d{1,4}[a-z]?|-[a-z]\b)?"
 _WORD = r"(?<![\w'\u2019.-])[^\W\d_][\w'\u2019.-]*+"
 
 _CAP_WORD = r"(?<![\w'\u2019.-])(?-i:[^\W\d_a-z])[\w'\u2019.-]*+"
+# A numbered street's name: "350 5th Ave", "2 E 73rd St" (no word starts with a digit).
+_ORDINAL = r"\d{1,4}(?:st|nd|rd|th)\b"
 _UNIT_FIRST = r"(?:apt|apartment|suite|ste|unit|flat)\.?[ \t]*#?[ \t]*\d+[a-z]?"
 
 _ANCHORS: tuple[tuple[str, float], ...] = (
-    # 24 Clarke Avenue / 675 224 Forrest Hill Road / 363 52 Huntly Street
+    # 24 Clarke Avenue / 675 224 Forrest Hill Road / 363 52 Huntly Street / 10 W 5th St.
+    # At least one word names the street: a type straight after a number is something
+    # else ("12 Street Fighter", "Chapter 11 Drive", "4 St. John's wort"), but Broadway.
     (
-        rf"\b{_NUM}(?:[ \t]+{_NUM})?[ \t]+(?:{_NOT_STREET_WORD}{_WORD}[ \t]+){{0,4}}?"
-        rf"(?:{_SUFFIX})\b\.?",
+        rf"\b{_NUM}(?:[ \t]+{_NUM})?[ \t]+(?:(?:{_NOT_STREET_WORD}(?:{_WORD}|{_ORDINAL})"
+        rf"[ \t]+){{1,4}}?(?:{_SUFFIX})|broadway)\b\.?",
         0.6,
     ),
     # 24 Gordon Park / 903 83 Dora Creek: a common noun is a street type after capitals
@@ -199,6 +207,14 @@ _CORNER_AND = re.compile(
     re.IGNORECASE,
 )
 _ANCHOR_RES = tuple((re.compile(p, re.IGNORECASE), s) for p, s in _ANCHORS)
+# A street type straight after a number, with the name before it ("Nieuwe Baan 473 St.",
+# "Via Tasso 129 street"): an address only where a word of that name is no English word
+# ("See Chapter 11 Drive" is none).
+_NAME_NUMBER_TYPE = re.compile(
+    rf"(?<![\w'\u2019.-])(?P<name>(?:(?-i:[^\W\d_a-z])[\w'\u2019-]*+[ \t]+){{0,2}}"
+    rf"(?-i:[^\W\d_a-z])[\w'\u2019-]*+)[ \t]+{_NUM}[ \t]+(?:{_SUFFIX})\b\.?",
+    re.IGNORECASE,
+)
 # Friedhofstrasse 33 / Koskikatu 25 (Luddingsbo Mekanikusv 11 is not covered). Slow (it
 # tries each street word at each word): run only when a word before a number ends in one.
 _COMPOUND_ANCHOR = (
@@ -459,6 +475,10 @@ def find_addresses(text: str, lexicon: frozenset[str] = frozenset()) -> list[Spa
             if kind and kind[:1].isupper() and kind.lower() in lexicon:
                 continue
             found.append(Span(m.start(), _extend(text, m.end()), score))
+    for m in _NAME_NUMBER_TYPE.finditer(text):
+        words = m.group("name").split()
+        if words[0] not in _STOP_WORDS and any(w.lower() not in lexicon for w in words):
+            found.append(Span(m.start(), _extend(text, m.end()), 0.55))
     for start, end in _glued_streets(text, lexicon):
         found.append(Span(start, _extend(text, end), _LISTED_SCORE))
     for line in (_NUMBERED_LINE, _BLOCK_LINE):
@@ -468,7 +488,7 @@ def find_addresses(text: str, lexicon: frozenset[str] = frozenset()) -> list[Spa
         cued = _CUED.match(text, cue.end())
         if cued:
             found.append(Span(cued.start(), _extend(text, cued.end()), 0.6))
-    merged = _merge(found)
+    merged = [_with_unit_before(text, a) for a in _merge(found)]
     # "the corner of A and B": B is an address too, even without a number.
     for a in list(merged):
         if re.search(r"corner\s+of\s+\Z", text[max(0, a.start - 40) : a.start], re.IGNORECASE):
@@ -476,6 +496,20 @@ def find_addresses(text: str, lexicon: frozenset[str] = frozenset()) -> list[Spa
             if other:
                 merged.append(Span(other.start("street"), other.end(), a.score))
     return _merge(merged)
+
+
+# A unit written before the street line ("Apt 4B, 350 Fifth Avenue"), whose number alone
+# had started the span: "Apt <ADDRESS>" kept the unit word out of it.
+_UNIT_BEFORE = re.compile(
+    r"(?<![\w.])(?:apt|apartment|suite|ste|unit|flat)\.?[ \t]*#?[ \t]*"
+    r"(?:\d+[a-z]?[ \t]*,?[ \t]*)?\Z",
+    re.IGNORECASE,
+)
+
+
+def _with_unit_before(text: str, span: Span) -> Span:
+    unit = _UNIT_BEFORE.search(text, max(0, span.start - 40), span.start)
+    return Span(unit.start(), span.end, span.score) if unit else span
 
 
 def _merge(found: list[Span]) -> list[Span]:
