@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from guardrail.errors import ConfigError
-from guardrail.filters.weights import read_arrays
+from guardrail.filters.weights import all_finite, read_arrays
 
 if TYPE_CHECKING:
     import numpy as np
@@ -363,10 +363,7 @@ class SupportHead:
                     f"hold {len(FEATURES)} values, one per feature"
                 )
             if not (
-                math.isfinite(head.intercept)
-                and np.all(np.isfinite(head.mean))
-                and np.all(np.isfinite(head.coef))
-                and np.all(np.isfinite(head.scale))
+                all_finite(head.intercept, head.mean, head.coef, head.scale)
                 and np.all(head.scale > 0)
             ):
                 raise ConfigError(

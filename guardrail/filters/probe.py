@@ -109,7 +109,7 @@ class Probe:
         a :class:`ConfigError`."""
         import numpy as np
 
-        from guardrail.filters.weights import read_arrays
+        from guardrail.filters.weights import all_finite, read_arrays
 
         data = read_arrays(path, "probe weights", PROBE_VERSION)
         try:
@@ -140,15 +140,8 @@ class Probe:
             raise ConfigError(
                 f"probe weights {path}: layers, mean, scale and coef do not fit together"
             )
-        # A NaN or infinite weight loads without complaint and then scores every text NaN,
-        # which no threshold comparison catches: the rules filter lets it through and the
-        # metrics sum NaN.
-        if not (
-            np.isfinite(probe.intercept)
-            and np.all(np.isfinite(probe.coef))
-            and np.all(np.isfinite(probe.mean))
-            and np.all(np.isfinite(probe.scale))
-        ):
+        # Else the rules filter lets every text through and the metrics sum NaN.
+        if not all_finite(probe.intercept, probe.coef, probe.mean, probe.scale):
             raise ConfigError(
                 f"probe weights {path}: intercept, coef, mean and scale must be finite"
             )

@@ -541,7 +541,14 @@ def score_windows(
 ) -> list[Scores]:
     """``score`` of each text, where a text longer than ``limit`` tokens is scored in
     :func:`token_windows` and each category takes its highest score (NaN if any is)."""
-    windows = [token_windows(t, count, limit, n) for t, n in zip(texts, count(texts), strict=True)]
+    # No tokenizer here makes more tokens of a text than it has UTF-8 bytes (a WordPiece,
+    # SentencePiece or byte-level token holds at least one): the short pieces (most
+    # sentences) fit unread, and only the longer ones are tokenized an extra time.
+    long = [t for t in texts if len(t.encode("utf-8", "surrogatepass")) >= limit]
+    if not long:
+        return score(texts, scopes)
+    counted = dict(zip(long, count(long), strict=True))
+    windows = [token_windows(t, count, limit, counted[t]) if t in counted else [t] for t in texts]
     if all(len(w) == 1 for w in windows):
         return score(texts, scopes)
     flat = [w for ws in windows for w in ws]

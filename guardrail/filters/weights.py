@@ -35,6 +35,14 @@ def read_arrays(path: Path, what: str, version: int) -> dict[str, npt.NDArray[np
     return arrays
 
 
+def all_finite(*values: float | npt.NDArray[np.floating]) -> bool:
+    """Every number of ``values`` is finite: a NaN or infinite weight loads without
+    complaint and then scores every text NaN, which no threshold comparison catches."""
+    import numpy as np
+
+    return all(bool(np.all(np.isfinite(v))) for v in values)
+
+
 def file_stamp(path: Path) -> tuple[int, int]:
     """``(size, mtime_ns)`` of the file at ``path``, for keys of models shared across reloads.
 
