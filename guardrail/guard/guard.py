@@ -404,6 +404,10 @@ def _stamp(verdict: object, filter_id: str, length: int) -> Verdict:
             raise TypeError("filter returned a malformed redaction")
         if not _fits(r.start, r.end, length) or r.start == r.end:
             raise ValueError("filter returned a redaction outside the text")
+    # A verdict looser than its own findings (a plugin's Verdict(findings=(block,)) keeps
+    # the default allow) would let through what the filter said to block: malformed.
+    if verdict.action.rank < Action.strictest(f.action for f in findings).rank:
+        raise ValueError("filter returned a verdict less strict than its findings")
     stamped = tuple(replace(f, filter_id=filter_id) for f in findings)
     return Verdict(verdict.action, stamped, redactions)
 
