@@ -252,6 +252,35 @@ async def test_the_words_of_a_keyword_may_be_joined_but_short_ones_never_glued(
         assert await action(guard, text) is Action.ALLOW, text
 
 
+@pytest.mark.parametrize(
+    ("keywords", "text", "expected"),
+    [
+        # `self-harm` matched only "self-harm": its words were one word to the pattern.
+        *(
+            ("self-harm, kill_yourself, AR-15", text, Action.BLOCK)
+            for text in ("self harm", "selfharm", "self_harm", "go kill yourself", "an AR 15")
+        ),
+        ("self-harm, kill_yourself, AR-15", "an AR15", Action.BLOCK),  # a number glues
+        *(
+            ("self-harm, kill_yourself, AR-15", text, Action.ALLOW)
+            for text in ("selfish harmony", "a skill yourself", "an AR 150")
+        ),
+        # An underscore counted as a letter at a keyword's edge: "how_to_make_a_bomb" hid
+        # the keyword "bomb", and "make_a_pipe_bomb_now" hid "pipe bomb".
+        *(
+            ("bomb, pipe bomb", text, Action.BLOCK)
+            for text in ("how_to_make_a_bomb", "make_a_pipe_bomb_now", "__bomb__")
+        ),
+        *(("bomb, pipe bomb", text, Action.ALLOW) for text in ("bombastic_prose", "a_bombay_mix")),
+    ],
+)
+async def test_keywords_hyphenated_or_joined_by_underscores(
+    make_guard: Callable[..., Guard], keywords: str, text: str, expected: Action
+) -> None:
+    guard = make_guard(f"- {{id: w, category: c, keywords: [{keywords}]}}\n")
+    assert await action(guard, text) is expected
+
+
 @pytest.mark.parametrize("text", ["the attachment is 80MB", "16GB of memory", "1080p video"])
 async def test_a_number_with_a_unit_is_no_leetspeak(
     make_guard: Callable[..., Guard], text: str

@@ -494,9 +494,23 @@ def _doublable(word: str) -> frozenset[int]:
 # slashes, or a full stop with no space after it ("pipe-bomb", "kill.yourself"; a
 # sentence's end is no joint: "we build. A bomb").
 _BETWEEN_WORDS = r"(?:[\s\-_/]|\.(?!\s))+"
+# A keyword's own words are split the same way: `self-harm` and `kill_yourself` are
+# phrases, matched however their words are joined ("self harm", "kill yourself").
+_KEYWORD_JOINTS = re.compile(r"[\s\-_/]+")
 # Two long words may also be glued ("pipebomb"); a short one may not, or "the rapist"
-# would match "therapist" and "kill er" "killer".
+# would match "therapist" and "kill er" "killer". A number glues to any word ("AR15"):
+# letters and digits together make no other English word.
 _GLUE_MIN = 4
+# A keyword's edges: no letter or digit may touch it. An underscore may: words joined by
+# underscores ("how_to_make_a_bomb") are words, as a phrase's words are (`pipe_bomb`).
+_EDGE_BEFORE = r"(?<![^\W_])"
+_EDGE_AFTER = r"(?![^\W_])"
+
+
+def _gluable(before: str, word: str) -> bool:
+    if len(before) >= _GLUE_MIN and len(word) >= _GLUE_MIN:
+        return True
+    return any(c.isdigit() for c in before + word)
 
 
 def _keyword_forms(keyword: str) -> list[list[str]]:
@@ -507,7 +521,8 @@ def _keyword_forms(keyword: str) -> list[list[str]]:
     forms: list[list[str]] = []
     for unconfuse in (True, False):
         text = normalize(keyword, glue=False, unconfuse=unconfuse).text
-        words = [w for w in text.split(" ") if w]
+        # A keyword of joints alone ("--") keeps them as its one word.
+        words = [w for w in _KEYWORD_JOINTS.split(text) if w] or [text]
         if words not in forms:
             forms.append(words)
     return forms
@@ -517,10 +532,9 @@ def _keyword_pattern(words: list[str], *, stretch: bool = False) -> str:
     word_pattern = _stretched_word if stretch else _word_pattern
     body = word_pattern(words[0]) if words else ""
     for before, word in itertools.pairwise(words):
-        glued = len(before) >= _GLUE_MIN and len(word) >= _GLUE_MIN
-        body += f"(?:{_BETWEEN_WORDS})?" if glued else _BETWEEN_WORDS
+        body += f"(?:{_BETWEEN_WORDS})?" if _gluable(before, word) else _BETWEEN_WORDS
         body += word_pattern(word)
-    return rf"(?<!\w){body}(?!\w)"
+    return f"{_EDGE_BEFORE}{body}{_EDGE_AFTER}"
 
 
 def _compile_pattern(cond: Condition) -> _Pattern | None:
