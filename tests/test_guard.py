@@ -447,3 +447,48 @@ async def test_a_filter_gets_an_index_only_for_the_message_it_checks(
     await guard.check(Stage.OUTPUT, "an answer", ctx.at(Stage.INPUT, 1))
     await guard.check(Stage.OUTPUT, "hi", ctx.at(Stage.INPUT, 1))  # the same text: kept
     assert filt.seen == [("hi [redacted]", None, None), ("an answer", None, None), ("hi", 1, "hi")]
+
+
+class RecordingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class RecordingFilter:
+    """Notes each text it checks, with the content of the message its context names."""
+
+    def __init__(self, name: str, config: RecordingConfig, env: BuildContext) -> None:
+        self.name, self.stages = name, frozenset(Stage)
+        self.seen: list[tuple[str, str | None]] = []
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        self.seen.append((text, ctx.message.content if ctx.message else None))
+        return Verdict()
+
+
+class StatefulRecordingFilter(RecordingFilter):
+    def remember(self, text: str, verdict: Verdict, ctx: FilterContext) -> None:
+        pass
+
+
+async def test_a_text_with_invisible_characters_is_also_read_with_them_as_spaces(
+    registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor
+) -> None:
+    """Each filter also reads "pipe\\u200bbomb" as "pipe bomb", with its message reading
+    the same in the context; a stateful filter (request state per text) reads it once."""
+    registry.register("recording", FilterSpec("recording", RecordingConfig, RecordingFilter))
+    registry.register("stateful", FilterSpec("stateful", RecordingConfig, StatefulRecordingFilter))
+    policy = load_policy_text(
+        'name: t\nversion: "1"\nfilters:\n  - {id: r, type: recording}\n'
+        "  - {id: s, type: stateful}\n",
+        "inline.yaml",
+        registry,
+    )
+    guard = Guard.build(policy, registry, BuildContext(executor))
+    text = "a pipe\u200bbomb"
+    messages = (Message("user", "hello"), Message("user", text))
+    await guard.check_messages(Stage.INPUT, messages, FilterContext("r", messages=messages))
+    plain, stateful = (f for _, f in guard.filters)
+    assert isinstance(plain, RecordingFilter)
+    assert isinstance(stateful, RecordingFilter)
+    assert sorted(plain.seen) == [("a pipe bomb",) * 2, (text, text), ("hello", "hello")]
+    assert sorted(stateful.seen) == [(text, text), ("hello", "hello")]

@@ -12,6 +12,7 @@ What is undone, in order:
 - a right-to-left override (U+202E) shows the text after it reversed, up to its pop
   (U+202C) or the end of the line: that text is put back in reading order;
 - compatibility forms, accents and case (full-width ``bomb``, ``bómb``, ``BOMB`` -> ``bomb``);
+- tag characters (ASCII written invisibly) are read as the text they encode;
 - invisible format characters (zero-width spaces and joiners, soft hyphens) and control
   characters other than whitespace (``bo\x00mb``, ``bo\x1bmb``), marks that
   show nothing or draw around a letter (grapheme joiner, variation selectors, enclosing
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import html.entities
+import itertools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -52,6 +54,16 @@ from dataclasses import dataclass
 # characters that are not whitespace (NUL, ESC, DEL, C1 controls): JSON carries them,
 # screens show nothing, and one inside a word hid it from every rule.
 _INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc"})
+# Tag characters are ASCII written invisibly (U+E0020-U+E007E: the letter's code plus
+# E0000): screens show nothing, and models that read them get hidden instructions
+# ("ASCII smuggling"). Deleted as other invisible characters are, they hid a whole
+# prompt from every filter; they are read as the text they encode.
+_TAG_OFFSET = 0xE0000
+_TAG_FIRST, _TAG_LAST = chr(_TAG_OFFSET + 0x20), chr(_TAG_OFFSET + 0x7E)
+# Invisible characters that may stand where a space stands ("pipe\u200bbomb"): bidi
+# controls aside (the override is undone, not read as a space), every character that
+# normalisation deletes as showing nothing, blank letters included.
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # Marks that show nothing of their own (the grapheme joiner, variation selectors) or draw
 # around a letter (enclosing circles, keycaps) go whatever their combining class, and so
 # do blank letters: Hangul fillers, Khmer inherent vowels, the blank braille pattern.
@@ -286,6 +298,16 @@ def _decoded(text: str, m: re.Match[str]) -> str | None:
     return None
 
 
+def _add_plain(out: _Chars, text: str, i: int) -> None:
+    char = text[i]
+    if _TAG_FIRST <= char <= _TAG_LAST:
+        # A run of tags reads as words of its own, not glued to the visible word before.
+        if i and not _TAG_FIRST <= text[i - 1] <= _TAG_LAST and not text[i - 1].isspace():
+            out.add(" ", i, i)
+        char = chr(ord(char) - _TAG_OFFSET)
+    out.add(char, i, i + 1)
+
+
 def _source(text: str, markup: bool) -> _Chars:
     out = _Chars([], [], [])
     pos = 0
@@ -295,12 +317,12 @@ def _source(text: str, markup: bool) -> _Chars:
             if decoded is None:
                 continue
             for i in range(pos, m.start()):
-                out.add(text[i], i, i + 1)
+                _add_plain(out, text, i)
             for char in decoded:
                 out.add(char, m.start(), m.end())
             pos = m.end()
     for i in range(pos, len(text)):
-        out.add(text[i], i, i + 1)
+        _add_plain(out, text, i)
     _undo_override(out)
     return out
 
@@ -587,3 +609,33 @@ def normalize(
     if glue:
         _glue_spelled(folded)
     return Normalized("".join(folded.chars), tuple(folded.starts), tuple(folded.ends), len(text))
+
+
+@functools.cache
+def _space_like() -> re.Pattern[str]:
+    # Planes 0, 1 and 14 hold every format and control character (the rest are CJK,
+    # unassigned and private use): a scan of them takes a fraction of the whole's time.
+    found = [
+        char
+        for code in itertools.chain(range(0x20000), range(0xE0000, 0xF0000))
+        if unicodedata.category(char := chr(code)) in _INVISIBLE_CATEGORIES
+        and not char.isspace()
+        and char not in _BIDI_CONTROLS
+        and not _TAG_FIRST <= char <= _TAG_LAST
+    ]
+    return re.compile("[" + "".join(re.escape(c) for c in [*found, *sorted(_BLANKS)]) + "]")
+
+
+def spaced(text: str) -> str | None:
+    """``text`` with every invisible character that may stand for a space written as a
+    space, or ``None`` if it holds none.
+
+    Normalisation deletes them, which undoes ``b\\u200bomb`` but joins
+    ``pipe\\u200bbomb\\u200bat`` into one word that no rule knows, while a model's
+    tokenizer still reads the words. The guard checks this reading too. It has the length
+    of ``text``, so its spans are spans of ``text``.
+    """
+    pattern = _space_like()
+    if pattern.search(text) is None:
+        return None
+    return pattern.sub(" ", text)

@@ -24,6 +24,7 @@ import structlog
 
 from guardrail.chat import Message
 from guardrail.errors import ConfigError, PolicyError, Problem, TextTooLongError, where
+from guardrail.filters.normalize import spaced
 from guardrail.guard.cache import (
     CacheKey,
     VerdictCache,
@@ -258,13 +259,20 @@ class Guard:
         cache = self.cache if prefix is not None else None
         digest = text_digest(text) if cache is not None else b""
         answered = {o.filter_id: o for o in known}
+        other = _spaced_reading(text, ctx)
 
         async def one(bound: Bound) -> FilterOutcome:
             config, filt = bound
             if config.id in answered:
                 return answered[config.id]
             key = self._key(config, stage, digest, prefix or b"", ctx.tenant) if cache else None
-            outcome = await _run(config, filt, text, ctx)
+            if other is None or config.id in self._stateful:
+                # A stateful filter (PII's restore) keeps request state per text it read.
+                outcome = await _run(config, filt, text, ctx)
+            else:
+                outcome = _either(
+                    *await asyncio.gather(_run(config, filt, text, ctx), _run(config, filt, *other))
+                )
             if cache is None or key is None:
                 return outcome
             if outcome.status == "ok":
@@ -305,6 +313,54 @@ class Guard:
             policy_version=self.policy.version,
             redactions=redactions,
         )
+
+
+def _spaced_reading(text: str, ctx: FilterContext) -> tuple[str, FilterContext] | None:
+    """``text`` with its invisible characters read as spaces (see :func:`spaced`), and
+    the context for it, or ``None`` if it holds none.
+
+    Filters compare the checked text with its message (``ctx.message_index``), so the
+    message holds this reading in the context the filters get with it.
+    """
+    other = spaced(text)
+    if other is None:
+        return None
+    index = ctx.message_index
+    if index is None:
+        return other, ctx
+    messages = list(ctx.messages)
+    messages[index] = replace(messages[index], content=other)
+    return other, FilterContext(
+        request_id=ctx.request_id,
+        stage=ctx.stage,
+        tenant=ctx.tenant,
+        route=ctx.route,
+        model=ctx.model,
+        messages=tuple(messages),
+        message_index=index,
+        context_documents=ctx.context_documents,
+        state=ctx.state,
+    )
+
+
+def _either(first: FilterOutcome, second: FilterOutcome) -> FilterOutcome:
+    """One filter's outcome on a text read two ways: the stricter verdict; of two
+    redactions, both readings' spans (they are spans of the same text). A failure of
+    either is the filter's failure."""
+    duration = max(first.duration_s, second.duration_s)
+    for outcome in (first, second):
+        if outcome.status != "ok":
+            return replace(outcome, duration_s=duration)
+    a, b = first.verdict, second.verdict
+    if b.action.rank > a.action.rank:
+        return replace(second, duration_s=duration)
+    if a.action is Action.REDACT and b.action is Action.REDACT:
+        a = Verdict(
+            a.action,
+            tuple(dict.fromkeys((*a.findings, *b.findings))),
+            tuple(dict.fromkeys((*a.redactions, *b.redactions))),
+        )
+    return replace(first, verdict=a, duration_s=duration)
 
 
 def _remembered(filt: Stateful, text: str, verdict: Verdict, ctx: FilterContext) -> bool:
