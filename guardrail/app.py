@@ -157,7 +157,10 @@ def create_app(
         for path in sorted(tenants.policies())
     }
     # The candidate policy gets its own filter threads: its checks, however slow, must
-    # never queue ahead of the active policy's on a shared pool (answers never wait).
+    # never queue ahead of the active policy's on a shared pool (answers never wait). It
+    # gets its own models too: a model's lock (the PII analyzer's) or micro-batch shared
+    # with it would make live checks wait for the candidate's. The cost is memory: each
+    # model both policies use is loaded twice.
     shadow_executor = (
         ThreadPoolExecutor(
             max(1, settings.filter_workers // 2), thread_name_prefix="guardrail-shadow"
@@ -173,6 +176,7 @@ def create_app(
                 env,
                 executor=shadow_executor or executor,
                 base_dir=Path(settings.shadow_policy).resolve().parent,
+                resources=SharedResources(),
             ),
         )
         if settings.shadow_policy

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 from litestar import Litestar
@@ -314,3 +315,35 @@ async def test_a_candidate_filter_that_fails_is_counted_as_an_error_not_a_block(
         shadow.observe_text(Stage.INPUT, "hello", FilterContext("r"), Action.ALLOW)
         await shadow.drain()
     assert seen == [("input", "allow", "error")]
+
+
+class _HoldsAModel(_OnThreads):
+    """Takes its model from the shared resources, as the model filters do (the PII
+    analyzer, whose lock serialises every analysis; the encoders' micro-batchers)."""
+
+    models: ClassVar[dict[str, object]] = {}
+
+    def __init__(self, name: str, config: _BlockingConfig, env: Any) -> None:
+        super().__init__(name, config, env)
+        _HoldsAModel.models[type(self).__name__] = env.resources.get("model", threading.Lock)
+
+
+class _ActiveHoldsAModel(_HoldsAModel):
+    pass
+
+
+class _CandidateHoldsAModel(_HoldsAModel):
+    pass
+
+
+def test_the_candidate_holds_its_own_models_so_their_locks_never_hold_up_live_checks(
+    write_policy: Callable[..., Path], backend: FakeBackend
+) -> None:
+    """The candidate shared the active policy's model objects: a Presidio analysis of a
+    long shadowed text held the analyzer's lock, and live PII checks queued behind it."""
+    _shadow_app(write_policy, backend, active=_ActiveHoldsAModel, candidate=_CandidateHoldsAModel)
+    live, candidate = (
+        _HoldsAModel.models[k] for k in ("_ActiveHoldsAModel", "_CandidateHoldsAModel")
+    )
+    assert isinstance(live, type(threading.Lock()))
+    assert candidate is not live
