@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -347,3 +348,32 @@ def test_the_candidate_holds_its_own_models_so_their_locks_never_hold_up_live_ch
     )
     assert isinstance(live, type(threading.Lock()))
     assert candidate is not live
+
+
+def test_a_reload_where_only_the_shadow_fails_says_the_default_policy_reloaded(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[..., Path],
+    test_policy: Path,
+) -> None:
+    """It said the default policy was "not reloaded; still running its version" and gave
+    the new version, which was in force."""
+    default = write_policy(test_policy.read_text(), "mine.yaml")
+    candidate = write_policy(CANDIDATE, "candidate.yaml")
+    app = make_app(
+        policy=str(default), shadow_policy=str(candidate), admin_key_sha256=ADMIN_KEY_SHA256
+    )
+    with TestClient(app=app) as client:
+        old = client.post("/v1/chat/completions", json=chat("hello")).json()["guardrail"]
+        new_version = old["policy"]["version"] + "-next"
+        default.write_text(
+            re.sub(r"(?m)^version: .*$", f'version: "{new_version}"', default.read_text())
+        )
+        candidate.write_text(CANDIDATE.replace("keywords: [tea]", "keywordz: [tea]"))
+        r = client.post("/admin/reload", headers=AS_ADMIN)
+        assert r.status_code == 422
+        message = r.json()["error"]["message"]
+        assert "not reloaded" not in message
+        assert f"reloaded (version {new_version}), but not every policy" in message
+        assert "the shadow policy failed" in message
+        served = client.post("/v1/chat/completions", json=chat("hello")).json()["guardrail"]
+        assert served["policy"]["version"] == new_version

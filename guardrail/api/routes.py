@@ -238,12 +238,12 @@ async def metrics(state: State) -> Response[bytes]:
 async def admin_reload(state: State) -> Response[Any]:
     result = await _gateway(state).reload_policy(trigger="admin")
     if not result.ok:
-        raise APIError(
-            422,
-            f"Policy {result.name} not reloaded; still running its version {result.version}: "
-            f"{result.error}",
-            code="policy_invalid",
+        said = (
+            f"Policy {result.name} reloaded (version {result.version}), but not every policy"
+            if result.partial
+            else f"Policy {result.name} not reloaded; still running its version {result.version}"
         )
+        raise APIError(422, f"{said}: {result.error}", code="policy_invalid")
     return Response(
         {
             "reloaded": True,

@@ -267,7 +267,9 @@ class Gateway:
             first, *rest = failures
             failures = [first.replace(" failed: ", f" failed ({in_force}): ", 1), *rest]
         if failures:
-            result = dataclasses.replace(result, ok=False, error="\n".join(failures))
+            result = dataclasses.replace(
+                result, ok=False, error="\n".join(failures), partial=result.ok
+            )
         self.metrics.policy_reload(result.ok)
         if result.ok:
             log.info("policy_reloaded", trigger=trigger, name=result.name, version=result.version)
@@ -275,7 +277,8 @@ class Gateway:
             log.error(
                 "policy_reload_failed",
                 trigger=trigger,
-                kept_version=result.version,
+                # Of the default policy: the one it kept, or the new one it took.
+                **{"version" if result.partial else "kept_version": result.version},
                 problems=result.error,
             )
         return result

@@ -28,6 +28,8 @@ class ReloadResult:
     version: str
     digest: str
     error: str | None = None
+    partial: bool = False
+    """The default policy reloaded (``name`` ``version`` is in force), another did not."""
 
 
 class GuardStore:
