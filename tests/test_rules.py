@@ -1426,3 +1426,22 @@ async def test_one_closing_bar_or_a_bar_the_word_opens_with_stays_punctuation(
 ) -> None:
     guard = make_guard("- {id: w, category: c, keywords: [kil, kill, okll, okil]}\n")
     assert await action(guard, text) is Action.ALLOW, text
+
+
+async def test_a_redaction_hides_the_rules_own_matches_not_its_context(
+    make_guard: Callable[..., Guard],
+) -> None:
+    """The words an `all`/`any` part matched were redacted too: "my card number is
+    1234-5678" became "my [CARD] is [CARD]"."""
+    guard = make_guard(
+        "- id: card\n"
+        "  category: pii\n"
+        "  action: redact\n"
+        "  replacement: '[CARD]'\n"
+        "  regex: ['\\b\\d{4}-\\d{4}\\b']\n"
+        "  all: [{keywords: [card number]}]\n"
+        "  any: [{keywords: [my]}, {keywords: [our]}]\n"
+    )
+    decision = await guard.check(Stage.INPUT, "my card number is 1234-5678, ok", CTX)
+    assert decision.action is Action.REDACT
+    assert decision.text == "my card number is [CARD], ok"

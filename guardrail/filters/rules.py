@@ -609,6 +609,9 @@ class _Match:
     hit: bool
     score: float = 0.0
     spans: tuple[tuple[int, int], ...] = ()
+    # The spans of the node's own keywords and regexes, not its children's: what a
+    # redaction hides (a child's match is context: "card number" in "my card number is").
+    own: tuple[tuple[int, int], ...] = ()
 
 
 _MISS = _Match(False)
@@ -699,12 +702,13 @@ class _Check:
         """All listed parts must hold; cheap parts first, stop at the first miss."""
         scores: list[float] = []
         spans: list[tuple[int, int]] = []
+        own: list[tuple[int, int]] = []
         if node.pattern is not None:
-            found = self._pattern_spans(node.pattern)
-            if not found:
+            own = self._pattern_spans(node.pattern)
+            if not own:
                 return _MISS
             scores.append(node.pattern_score)
-            spans += found
+            spans += own
         if node.semantic is not None:
             hit, sim = node.semantic.score(await self.embeddings())
             if not hit:
@@ -736,7 +740,7 @@ class _Check:
             spans += best.spans
         if node.none_of is not None and (await self.match(node.none_of)).hit:
             return _MISS
-        return _Match(True, min(scores) if scores else 1.0, tuple(spans))
+        return _Match(True, min(scores) if scores else 1.0, tuple(spans), tuple(own))
 
 
 def _engine_labels(config: RulesConfig) -> dict[str, list[tuple[str, str]]]:
@@ -943,7 +947,7 @@ class RulesFilter:
                 )
             )
             if action is Action.REDACT:
-                redactions += [Redaction(s, e, rule.replacement) for s, e in match.spans]
+                redactions += [Redaction(s, e, rule.replacement) for s, e in match.own]
         return Verdict.from_findings(findings, redactions)
 
 
