@@ -11,7 +11,8 @@ What is undone, in order:
   HTML tags and Markdown emphasis between two letters (``b<b>o</b>mb``, ``b**o**mb``);
 - a right-to-left override (U+202E) shows the text after it reversed, up to its pop
   (U+202C) or the end of the line: that text is put back in reading order;
-- compatibility forms, accents and case (full-width ``bomb``, ``bómb``, ``BOMB`` -> ``bomb``);
+- compatibility forms, accents and case (full-width ``bomb``, ``bómb``, ``BOMB`` -> ``bomb``),
+  and symbols drawn as a letter that folding leaves alone (``🅱``, ``⒝``, ``🇧``);
 - tag characters (ASCII written invisibly) are read as the text they encode;
 - invisible format characters (zero-width spaces and joiners, soft hyphens) and control
   characters other than whitespace (``bo\x00mb``, ``bo\x1bmb``), marks that
@@ -192,6 +193,28 @@ def _latin_lookalikes() -> dict[str, str]:
 
 _LATIN_LOOKALIKES = _latin_lookalikes()
 
+
+def _letter_symbols() -> dict[str, str]:
+    """Symbols drawn as a Latin letter that compatibility folding leaves alone or turns
+    into more than the letter: negative squared and circled letters (``🅱``), letters in
+    parentheses (``⒝``, folded to ``(b)``), regional indicators (``🇧``, the letters of
+    flags). The letter is read from the Unicode name. Blocks scanned: Enclosed
+    Alphanumerics (U+2460-24FF) and Enclosed Alphanumeric Supplement (U+1F100-1F1FF).
+    """
+    name = re.compile(
+        r"(?:NEGATIVE SQUARED|NEGATIVE CIRCLED|PARENTHESIZED|REGIONAL INDICATOR SYMBOL) "
+        r"(?:LATIN (?:CAPITAL|SMALL) )?LETTER ([A-Z])"
+    )
+    table = {}
+    for code in itertools.chain(range(0x2460, 0x2500), range(0x1F100, 0x1F200)):
+        m = name.fullmatch(unicodedata.name(chr(code), ""))
+        if m:
+            table[chr(code)] = m.group(1).lower()
+    return table
+
+
+_LETTER_SYMBOLS = _letter_symbols()
+
 # Digits and symbols written for letters. Applied only inside a word that also has
 # letters, so plain numbers survive.
 _LEET = {
@@ -356,9 +379,9 @@ def _fold(char: str) -> list[tuple[str, str | None]]:
     capital = _CAPITAL_CONFUSABLES.get(char)
     if capital is not None:
         return [(char.casefold(), capital)]
-    punctuation = _PUNCTUATION.get(char)
-    if punctuation is not None:
-        return [(punctuation, None)]
+    plain = _PUNCTUATION.get(char) or _LETTER_SYMBOLS.get(char)
+    if plain is not None:
+        return [(plain, None)]
     decomposed = unicodedata.normalize("NFKD", char)
     kept = "".join(
         c
