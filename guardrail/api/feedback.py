@@ -16,7 +16,7 @@ interfaces ask for. An application with a finer scale maps it onto these two.
 - ``comment`` is optional and at most ``feedback_comment_max_chars`` characters. It is
   never logged and never a label. It is stored only with ``feedback_comments:
   redacted``, and then only after the tenant policy's input filters (redactions
-  applied; a comment they block is not stored).
+  applied; a comment they block, or one a filter failed on, is not stored).
 - The body is read as strictly as on the other JSON routes: a key given twice or a
   value of the wrong JSON type (``"rating": "1"``) is a 400, not resolved.
 """
@@ -80,7 +80,9 @@ async def _storable_comment(
     guard = gateway.guard_for(rules)
     ctx = FilterContext(request_id, stage=Stage.INPUT, tenant=principal.tenant, route="feedback")
     decision = await guard.check(Stage.INPUT, comment, ctx)
-    return None if decision.blocked else decision.text
+    # A filter that failed under on_error flag or allow left the comment as the user
+    # wrote it, personal data and all: as in the audit log, such a text is not stored.
+    return None if decision.blocked or decision.failed else decision.text
 
 
 @post("/v1/feedback", status_code=200, summary="Rate a response (user satisfaction)")

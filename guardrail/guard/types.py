@@ -260,6 +260,12 @@ class Decision:
     def blocked(self) -> bool:
         return self.action is Action.BLOCK
 
+    @property
+    def failed(self) -> bool:
+        """Whether some filter failed on the text (an error, a timeout). Its ``on_error``
+        decided for it, so what it would have redacted is unknown: the text may hold it."""
+        return any(o.status != "ok" for o in self.outcomes)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "stage": self.stage.value,
