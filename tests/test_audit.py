@@ -1240,6 +1240,50 @@ def test_redacted_audit_text_is_not_stored_where_a_filter_failed_on_it() -> None
     assert redacted_text(exchange(decisions=[checked])) == "hello"
 
 
+def _flagged_output(text: str, *, failed: bool) -> Decision:
+    """An output check flagged; ``failed``: its filter timed out under ``on_error: flag``."""
+    outcome = FilterOutcome(
+        "pii", "pii", Verdict(Action.FLAG if failed else Action.ALLOW), 0.05,
+        status="timeout" if failed else "ok",
+    )  # fmt: skip
+    return Decision(
+        stage=Stage.OUTPUT, action=Action.FLAG, text=text, findings=(), outcomes=(outcome,),
+        policy_name="p", policy_version="1",
+    )  # fmt: skip
+
+
+def _ran_no_filter(text: str) -> Decision:
+    """As :meth:`ConsistencyChecker.inline` adds it: a flag on the completion, no outcomes."""
+    return Decision(
+        stage=Stage.OUTPUT, action=Action.FLAG, text=text,
+        findings=(Finding("inconsistent", 0.9, Action.FLAG, concern="accuracy"),),
+        outcomes=(), policy_name="p", policy_version="1",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "later",
+    [
+        pytest.param(_ran_no_filter(SECRET), id="inline-consistency-flag"),
+        pytest.param(_flagged_output(SECRET[-12:] + " More text.", failed=False), id="next-window"),
+    ],
+)
+def test_redacted_audit_text_is_not_stored_when_a_later_decision_outranks_the_failed_one(
+    later: Decision,
+) -> None:
+    """The later decision of the stage set the action, so the failed check was skipped:
+    the completion an output filter failed on (or the window that repeats its end as
+    context) was stored as the model wrote it."""
+    failed = _flagged_output(SECRET, failed=True)
+    prompt = decision(Stage.INPUT, text="hello")
+
+    assert redacted_text(exchange(decisions=[prompt, failed, later])) == UNCHECKED_TEXT
+    # A failure at the other stage leaves this one's text checked.
+    failed_prompt = dataclasses.replace(_flagged_output("hello", failed=True), stage=Stage.INPUT)
+    checked = _flagged_output("fine", failed=False)
+    assert redacted_text(exchange(decisions=[failed_prompt, checked])) == "fine"
+
+
 @pytest.mark.parametrize(
     ("window", "stored"),
     [

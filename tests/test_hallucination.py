@@ -44,7 +44,7 @@ from guardrail.guard.filter import BuildContext
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.stream import StreamGuard
-from guardrail.guard.types import Action, FilterContext, Finding, Stage
+from guardrail.guard.types import Action, Decision, FilterContext, Finding, Stage
 from guardrail.policy.loader import load_policy, load_policy_text
 from guardrail.policy.model import StreamSettings
 from tests.fakes.backend import FakeBackend
@@ -847,6 +847,32 @@ async def test_consistent_samples_score_higher_and_background_mode_never_waits(
     assert counted.count("dropped") == 1
     assert counted.count("scored") == 1
     assert recorded[-1][0] == "background"
+
+
+async def test_the_inline_inconsistent_flag_carries_the_answer_as_the_policy_left_it(
+    scorer: GroundingScorer,
+) -> None:
+    """It carried the raw completion: the audit log, which keeps the text of the decision
+    that set the action, would have stored what the output filters redacted."""
+
+    async def get_scorer() -> GroundingScorer:
+        return scorer
+
+    checker = ConsistencyChecker(get_scorer, lambda mode, s: None, rate=1.0, threshold=0.9)
+    backend = VaryingBackend(samples=["It opened in 1925.", "It was built in 1750 by Romans."])
+    request = GenerationRequest("m", "req-1", messages=(Message("user", QUESTION),))
+    answer = "The tower was completed in 1889. Mail jane@example.com for more."
+    checked = Decision(
+        stage=Stage.OUTPUT, action=Action.REDACT,
+        text="The tower was completed in 1889. Mail <EMAIL_ADDRESS_1> for more.",
+        findings=(), outcomes=(), policy_name="p", policy_version="1",
+    )  # fmt: skip
+
+    flagged = await checker.inline(backend, request, answer, checked)
+
+    assert flagged is not None
+    assert [f.category for f in flagged.findings] == ["inconsistent"]
+    assert flagged.text == checked.text
 
 
 @dataclass

@@ -134,7 +134,9 @@ class ConsistencyChecker:
         return Decision(
             stage=Stage.OUTPUT,
             action=Action.FLAG,
-            text=answer,
+            # The answer as the policy left it, never the raw completion: this decision
+            # can be the one whose text the audit log keeps.
+            text=decision.text,
             findings=(finding,),
             outcomes=(),
             policy_name=decision.policy_name,

@@ -287,12 +287,16 @@ def redacted_text(exchange: Exchange) -> str | None:
 
     A text some filter failed on (an error, a timeout) is not stored: what that filter
     would have redacted is unknown (a pii filter that timed out left the whole prompt,
-    its personal data included). :data:`UNCHECKED_TEXT` stands in its place.
+    its personal data included). :data:`UNCHECKED_TEXT` stands in its place, and it does
+    so when any decision of the deciding one's stage failed, not only the deciding one:
+    the texts of a stage overlap (a stream window repeats the end of the one before as
+    its context), and a decision that ran no filter can outrank the one that failed (the
+    inline consistency flag, on the completion an output filter failed on).
     """
     if not exchange.decisions:
         return None
     deciding = max(reversed(exchange.decisions), key=lambda d: d.action.rank)
-    if any(o.status != "ok" for o in deciding.outcomes):
+    if any(d.failed for d in exchange.decisions_at(deciding.stage)):
         return UNCHECKED_TEXT
     # A completion's placeholders were restored to the user's values for the client:
     # those values are personal data the policy redacted on the way in. Every decision's
