@@ -285,6 +285,35 @@ def test_harmful_content_counts_each_category_once_per_exchange_and_stage(
     assert harm(registry, stage="input", category="self_harm") is None
 
 
+def test_harmful_exchanges_count_an_exchange_once_whatever_its_stages_and_categories(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    """The spike alert's numerator: summed over stage and category, harmful_content_total
+    made one exchange three harmful requests."""
+    both_stages = exchange(
+        "blocked_output",
+        decision(Stage.INPUT, filter_outcome("rules", finding("hate", Action.FLAG))),
+        decision(
+            Stage.OUTPUT,
+            filter_outcome(
+                "rules", finding("hate", Action.BLOCK), finding("violence", Action.FLAG)
+            ),
+        ),
+    )
+    clean = exchange("allowed", decision(Stage.INPUT, filter_outcome("rules")))
+    moderation = exchange(
+        "blocked_input",
+        decision(Stage.INPUT, filter_outcome("rules", finding("hate", Action.BLOCK))),
+        route="moderations",
+    )
+    for ex in (both_stages, clean, moderation):
+        metrics.record(ex)
+
+    assert harm(registry) == 3.0
+    exchanges = "guardrail_harmful_exchanges_total"
+    assert value(registry, exchanges, tenant="default", policy_version=UNKNOWN) == 1.0
+
+
 def test_moderation_checks_are_not_harmful_content_of_the_traffic(
     metrics: GatewayMetrics, registry: CollectorRegistry
 ) -> None:
@@ -728,7 +757,7 @@ def test_every_metric_has_help_text_and_samples_after_every_kind_of_exchange(
     _record_every_kind(metrics)
 
     families = [f for f in registry.collect() if f.name.startswith("guardrail_")]
-    assert len(families) == 38
+    assert len(families) == 39
     for family in families:
         assert family.documentation, family.name
         assert family.samples, family.name

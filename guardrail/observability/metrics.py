@@ -39,6 +39,7 @@ filter_errors_total                             counter    filter, stage, kind
 filter_duration_seconds                         histogram  filter, stage
 harmful_content_total                           counter    stage, category, tenant,
                                                            policy_version
+harmful_exchanges_total                         counter    tenant, policy_version
 finding_score                                   histogram  filter, stage, category
 verdict_cache_total                             counter    filter, result
 backend_duration_seconds                        histogram  backend, stream
@@ -251,6 +252,12 @@ class GatewayMetrics:
             "Exchanges with a finding whose action is not allow, by stage, policy category, "
             "tenant and policy version.",
             ("stage", "category", "tenant", "policy_version"),
+        )
+        self.harmful_exchanges = counter(
+            "harmful_exchanges_total",
+            "Exchanges with a harmful finding at any stage, of any category, once each: the "
+            "numerator of the share of requests that carry one.",
+            ("tenant", "policy_version"),
         )
         self.hallucination_flags = counter(
             "hallucination_flags_total",
@@ -480,13 +487,20 @@ class GatewayMetrics:
         for stage, kind, concern in sorted(acted):
             if concern == "accuracy":
                 self.hallucination_flags.labels(stage=stage, kind=self._category(kind)).inc()
-        for stage, category in sorted(harmful):
-            self.harmful_content.labels(
-                stage=stage,
-                category=self._category(category),
-                tenant=self._tenant(exchange.tenant),
-                policy_version=self._version(exchange.policy_version),
-            ).inc()
+        if harmful:
+            tenant = self._tenant(exchange.tenant)
+            version = self._version(exchange.policy_version)
+            for stage, category in sorted(harmful):
+                self.harmful_content.labels(
+                    stage=stage,
+                    category=self._category(category),
+                    tenant=tenant,
+                    policy_version=version,
+                ).inc()
+            # harmful_content_total counts an exchange once per stage and category, so its
+            # sum is no count of exchanges (a harmful prompt and its harmful answer are
+            # two): the share of requests with a harmful finding needs this one.
+            self.harmful_exchanges.labels(tenant=tenant, policy_version=version).inc()
 
         if exchange.error_code == OVERLOADED:
             # The gateway shed the load: no backend failed, and none was called.
