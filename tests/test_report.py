@@ -15,7 +15,7 @@ from litestar.testing import TestClient
 
 from guardrail.cli import main
 from guardrail.observability.audit import SQLITE_MIGRATIONS
-from guardrail.observability.report import parse_since, percentile
+from guardrail.observability.report import ReportBuilder, parse_since, percentile
 from tests.fakes.backend import FakeBackend
 from tests.test_audit import postgres_dsn, postgres_server  # noqa: F401 (fixtures)
 
@@ -137,6 +137,14 @@ def run_traffic(client: TestClient[Litestar]) -> None:
             assert rated.status_code == 200, rated.text
     moderated = client.post("/v1/moderations", json={"input": "Muslims are dangerous."})
     assert moderated.status_code == 200
+    # Neither the moderation call nor a refused request is of the report's population:
+    # the call's rating is no chat user's, and the refusal's time no exchange's latency.
+    rated = client.post("/v1/feedback", json={"response_id": moderated.json()["id"], "rating": -1})
+    assert rated.status_code == 200, rated.text
+    refused = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert refused.status_code == 400
 
 
 @pytest.fixture
@@ -206,7 +214,7 @@ def test_the_report_has_every_section_with_the_numbers_of_the_traffic(
     assert page.external == []  # self-contained: no scripts, images, links or stylesheets
     summary = page.sections["summary"]
     assert summary.values("totals") == [
-        ["audit rows", 7],
+        ["audit rows", 8],
         ["chat and completion exchanges", 6],
         ["harmful exchanges", 3],
         ["harmful rate", 0.5],
@@ -215,7 +223,7 @@ def test_the_report_has_every_section_with_the_numbers_of_the_traffic(
         ["input", 6, 2, pytest.approx(1 / 3), 1],
         ["output", 4, 0, 0.0, 0],
     ]
-    assert summary.values("routes") == [["chat", 6], ["moderations", 1]]
+    assert summary.values("routes") == [["chat", 7], ["moderations", 1]]
 
     harmful = page.sections["harmful"]
     assert harmful.values("categories") == [
@@ -228,10 +236,14 @@ def test_the_report_has_every_section_with_the_numbers_of_the_traffic(
     check_groups(page)
     check_satisfaction(page)
 
-    # Latency: the nearest-rank percentiles of what the audit log holds.
+    # Latency: the nearest-rank percentiles of what the audit log holds for the exchanges
+    # that reached the filters (the refused request's row has no input action).
     conn = sqlite3.connect(audit_db)
     durations = sorted(
-        r[0] for r in conn.execute("SELECT duration_ms FROM audit_log WHERE route = 'chat'")
+        r[0]
+        for r in conn.execute(
+            "SELECT duration_ms FROM audit_log WHERE route = 'chat' AND input_action IS NOT NULL"
+        )
     )
     backend_ms = sorted(
         r[0] for r in conn.execute("SELECT backend_ms FROM audit_log WHERE backend_ms IS NOT NULL")
@@ -250,7 +262,7 @@ def test_the_report_has_every_section_with_the_numbers_of_the_traffic(
         4,
         *(percentile(backend_ms, q) for q in (0.5, 0.9, 0.99)),
     ]
-    assert [row[:3] for row in latency[2:]] == [["moderations", "duration", 1]]
+    assert latency[2:] == []  # the moderation call is no chat or completion exchange
     assert page.sections["latency"].svgs == 1
 
     # Each rule once per exchange; the moderation call's hit is not chat traffic.
@@ -259,6 +271,22 @@ def test_the_report_has_every_section_with_the_numbers_of_the_traffic(
         ["words", "bomb", "weapons", "block", "1"],
         ["words", "rude", "insult", "flag", "1"],
     ]
+
+
+def test_ratings_of_refused_requests_and_moderation_calls_are_not_satisfaction() -> None:
+    """A database from before refused requests were refused a rating still holds some:
+    they counted as the satisfaction of the exchanges the report is about."""
+    builder = ReportBuilder(0.0, 3600.0)
+    builder.feedback_known = True
+    builder.add_rating(10.0, 1, "allow", route="chat", input_action="allow")
+    builder.add_rating(20.0, -1, "allow", route="chat", input_action=None)  # a 429
+    builder.add_rating(30.0, -1, "block", route="moderations", input_action="block")
+
+    satisfaction = builder.build().satisfaction
+
+    assert satisfaction is not None
+    assert (satisfaction.ratings, satisfaction.positive) == (1, 1)
+    assert satisfaction.by_action == {"allow": (1, 1)}
 
 
 def test_a_window_without_traffic_says_so_in_every_section(audit_db: Path, tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ Why it is built this way:
   number of exchanges only through the latency samples kept for exact percentiles
   (eight bytes each).
 - **One population**: chat and completion exchanges that reached the input filters
-  (the rows with an ``input_action``), as in the live metrics. Moderation calls and
-  refused requests are counted in the summary only.
+  (the rows with an ``input_action``), as in the live metrics, for every section: the
+  ratings and latencies too. Moderation calls and refused requests are counted in the
+  summary's rows per route only.
 - **Definitions match the metrics.** An exchange is harmful in a category when a
   finding of that category acted (flag, redact, block) at either stage, once per
   exchange; failed filters (``filter_error``) and hallucination flags (``concern``
@@ -241,6 +242,12 @@ class Report:
         return blocked / checked if checked else None
 
 
+def _reached_filters(route: str, input_action: str | None) -> bool:
+    """Whether an exchange is of the report's population: a chat or completion exchange
+    whose prompt the input filters checked (a refused request's row has no input action)."""
+    return route in REPORT_ROUTES and input_action is not None
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (``q`` in [0, 1]) of already sorted values."""
     if not sorted_values:
@@ -277,7 +284,7 @@ class ReportBuilder:
         builder = ReportBuilder(since, until, bucket_s=3600, groups_known=True)
         for row in rows:
             builder.add(row)
-        builder.add_rating(epoch, rating=1, action="allow")   # if there is feedback
+        builder.add_rating(epoch, 1, "allow", route="chat", input_action="allow")
         report = builder.build()
     """
 
@@ -331,6 +338,8 @@ class ReportBuilder:
             return
         self.rows += 1
         self.rows_by_route[row.route] += 1
+        if not _reached_filters(row.route, row.input_action):
+            return
         for name, value in (
             ("duration", row.duration_ms),
             ("backend", row.backend_ms),
@@ -338,8 +347,6 @@ class ReportBuilder:
         ):
             if value is not None:
                 self.latency[row.route][name].append(float(value))
-        if row.route not in REPORT_ROUTES or row.input_action is None:
-            return
         self.exchanges += 1
         self.per_bucket[bucket] += 1
         if row.backend_ms is not None and row.duration_ms is not None:
@@ -380,9 +387,19 @@ class ReportBuilder:
             counts[1] += action == "block"
             counts[2] += action in ("flag", "redact")
 
-    def add_rating(self, epoch: float, rating: int, action: str | None) -> None:
+    def add_rating(
+        self,
+        epoch: float,
+        rating: int,
+        action: str | None,
+        *,
+        route: str,
+        input_action: str | None,
+    ) -> None:
+        """Count a rating given at ``epoch`` of an exchange of ``route``; ``input_action``
+        is None for a refused request (one that never reached the filters)."""
         bucket = self._bucket(epoch)
-        if bucket is None:
+        if bucket is None or not _reached_filters(route, input_action):
             return
         good = rating > 0
         self.ratings += 1
@@ -524,11 +541,14 @@ def _read_sqlite(path: Path, builder: ReportBuilder) -> None:
             builder.add(_row(values, with_groups))
         builder.feedback_known = "audit_feedback" in tables
         if builder.feedback_known:
-            for epoch, rating, action in conn.execute(
-                "SELECT epoch, rating, action FROM audit_feedback WHERE epoch >= ? AND epoch < ?",
+            for epoch, rating, action, route, input_action in conn.execute(
+                "SELECT epoch, rating, action, route, input_action FROM audit_feedback "
+                "WHERE epoch >= ? AND epoch < ?",
                 (builder.since, builder.until),
             ):
-                builder.add_rating(float(epoch), int(rating), action)
+                builder.add_rating(
+                    float(epoch), int(rating), action, route=route, input_action=input_action
+                )
     except sqlite3.DatabaseError as e:
         raise ConfigError(f"cannot read the audit database {path}: {e}") from e
     finally:
@@ -570,12 +590,14 @@ def _read_postgres(dsn: str, builder: ReportBuilder) -> None:
             ).fetchone()
             builder.feedback_known = feedback is not None
             if feedback is not None:
-                for epoch, rating, action in conn.execute(
-                    "SELECT epoch, rating, action FROM audit_feedback "
+                for epoch, rating, action, route, input_action in conn.execute(
+                    "SELECT epoch, rating, action, route, input_action FROM audit_feedback "
                     "WHERE time >= %s AND time < %s",
                     (since, until),
                 ):
-                    builder.add_rating(float(epoch), int(rating), action)
+                    builder.add_rating(
+                        float(epoch), int(rating), action, route=route, input_action=input_action
+                    )
     except psycopg.Error as e:
         # The type only: a server message can quote values.
         raise ConfigError(f"cannot read the audit database: {type(e).__name__}") from e
