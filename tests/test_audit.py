@@ -630,17 +630,21 @@ async def test_ratings_and_verdicts_round_trip_with_the_decision_they_judged(
     database: Database,
 ) -> None:
     block = decision(Stage.INPUT, finding("weapons", Action.BLOCK, score=0.97, rule="bomb"))
+    allow = decision(Stage.INPUT)
     async with running(database.make_store()) as audit:
         audit.record(exchange("flagged-1", outcome="flagged"))
         audit.record(exchange("blocked-1", outcome="blocked_input", decisions=[block]))
-        audit.record(exchange("fine-1", outcome="allowed", decisions=[]))
-        audit.record(exchange("other-tenant", tenant="beta", outcome="allowed", decisions=[]))
+        audit.record(exchange("fine-1", outcome="allowed", decisions=[allow]))
+        audit.record(exchange("other-tenant", tenant="beta", outcome="allowed", decisions=[allow]))
+        # Refused before the filters (a bad body): no decision to rate, found by no id.
+        audit.record(exchange("refused-1", outcome="invalid_request", decisions=[]))
 
     async with oversight(database.make_store()) as store:
         assert await store.pending_count() == 2
         assert await store.find_response("acme", "chatcmpl-other-tenant") is None
         assert await store.find_response("beta", "chatcmpl-other-tenant") is not None
         fine = await store.find_response("acme", "fine-1")  # a request id works too
+        assert await store.find_response("acme", "refused-1") is None
         blocked = await store.find_response("acme", "chatcmpl-blocked-1")
         assert fine is not None
         assert blocked is not None

@@ -174,6 +174,53 @@ def test_the_audit_row_keeps_the_id_the_response_carried(
     assert rows(database, "SELECT response_id FROM audit_log") == [(answer["id"],)]
 
 
+def test_a_request_refused_before_the_filters_cannot_be_rated_nor_queued(
+    gateway: Callable[..., Iterator[Client]], database: Path
+) -> None:
+    """A bad body's 400 or a 429, rated down by its request id, had joined the review
+    queue as negative feedback on a decision nobody made."""
+    for client in gateway(tenants={"acme": TenantConfig(requests_per_minute=1)}):
+        bad_json = client.post(
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={**auth(ACME), "content-type": "application/json"},
+        )
+        served = chat(client, "hello")
+        limited = client.post(
+            "/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+            headers=auth(ACME),
+        )
+        assert (bad_json.status_code, limited.status_code) == (400, 429)
+
+        for refused in (bad_json, limited):
+            response = rate(client, refused.headers["x-request-id"], -1)
+            assert response.status_code == 404, response.text
+            assert response.json()["error"]["code"] == "response_not_found"
+        assert rate(client, served["id"], -1).status_code == 200
+        queue = admin_get(client, "/admin/review").json()["data"]
+
+    assert [i["request_id"] for i in queue] == [served["guardrail"]["request_id"]]
+    assert rows(database, "SELECT response_id FROM audit_feedback") == [(served["id"],)]
+
+
+def test_a_request_id_a_client_set_to_a_response_id_does_not_take_its_ratings(
+    client: Client,
+) -> None:
+    answer = chat(client, "hello")
+    later = client.post(
+        "/v1/chat/completions",
+        json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+        headers={**auth(ACME), "x-request-id": answer["id"]},
+    )
+    assert later.headers["x-request-id"] == answer["id"]  # the client's id was kept
+
+    response = rate(client, answer["id"], 1)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["request_id"] == answer["guardrail"]["request_id"]
+
+
 def test_a_second_rating_of_a_response_replaces_the_first(client: Client, database: Path) -> None:
     answer = chat(client, "hello")
 

@@ -9,7 +9,8 @@ interfaces ask for. An application with a finer scale maps it onto these two.
   also the ``x-request-id`` header). Rating refusals is the point: negative feedback on
   blocked requests estimates over-blocking.
 - A tenant rates only its own responses: an id of another tenant's response is 404,
-  the same answer as an id that never existed.
+  the same answer as an id that never existed. So is a request refused before the
+  filters checked it (a bad body, a 429): there is no decision to rate.
 - The rating is stored with the exchange's decision (action, per-stage actions,
   outcome, policy version) in ``audit_feedback``; a second rating of the same response
   replaces the first (a user changing their mind), and says so (``replaced``).

@@ -225,13 +225,16 @@ _COUNT_PENDING: Final = (
 # The id a client names is the response's id (chatcmpl-...), or, for a refused request
 # that got no response body, its request id (guardrail.request_id / x-request-id). Rows
 # written before schema version 2 have no response_id: the prefix is taken off instead.
-# "tenant || ''" keeps SQLite off the tenant index (all of a tenant's rows): the ids are
-# the selective terms.
+# Only an exchange the filters checked (it has an input action) is rated: a request
+# refused before them (a bad body, a 429) has no decision to judge, and is not found.
+# A response id the gateway made wins over a request id a client chose to be the same
+# text; among equals, the latest. "tenant || ''" keeps SQLite off the tenant index (all
+# of a tenant's rows): the ids are the selective terms.
 _FIND_RESPONSE: Final = (
     _ITEM
     + """WHERE (a.response_id = ? OR a.request_id = ? OR (a.request_id = ? AND a.route = ?))
-  AND a.tenant || '' = ?
-ORDER BY a.id DESC LIMIT 1"""
+  AND a.tenant || '' = ? AND a.input_action IS NOT NULL
+ORDER BY CASE WHEN a.response_id = ? THEN 0 ELSE 1 END, a.id DESC LIMIT 1"""
 )
 _PREFIX_ROUTES: Final = {"chatcmpl-": "chat", "cmpl-": "completions", "modr-": "moderations"}
 
@@ -428,7 +431,8 @@ class OversightStore:
     # --- feedback ------------------------------------------------------------------------
 
     async def find_response(self, tenant: str, response_id: str) -> AuditedExchange | None:
-        """The latest exchange of ``tenant`` whose response id (or request id) this is."""
+        """The exchange of ``tenant`` whose response id (or else request id) this is, the
+        latest if several; only exchanges the filters checked (see ``_FIND_RESPONSE``)."""
         # Stored ids never hold NUL (the audit log writes it as U+FFFD, and PostgreSQL
         # refuses a NUL even as a query parameter): ask for what would have been stored.
         response_id = _clean(response_id) or ""
@@ -437,7 +441,7 @@ class OversightStore:
             if response_id.startswith(prefix):
                 bare, route = response_id.removeprefix(prefix), prefix_route
                 break
-        params = (response_id, response_id, bare, route, _clean(tenant))
+        params = (response_id, response_id, bare, route, _clean(tenant), response_id)
         rows = await self._call(self._rows, _FIND_RESPONSE, params)
         return _exchange(rows[0]) if rows else None
 
