@@ -22,7 +22,7 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from guardrail.app import create_app
 from guardrail.settings import ApiKeyEntry, Settings, key_digest
@@ -197,3 +197,33 @@ def test_a_reviewer_records_a_verdict_in_the_page_and_the_export_has_it(
     assert [(f["category"], f["score"], f["rule_id"]) for f in verdict["findings"]] == [
         ("weapons", 1.0, "bomb")
     ]
+
+
+def test_changing_the_filter_drops_the_old_lists_load_more(
+    gateway: str, browser: WebDriver
+) -> None:
+    """ "Load more" sent the old list's cursor with the new status: the reviewed items
+    older than the pending page's last one, appended under the pending ones."""
+    auth = {"authorization": f"Bearer {TENANT_KEY}"}
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi."}]}
+    with httpx.Client(base_url=gateway, headers=auth, timeout=30) as client:
+        for _ in range(51):  # one more than a page: the reply "You dummy." is flagged
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+    wait = WebDriverWait(browser, 20)
+    browser.get(gateway + "/admin/review/ui")
+    browser.find_element(By.ID, "key").send_keys(ADMIN_KEY)
+    browser.find_element(By.ID, "load").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tbody tr[data-id]")) == 50)
+    more = browser.find_element(By.ID, "more")
+    assert more.is_displayed()
+
+    Select(browser.find_element(By.ID, "status")).select_by_value("reviewed")
+
+    assert not more.is_displayed()
+    Select(browser.find_element(By.ID, "status")).select_by_value("pending")
+    browser.find_element(By.ID, "load").click()
+    wait.until(lambda d: more.is_displayed())
+
+    browser.find_element(By.ID, "tenant").send_keys("beta")
+
+    assert not more.is_displayed()
