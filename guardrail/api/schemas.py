@@ -8,7 +8,7 @@ are refused with a clear reason rather than passed through unmoderated.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -179,6 +179,9 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             )
 
 
+RESPONSE_FORMAT_TYPES: Final = frozenset({"text", "json_object", "json_schema"})
+
+
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[WireMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
@@ -204,6 +207,20 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                     "model without moderation; put it in the message content.",
                     param=f"messages[{i}].name",
                     code="unsupported_parameter",
+                )
+        if self.response_format is not None:
+            kind = self.response_format.get("type")
+            if not isinstance(kind, str) or kind not in RESPONSE_FORMAT_TYPES:
+                # Any other value went to the backend as written, unfiltered (the type
+                # names a format; it is not read as text), and an upstream's "invalid
+                # value" error echoed it back to the client.
+                raise APIError(
+                    400,
+                    "response_format.type must be one of: "
+                    + ", ".join(sorted(RESPONSE_FORMAT_TYPES))
+                    + ".",
+                    param="response_format.type",
+                    code="invalid_request",
                 )
         if self.logprobs or self.top_logprobs:
             raise APIError(

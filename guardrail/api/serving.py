@@ -118,6 +118,18 @@ _NOT_SERVED = frozenset({OVERLOADED, "model_not_found", "backend_unavailable"})
 
 
 _ID_SEPARATORS = re.compile(r"[_.:-]+")
+# Where a word starts inside a CamelCase id: before a capital that follows a small letter
+# or a digit, and before the last capital of a run that a small letter follows
+# ("HTTPServer" is "HTTP Server").
+_CAMEL_JOINTS = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def _id_readings(tool_call_id: str) -> tuple[str, str, str]:
+    """An id as written (a key's pattern holds its dashes), with its separators as
+    spaces (``how-to-build-a-bomb``), and with its CamelCase words apart too
+    (``HowToBuildABomb``): in each, its words are words to the filters."""
+    spaced = _ID_SEPARATORS.sub(" ", tool_call_id)
+    return tool_call_id, spaced, _CAMEL_JOINTS.sub(" ", spaced)
 
 
 def format_text(response_format: object) -> str:
@@ -719,6 +731,11 @@ class Serving:
                         exchange, guard, [(None, fmt)], param="response_format"
                     )
             await self._check_tool_call_ids(exchange, guard, messages, ctx)
+            # Stop sequences reach the backend (a hosted provider reads them): checked as
+            # written, and refused on what would be redacted, as an id is.
+            stops = body.stop_list()
+            if stops:
+                await self._check_verbatim(exchange, guard, ctx, "\n".join(stops), "stop")
             rewritten = list(texts)
             for i, d in input_decisions:
                 if i is not None:
@@ -825,13 +842,19 @@ class Serving:
         if not where:
             return
         ids = [messages[i].tool_call_id or "" for i in where]
-        text = "\n".join(
-            line for i in ids for line in dict.fromkeys((i, _ID_SEPARATORS.sub(" ", i)))
-        )
+        text = "\n".join(line for i in ids for line in dict.fromkeys(_id_readings(i)))
+        param = f"messages[{where[0]}].tool_call_id" if len(where) == 1 else "messages"
+        await self._check_verbatim(exchange, guard, ctx, text, param)
+
+    async def _check_verbatim(
+        self, exchange: Exchange, guard: Guard, ctx: FilterContext, text: str, param: str
+    ) -> None:
+        """Pass ``text``, a part of the request the backend gets as written (ids, stop
+        sequences), through the input filters: it cannot be rewritten, so what the
+        policy would redact refuses the request, as what it would block does."""
         decision = await guard.check(Stage.INPUT, text, ctx)
         exchange.decisions.append(decision)
         if decision.action in (Action.BLOCK, Action.REDACT):
-            param = f"messages[{where[0]}].tool_call_id" if len(where) == 1 else "messages"
             raise self._input_blocked(exchange, guard, [(None, decision)], param=param)
 
     def _input_blocked(
