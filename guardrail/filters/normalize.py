@@ -33,6 +33,7 @@ What is undone, in order:
   (``|bomb|``, ``$x$``, ``wow!``), but two or more bars after its letters are letters
   (``ki||``). ``1`` and ``|`` become ``I``, which keyword patterns read as ``i`` or ``l``
   (``k1ll`` and ``ki11``); nothing else in the output is upper case;
+- a word in CamelCase of four words or more (``HowToMakeAPipeBomb``) is read as its words;
 - letters spelled out one at a time (``b o m b``, ``b.o.m.b``, ``b/o/m/b``): a run of
   three or more single letters joined by one space or ``. - _ * / , ~ : '`` is glued;
 - runs of whitespace become one space.
@@ -49,6 +50,7 @@ import html.entities
 import itertools
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Zero-width and other invisible formatting characters used to split words, and control
@@ -462,17 +464,7 @@ def _unconfuse(folded: _Folded) -> None:
     \u0412\u041e\u041c\u0412`` at the text's end) still keeps it Cyrillic: a known gap.
     """
     chars, lookalikes = folded.chars, folded.lookalikes
-    words: list[tuple[int, int]] = []
-    start, n = 0, len(chars)
-    while start < n:
-        if not chars[start].isalnum():
-            start += 1
-            continue
-        end = start
-        while end < n and chars[end].isalnum():
-            end += 1
-        words.append((start, end))
-        start = end
+    words = _runs(chars, str.isalnum)
     # Per word: the scripts of its look-alikes, and what its other letters say about its
     # language: None (no other letters: undecided), "latin", or the scripts it is written in.
     disguised: list[set[str]] = []
@@ -515,6 +507,49 @@ def _unconfuse(folded: _Folded) -> None:
 
 # Leet symbols that also serve as punctuation at a word's edges.
 _EDGE_SYMBOLS = "!$+|"
+
+
+# A word written in CamelCase with at least this many words is a sentence with its spaces
+# taken out ("HowToMakeAPipeBomb"), which models read as one: its words are set apart.
+# Names of one or two joints ("YouTube", "McDonald", "JavaScript") stay whole.
+_CAMEL_WORDS = 4
+
+
+def _runs(chars: list[str], inside: Callable[[str], bool]) -> list[tuple[int, int]]:
+    """The ``(start, end)`` of each run of ``chars`` that are ``inside``."""
+    runs: list[tuple[int, int]] = []
+    start, n = 0, len(chars)
+    while start < n:
+        if not inside(chars[start]):
+            start += 1
+            continue
+        end = start
+        while end < n and inside(chars[end]):
+            end += 1
+        runs.append((start, end))
+        start = end
+    return runs
+
+
+def _split_camel(folded: _Folded) -> None:
+    upper = folded.upper
+    joints: list[int] = []
+    for start, end in _runs(folded.chars, str.isalpha):
+        # A capital after a small letter starts a word ("ToMake"), and so does the last
+        # capital of a run that a small letter follows ("APipe").
+        found = [
+            k
+            for k in range(start + 1, end)
+            if upper[k] and (not upper[k - 1] or (k + 1 < end and not upper[k + 1]))
+        ]
+        if len(found) + 1 >= _CAMEL_WORDS:
+            joints += found
+    for k in reversed(joints):
+        folded.chars.insert(k, " ")
+        folded.starts.insert(k, folded.starts[k])
+        folded.ends.insert(k, folded.starts[k])
+        folded.lookalikes.insert(k, None)
+        folded.upper.insert(k, False)
 
 
 def _unleet(folded: _Folded, text_has_lower: bool) -> None:
@@ -627,6 +662,7 @@ def normalize(
     folded = _fold_and_squeeze(_source(text, markup))
     if unconfuse:
         _unconfuse(folded)
+    _split_camel(folded)
     if leet:
         _unleet(folded, any(c.islower() for c in text))
     if glue:
