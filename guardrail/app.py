@@ -31,7 +31,13 @@ from litestar.openapi import OpenAPIConfig
 from prometheus_client import CollectorRegistry
 
 from guardrail import __version__
-from guardrail.api.auth import AuthMiddleware, KeyRing, Tenants, open_mode_warning
+from guardrail.api.auth import (
+    AuthMiddleware,
+    KeyRing,
+    Tenants,
+    open_mode_warning,
+    unused_tenants,
+)
 from guardrail.api.consistency import ConsistencyChecker
 from guardrail.api.errors import make_exception_handler
 from guardrail.api.feedback import ROUTES as FEEDBACK_ROUTES
@@ -119,6 +125,13 @@ def create_app(
     ``rate_limiter``: use this one instead of the one the settings describe.
     """
     ring = KeyRing.from_settings(settings)  # a key_env that is not set stops startup here
+    # Before any model loads: a missing redis extra stops startup at once (the URL was
+    # checked with the settings). Nothing connects until the first request.
+    limiter = (
+        rate_limiter
+        if rate_limiter is not None
+        else build_rate_limiter(settings.rate_limit_redis_url)
+    )
     audit = audit_from_settings(settings)  # a bad DSN or a missing extra stops startup here
     metrics = GatewayMetrics(
         metrics_registry if metrics_registry is not None else CollectorRegistry()
@@ -206,9 +219,7 @@ def create_app(
         backend=backend,
         tenants=tenants,
         stores=stores,
-        limiter=rate_limiter
-        if rate_limiter is not None
-        else build_rate_limiter(settings.rate_limit_redis_url),
+        limiter=limiter,
         audit=audit,
         shadow=ShadowPolicy(
             shadow_store, metrics.shadow_decision, max_in_flight=settings.shadow_max_in_flight
@@ -235,6 +246,14 @@ def create_app(
     metrics.observe_caches(lambda: model_cache_stats(env.resources))
     for name, meant in misspelt_env(os.environ):  # names only: values may be secrets
         log.warning("unknown_setting_variable", variable=name, did_you_mean=meant)
+    for unused, close in unused_tenants(settings, ring):
+        log.warning(
+            "unused_tenant",
+            tenant=unused,
+            did_you_mean=close,
+            message=f"tenants: {unused!r} is set but no API key acts for it; its policy, "
+            "models and limits apply to nobody",
+        )
     warning = open_mode_warning(ring)
     if warning:
         log.warning("running_open", message=warning, admin_key=ring.has_admin)
@@ -305,8 +324,10 @@ def create_app(
                 "x-request-id",
                 "x-guardrail-action",
                 "x-guardrail-policy-version",
-                # 429 and 503 say when to retry; browsers hide unlisted headers.
+                # 429 and 503 say when to retry, or that retrying is useless (a request
+                # over a minute's tokens); browsers hide unlisted headers.
                 "retry-after",
+                "x-should-retry",
             ],
         )
         if settings.cors_origins

@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 import yaml
@@ -53,6 +54,63 @@ BearerToken = Annotated[str, msgspec.Meta(pattern=r"^[!-~]+$(?!\n)")]
 def key_digest(key: str) -> str:
     """The sha256 hex digest an API key is stored and compared as."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+_PRINTABLE_ASCII = re.compile(r"[ -~]+")
+
+
+def key_problem(key: str) -> str | None:
+    """Why no client could ever present ``key`` (a stripped API or admin key), or None.
+
+    A key is compared as the sha256 of its UTF-8, a presented one is read from a header,
+    which carries bytes: a character outside printable ASCII (an accented letter, a
+    control character) is either refused by HTTP clients and servers or read back as
+    something else, so the key would be accepted here and never authenticate anyone.
+    Never names the key or the character (the message may be logged).
+    """
+    if _PRINTABLE_ASCII.fullmatch(key):
+        return None
+    return (
+        "holds a character other than printable ASCII (letters, digits, punctuation, "
+        "spaces): a request header does not carry it as the key's UTF-8, so no client "
+        "could ever present the key"
+    )
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What in a ``rate_limit_redis_url`` redis-py would refuse (after the model loaded:
+    a traceback) or silently ignore (a database that is not a number is database 0),
+    or None. Never echoes the URL: it may hold a password."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return "is not a redis://, rediss:// or unix:// URL (the schemes redis-py takes)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        query = parse_qs(parts.query)
+    except ValueError:
+        return "cannot be read: its port is not a number from 1 to 65535, or its host is malformed"
+    databases = [*query.get("db", [])]
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "needs the socket's path after unix:// (unix:///run/redis.sock)"
+    else:
+        if port == 0:
+            return "has port 0; give the server's port (redis://host:6379/0)"
+        path = unquote(parts.path).replace("/", "")
+        if path and not databases:  # redis-py reads the path only without ?db=
+            databases.append(path)
+    for db in databases:
+        if not db.strip().isdigit() or not db.strip().isascii():
+            return "names a database (its path, or ?db=) that is not a number (redis://host:6379/0)"
+    try:
+        from redis.connection import parse_url
+    except ImportError:  # the redis extra is checked when the limiter is built
+        return None
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        return "has a query parameter whose value redis-py cannot read"
+    return None
 
 
 # The longest time setting: a finite bound, so "inf" (which parses as a float) is refused
@@ -452,6 +510,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
     ] = False
 
+    def __post_init__(self) -> None:
+        # Checked as the settings are read, so a bad combination stops startup (exit 2)
+        # before any model loads. Each message starts with the key it is about (and so
+        # names its source, see _invalid), never with a value that may be secret.
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) is larger than "
+                f"max_tokens_limit ({self.max_tokens_limit}): a request that sets no "
+                "max_tokens would be sent more than any request may ask for; lower "
+                "default_max_tokens or raise max_tokens_limit"
+            )
+        if self.rate_limit_redis_url:
+            problem = redis_url_problem(self.rate_limit_redis_url)
+            if problem:
+                raise ValueError(f"rate_limit_redis_url {problem}")
+
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
@@ -477,6 +551,9 @@ def parse_api_keys(raw: str) -> list[dict[str, str]]:
         if not sep or not key.strip() or not tenant.strip():
             # Never echo the entry: it holds a key.
             raise ConfigError(f"GUARDRAIL_API_KEYS entry {n} is not KEY=TENANT")
+        problem = key_problem(key.strip())
+        if problem:
+            raise ConfigError(f"GUARDRAIL_API_KEYS entry {n}: the key {problem}")
         entries.append({"key_sha256": key_digest(key.strip()), "tenant": tenant.strip()})
     if not entries:
         raise ConfigError(
@@ -506,6 +583,9 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         admin = environ[ENV_PREFIX + "ADMIN_KEY"].strip()
         if not admin:
             raise ConfigError("GUARDRAIL_ADMIN_KEY is set but empty; unset it or give the key")
+        problem = key_problem(admin)
+        if problem:
+            raise ConfigError(f"GUARDRAIL_ADMIN_KEY: the key {problem}")
         out["admin_key_sha256"] = key_digest(admin)
     for name, f in _FIELDS.items():
         if name in _NOT_FROM_ENV:
@@ -588,7 +668,20 @@ def _invalid(
     found = re.search(r" - at `\$\.(\w+)", text) or re.match(
         r"Object contains unknown field `([^`]*)`$", text
     )
-    name = found.group(1) if found else None
+    # A check of Settings.__post_init__ has no path: its message begins with the key it
+    # is about, and writes another it involves as "key (value)". Of those, the first one
+    # some source gave is named.
+    named: list[str] = []
+    if found:
+        named.append(found.group(1))
+    else:
+        head = text.split(":", 1)[0]
+        first = re.match(r"\w+", head)
+        if first and first.group(0) in _FIELDS:
+            named.append(first.group(0))
+        named += [w for w in re.findall(r"(\w+) \(", head) if w in _FIELDS and w not in named]
+    given = [n for n in named if n in flag_keys | env_keys | file_keys]
+    name = (given or named)[0] if named else None
     if name is not None and name in flag_keys:
         where = f"{name} (command-line flag {_flag(name)})"
     elif name is not None and name in env_keys:

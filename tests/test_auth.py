@@ -143,6 +143,38 @@ def test_models_lists_only_what_the_tenant_may_use(keyed: Client) -> None:
     assert keyed.get("/v1/models/big-model").status_code == 401
 
 
+def test_a_model_nobody_serves_is_404_naming_only_what_the_tenant_may_use(
+    make_app: Callable[..., Litestar], backend: FakeBackend
+) -> None:
+    """The 404 listed every served model, those of other tenants too, which /v1/models
+    hides from this key."""
+    backend.model_names = ["fake-model", "big-model"]
+    app = make_app(
+        api_keys=[
+            ApiKeyEntry(tenant="alice", key_sha256=sha(ALICE)),
+            ApiKeyEntry(tenant="bob", key_sha256=sha(BOB)),
+        ],
+        tenants={
+            "alice": TenantConfig(models=["retired-model"]),
+            "bob": TenantConfig(models=["fake-model", "retired-model"]),
+        },
+    )
+    with TestClient(app=app) as c:
+        bob = c.post("/v1/chat/completions", json=chat(model="retired-model"), headers=bearer(BOB))
+        alice = c.post(
+            "/v1/chat/completions", json=chat(model="retired-model"), headers=bearer(ALICE)
+        )
+    assert bob.status_code == 404
+    assert bob.json()["error"]["code"] == "model_not_found"
+    assert "Available: fake-model." in bob.json()["error"]["message"]
+    assert "big-model" not in bob.text
+    assert alice.status_code == 404
+    assert "fake-model" not in alice.text
+    assert "big-model" not in alice.text
+    assert "None of the models served here is open to this API key" in alice.text
+    assert backend.requests == []
+
+
 def test_admin_routes_need_the_admin_key(keyed: Client) -> None:
     assert keyed.post("/admin/reload").status_code == 401
     tenant = keyed.post("/admin/reload", headers=bearer(ALICE))
@@ -306,6 +338,62 @@ def test_a_misspelt_key_variable_is_named_at_startup_without_its_value(
     ]
 
 
+def test_a_tenants_entry_no_key_acts_for_is_named_at_startup(test_policy: Path) -> None:
+    """A misspelt tenant ("Alice" for the key's "alice") left that tenant on the default
+    policy, every model and the default limits, silently."""
+    with structlog.testing.capture_logs() as logs:
+        _fresh_app(
+            test_policy,
+            api_keys=[
+                ApiKeyEntry(tenant="alice", key_sha256=sha(ALICE)),
+                ApiKeyEntry(tenant="bob", key_sha256=sha(BOB)),
+            ],
+            tenants={
+                "Alice": TenantConfig(requests_per_minute=10),
+                "bob": TenantConfig(requests_per_minute=10),
+                "carol": TenantConfig(requests_per_minute=10),
+            },
+        )
+    warned = [e for e in logs if e["event"] == "unused_tenant"]
+    assert [(e["tenant"], e["did_you_mean"]) for e in warned] == [
+        ("Alice", "alice"),
+        ("carol", None),
+    ]
+    assert all(e["log_level"] == "warning" for e in warned)
+    # Open mode: every request is tenant "default", whose entry is used.
+    with structlog.testing.capture_logs() as logs:
+        _fresh_app(test_policy, tenants={"default": TenantConfig(), "acme": TenantConfig()})
+    warned = [e for e in logs if e["event"] == "unused_tenant"]
+    assert [e["tenant"] for e in warned] == ["acme"]
+
+
+@pytest.mark.parametrize("key", ["clé-secrète", "sk-\u00a0nbsp", "sk-tab\there", "sk-\x7f"])
+def test_a_key_no_header_can_carry_is_refused_at_startup_without_echoing_it(key: str) -> None:
+    """A key outside printable ASCII was accepted and could never authenticate: a header
+    carries bytes, read as latin-1, while the key is hashed as UTF-8."""
+    with pytest.raises(ConfigError, match=r"GUARDRAIL_API_KEYS entry 1: .*printable ASCII") as e:
+        load_settings(environ={"GUARDRAIL_API_KEYS": f"{key}=alice"})
+    assert key not in str(e.value)
+    with pytest.raises(ConfigError, match=r"GUARDRAIL_ADMIN_KEY: .*printable ASCII") as e:
+        load_settings(environ={"GUARDRAIL_ADMIN_KEY": key})
+    assert key not in str(e.value)
+    settings = Settings(api_keys=[ApiKeyEntry(tenant="ci", key_env="CI_KEY")])
+    with pytest.raises(ConfigError, match=r"api_keys\[0\]: .*CI_KEY .*printable ASCII") as e:
+        KeyRing.from_settings(settings, environ={"CI_KEY": key})
+    assert key not in str(e.value)
+
+
+def test_a_key_with_a_space_inside_still_authenticates(
+    make_app: Callable[..., Litestar], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Printable ASCII, spaces included: both headers carry it whole.
+    monkeypatch.setenv("SPACED_KEY", "sk-two words")
+    app = make_app(api_keys=[ApiKeyEntry(tenant="ci", key_env="SPACED_KEY")])
+    with TestClient(app=app) as c:
+        for headers in (bearer("sk-two words"), {"x-api-key": "sk-two words"}):
+            assert c.post("/v1/chat/completions", json=chat(), headers=headers).status_code == 200
+
+
 def test_env_keys_are_hashed_as_they_are_read() -> None:
     settings = load_settings(
         environ={"GUARDRAIL_API_KEYS": f"{ALICE}=alice, {BOB}=bob", "GUARDRAIL_ADMIN_KEY": ADMIN}
@@ -321,6 +409,7 @@ def test_env_keys_are_hashed_as_they_are_read() -> None:
     assert alice is not None
     assert alice.tenant == "alice"
     assert alice.key_id == sha(ALICE)[:8]
+    assert alice.bucket == sha(ALICE)  # rate limits count by the whole digest
     assert ring.identify("sk-nobody") is None
     admin = ring.identify(ADMIN)
     assert admin is not None

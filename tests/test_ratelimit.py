@@ -27,6 +27,7 @@ from guardrail.api.ratelimit import (
 )
 from guardrail.app import create_app
 from guardrail.backends.remote import RemoteBackend
+from guardrail.errors import BackendError, BackendTimeout
 from guardrail.settings import ApiKeyEntry, Settings, TenantConfig
 from tests.fakes.backend import FakeBackend
 from tests.fakes.upstream import FakeUpstream, Mode, fake_client
@@ -262,14 +263,20 @@ async def test_redis_unreachable_lets_requests_through_and_counts_it() -> None:
 
 
 def _app(
-    test_policy: Path, backend: FakeBackend, registry: CollectorRegistry, **overrides: object
+    test_policy: Path,
+    backend: FakeBackend,
+    registry: CollectorRegistry,
+    rate_limiter: RateLimiter | None = None,
+    **overrides: object,
 ) -> Litestar:
-    settings = Settings(
-        policy=str(test_policy),
-        api_keys=[ApiKeyEntry(tenant="t", key_sha256=hashlib.sha256(KEY.encode()).hexdigest())],
-        **overrides,  # type: ignore[arg-type]
+    overrides.setdefault(
+        "api_keys",
+        [ApiKeyEntry(tenant="t", key_sha256=hashlib.sha256(KEY.encode()).hexdigest())],
     )
-    return create_app(settings, backend=backend, metrics_registry=registry)
+    settings = Settings(policy=str(test_policy), **overrides)  # type: ignore[arg-type]
+    return create_app(
+        settings, backend=backend, metrics_registry=registry, rate_limiter=rate_limiter
+    )
 
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
@@ -335,6 +342,39 @@ def test_tenant_token_limit_counts_max_tokens_up_front(
     assert ok.status_code == 200
 
 
+def test_a_request_over_a_minutes_tokens_tells_the_client_not_to_retry(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    """A request over a whole minute's tokens can never pass: it had Retry-After: 60,
+    and the openai SDK slept a minute, twice, before giving up. Still a 429 (as OpenAI
+    answers), with the header the OpenAI SDKs read as "do not retry"."""
+    backend.reports_usage = False  # the estimate stands: the third request must wait
+    app = _app(
+        test_policy,
+        backend,
+        metrics_registry,
+        rate_limiter=MemoryRateLimiter(Clock()),
+        tenants={"t": TenantConfig(tokens_per_minute=1000)},
+        cors_origins=["https://app.example"],
+    )
+    headers = {**AUTH, "origin": "https://app.example"}
+    with TestClient(app=app) as c:
+        never = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2000}, headers=headers)
+        spent = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 900}, headers=headers)
+        later = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 900}, headers=headers)
+    assert never.status_code == 429
+    assert never.json()["error"]["code"] == "rate_limit_exceeded"
+    assert never.headers["x-should-retry"] == "false"
+    assert "retry-after" not in never.headers
+    exposed = {h.strip() for h in never.headers["access-control-expose-headers"].split(",")}
+    assert "x-should-retry" in exposed  # a browser client reads it too
+    # One that waiting lets through keeps its Retry-After, and no such header.
+    assert spent.status_code == 200
+    assert later.status_code == 429
+    assert int(later.headers["retry-after"]) >= 1
+    assert "x-should-retry" not in later.headers
+
+
 def test_a_request_no_backend_saw_gives_its_tokens_back(
     test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
 ) -> None:
@@ -360,6 +400,136 @@ def test_a_request_no_backend_saw_gives_its_tokens_back(
     assert ok.status_code == 200  # was 429: the 404s had spent the minute's tokens
     assert backend.requests
     assert all(r.model == "fake-model" for r in backend.requests)
+
+
+@pytest.mark.parametrize(
+    ("error", "stream"),
+    [
+        # The local engine's refusal when its queue is full (Retry-After: 1).
+        (BackendError("the local engine is at capacity; retry shortly", status=429), False),
+        (BackendError("the local engine is at capacity; retry shortly", status=429), True),
+        (BackendTimeout("the backend took too long"), False),
+        (BackendError("upstream failed before the first token", status=502), True),
+    ],
+    ids=["engine-429", "engine-429-stream", "timeout", "502-before-the-first-chunk-stream"],
+)
+def test_a_backend_refusal_that_generated_nothing_gives_its_tokens_back(
+    test_policy: Path,
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+    error: BackendError,
+    stream: bool,
+) -> None:
+    """A backend that refused (its own 429) or failed before producing any output used no
+    tokens: the client that retries, as told, must not spend its minute on refusals. The
+    request itself stays counted in requests per minute."""
+    backend.error = error
+    app = _app(
+        test_policy,
+        backend,
+        metrics_registry,
+        rate_limiter=MemoryRateLimiter(Clock()),  # no refill while the test runs
+        tenants={"t": TenantConfig(tokens_per_minute=1000, requests_per_minute=4)},
+    )
+    body = {**CHAT, "max_tokens": 400, "stream": stream}
+    with TestClient(app=app) as c:
+        refused = [c.post("/v1/chat/completions", json=body, headers=AUTH) for _ in range(3)]
+        backend.error = None
+        ok = c.post("/v1/chat/completions", json=body, headers=AUTH)
+        over = c.post("/v1/chat/completions", json=body, headers=AUTH)
+    # A stream that fails before its first chunk is a plain HTTP error too.
+    assert [r.status_code for r in refused] == [error.status] * 3
+    assert all(r.json()["error"]["code"] != "rate_limit_exceeded" for r in refused)
+    assert ok.status_code == 200  # was 429: the refusals had spent 3 x 401 tokens
+    assert over.status_code == 429
+    assert "requests per minute (4)" in over.json()["error"]["message"]
+
+
+def test_moderation_is_charged_every_text_the_filters_read(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    """The prompt and the context of /v1/moderations are read by the filters and the
+    groundedness scorer as the input is: they are charged as it is (only the input was,
+    so any amount of context cost a few tokens)."""
+    app = _app(
+        test_policy,
+        backend,
+        metrics_registry,
+        rate_limiter=MemoryRateLimiter(Clock()),
+        tenants={"t": TenantConfig(tokens_per_minute=100)},
+    )
+    with TestClient(app=app) as c:
+        # 1 + 75 tokens: the input and the prompt.
+        first = c.post("/v1/moderations", json={"input": "hi", "prompt": "p" * 300}, headers=AUTH)
+        # 1 + 25 tokens: the input and the context, with 24 left.
+        context = {"input": "hi", "context": ["c" * 100]}
+        second = c.post("/v1/moderations", json=context, headers=AUTH)
+        huge = c.post("/v1/moderations", json={"input": "hi", "context": "c " * 2000}, headers=AUTH)
+    assert first.status_code == 200
+    assert second.status_code == 429  # was 200: each had cost 1 token
+    assert second.json()["error"]["code"] == "rate_limit_exceeded"
+    assert huge.status_code == 429
+    assert huge.headers["x-should-retry"] == "false"  # 1001 tokens: never
+
+
+def test_chat_documents_are_charged_and_stay_charged_after_usage(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    """A chat's documents are read by the filters, never by the backend, so the backend's
+    usage does not count them: they are charged up front and stay charged."""
+    app = _app(
+        test_policy,
+        backend,
+        metrics_registry,
+        rate_limiter=MemoryRateLimiter(Clock()),
+        tenants={"t": TenantConfig(tokens_per_minute=1000)},
+    )
+    body = {**CHAT, "max_tokens": 10, "documents": ["The weather is mild today. " * 74]}
+    with TestClient(app=app) as c:  # 1998 characters: 500 tokens each
+        first = c.post("/v1/chat/completions", json=body, headers=AUTH)
+        second = c.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert first.status_code == 200
+    assert first.json()["usage"]["prompt_tokens"] == 5  # the backend's count, no documents
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+# Two keys whose sha256 begin with the same 8 hex digits (their key id, 50b2b380).
+SAME_ID = ("sk-00001156", "sk-00033219")
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_two_keys_with_one_key_id_have_two_budgets(
+    test_policy: Path, backend: FakeBackend, request: pytest.FixtureRequest, store: str
+) -> None:
+    """Buckets were keyed by the 8-digit key id (32 bits): among many keys some pairs
+    share one, and one tenant's traffic spent another's budget."""
+    a, b = SAME_ID
+    assert hashlib.sha256(a.encode()).hexdigest()[:8] == hashlib.sha256(b.encode()).hexdigest()[:8]
+    extra: dict[str, object] = {}
+    if store == "redis":
+        redis_url = request.getfixturevalue("redis_url")
+        subprocess.run(["redis-cli", "-u", redis_url, "flushdb"], check=False, capture_output=True)
+        extra["rate_limit_redis_url"] = redis_url
+    app = _app(
+        test_policy,
+        backend,
+        CollectorRegistry(),
+        api_keys=[
+            ApiKeyEntry(tenant="acme", key_sha256=hashlib.sha256(a.encode()).hexdigest()),
+            ApiKeyEntry(tenant="beta", key_sha256=hashlib.sha256(b.encode()).hexdigest()),
+        ],
+        rate_limit_requests_per_minute=2,
+        **extra,
+    )
+    with TestClient(app=app) as c:
+        acme = [
+            c.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {a}"})
+            for _ in range(3)
+        ]
+        beta = c.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {b}"})
+    assert [r.status_code for r in acme] == [200, 200, 429]
+    assert beta.status_code == 200  # was 429: acme's two requests had spent its budget
 
 
 # About 4,000 characters the test policy lets through, a sentence it blocks, then more.

@@ -241,3 +241,63 @@ def test_a_config_file_yaml_cannot_hold_is_a_config_error_naming_it(
     config.write_text(content)
     with pytest.raises(ConfigError, match=f"config file {config} {expected}"):
         load_settings(config, environ={})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "foo",
+        "http://localhost:6379",
+        "redis://h:notaport/0",
+        "redis://host/abc",
+        "redis://:s3cret-pw@host:70000/0",
+        "redis://host:6379/0?db=one",
+        "redis://host:6379/-1",
+        "unix://",
+    ],
+)
+def test_a_rate_limit_redis_url_redis_cannot_use_stops_startup_naming_it(
+    tmp_path: Path, url: str
+) -> None:
+    """Each was a traceback once the model had loaded (redis-py's ValueError), or, for a
+    database that is not a number, silently database 0."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f'rate_limit_redis_url: "{url}"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={})
+    assert f"invalid settings: rate_limit_redis_url (in {config}): " in str(raised.value)
+    assert "s3cret-pw" not in str(raised.value)  # it may hold a password: never echoed
+    with pytest.raises(ConfigError, match=r"rate_limit_redis_url \(environment variable"):
+        load_settings(environ={"GUARDRAIL_RATE_LIMIT_REDIS_URL": url})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://:pw@redis",
+        "rediss://user:pw@redis.example:6380/2",
+        "redis://redis:6379?db=3",
+        "unix:///run/redis/redis.sock?db=1",
+        "",  # unset: in this process
+    ],
+)
+def test_every_rate_limit_redis_url_redis_py_takes_is_accepted(url: str) -> None:
+    settings = load_settings(environ={"GUARDRAIL_RATE_LIMIT_REDIS_URL": url})
+    assert settings.rate_limit_redis_url == url
+
+
+def test_a_default_max_tokens_over_the_limit_stops_startup_naming_both() -> None:
+    """A request that set no max_tokens was sent the default, past max_tokens_limit,
+    though a request that asked for as much was refused (400)."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"GUARDRAIL_MAX_TOKENS_LIMIT": "100"})  # the default is 512
+    message = str(raised.value)
+    assert message.startswith(
+        "invalid settings: max_tokens_limit (environment variable GUARDRAIL_MAX_TOKENS_LIMIT): "
+    )
+    assert "default_max_tokens (512) is larger than max_tokens_limit (100)" in message
+    with pytest.raises(ConfigError, match=r"default_max_tokens \(command-line flag"):
+        load_settings(environ={}, overrides={"default_max_tokens": 40_000})
+    equal = load_settings(environ={"GUARDRAIL_DEFAULT_MAX_TOKENS": "32768"})
+    assert equal.default_max_tokens == equal.max_tokens_limit

@@ -7,7 +7,13 @@
   no early exit, so the time taken does not depend on which digest (if any) matched.
 - A key is sent as ``Authorization: Bearer <key>`` (what the openai SDK sends) or
   ``x-api-key: <key>``. Logs and metrics name a key by its *key id*: the first 8 hex
-  digits of its digest. Never the key.
+  digits of its digest. Never the key. Rate limits count by the whole digest
+  (:attr:`Principal.bucket`): 8 digits are 32 bits, and two keys of a large key set
+  would share a budget.
+- A key must be printable ASCII (spaces inside allowed): a header carries no other
+  character as the key's UTF-8, so any other key could never be presented. One from
+  ``key_env``, ``GUARDRAIL_API_KEYS`` or ``GUARDRAIL_ADMIN_KEY`` is refused at startup
+  (:func:`guardrail.settings.key_problem`).
 - :class:`AuthMiddleware` runs after the request id is set and before any handler:
 
   ==========================  ==================================================
@@ -37,6 +43,7 @@ serving layer asks it (403 ``model_not_allowed``).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 import ipaddress
@@ -51,7 +58,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from guardrail.api.errors import APIError
 from guardrail.errors import ConfigError
-from guardrail.settings import Settings, TenantConfig
+from guardrail.settings import Settings, TenantConfig, key_problem
 
 DEFAULT_TENANT = "default"
 OPEN_KEY_ID = "open"
@@ -63,17 +70,28 @@ OnRejected = Callable[[str, str, int, str, Any], None]
 
 
 def key_id(digest: bytes) -> str:
-    """The name logs and rate limits use for a key: 8 hex digits of its sha256."""
+    """The name logs use for a key: 8 hex digits of its sha256."""
     return digest.hex()[:8]
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the tenant, and which key (by id) they used."""
+    """Who is calling: the tenant, and which key (by id) they used.
+
+    ``digest``: the key's whole sha256 (hex), what its rate-limit buckets are keyed by;
+    empty for the open and admin principals, whose buckets are their ids.
+    """
 
     tenant: str
     key_id: str
     admin: bool = False
+    digest: str = ""
+
+    @property
+    def bucket(self) -> str:
+        """The rate limiter's key: the whole digest, never the 8-digit id (two keys may
+        share an id; they must not share a budget)."""
+        return self.digest or self.key_id
 
 
 OPEN_PRINCIPAL = Principal(DEFAULT_TENANT, OPEN_KEY_ID)
@@ -107,6 +125,11 @@ class KeyRing:
                     raise ConfigError(
                         f"api_keys[{n}]: environment variable {entry.key_env} is not set"
                     )
+                problem = key_problem(value)
+                if problem:
+                    raise ConfigError(
+                        f"api_keys[{n}]: the key in environment variable {entry.key_env} {problem}"
+                    )
                 digest = hashlib.sha256(value.encode("utf-8")).digest()
             # Never name the key itself: its id is enough to find the two entries.
             if digest in keys:
@@ -131,13 +154,18 @@ class KeyRing:
     def has_admin(self) -> bool:
         return self._admin is not None
 
+    @property
+    def tenants(self) -> set[str]:
+        """The tenants some key acts for."""
+        return {t for _, t in self._keys}
+
     def identify(self, key: str) -> Principal | None:
         """The principal for a presented key, or None. Constant time in which key matched."""
         digest = hashlib.sha256(key.encode("utf-8")).digest()
         found: Principal | None = None
         for stored, tenant in self._keys:
             if hmac.compare_digest(stored, digest):
-                found = Principal(tenant, key_id(digest))
+                found = Principal(tenant, key_id(digest), digest=digest.hex())
         if self._admin is not None and hmac.compare_digest(self._admin, digest):
             found = Principal(DEFAULT_TENANT, ADMIN_KEY_ID, admin=True)
         return found
@@ -207,6 +235,22 @@ class Tenants:
     def policies(self) -> set[str]:
         """Every policy file some tenant uses, besides the default."""
         return {r.policy for r in self._rules.values()} - {self._settings.policy}
+
+
+def unused_tenants(settings: Settings, ring: KeyRing) -> list[tuple[str, str | None]]:
+    """``tenants:`` entries no request can ever be served as (no key acts for them; in
+    open mode, every one but ``default``), each with the key's tenant it nearly spells,
+    if one does: a misspelt entry leaves that tenant on the default policy, every model
+    and the default limits while its operator believes its own are in force."""
+    used = {DEFAULT_TENANT} if ring.open else ring.tenants
+    lowered = {t.lower(): t for t in used}
+    out = []
+    for name in sorted(set(settings.tenants) - used):
+        close = lowered.get(name.lower()) or next(
+            iter(difflib.get_close_matches(name, sorted(used), n=1, cutoff=0.8)), None
+        )
+        out.append((name, close))
+    return out
 
 
 def open_mode_warning(ring: KeyRing) -> str | None:
@@ -375,4 +419,5 @@ __all__ = [
     "open_mode_warning",
     "principal_of",
     "send_error",
+    "unused_tenants",
 ]

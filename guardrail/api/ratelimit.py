@@ -11,8 +11,13 @@ Tokens are counted *before* the call, as an estimate: the prompt's characters / 
 backend reports the real usage, the difference is given back (or taken) with
 :meth:`RateLimiter.adjust`; the bucket may go below zero, and the next request waits.
 Without usage (a stream cut short never reads it) the estimate stands, or the text the
-backend sent (characters / 4) if that counts more (see ``Serving._correct_tokens``).
-A request larger than a whole minute's tokens is refused outright (it could never pass).
+backend sent (characters / 4) if that counts more; a request that produced no output
+(refused by the gateway or the backend) gets its tokens back, not its request (see
+``Serving._correct_tokens``). A request larger than a whole minute's tokens is refused
+outright (it could never pass: 429 with ``x-should-retry: false``, no Retry-After).
+
+Buckets are keyed by the caller's :attr:`~guardrail.api.auth.Principal.bucket`: an API
+key's whole sha256, never its 8-digit key id (two keys may share one).
 
 Two implementations behind one protocol:
 

@@ -216,25 +216,35 @@ class Gateway:
         limits = Limits(rules.requests_per_minute, rules.tokens_per_minute)
         if limits.unlimited:
             return limits
-        decision = await self.limiter.acquire(principal.key_id, limits, tokens=tokens)
+        # Buckets are keyed by the key's whole digest: two keys whose 8-digit ids (what
+        # logs show) are the same must never share a budget.
+        decision = await self.limiter.acquire(principal.bucket, limits, tokens=tokens)
         if not decision.allowed:
-            retry = max(1, math.ceil(decision.retry_after_s))
             per_minute = (
                 limits.requests_per_minute
                 if decision.limit == "requests"
                 else limits.tokens_per_minute
             )
-            detail = (
-                " (this request alone is larger than a minute's allowance)"
-                if decision.limit == "tokens" and tokens > per_minute
-                else ""
-            )
             self.metrics.rate_limited(decision.limit)
             log.info("rate_limited", key_id=principal.key_id, limit=decision.limit)
+            if decision.limit == "tokens" and tokens > per_minute:
+                # No wait makes it pass: a Retry-After had the openai SDK sleep a minute,
+                # twice, before giving up. Still 429 (as OpenAI answers a request over the
+                # limit), with the header the OpenAI SDKs read as "do not retry".
+                raise APIError(
+                    429,
+                    f"Rate limit reached for tokens per minute ({per_minute}) on this API key: "
+                    f"this request alone ({tokens} tokens) is larger than a minute's "
+                    "allowance, so it can never pass; send less text or a smaller "
+                    "max_tokens.",
+                    code="rate_limit_exceeded",
+                    headers={"x-should-retry": "false"},
+                )
+            retry = max(1, math.ceil(decision.retry_after_s))
             raise APIError(
                 429,
                 f"Rate limit reached for {decision.limit} per minute ({per_minute}) on this "
-                f"API key{detail}; retry after {retry}s.",
+                f"API key; retry after {retry}s.",
                 code="rate_limit_exceeded",
                 headers={"retry-after": str(retry)},
             )
@@ -431,12 +441,16 @@ class _Admission:
     """What a request took on admission (a rate-limit charge, a slot), to undo at close,
     and what it used, to correct the charge with."""
 
-    key_id: str = ""
+    bucket: str = ""  # the rate-limit key (Principal.bucket)
     tokens: int = 0
     limits: Limits | None = None
     slot: bool = False
     prompt_tokens: int = 0  # the charge's estimate of the prompt (characters / 4)
+    # Text only the filters read, never the backend (a chat's documents): its estimate
+    # is no part of the backend's usage, and stays charged when usage corrects the rest.
+    filter_tokens: int = 0
     generated_chars: int = 0  # text the backend sent, whatever became of it
+    backend_failed: bool = False  # the backend raised (before or after some output)
 
 
 _background: set[asyncio.Task[None]] = set()
@@ -598,7 +612,13 @@ class Serving:
         )
         admission = _Admission()
         try:
-            chars = sum(len(t) for t in body.inputs())
+            # Every text the filters and the groundedness scorer read: the inputs, the
+            # prompt and the sources (read once: their evidence is kept for the others).
+            chars = (
+                sum(len(t) for t in body.inputs())
+                + len(body.prompt or "")
+                + sum(len(s) for s in sources)
+            )
             await self._admit(admission, principal, rules, estimate_tokens(chars, 0))
             # No message index: the inputs are the texts to judge, not messages of the
             # conversation (that is the prompt alone, if given). Each has its own request
@@ -687,13 +707,25 @@ class Serving:
                     param="model",
                     code="model_not_allowed",
                 )
-            admission.prompt_tokens = estimate_tokens(sum(len(t) for t in texts), 0)
+            # Charged: every text the filters read. The messages, a response_format's
+            # text and tool call ids reach the backend too (its usage corrects them);
+            # documents are read by the filters only, and stay charged.
+            schema_text = format_text(getattr(body, "response_format", None))
+            ids = sum(len(m.tool_call_id or "") for m in messages)
+            documents = document_texts(body.documents)
+            admission.prompt_tokens = estimate_tokens(
+                sum(len(t) for t in texts) + len(schema_text) + ids, 0
+            )
+            admission.filter_tokens = estimate_tokens(sum(len(d) for d in documents), 0)
             await self._admit(
-                admission, principal, rules, admission.prompt_tokens + prepared.max_tokens
+                admission,
+                principal,
+                rules,
+                admission.prompt_tokens + admission.filter_tokens + prepared.max_tokens,
             )
             backend = self.gw.require_backend()
             exchange.backend = backend.name
-            await self._check_model(body.model)
+            await self._check_model(body.model, rules)
             exchange.model = body.model
             ctx = FilterContext(
                 request_id,
@@ -702,9 +734,8 @@ class Serving:
                 route=kind,
                 model=body.model,
                 messages=messages,
-                context_documents=document_texts(body.documents),
+                context_documents=documents,
             )
-            schema_text = format_text(getattr(body, "response_format", None))
             fmt: Decision | None = None
             if schema_text:
                 # A JSON schema's names, descriptions and enum values reach the model as
@@ -758,6 +789,7 @@ class Serving:
                 return response
             return await self._complete(call)
         except BackendError as e:
+            admission.backend_failed = True
             exchange.finish(_backend_outcome(e), e.status, e.code)
             raise await self._backend_error(e, guard, ctx, exchange) from e
         except ClientDisconnected:
@@ -1034,6 +1066,8 @@ class Serving:
                 yield self._frame(call, usage=usage, usage_frame=True)
             yield b"data: [DONE]\n\n"
         except BackendError as e:
+            if call.admission is not None:
+                call.admission.backend_failed = True
             exchange.finish(_backend_outcome(e), e.status, e.code)
             err = await self._backend_error(e, guard, call.ctx, exchange)
             yield b"data: " + _encode(err.body()) + b"\n\n"
@@ -1145,7 +1179,7 @@ class Serving:
     ) -> None:
         """Rate limit, then take a concurrency slot; ``admission`` remembers what to undo."""
         admission.limits = await self.gw.admit(principal, rules, tokens)
-        admission.key_id, admission.tokens = principal.key_id, tokens
+        admission.bucket, admission.tokens = principal.bucket, tokens
         assert self.gw.slots is not None
         await self.gw.slots.acquire()
         admission.slot = True
@@ -1165,10 +1199,15 @@ class Serving:
         """Give back (or take) the difference between the estimate and the tokens used.
 
         Used: the backend's reported usage, a count it left out filled in by the gateway's
-        own (the prompt's estimate; the text the backend sent, characters / 4). With no
-        usage at all (a backend that reports none, a stream cut short before its usage
-        came: blocked, client gone, broken), the estimate stands unless the text the
-        backend sent counts more: what the backend generated is always paid for.
+        own (the prompt's estimate; the text the backend sent, characters / 4), plus the
+        text only the filters read (a chat's documents). With no usage at all (a backend
+        that reports none, a stream cut short before its usage came: blocked, client
+        gone, broken), the estimate stands unless the text the backend sent counts more:
+        what the backend generated is always paid for. A request that produced nothing,
+        refused by the gateway (at capacity, no such model, backend down) or by the
+        backend (its own 429, a 400, a timeout, a failure before the first token), gets
+        its whole estimate back: clients retry those, and must not burn their tokens
+        doing so. Its request stays counted in requests per minute.
         """
         limits = admission.limits
         if limits is None or not limits.tokens_per_minute:
@@ -1176,35 +1215,48 @@ class Serving:
         generated = math.ceil(admission.generated_chars / CHARS_PER_TOKEN)
         prompt, completion = exchange.prompt_tokens, exchange.completion_tokens
         if prompt is None and completion is None:
-            if exchange.error_code in _NOT_SERVED and not admission.generated_chars:
-                # Refused by the gateway before any backend saw it (at capacity, no such
-                # model, backend down): clients retry those, and must not burn their tokens.
+            refused = exchange.error_code in _NOT_SERVED or admission.backend_failed
+            if refused and not admission.generated_chars:
                 used = 0
             else:
-                # A blocked prompt, a backend that failed or never reported: keep the
-                # estimate, or more if the backend sent more text than it allowed for.
-                used = max(admission.tokens, admission.prompt_tokens + generated)
+                # A blocked prompt, a backend that failed after some output or never
+                # reported: keep the estimate, or more if the backend sent more text than
+                # it allowed for.
+                used = max(
+                    admission.tokens,
+                    admission.prompt_tokens + admission.filter_tokens + generated,
+                )
         else:
-            used = (admission.prompt_tokens if prompt is None else prompt) + (
-                generated if completion is None else completion
+            used = (
+                (admission.prompt_tokens if prompt is None else prompt)
+                + (generated if completion is None else completion)
+                + admission.filter_tokens
             )
         delta = used - admission.tokens
         if delta:
             task = asyncio.get_running_loop().create_task(
-                self.gw.limiter.adjust(admission.key_id, limits, tokens=delta)
+                self.gw.limiter.adjust(admission.bucket, limits, tokens=delta)
             )
             _background.add(task)
             task.add_done_callback(_background.discard)
 
-    async def _check_model(self, model: str) -> None:
+    async def _check_model(self, model: str, rules: TenantRules) -> None:
         served = await self.gw.served_models()
         if model in served:
             return
         if not served:
             raise from_backend_error(BackendUnavailable("The backend lists no models right now."))
+        # Only what this key's tenant may use, as /v1/models lists: the others' names are
+        # none of its business.
+        allowed = [m for m in served if rules.allows_model(m)]
+        available = (
+            f"Available: {', '.join(allowed)}."
+            if allowed
+            else "None of the models served here is open to this API key."
+        )
         raise APIError(
             404,
-            f"The model '{model}' does not exist here. Available: {', '.join(served)}.",
+            f"The model '{model}' does not exist here. {available}",
             param="model",
             code="model_not_found",
         )
