@@ -405,6 +405,21 @@ async def test_a_message_with_the_models_control_tokens_is_refused(
     assert (await local.generate(chat("<im_end> and <|im end|>", max_tokens=2))).text
 
 
+@pytest.mark.parametrize("kind", ["json_object", "json_schema"])
+async def test_a_response_format_the_engine_cannot_keep_is_refused_not_ignored(
+    local: LocalBackend, kind: str
+) -> None:
+    """It was ignored: a client asking for JSON got free text it would parse as JSON."""
+    asked = chat(max_tokens=2, extra={"response_format": {"type": kind}})
+    with pytest.raises(BackendError, match="response_format") as raised:
+        await local.generate(asked)
+    assert raised.value.status == 400
+    with pytest.raises(BackendError, match="response_format"):
+        await collect(local.stream(asked))
+    plain = chat(max_tokens=2, extra={"response_format": {"type": "text"}})
+    assert (await local.generate(plain)).text
+
+
 @slow
 async def test_when_the_prompt_exceeds_the_context_then_bad_request(local: LocalBackend) -> None:
     with pytest.raises(BackendError, match="context") as raised:

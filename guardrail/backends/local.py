@@ -34,7 +34,9 @@ Example::
 
 Request fields this backend ignores: ``presence_penalty`` and ``frequency_penalty``
 (transformers has no equivalent). ``params.extra`` may carry ``top_k`` and
-``repetition_penalty``.
+``repetition_penalty``. A ``response_format`` other than ``text`` is refused (400): the
+engine samples free text, and a client asking for JSON must not get prose it takes
+for JSON.
 """
 
 from __future__ import annotations
@@ -331,6 +333,19 @@ def load_local_model(
 # ------------------------------------------------------------------------ generation
 
 
+def _refuse_formats(params: SamplingParams) -> None:
+    fmt = params.extra.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+    if kind not in (None, "text"):
+        # The type is one of the API's format names (checked with the request).
+        raise BackendError(
+            f"the local engine cannot keep its output to response_format {kind!r}: it "
+            "samples free text; ask for JSON in the prompt, or use a backend with "
+            "structured output (vLLM, an OpenAI-compatible API)",
+            status=400,
+        )
+
+
 def _ids_of(encoded: Any) -> list[int]:
     """Token ids from what a tokenizer call returns (BatchEncoding, list, tensor, batch of one)."""
     ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
@@ -579,6 +594,7 @@ class LocalBackend:
         return ids, max_new
 
     def _encode(self, request: GenerationRequest) -> list[int]:
+        _refuse_formats(request.params)
         tokenizer = self._tokenizer
         if request.messages is not None and self._chat_format is not None:
             ids = self._chat_format(tokenizer, request.messages)
