@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -719,3 +720,25 @@ def test_policy_reloader_watching_a_folder_reloads_when_any_policy_in_it_changes
         process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_each_builder_copies_what_the_wheel_build_reads_before_installing() -> None:
+    """The builders copied guardrail/ but not policies/, which pyproject force-includes
+    into the wheel: `pip install .` failed ("Forced include not found") and no image
+    could be built."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    wheel = project["tool"]["hatch"]["build"]["targets"]["wheel"]
+    needed = {"pyproject.toml", project["project"]["readme"], *wheel["force-include"]}
+    needed |= {p.rstrip("/") for p in wheel["packages"]}
+    for name in ("builder-cpu", "builder-cuda"):
+        body = dockerfile_stages()[name]
+        install = next(
+            i for i, line in enumerate(body) if re.match(r"RUN pip install .*\"\.", line)
+        )
+        copied = {
+            source.rstrip("/")
+            for line in body[:install]
+            if line.startswith("COPY ") and "--from" not in line
+            for source in line.split()[1:-1]
+        }
+        assert needed <= copied, f"{name} installs without {sorted(needed - copied)}"
