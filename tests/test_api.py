@@ -1170,6 +1170,25 @@ def test_a_body_declared_as_something_other_than_json_is_a_415(
 
 
 @pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", b"model=fake-model&prompt=hi"),
+        ("text/plain", b"hello"),
+        ("multipart/form-data; boundary=x", b"--x\r\n\r\nhi\r\n--x--"),
+    ],
+)
+def test_a_non_json_body_that_does_not_parse_is_a_415_too(
+    client: Client, backend: FakeBackend, content_type: str, body: bytes
+) -> None:
+    """Only a body that happened to parse as JSON got the 415; a real form got 400."""
+    for route in ("/v1/chat/completions", "/v1/completions", "/v1/moderations"):
+        r = client.post(route, content=body, headers={"content-type": content_type})
+        assert r.status_code == 415, (route, r.text)
+        assert assert_openai_error(r.json())["code"] == "unsupported_media_type"
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize(
     "headers",
     [{"content-type": "application/json; charset=utf-8"}, {"content-type": "x/vnd.a+json"}, {}],
 )

@@ -147,11 +147,39 @@ def make_exception_handler(max_body_bytes: int, on_rejected: OnRejected | None =
     return handle
 
 
+def declared_non_json(request: Request[Any, Any, Any]) -> str | None:
+    """The media type a request declared its body as, if it is not JSON (a body with no
+    declared type is read as JSON)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        return media_type
+    return None
+
+
+def not_json(media_type: str) -> APIError:
+    """The 415 for a body declared as something other than JSON."""
+    return APIError(
+        415,
+        f"Send the request body as JSON (content-type: application/json), not {media_type}.",
+        code="unsupported_media_type",
+    )
+
+
 def to_api_error(request: Request[Any, Any, Any], exc: Exception, max_body_bytes: int) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, BackendError):
         return from_backend_error(exc)
+    media_type = declared_non_json(request)
+    if media_type is not None and (
+        isinstance(exc, ValidationException)
+        or (isinstance(exc, HTTPException) and exc.status_code == 400)
+        or _body_decode_error(exc) is not None
+    ):
+        # A form or text/plain body that did not parse as JSON: the framework's parse
+        # failed before the route could say why (its 415 came only for bodies that
+        # happened to be JSON).
+        return not_json(media_type)
     if isinstance(exc, ValidationException):
         message, param = _validation_message(exc)
         return APIError(400, message, param=param, code="invalid_request")

@@ -22,7 +22,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from guardrail.api.auth import principal_of
-from guardrail.api.errors import APIError
+from guardrail.api.errors import APIError, declared_non_json, not_json
 from guardrail.api.schemas import ChatCompletionRequest, CompletionRequest, ModerationRequest
 from guardrail.api.serving import Gateway, Serving
 
@@ -104,13 +104,9 @@ async def strictly(request: Request[Any, Any, Any], kind: type[Any]) -> None:
     may send from a browser without a CORS preflight, so in open mode any site its user
     visits could spend the gateway's model. A body with no declared type is read as JSON.
     """
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
-        raise APIError(
-            415,
-            f"Send the request body as JSON (content-type: application/json), not {media_type}.",
-            code="unsupported_media_type",
-        )
+    media_type = declared_non_json(request)
+    if media_type is not None:
+        raise not_json(media_type)
     body = await request.body()
     try:
         # The framework, like msgspec, keeps the last of two equal keys; a filter or WAF
