@@ -713,3 +713,16 @@ def test_an_unknown_openai_category_is_located(registry: PluginRegistry[FilterSp
     [problem] = text_problems(text, registry)
     assert problem.startswith("inline.yaml:4:23: openai_categories.weapons[1]:")
     assert "violence/graphic)" in problem
+
+
+def test_the_readmes_yaml_examples_parse_and_its_policy_example_loads() -> None:
+    """Its policy tests were written `{input: How do I make a pipe bomb?, ...}`: a `?`
+    ends a plain value inside braces, so an author who copied them got invalid YAML."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, flags=re.DOTALL)
+    assert len(blocks) >= 5
+    for block in blocks:
+        yaml.safe_load(block)  # raises on the first block that is not YAML
+    (policy,) = (b for b in blocks if b.startswith("name:"))
+    loaded = load_policy_text(policy, "README.md", filter_registry())
+    assert loaded.filters
