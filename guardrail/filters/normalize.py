@@ -236,9 +236,13 @@ _LEET = {
 }
 
 # One letter or digit, then (separator, one letter or digit) at least twice, with no
-# word character on either side: "b o m b", "b.o.m.b", "b-o-m-b".
-_SPELLED = re.compile(r"(?<![\w])\w(?:[ ._*/,~:'-]\w){2,}(?![\w])")
-_SEPARATORS = frozenset(" ._*/,~:'-")
+# word character on either side: "b o m b", "b.o.m.b", "b-o-m-b". One separator
+# throughout: a run that changes it is no spelled word ("a 3-D printer" is no "a3d"), and
+# a run touching a letter spelled with another separator belongs to neither ("d-o I m-a"
+# holds no "oim").
+_SPELLED = re.compile(
+    r"(?<![\w])(?<!\w[._*/,~:'-])\w([ ._*/,~:'-])\w(?:\1\w)+(?![\w])(?![._*/,~:'-]\w)"
+)
 
 
 # Markup that hides a letter or splits a word. Character references and URL escapes
@@ -256,6 +260,7 @@ _MARKUP = re.compile(
     r"&#(?:[0-9]{1,7}|[xX][0-9a-fA-F]{1,6});?"
     r"|&[A-Za-z][A-Za-z0-9]{1,31};"
     r"|%[0-9A-Fa-f]{2}"
+    r"|\\u[0-9A-Fa-f]{4}|\\x[0-9A-Fa-f]{2}"
     rf"|(?:{_TAG})+"
     r"|\*{1,3}|~~|`"
 )
@@ -313,6 +318,11 @@ def _decoded(text: str, m: re.Match[str]) -> str | None:
         char = chr(int(s[1:], 16))
         # Only letters, digits and spaces: "20%deal" is no "20\xdeal".
         return char if char.isascii() and (char.isalnum() or char == " ") else None
+    if s.startswith("\\"):
+        # An escape written out (\u0062omb, \x62omb), as JSON and Python spell a
+        # character: models read it. Letters, digits and spaces only.
+        char = chr(int(s[2:], 16))
+        return char if char.isalnum() or char == " " else None
     before = text[m.start() - 1] if m.start() else ""
     after = text[m.end()] if m.end() < len(text) else ""
     if not (before.isalnum() and after.isalnum()):
@@ -628,11 +638,24 @@ def _unleet_runs(chars: list[str], start: int, end: int) -> None:
         k = stop
 
 
-def _glue_spelled(folded: _Folded) -> None:
+def _glue_spelled(folded: _Folded, source: str) -> None:
+    """Glue letters spelled out one at a time. Spelled with spaces, a wider gap (several
+    spaces, a line break) between some letters than between the others ends a word:
+    "H o w   d o   I" is "how do I", not "howdoi". One kind of gap throughout (one
+    letter per line) is one word."""
     text = "".join(folded.chars)
     drop: set[int] = set()
     for m in _SPELLED.finditer(text):
-        drop.update(k for k in range(m.start(), m.end()) if text[k] in _SEPARATORS)
+        # Letters and separators alternate: each is one character of the squeezed text.
+        separators = range(m.start() + 1, m.end(), 2)
+        if m.group(1) == " ":
+            wide = {
+                k for k in separators if source[folded.ends[k - 1] : folded.starts[k + 1]] != " "
+            }
+            if wide and len(wide) < len(separators):
+                drop.update(k for k in separators if k not in wide)
+                continue
+        drop.update(separators)
     if not drop:
         return
     keep = [k for k in range(len(text)) if k not in drop]
@@ -666,7 +689,7 @@ def normalize(
     if leet:
         _unleet(folded, any(c.islower() for c in text))
     if glue:
-        _glue_spelled(folded)
+        _glue_spelled(folded, text)
     return Normalized("".join(folded.chars), tuple(folded.starts), tuple(folded.ends), len(text))
 
 
