@@ -492,3 +492,7 @@ async def test_a_text_with_invisible_characters_is_also_read_with_them_as_spaces
     assert isinstance(stateful, RecordingFilter)
     assert sorted(plain.seen) == [("a pipe bomb",) * 2, (text, text), ("hello", "hello")]
     assert sorted(stateful.seen) == [(text, text), ("hello", "hello")]
+    # A joiner inside an emoji sequence stands for no space: read once.
+    family = "a family \U0001f468\u200d\U0001f469\u200d\U0001f467"
+    await guard.check(Stage.INPUT, family, FilterContext("r"))
+    assert [seen for seen, _ in plain.seen if "family" in seen] == [family]

@@ -705,12 +705,16 @@ def _space_like() -> re.Pattern[str]:
         and char not in _BIDI_CONTROLS
         and not _TAG_FIRST <= char <= _TAG_LAST
     ]
-    return re.compile("[" + "".join(re.escape(c) for c in [*found, *sorted(_BLANKS)]) + "]")
+    chars = "".join(re.escape(c) for c in [*found, *sorted(_BLANKS)])
+    # Only between two word characters: a joiner inside an emoji sequence (a family, a
+    # flag) stands for no space, and reading it as one would check the text twice for
+    # nothing.
+    return re.compile(f"(?<=\\w)[{chars}]+(?=\\w)")
 
 
 def spaced(text: str) -> str | None:
-    """``text`` with every invisible character that may stand for a space written as a
-    space, or ``None`` if it holds none.
+    """``text`` with every invisible character between two word characters, where it
+    may stand for a space, written as a space, or ``None`` if it holds none.
 
     Normalisation deletes them, which undoes ``b\\u200bomb`` but joins
     ``pipe\\u200bbomb\\u200bat`` into one word that no rule knows, while a model's
@@ -720,4 +724,4 @@ def spaced(text: str) -> str | None:
     pattern = _space_like()
     if pattern.search(text) is None:
         return None
-    return pattern.sub(" ", text)
+    return pattern.sub(lambda m: " " * len(m.group()), text)
