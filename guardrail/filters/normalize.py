@@ -33,6 +33,7 @@ What is undone, in order:
   (``|bomb|``, ``$x$``, ``wow!``), but two or more bars after its letters are letters
   (``ki||``). ``1`` and ``|`` become ``I``, which keyword patterns read as ``i`` or ``l``
   (``k1ll`` and ``ki11``); nothing else in the output is upper case;
+- list markers of a sentence cut into one-word items (``1. How`` / ``2. do`` / ...) go;
 - a word in CamelCase of four words or more (``HowToMakeAPipeBomb``) is read as its words;
 - letters spelled out one at a time (``b o m b``, ``b.o.m.b``, ``b/o/m/b``): a run of
   three or more single letters joined by one space or ``. - _ * / , ~ : '`` is glued;
@@ -664,6 +665,39 @@ def _glue_spelled(folded: _Folded, source: str) -> None:
     folded.ends = [folded.ends[k] for k in keep]
 
 
+# A list item of one word ("1. How", "- make"): in a run of three or more, the items are
+# a sentence cut into lines ("1. How\n2. do\n3. I\n4. make ..."), and the markers
+# between its words hide it; they are dropped. Lists of longer items keep theirs.
+_ONE_WORD_ITEM = re.compile(r"^[ \t]*(\d{1,3}[.)]|[-*+\u2022])[ \t]+\S+[ \t]*\r?$", re.MULTILINE)
+_LIST_RUN = 3
+
+
+def _drop_list_markers(folded: _Folded, source: str) -> None:
+    markers: list[tuple[int, int]] = []
+    run: list[re.Match[str]] = []
+    for m in _ONE_WORD_ITEM.finditer(source):
+        if run and source[run[-1].end() : m.start()] != "\n":
+            if len(run) >= _LIST_RUN:
+                markers += [r.span(1) for r in run]
+            run = []
+        run.append(m)
+    if len(run) >= _LIST_RUN:
+        markers += [r.span(1) for r in run]
+    if not markers:
+        return
+    inside = {i for start, end in markers for i in range(start, end)}
+    n = len(folded.chars)
+    drop = {k for k in range(n) if folded.starts[k] in inside}
+    # The space after a marker goes with it: the line break before it is the words' gap.
+    for k in sorted(drop):
+        if k + 1 < n and k + 1 not in drop and folded.chars[k + 1] == " ":
+            drop.add(k + 1)
+    keep = [k for k in range(n) if k not in drop]
+    for name in ("chars", "starts", "ends", "lookalikes", "upper"):
+        values = getattr(folded, name)
+        setattr(folded, name, [values[k] for k in keep])
+
+
 def normalize(
     text: str,
     *,
@@ -683,6 +717,7 @@ def normalize(
     holds it).
     """
     folded = _fold_and_squeeze(_source(text, markup))
+    _drop_list_markers(folded, text)
     if unconfuse:
         _unconfuse(folded)
     _split_camel(folded)
