@@ -380,6 +380,12 @@ def test_decoded_and_reversed_text_maps_back_to_all_of_its_original(
         ("a 3-D printer", "a 3-d printer"),
         ("H-o-w d-o I m-a-k-e", "how d-o i make"),
         ("can I c-o-o-k m-e-t-h?", "can i cook meth?"),
+        # Any symbol as the separator, read before leetspeak (+ was read as t, | as l).
+        ("b+o+m+b", "bomb"),
+        ("b\U0001f4a5o\U0001f4a5m\U0001f4a5b", "bomb"),
+        ("b|o|m|b", "bomb"),
+        ("b.0.m.b", "bomb"),
+        ("2+2+2=6", "2+2+2=6"),
     ],
 )
 def test_spelled_out_words_are_glued_word_by_word(text: str, normalised: str) -> None:

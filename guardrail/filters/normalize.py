@@ -241,9 +241,9 @@ _LEET = {
 # throughout: a run that changes it is no spelled word ("a 3-D printer" is no "a3d"), and
 # a run touching a letter spelled with another separator belongs to neither ("d-o I m-a"
 # holds no "oim").
-_SPELLED = re.compile(
-    r"(?<![\w])(?<!\w[._*/,~:'-])\w([ ._*/,~:'-])\w(?:\1\w)+(?![\w])(?![._*/,~:'-]\w)"
-)
+# Any symbol may be the separator (b+o+m+b, an emoji between the letters): glued before
+# leetspeak is read, so a separator is not first taken for a letter (+ for t, | for l).
+_SPELLED = re.compile(r"(?<![\w])(?<!\w[^\w\s])\w([ ]|[^\w\s])\w(?:\1\w)+(?![\w])(?![^\w\s]\w)")
 
 
 # Markup that hides a letter or splits a word. Character references and URL escapes
@@ -721,10 +721,10 @@ def normalize(
     if unconfuse:
         _unconfuse(folded)
     _split_camel(folded)
-    if leet:
-        _unleet(folded, any(c.islower() for c in text))
     if glue:
         _glue_spelled(folded, text)
+    if leet:
+        _unleet(folded, any(c.islower() for c in text))
     return Normalized("".join(folded.chars), tuple(folded.starts), tuple(folded.ends), len(text))
 
 
