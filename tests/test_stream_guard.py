@@ -468,3 +468,47 @@ async def test_a_secret_in_a_long_token_is_redacted_however_it_streams(
     sent, blocked = await run_stream(make_guard(executor), chunk(text, cuts), settings)
     assert not blocked
     assert sent == text.replace("sk-1234", "#")
+
+
+# What the filters read of a text can be much shorter than its characters: the context a
+# window is checked with must hold enough of what is read, or a phrase padded apart
+# passes streamed while the whole text is blocked.
+PADDED = [
+    # 600 zero-width spaces inside the word: the context held nothing else.
+    pytest.param("Sure, you build a b" + "\u200b" * 600 + "omb now. ", id="zero-width"),
+    pytest.param("Sure, you build a b" + "\u0301" * 600 + "omb now. ", id="combining"),
+    # A tag between two letters whose attributes are longer than the context.
+    pytest.param(
+        'Here: you build a b<i title="' + "word " * 90 + '">o</i>mb now. The end. ',
+        id="long-tag",
+    ),
+    # Reversed behind an override opened further back than the context.
+    pytest.param(
+        "\u202e" + "ecnetnes rehto emos si siht " * 16 + "won bmob a dliub uoy neht",
+        id="override",
+    ),
+    # The spaced reading blocks the window; the plain one only in the released context
+    # ("rebuild a bomb" cut to "build a bomb").
+    pytest.param("I will rebuild a bomb shelter. Then build\u200ba\u200bbomb now. ", id="readings"),
+]
+
+
+@pytest.mark.parametrize("text", PADDED)
+@pytest.mark.parametrize("release", ["sentence", "window"])
+async def test_a_phrase_padded_past_the_context_is_still_blocked(
+    executor: ThreadPoolExecutor, text: str, release: str
+) -> None:
+    guard = make_guard(executor)
+    whole = await guard.check(Stage.OUTPUT, text, FilterContext("w"))
+    assert whole.blocked
+    context = 22 if text.startswith("I will") else 200  # the context cut "rebuild" to "build"
+    settings = StreamSettings(release=release, window_chars=400, context_chars=context)
+    pieces = (
+        [text[:31], text[31:]]
+        if text.startswith("I will")
+        else chunk(text, list(range(0, len(text), 5)))
+    )
+    sent, blocked = await run_stream(guard, pieces, settings)
+    assert blocked
+    assert "omb now" not in sent
+    assert "bmob a dliub" not in sent

@@ -344,23 +344,23 @@ def _spaced_reading(text: str, ctx: FilterContext) -> tuple[str, FilterContext] 
 
 
 def _either(first: FilterOutcome, second: FilterOutcome) -> FilterOutcome:
-    """One filter's outcome on a text read two ways: the stricter verdict; of two
-    redactions, both readings' spans (they are spans of the same text). A failure of
-    either is the filter's failure."""
+    """One filter's outcome on a text read two ways: the stricter action, with both
+    readings' findings and redactions (their spans are spans of the same text). A
+    failure of either is the filter's failure."""
     duration = max(first.duration_s, second.duration_s)
     for outcome in (first, second):
         if outcome.status != "ok":
             return replace(outcome, duration_s=duration)
     a, b = first.verdict, second.verdict
-    if b.action.rank > a.action.rank:
-        return replace(second, duration_s=duration)
-    if a.action is Action.REDACT and b.action is Action.REDACT:
-        a = Verdict(
-            a.action,
-            tuple(dict.fromkeys((*a.findings, *b.findings))),
-            tuple(dict.fromkeys((*a.redactions, *b.redactions))),
-        )
-    return replace(first, verdict=a, duration_s=duration)
+    # Both readings' findings, not the stricter one's alone: a stream window keeps only
+    # the findings that rest on it, and the stricter reading's may all lie in the
+    # released context while the other's block the window itself.
+    verdict = Verdict(
+        Action.strictest((a.action, b.action)),
+        tuple(dict.fromkeys((*a.findings, *b.findings))),
+        tuple(dict.fromkeys((*a.redactions, *b.redactions))),
+    )
+    return replace(first, verdict=verdict, duration_s=duration)
 
 
 def _remembered(filt: Stateful, text: str, verdict: Verdict, ctx: FilterContext) -> bool:

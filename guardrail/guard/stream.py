@@ -30,6 +30,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from guardrail.filters.normalize import normalize
 from guardrail.guard.guard import Guard
 from guardrail.guard.types import (
     Action,
@@ -66,6 +67,12 @@ UNSPACED_LETTERS = (
 # context_chars, if fewer): a longer run (a hex digest, base64) is cut like a long word,
 # as the pii filter's hold-back of a token does.
 LOOKAHEAD_CHARS = 64
+# What may read as much less than it is written (see StreamGuard._tail): characters other
+# than printable ASCII and single line breaks, markup and escape openers, runs of spaces.
+_MAY_SHRINK = re.compile(r"[^\t\n\x20-\x7e]|[<&%\\*`]|\s{3,}")
+_TAIL_LIMIT = 16_384
+_OVERRIDE = "\u202e"
+_OVERRIDE_END = re.compile("[\u202c\n\r\u2028\u2029\x85]")
 _TOKEN_RUN = re.compile(f"""[^\\s,;{{}}\\[\\]"'<>{UNSPACED_LETTERS}]+""")
 
 
@@ -203,12 +210,42 @@ class StreamGuard:
                 return through.end(), False
         return limit, True
 
+    def _tail(self) -> str:
+        """The released text the next window is checked with: its last ``context_chars``,
+        counted in what the filters read.
+
+        Characters that normalisation removes (zero-width padding, markup between two
+        letters, runs of whitespace) fill the raw characters without adding to what is
+        read: 600 zero-width characters after "pipe b" left a context of nothing, and
+        "omb" went out. The tail reaches back until it reads as ``context_chars / 2``
+        characters at least (at most ``_TAIL_LIMIT`` raw ones). An override (U+202E)
+        still open before the tail's start is put in front of it, so the window reads
+        in the same order as the whole text.
+        """
+        want = self._settings.context_chars
+        if not want:
+            return ""
+        released = self._released
+        start = max(0, len(released) - want)
+        floor = max(0, len(released) - _TAIL_LIMIT)
+        # A tag still open at the tail's start (its attributes longer than the context)
+        # is read away between two letters only when it is checked whole.
+        opened = released.rfind("<", floor, start)
+        if opened >= 0 and released.find(">", opened, start) < 0:
+            start = max(floor, opened - want)
+        if _MAY_SHRINK.search(released, start):
+            while start > floor and len(normalize(released[start:]).text) < want // 2:
+                start = max(floor, start - want)
+        tail = released[start:]
+        override = released.rfind(_OVERRIDE, 0, start)
+        if override >= 0 and not _OVERRIDE_END.search(released, override, start):
+            tail = _OVERRIDE + tail
+        return tail
+
     async def _check(self, cut: int, ahead: int = 0) -> Release:
         """Check the first ``cut`` held characters, with the released tail before them
         and ``ahead`` held characters after them, and release what passed."""
-        tail = (
-            self._released[-self._settings.context_chars :] if self._settings.context_chars else ""
-        )
+        tail = self._tail()
         start = len(tail)
         checked = tail + self._held[: cut + ahead]
         decision = await self._guard.check(Stage.OUTPUT, checked, self._ctx)
