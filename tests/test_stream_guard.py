@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,17 +19,20 @@ from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 from guardrail.policy.loader import load_policy_text
 from guardrail.policy.model import FilterConfig, StreamSettings
 
-RULES = """
-name: s
-version: "1"
-filters:
-  - id: words
-    type: rules
-    config:
-      rules:
-        - {id: bomb, category: weapons, action: block, keywords: [build a bomb]}
-        - {id: key, category: secret, action: redact, replacement: "#", regex: ['\\bsk-\\d{4}']}
-"""
+
+def rules_policy(rules: str) -> str:
+    """A policy of one rules filter ``words`` whose rules are the YAML list ``rules``."""
+    body = textwrap.indent(textwrap.dedent(rules).strip(), " " * 8)
+    head = 'name: s\nversion: "1"\nfilters:\n  - id: words\n    type: rules\n'
+    return f"{head}    config:\n      rules:\n{body}\n"
+
+
+RULES = rules_policy(
+    """
+    - {id: bomb, category: weapons, action: block, keywords: [build a bomb]}
+    - {id: key, category: secret, action: redact, replacement: "#", regex: ['\\bsk-\\d{4}']}
+    """
+)
 
 BENIGN = [
     "The weather is nice today. ",
@@ -512,3 +516,32 @@ async def test_a_phrase_padded_past_the_context_is_still_blocked(
     assert blocked
     assert "omb now" not in sent
     assert "bmob a dliub" not in sent
+
+
+REDACTIONS = rules_policy(
+    r"""
+    - {id: titan, category: secret, action: redact, replacement: "#", keywords: [project titan]}
+    - {id: card, category: pii, action: redact, replacement: "#", regex: ['\b\d{4} \d{4}
+        \d{4} \d{4}\b']}
+    """
+)
+
+
+@pytest.mark.parametrize("window_chars", range(30, 60))
+@pytest.mark.parametrize("release", ["sentence", "window"])
+async def test_a_redaction_of_several_words_is_not_split_at_a_window_cut(
+    executor: ThreadPoolExecutor, window_chars: int, release: str
+) -> None:
+    """The cut falls after a space, and a match with a space in it was split there: its
+    first word went out before the rest came ("about project # and")."""
+    registry = filter_registry()
+    guard = Guard.build(
+        load_policy_text(REDACTIONS, "r.yaml", registry), registry, BuildContext(executor)
+    )
+    text = "Notes from the meeting about project titan, card 4111 1111 1111 1111 ok. "
+    whole = await guard.check(Stage.OUTPUT, text, FilterContext("w"))
+    assert whole.text == "Notes from the meeting about #, card # ok. "
+    settings = StreamSettings(release=release, window_chars=window_chars, context_chars=40)
+    sent, blocked = await run_stream(guard, chunk(text, list(range(0, len(text), 3))), settings)
+    assert not blocked
+    assert sent == whole.text

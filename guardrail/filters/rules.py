@@ -497,6 +497,8 @@ _BETWEEN_WORDS = r"(?:[\s\-_/]|\.(?!\s))+"
 # A keyword's own words are split the same way: `self-harm` and `kill_yourself` are
 # phrases, matched however their words are joined ("self harm", "kill yourself").
 _KEYWORD_JOINTS = re.compile(r"[\s\-_/]+")
+# How far back from a stream window's end a redact rule's unfinished match is looked for.
+_HOLD_CHARS = 256
 # Two long words may also be glued ("pipebomb"); a short one may not, or "the rapist"
 # would match "therapist" and "kill er" "killer". A number glues to any word ("AR15"):
 # letters and digits together make no other English word.
@@ -877,6 +879,18 @@ class RulesFilter:
             )
             for rule in config.rules
         ]
+        # Output redact rules' own patterns, for streams (see holdback): the keywords in
+        # the regex engine, which can tell a match the text's end may have cut.
+        self._unfinished: list[tuple[Any, bool]] = []
+        for compiled in self._rules:
+            own = compiled.node.pattern
+            if compiled.rule.action != "redact" or Stage.OUTPUT not in compiled.stages:
+                continue
+            if own is None:
+                continue
+            if own.keywords is not None:
+                self._unfinished.append((regex_engine.compile(own.keywords.pattern), False))
+            self._unfinished += [(r, True) for r in own.regexes]
         # The verdict depends on the text alone unless a rule is scoped to tenants,
         # routes or models, or a classifier reads the conversation (Llama Guard at output).
         scoped = any(r.scope is not None for r in config.rules)
@@ -903,6 +917,31 @@ class RulesFilter:
             else None
         )
         return _SemanticIndex(examples, counters, semantic.threshold, semantic.margin)
+
+    def holdback(self, text: str) -> int:
+        """Streams: the trailing characters of ``text`` that may start a redact rule's
+        match cut by the window's end ("project " of the keyword "project titan", "4111 "
+        of a card number's regex), held so the next window has the match whole. Released,
+        that start could not be hidden when the rest came. Looked for in the last
+        ``_HOLD_CHARS`` characters only."""
+        if not self._unfinished or not text:
+            return 0
+        piece = text[-_HOLD_CHARS:]
+        readings: dict[bool, Normalized] = {}
+        earliest = len(piece)
+        for pattern, on_folded in self._unfinished:
+            if on_folded not in readings:
+                readings[on_folded] = (
+                    normalize(piece, leet=False, glue=False, markup=False)
+                    if on_folded
+                    else normalize(piece, glue=False)
+                )
+            norm = readings[on_folded]
+            limit = _regex_time_limit(len(norm.text))
+            for m in pattern.finditer(norm.text, partial=True, timeout=limit):
+                if m.partial and m.start() < len(norm.text):
+                    earliest = min(earliest, norm.span(m.start(), m.start() + 1)[0])
+        return len(piece) - earliest
 
     def windows(self, text: str) -> list[str]:
         """The pieces of ``text`` that are embedded: normalised, in sentence windows."""
