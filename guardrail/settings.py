@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import os
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -664,7 +665,7 @@ def _invalid(
 ) -> ConfigError:
     """The settings error naming the field and the one source it came from (the flag, the
     variable or the file, by precedence). Never the value: it may be a key."""
-    text = str(error)
+    text = _ENUM_VALUE.sub("Invalid enum value", str(error))
     found = re.search(r" - at `\$\.(\w+)", text) or re.match(
         r"Object contains unknown field `([^`]*)`$", text
     )
@@ -690,11 +691,41 @@ def _invalid(
         where = f"{name} (in {config_file})" if name else f"in {config_file}"
     else:
         where = "environment or flags"
+    choices = _choices(name) if text.startswith("Invalid enum value") else ()
+    if choices:
+        text = text.replace("Invalid enum value", f"not one of {', '.join(choices)}", 1)
     return ConfigError(f"invalid settings: {where}: {text}")
+
+
+# msgspec quotes the value it refused ("Invalid enum value 'sk-...'"): a key pasted into
+# the wrong variable would be printed. The message keeps the field and the choices.
+_ENUM_VALUE = re.compile(r"Invalid enum value '(?:[^'\\]|\\.)*'")
+
+
+def _choices(name: str | None) -> tuple[str, ...]:
+    """The values a choice setting takes (a ``Literal``), for its error message."""
+    field = _FIELDS.get(name or "")
+    if field is None:
+        return ()
+    kinds = [field.type, *typing.get_args(field.type)]
+    for kind in kinds:
+        if typing.get_origin(kind) is typing.Literal:
+            return tuple(str(v) for v in typing.get_args(kind))
+        for inner in typing.get_args(kind):
+            if typing.get_origin(inner) is typing.Literal:
+                return tuple(str(v) for v in typing.get_args(inner))
+    return ()
 
 
 # String settings that `off` switches off; in a YAML file a bare `off` is a boolean.
 _OFF_SWITCHES = ("audit_dsn", "group_lexicon")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        return f"{e.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return type(e).__name__
 
 
 def load_settings(
@@ -723,7 +754,10 @@ def load_settings(
                 f"(byte {e.object[e.start]:#04x} at offset {e.start})"
             ) from e
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {config_file} is not valid YAML: {e}") from e
+            # The problem and where, never the parser's quote of the line (it may hold a key).
+            raise ConfigError(
+                f"config file {config_file} is not valid YAML: {_yaml_problem(e)}"
+            ) from e
         except ValueError as e:  # an integer of more digits than Python converts
             raise ConfigError(f"config file {config_file} holds a value out of range: {e}") from e
         except RecursionError as e:

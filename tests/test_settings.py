@@ -301,3 +301,21 @@ def test_a_default_max_tokens_over_the_limit_stops_startup_naming_both() -> None
         load_settings(environ={}, overrides={"default_max_tokens": 40_000})
     equal = load_settings(environ={"GUARDRAIL_DEFAULT_MAX_TOKENS": "32768"})
     assert equal.default_max_tokens == equal.max_tokens_limit
+
+
+def test_a_refused_choice_or_yaml_line_is_never_quoted(tmp_path: Path) -> None:
+    """A key pasted into the wrong setting was printed back: msgspec quotes the enum
+    value it refuses, and the YAML error quoted the line."""
+    secret = "sk-live-ZEBRA42-secret"
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"GUARDRAIL_LOG_LEVEL": secret})
+    assert secret not in str(raised.value)
+    assert "GUARDRAIL_LOG_LEVEL" in str(raised.value)
+    assert "not one of debug, info" in str(raised.value)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f'port: 8080\nadmin_key: "{secret}\nlog_level: info\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={})
+    assert secret not in str(raised.value)
+    assert "not valid YAML" in str(raised.value)
+    assert "line " in str(raised.value)
