@@ -254,6 +254,16 @@ def create_app(
             message=f"tenants: {unused!r} is set but no API key acts for it; its policy, "
             "models and limits apply to nobody",
         )
+    if len(ring.tenants) > 1 and not settings.metrics_require_admin_key:
+        # The exposition counts per tenant (harmful_content_total{tenant}) and per topic
+        # (group_mentions_total{group}): read by anyone between two requests, they tell
+        # which tenant asked about what.
+        log.warning(
+            "metrics_open",
+            tenants=len(ring.tenants),
+            message="GET /metrics is open to anyone and counts per tenant and per topic; "
+            "set metrics_require_admin_key where tenants must not see each other's counts",
+        )
     warning = open_mode_warning(ring)
     if warning:
         log.warning("running_open", message=warning, admin_key=ring.has_admin)

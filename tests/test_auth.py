@@ -572,3 +572,24 @@ def test_cors_lets_a_configured_origin_send_the_sdk_headers(
     assert set(asked.split(",")) <= allowed
     assert other.status_code == 400
     assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_open_metrics_with_several_tenants_is_a_startup_warning(
+    test_policy: Path, locked: bool
+) -> None:
+    """/metrics counts per tenant and per topic (group mentions): open, anyone polling it
+    between two requests learns which tenant asked about what."""
+    keys = [
+        ApiKeyEntry(tenant="alice", key_sha256=sha(ALICE)),
+        ApiKeyEntry(tenant="bob", key_sha256=sha(BOB)),
+    ]
+    with structlog.testing.capture_logs() as logs:
+        _fresh_app(
+            test_policy,
+            api_keys=keys,
+            admin_key_sha256=sha("admin-key-123"),
+            metrics_require_admin_key=locked,
+        )
+    warned = [e for e in logs if e["event"] == "metrics_open"]
+    assert len(warned) == (0 if locked else 1)
