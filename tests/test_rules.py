@@ -386,6 +386,13 @@ def test_decoded_and_reversed_text_maps_back_to_all_of_its_original(
         ("b|o|m|b", "bomb"),
         ("b.0.m.b", "bomb"),
         ("2+2+2=6", "2+2+2=6"),
+        ("b_o_m_b", "bomb"),
+        ("snake_case_name", "snake_case_name"),
+        # Glued letters dropped from every parallel list: the capitals read by leetspeak
+        # had shifted, and the code S3X read as "sex".
+        ("the a.b.c standard: Model S3X here", "the abc standard: model s3x here"),
+        # Case noise is no CamelCase sentence: a random key is not cut into words.
+        ("AbCdEfGhIjKl", "abcdefghijkl"),
     ],
 )
 def test_spelled_out_words_are_glued_word_by_word(text: str, normalised: str) -> None:
@@ -1509,3 +1516,14 @@ async def test_names_in_camel_case_stay_whole_words(make_guard: Callable[..., Gu
     guard = make_guard("- {id: w, category: c, keywords: [element]}\n")
     assert await action(guard, "call getElementById()") is Action.BLOCK
     assert await action(guard, "the ElementTree API") is Action.ALLOW
+
+
+async def test_a_regex_sees_a_mixed_case_key_whole(make_guard: Callable[..., Guard]) -> None:
+    """CamelCase splitting reached the regexes' reading: "sk-AbCdEf..." read as
+    "sk-ab cd ef ...", and a key regex no longer redacted it."""
+    guard = make_guard(
+        "- {id: k, category: secret, action: redact, replacement: '[KEY]',"
+        " regex: ['\\bsk-[a-z0-9]{16,}\\b']}\n"
+    )
+    decision = await guard.check(Stage.INPUT, "my key sk-AbCdEfGhIjKlMnOpQrSt ok", CTX)
+    assert decision.text == "my key [KEY] ok"

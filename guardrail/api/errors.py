@@ -147,6 +147,9 @@ def make_exception_handler(max_body_bytes: int, on_rejected: OnRejected | None =
     return handle
 
 
+_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+
+
 def declared_non_json(request: Request[Any, Any, Any]) -> str | None:
     """The media type a request declared its body as, if it is not JSON (a body with no
     declared type is read as JSON)."""
@@ -170,7 +173,7 @@ def to_api_error(request: Request[Any, Any, Any], exc: Exception, max_body_bytes
         return exc
     if isinstance(exc, BackendError):
         return from_backend_error(exc)
-    media_type = declared_non_json(request)
+    media_type = declared_non_json(request) if request.method in _WITH_BODY else None
     if media_type is not None and (
         isinstance(exc, ValidationException)
         or (isinstance(exc, HTTPException) and exc.status_code == 400)

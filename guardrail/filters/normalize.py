@@ -243,7 +243,12 @@ _LEET = {
 # holds no "oim").
 # Any symbol may be the separator (b+o+m+b, an emoji between the letters): glued before
 # leetspeak is read, so a separator is not first taken for a letter (+ for t, | for l).
-_SPELLED = re.compile(r"(?<![\w])(?<!\w[^\w\s])\w([ ]|[^\w\s])\w(?:\1\w)+(?![\w])(?![^\w\s]\w)")
+_LETTER = r"[^\W_]"
+_SEPARATOR = r"(?:[^\w\s]|_)"
+_SPELLED = re.compile(
+    rf"(?<!{_LETTER})(?<!{_LETTER}{_SEPARATOR}){_LETTER}( |{_SEPARATOR}){_LETTER}"
+    rf"(?:\1{_LETTER})+(?!{_LETTER})(?!{_SEPARATOR}{_LETTER})"
+)
 
 
 # Markup that hides a letter or splits a word. Character references and URL escapes
@@ -524,6 +529,13 @@ _EDGE_SYMBOLS = "!$+|"
 # taken out ("HowToMakeAPipeBomb"), which models read as one: its words are set apart.
 # Names of one or two joints ("YouTube", "McDonald", "JavaScript") stay whole.
 _CAMEL_WORDS = 4
+_VOWELS = frozenset("aeiouy")
+
+
+def _word_like(part: str) -> bool:
+    """Whether a CamelCase part (folded) may be an English word: "a", "i", or letters
+    with a vowel."""
+    return part in ("a", "i") if len(part) == 1 else any(c in _VOWELS for c in part)
 
 
 def _runs(chars: list[str], inside: Callable[[str], bool]) -> list[tuple[int, int]]:
@@ -543,9 +555,13 @@ def _runs(chars: list[str], inside: Callable[[str], bool]) -> list[tuple[int, in
 
 
 def _split_camel(folded: _Folded) -> None:
-    upper = folded.upper
-    joints: list[int] = []
-    for start, end in _runs(folded.chars, str.isalpha):
+    chars, upper = folded.chars, folded.upper
+    joints: set[int] = set()
+    for start, end in _runs(chars, str.isalpha):
+        # Letters alone: a token with digits around its letters is a key or a code
+        # ("sk-AbCd3eFg..."), whose case is noise, not words.
+        if (start and chars[start - 1].isalnum()) or (end < len(chars) and chars[end].isalnum()):
+            continue
         # A capital after a small letter starts a word ("ToMake"), and so does the last
         # capital of a run that a small letter follows ("APipe").
         found = [
@@ -553,14 +569,30 @@ def _split_camel(folded: _Folded) -> None:
             for k in range(start + 1, end)
             if upper[k] and (not upper[k - 1] or (k + 1 < end and not upper[k + 1]))
         ]
-        if len(found) + 1 >= _CAMEL_WORDS:
-            joints += found
-    for k in reversed(joints):
-        folded.chars.insert(k, " ")
-        folded.starts.insert(k, folded.starts[k])
-        folded.ends.insert(k, folded.starts[k])
-        folded.lookalikes.insert(k, None)
-        folded.upper.insert(k, False)
+        # Words, not case noise ("sk-XqZtAbRw..."): four or more, each with a vowel (or
+        # the words "a" and "I").
+        if len(found) + 1 >= _CAMEL_WORDS and all(
+            _word_like("".join(chars[a:b])) for a, b in itertools.pairwise([start, *found, end])
+        ):
+            joints.update(found)
+    if not joints:
+        return
+    # One pass: an insert per joint made a text of many joints ("aB" * 50000) quadratic.
+    out = _Folded([], [], [], [], [])
+    for k in range(len(chars)):
+        if k in joints:
+            out.chars.append(" ")
+            out.starts.append(folded.starts[k])
+            out.ends.append(folded.starts[k])
+            out.lookalikes.append(None)
+            out.upper.append(False)
+        out.chars.append(chars[k])
+        out.starts.append(folded.starts[k])
+        out.ends.append(folded.ends[k])
+        out.lookalikes.append(folded.lookalikes[k])
+        out.upper.append(upper[k])
+    folded.chars, folded.starts, folded.ends = out.chars, out.starts, out.ends
+    folded.lookalikes, folded.upper = out.lookalikes, out.upper
 
 
 def _unleet(folded: _Folded, text_has_lower: bool) -> None:
@@ -657,12 +689,15 @@ def _glue_spelled(folded: _Folded, source: str) -> None:
                 drop.update(k for k in separators if k not in wide)
                 continue
         drop.update(separators)
-    if not drop:
-        return
-    keep = [k for k in range(len(text)) if k not in drop]
-    folded.chars = [folded.chars[k] for k in keep]
-    folded.starts = [folded.starts[k] for k in keep]
-    folded.ends = [folded.ends[k] for k in keep]
+    if drop:
+        _keep(folded, [k for k in range(len(text)) if k not in drop])
+
+
+def _keep(folded: _Folded, keep: list[int]) -> None:
+    """Keep only the characters at ``keep``, in every one of the parallel lists."""
+    for name in ("chars", "starts", "ends", "lookalikes", "upper"):
+        values = getattr(folded, name)
+        setattr(folded, name, [values[k] for k in keep])
 
 
 # A list item of one word ("1. How", "- make"): in a run of three or more, the items are
@@ -692,10 +727,7 @@ def _drop_list_markers(folded: _Folded, source: str) -> None:
     for k in sorted(drop):
         if k + 1 < n and k + 1 not in drop and folded.chars[k + 1] == " ":
             drop.add(k + 1)
-    keep = [k for k in range(n) if k not in drop]
-    for name in ("chars", "starts", "ends", "lookalikes", "upper"):
-        values = getattr(folded, name)
-        setattr(folded, name, [values[k] for k in keep])
+    _keep(folded, [k for k in range(n) if k not in drop])
 
 
 def normalize(
@@ -705,6 +737,7 @@ def normalize(
     glue: bool = True,
     markup: bool = True,
     unconfuse: bool = True,
+    camel: bool = True,
 ) -> Normalized:
     """The text with evasion undone (see the module doc), and its map to ``text``.
 
@@ -714,13 +747,14 @@ def normalize(
     ``markup=False`` keeps character references, URL escapes, tags and emphasis as
     written (regexes see them); ``unconfuse=False`` keeps look-alike letters of other
     scripts as they are (a keyword of such letters alone, as a text in that script
-    holds it).
+    holds it); ``camel=False`` keeps CamelCase words whole (regexes on keys and codes).
     """
     folded = _fold_and_squeeze(_source(text, markup))
     _drop_list_markers(folded, text)
     if unconfuse:
         _unconfuse(folded)
-    _split_camel(folded)
+    if camel:
+        _split_camel(folded)
     if glue:
         _glue_spelled(folded, text)
     if leet:

@@ -687,7 +687,9 @@ class _Check:
                     found.append(norm.span(m.start(), m.end()))
         if pattern.regexes:
             if self._folded is None:
-                self._folded = normalize(self.text, leet=False, glue=False, markup=False)
+                self._folded = normalize(
+                    self.text, leet=False, glue=False, markup=False, camel=False
+                )
             folded = self._folded
             limit = _regex_time_limit(len(folded.text))
             for regex in pattern.regexes:
@@ -932,7 +934,7 @@ class RulesFilter:
         for pattern, on_folded in self._unfinished:
             if on_folded not in readings:
                 readings[on_folded] = (
-                    normalize(piece, leet=False, glue=False, markup=False)
+                    normalize(piece, leet=False, glue=False, markup=False, camel=False)
                     if on_folded
                     else normalize(piece, glue=False)
                 )

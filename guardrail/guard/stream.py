@@ -234,8 +234,12 @@ class StreamGuard:
         if opened >= 0 and released.find(">", opened, start) < 0:
             start = max(floor, opened - want)
         if _MAY_SHRINK.search(released, start):
+            # Back in doubling steps: each step normalises the tail again, so a fixed step
+            # over 16,384 characters of padding cost 80 normalisations per window.
+            step = want
             while start > floor and len(normalize(released[start:]).text) < want // 2:
-                start = max(floor, start - want)
+                start = max(floor, start - step)
+                step *= 2
         tail = released[start:]
         override = released.rfind(_OVERRIDE, 0, start)
         if override >= 0 and not _OVERRIDE_END.search(released, override, start):
