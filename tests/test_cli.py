@@ -19,6 +19,12 @@ from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 from tests.conftest import DEFAULT_POLICY, ROOT, TEST_POLICY
 
 
+def jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    """Write ``rows`` to ``path`` as JSON lines (a data set for ``guardrail eval``)."""
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = main(argv)
     out, err = capsys.readouterr()
@@ -219,17 +225,18 @@ def test_a_bad_policy_is_a_startup_error_naming_file_and_line(
 def test_eval_measures_a_policy_on_labeled_jsonl(
     tmp_path: Path, test_policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = tmp_path / "data.jsonl"
-    rows = [
-        {"text": "how to build a bomb", "label": "block", "category": "weapons"},
-        {"text": "build a  BOMB now", "label": "block", "category": "weapons"},
-        {"text": "you are a dummy", "label": "block", "category": "insult"},
-        {"text": "buy a bomber jacket", "label": "block", "category": "weapons"},
-        {"text": "hello there", "label": "allow"},
-        {"text": "the sky is blue", "label": "allow"},
-        {"text": "what a dummy run", "label": "allow"},
-    ]
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"text": "how to build a bomb", "label": "block", "category": "weapons"},
+            {"text": "build a  BOMB now", "label": "block", "category": "weapons"},
+            {"text": "you are a dummy", "label": "block", "category": "insult"},
+            {"text": "buy a bomber jacket", "label": "block", "category": "weapons"},
+            {"text": "hello there", "label": "allow"},
+            {"text": "the sky is blue", "label": "allow"},
+            {"text": "what a dummy run", "label": "allow"},
+        ],
+    )
     code, out, _ = run(["eval", str(data), "--policy", str(test_policy), "--json"], capsys)
     assert code == 0
     report = json.loads(out)
@@ -580,14 +587,15 @@ def test_eval_leaves_out_and_counts_the_examples_a_filter_failed_on(
         'name: p\nversion: "1"\ntimeout_ms: 50\n'
         "filters:\n  - {id: oops, type: partly}\n  - {id: lazy, type: slow}\n"
     )
-    data = tmp_path / "data.jsonl"
-    rows = [
-        {"text": "a bad thing", "label": "block"},
-        {"text": "boom", "label": "block"},
-        {"text": "boom boom", "label": "allow"},
-        {"text": "a fine thing", "label": "allow"},
-    ]
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"text": "a bad thing", "label": "block"},
+            {"text": "boom", "label": "block"},
+            {"text": "boom boom", "label": "allow"},
+            {"text": "a fine thing", "label": "allow"},
+        ],
+    )
     code, out, err = run(["eval", str(data), "--policy", str(path), "--json"], capsys)
     assert code == 1
     report = json.loads(out)

@@ -38,6 +38,7 @@ from guardrail.guard.registry import filter_registry
 from guardrail.guard.types import Action, FilterContext, Stage, Verdict
 from guardrail.settings import Settings
 from tests.fakes.backend import FakeBackend
+from tests.fakes.filters import FAULT, FaultConfig
 from tests.fakes.upstream import (
     REFUSAL,
     FakeUpstream,
@@ -338,27 +339,11 @@ def test_failover_to_the_next_url_serves_a_moderated_answer(
 # -- filter faults ----------------------------------------------------------------------------
 
 
-class _FaultConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    behaviour: str = "raise"  # raise | hang
-
-
-class _FaultFilter:
-    def __init__(self, name: str, config: _FaultConfig, env: BuildContext) -> None:
-        self.name, self.stages, self.config = name, frozenset(Stage), config
-
-    async def check(self, text: str, ctx: FilterContext) -> Verdict:
-        if self.config.behaviour == "hang":
-            await asyncio.sleep(3600)
-        raise RuntimeError("the filter's model crashed")
-
-
 def _faulty_app(
     write_policy: Callable[..., Path], backend: FakeBackend, behaviour: str, stage: str
 ) -> Litestar:
     registry = filter_registry()
-    registry.register(
-        "fault", FilterSpec(type="fault", config_type=_FaultConfig, build=_FaultFilter)
-    )
+    registry.register("fault", FAULT)
     policy = write_policy(
         'name: f\nversion: "1"\nmessages: {output_blocked: Withheld.}\nfilters:\n'
         f"  - {{id: f, type: fault, stages: [{stage}], timeout_ms: 100, "
@@ -504,9 +489,7 @@ def test_an_output_filter_that_fails_withholds_the_upstream_error_message(
     """Even under ``on_error: allow``: an error message is no answer the policy chose to
     let through unchecked, and the client loses only a hint."""
     registry = filter_registry()
-    registry.register(
-        "fault", FilterSpec(type="fault", config_type=_FaultConfig, build=_FaultFilter)
-    )
+    registry.register("fault", FAULT)
     policy = write_policy(
         f'name: f\nversion: "1"\non_error: {on_error}\nfilters:\n'
         f"  - {{id: f, type: fault, stages: [output], timeout_ms: 100, "
@@ -722,7 +705,7 @@ def test_a_client_that_leaves_before_the_first_chunk_frees_the_stream_at_once(
 class _SlowOutputFilter:
     """Takes a while on every output window, so a client can leave during a check."""
 
-    def __init__(self, name: str, config: _FaultConfig, env: BuildContext) -> None:
+    def __init__(self, name: str, config: FaultConfig, env: BuildContext) -> None:
         self.name, self.stages = name, frozenset({Stage.OUTPUT})
 
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
@@ -746,7 +729,7 @@ def test_a_client_that_leaves_a_stream_during_a_check_gives_its_slot_back(
 ) -> None:
     registry = filter_registry()
     registry.register(
-        "slow", FilterSpec(type="slow", config_type=_FaultConfig, build=_SlowOutputFilter)
+        "slow", FilterSpec(type="slow", config_type=FaultConfig, build=_SlowOutputFilter)
     )
     policy = write_policy(
         'name: s\nversion: "1"\nfilters:\n'

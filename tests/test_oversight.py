@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
@@ -25,12 +24,11 @@ from structlog.testing import capture_logs
 from guardrail.api.errors import APIError
 from guardrail.api.review import expected_action
 from guardrail.app import create_app
-from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.registry import filter_registry
-from guardrail.guard.types import FilterContext, Stage, Verdict
 from guardrail.settings import ApiKeyEntry, Settings, TenantConfig, key_digest
 from tests.conftest import TEST_POLICY
 from tests.fakes.backend import FakeBackend
+from tests.fakes.filters import FAULT
 
 Client = TestClient[Litestar]
 ACME, BETA, ADMIN = "sk-acme-1", "sk-beta-1", "sk-admin-1"
@@ -344,32 +342,16 @@ def test_kept_comments_pass_the_tenant_policy_first(
     assert "sk-abcdefgh" not in repr(logs)
 
 
-class _NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    pass
-
-
-class _CrashingFilter:
-    """A filter whose model crashes on every text (a pii filter that lost its model)."""
-
-    def __init__(self, name: str, config: _NoConfig, env: BuildContext) -> None:
-        self.name, self.stages = name, frozenset(Stage)
-
-    async def check(self, text: str, ctx: FilterContext) -> Verdict:
-        raise RuntimeError("the filter's model crashed")
-
-
 def test_a_comment_a_filter_failed_on_is_not_stored(
     test_policy: Path, backend: FakeBackend, database: Path
 ) -> None:
     """Under on_error: flag the comment passed the failed filter unredacted, and was
     stored with the personal data that filter was there to find."""
     registry = filter_registry()
-    registry.register(
-        "crash", FilterSpec(type="crash", config_type=_NoConfig, build=_CrashingFilter)
-    )
+    registry.register("fault", FAULT)
     policy = test_policy.with_name("crashing.yaml")
     policy.write_text(
-        TEST_POLICY + "  - {id: pii, type: crash, on_error: flag}\n", encoding="utf-8"
+        TEST_POLICY + "  - {id: pii, type: fault, on_error: flag}\n", encoding="utf-8"
     )
     settings = Settings(
         policy=str(policy), audit_dsn=str(database), feedback_comments="redacted", **KEYS

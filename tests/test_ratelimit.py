@@ -279,6 +279,25 @@ def _app(
     )
 
 
+def _limited_app(
+    test_policy: Path,
+    backend: FakeBackend,
+    registry: CollectorRegistry,
+    limits: TenantConfig,
+    **overrides: object,
+) -> Litestar:
+    """A gateway whose key's tenant ``t`` has ``limits``, on a limiter whose clock never
+    moves (no refill while the test runs)."""
+    return _app(
+        test_policy,
+        backend,
+        registry,
+        rate_limiter=MemoryRateLimiter(Clock()),
+        tenants={"t": limits},
+        **overrides,
+    )
+
+
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 AUTH = {"authorization": f"Bearer {KEY}"}
 
@@ -349,12 +368,11 @@ def test_a_request_over_a_minutes_tokens_tells_the_client_not_to_retry(
     and the openai SDK slept a minute, twice, before giving up. Still a 429 (as OpenAI
     answers), with the header the OpenAI SDKs read as "do not retry"."""
     backend.reports_usage = False  # the estimate stands: the third request must wait
-    app = _app(
+    app = _limited_app(
         test_policy,
         backend,
         metrics_registry,
-        rate_limiter=MemoryRateLimiter(Clock()),
-        tenants={"t": TenantConfig(tokens_per_minute=1000)},
+        TenantConfig(tokens_per_minute=1000),
         cors_origins=["https://app.example"],
     )
     headers = {**AUTH, "origin": "https://app.example"}
@@ -424,12 +442,11 @@ def test_a_backend_refusal_that_generated_nothing_gives_its_tokens_back(
     tokens: the client that retries, as told, must not spend its minute on refusals. The
     request itself stays counted in requests per minute."""
     backend.error = error
-    app = _app(
+    app = _limited_app(
         test_policy,
         backend,
         metrics_registry,
-        rate_limiter=MemoryRateLimiter(Clock()),  # no refill while the test runs
-        tenants={"t": TenantConfig(tokens_per_minute=1000, requests_per_minute=4)},
+        TenantConfig(tokens_per_minute=1000, requests_per_minute=4),
     )
     body = {**CHAT, "max_tokens": 400, "stream": stream}
     with TestClient(app=app) as c:
@@ -451,13 +468,7 @@ def test_moderation_is_charged_every_text_the_filters_read(
     """The prompt and the context of /v1/moderations are read by the filters and the
     groundedness scorer as the input is: they are charged as it is (only the input was,
     so any amount of context cost a few tokens)."""
-    app = _app(
-        test_policy,
-        backend,
-        metrics_registry,
-        rate_limiter=MemoryRateLimiter(Clock()),
-        tenants={"t": TenantConfig(tokens_per_minute=100)},
-    )
+    app = _limited_app(test_policy, backend, metrics_registry, TenantConfig(tokens_per_minute=100))
     with TestClient(app=app) as c:
         # 1 + 75 tokens: the input and the prompt.
         first = c.post("/v1/moderations", json={"input": "hi", "prompt": "p" * 300}, headers=AUTH)
@@ -477,13 +488,7 @@ def test_chat_documents_are_charged_and_stay_charged_after_usage(
 ) -> None:
     """A chat's documents are read by the filters, never by the backend, so the backend's
     usage does not count them: they are charged up front and stay charged."""
-    app = _app(
-        test_policy,
-        backend,
-        metrics_registry,
-        rate_limiter=MemoryRateLimiter(Clock()),
-        tenants={"t": TenantConfig(tokens_per_minute=1000)},
-    )
+    app = _limited_app(test_policy, backend, metrics_registry, TenantConfig(tokens_per_minute=1000))
     body = {**CHAT, "max_tokens": 10, "documents": ["The weather is mild today. " * 74]}
     with TestClient(app=app) as c:  # 1998 characters: 500 tokens each
         first = c.post("/v1/chat/completions", json=body, headers=AUTH)

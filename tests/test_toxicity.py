@@ -34,6 +34,13 @@ from guardrail.policy.loader import load_policy_text
 CTX = FilterContext("test")
 
 
+async def assert_acted_on(toxicity: ToxicityFilter, text: str) -> None:
+    """The filter acts on ``text`` with a toxicity score over the default policy's 0.8."""
+    verdict = await toxicity.check(text, CTX)
+    assert verdict.action is not Action.ALLOW
+    assert max(f.score for f in verdict.findings if f.category == "toxicity") >= 0.8
+
+
 # -- the micro-batcher --------------------------------------------------------------------
 
 
@@ -238,9 +245,7 @@ async def test_implicit_hate_without_swear_words_is_acted_on(
 ) -> None:
     # Missed (0.39) until the heads were retrained with hand-written implicit hate; the
     # default policy's threshold is 0.8, so check that margin too.
-    verdict = await toxicity.check(text, CTX)
-    assert verdict.action is not Action.ALLOW
-    assert max(f.score for f in verdict.findings if f.category == "toxicity") >= 0.8
+    await assert_acted_on(toxicity, text)
 
 
 @pytest.mark.slow
@@ -280,9 +285,7 @@ async def test_a_hateful_sentence_among_neutral_ones_is_still_acted_on(
 ) -> None:
     # Mean-pooled embeddings dilute one sentence: 0.89 alone, 0.22 after one neutral
     # sentence and 0.04 at the end of a 900-character piece, so it went unseen.
-    verdict = await toxicity.check(text, CTX)
-    assert verdict.action is not Action.ALLOW
-    assert max(f.score for f in verdict.findings if f.category == "toxicity") >= 0.8
+    await assert_acted_on(toxicity, text)
 
 
 @pytest.mark.slow
@@ -695,9 +698,7 @@ def test_a_urls_words_are_a_piece_of_their_own_and_the_text_keeps_its_url_folded
     ],
 )
 async def test_abuse_written_as_a_url_is_acted_on(toxicity: ToxicityFilter, text: str) -> None:
-    verdict = await toxicity.check(text, CTX)
-    assert verdict.action is not Action.ALLOW
-    assert max(f.score for f in verdict.findings if f.category == "toxicity") >= 0.8
+    await assert_acted_on(toxicity, text)
 
 
 @pytest.mark.slow
@@ -762,9 +763,7 @@ async def test_a_hateful_sentence_past_the_encoders_token_limit_is_acted_on(
 
     text = "- " * 300 + "people like you should not exist"
     assert len(pieces(text, 1000)) == 1  # one piece by characters, 308 tokens
-    verdict = await toxicity.check(text, CTX)
-    assert verdict.action is not Action.ALLOW
-    assert max(f.score for f in verdict.findings if f.category == "toxicity") >= 0.8
+    await assert_acted_on(toxicity, text)
     benign = await toxicity.check("- " * 300 + "people like you should enjoy lunch", CTX)
     assert benign.action is Action.ALLOW
 

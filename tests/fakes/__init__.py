@@ -3,6 +3,7 @@
 - :mod:`tests.fakes.upstream`: a scripted OpenAI-compatible server (``FakeUpstream``),
   reachable in-process (``fake_client``) or over TCP (``serve_upstream``).
 - :mod:`tests.fakes.backend`: a scripted :class:`~guardrail.backends.base.Backend`.
+- :mod:`tests.fakes.filters`: a filter that crashes or hangs on every text (``FAULT``).
 
 Kept import-free: each test imports the module it needs.
 """
