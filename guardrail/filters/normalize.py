@@ -272,8 +272,15 @@ _MARKUP = re.compile(
 )
 # A right-to-left override shows what follows it reversed, up to the pop or the end of
 # the paragraph (Unicode bidi algorithm, UAX #9).
-_OVERRIDE = "\u202e"
+OVERRIDE = "\u202e"
 _OVERRIDE_ENDS = frozenset("\u202c\n\r\u2028\u2029\x85")
+
+
+def open_override(text: str, at: int) -> bool:
+    """Whether a right-to-left override before ``at`` is still in force there (not
+    closed by its pop or a line end): what follows reads reversed."""
+    opened = text.rfind(OVERRIDE, 0, at)
+    return opened >= 0 and not any(c in _OVERRIDE_ENDS for c in text[opened:at])
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +380,7 @@ def _undo_override(src: _Chars) -> None:
     n = len(chars)
     k = 0
     while k < n:
-        if chars[k] != _OVERRIDE:
+        if chars[k] != OVERRIDE:
             k += 1
             continue
         stop = k + 1
@@ -529,13 +536,13 @@ _EDGE_SYMBOLS = "!$+|"
 # taken out ("HowToMakeAPipeBomb"), which models read as one: its words are set apart.
 # Names of one or two joints ("YouTube", "McDonald", "JavaScript") stay whole.
 _CAMEL_WORDS = 4
-_VOWELS = frozenset("aeiouy")
+VOWELS = frozenset("aeiouy")  # and y, as in "by" and "my"
 
 
 def _word_like(part: str) -> bool:
     """Whether a CamelCase part (folded) may be an English word: "a", "i", or letters
     with a vowel."""
-    return part in ("a", "i") if len(part) == 1 else any(c in _VOWELS for c in part)
+    return part in ("a", "i") if len(part) == 1 else any(c in VOWELS for c in part)
 
 
 def _runs(chars: list[str], inside: Callable[[str], bool]) -> list[tuple[int, int]]:

@@ -62,7 +62,7 @@ from guardrail.filters.classifiers import (
     EncoderHead,
     LlamaGuardSettings,
 )
-from guardrail.filters.normalize import Normalized, folded_char, normalize
+from guardrail.filters.normalize import VOWELS, Normalized, folded_char, normalize
 from guardrail.filters.weights import file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
@@ -467,12 +467,11 @@ def _stretched_word(word: str) -> str:
 # spelling is a misspelling ("adress", "litle"), not a keyword. Between vowels, or as a
 # vowel, the doubled word is too often another word ("rapped"/"raped", "dinner"/"diner",
 # "shoot"/"shot"), and those keep the two-letter rule.
-_VOWELS = frozenset("aeiouy")
 
 
 def _consonant(char: str) -> bool:
     # "I" is a leet 1 or |, either i or l: neither a known consonant nor a vowel.
-    return char.isascii() and char.islower() and char not in _VOWELS
+    return char.isascii() and char.islower() and char not in VOWELS
 
 
 def _doublable(word: str) -> frozenset[int]:

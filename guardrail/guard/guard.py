@@ -330,17 +330,7 @@ def _spaced_reading(text: str, ctx: FilterContext) -> tuple[str, FilterContext] 
         return other, ctx
     messages = list(ctx.messages)
     messages[index] = replace(messages[index], content=other)
-    return other, FilterContext(
-        request_id=ctx.request_id,
-        stage=ctx.stage,
-        tenant=ctx.tenant,
-        route=ctx.route,
-        model=ctx.model,
-        messages=tuple(messages),
-        message_index=index,
-        context_documents=ctx.context_documents,
-        state=ctx.state,
-    )
+    return other, replace(ctx, messages=tuple(messages))  # the same state object
 
 
 def _either(first: FilterOutcome, second: FilterOutcome) -> FilterOutcome:

@@ -30,7 +30,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from guardrail.filters.normalize import normalize
+from guardrail.filters.normalize import OVERRIDE, normalize, open_override
 from guardrail.guard.guard import Guard
 from guardrail.guard.types import (
     Action,
@@ -71,8 +71,6 @@ LOOKAHEAD_CHARS = 64
 # than printable ASCII and single line breaks, markup and escape openers, runs of spaces.
 _MAY_SHRINK = re.compile(r"[^\t\n\x20-\x7e]|[<&%\\*`]|\s{3,}")
 _TAIL_LIMIT = 16_384
-_OVERRIDE = "\u202e"
-_OVERRIDE_END = re.compile("[\u202c\n\r\u2028\u2029\x85]")
 _TOKEN_RUN = re.compile(f"""[^\\s,;{{}}\\[\\]"'<>{UNSPACED_LETTERS}]+""")
 
 
@@ -241,9 +239,8 @@ class StreamGuard:
                 start = max(floor, start - step)
                 step *= 2
         tail = released[start:]
-        override = released.rfind(_OVERRIDE, 0, start)
-        if override >= 0 and not _OVERRIDE_END.search(released, override, start):
-            tail = _OVERRIDE + tail
+        if open_override(released, start):
+            tail = OVERRIDE + tail
         return tail
 
     async def _check(self, cut: int, ahead: int = 0) -> Release:
