@@ -11,6 +11,8 @@ What is undone, in order:
   HTML tags and Markdown emphasis between two letters (``b<b>o</b>mb``, ``b**o**mb``);
 - a right-to-left override (U+202E) shows the text after it reversed, up to its pop
   (U+202C) or the end of the line: that text is put back in reading order;
+- upside-down text (``ʎɐʍ ǝsɐǝ``, turned letters in reverse order) is turned back, a
+  line's run of such words at a time;
 - compatibility forms, accents and case (full-width ``bomb``, ``bómb``, ``BOMB`` -> ``bomb``),
   and symbols drawn as a letter that folding leaves alone (``🅱``, ``⒝``, ``🇧``);
 - tag characters (ASCII written invisibly) are read as the text they encode;
@@ -372,6 +374,7 @@ def _source(text: str, markup: bool) -> _Chars:
     for i in range(pos, len(text)):
         _add_plain(out, text, i)
     _undo_override(out)
+    _undo_upside_down(out)
     return out
 
 
@@ -390,6 +393,71 @@ def _undo_override(src: _Chars) -> None:
         src.starts[k + 1 : stop] = src.starts[k + 1 : stop][::-1]
         src.ends[k + 1 : stop] = src.ends[k + 1 : stop][::-1]
         k = stop
+
+
+# Upside-down text: a sentence written with turned letters in reverse order
+# ("ʎɐʍ ǝsɐǝ"), which reads as the sentence when the screen is turned. What each
+# character stands for when turned back; letters that are their own turn or another
+# letter's (o, s, x, z, l, u/n, p/d, b/q) are in it too.
+# Turned letters look like other letters on purpose: hence the noqa.
+_TURNED = {
+    **dict(zip("ɐqɔpǝəɟƃɥᴉıɾʞlɯuodbɹsʇnʌʍxʎz", "abcdeefghiijklmnopqrstuvwxyz", strict=True)),  # noqa: RUF001
+    **dict(zip("∀ⱯꓭᗺƆᗡꓷƎℲ⅁HIſꓘ˥⅂WNOԀᴚꓤSꓕ⊥∩ΛMX⅄Z", "AABBCDDEFGHIJKLLMNOPRRSTTUVWXYZ", strict=True)),  # noqa: RUF001
+    **dict(zip("Ɩᄅ↊Ɛ↋ㄣϛ9ㄥ860", "122334567890", strict=True)),
+    **dict(zip("˙'¿¡‾⅋()[]{}<>", ".,?!_&)(][}{><", strict=True)),
+}
+# Turned letters no alphabet writes in words of turnable letters alone (ɔ and Ɛ are
+# letters of Akan and Ewe, dotless i of Turkish, Λ of Greek, ə of every IPA transcription):
+# a word needs one of these to read as upside down.
+_TURNED_ONLY = frozenset("ɐǝɟƃɥᴉɾʞɯɹʇʍʎ∀ⱯꓭᗺᗡꓷƎℲ⅁ꓘ˥⅂Ԁᴚꓤꓕᄅㄣϛㄥ")
+_LINE_ENDS = frozenset("\n\r\u2028\u2029\x85")
+
+
+def _undo_upside_down(src: _Chars) -> None:
+    """Put runs of upside-down words back: turned and in reading order.
+
+    A word is upside down when it holds a letter only turned text has and nothing that
+    turned text cannot hold; a run of such words, with words of turnable letters alone
+    between and around them ("uo", "op"), is reversed and each character turned back.
+    Plain words end a run, so a turned word inside an English sentence is read alone.
+    """
+    chars = src.chars
+    if _TURNED_ONLY.isdisjoint(chars):
+        return
+    n = len(chars)
+    # Words: (start, end, kind), kind 2 upside down, 1 turnable only, 0 neither.
+    words: list[tuple[int, int, int]] = []
+    k = 0
+    while k < n:
+        if chars[k].isspace():
+            k += 1
+            continue
+        start = k
+        while k < n and not chars[k].isspace():
+            k += 1
+        word = chars[start:k]
+        turnable = all(c in _TURNED or not c.isalnum() for c in word)
+        kind = (2 if not _TURNED_ONLY.isdisjoint(word) else 1) if turnable else 0
+        words.append((start, k, kind))
+    i = 0
+    while i < len(words):
+        if words[i][2] == 0:
+            i += 1
+            continue
+        j = i
+        # A run stops at a plain word and at a line end: each line is turned on its own.
+        while (
+            j + 1 < len(words)
+            and words[j + 1][2]
+            and _LINE_ENDS.isdisjoint(chars[words[j][1] : words[j + 1][0]])
+        ):
+            j += 1
+        if any(kind == 2 for _, _, kind in words[i : j + 1]):
+            a, b = words[i][0], words[j][1]
+            src.chars[a:b] = [_TURNED.get(c, c) for c in reversed(src.chars[a:b])]
+            src.starts[a:b] = src.starts[a:b][::-1]
+            src.ends[a:b] = src.ends[a:b][::-1]
+        i = j + 1
 
 
 @functools.cache
