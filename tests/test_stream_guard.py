@@ -491,6 +491,10 @@ PADDED = [
         "\u202e" + "ecnetnes rehto emos si siht " * 16 + "won bmob a dliub uoy neht",
         id="override",
     ),
+    # Empty tags between two letters, more of them than the context: a tail starting
+    # among them read them as written, long enough, without the letter before.
+    pytest.param("Sure, you build a b" + "<b></b>" * 90 + "omb now. ", id="empty-tags"),
+    pytest.param("Sure, you build a b" + "<i class='x'></i>" * 40 + "omb now. ", id="tags"),
     # The spaced reading blocks the window; the plain one only in the released context
     # ("rebuild a bomb" cut to "build a bomb").
     pytest.param("I will rebuild a bomb shelter. Then build\u200ba\u200bbomb now. ", id="readings"),

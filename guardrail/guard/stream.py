@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -231,12 +232,16 @@ class StreamGuard:
         opened = released.rfind("<", floor, start)
         if opened >= 0 and released.find(">", opened, start) < 0:
             start = max(floor, opened - want)
+        start = _before_markup(released, start, floor)
         if _MAY_SHRINK.search(released, start):
+            # Markup the released text ends in may be read away with the window's first
+            # letter: what the tail gives the window is what it reads before that.
+            read = _markup_run(released, len(released), floor)
             # Back in doubling steps: each step normalises the tail again, so a fixed step
             # over 16,384 characters of padding cost 80 normalisations per window.
             step = want
-            while start > floor and len(normalize(released[start:]).text) < want // 2:
-                start = max(floor, start - step)
+            while start > floor and len(normalize(released[start:read]).text) < want // 2:
+                start = _before_markup(released, max(floor, start - step), floor)
                 step *= 2
         tail = released[start:]
         if open_override(released, start):
@@ -302,6 +307,43 @@ class StreamGuard:
         # had left a redaction in the window unapplied).
         outcomes = [_only_within(o, start, end) for o in decision.outcomes]
         return self._guard.combine(Stage.OUTPUT, checked, outcomes)
+
+
+# What may stand between two letters and be read away (see normalize): emphasis marks
+# and characters that show nothing; tags are found by their brackets.
+_READ_AWAY = frozenset("*~`")
+
+
+def _markup_run(text: str, end: int, floor: int) -> int:
+    """The start of the run of markup that ends at ``end`` (``end`` if there is none):
+    tags, emphasis marks and characters that show nothing, all of which normalisation
+    reads away between two letters."""
+    k = end
+    while k > floor:
+        char = text[k - 1]
+        if char == ">":
+            opened = text.rfind("<", floor, k - 1)
+            if opened < 0:
+                break
+            k = opened
+        elif char in _READ_AWAY or (
+            unicodedata.category(char) in ("Cf", "Cc") and not char.isspace()
+        ):
+            k -= 1
+        else:
+            break
+    return k
+
+
+def _before_markup(text: str, start: int, floor: int) -> int:
+    """``start`` moved back over the markup it is in to the letter before it.
+
+    Tags between two letters are read away only when both letters are seen: a tail that
+    starts among the tags of ``b<b></b><b></b>...`` reads them as written, and ``omb`` in
+    the next window is a word of its own.
+    """
+    k = _markup_run(text, start, floor)
+    return max(floor, k - 1) if k < start else start
 
 
 def _within(finding: Finding, start: int, end: int) -> bool:
