@@ -297,6 +297,8 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await loading
             await _drain(gateway)
+            # After the drain: requests still waiting on it get their answer first.
+            await gateway.stop_fetching_models()
             for hook in gateway.on_shutdown:
                 try:
                     await hook()

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
+from guardrail.api.serving import MODELS_REFRESH_S
 from guardrail.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
 from guardrail.guard.types import Action, Finding, Stage, Verdict
 from tests.conftest import ADMIN_KEY_SHA256, AS_ADMIN
@@ -826,6 +829,64 @@ def test_configured_models_override_the_backend_list(make_app: Callable[..., Lit
     with TestClient(app=make_app(models=["llama-2-7b-chat"])) as c:
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["llama-2-7b-chat"]
         assert c.post("/v1/chat/completions", json=chat("hi")).status_code == 404
+
+
+async def test_requests_that_come_while_the_model_list_is_fetched_wait_for_it(
+    make_app: Callable[..., Litestar], backend: FakeBackend
+) -> None:
+    """One request fetched the backend's list; every other one in that window found no
+    names and answered 503 "lists no models", though the backend was healthy."""
+    backend.models_gate = asyncio.Event()
+    app = make_app(audit_dsn="off")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+        chats = [
+            asyncio.create_task(c.post("/v1/chat/completions", json=chat("hi"))) for _ in range(6)
+        ]
+        listing = asyncio.create_task(c.get("/v1/models"))
+        for _ in range(100):  # every request reaches its model check (in-process: no I/O)
+            await asyncio.sleep(0)
+        assert backend.models_calls == 1
+        backend.models_gate.set()
+        answers = await asyncio.gather(*chats)
+        listed = await listing
+    assert [r.status_code for r in answers] == [200] * 6
+    assert [m["id"] for m in listed.json()["data"]] == ["fake-model"]
+    assert backend.models_calls == 1
+
+
+async def test_a_caller_that_gives_up_leaves_the_model_fetch_to_the_others(
+    make_app: Callable[..., Litestar], backend: FakeBackend
+) -> None:
+    backend.models_gate = asyncio.Event()
+    gateway = make_app(audit_dsn="off").state.gateway
+    first = asyncio.create_task(gateway.served_models())
+    second = asyncio.create_task(gateway.served_models())
+    await asyncio.sleep(0)
+    first.cancel()
+    backend.models_gate.set()
+    assert await second == ["fake-model"]
+    assert first.cancelled()
+    assert backend.models_calls == 1
+
+
+async def test_a_failed_model_fetch_is_tried_again_after_the_refresh_interval(
+    make_app: Callable[..., Litestar], backend: FakeBackend
+) -> None:
+    """Every caller waiting on a failed fetch gets no names; the next fetch starts anew."""
+    backend.models_error = BackendUnavailable("loading")
+    gateway = make_app(audit_dsn="off").state.gateway
+    assert await asyncio.gather(gateway.served_models(), gateway.served_models()) == [[], []]
+    assert await gateway.served_models() == []  # within the interval: not asked again
+    assert backend.models_calls == 1
+    backend.models_error = None
+    backend.models_gate = asyncio.Event()
+    gateway._models_checked -= MODELS_REFRESH_S + 1  # the interval has passed
+    waiting = [asyncio.create_task(gateway.served_models()) for _ in range(3)]
+    await asyncio.sleep(0)
+    backend.models_gate.set()
+    assert await asyncio.gather(*waiting) == [["fake-model"]] * 3
+    assert backend.models_calls == 2
 
 
 def test_health_and_readiness(client: Client, backend: FakeBackend) -> None:

@@ -10,6 +10,7 @@ is handed to :meth:`Gateway.record` exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import re
@@ -182,6 +183,9 @@ class Gateway:
     backend_error: str | None = None
     models: list[str] = field(default_factory=list)
     _models_checked: float = 0.0
+    # The backend's model list being fetched: every request that finds no names waits on
+    # this one fetch rather than answering "lists no models" while it runs.
+    _models_fetch: asyncio.Task[None] | None = field(default=None, repr=False)
     tenants: Tenants | None = None
     stores: dict[str, GuardStore] = field(default_factory=dict)
     limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
@@ -251,21 +255,43 @@ class Gateway:
         return limits
 
     async def served_models(self) -> list[str]:
-        """Configured names, else the backend's (asked again at most every few seconds)."""
+        """Configured names, else the backend's (asked again at most every few seconds).
+
+        One fetch at a time: callers that come while it runs wait for its answer. A
+        caller that gives up (cancelled) leaves the fetch running for the others.
+        """
         if self.settings.models:
             return list(self.settings.models)
         now = time.monotonic()
+        fetch = self._models_fetch
         if (
-            not self.models
+            fetch is None
+            and not self.models
             and self.backend is not None
             and now - self._models_checked > (MODELS_REFRESH_S if self._models_checked else 0)
         ):
             self._models_checked = now
-            try:
-                self.models = await self.backend.models()
-            except BackendError as e:
-                log.warning("models_unavailable", error=type(e).__name__)
+            fetch = self._models_fetch = asyncio.create_task(self._fetch_models(self.backend))
+        if fetch is not None:
+            await asyncio.shield(fetch)
         return list(self.models)
+
+    async def _fetch_models(self, backend: Backend) -> None:
+        try:
+            self.models = await backend.models()
+        except BackendError as e:
+            log.warning("models_unavailable", error=type(e).__name__)
+        finally:
+            # Done either way: a failed fetch is tried again after MODELS_REFRESH_S.
+            self._models_fetch = None
+
+    async def stop_fetching_models(self) -> None:
+        """Cancel a model-list fetch still running (shutdown: its backend is closing)."""
+        fetch = self._models_fetch
+        if fetch is not None:
+            fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fetch
 
     async def reload_policy(self, trigger: str) -> ReloadResult:
         """Reload the policy file(s); a bad file keeps its running policy (and is reported).

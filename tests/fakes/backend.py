@@ -4,6 +4,8 @@
 into ``chunks`` (or the given list). ``requests`` records every request it received,
 so a test can prove the backend was never called. ``error`` makes it raise a
 BackendError; ``error_after`` makes a stream die after that many chunks.
+``models_gate`` holds :meth:`models` until it is set, ``models_error`` makes it raise,
+and ``models_calls`` counts its calls.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class FakeBackend:
     stream_closed: int = 0
     name: str = "fake"
     reports_usage: bool = True  # False: token counts unknown, as from some upstreams
+    models_gate: asyncio.Event | None = None
+    models_error: BackendError | None = None
+    models_calls: int = 0
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -72,6 +77,11 @@ class FakeBackend:
         return not self.closed
 
     async def models(self) -> list[str]:
+        self.models_calls += 1
+        if self.models_gate is not None:
+            await self.models_gate.wait()
+        if self.models_error is not None:
+            raise self.models_error
         return list(self.model_names)
 
     async def aclose(self) -> None:
