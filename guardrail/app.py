@@ -411,9 +411,9 @@ def model_cache_stats(resources: SharedResources) -> list[CacheStats]:
 def _observe_circuits(backend: Backend, metrics: GatewayMetrics) -> None:
     """Backends with circuit breakers (remote) report their states as a gauge; the local
     engine reports its queue, batches, first tokens and KV-cache reuse."""
-    observe = getattr(backend, "observe_circuits", None)
-    if observe is not None:
-        observe(lambda url, state: metrics.circuit_state(url, state.gauge))
+    states = getattr(backend, "circuit_states", None)
+    if states is not None:
+        metrics.observe_circuits(lambda: [(url, state.gauge) for url, state in states()])
     engine = getattr(backend, "observe", None)
     if engine is not None:
         observer: EngineObserver = metrics

@@ -236,6 +236,37 @@ def test_circuit_states_are_a_metric(test_policy: Path) -> None:
     assert registry.get_sample_value("guardrail_backend_circuit_state", labels) == 2.0
 
 
+async def test_an_open_circuit_reads_half_open_once_its_reset_passes_with_no_request_to_it(
+    test_policy: Path,
+) -> None:
+    """Failover stops at the first URL that serves, so nothing asked the second URL's
+    breaker again: its gauge stayed 2 (open) for good, and the alert on 2 never cleared."""
+    clock = Clock()
+    first, second = FakeUpstream(host="first.test"), FakeUpstream(host="second.test")
+    registry = CollectorRegistry()
+    async with fake_client(first, second) as client:
+        backend = RemoteBackend(
+            [first.base_url, second.base_url],
+            client,
+            retries=0,
+            breaker_failures=1,
+            breaker_reset_s=30,
+            clock=clock,
+        )
+        settings = Settings(policy=str(test_policy), models=["fake-model"], audit_dsn="off")
+        create_app(settings, backend=backend, metrics_registry=registry)
+
+        def gauge(url: str) -> float | None:
+            return registry.get_sample_value("guardrail_backend_circuit_state", {"url": url})
+
+        backend.breakers[second.base_url].failure()
+        assert gauge(second.base_url) == 2.0
+        clock.now += 30
+        await backend.generate(_request())
+        assert second.requests == []
+        assert (gauge(first.base_url), gauge(second.base_url)) == (0.0, 1.0)
+
+
 # -- backend faults, end to end over real sockets ----------------------------------------------
 
 

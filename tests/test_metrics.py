@@ -414,6 +414,24 @@ def test_when_categories_pass_the_cap_then_new_ones_fold_into_other(
     assert harm(registry, stage="input", category=OTHER) == 2.0
 
 
+def test_circuit_states_are_read_at_each_scrape_from_the_latest_backend(
+    registry: CollectorRegistry,
+) -> None:
+    """URLs past the label cap share "other", which shows the worst of their states."""
+    metrics = GatewayMetrics(registry, max_label_values=1)
+    states = {"http://a/v1": 2, "http://b/v1": 0, "http://c/v1": 2}
+    metrics.observe_circuits(states.items)
+
+    def gauge(url: str) -> float | None:
+        return value(registry, "guardrail_backend_circuit_state", url=url)
+
+    assert (gauge("http://a/v1"), gauge(OTHER)) == (2.0, 2.0)
+    states.update({"http://a/v1": 1, "http://c/v1": 1})  # their reset times have passed
+    assert (gauge("http://a/v1"), gauge(OTHER)) == (1.0, 1.0)
+    metrics.observe_circuits(lambda: [("http://a/v1", 0)])  # a new backend replaces the old
+    assert (gauge("http://a/v1"), gauge(OTHER)) == (0.0, None)
+
+
 def test_default_category_cap_is_200(metrics: GatewayMetrics, registry: CollectorRegistry) -> None:
     for i in range(250):
         metrics.record(
@@ -693,7 +711,7 @@ def _record_every_kind(metrics: GatewayMetrics) -> None:
     metrics.policy_reload(ok=False)
     metrics.request_started("chat")
     metrics.rate_limited("tokens")
-    metrics.circuit_state("http://vllm-a:8000/v1", 2)
+    metrics.observe_circuits(lambda: [("http://vllm-a:8000/v1", 2)])
     metrics.engine_queue_depth(3)
     metrics.engine_step(8)
     metrics.engine_first_token(0.2)

@@ -14,8 +14,10 @@ as a success (the replica is up). When every URL's circuit is open, the remote b
 fails at once with 503 and a ``Retry-After`` of the soonest reset, instead of waiting on
 replicas known to be down.
 
-``on_change(url, state)`` is told about every transition (the app turns it into the
-``guardrail_backend_circuit_state`` gauge).
+``on_change(url, state)`` is told about every transition as it is seen. Open to
+half-open is seen only when someone asks (:attr:`CircuitBreaker.state`,
+:meth:`~CircuitBreaker.allow`): the ``guardrail_backend_circuit_state`` gauge reads
+``state`` at each scrape, since failover may never ask a URL behind one that serves.
 """
 
 from __future__ import annotations

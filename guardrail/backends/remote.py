@@ -83,7 +83,7 @@ from guardrail.backends.base import (
     FinishReason,
     GenerationRequest,
 )
-from guardrail.backends.breaker import CircuitBreaker, CircuitState, OnChange
+from guardrail.backends.breaker import CircuitBreaker, CircuitState
 from guardrail.backends.transport import AiohttpTransport
 from guardrail.chat import Message
 from guardrail.errors import (
@@ -486,11 +486,10 @@ class RemoteBackend:
             breaker_reset_s=settings.breaker_reset_s,
         )
 
-    def observe_circuits(self, on_change: OnChange) -> None:
-        """Tell ``on_change(url, state)`` each URL's circuit state now and at every change."""
-        for breaker in self.breakers.values():
-            breaker.on_change = on_change
-            on_change(breaker.name, breaker.state)
+    def circuit_states(self) -> list[tuple[str, CircuitState]]:
+        """Each URL (as logs show it) with its circuit's state now: an open circuit whose
+        reset time has passed reads half-open, though no request has asked it yet."""
+        return [(breaker.name, breaker.state) for breaker in self.breakers.values()]
 
     def _usable(self) -> Iterator[str]:
         """The URLs whose circuit lets a request through, in failover order.

@@ -355,11 +355,6 @@ class GatewayMetrics:
             "max_queue, queue_timeout_s) was the limit, not the backend.",
             ("route",),
         )
-        self.backend_circuit_state = gauge(
-            "backend_circuit_state",
-            "Circuit of each remote backend URL: 0 closed, 1 half-open (trial), 2 open.",
-            ("url",),
-        )
         self.shadow_decisions = counter(
             "shadow_decisions_total",
             "Decisions of the shadow (candidate) policy next to the active policy's, by stage; "
@@ -367,6 +362,8 @@ class GatewayMetrics:
             ("stage", "active", "shadow"),
         )
         self._url = _CappedLabel(max_label_values)
+        self._circuits = _CircuitCollector(self._url)
+        registry.register(self._circuits)
         self._policy_lock = threading.Lock()
 
         # User satisfaction and human review (guardrail.api.oversight).
@@ -644,12 +641,15 @@ class GatewayMetrics:
         """Count one shadow comparison (``version`` is the shadow policy's, for logs only)."""
         self.shadow_decisions.labels(stage=stage.value, active=active.value, shadow=shadow).inc()
 
-    def circuit_state(self, url: str, state: int) -> None:
-        """Set a backend URL's circuit state (0 closed, 1 half-open, 2 open).
+    def observe_circuits(self, states: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Export each backend URL's circuit state (0 closed, 1 half-open, 2 open), read
+        at each scrape: an open circuit turns half-open when its reset time has passed,
+        whether or not a request asks it, and the gauge must show that (an alert on 2
+        would never clear). A later call replaces the earlier source (a new backend).
 
-        ``url`` comes from the settings (without credentials), never from users.
+        The URLs come from the settings (without credentials), never from users.
         """
-        self.backend_circuit_state.labels(url=self._url(url)).set(state)
+        self._circuits.states = states
 
     # --- policy --------------------------------------------------------------
 
@@ -730,6 +730,31 @@ class _CacheCollector(Collector):
             held.add_metric([name], size)
         yield lookups
         yield held
+
+
+class _CircuitCollector(Collector):
+    """The backend circuits' states, read when Prometheus scrapes: only a scrape sees an
+    open circuit's reset time pass on a URL no request reaches (failover stops at the
+    first URL that serves)."""
+
+    def __init__(self, url: _CappedLabel) -> None:
+        self._url = url
+        self.states: Callable[[], Iterable[tuple[str, int]]] = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "guardrail_backend_circuit_state",
+            "Circuit of each remote backend URL: 0 closed, 1 half-open (trial), 2 open.",
+            labels=["url"],
+        )
+        worst: dict[str, int] = {}
+        for url, state in self.states():
+            # URLs past the label cap share "other": it shows the worst of them.
+            label = self._url(url)
+            worst[label] = max(state, worst.get(label, state))
+        for label, state in worst.items():
+            family.add_metric([label], state)
+        yield family
 
 
 class _AuditCollector(Collector):
