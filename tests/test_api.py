@@ -889,6 +889,45 @@ async def test_a_failed_model_fetch_is_tried_again_after_the_refresh_interval(
     assert backend.models_calls == 2
 
 
+async def test_the_model_list_is_asked_again_after_the_interval_and_kept_on_failure(
+    make_app: Callable[..., Litestar], backend: FakeBackend
+) -> None:
+    """Once the backend had listed models, the list was never asked again: a model it
+    began to serve (a vLLM adapter loaded at run time) stayed a 404 until a restart."""
+    gateway = make_app(audit_dsn="off").state.gateway
+    assert await gateway.served_models() == ["fake-model"]
+    backend.model_names = ["fake-model", "new-model"]
+    assert await gateway.served_models() == ["fake-model"]  # within the interval
+    gateway._models_checked -= MODELS_REFRESH_S + 1
+    backend.models_gate = asyncio.Event()
+    # With names known, callers get them at once while the list is fetched again.
+    assert await gateway.served_models() == ["fake-model"]
+    backend.models_gate.set()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await gateway.served_models() == ["fake-model", "new-model"]
+    # A failed fetch keeps the last good list.
+    backend.models_gate, backend.models_error = None, BackendUnavailable("restarting")
+    gateway._models_checked -= MODELS_REFRESH_S + 1
+    await gateway.served_models()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await gateway.served_models() == ["fake-model", "new-model"]
+    assert backend.models_calls == 3
+
+
+def test_no_models_listed_says_to_retry_when_the_list_is_asked_again(
+    make_app: Callable[..., Litestar], backend: FakeBackend
+) -> None:
+    """Retry-After was 1 while the list is asked again only after MODELS_REFRESH_S: an
+    SDK that waited as told got the same 503 on every retry."""
+    backend.models_error = BackendUnavailable("loading")
+    with TestClient(app=make_app(audit_dsn="off")) as c:
+        r = c.post("/v1/chat/completions", json=chat("hi"))
+    assert r.status_code == 503
+    assert int(r.headers["retry-after"]) >= MODELS_REFRESH_S - 1
+
+
 def test_health_and_readiness(client: Client, backend: FakeBackend) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200

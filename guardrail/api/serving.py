@@ -255,32 +255,38 @@ class Gateway:
         return limits
 
     async def served_models(self) -> list[str]:
-        """Configured names, else the backend's (asked again at most every few seconds).
+        """Configured names, else the backend's, asked again at most every
+        ``MODELS_REFRESH_S`` (a vLLM adapter loaded at run time, a redeploy).
 
-        One fetch at a time: callers that come while it runs wait for its answer. A
+        One fetch at a time. With no names yet, callers wait for it; with names, they
+        get the last good list while it runs, and a failed fetch keeps that list. A
         caller that gives up (cancelled) leaves the fetch running for the others.
         """
         if self.settings.models:
             return list(self.settings.models)
-        now = time.monotonic()
         fetch = self._models_fetch
-        if (
-            fetch is None
-            and not self.models
-            and self.backend is not None
-            and now - self._models_checked > (MODELS_REFRESH_S if self._models_checked else 0)
-        ):
-            self._models_checked = now
+        if fetch is None and self.backend is not None and self.models_due_in() == 0:
+            self._models_checked = time.monotonic()
             fetch = self._models_fetch = asyncio.create_task(self._fetch_models(self.backend))
-        if fetch is not None:
+        if fetch is not None and not self.models:
             await asyncio.shield(fetch)
         return list(self.models)
+
+    def models_due_in(self) -> float:
+        """Seconds until the backend's model list may be asked for again (0: now)."""
+        if not self._models_checked:
+            return 0.0
+        return max(0.0, self._models_checked + MODELS_REFRESH_S - time.monotonic())
 
     async def _fetch_models(self, backend: Backend) -> None:
         try:
             self.models = await backend.models()
         except BackendError as e:
             log.warning("models_unavailable", error=type(e).__name__)
+        except Exception as e:
+            # A refresh nobody awaits: an unexpected error must not be left unretrieved
+            # in the task; the last good list stays.
+            log.error("models_refresh_failed", error=type(e).__name__)
         finally:
             # Done either way: a failed fetch is tried again after MODELS_REFRESH_S.
             self._models_fetch = None
@@ -1271,7 +1277,14 @@ class Serving:
         if model in served:
             return
         if not served:
-            raise from_backend_error(BackendUnavailable("The backend lists no models right now."))
+            # Retry-After says when the list is asked for again: sooner, a retry finds
+            # the same empty list.
+            raise from_backend_error(
+                BackendUnavailable(
+                    "The backend lists no models right now.",
+                    retry_after_s=max(1.0, self.gw.models_due_in()),
+                )
+            )
         # Only what this key's tenant may use, as /v1/models lists: the others' names are
         # none of its business.
         allowed = [m for m in served if rules.allows_model(m)]
