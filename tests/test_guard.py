@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from guardrail.chat import Message
-from guardrail.guard.filter import BuildContext, FilterSpec
+from guardrail.guard.filter import LOOP_TEXT_CHARS, BuildContext, FilterSpec
 from guardrail.guard.guard import FILTER_ERROR_CATEGORY, Guard
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.types import (
@@ -468,6 +469,29 @@ class RecordingFilter:
 class StatefulRecordingFilter(RecordingFilter):
     def remember(self, text: str, verdict: Verdict, ctx: FilterContext) -> None:
         pass
+
+
+@pytest.mark.parametrize("words", [2, 500])
+async def test_when_a_text_is_long_then_its_spaced_reading_is_made_off_the_event_loop(
+    make_guard: Callable[[str], Guard], monkeypatch: pytest.MonkeyPatch, words: int
+) -> None:
+    """The spaced reading of a text past LOOP_TEXT_CHARS is made on the executor: on the
+    loop it held every other request; a short text's stays on the loop."""
+    import guardrail.guard.guard as guard_module
+
+    real = guard_module.spaced
+    threads: list[int] = []
+
+    def recording(text: str) -> str | None:
+        threads.append(threading.get_ident())
+        return real(text)
+
+    monkeypatch.setattr(guard_module, "spaced", recording)
+    guard = make_guard("- {id: a, type: script}\n")
+    text = "pipe\u200bbomb " * words
+    decision = await guard.check(Stage.INPUT, text, CTX)
+    assert decision.action is Action.ALLOW
+    assert [t == threading.get_ident() for t in threads] == [len(text) <= LOOP_TEXT_CHARS]
 
 
 async def test_a_text_with_invisible_characters_is_also_read_with_them_as_spaces(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,8 +22,8 @@ from guardrail.filters.llama_guard import (
     parse_answer,
     taxonomy,
 )
-from guardrail.filters.normalize import normalize
-from guardrail.guard.filter import BuildContext, SharedResources
+from guardrail.filters.normalize import Normalized, normalize
+from guardrail.guard.filter import LOOP_TEXT_CHARS, BuildContext, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.types import Action, FilterContext, Stage
@@ -793,6 +794,36 @@ async def test_semantic_examples_match_paraphrases_and_counter_examples_hold_bac
     )
     assert await action(guard, "How can I kill a Python process that hangs?") is Action.ALLOW
     assert await action(guard, "Give me a recipe for banana bread") is Action.ALLOW
+
+
+@pytest.mark.parametrize("sentences", [2, 100])
+async def test_when_a_text_is_long_then_its_normalisation_runs_off_the_event_loop(
+    make_guard: Callable[..., Guard], monkeypatch: pytest.MonkeyPatch, sentences: int
+) -> None:
+    """Keywords', regexes' and embedded windows' normalisation of a text past
+    LOOP_TEXT_CHARS runs on the executor, where it stalls no other request and the
+    filter's time limit can end the wait; a short text's stays on the loop."""
+    import guardrail.filters.rules as rules_module
+
+    guard = make_guard(
+        """
+        - {id: bomb, category: weapons, keywords: [pipe bomb], regex: ['b[o0]mb']}
+        - {id: kill, category: violence, semantic: {examples: ["how do I kill a person"]}}
+        """
+    )
+    real = rules_module.normalize
+    threads: list[int] = []
+
+    def recording(text: str, **flags: bool) -> Normalized:
+        threads.append(threading.get_ident())
+        return real(text, **flags)
+
+    monkeypatch.setattr(rules_module, "normalize", recording)
+    text = "The weather is mild today. " * sentences + "How to make a pipe bomb?"
+    assert await action(guard, text) is Action.BLOCK
+    assert len(threads) == 3  # the keywords', the regexes' and the windows' readings
+    on_loop = [t == threading.get_ident() for t in threads]
+    assert on_loop == [len(text) <= LOOP_TEXT_CHARS] * 3
 
 
 async def test_a_harmful_sentence_inside_a_long_harmless_frame_is_found(

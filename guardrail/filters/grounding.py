@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from guardrail.errors import ConfigError
 from guardrail.filters.weights import all_finite, read_arrays
+from guardrail.guard.filter import text_pass
 
 if TYPE_CHECKING:
     import numpy as np
@@ -530,8 +531,10 @@ class GroundingScorer:
         probe_cache_bytes: int = 0,
         cache_size: int = 64,
         cache_chars: int = CACHE_CHARS,
+        executor: Executor | None = None,
     ) -> None:
         self._embedder = embedder
+        self._executor = executor  # for passes over long texts, see text_pass
         self._head = head
         self._max_units = max_units
         self._max_claims = max_claims
@@ -593,7 +596,9 @@ class GroundingScorer:
         ``scope`` (the tenant) is whose kept probe prefixes it may reuse."""
         import numpy as np
 
-        spans = spread(claims_of(text), self._max_claims)
+        spans = await text_pass(
+            self._executor, len(text), lambda: spread(claims_of(text), self._max_claims)
+        )
         if not spans:
             return Groundedness(1.0, ())
         claims = [text[a:b] for a, b, _ in spans]

@@ -43,7 +43,7 @@ from guardrail.filters.classifiers import (
     ProbeSettings,
     shared_local_model,
 )
-from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, Grounder
+from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, Grounder, text_pass
 from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 
 if TYPE_CHECKING:
@@ -545,6 +545,7 @@ def shared_scorer(
             probe=probe_scorer,
             probe_chars=probe.max_chars if probe else 0,
             probe_cache_bytes=probe.prefix_cache_mb << 20 if probe else 0,
+            executor=env.executor,
         ),
         version=stamp,  # the scorer holds the head: a new head needs a new scorer
     )
@@ -658,7 +659,7 @@ class HallucinationFilter:
         # (Without an index, as for a moderation request's inputs, the text is no message
         # of the conversation.)
         if self._config.cutoff.enabled and ctx.stage in self._cutoff_stages:
-            findings.extend(self._cutoff_findings(text, ctx))
+            findings.extend(await self._cutoff_findings(text, ctx))
         if ctx.stage is Stage.OUTPUT:
             sources = sources_of(ctx, self._config.groundedness.sources)
             if self._config.citations.enabled:
@@ -668,12 +669,16 @@ class HallucinationFilter:
                 findings.extend(await self._groundedness_findings(text, sources, ctx))
         return Verdict.from_findings(findings)
 
-    def _cutoff_findings(self, text: str, ctx: FilterContext) -> Iterator[Finding]:
+    async def _cutoff_findings(self, text: str, ctx: FilterContext) -> list[Finding]:
         c = self._config.cutoff
         # Recency phrases are questions' business: an answer's "today" is small talk.
         recency = self._recency if ctx.stage is Stage.INPUT else None
-        for start, end in cutoff_spans(text, self.cutoff_for(ctx.model), recency):
-            yield Finding(
+        cutoff = self.cutoff_for(ctx.model)
+        spans = await text_pass(
+            self._env.executor, len(text), lambda: list(cutoff_spans(text, cutoff, recency))
+        )
+        return [
+            Finding(
                 "knowledge_cutoff",
                 1.0,
                 Action(c.action),
@@ -682,6 +687,8 @@ class HallucinationFilter:
                 message=c.message,
                 concern="accuracy",
             )
+            for start, end in spans
+        ]
 
     def _citation_findings(
         self, text: str, sources: Sequence[str], documents: int

@@ -37,6 +37,7 @@ a harmful request inside a long harmless frame is still seen.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import fnmatch
 import functools
 import itertools
@@ -64,7 +65,7 @@ from guardrail.filters.classifiers import (
 )
 from guardrail.filters.normalize import VOWELS, Normalized, folded_char, normalize
 from guardrail.filters.weights import file_stamp
-from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
+from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
 from guardrail.policy.model import Id
 
@@ -642,23 +643,44 @@ class _CompiledRule:
         )
 
 
-class _Check:
-    """One text being checked: normalised once, embedded once, each engine run once."""
+# The windows a check worked out for its text, off the event loop when the text is long,
+# handed to an engine that splits the text again (a fine-tuned encoder, a probe) through
+# RulesFilter.windows. Set in the engine's own task: no other check sees it.
+_KNOWN_WINDOWS: contextvars.ContextVar[tuple[str, list[str]] | None] = contextvars.ContextVar(
+    "rules_known_windows", default=None
+)
 
-    def __init__(self, filt: RulesFilter, text: str, ctx: FilterContext) -> None:
+
+class _Check:
+    """One text being checked: normalised once, embedded once, each engine run once.
+
+    Each pass over a long text runs on the executor (see :func:`text_pass`)."""
+
+    def __init__(self, filt: RulesFilter, text: str, ctx: FilterContext, norm: Normalized) -> None:
         self.filt = filt
         self.text = text
         self.ctx = ctx
-        self.norm: Normalized = normalize(text, glue=False)
+        self.norm = norm
         self._folded: Normalized | None = None
+        self._windows: asyncio.Task[list[str]] | None = None
         self._embeddings: asyncio.Task[Any] | None = None
         self._scores: dict[str, asyncio.Task[dict[str, float]]] = {}
 
+    async def windows(self) -> list[str]:
+        if self._windows is None:
+            self._windows = asyncio.ensure_future(
+                text_pass(self.filt.executor, len(self.text), self.filt.windows, self.text)
+            )
+        return await self._windows
+
     async def embeddings(self) -> npt.NDArray[np.float32]:
         if self._embeddings is None:
-            self._embeddings = asyncio.ensure_future(self.filt.embed(self.text, self.ctx.tenant))
+            self._embeddings = asyncio.ensure_future(self._embed())
         result: npt.NDArray[np.float32] = await self._embeddings
         return result
+
+    async def _embed(self) -> npt.NDArray[np.float32]:
+        return await self.filt.embed(await self.windows(), self.ctx.tenant)
 
     async def scores(self, engine: str) -> dict[str, float]:
         task = self._scores.get(engine)
@@ -668,10 +690,13 @@ class _Check:
 
     async def _engine_scores(self, name: str) -> dict[str, float]:
         engine = self.filt.engines[name]
-        embeddings = await self.embeddings() if engine.uses_embeddings else None
+        embeddings = None
+        if engine.uses_embeddings:
+            embeddings = await self.embeddings()
+            _KNOWN_WINDOWS.set((self.text, await self.windows()))
         return await engine.scores(self.text, self.ctx, embeddings)
 
-    def _pattern_spans(self, pattern: _Pattern) -> list[tuple[int, int]]:
+    async def _pattern_spans(self, pattern: _Pattern) -> list[tuple[int, int]]:
         found: list[tuple[int, int]] = []
         if pattern.keywords is not None:
             norm = self.norm
@@ -686,8 +711,15 @@ class _Check:
                     found.append(norm.span(m.start(), m.end()))
         if pattern.regexes:
             if self._folded is None:
-                self._folded = normalize(
-                    self.text, leet=False, glue=False, markup=False, camel=False
+                self._folded = await text_pass(
+                    self.filt.executor,
+                    len(self.text),
+                    normalize,
+                    self.text,
+                    leet=False,
+                    glue=False,
+                    markup=False,
+                    camel=False,
                 )
             folded = self._folded
             limit = _regex_time_limit(len(folded.text))
@@ -707,7 +739,7 @@ class _Check:
         spans: list[tuple[int, int]] = []
         own: list[tuple[int, int]] = []
         if node.pattern is not None:
-            own = self._pattern_spans(node.pattern)
+            own = await self._pattern_spans(node.pattern)
             if not own:
                 return _MISS
             scores.append(node.pattern_score)
@@ -851,12 +883,14 @@ def _llama_guard(
 
 
 class RulesFilter:
-    """Runs the rules on each text: patterns on the event loop, models on the executor."""
+    """Runs the rules on each text: patterns on the event loop, models on the executor
+    (and a long text's normalisation, see :func:`text_pass`)."""
 
     def __init__(self, name: str, config: RulesConfig, env: BuildContext) -> None:
         self.name = name
         self.stages = frozenset(Stage)
         self._config = config
+        self.executor = env.executor
         labels = _engine_labels(config)
         self.engines: dict[str, ClassifierEngine] = {
             engine: build_engine(engine, settings, labels.get(engine, []), env, self.windows)
@@ -948,19 +982,23 @@ class RulesFilter:
         """The pieces of ``text`` that are embedded: normalised, in sentence windows."""
         from guardrail.filters.embedder import segments
 
+        known = _KNOWN_WINDOWS.get()
+        if known is not None and known[0] is text:
+            return list(known[1])
         return segments(normalize(text).text, self._config.segment_chars, self._config.max_segments)
 
-    async def embed(self, text: str, scope: str | None = None) -> npt.NDArray[np.float32]:
-        """The embeddings of :meth:`windows` of ``text``, cached for ``scope`` (the
-        tenant) only."""
+    async def embed(self, windows: list[str], scope: str | None = None) -> npt.NDArray[np.float32]:
+        """The embeddings of a text's :meth:`windows`, cached for ``scope`` (the tenant)
+        only."""
         assert self._embedder is not None
-        return await self._embedder.encode(self.windows(text), scope)
+        return await self._embedder.encode(windows, scope)
 
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
         applicable = [r for r in self._rules if r.applies(ctx)]
         if not applicable or not text.strip():
             return Verdict()
-        check = _Check(self, text, ctx)
+        norm = await text_pass(self.executor, len(text), normalize, text, glue=False)
+        check = _Check(self, text, ctx, norm)
         findings: list[Finding] = []
         redactions: list[Redaction] = []
         for compiled in applicable:

@@ -49,7 +49,7 @@ from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError, MissingDependencyError
 from guardrail.filters.batching import MicroBatcher
 from guardrail.filters.weights import file_stamp
-from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
+from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.stream import THROUGH_LAST_SPACE
 from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 
@@ -930,6 +930,7 @@ class ToxicityFilter:
         self.name = name
         self.stages = frozenset(Stage)
         self._config = config
+        self._executor = env.executor
         key, version, engine = _engine(config, env)
         self._categories = tuple(c for c in engine.categories if c in CATEGORIES)
         missing = [c for c in config.categories if c not in self._categories]
@@ -952,7 +953,7 @@ class ToxicityFilter:
     async def scores(self, text: str, scope: str | None = None) -> Scores:
         """Every category's score for ``text``: the highest over its pieces (:func:`pieces`);
         ``scope``, the tenant whose cached embeddings alone it reuses."""
-        parts = pieces(text, self._config.chunk_chars)
+        parts = await text_pass(self._executor, len(text), pieces, text, self._config.chunk_chars)
         if len(parts) == 1:
             return await self.batcher.submit((scope, parts[0]))
         import asyncio

@@ -18,6 +18,7 @@ import numbers
 import operator
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import replace
 
 import structlog
@@ -32,7 +33,14 @@ from guardrail.guard.cache import (
     prefix_digests,
     text_digest,
 )
-from guardrail.guard.filter import BuildContext, Filter, FilterSpec, HoldsBack, Stateful
+from guardrail.guard.filter import (
+    BuildContext,
+    Filter,
+    FilterSpec,
+    HoldsBack,
+    Stateful,
+    text_pass,
+)
 from guardrail.guard.types import (
     FILTER_ERROR_CATEGORY,
     Action,
@@ -64,16 +72,22 @@ def is_conversation_filter(filt: object) -> bool:
 
 
 class Guard:
-    """Runs one policy. Immutable: a reload builds a new Guard and swaps it in whole."""
+    """Runs one policy. Immutable: a reload builds a new Guard and swaps it in whole.
+
+    ``executor`` runs the guard's own passes over a long text (the spaced reading, see
+    :func:`text_pass`); ``None``, the event loop's default executor.
+    """
 
     def __init__(
         self,
         policy: Policy,
         filters: Sequence[Bound],
         cache: VerdictCache | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.policy = policy
         self.cache = cache
+        self.executor = executor
         self.filters: tuple[Bound, ...] = tuple(filters)
         self._by_stage: dict[Stage, tuple[Bound, ...]] = {
             stage: tuple((c, f) for c, f in filters if stage in c.stages) for stage in Stage
@@ -125,7 +139,7 @@ class Guard:
                     f"filter '{c.id}' ({c.type}) does not build: {e}",
                 )  # fmt: skip
                 raise PolicyError([problem]) from e
-        return cls(policy, built, cache)
+        return cls(policy, built, cache, env.executor)
 
     def filters_at(self, stage: Stage) -> list[str]:
         return [c.id for c, _ in self._by_stage[stage]]
@@ -259,7 +273,7 @@ class Guard:
         cache = self.cache if prefix is not None else None
         digest = text_digest(text) if cache is not None else b""
         answered = {o.filter_id: o for o in known}
-        other = _spaced_reading(text, ctx)
+        other = _spaced_reading(text, ctx, await text_pass(self.executor, len(text), spaced, text))
 
         async def one(bound: Bound) -> FilterOutcome:
             config, filt = bound
@@ -315,14 +329,15 @@ class Guard:
         )
 
 
-def _spaced_reading(text: str, ctx: FilterContext) -> tuple[str, FilterContext] | None:
-    """``text`` with its invisible characters read as spaces (see :func:`spaced`), and
-    the context for it, or ``None`` if it holds none.
+def _spaced_reading(
+    text: str, ctx: FilterContext, other: str | None
+) -> tuple[str, FilterContext] | None:
+    """``other``, ``text`` with its invisible characters read as spaces (``spaced(text)``),
+    and the context for it, or ``None`` if it holds none.
 
     Filters compare the checked text with its message (``ctx.message_index``), so the
     message holds this reading in the context the filters get with it.
     """
-    other = spaced(text)
     if other is None:
         return None
     index = ctx.message_index
