@@ -1081,6 +1081,70 @@ async def test_when_sources_differ_only_in_where_they_split_then_each_gets_its_o
     assert apart.units != joined.units
 
 
+class SlowEmbedder(CountingEmbedder):
+    """Yields to the loop before it answers, as the batched encoder does; its first
+    ``failures`` calls fail."""
+
+    def __init__(self, failures: int = 0) -> None:
+        super().__init__()
+        self.calls = 0
+        self.failures = failures
+
+    async def encode(self, texts: list[str], scope: str | None = None) -> Any:
+        self.calls += 1
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if self.calls <= self.failures:
+            raise RuntimeError("encoder failed")
+        return await super().encode(texts, scope)
+
+
+async def test_when_inputs_share_sources_concurrently_then_their_evidence_is_computed_once() -> (
+    None
+):
+    """A moderation request's inputs are checked together against one context: each
+    missed the cache and embedded the sources again."""
+    embedder = SlowEmbedder()
+    scorer = GroundingScorer(embedder, SupportHead.load(DEFAULT_HEAD))  # type: ignore[arg-type]
+
+    found = await asyncio.gather(*(scorer.evidence([SOURCE], "acme") for _ in range(8)))
+
+    assert embedder.calls == 1
+    assert all(e is found[0] for e in found)
+    assert (scorer.evidence_hits, scorer.evidence_misses) == (7, 1)
+
+
+async def test_when_one_waiting_caller_is_cancelled_then_the_others_still_get_the_evidence() -> (
+    None
+):
+    embedder = SlowEmbedder()
+    scorer = GroundingScorer(embedder, SupportHead.load(DEFAULT_HEAD))  # type: ignore[arg-type]
+    first = asyncio.ensure_future(scorer.evidence([SOURCE]))
+    second = asyncio.ensure_future(scorer.evidence([SOURCE]))
+    await asyncio.sleep(0)
+    first.cancel()
+
+    evidence = await second
+
+    assert first.cancelled()
+    assert evidence.units
+    assert embedder.calls == 1
+
+
+async def test_when_working_out_evidence_fails_then_the_failure_is_not_kept() -> None:
+    embedder = SlowEmbedder(failures=1)
+    scorer = GroundingScorer(embedder, SupportHead.load(DEFAULT_HEAD))  # type: ignore[arg-type]
+    failed = await asyncio.gather(
+        scorer.evidence([SOURCE]), scorer.evidence([SOURCE]), return_exceptions=True
+    )
+    assert [type(e) for e in failed] == [RuntimeError, RuntimeError]
+
+    evidence = await scorer.evidence([SOURCE])
+
+    assert evidence.units
+    assert embedder.calls == 2
+
+
 async def test_a_tenants_sources_are_embedded_and_kept_for_it_alone() -> None:
     """The evidence cache is per tenant: another tenant's identical documents are
     embedded again (a hit answers faster, so a shared entry would tell one tenant what
