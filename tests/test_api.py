@@ -975,6 +975,24 @@ def test_a_stream_observes_its_held_windows_and_moderations_are_not_harm(
     assert get("guardrail_harmful_content_total", harmful) is None
 
 
+def test_a_reload_whose_filter_does_not_build_names_its_file_line_and_entry(
+    make_app: Callable[..., Litestar], test_policy: Path
+) -> None:
+    """A pii filter whose spaCy model is not installed: the 422 said only
+    "PiiEngineError: ...", not where in which file."""
+    with TestClient(app=make_app(admin_key_sha256=ADMIN_KEY_SHA256)) as client:
+        original = test_policy.read_text()
+        entry = "  - id: pii\n    type: pii\n    config: {spacy_model: en_core_web_doesnotexist}\n"
+        test_policy.write_text(original + entry)
+        r = client.post("/admin/reload", headers=AS_ADMIN)
+    assert r.status_code == 422
+    line = len(original.splitlines()) + 1
+    assert (
+        f"{test_policy}:{line}:5: filters[1]: filter 'pii' (pii) does not build: "
+        "spaCy model 'en_core_web_doesnotexist' is not installed"
+    ) in assert_openai_error(r.json())["message"]
+
+
 def _digest(client: Client) -> str:
     gateway = client.app.state.gateway
     return str(gateway.store.current.policy.digest)

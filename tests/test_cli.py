@@ -429,6 +429,33 @@ def test_serve_checks_keys_and_tenant_policies_before_loading_the_model(
     assert "loading local backend" not in err
 
 
+def test_serve_with_a_filter_that_does_not_build_exits_2_naming_its_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pii filter whose encryption key variable is not set: ``serve`` printed a
+    traceback and exited 1; it reports the entry as ``file:line:column: key:`` and
+    exits 2, as for any other bad policy."""
+    monkeypatch.delenv("CI_UNSET_AES_KEY", raising=False)
+    policy = tmp_path / "pii.yaml"
+    policy.write_text(
+        'name: enc\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        "      encrypt_key_env: CI_UNSET_AES_KEY\n"
+        "      entities: {EMAIL_ADDRESS: {input: redact, operator: encrypt}}\n",
+        encoding="utf-8",
+    )
+    code, _, err = run(
+        [
+            "serve", "--backend", "remote", "--backend-url", "http://127.0.0.1:9/v1",
+            "--policy", str(policy), "--port", "9",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert f"{policy}:4:5: filters[0]: filter 'pii' (pii) does not build: " in err
+    assert "CI_UNSET_AES_KEY is not set" in err
+    assert "Traceback" not in err
+
+
 def test_check_keeps_stdout_for_its_json_even_when_a_filter_fails(
     test_policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

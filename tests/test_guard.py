@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from guardrail.chat import Message
+from guardrail.errors import PolicyError
 from guardrail.guard.filter import LOOP_TEXT_CHARS, BuildContext, FilterSpec
 from guardrail.guard.guard import FILTER_ERROR_CATEGORY, Guard
 from guardrail.guard.registry import filter_registry
@@ -36,7 +37,8 @@ from guardrail.policy.loader import load_policy_text
 class ScriptConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Config of a test filter whose behaviour is set by the policy."""
 
-    behaviour: str = "allow"  # allow | flag | block | redact | raise | hang | garbage
+    # allow | flag | block | redact | raise | hang | garbage | unbuildable
+    behaviour: str = "allow"
     delay_ms: int = 0
 
 
@@ -44,6 +46,8 @@ class ScriptFilter:
     """A real Filter implementation that does what its config says."""
 
     def __init__(self, name: str, config: ScriptConfig, env: BuildContext) -> None:
+        if config.behaviour == "unbuildable":  # a library's own error, not a ConfigError
+            raise RuntimeError("model weights could not be loaded")
         self.name = name
         self.stages = frozenset(Stage)
         self.config = config
@@ -245,6 +249,25 @@ async def test_on_error_can_be_relaxed_per_policy_or_per_filter(
         decision = await guard.check(Stage.INPUT, "x", CTX)
         assert decision.action is expected
         assert decision.outcomes[0].status == "error"
+
+
+def test_a_filter_whose_build_raises_any_error_is_a_policy_error_at_its_entry(
+    registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    """Not only a ConfigError: a RuntimeError from a model library stopped startup with
+    a traceback, not ``file:line:column: key:`` as the loader's problems are named."""
+    text = (
+        'name: t\nversion: "1"\nfilters:\n  - {id: a, type: script}\n'
+        "  - {id: b, type: script, config: {behaviour: unbuildable}}\n"
+    )
+    policy = load_policy_text(text, "p.yaml", registry, base_dir=tmp_path)
+    with pytest.raises(PolicyError) as raised:
+        Guard.build(policy, registry, BuildContext(executor))
+    assert [str(p) for p in raised.value.problems] == [
+        f"{tmp_path / 'p.yaml'}:5:5: filters[1]: filter 'b' (script) does not build: "
+        "RuntimeError: model weights could not be loaded"
+    ]
+    assert isinstance(raised.value.__cause__, RuntimeError)
 
 
 async def test_a_filter_runs_only_at_its_stages(make_guard: Callable[[str], Guard]) -> None:

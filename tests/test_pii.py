@@ -371,12 +371,15 @@ def test_a_missing_or_wrongly_sized_encrypt_key_stops_startup_naming_the_variabl
         monkeypatch.setenv("TEST_PII_AES_KEY", key)
     policy = tmp_path / "policy.yaml"
     policy.write_text(ENCRYPT_POLICY, encoding="utf-8")
-    with pytest.raises(PiiEngineError, match=message) as caught:
+    with pytest.raises(PolicyError, match=message) as caught:
         create_app(
             Settings(policy=str(policy)),
             backend=FakeBackend(),
             metrics_registry=CollectorRegistry(),
         )
+    # Named at the filter's entry, as the loader names its problems.
+    assert str(caught.value).startswith(f"{policy}:5:5: filters[0]: filter 'pii' (pii) does not")
+    assert isinstance(caught.value.__cause__, PiiEngineError)
     if key:
         assert key not in str(caught.value)
 

@@ -41,6 +41,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from guardrail.docs import doc as _doc
+from guardrail.errors import ConfigError
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
 from guardrail.guard.stream import UNSPACED_LETTERS
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
@@ -488,8 +489,9 @@ class _RequestState:
 # -- the engine ---------------------------------------------------------------------------
 
 
-class PiiEngineError(RuntimeError):
-    """The NLP model for the PII filter is missing or unusable."""
+class PiiEngineError(ConfigError):
+    """The PII filter's settings cannot be used: its NLP model is missing or unusable, or
+    its encryption key variable is unset or the wrong size."""
 
 
 def _offline_email_recognizer(language: str) -> Any:

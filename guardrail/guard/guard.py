@@ -24,7 +24,7 @@ from dataclasses import replace
 import structlog
 
 from guardrail.chat import Message
-from guardrail.errors import ConfigError, PolicyError, Problem, TextTooLongError, where
+from guardrail.errors import GuardrailError, PolicyError, Problem, TextTooLongError, where
 from guardrail.filters.normalize import spaced
 from guardrail.guard.cache import (
     CacheKey,
@@ -122,21 +122,25 @@ class Guard:
     ) -> Guard:
         """Instantiate every filter of ``policy`` (may load models: call off the event loop).
 
-        A filter whose settings cannot be used (:class:`ConfigError`: a weights file that
-        is missing or does not fit) is a :class:`PolicyError` naming the file, line and
-        entry, as the loader's errors do.
+        A filter that does not build (:class:`ConfigError`: a weights file that is missing
+        or does not fit, a key variable that is not set; or any other error its build
+        raised) is a :class:`PolicyError` naming the file, line and entry, as the loader's
+        errors do: startup and a reload then report it where it is, not as a traceback.
         """
         built = []
         for k, c in enumerate(policy.filters):
             try:
                 built.append((c, registry.get(c.type).build(c.id, c.config, env)))
-            except ConfigError as e:
+            except Exception as e:
                 if policy.source is None or k >= len(policy.filter_positions):
                     raise
+                # Our own errors are worded for the reader; another one (a library's) is
+                # named by its type, as its message alone may be a bare key or path.
+                reason = str(e) if isinstance(e, GuardrailError) else f"{type(e).__name__}: {e}"
                 index, line, column = policy.filter_positions[k]
                 problem = Problem(
                     str(policy.source), line, column, f"filters[{index}]",
-                    f"filter '{c.id}' ({c.type}) does not build: {e}",
+                    f"filter '{c.id}' ({c.type}) does not build: {reason}",
                 )  # fmt: skip
                 raise PolicyError([problem]) from e
         return cls(policy, built, cache, env.executor)
