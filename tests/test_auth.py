@@ -184,6 +184,27 @@ def test_admin_routes_need_the_admin_key(keyed: Client) -> None:
     assert admin.status_code == 200, admin.text
 
 
+def test_a_failed_reload_names_each_tenant_policy_that_failed_by_its_file(
+    make_app: Callable[..., Litestar], write_policy: Callable[[str, str], Path]
+) -> None:
+    """It said "the tenant policy failed": with several tenant policies, not which."""
+    policies = {t: write_policy(TEST_POLICY, f"{t}.yaml") for t in ("alice", "bob", "carol")}
+    app = make_app(
+        api_keys=[ApiKeyEntry(tenant=t, key_sha256=sha(t)) for t in policies],
+        tenants={t: TenantConfig(policy=str(p)) for t, p in policies.items()},
+        admin_key_sha256=sha(ADMIN),
+    )
+    with TestClient(app=app) as c:
+        for broken in ("alice", "carol"):
+            policies[broken].write_text("name: broken\n", encoding="utf-8")
+        r = c.post("/admin/reload", headers=bearer(ADMIN))
+    assert r.status_code == 422
+    message = r.json()["error"]["message"]
+    assert f"the tenant policy {policies['alice']} failed" in message
+    assert f"the tenant policy {policies['carol']} failed" in message
+    assert str(policies["bob"]) not in message
+
+
 def test_the_admin_key_is_not_a_tenant_key(keyed: Client) -> None:
     r = keyed.post("/v1/chat/completions", json=chat(), headers=bearer(ADMIN))
     assert r.status_code == 403

@@ -305,7 +305,7 @@ class Gateway:
         Tenant and shadow policies reload too, each on its own: one that fails keeps its
         running version, the others take their new one. The answer is the default
         policy's result; it fails if any policy failed, and its error names every one
-        that did (and says which version of the default policy is in force).
+        that did by its file (and says which version of the default policy is in force).
         """
         result = await self.store.reload()
         shadow = [(self.shadow.store, "shadow")] if self.shadow is not None else []
@@ -314,7 +314,9 @@ class Gateway:
         for store, role in [*tenants, *shadow]:
             other = await store.reload()
             if not other.ok:
-                failures.append(f"the {role} policy failed: {other.error}")
+                # By its file: with several tenant policies, "the tenant policy" alone
+                # leaves the operator to guess, and not every error names its file.
+                failures.append(f"the {role} policy {store.path} failed: {other.error}")
         if failures and result.ok:
             # The default policy did reload: say so before the others' problems.
             in_force = f"the default policy {result.name} {result.version} is in force"
