@@ -19,7 +19,6 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -52,7 +51,7 @@ from guardrail.backends.registry import backend_registry
 from guardrail.filters.grounding import GroundingScorer
 from guardrail.filters.hallucination import default_grounder, shared_scorer
 from guardrail.guard.cache import VerdictCache
-from guardrail.guard.filter import BuildContext, FilterSpec, SharedResources
+from guardrail.guard.filter import BuildContext, FilterSpec, SharedResources, policy_folder
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore
@@ -141,7 +140,7 @@ def create_app(
     executor = ThreadPoolExecutor(settings.filter_workers, thread_name_prefix="guardrail-filter")
     env = BuildContext(
         executor=executor,
-        base_dir=Path(settings.policy).resolve().parent,
+        base_dir=policy_folder(settings.policy),
         cache_dir=settings.cache_path,
         allow_downloads=settings.allow_downloads,
         embedding_precision=settings.embedding_precision,
@@ -164,7 +163,7 @@ def create_app(
         path: GuardStore(
             path,
             registry,
-            dataclasses.replace(env, base_dir=Path(path).resolve().parent),
+            dataclasses.replace(env, base_dir=policy_folder(path)),
             cache=store.cache,
         )
         for path in sorted(tenants.policies())
@@ -188,7 +187,7 @@ def create_app(
             dataclasses.replace(
                 env,
                 executor=shadow_executor or executor,
-                base_dir=Path(settings.shadow_policy).resolve().parent,
+                base_dir=policy_folder(settings.shadow_policy),
                 resources=SharedResources(),
             ),
         )

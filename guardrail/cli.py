@@ -66,7 +66,7 @@ def _guard(
 def _build_guard(
     policy_path: str, executor: ThreadPoolExecutor, timeout_s: float | None = None
 ) -> Any:
-    from guardrail.guard.filter import BuildContext
+    from guardrail.guard.filter import BuildContext, policy_folder
     from guardrail.guard.guard import Guard
     from guardrail.guard.registry import filter_registry
     from guardrail.policy.loader import load_policy
@@ -80,7 +80,7 @@ def _build_guard(
         policy = dataclasses.replace(policy, filters=filters)
     env = BuildContext(
         executor=executor,
-        base_dir=Path(policy_path).resolve().parent,
+        base_dir=policy_folder(policy_path),
         cache_dir=settings.cache_path,
         allow_downloads=settings.allow_downloads,
         embedding_precision=settings.embedding_precision,

@@ -993,6 +993,40 @@ def test_a_reload_whose_filter_does_not_build_names_its_file_line_and_entry(
     ) in assert_openai_error(r.json())["message"]
 
 
+def test_a_reload_after_a_configmap_update_reads_the_files_next_to_the_policy(
+    tmp_path: Path, backend: FakeBackend
+) -> None:
+    """The policy's folder was its resolved one, the kubelet's timestamped folder of
+    startup: the first update deleted it, and every reload after failed to read the
+    files the policy names."""
+    from guardrail.app import create_app
+    from guardrail.guard.registry import filter_registry
+    from guardrail.settings import Settings
+    from tests.fakes.configmap import ConfigMapVolume
+    from tests.fakes.filters import LISTED
+
+    def policy(version: str) -> bytes:
+        return (
+            f'name: cm\nversion: "{version}"\nfilters:\n'
+            "  - {id: listed, type: listed, config: {words: words.txt}}\n"
+        ).encode()
+
+    registry = filter_registry()
+    registry.register("listed", LISTED)
+    volume = ConfigMapVolume(tmp_path)
+    volume.publish({"policy.yaml": policy("1"), "words.txt": b"tea"})
+    settings = Settings(policy=str(tmp_path / "policy.yaml"), admin_key_sha256=ADMIN_KEY_SHA256)
+    app = create_app(settings, backend=backend, filters=registry)
+    with TestClient(app=app) as client:
+        assert client.post("/v1/chat/completions", json=chat("tea please")).status_code == 400
+        volume.publish({"policy.yaml": policy("2"), "words.txt": b"coffee"})
+        r = client.post("/admin/reload", headers=AS_ADMIN)
+        assert r.status_code == 200, r.text
+        assert r.json()["policy"]["version"] == "2"
+        assert client.post("/v1/chat/completions", json=chat("coffee please")).status_code == 400
+        assert client.post("/v1/chat/completions", json=chat("tea please")).status_code == 200
+
+
 def _digest(client: Client) -> str:
     gateway = client.app.state.gateway
     return str(gateway.store.current.policy.digest)

@@ -33,6 +33,7 @@ from guardrail.guard.types import (
 )
 from guardrail.plugins import PluginRegistry
 from guardrail.policy.loader import load_policy_text
+from tests.fakes.filters import LISTED
 
 
 class CountConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -378,25 +379,6 @@ def test_the_cache_can_be_turned_off(
     assert get("guardrail_verdict_cache_total", {"filter": "words", "result": "hit"}) is None
 
 
-class ListedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    words: str  # a word list, relative to the policy file's folder
-
-
-class Listed:
-    """Blocks the words of a list file next to its policy; verdicts depend on the text."""
-
-    cache_scope = "text"
-
-    def __init__(self, name: str, config: ListedConfig, env: BuildContext) -> None:
-        self.name = name
-        self.stages = frozenset(Stage)
-        self.words = frozenset((env.base_dir / config.words).read_text().split())
-
-    async def check(self, text: str, ctx: FilterContext) -> Verdict:
-        hits = [w for w in text.split() if w in self.words]
-        return Verdict.from_findings([Finding("listed", 1.0, Action.BLOCK) for _ in hits])
-
-
 LISTED_POLICY = """name: tenant
 version: "1"
 filters:
@@ -414,7 +396,7 @@ def test_a_tenant_never_gets_a_verdict_cached_under_another_tenants_policy(
     from guardrail.settings import ApiKeyEntry, Settings, TenantConfig
 
     registry = filter_registry()
-    registry.register("listed", FilterSpec(type="listed", config_type=ListedConfig, build=Listed))
+    registry.register("listed", LISTED)
     files = {}
     for tenant, words in (("lenient", "nothing"), ("strict", "tea")):
         folder = tmp_path / tenant

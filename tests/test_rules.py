@@ -1430,6 +1430,29 @@ def test_a_weights_file_changed_in_place_is_read_again_by_the_next_build(
     assert len(env.resources) == held
 
 
+def test_a_configmap_update_keeps_one_copy_of_the_weights_it_names(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    """The heads were keyed by the resolved path, which the kubelet moves to a new
+    folder on every update: each reload added a copy under a new key and none went."""
+    from guardrail.filters.classifiers import DEFAULT_AUP_WEIGHTS, EmbeddingHeadsSettings
+    from guardrail.filters.rules import build_engine
+    from tests.fakes.configmap import ConfigMapVolume
+
+    volume = ConfigMapVolume(tmp_path)
+    volume.publish({"heads.npz": DEFAULT_AUP_WEIGHTS.read_bytes()})
+    env = BuildContext(executor, base_dir=tmp_path, resources=SharedResources())
+    settings = EmbeddingHeadsSettings(weights="heads.npz")
+    build_engine("aup", settings, [("unsafe", "unsafe")], env)
+    held = len(env.resources)
+    for _ in range(3):
+        volume.publish({"heads.npz": DEFAULT_AUP_WEIGHTS.read_bytes()})  # the same bytes
+        engine = build_engine("aup", settings, [("unsafe", "unsafe")], env)
+        assert len(env.resources) == held
+    # The newest copy is the one kept, and the one the filter scores with.
+    assert engine._heads in env.resources.values()  # type: ignore[attr-defined]
+
+
 # -- evasion gaps of 2026-11-22 ------------------------------------------------------------
 
 

@@ -507,11 +507,11 @@ def shared_scorer(
     if not path.is_absolute():
         path = env.base_dir / path
     embedder = shared_embedder(env)  # never nest resources.get calls
-    from guardrail.filters.weights import file_stamp
+    from guardrail.filters.weights import file_key, file_stamp
 
     stamp = file_stamp(path)  # new weights over the old file are read again on reload
     head = env.resources.get(
-        ("grounding-head", str(path.resolve())), lambda: SupportHead.load(path), version=stamp
+        ("grounding-head", file_key(path)), lambda: SupportHead.load(path), version=stamp
     )
     local_judge = None
     if judge is not None:
@@ -524,7 +524,7 @@ def shared_scorer(
         probe_scorer = shared_probe(probe, env, DEFAULT_GROUNDING_PROBE)
     key = (
         "grounding-scorer",
-        str(path.resolve()),
+        file_key(path),
         max_units,
         max_claims,
         judge,

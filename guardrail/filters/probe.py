@@ -634,14 +634,14 @@ def shared_probe(
     """The probe of ``settings`` (``weights: default`` is ``default``) on its own truncated
     copy of its model: one per process, weights file version and executor."""
     from guardrail.backends.local import load_local_model
-    from guardrail.filters.weights import file_stamp
+    from guardrail.filters.weights import file_key, file_stamp
 
     path = default if settings.weights == "default" else Path(settings.weights)
     if not path.is_absolute():
         path = env.base_dir / path
     stamp = file_stamp(path)
     probe = env.resources.get(
-        ("aup-probe", str(path.resolve())), lambda: Probe.load(path), version=stamp
+        ("aup-probe", file_key(path)), lambda: Probe.load(path), version=stamp
     )
     source = probe_model_source(settings, env)
 
@@ -658,7 +658,7 @@ def shared_probe(
         return decoder, tokenizer
 
     decoder, tokenizer = env.resources.get(
-        ("aup-probe-model", str(path.resolve()), source, settings.device, settings.dtype),
+        ("aup-probe-model", file_key(path), source, settings.device, settings.dtype),
         load,
         version=stamp,
     )
@@ -667,7 +667,7 @@ def shared_probe(
     return env.resources.get(
         (
             "aup-probe-scorer",
-            str(path.resolve()),
+            file_key(path),
             source,
             settings.device,
             settings.dtype,

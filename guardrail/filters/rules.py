@@ -64,7 +64,7 @@ from guardrail.filters.classifiers import (
     LlamaGuardSettings,
 )
 from guardrail.filters.normalize import VOWELS, Normalized, folded_char, normalize
-from guardrail.filters.weights import file_stamp
+from guardrail.filters.weights import file_key, file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
 from guardrail.policy.model import Id
@@ -809,7 +809,7 @@ def build_engine(
             _resolve(env.base_dir, settings.weights) if settings.weights else DEFAULT_AUP_WEIGHTS
         )
         heads = env.resources.get(
-            ("aup-heads", str(weights.resolve())),
+            ("aup-heads", file_key(weights)),
             lambda: AupHeads.load(weights),
             version=file_stamp(weights),
         )
@@ -851,16 +851,16 @@ def _encoder(path: Path, env: BuildContext) -> tuple[EncoderHead, Embedder]:
 
     stamp = file_stamp(path)
     head = env.resources.get(
-        ("aup-encoder", str(path.resolve())), lambda: EncoderHead.load(path), version=stamp
+        ("aup-encoder", file_key(path)), lambda: EncoderHead.load(path), version=stamp
     )
     precision = resolve_precision(env.embedding_precision)
     model = env.resources.get(
-        ("aup-encoder-model", str(path.resolve()), precision),
+        ("aup-encoder-model", file_key(path), precision),
         lambda: CachingModel(head.merged(load_sentence_model(precision))),
         version=stamp,
     )
     embedder = env.resources.get(
-        ("aup-encoder-embedder", str(path.resolve()), precision, env.executor),
+        ("aup-encoder-embedder", file_key(path), precision, env.executor),
         lambda: Embedder(model, env.executor),
         version=stamp,
     )

@@ -48,7 +48,7 @@ import msgspec
 from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError, MissingDependencyError
 from guardrail.filters.batching import MicroBatcher
-from guardrail.filters.weights import file_stamp
+from guardrail.filters.weights import file_key, file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.stream import THROUGH_LAST_SPACE
 from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
@@ -857,7 +857,7 @@ def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...],
         from guardrail.filters.embedder import resolve_precision, shared_embedder
 
         precision = resolve_precision(env.embedding_precision)
-        key: tuple[Any, ...] = ("toxicity-embedding", str(weights.resolve()), precision)
+        key: tuple[Any, ...] = ("toxicity-embedding", file_key(weights), precision)
         stamp = file_stamp(weights)
         sentence_model = shared_embedder(env).model
         extractor = env.resources.get(
@@ -875,8 +875,8 @@ def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...],
         )
     det = config.detoxify
     if det.checkpoint and det.config_dir:
-        ckpt = _resolve(env.base_dir, det.checkpoint).resolve()
-        folder = _resolve(env.base_dir, det.config_dir).resolve()
+        ckpt = Path(file_key(_resolve(env.base_dir, det.checkpoint)))
+        folder = Path(file_key(_resolve(env.base_dir, det.config_dir)))
         key = ("toxicity-detoxify", str(ckpt), str(folder), det.device)
         stamp = file_stamp(ckpt)
         return (

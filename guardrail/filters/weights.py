@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,3 +57,16 @@ def file_stamp(path: Path) -> tuple[int, int]:
     except OSError:
         return (-1, -1)
     return (st.st_size, st.st_mtime_ns)
+
+
+def file_key(path: Path) -> str:
+    """``path`` made absolute with its symlinks kept, for keys of models shared across
+    reloads (the version is :func:`file_stamp`'s).
+
+    Not ``path.resolve()``: a Kubernetes ConfigMap volume reaches its files through a
+    ``..data`` symlink the kubelet points at a new timestamped folder on every update, so
+    the resolved path changed each time and every reload added a copy under a new key
+    that nothing dropped. The path as the policy names it stays one key; its stamp says
+    when the bytes behind it changed.
+    """
+    return os.path.abspath(path)

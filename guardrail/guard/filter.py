@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import functools
+import os
 import threading
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Executor
@@ -112,6 +113,18 @@ class SharedResources:
         """The objects held now (a copy: for metrics, read at each scrape)."""
         with self._lock:
             return [item for _, item in self._items.values()]
+
+
+def policy_folder(path: str | Path) -> Path:
+    """The folder of the policy file at ``path``, the ``base_dir`` its relative paths
+    (weights files) are read from: made absolute, symlinks kept.
+
+    Not ``resolve()``: a Kubernetes ConfigMap volume reaches its files through a
+    ``..data`` symlink the kubelet points at a new timestamped folder on each update,
+    then deletes the old one. The resolved folder of startup was gone after the first
+    update, and every reload that read weights from it failed.
+    """
+    return Path(os.path.abspath(path)).parent
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""A filter that fails on every text, for the fail-closed paths (``FAULT``)."""
+"""Filters for tests: one that fails on every text, for the fail-closed paths (``FAULT``);
+one that reads a word list next to its policy file (``LISTED``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import msgspec
 
 from guardrail.guard.filter import BuildContext, FilterSpec
-from guardrail.guard.types import FilterContext, Stage, Verdict
+from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
 
 
 class FaultConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -28,3 +29,25 @@ class FaultFilter:
 
 
 FAULT = FilterSpec(type="fault", config_type=FaultConfig, build=FaultFilter)
+
+
+class ListedConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    words: str  # a word list, relative to the policy file's folder
+
+
+class Listed:
+    """Blocks the words of a list file next to its policy; verdicts depend on the text."""
+
+    cache_scope = "text"
+
+    def __init__(self, name: str, config: ListedConfig, env: BuildContext) -> None:
+        self.name = name
+        self.stages = frozenset(Stage)
+        self.words = frozenset((env.base_dir / config.words).read_text().split())
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        hits = [w for w in text.split() if w in self.words]
+        return Verdict.from_findings([Finding("listed", 1.0, Action.BLOCK) for _ in hits])
+
+
+LISTED = FilterSpec(type="listed", config_type=ListedConfig, build=Listed)
