@@ -60,6 +60,7 @@ from guardrail.observability.metrics import CacheStats, GatewayMetrics
 from guardrail.observability.monitoring import monitor_from_settings
 from guardrail.plugins import PluginRegistry
 from guardrail.settings import Settings, misspelt_env
+from guardrail.signals import ignore_sighup
 
 log = structlog.get_logger("guardrail.app")
 _T = TypeVar("_T")
@@ -290,7 +291,8 @@ def create_app(
             yield
         finally:
             if hup:
-                loop.remove_signal_handler(signal.SIGHUP)
+                loop.remove_signal_handler(signal.SIGHUP)  # which restores SIG_DFL: fatal
+                ignore_sighup()  # during the drain, and after
             if loading is not None:
                 loading.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

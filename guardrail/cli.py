@@ -109,6 +109,11 @@ def _default_policy() -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from guardrail.signals import ignore_sighup
+
+    # Before anything slow: a SIGHUP (a policy reloader's, an operator's) while the
+    # policies and the model load would otherwise end the process it means to reload.
+    ignore_sighup()
     import uvicorn
 
     from guardrail.app import build_backend, create_app, off_main_thread

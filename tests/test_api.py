@@ -1027,6 +1027,28 @@ def test_a_reload_after_a_configmap_update_reads_the_files_next_to_the_policy(
         assert client.post("/v1/chat/completions", json=chat("tea please")).status_code == 200
 
 
+async def test_after_the_reload_handler_is_removed_at_shutdown_a_sighup_is_ignored(
+    make_app: Callable[..., Litestar],
+) -> None:
+    """Removing the loop's handler put back SIGHUP's default action, so a SIGHUP during
+    the shutdown drain ended the process before its open requests finished."""
+    import os
+    import signal
+
+    saved = signal.getsignal(signal.SIGHUP)
+    try:
+        # In this thread, the main one, as under uvicorn: the test clients run the app
+        # in another, where no signal handler can be set.
+        async with make_app().lifespan():
+            reloading = signal.getsignal(signal.SIGHUP)
+        after = signal.getsignal(signal.SIGHUP)
+        assert reloading is not after  # the loop's reload handler was in place, and went
+        assert after not in (signal.SIG_DFL, None)
+        os.kill(os.getpid(), signal.SIGHUP)  # and it is harmless
+    finally:
+        signal.signal(signal.SIGHUP, saved)
+
+
 def _digest(client: Client) -> str:
     gateway = client.app.state.gateway
     return str(gateway.store.current.policy.digest)

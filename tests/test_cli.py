@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -454,6 +455,40 @@ def test_serve_with_a_filter_that_does_not_build_exits_2_naming_its_entry(
     assert f"{policy}:4:5: filters[0]: filter 'pii' (pii) does not build: " in err
     assert "CI_UNSET_AES_KEY is not set" in err
     assert "Traceback" not in err
+
+
+def test_serve_ignores_a_sighup_from_its_start_until_the_reload_handler_is_in_place(
+    test_policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP's default action ended a gateway still loading its policies and model
+    (exit 129): a policy reloader's SIGHUP then killed what it meant to reload."""
+    import signal
+
+    import uvicorn
+
+    seen: list[Any] = []
+
+    def fake_run(app: Any, **kwargs: Any) -> None:
+        # Where the server would start: every policy and the backend are loaded.
+        seen.append(signal.getsignal(signal.SIGHUP))
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    saved = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        code, _, _ = run(
+            [
+                "serve", "--backend", "remote", "--backend-url", "http://127.0.0.1:9/v1",
+                "--policy", str(test_policy),
+            ],
+            capsys,
+        )  # fmt: skip
+        assert code == 0
+        assert len(seen) == 1
+        assert seen[0] not in (signal.SIG_DFL, None)
+        os.kill(os.getpid(), signal.SIGHUP)  # and it is harmless
+    finally:
+        signal.signal(signal.SIGHUP, saved)
 
 
 def test_check_keeps_stdout_for_its_json_even_when_a_filter_fails(
