@@ -298,7 +298,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         ),
     ] = "none"
     default_max_tokens: Annotated[
-        int, _doc("max_tokens for requests that do not set it."), msgspec.Meta(ge=1)
+        int,
+        _doc(
+            "Token limit for requests that set none (sent upstream as max_completion_tokens "
+            "on chat, max_tokens on completions)."
+        ),
+        msgspec.Meta(ge=1),
     ] = 512
     cache_dir: Annotated[
         str | None, _doc("Folder for prepared models (default: $XDG_CACHE_HOME/guardrail).")

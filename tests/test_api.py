@@ -310,16 +310,20 @@ def test_a_request_without_a_token_limit_gets_the_default_one(
     client: Client, backend: FakeBackend
 ) -> None:
     """Else an upstream generates up to its own default (often the whole context): the
-    gateway's max_tokens_limit and the tokens-per-minute estimate would not hold."""
+    gateway's max_tokens_limit and the tokens-per-minute estimate would not hold. On a
+    chat it goes by the name OpenAI's reasoning models take (they refuse max_tokens): a
+    client that set no limit must not get a 400 for a field it never sent."""
     assert client.post("/v1/chat/completions", json=chat("hi")).status_code == 200
     r = client.post("/v1/completions", json={"model": "fake-model", "prompt": "Once"})
     assert r.status_code == 200
+    assert client.post("/v1/chat/completions", json=chat("hi", max_tokens=9)).status_code == 200
     from guardrail.settings import Settings
 
     default = Settings().default_max_tokens
     assert [(r.params.max_tokens, r.params.max_tokens_field) for r in backend.requests] == [
+        (default, "max_completion_tokens"),
         (default, "max_tokens"),
-        (default, "max_tokens"),
+        (9, "max_tokens"),
     ]
 
 

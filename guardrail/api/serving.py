@@ -571,7 +571,9 @@ class Serving:
             )
             max_tokens = self._max_tokens(body)
             params = _sampling(body, max_tokens)
-            if body.max_completion_tokens is not None:
+            if body.max_tokens is None or body.max_completion_tokens is not None:
+                # Only a client that wrote max_tokens gets that name upstream: OpenAI's
+                # reasoning models refuse it, so the gateway's default goes by the newer.
                 params = dataclasses.replace(params, max_tokens_field="max_completion_tokens")
 
             def build(texts: list[str]) -> GenerationRequest:

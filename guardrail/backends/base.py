@@ -52,8 +52,9 @@ class SamplingParams:
     # Backend-specific knobs accepted by the gateway (top_k, repetition_penalty).
     extra: Mapping[str, Any] = field(default_factory=dict)
     max_tokens_field: str = "max_tokens"
-    """The name the client gave ``max_tokens`` (``max_completion_tokens`` for OpenAI's
-    newer models, which refuse the old name); a remote backend is sent the same name."""
+    """The name a remote backend is sent ``max_tokens`` under: the client's own
+    (``max_completion_tokens`` for OpenAI's newer models, which refuse the old name),
+    and on a chat that set no limit, ``max_completion_tokens`` for the gateway's default."""
 
 
 @dataclass(frozen=True, slots=True)
