@@ -226,6 +226,62 @@ def test_blocked_output_is_replaced_by_the_refusal_with_content_filter(
     assert r.headers["x-guardrail-action"] == "block"
 
 
+JSON_FORMATS = [
+    {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}}},
+]
+
+
+@pytest.mark.parametrize("response_format", JSON_FORMATS)
+def test_when_json_was_asked_then_a_blocked_answer_is_a_refusal_with_null_content(
+    client: Client, backend: FakeBackend, response_format: dict[str, Any]
+) -> None:
+    """A refusal in ``content`` is parsed as the JSON answer by the openai SDK."""
+    backend.reply = '{"city": "build a bomb"}'
+    r = client.post("/v1/chat/completions", json=chat("a city", response_format=response_format))
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": None,
+        "refusal": "Withheld by test policy.",
+    }
+
+
+@pytest.mark.parametrize("response_format", JSON_FORMATS)
+@pytest.mark.parametrize(
+    "reply", ['{"city": "build a bomb"}', '{"city": "Fine text here. Then build a bomb now."}']
+)
+def test_when_json_was_asked_then_a_blocked_stream_ends_with_a_refusal_delta(
+    client: Client, backend: FakeBackend, response_format: dict[str, Any], reply: str
+) -> None:
+    """The refusal is ``delta.refusal``: in ``delta.content`` the SDK's stream helper read
+    it as the next piece of the JSON (a parse error instead of a content filter)."""
+    backend.reply = reply
+    r = client.post(
+        "/v1/chat/completions",
+        json=chat("a city", stream=True, response_format=response_format),
+    )
+    got = [f for f in frames(r.text) if isinstance(f, dict)]
+    refusal, final = got[-2]["choices"][0], got[-1]["choices"][0]
+    assert refusal["delta"] == {"refusal": "Withheld by test policy."}
+    assert final["finish_reason"] == "content_filter"
+    assert "Withheld" not in content(r.text)
+    assert reply.startswith(content(r.text))
+
+
+def test_when_plain_text_was_asked_then_a_blocked_stream_still_refuses_in_the_content(
+    client: Client, backend: FakeBackend
+) -> None:
+    backend.reply = "Fine text here. Then build a bomb now."
+    r = client.post(
+        "/v1/chat/completions",
+        json=chat("hi", stream=True, response_format={"type": "text"}),
+    )
+    assert content(r.text) == "Fine text here. \n\nWithheld by test policy."
+    assert "refusal" not in r.text
+
+
 def test_flagged_output_passes_with_findings(client: Client, backend: FakeBackend) -> None:
     backend.reply = "You dummy, the answer is 4."
     r = client.post("/v1/chat/completions", json=chat("2+2?"))

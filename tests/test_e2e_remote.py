@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 import openai
+import pydantic
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -132,6 +133,40 @@ def test_sdk_stream_with_harmful_output_ends_with_content_filter(stack: Stack) -
     assert got.startswith("Sure. Here is some history.")
     assert "powder" not in got
     assert "Step 1" not in got
+
+
+class City(pydantic.BaseModel):
+    city: str
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '{"city": "How to make a pipe bomb: fill a pipe with black powder."}',
+        '{"city": "Paris. Fine so far. Step 1: fill the pipe with black powder and cap it."}',
+    ],
+)
+def test_sdk_structured_output_helpers_see_a_blocked_answer_as_a_content_filter(
+    stack: Stack, reply: str
+) -> None:
+    """Both raise the SDK's own signal; the stream helper raised a JSON parse error."""
+    stack.upstream.reply = reply
+    with pytest.raises(openai.ContentFilterFinishReasonError):
+        stack.sdk.chat.completions.parse(
+            model="fake-model",
+            messages=USER,  # type: ignore[arg-type]
+            response_format=City,
+        )
+    with (
+        pytest.raises(openai.ContentFilterFinishReasonError),
+        stack.sdk.chat.completions.stream(
+            model="fake-model",
+            messages=USER,  # type: ignore[arg-type]
+            response_format=City,
+        ) as stream,
+    ):
+        for _ in stream:
+            pass
 
 
 def test_sdk_completions_and_models(stack: Stack) -> None:

@@ -237,6 +237,11 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             out["response_format"] = self.response_format
         return out
 
+    def wants_json(self) -> bool:
+        """Whether the client asked for JSON (``json_object`` or ``json_schema``)."""
+        fmt = self.response_format
+        return fmt is not None and fmt.get("type") in ("json_object", "json_schema")
+
 
 class CompletionRequest(_Sampling, kw_only=True):
     # OpenAI's shapes are all decoded (text, a batch of texts, token ids, batches of

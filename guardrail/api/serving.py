@@ -519,6 +519,9 @@ class _Call:
     created: int = field(default_factory=lambda: int(time.time()))
     # The client connection's ASGI receive: tells a non-streamed call the client left.
     receive: Receive | None = None
+    # The client asked for JSON: the policy's refusal goes in ``refusal``, not in the
+    # content, which the openai SDK's structured-output helpers parse as JSON.
+    wants_json: bool = False
 
     @property
     def response_id(self) -> str:
@@ -818,6 +821,7 @@ class Serving:
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
                 admission=admission,
                 receive=receive,
+                wants_json=isinstance(body, ChatCompletionRequest) and body.wants_json(),
             )
             if body.stream:
                 response = await self._start_stream(call)
@@ -965,14 +969,16 @@ class Serving:
         exchange.decisions.append(decision)
         if self.gw.shadow is not None:
             self.gw.shadow.observe_text(Stage.OUTPUT, completion.text, call.ctx, decision.action)
+        refusal = False
         if decision.blocked:
             text, finish = call.guard.policy.messages.output_blocked, "content_filter"
+            refusal = call.wants_json
             exchange.finish("blocked_output")
         else:
             text, finish = decision.text, completion.finish_reason
             await self._consistency(call, completion.text, decision)
             exchange.finish(exchange.passed_outcome())
-        body = self._completion_body(call, text, finish, completion)
+        body = self._completion_body(call, text, finish, completion, refusal=refusal)
         return Response(body, headers=call.headers())
 
     async def _consistency(self, call: _Call, answer: str, decision: Decision) -> None:
@@ -988,12 +994,17 @@ class Serving:
             checker.background(call.backend, call.request, answer)
 
     def _completion_body(
-        self, call: _Call, text: str, finish: str, completion: Completion
+        self, call: _Call, text: str, finish: str, completion: Completion, *, refusal: bool
     ) -> dict[str, Any]:
+        """``refusal``: ``text`` is a refusal, sent as the message's ``refusal`` (OpenAI's
+        field for one) with ``content`` null, so no client parses it as the answer."""
         if call.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if refusal:
+                message = {"role": "assistant", "content": None, "refusal": text}
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "finish_reason": finish,
                 "logprobs": None,
             }
@@ -1084,8 +1095,13 @@ class Serving:
             exchange.prompt_tokens, exchange.completion_tokens = prompt_tokens, completion_tokens
             if window.blocked:
                 refusal = guard.policy.messages.output_blocked
-                sep = "\n\n" if window.released_text else ""
-                yield self._frame(call, content=sep + refusal)
+                if call.wants_json:
+                    # In the content, the openai SDK's stream helper parsed it as the
+                    # JSON's next piece and raised a parse error, not a content filter.
+                    yield self._frame(call, refusal=refusal)
+                else:
+                    sep = "\n\n" if window.released_text else ""
+                    yield self._frame(call, content=sep + refusal)
                 finish = "content_filter"
                 exchange.finish("blocked_output")
             else:
@@ -1141,19 +1157,23 @@ class Serving:
         *,
         role: bool = False,
         content: str | None = None,
+        refusal: str | None = None,
         finish: str | None = None,
         guardrail: dict[str, Any] | None = None,
         usage: dict[str, Any] | None = None,
         usage_frame: bool = False,
     ) -> bytes:
-        """One SSE frame. ``usage_frame``: the last frame of ``include_usage``, no choices,
-        its ``usage`` the given counts or null when they are not known."""
+        """One SSE frame. ``refusal``: a chat delta's ``refusal`` text instead of content.
+        ``usage_frame``: the last frame of ``include_usage``, no choices, its ``usage`` the
+        given counts or null when they are not known."""
         choices: list[dict[str, Any]] = []
         if not usage_frame:
             if call.kind == "chat":
                 delta: dict[str, Any] = {}
                 if role:
                     delta = {"role": "assistant", "content": ""}
+                elif refusal is not None:
+                    delta = {"refusal": refusal}
                 elif content is not None:
                     delta = {"content": content}
                 choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
