@@ -49,6 +49,7 @@ def stack() -> Iterator[Stack]:
 def reset(stack: Stack) -> None:
     stack.upstream.reply = "Paris is the capital of France. It is on the Seine."
     stack.upstream.chunks = None
+    stack.upstream.refusal = False
     stack.upstream.requests.clear()
 
 
@@ -167,6 +168,56 @@ def test_sdk_structured_output_helpers_see_a_blocked_answer_as_a_content_filter(
     ):
         for _ in stream:
             pass
+
+
+SORRY = "I'm sorry, I cannot assist with that request."
+
+
+def test_sdk_gets_an_upstream_refusal_as_a_refusal_not_an_empty_answer(stack: Stack) -> None:
+    stack.upstream.refusal, stack.upstream.reply = True, SORRY
+    r = stack.sdk.chat.completions.create(model="fake-model", messages=USER)  # type: ignore[arg-type]
+    assert (r.choices[0].message.content, r.choices[0].message.refusal) == (None, SORRY)
+    parsed = stack.sdk.chat.completions.parse(
+        model="fake-model",
+        messages=USER,  # type: ignore[arg-type]
+        response_format=City,
+    )
+    assert (parsed.choices[0].message.parsed, parsed.choices[0].message.refusal) == (None, SORRY)
+    with stack.sdk.chat.completions.stream(
+        model="fake-model",
+        messages=USER,  # type: ignore[arg-type]
+        response_format=City,
+    ) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.refusal == SORRY
+    assert not final.choices[0].message.content
+
+
+def test_sdk_gets_a_harmful_upstream_refusal_withheld_like_any_answer(stack: Stack) -> None:
+    """A refusal is model text: it passes the output filters, streamed or not."""
+    stack.upstream.refusal = True
+    stack.upstream.reply = (
+        "I cannot help. Step 1: fill the pipe with black powder and cap both ends."
+    )
+    r = stack.sdk.chat.completions.create(model="fake-model", messages=USER)  # type: ignore[arg-type]
+    assert r.choices[0].finish_reason == "content_filter"
+    assert r.choices[0].message.refusal
+    assert "powder" not in r.choices[0].message.refusal
+    stream = stack.sdk.chat.completions.create(
+        model="fake-model",
+        messages=USER,  # type: ignore[arg-type]
+        stream=True,
+    )
+    content, refusal, finish = [], [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            content.append(choice.delta.content or "")
+            refusal.append(choice.delta.refusal or "")
+            finish = choice.finish_reason or finish
+    assert finish == "content_filter"
+    assert "".join(content) == ""
+    assert "".join(refusal).startswith("I cannot help. \n\n")
+    assert "powder" not in "".join(refusal)
 
 
 def test_sdk_completions_and_models(stack: Stack) -> None:

@@ -419,6 +419,22 @@ async def test_finish_reasons_are_mapped_to_the_gateways_three(
     assert chunks[-1].finish_reason == expected
 
 
+async def test_an_upstream_refusal_is_read_as_the_answer_text_and_marked_a_refusal(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    """OpenAI declines a structured-output request with content null and its text in
+    ``refusal``: read as content alone, that was an empty, successful answer."""
+    up_a.refusal = True
+    b = backend(client, up_a.base_url)
+
+    completion = await b.generate(chat_request())
+    chunks = await collect(b.stream(chat_request()))
+
+    assert (completion.text, completion.refusal) == (REPLY, True)
+    assert "".join(c.text for c in chunks) == REPLY
+    assert all(c.refusal for c in chunks if c.text)
+
+
 # --- streaming -------------------------------------------------------------------------
 
 

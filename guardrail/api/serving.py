@@ -969,10 +969,11 @@ class Serving:
         exchange.decisions.append(decision)
         if self.gw.shadow is not None:
             self.gw.shadow.observe_text(Stage.OUTPUT, completion.text, call.ctx, decision.action)
-        refusal = False
+        # A refusal from the backend stays one (moderated as any answer, above).
+        refusal = completion.refusal
         if decision.blocked:
             text, finish = call.guard.policy.messages.output_blocked, "content_filter"
-            refusal = call.wants_json
+            refusal = refusal or call.wants_json
             exchange.finish("blocked_output")
         else:
             text, finish = decision.text, completion.finish_reason
@@ -1051,6 +1052,7 @@ class Serving:
         finish: str = "stop"
         prompt_tokens = completion_tokens = None
         recorded = False  # whether window.decisions are in the exchange yet
+        refusing = False  # the backend streams a refusal: released text goes in ``refusal``
         try:
             yield self._frame(call, role=True)
             pending: list[Chunk] = [first]
@@ -1067,13 +1069,14 @@ class Serving:
                     finish = chunk.finish_reason
                 if not chunk.text:
                     continue
+                refusing = refusing or chunk.refusal
                 # Each window is sent as soon as it passed: a huge chunk's first window
                 # does not wait for the checks of all the others.
                 async for released in window.releases(chunk.text):
                     if released.text:
                         if exchange.time_to_first_token_s is None:
                             exchange.time_to_first_token_s = time.perf_counter() - exchange.started
-                        yield self._frame(call, content=released.text)
+                        yield self._text_frame(call, released.text, refusing)
                 if window.blocked:
                     break
             exchange.backend_duration_s = time.perf_counter() - started
@@ -1082,7 +1085,7 @@ class Serving:
                 if released.text:
                     if exchange.time_to_first_token_s is None:
                         exchange.time_to_first_token_s = time.perf_counter() - exchange.started
-                    yield self._frame(call, content=released.text)
+                    yield self._text_frame(call, released.text, refusing)
             exchange.decisions.extend(window.decisions)
             exchange.stream_window_chars.extend(window.window_chars)
             recorded = True
@@ -1095,13 +1098,12 @@ class Serving:
             exchange.prompt_tokens, exchange.completion_tokens = prompt_tokens, completion_tokens
             if window.blocked:
                 refusal = guard.policy.messages.output_blocked
-                if call.wants_json:
-                    # In the content, the openai SDK's stream helper parsed it as the
-                    # JSON's next piece and raised a parse error, not a content filter.
-                    yield self._frame(call, refusal=refusal)
-                else:
-                    sep = "\n\n" if window.released_text else ""
-                    yield self._frame(call, content=sep + refusal)
+                # When JSON was asked for, in the content the openai SDK's stream helper
+                # parsed it as the JSON's next piece: a parse error, not a content filter.
+                # After released text of the same field, a blank line sets it apart.
+                same_field = refusing or not call.wants_json
+                sep = "\n\n" if window.released_text and same_field else ""
+                yield self._text_frame(call, sep + refusal, refusing or call.wants_json)
                 finish = "content_filter"
                 exchange.finish("blocked_output")
             else:
@@ -1150,6 +1152,12 @@ class Serving:
                 # Closing the backend stream may be cancelled too (a client that left is
                 # cancelled again at every await): the slot and the record must not leak.
                 self._close(exchange, call.admission)
+
+    def _text_frame(self, call: _Call, text: str, refusal: bool) -> bytes:
+        """A frame of released text: a chat's ``refusal`` delta when ``refusal``."""
+        if refusal and call.kind == "chat":
+            return self._frame(call, refusal=text)
+        return self._frame(call, content=text)
 
     def _frame(
         self,

@@ -81,22 +81,30 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A whole completion. Token counts are ``None`` when the backend did not report them."""
+    """A whole completion. Token counts are ``None`` when the backend did not report them.
+
+    ``refusal``: ``text`` is the model's refusal (OpenAI's ``refusal`` field, as a
+    structured-output request gets), not an answer; it is moderated like any answer and
+    returned in the same field.
+    """
 
     text: str
     finish_reason: FinishReason = "stop"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    refusal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A piece of a streamed completion; the last one carries ``finish_reason``."""
+    """A piece of a streamed completion; the last one carries ``finish_reason``.
+    ``refusal``: the piece is of the model's refusal (see :class:`Completion`)."""
 
     text: str
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    refusal: bool = False
 
 
 @runtime_checkable

@@ -112,6 +112,17 @@ MAX_UPSTREAM_MESSAGE = 300
 
 class _Message(msgspec.Struct):
     content: str | None = None
+    # OpenAI's answer to a structured-output request it declines: content is null then.
+    refusal: str | None = None
+
+
+def _message_text(message: _Message | None) -> tuple[str, bool]:
+    """A chat message's (or delta's) text and whether it is a refusal. A refusal is
+    model text like the content: read, never dropped, so the filters see all of it (both
+    fields set, which OpenAI never sends, are read as one refusal)."""
+    if message is None:
+        return "", False
+    return (message.content or "") + (message.refusal or ""), bool(message.refusal)
 
 
 class _Choice(msgspec.Struct):
@@ -370,17 +381,18 @@ def _parse_completion(content: bytes, *, chat: bool) -> Completion:
     if chat:
         if choice.message is None:
             raise BackendBadResponse("backend answer is not a valid completion: no message")
-        text = choice.message.content or ""
+        text, refusal = _message_text(choice.message)
     else:
         if choice.text is None:
             raise BackendBadResponse("backend answer is not a valid completion: no text")
-        text = choice.text
+        text, refusal = choice.text, False
     usage = answer.usage or _Usage()
     return Completion(
         text=text,
         finish_reason=_finish_reason(choice.finish_reason),
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
+        refusal=refusal,
     )
 
 
@@ -709,6 +721,7 @@ class RemoteBackend:
         finish: FinishReason | None = None
         usage = _Usage()
         tail = ""
+        tail_refusal = False
         done = False
         try:
             async with contextlib.aclosing(self._sse_data(response)) as frames:
@@ -725,15 +738,16 @@ class RemoteBackend:
                     if choice.index != 0:
                         continue
                     if chat:
-                        text = (choice.delta.content if choice.delta else None) or ""
+                        text, refusal = _message_text(choice.delta)
                     else:
-                        text = choice.text or ""
+                        text, refusal = choice.text or "", False
                     if choice.finish_reason is not None:
                         finish = _finish_reason(choice.finish_reason)
                     if finish is not None:
                         tail += text
+                        tail_refusal = tail_refusal or refusal
                     elif text:
-                        yield Chunk(text=text)
+                        yield Chunk(text=text, refusal=refusal)
         except _AttemptFailed:
             if finish is None:
                 raise
@@ -745,6 +759,7 @@ class RemoteBackend:
             finish_reason=finish or "stop",
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
+            refusal=tail_refusal,
         )
 
     async def _sse_data(self, response: httpx.Response) -> AsyncGenerator[str]:

@@ -25,6 +25,8 @@ Modes (``FakeUpstream.mode``; with ``times=N`` only the first N requests, of any
 route, get it, later ones are ``"ok"``):
 
 - ``"ok"``: answer ``reply``, streamed as ``chunks`` (default: ``reply`` split into words).
+  With ``refusal`` true, a chat answers as OpenAI declines a structured-output request:
+  ``content`` null and ``reply`` in ``refusal`` (streamed as ``delta.refusal`` pieces).
 - ``"500"``: HTTP 500 with an OpenAI error body.
 - ``"garbage"``: HTTP 200 with ``garbage`` as the body (default: HTML); a stream
   gets a frame that is not JSON.
@@ -108,6 +110,8 @@ class FakeUpstream:
     set_cookie: str | None = None
     # The message of refuse_400, http_error and error_frame answers (else their default).
     error_message: str | None = None
+    # A chat's ``reply`` comes as the model's refusal (OpenAI's ``refusal`` field).
+    refusal: bool = False
 
     @property
     def base_url(self) -> str:
@@ -210,7 +214,9 @@ class FakeUpstream:
             )
             return
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
-        if chat:
+        if chat and self.refusal:
+            choice["message"] = {"role": "assistant", "content": None, "refusal": self.reply}
+        elif chat:
             choice["message"] = {"role": "assistant", "content": self.reply}
         else:
             choice["text"] = self.reply
@@ -248,7 +254,8 @@ class FakeUpstream:
         def frame(text: str | None, finish: str | None) -> dict[str, Any]:
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
             if chat:
-                choice["delta"] = {} if text is None else {"content": text}
+                field = "refusal" if self.refusal else "content"
+                choice["delta"] = {} if text is None else {field: text}
             else:
                 choice["text"] = text or ""
                 choice["logprobs"] = None
