@@ -299,12 +299,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = "none"
     default_max_tokens: Annotated[
         int,
-        _doc(
-            "Token limit for requests that set none (sent upstream as max_completion_tokens "
-            "on chat, max_tokens on completions)."
-        ),
+        _doc("Token limit for requests that set none (see default_max_tokens_field)."),
         msgspec.Meta(ge=1),
     ] = 512
+    default_max_tokens_field: Annotated[
+        Literal["max_tokens", "max_completion_tokens"],
+        _doc(
+            "The name a remote chat is sent default_max_tokens under: max_tokens (vLLM, "
+            "TGI, Ollama) or max_completion_tokens (OpenAI's reasoning models refuse "
+            "max_tokens). Legacy completions always get max_tokens."
+        ),
+    ] = "max_tokens"
     cache_dir: Annotated[
         str | None, _doc("Folder for prepared models (default: $XDG_CACHE_HOME/guardrail).")
     ] = None

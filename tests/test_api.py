@@ -366,9 +366,7 @@ def test_a_request_without_a_token_limit_gets_the_default_one(
     client: Client, backend: FakeBackend
 ) -> None:
     """Else an upstream generates up to its own default (often the whole context): the
-    gateway's max_tokens_limit and the tokens-per-minute estimate would not hold. On a
-    chat it goes by the name OpenAI's reasoning models take (they refuse max_tokens): a
-    client that set no limit must not get a 400 for a field it never sent."""
+    gateway's max_tokens_limit and the tokens-per-minute estimate would not hold."""
     assert client.post("/v1/chat/completions", json=chat("hi")).status_code == 200
     r = client.post("/v1/completions", json={"model": "fake-model", "prompt": "Once"})
     assert r.status_code == 200
@@ -377,9 +375,26 @@ def test_a_request_without_a_token_limit_gets_the_default_one(
 
     default = Settings().default_max_tokens
     assert [(r.params.max_tokens, r.params.max_tokens_field) for r in backend.requests] == [
-        (default, "max_completion_tokens"),
+        (default, "max_tokens"),
         (default, "max_tokens"),
         (9, "max_tokens"),
+    ]
+
+
+def test_the_default_token_limit_goes_under_the_configured_name_on_chat(
+    make_app: Callable[..., Litestar], backend: FakeBackend
+) -> None:
+    """OpenAI's reasoning models answer 400 to max_tokens, a field the client never sent:
+    an operator of such an upstream names the default max_completion_tokens."""
+    with TestClient(app=make_app(default_max_tokens_field="max_completion_tokens")) as c:
+        assert c.post("/v1/chat/completions", json=chat("hi")).status_code == 200
+        assert c.post("/v1/chat/completions", json=chat("hi", max_tokens=9)).status_code == 200
+        r = c.post("/v1/completions", json={"model": "fake-model", "prompt": "Once"})
+        assert r.status_code == 200
+    assert [r.params.max_tokens_field for r in backend.requests] == [
+        "max_completion_tokens",
+        "max_tokens",
+        "max_tokens",
     ]
 
 

@@ -66,14 +66,22 @@ def test_sdk_chat_completion_passes_through(stack: Stack) -> None:
     assert stack.upstream.requests[0]["messages"] == USER
 
 
-def test_when_the_client_sets_no_token_limit_then_the_default_goes_as_max_completion_tokens(
+def test_when_the_client_sets_no_token_limit_then_the_default_goes_upstream(
     stack: Stack,
 ) -> None:
-    """OpenAI's reasoning models answer 400 to ``max_tokens``: the gateway must not add it."""
+    """Under ``default_max_tokens_field``'s name, ``max_tokens`` unless set: what vLLM, TGI
+    and Ollama read (and a client's own ``max_completion_tokens`` keeps its name)."""
     stack.sdk.chat.completions.create(model="fake-model", messages=USER)  # type: ignore[arg-type]
-    sent = stack.upstream.requests[0]
-    assert "max_tokens" not in sent
-    assert sent["max_completion_tokens"] == Settings().default_max_tokens
+    stack.sdk.chat.completions.create(
+        model="fake-model",
+        messages=USER,  # type: ignore[arg-type]
+        max_completion_tokens=7,
+    )
+    default, own = stack.upstream.requests
+    assert default["max_tokens"] == Settings().default_max_tokens
+    assert "max_completion_tokens" not in default
+    assert own["max_completion_tokens"] == 7
+    assert "max_tokens" not in own
 
 
 def test_sdk_stream_passes_through_chunk_by_chunk(stack: Stack) -> None:

@@ -574,10 +574,14 @@ class Serving:
             )
             max_tokens = self._max_tokens(body)
             params = _sampling(body, max_tokens)
-            if body.max_tokens is None or body.max_completion_tokens is not None:
-                # Only a client that wrote max_tokens gets that name upstream: OpenAI's
-                # reasoning models refuse it, so the gateway's default goes by the newer.
+            # A client's own limit goes by the name it used; the gateway's default by the
+            # one the upstream takes (OpenAI's reasoning models refuse max_tokens; TGI
+            # 3.0 read max_completion_tokens differently, huggingface/tgi#2925).
+            if body.max_completion_tokens is not None:
                 params = dataclasses.replace(params, max_tokens_field="max_completion_tokens")
+            elif body.max_tokens is None:
+                field_name = self.gw.settings.default_max_tokens_field
+                params = dataclasses.replace(params, max_tokens_field=field_name)
 
             def build(texts: list[str]) -> GenerationRequest:
                 sent = tuple(

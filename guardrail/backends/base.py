@@ -54,7 +54,7 @@ class SamplingParams:
     max_tokens_field: str = "max_tokens"
     """The name a remote backend is sent ``max_tokens`` under: the client's own
     (``max_completion_tokens`` for OpenAI's newer models, which refuse the old name),
-    and on a chat that set no limit, ``max_completion_tokens`` for the gateway's default."""
+    and on a chat that set no limit, the ``default_max_tokens_field`` setting's."""
 
 
 @dataclass(frozen=True, slots=True)
