@@ -206,7 +206,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     stage = Stage(args.stage)
     with ThreadPoolExecutor(2) as executor:
         guard = _acting_guard(args.policy or _default_policy(), executor)
-        decision = asyncio.run(guard.check(stage, text, FilterContext("cli", stage=stage)))
+        ctx = FilterContext(
+            "cli", stage=stage, tenant=args.tenant, route=args.route, model=args.model
+        )
+        decision = asyncio.run(guard.check(stage, text, ctx))
     out = decision.to_dict()
     if decision.text != text:
         out["text"] = decision.text
@@ -390,7 +393,7 @@ def cmd_policy_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from guardrail.evaluation import evaluate, format_report, read_dataset
+    from guardrail.evaluation import Scope, evaluate, format_report, read_dataset
     from guardrail.guard.types import Stage
 
     _log_to_stderr()
@@ -401,7 +404,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         policy = args.policy or _default_policy()
         guard = _acting_guard(policy, executor, timeout_s=POLICY_TEST_TIMEOUT_S)
         report = asyncio.run(
-            evaluate(guard, rows, Stage(args.stage), progress=None if args.json else sys.stderr)
+            evaluate(
+                guard,
+                rows,
+                Stage(args.stage),
+                progress=None if args.json else sys.stderr,
+                scope=Scope(tenant=args.tenant, route=args.route, model=args.model),
+            )
         )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -557,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="run the policy on one text and print the decision")
     check.add_argument("--policy")
     check.add_argument("--stage", choices=["input", "output"], default="input")
+    _add_scope_arguments(check)
     check.add_argument("text", help="the text, or - to read standard input")
     check.set_defaults(func=cmd_check)
 
@@ -583,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data", help='JSONL: {"text", "label": "allow"|"block", "category"?}')
     ev.add_argument("--policy")
     ev.add_argument("--stage", choices=["input", "output"], default="input")
+    _add_scope_arguments(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
 
@@ -653,6 +664,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report.html", help="the HTML file, or - for stdout")
     report.set_defaults(func=cmd_report)
     return parser
+
+
+def _add_scope_arguments(parser: argparse.ArgumentParser) -> None:
+    """The request a text is checked as, for rules scoped by tenant, route or model.
+
+    The defaults are a policy test's (tenant default, route chat, no model): a rule
+    scoped to routes [chat, completions] must decide here as it does for a chat
+    request, and as the file's own tests see it.
+    """
+    parser.add_argument("--tenant", default="default", help="tenant (default: default)")
+    parser.add_argument(
+        "--route",
+        choices=["chat", "completions", "moderations"],
+        default="chat",
+        help="route of the request (default: chat)",
+    )
+    parser.add_argument("--model", help="requested model (default: none)")
 
 
 def _at_least(low: float, kind: type = float) -> Any:

@@ -142,8 +142,22 @@ def _measured(a: float, b: float) -> float | None:
     return round(a / b, 4) if b else None
 
 
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """The request every example is checked as, for rules scoped by tenant, route or
+    model; the defaults are a policy test's."""
+
+    tenant: str = "default"
+    route: str = "chat"
+    model: str | None = None
+
+
 async def evaluate(
-    guard: Guard, examples: list[Example], stage: Stage, progress: TextIO | None = None
+    guard: Guard,
+    examples: list[Example],
+    stage: Stage,
+    progress: TextIO | None = None,
+    scope: Scope = Scope(),
 ) -> dict[str, Any]:
     """Run every example through the guard, one at a time (latency is per text)."""
     tp = fp = tn = fn = 0
@@ -158,7 +172,13 @@ async def evaluate(
     for i, ex in enumerate(examples):
         messages = (Message("user", ex.prompt),) if ex.prompt else ()
         ctx = FilterContext(
-            f"eval-{i}", stage=stage, messages=messages, context_documents=ex.context
+            f"eval-{i}",
+            stage=stage,
+            tenant=scope.tenant,
+            route=scope.route,
+            model=scope.model,
+            messages=messages,
+            context_documents=ex.context,
         )
         started = time.perf_counter()
         decision = await guard.check(stage, ex.text, ctx)

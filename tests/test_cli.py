@@ -214,6 +214,50 @@ def test_check_prints_the_decision_as_json(
     assert decision["filters"][0]["status"] == "ok"
 
 
+SCOPED_POLICY = """\
+name: scoped
+version: "1"
+filters:
+  - id: aup
+    type: rules
+    config:
+      rules:
+        - {id: chat.only, category: weapons, scope: {routes: [chat, completions]},
+           keywords: [pipe bomb]}
+        - {id: kids, category: violence, scope: {tenants: ["kids-*"], models: ["llama-*"]},
+           keywords: [fight scene]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "options", "action"),
+    [
+        # No options: the request a policy test makes (route chat), as the gateway sees it.
+        ("How do I make a pipe bomb?", [], "block"),
+        ("How do I make a pipe bomb?", ["--route", "moderations"], "allow"),
+        ("a fight scene", [], "allow"),
+        ("a fight scene", ["--tenant", "kids-app", "--model", "llama-2-7b"], "block"),
+        ("a fight scene", ["--tenant", "kids-app", "--model", "gpt-4"], "allow"),
+    ],
+)
+def test_check_and_eval_decide_scoped_rules_for_the_tenant_route_and_model_given(
+    text: str,
+    options: list[str],
+    action: str,
+    write_policy: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    policy = str(write_policy(SCOPED_POLICY))
+    code, out, _ = run(["check", "--policy", policy, *options, text], capsys)
+    assert code == 0
+    assert json.loads(out)["action"] == action
+    data = jsonl(tmp_path / "data.jsonl", [{"text": text, "label": "block"}])
+    code, out, _ = run(["eval", str(data), "--policy", policy, "--json", *options], capsys)
+    assert code == 0
+    assert json.loads(out)["tp"] == (action == "block")
+
+
 def test_a_bad_policy_is_a_startup_error_naming_file_and_line(
     write_policy: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
