@@ -680,6 +680,72 @@ def test_a_mistyped_engine_type_is_named_as_the_mistake(
     ]
 
 
+ENGINE_POLICY = (
+    'name: p\nversion: "1"\nfilters:\n  - id: aup\n    type: rules\n    config:\n'
+    "      classifiers:\n        g: {ENGINE}\n"
+    "      rules:\n        - {id: a, category: c, classifier: {engine: g, label: violence}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("engine", "expected"),
+    [
+        (
+            "{type: llama-guard, model: /m, template: llama-guard-4}",
+            "8:53: filters[0].config.classifiers.g.template: 'llama-guard-4' is not a valid "
+            "value (expected one of: llama-guard-1, llama-guard-2, llama-guard-3); did you "
+            "mean 'llama-guard-3'?",
+        ),
+        (
+            "{type: llama-guard, model: /m, max_char: 500}",
+            "8:43: filters[0].config.classifiers.g.max_char: unknown key 'max_char' (expected "
+            "one of: type, model, template, device, dtype, max_chars, max_windows, "
+            "max_new_tokens, descriptions); did you mean 'max_chars'?",
+        ),
+        # Neither "missing required key 'model'" (llama-guard's) nor, with the engine
+        # left out, "unknown classifier engine 'g'" for the rule that names it.
+        (
+            "{type: embedding-heads, weights: 5}",
+            "8:45: filters[0].config.classifiers.g.weights: expected a string, got a whole "
+            "number; put the value in quotes to make it a string",
+        ),
+        (
+            "{type: llama-guard}",
+            "8:9: filters[0].config.classifiers.g: missing required key 'model'",
+        ),
+        (
+            "{model: /m}",
+            "8:9: filters[0].config.classifiers.g: missing required key 'type' (one of: "
+            "embedding-heads, llama-guard)",
+        ),
+        ("5", "8:12: filters[0].config.classifiers.g: expected a mapping, got a whole number"),
+    ],
+)
+def test_an_engine_setting_is_explained_against_the_engine_type_it_names(
+    registry: PluginRegistry[FilterSpec], engine: str, expected: str
+) -> None:
+    text = ENGINE_POLICY.replace("{ENGINE}", engine)
+    assert text_problems(text, registry) == [f"inline.yaml:{expected}"]
+
+
+def test_a_struct_check_inside_a_mapping_of_names_names_the_key_and_its_line(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    """msgspec writes the path as ``$.classifiers[...]``; the engine at fault is found."""
+    text = (
+        'name: p\nversion: "1"\nfilters:\n  - id: f\n    type: rules\n    config:\n'
+        "      rules:\n        - {id: r, category: c, classifier: {engine: aup, label: unsafe}}\n"
+        "      classifiers:\n"
+        "        other: {type: embedding-heads}\n"
+        "        aup: {type: embedding-heads, encoder: default, probe: {}}\n"
+        "        later: {type: embedding-heads, encoder: default, probe: {}}\n"
+    )
+    assert text_problems(text, registry) == [
+        "inline.yaml:11:9: filters[0].config.classifiers.aup: 'probe' and 'encoder' are "
+        "alternatives (the probe is calibrated for the heads alone)"
+    ]
+
+
 def test_a_schema_error_in_a_config_does_not_hide_its_other_problems(
     registry: PluginRegistry[FilterSpec],
 ) -> None:

@@ -24,6 +24,7 @@ Only when nothing is wrong is the data converted into typed structs and resolved
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import difflib
 import functools
@@ -133,12 +134,14 @@ class _Issue:
     """A problem located by JSON path; turned into a :class:`Problem` with the source map.
 
     ``at_key`` places it at the key that holds the value (an unknown key, a missing
-    key's parent) rather than at the value itself.
+    key's parent) rather than at the value itself. ``prunable`` is False for a value
+    that may not be left out to check the rest of a config (see :func:`_check_config`).
     """
 
     path: JsonPath
     message: str
     at_key: bool = False
+    prunable: bool = True
 
 
 def _load(
@@ -173,7 +176,8 @@ def _load(
         doc = _convert(data, PolicyDocument)
     except msgspec.ValidationError as e:
         # The schema is generated from these structs, so this is a safety net only.
-        raise PolicyError([where.problem(name, _msgspec_issue(e, ()))]) from e
+        issue = _msgspec_issue(e, (), data, PolicyDocument)
+        raise PolicyError([where.problem(name, issue)]) from e
 
     resolved: list[FilterConfig] = []
     positions: list[tuple[int, int, int]] = []
@@ -556,6 +560,17 @@ def _explain_alternatives(error: ValidationError, prefix: JsonPath) -> Iterator[
         index = sub.relative_schema_path[0]
         if isinstance(index, int) and alternatives[index] != {"type": "null"}:
             branches.setdefault(index, []).append(sub)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    if isinstance(schema.get("discriminator"), dict):
+        # A tagged union (classifier engines by "type"): its value declares something
+        # the rest of the config refers to. Left out, every rule that uses the engine
+        # would read as naming an undeclared one; with a bad value left out (weights:
+        # 5), as the default engine, scoring other labels. Only an unknown key inside
+        # it may go: it meant nothing.
+        for issue in _explain_tagged(error, schema["discriminator"], branches, prefix):
+            unknown_key = issue.at_key and issue.path != path
+            yield issue if unknown_key else dataclasses.replace(issue, prunable=False)
+        return
     if len(branches) == 1:
         for sub in next(iter(branches.values())):
             yield from _explain(sub, prefix)
@@ -566,37 +581,57 @@ def _explain_alternatives(error: ValidationError, prefix: JsonPath) -> Iterator[
         words = " or ".join(dict.fromkeys(_TYPE_WORDS.get(t, t) for t in types))
         yield _Issue(path, f"expected {words}, got {_describe(error.instance)}")
         return
-    tags = _tag_values(branches)
-    if tags is not None and isinstance(error.instance, dict):
-        # A tagged union (classifier engines by "type"): a wrong tag is the mistake,
-        # not the keys that the closest branch would have wanted.
-        wrong = error.instance.get("type")
-        yield _Issue(
-            (*path, "type"),
-            f"{_show(wrong)} is not a valid value (expected one of: {_one_of(tags)})"
-            + _did_you_mean(wrong, tags),
-        )
-        return
+    yield from _explain_best(error, subs, prefix)
+
+
+def _explain_best(
+    error: ValidationError, subs: list[ValidationError], prefix: JsonPath
+) -> Iterator[_Issue]:
     best = best_match(subs) if subs else None
     if best is None:
-        yield _Issue(path, error.message)
+        yield _Issue((*prefix, *error.absolute_path), error.message)
     else:
         yield from _explain(best, prefix)
 
 
-def _tag_values(branches: dict[int, list[ValidationError]]) -> list[Any] | None:
-    """The allowed tags when every branch refused the value's ``type`` tag, else None."""
-    tags: list[Any] = []
-    for errors in branches.values():
-        refusals = [
-            e
-            for e in errors
-            if list(e.relative_path) == ["type"] and e.validator in ("const", "enum")
-        ]
-        if not refusals:
-            return None
-        tags += _as_list(_value(refusals[0]))
-    return tags or None
+def _explain_tagged(
+    error: ValidationError,
+    discriminator: dict[str, Any],
+    branches: dict[int, list[ValidationError]],
+    prefix: JsonPath,
+) -> Iterator[_Issue]:
+    """A tagged union: the mistakes of the branch the value's tag picks, else the tag.
+
+    A value of one type is never explained against another's keys: ``{type:
+    llama-guard, template: llama-guard-4}`` has a bad template, not unknown keys
+    ``model`` and ``template`` of the ``embedding-heads`` engine.
+    """
+    path: JsonPath = (*prefix, *error.absolute_path)
+    instance, alternatives = error.instance, _value(error)
+    if not isinstance(instance, dict):
+        yield from _explain_best(error, [s for e in branches.values() for s in e], prefix)
+        return
+    field_name = discriminator.get("propertyName", "type")
+    mapping = discriminator.get("mapping", {})
+    tag = instance.get(field_name)
+    chosen = mapping.get(tag) if isinstance(tag, str) else None
+    for index, errors in branches.items():
+        if chosen is not None and alternatives[index] == {"$ref": chosen}:
+            for sub in errors:
+                yield from _explain(sub, prefix)
+            return
+    # No branch has this tag: the tag is the mistake, not the keys that the closest
+    # branch would have wanted.
+    tags = list(mapping)
+    if field_name not in instance:
+        message = f"missing required key '{field_name}' (one of: {_one_of(tags)})"
+        yield _Issue(path, message, at_key=True)
+        return
+    yield _Issue(
+        (*path, field_name),
+        f"{_show(tag)} is not a valid value (expected one of: {_one_of(tags)})"
+        + _did_you_mean(tag, tags),
+    )
 
 
 def _value(error: ValidationError) -> Any:
@@ -658,19 +693,84 @@ def _message(keyword: str, expected: Any, instance: Any, fallback: str) -> str:
 
 
 _MSGSPEC_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-_MSGSPEC_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+# msgspec writes a mapping's key as "[...]", never the key itself.
+_MSGSPEC_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[(\.\.\.)\]")
 
 
-def _msgspec_issue(error: msgspec.ValidationError, prefix: JsonPath) -> _Issue:
-    """Place a msgspec conversion error (``... - at `$.rules[0].id```) by its path."""
+def _msgspec_issue(
+    error: msgspec.ValidationError, prefix: JsonPath, data: Any, type_: type[Any]
+) -> _Issue:
+    """Place a msgspec conversion error (``... - at `$.rules[0].id```) by its path.
+
+    ``data`` is what failed to convert to ``type_``: a path through a mapping of names
+    (``$.classifiers[...]``) does not say which name, so it is found in ``data``. An
+    error about a mapping as a whole (a struct's own check) is placed at its key, as a
+    missing key is.
+    """
     text = str(error)
     match = _MSGSPEC_AT.search(text)
     if match is None:
         return _Issue(prefix, text)
-    path: list[str | int] = list(prefix)
-    for key, index in _MSGSPEC_PART.findall(match["path"]):
-        path.append(int(index) if index else key)
-    return _Issue(tuple(path), text[: match.start()].replace("`", "'"))
+    path: list[str | int] = []
+    hidden: set[int] = set()  # where in ``path`` a name msgspec did not write is
+    for key, index, unnamed in _MSGSPEC_PART.findall(match["path"]):
+        if unnamed:
+            found = _failing_key(data, type_, path, hidden, text)
+            if found is None:  # the mapping is the nearest place known
+                break
+            hidden.add(len(path))
+            path.append(found)
+        else:
+            path.append(int(index) if index else key)
+    at_key = isinstance(_at(data, path), dict)
+    return _Issue((*prefix, *path), text[: match.start()].replace("`", "'"), at_key=at_key)
+
+
+def _at(data: Any, path: Sequence[str | int]) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _failing_key(
+    data: Any, type_: type[Any], path: list[str | int], hidden: set[int], text: str
+) -> str | None:
+    """The key of the mapping at ``path`` whose value fails to convert with ``text``.
+
+    msgspec converts a mapping's entries in order and stops at the first that fails:
+    it is the key that ends the shortest first part of the mapping that fails the same
+    way. The mappings of names passed on the way (``hidden``) are cut after the name
+    taken, so a later name with the same mistake cannot answer for it.
+    """
+    mapping = _at(data, path)
+    if not isinstance(mapping, dict):
+        return None
+    keys = list(mapping)
+    for n in range(1, len(keys) + 1):
+        try:
+            _convert(_first_part(data, path, hidden, n), type_)
+        except msgspec.ValidationError as e:
+            if str(e) == text:
+                return str(keys[n - 1])
+    return None
+
+
+def _first_part(node: Any, path: Sequence[str | int], hidden: set[int], n: int) -> Any:
+    """A copy of ``node`` with the mapping at ``path`` cut to its first ``n`` entries and
+    each mapping at a ``hidden`` depth of ``path`` cut after the key ``path`` takes."""
+    if not path:
+        return dict(list(node.items())[:n])
+    head, rest = path[0], path[1:]
+    inner = {d - 1 for d in hidden if d > 0}
+    if isinstance(node, dict):
+        items = list(node.items())
+        if 0 in hidden:
+            items = items[: [k for k, _ in items].index(head) + 1]
+        return {k: _first_part(v, rest, inner, n) if k == head else v for k, v in items}
+    return [_first_part(v, rest, inner, n) if i == head else v for i, v in enumerate(node)]
 
 
 # --- filter entries --------------------------------------------------------------------
@@ -791,8 +891,14 @@ def _check_config(
         issues += schema_issues
         # Report the config's other problems too (every problem at once): check what is
         # left without the keys the schema refused, when that still makes a config.
+        # A value that may not be left out (an engine the rules name) stops this: the
+        # rest would be checked against a config that lacks what the author declared.
         removed = [i.path for i in schema_issues]
-        pruned = _without(config, [r[len(path) :] for r in removed])
+        pruned = (
+            _without(config, [r[len(path) :] for r in removed])
+            if all(i.prunable for i in schema_issues)
+            else None
+        )
         if pruned is not None and spec.validate is not None:
             try:
                 typed = _convert(pruned, spec.config_type)
@@ -806,7 +912,7 @@ def _check_config(
     try:
         typed = _convert(config, spec.config_type)
     except msgspec.ValidationError as e:
-        issues.append(_msgspec_issue(e, path))
+        issues.append(_msgspec_issue(e, path, config, spec.config_type))
         return None
     if spec.validate is not None:
         try:
