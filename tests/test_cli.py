@@ -196,6 +196,20 @@ def test_policy_test_reports_an_invalid_file_and_still_runs_the_others(
     assert err.startswith("guardrail: cannot write")
 
 
+def test_policy_test_refuses_a_line_break_only_yaml_sees_at_the_line_an_editor_shows(
+    write_policy: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (
+        'name: p\nversion: "1"\n# weapons rules\x85 more\nfilters:\n  - {id: f, type: rules}\n'
+        "tests:\n  - {input: hi, expect: allow}\n"
+    )
+    path = write_policy(text)
+    code, out, err = run(["policy", "test", str(path)], capsys)
+    assert code == 1
+    assert err.startswith(f"{path}:3:16: the character U+0085 (NEL, next line)")
+    assert "1 files invalid" in out
+
+
 def test_policy_test_passes_the_default_policy(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["policy", "test", str(DEFAULT_POLICY)], capsys)
     assert code == 0

@@ -472,6 +472,26 @@ def test_when_the_file_is_not_utf8_then_the_bad_byte_is_located(
     ]
 
 
+@pytest.mark.parametrize("char", ["\x85", "\u2028", "\u2029"])
+def test_a_line_break_only_yaml_sees_is_refused_where_an_editor_shows_it(
+    registry: PluginRegistry[FilterSpec], char: str
+) -> None:
+    """YAML 1.1 ends a line at NEL, U+2028 and U+2029; editors do not. Read, the comment
+    would end there and every later line number would be off by one."""
+    text = HEAD + f"# weapons rules{char}more\nfilters:\n  - {{id: f, type: rules}}\n"
+    problems = text_problems(text, registry)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"inline.yaml:3:16: the character U+{ord(char):04X} (")
+    assert "is a line break to YAML but not to editors" in problems[0]
+
+
+def test_a_line_break_written_as_an_escape_in_a_quoted_string_loads(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    text = HEAD + 'description: "one\\u2028two\\x85three"\n'
+    assert load_policy_text(text, "inline.yaml", registry).description == "one\u2028two\x85three"
+
+
 def test_policy_error_message_lists_every_problem(registry: PluginRegistry[FilterSpec]) -> None:
     with pytest.raises(PolicyError) as caught:
         load_policy(FIXTURES / "many_errors.yaml", registry)

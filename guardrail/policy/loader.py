@@ -263,8 +263,41 @@ class _TooLarge(Exception):
 _TOO_DEEP = "the file nests lists or mappings too deeply to be read"
 
 
+# Line breaks to PyYAML (YAML 1.1) that editors, and YAML 1.2, show inside one line.
+_HIDDEN_BREAKS = {
+    "\x85": "NEL, next line",
+    "\u2028": "line separator",
+    "\u2029": "paragraph separator",
+}
+_HIDDEN_BREAK = re.compile(f"[{''.join(_HIDDEN_BREAKS)}]")
+
+
+def _hidden_breaks(text: str, name: str) -> list[Problem]:
+    """Each character that YAML 1.1 reads as a line break and an editor does not.
+
+    Refused rather than read: it would not only shift every later line number; a
+    comment would end at it (the rest of the line read as policy) and a plain value
+    would be folded there. Inside a double-quoted string the escape still writes it.
+    """
+    problems = []
+    for found in _HIDDEN_BREAK.finditer(text):
+        at = found.start()
+        line = text.count("\n", 0, at) + 1
+        column = at - (text.rfind("\n", 0, at) + 1) + 1
+        char = found.group()
+        message = (
+            f"the character U+{ord(char):04X} ({_HIDDEN_BREAKS[char]}) is a line break to "
+            "YAML but not to editors, so the file would not read as it shows; remove it, or "
+            f'write it as "\\u{ord(char):04x}" inside a double-quoted string'
+        )
+        problems.append(Problem(name, line, column, "", message))
+    return problems
+
+
 def _parse_yaml(text: str, name: str) -> _Parsed:
     """Compose ``text`` and build plain data plus its source map; syntax errors are problems."""
+    if problems := _hidden_breaks(text, name):
+        return _Parsed(None, _SourceMap(), problems)
     try:
         loader = yaml.SafeLoader(text)
     except yaml.reader.ReaderError as e:
