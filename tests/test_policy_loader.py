@@ -492,6 +492,27 @@ def test_a_line_break_written_as_an_escape_in_a_quoted_string_loads(
     assert load_policy_text(text, "inline.yaml", registry).description == "one\u2028two\x85three"
 
 
+def test_a_blank_message_users_would_see_is_refused_where_it_is_written() -> None:
+    """A block answered ``"message": ""`` (or an empty refusal) tells the user nothing."""
+    text = (
+        'name: p\nversion: "1"\nmessages: {input_blocked: "", output_blocked: "  "}\n'
+        "filters:\n"
+        "  - id: aup\n    type: rules\n    config:\n"
+        "      rules:\n        - {id: r, category: c, keywords: [x], message: ''}\n"
+        "  - id: tox\n    type: toxicity\n    config:\n"
+        "      categories: {toxicity: {threshold: 0.8, action: block, message: ' '}}\n"
+        "  - id: hal\n    type: hallucination\n    config:\n"
+        "      cutoff: {action: block, message: ''}\n"
+    )
+    assert text_problems(text, filter_registry()) == [
+        "inline.yaml:3:27: messages.input_blocked: must not be blank",
+        "inline.yaml:3:47: messages.output_blocked: must not be blank",
+        "inline.yaml:9:56: filters[0].config.rules[0].message: must not be blank",
+        "inline.yaml:13:71: filters[1].config.categories.toxicity.message: must not be blank",
+        "inline.yaml:17:40: filters[2].config.cutoff.message: must not be blank",
+    ]
+
+
 def test_policy_error_message_lists_every_problem(registry: PluginRegistry[FilterSpec]) -> None:
     with pytest.raises(PolicyError) as caught:
         load_policy(FIXTURES / "many_errors.yaml", registry)

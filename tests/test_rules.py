@@ -724,13 +724,32 @@ def test_a_llama_guard_description_no_rule_asks_for_is_a_policy_error(
             "- {id: a, category: c, any: [{keywords: [x]}, {not: {keywords: [y]}}]}\n",
             "rules[0]: a rule needs something to match besides 'not'",
         ),
-        # Each misses "" but matches empty between the characters of any message.
+        # Each can match empty between the characters of any message.
         *(
             (
                 f"- {{id: a, category: c, regex: ['{rx}']}}\n",
                 "rules[0].regex[0]: regex matches empty text (it would hit every message)",
             )
-            for rx in (r"\b", r"(?=\w)", r"\B", r"x*\b", r"secret|\b")
+            for rx in (r"x*\b", r"secret|\b")
+        ),
+        # Each matches nothing but empty text, which finds nothing at run time: the
+        # lookahead and the anchors match no sample text a check could try.
+        *(
+            (
+                f"- {{id: a, category: c, regex: ['{rx}']}}\n",
+                "rules[0].regex[0]: regex only ever matches empty text (anchors, lookarounds), "
+                "and an empty match finds nothing: the rule would never fire",
+            )
+            for rx in (
+                r"(?=how to make a bomb)",
+                r"(?<!safe )(?=bomb)",
+                r"^",
+                r"\Z",
+                r"\b",
+                r"(?=\w)",
+                r"\B",
+                r"(?:){3}",
+            )
         ),
         # Regexes see the text folded: these spell what it never holds.
         (

@@ -45,6 +45,7 @@ from guardrail.filters.classifiers import (
 )
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, Grounder, text_pass
 from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
+from guardrail.policy.model import UserText
 
 if TYPE_CHECKING:
     from guardrail.filters.grounding import GroundingScorer
@@ -113,7 +114,7 @@ class GroundednessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
     ] = 0.4
     action: Annotated[Literal["flag", "block"], _doc("What an ungrounded sentence does.")] = "flag"
     message: Annotated[
-        str | None, _doc("Message users see when an ungrounded answer is blocked.")
+        UserText | None, _doc("Message users see when an ungrounded answer is blocked.")
     ] = None
     weights: Annotated[
         str | None,
@@ -180,7 +181,7 @@ class CutoffSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         msgspec.field(default_factory=lambda: ["input", "output"])
     )
     action: Annotated[Literal["flag", "block"], _doc("What a finding does.")] = "flag"
-    message: Annotated[str | None, _doc("Message users see when this blocks.")] = None
+    message: Annotated[UserText | None, _doc("Message users see when this blocks.")] = None
 
 
 class HallucinationConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

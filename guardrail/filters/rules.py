@@ -40,6 +40,7 @@ import asyncio
 import contextvars
 import fnmatch
 import functools
+import importlib
 import itertools
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -67,7 +68,7 @@ from guardrail.filters.normalize import VOWELS, Normalized, folded_char, normali
 from guardrail.filters.weights import file_key, file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
-from guardrail.policy.model import Id
+from guardrail.policy.model import Id, UserText
 
 if TYPE_CHECKING:
     import numpy as np
@@ -169,7 +170,7 @@ class Rule(Condition, frozen=True, kw_only=True, forbid_unknown_fields=True):
     scope: Annotated[Scope | None, _doc("Tenants, routes and models the rule applies to.")] = None
     action: Annotated[Literal["block", "redact", "flag"], _doc("What a match does.")] = "block"
     message: Annotated[
-        str | None, _doc("Message users see when this rule blocks; default: the policy's.")
+        UserText | None, _doc("Message users see when this rule blocks; default: the policy's.")
     ] = None
     score: Annotated[Score, _doc("Score reported for a keyword or regex hit.")] = 1.0
     replacement: Annotated[
@@ -314,7 +315,16 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
                         f"regex not supported by the time-limited regex engine: {e}",
                     )
                     continue
-                if compiled.match("") or any(
+                if _longest_match(pattern) == 0:
+                    # Sample texts cannot show this: "(?=how to make a bomb)" matches
+                    # none of them, and at run time finds nothing in any text.
+                    yield ConfigIssue(
+                        (*path, "regex", j),
+                        "regex only ever matches empty text (anchors, lookarounds), and an "
+                        "empty match finds nothing: the rule would never fire; make it match "
+                        "at least one character",
+                    )
+                elif compiled.match("") or any(
                     m.end() == m.start() for m in compiled.finditer(_ZERO_WIDTH_PROBE)
                 ):
                     # "\b" or "(?=\w)" miss "" but match between characters of any text.
@@ -412,6 +422,18 @@ def _regex_time_limit(chars: int) -> float:
 
 
 _REGEX_TIME_BASE_S = 0.1
+# The re module's own parser: private, but the one sound way to know what a pattern can
+# span (sample texts miss a lookahead's words); every pattern it sees here compiled with
+# re. Through import_module since the type stubs do not list it.
+_RE_PARSER: Any = importlib.import_module("re._parser")
+
+
+def _longest_match(pattern: str) -> int:
+    """The most characters one match of ``pattern`` can span (0: only empty matches)."""
+    width: tuple[int, int] = _RE_PARSER.parse(pattern).getwidth()
+    return width[1]
+
+
 # Text a regex is tried on at validation: one that matches it empty somewhere ("\b",
 # "(?=\w)", "x*") matches every message.
 _ZERO_WIDTH_PROBE = "Ab 1.\n-x"

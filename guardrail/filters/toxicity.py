@@ -52,6 +52,7 @@ from guardrail.filters.weights import file_key, file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.stream import THROUGH_LAST_SPACE
 from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
+from guardrail.policy.model import UserText
 
 if TYPE_CHECKING:
     import numpy as np
@@ -109,7 +110,8 @@ class CategoryRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         "flag"
     )
     message: Annotated[
-        str | None, _doc("Message users see when this category blocks; default: the policy's.")
+        UserText | None,
+        _doc("Message users see when this category blocks; default: the policy's."),
     ] = None
 
 

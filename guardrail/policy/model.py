@@ -35,6 +35,9 @@ MAX_TIMEOUT_MS = 3_600_000
 # (ECMA-262) is the end of the text, and the lookahead changes nothing there.
 HEADER_VALUE_PATTERN = r"^[!-~](?:[ -~]*[!-~])?$(?!\n)"
 OnError = Literal["block", "flag", "allow"]
+# A text users see on a block (an error message, a refusal): a blank one answered with
+# "message": "", which tells the user nothing.
+UserText = Annotated[str, msgspec.Meta(pattern=r"\S")]
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -70,12 +73,12 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 class Messages(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What users see when something is blocked (a rule's own message wins)."""
 
-    input_blocked: Annotated[str, _doc("Error message for a blocked prompt.")] = (
+    input_blocked: Annotated[UserText, _doc("Error message for a blocked prompt.")] = (
         "Your request was blocked by the content policy."
     )
-    output_blocked: Annotated[str, _doc("Refusal text that replaces a blocked completion.")] = (
-        "I can't help with that."
-    )
+    output_blocked: Annotated[
+        UserText, _doc("Refusal text that replaces a blocked completion.")
+    ] = "I can't help with that."
 
 
 class FilterEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
