@@ -644,6 +644,59 @@ def test_the_loader_and_the_exported_schema_agree_on_whole_numbers(where: str, v
     assert loader_accepts == (value in ("200", "200.0"))
 
 
+RULES_ENTRY = "filters:\n  - id: a\n    type: rules\n"
+
+
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("    stages: []\n", "6:13: filters[0].stages: list at least one stage, or remove"),
+        (
+            "    config: {rules: [{id: r, category: c, keywords: [x], all: []}]}\n",
+            "6:63: filters[0].config.rules[0].all: must not be an empty list",
+        ),
+        (
+            "    config: {rules: [{id: r, category: c, keywords: [x], any: []}]}\n",
+            "6:63: filters[0].config.rules[0].any: must not be an empty list",
+        ),
+        (
+            "    config: {rules: [{id: r, category: c, keywords: [x], not: {}}]}\n",
+            "6:63: filters[0].config.rules[0].not: must not be empty",
+        ),
+        (
+            "    config: {rules: [{id: r, category: c, any: [{keywords: [x]}, {}]}]}\n",
+            "6:66: filters[0].config.rules[0].any[1]: must not be empty",
+        ),
+        (
+            "    config: {rules: [{id: r, category: c, keywords: ['  ']}]}\n",
+            "6:54: filters[0].config.rules[0].keywords[0]: must not be blank",
+        ),
+    ],
+)
+def test_what_the_loader_refuses_the_exported_schema_refuses_too(where: str, expected: str) -> None:
+    """An editor or CI check with policies/schema.json passed these; the loader did not."""
+    text = 'name: p\nversion: "1"\n' + RULES_ENTRY + where
+    schema = jsonschema.Draft202012Validator(policy_json_schema(filter_registry()))
+    assert not schema.is_valid(yaml.safe_load(text))
+    problems = text_problems(text, filter_registry())
+    assert len(problems) == 1
+    assert problems[0].startswith(f"inline.yaml:{expected}")
+
+
+def test_a_nan_number_is_refused_at_its_key_in_the_loaders_words() -> None:
+    """JSON Schema bounds pass NaN (no comparison holds); msgspec's own refusal was raw."""
+    text = (
+        'name: p\nversion: "1"\n'
+        + RULES_ENTRY
+        + "    config: {rules: [{id: r, category: c, semantic: {examples: [a b], "
+        + "threshold: .nan}}]}\n"
+    )
+    assert text_problems(text, filter_registry()) == [
+        "inline.yaml:6:82: filters[0].config.rules[0].semantic.threshold: '.nan' is not a "
+        "number (NaN); write a number"
+    ]
+
+
 class ClashRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pattern: str
 

@@ -687,15 +687,16 @@ def test_a_llama_guard_description_no_rule_asks_for_is_a_policy_error(
             "- {id: a, category: c, classifier: {engine: nope, label: x}}\n",
             "rules[0].classifier.engine: unknown classifier engine 'nope'",
         ),
-        ("- {id: a, category: c, all: [{}]}\n", "rules[0].all[0]: a condition needs"),
+        ("- {id: a, category: c, all: [{}]}\n", "rules[0].all[0]: must not be empty"),
+        ("- {id: a, category: c, all: [{any: []}]}\n", "rules[0].all[0].any: must not be an empty"),
         # An empty list beside other parts was skipped, and 'any: []' held.
         (
             "- {id: a, category: c, keywords: [x], any: []}\n",
-            "rules[0].any: 'any' needs at least one condition",
+            "rules[0].any: must not be an empty list",
         ),
         (
             "- {id: a, category: c, keywords: [x], all: []}\n",
-            "rules[0].all: 'all' needs at least one condition",
+            "rules[0].all: must not be an empty list",
         ),
         ("- {id: a, category: ' ', keywords: [x]}\n", "rules[0].category: must not be blank"),
         # Examples with no words matched every short text without words ("ok", an emoji).

@@ -107,11 +107,19 @@ class ClassifierCondition(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     threshold: Annotated[Score, _doc("Lowest score that matches.")] = 0.5
 
 
+# What the loader refuses, said in the schema too, so an editor refuses it as well:
+# a condition of no parts ("not: {}"), a list of no conditions ("any: []", which held),
+# a keyword of no text.
+_NOT_EMPTY = msgspec.Meta(extra_json_schema={"minProperties": 1})
+Keyword = Annotated[str, msgspec.Meta(pattern=r"\S")]
+
+
 class Condition(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What a rule matches. Parts listed together must all hold (keywords/regex are one part)."""
 
     keywords: Annotated[
-        list[str], _doc("Words or phrases matched whole, after evasion is undone; any one hits.")
+        list[Keyword],
+        _doc("Words or phrases matched whole, after evasion is undone; any one hits."),
     ] = msgspec.field(default_factory=list)
     regex: Annotated[
         list[str],
@@ -119,14 +127,17 @@ class Condition(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     ] = msgspec.field(default_factory=list)
     semantic: Annotated[Semantic | None, _doc("Example phrases matched by meaning.")] = None
     classifier: Annotated[ClassifierCondition | None, _doc("A classifier label's score.")] = None
-    all_of: Annotated[list[Condition] | None, _doc("Every one of these conditions holds.")] = (
-        msgspec.field(default=None, name="all")
-    )
-    any_of: Annotated[list[Condition] | None, _doc("At least one of these conditions holds.")] = (
-        msgspec.field(default=None, name="any")
-    )
-    none_of: Annotated[Condition | None, _doc("This condition does not hold.")] = msgspec.field(
-        default=None, name="not"
+    all_of: Annotated[
+        Annotated[list[Annotated[Condition, _NOT_EMPTY]], msgspec.Meta(min_length=1)] | None,
+        _doc("Every one of these conditions holds."),
+    ] = msgspec.field(default=None, name="all")
+    any_of: Annotated[
+        Annotated[list[Annotated[Condition, _NOT_EMPTY]], msgspec.Meta(min_length=1)] | None,
+        _doc("At least one of these conditions holds."),
+    ] = msgspec.field(default=None, name="any")
+    # The Meta sits outside the union: msgspec drops one on a struct inside it.
+    none_of: Annotated[Condition | None, _doc("This condition does not hold."), _NOT_EMPTY] = (
+        msgspec.field(default=None, name="not")
     )
 
 

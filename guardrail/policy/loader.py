@@ -30,6 +30,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -166,7 +167,10 @@ def _load(
     # a value the YAML step already rejected is not reported a second time.
     issues = list(_schema_issues(_document_validator(), data, ()))
     filters, filter_issues = _check_filters(data, where, registry)
-    issues += filter_issues
+    # An empty 'stages' is explained with the stages the filter type would run at: the
+    # schema's "must not be an empty list" there would say it a second time, less well.
+    explained = {i.path for i in filter_issues if i.path[-1:] == ("stages",)}
+    issues = [i for i in issues if i.path not in explained] + filter_issues
     issues = [i for i in dict.fromkeys(issues) if i.path not in parsed.rejected]
     if issues or parsed.problems:
         problems = parsed.problems + [where.problem(name, i) for i in issues]
@@ -404,6 +408,12 @@ class _Builder:
             value = self._loader.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError) as e:
             message = f"{node.value!r} is not a valid {_tag_name(node.tag)} value ({e})"
+            self._reject(_pos(node.start_mark), path, message)
+            return None
+        if isinstance(value, float) and math.isnan(value):
+            # JSON has no NaN, so the schema's bounds pass it (no comparison holds) and
+            # every threshold compared with it would be false.
+            message = f"{node.value!r} is not a number (NaN); write a number"
             self._reject(_pos(node.start_mark), path, message)
             return None
         if isinstance(value, str) and (bad := _SURROGATE.search(value)):
@@ -718,6 +728,8 @@ def _message(keyword: str, expected: Any, instance: Any, fallback: str) -> str:
         return f"must be at most {expected} characters, got {len(instance)}"
     if keyword == "minItems":
         return "must not be an empty list" if expected == 1 else f"needs at least {expected} items"
+    if keyword == "minProperties":
+        return "must not be empty" if expected == 1 else f"needs at least {expected} keys"
     if keyword == "maxItems":
         return f"must have at most {expected} items, got {len(instance)}"
     if keyword == "uniqueItems":

@@ -87,7 +87,8 @@ class FilterEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     id: Annotated[Id, _doc("Unique id of this filter in the policy; used in findings.")]
     type: Annotated[str, _doc("Filter type, e.g. 'rules' (see the registry).")]
     stages: Annotated[
-        list[Stage] | None, _doc("Stages to run at; default: every stage the type supports.")
+        Annotated[list[Stage], msgspec.Meta(min_length=1)] | None,
+        _doc("Stages to run at; default: every stage the type supports."),
     ] = None
     enabled: Annotated[bool, _doc("Set false to keep the entry but not run it.")] = True
     timeout_ms: Annotated[
