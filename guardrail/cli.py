@@ -140,6 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     KeyRing.from_settings(settings)  # a key_env that is not set
     for path in sorted(Tenants(settings).policies()):
         load_policy(path, registry)
+    if settings.shadow_policy:
+        load_policy(settings.shadow_policy, registry)
     print(
         f"guardrail: loading {settings.backend} backend"
         + (f" ({settings.model})" if settings.model else ""),
