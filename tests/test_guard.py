@@ -517,6 +517,31 @@ async def test_when_a_text_is_long_then_its_spaced_reading_is_made_off_the_event
     assert [t == threading.get_ident() for t in threads] == [len(text) <= LOOP_TEXT_CHARS]
 
 
+async def test_a_long_text_s_spaced_reading_waits_within_the_filter_s_time_limit(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    """The reading waited for a busy executor outside any time limit: with a model call
+    still holding the only worker, a check of 1,100 characters took 5 s and said "ok"."""
+    busy = ThreadPoolExecutor(1)
+    release = threading.Event()
+    busy.submit(release.wait, 5)  # a model call running on after its caller timed out
+    try:
+        policy = load_policy_text(
+            'name: t\nversion: "1"\ntimeout_ms: 100\nfilters:\n  - {id: a, type: script}\n',
+            "inline.yaml",
+            registry,
+        )
+        guard = Guard.build(policy, registry, BuildContext(busy))
+        short = await guard.check(Stage.INPUT, "x" * LOOP_TEXT_CHARS, CTX)
+        long = await guard.check(Stage.INPUT, "x" * (LOOP_TEXT_CHARS + 100), CTX)
+    finally:
+        release.set()
+        busy.shutdown()
+    assert [o.status for o in short.outcomes] == ["ok"]
+    assert [o.status for o in long.outcomes] == ["timeout"]
+    assert long.action is Action.BLOCK  # on_error: block
+
+
 async def test_a_text_with_invisible_characters_is_also_read_with_them_as_spaces(
     registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor
 ) -> None:

@@ -34,6 +34,7 @@ from guardrail.guard.cache import (
     text_digest,
 )
 from guardrail.guard.filter import (
+    LOOP_TEXT_CHARS,
     BuildContext,
     Filter,
     FilterSpec,
@@ -277,19 +278,37 @@ class Guard:
         cache = self.cache if prefix is not None else None
         digest = text_digest(text) if cache is not None else b""
         answered = {o.filter_id: o for o in known}
-        other = _spaced_reading(text, ctx, await text_pass(self.executor, len(text), spaced, text))
+        # A long text's spaced reading is made on the executor, within each filter's time
+        # limit: a busy executor queue held it past timeout_ms, its status still "ok".
+        reading: asyncio.Future[str | None] | None = None
+        other = None
+        if len(text) > LOOP_TEXT_CHARS:
+            reading = asyncio.ensure_future(text_pass(self.executor, len(text), spaced, text))
+        else:
+            other = _spaced_reading(text, ctx, spaced(text))
 
         async def one(bound: Bound) -> FilterOutcome:
             config, filt = bound
             if config.id in answered:
                 return answered[config.id]
             key = self._key(config, stage, digest, prefix or b"", ctx.tenant) if cache else None
-            if other is None or config.id in self._stateful:
+            started = time.perf_counter()
+            second = other
+            if reading is not None:
+                try:
+                    read = await asyncio.wait_for(asyncio.shield(reading), config.timeout_s)
+                except TimeoutError:
+                    return _timed_out(config, started)
+                second = _spaced_reading(text, ctx, read)
+            limit = max(0.0, config.timeout_s - (time.perf_counter() - started))
+            if second is None or config.id in self._stateful:
                 # A stateful filter (PII's restore) keeps request state per text it read.
-                outcome = await _run(config, filt, text, ctx)
+                outcome = await _run(config, filt, text, ctx, limit)
             else:
                 outcome = _either(
-                    *await asyncio.gather(_run(config, filt, text, ctx), _run(config, filt, *other))
+                    *await asyncio.gather(
+                        _run(config, filt, text, ctx, limit), _run(config, filt, *second, limit)
+                    )
                 )
             if cache is None or key is None:
                 return outcome
@@ -385,14 +404,30 @@ def _remembered(filt: Stateful, text: str, verdict: Verdict, ctx: FilterContext)
     return True
 
 
-async def _run(config: FilterConfig, filt: Filter, text: str, ctx: FilterContext) -> FilterOutcome:
+def _timed_out(config: FilterConfig, started: float) -> FilterOutcome:
+    return FilterOutcome(
+        filter_id=config.id,
+        filter_type=config.type,
+        verdict=_failed(config),
+        duration_s=time.perf_counter() - started,
+        status="timeout",
+    )
+
+
+async def _run(
+    config: FilterConfig,
+    filt: Filter,
+    text: str,
+    ctx: FilterContext,
+    timeout_s: float | None = None,
+) -> FilterOutcome:
+    """``filt`` on ``text`` within ``timeout_s`` (the filter's own limit if ``None``)."""
     started = time.perf_counter()
     status: FilterStatus = "ok"
     error: str | None = None
+    limit = config.timeout_s if timeout_s is None else timeout_s
     try:
-        verdict = _stamp(
-            await asyncio.wait_for(filt.check(text, ctx), config.timeout_s), config.id, len(text)
-        )
+        verdict = _stamp(await asyncio.wait_for(filt.check(text, ctx), limit), config.id, len(text))
     except TimeoutError:
         status, verdict = "timeout", _failed(config)
     except TextTooLongError as e:
