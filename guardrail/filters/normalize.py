@@ -12,7 +12,8 @@ What is undone, in order:
 - a right-to-left override (U+202E) shows the text after it reversed, up to its pop
   (U+202C) or the end of the line: that text is put back in reading order;
 - upside-down text (``ʎɐʍ ǝsɐǝ``, turned letters in reverse order) is turned back, a
-  line's run of such words at a time;
+  line's run of such words at a time (words of letters that read the same either way,
+  such as ``ISIS``, keep their letters);
 - compatibility forms, accents and case (full-width ``bomb``, ``bómb``, ``BOMB`` -> ``bomb``),
   and symbols drawn as a letter that folding leaves alone (``🅱``, ``⒝``, ``🇧``);
 - tag characters (ASCII written invisibly) are read as the text they encode;
@@ -419,9 +420,11 @@ def _undo_upside_down(src: _Chars) -> None:
     """Put runs of upside-down words back: turned and in reading order.
 
     A word is upside down when it holds a letter only turned text has and nothing that
-    turned text cannot hold; a run of such words, with words of turnable letters alone
-    between and around them ("uo", "op"), is reversed and each character turned back.
-    Plain words end a run, so a turned word inside an English sentence is read alone.
+    turned text cannot hold. A run of such words, with words of turnable letters alone
+    between and around them ("uo", "op"), is put back in reading order, and each upside-
+    down word turned back. Words of turnable letters alone keep their letters: they read
+    as plain words too, and turning them hid a keyword beside one turned letter ("join
+    ISIS ʎ" read "y sisi"). Plain words end a run.
     """
     chars = src.chars
     if _TURNED_ONLY.isdisjoint(chars):
@@ -455,11 +458,33 @@ def _undo_upside_down(src: _Chars) -> None:
         ):
             j += 1
         if any(kind == 2 for _, _, kind in words[i : j + 1]):
-            a, b = words[i][0], words[j][1]
-            src.chars[a:b] = [_TURNED.get(c, c) for c in reversed(src.chars[a:b])]
-            src.starts[a:b] = src.starts[a:b][::-1]
-            src.ends[a:b] = src.ends[a:b][::-1]
+            _turn_run(src, words[i : j + 1])
         i = j + 1
+
+
+def _turn_run(src: _Chars, run: list[tuple[int, int, int]]) -> None:
+    """The words of ``run`` (of :func:`_undo_upside_down`) in reverse order, the upside-down
+    ones reversed and turned back, the gaps between them kept."""
+    a, b = run[0][0], run[-1][1]
+    pieces: list[tuple[int, int, bool]] = []  # (start, end, turn), in the new order
+    for m in range(len(run) - 1, -1, -1):
+        start, end, kind = run[m]
+        pieces.append((start, end, kind == 2))
+        if m:
+            pieces.append((run[m - 1][1], start, False))  # the gap before it
+    chars: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    for start, end, turn in pieces:
+        if turn:
+            chars += [_TURNED.get(c, c) for c in reversed(src.chars[start:end])]
+            starts += src.starts[start:end][::-1]
+            ends += src.ends[start:end][::-1]
+        else:
+            chars += src.chars[start:end]
+            starts += src.starts[start:end]
+            ends += src.ends[start:end]
+    src.chars[a:b], src.starts[a:b], src.ends[a:b] = chars, starts, ends
 
 
 @functools.cache
