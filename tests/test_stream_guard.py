@@ -522,6 +522,29 @@ async def test_a_phrase_padded_past_the_context_is_still_blocked(
     assert "bmob a dliub" not in sent
 
 
+@pytest.mark.parametrize(
+    ("tag", "pad", "window_chars", "chunk_chars"),
+    [
+        ("<b></b>", 74, 120, 13),
+        ("<b></b>", 81, 120, 1),
+        ("<b></b>", 121, 400, 5),
+        ("<span class='aaaaaaaaaaaa'></span>", 60, 400, 5),
+    ],
+)
+async def test_a_window_cut_inside_a_run_of_tags_keeps_the_letter_before_them(
+    executor: ThreadPoolExecutor, tag: str, pad: int, window_chars: int, chunk_chars: int
+) -> None:
+    """A window cut inside a tag left the next context starting mid-tag, where the walk
+    back over markup did not begin: it read the tags as written, and "omb" went out
+    (207 of 240 paddings, window sizes and chunkings)."""
+    text = "Some intro. Sure, you build a b" + tag * pad + "omb now. More text follows here."
+    settings = StreamSettings(release="sentence", window_chars=window_chars, context_chars=200)
+    pieces = [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
+    sent, blocked = await run_stream(make_guard(executor), pieces, settings)
+    assert blocked
+    assert "omb now" not in sent
+
+
 REDACTIONS = rules_policy(
     r"""
     - {id: titan, category: secret, action: redact, replacement: "#", keywords: [project titan]}

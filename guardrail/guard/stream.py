@@ -72,6 +72,8 @@ LOOKAHEAD_CHARS = 64
 # than printable ASCII and single line breaks, markup and escape openers, runs of spaces.
 _MAY_SHRINK = re.compile(r"[^\t\n\x20-\x7e]|[<&%\\*`]|\s{3,}")
 _TAIL_LIMIT = 16_384
+# The longest tag the tail's start is moved back over (normalize's tags are bounded too).
+_TAG_REACH = 4096
 _TOKEN_RUN = re.compile(f"""[^\\s,;{{}}\\[\\]"'<>{UNSPACED_LETTERS}]+""")
 
 
@@ -236,7 +238,7 @@ class StreamGuard:
         if _MAY_SHRINK.search(released, start):
             # Markup the released text ends in may be read away with the window's first
             # letter: what the tail gives the window is what it reads before that.
-            read = _markup_run(released, len(released), floor)
+            read = _markup_run(released, _tag_start(released, len(released), floor), floor)
             # Back in doubling steps: each step normalises the tail again, so a fixed step
             # over 16,384 characters of padding cost 80 normalisations per window.
             step = want
@@ -335,14 +337,22 @@ def _markup_run(text: str, end: int, floor: int) -> int:
     return k
 
 
+def _tag_start(text: str, at: int, floor: int) -> int:
+    """Where the tag that ``at`` falls inside begins (a window may be cut in one), or
+    ``at`` if it is in none. A tag is looked for at most ``_TAG_REACH`` back: a stray
+    "<" further back ("a < b" in code) would pull every tail to its limit."""
+    opened = text.rfind("<", max(floor, at - _TAG_REACH), at)
+    return opened if opened >= 0 and text.find(">", opened, at) < 0 else at
+
+
 def _before_markup(text: str, start: int, floor: int) -> int:
     """``start`` moved back over the markup it is in to the letter before it.
 
     Tags between two letters are read away only when both letters are seen: a tail that
-    starts among the tags of ``b<b></b><b></b>...`` reads them as written, and ``omb`` in
-    the next window is a word of its own.
+    starts among (or inside one of) the tags of ``b<b></b><b></b>...`` reads them as
+    written, and ``omb`` in the next window is a word of its own.
     """
-    k = _markup_run(text, start, floor)
+    k = _markup_run(text, _tag_start(text, start, floor), floor)
     return max(floor, k - 1) if k < start else start
 
 
