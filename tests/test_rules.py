@@ -846,6 +846,27 @@ async def test_when_a_text_is_long_then_its_normalisation_runs_off_the_event_loo
     assert on_loop == [len(text) <= LOOP_TEXT_CHARS] * 3
 
 
+def test_windows_a_check_worked_out_are_only_its_own_filter_s(
+    make_guard: Callable[..., Guard],
+) -> None:
+    """The windows handed to an engine were keyed by the text alone: another rules filter
+    with other window sizes, reading the same text object, got the first one's."""
+    from guardrail.filters.rules import _KNOWN_WINDOWS, RulesFilter
+
+    first, second = (
+        make_guard(f"- {{id: r{n}, category: c, keywords: [bomb]}}\n").filters[0][1] for n in (1, 2)
+    )
+    assert isinstance(first, RulesFilter)
+    assert isinstance(second, RulesFilter)
+    text = "How to make a pipe bomb?"
+    known = _KNOWN_WINDOWS.set((first, text, ["the first filter's window"]))
+    try:
+        assert first.windows(text) == ["the first filter's window"]
+        assert second.windows(text) == ["how to make a pipe bomb?"]
+    finally:
+        _KNOWN_WINDOWS.reset(known)
+
+
 async def test_a_harmful_sentence_inside_a_long_harmless_frame_is_found(
     make_guard: Callable[..., Guard],
 ) -> None:

@@ -678,9 +678,11 @@ class _CompiledRule:
 
 # The windows a check worked out for its text, off the event loop when the text is long,
 # handed to an engine that splits the text again (a fine-tuned encoder, a probe) through
-# RulesFilter.windows. Set in the engine's own task: no other check sees it.
-_KNOWN_WINDOWS: contextvars.ContextVar[tuple[str, list[str]] | None] = contextvars.ContextVar(
-    "rules_known_windows", default=None
+# RulesFilter.windows. Set in the engine's own task, for the duration of its call: no
+# other check sees it, and the filter it was made by is part of it (another rules filter
+# may cut the same text object into other windows).
+_KNOWN_WINDOWS: contextvars.ContextVar[tuple[RulesFilter, str, list[str]] | None] = (
+    contextvars.ContextVar("rules_known_windows", default=None)
 )
 
 
@@ -726,7 +728,11 @@ class _Check:
         embeddings = None
         if engine.uses_embeddings:
             embeddings = await self.embeddings()
-            _KNOWN_WINDOWS.set((self.text, await self.windows()))
+            known = _KNOWN_WINDOWS.set((self.filt, self.text, await self.windows()))
+            try:
+                return await engine.scores(self.text, self.ctx, embeddings)
+            finally:
+                _KNOWN_WINDOWS.reset(known)
         return await engine.scores(self.text, self.ctx, embeddings)
 
     async def _pattern_spans(self, pattern: _Pattern) -> list[tuple[int, int]]:
@@ -1016,8 +1022,8 @@ class RulesFilter:
         from guardrail.filters.embedder import segments
 
         known = _KNOWN_WINDOWS.get()
-        if known is not None and known[0] is text:
-            return list(known[1])
+        if known is not None and known[0] is self and known[1] is text:
+            return list(known[2])
         return segments(normalize(text).text, self._config.segment_chars, self._config.max_segments)
 
     async def embed(self, windows: list[str], scope: str | None = None) -> npt.NDArray[np.float32]:
