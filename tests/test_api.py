@@ -981,14 +981,20 @@ async def test_the_model_list_is_asked_again_after_the_interval_and_kept_on_fail
     for _ in range(10):
         await asyncio.sleep(0)
     assert await gateway.served_models() == ["fake-model", "new-model"]
-    # A failed fetch keeps the last good list.
+    # A failed fetch keeps the last good list, and so does an empty one.
     backend.models_gate, backend.models_error = None, BackendUnavailable("restarting")
     gateway._models_checked -= MODELS_REFRESH_S + 1
     await gateway.served_models()
     for _ in range(10):
         await asyncio.sleep(0)
     assert await gateway.served_models() == ["fake-model", "new-model"]
-    assert backend.models_calls == 3
+    backend.models_error, backend.model_names = None, []
+    gateway._models_checked -= MODELS_REFRESH_S + 1
+    await gateway.served_models()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert await gateway.served_models() == ["fake-model", "new-model"]
+    assert backend.models_calls == 4
 
 
 def test_no_models_listed_says_to_retry_when_the_list_is_asked_again(

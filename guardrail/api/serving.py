@@ -280,7 +280,9 @@ class Gateway:
 
     async def _fetch_models(self, backend: Backend) -> None:
         try:
-            self.models = await backend.models()
+            # An empty list after a good one is an upstream between states (restarting,
+            # loading): its last names answer better than 503s until it lists again.
+            self.models = await backend.models() or self.models
         except BackendError as e:
             log.warning("models_unavailable", error=type(e).__name__)
         except Exception as e:
