@@ -66,15 +66,18 @@ def reload(gateway: str, admin_key: str, timeout_s: float = 30.0) -> tuple[int, 
             return answer.status, answer.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError) as e:
-        return 0, str(e)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        # ValueError: a key no header can hold. Tried again next poll, not a crash.
+        return 0, f"{type(e).__name__}: {e}"
 
 
 def main(argv: list[str]) -> int:
     watched = os.environ.get("POLICY_FILE", "/etc/guardrail/policies/policy.yaml")
     paths = [Path(p) for p in watched.split(":") if p]
     gateway = os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080")
-    admin_key = os.environ.get("GUARDRAIL_ADMIN_KEY", "")
+    # Stripped as the gateway strips it: a Secret made from a file ends in a line break,
+    # which no header may hold (the sidecar died on it, and the change was never posted).
+    admin_key = os.environ.get("GUARDRAIL_ADMIN_KEY", "").strip()
     interval = float(os.environ.get("INTERVAL_S", "10"))
     if "--once" in argv:
         status, body = reload(gateway, admin_key)

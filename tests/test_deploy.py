@@ -639,7 +639,9 @@ def reloader_gateway(
     env = {"PATH": os.environ.get("PATH", ""), "INTERVAL_S": "0.1"}
     # /admin/* needs the admin key: the reloader sends it as a bearer token.
     if "admin_key_sha256" in Settings.__struct_fields__:
-        env["GUARDRAIL_ADMIN_KEY"] = "test-admin-key"
+        # As a Secret made with --from-file holds it: with a line break, which the gateway
+        # strips and the reloader sent in its header (it died with "Invalid header value").
+        env["GUARDRAIL_ADMIN_KEY"] = "test-admin-key\n"
         overrides["admin_key_sha256"] = hashlib.sha256(b"test-admin-key").hexdigest()
     with serve_asgi(make_app(**overrides)) as url:
         env |= {"GATEWAY_URL": url, "POLICY_FILE": str(test_policy)}
