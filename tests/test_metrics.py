@@ -732,6 +732,28 @@ def _hallucination_decision() -> Decision:
     return decision(Stage.OUTPUT, filter_outcome("facts", grounded, ungrounded))
 
 
+def test_moderation_checks_are_not_accuracy_signals_of_the_traffic(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    """A /v1/moderations batch with context fed groundedness_score and the flags: one
+    offline evaluation of 60 answers fired GuardrailGroundednessLow."""
+    metrics.record(exchange("flagged", _hallucination_decision(), route="moderations"))
+    assert registry.get_sample_value("guardrail_groundedness_score_count", {"stage": "output"}) in (
+        None,
+        0.0,
+    )
+    assert (
+        registry.get_sample_value(
+            "guardrail_hallucination_flags_total", {"stage": "output", "kind": "ungrounded"}
+        )
+        is None
+    )
+    metrics.record(exchange("flagged", _hallucination_decision(), route="chat"))
+    assert (
+        registry.get_sample_value("guardrail_groundedness_score_count", {"stage": "output"}) == 1.0
+    )
+
+
 def test_accuracy_findings_count_as_hallucination_flags_never_as_harmful_content(
     metrics: GatewayMetrics, registry: CollectorRegistry
 ) -> None:

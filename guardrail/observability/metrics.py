@@ -458,16 +458,16 @@ class GatewayMetrics:
         self.requests.labels(route=exchange.route, outcome=exchange.outcome).inc()
         self.request_duration.labels(route=exchange.route).observe(exchange.duration_s)
         window_chars = iter(exchange.stream_window_chars)
+        counted = exchange.route in MONITORED_ROUTES
         for decision in exchange.decisions:
-            self.record_decision(decision)
+            self.record_decision(decision, monitored=counted)
             if exchange.stream and decision.stage is Stage.OUTPUT:
                 self.stream_window(decision.action, next(window_chars, None))
         # Harmful content counts once per exchange, stage and category: a chat client
         # resends its whole history every turn, and an old finding is not new harm. Only
         # chat and completions exchanges count (as in the drift windows and the report):
         # the rate's denominator is their requests, and a batch of /v1/moderations
-        # checks is not traffic that reached users.
-        counted = exchange.route in MONITORED_ROUTES
+        # checks is not traffic that reached users. Hallucination flags likewise.
         acted = {
             (d.stage.value, f.category, f.concern)
             for d in exchange.decisions
@@ -482,7 +482,7 @@ class GatewayMetrics:
             if counted and concern == "harm" and category != FILTER_ERROR_CATEGORY
         }
         for stage, kind, concern in sorted(acted):
-            if concern == "accuracy":
+            if counted and concern == "accuracy":
                 self.hallucination_flags.labels(stage=stage, kind=self._category(kind)).inc()
         if harmful:
             tenant = self._tenant(exchange.tenant)
@@ -523,11 +523,14 @@ class GatewayMetrics:
             if count is not None and count > 0:
                 self.tokens.labels(backend=backend, kind=kind).inc(count)
 
-    def record_decision(self, decision: Decision) -> None:
+    def record_decision(self, decision: Decision, *, monitored: bool = True) -> None:
         """Record one guard decision: the decision and each filter's outcome.
 
         :meth:`record` calls this for every decision of an exchange and counts harmful
         findings once per exchange. Like :meth:`record`, it counts every call.
+        ``monitored``: the decision is of traffic that reached users (chat, completions),
+        whose groundedness the accuracy signals describe; an offline batch of
+        /v1/moderations checks with ``context`` is not (60 of them fired the alert).
         """
         stage = decision.stage.value
         self.decisions.labels(stage=stage, action=decision.action.value).inc()
@@ -545,7 +548,7 @@ class GatewayMetrics:
             if outcome.status != "ok":
                 self.filter_errors.labels(filter=filter_id, stage=stage, kind=outcome.status).inc()
         for finding in decision.findings:
-            if finding.category == GROUNDEDNESS and finding.concern == "accuracy":
+            if monitored and finding.category == GROUNDEDNESS and finding.concern == "accuracy":
                 self.groundedness_score.labels(stage=stage).observe(finding.score)
             self.finding_score.labels(
                 filter=self._filter(finding.filter_id),
