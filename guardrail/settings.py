@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import re
 import typing
@@ -707,6 +708,32 @@ def _invalid(
     return ConfigError(f"invalid settings: {where}: {text}")
 
 
+def _with_entry_key(
+    error: msgspec.ValidationError, merged: Mapping[str, Any]
+) -> msgspec.ValidationError:
+    """``error`` with the entry of a mapping setting it is about named: msgspec writes
+    every key of a ``dict`` as ``[...]`` ("at `$.tenants[...]`"), which left an operator
+    to guess which of the tenants held the typo."""
+    found = re.search(r"`\$\.(\w+)\[\.\.\.\]", str(error))
+    field = _FIELDS.get(found.group(1)) if found else None
+    entries = merged.get(found.group(1)) if found else None
+    if field is None or not isinstance(entries, Mapping):
+        return error
+    kinds = [k for k in typing.get_args(field.type) if typing.get_origin(k) is dict]
+    if typing.get_origin(field.type) is dict:
+        kinds.append(field.type)
+    if not kinds:
+        return error
+    value_type = typing.get_args(kinds[0])[1]
+    for key, value in entries.items():
+        try:
+            msgspec.convert(value, value_type, strict=False)
+        except msgspec.ValidationError:
+            named = str(error).replace("[...]", f"[{json.dumps(str(key))}]", 1)
+            return msgspec.ValidationError(named)
+    return error
+
+
 # msgspec quotes the value it refused ("Invalid enum value 'sk-...'"): a key pasted into
 # the wrong variable would be printed. The message keeps the field and the choices.
 _ENUM_VALUE = re.compile(r"Invalid enum value '(?:[^'\\]|\\.)*'")
@@ -794,7 +821,7 @@ def load_settings(
         settings = msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as e:
         raise _invalid(
-            e,
+            _with_entry_key(e, merged),
             config_file=config_file,
             file_keys=file_keys,
             env_keys=set(env),

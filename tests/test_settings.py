@@ -63,6 +63,20 @@ def test_unknown_keys_in_the_file_are_errors(tmp_path: Path) -> None:
         load_settings(config, environ={})
 
 
+def test_a_mistake_in_one_tenant_names_that_tenant(tmp_path: Path) -> None:
+    """msgspec writes a mapping's keys as [...]: "at `$.tenants[...]`" left an operator
+    to guess which tenant held the typo."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "tenants:\n  acme: {requests_per_minute: 5}\n  beta:\n    requests_per_minut: 5\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={})
+    message = str(raised.value)
+    assert "unknown field `requests_per_minut`" in message
+    assert '$.tenants["beta"]' in message
+
+
 def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "nope.yaml", environ={})
