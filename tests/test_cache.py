@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -312,6 +313,51 @@ async def test_a_policy_reload_invalidates_the_cache(
     Counting.calls.clear()
     await check(store.current, messages)
     assert Counting.calls == ["hello"]
+
+
+class HangingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    hang: bool = False
+
+
+class HangingFilter:
+    """Its build waits (for ``release``, at most 10 s) when its config says ``hang``: a
+    model load that is stuck."""
+
+    release = threading.Event()
+
+    def __init__(self, name: str, config: HangingConfig, env: BuildContext) -> None:
+        self.name, self.stages = name, frozenset(Stage)
+        if config.hang:
+            self.release.wait(10)
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return Verdict()
+
+
+async def test_a_reload_whose_build_hangs_fails_at_its_limit_and_frees_the_next(
+    registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    """A build that hung held the store's lock: every later reload waited behind it."""
+    registry.register("hanging", FilterSpec("hanging", HangingConfig, HangingFilter))
+    path = tmp_path / "p.yaml"
+    policy = (
+        'name: h\nversion: "{v}"\nfilters:\n  - {{id: h, type: hanging, config: {{hang: {h}}}}}\n'
+    )
+    path.write_text(policy.format(v=1, h="false"))
+    store = GuardStore(path, registry, BuildContext(executor), reload_timeout_s=0.2)
+    store.load()
+    HangingFilter.release.clear()
+    try:
+        path.write_text(policy.format(v=2, h="true"))
+        hung = await store.reload()
+        assert not hung.ok
+        assert hung.version == "1"  # the running policy stays
+        assert "took longer than 0.2 s" in (hung.error or "")
+        path.write_text(policy.format(v=3, h="false"))
+        assert (await store.reload()).ok
+        assert store.current.policy.version == "3"
+    finally:
+        HangingFilter.release.set()
 
 
 async def test_conversation_filters_see_the_whole_conversation_and_are_never_cached(

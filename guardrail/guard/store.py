@@ -32,6 +32,12 @@ class ReloadResult:
     """The default policy reloaded (``name`` ``version`` is in force), another did not."""
 
 
+# How long a reload may take to build its policy (model filters load models: minutes on a
+# CPU). A build that hangs (a stuck model load) otherwise held the store's lock, and every
+# later reload waited behind it for ever.
+RELOAD_TIMEOUT_S = 600.0
+
+
 class GuardStore:
     """Holds the current :class:`Guard`; ``on_swap`` is told about each new one.
 
@@ -47,8 +53,11 @@ class GuardStore:
         env: BuildContext,
         on_swap: Callable[[Guard], None] | None = None,
         cache: VerdictCache | None = None,
+        *,
+        reload_timeout_s: float = RELOAD_TIMEOUT_S,
     ) -> None:
         self.path = Path(path)
+        self.reload_timeout_s = reload_timeout_s
         self._registry = registry
         self._env = env
         self._on_swap = on_swap
@@ -80,19 +89,32 @@ class GuardStore:
         """Load the file again; on any error keep the running policy and say why."""
         async with self._lock:
             try:
-                guard = await asyncio.to_thread(self.build)
+                # The build's thread cannot be stopped: past the limit it is left to end
+                # on its own, and what it builds is dropped.
+                guard = await asyncio.wait_for(asyncio.to_thread(self.build), self.reload_timeout_s)
+            except TimeoutError:
+                return self._kept(
+                    f"the policy took longer than {self.reload_timeout_s:g} s to build "
+                    "(a model load that hangs?); the build was abandoned"
+                )
             except Exception as e:  # anything, even a filter's model failing to load
-                old = self._guard
-                return ReloadResult(
-                    ok=False,
-                    name=old.policy.name if old else "",
-                    version=old.policy.version if old else "",
-                    digest=old.policy.digest if old else "",
-                    error=str(e) if isinstance(e, GuardrailError) else f"{type(e).__name__}: {e}",
+                return self._kept(
+                    str(e) if isinstance(e, GuardrailError) else f"{type(e).__name__}: {e}"
                 )
             self._swap(guard)
             p = guard.policy
             return ReloadResult(ok=True, name=p.name, version=p.version, digest=p.digest)
+
+    def _kept(self, error: str) -> ReloadResult:
+        """A failed reload's result: the running policy, and why the new one is not."""
+        old = self._guard
+        return ReloadResult(
+            ok=False,
+            name=old.policy.name if old else "",
+            version=old.policy.version if old else "",
+            digest=old.policy.digest if old else "",
+            error=error,
+        )
 
     def _swap(self, guard: Guard) -> None:
         self._guard = guard
