@@ -511,6 +511,14 @@ def test_a_blank_message_users_would_see_is_refused_where_it_is_written() -> Non
         "inline.yaml:13:71: filters[1].config.categories.toxicity.message: must not be blank",
         "inline.yaml:17:40: filters[2].config.cutoff.message: must not be blank",
     ]
+    # Characters that show nothing are blank too: a zero-width space, a byte order mark.
+    invisible = (
+        'name: p\nversion: "1"\nmessages: {input_blocked: "\\u200b", output_blocked: "\\ufeff "}\n'
+    )
+    assert text_problems(invisible + "filters: []\n", filter_registry())[:2] == [
+        "inline.yaml:3:27: messages.input_blocked: must not be blank",
+        "inline.yaml:3:53: messages.output_blocked: must not be blank",
+    ]
 
 
 def test_policy_error_message_lists_every_problem(registry: PluginRegistry[FilterSpec]) -> None:

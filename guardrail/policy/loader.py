@@ -49,6 +49,7 @@ from guardrail.guard.types import Action, Stage
 from guardrail.plugins import PluginRegistry
 from guardrail.policy.model import (
     HEADER_VALUE_PATTERN,
+    VISIBLE_PATTERN,
     FilterConfig,
     Id,
     Policy,
@@ -706,7 +707,7 @@ def _message(keyword: str, expected: Any, instance: Any, fallback: str) -> str:
                 f"{_show(instance)} is not a valid id: use letters, digits, '_', '.', ':' "
                 "and '-', starting with a letter or digit"
             )
-        if expected == r"\S":
+        if expected in (r"\S", VISIBLE_PATTERN):
             return "must not be blank"
         if expected == HEADER_VALUE_PATTERN:
             return (

@@ -36,8 +36,10 @@ MAX_TIMEOUT_MS = 3_600_000
 HEADER_VALUE_PATTERN = r"^[!-~](?:[ -~]*[!-~])?$(?!\n)"
 OnError = Literal["block", "flag", "allow"]
 # A text users see on a block (an error message, a refusal): a blank one answered with
-# "message": "", which tells the user nothing.
-UserText = Annotated[str, msgspec.Meta(pattern=r"\S")]
+# "message": "", which tells the user nothing. Characters that show nothing are blank
+# too (a zero-width space, a BOM; Python's \S takes them, and ECMA's \S a BOM).
+VISIBLE_PATTERN = r"[^\s\u200b-\u200f\u2060-\u2064\ufeff]"
+UserText = Annotated[str, msgspec.Meta(pattern=VISIBLE_PATTERN)]
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
