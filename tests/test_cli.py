@@ -476,26 +476,19 @@ def test_serve_checks_keys_and_tenant_policies_before_loading_the_model(
     assert "loading local backend" not in err
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\n", encoding="utf-8")
-    config.write_text(
-        f"backend: local\nmodel: {tmp_path / 'no-such-model'}\npolicy: {test_policy}\n"
-        f"tenants: {{acme: {{policy: {bad}}}}}\n",
-        encoding="utf-8",
-    )
-    code, _, err = run(["serve", "--config", str(config)], capsys)
-    assert code == 2
-    assert f"{bad}:" in err
-    assert "missing required key 'version'" in err
-    assert "loading local backend" not in err
-    # And the shadow policy: its typo was reported only after the model had loaded.
-    config.write_text(
-        f"backend: local\nmodel: {tmp_path / 'no-such-model'}\npolicy: {test_policy}\n"
-        f"shadow_policy: {bad}\n",
-        encoding="utf-8",
-    )
-    code, _, err = run(["serve", "--config", str(config)], capsys)
-    assert code == 2
-    assert f"{bad}:" in err
-    assert "loading local backend" not in err
+    # A tenant's policy, and the shadow policy (its typo was reported only after the
+    # model had loaded).
+    for setting in (f"tenants: {{acme: {{policy: {bad}}}}}", f"shadow_policy: {bad}"):
+        config.write_text(
+            f"backend: local\nmodel: {tmp_path / 'no-such-model'}\npolicy: {test_policy}\n"
+            f"{setting}\n",
+            encoding="utf-8",
+        )
+        code, _, err = run(["serve", "--config", str(config)], capsys)
+        assert code == 2, setting
+        assert f"{bad}:" in err
+        assert "missing required key 'version'" in err
+        assert "loading local backend" not in err
 
 
 def test_serve_with_a_filter_that_does_not_build_exits_2_naming_its_entry(

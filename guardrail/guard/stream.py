@@ -72,8 +72,6 @@ LOOKAHEAD_CHARS = 64
 # than printable ASCII and single line breaks, markup and escape openers, runs of spaces.
 _MAY_SHRINK = re.compile(r"[^\t\n\x20-\x7e]|[<&%\\*`]|\s{3,}")
 _TAIL_LIMIT = 16_384
-# The longest tag the tail's start is moved back over (normalize's tags are bounded too).
-_TAG_REACH = 4096
 _TOKEN_RUN = re.compile(f"""[^\\s,;{{}}\\[\\]"'<>{UNSPACED_LETTERS}]+""")
 
 
@@ -229,11 +227,6 @@ class StreamGuard:
         released = self._released
         start = max(0, len(released) - want)
         floor = max(0, len(released) - _TAIL_LIMIT)
-        # A tag still open at the tail's start (its attributes longer than the context)
-        # is read away between two letters only when it is checked whole.
-        opened = released.rfind("<", floor, start)
-        if opened >= 0 and released.find(">", opened, start) < 0:
-            start = max(floor, opened - want)
         start = _before_markup(released, start, floor)
         if _MAY_SHRINK.search(released, start):
             # Markup the released text ends in may be read away with the window's first
@@ -338,10 +331,9 @@ def _markup_run(text: str, end: int, floor: int) -> int:
 
 
 def _tag_start(text: str, at: int, floor: int) -> int:
-    """Where the tag that ``at`` falls inside begins (a window may be cut in one), or
-    ``at`` if it is in none. A tag is looked for at most ``_TAG_REACH`` back: a stray
-    "<" further back ("a < b" in code) would pull every tail to its limit."""
-    opened = text.rfind("<", max(floor, at - _TAG_REACH), at)
+    """Where the tag that ``at`` falls inside begins (a window may be cut in one, or its
+    attributes be longer than the context), or ``at`` if it is in none."""
+    opened = text.rfind("<", floor, at)
     return opened if opened >= 0 and text.find(">", opened, at) < 0 else at
 
 
