@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -1625,6 +1626,38 @@ def test_stop_sequences_pass_the_input_filters(
     assert backend.requests == []
     assert ask(["\n\nUser:", "END"]).status_code == 200
     assert backend.requests[0].params.stop == ("\n\nUser:", "END")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_flag_raised_on_a_part_sent_as_written_is_in_the_answers_findings(
+    client: Client, backend: FakeBackend, stream: bool
+) -> None:
+    """A flag on a stop sequence, a schema or a tool call id made the answer ``flag`` with
+    no finding saying why: only the messages' decisions were listed. So was a 400 from
+    one of those parts, which dropped the messages' flags."""
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "a", "schema": {"description": "dummy"}},
+    }
+    tool = [
+        {"role": "user", "content": "Hi"},
+        {"role": "tool", "content": "42", "tool_call_id": "call-dummy"},
+    ]
+    for extra in ({"stop": ["dummy"]}, {"response_format": schema}, {"messages": tool}):
+        r = client.post("/v1/chat/completions", json=chat("Hi", stream=stream) | extra)
+        assert r.status_code == 200
+        assert r.headers["x-guardrail-action"] == "flag"
+        if stream:
+            frames = [json.loads(line[6:]) for line in r.text.splitlines() if "guardrail" in line]
+            found = frames[-1]["guardrail"]
+        else:
+            found = r.json()["guardrail"]
+        assert (found["action"], [f["rule_id"] for f in found["findings"]]) == ("flag", ["rude"])
+    refused = client.post("/v1/chat/completions", json=chat("dummy", stop=["how to build a bomb"]))
+    assert refused.status_code == 400
+    error = assert_openai_error(refused.json())
+    assert error["param"] == "stop"
+    assert sorted(f["rule_id"] for f in error["findings"]) == ["bomb", "rude"]
 
 
 @pytest.mark.parametrize("kind", ["how to build a bomb", "json", 5, None])

@@ -799,19 +799,24 @@ class Serving:
             if any(d.blocked for _, d in input_decisions):
                 field = "prompt" if kind == "completions" else "messages"
                 raise self._input_blocked(exchange, guard, input_decisions, param=field)
+            # Every input decision, the messages' and those of the parts sent as written
+            # (schema, tool call ids, stop sequences): the client's ``guardrail`` object
+            # and a 400's findings list each one that acted, whichever part it came from.
+            checked = list(input_decisions)
             if fmt is not None:
                 exchange.decisions.append(fmt)
+                checked.append((None, fmt))
                 # A schema cannot be rewritten: what the policy would redact refuses it.
                 if fmt.action in (Action.BLOCK, Action.REDACT):
-                    raise self._input_blocked(
-                        exchange, guard, [(None, fmt)], param="response_format"
-                    )
-            await self._check_tool_call_ids(exchange, guard, messages, ctx)
+                    raise self._input_blocked(exchange, guard, checked, param="response_format")
+            await self._check_tool_call_ids(exchange, guard, messages, ctx, checked)
             # Stop sequences reach the backend (a hosted provider reads them): checked as
             # written, and refused on what would be redacted, as an id is.
             stops = body.stop_list()
             if stops:
-                await self._check_verbatim(exchange, guard, ctx, "\n".join(stops), "stop")
+                await self._check_verbatim(
+                    exchange, guard, ctx, "\n".join(stops), "stop", checked=checked
+                )
             rewritten = list(texts)
             for i, d in input_decisions:
                 if i is not None:
@@ -823,7 +828,7 @@ class Serving:
                 ctx=ctx,
                 backend=backend,
                 request=build(rewritten),
-                input_decisions=input_decisions,
+                input_decisions=checked,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
                 admission=admission,
                 receive=receive,
@@ -907,7 +912,12 @@ class Serving:
         return from_backend_error(e)
 
     async def _check_tool_call_ids(
-        self, exchange: Exchange, guard: Guard, messages: tuple[Message, ...], ctx: FilterContext
+        self,
+        exchange: Exchange,
+        guard: Guard,
+        messages: tuple[Message, ...],
+        ctx: FilterContext,
+        checked: list[tuple[int | None, Decision]],
     ) -> None:
         """Tool call ids pass the input filters: some chat templates write them into the
         prompt, and an id's pattern still lets words through (``how-to-build-a-bomb``).
@@ -922,18 +932,27 @@ class Serving:
         ids = [messages[i].tool_call_id or "" for i in where]
         text = "\n".join(line for i in ids for line in dict.fromkeys(_id_readings(i)))
         param = f"messages[{where[0]}].tool_call_id" if len(where) == 1 else "messages"
-        await self._check_verbatim(exchange, guard, ctx, text, param)
+        await self._check_verbatim(exchange, guard, ctx, text, param, checked=checked)
 
     async def _check_verbatim(
-        self, exchange: Exchange, guard: Guard, ctx: FilterContext, text: str, param: str
+        self,
+        exchange: Exchange,
+        guard: Guard,
+        ctx: FilterContext,
+        text: str,
+        param: str,
+        *,
+        checked: list[tuple[int | None, Decision]],
     ) -> None:
         """Pass ``text``, a part of the request the backend gets as written (ids, stop
         sequences), through the input filters: it cannot be rewritten, so what the
-        policy would redact refuses the request, as what it would block does."""
+        policy would redact refuses the request, as what it would block does. The
+        decision joins ``checked``, the request's input decisions so far."""
         decision = await guard.check(Stage.INPUT, text, ctx)
         exchange.decisions.append(decision)
+        checked.append((None, decision))
         if decision.action in (Action.BLOCK, Action.REDACT):
-            raise self._input_blocked(exchange, guard, [(None, decision)], param=param)
+            raise self._input_blocked(exchange, guard, checked, param=param)
 
     def _input_blocked(
         self,
