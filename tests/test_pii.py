@@ -203,6 +203,65 @@ def test_look_alike_and_zero_width_characters_do_not_hide_an_entity(
     assert (entity, value) in found
 
 
+# Characters that show nothing, beyond the zero-width ones: bidi marks, embeddings and
+# isolates, invisible operators, the Mongolian vowel separator, the grapheme joiner,
+# variation selectors (both blocks), tag characters, a control character.
+_INVISIBLE = [
+    "\u200e",
+    "\u200f",
+    "\u061c",
+    "\u2061",
+    "\u2063",
+    "\u2064",
+    "\u180e",
+    "\u202a",
+    "\u202e",
+    "\u2066",
+    "\u2069",
+    "\u206a",
+    "\u034f",
+    "\ufe0f",
+    "\U000e0100",
+    "\U000e0020",
+    "\U000e007f",
+    "\x1b",
+]
+
+
+@pytest.mark.parametrize("mark", _INVISIBLE, ids=lambda m: f"U+{ord(m):04X}")
+@pytest.mark.parametrize(
+    ("sentence", "written", "entity"),
+    [
+        ("My card is {}.", "4111{m}1111{m}1111{m}1111", "CREDIT_CARD"),
+        ("SSN {} here", "536{m}-22-{m}8173", "US_SSN"),
+        ("My email is {}.", "jane.doe{m}@example.com", "EMAIL_ADDRESS"),
+    ],
+)
+def test_invisible_characters_do_not_hide_an_entity(
+    pii: PiiFilter, sentence: str, written: str, entity: str, mark: str
+) -> None:
+    """Only zero-width spaces, joiners, the BOM and soft hyphens were dropped before
+    detection: a card split by left-to-right marks went to the model as written."""
+    value = written.format(m=mark)
+    text = sentence.format(value)
+    found = [(d.entity, text[d.start : d.end]) for d in pii.analyze(text)]
+    assert (entity, value) in found
+
+
+async def test_a_card_split_by_invisible_characters_is_redacted_on_input_and_output(
+    guard: Guard,
+) -> None:
+    """The end-to-end report: the backend got 'Charge my card 4111\u200e1111...' and the
+    client the model's '5500\u20630000\u20630000\u20630004', both unredacted."""
+    ctx = conversation("Charge my card 4111\u200e1111\u200e1111\u200e1111 please.")
+    assert await check_all(guard, ctx) == ["Charge my card <CREDIT_CARD_1> please."]
+    echo = await guard.check(Stage.OUTPUT, "Charged <CREDIT_CARD_1>.", ctx.at(Stage.OUTPUT))
+    assert echo.text == "Charged 4111\u200e1111\u200e1111\u200e1111."  # as written
+    reply = "Test card: 5500\u20630000\u20630000\u20630004."
+    masked = await guard.check(Stage.OUTPUT, reply, ctx.at(Stage.OUTPUT))
+    assert masked.text == "Test card: " + "*" * 15 + "0004."
+
+
 async def test_a_value_detected_once_is_redacted_wherever_it_is_repeated(
     executor: ThreadPoolExecutor, resources: SharedResources
 ) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -42,6 +43,7 @@ import msgspec
 
 from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError
+from guardrail.filters.normalize import invisible_chars, invisible_class
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec
 from guardrail.guard.stream import UNSPACED_LETTERS
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
@@ -145,10 +147,13 @@ OperatorName = Literal["placeholder", "mask", "hash", "encrypt", "replace"]
 # (a card number with no-break spaces, an email with a full-width @, a phone number
 # with non-breaking hyphens or in superscript digits) become their ASCII forms, one for
 # one, so offsets hold;
-# zero-width characters are dropped, and a letter written with its accents as separate
-# combining marks (decomposed, NFD: "e" + U+0308) becomes the composed letter ("ë"),
-# offsets mapped back. A mark is no word character: "Zoe\u0308 Mu\u0308ller" was a
-# name cut short at its first accent, the rest sent to the model as written.
+# characters that show nothing are dropped (zero-width ones, soft hyphens, bidi marks,
+# invisible operators, variation selectors, tags: normalisation's one list), and a
+# letter written with its accents as separate combining marks (decomposed, NFD: "e" +
+# U+0308) becomes the composed letter ("ë"), offsets mapped back. A mark is no word
+# character: "Zoe\u0308 Mu\u0308ller" was a name cut short at its first accent, the
+# rest sent to the model as written. Only six invisible characters were dropped before:
+# "4111\u200e1111\u200e1111\u200e1111" (left-to-right marks) went to the model whole.
 _SAME_LENGTH = {
     **{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)},  # full-width ASCII
     **dict.fromkeys((0x00A0, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000), 0x20),
@@ -161,33 +166,52 @@ _SAME_LENGTH = {
     },
     **{0x2080 + i: 0x30 + i for i in range(10)},
 }
-_ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
 
 
 # Combining diacritical marks (the blocks Latin, Greek and Cyrillic accents come from;
 # not the vowel signs of Indic scripts, which are letters' parts there).
 _DIACRITICS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
-_ZERO_WIDTH_CLASS = "".join(sorted(_ZERO_WIDTH))
-_NEEDS_MAP = re.compile(f"[{_ZERO_WIDTH_CLASS}{_DIACRITICS}]")
-# A letter and the marks after it, or any one character.
-_WITH_MARKS = re.compile(f"[^{_ZERO_WIDTH_CLASS}{_DIACRITICS}][{_DIACRITICS}]+|.", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class _ProbePatterns:
+    invisible: frozenset[str]
+    needs_map: re.Pattern[str]
+    # A letter and the marks after it, or any one character.
+    with_marks: re.Pattern[str]
+
+
+@functools.cache
+def _probe_patterns() -> _ProbePatterns:
+    # Built on first use: the invisible characters come from a scan of Unicode's tables.
+    invisible = invisible_class()
+    return _ProbePatterns(
+        invisible=invisible_chars(),
+        needs_map=re.compile(f"[{invisible}{_DIACRITICS}]"),
+        with_marks=re.compile(f"[^{invisible}{_DIACRITICS}][{_DIACRITICS}]+|.", re.DOTALL),
+    )
 
 
 def _probe_text(text: str) -> tuple[str, list[tuple[int, int]] | None]:
     """The text to analyze, and for each of its characters the span of the original it
     stands for (None when they are the same)."""
     probe = text.translate(_SAME_LENGTH)
-    if _NEEDS_MAP.search(probe) is None:
+    patterns = _probe_patterns()
+    if patterns.needs_map.search(probe) is None:
         return probe, None
     chars: list[str] = []
     spans: list[tuple[int, int]] = []
-    for m in _WITH_MARKS.finditer(probe):
+    for m in patterns.with_marks.finditer(probe):
         piece = m.group()
-        if piece in _ZERO_WIDTH:
+        if len(piece) == 1:
+            if piece not in patterns.invisible:
+                chars.append(piece)
+                spans.append(m.span())
             continue
-        # Composed where Unicode has the letter; marks it has none for are dropped.
-        for c in unicodedata.normalize("NFC", piece) if len(piece) > 1 else piece:
-            if len(piece) == 1 or not unicodedata.combining(c):
+        # Composed where Unicode has the letter; marks it has none for are dropped, and
+        # so is the grapheme joiner, a mark that shows nothing.
+        for c in unicodedata.normalize("NFC", piece):
+            if not unicodedata.combining(c) and c not in patterns.invisible:
                 chars.append(c)
                 spans.append(m.span())
     return "".join(chars), spans
