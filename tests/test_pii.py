@@ -38,6 +38,7 @@ from guardrail.filters.pii import (
     AnalysisLookups,
     PiiEngineError,
     PiiFilter,
+    PlaceholderMap,
     SpacyMemoryZone,
     plausible_name,
 )
@@ -271,11 +272,49 @@ async def test_a_value_detected_once_is_redacted_wherever_it_is_repeated(
     ctx = conversation("My name is Jane Doe.", "Please sign the letter as jane doe, thanks.")
     assert await check_all(guard, ctx) == [
         "My name is <PERSON_1>.",
-        "Please sign the letter as <PERSON_2>, thanks.",
+        "Please sign the letter as <PERSON_1>, thanks.",
     ]
     # Whole words only: "Doe" inside another word is not the name.
     ctx = conversation("My name is Jane Doe.", "Send it to janedoetown, the jane doers.")
     assert (await check_all(guard, ctx))[1] == "Send it to janedoetown, the jane doers."
+
+
+async def test_a_value_repeated_in_another_case_gets_the_same_placeholder(
+    executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    """Keyed by the exact value, "jane doe" and "JANE.DOE@EXAMPLE.COM" after "Jane Doe"
+    and "jane.doe@example.com" were <PERSON_2> and <EMAIL_ADDRESS_2>: two more people to
+    the model. Each placeholder is restored as first written."""
+    guard = entities_guard(
+        executor,
+        resources,
+        "PERSON: {threshold: 0.85, input: redact, output: allow}",
+        "EMAIL_ADDRESS: {input: redact, output: flag}",
+    )
+    ctx = conversation(
+        "My name is Jane Doe and my mail is jane.doe@example.com.",
+        "Again: jane doe, JANE.DOE@EXAMPLE.COM.",
+    )
+    assert await check_all(guard, ctx) == [
+        "My name is <PERSON_1> and my mail is <EMAIL_ADDRESS_1>.",
+        "Again: <PERSON_1>, <EMAIL_ADDRESS_1>.",
+    ]
+    echo = await guard.check(
+        Stage.OUTPUT, "Hi <PERSON_1>, <EMAIL_ADDRESS_1>.", ctx.at(Stage.OUTPUT)
+    )
+    assert echo.text == "Hi Jane Doe, jane.doe@example.com."
+
+
+def test_a_url_in_another_case_keeps_its_own_placeholder() -> None:
+    """A URL's path is case-sensitive: one placeholder for both would restore the second
+    URL as the first."""
+    placeholders = PlaceholderMap()
+    first = placeholders.assign("URL", "https://example.com/Invite/AbC")
+    assert placeholders.assign("URL", "https://example.com/invite/abc") != first
+    assert placeholders.assign("URL", "https://example.com/Invite/AbC") == first
+    assert placeholders.assign("EMAIL_ADDRESS", "Jane@Example.com") == placeholders.assign(
+        "EMAIL_ADDRESS", "jane@example.com"
+    )
 
 
 @pytest.mark.parametrize(

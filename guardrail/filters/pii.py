@@ -454,14 +454,30 @@ def _with_repeats(
 
 
 _REPEAT_MIN_CHARS = 3
+# Entities whose values differ by case alone: a URL's path, a Base58 wallet address. A
+# repeat of one in another case is still hidden, but keeps its own placeholder, so each
+# is restored as written.
+_CASE_SENSITIVE = frozenset({"URL", "CRYPTO"})
+
+
+def _value_key(entity: str, value: str) -> tuple[str, str]:
+    """What makes two values of ``entity`` the same: their case does not ("Jane Doe" and
+    "jane doe", "JANE.DOE@EXAMPLE.COM" and its lower case), except where it is part of
+    the value."""
+    return entity, (value if entity in _CASE_SENSITIVE else value.casefold())
 
 
 @dataclass(slots=True)
 class PlaceholderMap:
-    """A request's reversible map. Lives in ``ctx.state[filter_id]`` and nowhere else."""
+    """A request's reversible map. Lives in ``ctx.state[filter_id]`` and nowhere else.
+
+    A value in another case is the same value: it gets the placeholder of its first
+    form, which a restore gives back. Keyed by the exact value, "jane doe" after "Jane
+    Doe" was a second person to the model.
+    """
 
     originals: dict[str, str] = field(default_factory=dict)  # placeholder -> value
-    by_value: dict[tuple[str, str], str] = field(default_factory=dict)  # (entity, value)
+    by_value: dict[tuple[str, str], str] = field(default_factory=dict)  # see _value_key
     counters: dict[str, int] = field(default_factory=dict)
     # Placeholder-shaped strings the user wrote: never handed out, or the model's echo
     # of the user's literal "<EMAIL_ADDRESS_1>" would be "restored" to a real address.
@@ -475,8 +491,7 @@ class PlaceholderMap:
 
     def assign(self, entity: str, value: str) -> str:
         """The value's placeholder, a new one if the value is new to this request."""
-        key = (entity, value)
-        found = self.by_value.get(key)
+        found = self.by_value.get(_value_key(entity, value))
         if found is not None:
             return found
         n = self.counters.get(entity, 0) + 1
@@ -489,7 +504,7 @@ class PlaceholderMap:
 
     def add(self, placeholder: str, entity: str, value: str) -> None:
         self.originals.setdefault(placeholder, value)
-        self.by_value.setdefault((entity, value), placeholder)
+        self.by_value.setdefault(_value_key(entity, value), placeholder)
 
     def values(self) -> set[str]:
         return set(self.originals.values())
