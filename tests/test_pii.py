@@ -670,6 +670,41 @@ def test_dates_amounts_and_other_identifiers_are_not_phone_numbers(text: str) ->
     assert find_phone_numbers(text) == []
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "nvidia-smi shows driver 550.54.15 on this box.",
+        "Driver 535.104.05 is installed.",
+        "nvidia-smi shows 550.54.15 here.",  # a version's shape, no word before it
+        "Build 20240115.3 passed.",
+        "Kernel 5.15.0-1051-azure boots.",
+        "Created at 1700000000 (unix time).",
+        "Timestamp 1700000000123 in ms; epoch 1700000000.",
+        "It took 2125550187 nanoseconds.",
+        "Version 2125550187 of the app.",
+    ],
+)
+def test_versions_build_ids_and_timestamps_are_not_phone_numbers(text: str) -> None:
+    """Each was redacted as <PHONE_NUMBER_1>: phonenumbers accepts them in some region."""
+    assert find_phone_numbers(text) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "phone"),
+    [
+        ("My number is 2125550187.", "2125550187"),  # a bare 10-digit run still counts
+        ("Reach me: 212.555.0123 anytime", "212.555.0123"),  # dotted, not a version
+        ("Office 03.123.4567", "03.123.4567"),
+        ("The driver 555-123-4567 will call", "555-123-4567"),  # not a version's shape
+        ("Tel 20120315", "20120315"),  # a date's digits, with a phone word
+        ("Call 2125550187 ms", "2125550187"),
+        ("Reach 212-555-0123 (US) or", "212-555-0123"),
+    ],
+)
+def test_phone_numbers_near_version_and_unit_words_are_still_found(text: str, phone: str) -> None:
+    assert [text[d.start : d.end] for d in find_phone_numbers(text)] == [phone]
+
+
 def test_card_numbers_outside_the_common_issuers_need_luhn_and_a_card_word() -> None:
     assert luhn_valid("4111111111111111")
     assert not luhn_valid("4111111111111112")

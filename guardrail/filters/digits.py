@@ -12,8 +12,12 @@ with spaces, dots, dashes or parentheses, a leading ``+`` or ``00``, an extensio
   at``...) or just after it (``... office``, ``... mobile``): 0.5;
 - otherwise, valid for its own country code or in one of Presidio's eight default
   regions, unless it is shaped like an amount (``129 000 000``), an SSN or a ZIP+4
-  code, is a bare run of fewer than 10 digits, or follows the name of another
-  identifier (``license number``, ``order``, ``account``): 0.5;
+  code, is a bare run of fewer than 10 digits, holds a compact date (``20240115``), is
+  a dotted version (``550.54.15``: a middle or last group of one or two digits), follows
+  the name of another identifier (``license number``, ``order``, ``account``,
+  ``epoch``), follows a version word (``driver``, ``build``, ``kernel``, ``version``)
+  dotted or unseparated, or has a unit after it (``nanoseconds``, ``ms``, ``bytes``,
+  ``(unix time)``): 0.5;
 - otherwise, written in international form (``+447700 921 916``): 0.45;
 - anything else is not reported: bare digit groups are as often amounts, ids or codes.
 
@@ -76,8 +80,31 @@ _PHONE_AFTER = re.compile(
 _OTHER_BEFORE = re.compile(
     r"(?:licen[cs]e|passport|account|acct|ssn|social security|card|id|order|invoice|zip"
     r"|postal|postcode|iban|routing|member|membership|policy|ticket|tracking|reference|ref"
-    r"|serial|isbn|pin|code)"
+    r"|serial|isbn|pin|code|epoch|timestamp|unix time)"
     r"(?:\s+(?:number|no\.?|num|#|is|was|:))*[\s:#.=-]*$",
+    re.IGNORECASE,
+)
+# Software versions, build ids and timestamps that phonenumbers accepts in some region:
+# "driver 550.54.15", "Build 20240115.3", "Kernel 5.15.0-1051-azure", "1700000000
+# (unix time)" and "2125550187 nanoseconds" were all redacted as phone numbers. Each
+# needs a phone word. A version word only counts before a dotted number or a bare run:
+# "the driver 555-123-4567" may be the driver's phone.
+_VERSION_BEFORE = re.compile(
+    r"\b(?:version|ver|v|driver|build|kernel|release|firmware|revision|rev)[\s:#.=-]*$",
+    re.IGNORECASE,
+)
+# A dotted triple with a middle or last group of one or two digits ("535.104.05",
+# "10.0.19041"); dotted phone numbers end in groups of three or four ("212.555.0123",
+# "03.123.4567").
+_VERSION_SHAPE = re.compile(r"^\d+\.(?:\d{1,2}\.\d+|\d+\.\d{1,2})$")
+# A year-month-day date written without separators, 1900-2099, as a whole digit group.
+_COMPACT_DATE = re.compile(r"(?<!\d)(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?!\d)")
+# Units of time and data after a number. Not "us" or "GB", which after a phone number
+# are its country.
+_UNIT_AFTER = re.compile(
+    r"^[ \t]*\(?[ \t]*(?:(?:nano|micro|milli)?seconds?|[n\u00b5\u03bc]s|ms|secs?|minutes?"
+    r"|mins?|hours?|hrs?|days?|years?|(?:kilo|mega|giga|tera)?bytes?|[kmgt]ib|bits?|ticks?"
+    r"|cycles?|unix|epoch|utc)\b",
     re.IGNORECASE,
 )
 _CARD_BEFORE = re.compile(
@@ -124,6 +151,17 @@ def _valid_phone(body: str) -> bool:
     return False
 
 
+def _version_or_time(body: str, before: str, after: str) -> bool:
+    """Whether a number between ``before`` and ``after`` reads as a version, a build id,
+    a compact date or a quantity of time or data rather than a phone number."""
+    return bool(
+        _VERSION_SHAPE.match(body)
+        or _COMPACT_DATE.search(body)
+        or (("." in body or body.isdigit()) and _VERSION_BEFORE.search(before))
+        or _UNIT_AFTER.match(after)
+    )
+
+
 def find_phone_numbers(text: str) -> list[Span]:
     """Phone numbers in ``text`` with their scores (see the module's docstring)."""
     found = []
@@ -136,13 +174,13 @@ def find_phone_numbers(text: str) -> list[Span]:
             continue
         start, end = m.start(), m.start() + len(candidate)
         before = text[max(0, start - _LOOK_BEFORE) : start]
-        cued = bool(
-            _PHONE_BEFORE.search(before) or _PHONE_AFTER.match(text[end : end + _LOOK_AFTER])
-        )
+        after = text[end : end + _LOOK_AFTER]
+        cued = bool(_PHONE_BEFORE.search(before) or _PHONE_AFTER.match(after))
         if cued or (
             not _OTHER_SHAPE.match(body)
             and (len(body) >= 10 or not body.isdigit())  # a bare 7-9 digit run is an id
             and not _OTHER_BEFORE.search(before)
+            and not _version_or_time(body, before, after)
             and _valid_phone(body)
         ):
             score = 0.5
