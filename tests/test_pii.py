@@ -1025,6 +1025,33 @@ async def test_another_persons_email_ending_like_the_users_own_is_redacted_anywh
     assert "jane@corp-mail.com" not in decision.text
 
 
+@pytest.mark.parametrize("release", ["sentence", "window"])
+@pytest.mark.parametrize("context_chars", range(10, 31, 2))
+async def test_a_context_tail_inside_a_restored_email_leaves_the_windows_restores_applied(
+    executor: ThreadPoolExecutor, resources: SharedResources, release: str, context_chars: int
+) -> None:
+    """The tail began inside the restored "mary.jane@corp.com": "jane@corp.com" there, a
+    redact finding of the tail alone, was set aside, the window's action fell to allow,
+    and "<PHONE_NUMBER_1>" went out as written where the answer not streamed restored it."""
+    guard = entities_guard(
+        executor,
+        resources,
+        "EMAIL_ADDRESS: {input: redact, output: redact}",
+        "PHONE_NUMBER: {threshold: 0.4, input: redact, output: flag}",
+    )
+    ctx = conversation("My email is mary.jane@corp.com and my phone is 212-555-0187.")
+    await check_all(guard, ctx)
+    reply = "Write to <EMAIL_ADDRESS_1> now. Or call <PHONE_NUMBER_1> today."
+    whole = await guard.check(Stage.OUTPUT, reply, ctx.at(Stage.OUTPUT))
+    assert whole.text == "Write to mary.jane@corp.com now. Or call 212-555-0187 today."
+    settings = StreamSettings(release=release, window_chars=40, context_chars=context_chars)
+    window = StreamGuard(guard, ctx, settings)
+    sent = [(await window.feed(piece)).text for piece in _chunk(reply, list(range(0, 70, 4)))]
+    sent.append((await window.finish()).text)
+    assert not window.blocked
+    assert "".join(sent) == whole.text
+
+
 async def test_a_context_tail_that_starts_at_a_dot_inside_the_users_own_email_is_no_leak(
     executor: ThreadPoolExecutor, resources: SharedResources
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from guardrail.guard.filter import BuildContext
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.stream import StreamGuard
-from guardrail.guard.types import Action, FilterContext, Finding, Stage, Verdict
+from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
 from guardrail.policy.loader import load_policy_text
 from guardrail.policy.model import FilterConfig, StreamSettings
 
@@ -443,6 +444,58 @@ async def test_a_block_in_the_tail_alone_leaves_the_window_s_redaction_applied(
     assert second.text == "Your key is # here. "
     assert not window.blocked
     assert [f.rule_id for f in window.decisions[-1].findings] == ["key"]
+
+
+class _RestoringStartMatcher:
+    """Like the pii filter: puts the user's ``mary@x.org`` back for ``<EMAIL_1>`` (a
+    rewrite with no finding) and reports ``action`` on ``y@x.org`` where the checked text
+    starts with it, as the cut of the tail makes of the value an earlier window restored."""
+
+    name = "restoring"
+    stages = frozenset({Stage.OUTPUT})
+
+    def __init__(self, action: Action) -> None:
+        self.action = action
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        redactions = [
+            Redaction(m.start(), m.end(), "mary@x.org", restore=True)
+            for m in re.finditer("<EMAIL_1>", text)
+        ]
+        findings = []
+        if text.startswith("y@x.org"):
+            findings.append(Finding("pii", action=self.action, span=(0, 7)))
+            redactions.append(Redaction(0, 7, "#"))
+        verdict = Verdict.from_findings(findings, redactions)
+        if redactions and verdict.action.rank < Action.REDACT.rank:
+            return Verdict(Action.REDACT, verdict.findings, verdict.redactions)
+        return verdict
+
+
+@pytest.mark.parametrize("action", [Action.FLAG, Action.REDACT, Action.BLOCK])
+async def test_a_finding_in_the_tail_alone_leaves_the_window_s_restores_applied(
+    executor: ThreadPoolExecutor, action: Action
+) -> None:
+    """The tail started inside the value the first window restored: its finding set
+    aside, the action was that of the window's findings, none, and "<EMAIL_1>" of the
+    next window went out as written."""
+    policy = make_guard(executor).policy
+    config = FilterConfig("pii", "pii", frozenset({Stage.OUTPUT}), 1.0, Action.BLOCK, None)
+    guard = Guard(policy, [(config, _RestoringStartMatcher(action))])
+    first = "Write to <EMAIL_1> now. "
+    tail = "y@x.org now. "  # the tail the second window is checked after
+    settings = StreamSettings(release="sentence", window_chars=400, context_chars=len(tail))
+    window = StreamGuard(guard, FilterContext("s"), settings)
+    assert (await window.feed(first)).text == "Write to mary@x.org now. "
+    second = await window.feed("Or mail <EMAIL_1> today. ")
+    assert second.text == "Or mail mary@x.org today. "
+    assert not window.blocked
+    decision = window.decisions[-1]
+    assert decision.action is Action.REDACT
+    assert decision.findings == ()
+    # Nor is the tail's finding counted again with the filter's verdict (a flag had
+    # kept it there: that verdict's action, a redaction, was not its findings').
+    assert [o.verdict.findings for o in decision.outcomes] == [()]
 
 
 @pytest.mark.parametrize("pad", range(30))

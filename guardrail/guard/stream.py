@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from guardrail.filters.normalize import OVERRIDE, normalize, open_override
@@ -288,7 +288,7 @@ class StreamGuard:
             return decision
         derived = all(
             o.status == "ok"
-            and o.verdict.action is Action.strictest(f.action for f in o.verdict.findings)
+            and o.verdict.action is _action_of(o.verdict.findings, o.verdict.redactions)
             for o in decision.outcomes
         )
         if not derived:
@@ -378,14 +378,31 @@ def _shift(redactions: tuple[Redaction, ...], offset: int, length: int) -> list[
     return out
 
 
+def _action_of(findings: Iterable[Finding], redactions: Iterable[Redaction]) -> Action:
+    """The action a verdict with ``findings`` and ``redactions`` takes: the strictest of
+    its findings', and at least a redaction where it restores a placeholder (a restore is
+    no finding, the user's own value put back being nothing harmful, yet its rewrite has
+    to be applied, as the pii filter's own verdict says)."""
+    action = Action.strictest(f.action for f in findings)
+    if action.rank < Action.REDACT.rank and any(r.restore for r in redactions):
+        return Action.REDACT
+    return action
+
+
 def _only_within(outcome: FilterOutcome, start: int, end: int) -> FilterOutcome:
     """``outcome`` with only the findings that rest on ``[start, end)``, its verdict's
-    action the strictest of those (redactions are kept: they are clipped to the window)."""
+    action the one those and its restores in ``[start, end)`` take (redactions are kept:
+    they are clipped to the window)."""
     verdict = outcome.verdict
     kept = tuple(f for f in verdict.findings if _within(f, start, end))
     if len(kept) == len(verdict.findings):
         return outcome
-    action = Action.strictest(f.action for f in kept)
+    # A finding in the tail alone (the end of the user's own email, "jane@corp.com" of
+    # "mary.jane@corp.com", where the tail starts inside it) set aside, the action had
+    # been that of the findings left: none, so allow, and the window's restores were
+    # dropped ("<PHONE_NUMBER_1>" went out as written).
+    restores = (r for r in verdict.redactions if r.start < end and start < r.end)
+    action = _action_of(kept, restores)
     return dataclasses.replace(
         outcome, verdict=dataclasses.replace(verdict, findings=kept, action=action)
     )
