@@ -179,6 +179,8 @@ class _ProbePatterns:
     needs_map: re.Pattern[str]
     # A letter and the marks after it, or any one character.
     with_marks: re.Pattern[str]
+    # Any character that shows nothing.
+    any_invisible: re.Pattern[str]
 
 
 @functools.cache
@@ -189,6 +191,7 @@ def _probe_patterns() -> _ProbePatterns:
         invisible=invisible_chars(),
         needs_map=re.compile(f"[{invisible}{_DIACRITICS}]"),
         with_marks=re.compile(f"[^{invisible}{_DIACRITICS}][{_DIACRITICS}]+|.", re.DOTALL),
+        any_invisible=re.compile(f"[{invisible}]"),
     )
 
 
@@ -1420,6 +1423,11 @@ class PiiFilter:
         if self._acts_on_output and (
             not _ENDS_SENTENCE.search(text) or _FALSE_SENTENCE_END.search(text)
         ):
+            # Detection reads past characters that show nothing, so the tails must too:
+            # "5500\u20630000\u2063" is a card's start. Each is read as a hyphen (a
+            # separator inside a number, a character inside a token): same length, so a
+            # tail found here is a tail of the text.
+            text = _probe_patterns().any_invisible.sub("-", text)
             tail = max(0, len(text) - _NUMBER_TAIL_CHARS)
             for pattern in (_NUMBER_TAIL, _TOKEN_TAIL, _NAME_TAIL):
                 start = max(0, len(text) - _TOKEN_TAIL_CHARS) if pattern is _TOKEN_TAIL else tail
