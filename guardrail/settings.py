@@ -199,7 +199,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = None
     backend_timeout_s: Annotated[
         float,
-        _doc("Seconds to wait for a remote backend's whole answer (or next chunk)."),
+        _doc(
+            "Seconds to wait for a remote backend's whole answer, or in a stream for the "
+            "next frame with text, tool-call data, a finish or the usage."
+        ),
         msgspec.Meta(gt=0, le=_DAY_S),
     ] = 120.0
     backend_connect_timeout_s: Annotated[

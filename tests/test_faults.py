@@ -349,6 +349,51 @@ def test_a_failing_backend_gives_an_error_or_a_moderated_answer_never_unmoderate
         assert body["choices"][0]["finish_reason"] == "content_filter"
 
 
+def test_when_an_upstream_streams_only_empty_frames_then_the_client_gets_504_and_the_slot_back(
+    test_policy: Path,
+) -> None:
+    # Every `data: {"choices":[]}` restarted the stall clock: the client waited with no
+    # headers and no error while its slot was held, and nothing was counted. The first
+    # call's frames stop after 5 s (a 502 then), so the old code fails instead of hanging.
+    calls = {"n": 0}
+
+    async def empty_frames() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            yield b'data: {"choices":[]}\n\n'
+            await asyncio.sleep(0.05)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            body: Any = empty_frames()
+        else:
+            frame = {
+                "choices": [{"index": 0, "delta": {"content": "Hi."}, "finish_reason": "stop"}]
+            }
+            body = b"data: " + msgspec.json.encode(frame) + b"\n\ndata: [DONE]\n\n"
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    settings = Settings(
+        policy=str(test_policy), models=["fake-model"], max_concurrency=1, queue_timeout_s=0.5
+    )
+    registry = CollectorRegistry()
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    backend = RemoteBackend(["http://up.test/v1"], client, retries=0, timeout_s=0.5)
+    app = create_app(settings, backend=backend, metrics_registry=registry)
+    with TestClient(app=app) as c:
+        stuck = c.post("/v1/chat/completions", json=chat(True))
+        after = c.post("/v1/chat/completions", json=chat(True))
+        slots = app.state.gateway.slots.active
+    asyncio.run(client.aclose())
+    assert stuck.status_code == 504, stuck.text
+    assert assert_openai_error(stuck.json())["code"] == "backend_timeout"
+    timeouts = {"backend": "remote", "code": "backend_timeout"}
+    assert registry.get_sample_value("guardrail_backend_errors_total", timeouts) == 1
+    assert after.status_code == 200
+    assert _sse_text(after.text) == ("Hi.", [])
+    assert slots == 0
+
+
 def test_a_refusing_backend_is_503_with_retry_after(test_policy: Path) -> None:
     with TestClient(app=_gateway(test_policy, [refused_url()])) as c:
         r = c.post("/v1/chat/completions", json=chat())

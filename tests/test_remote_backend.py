@@ -936,6 +936,73 @@ async def test_keepalive_comments_do_not_hold_a_stream_past_the_timeout() -> Non
             await collect(remote.stream(chat_request()), limit_s=3.0)
 
 
+EMPTY_FRAMES = {
+    "no choices": {"choices": []},
+    "role-only delta": {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+    "empty content": {"choices": [{"index": 0, "delta": {"content": ""}}], "usage": None},
+    "null finish": {"choices": [{"index": 0, "delta": {}, "finish_reason": None}]},
+}
+
+
+@pytest.mark.parametrize("after_text", [False, True], ids=["before-text", "after-text"])
+@pytest.mark.parametrize("empty", list(EMPTY_FRAMES.values()), ids=list(EMPTY_FRAMES))
+async def test_when_an_upstream_sends_only_frames_without_content_then_the_stream_times_out(
+    empty: dict[str, Any], after_text: bool
+) -> None:
+    # Each such frame restarted the stall clock: a stuck server sending them every
+    # 0.3 s held the request, and its concurrency slot, for ever.
+    async def frames() -> AsyncIterator[bytes]:
+        if after_text:
+            yield _sse(REPLY_FRAMES[0])
+        while True:
+            yield _sse(json.dumps(empty))
+            await asyncio.sleep(0.05)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=frames(), headers={"content-type": "text/event-stream"})
+
+    received: list[Chunk] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://up.test/v1", timeout_s=0.3)
+        with pytest.raises(BackendTimeout, match="stalled"):
+            await collect(remote.stream(chat_request()), into=received, limit_s=3.0)
+    assert "".join(c.text for c in received) == ("Hello there. " if after_text else "")
+
+
+PROGRESS_FRAMES = {
+    "text": {"choices": [{"index": 0, "delta": {"content": "word "}}]},
+    "refusal": {"choices": [{"index": 0, "delta": {"refusal": "no "}}]},
+    "tool-call arguments": {
+        "choices": [
+            {"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}
+        ]
+    },
+    "another choice's text": {"choices": [{"index": 1, "delta": {"content": "word "}}]},
+}
+
+
+@pytest.mark.parametrize("step", list(PROGRESS_FRAMES.values()), ids=list(PROGRESS_FRAMES))
+async def test_a_slow_stream_that_keeps_making_progress_is_not_cut(step: dict[str, Any]) -> None:
+    """Frames with content well within the timeout of each other, each after an empty
+    one, over a stream that lasts several timeouts in all: it ends normally."""
+
+    async def frames() -> AsyncIterator[bytes]:
+        for _ in range(12):
+            yield _sse(json.dumps(EMPTY_FRAMES["role-only delta"]))
+            await asyncio.sleep(0.1)
+            yield _sse(json.dumps(step))
+        yield _sse(REPLY_FRAMES[1], "[DONE]")
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=frames(), headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://up.test/v1", timeout_s=0.6)
+        chunks = await collect(remote.stream(chat_request()), limit_s=10.0)
+    assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].text == "More."
+
+
 async def test_a_4xx_on_a_stream_is_the_request_s_fault_and_never_opens_the_circuit() -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(404, json={"error": {"message": "model does not exist"}})

@@ -16,8 +16,10 @@ the thin, careful client in between. Why it looks the way it does:
 - A stream fails over only before its first chunk reached the caller; after that
   the text is already on its way to the client, so a broken or stalled stream raises
   (:class:`BackendBadResponse` / :class:`BackendTimeout`) and the gateway ends the
-  stream with an error frame. Every read is bounded by ``timeout_s``, so a stream
-  never hangs, and the HTTP response is closed however the generator ends.
+  stream with an error frame. The wait for each frame that moves the answer on (text,
+  tool-call data, a finish, the usage) is bounded by ``timeout_s``; keepalives and
+  frames that carry nothing do not restart it, so a stream never hangs, and the HTTP
+  response is closed however the generator ends.
 - Timeouts are enforced with :func:`asyncio.timeout` as well as by httpx, so they
   hold for every transport (ASGI transports ignore httpx timeouts).
 - Each URL has a circuit breaker (:mod:`guardrail.backends.breaker`): after
@@ -114,6 +116,9 @@ class _Message(msgspec.Struct):
     content: str | None = None
     # OpenAI's answer to a structured-output request it declines: content is null then.
     refusal: str | None = None
+    # Not passed on; read only as a sign that a stream is moving (see _moves_on). Any
+    # shape is taken: the gateway does not depend on it, so it must not be a 502.
+    tool_calls: Any = None
 
 
 def _message_text(message: _Message | None) -> tuple[str, bool]:
@@ -352,6 +357,24 @@ async def _sse_lines(chunks: AsyncIterator[str]) -> AsyncGenerator[str]:
     pending += "".join(held)
     if pending:
         yield pending.removesuffix("\r")
+
+
+def _moves_on(frame: _Answer) -> bool:
+    """Whether a stream frame is progress: text, a refusal, tool-call data, a finish or the
+    usage. A frame with none of them (``{"choices":[]}``, a role-only delta, empty
+    content) is no more progress than a keepalive comment, so it must not restart the
+    stall clock: an upstream sending such frames forever would hold the request, and its
+    concurrency slot, for ever. Any choice counts, not only the first: with ``n`` above 1
+    the upstream is working while it writes the others."""
+    if frame.usage is not None:
+        return True
+    for choice in frame.choices or ():
+        if choice.finish_reason is not None or choice.text:
+            return True
+        delta = choice.delta
+        if delta is not None and (delta.content or delta.refusal or delta.tool_calls):
+            return True
+    return False
 
 
 def _decode_frame(data: str) -> _Answer:
@@ -724,12 +747,11 @@ class RemoteBackend:
         tail_refusal = False
         done = False
         try:
-            async with contextlib.aclosing(self._sse_data(response)) as frames:
-                async for data in frames:
-                    if data == "[DONE]":
+            async with contextlib.aclosing(self._sse_frames(response)) as frames:
+                async for frame in frames:
+                    if frame is None:  # [DONE]
                         done = True
                         break
-                    frame = _decode_frame(data)
                     if frame.usage is not None:
                         usage = frame.usage
                     if not frame.choices:
@@ -762,16 +784,18 @@ class RemoteBackend:
             refusal=tail_refusal,
         )
 
-    async def _sse_data(self, response: httpx.Response) -> AsyncGenerator[str]:
-        """The ``data:`` payloads of an SSE body, each read bounded by ``timeout_s``.
+    async def _sse_frames(self, response: httpx.Response) -> AsyncGenerator[_Answer | None]:
+        """The frames of an SSE body (``None`` for ``[DONE]``), each read bounded by
+        ``timeout_s`` from the last frame that moved the answer on.
 
         JSON never spans lines, so each ``data:`` line is one frame; comments
         (keepalives), ``event:``/``id:`` fields and blank lines are skipped.
         """
         lines = _sse_lines(response.aiter_text())
         loop = asyncio.get_running_loop()
-        # Bounded from one data payload to the next: keepalive comments and blank lines
-        # do not restart the clock, or a server pinging forever would hang the request.
+        # Only progress (see _moves_on) restarts the clock: keepalive comments, blank
+        # lines and frames that carry nothing do not, or a server sending them forever
+        # would hang the request. A slow stream that keeps writing text is never cut.
         deadline = loop.time() + self._timeout_s
         async with contextlib.aclosing(lines):
             while True:
@@ -782,7 +806,7 @@ class RemoteBackend:
                     return
                 except (TimeoutError, httpx.TimeoutException) as e:
                     error = BackendTimeout(
-                        f"backend stream stalled: no data for {self._timeout_s:g}s"
+                        f"backend stream stalled: nothing new for {self._timeout_s:g}s"
                     )
                     error.__cause__ = e
                     raise _AttemptFailed("timeout", error) from e
@@ -791,8 +815,16 @@ class RemoteBackend:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
-                if data:
-                    yield data
+                if not data:
+                    continue
+                if data == "[DONE]":
+                    yield None
+                    continue
+                frame = _decode_frame(data)
+                yield frame
+                # Restarted once the caller asks for more, so the time it spent on the
+                # chunk (the policy's checks) is not counted against the upstream.
+                if _moves_on(frame):
                     deadline = loop.time() + self._timeout_s
 
     # -- discovery
