@@ -22,9 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import structlog
-from litestar import Litestar
+from litestar import Litestar, Response, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CollectorRegistry
@@ -351,9 +352,33 @@ def create_app(
         on_startup=[oversight.start] if oversight is not None else None,
         on_shutdown=[oversight.aclose] if oversight is not None else None,
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="Guardrail", version=__version__, path="/openapi"),
+        openapi_config=OpenAPIConfig(
+            title="Guardrail", version=__version__, openapi_router=_openapi_router()
+        ),
         logging_config=None,
         debug=False,
+    )
+
+
+def _openapi_router() -> Router:
+    """The router the OpenAPI plugin puts its pages under, at ``/openapi``.
+
+    Litestar answers an unknown path under it (``/openapi/nope``) with its own HTML 404
+    page, returned by a handler rather than raised, so the app's exception handler never
+    sees it. The hook raises it instead: the answer is the gateway's JSON 404, in the
+    OpenAI error shape, like every other unknown path.
+    """
+
+    async def no_html_404(response: Response[Any]) -> Response[Any]:
+        if response.status_code == 404:
+            raise NotFoundException
+        return response
+
+    return Router(
+        "/openapi",
+        route_handlers=[],
+        include_in_schema=False,
+        after_request=no_html_404,
     )
 
 

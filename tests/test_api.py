@@ -678,7 +678,14 @@ def test_too_many_messages_is_400(make_app: Callable[..., Litestar]) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)],
+    [
+        ("GET", "/v1/nothing", 404),
+        ("GET", "/v1/chat/completions", 405),
+        # Litestar's OpenAPI router answered these with its own HTML 404 page.
+        ("GET", "/openapi/nope", 404),
+        ("GET", "/openapi/nope/deeper", 404),
+        ("GET", "/openapi/nope.json", 404),
+    ],
 )
 def test_unknown_routes_and_methods_are_openai_errors_with_an_id_and_no_exchange(
     client: Client, method: str, path: str, status: int, metrics_registry: CollectorRegistry
@@ -691,6 +698,23 @@ def test_unknown_routes_and_methods_are_openai_errors_with_an_id_and_no_exchange
     assert metrics_registry.get_sample_value(
         "guardrail_requests_total", {"route": "chat", "outcome": "invalid_request"}
     ) in (None, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("path", "media_type"),
+    [
+        ("/openapi", "text/html"),
+        ("/openapi/swagger", "text/html"),
+        ("/openapi/openapi.json", "application/vnd.oai.openapi+json"),
+        ("/openapi/openapi.yaml", "application/vnd.oai.openapi"),
+    ],
+)
+def test_the_openapi_pages_and_schema_are_still_served(
+    client: Client, path: str, media_type: str
+) -> None:
+    r = client.get(path)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith(media_type)
 
 
 @pytest.mark.parametrize(
