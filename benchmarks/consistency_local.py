@@ -94,10 +94,14 @@ async def run(samples: int, max_tokens: int) -> None:
                     messages=(Message("user", q),),
                     params=SamplingParams(max_tokens=max_tokens, temperature=0.0),
                 )
-                answer = (await backend.generate(request)).text
+                answer = await backend.generate(request)
                 started = time.perf_counter()
-                score = await checker.score(backend, request, answer)
+                cut = answer.finish_reason == "length"
+                score = await checker.score(backend, request, answer.text, answer_cut=cut)
                 added.append(time.perf_counter() - started)
+                if score is None:  # no sample usable: the gateway counts it as skipped
+                    print(f"{group:8s} skipped  {q[:60]}", flush=True)
+                    continue
                 results[group].append(score)
                 print(f"{group:8s} {score:.3f}  {q[:60]}", flush=True)
     await backend.aclose()

@@ -923,6 +923,189 @@ async def test_when_one_consistency_sample_fails_then_no_other_generation_is_lef
     assert (backend.running, backend.cancelled) == (0, 2)
 
 
+ANSWER = "The Eiffel Tower was completed in 1889 for the World's Fair in Paris."
+REFUSED = Completion("I'm sorry, but I can't help with that.", "stop", refusal=True)
+
+
+@dataclass
+class SampledBackend(FakeBackend):
+    """Answers the request with ``answer`` and each extra sample with the next of ``samples``."""
+
+    answer: Completion = field(default_factory=lambda: Completion(ANSWER, "stop"))
+    samples: list[Completion] = field(default_factory=list)
+    drawn: int = 0
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        if "-sc" not in request.request_id:
+            return self.answer
+        sample = self.samples[self.drawn % len(self.samples)]
+        self.drawn += 1
+        return sample
+
+
+def _inline_check(
+    backend: SampledBackend, write_policy: Callable[[str], Path], registry: CollectorRegistry
+) -> dict[str, Any]:
+    from guardrail.app import create_app
+    from guardrail.settings import Settings
+
+    settings = Settings(
+        policy=str(write_policy(POLICY)), consistency_sample_rate=1.0, consistency_mode="inline"
+    )
+    with TestClient(app=create_app(settings, backend=backend, metrics_registry=registry)) as c:
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": QUESTION}]},
+        )
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _checks(registry: CollectorRegistry, result: str) -> float | None:
+    return registry.get_sample_value("guardrail_consistency_checks_total", {"result": result})
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        pytest.param(REFUSED, id="refusal"),
+        pytest.param(Completion("I", "content_filter"), id="cut-by-upstream-filter"),
+        pytest.param(Completion("The", "length"), id="cut-at-max-tokens"),
+        pytest.param(Completion("  ", "stop"), id="empty"),
+    ],
+)
+def test_when_no_sample_is_an_answer_then_the_check_is_skipped_and_flags_nothing(
+    sample: Completion, write_policy: Callable[[str], Path], metrics_registry: CollectorRegistry
+) -> None:
+    """Refused, filtered and truncated samples were scored as real answers (0.06-0.14):
+    a consistent answer was flagged inconsistent."""
+    backend = SampledBackend(samples=[sample])
+
+    body = _inline_check(backend, write_policy, metrics_registry)
+
+    assert backend.drawn == 3
+    assert body["guardrail"]["findings"] == []
+    assert _checks(metrics_registry, "skipped") == 1
+    assert _checks(metrics_registry, "scored") is None
+    assert _checks(metrics_registry, "error") is None
+    score_count = {"mode": "inline"}
+    assert (
+        metrics_registry.get_sample_value("guardrail_consistency_score_count", score_count) is None
+    )
+
+
+def test_the_usable_samples_are_scored_and_the_others_left_out(
+    write_policy: Callable[[str], Path], metrics_registry: CollectorRegistry
+) -> None:
+    """One sample repeats the answer, two are refusals: scored on the one, not flagged."""
+    backend = SampledBackend(samples=[Completion(ANSWER, "stop"), REFUSED, REFUSED])
+
+    body = _inline_check(backend, write_policy, metrics_registry)
+
+    assert body["guardrail"]["findings"] == []
+    assert _checks(metrics_registry, "scored") == 1
+
+
+def test_samples_cut_at_max_tokens_past_the_answer_s_length_are_compared(
+    write_policy: Callable[[str], Path], metrics_registry: CollectorRegistry
+) -> None:
+    """A model answers in a few tokens and rambles to max_tokens in its samples: those
+    samples had room for all the answer said, and are evidence."""
+    rambling = Completion(ANSWER + " It is 330 metres tall and was designed by", "length")
+    backend = SampledBackend(samples=[rambling])
+
+    body = _inline_check(backend, write_policy, metrics_registry)
+
+    assert body["guardrail"]["findings"] == []
+    assert _checks(metrics_registry, "scored") == 1
+
+
+def test_when_the_answer_was_cut_at_max_tokens_too_then_cut_samples_are_compared(
+    write_policy: Callable[[str], Path], metrics_registry: CollectorRegistry
+) -> None:
+    backend = SampledBackend(
+        answer=Completion(ANSWER, "length"),
+        samples=[
+            Completion("It opened in 1925.", "length"),
+            Completion("Built by Romans.", "length"),
+        ],
+    )
+
+    body = _inline_check(backend, write_policy, metrics_registry)
+
+    assert [f["category"] for f in body["guardrail"]["findings"]] == ["inconsistent"]
+    assert _checks(metrics_registry, "scored") == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(REFUSED, id="refusal"),
+        pytest.param(Completion("The Eiffel Tower was", "content_filter"), id="cut-by-filter"),
+    ],
+)
+def test_when_the_answer_is_not_an_answer_then_no_sample_is_drawn(
+    answer: Completion, write_policy: Callable[[str], Path], metrics_registry: CollectorRegistry
+) -> None:
+    backend = SampledBackend(answer=answer, samples=[Completion("It opened in 1925.", "stop")])
+
+    body = _inline_check(backend, write_policy, metrics_registry)
+
+    assert backend.drawn == 0
+    assert body["guardrail"]["findings"] == []
+    assert _checks(metrics_registry, "scored") is None
+
+
+class RecordingChecker(ConsistencyChecker):
+    """Records the answer each check is given; draws and scores nothing."""
+
+    def __init__(self) -> None:
+        async def no_scorer() -> GroundingScorer:
+            raise AssertionError("nothing is scored")
+
+        super().__init__(no_scorer, lambda mode, score: None, rate=1.0, mode="inline")
+        self.answers: list[str] = []
+
+    async def score(
+        self, backend: Any, request: GenerationRequest, answer: str, *, answer_cut: bool = False
+    ) -> float | None:
+        self.answers.append(answer)
+        return 1.0
+
+    def background(
+        self, backend: Any, request: GenerationRequest, answer: str, *, answer_cut: bool = False
+    ) -> None:
+        self.answers.append(answer)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_the_check_scores_the_answer_as_released_streamed_or_not(
+    stream: bool, test_policy: Path
+) -> None:
+    """A stream was checked on the released (redacted) text, a whole answer on the raw
+    completion: the same answer scored differently, and raw secrets reached the scorer."""
+    from guardrail.app import create_app
+    from guardrail.settings import Settings
+
+    backend = FakeBackend(reply="Your key is sk-abcdefgh. Keep it safe.")
+    app = create_app(
+        Settings(policy=str(test_policy)), backend=backend, metrics_registry=CollectorRegistry()
+    )
+    checker = RecordingChecker()
+    app.state.gateway.consistency = checker
+    with TestClient(app=app) as c:
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "stream": stream,
+                "messages": [{"role": "user", "content": "my key?"}],
+            },
+        )
+    assert r.status_code == 200, r.text
+    assert checker.answers == ["Your key is [SECRET]. Keep it safe."]
+
+
 # -- evaluation -----------------------------------------------------------------------------
 
 

@@ -21,6 +21,20 @@ Two modes:
 The extra samples are never shown to anyone and never moderated; they do cost backend
 time (``k`` generations per checked request), which is why the rate defaults to 0. One
 failed sample fails the check (counted as ``error``), and its other samples are cancelled.
+
+What is compared is what the client got: the answer as the policy released it (redacted
+where the policy redacted), streamed or not. Only answers are compared, never a refusal
+or a text the upstream's content filter cut: such a text says nothing about the model's
+story, and against real answers it reads as inconsistent. So an answer that is a refusal
+or was cut by the upstream's filter is not checked (no samples drawn), and samples that
+are empty, refusals or cut by the filter are left out of the mean. So is a sample cut at
+``max_tokens`` that is shorter than a finished answer: it was cut before it could say
+as much, and what the answer says past that point would count against it. A sample cut
+at ``max_tokens`` is kept otherwise: samples share the answer's ``max_tokens``, so one
+longer than the answer had room for all of it (a small model answers a known fact in a
+few tokens and rambles past 48 in its samples), and when the answer was cut too, both
+are the first ``max_tokens`` of a story. The mean is over the samples left; a check with
+none left flags nothing and is counted as ``skipped``.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 
-from guardrail.backends.base import Backend, GenerationRequest
+from guardrail.backends.base import Backend, Completion, GenerationRequest
 from guardrail.guard.types import Action, Decision, Finding, Stage
 
 if TYPE_CHECKING:
@@ -75,12 +89,19 @@ class ConsistencyChecker:
         self._rng = rng or random.Random()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def wanted(self) -> bool:
-        """Whether this request is one of the sampled share."""
+    def wanted(self, answer: Completion) -> bool:
+        """Whether this answer (the released text, with the backend's finish reason and
+        refusal flag) is one to check: an answer at all, and one of the sampled share."""
+        if not checkable(answer):
+            return False
         return self.rate > 0 and self._rng.random() < self.rate
 
-    async def score(self, backend: Backend, request: GenerationRequest, answer: str) -> float:
-        """Draw the samples and score ``answer`` against them (blocking the caller)."""
+    async def score(
+        self, backend: Backend, request: GenerationRequest, answer: str, *, answer_cut: bool = False
+    ) -> float | None:
+        """Draw the samples and score ``answer`` against them (blocking the caller);
+        ``None`` when no sample is usable. ``answer_cut``: the answer ended at
+        ``max_tokens``, so every sample cut there too is compared."""
         params = replace(request.params, temperature=self.temperature, seed=None)
         extra = [
             replace(request, request_id=f"{request.request_id}-sc{i}", params=params)
@@ -96,9 +117,9 @@ class ConsistencyChecker:
             for sample in samples:
                 sample.cancel()
             await asyncio.gather(*samples, return_exceptions=True)
-        texts = [c.text for c in completions if c.text.strip()]
+        texts = [c.text for c in completions if _comparable(c, answer, answer_cut=answer_cut)]
         if not texts:
-            raise ValueError("every consistency sample was empty")
+            return None
         question = _question(request)
         scorer = await self._scorer()
         scope = request.cache_scope  # the tenant: its cached embeddings only
@@ -106,18 +127,27 @@ class ConsistencyChecker:
         return float(statistics.fmean(scores))
 
     async def inline(
-        self, backend: Backend, request: GenerationRequest, answer: str, decision: Decision
+        self,
+        backend: Backend,
+        request: GenerationRequest,
+        answer: str,
+        decision: Decision,
+        *,
+        answer_cut: bool = False,
     ) -> Decision | None:
         """Score now; a decision carrying an ``inconsistent`` flag when below threshold.
 
-        A failed check is logged and counted and flags nothing: the answer passed the
-        policy already, and consistency is a signal, not a filter.
+        A failed or skipped check is logged and counted and flags nothing: the answer
+        passed the policy already, and consistency is a signal, not a filter.
         """
         try:
-            score = await self.score(backend, request, answer)
+            score = await self.score(backend, request, answer, answer_cut=answer_cut)
         except Exception as e:
             self._count("error")
             log.warning("consistency_failed", request_id=request.request_id, error=type(e).__name__)
+            return None
+        if score is None:
+            self._skipped(request)
             return None
         self._count("scored")
         self._record("inline", score)
@@ -143,25 +173,37 @@ class ConsistencyChecker:
             policy_version=decision.policy_version,
         )
 
-    def background(self, backend: Backend, request: GenerationRequest, answer: str) -> None:
+    def background(
+        self, backend: Backend, request: GenerationRequest, answer: str, *, answer_cut: bool = False
+    ) -> None:
         """Score after the response, off the request path (bounded; never waits)."""
         if len(self._tasks) >= self._max_in_flight:
             self._count("dropped")
             return
-        task = asyncio.get_running_loop().create_task(self._run(backend, request, answer))
+        run = self._run(backend, request, answer, answer_cut)
+        task = asyncio.get_running_loop().create_task(run)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, backend: Backend, request: GenerationRequest, answer: str) -> None:
+    async def _run(
+        self, backend: Backend, request: GenerationRequest, answer: str, answer_cut: bool
+    ) -> None:
         try:
-            score = await self.score(backend, request, answer)
+            score = await self.score(backend, request, answer, answer_cut=answer_cut)
         except Exception as e:
             self._count("error")
             log.warning("consistency_failed", request_id=request.request_id, error=type(e).__name__)
             return
+        if score is None:
+            self._skipped(request)
+            return
         self._count("scored")
         self._record("background", score)
         log.info("consistency_scored", request_id=request.request_id, score=round(score, 4))
+
+    def _skipped(self, request: GenerationRequest) -> None:
+        self._count("skipped")
+        log.info("consistency_skipped", request_id=request.request_id, samples=self.samples)
 
     @property
     def in_flight(self) -> int:
@@ -173,6 +215,24 @@ class ConsistencyChecker:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def checkable(answer: Completion) -> bool:
+    """Whether an answer is one to check: text that is not a refusal and that the
+    upstream's content filter did not cut (see the module doc)."""
+    if answer.refusal or answer.finish_reason == "content_filter":
+        return False
+    return bool(answer.text.strip())
+
+
+def _comparable(sample: Completion, answer: str, *, answer_cut: bool) -> bool:
+    """Whether a sample is evidence about the answer: an answer itself (see
+    :func:`checkable`), and not cut at ``max_tokens`` before it said as much as a
+    finished answer did (see the module doc)."""
+    if not checkable(sample):
+        return False
+    cut_short = sample.finish_reason == "length" and len(sample.text) < len(answer)
+    return answer_cut or not cut_short
 
 
 def _question(request: GenerationRequest) -> str | None:

@@ -41,7 +41,14 @@ from guardrail.api.schemas import (
     ModerationRequest,
     document_texts,
 )
-from guardrail.backends.base import Backend, Chunk, Completion, GenerationRequest, SamplingParams
+from guardrail.backends.base import (
+    Backend,
+    Chunk,
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+)
 from guardrail.chat import Message
 from guardrail.errors import BackendError, BackendUnavailable, where
 from guardrail.exchange import OVERLOADED, Exchange, Outcome, Route
@@ -1002,22 +1009,27 @@ class Serving:
             exchange.finish("blocked_output")
         else:
             text, finish = decision.text, completion.finish_reason
-            await self._consistency(call, completion.text, decision)
+            # The released text, as for a stream: what the client got is what is checked.
+            released = Completion(decision.text, completion.finish_reason, refusal=refusal)
+            await self._consistency(call, released, decision)
             exchange.finish(exchange.passed_outcome())
         body = self._completion_body(call, text, finish, completion, refusal=refusal)
         return Response(body, headers=call.headers())
 
-    async def _consistency(self, call: _Call, answer: str, decision: Decision) -> None:
+    async def _consistency(self, call: _Call, answer: Completion, decision: Decision) -> None:
         """Self-consistency for a sampled share of answers that passed (see consistency.py)."""
         checker = self.gw.consistency
-        if checker is None or not answer.strip() or not checker.wanted():
+        if checker is None or not checker.wanted(answer):
             return
+        cut = answer.finish_reason == "length"
         if checker.mode == "inline" and not call.exchange.stream:
-            flagged = await checker.inline(call.backend, call.request, answer, decision)
+            flagged = await checker.inline(
+                call.backend, call.request, answer.text, decision, answer_cut=cut
+            )
             if flagged is not None:
                 call.exchange.decisions.append(flagged)
         else:
-            checker.background(call.backend, call.request, answer)
+            checker.background(call.backend, call.request, answer.text, answer_cut=cut)
 
     def _completion_body(
         self, call: _Call, text: str, finish: str, completion: Completion, *, refusal: bool
@@ -1074,7 +1086,7 @@ class Serving:
     ) -> AsyncIterator[bytes]:
         exchange, guard = call.exchange, call.guard
         window = StreamGuard(guard, call.ctx, guard.policy.stream)
-        finish: str = "stop"
+        finish: FinishReason = "stop"
         prompt_tokens = completion_tokens = None
         recorded = False  # whether window.decisions are in the exchange yet
         refusing = False  # the backend streams a refusal: released text goes in ``refusal``
@@ -1134,8 +1146,10 @@ class Serving:
             else:
                 # Streams are always checked in the background: their text is already sent.
                 checker = self.gw.consistency
-                if checker is not None and window.released_text.strip() and checker.wanted():
-                    checker.background(call.backend, call.request, window.released_text)
+                answer = Completion(window.released_text, finish, refusal=refusing)
+                if checker is not None and checker.wanted(answer):
+                    cut = finish == "length"
+                    checker.background(call.backend, call.request, answer.text, answer_cut=cut)
                 exchange.finish(exchange.passed_outcome())
             yield self._frame(call, finish=finish, guardrail=call.guardrail(spans=False))
             if call.include_usage:

@@ -281,7 +281,8 @@ class GatewayMetrics:
         )
         self.consistency_checks = counter(
             "consistency_checks_total",
-            "Self-consistency checks by result (scored, dropped: too many running, error).",
+            "Self-consistency checks by result (scored, skipped: no sample usable, "
+            "dropped: too many running, error).",
             ("result",),
         )
         self.verdict_cache = counter(
