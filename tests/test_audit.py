@@ -45,6 +45,7 @@ from guardrail.guard.types import (
 from guardrail.observability.audit import (
     COLUMNS,
     POSTGRES_MIGRATIONS,
+    REJECT_AFTER,
     SCHEMA_VERSION,
     SQLITE_MIGRATIONS,
     UNCHECKED_TEXT,
@@ -867,6 +868,32 @@ class DownStore(MemoryStore):
         raise ConnectionRefusedError
 
 
+class RecoveringStore(MemoryStore):
+    """Down until ``up`` is set; then its second write fails once (a blip), the rest work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = False
+        self.writes_since_up = 0
+        self.failed: list[list[str]] = []  # the request ids of each failed write
+        self.failure = asyncio.Event()
+
+    async def write(self, records: list[AuditRecord]) -> None:
+        if self.up:
+            self.writes_since_up += 1
+        if not self.up or self.writes_since_up == 2:
+            self.failed.append([r.request_id for r in records])
+            self.failure.set()
+            raise ConnectionRefusedError
+        await super().write(records)
+
+    async def failures_of(self, request_id: str, count: int) -> None:
+        """Wait until writes holding ``request_id`` have failed ``count`` times."""
+        while sum(request_id in ids for ids in self.failed) < count:
+            self.failure.clear()
+            await self.failure.wait()
+
+
 class GatedStore(MemoryStore):
     """Holds every write until the test opens the gate."""
 
@@ -1005,6 +1032,27 @@ async def test_an_outage_while_a_split_batch_is_written_drops_nothing(down_from:
     )
     stats = audit.stats()
     assert (stats.written, stats.dropped, stats.write_errors) == (64, 0, 14)
+
+
+async def test_failures_during_an_outage_do_not_count_toward_rejecting_a_row() -> None:
+    # Both rows fail again and again while the database is down; once it is back, one is
+    # written and the other fails once. That is one refusal while the database accepts
+    # rows, not three: it is retried, not dropped.
+    store = RecoveringStore()
+
+    with capture_logs() as logs:
+        async with running(store) as audit:
+            audit.record(exchange("early"))
+            await store.failures_of("early", REJECT_AFTER)
+            audit.record(exchange("later"))
+            await store.failures_of("later", REJECT_AFTER)
+            store.up = True
+            await audit.flush()
+
+    assert sorted(r.request_id for r in store.rows.values()) == ["early", "later"]
+    assert not [e for e in logs if e["event"] in {"audit_record_dropped", "audit_records_lost"}]
+    stats = audit.stats()
+    assert (stats.written, stats.dropped) == (2, 0)
 
 
 async def test_rows_a_dead_store_never_took_are_reported_by_id_at_shutdown() -> None:

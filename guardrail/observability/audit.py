@@ -873,6 +873,18 @@ class AuditStats:
     """Rows recorded and not yet written or dropped."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """Rows of a batch written together, and how their writes have gone so far."""
+
+    rows: list[AuditRecord]
+    fails: int = 0
+    """Failed attempts; a batch that failed twice is split."""
+    refusals: int = 0
+    """Failed attempts while the store was accepting other rows. Failures during an
+    outage say nothing about the row, so they never count toward :data:`REJECT_AFTER`."""
+
+
 @dataclass(eq=False)
 class _Writer:
     """The background writer's task and the loop (and thread) it runs on."""
@@ -899,8 +911,8 @@ class AuditLog:
         self.store = store
         self.config = config
         self._pending: deque[AuditRecord] = deque()
-        # The batch being written, as (rows, failed attempts) chunks; see _write_inflight.
-        self._inflight: deque[tuple[list[AuditRecord], int]] = deque()
+        # The batch being written, as chunks; see _write_inflight.
+        self._inflight: deque[_Chunk] = deque()
         self._writer: _Writer | None = None
         self._closing = False
         self._closed = False
@@ -974,7 +986,7 @@ class AuditLog:
     @property
     def depth(self) -> int:
         """Rows recorded and not yet written or dropped (queued plus the batch in flight)."""
-        return len(self._pending) + sum(len(c) for c, _ in self._inflight)
+        return len(self._pending) + sum(len(c.rows) for c in self._inflight)
 
     def stats(self) -> AuditStats:
         return AuditStats(
@@ -1040,7 +1052,7 @@ class AuditLog:
                         await writer.task
         finally:
             self._closed = True
-            left = [r for chunk, _ in self._inflight for r in chunk] + list(self._pending)
+            left = [r for chunk in self._inflight for r in chunk.rows] + list(self._pending)
             self._inflight.clear()
             self._pending.clear()
             if left:
@@ -1075,7 +1087,7 @@ class AuditLog:
                             writer.wake.clear()
                             await writer.wake.wait()
             count = min(batch_size, len(self._pending))
-            self._inflight.append(([self._pending.popleft() for _ in range(count)], 0))
+            self._inflight.append(_Chunk([self._pending.popleft() for _ in range(count)]))
             await self._write_inflight()
             writer.progress.set()
 
@@ -1087,7 +1099,9 @@ class AuditLog:
         retried after the other rows of its batch: their success tells a bad row from
         a database outage. A lone row that fails :data:`REJECT_AFTER` times while the
         database otherwise works is dropped (counted, logged by id); during an outage
-        nothing is dropped, and every attempt waits for the backoff delay.
+        nothing is dropped, and every attempt waits for the backoff delay. Failures
+        during an outage do not count toward the rejection either: a row queued through
+        one must still be refused three times once the database accepts other rows.
         """
         chunks = self._inflight
         delay = self.config.retry_initial_s
@@ -1097,49 +1111,50 @@ class AuditLog:
         while chunks:
             # The chunk stays queued until its write returns: a write cut short at
             # shutdown is then reported by aclose(), and the depth counts it meanwhile.
-            chunk, fails = chunks[0]
+            chunk = chunks[0]
+            rows = chunk.rows
             try:
-                await self.store.write(chunk)
+                await self.store.write(rows)
             except Exception as e:
                 chunks.popleft()
                 self.write_errors += 1
-                fails += 1
-                ids = {r.record_id for r in chunk}
+                ids = {r.record_id for r in rows}
                 if last_failed is not None and last_failed.isdisjoint(ids):
                     healthy = False  # rows with nothing in common failed in a row: an outage
                 last_failed = ids
+                chunk = _Chunk(rows, chunk.fails + 1, chunk.refusals + (1 if healthy else 0))
                 log.warning(
                     "audit_write_failed",
                     store=repr(self.store),
                     error=type(e).__name__,  # never str(e): messages may quote row values
                     sqlstate=getattr(e, "sqlstate", None),
-                    records=len(chunk),
+                    records=len(rows),
                     retry_in_s=round(delay, 3),
                 )
-                if len(chunk) > 1 and (fails >= 2 or healthy):
-                    half = len(chunk) // 2
-                    chunks.appendleft((chunk[half:], 0))
-                    chunks.appendleft((chunk[:half], 0))
-                elif len(chunk) == 1 and healthy and fails >= REJECT_AFTER:
+                if len(rows) > 1 and (chunk.fails >= 2 or healthy):
+                    half = len(rows) // 2
+                    chunks.appendleft(_Chunk(rows[half:]))
+                    chunks.appendleft(_Chunk(rows[:half]))
+                elif len(rows) == 1 and chunk.refusals >= REJECT_AFTER:
                     self._left += 1
-                    self._drop(chunk, "rejected")
+                    self._drop(rows, "rejected")
                     continue
-                elif len(chunk) == 1 and not chunks and self._pending:
+                elif len(rows) == 1 and not chunks and self._pending:
                     # A row that failed alone: write the rows queued behind it first, so
                     # their success tells a bad row from an outage (and they are not held).
                     count = min(self.config.batch_size, len(self._pending))
-                    chunks.append(([self._pending.popleft() for _ in range(count)], 0))
-                    chunks.append((chunk, fails))
-                elif len(chunk) == 1 and chunks:
-                    chunks.append((chunk, fails))
+                    chunks.append(_Chunk([self._pending.popleft() for _ in range(count)]))
+                    chunks.append(chunk)
+                elif len(rows) == 1 and chunks:
+                    chunks.append(chunk)
                 else:
-                    chunks.appendleft((chunk, fails))
+                    chunks.appendleft(chunk)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max_s)
                 continue
             chunks.popleft()
-            self.written += len(chunk)
-            self._left += len(chunk)
+            self.written += len(rows)
+            self._left += len(rows)
             delay = self.config.retry_initial_s
             healthy = True
             last_failed = None
