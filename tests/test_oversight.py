@@ -21,6 +21,7 @@ from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from guardrail.api import oversight as oversight_api
 from guardrail.api.errors import APIError
 from guardrail.api.review import expected_action
 from guardrail.app import create_app
@@ -249,6 +250,28 @@ def test_an_unknown_response_id_is_404_in_the_openai_error_shape(client: Client)
             "code": "response_not_found",
         }
     }
+
+
+def test_a_response_whose_audit_row_cannot_be_written_yet_is_503_not_404(
+    client: Client, database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its row waits in the queue: the id may well exist, so the client is told to retry."""
+    locker = sqlite3.connect(database, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # a backup or a long DELETE holds the write lock
+    try:
+        answer = chat(client, "Hello there.")
+        monkeypatch.setattr(oversight_api, "FLUSH_WAIT_S", 0.2)
+
+        response = rate(client, answer["id"], -1)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "audit_unavailable"
+    assert response.headers["retry-after"] == "5"
+    monkeypatch.undo()  # the writer gets the lock back: the retry finds the response
+    assert rate(client, answer["id"], -1).status_code == 200
 
 
 @pytest.mark.parametrize(

@@ -107,21 +107,28 @@ class Oversight:
 
         An exchange this replica finished a moment ago may still wait in the audit
         queue: then the queue is flushed (for at most :data:`FLUSH_WAIT_S`) and the
-        database asked again.
+        database asked again. A queue that could not be written in that time may hold
+        the row asked for, so that is a 503 the client retries, not a final 404.
         """
         found = await self.guarded(self.store.find_response(tenant, response_id))
-        if found is not None or not await self.flush_audit():
+        if found is not None or self.audit is None or not self.audit.depth:
             return found
+        if not await self.flush_audit():
+            log.warning("audit_flush_timed_out", queued=self.audit.depth)
+            raise unavailable()
         return await self.guarded(self.store.find_response(tenant, response_id))
 
     async def flush_audit(self) -> bool:
         """Write this replica's queued audit rows now (waiting :data:`FLUSH_WAIT_S` at
-        most), so what it just served can be found; False if nothing was queued."""
+        most), so what it just served can be found; False if they were not all written
+        (or dropped) in that time."""
         if self.audit is None or not self.audit.depth:
-            return False
-        with contextlib.suppress(TimeoutError):
+            return True
+        try:
             async with asyncio.timeout(FLUSH_WAIT_S):
                 await self.audit.flush()
+        except TimeoutError:
+            return False
         return True
 
     async def save_feedback(self, entry: FeedbackEntry) -> bool:
@@ -146,13 +153,18 @@ class Oversight:
             result = await call
         except Exception as e:
             log.error("oversight_store_failed", error=type(e).__name__)
-            raise APIError(
-                503,
-                "The audit database is not answering; retry shortly.",
-                code="audit_unavailable",
-                headers={"retry-after": "5"},
-            ) from e
+            raise unavailable() from e
         return result
+
+
+def unavailable() -> APIError:
+    """503 ``audit_unavailable``: the audit database did not answer; the client retries."""
+    return APIError(
+        503,
+        "The audit database is not answering; retry shortly.",
+        code="audit_unavailable",
+        headers={"retry-after": "5"},
+    )
 
 
 def build_oversight(gateway: Gateway) -> Oversight | None:
