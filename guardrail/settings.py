@@ -421,6 +421,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         _doc("Audit rows that may wait for the database before one is dropped (and logged)."),
         msgspec.Meta(ge=1),
     ] = 100_000
+    audit_queue_bytes: Annotated[
+        int,
+        _doc(
+            "Bytes of text and JSON (findings, filters) that waiting audit rows may hold in "
+            "memory before one is dropped (and logged)."
+        ),
+        msgspec.Meta(ge=1),
+    ] = 256 * 1024 * 1024
     audit_batch_size: Annotated[
         int, _doc("Most audit rows written in one transaction."), msgspec.Meta(ge=1)
     ] = 500

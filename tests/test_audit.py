@@ -955,6 +955,35 @@ async def test_when_the_queue_is_full_each_extra_record_is_counted_and_logged_by
     assert (stats.recorded, stats.written, stats.dropped) == (13, 10, 3)
 
 
+async def test_when_queued_rows_hold_too_many_bytes_each_extra_record_is_dropped_by_id() -> None:
+    """The row bound alone lets kept prompts of a few MB each fill the memory."""
+    store = GatedStore()
+    prompt = "x" * 100_000
+    audit = AuditLog(store, config(text="redacted", queue_bytes=350_000, batch_size=10))
+    with capture_logs() as logs:
+        for ex in finished(5, prefix="big"):  # not started yet: nothing drains
+            audit.record(ex, text=prompt)
+        await audit.start()
+        store.gate.set()
+        await audit.flush()
+        audit.record(exchange("after"), text=prompt)  # written rows free their bytes
+        await audit.aclose()
+
+    dropped = [e for e in logs if e["event"] == "audit_record_dropped"]
+    assert [(e["request_id"], e["reason"]) for e in dropped] == [
+        ("big-3", "queue_bytes"),
+        ("big-4", "queue_bytes"),
+    ]
+    assert sorted(r.request_id for r in store.rows.values()) == [
+        "after",
+        "big-0",
+        "big-1",
+        "big-2",
+    ]
+    stats = audit.stats()
+    assert (stats.recorded, stats.written, stats.dropped, stats.depth) == (6, 4, 2, 0)
+
+
 async def test_a_failing_store_is_retried_and_nothing_is_lost_once_it_recovers() -> None:
     store = FlakyStore(failures=4)
     exchanges = finished(40)
@@ -1153,6 +1182,7 @@ async def test_a_store_that_cannot_open_stops_startup(tmp_path: Path) -> None:
 class FakeSettings:
     audit_dsn: str | None = None
     audit_queue_size: int = 1000
+    audit_queue_bytes: int = 4096
     audit_batch_size: int = 50
     audit_flush_interval_ms: int = 100
     audit_text: Any = "none"
@@ -1196,13 +1226,20 @@ def test_settings_map_onto_the_audit_log(tmp_path: Path, monkeypatch: pytest.Mon
     assert isinstance(audit.store, SQLiteStore)
     assert audit.store.path == tmp_path / "guardrail" / "audit.db"
     assert (audit.config.queue_size, audit.config.batch_size) == (1000, 50)
+    assert audit.config.queue_bytes == 4096
     assert (audit.config.flush_interval_s, audit.config.text) == (0.1, "redacted")
     assert audit_from_settings(FakeSettings(audit_dsn="off")) is None
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("queue_size", 0), ("batch_size", 0), ("flush_interval_s", -1.0), ("text", "raw")],
+    [
+        ("queue_size", 0),
+        ("queue_bytes", 0),
+        ("batch_size", 0),
+        ("flush_interval_s", -1.0),
+        ("text", "raw"),
+    ],
 )
 def test_a_bad_audit_config_is_refused(field: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=field.removesuffix("_s")):

@@ -49,6 +49,7 @@ def test_defaults_serve_the_default_policy_on_loopback() -> None:
         # An endless window crashed startup (OverflowError in the drift monitor).
         ({"GUARDRAIL_HARMFUL_RATE_BASELINE_S": "inf"}, "$.harmful_rate_baseline_s"),
         ({"GUARDRAIL_HARMFUL_RATE_RECENT_S": "inf"}, "$.harmful_rate_recent_s"),
+        ({"GUARDRAIL_AUDIT_QUEUE_BYTES": "0"}, "$.audit_queue_bytes"),
     ],
 )
 def test_bad_values_are_errors_naming_the_field(env: dict[str, str], fragment: str) -> None:

@@ -30,8 +30,9 @@ Guarantees (what "nothing lost" means here):
 1. A recorded row is written unless one of these happens, and then it is *counted*
    (``AuditStats.dropped``) and *logged by request id* (``audit_record_dropped`` /
    ``audit_records_lost``), never silently lost:
-   a. more than ``queue_size`` rows wait at once (the store is down or slower than
-      the traffic for long enough): each row past the bound is dropped;
+   a. more than ``queue_size`` rows wait at once, or their text and JSON columns take
+      more than ``queue_bytes`` (the store is down or slower than the traffic for long
+      enough): each row past either bound is dropped;
    b. :meth:`AuditLog.aclose` could not write the rest within ``close_timeout_s``
       (the store is down at shutdown);
    c. :meth:`AuditLog.record` is called after :meth:`AuditLog.aclose`.
@@ -44,9 +45,10 @@ Guarantees (what "nothing lost" means here):
 3. :meth:`AuditLog.aclose` (the app's shutdown) writes every queued row, then closes
    the store.
 4. What is *not* covered: a process killed without shutdown (SIGKILL, OOM) loses the
-   rows still queued, at most ``queue_size`` plus one batch. With SQLite's
-   ``synchronous=NORMAL`` a power loss may also undo the last committed batches
-   (never corrupt the file); PostgreSQL keeps its own durability settings.
+   rows still queued, at most ``queue_size`` plus one batch (and ``queue_bytes`` of
+   text). With SQLite's ``synchronous=NORMAL`` a power loss may also undo the last
+   committed batches (never corrupt the file); PostgreSQL keeps its own durability
+   settings.
 
 Errors::
 
@@ -63,6 +65,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -831,6 +834,10 @@ class AuditConfig:
     (SQLite), or ``postgresql://user@host:port/db`` (needs the ``postgres`` extra)."""
     queue_size: int = 100_000
     """Most rows waiting in memory for the store; past it a row is dropped (counted, logged)."""
+    queue_bytes: int = 256 * 1024 * 1024
+    """Most bytes the waiting rows' text and JSON columns may hold in memory; past it a row
+    is dropped (counted, logged). Rows are bounded by count too, but not their size: with
+    redacted text kept, each may carry a whole prompt."""
     batch_size: int = 500
     """Most rows per write (one transaction)."""
     flush_interval_s: float = 0.2
@@ -847,7 +854,7 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if not self.dsn:
             raise ConfigError("audit dsn is empty")
-        for name in ("queue_size", "batch_size"):
+        for name in ("queue_size", "queue_bytes", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"audit {name} must be at least 1")
         for name in ("flush_interval_s", "retry_initial_s", "retry_max_s", "close_timeout_s"):
@@ -871,6 +878,17 @@ class AuditStats:
     """Failed write attempts (each is retried)."""
     depth: int
     """Rows recorded and not yet written or dropped."""
+
+
+def _size(record: AuditRecord) -> int:
+    """Bytes a queued row holds that a client can make large: its text and JSON columns.
+    The rest of a row is a few hundred bytes of ids and numbers, which ``queue_size``
+    bounds."""
+    return sum(
+        sys.getsizeof(value)
+        for value in (record.text, record.findings_json, record.filters_json, record.groups_json)
+        if value is not None
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -917,6 +935,7 @@ class AuditLog:
         self._closing = False
         self._closed = False
         self._flushing = 0  # flush() calls waiting: write at once, without gathering
+        self._bytes = 0  # _size() of the rows queued and in flight
         self._entered = 0  # rows ever appended to the queue ...
         # ... and rows that left it, written or rejected. Rows of one batch may leave out
         # of order, but progress is signalled only once the batch is done, so a flush that
@@ -947,11 +966,21 @@ class AuditLog:
         if len(self._pending) >= self.config.queue_size:
             self._drop([record], "queue_full")
             return
+        size = _size(record)
+        if self._bytes + size > self.config.queue_bytes:
+            self._drop([record], "queue_bytes")
+            return
         self._pending.append(record)
+        self._bytes += size
         self._entered += 1
         depth = len(self._pending)
         if depth == 1 or depth >= self.config.batch_size:
             self._wake()
+
+    def _left_queue(self, records: Sequence[AuditRecord]) -> None:
+        """Rows written or rejected: they no longer wait."""
+        self._left += len(records)
+        self._bytes -= sum(_size(r) for r in records)
 
     def _wake(self) -> None:
         writer = self._writer
@@ -1055,6 +1084,7 @@ class AuditLog:
             left = [r for chunk in self._inflight for r in chunk.rows] + list(self._pending)
             self._inflight.clear()
             self._pending.clear()
+            self._bytes = 0
             if left:
                 self._drop(left, "shutdown")
             if writer is not None:
@@ -1136,7 +1166,7 @@ class AuditLog:
                     chunks.appendleft(_Chunk(rows[half:]))
                     chunks.appendleft(_Chunk(rows[:half]))
                 elif len(rows) == 1 and chunk.refusals >= REJECT_AFTER:
-                    self._left += 1
+                    self._left_queue(rows)
                     self._drop(rows, "rejected")
                     continue
                 elif len(rows) == 1 and not chunks and self._pending:
@@ -1154,7 +1184,7 @@ class AuditLog:
                 continue
             chunks.popleft()
             self.written += len(rows)
-            self._left += len(rows)
+            self._left_queue(rows)
             delay = self.config.retry_initial_s
             healthy = True
             last_failed = None
@@ -1176,6 +1206,8 @@ class AuditSettings(Protocol):
     def audit_dsn(self) -> str | None: ...
     @property
     def audit_queue_size(self) -> int: ...
+    @property
+    def audit_queue_bytes(self) -> int: ...
     @property
     def audit_batch_size(self) -> int: ...
     @property
@@ -1226,6 +1258,7 @@ def audit_from_settings(settings: AuditSettings) -> AuditLog | None:
     config = AuditConfig(
         dsn=dsn or str(default_audit_path()),
         queue_size=settings.audit_queue_size,
+        queue_bytes=settings.audit_queue_bytes,
         batch_size=settings.audit_batch_size,
         flush_interval_s=settings.audit_flush_interval_ms / 1000,
         text=settings.audit_text,
