@@ -372,9 +372,9 @@ def test_a_record_holds_ids_verdicts_scores_and_latency_but_no_text() -> None:
     )
     assert record.findings == [
         {"stage": "input", "filter": "pii", "category": "pii.ssn", "score": 0.9,
-         "action": "redact", "rule_id": "ssn", "concern": "harm"},
+         "action": "redact", "rule_id": "ssn", "concern": "harm", "count": 1},
         {"stage": "output", "filter": "pii", "category": "toxicity", "score": 0.61,
-         "action": "flag", "rule_id": None, "concern": "harm"},
+         "action": "flag", "rule_id": None, "concern": "harm", "count": 1},
     ]  # fmt: skip
     assert record.filters[:2] == [
         {"stage": "input", "filter": "pii", "type": "pii", "status": "ok", "action": "redact",
@@ -399,6 +399,26 @@ def test_an_exchange_without_output_checks_has_no_output_action() -> None:
     assert (record.status_code, record.error_code) == (400, "invalid_request_error")
     assert record.findings == []
     assert record.filters == []
+
+
+def test_alike_findings_are_one_entry_with_their_count_and_top_score() -> None:
+    """A pii filter finds one entity per address: 30,000 addresses made a 3.7 MB row."""
+    addresses = [
+        finding("pii.email", Action.REDACT, score=0.5 + i / 10_000, rule="email")
+        for i in range(3000)
+    ]
+    prompt = decision(Stage.INPUT, *addresses, finding("pii.ssn", Action.REDACT, rule="ssn"))
+    reply = decision(Stage.OUTPUT, *addresses[:2])
+    ex = exchange(decisions=[prompt, decision(Stage.INPUT, *addresses[:10]), reply])
+
+    record = record_from_exchange(ex)
+
+    assert [(f["stage"], f["category"], f["count"], f["score"]) for f in record.findings] == [
+        ("input", "pii.email", 3010, 0.7999),
+        ("input", "pii.ssn", 1, 0.9),
+        ("output", "pii.email", 2, 0.5001),
+    ]
+    assert len(record.findings_json) < 500
 
 
 def test_recording_an_unfinished_exchange_is_a_caller_bug() -> None:
@@ -627,6 +647,32 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_rows(database: Dat
         assert await store.pending_count() == 0
 
 
+async def test_findings_of_rows_written_before_counts_read_as_one_each(
+    database: Database,
+) -> None:
+    new = record_from_exchange(exchange("new"), now=NOW)
+    entries = [{k: v for k, v in f.items() if k != "count"} for f in new.findings]
+    old = dataclasses.replace(
+        record_from_exchange(exchange("old"), now=NOW),
+        findings_json=json.dumps([*entries, entries[0]]),  # one entry per finding then
+    )
+    async with running(database.make_store()) as audit:
+        audit.enqueue(old)
+        audit.enqueue(new)
+
+    async with oversight(database.make_store()) as store:
+        found_old = await store.find_response("acme", "chatcmpl-old")
+        found_new = await store.find_response("acme", "chatcmpl-new")
+    assert found_old is not None
+    assert found_new is not None
+    assert [(f["category"], f["count"]) for f in found_old.findings] == [
+        ("pii.ssn", 1),
+        ("toxicity", 1),
+        ("pii.ssn", 1),
+    ]
+    assert list(found_new.findings) == new.findings
+
+
 async def test_ratings_and_verdicts_round_trip_with_the_decision_they_judged(
     database: Database,
 ) -> None:
@@ -693,7 +739,7 @@ async def test_ratings_and_verdicts_round_trip_with_the_decision_they_judged(
         ]
         assert exported[0].findings == (
             {"stage": "input", "filter": "pii", "category": "weapons", "score": 0.97,
-             "action": "block", "rule_id": "bomb", "concern": "harm"},
+             "action": "block", "rule_id": "bomb", "concern": "harm", "count": 1},
         )  # fmt: skip
         assert await store.verdicts(after=exported[0].seq) == []
         assert await store.verdicts(since=NOW + 7) == []

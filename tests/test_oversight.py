@@ -464,7 +464,7 @@ def test_flagged_and_blocked_exchanges_wait_for_review_with_their_scores(
     assert blocked["policy"] == {"name": "test", "version": "7"}
     assert blocked["findings"] == [
         {"stage": "input", "filter": "words", "category": "weapons", "score": 1.0,
-         "action": "block", "rule_id": "bomb", "concern": "harm"},
+         "action": "block", "rule_id": "bomb", "concern": "harm", "count": 1},
     ]  # fmt: skip
     assert blocked["text"] is None  # the audit log stores no text unless configured
     assert blocked["queued_because"] == "blocked"
@@ -659,9 +659,11 @@ def test_the_export_has_every_verdict_with_its_scores(client: Client, backend: F
     assert table.headers["content-type"].startswith("text/csv")
     assert "attachment" in table.headers["content-disposition"]
     parsed = list(csv.DictReader(io.StringIO(table.text)))
-    assert [(r["request_id"], r["category"], r["score"], r["rule_id"]) for r in parsed] == [
-        (ids["blocked"], "weapons", "1.0", "bomb"),
-        (ids["flagged"], "insult", "1.0", "rude"),
+    assert [
+        (r["request_id"], r["category"], r["score"], r["rule_id"], r["count"]) for r in parsed
+    ] == [
+        (ids["blocked"], "weapons", "1.0", "bomb", "1"),
+        (ids["flagged"], "insult", "1.0", "rude", "1"),
     ]
     assert parsed[0]["reviewer"] == "'=alice"  # never a spreadsheet formula
     after = admin_get(client, "/admin/review/export?since=9999999999").text

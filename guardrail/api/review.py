@@ -71,7 +71,7 @@ EXPORT_PAGE: Final = 500
 CSV_COLUMNS: Final = (
     "id", "request_id", "exchange_time", "tenant", "route", "policy_name", "policy_version",
     "outcome", "action", "verdict", "expected_action", "reviewer", "reviewed_at", "note",
-    "stage", "filter", "category", "score", "finding_action", "rule_id",
+    "stage", "filter", "category", "score", "finding_action", "rule_id", "count",
 )  # fmt: skip
 
 VerdictName = Literal["correct", "false_positive", "false_negative"]
@@ -237,7 +237,7 @@ def _csv_rows(v: ExportedVerdict) -> list[list[Any]]:
         v.review.note,
     ]  # fmt: skip
     if not v.findings:
-        return [[*head, "", "", "", "", "", ""]]
+        return [[*head, "", "", "", "", "", "", ""]]
     return [
         [
             *head,
@@ -247,6 +247,7 @@ def _csv_rows(v: ExportedVerdict) -> list[list[Any]]:
             f.get("score", ""),
             f.get("action", ""),
             f.get("rule_id") or "",
+            f.get("count", 1),
         ]
         for f in v.findings
     ]

@@ -70,7 +70,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -367,7 +367,7 @@ def record_from_exchange(
         )
     finished = time.time() if now is None else now
     epoch = finished - exchange.duration_s
-    findings = [
+    findings = _merged(
         {
             "stage": d.stage.value,
             "filter": _clean(f.filter_id),
@@ -376,10 +376,11 @@ def record_from_exchange(
             "action": f.action.value,
             "rule_id": _clean_opt(f.rule_id),
             "concern": f.concern,
+            "count": 1,
         }
         for d in exchange.decisions
         for f in d.findings
-    ]
+    )
     filters = [
         {
             "stage": d.stage.value,
@@ -428,6 +429,27 @@ def record_from_exchange(
             separators=(",", ":"),
         ),
     )
+
+
+def _merged(findings: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (stage, filter, category, rule, action, concern), in order of first
+    appearance, with how many findings it stands for and the highest score.
+
+    A filter finds one entity per match (a pii filter, one per e-mail address), so a
+    prompt of 30,000 addresses made a 3.7 MB row with ``audit_text: none``: the client,
+    not the policy, chose the row's size. Merged, a row has at most one entry per rule of
+    the policy per stage.
+    """
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for f in findings:
+        key = (f["stage"], f["filter"], f["category"], f["rule_id"], f["action"], f["concern"])
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = f
+        else:
+            seen["count"] += f["count"]
+            seen["score"] = max(seen["score"], f["score"])
+    return list(merged.values())
 
 
 # --- stores ----------------------------------------------------------------------

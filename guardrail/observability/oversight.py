@@ -81,6 +81,11 @@ def _json_list(value: Any) -> list[dict[str, Any]]:
     return list(loaded or [])
 
 
+def _findings(value: Any) -> tuple[dict[str, Any], ...]:
+    # Rows written before identical findings were merged have one entry per finding.
+    return tuple({"count": 1, **f} if isinstance(f, dict) else f for f in _json_list(value))
+
+
 # --- rows ------------------------------------------------------------------------------
 
 
@@ -286,7 +291,7 @@ def _exchange(row: Sequence[Any]) -> AuditedExchange:
         action=row[11],
         input_action=row[12],
         output_action=row[13],
-        findings=tuple(_json_list(row[14])),
+        findings=_findings(row[14]),
         text=row[15],
         feedback_rating=None if row[16] is None else int(row[16]),
         review=review,
@@ -307,7 +312,7 @@ def _exported(row: Sequence[Any]) -> ExportedVerdict:
         action=row[9],
         input_action=row[10],
         output_action=row[11],
-        findings=tuple(_json_list(row[12])),
+        findings=_findings(row[12]),
         review=ReviewVerdict(row[13], row[14], row[15], row[16], float(row[17])),
     )
 
