@@ -328,6 +328,47 @@ def test_an_older_database_without_groups_or_feedback_still_reports(tmp_path: Pa
     conn.close()  # read-only: the report never migrates the gateway's database
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("findings", "{broken", "column findings is not valid JSON"),
+        # Valid JSON of the wrong shape was an AttributeError traceback.
+        ("findings", '{"category": "x"}', "column findings is not a JSON list of objects"),
+        ("findings", '["weapons"]', "column findings is not a JSON list of objects"),
+        ("groups", "zz", "column groups is not valid JSON"),
+        ("groups", "7", "column groups is not a JSON list of objects"),
+        ("duration_ms", "slow", "column duration_ms is not a number"),
+    ],
+)
+def test_a_malformed_row_exits_2_naming_its_id_and_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], column: str, value: str, message: str
+) -> None:
+    db = tmp_path / "audit.db"
+    conn = sqlite3.connect(db)
+    for version in sorted(SQLITE_MIGRATIONS):
+        for statement in SQLITE_MIGRATIONS[version]:
+            conn.execute(statement)
+    for record_id in ("fine", "damaged"):
+        conn.execute(
+            "INSERT INTO audit_log (record_id, request_id, time, epoch, route, tenant, stream, "
+            "policy_name, policy_version, outcome, status_code, action, input_action, "
+            "findings, filters, duration_ms, groups) VALUES (?, 'q', 'now', unixepoch() - 60, "
+            "'chat', 'default', 0, 'p', '1', 'allowed', 200, 'allow', 'allow', '[]', '[]', "
+            "12.5, '[]')",
+            (record_id,),
+        )
+    conn.execute(f"UPDATE audit_log SET {column} = ? WHERE record_id = 'damaged'", (value,))
+    damaged = conn.execute("SELECT id FROM audit_log WHERE record_id = 'damaged'").fetchone()[0]
+    conn.commit()
+    conn.close()
+
+    code = main(["report", "--audit-dsn", str(db), "--out", str(tmp_path / "r.html")])
+
+    assert code == 2
+    assert f"guardrail: audit_log row id {damaged}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_the_report_reads_postgresql_too(
     make_app: Callable[..., Litestar],
     write_policy: Callable[[str], Path],

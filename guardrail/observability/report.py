@@ -42,11 +42,11 @@ import re
 import sqlite3
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 from guardrail.errors import ConfigError, MissingDependencyError
@@ -485,7 +485,8 @@ class ReportBuilder:
 # --- reading the database --------------------------------------------------------------------
 
 _ROW_COLUMNS: Final = (
-    "epoch, route, outcome, input_action, output_action, findings, duration_ms, backend_ms, ttft_ms"
+    "id, epoch, route, outcome, input_action, output_action, findings, duration_ms, "
+    "backend_ms, ttft_ms"
 )
 
 
@@ -506,18 +507,64 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
 
+T = TypeVar("T")
+
+
+class _Unreadable(ValueError):
+    """What is wrong with a column's value (said without the value)."""
+
+
+def _objects(value: Any) -> list[dict[str, Any]] | None:
+    try:
+        loaded = _json(value)
+    except json.JSONDecodeError as e:
+        raise _Unreadable(f"is not valid JSON ({e.msg}, at character {e.pos})") from e
+    if loaded is not None and not (
+        isinstance(loaded, list) and all(isinstance(item, dict) for item in loaded)
+    ):
+        raise _Unreadable("is not a JSON list of objects")
+    return loaded
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Unreadable("is not a number")  # SQLite keeps whatever was written, text too
+    return float(value)
+
+
+def _opt_number(value: Any) -> float | None:
+    return None if value is None else _number(value)
+
+
+def _column(row_id: Any, name: str, read: Callable[[Any], T], value: Any) -> T:
+    """``read(value)``, or a ConfigError naming the row and column it failed on (never the
+    value: a hand-edited or damaged row may hold anything)."""
+    try:
+        return read(value)
+    except _Unreadable as e:
+        raise _bad_row(row_id, name, str(e)) from e
+    except (ValueError, TypeError, RecursionError) as e:  # undecodable bytes, absurd nesting
+        raise _bad_row(row_id, name, "cannot be read") from e
+
+
+def _bad_row(row_id: Any, name: str, why: str) -> ConfigError:
+    return ConfigError(f"audit_log row id {row_id}: column {name} {why}; fix or delete that row")
+
+
 def _row(values: Sequence[Any], with_groups: bool) -> AuditRow:
+    row_id = values[0]
+    findings = _column(row_id, "findings", _objects, values[6])
     return AuditRow(
-        epoch=float(values[0]),
-        route=values[1],
-        outcome=values[2],
-        input_action=values[3],
-        output_action=values[4],
-        findings=_json(values[5]) or [],
-        duration_ms=values[6],
-        backend_ms=values[7],
-        ttft_ms=values[8],
-        groups=_json(values[9]) if with_groups else None,
+        epoch=_column(row_id, "epoch", _number, values[1]),
+        route=values[2],
+        outcome=values[3],
+        input_action=values[4],
+        output_action=values[5],
+        findings=findings or [],
+        duration_ms=_column(row_id, "duration_ms", _opt_number, values[7]),
+        backend_ms=_column(row_id, "backend_ms", _opt_number, values[8]),
+        ttft_ms=_column(row_id, "ttft_ms", _opt_number, values[9]),
+        groups=_column(row_id, "groups", _objects, values[10]) if with_groups else None,
     )
 
 
