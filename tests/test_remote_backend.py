@@ -978,6 +978,14 @@ PROGRESS_FRAMES = {
         ]
     },
     "another choice's text": {"choices": [{"index": 1, "delta": {"content": "word "}}]},
+    # A reasoning model thinks for minutes with content empty (vLLM, DeepSeek, OpenRouter).
+    "reasoning_content": {
+        "choices": [{"index": 0, "delta": {"content": None, "reasoning_content": "so "}}]
+    },
+    "reasoning": {"choices": [{"index": 0, "delta": {"content": "", "reasoning": "so "}}]},
+    "legacy function call": {
+        "choices": [{"index": 0, "delta": {"function_call": {"arguments": "{"}}}]
+    },
 }
 
 

@@ -116,9 +116,15 @@ class _Message(msgspec.Struct):
     content: str | None = None
     # OpenAI's answer to a structured-output request it declines: content is null then.
     refusal: str | None = None
-    # Not passed on; read only as a sign that a stream is moving (see _moves_on). Any
-    # shape is taken: the gateway does not depend on it, so it must not be a 502.
+    # Not passed on; read only as signs that a stream is moving (see _moves_on). Any
+    # shape is taken: the gateway does not depend on them, so they must not be a 502.
     tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    # A reasoning model's thinking (vLLM's reasoning parsers and DeepSeek write
+    # ``reasoning_content``, OpenRouter ``reasoning``): minutes of frames with no content.
+    reasoning_content: Any = None
+    reasoning: Any = None
 
 
 def _message_text(message: _Message | None) -> tuple[str, bool]:
@@ -360,9 +366,10 @@ async def _sse_lines(chunks: AsyncIterator[str]) -> AsyncGenerator[str]:
 
 
 def _moves_on(frame: _Answer) -> bool:
-    """Whether a stream frame is progress: text, a refusal, tool-call data, a finish or the
-    usage. A frame with none of them (``{"choices":[]}``, a role-only delta, empty
-    content) is no more progress than a keepalive comment, so it must not restart the
+    """Whether a stream frame is progress: text, a refusal, tool-call or audio data, a
+    reasoning model's thinking, a finish or the usage. A frame with none of them
+    (``{"choices":[]}``, a role-only delta, empty content) is no more progress than a
+    keepalive comment, so it must not restart the
     stall clock: an upstream sending such frames forever would hold the request, and its
     concurrency slot, for ever. Any choice counts, not only the first: with ``n`` above 1
     the upstream is working while it writes the others."""
@@ -372,7 +379,15 @@ def _moves_on(frame: _Answer) -> bool:
         if choice.finish_reason is not None or choice.text:
             return True
         delta = choice.delta
-        if delta is not None and (delta.content or delta.refusal or delta.tool_calls):
+        if delta is not None and (
+            delta.content
+            or delta.refusal
+            or delta.tool_calls
+            or delta.function_call
+            or delta.audio
+            or delta.reasoning_content
+            or delta.reasoning
+        ):
             return True
     return False
 
