@@ -317,6 +317,22 @@ def test_a_url_in_another_case_keeps_its_own_placeholder() -> None:
     )
 
 
+def test_values_that_differ_by_case_keep_their_own_placeholders_unless_case_is_no_part() -> None:
+    """Keyed by case-folded value, two API keys of a custom entity, a staging and a prod
+    one, were one placeholder: the model's answer about the prod key was restored as the
+    staging key. And folding made "Weiß" and "Weiss" one person."""
+    placeholders = PlaceholderMap()
+    staging = placeholders.assign("API_KEY", "sk-AbCdEfGhIj")
+    prod = placeholders.assign("API_KEY", "sk-abcdefghij")
+    assert staging != prod
+    assert (placeholders.originals[staging], placeholders.originals[prod]) == (
+        "sk-AbCdEfGhIj",
+        "sk-abcdefghij",
+    )
+    assert placeholders.assign("PERSON", "Anna Weiß") != placeholders.assign("PERSON", "Anna Weiss")
+    assert placeholders.assign("PERSON", "Anna Weiß") == placeholders.assign("PERSON", "ANNA WEIß")
+
+
 @pytest.mark.parametrize(
     ("text", "sent"),
     [

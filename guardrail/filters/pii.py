@@ -457,17 +457,21 @@ def _with_repeats(
 
 
 _REPEAT_MIN_CHARS = 3
-# Entities whose values differ by case alone: a URL's path, a Base58 wallet address. A
-# repeat of one in another case is still hidden, but keeps its own placeholder, so each
-# is restored as written.
-_CASE_SENSITIVE = frozenset({"URL", "CRYPTO"})
+# Entities whose values are the same in any case: a name, an email address, a place, an
+# IBAN. Only these: a custom entity (an API key, a token) or a URL's path or a wallet
+# address differs by case alone, and two keys merged into one placeholder had the model's
+# answer about one restored as the other. A repeat of any value in another case is still
+# hidden; outside this list it keeps its own placeholder, each restored as written.
+_CASE_INSENSITIVE = frozenset(
+    {"PERSON", "EMAIL_ADDRESS", "LOCATION", "ORGANIZATION", "NRP", "STREET_ADDRESS", "IBAN_CODE"}
+)
 
 
 def _value_key(entity: str, value: str) -> tuple[str, str]:
     """What makes two values of ``entity`` the same: their case does not ("Jane Doe" and
-    "jane doe", "JANE.DOE@EXAMPLE.COM" and its lower case), except where it is part of
-    the value."""
-    return entity, (value if entity in _CASE_SENSITIVE else value.casefold())
+    "jane doe", "JANE.DOE@EXAMPLE.COM" and its lower case) where it is not part of the
+    value. Lower case, not case folding: "Weiß" and "Weiss" may be two people."""
+    return entity, (value.lower() if entity in _CASE_INSENSITIVE else value)
 
 
 @dataclass(slots=True)
