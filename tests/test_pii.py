@@ -721,6 +721,59 @@ def test_phone_numbers_near_version_and_unit_words_are_still_found(text: str, ph
     assert [text[d.start : d.end] for d in find_phone_numbers(text)] == [phone]
 
 
+@pytest.mark.parametrize(
+    ("text", "phone"),
+    [
+        ("Jane Doe 212-555-0187 days, then", "212-555-0187"),
+        ("Dr. Smith: 212-555-0187 (UTC-5)", "212-555-0187"),
+        ("Jane Doe (212) 555-0187 mins before", "(212) 555-0187"),
+        ("Jane Doe +1 212 555 0187 years ago", "+1 212 555 0187"),
+        ("Jane, 415 555 0187 hours 9-5", "415 555 0187"),
+        ("Jane Doe 2125550187 days", "2125550187"),
+        ("Jane 2125550187 (UTC-5)", "2125550187"),
+        ("contact for the firmware: 212.555.0187", "212.555.0187"),
+        ("build 415.555.0187", "415.555.0187"),
+        ("Mikkel Hansen, +45 20120315", "+45 20120315"),  # a date's digits, international
+        # National formats with a two-digit middle group and a long last one
+        ("Mary: 030.12.345678", "030.12.345678"),
+        ("Jane Doe 0212.55.5018", "0212.55.5018"),
+    ],
+)
+def test_phone_shapes_next_to_time_words_or_after_a_version_word_are_phone_numbers(
+    text: str, phone: str
+) -> None:
+    """A dashed, spaced, parenthesised, international or phone-laid-out dotted number
+    is a phone whatever word follows or precedes it; time words people write beside a
+    phone number (days, hours, mins, years, UTC) are not units."""
+    found = find_phone_numbers(text)
+    assert [text[d.start : d.end] for d in found] == [phone]
+    assert found[0].score == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (
+            "Jane Doe 212-555-0187 days, 212-555-0199 evenings.",
+            "Jane Doe <PHONE_NUMBER_1> days, <PHONE_NUMBER_2> evenings.",
+        ),
+        (
+            "Dr. Smith, (212) 555-0187 (UTC-5), prefers mornings.",
+            "Dr. Smith, <PHONE_NUMBER_1> (UTC-5), prefers mornings.",
+        ),
+        (
+            "Write down Jane's 212-555-0187 mins ago she gave it.",
+            "Write down Jane's <PHONE_NUMBER_1> mins ago she gave it.",
+        ),
+    ],
+)
+async def test_when_a_time_word_follows_a_phone_number_then_it_is_still_redacted(
+    guard: Guard, text: str, redacted: str
+) -> None:
+    """These went to the model as written (the second and third checks allowed)."""
+    assert await check_all(guard, conversation(text)) == [redacted]
+
+
 def test_card_numbers_outside_the_common_issuers_need_luhn_and_a_card_word() -> None:
     assert luhn_valid("4111111111111111")
     assert not luhn_valid("4111111111111112")

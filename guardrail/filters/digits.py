@@ -12,12 +12,16 @@ with spaces, dots, dashes or parentheses, a leading ``+`` or ``00``, an extensio
   at``...) or just after it (``... office``, ``... mobile``): 0.5;
 - otherwise, valid for its own country code or in one of Presidio's eight default
   regions, unless it is shaped like an amount (``129 000 000``), an SSN or a ZIP+4
-  code, is a bare run of fewer than 10 digits, holds a compact date (``20240115``), is
-  a dotted version (``550.54.15``: a middle or last group of one or two digits), follows
-  the name of another identifier (``license number``, ``order``, ``account``,
-  ``epoch``), follows a version word (``driver``, ``build``, ``kernel``, ``version``)
-  dotted or unseparated, or has a unit after it (``nanoseconds``, ``ms``, ``bytes``,
-  ``(unix time)``): 0.5;
+  code, is a bare run of fewer than 10 digits, or follows the name of another
+  identifier (``license number``, ``order``, ``account``, ``epoch``), and, for a bare
+  run or a dotted number only, unless it holds a compact date (``20240115``), is a
+  dotted version (``550.54.15``, ``5.15.0``: a last group of one or two digits, or a
+  middle one of one or two before a last of at most three), follows a version word
+  (``driver``, ``build``, ``kernel``, ``version``) or has a technical unit after it
+  (``nanoseconds``, ``ms``, ``bytes``, ``(unix time)``): 0.5. Dashed, spaced,
+  parenthesised and international numbers, and dotted ones laid out as a phone
+  (``212.555.0187``), are never taken for versions or times, and the words people
+  write beside a phone number (``days``, ``hours``, ``mins``, ``(UTC-5)``) are not units;
 - otherwise, written in international form (``+447700 921 916``): 0.45;
 - anything else is not reported: bare digit groups are as often amounts, ids or codes.
 
@@ -93,18 +97,21 @@ _VERSION_BEFORE = re.compile(
     r"\b(?:version|ver|v|driver|build|kernel|release|firmware|revision|rev)[\s:#.=-]*$",
     re.IGNORECASE,
 )
-# A dotted triple with a middle or last group of one or two digits ("535.104.05",
-# "10.0.19041"); dotted phone numbers end in groups of three or four ("212.555.0123",
-# "03.123.4567").
-_VERSION_SHAPE = re.compile(r"^\d+\.(?:\d{1,2}\.\d+|\d+\.\d{1,2})$")
+# A dotted triple with a last group of one or two digits ("535.104.05"), or a middle
+# group of one or two and a last of at most three ("5.15.0"). Dotted phone numbers end in
+# groups of three or four ("212.555.0123", "03.123.4567"), and national ones with a
+# two-digit middle group end in a long one ("0212.55.5018", "030.12.345678").
+_VERSION_SHAPE = re.compile(r"^\d+\.(?:\d{1,2}\.\d{1,3}|\d+\.\d{1,2})$")
+# A dotted number laid out as a phone number: a group of three, then one of four.
+_DOTTED_PHONE = re.compile(r"^\d{2,4}\.\d{3}\.\d{4}$")
 # A year-month-day date written without separators, 1900-2099, as a whole digit group.
 _COMPACT_DATE = re.compile(r"(?<!\d)(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?!\d)")
-# Units of time and data after a number. Not "us" or "GB", which after a phone number
-# are its country.
+# Technical units of time and data after a number. Not the words people write next to a
+# phone number ("212-555-0187 days", "(UTC-5)", "24 hours", "mins ago"), nor "us" or
+# "GB", which after a phone number are its country.
 _UNIT_AFTER = re.compile(
-    r"^[ \t]*\(?[ \t]*(?:(?:nano|micro|milli)?seconds?|[n\u00b5\u03bc]s|ms|secs?|minutes?"
-    r"|mins?|hours?|hrs?|days?|years?|(?:kilo|mega|giga|tera)?bytes?|[kmgt]ib|bits?|ticks?"
-    r"|cycles?|unix|epoch|utc)\b",
+    r"^[ \t]*\(?[ \t]*(?:(?:nano|micro|milli)seconds?|[n\u00b5\u03bc]s|ms"
+    r"|(?:kilo|mega|giga|tera)?bytes?|[kmgt]ib|bits?|ticks?|cycles?|unix|epoch)\b",
     re.IGNORECASE,
 )
 _CARD_BEFORE = re.compile(
@@ -153,11 +160,20 @@ def _valid_phone(body: str) -> bool:
 
 def _version_or_time(body: str, before: str, after: str) -> bool:
     """Whether a number between ``before`` and ``after`` reads as a version, a build id,
-    a compact date or a quantity of time or data rather than a phone number."""
+    a compact date or a quantity of time or data rather than a phone number.
+
+    Only a bare digit run or a dotted number can be one: groups split by dashes or spaces
+    (``212-555-0187``), a parenthesised area code, the international form and a dotted
+    number laid out as a phone (``212.555.0187``) are a phone's shapes, whatever word is
+    next to them."""
+    if body.startswith(("+", "00")) or "(" in body:
+        return False
+    if not body.isdigit() and ("." not in body or _DOTTED_PHONE.match(body)):
+        return False
     return bool(
         _VERSION_SHAPE.match(body)
         or _COMPACT_DATE.search(body)
-        or (("." in body or body.isdigit()) and _VERSION_BEFORE.search(before))
+        or _VERSION_BEFORE.search(before)
         or _UNIT_AFTER.match(after)
     )
 
