@@ -274,6 +274,32 @@ def test_a_response_whose_audit_row_cannot_be_written_yet_is_503_not_404(
     assert rate(client, answer["id"], -1).status_code == 200
 
 
+def test_when_the_audit_database_is_locked_an_id_not_in_the_queue_is_still_404(
+    client: Client, database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an id among the rows waiting to be written is 503: an id that never existed,
+    or another tenant's, was 503 with Retry-After on every retry for the whole outage."""
+    locker = sqlite3.connect(database, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        answer = chat(client, "Hello there.")  # its row waits in the queue
+        monkeypatch.setattr(oversight_api, "FLUSH_WAIT_S", 0.2)
+
+        unknown = [rate(client, "chatcmpl-does-not-exist", -1) for _ in range(2)]
+        other_tenant = rate(client, answer["id"], -1, key=BETA)
+        queued = rate(client, answer["id"], -1)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+    for response in [*unknown, other_tenant]:
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "response_not_found"
+        assert "retry-after" not in response.headers
+    assert queued.status_code == 503, queued.text
+    assert queued.json()["error"]["code"] == "audit_unavailable"
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

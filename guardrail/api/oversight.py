@@ -28,6 +28,7 @@ from guardrail.observability.oversight import (
     FeedbackEntry,
     OversightStore,
     ReviewEntry,
+    answers,
     oversight_store_for,
 )
 
@@ -107,16 +108,25 @@ class Oversight:
 
         An exchange this replica finished a moment ago may still wait in the audit
         queue: then the queue is flushed (for at most :data:`FLUSH_WAIT_S`) and the
-        database asked again. A queue that could not be written in that time may hold
-        the row asked for, so that is a 503 the client retries, not a final 404.
+        database asked again. If the queue could not be written in that time and still
+        holds the row asked for, that is a 503 the client retries; an id it does not hold
+        is in the database or nowhere, so the database's answer is final (a 404 for an id
+        that never existed, however long the outage lasts).
         """
         found = await self.guarded(self.store.find_response(tenant, response_id))
-        if found is not None or self.audit is None or not self.audit.depth:
+        audit = self.audit
+        if found is not None or audit is None or not audit.depth:
             return found
-        if not await self.flush_audit():
-            log.warning("audit_flush_timed_out", queued=self.audit.depth)
+        if await self.flush_audit():
+            return await self.guarded(self.store.find_response(tenant, response_id))
+        # Looked at before asking again: a row that leaves the queue meanwhile was
+        # written (the second answer finds it) or dropped (it will never be found).
+        queued = audit.holds(lambda record: answers(record, tenant, response_id))
+        found = await self.guarded(self.store.find_response(tenant, response_id))
+        if found is None and queued:
+            log.warning("audit_flush_timed_out", queued=audit.depth)
             raise unavailable()
-        return await self.guarded(self.store.find_response(tenant, response_id))
+        return found
 
     async def flush_audit(self) -> bool:
         """Write this replica's queued audit rows now (waiting :data:`FLUSH_WAIT_S` at

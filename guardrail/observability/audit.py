@@ -70,7 +70,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -1038,6 +1038,17 @@ class AuditLog:
     def depth(self) -> int:
         """Rows recorded and not yet written or dropped (queued plus the batch in flight)."""
         return len(self._pending) + sum(len(c.rows) for c in self._inflight)
+
+    def holds(self, match: Callable[[AuditRecord], bool]) -> bool:
+        """Whether a row not yet written or dropped (queued or in flight) satisfies
+        ``match``: a row asked for that is not here is in the database or never will be."""
+        # Call on the writer's loop, where the batch in flight changes. Rows recorded from
+        # another thread only append to the queue, and copying a deque is one C call that
+        # such an append cannot interleave with.
+        queued = tuple(self._pending)
+        return any(match(r) for chunk in self._inflight for r in chunk.rows) or any(
+            match(r) for r in queued
+        )
 
     def stats(self) -> AuditStats:
         return AuditStats(

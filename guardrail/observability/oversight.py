@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 
 from guardrail.observability.audit import (
     REVIEW_OUTCOMES,
+    AuditRecord,
     AuditStore,
     PostgresStore,
     SQLiteStore,
@@ -59,6 +60,7 @@ __all__ = [
     "ReviewEntry",
     "ReviewStatus",
     "ReviewVerdict",
+    "answers",
     "iso_time",
     "oversight_store_for",
 ]
@@ -242,6 +244,32 @@ _FIND_RESPONSE: Final = (
 ORDER BY CASE WHEN a.response_id = ? THEN 0 ELSE 1 END, a.id DESC LIMIT 1"""
 )
 _PREFIX_ROUTES: Final = {"chatcmpl-": "chat", "cmpl-": "completions", "modr-": "moderations"}
+
+
+def _bare_id(response_id: str) -> tuple[str, str]:
+    """The request id a response id was made from and the route it names (the id itself
+    and "" for an id without a known prefix): how rows of schema version 1 are found."""
+    for prefix, route in _PREFIX_ROUTES.items():
+        if response_id.startswith(prefix):
+            return response_id.removeprefix(prefix), route
+    return response_id, ""
+
+
+def answers(record: AuditRecord, tenant: str, response_id: str) -> bool:
+    """Whether ``find_response(tenant, response_id)`` finds ``record`` once it is written:
+    the terms of ``_FIND_RESPONSE``, asked of a row still in the audit queue."""
+    response_id = _clean(response_id) or ""
+    bare, route = _bare_id(response_id)
+    return (
+        record.input_action is not None
+        and _clean(record.tenant) == _clean(tenant)
+        and (
+            _clean(record.response_id) == response_id
+            or _clean(record.request_id) == response_id
+            or (_clean(record.request_id) == bare and record.route == route)
+        )
+    )
+
 
 _UPSERT_FEEDBACK: Final = """
 INSERT INTO audit_feedback (record_id, response_id, request_id, tenant, route, policy_name,
@@ -441,11 +469,7 @@ class OversightStore:
         # Stored ids never hold NUL (the audit log writes it as U+FFFD, and PostgreSQL
         # refuses a NUL even as a query parameter): ask for what would have been stored.
         response_id = _clean(response_id) or ""
-        bare, route = response_id, ""
-        for prefix, prefix_route in _PREFIX_ROUTES.items():
-            if response_id.startswith(prefix):
-                bare, route = response_id.removeprefix(prefix), prefix_route
-                break
+        bare, route = _bare_id(response_id)
         params = (response_id, response_id, bare, route, _clean(tenant), response_id)
         rows = await self._call(self._rows, _FIND_RESPONSE, params)
         return _exchange(rows[0]) if rows else None
