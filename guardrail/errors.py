@@ -20,6 +20,11 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass
+from typing import Final
+
+# The error code OpenAI answers a prompt (or a prompt and max_tokens) over the model's
+# context with: its SDKs and LangChain look for it to trim a conversation's history.
+CONTEXT_LENGTH_EXCEEDED: Final = "context_length_exceeded"
 
 
 class GuardrailError(Exception):
@@ -79,7 +84,11 @@ class BackendError(GuardrailError):
     The message is the gateway's own words. ``upstream_message`` is what the upstream
     itself said (its error message), kept apart: it is model-side text that may echo
     the prompt, so it is never logged, and a client sees it only once the policy's
-    output filters passed it.
+    output filters passed it. ``code`` and ``param`` are the error's fields in the
+    client's answer, where one more precise than the class's code helps the client:
+    ``context_length_exceeded`` with ``param`` ``messages`` (or ``prompt``) is what
+    OpenAI answers for a prompt the model cannot hold, and what its SDKs and LangChain
+    look for to trim a conversation's history.
     """
 
     status = 502
@@ -92,10 +101,15 @@ class BackendError(GuardrailError):
         status: int | None = None,
         retry_after_s: float | None = None,
         upstream_message: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
+        if code is not None:
+            self.code = code
+        self.param = param
         # When a retry can next succeed (an open circuit's next trial), for Retry-After.
         self.retry_after_s = retry_after_s
         self.upstream_message = upstream_message

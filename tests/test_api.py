@@ -17,7 +17,12 @@ from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
 from guardrail.api.serving import MODELS_REFRESH_S
-from guardrail.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
+from guardrail.errors import (
+    BackendBadResponse,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+)
 from guardrail.guard.types import Action, Finding, Stage, Verdict
 from tests.conftest import ADMIN_KEY_SHA256, AS_ADMIN
 from tests.fakes.backend import FakeBackend
@@ -380,6 +385,24 @@ def test_a_request_without_a_token_limit_gets_the_default_one(
         (default, "max_tokens"),
         (9, "max_tokens"),
     ]
+
+
+def test_only_a_token_limit_the_client_did_not_set_is_marked_as_the_default(
+    client: Client, backend: FakeBackend
+) -> None:
+    """A backend may lower the gateway's default to the room the model's context leaves,
+    but must refuse a client's own limit that does not fit: it has to know which it got."""
+    sent = [
+        ("/v1/chat/completions", chat("hi")),
+        ("/v1/completions", {"model": "fake-model", "prompt": "Once"}),
+        ("/v1/chat/completions", chat("hi", max_tokens=9)),
+        ("/v1/chat/completions", chat("hi", max_completion_tokens=9)),
+        ("/v1/completions", {"model": "fake-model", "prompt": "Once", "max_tokens": 9}),
+    ]
+    for route, body in sent:
+        assert client.post(route, json=body).status_code == 200
+    marked = [r.params.max_tokens_is_default for r in backend.requests]
+    assert marked == [True, True, False, False, False]
 
 
 def test_the_default_token_limit_goes_under_the_configured_name_on_chat(
@@ -1628,6 +1651,34 @@ def test_a_backend_refusing_the_request_is_an_invalid_request_not_a_backend_erro
     backend.error = BackendBadResponse("garbage")  # type: ignore[assignment]
     assert client.post("/v1/chat/completions", json=chat("hi", stream=stream)).status_code == 502
     assert count("guardrail_backend_errors_total", failed) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_over_the_context_is_answered_with_openais_code_and_param(
+    client: Client, backend: FakeBackend, metrics_registry: CollectorRegistry, stream: bool
+) -> None:
+    """``context_length_exceeded`` on ``messages``, as OpenAI answers: the openai SDK and
+    LangChain look for that code to trim a conversation (it came as ``backend_error``,
+    param null). It stays the client's invalid request, not a backend error."""
+    backend.error = BackendError(
+        "the prompt has 9031 tokens; the model's context is 8192",
+        status=400,
+        code="context_length_exceeded",
+        param="messages",
+    )
+    r = client.post("/v1/chat/completions", json=chat("hi", stream=stream))
+    assert r.status_code == 400
+    error = assert_openai_error(r.json())
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+    )
+    assert "9031 tokens" in error["message"]
+    refused = {"route": "chat", "outcome": "invalid_request"}
+    assert metrics_registry.get_sample_value("guardrail_requests_total", refused) == 1
+    failed = {"backend": "fake", "code": "context_length_exceeded"}
+    assert metrics_registry.get_sample_value("guardrail_backend_errors_total", failed) is None
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])

@@ -424,7 +424,71 @@ async def test_a_response_format_the_engine_cannot_keep_is_refused_not_ignored(
 async def test_when_the_prompt_exceeds_the_context_then_bad_request(local: LocalBackend) -> None:
     with pytest.raises(BackendError, match="context") as raised:
         await local.generate(chat("word " * 9000))
-    assert raised.value.status == 400
+    # OpenAI's code and param: the openai SDK and LangChain trim history on them.
+    assert (raised.value.status, raised.value.code, raised.value.param) == (
+        400,
+        "context_length_exceeded",
+        "messages",
+    )
+
+
+def _answering(model: Any, token: int) -> Any:
+    """``model`` with an output head that always picks ``token`` (never EOS, so every
+    answer runs to its token budget)."""
+    import torch
+
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[token] = 10.0
+    model.lm_head = head
+    return model
+
+
+@slow
+@pytest.mark.parametrize("kind", ["messages", "prompt"])
+async def test_a_clients_max_tokens_past_the_context_is_refused_and_a_default_is_lowered(
+    loaded: tuple[Any, Any], kind: str
+) -> None:
+    """A client's max_tokens that does not fit after the prompt was cut to the room left
+    with nothing to say so (an answer cut at "length"): it is refused, as OpenAI and vLLM
+    refuse it. A limit the client did not set is lowered to the room left."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = loaded
+    context = 64
+    model = tiny_decoder(LlamaConfig, LlamaForCausalLM, tokenizer, max_position_embeddings=context)
+    _answering(model, tokenizer.convert_tokens_to_ids("a"))
+    backend = LocalBackend(model, tokenizer, model_name="tiny-llama")
+
+    def ask(max_tokens: int | None, *, is_default: bool = False) -> GenerationRequest:
+        params = SamplingParams(max_tokens=max_tokens, max_tokens_is_default=is_default)
+        if kind == "messages":
+            messages = (Message("user", QUESTION),)
+            return GenerationRequest("tiny-llama", "t", messages=messages, params=params)
+        return GenerationRequest("tiny-llama", "t", prompt=QUESTION, params=params)
+
+    try:
+        prompt_tokens = (await backend.generate(ask(1))).prompt_tokens
+        assert prompt_tokens is not None
+        room = context - prompt_tokens
+        fits = await backend.generate(ask(room))
+        assert (fits.completion_tokens, fits.finish_reason) == (room, "length")
+        with pytest.raises(BackendError, match=f"asks for {room + 1} more") as refused:
+            await backend.generate(ask(room + 1))
+        assert (refused.value.status, refused.value.code, refused.value.param) == (
+            400,
+            "context_length_exceeded",
+            kind,
+        )
+        with pytest.raises(BackendError, match=f"asks for {room + 1} more"):
+            await collect(backend.stream(ask(room + 1)))
+        for lowered in (ask(room + 10, is_default=True), ask(None)):
+            answer = await backend.generate(lowered)
+            assert (answer.completion_tokens, answer.finish_reason) == (room, "length")
+    finally:
+        await backend.aclose()
 
 
 @slow

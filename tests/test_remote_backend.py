@@ -322,6 +322,44 @@ async def test_refuse_400_mode_keeps_the_upstream_message_apart(
 
 
 @pytest.mark.parametrize(
+    ("error", "code", "param"),
+    [
+        # OpenAI's answer to a prompt over the context: a client trims its history on it.
+        (
+            {"code": "context_length_exceeded", "param": "messages"},
+            "context_length_exceeded",
+            "messages",
+        ),
+        ({"code": "context_length_exceeded", "param": "x" * 50}, "context_length_exceeded", None),
+        ({"code": "invalid_value", "param": "messages"}, "backend_bad_response", None),
+        ({"code": 400, "param": None}, "backend_bad_response", None),  # vLLM's shape
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_context_length_exceeded_keeps_its_code(
+    error: dict[str, Any], code: str, param: str | None, stream: bool
+) -> None:
+    """It became ``backend_bad_response``, which no client acts on; other upstream codes
+    (and params) stay the gateway's own."""
+    body = json.dumps({"error": {"message": REFUSAL, "type": "invalid", **error}}).encode()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, content=body)
+
+    async def ask(remote: RemoteBackend) -> object:
+        if stream:
+            return await collect(remote.stream(chat_request()))
+        return await remote.generate(chat_request())
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(BackendBadResponse) as caught:
+            await ask(backend(client, "http://up.test/v1"))
+
+    assert (caught.value.status, caught.value.code, caught.value.param) == (400, code, param)
+    assert caught.value.upstream_message == REFUSAL
+
+
+@pytest.mark.parametrize(
     "body",
     [
         b'{"error": {"message": "' + b"x" * 1000 + b'"}}',

@@ -93,7 +93,7 @@ def from_backend_error(e: BackendError, upstream_message: str | None = None) -> 
         wait = e.retry_after_s if e.retry_after_s is not None else 1
         headers = {"retry-after": str(max(1, math.ceil(wait)))}
     message = f"{e}: {upstream_message}" if upstream_message else str(e)
-    return APIError(e.status, message, code=e.code, headers=headers)
+    return APIError(e.status, message, code=e.code, param=e.param, headers=headers)
 
 
 def _validation_message(exc: ValidationException) -> tuple[str, str | None]:

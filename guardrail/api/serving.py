@@ -1432,6 +1432,9 @@ def _sampling(
 ) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
+        max_tokens_is_default=(
+            body.max_tokens is None and getattr(body, "max_completion_tokens", None) is None
+        ),
         temperature=body.temperature,
         top_p=body.top_p,
         stop=body.stop_list(),

@@ -55,6 +55,11 @@ class SamplingParams:
     """The name a remote backend is sent ``max_tokens`` under: the client's own
     (``max_completion_tokens`` for OpenAI's newer models, which refuse the old name),
     and on a chat that set no limit, the ``default_max_tokens_field`` setting's."""
+    max_tokens_is_default: bool = False
+    """``max_tokens`` is the gateway's default (``default_max_tokens``), not a limit the
+    client set. A backend may lower a default to the room the model's context leaves
+    after the prompt; a client's own limit that does not fit is refused (400
+    ``context_length_exceeded``), as OpenAI and vLLM refuse it."""
 
 
 @dataclass(frozen=True, slots=True)

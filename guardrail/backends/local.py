@@ -69,6 +69,7 @@ from guardrail.backends.engine import (
 )
 from guardrail.chat import Message
 from guardrail.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
     BackendError,
     ConfigError,
     MissingDependencyError,
@@ -577,18 +578,38 @@ class LocalBackend:
         )
 
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
-        """The prompt's token ids and the token budget (on the engine's thread)."""
+        """The prompt's token ids and the token budget (on the engine's thread).
+
+        A prompt the context cannot hold, or a client's own ``max_tokens`` that does not
+        fit after it, is refused (400 ``context_length_exceeded``, as OpenAI and vLLM
+        answer): cut silently, the client's limit came back as an answer cut short
+        (``length``) with nothing to say why. A limit the client did not set (the
+        gateway's default, this backend's) is lowered to the room left instead.
+        """
         ids = self._encode(request)
         prompt_tokens = len(ids)
         params = request.params
+        own = params.max_tokens is not None and not params.max_tokens_is_default
         max_new = params.max_tokens if params.max_tokens is not None else self._default_max_tokens
         if self._context is not None:
             room = self._context - prompt_tokens
+            param = "prompt" if request.messages is None else "messages"
             if room <= 0:
                 raise BackendError(
                     f"the prompt has {prompt_tokens} tokens; the model's context is "
                     f"{self._context}",
                     status=400,
+                    code=CONTEXT_LENGTH_EXCEEDED,
+                    param=param,
+                )
+            if own and max_new > room:
+                raise BackendError(
+                    f"the prompt has {prompt_tokens} tokens and {params.max_tokens_field} "
+                    f"asks for {max_new} more; the model's context is {self._context}, so at "
+                    f"most {room} can follow this prompt",
+                    status=400,
+                    code=CONTEXT_LENGTH_EXCEEDED,
+                    param=param,
                 )
             max_new = min(max_new, room)
         return ids, max_new

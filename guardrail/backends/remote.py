@@ -43,6 +43,7 @@ Mapping of failures to the gateway's answer:
 upstream                                    raised
 ==========================================  ==========================================
 400, 413, 422                               BackendBadResponse, status 400, upstream message
+                                            (and its code ``context_length_exceeded``)
 429                                         BackendBadResponse, status 429, upstream message
 401, 403                                    BackendBadResponse, status 502, names the status
 404, other 4xx                              BackendBadResponse, status 502, upstream message
@@ -89,6 +90,7 @@ from guardrail.backends.breaker import CircuitBreaker, CircuitState
 from guardrail.backends.transport import AiohttpTransport
 from guardrail.chat import Message
 from guardrail.errors import (
+    CONTEXT_LENGTH_EXCEEDED,
     BackendBadResponse,
     BackendError,
     BackendTimeout,
@@ -264,6 +266,27 @@ def _upstream_message(content: bytes) -> str | None:
     return text or None
 
 
+# Upstream error codes a client acts on, passed on with the upstream's 400 (any other
+# code becomes the gateway's own): a client trims its history on this one.
+_KEPT_CODES = frozenset({CONTEXT_LENGTH_EXCEEDED})
+# The request fields a kept code may point at; anything else is left out (null).
+_KEPT_PARAMS = frozenset({"messages", "prompt"})
+
+
+def _upstream_code(content: bytes) -> tuple[str | None, str | None]:
+    """The upstream's error ``code`` and ``param`` where the code is one the gateway passes
+    on (:data:`_KEPT_CODES`), else ``(None, None)``."""
+    try:
+        body = _ANY.decode(content)
+    except msgspec.DecodeError:
+        return None, None
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or error.get("code") not in _KEPT_CODES:
+        return None, None
+    param = error.get("param")
+    return str(error["code"]), param if param in _KEPT_PARAMS else None
+
+
 def _retry_after(value: str | None) -> float | None:
     """An upstream Retry-After in seconds (a date form is ignored), capped at an hour."""
     try:
@@ -286,10 +309,13 @@ def _status_error(
             upstream_status=status,
         )
     if status in (400, 413, 422):
+        code, param = _upstream_code(content)
         return BackendBadResponse(
             f"backend rejected the request (HTTP {status})",
             status=400,
             upstream_message=_upstream_message(content),
+            code=code,
+            param=param,
         )
     if status == 429:
         return BackendBadResponse(
