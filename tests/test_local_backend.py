@@ -969,6 +969,56 @@ async def test_a_client_that_left_the_queue_frees_its_place(loaded: tuple[Any, A
 
 
 @slow
+async def test_clients_that_leave_the_queue_no_longer_count_in_its_depth(
+    loaded: tuple[Any, Any],
+) -> None:
+    """Work whose client left was dropped only at the next submit or admission: while
+    the batch stayed full, ``queue_depth`` and its gauge counted clients long gone."""
+    from prometheus_client import CollectorRegistry
+
+    from guardrail.observability.metrics import GatewayMetrics
+
+    model, tokenizer = loaded
+    registry = CollectorRegistry()
+    backend = LocalBackend(model, tokenizer, model_name="m", max_batch_size=1, max_queue=8)
+    backend.observe(GatewayMetrics(registry))
+    held, release = threading.Event(), threading.Event()
+
+    def hold(_delta: str) -> None:
+        # The engine waits here on the occupant's first text: the batch stays full.
+        held.set()
+        release.wait(30)
+
+    occupant = Work(
+        request_id="occupant",
+        params=SamplingParams(max_tokens=400),
+        prepare=lambda: (tokenizer("Once upon a time")["input_ids"], 400),
+        emit=hold,
+        cancelled=threading.Event(),
+    )
+
+    def depth_gauge() -> float | None:
+        return registry.get_sample_value("guardrail_engine_queue_depth")
+
+    try:
+        backend.engine.submit(occupant)
+        assert await asyncio.to_thread(held.wait, 30)
+        waiting = [asyncio.create_task(backend.generate(chat(max_tokens=2))) for _ in range(2)]
+        waiting.append(asyncio.create_task(collect(backend.stream(chat(max_tokens=2)))))
+        await asyncio.sleep(0)  # each task submits its work before its first wait
+        assert (backend.engine.queue_depth, depth_gauge()) == (3, 3.0)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert (backend.engine.queue_depth, depth_gauge()) == (0, 0.0)
+        assert not occupant.future.done()  # the batch was full all along
+    finally:
+        occupant.cancelled.set()
+        release.set()
+        await backend.aclose()
+
+
+@slow
 def test_the_gateway_answers_429_with_retry_after_when_the_engine_is_full(
     loaded: tuple[Any, Any], test_policy: Path
 ) -> None:

@@ -23,7 +23,9 @@ How the batch is kept:
   engine runs one sequence at a time and says so in the log.
 - The queue is bounded: once the batch is full and ``max_queue`` requests wait,
   ``submit`` refuses at once (429 with Retry-After) instead of letting the wait grow
-  without bound.
+  without bound. A consumer that goes away while its request waits (``withdraw``)
+  takes it out of the queue at once: it holds no place, and the queue depth counts
+  only requests still wanted.
 - When idle, the scheduler waits up to ``max_wait_ms`` after the first arrival for
   others to batch with; once a batch runs, arrivals join between steps without waiting.
 - On CUDA the model's attention runs on PyTorch's flash and math backends only.
@@ -443,7 +445,8 @@ class Engine:
             if self._closed:
                 raise BackendUnavailable("the local backend is closed")
             # Free places in the batch first, then max_queue waiting. A client that left
-            # while it waited holds no place: its work is dropped here, not at admission.
+            # while it waited holds no place: work whose ``cancelled`` was set without a
+            # ``withdraw`` is dropped here, not at admission.
             gone = [w for w in self._pending if w.cancelled.is_set()]
             if gone:
                 self._pending = collections.deque(
@@ -461,6 +464,24 @@ class Engine:
             self._pending.append(work)
             depth = len(self._pending)
             self._cond.notify()
+        self._observe("engine_queue_depth", depth)
+
+    def withdraw(self, work: Work) -> None:
+        """``work``'s consumer is done with it or has gone (any thread).
+
+        A running row leaves the batch at the next step. Work still waiting for a place
+        leaves the queue now, and the new depth is reported: dropped only at the next
+        submit or admission, a client that left kept counting in ``queue_depth`` and its
+        gauge for as long as the batch stayed full.
+        """
+        work.cancelled.set()
+        with self._cond:
+            try:
+                self._pending.remove(work)  # by identity (``Work`` has eq=False)
+            except ValueError:  # admitted, finished, or dropped already
+                return
+            depth = len(self._pending)
+        _settle(work.future, Outcome("", "stop", 0, 0))
         self._observe("engine_queue_depth", depth)
 
     def close(self) -> None:

@@ -479,11 +479,12 @@ class LocalBackend:
     # -- protocol
 
     async def generate(self, request: GenerationRequest) -> Completion:
-        cancelled = threading.Event()
+        work = self._work(request, _discard, threading.Event())
         try:
-            outcome = await self._submit(request, _discard, cancelled)
+            outcome = await self._submit(work)
         finally:
-            cancelled.set()
+            # Done, or the caller went away: a request still queued leaves the queue now.
+            self.engine.withdraw(work)
         return Completion(
             text=outcome.text,
             finish_reason=outcome.finish_reason,
@@ -509,8 +510,9 @@ class LocalBackend:
                 done.exception()
             deltas.put_nowait(None)
 
+        work = self._work(request, emit, cancelled)
         try:
-            future = self._submit(request, emit, cancelled)
+            future = self._submit(work)
             future.add_done_callback(on_done)
             # Deltas are scheduled on the loop before the future completes, so the
             # None that on_done queues comes after the last of them.
@@ -524,8 +526,9 @@ class LocalBackend:
                 completion_tokens=outcome.completion_tokens,
             )
         finally:
-            # Closed early (client gone) or done: either way the row leaves the batch.
-            cancelled.set()
+            # Closed early (client gone) or done: either way the row leaves the batch, or
+            # the queue if it still waits there.
+            self.engine.withdraw(work)
 
     async def health(self) -> bool:
         return not self.engine.closed
@@ -542,13 +545,13 @@ class LocalBackend:
 
     # -- internals
 
-    def _submit(
+    def _work(
         self,
         request: GenerationRequest,
         emit: Callable[[str], None],
         cancelled: threading.Event,
-    ) -> asyncio.Future[Outcome]:
-        work = Work(
+    ) -> Work:
+        return Work(
             request_id=request.request_id,
             params=self._with_defaults(request.params),
             prepare=lambda: self._prepare(request),
@@ -557,6 +560,8 @@ class LocalBackend:
             continues=_COMPLETION_CONTEXT_TOKENS if request.messages is None else 0,
             cache_scope=request.cache_scope,
         )
+
+    def _submit(self, work: Work) -> asyncio.Future[Outcome]:
         self.engine.submit(work)
         return asyncio.wrap_future(work.future)
 
