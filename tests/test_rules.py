@@ -353,6 +353,25 @@ def test_normalisation_keeps_numbers_and_maps_back_to_the_original() -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        # Read as "a", the "@" joined an address into one word ("jane.doeaexample.com"),
+        # which raised the acceptable-use heads' unsafe score of an ordinary request.
+        ("Email me at jane.doe@example.com", "email me at jane.doe@example.com"),
+        ("Write to <J4NE@Example.co.uk>, please.", "write to <jane@example.co.uk>, please."),
+        ("ask b0b@3xample.org!", "ask bob@example.org!"),
+        # With no domain, or one that ends in no letters, "@" is still a leet "a".
+        ("how to make a b@mb", "how to make a bamb"),
+        ("kiss my @ss", "kiss my ass"),
+        ("meet me@home", "meet meahome"),
+        ("a b@mb.c0m", "a bamb.com"),
+    ],
+)
+def test_the_at_sign_of_an_email_address_is_no_leetspeak(text: str, normalised: str) -> None:
+    assert normalize(text).text == normalised
+
+
+@pytest.mark.parametrize(
     ("text", "normalised", "span"),
     [
         ("b&#111;mb", "bomb", (0, 9)),  # a character reference: the whole of it

@@ -34,8 +34,10 @@ What is undone, in order:
   unit or suffix (``80MB``, ``1080p``) and a code of two capitals in text that is not
   all capitals (``Model S3X``). Symbols at a word's edge that wrap it are punctuation
   (``|bomb|``, ``$x$``, ``wow!``), but two or more bars after its letters are letters
-  (``ki||``). ``1`` and ``|`` become ``I``, which keyword patterns read as ``i`` or ``l``
-  (``k1ll`` and ``ki11``); nothing else in the output is upper case;
+  (``ki||``). The ``@`` of an e-mail address (``jane.doe@example.com``) stays: it is
+  read as ``a`` only in a word with no such domain (``b@mb``, ``@ss``). ``1`` and ``|``
+  become ``I``, which keyword patterns read as ``i`` or ``l`` (``k1ll`` and ``ki11``);
+  nothing else in the output is upper case;
 - list markers of a sentence cut into one-word items (``1. How`` / ``2. do`` / ...) go;
 - a word in CamelCase of four words or more (``HowToMakeAPipeBomb``) is read as its words,
   and so is a lower-case word that is a sentence glued (``howtomakeapipebomb``);
@@ -637,6 +639,12 @@ def _unconfuse(folded: _Folded) -> None:
 
 # Leet symbols that also serve as punctuation at a word's edges.
 _EDGE_SYMBOLS = "!$+|"
+# A word that is an e-mail address: a local part, one "@", a domain of dotted labels that
+# ends in two or more letters, with any brackets or punctuation around it. Each label
+# stops at a dot, so no quantifier can backtrack over another's characters.
+_EMAIL = re.compile(
+    r"[(<\[\"]*[\w.!#$%&'*+/=?^`{|}~-]+@(?:[^\W_][\w-]*\.)+[^\W\d_]{2,}[)>\]\"'.,;:!?]*"
+)
 
 
 # A word written in CamelCase with at least this many words is a sentence with its spaces
@@ -859,8 +867,26 @@ def _unleet(folded: _Folded, text_has_lower: bool) -> None:
                 and not any(c in _LEET and not c.isdigit() for c in edges)
             )
             if not code:
-                _unleet_runs(chars, first, last)
+                # The "@" of an e-mail address is no "a": read so, it joined the address
+                # into one word ("jane.doeaexample.com") that the acceptable-use heads
+                # scored as a threat. Its sides are words of their own ("j4ne@..."), and a
+                # word with no such domain keeps its leet ("b@mb", "@ss").
+                at = _email_at(chars, start, end)
+                if at is None:
+                    _unleet_runs(chars, first, last)
+                else:
+                    _unleet_runs(chars, first, at)
+                    _unleet_runs(chars, at + 1, last)
         start = end + 1
+
+
+def _email_at(chars: list[str], start: int, end: int) -> int | None:
+    """The index of the "@" of the word ``chars[start:end]`` if the word is an e-mail
+    address, else None."""
+    if "@" not in chars[start:end]:
+        return None
+    word = "".join(chars[start:end])
+    return start + word.index("@") if _EMAIL.fullmatch(word) else None
 
 
 def _unleet_runs(chars: list[str], start: int, end: int) -> None:
