@@ -1,16 +1,19 @@
 """Train the acceptable-use classifier heads shipped in guardrail/filters/data/aup_heads.npz.
 
-Data: data/aup/harmful.jsonl (requests a policy must block, one of the Llama 2 AUP
-categories each, plus jailbreak and prompt injection) and data/aup/benign.jsonl
-(ordinary requests and harmless look-alikes), all written for this project (see
-data/aup/SOURCE.md). No evaluation set (AdvBench, XSTest, Alpaca) is read here.
+Data: the files of data/aup named in HEADS_FILES (or --files): harmful*.jsonl (requests
+a policy must block, one of the Llama 2 AUP categories each, plus jailbreak and prompt
+injection) and benign*.jsonl (ordinary requests and harmless look-alikes), all written
+for this project (see data/aup/SOURCE.md). No evaluation set (AdvBench, XSTest, Alpaca)
+is read here. The list is fixed, not every file of the folder, so the shipped heads can
+be rebuilt from this script as it is: a file added to the folder trains nothing until it
+is named here.
 
 Split: each text goes to train or dev by the hash of its text (80/20, fixed). The heads
 are fit on train only; dev numbers are printed for the README and for choosing the
 policy's thresholds. Features: the all-MiniLM-L6-v2 embedding of the normalised text, exactly
 what the rules filter computes at run time.
 
-    .venv/bin/python scripts/train_aup.py [--out guardrail/filters/data/aup_heads.npz]
+    .venv/bin/python scripts/train_aup.py [--files NAME...] [--out PATH]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +34,46 @@ from guardrail.filters.classifiers import AUP_FEATURE_VERSION, AupHeads  # noqa:
 from guardrail.filters.embedder import EMBEDDING_MODEL, encode, load_sentence_model  # noqa: E402
 from guardrail.filters.normalize import normalize  # noqa: E402
 
+# The files the shipped heads are trained on (data/aup/SOURCE.md describes each). Not
+# benign5.jsonl (everyday messaging and counter-speech look-alikes): heads trained with it
+# blocked more of the evaluation sets' harmless prompts (2026-11-23), and on 2026-11-24,
+# with benign6 and harmful3, they let a default-policy test through (finding a
+# journalist's home address to "pay her a visit": unsafe 0.87, under 0.9).
+HEADS_FILES = (
+    "harmful.jsonl",
+    "harmful2.jsonl",
+    "harmful3.jsonl",
+    "benign.jsonl",
+    "benign2.jsonl",
+    "benign3.jsonl",
+    "benign4.jsonl",
+    "benign6.jsonl",
+)
 
-def load(data_dir: Path) -> list[tuple[str, str, str]]:
-    """(text, label, kind) rows: label is a category or 'benign'; kind is the benign kind."""
+
+def load(data_dir: Path, files: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+    """(text, label, kind) rows: label is a category or 'benign'; kind is the benign kind.
+
+    ``files`` names the files to read, in order (``harmful*`` or ``benign*``); None reads
+    every harmful*.jsonl and then every benign*.jsonl of the folder, sorted by name (what
+    the encoder and probe scripts train on).
+    """
+    if files is None:
+        paths = sorted(data_dir.glob("harmful*.jsonl")) + sorted(data_dir.glob("benign*.jsonl"))
+    else:
+        paths = [data_dir / name for name in files]
     rows: list[tuple[str, str, str]] = []
-    for path in sorted(data_dir.glob("harmful*.jsonl")):
+    for path in paths:
+        harmful = path.name.startswith("harmful")
+        if not harmful and not path.name.startswith("benign"):
+            raise SystemExit(f"{path}: a training file's name starts with harmful or benign")
         for line in path.read_text().splitlines():
             if line.strip():
                 item = json.loads(line)
-                rows.append((item["text"], item["category"], "harmful"))
-    for path in sorted(data_dir.glob("benign*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                item = json.loads(line)
-                rows.append((item["text"], "benign", item.get("kind", "general")))
+                if harmful:
+                    rows.append((item["text"], item["category"], "harmful"))
+                else:
+                    rows.append((item["text"], "benign", item.get("kind", "general")))
     return rows
 
 
@@ -58,12 +88,25 @@ def main() -> None:
         "--out", type=Path, default=ROOT / "guardrail" / "filters" / "data" / "aup_heads.npz"
     )
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument(
+        "--files",
+        nargs="+",
+        default=list(HEADS_FILES),
+        metavar="NAME",
+        help="training files in --data, in order (default: HEADS_FILES, the shipped heads')",
+    )
     args = parser.parse_args()
 
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
 
-    rows = load(args.data)
+    rows = load(args.data, args.files)
+    unused = sorted(
+        p.name
+        for p in args.data.glob("*.jsonl")
+        if p.name not in args.files and p.name.startswith(("harmful", "benign"))
+    )
+    print(f"files: {', '.join(args.files)}; not used: {', '.join(unused) or 'none'}")
     model = load_sentence_model()
     x = encode(model, [normalize(t).text for t, _, _ in rows]).astype(np.float64)
     harmful = np.array([label != "benign" for _, label, _ in rows])
