@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import re
 import subprocess
 import sys
 import threading
 import unicodedata
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,15 @@ from guardrail.filters.names import (
 from guardrail.filters.pii import (
     KNOWN_ENTITIES,
     AnalysisLookups,
+    Detection,
     PiiEngineError,
     PiiFilter,
     PlaceholderMap,
     SpacyMemoryZone,
+    _with_repeats,
     plausible_name,
 )
-from guardrail.guard.filter import BuildContext, SharedResources
+from guardrail.guard.filter import LOOP_TEXT_CHARS, BuildContext, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.stream import StreamGuard
@@ -303,6 +306,135 @@ async def test_a_value_repeated_in_another_case_gets_the_same_placeholder(
         Stage.OUTPUT, "Hi <PERSON_1>, <EMAIL_ADDRESS_1>.", ctx.at(Stage.OUTPUT)
     )
     assert echo.text == "Hi Jane Doe, jane.doe@example.com."
+
+
+class CountingExecutor(Executor):
+    """An executor that counts the jobs it is given and runs them in ``inner``."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+        self.jobs = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.jobs += 1
+        return self.inner.submit(fn, *args, **kwargs)
+
+
+async def test_a_long_conversation_is_searched_for_repeats_in_the_executor(
+    executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    """Every analysis answered from the cache, the search for repeated values ran on the
+    event loop: over 16 messages of 2,000 addresses it held every other request (and the
+    check's own time limit) for 12 s."""
+    counting = CountingExecutor(executor)
+    registry = filter_registry()
+    policy = load_policy_text(
+        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        "      entities:\n        PERSON: {input: redact, output: redact}\n",
+        "p.yaml",
+        registry,
+    )
+    guard = Guard.build(policy, registry, BuildContext(counting, resources=resources))
+    # Messages short enough for the guard's own passes to run on the loop, longer than
+    # that together.
+    filler = "The weather is nice today and we walk in the park. " * 12
+    texts = ("My name is Jane Doe.", filler, filler, "Please sign the letter as jane doe, thanks.")
+    assert max(map(len, texts)) <= LOOP_TEXT_CHARS < sum(map(len, texts))
+    expected = [
+        "My name is <PERSON_1>.",
+        filler,
+        filler,
+        "Please sign the letter as <PERSON_1>, thanks.",
+    ]
+    assert await check_all(guard, conversation(*texts)) == expected
+    counting.jobs = 0
+    # Resent: each message's analysis comes from the cache, only the search is left.
+    assert await check_all(guard, conversation(*texts)) == expected
+    assert counting.jobs == 1
+
+
+def _old_with_repeats(
+    texts: Sequence[str],
+    analyses: list[list[Detection]],
+    hidden: Callable[[Detection], bool],
+) -> list[list[Detection]]:
+    """The search for repeated values as it was: one pattern of every value, each match
+    tested against every detection (quadratic), kept as the reference of what it finds."""
+    values: dict[str, Detection] = {}
+    for text, found in zip(texts, analyses, strict=True):
+        for d in found:
+            value = text[d.start : d.end]
+            if hidden(d) and len(value.strip()) >= 3:
+                values.setdefault(value.casefold(), d)
+    if not values:
+        return analyses
+    alternatives = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+    pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+    out = []
+    for text, found in zip(texts, analyses, strict=True):
+        extra = []
+        for m in pattern.finditer(text):
+            if any(m.start() < d.end and d.start < m.end() for d in found):
+                continue
+            source = values.get(m.group().casefold())
+            if source is not None:
+                extra.append(Detection(source.entity, m.start(), m.end(), source.score))
+        out.append(sorted([*found, *extra], key=lambda d: (d.start, -d.end)) if extra else found)
+    return out
+
+
+# Words in several cases, with letters that case folding and case-insensitive matching
+# treat differently (ß folds to two letters, dotted and dotless i are i to a pattern), and
+# separators that are, or are not, word boundaries.
+REPEAT_WORDS = [
+    *("jane", "Jane", "JANE", "doe", "Doe", "abc", "ab", "a", "_id", "555", "+1 555"),
+    *("x.y@z.com", "X.Y@Z.COM", "Weiß", "weiss", "WEISS", "\u212aelvin", "kelvin"),
+    *("İstanbul", "istanbul", "ISTANBUL", "I\u0307STANBUL", "Y\u0131ld\u0131z", "YILDIZ", "yildiz"),
+    *("σας", "ΣΑΣ", "ﬁle", "file", "ǅemal", "ǆemal", "\u017fam", "SAM"),
+]
+REPEAT_SEPARATORS = [" ", "", ".", "@", "-", ", ", "\n", "'"]
+
+
+@st.composite
+def repeat_conversations(draw: st.DrawFn) -> tuple[list[str], list[list[Detection]]]:
+    """Messages of those words, each with detections over one to three of its words (or
+    any span), by start."""
+    texts: list[str] = []
+    analyses: list[list[Detection]] = []
+    for _ in range(draw(st.integers(1, 3))):
+        text = ""
+        words: list[tuple[int, int]] = []
+        for word in draw(st.lists(st.sampled_from(REPEAT_WORDS), max_size=10)):
+            words.append((len(text), len(text) + len(word)))
+            text += word + draw(st.sampled_from(REPEAT_SEPARATORS))
+        found = []
+        for first, more, entity in draw(
+            st.lists(st.tuples(st.integers(0, 9), st.integers(0, 2), st.sampled_from("AAB")))
+        ):
+            if first < len(words):
+                last = words[min(first + more, len(words) - 1)]
+                found.append(Detection(entity, words[first][0], last[1], first / 10))
+        if text and draw(st.booleans()):
+            start = draw(st.integers(0, len(text) - 1))
+            found.append(Detection("A", start, draw(st.integers(start + 1, len(text))), 1.0))
+        texts.append(text)
+        analyses.append(sorted(found, key=lambda d: (d.start, -d.end)))
+    return texts, analyses
+
+
+@settings(max_examples=500, deadline=None)
+@given(repeat_conversations())
+def test_the_search_for_repeats_finds_what_the_pattern_of_every_value_found(
+    conversation: tuple[list[str], list[list[Detection]]],
+) -> None:
+    """The lookup span by span replaced a pattern of every value joined by |: the same
+    repeats, whole words, any case, the longest first."""
+    texts, analyses = conversation
+
+    def hidden(d: Detection) -> bool:
+        return d.entity == "A"
+
+    assert _with_repeats(texts, analyses, hidden) == _old_with_repeats(texts, analyses, hidden)
 
 
 def test_a_url_in_another_case_keeps_its_own_placeholder() -> None:
