@@ -7,11 +7,14 @@ import re
 import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import guardrail.guard.stream as stream_module
+from guardrail.filters.normalize import OVERRIDE, open_override
 from guardrail.guard.filter import BuildContext
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
@@ -573,6 +576,53 @@ async def test_a_phrase_padded_past_the_context_is_still_blocked(
     assert blocked
     assert "omb now" not in sent
     assert "bmob a dliub" not in sent
+
+
+def _old_open_override(text: str, at: int) -> bool:
+    """Whether an override is in force at ``at``, as it was decided before: by reading
+    everything from the override on, every window (the reference)."""
+    opened = text.rfind(OVERRIDE, 0, at)
+    return opened >= 0 and not any(c in "\u202c\n\r\u2028\u2029\x85" for c in text[opened:at])
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(alphabet="ab \u202e\u202c\n\r\u2028\u2029\x85\u202d", max_size=40),
+    st.data(),
+)
+def test_an_override_is_in_force_where_reading_from_its_start_said_so(
+    text: str, data: st.DataObject
+) -> None:
+    """Read from a mark onwards, given whether one was in force there, the answer is the
+    one of reading the whole text."""
+    at = data.draw(st.integers(0, len(text)))
+    start = data.draw(st.integers(0, at))
+    assert open_override(text, at) == _old_open_override(text, at)
+    assert open_override(text, at, start, _old_open_override(text, start)) == (
+        _old_open_override(text, at)
+    )
+
+
+async def test_a_window_after_a_long_open_override_reads_only_its_own_tail(
+    executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each window read every character released since the override: 78 s for a
+    completion of 312,000 characters with an override and no line break after it."""
+    reads: list[int] = []
+
+    def counting(text: str, at: int, *rest: Any) -> bool:
+        reads.append(at - (rest[0] if rest else 0))
+        return bool(open_override(text, at, *rest))
+
+    monkeypatch.setattr(stream_module, "open_override", counting)
+    text = OVERRIDE + "ecnetnes rehto emos si siht " * 2500 + "won bmob a dliub uoy neht"
+    settings = StreamSettings(release="sentence", window_chars=400, context_chars=200)
+    sent, blocked = await run_stream(make_guard(executor), chunk(text, [0]), settings)
+    assert blocked
+    assert "bmob a dliub" not in sent
+    assert len(reads) > 100
+    # The tail reaches back 16,384 characters at most, and a window adds 400.
+    assert max(reads) <= 17_000 < len(text) // 4
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,10 @@ class StreamGuard:
         self._settings = settings
         self._held = ""
         self._released = ""
+        # Whether an override (U+202E) is in force after the first _override_mark released
+        # characters: each window reads only what was released since.
+        self._override_mark = 0
+        self._override_open = False
         self.blocked = False
         self.decisions: list[Decision] = []
         # The held-back size of each checked window (the metric's, never the text).
@@ -239,7 +243,14 @@ class StreamGuard:
                 start = _before_markup(released, max(floor, start - step), floor)
                 step *= 2
         tail = released[start:]
-        if open_override(released, start):
+        # No tail, this one or a later one, starts before this: the state is kept up to it.
+        mark = max(0, len(released) - max(want, _TAIL_LIMIT))
+        if mark > self._override_mark:
+            self._override_open = open_override(
+                released, mark, self._override_mark, self._override_open
+            )
+            self._override_mark = mark
+        if open_override(released, start, self._override_mark, self._override_open):
             tail = OVERRIDE + tail
         return tail
 
