@@ -27,6 +27,7 @@ from guardrail.backends.engine import Engine
 from guardrail.backends.local import LocalBackend, load_local_model
 from guardrail.bench_engine import concurrent_prompts
 from guardrail.chat import Message
+from guardrail.kv import cache_argument, returned_cache
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
@@ -189,8 +190,10 @@ def main() -> None:
         times = []
         label = f"bare forward, {rows} rows, " + ("no mask" if pads is None else f"pads {pads}")
         with torch.inference_mode():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            out = model(
+                input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(model, cache)
+            )
+            cache = returned_cache(out)
             tokens = out.logits[:, -1].argmax(-1, keepdim=True)
             pad = torch.tensor(pads or [0] * rows, device=device)
             for step in range(25):
@@ -204,9 +207,9 @@ def main() -> None:
                 def run(tokens: Any = tokens, kwargs: dict[str, Any] = kwargs) -> Any:
                     result = model(
                         input_ids=tokens,
-                        past_key_values=cache,
                         use_cache=True,
                         logits_to_keep=1,
+                        **cache_argument(model, cache),
                         **kwargs,
                     )
                     sync(device)

@@ -55,6 +55,7 @@ from typing import Any, Final, Protocol
 
 from guardrail.backends.base import FinishReason, SamplingParams
 from guardrail.errors import BackendError, BackendUnavailable, GuardrailError
+from guardrail.kv import cache_argument, returned_cache
 from guardrail.observability.logging import get_logger
 
 __all__ = [
@@ -658,7 +659,7 @@ class Engine:
             self._observe("engine_first_token", now - row.work.enqueued)
             if self._next(row, logits[i]):
                 done.append(len(self._rows) + i)
-        self._join(rows, out.past_key_values, pads or [0] * len(rows))
+        self._join(rows, returned_cache(out), pads or [0] * len(rows))
         if done:
             self._leave(done)
 
@@ -670,9 +671,9 @@ class Engine:
                 input_ids=tokens,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **cache_argument(self._model, cache),
             )
 
     def _step(self) -> None:
@@ -695,7 +696,7 @@ class Engine:
                 _settle(row.work.future, error)
             self._rows, self._cache, self._length = [], None, 0
             return
-        self._cache = out.past_key_values
+        self._cache = returned_cache(out)
         self._length += 1
         logits = out.logits[:, -1]
         leaving = [i for i, row in enumerate(rows) if self._next(row, logits[i])]

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from guardrail.errors import ConfigError
 from guardrail.filters.batching import MicroBatcher
+from guardrail.kv import cache_argument, returned_cache
 
 if TYPE_CHECKING:
     import numpy as np
@@ -412,7 +413,7 @@ def features_after(
             return features
         if done is None:
             run = decoder(input_ids=torch.tensor([head], device=device), use_cache=True)
-            done = run.past_key_values
+            done = returned_cache(run)
             if kept is not None:
                 kept.put(scope, head, done)
         for i in range(0, len(tails), SHARED_PREFIX_BATCH):
@@ -485,8 +486,8 @@ def _pooled_after(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
-            past_key_values=past,
             use_cache=True,
+            **cache_argument(decoder, past),
         )
     weights = mask[:, done:].to(device).unsqueeze(-1).float()
     out: npt.NDArray[np.float32] = _mean_of(caught, weights, layers)
@@ -506,7 +507,7 @@ def _pooled_keeping(
     weights = torch.zeros((1, len(ids), 1), device=device)
     weights[0, start:] = 1.0
     out: npt.NDArray[np.float32] = _mean_of(caught, weights, layers)
-    return out, run.past_key_values
+    return out, returned_cache(run)
 
 
 def _pooled(
