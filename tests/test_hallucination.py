@@ -994,25 +994,25 @@ def test_when_no_sample_is_an_answer_then_the_check_is_skipped_and_flags_nothing
     )
 
 
-def test_the_usable_samples_are_scored_and_the_others_left_out(
-    write_policy: Callable[[str], Path], metrics_registry: CollectorRegistry
+@pytest.mark.parametrize(
+    "samples",
+    [
+        # One sample repeats the answer, two are refusals: scored on the one.
+        pytest.param([Completion(ANSWER, "stop"), REFUSED, REFUSED], id="refusals-left-out"),
+        # A model answers in a few tokens and rambles to max_tokens in its samples: those
+        # samples had room for all the answer said, and are evidence.
+        pytest.param(
+            [Completion(ANSWER + " It is 330 metres tall and was designed by", "length")],
+            id="cut-past-the-answer",
+        ),
+    ],
+)
+def test_the_usable_samples_are_scored_and_not_flagged(
+    samples: list[Completion],
+    write_policy: Callable[[str], Path],
+    metrics_registry: CollectorRegistry,
 ) -> None:
-    """One sample repeats the answer, two are refusals: scored on the one, not flagged."""
-    backend = SampledBackend(samples=[Completion(ANSWER, "stop"), REFUSED, REFUSED])
-
-    body = _inline_check(backend, write_policy, metrics_registry)
-
-    assert body["guardrail"]["findings"] == []
-    assert _checks(metrics_registry, "scored") == 1
-
-
-def test_samples_cut_at_max_tokens_past_the_answer_s_length_are_compared(
-    write_policy: Callable[[str], Path], metrics_registry: CollectorRegistry
-) -> None:
-    """A model answers in a few tokens and rambles to max_tokens in its samples: those
-    samples had room for all the answer said, and are evidence."""
-    rambling = Completion(ANSWER + " It is 330 metres tall and was designed by", "length")
-    backend = SampledBackend(samples=[rambling])
+    backend = SampledBackend(samples=samples)
 
     body = _inline_check(backend, write_policy, metrics_registry)
 

@@ -13,7 +13,7 @@ import contextlib
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -968,6 +968,19 @@ async def test_a_client_that_left_the_queue_frees_its_place(loaded: tuple[Any, A
         await backend.aclose()
 
 
+def _story_work(
+    request_id: str, tokenizer: Any, max_tokens: int, emit: Callable[[str], None]
+) -> Work:
+    """Engine work continuing "Once upon a time" for ``max_tokens`` tokens."""
+    return Work(
+        request_id=request_id,
+        params=SamplingParams(max_tokens=max_tokens),
+        prepare=lambda: (tokenizer("Once upon a time")["input_ids"], max_tokens),
+        emit=emit,
+        cancelled=threading.Event(),
+    )
+
+
 @slow
 async def test_clients_that_leave_the_queue_no_longer_count_in_its_depth(
     loaded: tuple[Any, Any],
@@ -989,13 +1002,7 @@ async def test_clients_that_leave_the_queue_no_longer_count_in_its_depth(
         held.set()
         release.wait(30)
 
-    occupant = Work(
-        request_id="occupant",
-        params=SamplingParams(max_tokens=400),
-        prepare=lambda: (tokenizer("Once upon a time")["input_ids"], 400),
-        emit=hold,
-        cancelled=threading.Event(),
-    )
+    occupant = _story_work("occupant", tokenizer, 400, hold)
 
     def depth_gauge() -> float | None:
         return registry.get_sample_value("guardrail_engine_queue_depth")
@@ -1031,13 +1038,7 @@ def test_the_gateway_answers_429_with_retry_after_when_the_engine_is_full(
     backend = LocalBackend(model, tokenizer, model_name="m", max_batch_size=1, max_queue=0)
     app = create_app(Settings(policy=str(test_policy), models=["m"]), backend=backend)
     body = {"model": "m", "messages": [{"role": "user", "content": "Write a long story."}]}
-    occupant = Work(
-        request_id="occupant",
-        params=SamplingParams(max_tokens=400),
-        prepare=lambda: (tokenizer("Once upon a time")["input_ids"], 400),
-        emit=lambda _: None,
-        cancelled=threading.Event(),
-    )
+    occupant = _story_work("occupant", tokenizer, 400, lambda _: None)
     with TestClient(app=app) as client:
         backend.engine.submit(occupant)  # takes the engine's one place
         deadline = time.monotonic() + 10
@@ -1163,13 +1164,7 @@ async def test_an_unexpected_error_fails_the_batch_and_the_engine_keeps_serving(
     def broken_emit(_delta: str) -> None:
         raise RuntimeError("a consumer bug")
 
-    broken = Work(
-        request_id="broken",
-        params=SamplingParams(max_tokens=8),
-        prepare=lambda: (tokenizer("Once upon a time")["input_ids"], 8),
-        emit=broken_emit,
-        cancelled=threading.Event(),
-    )
+    broken = _story_work("broken", tokenizer, 8, broken_emit)
     try:
         backend.engine.submit(broken)
         with pytest.raises(BackendError, match="a consumer bug"):
