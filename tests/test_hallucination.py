@@ -1161,7 +1161,11 @@ async def test_a_judge_model_is_loaded_by_the_local_loader_and_blended_in(
     assert 0.0 < p_yes < 1.0
     base = (await plain.scorer.score(answer, [SOURCE], QUESTION)).score  # type: ignore[union-attr]
     blended = {f.category: f.score for f in (await judged.check(answer, ctx)).findings}
-    assert blended["groundedness"] == pytest.approx(0.5 * base + 0.5 * p_yes, abs=1e-6)
+    # The judge's forward pass runs on the filter's executor thread here and on this
+    # thread above; CPU kernels under load may split the work differently (seen: 3e-4
+    # apart in a full CI run), so the blend is read to 1e-3, well under its own size.
+    assert abs(p_yes - base) > 0.01, (p_yes, base)
+    assert blended["groundedness"] == pytest.approx(0.5 * base + 0.5 * p_yes, abs=1e-3)
 
 
 def _strip_trailing_reference(raw: str) -> str:
