@@ -594,6 +594,38 @@ async def test_stream_error_frames_and_broken_frames_raise(
         await collect(backend(client, up_a.base_url).stream(chat_request()))
 
 
+@pytest.mark.parametrize("after_text", [False, True], ids=["before-text", "after-text"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        # Older llama.cpp servers: the failure as its own field, then [DONE].
+        b'error: {"code": 500, "message": "llama_decode failed", "type": "server_error"}\n\n',
+        # The error object itself as the event's data (no "error" key to read it by).
+        b'event: error\ndata: {"message": "llama_decode failed", "type": "server_error"}\n\n',
+    ],
+    ids=["error-field", "error-event"],
+)
+async def test_an_error_reported_outside_a_data_frame_raises_as_an_error_frame(
+    error: bytes, after_text: bool
+) -> None:
+    """Skipped as unknown SSE fields, they were followed by ``[DONE]``: a cut (or empty)
+    answer passed for a finished one."""
+    text = _sse(REPLY_FRAMES[0]) if after_text else b""
+    body = text + error + _sse("[DONE]")
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    received: list[Chunk] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(BackendBadResponse) as caught:
+            await collect(backend(client, "http://up.test/v1").stream(chat_request()), received)
+
+    assert caught.value.status == 502
+    assert caught.value.upstream_message == "llama_decode failed"
+    assert "".join(c.text for c in received) == ("Hello there. " if after_text else "")
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -52,7 +52,8 @@ every URL's circuit is open                 BackendUnavailable (503)
 every URL failed, the last by a timeout     BackendTimeout (504)
 every URL failed, the last by 5xx/drop      BackendBadResponse (502)
 every URL answered 200 with garbage         BackendBadResponse (502)
-``{"error": ...}`` frame in a stream        BackendBadResponse (502), upstream message
+``{"error": ...}`` frame in a stream,       BackendBadResponse (502), upstream message
+an ``error:`` line or ``event: error``
 stream broken or ended early after output   BackendBadResponse (502) / BackendTimeout (504)
 ==========================================  ==========================================
 """
@@ -428,6 +429,14 @@ def _decode_frame(data: str) -> _Answer:
             "backend reported an error mid-stream", upstream_message=_error_text(frame.error)
         )
     return frame
+
+
+def _stream_error(payload: str) -> BackendBadResponse:
+    """A stream's error reported outside an error frame, raised as one is."""
+    return BackendBadResponse(
+        "backend reported an error mid-stream",
+        upstream_message=_upstream_message(payload.strip().encode()),
+    )
 
 
 def _parse_completion(content: bytes, *, chat: bool) -> Completion:
@@ -830,10 +839,13 @@ class RemoteBackend:
         ``timeout_s`` from the last frame that moved the answer on.
 
         JSON never spans lines, so each ``data:`` line is one frame; comments
-        (keepalives), ``event:``/``id:`` fields and blank lines are skipped.
+        (keepalives), ``id:`` fields and blank lines are skipped. A failure the upstream
+        reports outside a ``data: {"error": ...}`` frame, as an ``error:`` line (older
+        llama.cpp servers) or as the data of an ``event: error``, raises as that frame does.
         """
         lines = _sse_lines(response.aiter_text())
         loop = asyncio.get_running_loop()
+        event = ""  # the ``event:`` field of the event being read, until its blank line
         # Only progress (see _moves_on) restarts the clock: keepalive comments, blank
         # lines and frames that carry nothing do not, or a server sending them forever
         # would hang the request. A slow stream that keeps writing text is never cut.
@@ -853,11 +865,23 @@ class RemoteBackend:
                     raise _AttemptFailed("timeout", error) from e
                 except httpx.RequestError as e:
                     raise _dropped(e, streaming=True) from e
+                if not line:
+                    event = ""
+                    continue
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                    continue
+                if line.startswith("error:"):
+                    # Skipped as an unknown field, it was followed by llama.cpp's
+                    # ``data: [DONE]``: a cut answer passed for a finished one.
+                    raise _stream_error(line[6:])
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if not data:
                     continue
+                if event == "error":
+                    raise _stream_error(data)
                 if data == "[DONE]":
                     yield None
                     continue
