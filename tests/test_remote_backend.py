@@ -457,6 +457,26 @@ async def test_finish_reasons_are_mapped_to_the_gateways_three(
     assert chunks[-1].finish_reason == expected
 
 
+@pytest.mark.parametrize("upstream", ["abort", "error"])
+async def test_a_finish_reason_of_abort_or_error_is_a_backend_failure(
+    client: httpx.AsyncClient, up_a: FakeUpstream, upstream: str
+) -> None:
+    """vLLM ends an aborted request this way, its text cut short: read as "stop", the
+    client, the audit and self-consistency took it for a whole answer."""
+    up_a.finish_reason = upstream
+    b = backend(client, up_a.base_url)
+    received: list[Chunk] = []
+
+    with pytest.raises(BackendBadResponse) as whole:
+        await b.generate(chat_request())
+    with pytest.raises(BackendBadResponse) as streamed:
+        await collect(b.stream(chat_request()), received)
+
+    assert (whole.value.status, streamed.value.status) == (502, 502)
+    assert received  # the text before the finish went out: the stream ends in an error
+    assert all(c.finish_reason is None for c in received)
+
+
 async def test_an_upstream_refusal_is_read_as_the_answer_text_and_marked_a_refusal(
     client: httpx.AsyncClient, up_a: FakeUpstream
 ) -> None:

@@ -52,6 +52,7 @@ every URL's circuit is open                 BackendUnavailable (503)
 every URL failed, the last by a timeout     BackendTimeout (504)
 every URL failed, the last by 5xx/drop      BackendBadResponse (502)
 every URL answered 200 with garbage         BackendBadResponse (502)
+finish_reason ``abort`` or ``error``          BackendBadResponse (502)
 ``{"error": ...}`` frame in a stream,       BackendBadResponse (502), upstream message
 an ``error:`` line or ``event: error``
 stream broken or ended early after output   BackendBadResponse (502) / BackendTimeout (504)
@@ -340,7 +341,11 @@ def _status_error(
 
 
 def _finish_reason(raw: str | None) -> FinishReason:
-    # tool_calls, eos, abort, None...: the gateway only knows these three.
+    if raw in ("abort", "error"):
+        # vLLM ends a request it aborted (shutdown, preemption) or failed on this way, its
+        # text cut short: passed on as "stop", it read as a whole answer.
+        raise BackendBadResponse(f'backend ended the completion with finish_reason "{raw}"')
+    # tool_calls, eos, None...: the gateway only knows these three.
     if raw == "length":
         return "length"
     if raw == "content_filter":
