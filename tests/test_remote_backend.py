@@ -279,7 +279,6 @@ async def test_when_upstream_is_too_slow_then_504_without_retrying_that_url(
         (400, (400, "backend rejected the request (HTTP 400)"), REFUSAL),
         (413, (400, "backend rejected the request (HTTP 413)"), REFUSAL),
         (422, (400, "backend rejected the request (HTTP 422)"), REFUSAL),
-        (429, (429, "HTTP 429"), REFUSAL),
         (401, (502, "HTTP 401"), None),  # some servers quote part of the key they refused
         (403, (502, "HTTP 403"), None),
         (404, (502, "HTTP 404"), REFUSAL),
@@ -1126,6 +1125,71 @@ async def test_a_stream_that_ends_before_any_text_fails_over_to_the_next_url() -
         remote = backend(client, "http://a.test/v1", "http://b.test/v1")
         chunks = await collect(remote.stream(chat_request()))
     assert "".join(c.text for c in chunks) == "Hello there. More."
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_429_fails_over_to_the_next_url_without_a_retry(
+    client: httpx.AsyncClient, up_a: FakeUpstream, up_b: FakeUpstream, stream: bool
+) -> None:
+    """A replica whose queue is full answers 429; the idle one behind it was never asked."""
+    up_a.mode, up_a.status = "http_error", 429
+    remote = backend(client, up_a.base_url, up_b.base_url, breaker_failures=1)
+
+    if stream:
+        text = "".join(c.text for c in await collect(remote.stream(chat_request())))
+    else:
+        text = (await remote.generate(chat_request())).text
+
+    assert text == "Answer from b."
+    assert (len(up_a.requests), len(up_b.requests)) == (1, 1)
+    assert remote.breakers[up_a.base_url].state is CircuitState.CLOSED  # busy, not broken
+
+
+async def test_a_429_on_a_half_open_trial_neither_closes_nor_opens_the_circuit(
+    client: httpx.AsyncClient, up_a: FakeUpstream, up_b: FakeUpstream
+) -> None:
+    up_a.mode, up_a.status = "500", 500
+    clock = Tick()
+    remote = backend(
+        client, up_a.base_url, up_b.base_url, breaker_failures=1, breaker_reset_s=1.0, clock=clock
+    )
+    await remote.generate(chat_request())  # a's 500 opens its circuit
+    clock.now = 2.0
+    up_a.mode, up_a.status = "http_error", 429
+
+    await remote.generate(chat_request())  # a's trial: a 429
+
+    assert remote.breakers[up_a.base_url].state is CircuitState.HALF_OPEN
+    assert len(up_a.requests) == 2  # the next call may try a again
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_when_every_url_answers_429_then_429_with_the_shortest_retry_after(
+    stream: bool,
+) -> None:
+    waits = {"a.test": "30", "b.test": "7", "c.test": None}
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.host)
+        wait = waits[request.url.host]
+        headers = {"retry-after": wait} if wait is not None else {}
+        return httpx.Response(429, json={"error": {"message": "overloaded"}}, headers=headers)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://a.test/v1", "http://b.test/v1", "http://c.test/v1")
+
+        async def call() -> object:
+            if stream:
+                return await collect(remote.stream(chat_request()))
+            return await remote.generate(chat_request())
+
+        with pytest.raises(BackendBadResponse) as limited:
+            await call()
+
+    assert (limited.value.status, limited.value.retry_after_s) == (429, 7.0)
+    assert limited.value.upstream_message == "overloaded"
+    assert asked == ["a.test", "b.test", "c.test"]  # each once: no retry of a busy replica
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -10,7 +10,8 @@ States, as usual:
 
 What counts as a failure is the remote backend's business: connection errors,
 timeouts, 5xx answers and broken streams. A 4xx is the request's fault, and counts
-as a success (the replica is up). When every URL's circuit is open, the remote backend
+as a success (the replica is up); a 429 counts as neither (the replica is busy, not
+broken). When every URL's circuit is open, the remote backend
 fails at once with 503 and a ``Retry-After`` of the soonest reset, instead of waiting on
 replicas known to be down.
 

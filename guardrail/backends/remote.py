@@ -9,7 +9,8 @@ the thin, careful client in between. Why it looks the way it does:
 - ``backend_urls`` are replicas tried in order. A non-streaming call retries one URL
   on connection errors, dropped connections and 5xx answers (exponential backoff),
   then fails over to the next URL. A timeout is not retried on the same URL (it
-  already cost the whole budget) but fails over. A 4xx is the request's own fault:
+  already cost the whole budget) but fails over, and so does a 429 (that replica is
+  busy; another may not be). Any other 4xx is the request's own fault:
   it is answered at once, with no failover, since every replica would answer the same.
   A 200 whose body is not a completion (a load balancer's page, an error object) fails
   over without a retry on the same URL, as a stream that has sent nothing yet does.
@@ -50,6 +51,8 @@ upstream                                    raised
 every URL refused the connection            BackendUnavailable (503)
 every URL's circuit is open                 BackendUnavailable (503)
 every URL failed, the last by a timeout     BackendTimeout (504)
+every URL failed, the last by a 429         BackendBadResponse, status 429, upstream message,
+                                            the shortest Retry-After of the 429s
 every URL failed, the last by 5xx/drop      BackendBadResponse (502)
 every URL answered 200 with garbage         BackendBadResponse (502)
 finish_reason ``abort`` or ``error``          BackendBadResponse (502)
@@ -180,7 +183,7 @@ _ANY = msgspec.json.Decoder()
 
 # --- Failure bookkeeping ---------------------------------------------------------------
 
-_Kind = Literal["connect", "timeout", "status", "dropped"]
+_Kind = Literal["connect", "timeout", "status", "dropped", "rate_limited"]
 
 
 class _AttemptFailed(Exception):
@@ -197,8 +200,15 @@ class _AttemptFailed(Exception):
 
     @property
     def retryable(self) -> bool:
-        # A timeout already used the whole budget; retrying the same URL doubles it.
-        return self.kind != "timeout"
+        # A timeout already used the whole budget; retrying the same URL doubles it. A
+        # replica that is rate limiting answers the same again after a backoff this short.
+        return self.kind not in ("timeout", "rate_limited")
+
+    @property
+    def breaks(self) -> bool:
+        """Whether it counts against the URL's circuit: a 429 is a busy replica, not a
+        broken one (nor a success: a half-open trial it ends reached no verdict)."""
+        return self.kind != "rate_limited"
 
 
 @dataclass(slots=True)
@@ -227,6 +237,14 @@ class _Failures:
         else:
             last = next(f for f in reversed(self.attempts) if f.kind != "connect")
             error, cause = last.error, last.error.__cause__
+            if last.kind == "rate_limited":
+                # The soonest any busy replica said it could take the call.
+                waits = [
+                    f.error.retry_after_s
+                    for f in self.attempts
+                    if f.kind == "rate_limited" and f.error.retry_after_s is not None
+                ]
+                error.retry_after_s = min(waits, default=None)
         error.__cause__ = cause
         return error
 
@@ -303,7 +321,7 @@ def _retry_after(value: str | None) -> float | None:
 def _status_error(
     status: int, content: bytes, retry_after: str | None = None
 ) -> BackendError | _AttemptFailed:
-    """An upstream error status: a final error (4xx) or a failed attempt (5xx)."""
+    """An upstream error status: a final error (4xx) or a failed attempt (5xx, 429)."""
     if status >= 500:
         return _AttemptFailed(
             "status",
@@ -320,11 +338,16 @@ def _status_error(
             param=param,
         )
     if status == 429:
-        return BackendBadResponse(
-            "backend is rate limiting requests (HTTP 429)",
-            status=429,
-            retry_after_s=_retry_after(retry_after),
-            upstream_message=_upstream_message(content),
+        # The replica's capacity, not the request's fault: another replica may be idle.
+        return _AttemptFailed(
+            "rate_limited",
+            BackendBadResponse(
+                "backend is rate limiting requests (HTTP 429)",
+                status=429,
+                retry_after_s=_retry_after(retry_after),
+                upstream_message=_upstream_message(content),
+            ),
+            upstream_status=status,
         )
     if status in (401, 403):
         # Not echoed: some servers quote part of the key they refused.
@@ -659,7 +682,8 @@ class RemoteBackend:
                     try:
                         content = await self._post(url, body, headers)
                     except _AttemptFailed as failure:
-                        breaker.failure()
+                        if failure.breaks:
+                            breaker.failure()
                         failures.add(failure, url, attempt)
                         if failure.retryable and breaker.state is CircuitState.CLOSED:
                             continue
@@ -741,7 +765,8 @@ class RemoteBackend:
                 breaker.success()
                 return
             except _AttemptFailed as failure:
-                breaker.failure()
+                if failure.breaks:
+                    breaker.failure()
                 if started:
                     raise failure.error from failure.error.__cause__
                 failures.add(failure, url, 0)
