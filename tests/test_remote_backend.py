@@ -1193,6 +1193,39 @@ async def test_when_every_url_answers_429_then_429_with_the_shortest_retry_after
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_when_every_url_answers_503_then_503_with_the_upstream_s_retry_after(
+    stream: bool,
+) -> None:
+    """llama.cpp answers 503 "Loading model" while it loads: that is 503
+    ``backend_unavailable`` with a time to come back, not a 502 with none."""
+    waits = {"a.test": "45", "b.test": "20"}
+    asked: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.host)
+        return httpx.Response(
+            503,
+            json={"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
+            headers={"retry-after": waits[request.url.host]},
+        )
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://a.test/v1", "http://b.test/v1", retries=1)
+
+        async def call() -> object:
+            if stream:
+                return await collect(remote.stream(chat_request()))
+            return await remote.generate(chat_request())
+
+        with pytest.raises(BackendError) as unavailable:
+            await call()
+
+    assert type(unavailable.value) is BackendUnavailable
+    assert (unavailable.value.status, unavailable.value.retry_after_s) == (503, 20.0)
+    assert asked == (["a.test", "b.test"] if stream else ["a.test", "a.test", "b.test", "b.test"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_the_upstream_s_retry_after_reaches_the_client(stream: bool) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(

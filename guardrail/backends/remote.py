@@ -53,6 +53,8 @@ every URL's circuit is open                 BackendUnavailable (503)
 every URL failed, the last by a timeout     BackendTimeout (504)
 every URL failed, the last by a 429         BackendBadResponse, status 429, upstream message,
                                             the shortest Retry-After of the 429s
+every URL failed, the last by a 503         BackendUnavailable (503), the shortest Retry-After
+                                            of the 503s
 every URL failed, the last by 5xx/drop      BackendBadResponse (502)
 every URL answered 200 with garbage         BackendBadResponse (502)
 finish_reason ``abort`` or ``error``          BackendBadResponse (502)
@@ -237,12 +239,13 @@ class _Failures:
         else:
             last = next(f for f in reversed(self.attempts) if f.kind != "connect")
             error, cause = last.error, last.error.__cause__
-            if last.kind == "rate_limited":
-                # The soonest any busy replica said it could take the call.
+            if last.upstream_status in (429, 503):
+                # The soonest any replica that answered so said it could take the call.
                 waits = [
                     f.error.retry_after_s
                     for f in self.attempts
-                    if f.kind == "rate_limited" and f.error.retry_after_s is not None
+                    if f.upstream_status == last.upstream_status
+                    and f.error.retry_after_s is not None
                 ]
                 error.retry_after_s = min(waits, default=None)
         error.__cause__ = cause
@@ -308,7 +311,8 @@ def _upstream_code(content: bytes) -> tuple[str | None, str | None]:
 
 
 def _retry_after(value: str | None) -> float | None:
-    """An upstream Retry-After in seconds (a date form is ignored), capped at an hour."""
+    """An upstream Retry-After (429, 503) in seconds (a date form is ignored), capped at an
+    hour."""
     try:
         seconds = float(value) if value is not None else None
     except ValueError:
@@ -323,11 +327,14 @@ def _status_error(
 ) -> BackendError | _AttemptFailed:
     """An upstream error status: a final error (4xx) or a failed attempt (5xx, 429)."""
     if status >= 500:
-        return _AttemptFailed(
-            "status",
-            BackendBadResponse(f"backend failed with HTTP {status}", status=502),
-            upstream_status=status,
-        )
+        error: BackendError = BackendBadResponse(f"backend failed with HTTP {status}", status=502)
+        if status == 503:
+            # Not there yet ("Loading model"), and it says when to ask again: so does the
+            # gateway's 503, should every URL end so.
+            error = BackendUnavailable(
+                "backend unavailable (HTTP 503)", retry_after_s=_retry_after(retry_after)
+            )
+        return _AttemptFailed("status", error, upstream_status=status)
     if status in (400, 413, 422):
         code, param = _upstream_code(content)
         return BackendBadResponse(
