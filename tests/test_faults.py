@@ -520,6 +520,36 @@ def test_an_upstream_error_message_the_policy_blocks_never_reaches_the_client(
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_refused_backend_api_key_is_named_in_the_503_readyz_and_logs(
+    test_policy: Path, stream: bool
+) -> None:
+    """vLLM with ``--api-key`` answers 401 on every route, ``/v1/models`` too: the operator
+    saw only "The backend lists no models right now" and ``upstream_status=None``."""
+
+    async def refuse(request: httpx.Request) -> httpx.Response:
+        # Some servers quote part of the key they refused: it must not travel on.
+        return httpx.Response(401, json={"error": "Incorrect API key provided: sk-wro***"})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(refuse))
+    backend = RemoteBackend(["http://up.test/v1"], client, api_key="sk-wrong", owns_client=True)
+    settings = Settings(policy=str(test_policy), backend="remote", breaker_failures=0)
+    app = create_app(settings, backend=backend, metrics_registry=CollectorRegistry())
+    with structlog.testing.capture_logs() as logs, TestClient(app=app) as c:
+        r = c.post("/v1/chat/completions", json=chat(stream))
+        ready = c.get("/readyz")
+
+    refused = "backend refused the gateway's credentials (HTTP 401); check backend_api_key"
+    assert r.status_code == 503
+    assert refused in assert_openai_error(r.json())["message"]
+    assert ready.status_code == 503
+    assert refused in assert_openai_error(ready.json())["message"]
+    failed = [e for e in logs if e["event"] == "backend_attempt_failed"]
+    assert failed
+    assert {e["upstream_status"] for e in failed} == {401}
+    assert "sk-wro" not in r.text + ready.text + repr(logs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_an_upstream_error_message_the_policy_passes_reaches_the_client(
     test_policy: Path, stream: bool
 ) -> None:

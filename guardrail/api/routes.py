@@ -218,7 +218,14 @@ async def readyz(state: State) -> Response[Any]:
     if all(checks.values()):
         return Response({"status": "ready", "checks": checks})
     failing = ", ".join(k for k, ok in checks.items() if not ok)
-    detail = f" ({gw.backend_error})" if gw.backend_error else ""
+    # Why the backend fails, where the gateway knows: it failed to load, or the last read
+    # of its model list failed (a refused backend_api_key reads as nothing else here).
+    why = gw.backend_error or (
+        f"reading its model list failed: {gw.models_error}"
+        if gw.models_error and not checks["backend"]
+        else None
+    )
+    detail = f" ({why})" if why else ""
     return APIError(
         503, f"Not ready: {failing}{detail}.", code="not_ready", extra={"checks": checks}
     ).response({"retry-after": "5"})

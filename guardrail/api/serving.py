@@ -189,6 +189,9 @@ class Gateway:
     backend: Backend | None = None
     backend_error: str | None = None
     models: list[str] = field(default_factory=list)
+    # Why the last read of the backend's model list failed (the gateway's own words, e.g.
+    # a refused backend_api_key), for the 503 with no names and /readyz; None once one read.
+    models_error: str | None = None
     _models_checked: float = 0.0
     # The backend's model list being fetched: every request that finds no names waits on
     # this one fetch rather than answering "lists no models" while it runs.
@@ -290,8 +293,10 @@ class Gateway:
             # An empty list after a good one is an upstream between states (restarting,
             # loading): its last names answer better than 503s until it lists again.
             self.models = await backend.models() or self.models
+            self.models_error = None
         except BackendError as e:
-            log.warning("models_unavailable", error=type(e).__name__)
+            self.models_error = str(e)
+            log.warning("models_unavailable", error=type(e).__name__, reason=self.models_error)
         except Exception as e:
             # A refresh nobody awaits: an unexpected error must not be left unretrieved
             # in the task; the last good list stays.
@@ -1350,9 +1355,14 @@ class Serving:
         if not served:
             # Retry-After says when the list is asked for again: sooner, a retry finds
             # the same empty list.
+            why = (
+                f" (reading its list failed: {self.gw.models_error})"
+                if self.gw.models_error
+                else ""
+            )
             raise from_backend_error(
                 BackendUnavailable(
-                    "The backend lists no models right now.",
+                    f"The backend lists no models right now{why}.",
                     retry_after_s=max(1.0, self.gw.models_due_in()),
                 )
             )

@@ -948,7 +948,7 @@ class RemoteBackend:
             error = _status_error(response.status_code, response.content)
             if isinstance(error, _AttemptFailed):
                 raise error
-            raise _AttemptFailed("status", error)
+            raise _AttemptFailed("status", error, upstream_status=response.status_code)
         try:
             listing = _MODELS.decode(response.content)
         except msgspec.DecodeError as e:
