@@ -662,8 +662,12 @@ async def test_an_error_reported_outside_a_data_frame_raises_as_an_error_frame(
         b"\n\n",
         # [DONE] without any finish_reason.
         b'data: {"choices": [{"index": 0, "delta": {"content": "Hi!"}}]}\n\ndata: [DONE]\n\n',
+        # One frame's JSON over several data: lines (joined with a line break, per SSE).
+        b'data: {"choices": [{"index": 0,\ndata: "delta": {"content": "Hi"}}]}\n\n'
+        b'data: {"choices": [{"index": 0, "delta": {"content": "!"},\r\n'
+        b'data: "finish_reason": "stop"}]}\r\n\r\ndata: [DONE]',
     ],
-    ids=["crlf-and-comments", "no-done", "no-finish-reason"],
+    ids=["crlf-and-comments", "no-done", "no-finish-reason", "multi-line-data"],
 )
 async def test_stream_parses_the_sse_variants_servers_send(body: bytes) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:

@@ -875,14 +875,17 @@ class RemoteBackend:
         """The frames of an SSE body (``None`` for ``[DONE]``), each read bounded by
         ``timeout_s`` from the last frame that moved the answer on.
 
-        JSON never spans lines, so each ``data:`` line is one frame; comments
-        (keepalives), ``id:`` fields and blank lines are skipped. A failure the upstream
+        An event's ``data:`` lines are joined with a line break, as the SSE format says
+        (a frame's JSON may span several), and the event is one frame once its blank line
+        (or the body's end) comes; comments (keepalives) and ``id:`` fields are skipped.
+        A failure the upstream
         reports outside a ``data: {"error": ...}`` frame, as an ``error:`` line (older
         llama.cpp servers) or as the data of an ``event: error``, raises as that frame does.
         """
         lines = _sse_lines(response.aiter_text())
         loop = asyncio.get_running_loop()
         event = ""  # the ``event:`` field of the event being read, until its blank line
+        data: list[str] = []  # its ``data:`` lines
         # Only progress (see _moves_on) restarts the clock: keepalive comments, blank
         # lines and frames that carry nothing do not, or a server sending them forever
         # would hang the request. A slow stream that keeps writing text is never cut.
@@ -891,9 +894,9 @@ class RemoteBackend:
             while True:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        line = await anext(lines)
+                        line: str | None = await anext(lines)
                 except StopAsyncIteration:
-                    return
+                    line = None  # ends the last event, blank line or not (lenient)
                 except (TimeoutError, httpx.TimeoutException) as e:
                     error = BackendTimeout(
                         f"backend stream stalled: nothing new for {self._timeout_s:g}s"
@@ -902,32 +905,31 @@ class RemoteBackend:
                     raise _AttemptFailed("timeout", error) from e
                 except httpx.RequestError as e:
                     raise _dropped(e, streaming=True) from e
-                if not line:
-                    event = ""
+                if line:
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("error:"):
+                        # Skipped as an unknown field, it was followed by llama.cpp's
+                        # ``data: [DONE]``: a cut answer passed for a finished one.
+                        raise _stream_error(line[6:])
+                    elif line.startswith("data:") and line[5:].strip():
+                        data.append(line[5:].strip())
                     continue
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                    continue
-                if line.startswith("error:"):
-                    # Skipped as an unknown field, it was followed by llama.cpp's
-                    # ``data: [DONE]``: a cut answer passed for a finished one.
-                    raise _stream_error(line[6:])
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if not data:
-                    continue
-                if event == "error":
-                    raise _stream_error(data)
-                if data == "[DONE]":
+                payload, kind = "\n".join(data), event
+                data, event = [], ""
+                if kind == "error" and payload:
+                    raise _stream_error(payload)
+                if payload == "[DONE]":
                     yield None
-                    continue
-                frame = _decode_frame(data)
-                yield frame
-                # Restarted once the caller asks for more, so the time it spent on the
-                # chunk (the policy's checks) is not counted against the upstream.
-                if _moves_on(frame):
-                    deadline = loop.time() + self._timeout_s
+                elif payload:
+                    frame = _decode_frame(payload)
+                    yield frame
+                    # Restarted once the caller asks for more, so the time it spent on
+                    # the chunk (the policy's checks) is not counted against the upstream.
+                    if _moves_on(frame):
+                        deadline = loop.time() + self._timeout_s
+                if line is None:
+                    return
 
     # -- discovery
 
