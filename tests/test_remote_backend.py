@@ -666,8 +666,12 @@ async def test_an_error_reported_outside_a_data_frame_raises_as_an_error_frame(
         b'data: {"choices": [{"index": 0,\ndata: "delta": {"content": "Hi"}}]}\n\n'
         b'data: {"choices": [{"index": 0, "delta": {"content": "!"},\r\n'
         b'data: "finish_reason": "stop"}]}\r\n\r\ndata: [DONE]',
+        # No blank line between events: each data line is a whole frame of its own.
+        b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n'
+        b'data: {"choices": [{"index": 0, "delta": {"content": "!"}, "finish_reason": "stop"}]}\n'
+        b"data: [DONE]\n\n",
     ],
-    ids=["crlf-and-comments", "no-done", "no-finish-reason", "multi-line-data"],
+    ids=["crlf-and-comments", "no-done", "no-finish-reason", "multi-line-data", "no-blank-lines"],
 )
 async def test_stream_parses_the_sse_variants_servers_send(body: bytes) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:

@@ -466,6 +466,29 @@ def _decode_frame(data: str) -> _Answer:
     return frame
 
 
+def _event_payloads(payload: str, lines: list[str]) -> list[str]:
+    """The frames one SSE event holds: its data lines joined, as the format says, or,
+    when that is no JSON but each line is a frame of its own, each line: a server that
+    leaves out the blank line between events (``data: A\ndata: B\n\n``) was read that
+    way before multi-line data was joined, and still is."""
+    if len(lines) < 2 or payload == "[DONE]":
+        return [payload] if payload else []
+    try:
+        msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        if all(line == "[DONE]" or _is_json(line) for line in lines):
+            return lines
+    return [payload]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
 def _stream_error(payload: str) -> BackendBadResponse:
     """A stream's error reported outside an error frame, raised as one is."""
     return BackendBadResponse(
@@ -915,14 +938,15 @@ class RemoteBackend:
                     elif line.startswith("data:") and line[5:].strip():
                         data.append(line[5:].strip())
                     continue
-                payload, kind = "\n".join(data), event
+                payload, kind, data_lines = "\n".join(data), event, data
                 data, event = [], ""
                 if kind == "error" and payload:
                     raise _stream_error(payload)
-                if payload == "[DONE]":
-                    yield None
-                elif payload:
-                    frame = _decode_frame(payload)
+                for part in _event_payloads(payload, data_lines):
+                    if part == "[DONE]":
+                        yield None
+                        continue
+                    frame = _decode_frame(part)
                     yield frame
                     # Restarted once the caller asks for more, so the time it spent on
                     # the chunk (the policy's checks) is not counted against the upstream.
