@@ -55,6 +55,7 @@ from guardrail.policy.loader import load_policy_text
 from guardrail.policy.model import StreamSettings
 from guardrail.settings import Settings
 from tests.fakes.backend import FakeBackend
+from tests.sse import content as sse_content
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1386,6 +1387,26 @@ def test_seeded_pii_reaches_neither_backend_nor_logs_nor_metrics_and_the_answer_
         assert value not in logs.getvalue()
         assert value not in metrics
     assert "exchange" in logs.getvalue()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_completion_checked_after_its_prompt_still_has_its_placeholders_restored(
+    tmp_path: Path, stream: bool
+) -> None:
+    """The prompt's end is the output filters' context for the completion: its own
+    placeholder (restored there too) is no part of what the client gets."""
+    backend = FakeBackend(reply=" the trip. Write to <EMAIL_ADDRESS_1> soon.", chunk_size=6)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY, encoding="utf-8")
+    app = create_app(
+        Settings(policy=str(policy)), backend=backend, metrics_registry=CollectorRegistry()
+    )
+    body = {"model": "fake-model", "prompt": f"Reply to {EMAIL} about", "stream": stream}
+    with TestClient(app=app) as client:
+        r = client.post("/v1/completions", json=body)
+    assert backend.requests[0].prompt == "Reply to <EMAIL_ADDRESS_1> about"
+    text = sse_content(r.text) if stream else r.json()["choices"][0]["text"]
+    assert text == f" the trip. Write to {EMAIL} soon."
 
 
 def test_a_placeholder_written_in_the_response_format_is_never_restored_to_user_data(

@@ -65,8 +65,10 @@ def chunk(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
-async def run_stream(guard: Guard, pieces: list[str], settings: StreamSettings) -> tuple[str, bool]:
-    window = StreamGuard(guard, FilterContext("s"), settings)
+async def run_stream(
+    guard: Guard, pieces: list[str], settings: StreamSettings, lead: str = ""
+) -> tuple[str, bool]:
+    window = StreamGuard(guard, FilterContext("s"), settings, lead=lead)
     sent = []
     for piece in pieces:
         release = await window.feed(piece)
@@ -152,6 +154,33 @@ async def test_a_secret_split_across_chunks_is_redacted(
     assert not blocked
     assert "1234" not in sent
     assert sent == "Your key is # and it works. Keep it safe. "
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, 10_000), max_size=20), config=stream_settings)
+async def test_a_phrase_split_between_the_lead_and_the_stream_is_blocked(
+    executor: ThreadPoolExecutor, cuts: list[int], config: StreamSettings
+) -> None:
+    """The lead (the prompt the completion continues) is the first window's context:
+    without it, " bomb with the parts." was released after "... build a"."""
+    text = " bomb with the parts. The end. "
+    lead = "Some notes. Then you build a"
+    sent, blocked = await run_stream(make_guard(executor), chunk(text, cuts), config, lead)
+    assert blocked
+    assert sent == ""
+
+
+async def test_a_redaction_across_the_lead_rewrites_only_the_stream(
+    executor: ThreadPoolExecutor,
+) -> None:
+    window = StreamGuard(
+        make_guard(executor), FilterContext("s"), StreamSettings(), lead="My old key sk-12"
+    )
+    released = (await window.feed("34 works. ")).text + (await window.feed("Bye. ")).text
+    assert released == "# works. Bye. "
+    assert window.released_text == released
+    # Each decision is about the completion alone: the audit row keeps no prompt text.
+    assert [d.text for d in window.decisions] == ["# works. ", "# works. Bye. "]
 
 
 async def test_text_is_held_until_a_sentence_ends(executor: ThreadPoolExecutor) -> None:

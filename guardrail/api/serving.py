@@ -56,7 +56,7 @@ from guardrail.guard.filter import Grounder, Grounds
 from guardrail.guard.guard import Guard
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore, ReloadResult
-from guardrail.guard.stream import StreamGuard
+from guardrail.guard.stream import StreamGuard, check_continuation
 from guardrail.guard.types import Action, Decision, FilterContext, Finding, Stage
 from guardrail.observability.audit import AuditLog, redacted_text
 from guardrail.observability.metrics import GatewayMetrics
@@ -542,6 +542,20 @@ class _Call:
         # One source for the id format: the audit log stores the same id for feedback.
         return self.exchange.response_id or f"{self.kind}-{self.exchange.request_id}"
 
+    @property
+    def lead(self) -> str:
+        """The text the completion continues, the output filters' context for its start:
+        the prompt of /v1/completions, or a chat's trailing assistant message. Upstreams
+        that take that as a prefill (llama.cpp server, Ollama, several hosted APIs)
+        continue it; the local engine's chat template opens a new turn after it, where
+        the context only reads the answer after the message it follows, so it is used
+        whatever the backend."""
+        request = self.request
+        if request.prompt is not None:
+            return request.prompt
+        last = request.messages[-1] if request.messages else None
+        return last.content if last is not None and last.role == "assistant" else ""
+
     def output_decisions(self) -> list[tuple[int | None, Decision]]:
         return [(None, d) for d in self.exchange.decisions_at(Stage.OUTPUT)]
 
@@ -1002,7 +1016,13 @@ class Serving:
             call.admission.generated_chars = len(completion.text)
         exchange.prompt_tokens = completion.prompt_tokens
         exchange.completion_tokens = completion.completion_tokens
-        decision = await call.guard.check(Stage.OUTPUT, completion.text, call.ctx.at(Stage.OUTPUT))
+        # Checked after the text it continues, as a stream's window after the text before
+        # it: the prompt's "The pipe" and the completion's " bomb is simple: ..." each
+        # passed alone.
+        context_chars = call.guard.policy.stream.context_chars
+        decision = await check_continuation(
+            call.guard, call.ctx, completion.text, call.lead, context_chars
+        )
         exchange.decisions.append(decision)
         if self.gw.shadow is not None:
             self.gw.shadow.observe_text(Stage.OUTPUT, completion.text, call.ctx, decision.action)
@@ -1090,7 +1110,7 @@ class Serving:
         self, call: _Call, first: Chunk, chunks: AsyncIterator[Chunk], started: float
     ) -> AsyncIterator[bytes]:
         exchange, guard = call.exchange, call.guard
-        window = StreamGuard(guard, call.ctx, guard.policy.stream)
+        window = StreamGuard(guard, call.ctx, guard.policy.stream, lead=call.lead)
         finish: FinishReason = "stop"
         prompt_tokens = completion_tokens = None
         recorded = False  # whether window.decisions are in the exchange yet

@@ -16,6 +16,13 @@ A finding lying wholly in the released tail (or in that look-ahead) is not the w
 it was (or will be) decided with its own window. A finding that rests on several matches
 (``Finding.extent``) is the window's if any part of it is.
 
+A completion that continues a text the client wrote (the prompt of ``/v1/completions``, a
+chat's trailing assistant message) starts from that text's end as its ``lead``: released,
+so the first window is checked after it, yet never sent. A whole completion is checked
+the same way (:func:`check_continuation`). Either way the decision is about the
+completion alone: a finding wholly in the lead is set aside (the lead passed the input
+filters), spans and redactions are moved onto the completion.
+
 Invariant (tested with Hypothesis over arbitrary chunkings): everything released is
 the (possibly redacted) text of windows whose check did not block, in order. In
 ``sentence`` mode a sentence shorter than ``window_chars`` is checked whole before
@@ -88,18 +95,28 @@ class Release:
 
 
 class StreamGuard:
-    """Holds back one stream's text and releases it window by window, checked."""
+    """Holds back one stream's text and releases it window by window, checked.
 
-    def __init__(self, guard: Guard, ctx: FilterContext, settings: StreamSettings) -> None:
+    ``lead``: the text the completion continues (see the module doc), taken as released
+    before the first window and never part of :attr:`released_text`.
+    """
+
+    def __init__(
+        self, guard: Guard, ctx: FilterContext, settings: StreamSettings, lead: str = ""
+    ) -> None:
         self._guard = guard
         self._ctx = ctx.at(Stage.OUTPUT)
         self._settings = settings
         self._held = ""
-        self._released = ""
+        # No tail reaches further back than _TAIL_LIMIT: a long prompt is not copied
+        # whole with every window released after it.
+        cut = max(0, len(lead) - _TAIL_LIMIT)
+        self._released = lead[cut:]
+        self._lead = len(self._released)
         # Whether an override (U+202E) is in force after the first _override_mark released
         # characters: each window reads only what was released since.
         self._override_mark = 0
-        self._override_open = False
+        self._override_open = open_override(lead, cut)
         self.blocked = False
         self.decisions: list[Decision] = []
         # The held-back size of each checked window (the metric's, never the text).
@@ -107,7 +124,8 @@ class StreamGuard:
 
     @property
     def released_text(self) -> str:
-        return self._released
+        """What was released to the client (the lead is not)."""
+        return self._released[self._lead :]
 
     @property
     def held_chars(self) -> int:
@@ -229,19 +247,7 @@ class StreamGuard:
         if not want:
             return ""
         released = self._released
-        start = max(0, len(released) - want)
-        floor = max(0, len(released) - _TAIL_LIMIT)
-        start = _before_markup(released, start, floor)
-        if _MAY_SHRINK.search(released, start):
-            # Markup the released text ends in may be read away with the window's first
-            # letter: what the tail gives the window is what it reads before that.
-            read = _markup_run(released, _tag_start(released, len(released), floor), floor)
-            # Back in doubling steps: each step normalises the tail again, so a fixed step
-            # over 16,384 characters of padding cost 80 normalisations per window.
-            step = want
-            while start > floor and len(normalize(released[start:read]).text) < want // 2:
-                start = _before_markup(released, max(floor, start - step), floor)
-                step *= 2
+        start = _context_start(released, want)
         tail = released[start:]
         # No tail, this one or a later one, starts before this: the state is kept up to it.
         mark = max(0, len(released) - max(want, _TAIL_LIMIT))
@@ -270,7 +276,13 @@ class StreamGuard:
                 back = min(crossing) - start
                 return await self._check(back, cut + ahead - back)
             cut = _through(every, start + cut) - start
-        decision = self._own(decision, checked, start, start + cut)
+        decision = _own(self._guard, decision, checked, start, start + cut)
+        # The lead's part of the tail: the decision is about the completion alone (the
+        # audit row keeps no prompt text as the output's).
+        lead = len(tail) - min(len(tail), len(self._released) - self._lead)
+        if lead:
+            decision = _after_lead(decision, checked, lead)
+            start -= lead
         self.decisions.append(decision)
         self.window_chars.append(cut)
         if decision.blocked:
@@ -284,35 +296,68 @@ class StreamGuard:
         self._released += released
         return Release(released, decision)
 
-    def _own(self, decision: Decision, checked: str, start: int, end: int) -> Decision:
-        """``decision`` on ``checked`` with only the findings of the window
-        ``checked[start:end]``: one that lies wholly in the released tail before it was
-        reported with its own window, and one wholly in the text after it will be.
 
-        Nor does such a finding decide this window: the tail was released, so it passed
-        when it was checked, and a match that the tail's cut alone creates
-        ("doe@example.com" of an email already sent) must not block what follows.
-        Decided again only when every filter ran and decided by its findings; otherwise
-        the decision stands.
-        """
-        if all(_within(f, start, end) for f in decision.findings):
-            return decision
-        derived = all(
-            o.status == "ok"
-            and o.verdict.action is _action_of(o.verdict.findings, o.verdict.redactions)
-            for o in decision.outcomes
+def lead_context(lead: str, context_chars: int) -> str:
+    """What of ``lead``, the text a completion continues, the completion is checked
+    with: its end, as a stream's window gets the text released before it
+    (:meth:`StreamGuard._tail`)."""
+    if not context_chars:
+        return ""
+    start = _context_start(lead, context_chars)
+    return OVERRIDE + lead[start:] if open_override(lead, start) else lead[start:]
+
+
+async def check_continuation(
+    guard: Guard, ctx: FilterContext, text: str, lead: str, context_chars: int
+) -> Decision:
+    """The output decision on the whole completion ``text`` that continues ``lead``.
+
+    Checked after the lead's end (:func:`lead_context`), so a phrase split across the
+    join ("The pipe" + " bomb is simple: ...") is seen whole. A finding wholly in the
+    lead is set aside: the lead passed the input filters, and a rule of the output stage
+    alone must not withhold a harmless completion for the prompt's own words. The
+    decision is about ``text`` alone: its spans, redactions and text.
+    """
+    context = lead_context(lead, context_chars)
+    output = ctx.at(Stage.OUTPUT)
+    if not context or not text:  # nothing is joined (an empty stream checks nothing)
+        return await guard.check(Stage.OUTPUT, text, output)
+    checked = context + text
+    decision = await guard.check(Stage.OUTPUT, checked, output)
+    decision = _own(guard, decision, checked, len(context), len(checked))
+    return _after_lead(decision, checked, len(context))
+
+
+def _own(guard: Guard, decision: Decision, checked: str, start: int, end: int) -> Decision:
+    """``decision`` on ``checked`` with only the findings of the window
+    ``checked[start:end]``: one that lies wholly in the released tail before it was
+    reported with its own window, and one wholly in the text after it will be.
+
+    Nor does such a finding decide this window: the tail was released, so it passed
+    when it was checked (the lead passed the input filters), and a match that the
+    tail's cut alone creates ("doe@example.com" of an email already sent) must not
+    block what follows.
+    Decided again only when every filter ran and decided by its findings; otherwise
+    the decision stands.
+    """
+    if all(_within(f, start, end) for f in decision.findings):
+        return decision
+    derived = all(
+        o.status == "ok"
+        and o.verdict.action is _action_of(o.verdict.findings, o.verdict.redactions)
+        for o in decision.outcomes
+    )
+    if not derived:
+        return dataclasses.replace(
+            decision, findings=tuple(f for f in decision.findings if _within(f, start, end))
         )
-        if not derived:
-            return dataclasses.replace(
-                decision, findings=tuple(f for f in decision.findings if _within(f, start, end))
-            )
-        # Each filter's verdict loses them too: a finding already counted with its own
-        # window must not count again, per filter, in filter_verdicts_total and the audit
-        # row, for every window it stays in the context. Combined again, so the action
-        # and the redactions are those of the findings left (a block in the tail alone
-        # had left a redaction in the window unapplied).
-        outcomes = [_only_within(o, start, end) for o in decision.outcomes]
-        return self._guard.combine(Stage.OUTPUT, checked, outcomes)
+    # Each filter's verdict loses them too: a finding already counted with its own
+    # window must not count again, per filter, in filter_verdicts_total and the audit
+    # row, for every window it stays in the context. Combined again, so the action
+    # and the redactions are those of the findings left (a block in the tail alone
+    # had left a redaction in the window unapplied).
+    outcomes = [_only_within(o, start, end) for o in decision.outcomes]
+    return guard.combine(Stage.OUTPUT, checked, outcomes)
 
 
 # What may stand between two letters and be read away (see normalize): emphasis marks
@@ -346,6 +391,24 @@ def _tag_start(text: str, at: int, floor: int) -> int:
     attributes be longer than the context), or ``at`` if it is in none."""
     opened = text.rfind("<", floor, at)
     return opened if opened >= 0 and text.find(">", opened, at) < 0 else at
+
+
+def _context_start(released: str, want: int) -> int:
+    """Where the context of the text after ``released`` starts (see StreamGuard._tail)."""
+    start = max(0, len(released) - want)
+    floor = max(0, len(released) - _TAIL_LIMIT)
+    start = _before_markup(released, start, floor)
+    if _MAY_SHRINK.search(released, start):
+        # Markup the released text ends in may be read away with the window's first
+        # letter: what the tail gives the window is what it reads before that.
+        read = _markup_run(released, _tag_start(released, len(released), floor), floor)
+        # Back in doubling steps: each step normalises the tail again, so a fixed step
+        # over 16,384 characters of padding cost 80 normalisations per window.
+        step = want
+        while start > floor and len(normalize(released[start:read]).text) < want // 2:
+            start = _before_markup(released, max(floor, start - step), floor)
+            step *= 2
+    return start
 
 
 def _before_markup(text: str, start: int, floor: int) -> int:
@@ -387,6 +450,58 @@ def _shift(redactions: tuple[Redaction, ...], offset: int, length: int) -> list[
         if end > start:
             out.append(Redaction(start, end, r.replacement, r.restore))
     return out
+
+
+def _after_lead(decision: Decision, checked: str, lead: int) -> Decision:
+    """``decision`` on ``checked`` as one on ``checked[lead:]``, the completion after
+    the lead: its findings, each filter's, and their redactions moved onto it and
+    clipped to it, and its text the completion's alone. A finding or redaction wholly in
+    the lead is dropped (no lead text is rewritten or sent); one across the join is
+    kept, cut at the completion's start."""
+    text = checked[lead:]
+    length = len(text)
+
+    def moved(findings: tuple[Finding, ...]) -> tuple[Finding, ...]:
+        out = []
+        for f in findings:
+            reach = f.reach
+            if reach is not None and reach[1] <= lead:
+                continue
+            extent = _onto(f.extent, lead, length)
+            # A span in the lead whose other matches reach the completion: the part of
+            # them in it (the audit row marks the span).
+            span = _onto(f.span, lead, length) or extent
+            out.append(dataclasses.replace(f, span=span, extent=extent))
+        return tuple(out)
+
+    outcomes = tuple(
+        dataclasses.replace(
+            o,
+            verdict=dataclasses.replace(
+                o.verdict,
+                findings=moved(o.verdict.findings),
+                redactions=tuple(_shift(o.verdict.redactions, lead, length)),
+            ),
+        )
+        for o in decision.outcomes
+    )
+    redactions = tuple(_shift(decision.redactions, lead, length))
+    return dataclasses.replace(
+        decision,
+        text=apply_redactions(text, redactions) if redactions else text,
+        findings=moved(decision.findings),
+        outcomes=outcomes,
+        redactions=redactions,
+    )
+
+
+def _onto(span: tuple[int, int] | None, offset: int, length: int) -> tuple[int, int] | None:
+    """``span`` of ``lead + text`` as a span of ``text`` (``offset`` the lead's length),
+    clipped to it; ``None`` if none of it is in ``text``."""
+    if span is None:
+        return None
+    start, end = max(span[0] - offset, 0), min(span[1] - offset, length)
+    return (start, end) if end > start else None
 
 
 def _action_of(findings: Iterable[Finding], redactions: Iterable[Redaction]) -> Action:

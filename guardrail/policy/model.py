@@ -64,7 +64,9 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         int,
         _doc(
             "Characters of already released text checked again with each held window, so "
-            "a phrase split across windows is still seen whole; a window cut inside a token "
+            "a phrase split across windows is still seen whole (and of the text a completion "
+            "continues, a completions prompt or a trailing assistant message, checked with "
+            "the completion's start, streamed or not); a window cut inside a token "
             "(no space or delimiter in it) is checked with the rest of the token too, up to "
             "this many characters or 64."
         ),
