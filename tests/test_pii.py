@@ -919,6 +919,39 @@ def test_card_numbers_outside_the_common_issuers_need_luhn_and_a_card_word() -> 
     assert find_card_numbers("My card 213175197796455 expired.") == []  # fails Luhn
 
 
+async def test_a_card_number_written_with_dots_is_redacted_on_input_and_masked_on_output(
+    guard: Guard,
+) -> None:
+    """Presidio's pattern takes spaces and dashes only: "4111.1111.1111.1111" went to
+    the model as written, and one the model wrote reached the client."""
+    ctx = conversation(
+        "Charge 4111.1111.1111.1111 today.", "Or card no 5018.0000.0009, or 3782.822463.10005."
+    )
+    assert await check_all(guard, ctx) == [
+        "Charge <CREDIT_CARD_1> today.",
+        "Or card no <CREDIT_CARD_2>, or <CREDIT_CARD_3>.",
+    ]
+    reply = "Test card: 5500.0000.0000.0004."
+    masked = await guard.check(Stage.OUTPUT, reply, ctx.at(Stage.OUTPUT))
+    assert masked.text == "Test card: " + "*" * 15 + "0004."
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Version 1.2.3.4 is out; driver 550.54.15.",
+        "The server 192.168.10.1 is down.",
+        "Logged at 2003.08.28 12:13:52.123 by the system.",
+        "Build 2024.0115.1200.3 passed.",
+        "Card 4111.1111.1111.1112 fails Luhn.",
+        "Grouped otherwise: 4111.11111.111.1111 or 41.1111.1111.111111.",
+    ],
+)
+def test_dotted_numbers_that_are_no_card_are_not_card_numbers(text: str) -> None:
+    """Only a card's own groups count without a card word."""
+    assert find_card_numbers(text) == []
+
+
 @pytest.mark.parametrize(
     ("text", "names"),
     [

@@ -31,7 +31,11 @@ Anything holding a date, dotted IP addresses and numbers glued to letters are ne
 and prefixes; cards of 12 to 19 digits outside them (Maestro, 19-digit Visa, JCB 15)
 are missed. This one adds any 12-19 digit number that passes the Luhn check *and* has
 a card word before it (``card``, ``card no``, ``credit card number is``): 0.6. Without
-the word, one random number in ten passes Luhn, which is not evidence enough.
+the word, one random number in ten passes Luhn, which is not evidence enough. Digits may
+be grouped by spaces, dashes or dots. A number that passes Luhn dotted in a card's own
+groups (``4111.1111.1111.1111``, Amex's ``3782.822463.10005``) needs no word, as
+Presidio's recognizer needs none for the spaced and dashed forms it knows (it knows no
+dotted one); no version, IP address, date or timestamp is written in those groups.
 
 Presidio is imported lazily by the factory functions, so importing this module costs
 nothing.
@@ -117,7 +121,12 @@ _UNIT_AFTER = re.compile(
 _CARD_BEFORE = re.compile(
     r"\bcard(?:\s+(?:no\.?|number|num|#|ending|is|:))*[\s:#.=-]*(?:is\s+)?$", re.IGNORECASE
 )
-_CARD_CANDIDATE = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){11,18}(?![\w-]|[.,]\d)")
+_CARD_CANDIDATE = re.compile(r"(?<![\w.-])\d(?:[ .-]?\d){11,18}(?![\w-]|[.,]\d)")
+# A card number grouped as printed on cards (4.4.4.4, up to three digits more for a
+# 19-digit card; Amex's 4.6.5, Diners' 4.6.4), dots its only separator. Presidio's
+# pattern takes spaces and dashes only: "4111.1111.1111.1111" went to the model as
+# written. Versions, IP addresses, dates and timestamps have no such groups.
+_DOTTED_CARD = re.compile(r"\d{4}(?:\.\d{4}){3}(?:\.\d{1,3})?|\d{4}\.\d{6}\.\d{4,5}")
 _LOOK_BEFORE = 40
 _LOOK_AFTER = 16
 
@@ -220,13 +229,16 @@ def luhn_valid(digits: str) -> bool:
 
 
 def find_card_numbers(text: str) -> list[Span]:
-    """12-19 digit numbers passing Luhn with a card word just before them."""
+    """12-19 digit numbers passing Luhn with a card word just before them, or dotted in
+    a card's groups."""
     found = []
     for m in _CARD_CANDIDATE.finditer(text):
         digits = _digits(m.group())
         if not 12 <= len(digits) <= 19 or not luhn_valid(digits):
             continue
-        if _CARD_BEFORE.search(text[max(0, m.start() - _LOOK_BEFORE) : m.start()]):
+        if _DOTTED_CARD.fullmatch(m.group()) or _CARD_BEFORE.search(
+            text[max(0, m.start() - _LOOK_BEFORE) : m.start()]
+        ):
             found.append(Span(m.start(), m.end(), 0.6))
     return found
 
