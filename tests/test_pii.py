@@ -208,6 +208,31 @@ def test_look_alike_and_zero_width_characters_do_not_hide_an_entity(
     assert (entity, value) in found
 
 
+@pytest.mark.parametrize(
+    ("text", "entity", "value"),
+    [
+        ("SSN 536\u201422\u20148173 here", "US_SSN", "536\u201422\u20148173"),  # em dash
+        ("SSN 536\u201522\u20158173 here", "US_SSN", "536\u201522\u20158173"),  # horizontal bar
+        ("SSN 536\u200e\u201422\u20148173 here", "US_SSN", "536\u200e\u201422\u20148173"),
+        ("Call 212\u2014555\u20140187 now.", "PHONE_NUMBER", "212\u2014555\u20140187"),
+        # Between words an em dash is punctuation, not a hyphen that joins them to the
+        # address (which then fails validation).
+        (
+            "Write to me\u2014jane.doe@example.com\u2014today.",
+            "EMAIL_ADDRESS",
+            "jane.doe@example.com",
+        ),
+    ],
+)
+def test_em_dashes_between_digits_read_as_hyphens(
+    pii: PiiFilter, text: str, entity: str, value: str
+) -> None:
+    """En dashes were read as hyphens, em dashes not: "536\u201422\u20148173" went to
+    the model as written."""
+    found = [(d.entity, text[d.start : d.end]) for d in pii.analyze(text)]
+    assert (entity, value) in found
+
+
 # Characters that show nothing, beyond the zero-width ones: bidi marks, embeddings and
 # isolates, invisible operators, the Mongolian vowel separator, the grapheme joiner,
 # variation selectors (both blocks), tag characters, a control character.

@@ -168,6 +168,14 @@ _SAME_LENGTH = {
 }
 
 
+# Em dashes (and the horizontal bar, the small em dash) between two digits read as the
+# hyphens of an SSN, phone or card number: "536\u201422\u20148173" went to the model as
+# written. Only between digits: elsewhere an em dash is punctuation, and as a hyphen it
+# joined the words around it to an email address ("me\u2014jane.doe@example.com\u2014
+# today"), which then failed validation and was not found.
+_DIGIT_DASH = re.compile(r"(?<=\d)[\u2014\u2015\ufe58](?=\d)")
+
+
 # Combining diacritical marks (the blocks Latin, Greek and Cyrillic accents come from;
 # not the vowel signs of Indic scripts, which are letters' parts there).
 _DIACRITICS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
@@ -201,7 +209,7 @@ def _probe_text(text: str) -> tuple[str, list[tuple[int, int]] | None]:
     probe = text.translate(_SAME_LENGTH)
     patterns = _probe_patterns()
     if patterns.needs_map.search(probe) is None:
-        return probe, None
+        return _DIGIT_DASH.sub("-", probe), None
     chars: list[str] = []
     spans: list[tuple[int, int]] = []
     for m in patterns.with_marks.finditer(probe):
@@ -217,7 +225,9 @@ def _probe_text(text: str) -> tuple[str, list[tuple[int, int]] | None]:
             if not unicodedata.combining(c) and c not in patterns.invisible:
                 chars.append(c)
                 spans.append(m.span())
-    return "".join(chars), spans
+    # After the invisible characters are gone: "536\u200e\u201422" has its digits
+    # side by side.
+    return _DIGIT_DASH.sub("-", "".join(chars)), spans
 
 
 class EntityRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
