@@ -561,6 +561,32 @@ def test_an_upstream_error_message_the_policy_passes_reaches_the_client(
     assert message == f"backend rejected the request (HTTP 422): {REFUSAL}"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllms_context_length_refusal_reaches_the_client_as_openais(
+    test_policy: Path, stream: bool
+) -> None:
+    """As the local engine answers: 400 ``context_length_exceeded``, the client's invalid
+    request. It came as ``backend_bad_response``, which no SDK trims a history on."""
+    vllm = (
+        "This model's maximum context length is 4096 tokens. However, you requested 5000 "
+        "tokens (4000 in the messages, 1000 in the completion). Please reduce the length of "
+        "the messages or completion."
+    )
+    upstream = FakeUpstream(mode="refuse_400", error_message=vllm)
+    registry = CollectorRegistry()
+    with TestClient(app=_remote_gateway(test_policy, upstream, registry)) as c:
+        r = c.post("/v1/chat/completions", json=chat(stream))
+    assert r.status_code == 400
+    error = assert_openai_error(r.json())
+    assert (error["type"], error["code"]) == ("invalid_request_error", "context_length_exceeded")
+    assert error["message"] == (
+        "backend rejected the request (HTTP 400) as longer than the model's context of 4096 "
+        f"tokens: {vllm}"
+    )
+    labels = {"route": "chat", "outcome": "invalid_request"}
+    assert registry.get_sample_value("guardrail_requests_total", labels) == 1.0
+
+
 def test_an_upstream_error_message_is_redacted_as_a_completion_would_be(
     test_policy: Path,
 ) -> None:

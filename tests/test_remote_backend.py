@@ -331,7 +331,7 @@ async def test_refuse_400_mode_keeps_the_upstream_message_apart(
         ),
         ({"code": "context_length_exceeded", "param": "x" * 50}, "context_length_exceeded", None),
         ({"code": "invalid_value", "param": "messages"}, "backend_bad_response", None),
-        ({"code": 400, "param": None}, "backend_bad_response", None),  # vLLM's shape
+        ({"code": 400, "param": None}, "backend_bad_response", None),  # vLLM's, not context
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])
@@ -356,6 +356,96 @@ async def test_an_upstream_context_length_exceeded_keeps_its_code(
 
     assert (caught.value.status, caught.value.code, caught.value.param) == (400, code, param)
     assert caught.value.upstream_message == REFUSAL
+
+
+VLLM_CONTEXT = (
+    "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens "
+    "(4000 in the messages, 1000 in the completion). Please reduce the length of the "
+    "messages or completion."
+)
+VLLM_MAX_TOKENS = (
+    "'max_tokens' or 'max_completion_tokens' is too large: 1000. This model's maximum "
+    "context length is 4096 tokens and your request has 4000 input tokens (1000 > 4096 - "
+    "4000)."
+)
+VLLM_V1_PROMPT = (
+    "The decoder prompt (length 5000) is longer than the maximum model length of 4096. "
+    "Make sure that `max_model_len` is no smaller than the number of text tokens."
+)
+
+
+def vllm_error(message: str, *, nested: bool) -> bytes:
+    """vLLM's error body: at the top level (older servers) or nested as OpenAI's."""
+    error = {"message": message, "type": "BadRequestError", "param": None, "code": 400}
+    return json.dumps({"error": error} if nested else {"object": "error", **error}).encode()
+
+
+async def refusal(body: bytes, status: int = 400, *, stream: bool = False) -> BackendError:
+    """The error a remote backend raises when its upstream answers ``status`` with ``body``."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=body)
+
+    async def ask(remote: RemoteBackend) -> object:
+        if stream:
+            return await collect(remote.stream(chat_request()))
+        return await remote.generate(chat_request())
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(BackendError) as caught:
+            await ask(backend(client, "http://up.test/v1"))
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        vllm_error(VLLM_CONTEXT, nested=False),
+        vllm_error(VLLM_CONTEXT, nested=True),
+        vllm_error(VLLM_MAX_TOKENS, nested=True),
+        vllm_error(VLLM_V1_PROMPT, nested=False),
+        # Lists where the code and param should be: unhashable, they were a TypeError.
+        json.dumps({"error": {"message": VLLM_CONTEXT, "code": [400], "param": [1]}}).encode(),
+    ],
+    ids=["top-level", "nested", "max-tokens", "v1-prompt", "lists"],
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_vllms_context_length_error_gets_openais_code(body: bytes, stream: bool) -> None:
+    """vLLM sends no such code (its code is the HTTP status): the client got
+    ``backend_bad_response``, which no SDK trims a conversation on, where the local
+    engine answers ``context_length_exceeded``. The message is the gateway's own words
+    and vLLM's number; vLLM's text stays apart, to be moderated before it is shown."""
+    error = await refusal(body, stream=stream)
+    assert (error.status, error.code, error.param) == (400, "context_length_exceeded", None)
+    assert str(error) == (
+        "backend rejected the request (HTTP 400) as longer than the model's context of 4096 tokens"
+    )
+    assert error.upstream_message is not None
+    assert "4096" in error.upstream_message
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        # Another status keeps its mapping, whatever the message says.
+        (vllm_error(VLLM_CONTEXT, nested=True), 404, "backend_bad_response"),
+        (vllm_error(VLLM_CONTEXT, nested=False), 429, "backend_bad_response"),
+        # An upstream's own code is believed over its message.
+        (
+            json.dumps({"error": {"message": VLLM_CONTEXT, "code": "invalid_value"}}).encode(),
+            400,
+            "backend_bad_response",
+        ),
+        # vLLM's other refusals.
+        (vllm_error(REFUSAL, nested=False), 400, "backend_bad_response"),
+    ],
+)
+async def test_other_upstream_refusals_keep_their_mapping(
+    body: bytes, status: int, code: str
+) -> None:
+    error = await refusal(body, status)
+    assert (error.code, error.param) == (code, None)
+    assert "context" not in str(error)
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,9 @@ Mapping of failures to the gateway's answer:
 upstream                                    raised
 ==========================================  ==========================================
 400, 413, 422                               BackendBadResponse, status 400, upstream message
-                                            (and its code ``context_length_exceeded``)
+                                            (and its code ``context_length_exceeded``,
+                                            or that code for vLLM's message of a
+                                            request over the model's context)
 429                                         BackendBadResponse, status 429, upstream message
 401, 403                                    BackendBadResponse, status 502, names the status
 404, other 4xx                              BackendBadResponse, status 502, upstream message
@@ -296,18 +298,56 @@ _KEPT_CODES = frozenset({CONTEXT_LENGTH_EXCEEDED})
 _KEPT_PARAMS = frozenset({"messages", "prompt"})
 
 
-def _upstream_code(content: bytes) -> tuple[str | None, str | None]:
+# A request over the model's context, in the words of vLLM, which sends its HTTP status
+# as the code (400) or no code: "This model's maximum context length is 4096 tokens.
+# However, you requested 5000 tokens (...)", "'max_tokens' ... is too large: 1000. This
+# model's maximum context length is 4096 tokens and your request has ...", and its v1
+# engine's "The decoder prompt (length 5000) is longer than the maximum model length of
+# 4096." OpenAI's own message says it too, beside its code.
+_CONTEXT_LENGTH = re.compile(
+    r"maximum context length is (\d{1,9}) tokens|longer than the maximum model length of (\d{1,9})",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _UpstreamCode:
+    """An upstream error's code and param where the gateway passes them on, and the
+    model's context in tokens where the error's message gives it."""
+
+    code: str | None = None
+    param: str | None = None
+    context_tokens: int | None = None
+
+
+def _upstream_code(content: bytes) -> _UpstreamCode:
     """The upstream's error ``code`` and ``param`` where the code is one the gateway passes
-    on (:data:`_KEPT_CODES`), else ``(None, None)``."""
+    on (:data:`_KEPT_CODES`), or where the error names no code of its own (a number, or
+    none, as vLLM sends) and its message says the request is over the model's context."""
     try:
         body = _ANY.decode(content)
     except msgspec.DecodeError:
-        return None, None
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict) or error.get("code") not in _KEPT_CODES:
-        return None, None
+        return _UpstreamCode()
+    # OpenAI's error is nested; vLLM's older servers put its fields at the top level
+    # ({"object": "error", "message": ..., "code": 400}).
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return _UpstreamCode()
+    code, message = error.get("code"), error.get("message")
+    m = _CONTEXT_LENGTH.search(message) if isinstance(message, str) else None
+    if isinstance(code, str):
+        if code not in _KEPT_CODES:
+            return _UpstreamCode()
+    elif m is not None:
+        code = CONTEXT_LENGTH_EXCEEDED
+    else:
+        return _UpstreamCode()
     param = error.get("param")
-    return str(error["code"]), param if param in _KEPT_PARAMS else None
+    return _UpstreamCode(
+        code,
+        param if isinstance(param, str) and param in _KEPT_PARAMS else None,
+        int(m.group(1) or m.group(2)) if m is not None else None,
+    )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -336,13 +376,20 @@ def _status_error(
             )
         return _AttemptFailed("status", error, upstream_status=status)
     if status in (400, 413, 422):
-        code, param = _upstream_code(content)
+        kept = _upstream_code(content)
+        message = f"backend rejected the request (HTTP {status})"
+        if kept.code == CONTEXT_LENGTH_EXCEEDED:
+            # The gateway's words and the upstream's number only: the upstream's text (an
+            # arbitrary server's may echo the prompt) stays in upstream_message, shown
+            # only once the output filters pass it.
+            size = f" of {kept.context_tokens} tokens" if kept.context_tokens else ""
+            message += f" as longer than the model's context{size}"
         return BackendBadResponse(
-            f"backend rejected the request (HTTP {status})",
+            message,
             status=400,
             upstream_message=_upstream_message(content),
-            code=code,
-            param=param,
+            code=kept.code,
+            param=kept.param,
         )
     if status == 429:
         # The replica's capacity, not the request's fault: another replica may be idle.

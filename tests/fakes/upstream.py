@@ -76,7 +76,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-REFUSAL = "This model's maximum context length is 16 tokens."
+REFUSAL = "temperature must be non-negative, got -1.0."
 UPSTREAM_ERROR = "the fake upstream had an internal error"
 
 
