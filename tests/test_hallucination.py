@@ -1106,6 +1106,84 @@ def test_the_check_scores_the_answer_as_released_streamed_or_not(
     assert checker.answers == ["Your key is [SECRET]. Keep it safe."]
 
 
+# A policy that hands the model a placeholder for a name and puts the name back in the
+# answer; the model repeats the placeholder in its answer and in every sample.
+NAME_POLICY = """
+name: names
+version: "1"
+filters:
+  - id: pii
+    type: pii
+    config:
+      entities:
+        PERSON: {threshold: 0.5, input: redact, output: allow}
+"""
+NAMED = "My name is Jane Doe. What do you know about me?"
+SAID = "<PERSON_1> is a nurse who lives in Lyon and works nights."
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_the_answer_is_compared_with_its_samples_in_their_form(
+    stream: bool, write_policy: Callable[[str], Path]
+) -> None:
+    """The samples hold the placeholders the model wrote; the answer was compared with the
+    user's own values put back ("Jane Doe is a nurse ..."), unlike every sample."""
+    from guardrail.app import create_app
+    from guardrail.settings import Settings
+
+    backend = FakeBackend(reply=SAID)
+    settings = Settings(policy=str(write_policy(NAME_POLICY)))
+    app = create_app(settings, backend=backend, metrics_registry=CollectorRegistry())
+    checker = RecordingChecker()
+    app.state.gateway.consistency = checker
+    with TestClient(app=app) as c:
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "stream": stream,
+                "messages": [{"role": "user", "content": NAMED}],
+            },
+        )
+    assert r.status_code == 200, r.text
+    assert "Jane Doe is a nurse" in r.text  # the client got its name back
+    assert checker.answers == [SAID]
+
+
+def _consistency_score(question: str, policy: Path) -> float | None:
+    """The inline consistency score of one chat request to a model that says ``SAID``
+    every time."""
+    from guardrail.app import create_app
+    from guardrail.settings import Settings
+
+    backend = SampledBackend(answer=Completion(SAID, "stop"), samples=[Completion(SAID, "stop")])
+    settings = Settings(policy=str(policy), consistency_sample_rate=1.0, consistency_mode="inline")
+    registry = CollectorRegistry()
+    app = create_app(settings, backend=backend, metrics_registry=registry)
+    with TestClient(app=app) as c:
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "fake-model", "messages": [{"role": "user", "content": question}]},
+        )
+    assert r.status_code == 200, r.text
+    return registry.get_sample_value("guardrail_consistency_score_sum", {"mode": "inline"})
+
+
+def test_an_answer_that_repeats_a_redacted_name_scores_as_one_without_it(
+    write_policy: Callable[[str], Path],
+) -> None:
+    """A model that repeats itself word for word scored 0.82 with the name put back in
+    its answer, 0.87 when there was no name to put back: the redacted name read as a
+    disagreement."""
+    named = _consistency_score(NAMED, write_policy(NAME_POLICY, "names.yaml"))
+    # The same request as the backend saw it, with no name to put back.
+    plain = _consistency_score(
+        "My name is <PERSON_1>. What do you know about me?", write_policy(POLICY)
+    )
+    assert plain is not None
+    assert named == pytest.approx(plain)
+
+
 # -- evaluation -----------------------------------------------------------------------------
 
 

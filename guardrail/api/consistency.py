@@ -23,18 +23,21 @@ time (``k`` generations per checked request), which is why the rate defaults to 
 failed sample fails the check (counted as ``error``), and its other samples are cancelled.
 
 What is compared is what the client got: the answer as the policy released it (redacted
-where the policy redacted), streamed or not. Only answers are compared, never a refusal
-or a text the upstream's content filter cut: such a text says nothing about the model's
-story, and against real answers it reads as inconsistent. So an answer that is a refusal
-or was cut by the upstream's filter is not checked (no samples drawn), and samples that
-are empty, refusals or cut by the filter are left out of the mean. So is a sample cut at
-``max_tokens`` that is shorter than a finished answer: it was cut before it could say
-as much, and what the answer says past that point would count against it. A sample cut
-at ``max_tokens`` is kept otherwise: samples share the answer's ``max_tokens``, so one
-longer than the answer had room for all of it (a small model answers a known fact in a
-few tokens and rambles past 48 in its samples), and when the answer was cut too, both
-are the first ``max_tokens`` of a story. The mean is over the samples left; a check with
-none left flags nothing and is counted as ``skipped``.
+where the policy redacted), streamed or not, except that the request's own values the
+policy put back for placeholders (reversible PII redaction) stay the placeholders the
+model wrote: the samples and the question hold those placeholders, and a restored "Jane
+Doe" against a sample's "<PERSON_1>" read as a disagreement. Only answers are
+compared, never a refusal or a text the upstream's content filter cut: such a text says
+nothing about the model's story, and against real answers it reads as inconsistent. So
+an answer that is a refusal or was cut by the upstream's filter is not checked (no
+samples drawn), and samples that are empty, refusals or cut by the filter are left out
+of the mean. So is a sample cut at ``max_tokens`` that is shorter than a finished answer:
+it was cut before it could say as much, and what the answer says past that point would
+count against it. A sample cut at ``max_tokens`` is kept otherwise: samples share the
+answer's ``max_tokens``, so one longer than the answer had room for all of it (a small
+model answers a known fact in a few tokens and rambles past 48 in its samples), and when
+the answer was cut too, both are the first ``max_tokens`` of a story. The mean is over
+the samples left; a check with none left flags nothing and is counted as ``skipped``.
 """
 
 from __future__ import annotations

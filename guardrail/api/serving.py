@@ -57,7 +57,14 @@ from guardrail.guard.guard import Guard
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore, ReloadResult
 from guardrail.guard.stream import StreamGuard, check_continuation
-from guardrail.guard.types import Action, Decision, FilterContext, Finding, Stage
+from guardrail.guard.types import (
+    Action,
+    Decision,
+    FilterContext,
+    Finding,
+    Stage,
+    apply_redactions,
+)
 from guardrail.observability.audit import AuditLog, redacted_text
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.observability.monitoring import Monitor
@@ -1034,8 +1041,13 @@ class Serving:
             exchange.finish("blocked_output")
         else:
             text, finish = decision.text, completion.finish_reason
-            # The released text, as for a stream: what the client got is what is checked.
-            released = Completion(decision.text, completion.finish_reason, refusal=refusal)
+            # The released text, as for a stream: what the client got is what is checked,
+            # but with the request's own values left as the placeholders the model wrote.
+            # The samples and the question hold them too: a restored "Jane Doe" against a
+            # sample's "<PERSON_1>" read as a disagreement (0.82 where 0.87 was due).
+            unrestored = [r for r in decision.redactions if not r.restore]
+            compared = apply_redactions(completion.text, unrestored)
+            released = Completion(compared, completion.finish_reason, refusal=refusal)
             await self._consistency(call, released, decision)
             exchange.finish(exchange.passed_outcome())
         body = self._completion_body(call, text, finish, completion, refusal=refusal)
@@ -1171,7 +1183,7 @@ class Serving:
             else:
                 # Streams are always checked in the background: their text is already sent.
                 checker = self.gw.consistency
-                answer = Completion(window.released_text, finish, refusal=refusing)
+                answer = Completion(window.unrestored_text, finish, refusal=refusing)
                 if checker is not None and checker.wanted(answer):
                     cut = finish == "length"
                     checker.background(call.backend, call.request, answer.text, answer_cut=cut)

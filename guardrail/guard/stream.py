@@ -113,6 +113,9 @@ class StreamGuard:
         cut = max(0, len(lead) - _TAIL_LIMIT)
         self._released = lead[cut:]
         self._lead = len(self._released)
+        # The released text, with the restores of placeholders left out (see
+        # unrestored_text); the lead is not in it.
+        self._unrestored = ""
         # Whether an override (U+202E) is in force after the first _override_mark released
         # characters: each window reads only what was released since.
         self._override_mark = 0
@@ -126,6 +129,13 @@ class StreamGuard:
     def released_text(self) -> str:
         """What was released to the client (the lead is not)."""
         return self._released[self._lead :]
+
+    @property
+    def unrestored_text(self) -> str:
+        """The released text with the request's own values left as the placeholders the
+        model wrote (every other redaction applied): the form self-consistency's samples
+        and question are in."""
+        return self._unrestored
 
     @property
     def held_chars(self) -> int:
@@ -290,10 +300,13 @@ class StreamGuard:
             self._held = ""
             return Release("", decision)
         window, self._held = self._held[:cut], self._held[cut:]
-        released = window
+        released = unrestored = window
         if decision.action is Action.REDACT:
-            released = apply_redactions(window, _shift(decision.redactions, start, len(window)))
+            redactions = _shift(decision.redactions, start, len(window))
+            released = apply_redactions(window, redactions)
+            unrestored = apply_redactions(window, [r for r in redactions if not r.restore])
         self._released += released
+        self._unrestored += unrestored
         return Release(released, decision)
 
 
