@@ -424,6 +424,66 @@ async def test_vllms_context_length_error_gets_openais_code(body: bytes, stream:
     assert "4096" in error.upstream_message
 
 
+class ContextOf100:
+    """A vLLM with a context of 100 tokens asked a 90-token prompt: it refuses a limit
+    the prompt leaves no room for, and with none writes until the context is full."""
+
+    def __init__(self) -> None:
+        self.limits: list[object] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        limit = body.get("max_tokens", body.get("max_completion_tokens"))
+        self.limits.append(limit)
+        if limit is not None and 90 + limit > 100:
+            message = (
+                "This model's maximum context length is 100 tokens. However, you requested "
+                f"{90 + limit} tokens (90 in the messages, {limit} in the completion)."
+            )
+            return httpx.Response(400, content=vllm_error(message, nested=False))
+        if body["stream"]:
+            return httpx.Response(
+                200, content=_sse(*REPLY_FRAMES), headers={"content-type": "text/event-stream"}
+            )
+        answer = {"choices": [{"index": 0, "message": {"content": "Hello there. More."}}]}
+        return httpx.Response(200, json={**answer, "finish_reason": "stop"})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+async def test_a_default_limit_the_prompt_leaves_no_room_for_is_dropped_not_refused(
+    stream: bool, field: str
+) -> None:
+    """The client set no limit: the upstream answers as it would asked directly."""
+    upstream = ContextOf100()
+    request = chat_request(max_tokens=512, max_tokens_is_default=True, max_tokens_field=field)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(upstream)) as client:
+        remote = backend(client, "http://up.test/v1")
+        if stream:
+            text = "".join(c.text for c in await collect(remote.stream(request)))
+        else:
+            text = (await remote.generate(request)).text
+    assert text == "Hello there. More."
+    assert upstream.limits == [512, None]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_limit_the_client_set_that_does_not_fit_is_refused(stream: bool) -> None:
+    upstream = ContextOf100()
+    request = chat_request(max_tokens=512)
+
+    async def ask(remote: RemoteBackend) -> object:
+        if stream:
+            return await collect(remote.stream(request))
+        return await remote.generate(request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(upstream)) as client:
+        with pytest.raises(BackendError) as caught:
+            await ask(backend(client, "http://up.test/v1"))
+    assert (caught.value.status, caught.value.code) == (400, "context_length_exceeded")
+    assert upstream.limits == [512]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [

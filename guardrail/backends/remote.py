@@ -536,6 +536,31 @@ def _is_json(text: str) -> bool:
     return True
 
 
+def _default_limit(request: GenerationRequest) -> str | None:
+    """The body field that holds the gateway's default ``max_tokens`` (the client set no
+    limit), or ``None``."""
+    params = request.params
+    if params.max_tokens_is_default and params.max_tokens is not None:
+        return params.max_tokens_field
+    return None
+
+
+def _without_default_limit(
+    body: dict[str, Any], field: str | None, error: BackendError
+) -> dict[str, Any] | None:
+    """``body`` without the gateway's default limit ``field`` when ``error`` refused the
+    request as over the model's context, else ``None``.
+
+    vLLM and OpenAI refuse a limit the prompt leaves no room for but, asked for none,
+    write until the context is full. That room is less than the refused default
+    (prompt + default > context), so the answer is still no longer than the default
+    allows. A limit the client set itself is never dropped: its 400 stands.
+    """
+    if field is None or field not in body or error.code != CONTEXT_LENGTH_EXCEEDED:
+        return None
+    return {k: v for k, v in body.items() if k != field}
+
+
 def _stream_error(payload: str) -> BackendBadResponse:
     """A stream's error reported outside an error frame, raised as one is."""
     return BackendBadResponse(
@@ -757,7 +782,7 @@ class RemoteBackend:
                     if attempt:
                         await self._sleep(self._backoff_s * 2 ** (attempt - 1))
                     try:
-                        content = await self._post(url, body, headers)
+                        content = await self._post(url, body, headers, _default_limit(request))
                     except _AttemptFailed as failure:
                         if failure.breaks:
                             breaker.failure()
@@ -788,8 +813,24 @@ class RemoteBackend:
                     breaker.release()
         raise failures.error(len(self.urls))
 
-    async def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
-        """The body of a 200 answer; raises a final error or :class:`_AttemptFailed`."""
+    async def _post(
+        self, url: str, body: dict[str, Any], headers: dict[str, str], default_limit: str | None
+    ) -> bytes:
+        """The body of a 200 answer; raises a final error or :class:`_AttemptFailed`.
+
+        A request refused as over the model's context only because of the gateway's own
+        default limit (the body's field ``default_limit``) is sent once more without it
+        (see :func:`_without_default_limit`).
+        """
+        try:
+            return await self._post_once(url, body, headers)
+        except BackendError as e:
+            fitted = _without_default_limit(body, default_limit, e)
+            if fitted is None:
+                raise
+            return await self._post_once(url, fitted, headers)
+
+    async def _post_once(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
         response = await self._send("POST", url, self._timeout_s, json=body, headers=headers)
         if response.status_code != 200:
             raise _status_error(
@@ -831,7 +872,7 @@ class RemoteBackend:
             response: httpx.Response | None = None
             try:
                 try:
-                    response = await self._open_stream(url, body, headers)
+                    response = await self._open_stream(url, body, headers, _default_limit(request))
                 except BackendError:
                     breaker.success()  # a 4xx: the replica is up, the request was wrong
                     raise
@@ -866,9 +907,21 @@ class RemoteBackend:
         raise failures.error(len(self.urls))
 
     async def _open_stream(
+        self, url: str, body: dict[str, Any], headers: dict[str, str], default_limit: str | None
+    ) -> httpx.Response:
+        """A 200 response whose body is still to be read; the caller closes it. Sent once
+        more without the gateway's default limit as :meth:`_post` is."""
+        try:
+            return await self._open_stream_once(url, body, headers)
+        except BackendError as e:
+            fitted = _without_default_limit(body, default_limit, e)
+            if fitted is None:
+                raise
+            return await self._open_stream_once(url, fitted, headers)
+
+    async def _open_stream_once(
         self, url: str, body: dict[str, Any], headers: dict[str, str]
     ) -> httpx.Response:
-        """A 200 response whose body is still to be read; the caller closes it."""
         http_request = self._client.build_request("POST", url, json=body, headers=headers)
         try:
             async with asyncio.timeout(self._timeout_s):
