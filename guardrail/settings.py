@@ -548,6 +548,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             problem = redis_url_problem(self.rate_limit_redis_url)
             if problem:
                 raise ValueError(f"rate_limit_redis_url {problem}")
+        for name in _REQUIRED_TEXT:
+            # A blank line in an env file sets the variable to "": an empty host was
+            # handed to uvicorn, which listens on every interface for it.
+            if not getattr(self, name).strip():
+                default = _FIELDS[name].default
+                raise ValueError(
+                    f"{name} is empty; set it, or leave it unset for the default ({default})"
+                )
 
     @property
     def cache_path(self) -> Path:
@@ -555,6 +563,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 _FIELDS: dict[str, Any] = {f.name: f for f in msgspec.structs.fields(Settings)}
+# Settings that always take a value: empty or blank is never what was meant.
+_REQUIRED_TEXT = ("host", "policy", "backend", "device")
 ENV_PREFIX = "GUARDRAIL_"
 # Fields that no GUARDRAIL_<NAME> variable sets: structured, or set by their own variable.
 _NOT_FROM_ENV = {"api_keys", "tenants"}

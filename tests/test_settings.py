@@ -334,3 +334,29 @@ def test_a_refused_choice_or_yaml_line_is_never_quoted(tmp_path: Path) -> None:
     assert secret not in str(raised.value)
     assert "not valid YAML" in str(raised.value)
     assert "line " in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["host", "policy", "backend", "device"])
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        ("env", "environment variable GUARDRAIL_{NAME}"),
+        ("file", "in {config}"),
+        ("flag", "command-line flag --{name}"),
+    ],
+)
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_required_setting_is_an_error_naming_it_and_its_source(
+    tmp_path: Path, name: str, source: str, where: str, value: str
+) -> None:
+    """A blank ``GUARDRAIL_HOST=`` line in an env file made the gateway listen on every
+    interface (uvicorn binds "" to 0.0.0.0 and ::); an empty policy failed as "Is a
+    directory"."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f'{name}: "{value}"\n' if source == "file" else "")
+    env = {f"GUARDRAIL_{name.upper()}": value} if source == "env" else {}
+    overrides = {name: value} if source == "flag" else {}
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ=env, overrides=overrides)
+    named = where.format(NAME=name.upper(), name=name, config=config)
+    assert str(raised.value).startswith(f"invalid settings: {name} ({named}): {name} is empty")
