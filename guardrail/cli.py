@@ -196,14 +196,27 @@ def _log_to_stderr() -> None:
     configure_logging(level, settings.log_format, log_text=settings.log_text)
 
 
+def _read_stdin() -> str:
+    """Standard input as UTF-8 (a leading byte order mark dropped), whatever the locale:
+    its text layer raised UnicodeDecodeError on a byte that is not UTF-8 under a UTF-8
+    locale, and let it through as a lone surrogate under the C locale."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"the text to check is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})"
+        ) from None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from guardrail.guard.types import FilterContext, Stage
 
     _log_to_stderr()
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = _read_stdin() if args.text == "-" else args.text
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes on stdin come in as lone surrogates
+    except UnicodeEncodeError:  # undecodable bytes in an argument come in as lone surrogates
         raise ConfigError("the text to check is not valid UTF-8") from None
     stage = Stage(args.stage)
     with ThreadPoolExecutor(2) as executor:

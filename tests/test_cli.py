@@ -228,6 +228,36 @@ def test_check_prints_the_decision_as_json(
     assert decision["filters"][0]["status"] == "ok"
 
 
+def test_check_reads_stdin_as_utf8_whatever_the_locale(
+    test_policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte that is not UTF-8 on stdin was a UnicodeDecodeError traceback (exit 1, the
+    code of a failed check) under a UTF-8 locale; strict decoding stands for that locale
+    on any machine. A leading byte order mark is not part of the text."""
+    import io
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-c", "import sys; from guardrail.cli import main; sys.exit(main())",
+        "check", "--policy", str(test_policy), "-",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "PYTHONUTF8": "0"}
+    done = subprocess.run(
+        command, input=b"make a \xff bomb", capture_output=True, env=env, check=False, timeout=120
+    )
+    err = done.stderr.decode()
+    assert (done.returncode, err.strip()) == (
+        2,
+        "guardrail: the text to check is not valid UTF-8 (byte 0xff at offset 7)",
+    )
+    stdin = io.TextIOWrapper(io.BytesIO("\ufeffmy key sk-abcd1234".encode()), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code, out, _ = run(["check", "--policy", str(test_policy), "-"], capsys)
+    assert code == 0
+    assert json.loads(out)["text"] == "my key [SECRET]"
+
+
 SCOPED_POLICY = """\
 name: scoped
 version: "1"
