@@ -31,14 +31,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from guardrail.errors import GuardrailError
+
+if TYPE_CHECKING:
+    from guardrail.settings import Settings
 
 NO_FILTERS_POLICY = 'name: no-filters\nversion: "1"\nfilters: []\n'
 # Every request and every answer is a different text (a number in it), as in real traffic:
@@ -142,24 +145,44 @@ async def _serve_upstream(port: int, latency_s: float) -> None:
         await server.serve_forever()
 
 
-def _serve_gateway(port: int, upstream: str, policy: str, audit_dsn: str) -> None:
-    import uvicorn
+def gateway_settings(
+    port: int,
+    upstream: str,
+    policy: str,
+    audit_dsn: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """The settings of a benchmark gateway: its own, but the filters' models found and
+    run as the operator's settings say (``GUARDRAIL_CACHE_DIR``, ``..._ALLOW_DOWNLOADS``,
+    ``..._EMBEDDING_PRECISION``), as for ``guardrail serve``. Nothing else is taken: the
+    operator's API keys or rate limits would refuse or slow the benchmark's requests."""
+    from guardrail.settings import Settings, load_settings
 
-    from guardrail.app import build_backend, create_app
-    from guardrail.observability.logging import configure_logging
-    from guardrail.settings import Settings
-
-    # Logged as `guardrail serve` logs (one JSON line per exchange); stderr is discarded.
+    operator = load_settings(environ=environ)
     # Audited as it serves, into the benchmark's own database: never the operator's audit
     # log, which tens of thousands of synthetic exchanges per run would fill.
-    settings = Settings(
+    return Settings(
         policy=policy,
         backend="remote",
         backend_urls=[upstream],
         models=["bench-model"],
         port=port,
         audit_dsn=audit_dsn,
+        cache_dir=str(operator.cache_path),
+        allow_downloads=operator.allow_downloads,
+        embedding_precision=operator.embedding_precision,
     )
+
+
+def _serve_gateway(port: int, upstream: str, policy: str, audit_dsn: str) -> None:
+    import uvicorn
+
+    from guardrail.app import build_backend, create_app
+    from guardrail.observability.logging import configure_logging
+
+    # Logged as `guardrail serve` logs (one JSON line per exchange); stderr is discarded.
+    settings = gateway_settings(port, upstream, policy, audit_dsn)
     configure_logging(settings.log_level, settings.log_format, log_text=False)
     app = create_app(settings, backend=build_backend(settings))
     uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)

@@ -460,8 +460,9 @@ def cmd_bench_proxy(args: argparse.Namespace) -> int:
     from guardrail.guard.registry import filter_registry
     from guardrail.policy.loader import load_policy
 
-    # Loaded here, where its problems reach the user: in the benchmark's gateway process
+    # Loaded here, where their problems reach the user: in the benchmark's gateway process
     # they became "a benchmark process exited early" seconds later.
+    _settings(args)
     load_policy(args.policy or _default_policy(), filter_registry())
     print(
         "guardrail: benchmarking the proxy (upstream directly, gateway with no filters, "
@@ -486,6 +487,9 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     from guardrail import bench_engine
     from guardrail.observability.logging import configure_logging
 
+    # Where serve and `model prepare` keep the embedded model (the Docker image sets
+    # GUARDRAIL_CACHE_DIR to the one it carries).
+    settings = _settings(args)
     # The in-process gateway logs; stdout is kept for the report.
     configure_logging("error", "console")
     print(
@@ -495,6 +499,7 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     )
     report = bench_engine.run(
         model=args.model,
+        cache_dir=settings.cache_path,
         device=args.device,
         dtype=args.dtype,
         runs=args.runs,

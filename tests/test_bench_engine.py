@@ -138,3 +138,23 @@ def test_token_agreement_is_low_for_answers_the_model_would_not_give(
     assert bench_engine.token_agreement(model, tokenizer, prompts, own) == 1.0
     foreign = [list(reversed(answer)) for answer in own]
     assert bench_engine.token_agreement(model, tokenizer, prompts, foreign) < 0.5
+
+
+def test_bench_engine_prepares_the_embedded_model_in_the_settings_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GUARDRAIL_CACHE_DIR was ignored: in the Docker image, which sets it to the folder
+    holding its model, the benchmark looked for the model in ~/.cache instead."""
+    from guardrail.backends import embedded
+    from guardrail.cli import main
+
+    asked: list[Path] = []
+
+    def prepare(cache_dir: Path, *, log: Any = None) -> Path:
+        asked.append(cache_dir)
+        raise ConfigError("prepared nowhere")  # the benchmark need not run
+
+    monkeypatch.setattr(embedded, "prepare_embedded_model", prepare)
+    monkeypatch.setenv("GUARDRAIL_CACHE_DIR", str(tmp_path))
+    assert main(["bench", "engine", "--runs", "1", "--concurrency", "1", "--json"]) == 2
+    assert asked == [tmp_path]

@@ -106,3 +106,32 @@ def test_a_benchmark_server_that_fails_to_start_says_why(test_policy: Path) -> N
     message = str(raised.value)
     assert "a benchmark process (gateway) exited early (code 1); it said:" in message
     assert "/nowhere.yaml:1:1: cannot read the policy file" in message
+
+
+def test_the_benchmark_gateway_finds_models_as_the_settings_say_and_takes_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """Its gateway was built from defaults: GUARDRAIL_CACHE_DIR, ..._ALLOW_DOWNLOADS and
+    ..._EMBEDDING_PRECISION were ignored, so its filters loaded other models, or none."""
+    from guardrail.bench_proxy import gateway_settings
+
+    environ = {
+        "GUARDRAIL_CACHE_DIR": str(tmp_path),
+        "GUARDRAIL_ALLOW_DOWNLOADS": "true",
+        "GUARDRAIL_EMBEDDING_PRECISION": "fp32",
+        # The operator's keys and limits would refuse or slow the benchmark's requests.
+        "GUARDRAIL_API_KEYS": "sk-operator=ops",
+        "GUARDRAIL_RATE_LIMIT_REQUESTS_PER_MINUTE": "1",
+    }
+    settings = gateway_settings(9, "http://127.0.0.1:8/v1", "p.yaml", "off", environ=environ)
+    assert (settings.cache_path, settings.allow_downloads, settings.embedding_precision) == (
+        tmp_path,
+        True,
+        "fp32",
+    )
+    assert (settings.api_keys, settings.rate_limit_requests_per_minute) == ([], 0)
+    assert (settings.backend_urls, settings.port, settings.audit_dsn) == (
+        ["http://127.0.0.1:8/v1"],
+        9,
+        "off",
+    )
