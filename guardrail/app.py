@@ -73,6 +73,20 @@ def build_backend(settings: Settings) -> Backend:
     return backend_registry().get(settings.backend).build(settings)
 
 
+def check_settings(settings: Settings) -> None:
+    """Raise what :func:`create_app` raises about the settings alone, and name the
+    ``GUARDRAIL_*`` variables that look misspelt, without loading a model: an audit DSN
+    it cannot use (or whose extra is missing), a group lexicon it cannot read, a redis
+    URL without the redis extra. ``guardrail serve`` calls it once logging is set up,
+    before the backend, which may take minutes to load (or fail for the misspelling).
+    What it builds is thrown away: nothing is opened or connected."""
+    for name, meant in misspelt_env(os.environ):  # names only: values may be secrets
+        log.warning("unknown_setting_variable", variable=name, did_you_mean=meant)
+    build_rate_limiter(settings.rate_limit_redis_url)
+    audit_from_settings(settings)
+    monitor_from_settings(settings, CollectorRegistry())
+
+
 def consistency_from_settings(
     settings: Settings, env: BuildContext, metrics: GatewayMetrics
 ) -> ConsistencyChecker | None:
@@ -245,8 +259,6 @@ def create_app(
     if backend is not None:
         _observe_circuits(backend, metrics)
     metrics.observe_caches(lambda: model_cache_stats(env.resources))
-    for name, meant in misspelt_env(os.environ):  # names only: values may be secrets
-        log.warning("unknown_setting_variable", variable=name, did_you_mean=meant)
     for unused, close in unused_tenants(settings, ring):
         log.warning(
             "unused_tenant",

@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ignore_sighup()
     import uvicorn
 
-    from guardrail.app import build_backend, create_app, off_main_thread
+    from guardrail.app import build_backend, check_settings, create_app, off_main_thread
     from guardrail.backends.base import Backend
     from guardrail.guard.registry import filter_registry
     from guardrail.observability.logging import configure_logging
@@ -132,7 +132,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
     )
     configure_logging(settings.log_level, settings.log_format, log_text=settings.log_text)
-    # Check the policies and the keys before loading a model that may take minutes.
+    # Check the settings, the policies and the keys before loading a model that may take
+    # minutes (or fail for a misspelt variable, which is named first).
+    check_settings(settings)
     from guardrail.api.auth import KeyRing, Tenants
 
     registry = filter_registry()

@@ -29,6 +29,7 @@ import yaml
 
 from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError
+from guardrail.observability.drift import MAX_BASELINE_RATIO, baseline_fits
 
 DEFAULT_POLICY = "policies/default.yaml"
 
@@ -548,6 +549,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             problem = redis_url_problem(self.rate_limit_redis_url)
             if problem:
                 raise ValueError(f"rate_limit_redis_url {problem}")
+        if not baseline_fits(self.harmful_rate_recent_s, self.harmful_rate_baseline_s):
+            # The drift monitor refused it as the app was built: after the model loaded,
+            # naming no setting.
+            raise ValueError(
+                f"harmful_rate_baseline_s ({self.harmful_rate_baseline_s:.10g}) may be at "
+                f"most {MAX_BASELINE_RATIO} times harmful_rate_recent_s "
+                f"({self.harmful_rate_recent_s:.10g}); shorten the baseline or lengthen "
+                "the recent window"
+            )
         for name in _REQUIRED_TEXT:
             # A blank line in an env file sets the variable to "": an empty host was
             # handed to uvicorn, which listens on every interface for it.

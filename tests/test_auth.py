@@ -339,15 +339,17 @@ def test_this_machine_is_a_loopback_address_and_nothing_else(
 
 
 def test_a_misspelt_key_variable_is_named_at_startup_without_its_value(
-    make_app: Callable[..., Litestar], monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """GUARDRAIL_API_KEY (no S) sets nothing: the gateway runs open while its operator
     believes keys are on. Startup names the variable and the one it resembles; a
     variable a policy's key_env may name on purpose (not a near miss) is left alone."""
+    from guardrail.app import check_settings
+
     monkeypatch.setenv("GUARDRAIL_API_KEY", ALICE)
     monkeypatch.setenv("GUARDRAIL_PII_SECRET", "for a policy's encrypt_key_env")
     with structlog.testing.capture_logs() as logs:
-        make_app()
+        check_settings(Settings(audit_dsn="off"))
     warned = [e for e in logs if e["event"] == "unknown_setting_variable"]
     assert [(e["variable"], e["did_you_mean"]) for e in warned] == [
         ("GUARDRAIL_API_KEY", "GUARDRAIL_API_KEYS")

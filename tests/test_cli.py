@@ -521,6 +521,57 @@ def test_serve_checks_keys_and_tenant_policies_before_loading_the_model(
         assert "loading local backend" not in err
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GUARDRAIL_AUDIT_DSN", "mysql://audit", "audit dsn scheme 'mysql' is not supported"),
+        ("GUARDRAIL_GROUP_LEXICON", "{tmp}/groups.yaml", "cannot read group lexicon {tmp}"),
+        (
+            "GUARDRAIL_HARMFUL_RATE_RECENT_S",
+            "1",
+            "invalid settings: harmful_rate_recent_s (environment variable "
+            "GUARDRAIL_HARMFUL_RATE_RECENT_S): harmful_rate_baseline_s (86400) may be at "
+            "most 6666 times harmful_rate_recent_s (1)",
+        ),
+    ],
+)
+def test_serve_refuses_settings_the_gateway_cannot_use_before_loading_the_model(
+    test_policy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    message: str,
+) -> None:
+    """An audit DSN, a group lexicon or harmful-rate windows the gateway cannot use were
+    refused only as the app was built, after a model that may take minutes had loaded."""
+    monkeypatch.setenv(variable, value.format(tmp=tmp_path))
+    code, _, err = run(
+        ["serve", "--model", str(tmp_path / "no-such-model"), "--policy", str(test_policy)],
+        capsys,
+    )
+    assert code == 2
+    assert message.format(tmp=tmp_path) in err
+    assert "loading local backend" not in err
+
+
+def test_serve_names_a_misspelt_variable_even_when_the_backend_then_fails(
+    test_policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GUARDRAIL_BACKEND_URL (for ..._URLS) left the remote backend with no URL: startup
+    failed in the backend, before the warning that names the misspelling was logged."""
+    monkeypatch.setenv("GUARDRAIL_BACKEND_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("GUARDRAIL_AUDIT_DSN", "off")
+    code, _, err = run(["serve", "--backend", "remote", "--policy", str(test_policy)], capsys)
+    assert code == 2
+    assert "needs backend_urls" in err
+    warned = [json.loads(line) for line in err.splitlines() if "unknown_setting_variable" in line]
+    assert [(w["variable"], w["did_you_mean"]) for w in warned] == [
+        ("GUARDRAIL_BACKEND_URL", "GUARDRAIL_BACKEND_URLS")
+    ]
+
+
 def test_serve_with_a_filter_that_does_not_build_exits_2_naming_its_entry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

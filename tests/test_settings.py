@@ -360,3 +360,19 @@ def test_an_empty_required_setting_is_an_error_naming_it_and_its_source(
         load_settings(config, environ=env, overrides=overrides)
     named = where.format(NAME=name.upper(), name=name, config=config)
     assert str(raised.value).startswith(f"invalid settings: {name} ({named}): {name} is empty")
+
+
+def test_harmful_rate_windows_the_monitor_cannot_hold_stop_startup_naming_both() -> None:
+    """A baseline over 6666 recent windows was refused by the drift monitor as the app
+    was built, after the model loaded, in a message that named no setting."""
+    env = {"GUARDRAIL_HARMFUL_RATE_RECENT_S": "1", "GUARDRAIL_HARMFUL_RATE_BASELINE_S": "2592000"}
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ=env)
+    assert str(raised.value) == (
+        "invalid settings: harmful_rate_baseline_s (environment variable "
+        "GUARDRAIL_HARMFUL_RATE_BASELINE_S): harmful_rate_baseline_s (2592000) may be at "
+        "most 6666 times harmful_rate_recent_s (1); shorten the baseline or lengthen the "
+        "recent window"
+    )
+    settings = load_settings(environ={"GUARDRAIL_HARMFUL_RATE_RECENT_S": "13"})  # 6646 times
+    assert settings.harmful_rate_recent_s == 13

@@ -31,10 +31,25 @@ from typing import Final
 
 from guardrail.errors import ConfigError
 
-__all__ = ["BUCKETS_PER_RECENT_WINDOW", "DriftSnapshot", "HarmfulRateDrift"]
+__all__ = [
+    "BUCKETS_PER_RECENT_WINDOW",
+    "MAX_BASELINE_RATIO",
+    "DriftSnapshot",
+    "HarmfulRateDrift",
+    "baseline_fits",
+]
 
 BUCKETS_PER_RECENT_WINDOW: Final = 15
 _MAX_BUCKETS: Final = 100_000
+# How many recent windows long the baseline may be, in round numbers (the rule is in buckets).
+MAX_BASELINE_RATIO: Final = _MAX_BUCKETS // BUCKETS_PER_RECENT_WINDOW
+
+
+def baseline_fits(recent_s: float, baseline_s: float) -> bool:
+    """Whether a baseline of ``baseline_s`` fits the buckets :class:`HarmfulRateDrift`
+    keeps for a recent window of ``recent_s`` (about :data:`MAX_BASELINE_RATIO` recent
+    windows). Both must be longer than zero."""
+    return math.ceil(baseline_s / (recent_s / BUCKETS_PER_RECENT_WINDOW)) <= _MAX_BUCKETS
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +93,10 @@ class HarmfulRateDrift:
         self.bucket_s = recent_s / BUCKETS_PER_RECENT_WINDOW
         self.recent_buckets = BUCKETS_PER_RECENT_WINDOW
         self.baseline_buckets = max(1, math.ceil(baseline_s / self.bucket_s))
-        if self.baseline_buckets > _MAX_BUCKETS:
+        if not baseline_fits(recent_s, baseline_s):
             raise ConfigError(
                 f"the harmful-rate baseline window ({baseline_s:g} s) may be at most "
-                f"{_MAX_BUCKETS // BUCKETS_PER_RECENT_WINDOW} times the recent one ({recent_s:g} s)"
+                f"{MAX_BASELINE_RATIO} times the recent one ({recent_s:g} s)"
             )
         self.recent_s = recent_s
         self.baseline_s = baseline_s
