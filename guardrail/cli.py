@@ -532,6 +532,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     settings = _settings(args, audit_dsn=args.audit_dsn)
     dsn = settings.audit_dsn or str(default_audit_path())
     if dsn.strip().lower() in {"off", "none", "false", "0", "disabled"}:
+        if args.audit_dsn is not None:
+            raise ConfigError(
+                f"the audit log is off (--audit-dsn {args.audit_dsn}); give the audit "
+                "database's DSN or path to read it"
+            )
         raise ConfigError("the audit log is off (audit_dsn); pass --audit-dsn to read one")
     now = time.time()
     try:

@@ -392,8 +392,11 @@ def test_the_report_reads_postgresql_too(
     ("args", "message"),
     [
         (["--audit-dsn", "{tmp}/missing.db"], "no audit database at"),
-        (["--audit-dsn", "off"], "the audit log is off"),
+        (["--audit-dsn", "off"], "the audit log is off (--audit-dsn off); give the audit"),
         (["--audit-dsn", "{tmp}/missing.db", "--since", "yesterday"], "neither a duration"),
+        # A duration of zero had been "neither a duration nor an ISO date", as --step's is not.
+        (["--audit-dsn", "{tmp}/missing.db", "--since", "0d"], "'0d' is not longer than zero"),
+        (["--audit-dsn", "{tmp}/missing.db", "--step", "0h"], "'0h' is not longer than zero"),
         (["--audit-dsn", "{tmp}/missing.db", "--since", "1h", "--until", "2h"], "before --until"),
         # Each time step holds counters: these once ran out of memory (a traceback).
         (["--audit-dsn", "{tmp}/missing.db", "--since", "2w", "--step", "1s"], "time steps"),

@@ -105,10 +105,8 @@ def parse_since(text: str, now: float) -> float:
     """A window start: a duration before ``now`` (``7d``) or an ISO 8601 date or time
     (UTC unless it says otherwise), never before 1970 (no audit row is older, and the
     page's dates would not exist). ``ValueError`` for anything else."""
-    try:
+    if _DURATION.match(text):  # its own problem ("0d" is not longer than zero), not "neither"
         return max(0.0, now - parse_duration(text))
-    except ValueError:
-        pass
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
