@@ -160,7 +160,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Gateway settings. Each field is documented; see the README for examples."""
 
     host: Annotated[str, _doc("Address to listen on.")] = "127.0.0.1"
-    port: Annotated[int, _doc("Port to listen on."), msgspec.Meta(ge=0, le=65535)] = 8080
+    # Not 0: the system would pick a port no client is told (the startup line said 0).
+    port: Annotated[int, _doc("Port to listen on."), msgspec.Meta(ge=1, le=65535)] = 8080
     policy: Annotated[
         str,
         _doc(

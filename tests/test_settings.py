@@ -39,6 +39,8 @@ def test_defaults_serve_the_default_policy_on_loopback() -> None:
     [
         ({"GUARDRAIL_PORT": "eighty"}, "$.port"),
         ({"GUARDRAIL_PORT": "70000"}, "$.port"),
+        # The system picked a free port and the startup line said "serving on ...:0".
+        ({"GUARDRAIL_PORT": "0"}, "$.port"),
         ({"GUARDRAIL_DTYPE": "int3"}, "$.dtype"),
         ({"GUARDRAIL_BACKEND_TIMEOUT_S": "0"}, "$.backend_timeout_s"),
         # "inf" parses as a float: a time limit that never ends is refused, not taken.
