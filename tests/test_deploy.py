@@ -136,6 +136,82 @@ def test_alert_rules_fire_as_their_unit_tests_expect() -> None:
     assert_ok(run([promtool(), "test", "rules", "alerts_test.yml"], cwd=PROMETHEUS))
 
 
+# Each minute, 4 chat requests reach the input filters: one blocked there (a harmful
+# prompt), one whose answer is flagged as ungrounded, two allowed. 12 more never reach
+# a filter: 8 shed with 503 overloaded (outcome backend_error) and 4 refused with 429
+# (invalid_request). A /v1/moderations batch checks 20 texts.
+CHECKED_AND_REFUSED = {
+    'guardrail_requests_total{route="chat",outcome="blocked_input"}': 1,
+    'guardrail_requests_total{route="chat",outcome="flagged"}': 1,
+    'guardrail_requests_total{route="chat",outcome="allowed"}': 2,
+    'guardrail_requests_total{route="chat",outcome="backend_error"}': 8,
+    'guardrail_requests_total{route="chat",outcome="invalid_request"}': 4,
+    'guardrail_requests_total{route="moderations",outcome="flagged"}': 20,
+    'guardrail_overloaded_total{route="chat"}': 8,
+    'guardrail_rate_limited_total{limit="requests"}': 4,
+    'guardrail_stage_outcomes_total{stage="input",action="block"}': 1,
+    'guardrail_stage_outcomes_total{stage="input",action="allow"}': 3,
+    'guardrail_stage_outcomes_total{stage="output",action="flag"}': 1,
+    'guardrail_stage_outcomes_total{stage="output",action="allow"}': 2,
+    'guardrail_harmful_content_total{stage="input",category="weapons",tenant="default",'
+    'policy_version="1"}': 1,
+    'guardrail_harmful_exchanges_total{tenant="default",policy_version="1"}': 1,
+    'guardrail_hallucination_flags_total{stage="output",kind="ungrounded"}': 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("title", "metric", "labels"),
+    [
+        (
+            "Harmful-content rate by category and stage",
+            "guardrail_harmful_content_total",
+            '{category="weapons", stage="input"}',
+        ),
+        ("Harmful-content rate by category and stage", "guardrail_harmful_exchanges_total", "{}"),
+        (
+            "Factual accuracy: hallucination flags",
+            "guardrail_hallucination_flags_total",
+            '{kind="ungrounded", stage="output"}',
+        ),
+    ],
+)
+def test_dashboard_rates_are_shares_of_the_requests_the_filters_checked(
+    title: str, metric: str, labels: str, tmp_path: Path
+) -> None:
+    """A rate's denominator is the requests that reached the filters: 503s shed under
+    load and 429s are not checked requests (they held the harmful rate at 1 in 12)."""
+    (expr,) = [
+        t["expr"]
+        for p in dashboard_panels()
+        if p["title"] == title
+        for t in p["targets"]
+        if metric in t["expr"]
+    ]
+    unit = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": series, "values": f"0+{per_minute}x20"}
+                    for series, per_minute in CHECKED_AND_REFUSED.items()
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "15m",
+                        "exp_samples": [{"labels": labels, "value": 0.25}],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "rates_test.yml").write_text(yaml.safe_dump(unit), encoding="utf-8")
+    assert_ok(run([promtool(), "test", "rules", "rates_test.yml"], cwd=tmp_path))
+
+
 # -- every query names a metric the gateway exposes -------------------------------------
 
 

@@ -136,7 +136,8 @@ class MonitoringMetrics:
         self.stage_outcomes = counter(
             "stage_outcomes_total",
             "Chat and completion exchanges checked at a stage, by the stage's strictest "
-            "action: the baseline of the per-group rates.",
+            "action: the baseline of the per-group rates; at stage input, the requests that "
+            "reached the filters (the denominator of the harmful and accuracy-flag rates).",
             ("stage", "action"),
         )
         self.stage_toxicity = histogram(
