@@ -174,13 +174,15 @@ CHECKED_AND_REFUSED = {
             "guardrail_hallucination_flags_total",
             '{kind="ungrounded", stage="output"}',
         ),
+        ("Block rate by outcome", "guardrail_requests_total", '{outcome="blocked_input"}'),
     ],
 )
 def test_dashboard_rates_are_shares_of_the_requests_the_filters_checked(
     title: str, metric: str, labels: str, tmp_path: Path
 ) -> None:
     """A rate's denominator is the requests that reached the filters: 503s shed under
-    load and 429s are not checked requests (they held the harmful rate at 1 in 12)."""
+    load and 429s are not checked requests (they held the harmful rate at 1 in 12, the
+    block rate at 1 in 16)."""
     (expr,) = [
         t["expr"]
         for p in dashboard_panels()
