@@ -771,14 +771,38 @@ def test_accuracy_findings_count_as_hallucination_flags_never_as_harmful_content
         if s.name.endswith("_total")
     ]
     assert harmful == []
+    # One answer, however many of its texts were scored.
     assert (
-        registry.get_sample_value("guardrail_groundedness_score_count", {"stage": "output"}) == 2.0
+        registry.get_sample_value("guardrail_groundedness_score_count", {"stage": "output"}) == 1.0
     )
     assert (
         registry.get_sample_value(
             "guardrail_groundedness_score_bucket", {"stage": "output", "le": "0.4"}
         )
-        == 2.0
+        == 1.0
+    )
+
+
+def test_a_streamed_answer_is_one_groundedness_score_its_windows_mean_by_length(
+    metrics: GatewayMetrics, registry: CollectorRegistry
+) -> None:
+    """Each held-back window is scored; observing each one made 6 answers 51 for
+    GuardrailGroundednessLow's "at least 50 answers"."""
+
+    def window(score: float, text: str) -> Decision:
+        grounded = Finding(
+            "groundedness", score, Action.ALLOW, filter_id="facts", concern="accuracy"
+        )
+        return decision(Stage.OUTPUT, filter_outcome("facts", grounded), text=text)
+
+    windows = [window(0.2, "a" * 10), window(0.8, "b" * 30), window(0.5, "c" * 60)]
+    for _ in range(2):
+        metrics.record(exchange("allowed", *windows, stream=True))
+
+    assert value(registry, "guardrail_groundedness_score_count", stage="output") == 2.0
+    # (0.2 * 10 + 0.8 * 30 + 0.5 * 60) / 100 = 0.56 per answer
+    assert value(registry, "guardrail_groundedness_score_sum", stage="output") == pytest.approx(
+        1.12
     )
 
 

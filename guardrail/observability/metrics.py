@@ -267,8 +267,9 @@ class GatewayMetrics:
         )
         self.groundedness_score = histogram(
             "groundedness_score",
-            "Groundedness (0-1, higher is better supported) of texts checked against the "
-            "request's sources, by stage.",
+            "Groundedness (0-1, higher is better supported) of answers checked against the "
+            "request's sources, one per exchange and stage (a stream's windows averaged), "
+            "by stage.",
             ("stage",),
             SCORE_BUCKETS,
         )
@@ -461,9 +462,11 @@ class GatewayMetrics:
         window_chars = iter(exchange.stream_window_chars)
         counted = exchange.route in MONITORED_ROUTES
         for decision in exchange.decisions:
-            self.record_decision(decision, monitored=counted)
+            self.record_decision(decision)
             if exchange.stream and decision.stage is Stage.OUTPUT:
                 self.stream_window(decision.action, next(window_chars, None))
+        if counted:
+            self._record_groundedness(exchange)
         # Harmful content counts once per exchange, stage and category: a chat client
         # resends its whole history every turn, and an old finding is not new harm. Only
         # chat and completions exchanges count (as in the drift windows and the report):
@@ -524,14 +527,30 @@ class GatewayMetrics:
             if count is not None and count > 0:
                 self.tokens.labels(backend=backend, kind=kind).inc(count)
 
-    def record_decision(self, decision: Decision, *, monitored: bool = True) -> None:
+    def _record_groundedness(self, exchange: Exchange) -> None:
+        """Observe one groundedness score per answer: per exchange and stage, the mean of
+        its texts' scores weighted by their length. A stream is checked (and scored) in
+        windows, and one observation per window made 6 answers 51 for the alert's volume
+        guard, and a long streamed answer outweigh a short one in the median. Only chat
+        and completions exchanges (the caller's job): an offline batch of /v1/moderations
+        checks with ``context`` is not traffic that reached users (60 fired the alert)."""
+        for stage in Stage:
+            scored = [
+                (finding.score, max(1, len(decision.text)))
+                for decision in exchange.decisions_at(stage)
+                for finding in decision.findings
+                if finding.category == GROUNDEDNESS and finding.concern == "accuracy"
+            ]
+            if scored:
+                mean = sum(s * w for s, w in scored) / sum(w for _, w in scored)
+                self.groundedness_score.labels(stage=stage.value).observe(mean)
+
+    def record_decision(self, decision: Decision) -> None:
         """Record one guard decision: the decision and each filter's outcome.
 
         :meth:`record` calls this for every decision of an exchange and counts harmful
-        findings once per exchange. Like :meth:`record`, it counts every call.
-        ``monitored``: the decision is of traffic that reached users (chat, completions),
-        whose groundedness the accuracy signals describe; an offline batch of
-        /v1/moderations checks with ``context`` is not (60 of them fired the alert).
+        findings, and groundedness, once per exchange. Like :meth:`record`, it counts
+        every call.
         """
         stage = decision.stage.value
         self.decisions.labels(stage=stage, action=decision.action.value).inc()
@@ -549,8 +568,6 @@ class GatewayMetrics:
             if outcome.status != "ok":
                 self.filter_errors.labels(filter=filter_id, stage=stage, kind=outcome.status).inc()
         for finding in decision.findings:
-            if monitored and finding.category == GROUNDEDNESS and finding.concern == "accuracy":
-                self.groundedness_score.labels(stage=stage).observe(finding.score)
             self.finding_score.labels(
                 filter=self._filter(finding.filter_id),
                 stage=stage,
