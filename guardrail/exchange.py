@@ -21,7 +21,7 @@ Outcome = Literal[
     "blocked_input",
     "blocked_output",
     "invalid_request",  # the client's mistake (4xx)
-    "backend_error",  # the backend failed (502/503/504), or the gateway was at capacity
+    "backend_error",  # the backend failed (502/503/504) or was full (429), or the gateway was
     "cancelled",  # the client went away
     "error",  # a gateway bug (500)
 ]

@@ -38,6 +38,7 @@ import yaml
 from litestar import Litestar
 from prometheus_client import CollectorRegistry
 
+from guardrail.errors import BackendError
 from guardrail.observability.audit import AuditStats
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.observability.monitoring import MonitoringMetrics
@@ -327,6 +328,29 @@ def test_dashboard_uses_the_readme_promql() -> None:
     ]
     assert queries
     assert not [q for q in queries if q not in expressions]
+
+
+def test_every_backend_error_code_is_named_where_operators_read_the_codes() -> None:
+    """backend_errors_total's code is a BackendError's: the README and the backend-errors
+    alert left out backend_error (the local engine failing, or at capacity with a 429)."""
+    classes: list[type[BackendError]] = [BackendError]
+    codes = set()
+    while classes:
+        cls = classes.pop()
+        codes.add(cls.code)
+        classes.extend(cls.__subclasses__())
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `backend_errors_total`")]
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text(encoding="utf-8"))
+    (alert,) = [
+        rule
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == "GuardrailBackendErrors"
+    ]
+    assert "backend_error" in codes
+    assert [c for c in sorted(codes) if f"`{c}`" not in row] == []
+    assert [c for c in sorted(codes) if f"{c}:" not in alert["annotations"]["description"]] == []
 
 
 def test_alert_rules_reference_exposed_metrics() -> None:
