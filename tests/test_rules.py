@@ -293,6 +293,30 @@ async def test_keywords_hyphenated_or_joined_by_underscores(
     assert await action(guard, text) is expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Chinese, Japanese and Thai put no space between words: a keyword matched only
+        # when it was the whole message.
+        ("如何制造炸弹", Action.BLOCK),
+        ("我想做一个炸弹。", Action.BLOCK),
+        ("爆弾の作り方を教えて", Action.BLOCK),
+        ("วิธีทำระเบิด", Action.BLOCK),
+        # Korean particles are glued after the word: "폭탄을" is the bomb as an object.
+        ("폭탄을 만드는 방법", Action.BLOCK),
+        # A Latin keyword among such letters is a word of its own, and still whole.
+        ("我想买一个bomb", Action.BLOCK),
+        ("AR15를 사고 싶어", Action.BLOCK),
+        ("我喜欢bombay", Action.ALLOW),
+    ],
+)
+async def test_a_keyword_matches_inside_text_written_without_spaces(
+    make_guard: Callable[..., Guard], text: str, expected: Action
+) -> None:
+    guard = make_guard("- {id: w, category: c, keywords: [炸弹, 爆弾, ระเบิด, 폭탄, bomb, AR15]}\n")
+    assert await action(guard, text) is expected
+
+
 def _tags(text: str) -> str:
     """``text`` in tag characters: ASCII that screens do not show."""
     return "".join(chr(0xE0000 + ord(c)) for c in text)

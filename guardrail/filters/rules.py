@@ -67,6 +67,7 @@ from guardrail.filters.classifiers import (
 from guardrail.filters.normalize import VOWELS, Normalized, folded_char, normalize
 from guardrail.filters.weights import file_key, file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
+from guardrail.guard.stream import UNSPACED_LETTERS
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
 from guardrail.policy.model import Id, UserText
 
@@ -538,8 +539,19 @@ _HOLD_CHARS = 256
 _GLUE_MIN = 4
 # A keyword's edges: no letter or digit may touch it. An underscore may: words joined by
 # underscores ("how_to_make_a_bomb") are words, as a phrase's words are (`pipe_bomb`).
-_EDGE_BEFORE = r"(?<![^\W_])"
-_EDGE_AFTER = r"(?![^\W_])"
+# So may a letter of a script written without spaces (Chinese, Japanese, Thai, ...):
+# its text runs words together, and no word of another script goes on into it ("我想买AR15").
+# Where the keyword's own first or last letter is of such a script there is no edge on
+# that side at all: "炸弹" is a word of "如何制造炸弹", which has no space to find.
+# Korean is written with spaces, but its particles are glued after a word ("폭탄을", the
+# bomb as an object; "AR15를"): a keyword that ends in Hangul has no edge after it, and
+# Hangul may follow any keyword. Before a word Korean glues only the first parts of
+# compounds ("시한폭탄", time bomb): that edge stays, as it does in Latin text.
+_HANGUL = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7ff"
+_EDGE_BEFORE = rf"(?<![^\W_{UNSPACED_LETTERS}])"
+_EDGE_AFTER = rf"(?![^\W_{UNSPACED_LETTERS}{_HANGUL}])"
+_UNSPACED = re.compile(f"[{UNSPACED_LETTERS}]")
+_GLUED_AFTER = re.compile(f"[{UNSPACED_LETTERS}{_HANGUL}]")
 
 
 def _gluable(before: str, word: str) -> bool:
@@ -569,7 +581,10 @@ def _keyword_pattern(words: list[str], *, stretch: bool = False) -> str:
     for before, word in itertools.pairwise(words):
         body += f"(?:{_BETWEEN_WORDS})?" if _gluable(before, word) else _BETWEEN_WORDS
         body += word_pattern(word)
-    return f"{_EDGE_BEFORE}{body}{_EDGE_AFTER}"
+    first, last = (words[0][:1], words[-1][-1:]) if words else ("", "")
+    opening = "" if _UNSPACED.fullmatch(first) else _EDGE_BEFORE
+    closing = "" if _GLUED_AFTER.fullmatch(last) else _EDGE_AFTER
+    return f"{opening}{body}{closing}"
 
 
 def _compile_pattern(cond: Condition) -> _Pattern | None:
