@@ -317,6 +317,31 @@ async def test_a_keyword_matches_inside_text_written_without_spaces(
     assert await action(guard, text) is expected
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I don\u2019t want to live anymore",  # iOS and macOS type the right single quote
+        "I don\u02bct want to live anymore",  # modifier letter apostrophe
+        "I don\u2032t want to live anymore",  # prime
+        "kill \u2018em all",
+        "kill `em all",
+    ],
+)
+async def test_a_keyword_or_regex_with_an_apostrophe_matches_the_apostrophes_people_type(
+    make_guard: Callable[..., Guard], text: str
+) -> None:
+    """Only "'" matched "'": a keyword written with one missed every typed apostrophe."""
+    for rule in (
+        'keywords: ["i don\'t want to live", "kill \'em all"]',
+        "regex: [\"n't w|l 'em\"]",
+    ):
+        guard = make_guard(f"- {{id: w, category: c, action: redact, {rule}}}\n")
+        decision = await guard.check(Stage.INPUT, text, CTX)
+        assert decision.action is Action.REDACT, rule
+        # The span maps back to the typed apostrophe: it is redacted with its words.
+        assert not any(c in decision.text for c in "\u2019\u02bc\u2032\u2018`"), rule
+
+
 def _tags(text: str) -> str:
     """``text`` in tag characters: ASCII that screens do not show."""
     return "".join(chr(0xE0000 + ord(c)) for c in text)
@@ -800,6 +825,11 @@ def test_a_llama_guard_description_no_rule_asks_for_is_a_policy_error(
             "- {id: a, category: c, regex: ['coca\u00edna']}\n",
             "rules[0].regex[0]: regex holds characters the folded text it runs on never "
             "holds: '\u00ed' (reads 'i'); write them as they read",
+        ),
+        (
+            "- {id: a, category: c, regex: ['don\u2019t']}\n",
+            "rules[0].regex[0]: regex holds characters the folded text it runs on never "
+            "holds: '\u2019' (reads \"'\"); write them as they read",
         ),
         (
             "- {id: a, category: c, regex: ['Stra\u00dfe|\ufb01le']}\n",

@@ -21,7 +21,8 @@ What is undone, in order:
   characters other than whitespace (``bo\x00mb``, ``bo\x1bmb``), marks that
   show nothing or draw around a letter (grapheme joiner, variation selectors, enclosing
   circles, keycaps), blank letters (Hangul fillers, the blank braille pattern);
-- Unicode dashes become hyphens and middle dots full stops;
+- Unicode dashes become hyphens and middle dots full stops; typed apostrophes (``\u2019``,
+  ``\u2018``, ``\u02bc``, ``\u2032``, a backtick) become ``'`` (``apostrophes=True``);
 - look-alike Latin letters (small capitals ``ʙᴏᴍʙ``, IPA and hooked letters) become the
   letter; look-alike letters from other scripts (Cyrillic, Greek, Armenian, Cherokee)
   become Latin in a word that mixes them with Latin letters (``b\u043emb``), or in a
@@ -45,9 +46,9 @@ What is undone, in order:
   three or more single letters joined by one space or ``. - _ * / , ~ : '`` is glued;
 - runs of whitespace become one space.
 
-The text models see gets all of it. Keywords match the text with leetspeak undone and
-accept spelled-out letters in their own patterns; regexes see the folded text only, with
-markup as written.
+The text models see gets all of it but the apostrophes. Keywords match the text with
+leetspeak undone and accept spelled-out letters in their own patterns; regexes see the
+folded text only, with markup as written.
 """
 
 from __future__ import annotations
@@ -97,6 +98,12 @@ _PUNCTUATION = {
     **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-"),
     **dict.fromkeys("\u00b7\u2022\u2027\u2219", "."),
 }
+# What is typed for an apostrophe: the right and left single quotes (iOS and macOS type
+# "don\u2019t" by default), the modifier letter apostrophe, the prime and the backtick.
+# A keyword or regex written with "'" missed every one of them. Folded for the keywords'
+# and regexes' reading only (``apostrophes``): the acceptable-use heads were trained on
+# the text models read, and that stays as it was.
+_APOSTROPHES = dict.fromkeys("\u2018\u2019\u02bc\u2032`", "'")
 
 # Letters of other scripts that look like Latin ones (lower case; input is casefolded
 # first). Written here from the Unicode charts for Cyrillic and Greek.
@@ -541,9 +548,10 @@ def _fold(char: str) -> list[tuple[str, str | None]]:
 
 def folded_char(char: str) -> str:
     """What ``char`` becomes in folded text, before look-alikes of other scripts are
-    read as Latin (``É`` -> ``e``, ``ß`` -> ``ss``, an em dash -> ``-``). A regex that
-    spells a character its folding changes (beyond case) can never match there."""
-    return "".join(piece for piece, _ in _fold(char))
+    read as Latin (``É`` -> ``e``, ``ß`` -> ``ss``, an em dash -> ``-``, ``\u2019`` ->
+    ``'``). A regex that spells a character its folding changes (beyond case) can never
+    match there."""
+    return "".join(_APOSTROPHES.get(piece, piece) for piece, _ in _fold(char))
 
 
 @dataclass(slots=True)
@@ -555,7 +563,7 @@ class _Folded:
     upper: list[bool]
 
 
-def _fold_and_squeeze(src: _Chars) -> _Folded:
+def _fold_and_squeeze(src: _Chars, apostrophes: bool) -> _Folded:
     out = _Folded([], [], [], [], [])
 
     def add(piece: str, i: int, lookalike: str | None, upper: bool) -> None:
@@ -577,7 +585,8 @@ def _fold_and_squeeze(src: _Chars) -> _Folded:
                 last_space = True
             continue
         upper = char.isupper()
-        for piece, lookalike in _fold(char):
+        for folded, lookalike in _fold(char):
+            piece = _APOSTROPHES.get(folded, folded) if apostrophes else folded
             if piece.isspace():
                 if last_space:
                     continue
@@ -986,6 +995,7 @@ def normalize(
     markup: bool = True,
     unconfuse: bool = True,
     camel: bool = True,
+    apostrophes: bool = True,
 ) -> Normalized:
     """The text with evasion undone (see the module doc), and its map to ``text``.
 
@@ -995,9 +1005,10 @@ def normalize(
     ``markup=False`` keeps character references, URL escapes, tags and emphasis as
     written (regexes see them); ``unconfuse=False`` keeps look-alike letters of other
     scripts as they are (a keyword of such letters alone, as a text in that script
-    holds it); ``camel=False`` keeps CamelCase words whole (regexes on keys and codes).
+    holds it); ``camel=False`` keeps CamelCase words whole (regexes on keys and codes);
+    ``apostrophes=False`` keeps typed apostrophes (``\u2019``) as written (what models read).
     """
-    folded = _fold_and_squeeze(_source(text, markup))
+    folded = _fold_and_squeeze(_source(text, markup), apostrophes)
     _drop_list_markers(folded, text)
     if unconfuse:
         _unconfuse(folded)

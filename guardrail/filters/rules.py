@@ -386,13 +386,19 @@ def _description_issues(config: RulesConfig) -> Iterator[ConfigIssue]:
                 )
 
 
+def _model_reading(text: str) -> str:
+    """``text`` as the embedding models read it: normalised, typed apostrophes kept (the
+    shipped heads were trained on that reading; keywords and regexes fold them)."""
+    return normalize(text, apostrophes=False).text
+
+
 def _semantic_issues(semantic: Semantic, path: ConfigPath) -> Iterator[ConfigIssue]:
     """Examples with no words (blank, emoji only) embed like any other text with none and
     matched "ok" and "👍"; a counter-example equal to an example could never win."""
     examples = {}
     for key in ("examples", "counter_examples"):
         for j, text in enumerate(getattr(semantic, key)):
-            folded = normalize(text).text
+            folded = _model_reading(text)
             if not any(c.isalnum() for c in folded):
                 yield ConfigIssue((*path, key, j), "an example needs words: it has none")
             elif key == "examples":
@@ -999,9 +1005,9 @@ class RulesFilter:
 
     def _index(self, semantic: Semantic) -> _SemanticIndex:
         assert self._embedder is not None
-        examples = self._embedder.encode_sync([normalize(e).text for e in semantic.examples])
+        examples = self._embedder.encode_sync([_model_reading(e) for e in semantic.examples])
         counters = (
-            self._embedder.encode_sync([normalize(e).text for e in semantic.counter_examples])
+            self._embedder.encode_sync([_model_reading(e) for e in semantic.counter_examples])
             if semantic.counter_examples
             else None
         )
@@ -1039,7 +1045,7 @@ class RulesFilter:
         known = _KNOWN_WINDOWS.get()
         if known is not None and known[0] is self and known[1] is text:
             return list(known[2])
-        return segments(normalize(text).text, self._config.segment_chars, self._config.max_segments)
+        return segments(_model_reading(text), self._config.segment_chars, self._config.max_segments)
 
     async def embed(self, windows: list[str], scope: str | None = None) -> npt.NDArray[np.float32]:
         """The embeddings of a text's :meth:`windows`, cached for ``scope`` (the tenant)
