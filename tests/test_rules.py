@@ -342,6 +342,33 @@ async def test_a_keyword_or_regex_with_an_apostrophe_matches_the_apostrophes_peo
         assert not any(c in decision.text for c in "\u2019\u02bc\u2032\u2018`"), rule
 
 
+@pytest.mark.parametrize(
+    ("keyword", "text", "expected"),
+    [
+        # Leetspeak is read per word: the keyword alone read "arIs", the text in context
+        # kept "ar15" (a code of two capitals), so a keyword with digits missed the
+        # spelling it was written for.
+        *(
+            (keyword, text, Action.REDACT)
+            for keyword in ("AR15", "AR-15")
+            for text in ("AR15", "I want an AR15", "Where can I buy AR15 parts?", "an ar15")
+        ),
+        ("glock 19", "my Glock19 jammed", Action.REDACT),
+        ("3d print", "can I 3d-print it", Action.REDACT),
+        ("AR15", "the AR150 is a plane", Action.ALLOW),
+        ("glock 19", "glock 190", Action.ALLOW),
+    ],
+)
+async def test_a_keyword_with_digits_matches_them_as_written(
+    make_guard: Callable[..., Guard], keyword: str, text: str, expected: Action
+) -> None:
+    guard = make_guard(f"- {{id: w, category: c, action: redact, keywords: [{keyword}]}}\n")
+    decision = await guard.check(Stage.INPUT, text, CTX)
+    assert decision.action is expected
+    if expected is Action.REDACT:
+        assert not any(c.isdigit() for c in decision.text)
+
+
 def _tags(text: str) -> str:
     """``text`` in tag characters: ASCII that screens do not show."""
     return "".join(chr(0xE0000 + ord(c)) for c in text)

@@ -704,3 +704,25 @@ async def test_a_redaction_of_several_words_is_not_split_at_a_window_cut(
     sent, blocked = await run_stream(guard, chunk(text, list(range(0, len(text), 3))), settings)
     assert not blocked
     assert sent == whole.text
+
+
+@pytest.mark.parametrize("window_chars", range(30, 50))
+async def test_a_keyword_with_digits_is_not_released_in_part_at_a_window_cut(
+    executor: ThreadPoolExecutor, window_chars: int
+) -> None:
+    """A keyword with digits matches the text read without leetspeak too: a start of it
+    there ("Glock19 ", which leetspeak reads "glockIg") must be held like any other."""
+    registry = filter_registry()
+    policy = rules_policy(
+        '- {id: gun, category: weapons, action: redact, keywords: ["glock 19 magazine"]}'
+    )
+    guard = Guard.build(
+        load_policy_text(policy, "r.yaml", registry), registry, BuildContext(executor)
+    )
+    text = "Notes from the meeting: I lost my Glock19 magazine, they said. More text. "
+    whole = await guard.check(Stage.OUTPUT, text, FilterContext("w"))
+    assert whole.text == "Notes from the meeting: I lost my [REDACTED], they said. More text. "
+    settings = StreamSettings(release="window", window_chars=window_chars, context_chars=40)
+    sent, blocked = await run_stream(guard, chunk(text, list(range(0, len(text), 3))), settings)
+    assert not blocked
+    assert sent == whole.text

@@ -537,6 +537,14 @@ _BETWEEN_WORDS = r"(?:[\s\-_/]|\.(?!\s))+"
 # A keyword's own words are split the same way: `self-harm` and `kill_yourself` are
 # phrases, matched however their words are joined ("self harm", "kill yourself").
 _KEYWORD_JOINTS = re.compile(r"[\s\-_/]+")
+# The readings of a text that patterns match (see normalize): keywords the text with
+# evasion undone but spelled-out letters apart (their patterns take those), keywords with
+# digits also that text with leetspeak kept (see _plain_forms), regexes the folded text.
+_READINGS: dict[str, dict[str, bool]] = {
+    "keywords": {"glue": False},
+    "plain": {"glue": False, "leet": False},
+    "folded": {"leet": False, "glue": False, "markup": False, "camel": False},
+}
 # How far back from a stream window's end a redact rule's unfinished match is looked for.
 _HOLD_CHARS = 256
 # Two long words may also be glued ("pipebomb"); a short one may not, or "the rapist"
@@ -566,14 +574,15 @@ def _gluable(before: str, word: str) -> bool:
     return any(c.isdigit() for c in before + word)
 
 
-def _keyword_forms(keyword: str) -> list[list[str]]:
+def _keyword_forms(keyword: str, *, leet: bool = True) -> list[list[str]]:
     """The keyword's words as normalised text can hold them: with look-alike letters of
     another script read as Latin (a Cyrillic word among English ones), and as written (a
     text in that script keeps its words: a Russian keyword of look-alike letters alone,
-    such as the Cyrillic "sex", stays Cyrillic in a Russian sentence)."""
+    such as the Cyrillic "sex", stays Cyrillic in a Russian sentence). ``leet=False``
+    reads its digits and symbols as written."""
     forms: list[list[str]] = []
     for unconfuse in (True, False):
-        text = normalize(keyword, glue=False, unconfuse=unconfuse).text
+        text = normalize(keyword, glue=False, unconfuse=unconfuse, leet=leet).text
         # A keyword of joints alone ("--") keeps them as its one word.
         words = [w for w in _KEYWORD_JOINTS.split(text) if w] or [text]
         if words not in forms:
@@ -593,9 +602,24 @@ def _keyword_pattern(words: list[str], *, stretch: bool = False) -> str:
     return f"{opening}{body}{closing}"
 
 
+def _plain_forms(keyword: str) -> list[list[str]]:
+    """The keyword's words read without leetspeak, if it holds digits or symbols that
+    leetspeak reads, for the text read without it too.
+
+    Leetspeak is read by word, and the keyword is a word alone: `AR15` reads `arIs`
+    while "I want an AR15" keeps `ar15` (a code of two capitals), `glock 19` keeps its
+    number while "Glock19" reads `glockIg`, and `3d print` keeps `3d` while "3d-print"
+    reads `ed-print`. Each missed the spelling it was written for."""
+    plain = _keyword_forms(keyword, leet=False)
+    if any(c.isdigit() for words in plain for c in "".join(words)):
+        return plain
+    return [words for words in plain if words not in _keyword_forms(keyword)]
+
+
 def _compile_pattern(cond: Condition) -> _Pattern | None:
     forms = [words for k in cond.keywords for words in _keyword_forms(k)]
     keywords = [_keyword_pattern(words) for words in forms]
+    plain = [_keyword_pattern(words) for k in cond.keywords for words in _plain_forms(k)]
     if not keywords and not cond.regex:
         return None
     # A group per keyword that can stretch: its number says how many letters it has.
@@ -613,12 +637,14 @@ def _compile_pattern(cond: Condition) -> _Pattern | None:
         ),
         re.compile(stretched) if stretched else None,
         tuple(sum(c.isalpha() for c in "".join(words)) for words in stretchy),
+        re.compile("|".join(plain)) if plain else None,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class _Pattern:
-    """Keywords match the fully normalised text; regexes the folded text."""
+    """Keywords match the fully normalised text (and the text without leetspeak, see
+    ``plain``); regexes the folded text."""
 
     keywords: re.Pattern[str] | None
     # The policy author's, on the regex engine: time-limited, see _regex_time_limit.
@@ -627,6 +653,9 @@ class _Pattern:
     # with fewer than _STRETCH_MIN letters more than its letters[i] are dropped.
     stretched: re.Pattern[str] | None = None
     letters: tuple[int, ...] = ()
+    # Keywords with digits or leet symbols read as written, on the text read so too (see
+    # _plain_forms): a hit on either reading counts.
+    plain: re.Pattern[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -718,6 +747,7 @@ class _Check:
         self.ctx = ctx
         self.norm = norm
         self._folded: Normalized | None = None
+        self._plain: Normalized | None = None
         self._windows: asyncio.Task[list[str]] | None = None
         self._embeddings: asyncio.Task[Any] | None = None
         self._scores: dict[str, asyncio.Task[dict[str, float]]] = {}
@@ -769,17 +799,17 @@ class _Check:
                 )
                 if extra >= _STRETCH_MIN:
                     found.append(norm.span(m.start(), m.end()))
+        if pattern.plain is not None:
+            if self._plain is None:
+                self._plain = await text_pass(
+                    self.filt.executor, len(self.text), normalize, self.text, **_READINGS["plain"]
+                )
+            plain = self._plain
+            found += [plain.span(m.start(), m.end()) for m in pattern.plain.finditer(plain.text)]
         if pattern.regexes:
             if self._folded is None:
                 self._folded = await text_pass(
-                    self.filt.executor,
-                    len(self.text),
-                    normalize,
-                    self.text,
-                    leet=False,
-                    glue=False,
-                    markup=False,
-                    camel=False,
+                    self.filt.executor, len(self.text), normalize, self.text, **_READINGS["folded"]
                 )
             folded = self._folded
             limit = _regex_time_limit(len(folded.text))
@@ -976,7 +1006,7 @@ class RulesFilter:
         ]
         # Output redact rules' own patterns, for streams (see holdback): the keywords in
         # the regex engine, which can tell a match the text's end may have cut.
-        self._unfinished: list[tuple[Any, bool]] = []
+        self._unfinished: list[tuple[Any, str]] = []
         for compiled in self._rules:
             own = compiled.node.pattern
             if compiled.rule.action != "redact" or Stage.OUTPUT not in compiled.stages:
@@ -984,8 +1014,10 @@ class RulesFilter:
             if own is None:
                 continue
             if own.keywords is not None:
-                self._unfinished.append((regex_engine.compile(own.keywords.pattern), False))
-            self._unfinished += [(r, True) for r in own.regexes]
+                self._unfinished.append((regex_engine.compile(own.keywords.pattern), "keywords"))
+            if own.plain is not None:
+                self._unfinished.append((regex_engine.compile(own.plain.pattern), "plain"))
+            self._unfinished += [(r, "folded") for r in own.regexes]
         # The verdict depends on the text alone unless a rule is scoped to tenants,
         # routes or models, or a classifier reads the conversation (Llama Guard at output).
         scoped = any(r.scope is not None for r in config.rules)
@@ -1022,16 +1054,12 @@ class RulesFilter:
         if not self._unfinished or not text:
             return 0
         piece = text[-_HOLD_CHARS:]
-        readings: dict[bool, Normalized] = {}
+        readings: dict[str, Normalized] = {}
         earliest = len(piece)
-        for pattern, on_folded in self._unfinished:
-            if on_folded not in readings:
-                readings[on_folded] = (
-                    normalize(piece, leet=False, glue=False, markup=False, camel=False)
-                    if on_folded
-                    else normalize(piece, glue=False)
-                )
-            norm = readings[on_folded]
+        for pattern, reading in self._unfinished:
+            if reading not in readings:
+                readings[reading] = normalize(piece, **_READINGS[reading])
+            norm = readings[reading]
             limit = _regex_time_limit(len(norm.text))
             for m in pattern.finditer(norm.text, partial=True, timeout=limit):
                 if m.partial and m.start() < len(norm.text):
@@ -1057,7 +1085,7 @@ class RulesFilter:
         applicable = [r for r in self._rules if r.applies(ctx)]
         if not applicable or not text.strip():
             return Verdict()
-        norm = await text_pass(self.executor, len(text), normalize, text, glue=False)
+        norm = await text_pass(self.executor, len(text), normalize, text, **_READINGS["keywords"])
         check = _Check(self, text, ctx, norm)
         findings: list[Finding] = []
         redactions: list[Redaction] = []
