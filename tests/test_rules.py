@@ -853,6 +853,13 @@ def test_a_llama_guard_description_no_rule_asks_for_is_a_policy_error(
             "rules[0].regex[0]: regex holds characters the folded text it runs on never "
             "holds: '\u00ed' (reads 'i'); write them as they read",
         ),
+        # The text loses invisible characters, and folding kept them: it loaded and could
+        # never match.
+        (
+            "- {id: a, category: c, regex: ['bo\u200bmb|x\u2060y']}\n",
+            "rules[0].regex[0]: regex holds invisible characters (U+200B, U+2060) that the "
+            "text it runs on never holds",
+        ),
         (
             "- {id: a, category: c, regex: ['don\u2019t']}\n",
             "rules[0].regex[0]: regex holds characters the folded text it runs on never "

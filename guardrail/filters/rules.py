@@ -64,7 +64,13 @@ from guardrail.filters.classifiers import (
     EncoderHead,
     LlamaGuardSettings,
 )
-from guardrail.filters.normalize import VOWELS, Normalized, folded_char, normalize
+from guardrail.filters.normalize import (
+    VOWELS,
+    Normalized,
+    folded_char,
+    invisible_chars,
+    normalize,
+)
 from guardrail.filters.weights import file_key, file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.stream import UNSPACED_LETTERS
@@ -308,8 +314,23 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
                 except re.error as e:
                     yield ConfigIssue((*path, "regex", j), f"invalid regex: {e}")
                     continue
+                hidden = sorted(set(pattern) & invisible_chars())
+                if hidden:
+                    # Folding leaves a zero-width space as it is, but the text loses it:
+                    # "bo\u200bmb" loaded and could never match.
+                    shown = ", ".join(f"U+{ord(c):04X}" for c in hidden)
+                    yield ConfigIssue(
+                        (*path, "regex", j),
+                        f"regex holds invisible characters ({shown}) that the text it runs on "
+                        "never holds (they are removed, and tag characters read as the ASCII "
+                        "they encode); remove them",
+                    )
                 unfoldable = sorted(
-                    {c for c in pattern if not c.isascii() and folded_char(c) != c.lower()}
+                    {
+                        c
+                        for c in pattern
+                        if not c.isascii() and c not in hidden and folded_char(c) != c.lower()
+                    }
                 )
                 if unfoldable:
                     # Regexes see the text folded: "cocaína" reads "cocaina" there.
