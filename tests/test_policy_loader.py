@@ -18,12 +18,14 @@ import pytest
 import yaml
 
 from guardrail.errors import PolicyError
+from guardrail.filters.normalize import invisible_chars
 from guardrail.filters.rules import RulesConfig
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.registry import BUILTIN_FILTERS, filter_registry
 from guardrail.guard.types import ALLOW, Action, FilterContext, Stage, Verdict
 from guardrail.plugins import PluginRegistry
 from guardrail.policy.loader import load_policy, load_policy_text
+from guardrail.policy.model import VISIBLE_PATTERN
 from guardrail.policy.schema import SCHEMA_ID, policy_json_schema, schema_text, write_schema
 
 FIXTURES = Path(__file__).parent / "fixtures" / "policies"
@@ -521,6 +523,36 @@ def test_a_blank_message_users_would_see_is_refused_where_it_is_written() -> Non
     ]
 
 
+@pytest.mark.parametrize(
+    "blank",
+    ["\\u3164", "\\u2800", "\\u180e", "\\ufe0f", "\\u00ad", "\\u034f\\u2800 \\u115f"],
+)
+def test_a_message_of_blank_letters_or_marks_that_show_nothing_is_blank(blank: str) -> None:
+    """A Hangul filler, the blank braille pattern, a Mongolian vowel separator or a
+    variation selector alone loaded as a message users would see."""
+    text = (
+        f'name: p\nversion: "1"\nmessages: {{input_blocked: "{blank}"}}\n'
+        "filters:\n  - id: aup\n    type: rules\n    config:\n"
+        f'      rules:\n        - {{id: r, category: c, keywords: [x], message: "{blank}"}}\n'
+    )
+    problems = text_problems(text, filter_registry())
+    assert [p.partition(": ")[2] for p in problems] == [
+        "messages.input_blocked: must not be blank",
+        "filters[0].config.rules[0].message: must not be blank",
+    ]
+
+
+def test_the_blank_check_knows_every_character_normalisation_deletes_as_invisible() -> None:
+    """The pattern is written out; here it is held to the normaliser's own set (its
+    Basic Multilingual Plane part: a JSON Schema pattern names no character past it)."""
+    visible = re.compile(VISIBLE_PATTERN)
+    plane = (chr(code) for code in range(0x10000) if not 0xD800 <= code < 0xE000)
+    blank = {c for c in plane if not visible.fullmatch(c)}
+    assert blank == {c for c in invisible_chars() if ord(c) < 0x10000} | {
+        chr(code) for code in range(0x10000) if chr(code).isspace()
+    }
+
+
 def test_policy_error_message_lists_every_problem(registry: PluginRegistry[FilterSpec]) -> None:
     with pytest.raises(PolicyError) as caught:
         load_policy(FIXTURES / "many_errors.yaml", registry)
@@ -678,6 +710,15 @@ RULES_ENTRY = "filters:\n  - id: a\n    type: rules\n"
         (
             "    config: {rules: [{id: r, category: c, keywords: ['  ']}]}\n",
             "6:54: filters[0].config.rules[0].keywords[0]: must not be blank",
+        ),
+        # The loader found these empty once normalised; the schema took them.
+        (
+            '    config: {rules: [{id: r, category: c, keywords: ["\\u200b"]}]}\n',
+            "6:54: filters[0].config.rules[0].keywords[0]: must not be blank",
+        ),
+        (
+            '    config: {rules: [{id: r, category: "\\u200b", keywords: [x]}]}\n',
+            "6:40: filters[0].config.rules[0].category: must not be blank",
         ),
     ],
 )

@@ -75,7 +75,7 @@ from guardrail.filters.weights import file_key, file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.stream import UNSPACED_LETTERS
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
-from guardrail.policy.model import Id, UserText
+from guardrail.policy.model import VISIBLE_PATTERN, Id, UserText
 
 if TYPE_CHECKING:
     import numpy as np
@@ -118,7 +118,8 @@ class ClassifierCondition(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
 # a condition of no parts ("not: {}"), a list of no conditions ("any: []", which held),
 # a keyword of no text.
 _NOT_EMPTY = msgspec.Meta(extra_json_schema={"minProperties": 1})
-Keyword = Annotated[str, msgspec.Meta(pattern=r"\S")]
+# A keyword of invisible characters alone is empty once they are removed.
+Keyword = Annotated[str, msgspec.Meta(pattern=VISIBLE_PATTERN)]
 
 
 class Condition(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -170,7 +171,7 @@ class Rule(Condition, frozen=True, kw_only=True, forbid_unknown_fields=True):
     category: Annotated[
         str,
         _doc("Category reported in findings and metrics (a fixed set)."),
-        msgspec.Meta(min_length=1, max_length=128, pattern=r"\S"),
+        msgspec.Meta(min_length=1, max_length=128, pattern=VISIBLE_PATTERN),
     ]
     description: Annotated[
         str, _doc("What the rule is for; also the category text shown to Llama Guard.")

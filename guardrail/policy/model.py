@@ -37,8 +37,16 @@ HEADER_VALUE_PATTERN = r"^[!-~](?:[ -~]*[!-~])?$(?!\n)"
 OnError = Literal["block", "flag", "allow"]
 # A text users see on a block (an error message, a refusal): a blank one answered with
 # "message": "", which tells the user nothing. Characters that show nothing are blank
-# too (a zero-width space, a BOM; Python's \S takes them, and ECMA's \S a BOM).
-VISIBLE_PATTERN = r"[^\s\u200b-\u200f\u2060-\u2064\ufeff]"
+# too (Python's \S takes them, and ECMA's \S a BOM): every one of the Basic Multilingual
+# Plane that normalisation deletes as invisible (guardrail.filters.normalize's
+# invisible_chars: zero-width and format characters, controls, variation selectors,
+# Hangul fillers, the blank braille pattern), written out so importing this module scans
+# no tables; a JSON Schema pattern cannot portably name characters past it.
+VISIBLE_PATTERN = (
+    r"[^\s\u0000-\u0008\u000e-\u001f\u007f-\u009f\u00ad\u034f\u0600-\u0605\u061c\u06dd"
+    r"\u070f\u0890\u0891\u08e2\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    r"\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb]"
+)
 UserText = Annotated[str, msgspec.Meta(pattern=VISIBLE_PATTERN)]
 
 
