@@ -1819,6 +1819,47 @@ def test_stop_sequences_pass_the_input_filters(
     assert backend.requests[0].params.stop == ("\n\nUser:", "END")
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stop": ["my key sk-abcd1234"]}, "stop"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a", "schema": {"description": "key sk-abcd1234"}},
+                }
+            },
+            "response_format",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "tool", "content": "42", "tool_call_id": "sk-abcd1234"},
+                ]
+            },
+            "messages[1].tool_call_id",
+        ),
+    ],
+)
+def test_a_redaction_that_refuses_a_part_sent_as_written_names_its_rule_and_blocks(
+    client: Client, backend: FakeBackend, extra: dict[str, Any], param: str
+) -> None:
+    """Only blocking findings were counted: the 400 named no rule or category, and its
+    body said the action was "redact" under ``x-guardrail-action: block``."""
+    r = client.post("/v1/chat/completions", json=chat("Hi") | extra)
+    assert r.status_code == 400
+    error = assert_openai_error(r.json())
+    assert (error["param"], error["rule_ids"], error["categories"]) == (
+        param,
+        ["secret"],
+        ["secrets"],
+    )
+    assert r.headers["x-guardrail-action"] == r.json()["guardrail"]["action"] == "block"
+    assert backend.requests == []
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_flag_raised_on_a_part_sent_as_written_is_in_the_answers_findings(
     client: Client, backend: FakeBackend, stream: bool

@@ -474,6 +474,20 @@ def _blocking(decisions: list[tuple[int | None, Decision]]) -> list[Finding]:
     return [f for _, d in decisions if d.blocked for f in d.findings if f.action is Action.BLOCK]
 
 
+def _refused(decision: Decision) -> Decision:
+    """The decision on a part sent as written (a schema, an id, a stop sequence): it
+    cannot be rewritten, so what would redact it blocks the request, and is reported
+    so. Kept a redaction, it refused with no rule or category named (only blocks are)
+    and ``guardrail.action`` "redact" under ``x-guardrail-action: block``."""
+    if decision.action is not Action.REDACT:
+        return decision
+    findings = tuple(
+        dataclasses.replace(f, action=Action.BLOCK) if f.action is Action.REDACT else f
+        for f in decision.findings
+    )
+    return dataclasses.replace(decision, action=Action.BLOCK, findings=findings, redactions=())
+
+
 Kind = Literal["chat", "completions"]
 
 
@@ -821,7 +835,7 @@ class Serving:
                 # first: a placeholder written in it ("<EMAIL_ADDRESS_1>") is then held
                 # back before the messages' values are numbered, so the model's echo of
                 # it is never "restored" to the user's data.
-                fmt = await guard.check(Stage.INPUT, schema_text, ctx)
+                fmt = _refused(await guard.check(Stage.INPUT, schema_text, ctx))
             input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
             exchange.decisions.extend(d for _, d in input_decisions)
             if self.gw.shadow is not None:
@@ -840,7 +854,7 @@ class Serving:
                 exchange.decisions.append(fmt)
                 checked.append((None, fmt))
                 # A schema cannot be rewritten: what the policy would redact refuses it.
-                if fmt.action in (Action.BLOCK, Action.REDACT):
+                if fmt.blocked:
                     raise self._input_blocked(exchange, guard, checked, param="response_format")
             await self._check_tool_call_ids(exchange, guard, messages, ctx, checked)
             # Stop sequences reach the backend (a hosted provider reads them): checked as
@@ -981,10 +995,10 @@ class Serving:
         sequences), through the input filters: it cannot be rewritten, so what the
         policy would redact refuses the request, as what it would block does. The
         decision joins ``checked``, the request's input decisions so far."""
-        decision = await guard.check(Stage.INPUT, text, ctx)
+        decision = _refused(await guard.check(Stage.INPUT, text, ctx))
         exchange.decisions.append(decision)
         checked.append((None, decision))
-        if decision.action in (Action.BLOCK, Action.REDACT):
+        if decision.blocked:
             raise self._input_blocked(exchange, guard, checked, param=param)
 
     def _input_blocked(
