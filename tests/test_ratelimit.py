@@ -499,6 +499,23 @@ def test_chat_documents_are_charged_and_stay_charged_after_usage(
     assert second.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+def test_stop_sequences_are_charged_as_the_filters_read_them(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    """The input filters read the stop sequences (four of 256 characters: 256 tokens of
+    work), so they are charged with the prompt, as tool call ids are (they were free)."""
+    app = _limited_app(test_policy, backend, metrics_registry, TenantConfig(tokens_per_minute=100))
+    stops = ["abcd" * 63 + "abc" + str(i) for i in range(4)]  # 256 characters each
+    with TestClient(app=app) as c:
+        r = c.post(
+            "/v1/chat/completions", json={**CHAT, "max_tokens": 10, "stop": stops}, headers=AUTH
+        )
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert r.headers["x-should-retry"] == "false"  # over a whole minute's tokens: never
+    assert backend.requests == []
+
+
 # Two keys whose sha256 begin with the same 8 hex digits (their key id, 50b2b380).
 SAME_ID = ("sk-00001156", "sk-00033219")
 

@@ -800,13 +800,14 @@ class Serving:
                     code="model_not_allowed",
                 )
             # Charged: every text the filters read. The messages, a response_format's
-            # text and tool call ids reach the backend too (its usage corrects them);
-            # documents are read by the filters only, and stay charged.
+            # text, tool call ids and stop sequences reach the backend too (its usage
+            # corrects them); documents are read by the filters only, and stay charged.
             schema_text = format_text(getattr(body, "response_format", None))
             ids = sum(len(m.tool_call_id or "") for m in messages)
+            stops = body.stop_list()
             documents = document_texts(body.documents)
             admission.prompt_tokens = estimate_tokens(
-                sum(len(t) for t in texts) + len(schema_text) + ids, 0
+                sum(len(t) for t in texts) + len(schema_text) + ids + sum(map(len, stops)), 0
             )
             admission.filter_tokens = estimate_tokens(sum(len(d) for d in documents), 0)
             await self._admit(
@@ -859,7 +860,6 @@ class Serving:
             await self._check_tool_call_ids(exchange, guard, messages, ctx, checked)
             # Stop sequences reach the backend (a hosted provider reads them): checked as
             # written, and refused on what would be redacted, as an id is.
-            stops = body.stop_list()
             if stops:
                 await self._check_verbatim(
                     exchange, guard, ctx, "\n".join(stops), "stop", checked=checked
