@@ -42,7 +42,7 @@ from guardrail.api.consistency import ConsistencyChecker
 from guardrail.api.errors import make_exception_handler
 from guardrail.api.feedback import ROUTES as FEEDBACK_ROUTES
 from guardrail.api.oversight import build_oversight
-from guardrail.api.ratelimit import RateLimiter, build_rate_limiter
+from guardrail.api.ratelimit import RateLimiter, RedisRateLimiter, build_rate_limiter
 from guardrail.api.review import ROUTES as REVIEW_ROUTES
 from guardrail.api.routes import ROUTES, RequestIdMiddleware
 from guardrail.api.serving import Gateway, Serving
@@ -259,6 +259,8 @@ def create_app(
     if backend is not None:
         _observe_circuits(backend, metrics)
     metrics.observe_caches(lambda: model_cache_stats(env.resources))
+    if isinstance(limiter, RedisRateLimiter):
+        metrics.observe_rate_limit_store(lambda: limiter.failures)
     for unused, close in unused_tenants(settings, ring):
         log.warning(
             "unused_tenant",

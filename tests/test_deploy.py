@@ -226,6 +226,8 @@ def exposed_metric_names() -> set[str]:
     metrics.observe_audit(lambda: AuditStats(0, 0, 0, 0, 0))
     # The model caches' metrics: the app always registers them.
     metrics.observe_caches(lambda: [])
+    # The shared rate-limit store's failures: registered with a Redis limiter.
+    metrics.observe_rate_limit_store(lambda: 0)
     # Bias, probes and drift: the app registers them beside GatewayMetrics.
     MonitoringMetrics(registry)
     suffixes = {

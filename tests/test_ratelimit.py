@@ -302,6 +302,26 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
+def test_checks_the_shared_store_let_through_are_exported_for_an_alert(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    """The limiter fails open when Redis is down: only a metric shows that every limit is
+    off (the count was kept, but in the limiter alone)."""
+    app = _app(
+        test_policy,
+        backend,
+        metrics_registry,
+        rate_limit_redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+        rate_limit_requests_per_minute=1,
+    )
+    with TestClient(app=app) as c:
+        answers = [c.post("/v1/chat/completions", json=CHAT, headers=AUTH) for _ in range(2)]
+    assert [r.status_code for r in answers] == [200, 200]
+    failed = metrics_registry.get_sample_value("guardrail_rate_limit_store_failures_total")
+    assert failed is not None
+    assert failed >= 2
+
+
 def test_over_the_request_limit_is_429_with_retry_after(
     test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
 ) -> None:

@@ -585,6 +585,12 @@ class GatewayMetrics:
         one name are summed: two policies' encoders, say)."""
         self.registry.register(_CacheCollector(stats))
 
+    def observe_rate_limit_store(self, failures: Callable[[], int]) -> None:
+        """Export how many rate-limit checks could not reach the shared store (Redis) and
+        were let through, read at each scrape: the limiter fails open, so this is the
+        number an alert watches."""
+        self.registry.register(_StoreFailuresCollector(failures))
+
     # --- in-flight requests --------------------------------------------------
 
     def request_started(self, route: Route) -> None:
@@ -751,6 +757,19 @@ class _CacheCollector(Collector):
             held.add_metric([name], size)
         yield lookups
         yield held
+
+
+class _StoreFailuresCollector(Collector):
+    def __init__(self, failures: Callable[[], int]) -> None:
+        self._failures = failures
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "guardrail_rate_limit_store_failures",
+            "Rate-limit checks that could not reach the shared store (Redis) and were let "
+            "through unlimited.",
+            value=self._failures(),
+        )
 
 
 class _CircuitCollector(Collector):
