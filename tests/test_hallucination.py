@@ -47,6 +47,7 @@ from guardrail.guard.stream import StreamGuard
 from guardrail.guard.types import Action, Decision, FilterContext, Finding, Stage
 from guardrail.policy.loader import load_policy, load_policy_text
 from guardrail.policy.model import StreamSettings
+from tests.conftest import tiny_decoder
 from tests.fakes.backend import FakeBackend
 
 SOURCE = (
@@ -1475,3 +1476,62 @@ def test_new_grounding_weights_written_over_the_old_file_reach_the_scorer(
         after = shared_scorer(env, "head.npz")
     assert after is not before
     assert after._head is not before._head  # type: ignore[attr-defined]
+
+
+def _unigram_tokenizer(pieces: list[str]) -> Any:
+    """A SentencePiece-like (Metaspace, unigram) tokenizer over ``pieces``: a word not in
+    it splits into the longest pieces it has, its leading "▁" on its own if need be."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(p, -1.0) for p in pieces]
+    raw = Tokenizer(models.Unigram(vocab, unk_id=0))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_a_judge_never_reads_a_bare_space_piece_as_yes() -> None:
+    """Llama 2's tokenizer writes " Yes" as "▁", "Y", "es": the space piece starts " No"
+    as well, so a judge whose next token is most likely that space is undecided, never
+    sure the claim is supported."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from guardrail.filters.grounding import LocalJudge
+
+    tokenizer = _unigram_tokenizer(
+        ["▁", "Y", "es", "▁yes", "▁No", "n", "o", "s", "e", "y", "N", "▁the", "▁sky"]
+    )
+    assert tokenizer.tokenize(" Yes") == ["▁", "Y", "es"]
+    model = tiny_decoder(LlamaConfig, LlamaForCausalLM, tokenizer)
+    # About to write " No": the space piece most likely, then "▁No"; "▁yes" unlikely.
+    head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-10.0)
+        head.bias[tokenizer.convert_tokens_to_ids("▁")] = 5.0
+        head.bias[tokenizer.convert_tokens_to_ids("▁No")] = 3.0
+        head.bias[tokenizer.convert_tokens_to_ids("▁yes")] = -5.0
+    model.lm_head = head
+    with ThreadPoolExecutor(1) as executor:
+        judge = LocalJudge(model, tokenizer, executor, 2000, source="tiny-llama")
+        p_yes = judge.judge_sync("The sky is blue.", ["The sky is green."])[0]
+    assert p_yes < 0.01, p_yes
+
+
+def test_a_judge_whose_tokenizer_cannot_write_yes_or_no_apart_is_refused() -> None:
+    """A vocabulary with neither word (both come out as <unk>) leaves nothing to read."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from guardrail.filters.grounding import LocalJudge
+
+    tokenizer = _unigram_tokenizer(["▁", "▁the", "▁sky"])
+    model = tiny_decoder(LlamaConfig, LlamaForCausalLM, tokenizer)
+    with (
+        ThreadPoolExecutor(1) as executor,
+        pytest.raises(ConfigError, match="judge model judges/tiny"),
+    ):
+        LocalJudge(model, tokenizer, executor, 2000, source="judges/tiny")

@@ -464,18 +464,29 @@ class LocalJudge:
         "Does the source support the claim? Answer yes or no."
     )
 
-    def __init__(self, model: Any, tokenizer: Any, executor: Executor, max_chars: int) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, executor: Executor, max_chars: int, *, source: str
+    ) -> None:
         self._model, self._tokenizer, self._executor = model, tokenizer, executor
         self._max_chars = max_chars
         self._yes = self._first_ids("yes") | self._first_ids("Yes")
         self._no = (self._first_ids("no") | self._first_ids("No")) - self._yes
+        if not self._yes or not self._no:
+            raise ConfigError(
+                f"judge model {source}: its tokenizer starts 'yes' and 'no' with no word "
+                "piece of their own, so its answer cannot be read as yes or no"
+            )
 
     def _first_ids(self, word: str) -> set[int]:
-        ids = set()
+        ids: set[int] = set()
         for variant in (word, f" {word}"):
             encoded = self._tokenizer.encode(variant, add_special_tokens=False)
-            if encoded:
-                ids.add(int(encoded[0]))
+            # A SentencePiece tokenizer may split " Yes" as "▁", "Y", "es": the bare
+            # space piece starts "no" as much as "yes", so the first word piece counts.
+            for tok in encoded:
+                if self._tokenizer.decode([tok]).strip():
+                    ids.add(int(tok))
+                    break
         return ids
 
     def _prompt(self, source: str, claim: str) -> str:

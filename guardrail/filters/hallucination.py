@@ -517,7 +517,9 @@ def shared_scorer(
     local_judge = None
     if judge is not None:
         model, tokenizer = shared_local_model(env, judge.model, judge.device, judge.dtype)
-        local_judge = LocalJudge(model, tokenizer, env.executor, judge.max_chars)
+        local_judge = LocalJudge(
+            model, tokenizer, env.executor, judge.max_chars, source=judge.model
+        )
     probe_scorer = None
     if probe is not None:
         from guardrail.filters.probe import DEFAULT_GROUNDING_PROBE, shared_probe
