@@ -137,6 +137,37 @@ def test_when_the_device_is_unknown_then_config_error() -> None:
         load_local_model("/nonexistent", device="tpu")
 
 
+def _save_tiny_llama(folder: Path, **config: Any) -> Path:
+    """A tiny Llama checkpoint (config, safetensors, tokenizer) in ``folder``; ``config``
+    entries are written into its config.json."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _metaspace_tokenizer()
+    tiny_decoder(LlamaConfig, LlamaForCausalLM, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if config:
+        path = folder / "config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | config))
+    return folder
+
+
+def test_a_prequantized_checkpoint_whose_package_is_missing_is_a_config_error_naming_it(
+    tmp_path: Path,
+) -> None:
+    """A GPTQ checkpoint needs packages beyond transformers; transformers is installed,
+    and the error says what the checkpoint needs, not "transformers is not installed"."""
+    folder = _save_tiny_llama(
+        tmp_path / "llama-gptq",
+        quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128},
+    )
+    with pytest.raises(ConfigError, match="quantized with gptq") as raised:
+        load_local_model(str(folder), device="cpu")
+    assert str(folder) in str(raised.value)
+    assert "not installed" not in str(raised.value)
+
+
 def test_served_model_name_is_the_lowercased_stem_or_the_hub_id(tmp_path: Path) -> None:
     folder = tmp_path / "Llama-2-7B-Chat"
     folder.mkdir()

@@ -251,6 +251,26 @@ def _quantize_cpu(model: Any) -> None:
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=linear_but_head)
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _quant_method(transformers: Any, where: str, kwargs: Mapping[str, Any]) -> str | None:
+    """The ``quant_method`` of a checkpoint's ``quantization_config``, if it reads."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError):
+        return None
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, Mapping):
+        method = quantization.get("quant_method")
+    else:
+        method = getattr(quantization, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method))
+
+
 def load_local_model(
     source: str,
     *,
@@ -320,7 +340,17 @@ def load_local_model(
                 where, **kwargs, **model_kwargs
             )
     except ImportError as e:
-        raise MissingDependencyError("gguf" if gguf else "transformers", "local") from e
+        # transformers raises ImportError for what a checkpoint needs beyond it too
+        # (optimum for GPTQ, bitsandbytes for a bitsandbytes-quantized model...): only a
+        # missing transformers or gguf is this extra's to install.
+        missing = (e.name or "").partition(".")[0]
+        if missing == "transformers":
+            raise MissingDependencyError("transformers", "local") from e
+        if gguf and (missing == "gguf" or not _installed("gguf")):
+            raise MissingDependencyError("gguf", "local") from e
+        method = _quant_method(transformers, where, kwargs)
+        quantized = f" (quantized with {method})" if method else ""
+        raise ConfigError(f"cannot load model {source}{quantized}: {e}") from e
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ConfigError(f"cannot load model {source}: {e}") from e
     if quantization != "none" and resolved_device == "cpu":
