@@ -168,6 +168,24 @@ def test_a_prequantized_checkpoint_whose_package_is_missing_is_a_config_error_na
     assert "not installed" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+        pytest.param(lambda _data: b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}", id="corrupt"),
+    ],
+)
+def test_a_damaged_safetensors_file_is_a_config_error_naming_the_model(
+    tmp_path: Path, damage: Callable[[bytes], bytes]
+) -> None:
+    folder = _save_tiny_llama(tmp_path / "llama")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ConfigError, match="cannot load model") as raised:
+        load_local_model(str(folder), device="cpu")
+    assert str(folder) in str(raised.value)
+
+
 def test_served_model_name_is_the_lowercased_stem_or_the_hub_id(tmp_path: Path) -> None:
     folder = tmp_path / "Llama-2-7B-Chat"
     folder.mkdir()

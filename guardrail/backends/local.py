@@ -294,6 +294,8 @@ def load_local_model(
     """
     torch = _import_torch()
     transformers = _import_transformers()
+    from safetensors import SafetensorError  # a dependency of transformers
+
     resolved_device = _resolve_device(device, torch)
     torch_dtype = _resolve_dtype(dtype, resolved_device, torch)
     quantization_config = _quantization_config(quantization, resolved_device, torch)
@@ -351,7 +353,8 @@ def load_local_model(
         method = _quant_method(transformers, where, kwargs)
         quantized = f" (quantized with {method})" if method else ""
         raise ConfigError(f"cannot load model {source}{quantized}: {e}") from e
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    # A corrupt or truncated weights file: safetensors' own error, no OSError.
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise ConfigError(f"cannot load model {source}: {e}") from e
     if quantization != "none" and resolved_device == "cpu":
         if gguf:  # the GGUF loader marks the dequantized model as quantized
