@@ -532,6 +532,30 @@ def test_a_checkpoint_with_arbitrary_objects_needs_trust(
     assert DetoxifyEngine.from_files(risky, config_dir, trust=True).categories
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:99"])
+def test_a_detoxify_device_this_machine_lacks_is_named_and_never_blamed_on_the_file(
+    tiny_detoxify: tuple[Path, Path, Any], device: str
+) -> None:
+    """torch.load's RuntimeError for the device read as an untrusted pickle, and
+    trust_checkpoint: true, the fix it suggested, would load arbitrary objects."""
+    checkpoint, config_dir, _ = tiny_detoxify
+    with pytest.raises(ConfigError, match=f"device {device!r}") as raised:
+        DetoxifyEngine.from_files(checkpoint, config_dir, device=device)
+    assert "trust_checkpoint" not in str(raised.value)
+
+
+def test_a_truncated_detoxify_checkpoint_cannot_be_read_and_trust_is_no_answer(
+    tiny_detoxify: tuple[Path, Path, Any], tmp_path: Path
+) -> None:
+    checkpoint, config_dir, _ = tiny_detoxify
+    data = checkpoint.read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="cannot read detoxify checkpoint") as raised:
+        DetoxifyEngine.from_files(truncated, config_dir)
+    assert "trust_checkpoint" not in str(raised.value)
+
+
 @pytest.mark.usefixtures("no_network")
 def test_detoxify_scores_every_window_of_a_text_longer_than_it_reads(
     tiny_detoxify: tuple[Path, Path, Any],

@@ -87,6 +87,7 @@ __all__ = [
     "from_settings",
     "load_local_model",
     "quiet_transformers",
+    "resolve_device",
     "served_model_name",
 ]
 
@@ -149,7 +150,8 @@ def quiet_transformers(*, swallow_stderr: bool = False) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _resolve_device(device: str, torch: Any) -> str:
+def resolve_device(device: str, torch: Any) -> str:
+    """``device`` checked against this machine: auto is CUDA when there is one."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -296,7 +298,7 @@ def load_local_model(
     transformers = _import_transformers()
     from safetensors import SafetensorError  # a dependency of transformers
 
-    resolved_device = _resolve_device(device, torch)
+    resolved_device = resolve_device(device, torch)
     torch_dtype = _resolve_dtype(dtype, resolved_device, torch)
     quantization_config = _quantization_config(quantization, resolved_device, torch)
     if device_map is not None and resolved_device == "cpu":

@@ -143,7 +143,9 @@ class DetoxifyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             "allow arbitrary pickled objects, for trusted files that need it."
         ),
     ] = False
-    device: Annotated[str, _doc("torch device, e.g. cpu or cuda:0.")] = "cpu"
+    device: Annotated[
+        str, _doc("torch device: cpu, cuda, cuda:N, or auto (CUDA when present).")
+    ] = "cpu"
 
 
 class ToxicityConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -760,15 +762,22 @@ class DetoxifyEngine:
             import transformers
         except ImportError as e:
             raise MissingDependencyError(e.name or "torch", "toxicity") from e
+        import pickle
+
+        from guardrail.backends.local import resolve_device
+
+        # Checked first and loaded to the CPU: torch.load's RuntimeError for a device this
+        # machine lacks read as an untrusted file, and trusting it is no answer to that.
+        device = resolve_device(device, torch)
         try:
-            loaded = torch.load(checkpoint, map_location=device, weights_only=not trust)
-        except OSError as e:
-            raise ConfigError(f"cannot read detoxify checkpoint {checkpoint}: {e}") from e
-        except Exception as e:  # torch raises UnpicklingError subclasses and RuntimeError
+            loaded = torch.load(checkpoint, map_location="cpu", weights_only=not trust)
+        except pickle.UnpicklingError as e:  # weights_only refused an object in the pickle
             raise ConfigError(
                 f"detoxify checkpoint {checkpoint} holds more than tensors and plain values "
                 f"({type(e).__name__}); if you trust the file, set trust_checkpoint: true"
             ) from e
+        except (OSError, RuntimeError, EOFError) as e:  # a missing, truncated or foreign file
+            raise ConfigError(f"cannot read detoxify checkpoint {checkpoint}: {e}") from e
         try:
             args = loaded["config"]["arch"]["args"]
             class_names = list(loaded["config"]["dataset"]["args"]["classes"])
@@ -810,6 +819,11 @@ class DetoxifyEngine:
             from detoxify import Detoxify  # type: ignore[import-untyped]
         except ImportError as e:
             raise MissingDependencyError("detoxify", "toxicity") from e
+        import torch
+
+        from guardrail.backends.local import resolve_device
+
+        device = resolve_device(device, torch)
         det = Detoxify(variant, device=device)
         return cls(det.model, det.tokenizer, det.class_names, device)
 
