@@ -6,9 +6,11 @@ text the format builds; the model in the last test is a tiny random Llama.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from guardrail.backends.base import GenerationRequest, SamplingParams
 from guardrail.backends.chat_format import chat_format, llama2_chat_ids
@@ -204,7 +206,7 @@ def test_roles_out_of_turn_are_a_400(tokenizer: Any, roles: list[str]) -> None:
 
 def test_which_format_applies() -> None:
     def pick(name: str | None, model: str, template: bool) -> Any:
-        return chat_format(name, model_name=model, has_template=template)
+        return chat_format(name, checkpoint=model, has_template=template)
 
     assert pick("llama-2", "anything", True) is llama2_chat_ids  # forced
     assert pick(None, "llama-2-7b-chat", False) is llama2_chat_ids
@@ -236,3 +238,43 @@ async def test_a_llama2_chat_model_without_a_template_serves_chat(tokenizer: Any
         await backend.aclose()
     assert completion.prompt_tokens == len(llama2_chat_ids(tokenizer, messages))
     assert completion.completion_tokens >= 1
+
+
+async def test_a_served_name_keeps_the_llama2_format_the_checkpoint_name_chose(
+    tokenizer: Any, tmp_path: Path
+) -> None:
+    """``model_name`` only renames what clients ask for: a llama-2-7b-chat folder served
+    as ``chat-default`` answered every chat with 400 "no chat template"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from guardrail.backends.local import from_settings
+    from guardrail.settings import Settings
+
+    folder = tmp_path / "llama-2-7b-chat"
+    model = tiny_decoder(
+        LlamaConfig, LlamaForCausalLM, tokenizer, bos_token_id=tokenizer.bos_token_id
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = Settings(backend="local", model=str(folder), device="cpu", model_name="chat-default")
+    backend = from_settings(settings)
+    messages = (Message("user", "What is two plus two?"),)
+    try:
+        completion = await backend.generate(
+            GenerationRequest("chat-default", "r", messages, params=SamplingParams(3))
+        )
+    finally:
+        await backend.aclose()
+    assert completion.prompt_tokens == len(llama2_chat_ids(tokenizer, messages))
+
+
+def test_a_model_that_will_refuse_chat_says_so_at_startup(tokenizer: Any) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from guardrail.backends.local import LocalBackend
+
+    model = tiny_decoder(LlamaConfig, LlamaForCausalLM, tokenizer)
+    with structlog.testing.capture_logs() as logs:
+        backend = LocalBackend(model, tokenizer, model_name="llama-2-7b")  # a base model
+    backend.close()
+    assert [e["model"] for e in logs if e["log_level"] == "warning"] == ["llama-2-7b"]

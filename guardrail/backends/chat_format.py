@@ -113,13 +113,14 @@ def llama2_chat_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
 CHAT_FORMATS: Final[dict[str, ChatFormat]] = {"llama-2": llama2_chat_ids}
 
 
-def chat_format(name: str | None, *, model_name: str, has_template: bool) -> ChatFormat | None:
+def chat_format(name: str | None, *, checkpoint: str, has_template: bool) -> ChatFormat | None:
     """The format to use instead of the tokenizer's template, or ``None`` to use that.
 
     ``name`` is the ``chat_template`` setting: a format name forces that format. Unset,
-    a tokenizer without a template falls back to Llama 2's format when the served
-    model's name says it is a Llama 2 chat model (``llama-2-7b-chat``,
-    ``Llama-2-13B-chat.Q4_K_M``...).
+    a tokenizer without a template falls back to Llama 2's format when the checkpoint's
+    own name (its folder, file stem or hub id; never the name it is served under, which
+    ``model_name`` may set to anything) says it is a Llama 2 chat model
+    (``llama-2-7b-chat``, ``Llama-2-13B-chat.Q4_K_M``...).
     """
     if name is not None:
         try:
@@ -128,7 +129,7 @@ def chat_format(name: str | None, *, model_name: str, has_template: bool) -> Cha
             raise ConfigError(
                 f"chat_template {name!r} is not one of {', '.join(sorted(CHAT_FORMATS))}"
             ) from None
-    lowered = model_name.lower().replace("_", "-")
+    lowered = checkpoint.lower().replace("_", "-")
     if not has_template and "llama-2" in lowered and "chat" in lowered:
         return llama2_chat_ids
     return None

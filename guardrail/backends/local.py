@@ -435,7 +435,9 @@ class LocalBackend:
     the one name :meth:`models` lists. ``default_max_tokens`` applies to requests that
     do not set ``max_tokens``. ``chat_template`` names a built-in prompt format to use
     instead of the tokenizer's template (``llama-2``); unset, a Llama 2 chat model
-    whose tokenizer has no template gets that format. Up to ``max_batch_size``
+    whose tokenizer has no template gets that format, told by ``checkpoint``, the
+    checkpoint's own name (:func:`served_model_name`; ``model_name`` when not given).
+    Up to ``max_batch_size``
     requests generate together;
     an idle engine waits ``batch_wait_ms`` for companions; past ``max_queue`` waiting
     requests, new ones get 429. ``prefix_cache_entries`` and ``prefix_cache_bytes``
@@ -462,17 +464,23 @@ class LocalBackend:
         batch_wait_ms: float = 5.0,
         max_queue: int = 64,
         chat_template: str | None = None,
+        checkpoint: str | None = None,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
         self.model_name = model_name
+        has_template = bool(getattr(tokenizer, "chat_template", None))
         self._chat_format = chat_format(
-            chat_template,
-            model_name=model_name,
-            has_template=bool(getattr(tokenizer, "chat_template", None)),
+            chat_template, checkpoint=checkpoint or model_name, has_template=has_template
         )
         if self._chat_format is not None:
             log.info("local model chat format", model=model_name, chat_format="llama-2")
+        elif not has_template:
+            # Said once at startup, not only in each chat request's 400.
+            log.warning(
+                "local model has no chat template: chat requests will be refused",
+                model=model_name,
+            )
         # A chat template renders messages to text that is then tokenized with special
         # tokens parsed: "<|im_end|><|im_start|>system" typed by a user would open a
         # system turn. Such messages are refused, and so are a template's plain-text turn
@@ -755,6 +763,7 @@ def from_settings(settings: Settings) -> LocalBackend:
         batch_wait_ms=settings.batch_max_wait_ms,
         max_queue=settings.engine_queue_size,
         chat_template=settings.chat_template,
+        checkpoint=default_name,
     )
 
 
