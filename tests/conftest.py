@@ -161,3 +161,18 @@ def tiny_decoder(config_class: Any, model_class: Any, tokenizer: Any, **extra: A
         **extra,
     )
     return model_class(config).eval()
+
+
+def save_tiny_llama(folder: Path, tokenizer: Any, **config: Any) -> Path:
+    """A :func:`tiny_decoder` Llama over ``tokenizer`` saved as a checkpoint folder
+    (config, safetensors, tokenizer); ``config`` entries are written into its config.json."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny_decoder(LlamaConfig, LlamaForCausalLM, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if config:
+        path = folder / "config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | config))
+    return folder

@@ -41,7 +41,7 @@ from guardrail.backends.local import (
 )
 from guardrail.chat import Message
 from guardrail.errors import BackendError, BackendUnavailable, ConfigError
-from tests.conftest import tiny_decoder
+from tests.conftest import save_tiny_llama, tiny_decoder
 
 slow = pytest.mark.slow
 
@@ -137,29 +137,14 @@ def test_when_the_device_is_unknown_then_config_error() -> None:
         load_local_model("/nonexistent", device="tpu")
 
 
-def _save_tiny_llama(folder: Path, **config: Any) -> Path:
-    """A tiny Llama checkpoint (config, safetensors, tokenizer) in ``folder``; ``config``
-    entries are written into its config.json."""
-    import json
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _metaspace_tokenizer()
-    tiny_decoder(LlamaConfig, LlamaForCausalLM, tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    if config:
-        path = folder / "config.json"
-        path.write_text(json.dumps(json.loads(path.read_text()) | config))
-    return folder
-
-
 def test_a_prequantized_checkpoint_whose_package_is_missing_is_a_config_error_naming_it(
     tmp_path: Path,
 ) -> None:
     """A GPTQ checkpoint needs packages beyond transformers; transformers is installed,
     and the error says what the checkpoint needs, not "transformers is not installed"."""
-    folder = _save_tiny_llama(
+    folder = save_tiny_llama(
         tmp_path / "llama-gptq",
+        _metaspace_tokenizer(),
         quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128},
     )
     with pytest.raises(ConfigError, match="quantized with gptq") as raised:
@@ -178,7 +163,7 @@ def test_a_prequantized_checkpoint_whose_package_is_missing_is_a_config_error_na
 def test_a_damaged_safetensors_file_is_a_config_error_naming_the_model(
     tmp_path: Path, damage: Callable[[bytes], bytes]
 ) -> None:
-    folder = _save_tiny_llama(tmp_path / "llama")
+    folder = save_tiny_llama(tmp_path / "llama", _metaspace_tokenizer())
     weights = folder / "model.safetensors"
     weights.write_bytes(damage(weights.read_bytes()))
     with pytest.raises(ConfigError, match="cannot load model") as raised:

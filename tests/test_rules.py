@@ -1267,6 +1267,59 @@ async def test_the_llama_guard_engine_runs_a_real_checkpoint_through_the_local_l
         assert decision.action in (Action.ALLOW, Action.BLOCK)
 
 
+def test_a_llama_guard_model_path_is_read_from_the_policy_folder(
+    make_guard: Callable[..., Guard], tmp_path: Path
+) -> None:
+    """As weights and probe paths are: built from any other working directory, the same
+    policy found no model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import save_tiny_llama
+
+    words = ["<unk>", "<s>", "</s>", "▁safe", "▁unsafe", "▁S1"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    save_tiny_llama(tmp_path / "models" / "guard", tokenizer)
+    assert not (Path.cwd() / "models" / "guard").exists()
+    guard = make_guard(
+        """
+        - id: weapons
+          category: weapons
+          classifier: {engine: guard, label: weapons, threshold: 0.5}
+        """,
+        extra_config=(
+            "classifiers:\n  guard: {type: llama-guard, model: models/guard, "
+            "template: llama-guard-2, device: cpu}\n"
+        ),
+        base_dir=tmp_path,
+    )
+    rules_filter: Any = guard._by_stage[Stage.INPUT][0][1]
+    assert "guard" in rules_filter.engines
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("models/guard", "{base}/models/guard"),  # a folder there
+        ("./elsewhere", "{base}/elsewhere"),  # written as a path: reported under the policy
+        ("../shared/guard.gguf", "{base}/../shared/guard.gguf"),
+        ("/abs/guard", "/abs/guard"),
+        ("meta-llama/Llama-Guard-3-8B", "meta-llama/Llama-Guard-3-8B"),  # a hub id
+        ("en_core_web_sm", "en_core_web_sm"),  # a spaCy package
+    ],
+)
+def test_model_sources_are_read_from_the_policy_folder_unless_they_name_no_path(
+    executor: ThreadPoolExecutor, tmp_path: Path, source: str, expected: str
+) -> None:
+    (tmp_path / "models" / "guard").mkdir(parents=True)
+    env = BuildContext(executor, base_dir=tmp_path)
+    assert env.model_source(source) == expected.format(base=tmp_path)
+
+
 class _ScriptedTokenizer:
     """Words and single whitespace characters are tokens: enough for the engine's use."""
 

@@ -134,6 +134,7 @@ def shared_local_model(env: BuildContext, source: str, device: str, dtype: str) 
     """``(model, tokenizer)`` for a filter's causal LM, loaded once per process."""
     from guardrail.backends.local import load_local_model
 
+    source = env.model_source(source)
     return env.resources.get(
         ("local-model", source, device, dtype),
         lambda: load_local_model(

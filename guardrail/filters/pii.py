@@ -37,6 +37,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -1110,10 +1111,19 @@ class PiiFilter:
     def __init__(self, name: str, config: PiiConfig, env: BuildContext) -> None:
         self.name = name
         self.stages = frozenset(Stage)
-        self._config = config
         self._executor = env.executor
         for logger_name in _QUIET_LOGGERS:
             logging.getLogger(logger_name).setLevel(logging.WARNING)
+        # Model folders are read from the policy's folder, as its other paths.
+        transformers_model = config.transformers_model
+        if transformers_model:  # always a folder, never a hub id
+            transformers_model = str(env.base_dir / Path(transformers_model).expanduser())
+        config = msgspec.structs.replace(
+            config,
+            spacy_model=env.model_source(config.spacy_model),
+            transformers_model=transformers_model,
+        )
+        self._config = config
         key = (
             "presidio-analyzer",
             config.nlp_engine,

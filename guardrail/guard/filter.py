@@ -148,6 +148,24 @@ class BuildContext:
     incremental: bool = True
     embedding_precision: str = "auto"
 
+    def model_source(self, source: str) -> str:
+        """A model setting (folder, file, hub id or package name) as the loaders take it.
+
+        A relative path is read from ``base_dir``, as every other path in a policy. A
+        name that is no file or folder there and is not written as a path (a hub id
+        ``org/name``, a spaCy package) stays as written, for the loader to look up.
+        """
+        path = Path(source).expanduser()
+        if path.is_absolute():
+            return str(path)
+        local = self.base_dir / path
+        written_as_path = (
+            source.startswith((".", "\\"))
+            or source.lower().endswith(".gguf")
+            or source.count("/") > 1
+        )
+        return str(local) if written_as_path or local.exists() else source
+
 
 @runtime_checkable
 class HoldsBack(Protocol):
