@@ -63,12 +63,12 @@ class RegistryError(GuardrailError):
 
 
 class MissingDependencyError(GuardrailError):
-    """An optional dependency is missing; the message names the extra to install."""
+    """An optional dependency is missing; the message names the extra to install, or
+    the package itself when no extra holds it (``extra`` None)."""
 
-    def __init__(self, package: str, extra: str) -> None:
-        super().__init__(
-            f"{package} is not installed; install it with: pip install 'guardrail[{extra}]'"
-        )
+    def __init__(self, package: str, extra: str | None) -> None:
+        target = package if extra is None else f"'guardrail[{extra}]'"
+        super().__init__(f"{package} is not installed; install it with: pip install {target}")
         self.package = package
         self.extra = extra
 

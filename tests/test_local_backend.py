@@ -40,7 +40,12 @@ from guardrail.backends.local import (
     served_model_name,
 )
 from guardrail.chat import Message
-from guardrail.errors import BackendError, BackendUnavailable, ConfigError
+from guardrail.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    MissingDependencyError,
+)
 from tests.conftest import save_tiny_llama, tiny_decoder
 
 slow = pytest.mark.slow
@@ -135,6 +140,21 @@ def test_when_the_model_path_is_missing_then_config_error_names_it(
 def test_when_the_device_is_unknown_then_config_error() -> None:
     with pytest.raises(ConfigError, match="device 'tpu'"):
         load_local_model("/nonexistent", device="tpu")
+
+
+def test_quantization_on_cuda_without_bitsandbytes_names_bitsandbytes_to_install() -> None:
+    """The [local] extra has no bitsandbytes: naming it sent people to install what they had."""
+    import importlib.util
+
+    import torch
+
+    from guardrail.backends.local import _quantization_config
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(MissingDependencyError) as raised:
+        _quantization_config("int8", "cuda", torch)
+    assert str(raised.value).endswith("pip install bitsandbytes")
 
 
 def test_a_prequantized_checkpoint_whose_package_is_missing_is_a_config_error_naming_it(

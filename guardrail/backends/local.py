@@ -215,7 +215,8 @@ def _quantization_config(quantization: Quantization, device: str, torch: Any) ->
     try:
         import bitsandbytes  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: F401
     except ImportError as e:
-        raise MissingDependencyError("bitsandbytes", "local") from e
+        # No extra holds it: it is built for CUDA machines only.
+        raise MissingDependencyError("bitsandbytes", None) from e
     config: Any = _import_transformers().BitsAndBytesConfig
     if quantization == "int8":
         return config(load_in_8bit=True)
