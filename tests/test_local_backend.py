@@ -157,6 +157,34 @@ def test_quantization_on_cuda_without_bitsandbytes_names_bitsandbytes_to_install
     assert str(raised.value).endswith("pip install bitsandbytes")
 
 
+def test_a_checkpoint_with_its_own_code_is_refused_without_asking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Remote code is never trusted: transformers asked on the terminal whether to run
+    the checkpoint's Python, and a "y" there ran it."""
+    import builtins
+
+    asked: list[str] = []
+
+    def answer(prompt: str = "") -> str:
+        asked.append(prompt)
+        return "n"
+
+    monkeypatch.setattr(builtins, "input", answer)
+    folder = save_tiny_llama(
+        tmp_path / "custom",
+        _metaspace_tokenizer(),
+        model_type="xmodel",
+        auto_map={
+            "AutoConfig": "configuration_x.XConfig",
+            "AutoModelForCausalLM": "modeling_x.XForCausalLM",
+        },
+    )
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        load_local_model(str(folder), device="cpu")
+    assert asked == []
+
+
 def test_a_prequantized_checkpoint_whose_package_is_missing_is_a_config_error_naming_it(
     tmp_path: Path,
 ) -> None:

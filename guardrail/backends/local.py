@@ -309,7 +309,9 @@ def load_local_model(
         )
 
     path = Path(source).expanduser()
-    kwargs: dict[str, Any] = {"local_files_only": not allow_downloads}
+    # Remote code explicitly refused: left unset, transformers asks on the terminal
+    # whether to run a checkpoint's own Python, and a "y" there would run it.
+    kwargs: dict[str, Any] = {"local_files_only": not allow_downloads, "trust_remote_code": False}
     gguf = False
     if path.is_file():
         if path.suffix.lower() != ".gguf":
