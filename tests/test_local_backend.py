@@ -185,6 +185,56 @@ def test_a_checkpoint_with_its_own_code_is_refused_without_asking(
     assert asked == []
 
 
+def test_a_sentencepiece_only_checkpoint_loads_or_names_the_package_it_needs(
+    tmp_path: Path,
+) -> None:
+    """Many Llama 2 conversions ship their tokenizer only as tokenizer.model; without
+    protobuf, transformers read it as a tiktoken file and asked for tiktoken."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "llama-2-spm"
+    folder.mkdir()
+    model_file = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the capital of france is paris yes no"] * 50),
+        model_writer=model_file,
+        vocab_size=40,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        hard_vocab_limit=False,
+    )
+    (folder / "tokenizer.model").write_bytes(model_file.getvalue())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"})
+    )
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    try:
+        import google.protobuf  # noqa: F401
+
+        has_protobuf = True
+    except ImportError:
+        has_protobuf = False
+    if has_protobuf:
+        _, tokenizer = load_local_model(str(folder), device="cpu")
+        assert tokenizer.decode(tokenizer.encode("paris", add_special_tokens=False)) == "paris"
+    else:
+        with pytest.raises(MissingDependencyError, match="protobuf"):
+            load_local_model(str(folder), device="cpu")
+
+
 def test_a_prequantized_checkpoint_whose_package_is_missing_is_a_config_error_naming_it(
     tmp_path: Path,
 ) -> None:

@@ -257,7 +257,21 @@ def _quantize_cpu(model: Any) -> None:
 def _installed(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (google of google.protobuf) is missing
+        return False
+
+
+def _check_sentencepiece_only(folder: Path) -> None:
+    """A tokenizer shipped only as SentencePiece's ``tokenizer.model`` (many Llama 2
+    conversions) is converted on load, which needs sentencepiece and protobuf; without
+    them transformers tried the file as tiktoken's and named tiktoken."""
+    if (folder / "tokenizer.json").is_file() or not (folder / "tokenizer.model").is_file():
+        return
+    for package, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf")):
+        if not _installed(module):
+            raise MissingDependencyError(package, "local")
 
 
 def _quant_method(transformers: Any, where: str, kwargs: Mapping[str, Any]) -> str | None:
@@ -323,6 +337,7 @@ def load_local_model(
         gguf = True
     elif path.is_dir():
         where = str(path)
+        _check_sentencepiece_only(path)
     elif not allow_downloads:
         raise ConfigError(
             f"model path {source} does not exist, and downloads are off "
