@@ -795,6 +795,32 @@ async def test_an_error_reported_outside_a_data_frame_raises_as_an_error_frame(
     assert "".join(c.text for c in received) == ("Hello there. " if after_text else "")
 
 
+async def test_a_stream_without_blank_lines_releases_each_frame_as_it_comes() -> None:
+    """A server that writes one ``data:`` line per frame and no blank line between them:
+    each frame is read once the next line shows it whole, not held until the stream
+    ends (its text held back, the stall clock never restarted). The upstream here writes
+    its second frame only after the gateway has passed the first one on."""
+    first_out = asyncio.Event()
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n'
+        yield b'data: {"choices": [{"index": 0, "delta": {"content": " there"}}]}\n'
+        await first_out.wait()
+        yield b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n'
+        yield b"data: [DONE]\n\n"
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=lines(), headers={"content-type": "text/event-stream"})
+
+    texts = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        async with asyncio.timeout(5):
+            async for chunk in backend(client, "http://up.test/v1").stream(chat_request()):
+                texts.append(chunk.text)
+                first_out.set()
+    assert "".join(texts) == "Hi there"
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -513,24 +513,13 @@ def _decode_frame(data: str) -> _Answer:
     return frame
 
 
-def _event_payloads(payload: str, lines: list[str]) -> list[str]:
-    """The frames one SSE event holds: its data lines joined, as the format says, or,
-    when that is no JSON but each line is a frame of its own, each line: a server that
-    leaves out the blank line between events (``data: A\ndata: B\n\n``) was read that
-    way before multi-line data was joined, and still is."""
-    if len(lines) < 2 or payload == "[DONE]":
-        return [payload] if payload else []
+def _whole_frame(payload: str) -> bool:
+    """Whether an event's data so far is a whole frame (``[DONE]`` or a JSON value): a
+    further ``data:`` line cannot belong to it."""
+    if payload == "[DONE]":
+        return True
     try:
         msgspec.json.decode(payload)
-    except msgspec.DecodeError:
-        if all(line == "[DONE]" or _is_json(line) for line in lines):
-            return lines
-    return [payload]
-
-
-def _is_json(text: str) -> bool:
-    try:
-        msgspec.json.decode(text)
     except msgspec.DecodeError:
         return False
     return True
@@ -1000,7 +989,9 @@ class RemoteBackend:
 
         An event's ``data:`` lines are joined with a line break, as the SSE format says
         (a frame's JSON may span several), and the event is one frame once its blank line
-        (or the body's end) comes; comments (keepalives) and ``id:`` fields are skipped.
+        (or the body's end) comes, or, from a server that leaves out the blank lines,
+        once a further ``data:`` line follows a whole frame; comments (keepalives) and
+        ``id:`` fields are skipped.
         A failure the upstream
         reports outside a ``data: {"error": ...}`` frame, as an ``error:`` line (older
         llama.cpp servers) or as the data of an ``event: error``, raises as that frame does.
@@ -1031,22 +1022,31 @@ class RemoteBackend:
                 if line:
                     if line.startswith("event:"):
                         event = line[6:].strip()
-                    elif line.startswith("error:"):
+                        continue
+                    if line.startswith("error:"):
                         # Skipped as an unknown field, it was followed by llama.cpp's
                         # ``data: [DONE]``: a cut answer passed for a finished one.
                         raise _stream_error(line[6:])
-                    elif line.startswith("data:") and line[5:].strip():
-                        data.append(line[5:].strip())
-                    continue
-                payload, kind, data_lines = "\n".join(data), event, data
-                data, event = [], ""
+                    if not line.startswith("data:") or not line[5:].strip():
+                        continue
+                    part = line[5:].strip()
+                    if not data or not _whole_frame("\n".join(data)):
+                        data.append(part)
+                        continue
+                    # A server that leaves out the blank line between events: what is
+                    # held is a whole frame already, read now, not when the stream ends
+                    # (its text held back, the stall clock never restarted).
+                    payload, kind = "\n".join(data), event
+                    data, event = [part], ""
+                else:
+                    payload, kind = "\n".join(data), event
+                    data, event = [], ""
                 if kind == "error" and payload:
                     raise _stream_error(payload)
-                for part in _event_payloads(payload, data_lines):
-                    if part == "[DONE]":
-                        yield None
-                        continue
-                    frame = _decode_frame(part)
+                if payload == "[DONE]":
+                    yield None
+                elif payload:
+                    frame = _decode_frame(payload)
                     yield frame
                     # Restarted once the caller asks for more, so the time it spent on
                     # the chunk (the policy's checks) is not counted against the upstream.
