@@ -467,6 +467,27 @@ async def test_a_default_limit_the_prompt_leaves_no_room_for_is_dropped_not_refu
     assert upstream.limits == [512, None]
 
 
+async def test_once_the_default_limit_is_refused_no_later_attempt_sends_it() -> None:
+    """The body without the default limit meets a failing upstream (500): each retry and
+    each URL gets that body, not the refused one first (12 requests for 6 attempts)."""
+    limits: list[object] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        limits.append(body.get("max_tokens"))
+        if body.get("max_tokens") is not None:
+            message = "This model's maximum context length is 100 tokens. However, ..."
+            return httpx.Response(400, content=vllm_error(message, nested=False))
+        return httpx.Response(500, text="down")
+
+    request = chat_request(max_tokens=512, max_tokens_is_default=True)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://a.test/v1", "http://b.test/v1", retries=2)
+        with pytest.raises(BackendError):
+            await remote.generate(request)
+    assert limits == [512] + [None] * 6
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_limit_the_client_set_that_does_not_fit_is_refused(stream: bool) -> None:
     upstream = ContextOf100()

@@ -513,6 +513,25 @@ def _decode_frame(data: str) -> _Answer:
     return frame
 
 
+@dataclass(slots=True)
+class _Body:
+    """A request's body, and the field that holds the gateway's default limit while the
+    body still has it: once an upstream refuses it as over the model's context, it is
+    dropped for every later attempt and URL of the request (each retry would otherwise
+    send the refused body first, doubling the requests a struggling backend gets)."""
+
+    value: dict[str, Any]
+    default_limit: str | None
+
+    def fit(self, error: BackendError) -> bool:
+        """Drop the default limit if ``error`` refused it; whether it did."""
+        fitted = _without_default_limit(self.value, self.default_limit, error)
+        if fitted is None:
+            return False
+        self.value, self.default_limit = fitted, None
+        return True
+
+
 def _whole_frame(payload: str) -> bool:
     """Whether an event's data so far is a whole frame (``[DONE]`` or a JSON value): a
     further ``data:`` line cannot belong to it."""
@@ -759,7 +778,7 @@ class RemoteBackend:
 
     async def generate(self, request: GenerationRequest) -> Completion:
         """One whole completion, retried and failed over as the module docstring says."""
-        body = self._body(request, stream=False)
+        body = _Body(self._body(request, stream=False), _default_limit(request))
         headers = self._request_headers(request, stream=False)
         failures = _Failures()
         for base in self._usable():
@@ -771,7 +790,7 @@ class RemoteBackend:
                     if attempt:
                         await self._sleep(self._backoff_s * 2 ** (attempt - 1))
                     try:
-                        content = await self._post(url, body, headers, _default_limit(request))
+                        content = await self._post(url, body, headers)
                     except _AttemptFailed as failure:
                         if failure.breaks:
                             breaker.failure()
@@ -802,22 +821,19 @@ class RemoteBackend:
                     breaker.release()
         raise failures.error(len(self.urls))
 
-    async def _post(
-        self, url: str, body: dict[str, Any], headers: dict[str, str], default_limit: str | None
-    ) -> bytes:
+    async def _post(self, url: str, body: _Body, headers: dict[str, str]) -> bytes:
         """The body of a 200 answer; raises a final error or :class:`_AttemptFailed`.
 
         A request refused as over the model's context only because of the gateway's own
-        default limit (the body's field ``default_limit``) is sent once more without it
-        (see :func:`_without_default_limit`).
+        default limit is sent once more without it, and so is every later attempt
+        (see :meth:`_Body.fit`).
         """
         try:
-            return await self._post_once(url, body, headers)
+            return await self._post_once(url, body.value, headers)
         except BackendError as e:
-            fitted = _without_default_limit(body, default_limit, e)
-            if fitted is None:
+            if not body.fit(e):
                 raise
-            return await self._post_once(url, fitted, headers)
+            return await self._post_once(url, body.value, headers)
 
     async def _post_once(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
         response = await self._send("POST", url, self._timeout_s, json=body, headers=headers)
@@ -850,7 +866,7 @@ class RemoteBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Chunks as they arrive; the last one carries ``finish_reason`` and the usage."""
-        body = self._body(request, stream=True)
+        body = _Body(self._body(request, stream=True), _default_limit(request))
         headers = self._request_headers(request, stream=True)
         failures = _Failures()
         for base in self._usable():
@@ -861,7 +877,7 @@ class RemoteBackend:
             response: httpx.Response | None = None
             try:
                 try:
-                    response = await self._open_stream(url, body, headers, _default_limit(request))
+                    response = await self._open_stream(url, body, headers)
                 except BackendError:
                     breaker.success()  # a 4xx: the replica is up, the request was wrong
                     raise
@@ -895,18 +911,15 @@ class RemoteBackend:
                     await response.aclose()
         raise failures.error(len(self.urls))
 
-    async def _open_stream(
-        self, url: str, body: dict[str, Any], headers: dict[str, str], default_limit: str | None
-    ) -> httpx.Response:
+    async def _open_stream(self, url: str, body: _Body, headers: dict[str, str]) -> httpx.Response:
         """A 200 response whose body is still to be read; the caller closes it. Sent once
         more without the gateway's default limit as :meth:`_post` is."""
         try:
-            return await self._open_stream_once(url, body, headers)
+            return await self._open_stream_once(url, body.value, headers)
         except BackendError as e:
-            fitted = _without_default_limit(body, default_limit, e)
-            if fitted is None:
+            if not body.fit(e):
                 raise
-            return await self._open_stream_once(url, fitted, headers)
+            return await self._open_stream_once(url, body.value, headers)
 
     async def _open_stream_once(
         self, url: str, body: dict[str, Any], headers: dict[str, str]
