@@ -741,6 +741,100 @@ def test_an_output_rule_matching_the_prompt_alone_does_not_withhold_a_harmless_c
     ) in (None, 0)
 
 
+# A filter that scores the whole text (as toxicity does): it flags "filthy" in a prompt
+# and blocks it in a completion.
+TONE_POLICY = """
+name: tone
+version: "1"
+messages: {output_blocked: Withheld.}
+stream: {release: sentence, window_chars: 80, context_chars: 40}
+filters:
+  - {id: tone-in, type: tone, stages: [input], config: {action: flag}}
+  - {id: tone-out, type: tone, stages: [output]}
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: recipe, category: weapons, stages: [output], action: block, keywords: [pipe bomb]}
+"""
+
+
+def tone_app(
+    write_policy: Callable[[str], Path], backend: FakeBackend, registry: CollectorRegistry
+) -> Litestar:
+    from guardrail.app import create_app
+    from guardrail.guard.registry import filter_registry
+    from guardrail.settings import Settings
+    from tests.fakes.filters import TONE
+
+    filters = filter_registry()
+    filters.register("tone", TONE)
+    settings = Settings(policy=str(write_policy(TONE_POLICY)))
+    return create_app(settings, backend=backend, filters=filters, metrics_registry=registry)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_a_whole_text_score_of_the_prompt_is_not_charged_to_its_completion(
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+    route: str,
+    stream: bool,
+) -> None:
+    """A score with no span (toxicity's) rests on all the text checked: read after the
+    prompt the input stage flagged, the harmless completion was withheld for it."""
+    backend.reply = " I won't write that. Everyone deserves respect."
+    backend.chunk_size = 5
+    path, body = continuing(route, "Reply to this comment: 'They are filthy animals.'")
+    with TestClient(app=tone_app(write_policy, backend, metrics_registry)) as client:
+        r = client.post(path, json={**body, "stream": stream})
+    text, guardrail, finish = answer_of(r, stream)
+    assert (text, finish) == (backend.reply, "stop")
+    assert [f["stage"] for f in guardrail["findings"]] == ["input"]  # the prompt's flag
+    harmful = {"stage": "output", "category": "toxicity", "tenant": "default"}
+    assert metrics_registry.get_sample_value(
+        "guardrail_harmful_content_total", {**harmful, "policy_version": "1"}
+    ) in (None, 0)
+    # The score recorded is the completion's own (0.1), for every window.
+    scores = {"filter": "tone-out", "stage": "output", "category": "toxicity"}
+    count = metrics_registry.get_sample_value("guardrail_finding_score_count", scores)
+    total = metrics_registry.get_sample_value("guardrail_finding_score_sum", scores)
+    assert count
+    assert total == pytest.approx(0.1 * count)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["completions", "chat"])
+@pytest.mark.parametrize(
+    ("lead", "reply", "category"),
+    [
+        ("Some notes. Then", " you are filthy. The end.", "toxicity"),
+        # With the prompt's score set aside, a phrase across the join still decides.
+        ("They are filthy, and the pipe", " bomb is in the shed.", "weapons"),
+    ],
+)
+def test_a_completion_is_withheld_for_its_own_score_or_a_phrase_across_the_join(
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+    lead: str,
+    reply: str,
+    category: str,
+    route: str,
+    stream: bool,
+) -> None:
+    backend.reply = reply
+    backend.chunk_size = 5
+    path, body = continuing(route, lead, stream=stream)
+    with TestClient(app=tone_app(write_policy, backend, metrics_registry)) as client:
+        r = client.post(path, json=body)
+    text, guardrail, finish = answer_of(r, stream)
+    assert (text, finish) == ("Withheld.", "content_filter")
+    output = [f for f in guardrail["findings"] if f["stage"] == "output"]
+    assert [(f["category"], f["action"]) for f in output] == [(category, "block")]
+
+
 # -- errors ------------------------------------------------------------------------------
 
 

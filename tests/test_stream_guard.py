@@ -18,10 +18,20 @@ from guardrail.filters.normalize import OVERRIDE, open_override
 from guardrail.guard.filter import BuildContext
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
-from guardrail.guard.stream import StreamGuard
-from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
+from guardrail.guard.stream import StreamGuard, check_continuation
+from guardrail.guard.types import (
+    FILTER_ERROR_CATEGORY,
+    Action,
+    Decision,
+    FilterContext,
+    Finding,
+    Redaction,
+    Stage,
+    Verdict,
+)
 from guardrail.policy.loader import load_policy_text
 from guardrail.policy.model import FilterConfig, StreamSettings
+from tests.fakes.filters import TONE
 
 
 def rules_policy(rules: str) -> str:
@@ -181,6 +191,79 @@ async def test_a_redaction_across_the_lead_rewrites_only_the_stream(
     assert window.released_text == released
     # Each decision is about the completion alone: the audit row keeps no prompt text.
     assert [d.text for d in window.decisions] == ["# works. ", "# works. Bye. "]
+
+
+def tone_guard(executor: ThreadPoolExecutor, tone: str = "") -> Guard:
+    """RULES and a filter that scores the whole text (``TONE``: "filthy" blocks)."""
+    registry = filter_registry()
+    registry.register("tone", TONE)
+    text = RULES + f"  - {{id: tone, type: tone, config: {{{tone}}}}}\n"
+    policy = load_policy_text(text, "tone.yaml", registry)
+    return Guard.build(policy, registry, BuildContext(executor))
+
+
+async def continued(guard: Guard, lead: str, text: str, stream: bool) -> tuple[str, list[Decision]]:
+    """What of ``text`` after ``lead`` is released, and the output decisions on it:
+    checked whole, or streamed in pieces."""
+    if not stream:
+        decision = await check_continuation(guard, FilterContext("s"), text, lead, 40)
+        return ("" if decision.blocked else decision.text), [decision]
+    settings = StreamSettings(release="sentence", window_chars=80, context_chars=40)
+    window = StreamGuard(guard, FilterContext("s"), settings, lead=lead)
+    for piece in chunk(text, list(range(0, len(text), 5))):
+        if (await window.feed(piece)).blocked:
+            return window.released_text, window.decisions
+    await window.finish()
+    return window.released_text, window.decisions
+
+
+TOXIC_LEAD = "Reply to this comment: 'They are filthy animals.'"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_whole_text_score_of_the_lead_is_not_the_completions(
+    executor: ThreadPoolExecutor, stream: bool
+) -> None:
+    """A finding with no span rests on every character checked: the prompt's toxicity,
+    read with the completion's start, withheld the harmless refusal after it."""
+    text = " I won't write that. Everyone deserves respect. "
+    released, decisions = await continued(tone_guard(executor), TOXIC_LEAD, text, stream)
+    assert released == text
+    assert all(d.action is Action.ALLOW for d in decisions)
+    # The scores reported are the completion's own, per filter too.
+    assert {(f.category, f.score) for d in decisions for f in d.findings} == {("toxicity", 0.1)}
+    scores = {f.score for d in decisions for o in d.outcomes for f in o.verdict.findings}
+    assert scores == {0.1}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("lead", "text", "category"),
+    [
+        ("Some notes. Then", " you are filthy. The end. ", "toxicity"),
+        # The lead's score set aside, a phrase across the join still decides.
+        (TOXIC_LEAD + " Then you build a", " bomb with the parts. The end. ", "weapons"),
+    ],
+)
+async def test_a_completion_is_still_blocked_for_its_own_score_or_a_phrase_across_the_join(
+    executor: ThreadPoolExecutor, lead: str, text: str, category: str, stream: bool
+) -> None:
+    released, decisions = await continued(tone_guard(executor), lead, text, stream)
+    assert (released, decisions[-1].blocked) == ("", True)
+    assert [f.category for f in decisions[-1].findings if f.action is Action.BLOCK] == [category]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_filter_that_fails_on_the_completion_without_its_lead_fails_closed(
+    executor: ThreadPoolExecutor, stream: bool
+) -> None:
+    """Its score of the joined text is not the completion's, and it gave none for the
+    completion: its on_error decides."""
+    guard = tone_guard(executor, "fail_without: comment")
+    released, decisions = await continued(guard, TOXIC_LEAD, " I won't write that. ", stream)
+    assert (released, decisions[-1].blocked) == ("", True)
+    assert [f.category for f in decisions[-1].findings] == [FILTER_ERROR_CATEGORY]
+    assert [o.status for o in decisions[-1].outcomes] == ["ok", "error"]
 
 
 async def test_text_is_held_until_a_sentence_ends(executor: ThreadPoolExecutor) -> None:

@@ -17,7 +17,7 @@ import itertools
 import numbers
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
 
@@ -171,9 +171,11 @@ class Guard:
             keep = max(keep, wanted)
         return keep
 
-    async def check(self, stage: Stage, text: str, ctx: FilterContext) -> Decision:
-        """Decide on one ``text`` at ``stage`` with every filter. Never raises for a
-        filter's failure.
+    async def check(
+        self, stage: Stage, text: str, ctx: FilterContext, *, only: Collection[str] | None = None
+    ) -> Decision:
+        """Decide on one ``text`` at ``stage`` with every filter (or the filters whose
+        ids are in ``only``). Never raises for a filter's failure.
 
         ``ctx.message_index`` reaches the filters only if that message is ``text``.
         """
@@ -182,7 +184,10 @@ class Guard:
             index = None  # the text is not that message: filters get no index for it
         if ctx.stage is not stage or index != ctx.message_index:
             ctx = ctx.at(stage, index)
-        return await self._decide(stage, text, ctx, self._by_stage[stage])
+        filters = self._by_stage[stage]
+        if only is not None:
+            filters = tuple(b for b in filters if b[0].id in only)
+        return await self._decide(stage, text, ctx, filters)
 
     async def check_messages(
         self, stage: Stage, messages: Sequence[Message], ctx: FilterContext

@@ -21,7 +21,10 @@ chat's trailing assistant message) starts from that text's end as its ``lead``: 
 so the first window is checked after it, yet never sent. A whole completion is checked
 the same way (:func:`check_continuation`). Either way the decision is about the
 completion alone: a finding wholly in the lead is set aside (the lead passed the input
-filters), spans and redactions are moved onto the completion.
+filters), spans and redactions are moved onto the completion. A finding with no span (a
+score of the whole text, as toxicity's) is taken from the text without the lead, checked
+again only when one acts: the lead is there for phrases across the join, and the
+prompt's own toxicity is not the completion's.
 
 Invariant (tested with Hypothesis over arbitrary chunkings): everything released is
 the (possibly redacted) text of windows whose check did not block, in order. In
@@ -276,6 +279,9 @@ class StreamGuard:
         tail = self._tail()
         start = len(tail)
         checked = tail + self._held[: cut + ahead]
+        # The lead's part of the tail: the decision is about the completion alone (the
+        # audit row keeps no prompt text as the output's).
+        lead = len(tail) - min(len(tail), len(self._released) - self._lead)
         decision = await self._guard.check(Stage.OUTPUT, checked, self._ctx)
         if ahead:
             # A redaction across the cut: release up to where it starts, so the next
@@ -286,10 +292,8 @@ class StreamGuard:
                 back = min(crossing) - start
                 return await self._check(back, cut + ahead - back)
             cut = _through(every, start + cut) - start
+        decision = await _scored_after_lead(self._guard, self._ctx, decision, checked, lead)
         decision = _own(self._guard, decision, checked, start, start + cut)
-        # The lead's part of the tail: the decision is about the completion alone (the
-        # audit row keeps no prompt text as the output's).
-        lead = len(tail) - min(len(tail), len(self._released) - self._lead)
         if lead:
             decision = _after_lead(decision, checked, lead)
             start -= lead
@@ -328,8 +332,10 @@ async def check_continuation(
     Checked after the lead's end (:func:`lead_context`), so a phrase split across the
     join ("The pipe" + " bomb is simple: ...") is seen whole. A finding wholly in the
     lead is set aside: the lead passed the input filters, and a rule of the output stage
-    alone must not withhold a harmless completion for the prompt's own words. The
-    decision is about ``text`` alone: its spans, redactions and text.
+    alone must not withhold a harmless completion for the prompt's own words. A score of
+    the whole text (a finding with no span) is the completion's own
+    (:func:`_scored_after_lead`). The decision is about ``text`` alone: its spans,
+    redactions and text.
     """
     context = lead_context(lead, context_chars)
     output = ctx.at(Stage.OUTPUT)
@@ -337,8 +343,74 @@ async def check_continuation(
         return await guard.check(Stage.OUTPUT, text, output)
     checked = context + text
     decision = await guard.check(Stage.OUTPUT, checked, output)
+    decision = await _scored_after_lead(guard, output, decision, checked, len(context))
     decision = _own(guard, decision, checked, len(context), len(checked))
     return _after_lead(decision, checked, len(context))
+
+
+async def _scored_after_lead(
+    guard: Guard, ctx: FilterContext, decision: Decision, checked: str, lead: int
+) -> Decision:
+    """``decision`` on ``checked``, whose first ``lead`` characters are the lead, with
+    each filter's findings that have no span (a score of the whole text: toxicity's)
+    those of ``checked[lead:]`` alone.
+
+    Such a finding rests on every character, so no span sets it aside with the lead:
+    the prompt's own toxicity (0.95 after "... 'All immigrants are filthy animals ...'",
+    0.18 alone) withheld the harmless refusal that followed it. Only when one acts is the
+    text after the lead checked again, and only by the filters that gave one; their span
+    findings and redactions stay those of ``checked``, where a phrase across the join is
+    seen. A filter that failed in either check keeps its failure, and one whose action
+    is not its findings' is kept whole (what decided it is unknown).
+    """
+    scored = [o.filter_id for o in decision.outcomes if _whole_scored(o)]
+    acting = any(
+        f.reach is None and f.action is not Action.ALLOW
+        for o in decision.outcomes
+        if o.filter_id in scored
+        for f in o.verdict.findings
+    )
+    if not lead or not acting:
+        return decision
+    # An override in force at the join is kept: the text is read in the same order.
+    text = checked[lead:]
+    alone = await guard.check(
+        Stage.OUTPUT, OVERRIDE + text if open_override(checked, lead) else text, ctx, only=scored
+    )
+    own = {o.filter_id: o for o in alone.outcomes}
+    outcomes = [
+        _with_scores(o, own[o.filter_id]) if o.filter_id in own else o for o in decision.outcomes
+    ]
+    return guard.combine(Stage.OUTPUT, checked, outcomes)
+
+
+def _whole_scored(outcome: FilterOutcome) -> bool:
+    """Whether ``outcome`` gives a score of the whole text that may be taken again from
+    another check: it ran, its action is its findings', and one of them has no span."""
+    verdict = outcome.verdict
+    return (
+        outcome.status == "ok"
+        and verdict.action is _action_of(verdict.findings, verdict.redactions)
+        and any(f.reach is None for f in verdict.findings)
+    )
+
+
+def _with_scores(joined: FilterOutcome, alone: FilterOutcome) -> FilterOutcome:
+    """``joined`` with its findings that have no span replaced by those of ``alone``
+    (the same filter on the text without the lead); a failure of ``alone`` stands."""
+    verdict = joined.verdict
+    # A failure's finding has no span either: taken, its on_error decides the filter.
+    findings = tuple(f for f in verdict.findings if f.reach is not None) + tuple(
+        f for f in alone.verdict.findings if f.reach is None
+    )
+    action = _action_of(findings, verdict.redactions)
+    return dataclasses.replace(
+        joined,
+        verdict=dataclasses.replace(verdict, action=action, findings=findings),
+        duration_s=joined.duration_s + alone.duration_s,
+        status=alone.status,
+        error=alone.error,
+    )
 
 
 def _own(guard: Guard, decision: Decision, checked: str, start: int, end: int) -> Decision:

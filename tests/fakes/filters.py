@@ -1,9 +1,11 @@
 """Filters for tests: one that fails on every text, for the fail-closed paths (``FAULT``);
-one that reads a word list next to its policy file (``LISTED``)."""
+one that reads a word list next to its policy file (``LISTED``); one that scores the
+whole text, as the toxicity filter does (``TONE``)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 import msgspec
 
@@ -51,3 +53,28 @@ class Listed:
 
 
 LISTED = FilterSpec(type="listed", config_type=ListedConfig, build=Listed)
+
+
+class ToneConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    word: str = "filthy"
+    action: Literal["flag", "block"] = "block"
+    fail_without: str | None = None  # raise on a text without this (a model that breaks)
+
+
+class Tone:
+    """Scores the whole text, as the toxicity filter does (findings with no span): 0.95
+    with ``word`` in it, acted on, else 0.1, reported."""
+
+    def __init__(self, name: str, config: ToneConfig, env: BuildContext) -> None:
+        self.name, self.stages, self.config = name, frozenset(Stage), config
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        config = self.config
+        if config.fail_without is not None and config.fail_without not in text:
+            raise RuntimeError("the filter's model crashed")
+        if config.word in text.lower():
+            return Verdict.from_findings([Finding("toxicity", 0.95, Action(config.action))])
+        return Verdict.from_findings([Finding("toxicity", 0.1, Action.ALLOW)])
+
+
+TONE = FilterSpec(type="tone", config_type=ToneConfig, build=Tone)
