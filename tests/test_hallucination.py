@@ -604,6 +604,35 @@ def facts_app(
     return make
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prefill_s_claims_are_not_scored_as_the_answer_s(
+    facts_app: Callable[..., Litestar],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+    stream: bool,
+) -> None:
+    """The answer continues a trailing assistant message (a prefill), read as its output
+    check's context: the groundedness score recorded is the answer's alone, as without
+    the prefill (it was that of the prefill's unsupported claim and the answer together:
+    0.27 against 0.66)."""
+    backend.reply = "It was completed in 1889."
+    documents = [{"title": "Eiffel Tower", "text": SOURCE}]
+    user = {"role": "user", "content": QUESTION}
+    prefill = {"role": "assistant", "content": "It was moved to London in 1950 by the Queen."}
+    scores = []
+    with TestClient(app=facts_app()) as client:
+        for messages in ([user], [user, prefill]):
+            body = {"model": "fake-model", "messages": messages, "documents": documents}
+            r = client.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert r.status_code == 200, r.text
+            labels = {"stage": "output"}
+            total = metrics_registry.get_sample_value("guardrail_groundedness_score_sum", labels)
+            assert total is not None
+            scores.append(total - sum(scores))
+    assert scores[1] == pytest.approx(scores[0], abs=1e-6)
+    assert scores[0] > 0.5
+
+
 def test_chat_with_documents_flags_the_ungrounded_sentence(
     facts_app: Callable[..., Litestar], backend: FakeBackend, metrics_registry: CollectorRegistry
 ) -> None:

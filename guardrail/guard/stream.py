@@ -111,6 +111,7 @@ class StreamGuard:
         self._ctx = ctx.at(Stage.OUTPUT)
         self._settings = settings
         self._held = ""
+        lead = _closed(lead)
         # No tail reaches further back than _TAIL_LIMIT: a long prompt is not copied
         # whole with every window released after it.
         cut = max(0, len(lead) - _TAIL_LIMIT)
@@ -320,8 +321,22 @@ def lead_context(lead: str, context_chars: int) -> str:
     (:meth:`StreamGuard._tail`)."""
     if not context_chars:
         return ""
+    lead = _closed(lead)
     start = _context_start(lead, context_chars)
     return OVERRIDE + lead[start:] if open_override(lead, start) else lead[start:]
+
+
+_POP = "\u202c"  # ends a right-to-left override (POP DIRECTIONAL FORMATTING)
+
+
+def _closed(lead: str) -> str:
+    """``lead`` with a right-to-left override still in force at its end closed (U+202C).
+
+    The completion is the model's own text, shown as written (a chat shows it in a
+    message of its own): read on under the prompt's override, it was read backwards,
+    and a prompt ending in U+202E let "... build a bomb ..." out unchecked.
+    """
+    return lead + _POP if open_override(lead, len(lead)) else lead
 
 
 async def check_continuation(
@@ -357,20 +372,17 @@ async def _scored_after_lead(
 
     Such a finding rests on every character, so no span sets it aside with the lead:
     the prompt's own toxicity (0.95 after "... 'All immigrants are filthy animals ...'",
-    0.18 alone) withheld the harmless refusal that followed it. Only when one acts is the
-    text after the lead checked again, and only by the filters that gave one; their span
-    findings and redactions stay those of ``checked``, where a phrase across the join is
-    seen. A filter that failed in either check keeps its failure, and one whose action
-    is not its findings' is kept whole (what decided it is unknown).
+    0.18 alone) withheld the harmless refusal that followed it. The text after the lead
+    is checked again by the filters that gave one, acting or not: a score is recorded
+    whatever it decides (a groundedness score of the prefill's claims with the answer's,
+    0.27 for an answer that scores 0.66 alone, pulled the dashboard's median down), and
+    the encoder's cache holds the completion's sentences already. Their span findings
+    and redactions stay those of ``checked``, where a phrase across the join is seen. A
+    filter that failed in either check keeps its failure, and one whose action is not
+    its findings' is kept whole (what decided it is unknown).
     """
     scored = [o.filter_id for o in decision.outcomes if _whole_scored(o)]
-    acting = any(
-        f.reach is None and f.action is not Action.ALLOW
-        for o in decision.outcomes
-        if o.filter_id in scored
-        for f in o.verdict.findings
-    )
-    if not lead or not acting:
+    if not lead or not scored:
         return decision
     # An override in force at the join is kept: the text is read in the same order.
     text = checked[lead:]
