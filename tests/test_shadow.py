@@ -375,3 +375,28 @@ def test_a_reload_where_only_the_shadow_fails_says_the_default_policy_reloaded(
         assert f"the shadow policy {candidate} failed" in message
         served = client.post("/v1/chat/completions", json=chat("hello")).json()["guardrail"]
         assert served["policy"]["version"] == new_version
+
+
+def test_a_completion_is_compared_after_the_prompt_it_continues_as_the_active_policy_does(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[..., Path],
+    metrics_registry: CollectorRegistry,
+    backend: FakeBackend,
+) -> None:
+    """The active policy checks a completion after the end of its prompt; the candidate
+    checked it alone, so a phrase split at the join ("green" + " tea") counted as the
+    two disagreeing when they would not."""
+    candidate = write_policy(
+        "name: candidate\nversion: c2\nfilters:\n  - id: words\n    type: rules\n"
+        "    config:\n      rules:\n"
+        "        - {id: green, category: drinks, stages: [output], keywords: [green tea]}\n",
+        "candidate.yaml",
+    )
+    backend.reply = " tea, every morning."
+    backend.chunk_size = 4
+    with TestClient(app=make_app(shadow_policy=str(candidate))) as client:
+        for stream in (False, True):
+            body = {"model": "fake-model", "prompt": "I drink green", "stream": stream}
+            assert client.post("/v1/completions", json=body).status_code == 200
+        wait_for(lambda: shadow_count(metrics_registry, "output", "allow", "block") == 2)
+    assert shadow_count(metrics_registry, "output", "allow", "allow") == 0

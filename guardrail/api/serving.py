@@ -1046,7 +1046,9 @@ class Serving:
         )
         exchange.decisions.append(decision)
         if self.gw.shadow is not None:
-            self.gw.shadow.observe_text(Stage.OUTPUT, completion.text, call.ctx, decision.action)
+            self.gw.shadow.observe_text(
+                Stage.OUTPUT, completion.text, call.ctx, decision.action, lead=call.lead
+            )
         # A refusal from the backend stays one (moderated as any answer, above).
         refusal = completion.refusal
         if decision.blocked:
@@ -1182,7 +1184,9 @@ class Serving:
                 active = Action.strictest(d.action for d in window.decisions)
                 # The candidate sees what the backend wrote, as for a whole completion,
                 # not the active policy's redacted release.
-                self.gw.shadow.observe_text(Stage.OUTPUT, "".join(generated), call.ctx, active)
+                self.gw.shadow.observe_text(
+                    Stage.OUTPUT, "".join(generated), call.ctx, active, lead=call.lead
+                )
             exchange.prompt_tokens, exchange.completion_tokens = prompt_tokens, completion_tokens
             if window.blocked:
                 refusal = guard.policy.messages.output_blocked

@@ -23,6 +23,7 @@ import structlog
 from guardrail.chat import Message
 from guardrail.guard.guard import Guard
 from guardrail.guard.store import GuardStore
+from guardrail.guard.stream import check_continuation
 from guardrail.guard.types import Action, Decision, FilterContext, Stage
 
 log = structlog.get_logger("guardrail.shadow")
@@ -55,11 +56,19 @@ class ShadowPolicy:
 
         self._spawn(Stage.INPUT, ctx.request_id, active, run)
 
-    def observe_text(self, stage: Stage, text: str, ctx: FilterContext, active: Action) -> None:
-        """Compare one text's decision (a completion at the output stage)."""
+    def observe_text(
+        self, stage: Stage, text: str, ctx: FilterContext, active: Action, *, lead: str = ""
+    ) -> None:
+        """Compare one text's decision (a completion at the output stage, checked after
+        ``lead``, the text it continues, as the active policy checks it: a phrase split
+        at the join was blocked by the active policy alone, a disagreement of neither)."""
 
         async def run(guard: Guard) -> list[Decision]:
-            return [await guard.check(stage, text, _detached(ctx).at(stage))]
+            checked = _detached(ctx).at(stage)
+            if lead and stage is Stage.OUTPUT:
+                context = guard.policy.stream.context_chars
+                return [await check_continuation(guard, checked, text, lead, context)]
+            return [await guard.check(stage, text, checked)]
 
         self._spawn(stage, ctx.request_id, active, run)
 
