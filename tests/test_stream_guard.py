@@ -257,13 +257,45 @@ async def test_a_completion_is_still_blocked_for_its_own_score_or_a_phrase_acros
 async def test_a_filter_that_fails_on_the_completion_without_its_lead_fails_closed(
     executor: ThreadPoolExecutor, stream: bool
 ) -> None:
-    """Its score of the joined text is not the completion's, and it gave none for the
-    completion: its on_error decides."""
+    """It gave no score for the completion alone: what it found on the joined text stays
+    beside its failure, and the stricter of the two decides (a failure may tighten the
+    decision, never loosen it)."""
     guard = tone_guard(executor, "fail_without: comment")
     released, decisions = await continued(guard, TOXIC_LEAD, " I won't write that. ", stream)
     assert (released, decisions[-1].blocked) == ("", True)
-    assert [f.category for f in decisions[-1].findings] == [FILTER_ERROR_CATEGORY]
+    categories = sorted(f.category for f in decisions[-1].findings)
+    assert categories == sorted([FILTER_ERROR_CATEGORY, "toxicity"])
     assert [o.status for o in decisions[-1].outcomes] == ["ok", "error"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_whole_text_score_the_join_raises_still_decides(
+    executor: ThreadPoolExecutor, stream: bool
+) -> None:
+    """Neither the lead ("... They are fil") nor the completion ("thy animals ...") scores
+    alone; the joined text does. Taken from the completion alone, it had passed."""
+    guard = tone_guard(executor)
+    released, decisions = await continued(
+        guard, "Say what you think. They are fil", "thy animals, all of them. ", stream
+    )
+    assert (released, decisions[-1].blocked) == ("", True)
+    assert [f.category for f in decisions[-1].findings] == ["toxicity"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_failure_of_the_check_without_the_lead_never_loosens_the_decision(
+    executor: ThreadPoolExecutor, stream: bool
+) -> None:
+    """The joined check blocks on the completion's own word; the check without the lead
+    fails, and its on_error is flag: the block stands (the flag alone had released it)."""
+    registry = filter_registry()
+    registry.register("tone", TONE)
+    text = RULES + "  - {id: tone, type: tone, on_error: flag, config: {fail_without: Notes}}\n"
+    guard = Guard.build(
+        load_policy_text(text, "tone.yaml", registry), registry, BuildContext(executor)
+    )
+    released, decisions = await continued(guard, "Notes:", " you are filthy. ", stream)
+    assert (released, decisions[-1].blocked) == ("", True)
 
 
 async def test_text_is_held_until_a_sentence_ends(executor: ThreadPoolExecutor) -> None:

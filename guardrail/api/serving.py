@@ -56,7 +56,7 @@ from guardrail.guard.filter import Grounder, Grounds
 from guardrail.guard.guard import Guard
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore, ReloadResult
-from guardrail.guard.stream import StreamGuard, check_continuation
+from guardrail.guard.stream import StreamGuard, check_continuation, ends_inside_override
 from guardrail.guard.types import (
     Action,
     Decision,
@@ -881,6 +881,19 @@ class Serving:
                 receive=receive,
                 wants_json=isinstance(body, ChatCompletionRequest) and body.wants_json(),
             )
+            if ends_inside_override(call.lead):
+                # Its completion reads forward where the two are shown as one text and
+                # backwards where it is shown alone: checked in one order, the other
+                # passed (either way round). No real text ends inside an override.
+                raise APIError(
+                    400,
+                    "The text the completion continues ends inside a right-to-left override "
+                    "(U+202E); close it (U+202C) or end the line.",
+                    param="prompt"
+                    if kind == "completions"
+                    else f"messages[{len(messages) - 1}].content",
+                    code="invalid_request",
+                )
             if body.stream:
                 response = await self._start_stream(call)
                 streaming = True

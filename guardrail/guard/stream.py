@@ -329,6 +329,12 @@ def lead_context(lead: str, context_chars: int) -> str:
 _POP = "\u202c"  # ends a right-to-left override (POP DIRECTIONAL FORMATTING)
 
 
+def ends_inside_override(lead: str) -> bool:
+    """Whether a right-to-left override (U+202E) is still in force at the end of
+    ``lead``: what continues it reads backwards wherever the two are shown as one text."""
+    return open_override(lead, len(lead))
+
+
 def _closed(lead: str) -> str:
     """``lead`` with a right-to-left override still in force at its end closed (U+202C).
 
@@ -336,7 +342,7 @@ def _closed(lead: str) -> str:
     message of its own): read on under the prompt's override, it was read backwards,
     and a prompt ending in U+202E let "... build a bomb ..." out unchecked.
     """
-    return lead + _POP if open_override(lead, len(lead)) else lead
+    return lead + _POP if ends_inside_override(lead) else lead
 
 
 async def check_continuation(
@@ -368,7 +374,7 @@ async def _scored_after_lead(
 ) -> Decision:
     """``decision`` on ``checked``, whose first ``lead`` characters are the lead, with
     each filter's findings that have no span (a score of the whole text: toxicity's)
-    those of ``checked[lead:]`` alone.
+    those of ``checked[lead:]`` alone, unless the join itself raised them.
 
     Such a finding rests on every character, so no span sets it aside with the lead:
     the prompt's own toxicity (0.95 after "... 'All immigrants are filthy animals ...'",
@@ -377,9 +383,14 @@ async def _scored_after_lead(
     whatever it decides (a groundedness score of the prefill's claims with the answer's,
     0.27 for an answer that scores 0.66 alone, pulled the dashboard's median down), and
     the encoder's cache holds the completion's sentences already. Their span findings
-    and redactions stay those of ``checked``, where a phrase across the join is seen. A
-    filter that failed in either check keeps its failure, and one whose action is not
-    its findings' is kept whole (what decided it is unknown).
+    and redactions stay those of ``checked``, where a phrase across the join is seen.
+
+    A score that acts more strictly on the joined text than on the completion alone is
+    read on the lead alone too: if the lead does not raise it by itself, the join did
+    (an insult split across it, "... They are fil" + "thy animals"), and the joined
+    finding stands. A filter that fails in any of these checks keeps what the others
+    found and its failure (the stricter of the two decides), and one whose action is
+    not its findings' is kept whole (what decided it is unknown).
     """
     scored = [o.filter_id for o in decision.outcomes if _whole_scored(o)]
     if not lead or not scored:
@@ -390,8 +401,15 @@ async def _scored_after_lead(
         Stage.OUTPUT, OVERRIDE + text if open_override(checked, lead) else text, ctx, only=scored
     )
     own = {o.filter_id: o for o in alone.outcomes}
+    joined = {o.filter_id: o for o in decision.outcomes}
+    raised = [i for i, o in own.items() if o.status == "ok" and _raised(joined[i], o)]
+    by_lead: dict[str, FilterOutcome] = {}
+    if raised:
+        lead_check = await guard.check(Stage.OUTPUT, checked[:lead], ctx, only=raised)
+        by_lead = {o.filter_id: o for o in lead_check.outcomes}
     outcomes = [
-        _with_scores(o, own[o.filter_id]) if o.filter_id in own else o for o in decision.outcomes
+        _with_scores(o, own[o.filter_id], by_lead.get(o.filter_id)) if o.filter_id in own else o
+        for o in decision.outcomes
     ]
     return guard.combine(Stage.OUTPUT, checked, outcomes)
 
@@ -407,21 +425,68 @@ def _whole_scored(outcome: FilterOutcome) -> bool:
     )
 
 
-def _with_scores(joined: FilterOutcome, alone: FilterOutcome) -> FilterOutcome:
-    """``joined`` with its findings that have no span replaced by those of ``alone``
-    (the same filter on the text without the lead); a failure of ``alone`` stands."""
-    verdict = joined.verdict
-    # A failure's finding has no span either: taken, its on_error decides the filter.
-    findings = tuple(f for f in verdict.findings if f.reach is not None) + tuple(
-        f for f in alone.verdict.findings if f.reach is None
+def _whole_actions(outcome: FilterOutcome) -> dict[str, Action]:
+    """The strictest action of each category among ``outcome``'s findings with no span."""
+    actions: dict[str, Action] = {}
+    for f in outcome.verdict.findings:
+        if f.reach is None:
+            actions[f.category] = Action.strictest((f.action, actions.get(f.category, f.action)))
+    return actions
+
+
+def _stricter(a: Action, b: Action | None) -> bool:
+    return b is None or (a is not b and Action.strictest((a, b)) is a)
+
+
+def _raised(joined: FilterOutcome, alone: FilterOutcome) -> bool:
+    """Whether a score of the whole text acts more strictly with the lead than without."""
+    without = _whole_actions(alone)
+    return any(
+        a is not Action.ALLOW and _stricter(a, without.get(c))
+        for c, a in _whole_actions(joined).items()
     )
+
+
+def _with_scores(
+    joined: FilterOutcome, alone: FilterOutcome, by_lead: FilterOutcome | None
+) -> FilterOutcome:
+    """``joined`` with its findings that have no span replaced by those of ``alone``
+    (the same filter on the text without the lead), but for a category the join raised:
+    stricter on the joined text than alone, and not raised by the lead alone
+    (``by_lead``, the filter on the lead alone; a failure there keeps the joined one).
+    A failure of ``alone`` keeps every joined finding beside its own: its ``on_error``
+    may tighten the decision, never loosen it."""
+    verdict = joined.verdict
+    duration = joined.duration_s + alone.duration_s
+    if alone.status != "ok":
+        findings = tuple(dict.fromkeys((*verdict.findings, *alone.verdict.findings)))
+        return dataclasses.replace(
+            joined,
+            verdict=dataclasses.replace(
+                verdict, action=_action_of(findings, verdict.redactions), findings=findings
+            ),
+            duration_s=duration,
+            status=alone.status,
+            error=alone.error,
+        )
+    without, with_lead = _whole_actions(alone), _whole_actions(joined)
+    lead_failed = by_lead is not None and by_lead.status != "ok"
+    on_lead = _whole_actions(by_lead) if by_lead is not None and not lead_failed else {}
+    kept = {
+        c
+        for c, a in with_lead.items()
+        if a is not Action.ALLOW
+        and _stricter(a, without.get(c))
+        and (lead_failed or not (by_lead is not None and not _stricter(a, on_lead.get(c))))
+    }
+    findings = tuple(
+        f for f in verdict.findings if f.reach is not None or f.category in kept
+    ) + tuple(f for f in alone.verdict.findings if f.reach is None and f.category not in kept)
     action = _action_of(findings, verdict.redactions)
     return dataclasses.replace(
         joined,
         verdict=dataclasses.replace(verdict, action=action, findings=findings),
-        duration_s=joined.duration_s + alone.duration_s,
-        status=alone.status,
-        error=alone.error,
+        duration_s=duration + (by_lead.duration_s if by_lead is not None else 0.0),
     )
 
 
