@@ -1320,6 +1320,19 @@ def test_model_sources_are_read_from_the_policy_folder_unless_they_name_no_path(
     assert env.model_source(source) == expected.format(base=tmp_path)
 
 
+def test_a_model_name_found_only_under_the_working_directory_is_read_from_the_policy_folder(
+    executor: ThreadPoolExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "checkpoints/guard" is no folder of the policy's: left as written, the loader took
+    the working directory's, so the policy meant another model wherever serve started."""
+    policy_dir, cwd = tmp_path / "policy", tmp_path / "cwd"
+    policy_dir.mkdir()
+    (cwd / "checkpoints" / "guard").mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    env = BuildContext(executor, base_dir=policy_dir)
+    assert env.model_source("checkpoints/guard") == str(policy_dir / "checkpoints" / "guard")
+
+
 class _ScriptedTokenizer:
     """Words and single whitespace characters are tokens: enough for the engine's use."""
 

@@ -153,7 +153,10 @@ class BuildContext:
 
         A relative path is read from ``base_dir``, as every other path in a policy. A
         name that is no file or folder there and is not written as a path (a hub id
-        ``org/name``, a spaCy package) stays as written, for the loader to look up.
+        ``org/name``, a spaCy package) stays as written, for the loader to look up,
+        unless it names one under the working directory: the loader would take that
+        folder (the policy's meaning then hung on where ``serve`` started), so it is read
+        from ``base_dir``, where its absence is reported.
         """
         path = Path(source).expanduser()
         if path.is_absolute():
@@ -164,7 +167,7 @@ class BuildContext:
             or source.lower().endswith(".gguf")
             or source.count("/") > 1
         )
-        return str(local) if written_as_path or local.exists() else source
+        return str(local) if written_as_path or local.exists() or path.exists() else source
 
 
 @runtime_checkable
