@@ -784,6 +784,26 @@ async def test_stream_error_frames_and_broken_frames_raise(
         await collect(backend(client, up_a.base_url).stream(chat_request()))
 
 
+async def test_an_error_event_after_a_frame_without_a_blank_line_is_its_own() -> None:
+    """With no blank line between them, ``event: error`` after a whole frame was taken
+    as that frame's type: the error raised quoting the text frame, not the failure."""
+    body = (
+        f"data: {REPLY_FRAMES[0]}\n"
+        'event: error\ndata: {"message": "llama_decode failed"}\n\n'
+        "data: [DONE]\n\n"
+    ).encode()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    received: list[Chunk] = []
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(BackendBadResponse) as caught:
+            await collect(backend(client, "http://up.test/v1").stream(chat_request()), received)
+    assert caught.value.upstream_message == "llama_decode failed"
+    assert "".join(c.text for c in received) == "Hello there. "
+
+
 @pytest.mark.parametrize("after_text", [False, True], ids=["before-text", "after-text"])
 @pytest.mark.parametrize(
     "error",

@@ -1033,24 +1033,30 @@ class RemoteBackend:
                 except httpx.RequestError as e:
                     raise _dropped(e, streaming=True) from e
                 if line:
-                    if line.startswith("event:"):
+                    if line.startswith("event:") and not (data and _whole_frame("\n".join(data))):
                         event = line[6:].strip()
                         continue
                     if line.startswith("error:"):
                         # Skipped as an unknown field, it was followed by llama.cpp's
                         # ``data: [DONE]``: a cut answer passed for a finished one.
                         raise _stream_error(line[6:])
-                    if not line.startswith("data:") or not line[5:].strip():
-                        continue
-                    part = line[5:].strip()
-                    if not data or not _whole_frame("\n".join(data)):
-                        data.append(part)
-                        continue
-                    # A server that leaves out the blank line between events: what is
-                    # held is a whole frame already, read now, not when the stream ends
-                    # (its text held back, the stall clock never restarted).
-                    payload, kind = "\n".join(data), event
-                    data, event = [part], ""
+                    if line.startswith("event:"):
+                        # A server that leaves out the blank lines: the field starts the
+                        # next event, and what is held, a whole frame, ends this one.
+                        payload, kind = "\n".join(data), event
+                        data, event = [], line[6:].strip()
+                    else:
+                        if not line.startswith("data:") or not line[5:].strip():
+                            continue
+                        part = line[5:].strip()
+                        if not data or not _whole_frame("\n".join(data)):
+                            data.append(part)
+                            continue
+                        # A server that leaves out the blank line between events: what is
+                        # held is a whole frame already, read now, not when the stream
+                        # ends (its text held back, the stall clock never restarted).
+                        payload, kind = "\n".join(data), event
+                        data, event = [part], ""
                 else:
                     payload, kind = "\n".join(data), event
                     data, event = [], ""
