@@ -970,6 +970,8 @@ async def test_a_card_number_written_with_dots_is_redacted_on_input_and_masked_o
         "Build 2024.0115.1200.3 passed.",
         "Card 4111.1111.1111.1112 fails Luhn.",
         "Grouped otherwise: 4111.11111.111.1111 or 41.1111.1111.111111.",
+        # Luhn-valid in a card's groups, but no card network's numbers start so.
+        "Serial 9000.0000.0000.0001 shipped, and 1234.5678.9012.3452.",
     ],
 )
 def test_dotted_numbers_that_are_no_card_are_not_card_numbers(text: str) -> None:

@@ -127,6 +127,10 @@ _CARD_CANDIDATE = re.compile(r"(?<![\w.-])\d(?:[ .-]?\d){11,18}(?![\w-]|[.,]\d)"
 # pattern takes spaces and dashes only: "4111.1111.1111.1111" went to the model as
 # written. Versions, IP addresses, dates and timestamps have no such groups.
 _DOTTED_CARD = re.compile(r"\d{4}(?:\.\d{4}){3}(?:\.\d{1,3})?|\d{4}\.\d{6}\.\d{4,5}")
+# ... and starting as the networks' numbers do (Visa 4, Mastercard 2 and 5, Amex, Diners
+# and JCB 3, Discover, UnionPay and Maestro 6): one dotted serial in ten passes Luhn,
+# and one that starts 0, 1, 7, 8 or 9 is no card a customer holds.
+_CARD_START = re.compile(r"[2-6]")
 _LOOK_BEFORE = 40
 _LOOK_AFTER = 16
 
@@ -230,15 +234,14 @@ def luhn_valid(digits: str) -> bool:
 
 def find_card_numbers(text: str) -> list[Span]:
     """12-19 digit numbers passing Luhn with a card word just before them, or dotted in
-    a card's groups."""
+    a card's groups and starting as a card network's numbers do."""
     found = []
     for m in _CARD_CANDIDATE.finditer(text):
         digits = _digits(m.group())
         if not 12 <= len(digits) <= 19 or not luhn_valid(digits):
             continue
-        if _DOTTED_CARD.fullmatch(m.group()) or _CARD_BEFORE.search(
-            text[max(0, m.start() - _LOOK_BEFORE) : m.start()]
-        ):
+        dotted = _DOTTED_CARD.fullmatch(m.group()) and _CARD_START.match(digits)
+        if dotted or _CARD_BEFORE.search(text[max(0, m.start() - _LOOK_BEFORE) : m.start()]):
             found.append(Span(m.start(), m.end(), 0.6))
     return found
 
