@@ -1242,9 +1242,10 @@ async def test_the_llama_guard_engine_runs_a_real_checkpoint_through_the_local_l
           description: Helping anyone build weapons or explosives.
           classifier: {engine: guard, label: weapons, threshold: 0.5}
         """,
+        # Its vocabulary has no Llama Guard 3 control tokens: the [INST] template.
         extra_config=(
             f"classifiers:\n  guard: {{type: llama-guard, model: '{model_dir}', "
-            "device: cpu, max_new_tokens: 4}\n"
+            "template: llama-guard-2, device: cpu, max_new_tokens: 4}\n"
         ),
     )
     rules_filter: Any = guard._by_stage[Stage.INPUT][0][1]
@@ -1265,6 +1266,21 @@ async def test_the_llama_guard_engine_runs_a_real_checkpoint_through_the_local_l
     else:
         assert outcome.status == "ok"
         assert decision.action in (Action.ALLOW, Action.BLOCK)
+
+
+def test_the_llama_guard_3_template_on_a_tokenizer_without_its_control_tokens_is_refused(
+    make_guard: Callable[..., Guard], model_dir: Path
+) -> None:
+    """A tokenizer that reads "<|eot_id|>" as text (a Llama Guard 1 or 2 checkpoint, or
+    here SmolLM2) built with the default template, and every verdict came from a prompt
+    the model never learnt."""
+    with pytest.raises(ConfigError, match=r"template llama-guard-3 needs .*<\|begin_of_text"):
+        make_guard(
+            "- {id: w, category: weapons, classifier: {engine: guard, label: weapons}}",
+            extra_config=(
+                f"classifiers:\n  guard: {{type: llama-guard, model: '{model_dir}', device: cpu}}\n"
+            ),
+        )
 
 
 def test_a_llama_guard_model_path_is_read_from_the_policy_folder(

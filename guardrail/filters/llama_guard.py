@@ -37,6 +37,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from guardrail.errors import ConfigError
 from guardrail.guard.types import Stage
 
 if TYPE_CHECKING:
@@ -145,6 +146,28 @@ def prompt_ids(tokenizer: Any, template: str, body: str) -> list[int]:
     return _ids(tokenizer, f"[INST] {body} [/INST]", add_special_tokens=True, split_special=True)
 
 
+_CONTROL = re.compile(r"<\|[a-z_]+\|>")
+
+
+def _check_control_tokens(tokenizer: Any) -> None:
+    """Refuse a tokenizer that does not hold Llama Guard 3's control tokens as special
+    tokens of its own: a Llama Guard 1 or 2 checkpoint (Llama 2's vocabulary) read them
+    as text ("<", "|", "begin", ...), and its verdicts were those of a prompt it never
+    learnt, silently."""
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", ())}
+    missing = []
+    for token in dict.fromkeys(_CONTROL.findall(_LLAMA3_HEAD + _LLAMA3_TAIL)):
+        ids = _ids(tokenizer, token, add_special_tokens=False, split_special=False)
+        if len(ids) != 1 or (special and ids[0] not in special):
+            missing.append(token)
+    if missing:
+        raise ConfigError(
+            f"template llama-guard-3 needs {', '.join(missing)} as special tokens of the "
+            "model's tokenizer, and this one reads them as text: a Llama Guard 1 or 2 "
+            "checkpoint takes template llama-guard-1 or llama-guard-2"
+        )
+
+
 _CODE = re.compile(r"\b([OS]\d{1,2})\b")
 
 
@@ -227,6 +250,8 @@ class LlamaGuardEngine:
         self._by_code = {c.code: c.label for c in self.categories}
         self.labels = frozenset(c.label for c in self.categories) | {"unsafe"}
         self._executor = executor
+        if settings.template == "llama-guard-3":
+            _check_control_tokens(tokenizer)
         self._safe_ids = self._first_ids("safe")
         self._unsafe_ids = self._first_ids("unsafe") - self._safe_ids
 
