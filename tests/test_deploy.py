@@ -655,6 +655,19 @@ def test_k8s_vllm_example_serves_llama_on_a_gpu() -> None:
     assert literals["GUARDRAIL_BACKEND_URLS"] == f"http://vllm.guardrail.svc:{port}/v1"
 
 
+def test_k8s_pods_get_no_service_link_variables() -> None:
+    """Service links put ``<SERVICE>_PORT=tcp://IP:PORT`` in every container: the vllm
+    Service's VLLM_PORT stopped vLLM at startup (it reads that name as an integer)."""
+    pods = [
+        (path, doc["metadata"]["name"], doc["spec"]["template"]["spec"])
+        for path, doc in k8s_documents()
+        if "template" in doc.get("spec", {})
+    ]
+    assert {name for _, name, _ in pods} >= {"guardrail", "vllm"}
+    for path, name, pod in pods:
+        assert pod.get("enableServiceLinks") is False, f"{path.relative_to(ROOT)}: {name}"
+
+
 def test_k8s_policy_configmap_is_a_valid_policy(tmp_path: Path) -> None:
     configmap = k8s_objects()["ConfigMap", "guardrail-policies"]
     policy = tmp_path / "policy.yaml"
