@@ -56,6 +56,7 @@ from guardrail.guard.filter import BuildContext, FilterSpec, SharedResources, po
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore
+from guardrail.observability.audit import CLOSE_TIMEOUT_S as AUDIT_CLOSE_TIMEOUT_S
 from guardrail.observability.audit import audit_from_settings
 from guardrail.observability.metrics import CacheStats, GatewayMetrics
 from guardrail.observability.monitoring import monitor_from_settings
@@ -112,6 +113,20 @@ def consistency_from_settings(
 
 
 SHADOW_DRAIN_S = 10.0
+
+
+def shutdown_budget_s(settings: Settings) -> float:
+    """The longest ``guardrail serve`` may take to exit after SIGTERM, by the bounds the
+    code sets, one after the other: uvicorn's wait for open connections and the
+    lifespan's drain of requests still holding a slot (``shutdown_timeout_s`` each), the
+    shadow policy's drain and the audit log's flush (counted whether or not it is on).
+
+    A supervisor's grace period (compose's ``stop_grace_period``, Kubernetes'
+    ``terminationGracePeriodSeconds`` less the preStop sleep) must be longer: its SIGKILL
+    cut streams short and lost the audit rows still queued.
+    """
+    shadow = SHADOW_DRAIN_S if settings.shadow_policy else 0.0
+    return 2 * settings.shutdown_timeout_s + shadow + AUDIT_CLOSE_TIMEOUT_S
 
 
 def _bounded(

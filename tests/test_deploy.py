@@ -38,6 +38,7 @@ import yaml
 from litestar import Litestar
 from prometheus_client import CollectorRegistry
 
+from guardrail.app import shutdown_budget_s
 from guardrail.errors import BackendError
 from guardrail.observability.audit import AuditStats
 from guardrail.observability.metrics import GatewayMetrics
@@ -478,6 +479,31 @@ def test_compose_gpu_profile_puts_vllm_behind_a_gateway() -> None:
     )
 
 
+# The settings whose shutdown takes longest: an operator may add a shadow policy through
+# the env file or the ConfigMap without touching the grace periods.
+SLOWEST_TO_STOP = Settings(shadow_policy="candidate.yaml")
+
+
+def go_duration_s(text: str) -> float:
+    """A Go duration as compose writes it (``1m30s``, ``90s``) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert "".join(n + u for n, u in parts) == text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_compose_gateways_are_given_longer_to_stop_than_their_shutdown_takes() -> None:
+    """Docker SIGKILLs a container stop_grace_period after SIGTERM (10 s unset), which cut
+    the gateway's drain of streams and its audit flush short."""
+    budget = shutdown_budget_s(SLOWEST_TO_STOP)
+    services = compose_config("gpu")["services"]
+    gateways = {n: s for n, s in services.items() if n.startswith("gateway")}
+    assert set(gateways) == {"gateway", "gateway-vllm"}
+    for name, service in gateways.items():
+        grace = go_duration_s(service.get("stop_grace_period", "10s"))
+        assert grace > budget, f"{name}: stop_grace_period {grace:g} s, shutdown {budget:g} s"
+
+
 def test_compose_rejects_an_invalid_file(tmp_path: Path) -> None:
     # The validator really validates: an unknown service key is an error.
     bad = tmp_path / "compose.yaml"
@@ -653,6 +679,18 @@ def test_k8s_vllm_example_serves_llama_on_a_gpu() -> None:
     assert literals["GUARDRAIL_BACKEND"] == "remote"
     port = service["spec"]["ports"][0]["port"]
     assert literals["GUARDRAIL_BACKEND_URLS"] == f"http://vllm.guardrail.svc:{port}/v1"
+
+
+def test_k8s_gateway_is_given_longer_to_stop_than_its_shutdown_takes() -> None:
+    """terminationGracePeriodSeconds counts from the preStop hook: its sleep and the whole
+    shutdown (drains, shadow checks, audit flush) must fit before the kubelet's SIGKILL."""
+    pod = k8s_objects()["Deployment", "guardrail"]["spec"]["template"]["spec"]
+    gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+    command = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    left = pod["terminationGracePeriodSeconds"] - float(command[1])
+    budget = shutdown_budget_s(SLOWEST_TO_STOP)
+    assert left > budget, f"{left:g} s after preStop, shutdown {budget:g} s"
 
 
 def test_k8s_pods_get_no_service_link_variables() -> None:

@@ -88,6 +88,7 @@ if TYPE_CHECKING:
     import psycopg
 
 __all__ = [
+    "CLOSE_TIMEOUT_S",
     "POSTGRES_MIGRATIONS",
     "REVIEW_OUTCOMES",
     "SCHEMA_VERSION",
@@ -116,6 +117,10 @@ SCHEMA_VERSION: Final = 3
 REJECT_AFTER: Final = 3
 """Failed attempts, alone, after which a row the database refuses (while it accepts
 others) is dropped and reported, instead of blocking the log."""
+
+CLOSE_TIMEOUT_S: Final = 10.0
+"""The default :attr:`AuditConfig.close_timeout_s`: part of the gateway's shutdown budget
+(:func:`guardrail.app.shutdown_budget_s`)."""
 
 AuditText = Literal["none", "redacted"]
 """Whether rows carry text: ``none`` (default) or the redacted text the caller passes."""
@@ -870,7 +875,7 @@ class AuditConfig:
     """First delay after a failed write; doubles on each failure."""
     retry_max_s: float = 5.0
     """Longest delay between two attempts of a failing write."""
-    close_timeout_s: float = 10.0
+    close_timeout_s: float = CLOSE_TIMEOUT_S
     """How long shutdown keeps trying to write what is queued before reporting it lost."""
 
     def __post_init__(self) -> None:
