@@ -57,7 +57,7 @@ from guardrail.guard.registry import filter_registry
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore
 from guardrail.observability.audit import CLOSE_TIMEOUT_S as AUDIT_CLOSE_TIMEOUT_S
-from guardrail.observability.audit import audit_from_settings
+from guardrail.observability.audit import audit_from_settings, check_store
 from guardrail.observability.metrics import CacheStats, GatewayMetrics
 from guardrail.observability.monitoring import monitor_from_settings
 from guardrail.plugins import PluginRegistry
@@ -77,14 +77,19 @@ def build_backend(settings: Settings) -> Backend:
 def check_settings(settings: Settings) -> None:
     """Raise what :func:`create_app` raises about the settings alone, and name the
     ``GUARDRAIL_*`` variables that look misspelt, without loading a model: an audit DSN
-    it cannot use (or whose extra is missing), a group lexicon it cannot read, a redis
-    URL without the redis extra. ``guardrail serve`` calls it once logging is set up,
-    before the backend, which may take minutes to load (or fail for the misspelling).
-    What it builds is thrown away: nothing is opened or connected."""
+    it cannot use (or whose extra is missing) or whose database cannot be opened, a group
+    lexicon it cannot read, a redis URL without the redis extra. ``guardrail serve``
+    calls it once logging is set up, before the backend, which may take minutes to load
+    (or fail for the misspelling). What it builds is thrown away; the audit database is
+    opened (its tables created) and closed again. Not for a running event loop."""
     for name, meant in misspelt_env(os.environ):  # names only: values may be secrets
         log.warning("unknown_setting_variable", variable=name, did_you_mean=meant)
     build_rate_limiter(settings.rate_limit_redis_url)
-    audit_from_settings(settings)
+    audit = audit_from_settings(settings)
+    if audit is not None:
+        # The app's startup opens it too, after the model loaded: a database that could
+        # not be opened then was reported by serve as a port it could not listen on.
+        asyncio.run(check_store(audit.store))
     monitor_from_settings(settings, CollectorRegistry())
 
 

@@ -159,8 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"guardrail: serving on http://{settings.host}:{settings.port}/v1", file=sys.stderr)
-    try:
-        uvicorn.run(
+    server = uvicorn.Server(
+        uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
@@ -169,18 +169,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # SIGTERM: stop accepting, let open requests and streams finish, then shut down.
             timeout_graceful_shutdown=settings.shutdown_timeout_s,
         )
+    )
+    try:
+        server.run()
     except SystemExit as e:
-        # uvicorn exits 3 when it cannot start (the port is taken, the host is unknown):
-        # a startup error, which is exit 2 here; its reason is in the log line before.
-        if e.code == 3:
-            print(
-                f"guardrail: cannot listen on {settings.host}:{settings.port} "
-                "(see the error logged above)",
-                file=sys.stderr,
-            )
-            return 2
-        raise
-    return 0
+        if e.code != 3:
+            raise
+    if server.started:
+        return 0
+    # uvicorn exits 3 when it cannot start: the app's startup failed (its lifespan,
+    # which runs first), or the port is taken or the host unknown. A startup error,
+    # which is exit 2 here; its reason is in the log lines before.
+    lifespan = getattr(server, "lifespan", None)
+    if getattr(lifespan, "startup_failed", False):
+        print(
+            "guardrail: the gateway's startup failed before it listened "
+            "(see the error logged above)",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"guardrail: cannot listen on {settings.host}:{settings.port} "
+            "(see the error logged above)",
+            file=sys.stderr,
+        )
+    return 2
 
 
 # -- check --------------------------------------------------------------------------------

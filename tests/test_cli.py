@@ -485,6 +485,76 @@ def test_serve_that_cannot_listen_exits_2(
     assert f"cannot listen on 127.0.0.1:{port}" in err
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_serve_with_an_audit_database_it_cannot_open_exits_2_before_loading_the_backend(
+    test_policy: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+) -> None:
+    """The audit database was first opened by the app's startup, after the model loaded,
+    and serve blamed the port ("cannot listen on ..."): it is opened before the backend,
+    and its problem is one line that never shows the DSN's password."""
+    if kind == "postgres":
+        pytest.importorskip("psycopg")
+        dsn = f"postgresql://guardrail:s3cret-pw@127.0.0.1:{_closed_port()}/guardrail"
+        where = "cannot open the audit log PostgresStore(127.0.0.1:"
+    else:
+        (tmp_path / "file").write_text("not a folder")  # no folder can be made under it
+        dsn = str(tmp_path / "file" / "audit" / "audit.db")
+        where = f"cannot open the audit log SQLiteStore('{dsn}'): "
+    monkeypatch.setenv("GUARDRAIL_AUDIT_DSN", dsn)
+    code, _, err = run(
+        [
+            "serve", "--backend", "remote", "--backend-url", "http://127.0.0.1:9/v1",
+            "--policy", str(test_policy), "--port", str(_closed_port()),
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert "loading remote backend" not in err
+    assert "cannot listen" not in err
+    (line,) = [line for line in err.splitlines() if "audit" in line]
+    assert line.startswith(f"guardrail: {where}")
+    assert "s3cret-pw" not in err
+
+
+def test_serve_whose_app_startup_fails_does_not_blame_the_port(
+    test_policy: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvicorn exits 3 both when it cannot bind and when the app's startup (its lifespan)
+    fails: the second was reported as a port it could not listen on."""
+    from guardrail.observability.audit import AuditLog
+
+    async def fails(self: AuditLog) -> None:
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(AuditLog, "start", fails)
+    port = _closed_port()
+    code, _, err = run(
+        [
+            "serve", "--backend", "remote", "--backend-url", "http://127.0.0.1:9/v1",
+            "--policy", str(test_policy), "--port", str(port),
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert "guardrail: the gateway's startup failed before it listened" in err
+    assert "cannot listen" not in err
+
+
 def test_serve_checks_keys_and_tenant_policies_before_loading_the_model(
     test_policy: Path,
     tmp_path: Path,
@@ -610,11 +680,12 @@ def test_serve_ignores_a_sighup_from_its_start_until_the_reload_handler_is_in_pl
 
     seen: list[Any] = []
 
-    def fake_run(app: Any, **kwargs: Any) -> None:
+    def fake_run(self: uvicorn.Server, sockets: Any = None) -> None:
         # Where the server would start: every policy and the backend are loaded.
         seen.append(signal.getsignal(signal.SIGHUP))
+        self.started = True
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     saved = signal.getsignal(signal.SIGHUP)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:

@@ -104,6 +104,7 @@ __all__ = [
     "PostgresStore",
     "SQLiteStore",
     "audit_from_settings",
+    "check_store",
     "default_audit_path",
     "record_from_exchange",
     "store_from_dsn",
@@ -1282,6 +1283,27 @@ def store_from_dsn(dsn: str) -> AuditStore:
             "path, or postgresql://..."
         )
     return SQLiteStore(Path(dsn).expanduser())
+
+
+async def check_store(store: AuditStore) -> None:
+    """Open ``store`` and close it again, as :meth:`AuditLog.start` opens it (tables
+    created or migrated): ``guardrail serve`` calls it before its backend loads, so a
+    database that cannot be opened is one line then, not an app startup failure after
+    the model loaded. Raises :class:`AuditError` naming the store and the reason, never
+    the DSN's password."""
+    try:
+        await store.open()
+    except GuardrailError:
+        raise
+    except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__  # libpq's are several lines
+        if isinstance(store, PostgresStore):
+            password = urlsplit(store.dsn).password
+            if password:
+                for secret in (password, unquote(password)):
+                    reason = reason.replace(secret, "***")
+        raise AuditError(f"cannot open the audit log {store!r}: {reason}") from e
+    await store.close()
 
 
 def audit_from_settings(settings: AuditSettings) -> AuditLog | None:
