@@ -581,6 +581,26 @@ ENV_PREFIX = "GUARDRAIL_"
 _NOT_FROM_ENV = {"api_keys", "tenants"}
 
 
+def _unset_when_blank(kind: Any) -> bool:
+    """Whether ``kind`` is an optional text setting (``str | None``, or a choice of
+    strings or None) whose None is a default of its own ("the embedded model").
+
+    An env file's blank line (``GUARDRAIL_MODEL=``) set it to "": the working folder was
+    loaded as a model. Blank means unset there. Keys (a pattern-checked ``str``) are not
+    among them: a blank key is an error that names it.
+    """
+    if typing.get_origin(kind) is Annotated:
+        kind = typing.get_args(kind)[0]
+    members = typing.get_args(kind)
+    if type(None) not in members:
+        return False
+    return all(m is str or typing.get_origin(m) is Literal for m in members if m is not type(None))
+
+
+# Optional text settings a blank GUARDRAIL_<NAME> leaves unset.
+_BLANK_IS_UNSET = frozenset(n for n, f in _FIELDS.items() if _unset_when_blank(f.type))
+
+
 def parse_api_keys(raw: str) -> list[dict[str, str]]:
     """``key1=tenant1,key2=tenant2`` as api_keys entries, the keys hashed at once.
 
@@ -635,7 +655,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         if name in _NOT_FROM_ENV:
             continue
         raw = environ.get(ENV_PREFIX + name.upper())
-        if raw is None:
+        if raw is None or (name in _BLANK_IS_UNSET and not raw.strip()):
             continue
         if "list[" in str(f.type):
             out[name] = [part.strip() for part in raw.split(",") if part.strip()]

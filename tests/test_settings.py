@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from guardrail.errors import ConfigError
-from guardrail.settings import load_settings
+from guardrail.settings import Settings, load_settings
 
 
 def test_precedence_is_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -301,7 +302,7 @@ def test_a_rate_limit_redis_url_redis_cannot_use_stops_startup_naming_it(
 )
 def test_every_rate_limit_redis_url_redis_py_takes_is_accepted(url: str) -> None:
     settings = load_settings(environ={"GUARDRAIL_RATE_LIMIT_REDIS_URL": url})
-    assert settings.rate_limit_redis_url == url
+    assert settings.rate_limit_redis_url == (url or None)  # blank: unset
 
 
 def test_a_default_max_tokens_over_the_limit_stops_startup_naming_both() -> None:
@@ -378,3 +379,43 @@ def test_harmful_rate_windows_the_monitor_cannot_hold_stop_startup_naming_both()
     )
     settings = load_settings(environ={"GUARDRAIL_HARMFUL_RATE_RECENT_S": "13"})  # 6646 times
     assert settings.harmful_rate_recent_s == 13
+
+
+# Every optional text setting, with a value a config file may give it.
+OPTIONAL_TEXT = {
+    "model": "checkpoints/guard",
+    "model_name": "guard",
+    "device_map": "auto",
+    "chat_template": "llama-2",
+    "cache_dir": "/var/cache/guardrail",
+    "shadow_policy": "policies/candidate.yaml",
+    "audit_dsn": "/var/lib/guardrail/audit.db",
+    "group_lexicon": "groups.yaml",
+    "rate_limit_redis_url": "redis://redis:6379/0",
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONAL_TEXT))
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_optional_text_variable_leaves_the_setting_unset(
+    tmp_path: Path, name: str, blank: str
+) -> None:
+    """``GUARDRAIL_MODEL=`` (a blank line in an env file) meant the model "", and the
+    local backend loaded the working folder as one; ``GUARDRAIL_CHAT_TEMPLATE=`` was
+    refused. Blank is unset, as the settings say (the embedded model, the tokenizer's
+    template); a value from the config file stays."""
+    variable = f"GUARDRAIL_{name.upper()}"
+    assert getattr(load_settings(environ={variable: blank}), name) is None
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"{name}: {OPTIONAL_TEXT[name]}\n")
+    from_file = load_settings(config, environ={variable: blank})
+    assert getattr(from_file, name) == OPTIONAL_TEXT[name]
+
+
+def test_the_blank_variable_table_holds_every_optional_text_setting() -> None:
+    optional_text = {
+        name
+        for name, kind in Settings.__annotations__.items()
+        if re.match(r"Annotated\[(str|Literal\[[^]]*\]) \| None,", kind)
+    }
+    assert optional_text == set(OPTIONAL_TEXT)
