@@ -663,6 +663,18 @@ def test_k8s_gateway_wiring() -> None:
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
+def test_k8s_reloader_starts_with_a_secret_that_holds_no_admin_key() -> None:
+    """The README lets a gateway run with no keys at all (its /admin/* then answers the
+    pod's loopback, where the reloader is), but the reloader's required secretKeyRef to
+    GUARDRAIL_ADMIN_KEY kept the pod from starting with such a Secret."""
+    pod = k8s_objects()["Deployment", "guardrail"]["spec"]["template"]["spec"]
+    reloader = next(c for c in pod["containers"] if c["name"] == "policy-reloader")
+    env = {e["name"]: e for e in reloader["env"]}
+    ref = env["GUARDRAIL_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == ("guardrail-secrets", "GUARDRAIL_ADMIN_KEY")
+    assert ref.get("optional") is True
+
+
 def test_k8s_vllm_example_serves_llama_on_a_gpu() -> None:
     objects = k8s_objects()
     pod = objects["Deployment", "vllm"]["spec"]["template"]["spec"]
