@@ -276,8 +276,17 @@ class RedisRateLimiter:
                 args=[limits.requests_per_minute, limits.tokens_per_minute, tokens, mode],
             )
         except Exception as e:  # redis.RedisError, OSError, timeouts: fail open
-            self._failures += 1
-            log.warning("rate_limit_store_failed", error=type(e).__name__, failures=self._failures)
+            # Only a failed check lets a request through unlimited; a failed correction
+            # after the answer (mode 0) lets nothing through, so it is logged, not counted
+            # (counted, every request let through showed twice on the dashboard).
+            if mode:
+                self._failures += 1
+            log.warning(
+                "rate_limit_store_failed",
+                op="check" if mode else "adjust",
+                error=type(e).__name__,
+                failures=self._failures,
+            )
             return None
         return [int(x) for x in result]
 
