@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import pytest
@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from guardrail.chat import Message
 from guardrail.guard.cache import VerdictCache, prefix_digests
-from guardrail.guard.filter import BuildContext, FilterSpec
+from guardrail.guard.filter import BuildContext, FilterSpec, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.store import GuardStore
@@ -358,6 +358,83 @@ async def test_a_reload_whose_build_hangs_fails_at_its_limit_and_frees_the_next(
         assert store.current.policy.version == "3"
     finally:
         HangingFilter.release.set()
+
+
+class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    model: str
+
+
+class ModelFilter:
+    """Loads its model through the shared resources at build; the model ``stuck`` loads
+    only once ``release`` is set (at most 10 s): a model load that hangs."""
+
+    loads: ClassVar[list[str]] = []
+    loading = threading.Event()
+    release = threading.Event()
+
+    def __init__(self, name: str, config: ModelConfig, env: BuildContext) -> None:
+        self.name, self.stages = name, frozenset(Stage)
+        self.model = env.resources.get(("model", config.model), lambda: self.load(config.model))
+
+    @classmethod
+    def load(cls, model: str) -> object:
+        cls.loads.append(model)
+        if model == "stuck":
+            cls.loading.set()
+            cls.release.wait(10)
+        return object()
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return Verdict()
+
+
+async def test_a_model_load_that_hangs_holds_up_no_other_model_and_is_loaded_once(
+    registry: PluginRegistry[FilterSpec], executor: ThreadPoolExecutor, tmp_path: Path
+) -> None:
+    """Shared models were created under the resources' one lock: an abandoned build whose
+    model load hung kept it, so the next reload timed out even for another model."""
+    registry.register("model", FilterSpec("model", ModelConfig, ModelFilter))
+    ModelFilter.loads = []
+    ModelFilter.loading.clear()
+    ModelFilter.release.clear()
+    path = tmp_path / "p.yaml"
+    policy = (
+        'name: m\nversion: "{v}"\nfilters:\n  - {{id: m, type: model, config: {{model: {m}}}}}\n'
+    )
+    path.write_text(policy.format(v=1, m="first"))
+    env = BuildContext(executor)
+    store = GuardStore(path, registry, env, reload_timeout_s=0.2)
+    store.load()
+    try:
+        path.write_text(policy.format(v=2, m="stuck"))
+        assert not (await store.reload()).ok
+        assert ModelFilter.loading.wait(10)  # the abandoned build is loading it still
+        path.write_text(policy.format(v=3, m="other"))
+        assert (await store.reload()).ok
+        assert len(env.resources.values()) == 2  # the load under way is not waited for
+        # The stuck model again: the reload waits for the load under way, no second one.
+        store.reload_timeout_s = 10
+        path.write_text(policy.format(v=4, m="stuck"))
+        again = asyncio.ensure_future(store.reload())
+        ModelFilter.release.set()
+        assert (await again).ok
+        assert ModelFilter.loads == ["first", "stuck", "other"]
+    finally:
+        ModelFilter.release.set()
+
+
+def test_a_shared_model_whose_load_failed_is_loaded_again_by_the_next_caller() -> None:
+    resources = SharedResources()
+
+    def fail() -> object:
+        raise OSError("the weights file is gone")
+
+    with pytest.raises(OSError, match="weights file is gone"):
+        resources.get("model", fail)
+    assert resources.values() == []
+    made = object()
+    assert resources.get("model", lambda: made) is made
+    assert resources.values() == [made]
 
 
 async def test_conversation_filters_see_the_whole_conversation_and_are_never_cached(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,15 +18,17 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
 
-from guardrail.app import model_cache_stats
+from guardrail.app import create_app, model_cache_stats
 from guardrail.exchange import Exchange, Outcome, Route
 from guardrail.filters.pii import AnalysisLookups
-from guardrail.guard.filter import SharedResources
+from guardrail.guard.filter import BuildContext, FilterSpec, SharedResources
+from guardrail.guard.registry import filter_registry
 from guardrail.guard.types import (
     FILTER_ERROR_CATEGORY,
     Action,
     CacheResult,
     Decision,
+    FilterContext,
     FilterOutcome,
     FilterStatus,
     Finding,
@@ -31,6 +36,8 @@ from guardrail.guard.types import (
     Verdict,
 )
 from guardrail.observability.metrics import OTHER, UNKNOWN, CacheStats, GatewayMetrics
+from guardrail.settings import Settings
+from tests.conftest import ADMIN_KEY_SHA256, AS_ADMIN, TEST_POLICY
 from tests.fakes.backend import FakeBackend
 
 SECRET = "my social is 078-05-1120, tell no one"
@@ -930,6 +937,64 @@ def test_the_pii_filters_analysis_lookups_are_a_model_cache() -> None:
     lookups = resources.get(("pii", "analysis-lookups"), AnalysisLookups)
     lookups.hits, lookups.misses = 7, 2
     assert model_cache_stats(resources) == [CacheStats("pii_analyses", 7, 2)]
+
+
+class SlowModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class SlowModelFilter:
+    """Loads its model at build, as toxicity's or PII's do, and the load lasts until
+    ``release`` is set (at most 10 s); ``released`` says whether it was."""
+
+    loading = threading.Event()
+    release = threading.Event()
+    released: ClassVar[list[bool]] = []
+
+    def __init__(self, name: str, config: SlowModelConfig, env: BuildContext) -> None:
+        self.name, self.stages = name, frozenset(Stage)
+        self.model = env.resources.get("slow-model", self.load)
+
+    @classmethod
+    def load(cls) -> object:
+        cls.loading.set()
+        cls.released.append(cls.release.wait(10))
+        return object()
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return Verdict()
+
+
+def test_a_scrape_while_a_reload_loads_a_model_holds_up_no_request(
+    test_policy: Path, backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    """The scrape read the model caches under the lock the model load held, on the event
+    loop: every request, /healthz too, waited for the load to end."""
+    registry = filter_registry()
+    registry.register("slow", FilterSpec("slow", SlowModelConfig, SlowModelFilter))
+    SlowModelFilter.loading.clear()
+    SlowModelFilter.release.clear()
+    SlowModelFilter.released.clear()
+    settings = Settings(policy=str(test_policy), admin_key_sha256=ADMIN_KEY_SHA256)
+    app = create_app(settings, backend=backend, filters=registry, metrics_registry=metrics_registry)
+    reloaded: list[int] = []
+    with TestClient(app=app) as client:
+        test_policy.write_text(TEST_POLICY + "  - {id: slow, type: slow}\n")
+        reload = threading.Thread(
+            target=lambda: reloaded.append(
+                client.post("/admin/reload", headers=AS_ADMIN).status_code
+            )
+        )
+        reload.start()
+        try:
+            assert SlowModelFilter.loading.wait(10)
+            assert client.get("/metrics").status_code == 200
+            assert client.get("/healthz").status_code == 200
+        finally:
+            SlowModelFilter.release.set()  # only now may the model finish loading
+            reload.join()
+    assert SlowModelFilter.released == [True]  # both answered while it was loading
+    assert reloaded == [200]
 
 
 CACHED_POLICY = """

@@ -6,6 +6,7 @@ the request id comes from :class:`RequestIdMiddleware`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -233,7 +234,9 @@ async def readyz(state: State) -> Response[Any]:
 
 @route("/metrics", http_method=_GET_HEAD, summary="Prometheus metrics", media_type=MediaType.TEXT)
 async def metrics(state: State) -> Response[bytes]:
-    data, content_type = _gateway(state).metrics.exposition()
+    # Off the loop: the collectors read the process's caches and stores, and whatever
+    # one of them waits for must not hold every request, /healthz too.
+    data, content_type = await asyncio.to_thread(_gateway(state).metrics.exposition)
     return Response(data, media_type=content_type)
 
 

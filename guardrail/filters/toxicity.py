@@ -869,7 +869,8 @@ def _engine(config: ToxicityConfig, env: BuildContext) -> tuple[tuple[Any, ...],
     """The engine for ``config``, shared through ``env.resources`` (one per process)."""
     if config.engine == "embedding":
         weights = _resolve(env.base_dir, config.weights) if config.weights else DEFAULT_WEIGHTS
-        # SharedResources holds its lock while creating: never nest get() calls.
+        # Never nest get() calls: two builds nesting them in opposite orders would each
+        # wait for the object the other is creating.
         from guardrail.filters.embedder import resolve_precision, shared_embedder
 
         precision = resolve_precision(env.embedding_precision)

@@ -28,7 +28,7 @@ import functools
 import os
 import threading
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar, runtime_checkable
@@ -79,6 +79,15 @@ class Filter(Protocol):
     async def check(self, text: str, ctx: FilterContext) -> Verdict: ...
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """One object of :class:`SharedResources`: the version asked for, and the object once
+    its ``create()`` returned (or the error it raised)."""
+
+    version: Hashable
+    made: Future[Any]
+
+
 class SharedResources:
     """Heavy objects (models, micro-batchers) shared by every filter of the process.
 
@@ -87,7 +96,10 @@ class SharedResources:
     """
 
     def __init__(self) -> None:
-        self._items: dict[Hashable, tuple[Hashable, Any]] = {}
+        self._items: dict[Hashable, _Held] = {}
+        # Guards the table only, never a create(): held for a model load, it made every
+        # other load wait (a reload's new model behind an abandoned one that hung, for
+        # ever) and every /metrics scrape (values()) with it.
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, create: Callable[[], T], *, version: Hashable = None) -> T:
@@ -97,22 +109,42 @@ class SharedResources:
         file's size and mtime): asked for another version, ``get`` creates the object
         again and keeps only the new one. Filters built before still hold the old one
         until they go; the store never keeps two, however often the file changes.
+
+        A caller that asks for an object another thread is creating waits for that one
+        (its reload's time limit still bounds the reload), even if the build that started
+        it was abandoned: a second load of the same model beside a stuck one would double
+        its memory and most likely get stuck the same way. A ``create()`` that fails is
+        not kept: the next caller tries again.
         """
         with self._lock:
             held = self._items.get(key)
-            if held is None or held[0] != version:
-                held = (version, create())
-                self._items[key] = held
-            item: T = held[1]
+            mine = held is None or held.version != version
+            if mine:
+                held = self._items[key] = _Held(version, Future())
+        assert held is not None
+        if not mine:
+            item: T = held.made.result()
             return item
+        try:
+            item = create()
+        except BaseException as e:
+            with self._lock:
+                if self._items.get(key) is held:
+                    del self._items[key]
+            held.made.set_exception(e)
+            raise
+        held.made.set_result(item)
+        return item
 
     def __len__(self) -> int:
         return len(self._items)
 
     def values(self) -> list[Any]:
-        """The objects held now (a copy: for metrics, read at each scrape)."""
+        """The objects held now, those still being created left out (a copy: for
+        metrics, read at each scrape, which must never wait for a model load)."""
         with self._lock:
-            return [item for _, item in self._items.values()]
+            made = [held.made for held in self._items.values()]
+        return [f.result() for f in made if f.done() and f.exception() is None]
 
 
 def policy_folder(path: str | Path) -> Path:
