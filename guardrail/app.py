@@ -225,6 +225,7 @@ def create_app(
                 executor=shadow_executor or executor,
                 base_dir=policy_folder(settings.shadow_policy),
                 resources=SharedResources(),
+                regexes_off_loop=True,
             ),
         )
         if settings.shadow_policy

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import msgspec
+import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
@@ -233,6 +234,51 @@ def test_a_slow_shadow_policy_never_delays_the_answers(
             took.append(time.perf_counter() - started)
     # The candidate's threads are busy for seconds; the answers do not wait for them.
     assert max(took) < 0.5, took
+
+
+BACKTRACKING_CANDIDATE = r"""
+name: candidate
+version: "c1"
+filters:
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: slow, category: spam, regex: ['^(a|aa)+$']}
+"""
+
+
+def test_a_candidate_regex_that_backtracks_never_holds_up_the_answers(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[..., Path],
+    metrics_registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The candidate's regexes ran on the live event loop: a prompt that made one
+    backtrack to its time limit held every live request, this one's answer too."""
+    from guardrail.filters import rules
+
+    answered = threading.Event()
+    in_order: list[bool] = []
+    time_limit = rules._regex_time_limit
+
+    def once_answered(chars: int) -> float:
+        # Asked for just before a candidate regex runs, where it runs: it waits for the
+        # answer, which a loop busy with the regex could not send.
+        in_order.append(answered.wait(10))
+        return time_limit(chars)
+
+    monkeypatch.setattr(rules, "_regex_time_limit", once_answered)
+    active = write_policy(CANDIDATE)  # keywords only: no regex of its own
+    candidate = write_policy(BACKTRACKING_CANDIDATE, "candidate.yaml")
+    with TestClient(app=make_app(policy=active, shadow_policy=str(candidate))) as client:
+        r = client.post("/v1/chat/completions", json=chat("a" * 60 + "b"))
+        answered.set()
+        assert r.status_code == 200
+        # The candidate's regex ran all the same, and backtracked to its time limit.
+        wait_for(lambda: shadow_count(metrics_registry, "input", "allow", "error") == 1)
+    assert in_order
+    assert all(in_order), in_order
 
 
 class _Slowish(_OnThreads):

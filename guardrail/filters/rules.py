@@ -451,9 +451,10 @@ def _shipped_labels(settings: object) -> frozenset[str] | None:
 def _regex_time_limit(chars: int) -> float:
     """Seconds one policy regex may run on a text of ``chars`` characters.
 
-    Regexes run on the event loop (a thread would cost more than most matches take), so
-    one that backtracks without end on some input ("^(a|aa)+$" on "aaaa...b") would stop
-    every request; the filter's own time limit cannot interrupt code that never yields.
+    Regexes run on the event loop (a thread would cost more than most matches take; a
+    shadow policy's run on its threads), so one that backtracks without end on some input
+    ("^(a|aa)+$" on "aaaa...b") would stop every request; the filter's own time limit
+    cannot interrupt code that never yields.
     The ``regex`` engine stops a match past its limit with TimeoutError, which the guard
     counts as the filter timing out (on_error applies). A linear regex reads tens of
     characters a microsecond (about 56 for the default policy's); the limit allows one.
@@ -758,6 +759,21 @@ _KNOWN_WINDOWS: contextvars.ContextVar[tuple[RulesFilter, str, list[str]] | None
 )
 
 
+def _regex_spans(
+    regexes: Sequence[regex_engine.Pattern[str]], folded: Normalized
+) -> list[tuple[int, int]]:
+    """Where ``regexes`` match the folded text, each within its time limit."""
+    limit = _regex_time_limit(len(folded.text))
+    # An empty match (a lookahead, "\S*" with nothing after its anchor) finds nothing:
+    # span() widens it to a character, which a redaction then ate.
+    return [
+        folded.span(m.start(), m.end())
+        for regex in regexes
+        for m in regex.finditer(folded.text, timeout=limit)
+        if m.end() > m.start()
+    ]
+
+
 class _Check:
     """One text being checked: normalised once, embedded once, each engine run once.
 
@@ -834,15 +850,13 @@ class _Check:
                     self.filt.executor, len(self.text), normalize, self.text, **_READINGS["folded"]
                 )
             folded = self._folded
-            limit = _regex_time_limit(len(folded.text))
-            for regex in pattern.regexes:
-                # An empty match (a lookahead, "\S*" with nothing after its anchor) finds
-                # nothing: span() widens it to a character, which a redaction then ate.
-                found += [
-                    folded.span(m.start(), m.end())
-                    for m in regex.finditer(folded.text, timeout=limit)
-                    if m.end() > m.start()
-                ]
+            if self.filt.regexes_off_loop:
+                loop = asyncio.get_running_loop()
+                found += await loop.run_in_executor(
+                    self.filt.executor, _regex_spans, pattern.regexes, folded
+                )
+            else:
+                found += _regex_spans(pattern.regexes, folded)
         return sorted(s for s in found if s[1] > s[0])
 
     async def match(self, node: _Node) -> _Match:
@@ -995,14 +1009,16 @@ def _llama_guard(
 
 
 class RulesFilter:
-    """Runs the rules on each text: patterns on the event loop, models on the executor
-    (and a long text's normalisation, see :func:`text_pass`)."""
+    """Runs the rules on each text: patterns on the event loop (a shadow policy's regexes
+    on the executor, see ``BuildContext.regexes_off_loop``), models on the executor (and
+    a long text's normalisation, see :func:`text_pass`)."""
 
     def __init__(self, name: str, config: RulesConfig, env: BuildContext) -> None:
         self.name = name
         self.stages = frozenset(Stage)
         self._config = config
         self.executor = env.executor
+        self.regexes_off_loop = env.regexes_off_loop
         labels = _engine_labels(config)
         self.engines: dict[str, ClassifierEngine] = {
             engine: build_engine(engine, settings, labels.get(engine, []), env, self.windows)

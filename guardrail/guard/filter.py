@@ -170,6 +170,10 @@ class BuildContext:
     ``incremental`` says whether filters may reuse per-text results across requests
     (their own analysis caches); it follows the verdict cache setting.
     ``embedding_precision`` is the shared sentence encoder's (``auto``, ``fp32``, ``bf16``).
+    ``regexes_off_loop`` runs the policy's own regexes (the rules filter's) on
+    ``executor`` rather than the event loop: a shadow policy's, whose checks share the
+    live loop, where a candidate's regex that backtracks to its time limit held every
+    live request.
     """
 
     executor: Executor
@@ -179,6 +183,7 @@ class BuildContext:
     resources: SharedResources = field(default_factory=SharedResources)
     incremental: bool = True
     embedding_precision: str = "auto"
+    regexes_off_loop: bool = False
 
     def model_source(self, source: str) -> str:
         """A model setting (folder, file, hub id or package name) as the loaders take it.
