@@ -136,6 +136,28 @@ def test_sentences_are_split_with_spans_into_the_original_text() -> None:
             "The answer is no. The Eiffel Tower is in Berlin.",
             ["The answer is no.", "The Eiffel Tower is in Berlin."],
         ),
+        # Initialisms, "Mt.", "Inc.", units and months end no sentence ("The U.S." was a
+        # claim of its own), unless a capitalised little word clearly starts the next.
+        (
+            "The U.S. Army was founded in 1775. It fought the British.",
+            ["The U.S. Army was founded in 1775.", "It fought the British."],
+        ),
+        (
+            "He lives in Washington, D.C. with his wife.",
+            ["He lives in Washington, D.C. with his wife."],
+        ),
+        ("It closes at 5 p.m. every day.", ["It closes at 5 p.m. every day."]),
+        (
+            "Mt. Everest is tall. Apple Inc. makes phones.",
+            ["Mt. Everest is tall.", "Apple Inc. makes phones."],
+        ),
+        (
+            "It is 5 ft. tall. Sales rose in Jan. 2023.",
+            ["It is 5 ft. tall.", "Sales rose in Jan. 2023."],
+        ),
+        ("She has a Ph.D. in physics.", ["She has a Ph.D. in physics."]),
+        ("I live in the U.S. It is big.", ["I live in the U.S.", "It is big."]),
+        ("He arrived at 5 p.m. She left.", ["He arrived at 5 p.m.", "She left."]),
         # Chinese full stops need no space after them.
         (
             "埃菲尔铁塔于1889年建成。它在1950年被搬到了伦敦。",
@@ -156,6 +178,9 @@ def test_sentences_of_lists_abbreviations_and_chinese(text: str, sentences: list
         ("It is red. The painting (fig. ", "The painting (fig. "),
         ("It was plan B. ", "It was plan B. "),  # "B. Smith" or "B. It": not yet known
         ("The answer is no. ", "The answer is no. "),
+        ("It is red. The U.S. ", "The U.S. "),  # "U.S. Army" or "U.S. It": not yet known
+        ("It closes at 5 p.m. ", "It closes at 5 p.m. "),
+        ("The U.S. Army was founded. ", ""),
         ("See J. Doe here. It is red. ", ""),
         ("It is red. Restored by J. Smith in ", ""),  # cut mid-sentence: not a full stop
         ("It is red!  ", ""),
@@ -211,6 +236,44 @@ async def test_a_streamed_answer_is_scored_in_the_sentences_of_the_whole_answer(
     )
     ctx = out_ctx(Message("system", PAINTING), Message("user", "Who restored the painting?"))
     assert (await guard.check(Stage.OUTPUT, answer, ctx)).action is Action.ALLOW
+    window = StreamGuard(guard, ctx, StreamSettings())
+    sent = [(await window.feed(word)).text for word in re.split(r"(?<= )", answer)]
+    sent.append((await window.finish()).text)
+    assert not window.blocked
+    assert "".join(sent) == answer
+
+
+@pytest.mark.parametrize(
+    ("source", "question", "answer"),
+    [
+        (
+            "The United States Army was established on June 14, 1775, by the Continental Congress.",
+            "When was the US Army founded?",
+            "The U.S. Army was founded in 1775.",
+        ),
+        (
+            "Mount Everest, in Nepal, is 8,849 metres tall.",
+            "How tall is Everest?",
+            "Mt. Everest is 8,849 metres tall.",
+        ),
+        (
+            "The store opens at 9 in the morning and closes at 5 in the afternoon.",
+            "When does it close?",
+            "It closes at 5 p.m. every day.",
+        ),
+    ],
+)
+async def test_an_abbreviation_inside_a_supported_sentence_is_no_ungrounded_fragment(
+    env: BuildContext, source: str, question: str, answer: str
+) -> None:
+    """ "The U.S." was scored as a claim of its own (support 0.20) and blocked the answer,
+    whole or streamed."""
+    guard = Guard.build(
+        load_policy_text(BLOCKING, "s.yaml", filter_registry()), filter_registry(), env
+    )
+    ctx = out_ctx(Message("system", source), Message("user", question))
+    verdict = await guard.check(Stage.OUTPUT, answer, ctx)
+    assert verdict.action is Action.ALLOW, verdict.findings
     window = StreamGuard(guard, ctx, StreamSettings())
     sent = [(await window.feed(word)).text for word in re.split(r"(?<= )", answer)]
     sent.append((await window.finish()).text)

@@ -90,10 +90,19 @@ _LIST_MARKER = re.compile(
     re.IGNORECASE,
 )
 # A full stop after these ends no sentence: a list marker ("1." at a line's start), an
-# abbreviation ("e.g.", "Dr.").
+# abbreviation ("e.g.", "Dr.", "Mt. Everest").
 _NOT_AN_END = re.compile(
     r"(?:^|\n)[ \t]*(?:\d{1,3}|[a-z])\.$|"
-    r"(?<![\w.])(?:e\.g|i\.e|etc|vs|cf|approx|mr|mrs|ms|dr|prof|st|fig|vol|pp|jr|sr)\.$",
+    r"(?<![\w.])(?:e\.g|i\.e|etc|vs|cf|approx|mr|mrs|ms|dr|prof|st|mt|fig|vol|pp|jr|sr)\.$",
+    re.IGNORECASE,
+)
+# A full stop after these ends a sentence only before a capitalised little word (see
+# :func:`_abbreviated`): an initialism ("U.S.", "D.C.", "p.m."), a company's "Inc.", a
+# month ("Jan. 2023"), a unit after a number ("5 ft. tall").
+_MAY_END = re.compile(
+    r"(?<![\w.])(?:(?:[^\W\d_]\.){1,4}[^\W\d_]|ph\.d|inc|ltd|corp|co|bros"
+    r"|jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec)\.$"
+    r"|\d[ \t]?(?:ft|in|yd|mi|lbs?|oz|sq|hrs?|mins?|secs?)\.$",
     re.IGNORECASE,
 )
 # A lone letter, or "no", and its full stop: an initial ("J. Smith"), "no. 5", "p. 12"; or
@@ -139,6 +148,14 @@ def _abbreviated(text: str, dot: int) -> bool:
     """
     if _NOT_AN_END.search(text, max(0, dot - 12), dot + 1):
         return True
+    if _MAY_END.search(text, max(0, dot - 12), dot + 1):
+        # "The U.S. Army", "at 5 p.m. every day", "in Jan. 2023": the abbreviation is
+        # mostly inside its sentence. Only a capitalised little word after it ("I live in
+        # the U.S. It is big.") is clearly the next sentence; "in the U.S. Paris is next."
+        # stays one claim, a milder error than the fragment "The U.S." scored alone.
+        after = _AFTER_DOT.match(text, dot + 1)
+        word = after["word"] if after is not None else None
+        return not (word is not None and word[0].isupper() and word.lower() in STOPWORDS)
     lone = _LONE_LETTER.search(text, max(0, dot - 2), dot + 1)
     if lone is None:
         return False
@@ -163,13 +180,18 @@ def _abbreviated(text: str, dot: int) -> bool:
 def held_claim(text: str) -> int:
     """How many trailing characters of ``text`` a stream should keep back because its cut
     falls after a full stop that ends no sentence here, or may not ("Restored by J. ",
-    "(fig. ", "as plan B. " before its next word is seen): the sentence that full stop
-    is in, which scored alone is a fragment, not a claim. 0 for any other text."""
+    "(fig. ", "as plan B. " or "in the U.S. " before its next word is seen): the sentence
+    that full stop is in, which scored alone is a fragment, not a claim. 0 for any other
+    text."""
     stop = _FINAL_STOP.search(text)
     if stop is None:
         return 0
     dot = stop.start()
-    if not (_abbreviated(text, dot) or _LONE_LETTER.search(text, max(0, dot - 2), dot + 1)):
+    if not (
+        _abbreviated(text, dot)
+        or _LONE_LETTER.search(text, max(0, dot - 2), dot + 1)
+        or _MAY_END.search(text, max(0, dot - 12), dot + 1)  # "U.S. Army" or "U.S. It"
+    ):
         return 0
     start = 0
     for m in _SENTENCE_END.finditer(text, 0, dot):
