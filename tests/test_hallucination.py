@@ -462,6 +462,7 @@ async def test_citations_in_the_sources_are_verified_others_flagged(env: BuildCo
         # [n] counts documents, not system or tool messages; code indexes are no references.
         ("As shown in [1] and [2].", 1),
         ("Use `items[0]` or x[1] for the first item.", 0),
+        ("Use arr[0][1], x[1, 2], y = [1, 2, 3] or the class [0-9].", 0),
     ],
 )
 async def test_citations_match_whole_sources(env: BuildContext, answer: str, flagged: int) -> None:
@@ -524,6 +525,30 @@ async def test_urls_match_the_sources_after_canonicalisation(
     )
     verdict = await filt.check(answer, out_ctx(documents=docs))
     assert len(verdict.findings) == flagged, [answer[slice(*f.span)] for f in verdict.findings]
+
+
+@pytest.mark.parametrize(
+    ("answer", "flagged"),
+    [
+        ("Refunds take 30 days [7].", ["[7]"]),
+        # Only the first of adjacent references was read; lists, ranges and footnote
+        # marks were not read at all.
+        ("Refunds take 30 days [1][7].", ["[7]"]),
+        ("Refunds take 30 days [1][2], shipping is free [2][1].", []),
+        ("Refunds take 30 days [1, 7].", ["7"]),
+        ("Refunds take 30 days [1; 2].", []),
+        ("Refunds take 30 days [1-7] or [1\u20133].", ["[1-7]", "[1\u20133]"]),
+        ("Refunds take 30 days [1-2].", []),
+        ("Refunds take 30 days [^1][^7].", ["[^7]"]),
+    ],
+)
+async def test_each_number_of_adjacent_listed_and_ranged_references_is_checked(
+    env: BuildContext, answer: str, flagged: list[str]
+) -> None:
+    filt = make_filter(env, groundedness={"enabled": False}, cutoff={"enabled": False})
+    docs = ("Refunds take 30 days.", "Shipping is free.")
+    verdict = await filt.check(answer, out_ctx(documents=docs))
+    assert [answer[slice(*f.span)] for f in verdict.findings if f.span] == flagged
 
 
 async def test_blank_documents_are_no_sources(env: BuildContext) -> None:

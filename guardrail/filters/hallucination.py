@@ -226,8 +226,14 @@ def validate(config: HallucinationConfig) -> Iterator[ConfigIssue]:
 _URL = re.compile(r"\b(?:https?://|www\.)(?:(?!\]\()[^\s<>\"'`])+", re.IGNORECASE)
 _DOI = re.compile(r"\b10\.\d{4,9}/[^\s<>\"'`]+")
 _ARXIV = re.compile(r"\barxiv:\s?\d{4}\.\d{4,5}(?:v\d+)?", re.IGNORECASE)
-# Not an index in code (`items[0]`, `x[1]`): a reference follows a space or punctuation.
-_NUMBERED = re.compile(r"(?<![\w\])`])\[(\d{1,3})\]")
+# Numbered references: "[3]", "[^3]", and runs of them, "[1][7]", "[1, 7]", "[1-7]". Not an
+# index in code (`items[0]`, `arr[0][1]`, `x = [1, 2]`): a run follows a space or
+# punctuation. A range from 0 is a character class ("[0-9]"): references count from 1.
+_CITED = r"(?:[1-9]\d{0,2}\s*[-\u2010-\u2014]\s*\d{1,3}|\d{1,3})"
+_NUMBERED_GROUP = rf"\[\^?{_CITED}(?:\s*[,;]\s*{_CITED})*\^?\]"
+_NUMBERED = re.compile(rf"(?<![\w\])`=\[])(?<!=\s)(?:{_NUMBERED_GROUP})+")
+_GROUP = re.compile(_NUMBERED_GROUP)
+_ITEM = re.compile(r"(\d{1,3})(?:\s*[-\u2010-\u2014]\s*(\d{1,3}))?")
 _AUTHOR_YEAR = re.compile(
     r"\(([A-Z][\w'-]+)(?: et al\.?| (?:and|&) [A-Z][\w'-]+)?,? (\d{4}[a-z]?)\)"
 )
@@ -319,8 +325,14 @@ def citations(text: str) -> Iterator[tuple[int, int, str, str]]:
     for m in _ARXIV.finditer(text):
         if not in_link(m.start(), m.end()):
             yield m.start(), m.end(), "arxiv", re.sub(r"^arxiv:\s?", "", m.group(0).lower())
-    for m in _NUMBERED.finditer(text):
-        yield m.start(), m.end(), "numbered", m.group(1)
+    for run in _NUMBERED.finditer(text):
+        for group in _GROUP.finditer(text, run.start(), run.end()):
+            items = list(_ITEM.finditer(text, group.start(), group.end()))
+            for m in items:
+                key = m.group(1) if m.group(2) is None else f"{m.group(1)}-{m.group(2)}"
+                # A lone "[7]" is flagged brackets and all; in "[1, 7]" the 7 alone.
+                span = (group.start(), group.end()) if len(items) == 1 else m.span()
+                yield *span, "numbered", key
     for m in _AUTHOR_YEAR.finditer(text):
         yield m.start(), m.end(), "author_year", f"{m.group(1).lower()} {m.group(2)[:4]}"
 
@@ -345,13 +357,16 @@ def verified(
 ) -> bool:
     """Whether a citation appears in the sources (``folded``: them, lower-cased, joined).
 
-    ``[n]`` needs at least ``n`` documents (``documents``; default: every source). A
+    ``[n]`` needs at least ``n`` documents (``documents``; default: every source), a
+    range ``[n-m]`` each of its numbers. A
     URL must be a whole URL of the sources, not a piece of one; an author-year
     reference needs the name and the year in the same source. URLs are compared in the
     form :func:`_norm_url` gives both sides; DOIs ignore case, as DOIs do.
     """
     if kind == "numbered":
-        return 1 <= int(key) <= (len(sources) if documents is None else documents)
+        numbers = [int(n) for n in key.split("-")]  # "7", or a range "1-7"
+        limit = len(sources) if documents is None else documents
+        return all(1 <= n <= limit for n in numbers)
     if kind == "url":
         link = _ID_LINK.match(key.lower())
         if link is not None:  # doi.org/10.x/y or arxiv.org/abs/2106.01234
