@@ -623,7 +623,7 @@ def test_phone_numbers_ids_and_codes_are_no_years(text: str) -> None:
     ("text", "expected"),
     [
         ("What happens in 2031?", ["2031"]),
-        ("Plans for March 2030 and May 1, 2030.", ["March 2030", "2030"]),
+        ("Plans for March 2030 and May 1, 2030.", ["March 2030", "May 1, 2030"]),
         ("Due 2030-05-01 or 2030-05-01T10:00, else 2031-12.", ["2030", "2030", "2031"]),
         ("On 05/01/2030 or 1-5-2030 or 12/2030.", ["2030", "2030", "2030"]),
         ("Who wins the 2030 election? Done by 2030.", ["2030", "2030"]),
@@ -646,6 +646,46 @@ def test_dates_and_years_near_digits_and_dashes_are_still_years(
 ) -> None:
     spans = cutoff_spans(text, parse_date("2023-07"), None)
     assert [text[a:b] for a, b in spans] == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The month was read from "Month YYYY" only; any other date was taken for January
+        # of its year, so a date later in the cutoff's year (2023-07) was missed.
+        (
+            "What happened on October 7, 2023, or on the 7th October 2023?",
+            ["October 7, 2023", "October 2023"],
+        ),
+        (
+            "What happened on 2023-10-07, in 2023-12, in 10/2023 or on 2023/08/01?",
+            ["2023", "2023", "2023", "2023"],
+        ),
+        ("What happened on 12.05.2025 or 05.12.2023?", ["12.05.2025", "05.12.2023"]),
+        # Day and month in either order: the later possible month.
+        ("What happened on 07/08/2023 or 08/07/2023?", ["2023", "2023"]),
+        ("What did FY2025 and FY 2024 bring?", ["FY2025", "FY 2024"]),
+        # Not past the cutoff: earlier months of its year.
+        ("What happened on July 4, 2023, 2023-07-15, 07/15/2023, 03.07.2023 or 2023-03?", []),
+    ],
+)
+def test_a_dates_month_is_read_from_numeric_and_day_first_dates(
+    text: str, expected: list[str]
+) -> None:
+    spans = cutoff_spans(text, parse_date("2023-07"), None)
+    assert [text[a:b] for a, b in spans] == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "It is 2025 miles away and weighs 2025 lbs, 2030 pounds or 2030 kg.",
+        "It costs 2025 USD or 2030 yen.",
+        "I live at 2030 Main Street, near 2031 Elm St. and 2032 Old Mill Road.",
+    ],
+)
+def test_distances_weights_currencies_and_house_numbers_are_no_years(text: str) -> None:
+    assert list(cutoff_spans(text, parse_date("2023-07"), None)) == []
 
 
 async def test_cutoff_is_per_model_and_only_on_user_messages(env: BuildContext) -> None:

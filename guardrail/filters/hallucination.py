@@ -402,13 +402,20 @@ _MONTHS = {
     for m in names.split()
 }  # fmt: skip
 _YEAR = re.compile(
-    r"(?:\b(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?,?\s+)?"
+    # A month's name and its day ("October 7, 2023"), a day and month in dots
+    # ("12.05.2025"), or a fiscal or calendar year ("FY2025") may come first.
+    r"(?:\b(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?,?\s+"
+    r"(?:(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?,?\s+)?"
+    r"|(?<![\w.])(?P<dotted>\d{1,2}\.\d{1,2})\."
+    r"|\b(?P<fiscal>fy|cy)\s?)?"
     # Not part of a longer number or a word, and no bare count: "2100 calories", "$2099"
     # ("2025年" is a year: no \b is needed before 年). Codes are _in_code's business.
-    r"(?<![\dA-Za-z.#$\u00a3\u20ac\u00a5\u20b9])"
+    r"(?(dotted)|(?(fiscal)|(?<![\dA-Za-z.#$\u00a3\u20ac\u00a5\u20b9])))"
     r"(?P<year>(?:19|20|21)\d\d)(?![\d.,]\d|\d)"
     r"(?!\s*(?:bc|bce|b\.c\.|calories|kcal|kg|km|mg|ml|mah|ohms?|watts?|rpm|dpi|px|mb|gb"
-    r"|mhz|ghz|dollars|euros|points|words|tokens|characters|rows|items|people|users|grams|hours|hrs|pages|%)\b)",
+    r"|mhz|ghz|dollars|euros|usd|eur|gbp|yen|points|words|tokens|characters|rows|items"
+    r"|people|users|grams|hours|hrs|pages|miles|mi|feet|ft|inches|yards|yds?|lbs?|pounds"
+    r"|ounces|oz|tons|tonnes|meters|metres|kilometers|kilometres|liters|litres|gallons|%)\b)",
     re.IGNORECASE,
 )
 _RECENCY = re.compile(
@@ -444,6 +451,11 @@ _JOINED_BEFORE = re.compile(rf"(?:[A-Za-z0-9]+{_DASH})+$")
 _JOINED_AFTER = re.compile(rf"(?:{_DASH}[A-Za-z0-9]+)+")
 _A_YEAR = re.compile(r"(?:19|20|21)\d\d")
 _A_DAY = re.compile(r"(?:0?[1-9]|[12]\d|3[01])(?:T\d*)?")  # "01" of "2030-05-01T10:00"
+# A house number: "2030 Main Street", "2031 Elm St.".
+_STREET_AFTER = re.compile(
+    r"\s+(?:[A-Z][\w'-]*\s+){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln"
+    r"|Drive|Dr|Court|Ct|Place|Pl|Way|Terrace|Parkway|Pkwy|Highway|Hwy)\b"
+)
 
 
 def _is_word(part: str) -> bool:
@@ -478,10 +490,35 @@ def _in_code(text: str, start: int, end: int) -> bool:
     joined = _JOINED_BEFORE.search(before)
     if joined and not _date_before(re.split(_DASH, joined.group(0))[:-1]):
         return True
+    if _STREET_AFTER.match(text, end):
+        return True
     joined = _JOINED_AFTER.match(text, end)
     return joined is not None and not _date_after(
         re.split(_DASH, joined.group(0))[1:], int(text[start:end])
     )
+
+
+def _month_of(text: str, m: re.Match[str]) -> int:
+    """The month of the date whose year ``m`` matched: named ("October 7, 2023"), or the
+    latest that its numbers may be ("2023-10-07", "10/2023", "12.05.2025"; 05/12 is May
+    or December, and a date past the cutoff read as earlier is the costlier miss); 1 for
+    a year alone."""
+    if m.group("month"):
+        return _MONTHS[m.group("month").lower()]
+    start, end = m.span("year")
+    if m.group("dotted"):
+        numbers = m.group("dotted").split(".")
+    else:
+        numbers = []
+        before = _JOINED_BEFORE.search(text[max(0, start - 40) : start])
+        if before is not None:
+            parts = re.split(_DASH, before.group(0))[:-1]
+            numbers = parts if len(parts) <= 2 else []  # "05/01/", "10/"
+        after = _JOINED_AFTER.match(text, end)
+        if after is not None:
+            numbers.append(re.split(_DASH, after.group(0))[1])  # "-10" of "2023-10-07"
+    months = [int(n) for n in numbers if n.isdigit() and 1 <= int(n) <= 12]
+    return max(months, default=1)
 
 
 def cutoff_spans(
@@ -491,10 +528,11 @@ def cutoff_spans(
     if cutoff is not None:
         for m in _YEAR.finditer(text):
             year = int(m.group("year"))
-            month = _MONTHS.get((m.group("month") or "").lower(), 1)
-            if (year, month) <= cutoff:
+            # The month matters in the cutoff's own year only.
+            if year < cutoff[0] or (year == cutoff[0] and _month_of(text, m) <= cutoff[1]):
                 continue
-            if m.group("month") or not _in_code(text, m.start("year"), m.end("year")):
+            named = m.group("month") or m.group("fiscal")
+            if named or not _in_code(text, m.start("year"), m.end("year")):
                 yield m.start(), m.end()
     if recency is not None:
         for m in recency.finditer(text):
