@@ -358,6 +358,7 @@ def create_app(
                 AuthMiddleware,
                 ring=ring,
                 metrics_need_admin=settings.metrics_require_admin_key,
+                cors_origins=settings.cors_origins,
                 on_rejected=gateway.on_rejected,
             ),
         ],

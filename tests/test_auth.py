@@ -616,3 +616,108 @@ def test_open_metrics_with_several_tenants_is_a_startup_warning(
         )
     warned = [e for e in logs if e["event"] == "metrics_open"]
     assert len(warned) == (0 if locked else 1)
+
+
+# A web page's request, as a browser sends it: the Origin and Sec-Fetch-Site headers.
+EVIL = "https://evil.example"
+JSON_BLOB = b'{"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}'
+
+
+@pytest.mark.parametrize(
+    ("cors_origins", "headers", "status"),
+    [
+        # fetch(url, {method: "POST", mode: "no-cors", body: new Blob([json])}): no
+        # content type, no preflight; the body was read as JSON and the model ran.
+        ([], {"origin": EVIL, "sec-fetch-site": "cross-site"}, 403),
+        ([], {"origin": EVIL}, 403),
+        ([], {"origin": "null"}, 403),  # a sandboxed frame, a file: page
+        ([], {"sec-fetch-site": "cross-site"}, 403),
+        ([], {"sec-fetch-site": "same-site"}, 403),
+        (["https://app.example"], {"origin": EVIL}, 403),
+        (["*"], {"origin": "null"}, 403),
+        # The gateway's own pages, and pages cors_origins lets in.
+        ([], {"origin": "http://testserver.local", "sec-fetch-site": "same-origin"}, 200),
+        ([], {"origin": "https://gw.example", "sec-fetch-site": "same-origin"}, 200),
+        ([], {"sec-fetch-site": "none"}, 200),
+        (["https://app.example"], {"origin": "https://app.example"}, 200),
+        (["*"], {"origin": EVIL, "sec-fetch-site": "cross-site"}, 200),
+        (["*"], {"sec-fetch-site": "cross-site"}, 200),
+        ([], {}, 200),  # not a browser
+    ],
+)
+def test_a_web_page_of_another_origin_cannot_make_a_browser_call_the_api(
+    make_app: Callable[..., Litestar],
+    backend: FakeBackend,
+    cors_origins: list[str],
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    with TestClient(app=make_app(cors_origins=cors_origins)) as c:
+        r = c.post("/v1/chat/completions", content=JSON_BLOB, headers=headers)
+    assert r.status_code == status, r.text
+    if status == 403:
+        assert r.json()["error"]["code"] == "cross_origin_refused"
+        assert r.json()["error"]["type"] == "permission_error"
+        assert backend.requests == []
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"origin": EVIL}, 403),  # cors_origins does not reach /admin/*
+        ({"sec-fetch-site": "cross-site"}, 403),
+        ({"origin": "http://testserver.local"}, 200),  # the review page, same origin
+        ({"sec-fetch-site": "same-origin"}, 200),
+        ({}, 200),
+    ],
+)
+def test_admin_routes_take_no_other_sites_page_whatever_cors_allows(
+    make_app: Callable[..., Litestar], headers: dict[str, str], status: int
+) -> None:
+    app = make_app(cors_origins=["*"], admin_key_sha256=sha(ADMIN))
+    with TestClient(app=app) as c:
+        r = c.post("/admin/reload", headers={**bearer(ADMIN), **headers})
+        page = c.get("/admin/review/ui", headers={"sec-fetch-site": "cross-site"})
+    assert r.status_code == status, r.text
+    if status == 403:
+        assert r.json()["error"]["code"] == "cross_origin_refused"
+    assert page.status_code == 200  # a link from elsewhere to the page still opens it
+
+
+def test_without_keys_admin_routes_answer_only_a_loopback_name_in_host(
+    test_policy: Path,
+) -> None:
+    """A page on another site can point its name at 127.0.0.1 (DNS rebinding) and call
+    this machine as that site, same origin, from a loopback address."""
+    app = _fresh_app(test_policy)
+    with serve_asgi(app) as url:
+        port = url.rsplit(":", 1)[1]
+
+        def review(host: str) -> httpx.Response:
+            return httpx.get(url + "/admin/review", headers={"host": host}, timeout=30)
+
+        refused = [
+            review(f"rebound.attacker.example:{port}"),
+            review("localhost.attacker.example"),
+            review(f"10.0.0.7:{port}"),
+        ]
+        served = [
+            review(f"localhost:{port}"),
+            review("LOCALHOST"),
+            review(f"gw.localhost:{port}"),
+            review(f"127.8.9.10:{port}"),
+            review(f"[::1]:{port}"),
+        ]
+        # The browser repro: a page at http://localhost:OTHER posts a reload, no body.
+        reload = httpx.post(
+            url + "/admin/reload", headers={"origin": "http://localhost:1"}, timeout=30
+        )
+    assert [r.status_code for r in refused] == [403, 403, 403]
+    assert {r.json()["error"]["code"] for r in refused} == {"admin_local_only"}
+    assert "Host" in refused[0].json()["error"]["message"]
+    assert [r.status_code for r in served] == [200] * len(served)
+    assert reload.status_code == 403
+    assert reload.json()["error"]["code"] == "cross_origin_refused"
+    assert app.state.gateway.metrics.registry.get_sample_value(
+        "guardrail_policy_reloads_total", {"result": "ok"}
+    ) in (None, 0.0)

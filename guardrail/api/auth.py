@@ -35,7 +35,14 @@
   :class:`Principal` in ``scope["state"]["principal"]``.
 - With no API key configured at all, the API routes are **open**: every request is
   tenant ``default``, and :func:`open_mode_warning` says so at startup. The admin
-  routes are then open to loopback clients only (:func:`from_this_machine`).
+  routes are then open to loopback clients only (:func:`from_this_machine`) that name
+  this machine in ``Host`` (:func:`names_this_machine`).
+- Before any key is checked, a request a web page of another site made a browser send
+  is refused: 403 ``cross_origin_refused`` (:func:`cross_site_refusal`). Keys are
+  headers, never cookies, so a page cannot borrow a keyed caller's rights; but in open
+  mode every page the user visits could spend the model (a ``no-cors`` POST with a Blob
+  body has no content type, no preflight), and a browser on this machine is "this
+  machine" to the admin routes.
 
 What a tenant may do (its policy, models and rate limits) is :class:`Tenants`; the
 serving layer asks it (403 ``model_not_allowed``).
@@ -48,9 +55,10 @@ import hashlib
 import hmac
 import ipaddress
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 from litestar.enums import ScopeType
@@ -289,6 +297,76 @@ def from_this_machine(scope: Scope) -> bool:
     return address.is_loopback
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+def names_this_machine(scope: Scope) -> bool:
+    """Whether the ``Host`` header names this machine: ``localhost`` (or a name under
+    ``.localhost``), 127.0.0.0/8 or ``[::1]``, any port.
+
+    A page on another site can point its own name at 127.0.0.1 (DNS rebinding): the
+    browser then calls this machine as that site, same origin, from a loopback address.
+    Only the name it sends in ``Host`` tells such a call apart. No ``Host``: fail closed.
+    """
+    host = (_header(scope, b"host") or "").lower()
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            name = host
+    name = name.removesuffix(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def cross_site_refusal(scope: Scope, *, admin: bool, cors_origins: Collection[str]) -> str | None:
+    """Why a request a browser sent for a page of another site is refused, or None.
+
+    Browsers send ``Origin`` with every cross-origin request but a GET that needs no
+    CORS (a ``no-cors`` POST included), and ``Sec-Fetch-Site`` with every request; clients
+    that are not browsers send neither, and are never refused here. Allowed: the
+    gateway's own origin (the one ``Host`` names, or what the browser calls
+    ``same-origin``: a proxy may have rewritten ``Host``), and on the API routes the
+    origins in ``cors_origins`` (``*``: any). ``Origin: null`` (a sandboxed frame, a
+    ``file:`` or ``data:`` page) is no origin anyone can list. The admin routes take no
+    other site's page, whatever ``cors_origins`` says: the review page the gateway
+    serves calls them from its own origin.
+    """
+    origin = _header(scope, b"origin")
+    site = (_header(scope, b"sec-fetch-site") or "").lower()
+    if origin is None:
+        # A GET a page made (an image, a form, a script): only Sec-Fetch-Site names it.
+        if site not in ("cross-site", "same-site") or (not admin and "*" in cors_origins):
+            return None
+    elif origin.lower() != "null":
+        host = (_header(scope, b"host") or "").lower()
+        if (host and _netloc(origin) == host) or site == "same-origin":
+            return None
+        if not admin and ("*" in cors_origins or origin in cors_origins):
+            return None
+    return _ADMIN_CROSS_SITE if admin else _CROSS_SITE
+
+
+def _netloc(origin: str) -> str:
+    """``host[:port]`` of an ``Origin``, lower case ("" for one that is not a URL)."""
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:  # "http://[::1": an unclosed address
+        return ""
+
+
 def _presented_key(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -315,11 +393,13 @@ class AuthMiddleware:
         ring: KeyRing,
         *,
         metrics_need_admin: bool = False,
+        cors_origins: Collection[str] = (),
         on_rejected: OnRejected | None = None,
     ) -> None:
         self.app = app
         self.ring = ring
         self.metrics_need_admin = metrics_need_admin
+        self.cors_origins = frozenset(cors_origins)
         self.on_rejected = on_rejected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -332,6 +412,10 @@ class AuthMiddleware:
         if need == "none":
             state["principal"] = OPEN_PRINCIPAL
             await self.app(scope, receive, send)
+            return
+        refusal = cross_site_refusal(scope, admin=need == "admin", cors_origins=self.cors_origins)
+        if refusal is not None:
+            await self._reject(scope, send, 403, "cross_origin_refused", refusal)
             return
         if need == "tenant" and self.ring.open:
             state["principal"] = OPEN_PRINCIPAL
@@ -346,6 +430,9 @@ class AuthMiddleware:
             # switch is an operator's act, not any caller's.
             if not from_this_machine(scope):
                 await self._reject(scope, send, 403, "admin_local_only", _ADMIN_LOCAL_ONLY)
+                return
+            if not names_this_machine(scope):
+                await self._reject(scope, send, 403, "admin_local_only", _ADMIN_LOCAL_HOST)
                 return
             state["principal"] = OPEN_PRINCIPAL
             await self.app(scope, receive, send)
@@ -388,6 +475,16 @@ _ADMIN_LOCAL_ONLY = (
     "With no keys configured, admin routes answer requests from this machine only; "
     "set an admin key (GUARDRAIL_ADMIN_KEY) to reach them from elsewhere."
 )
+_ADMIN_LOCAL_HOST = (
+    "With no keys configured, admin routes answer this machine only, called by a loopback "
+    "name (localhost, 127.0.0.1, [::1]) in the Host header; set an admin key "
+    "(GUARDRAIL_ADMIN_KEY) to call them by another name."
+)
+_CROSS_SITE = (
+    "Requests from web pages of other origins are refused: list the page's origin in "
+    "cors_origins to let it call the gateway."
+)
+_ADMIN_CROSS_SITE = "Admin routes refuse requests from web pages of other origins."
 _ADMIN_REQUIRED = "This route needs the admin key; the key given is a tenant key."
 _TENANT_REQUIRED = "The admin key is for /admin routes only; call the API with a tenant key."
 _encode = msgspec.json.Encoder().encode
@@ -415,7 +512,9 @@ __all__ = [
     "Principal",
     "TenantRules",
     "Tenants",
+    "cross_site_refusal",
     "key_id",
+    "names_this_machine",
     "open_mode_warning",
     "principal_of",
     "send_error",
