@@ -36,6 +36,7 @@ from guardrail.api.auth import (
     KeyRing,
     Tenants,
     open_mode_warning,
+    unmatched_scope_tenants,
     unused_tenants,
 )
 from guardrail.api.consistency import ConsistencyChecker
@@ -53,6 +54,7 @@ from guardrail.filters.grounding import GroundingScorer
 from guardrail.filters.hallucination import default_grounder, shared_scorer
 from guardrail.guard.cache import VerdictCache
 from guardrail.guard.filter import BuildContext, FilterSpec, SharedResources, policy_folder
+from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore
@@ -115,6 +117,35 @@ def consistency_from_settings(
         max_in_flight=settings.consistency_max_in_flight,
         count=metrics.consistency_check,
     )
+
+
+def check_scopes(ring: KeyRing, tenants: Tenants, policy: str | None) -> Callable[[Guard], None]:
+    """A store's ``on_swap`` (startup and each reload) that warns about every tenant
+    pattern of a rule's ``scope`` matching none of the tenants the policy file serves
+    (``policy`` None: the shadow policy, which sees every tenant's traffic): such a rule
+    applies to nobody, and a block rule meant for a tenant blocks nothing. Only with API
+    keys: in open mode every request is tenant ``default``."""
+    served = {t for t in ring.tenants if policy is None or tenants.get(t).policy == policy}
+
+    def check(guard: Guard) -> None:
+        if not served:  # no key's tenant uses this policy
+            return
+        source = str(guard.policy.source or policy or "")
+        for scoped, close in unmatched_scope_tenants(guard.policy, served):
+            log.warning(
+                "unmatched_scope_tenant",
+                file=source,
+                line=scoped.line,
+                filter=scoped.filter_id,
+                rule=scoped.rule_id,
+                tenant=scoped.pattern,
+                did_you_mean=close,
+                message=f"{source}:{scoped.line}:{scoped.column}: rule {scoped.rule_id!r} is "
+                f"scoped to tenants {scoped.pattern!r}, which matches no tenant a key acts "
+                "for with this policy; the rule applies to nobody there",
+            )
+
+    return check
 
 
 SHADOW_DRAIN_S = 10.0
@@ -183,16 +214,21 @@ def create_app(
         incremental=settings.verdict_cache_entries > 0,
     )
     registry = filters if filters is not None else filter_registry()
+    tenants = Tenants(settings)
+
+    def on_swap(guard: Guard) -> None:
+        metrics.set_policy(guard.policy.name, guard.policy.version, guard.policy.digest)
+        check_scopes(ring, tenants, settings.policy)(guard)
+
     store = GuardStore(
         settings.policy,
         registry,
         env,
-        on_swap=lambda g: metrics.set_policy(g.policy.name, g.policy.version, g.policy.digest),
+        on_swap=on_swap,
         cache=VerdictCache(settings.verdict_cache_entries)
         if settings.verdict_cache_entries
         else None,
     )
-    tenants = Tenants(settings)
     # One store per distinct tenant policy file; they share the pool and the verdict
     # cache (whose keys name the guard that decided each verdict).
     stores = {
@@ -200,6 +236,7 @@ def create_app(
             path,
             registry,
             dataclasses.replace(env, base_dir=policy_folder(path)),
+            on_swap=check_scopes(ring, tenants, path),
             cache=store.cache,
         )
         for path in sorted(tenants.policies())
@@ -227,6 +264,7 @@ def create_app(
                 resources=SharedResources(),
                 regexes_off_loop=True,
             ),
+            on_swap=check_scopes(ring, tenants, None),
         )
         if settings.shadow_policy
         else None

@@ -390,6 +390,57 @@ def test_a_tenants_entry_no_key_acts_for_is_named_at_startup(test_policy: Path) 
     assert [e["tenant"] for e in warned] == ["acme"]
 
 
+SCOPED_POLICY = (
+    TEST_POLICY
+    + """
+        - id: eu-weather
+          category: secrets
+          action: block
+          keywords: [weather]
+          scope: {tenants: ["team[eu]", "Acme", "ali*", "carol"]}
+"""
+)
+
+
+def test_a_rule_scoped_to_a_tenant_no_key_acts_for_is_named_at_startup_and_reload(
+    write_policy: Callable[[str, str], Path],
+) -> None:
+    """A rule scoped to "Acme" where the keys act for "acme" applied to nobody, silently:
+    a block rule that blocked nothing, while a misspelt tenants: entry was warned about."""
+    policy = write_policy(SCOPED_POLICY, "scoped.yaml")
+    keys = [
+        ApiKeyEntry(tenant="team[eu]", key_sha256=sha("sk-team-eu-0001")),
+        ApiKeyEntry(tenant="acme", key_sha256=sha("sk-acme-0001")),
+        ApiKeyEntry(tenant="alice", key_sha256=sha(ALICE)),
+    ]
+    with structlog.testing.capture_logs() as logs:
+        app = _fresh_app(policy, api_keys=keys, admin_key_sha256=sha(ADMIN))
+    warned = [e for e in logs if e["event"] == "unmatched_scope_tenant"]
+    assert [(e["tenant"], e["did_you_mean"], e["rule"]) for e in warned] == [
+        ("Acme", "acme", "eu-weather"),
+        ("carol", None, "eu-weather"),
+    ]
+    line = (
+        SCOPED_POLICY.splitlines().index(
+            '          scope: {tenants: ["team[eu]", "Acme", "ali*", "carol"]}'
+        )
+        + 1
+    )
+    assert {e["line"] for e in warned} == {line}
+    assert all(e["log_level"] == "warning" for e in warned)
+    assert f"{policy}:{line}:" in warned[0]["message"]
+    with TestClient(app=app) as c, structlog.testing.capture_logs() as logs:
+        assert c.post("/admin/reload", headers=bearer(ADMIN)).status_code == 200
+    assert [e["tenant"] for e in logs if e["event"] == "unmatched_scope_tenant"] == [
+        "Acme",
+        "carol",
+    ]
+    # Open mode: every request is tenant "default"; nothing to check the names against.
+    with structlog.testing.capture_logs() as logs:
+        _fresh_app(policy)
+    assert not [e for e in logs if e["event"] == "unmatched_scope_tenant"]
+
+
 @pytest.mark.parametrize("key", ["clé-secrète", "sk-\u00a0nbsp", "sk-tab\there", "sk-\x7f"])
 def test_a_key_no_header_can_carry_is_refused_at_startup_without_echoing_it(key: str) -> None:
     """A key outside printable ASCII was accepted and could never authenticate: a header

@@ -715,6 +715,28 @@ async def test_scope_limits_a_rule_to_tenants_routes_and_models(
         assert await action(guard, "a fight", ctx) is Action.ALLOW
 
 
+@pytest.mark.parametrize(
+    ("pattern", "tenant", "applies"),
+    [
+        ("team[eu]", "team[eu]", True),  # a tenant's own name, glob characters and all
+        ("team[eu]", "teame", True),  # still a glob too
+        ("team[[]eu]", "team[eu]", True),  # the glob that takes team[eu] alone
+        ("team[[]eu]", "teame", False),
+        ("a?c", "a?c", True),
+        ("Acme", "acme", False),  # case-sensitive: the startup check names it
+    ],
+)
+async def test_a_scope_pattern_that_is_a_tenants_name_takes_that_tenant(
+    make_guard: Callable[..., Guard], pattern: str, tenant: str, applies: bool
+) -> None:
+    """As a glob, tenants: ["team[eu]"] took "teame" and never the tenant "team[eu]"."""
+    guard = make_guard(
+        f"- {{id: eu, category: c, keywords: [weather], scope: {{tenants: ['{pattern}']}}}}\n"
+    )
+    ctx = FilterContext("r", tenant=tenant)
+    assert await action(guard, "the weather", ctx) is (Action.BLOCK if applies else Action.ALLOW)
+
+
 async def test_scoped_rules_are_never_served_from_the_verdict_cache(
     make_guard: Callable[..., Guard],
 ) -> None:

@@ -66,6 +66,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from guardrail.api.errors import APIError
 from guardrail.errors import ConfigError
+from guardrail.policy.model import Policy, ScopedTenant, scope_matches
 from guardrail.settings import Settings, TenantConfig, key_problem
 
 DEFAULT_TENANT = "default"
@@ -258,6 +259,26 @@ def unused_tenants(settings: Settings, ring: KeyRing) -> list[tuple[str, str | N
             iter(difflib.get_close_matches(name, sorted(used), n=1, cutoff=0.8)), None
         )
         out.append((name, close))
+    return out
+
+
+def unmatched_scope_tenants(
+    policy: Policy, served: Collection[str]
+) -> list[tuple[ScopedTenant, str | None]]:
+    """The tenant patterns of ``policy``'s rule scopes that match none of the tenants it
+    ``served``, each with the tenant it nearly spells, if one does: a rule scoped to
+    ``Acme`` where the keys act for ``acme`` applies to nobody, silently (a block rule
+    that blocks nothing)."""
+    lowered = {t.lower(): t for t in served}
+    out = []
+    for scoped in policy.scoped_tenants:
+        if any(scope_matches(scoped.pattern, t) for t in served):
+            continue
+        close = lowered.get(scoped.pattern.lower()) or next(
+            iter(difflib.get_close_matches(scoped.pattern, sorted(served), n=1, cutoff=0.8)),
+            None,
+        )
+        out.append((scoped, close))
     return out
 
 
@@ -518,5 +539,6 @@ __all__ = [
     "open_mode_warning",
     "principal_of",
     "send_error",
+    "unmatched_scope_tenants",
     "unused_tenants",
 ]

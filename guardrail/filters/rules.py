@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import fnmatch
 import functools
 import importlib
 import itertools
@@ -75,7 +74,7 @@ from guardrail.filters.weights import file_key, file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.stream import UNSPACED_LETTERS
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
-from guardrail.policy.model import VISIBLE_PATTERN, Id, UserText
+from guardrail.policy.model import VISIBLE_PATTERN, Id, UserText, scope_matches
 
 if TYPE_CHECKING:
     import numpy as np
@@ -152,16 +151,16 @@ class Condition(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 class Scope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where a rule applies; each list holds glob patterns, empty means everywhere."""
 
-    tenants: Annotated[list[str], _doc("Tenant names ('*' globs allowed).")] = msgspec.field(
-        default_factory=list
-    )
+    tenants: Annotated[
+        list[str], _doc("Tenant names ('*' globs allowed; a tenant's own name matches it).")
+    ] = msgspec.field(default_factory=list)
     routes: Annotated[
         list[Literal["chat", "completions", "moderations"]],
         _doc("Routes: chat (/v1/chat/completions), completions, moderations."),
     ] = msgspec.field(default_factory=list)
-    models: Annotated[list[str], _doc("Requested model names ('*' globs allowed).")] = (
-        msgspec.field(default_factory=list)
-    )
+    models: Annotated[
+        list[str], _doc("Requested model names ('*' globs allowed; a model's own name matches it).")
+    ] = msgspec.field(default_factory=list)
 
 
 class Rule(Condition, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -740,7 +739,7 @@ class _CompiledRule:
             return True
 
         def ok(patterns: Sequence[str], value: str | None) -> bool:
-            return not patterns or any(fnmatch.fnmatchcase(value or "", p) for p in patterns)
+            return not patterns or any(scope_matches(p, value or "") for p in patterns)
 
         return (
             ok(scope.tenants, ctx.tenant)

@@ -54,6 +54,7 @@ from guardrail.policy.model import (
     Id,
     Policy,
     PolicyDocument,
+    ScopedTenant,
 )
 from guardrail.policy.openai_categories import DEFAULT_OPENAI_MAPPING
 
@@ -186,10 +187,12 @@ def _load(
 
     resolved: list[FilterConfig] = []
     positions: list[tuple[int, int, int]] = []
+    scoped: list[ScopedTenant] = []
     for i, (entry, (spec, config)) in enumerate(zip(doc.filters, filters, strict=True)):
         if not entry.enabled:
             continue
         positions.append((i, *where.value_at(("filters", i))))
+        scoped += _scoped_tenants(entry.id, config, where, ("filters", i, "config"))
         resolved.append(
             FilterConfig(
                 id=entry.id,
@@ -213,6 +216,7 @@ def _load(
         tests=tuple(doc.tests),
         test_positions=tuple(where.value_at(("tests", i)) for i in range(len(doc.tests))),
         filter_positions=tuple(positions),
+        scoped_tenants=tuple(scoped),
         openai_categories={
             **DEFAULT_OPENAI_MAPPING,
             **{c: tuple(keys) for c, keys in doc.openai_categories.items()},
@@ -926,6 +930,20 @@ def _dead_rules(spec: FilterSpec, stages: Any, typed: Any, path: JsonPath) -> It
                 f"rule '{rule.id}' runs at {', '.join(sorted(own))} only, but {where} "
                 f"runs at {', '.join(sorted(runs))} only: the rule would never run ({fix})",
             )
+
+
+def _scoped_tenants(
+    filter_id: str, typed: Any, where: _SourceMap, path: JsonPath
+) -> Iterator[ScopedTenant]:
+    """Each tenant pattern of a rule's ``scope`` in one filter's config, with its place."""
+    rules = getattr(typed, "rules", None)
+    if not isinstance(rules, list):
+        return
+    for k, rule in enumerate(rules):
+        tenants = getattr(getattr(rule, "scope", None), "tenants", None) or []
+        for j, pattern in enumerate(tenants):
+            line, column = where.value_at((*path, "rules", k, "scope", "tenants", j))
+            yield ScopedTenant(pattern, filter_id, str(rule.id), line, column)
 
 
 def _check_config(

@@ -7,6 +7,7 @@ descriptions become editor hover text.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,27 @@ class FilterConfig:
     config: Any
 
 
+def scope_matches(pattern: str, value: str) -> bool:
+    """Whether a rule's ``scope`` pattern takes ``value`` (a tenant, a model).
+
+    A pattern is a glob (``fnmatch``, case-sensitive), but one that is the value itself
+    always takes it: a tenant named ``team[eu]`` is in ``tenants: ["team[eu]"]``, which
+    as a glob would take ``teame`` instead, and never ``team[eu]``.
+    """
+    return pattern == value or fnmatch.fnmatchcase(value, pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopedTenant:
+    """A tenant pattern of a rule's ``scope``, and where the policy file gives it."""
+
+    pattern: str
+    filter_id: str
+    rule_id: str
+    line: int
+    column: int
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A loaded, validated policy. ``digest`` is the sha256 of the file's bytes.
@@ -208,8 +230,10 @@ class Policy:
     test as ``file:line:column`` like every other policy error. ``filter_positions``
     holds, for each of ``filters``, its entry's index in the file's ``filters`` list and
     its ``(line, column)``, so a filter that does not build (a weights file missing) is
-    named there too. ``openai_categories`` maps a category onto the OpenAI moderation
-    keys it counts toward: the built-in table with the file's rows over it.
+    named there too. ``scoped_tenants``: each tenant pattern of a rule's ``scope``, to
+    check against the tenants there are. ``openai_categories`` maps a category onto the
+    OpenAI moderation keys it counts toward: the built-in table with the file's rows
+    over it.
     """
 
     name: str
@@ -224,6 +248,7 @@ class Policy:
     tests: tuple[PolicyTest, ...]
     test_positions: tuple[tuple[int, int], ...] = ()
     filter_positions: tuple[tuple[int, int, int], ...] = ()
+    scoped_tenants: tuple[ScopedTenant, ...] = ()
     openai_categories: Mapping[str, tuple[OpenAICategory, ...]] = field(
         default_factory=lambda: dict(DEFAULT_OPENAI_MAPPING)
     )
