@@ -107,6 +107,32 @@ def test_a_valid_key_in_either_header_is_served(keyed: Client, headers: dict[str
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("authorization", f"Bearer {ALICE}"), ("x-api-key", BOB)],
+        [("x-api-key", BOB), ("authorization", f"Bearer {ALICE}")],
+        # A proxy's own token in front of the client's key.
+        [("authorization", "Bearer proxy-oauth-token"), ("x-api-key", ALICE)],
+        [("x-api-key", ALICE), ("authorization", "Bearer proxy-oauth-token")],
+    ],
+)
+def test_two_different_keys_in_one_request_are_refused_whatever_their_order(
+    keyed: Client, backend: FakeBackend, headers: list[tuple[str, str]]
+) -> None:
+    """The header that came first decided the tenant."""
+    r = keyed.post("/v1/chat/completions", json=chat(), headers=headers)
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == "ambiguous_api_key"
+    assert "one key" in r.json()["error"]["message"]
+    assert backend.requests == []
+
+
+def test_the_same_key_in_both_headers_is_one_key(keyed: Client) -> None:
+    headers = [("authorization", f"Bearer {ALICE}"), ("x-api-key", f" {ALICE} ")]
+    assert keyed.post("/v1/chat/completions", json=chat(), headers=headers).status_code == 200
+
+
 def test_each_tenant_gets_its_own_policy(keyed: Client, backend: FakeBackend) -> None:
     text = "what is the weather like"
     alice = keyed.post("/v1/chat/completions", json=chat(text), headers=bearer(ALICE))

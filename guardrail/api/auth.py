@@ -28,7 +28,8 @@
   ==========================  ==================================================
 
   It answers 401 (no key: ``missing_api_key``; a key nobody issued:
-  ``invalid_api_key``) and 403 (a tenant key on an admin route: ``admin_key_required``;
+  ``invalid_api_key``; two different keys, in ``Authorization`` and ``x-api-key``:
+  ``ambiguous_api_key``) and 403 (a tenant key on an admin route: ``admin_key_required``;
   the admin key on an API route: ``tenant_key_required``; an admin route with no admin
   key configured: ``admin_disabled``; with no key at all, an admin route called from
   another machine: ``admin_local_only``), each in the OpenAI error shape, and puts the
@@ -388,21 +389,32 @@ def _netloc(origin: str) -> str:
         return ""
 
 
-def _presented_key(scope: Scope) -> str | None:
+def _presented_keys(scope: Scope) -> set[str]:
+    """Every key the request carries, in either header (each header as often as sent).
+
+    More than one different key is refused, never picked from: which header came first
+    decided the tenant, and a proxy's own ``Authorization`` in front of the client's
+    ``x-api-key`` made a valid client a 401 or the proxy's token a tenant's.
+    """
+    keys = set()
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+                keys.add(token.strip())
         elif name == b"x-api-key" and value.strip():
-            return value.decode("latin-1").strip()
-    return None
+            keys.add(value.decode("latin-1").strip())
+    return keys
 
 
 _MISSING = (
     "No API key given: send it as 'Authorization: Bearer <key>' (or in the x-api-key header)."
 )
 _INVALID = "The API key given is not valid (not a key this gateway issued)."
+_AMBIGUOUS = (
+    "Two different API keys were given (in Authorization and x-api-key): send one key, "
+    "in one header."
+)
 
 
 class AuthMiddleware:
@@ -458,11 +470,14 @@ class AuthMiddleware:
             state["principal"] = OPEN_PRINCIPAL
             await self.app(scope, receive, send)
             return
-        key = _presented_key(scope)
-        if key is None:
+        keys = _presented_keys(scope)
+        if not keys:
             await self._reject(scope, send, 401, "missing_api_key", _MISSING)
             return
-        principal = self.ring.identify(key)
+        if len(keys) > 1:
+            await self._reject(scope, send, 401, "ambiguous_api_key", _AMBIGUOUS)
+            return
+        principal = self.ring.identify(keys.pop())
         if principal is None:
             await self._reject(scope, send, 401, "invalid_api_key", _INVALID)
             return
