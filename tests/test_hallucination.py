@@ -725,8 +725,8 @@ def facts_app(
     from guardrail.app import create_app
     from guardrail.settings import Settings
 
-    def make(**overrides: Any) -> Litestar:
-        settings = Settings(policy=str(write_policy(POLICY)), **overrides)
+    def make(policy: str = POLICY, **overrides: Any) -> Litestar:
+        settings = Settings(policy=str(write_policy(policy)), **overrides)
         return create_app(settings, backend=backend, metrics_registry=metrics_registry)
 
     return make
@@ -759,6 +759,52 @@ def test_a_prefill_s_claims_are_not_scored_as_the_answer_s(
             scores.append(total - sum(scores))
     assert scores[1] == pytest.approx(scores[0], abs=1e-6)
     assert scores[0] > 0.5
+
+
+# The embedder loads in the first check: on a busy machine past the default 2 s.
+UNHURRIED = POLICY.replace("type: hallucination\n", "type: hallucination\n    timeout_ms: 60000\n")
+UNSUPPORTED = "It was moved to London in 1950 by the Queen and repainted gold by Napoleon's heirs."
+SUPPORTED = (
+    "It is 330 metres tall. It is in Paris. It was completed in 1889. Eiffel's firm designed "
+    "it. It was for the World's Fair."
+)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [f"{UNSUPPORTED} {SUPPORTED}", f"{SUPPORTED} {UNSUPPORTED}"],
+    ids=["unsupported-first", "unsupported-last"],
+)
+def test_a_streamed_answer_scores_as_the_same_answer_sent_whole(
+    facts_app: Callable[..., Litestar],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+    reply: str,
+) -> None:
+    """Each window was scored with the 200 released characters it is checked after:
+    their sentences scored again, and the window weighed with them, so these six
+    sentences scored 0.368 or 0.626 streamed, by where the unsupported one sits, and
+    0.463 whole."""
+    backend.reply = reply
+    body = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "documents": [SOURCE],
+    }
+    labels = {"stage": "output"}
+    scores: list[float] = []
+    with TestClient(app=facts_app(UNHURRIED)) as client:
+        for stream in (False, True):
+            r = client.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert r.status_code == 200, r.text
+            total = metrics_registry.get_sample_value("guardrail_groundedness_score_sum", labels)
+            assert total is not None
+            scores.append(total - sum(scores))
+    assert metrics_registry.get_sample_value("guardrail_groundedness_score_count", labels) == 2
+    # Each sentence is a window here and scores as it does whole; only the weights
+    # differ: a window weighs its characters, a sentence of a whole answer its content
+    # words (the metric sees no words), 0.001 and 0.005 apart on these two answers.
+    assert scores[1] == pytest.approx(scores[0], abs=0.02)
 
 
 def test_chat_with_documents_flags_the_ungrounded_sentence(

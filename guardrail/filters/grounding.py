@@ -647,14 +647,21 @@ class GroundingScorer:
         question: str | None = None,
         *,
         scope: str | None = None,
+        window: tuple[int, int] | None = None,
     ) -> Groundedness:
         """The groundedness of ``text`` given ``sources``; 1.0 for a text with no claims.
-        ``scope`` (the tenant) is whose kept probe prefixes it may reuse."""
+        ``scope`` (the tenant) is whose kept probe prefixes it may reuse; ``window``
+        (``[start, end)`` of ``text``): only the claims that rest on it are scored (a
+        stream window's, not those of the released text it is checked after)."""
         import numpy as np
 
-        spans = await text_pass(
-            self._executor, len(text), lambda: spread(claims_of(text), self._max_claims)
-        )
+        def own() -> list[tuple[int, int, int]]:
+            claims = claims_of(text)
+            if window is not None:
+                claims = [c for c in claims if c[1] > window[0] and c[0] < window[1]]
+            return spread(claims, self._max_claims)
+
+        spans = await text_pass(self._executor, len(text), own)
         if not spans:
             return Groundedness(1.0, ())
         claims = [text[a:b] for a, b, _ in spans]

@@ -770,7 +770,14 @@ class HallucinationFilter:
     ) -> list[Finding]:
         assert self.scorer is not None
         g = self._config.groundedness
-        result = await self.scorer.score(text, sources, question_of(ctx), scope=ctx.tenant)
+        result = await self.scorer.score(
+            text, sources, question_of(ctx), scope=ctx.tenant, window=ctx.window
+        )
+        if ctx.window is not None and not result.claims:
+            # A stream window with no sentence of its own ("Sure!", a list marker) has no
+            # score: its 1.0 would weigh in the answer's, where such a sentence weighs
+            # nothing when the answer is scored whole.
+            return []
         findings = [
             Finding(
                 "groundedness",

@@ -14,7 +14,9 @@ the window), so no part of it is released unredacted.
 
 A finding lying wholly in the released tail (or in that look-ahead) is not the window's:
 it was (or will be) decided with its own window. A finding that rests on several matches
-(``Finding.extent``) is the window's if any part of it is.
+(``Finding.extent``) is the window's if any part of it is. The filters are told which
+part of the checked text the window is (``FilterContext.window``): a score of the whole
+text, as groundedness's, is the window's own, not one of the tail's sentences again.
 
 A completion that continues a text the client wrote (the prompt of ``/v1/completions``, a
 chat's trailing assistant message) starts from that text's end as its ``lead``: released,
@@ -283,7 +285,10 @@ class StreamGuard:
         # The lead's part of the tail: the decision is about the completion alone (the
         # audit row keeps no prompt text as the output's).
         lead = len(tail) - min(len(tail), len(self._released) - self._lead)
-        decision = await self._guard.check(Stage.OUTPUT, checked, self._ctx)
+        # The tail was scored with its own windows: a score of the whole text (the
+        # groundedness of its sentences) is the window's alone.
+        ctx = dataclasses.replace(self._ctx, window=(start, start + cut))
+        decision = await self._guard.check(Stage.OUTPUT, checked, ctx)
         if ahead:
             # A redaction across the cut: release up to where it starts, so the next
             # window holds it whole; if it starts the window, release through its end.
@@ -293,7 +298,7 @@ class StreamGuard:
                 back = min(crossing) - start
                 return await self._check(back, cut + ahead - back)
             cut = _through(every, start + cut) - start
-        decision = await _scored_after_lead(self._guard, self._ctx, decision, checked, lead)
+        decision = await _scored_after_lead(self._guard, ctx, decision, checked, lead)
         decision = _own(self._guard, decision, checked, start, start + cut)
         if lead:
             decision = _after_lead(decision, checked, lead)
@@ -396,16 +401,25 @@ async def _scored_after_lead(
     if not lead or not scored:
         return decision
     # An override in force at the join is kept: the text is read in the same order.
-    text = checked[lead:]
+    prefix = OVERRIDE if open_override(checked, lead) else ""
+    window = ctx.window
+    if window is not None:  # the same characters, in the text without the lead
+        shift = len(prefix) - lead
+        window = (max(0, window[0] + shift), window[1] + shift)
     alone = await guard.check(
-        Stage.OUTPUT, OVERRIDE + text if open_override(checked, lead) else text, ctx, only=scored
+        Stage.OUTPUT,
+        prefix + checked[lead:],
+        dataclasses.replace(ctx, window=window),
+        only=scored,
     )
     own = {o.filter_id: o for o in alone.outcomes}
     joined = {o.filter_id: o for o in decision.outcomes}
     raised = [i for i, o in own.items() if o.status == "ok" and _raised(joined[i], o)]
     by_lead: dict[str, FilterOutcome] = {}
     if raised:
-        lead_check = await guard.check(Stage.OUTPUT, checked[:lead], ctx, only=raised)
+        lead_check = await guard.check(
+            Stage.OUTPUT, checked[:lead], dataclasses.replace(ctx, window=None), only=raised
+        )
         by_lead = {o.filter_id: o for o in lead_check.outcomes}
     outcomes = [
         _with_scores(o, own[o.filter_id], by_lead.get(o.filter_id)) if o.filter_id in own else o

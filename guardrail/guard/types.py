@@ -179,6 +179,14 @@ class FilterContext:
     ``state`` is request-scoped scratch space (for example a PII filter's placeholder
     mapping), keyed by filter id by convention: it lives exactly as long as the
     request and is never shared between requests.
+
+    ``window`` is the ``[start, end)`` of the checked text that is being decided when
+    the text around it is decided apart: a stream window, checked after the released
+    text before it (and with a look-ahead after it); ``None``: all of it. Spans still
+    index the whole checked text. A filter that scores the whole text scores this part
+    (the hallucination filter: the sentences that rest on it), so text already decided
+    is not scored again with every window it is the context of. It belongs to one
+    text: :meth:`at` (for another stage or message) leaves it out.
     """
 
     request_id: str
@@ -190,6 +198,7 @@ class FilterContext:
     message_index: int | None = None
     context_documents: tuple[str, ...] = ()
     state: dict[str, Any] = field(default_factory=dict)
+    window: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         index = self.message_index

@@ -533,11 +533,19 @@ class GatewayMetrics:
         windows, and one observation per window made 6 answers 51 for the alert's volume
         guard, and a long streamed answer outweigh a short one in the median. Only chat
         and completions exchanges (the caller's job): an offline batch of /v1/moderations
-        checks with ``context`` is not traffic that reached users (60 fired the alert)."""
+        checks with ``context`` is not traffic that reached users (60 fired the alert).
+        A stream window weighs its own length: its decision's text holds the released
+        text it was checked after too."""
+        windows = iter(exchange.stream_window_chars)
+        sizes = [
+            next(windows, None) if exchange.stream and d.stage is Stage.OUTPUT else None
+            for d in exchange.decisions
+        ]
         for stage in Stage:
             scored = [
-                (finding.score, max(1, len(decision.text)))
-                for decision in exchange.decisions_at(stage)
+                (finding.score, max(1, len(decision.text) if size is None else size))
+                for decision, size in zip(exchange.decisions, sizes, strict=True)
+                if decision.stage is stage
                 for finding in decision.findings
                 if finding.category == GROUNDEDNESS and finding.concern == "accuracy"
             ]
