@@ -47,8 +47,9 @@ from guardrail.guard.stream import StreamGuard
 from guardrail.guard.types import Action, Decision, FilterContext, Finding, Stage
 from guardrail.policy.loader import load_policy, load_policy_text
 from guardrail.policy.model import StreamSettings
-from tests.conftest import tiny_decoder
+from tests.conftest import DEFAULT_POLICY, tiny_decoder
 from tests.fakes.backend import FakeBackend
+from tests.sse import content, frames
 
 SOURCE = (
     "The Eiffel Tower was completed in 1889 for the World's Fair in Paris. "
@@ -805,6 +806,58 @@ def test_a_streamed_answer_scores_as_the_same_answer_sent_whole(
     # differ: a window weighs its characters, a sentence of a whole answer its content
     # words (the metric sees no words), 0.001 and 0.005 apart on these two answers.
     assert scores[1] == pytest.approx(scores[0], abs=0.02)
+
+
+REFUNDS = "Refund requests go to refunds@acme-shop.com within 30 days of delivery."
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_an_answer_with_the_placeholders_the_model_saw_is_scored_against_sources_in_that_form(
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+    stream: bool,
+) -> None:
+    """The default policy hands the model "<EMAIL_ADDRESS_1>" for the passage's address
+    and the model answers with it: that answer was scored against the raw system message,
+    documents and question, where no placeholder is, and flagged ungrounded (0.76)."""
+    from guardrail.app import create_app
+    from guardrail.settings import Settings
+
+    # The default policy's 2 s per check may pass while its models load on a busy machine.
+    text = DEFAULT_POLICY.read_text(encoding="utf-8")
+    policy = write_policy(text.replace("timeout_ms: 2000", "timeout_ms: 60000"))
+    backend.reply = "Send it to <EMAIL_ADDRESS_1> within 30 days of delivery."
+    app = create_app(
+        Settings(policy=str(policy)), backend=backend, metrics_registry=metrics_registry
+    )
+    with TestClient(app=app) as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "messages": [
+                    {"role": "system", "content": "Answer from this passage: " + REFUNDS},
+                    {"role": "user", "content": "Where do I send a refund request?"},
+                ],
+                "documents": [REFUNDS],
+                "stream": stream,
+            },
+        )
+    assert r.status_code == 200, r.text
+    if stream:
+        got = content(r.text)
+        guardrail = next(f["guardrail"] for f in frames(r.text) if "guardrail" in f)
+    else:
+        got = r.json()["choices"][0]["message"]["content"]
+        guardrail = r.json()["guardrail"]
+    assert "<EMAIL_ADDRESS_1>" in (backend.requests[0].messages or ())[0].content
+    assert got == "Send it to refunds@acme-shop.com within 30 days of delivery."
+    assert [f["category"] for f in guardrail["findings"]] == ["pii"]  # the input's redaction
+    labels = {"stage": "output"}
+    score = metrics_registry.get_sample_value("guardrail_groundedness_score_sum", labels)
+    assert score is not None
+    assert score > 0.4
 
 
 def test_chat_with_documents_flags_the_ungrounded_sentence(

@@ -44,6 +44,7 @@ from guardrail.filters.pii import (
     SpacyMemoryZone,
     _with_repeats,
     plausible_name,
+    with_placeholders,
 )
 from guardrail.guard.filter import LOOP_TEXT_CHARS, BuildContext, SharedResources
 from guardrail.guard.guard import Guard
@@ -1126,6 +1127,24 @@ async def test_placeholders_of_another_request_are_never_restored(guard: Guard) 
     await check_all(guard, other)
     decision = await guard.check(Stage.OUTPUT, "Hi <EMAIL_ADDRESS_1>.", other.at(Stage.OUTPUT))
     assert decision.text == "Hi <EMAIL_ADDRESS_1>."
+
+
+def test_documents_hold_the_requests_own_values_as_the_placeholders_the_model_saw(
+    pii: PiiFilter,
+) -> None:
+    """The documents never reach the backend, yet the model's answer is compared with
+    them: their copies of the request's own values are written as its placeholders
+    (whole words, in any case), and every other value stays."""
+    ctx = FilterContext("r1")
+    redacted = Redaction(5, 5 + len(EMAIL), "<EMAIL_ADDRESS_1>")
+    pii.remember(f"Mail {EMAIL} now", Verdict(Action.REDACT, (), (redacted,)), ctx)
+    documents = [f"Write to {EMAIL.upper()}.", f"Not x{EMAIL} nor {OTHER_EMAIL}.", "None."]
+    assert with_placeholders(documents, ctx.state) == [
+        "Write to <EMAIL_ADDRESS_1>.",
+        f"Not x{EMAIL} nor {OTHER_EMAIL}.",
+        "None.",
+    ]
+    assert with_placeholders(documents, FilterContext("r2").state) == documents
 
 
 def test_remember_rebuilds_the_map_from_a_cached_verdict(pii: PiiFilter) -> None:

@@ -52,7 +52,8 @@ from guardrail.backends.base import (
 from guardrail.chat import Message
 from guardrail.errors import BackendError, BackendUnavailable, where
 from guardrail.exchange import OVERLOADED, Exchange, Outcome, Route
-from guardrail.guard.filter import Grounder, Grounds
+from guardrail.filters.pii import with_placeholders
+from guardrail.guard.filter import Grounder, Grounds, text_pass
 from guardrail.guard.guard import Guard
 from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore, ReloadResult
@@ -525,6 +526,27 @@ class _Admission:
 _background: set[asyncio.Task[None]] = set()
 
 
+async def _as_sent(ctx: FilterContext, texts: list[str]) -> FilterContext:
+    """The request's context for its output checks: the messages as the backend got them
+    (``texts``, redacted), and the documents, which never reach it, with the request's own
+    values as the placeholders the model saw them as.
+
+    The model answers in that form ("Send it to <EMAIL_ADDRESS_1>", restored for the client
+    after the checks): against the raw system message, documents and question the
+    hallucination filter scored a right answer ungrounded (0.24 support), and so blocked
+    it under ``action: block``. Compared in the placeholder form, no raw value the input
+    redacted reaches the grounding scorer's models and caches either.
+    """
+    messages = tuple(
+        dataclasses.replace(m, content=t) for m, t in zip(ctx.messages, texts, strict=True)
+    )
+    documents = ctx.context_documents
+    if documents:
+        chars = sum(map(len, documents))
+        documents = tuple(await text_pass(None, chars, with_placeholders, documents, ctx.state))
+    return dataclasses.replace(ctx, messages=messages, context_documents=documents)
+
+
 def _backend_outcome(e: BackendError) -> Outcome:
     """A backend's refusal of the request itself (a context too long, a parameter it
     does not take: answered 400) is the client's invalid request, not a failing backend:
@@ -872,7 +894,7 @@ class Serving:
                 kind=kind,
                 exchange=exchange,
                 guard=guard,
-                ctx=ctx,
+                ctx=await _as_sent(ctx, rewritten),
                 backend=backend,
                 request=build(rewritten),
                 input_decisions=checked,

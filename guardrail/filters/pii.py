@@ -35,7 +35,7 @@ import re
 import threading
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -596,6 +596,35 @@ class _RequestState:
 
 
 # -- the engine ---------------------------------------------------------------------------
+
+
+def with_placeholders(texts: Sequence[str], state: Mapping[str, object]) -> list[str]:
+    """``texts`` with the request's own values written as the placeholders the model saw
+    them as (every reversible map in the request's ``state``): the form of texts that
+    never reach the backend (a request's ``documents``), to be compared with what the
+    model wrote. A value is found as its repeats in the messages are: whole words, in
+    any case (a case-sensitive entity's other case gets the placeholder of the value it
+    folds to, as the input hid it too). The values stay in the request."""
+    exact: dict[str, str] = {}
+    folded: dict[str, str] = {}
+    for request in state.values():
+        if isinstance(request, _RequestState):
+            for placeholder, value in request.placeholders.originals.items():
+                if not value:
+                    continue
+                exact.setdefault(value, placeholder)
+                folded.setdefault(_matching(value), placeholder)
+    if not exact:
+        return list(texts)
+    out = []
+    for text in texts:
+        pieces, last = [], 0
+        for start, end in _repeated(text, exact):
+            found = text[start:end]
+            pieces += [text[last:start], exact.get(found) or folded[_matching(found)]]
+            last = end
+        out.append("".join(pieces) + text[last:] if pieces else text)
+    return out
 
 
 class PiiEngineError(ConfigError):
