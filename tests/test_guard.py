@@ -29,6 +29,7 @@ from guardrail.guard.types import (
     Stage,
     Verdict,
     apply_redactions,
+    redacted_span,
 )
 from guardrail.plugins import PluginRegistry
 from guardrail.policy.loader import load_policy_text
@@ -308,6 +309,39 @@ def test_a_redaction_leaves_none_of_its_findings_behind(
         "Q" if any(r.start <= i < r.end for r in redactions) else c for i, c in enumerate(text)
     )
     assert "Q" not in apply_redactions(marked, redactions)
+
+
+@given(
+    text=st.text(alphabet="abcdef xyz", min_size=1, max_size=40),
+    raw=spans,
+    where=st.tuples(st.integers(0, 40), st.integers(0, 40)),
+)
+def test_a_span_clear_of_the_redactions_selects_the_same_text_after_them(
+    text: str, raw: list[tuple[int, int, str]], where: tuple[int, int]
+) -> None:
+    redactions = [Redaction(s, min(s + n, len(text)), r) for s, n, r in raw if s < len(text)]
+    start, end = sorted(min(i, len(text)) for i in where)
+    redacted = apply_redactions(text, redactions)
+    a, b = redacted_span((start, end), redactions)
+    assert 0 <= a <= b <= len(redacted)
+    if all(r.end <= start or r.start >= end for r in redactions):
+        assert redacted[a:b] == text[start:end]
+
+
+@pytest.mark.parametrize(
+    ("span", "selected"),
+    [
+        ((0, 4), "Mail"),
+        ((5, 9), "<E1>"),  # the redacted run itself: its replacement
+        ((3, 7), "l <E1>"),  # into the run: through its replacement
+        ((14, 17), "now"),  # after it: moved by its length's change
+    ],
+)
+def test_a_span_is_moved_onto_the_redacted_text(span: tuple[int, int], selected: str) -> None:
+    text = "Mail a@b.c to now"
+    redactions = [Redaction(5, 10, "<E1>")]
+    a, b = redacted_span(span, redactions)
+    assert apply_redactions(text, redactions)[a:b] == selected
 
 
 @pytest.mark.parametrize(

@@ -1488,6 +1488,37 @@ def test_a_completion_checked_after_its_prompt_still_has_its_placeholders_restor
     assert text == f" the trip. Write to {EMAIL} soon."
 
 
+def test_output_spans_select_their_text_in_the_completion_the_client_got(
+    tmp_path: Path,
+) -> None:
+    """The spans were those of the model's text: after "<EMAIL_ADDRESS_1>" was restored
+    to a longer address, each later span selected other characters of the completion."""
+    words = """
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: rude, category: insult, action: flag, keywords: [dummy]}
+"""
+    backend = FakeBackend(reply=f"Write to <EMAIL_ADDRESS_1>, not {OTHER_EMAIL}, you dummy.")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY + words, encoding="utf-8")
+    app = create_app(
+        Settings(policy=str(policy)), backend=backend, metrics_registry=CollectorRegistry()
+    )
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": f"I am {EMAIL}."}]}
+    with TestClient(app=app) as client:
+        answer = client.post("/v1/chat/completions", json=body).json()
+    got = answer["choices"][0]["message"]["content"]
+    assert got == f"Write to {EMAIL}, not {OTHER_EMAIL}, you dummy."
+    selected = {
+        f["category"]: got[f["span"][0] : f["span"][1]]
+        for f in answer["guardrail"]["findings"]
+        if f["stage"] == "output"
+    }
+    assert selected == {"pii": OTHER_EMAIL, "insult": "dummy"}
+
+
 def test_a_placeholder_written_in_the_response_format_is_never_restored_to_user_data(
     tmp_path: Path,
 ) -> None:

@@ -65,6 +65,7 @@ from guardrail.guard.types import (
     Finding,
     Stage,
     apply_redactions,
+    redacted_span,
 )
 from guardrail.observability.audit import AuditLog, redacted_text
 from guardrail.observability.metrics import GatewayMetrics
@@ -450,6 +451,11 @@ def findings_json(
                 item["message_index"] = index
             if not spans:
                 item.pop("span", None)
+            elif f.span is not None and decision.stage is Stage.OUTPUT and decision.redactions:
+                # A span of the completion the client got, which has the decision's
+                # redactions and restores applied: a restored "<EMAIL_ADDRESS_1>" made
+                # every later span select other characters.
+                item["span"] = list(redacted_span(f.span, decision.redactions))
             out.append(item)
     return out
 

@@ -139,11 +139,48 @@ def apply_redactions(text: str, redactions: Iterable[Redaction]) -> str:
     Overlapping spans merge into their union, replaced by the replacement of the
     widest span among them, so no character any filter asked to hide survives.
     """
-    clipped = ((max(0, r.start), min(len(text), r.end), r.replacement) for r in redactions)
+    merged = _merged_runs(redactions, len(text))
+    if not merged:
+        return text
+    out: list[str] = []
+    pos = 0
+    for start, end, repl in merged:
+        out.append(text[pos:start])
+        out.append(repl)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def redacted_span(span: tuple[int, int], redactions: Iterable[Redaction]) -> tuple[int, int]:
+    """``span`` of a text as a span of that text with ``redactions`` applied
+    (:func:`apply_redactions`; they lie in the text, as a decision's do): moved by the
+    replacements before it, and an end inside a replaced run taken to the replacement's
+    end (a start, to its start), so the span covers what became of what it covered."""
+
+    def moved(pos: int, *, end: bool) -> int:
+        shift = 0
+        for start, stop, repl in merged:
+            if pos <= start:
+                break
+            if pos < stop:  # inside the run
+                return start + shift + (len(repl) if end else 0)
+            shift += len(repl) - (stop - start)
+        return pos + shift
+
+    merged = _merged_runs(redactions, None)
+    return moved(span[0], end=False), moved(span[1], end=True)
+
+
+def _merged_runs(redactions: Iterable[Redaction], length: int | None) -> list[tuple[int, int, str]]:
+    """The runs :func:`apply_redactions` replaces in a text of ``length`` characters
+    (``None``: the redactions lie in it), in order: ``(start, end, replacement)``."""
+    clipped = (
+        (max(0, r.start), r.end if length is None else min(length, r.end), r.replacement)
+        for r in redactions
+    )
     # A span wholly outside the text hides nothing (it must not insert its replacement).
     spans = sorted(span for span in clipped if span[1] > span[0])
-    if not spans:
-        return text
     merged: list[list[Any]] = []
     for start, end, repl in spans:
         if merged and start < merged[-1][1]:
@@ -153,14 +190,7 @@ def apply_redactions(text: str, redactions: Iterable[Redaction]) -> str:
             last[1] = max(last[1], end)
         else:
             merged.append([start, end, repl, end - start])
-    out: list[str] = []
-    pos = 0
-    for start, end, repl, _ in merged:
-        out.append(text[pos:start])
-        out.append(repl)
-        pos = end
-    out.append(text[pos:])
-    return "".join(out)
+    return [(start, end, repl) for start, end, repl, _ in merged]
 
 
 @dataclass(frozen=True, slots=True)
