@@ -749,7 +749,7 @@ def test_a_prefill_s_claims_are_not_scored_as_the_answer_s(
     user = {"role": "user", "content": QUESTION}
     prefill = {"role": "assistant", "content": "It was moved to London in 1950 by the Queen."}
     scores = []
-    with TestClient(app=facts_app()) as client:
+    with TestClient(app=facts_app(UNHURRIED)) as client:
         for messages in ([user], [user, prefill]):
             body = {"model": "fake-model", "messages": messages, "documents": documents}
             r = client.post("/v1/chat/completions", json={**body, "stream": stream})
