@@ -72,6 +72,8 @@ class Exchange:
     decisions: list[Decision] = field(default_factory=list)
     # The size of each held-back stream window the output decisions checked, in order.
     stream_window_chars: list[int] = field(default_factory=list)
+    # The ids of the output filters whose stream hold-back failed, each once.
+    stream_holdback_failures: list[str] = field(default_factory=list)
     backend_duration_s: float | None = None
     time_to_first_token_s: float | None = None
     prompt_tokens: int | None = None

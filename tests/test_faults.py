@@ -48,6 +48,7 @@ from tests.fakes.upstream import (
     serve_upstream,
 )
 from tests.servers import free_socket, serve_asgi
+from tests.sse import content as sse_content
 
 HARMFUL = "build a bomb"
 REPLY = "Sure thing. Here is how to build a bomb in your kitchen. Step one is easy."
@@ -832,6 +833,45 @@ def test_a_client_that_leaves_before_the_first_chunk_frees_the_stream_at_once(
         _wait_for_sample(registry, "guardrail_requests_total", cancelled, 1.0, 10.0)
         assert app.state.gateway.slots.active == 0
         assert registry.get_sample_value("guardrail_in_flight_requests", {"route": "chat"}) == 0
+
+
+class _BrokenHoldback:
+    """Passes every window, but its stream hold-back raises (a plugin's bug)."""
+
+    def __init__(self, name: str, config: FaultConfig, env: BuildContext) -> None:
+        self.name, self.stages = name, frozenset({Stage.OUTPUT})
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return Verdict(Action.ALLOW, ())
+
+    def holdback(self, text: str) -> int:
+        raise RuntimeError("the filter's hold-back crashed")
+
+
+def test_a_failing_stream_holdback_is_counted_as_the_filters_error(
+    write_policy: Callable[..., Path],
+) -> None:
+    """It was only logged (filter_holdback_failed): no dashboard saw it."""
+    registry = filter_registry()
+    registry.register(
+        "held", FilterSpec(type="held", config_type=FaultConfig, build=_BrokenHoldback)
+    )
+    policy = write_policy(
+        'name: h\nversion: "1"\nfilters:\n  - {id: h, type: held, stages: [output]}\n'
+    )
+    metrics = CollectorRegistry()
+    reply = "One. Two three. Four five six. Seven eight nine ten."
+    app = create_app(
+        Settings(policy=str(policy)),
+        backend=FakeBackend(reply=reply, chunk_size=5),
+        filters=registry,
+        metrics_registry=metrics,
+    )
+    with TestClient(app=app) as c:
+        r = c.post("/v1/chat/completions", json=chat(True))
+    assert sse_content(r.text) == reply  # all held, checked whole at the end
+    labels = {"filter": "h", "stage": "output", "kind": "error"}
+    assert metrics.get_sample_value("guardrail_filter_errors_total", labels) == 1.0
 
 
 class _SlowOutputFilter:

@@ -1219,6 +1219,7 @@ class Serving:
                     yield self._text_frame(call, released.text, refusing)
             exchange.decisions.extend(window.decisions)
             exchange.stream_window_chars.extend(window.window_chars)
+            exchange.stream_holdback_failures.extend(window.holdback_failures)
             recorded = True
             if self.gw.shadow is not None and not window.blocked:
                 # A blocked stream's text was cut short: only whole completions compare.
@@ -1281,6 +1282,7 @@ class Serving:
             if not recorded:
                 exchange.decisions.extend(window.decisions)
                 exchange.stream_window_chars.extend(window.window_chars)
+                exchange.stream_holdback_failures.extend(window.holdback_failures)
             try:
                 await _aclose(chunks)
             finally:

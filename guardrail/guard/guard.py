@@ -19,7 +19,7 @@ import operator
 import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import Executor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -65,6 +65,15 @@ CONVERSATION_SEPARATOR = "\n\n"
 Bound = tuple[FilterConfig, Filter]
 # Numbers each built Guard for its verdict-cache keys (see Guard.__init__).
 _GUARD_IDS = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class HeldBack:
+    """What a stream must keep back of a text's end: ``chars`` trailing characters, all
+    of the text where ``failed`` names the filter whose hold-back failed."""
+
+    chars: int
+    failed: str | None = None
 
 
 def is_conversation_filter(filt: object) -> bool:
@@ -149,12 +158,13 @@ class Guard:
     def filters_at(self, stage: Stage) -> list[str]:
         return [c.id for c, _ in self._by_stage[stage]]
 
-    def holdback(self, stage: Stage, text: str) -> int:
+    def holdback(self, stage: Stage, text: str) -> HeldBack:
         """Trailing characters of ``text`` that some filter needs held back (streams).
 
         A filter whose hold-back fails (raises, or answers something not a count) has
         all of ``text`` held: nothing is released that it may have needed kept, and the
-        check of the whole text at the stream's end applies its ``on_error``.
+        check of the whole text at the stream's end applies its ``on_error``. The
+        failure is named, so the stream's exchange counts it as that filter's error.
         """
         keep = 0
         for config, f in self._by_stage[stage]:
@@ -167,9 +177,9 @@ class Guard:
             except Exception as e:
                 log.warning("filter_holdback_failed", filter=config.id, error=type(e).__name__,
                             at=where(e))  # fmt: skip
-                return len(text)
+                return HeldBack(len(text), failed=config.id)
             keep = max(keep, wanted)
-        return keep
+        return HeldBack(keep)
 
     async def check(
         self, stage: Stage, text: str, ctx: FilterContext, *, only: Collection[str] | None = None

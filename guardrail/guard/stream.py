@@ -130,6 +130,9 @@ class StreamGuard:
         self.decisions: list[Decision] = []
         # The held-back size of each checked window (the metric's, never the text).
         self.window_chars: list[int] = []
+        # The ids of the filters whose hold-back failed, each once (counted as their
+        # errors: the failure decides no window, so no outcome of a check records it).
+        self.holdback_failures: list[str] = []
 
     @property
     def released_text(self) -> str:
@@ -215,10 +218,14 @@ class StreamGuard:
         for _ in range(8):
             if cut <= 0:
                 return None
-            keep = self._guard.holdback(Stage.OUTPUT, self._held[:cut])
-            if keep <= 0:
+            held = self._guard.holdback(Stage.OUTPUT, self._held[:cut])
+            if held.failed is not None:
+                if held.failed not in self.holdback_failures:
+                    self.holdback_failures.append(held.failed)
+                return None  # all of it kept
+            if held.chars <= 0:
                 return cut, forced
-            cut -= keep
+            cut -= held.chars
             forced = False
         return None  # still moving: keep it all until more text (or the end) settles it
 

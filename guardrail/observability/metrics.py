@@ -238,7 +238,8 @@ class GatewayMetrics:
         )
         self.filter_errors = counter(
             "filter_errors_total",
-            "Filter runs that failed (kind=error) or ran out of time (kind=timeout).",
+            "Filter runs that failed (kind=error) or ran out of time (kind=timeout); a "
+            "stream's failed hold-back counts once (kind=error).",
             ("filter", "stage", "kind"),
         )
         self.filter_duration = histogram(
@@ -465,6 +466,12 @@ class GatewayMetrics:
             self.record_decision(decision)
             if exchange.stream and decision.stage is Stage.OUTPUT:
                 self.stream_window(decision.action, next(window_chars, None))
+        # A failed hold-back decides no window, so no check's outcome holds it: counted
+        # here, once per stream and filter (it fails again at every chunk that follows).
+        for filter_id in exchange.stream_holdback_failures:
+            self.filter_errors.labels(
+                filter=self._filter(filter_id), stage=Stage.OUTPUT.value, kind="error"
+            ).inc()
         if counted:
             self._record_groundedness(exchange)
         # Harmful content counts once per exchange, stage and category: a chat client
