@@ -57,6 +57,7 @@ from guardrail.policy.model import StreamSettings
 from guardrail.settings import Settings
 from tests.fakes.backend import FakeBackend
 from tests.sse import content as sse_content
+from tests.sse import frames as sse_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1273,6 +1274,41 @@ async def test_an_email_or_iban_cut_by_a_stream_window_never_leaks_a_prefix(
         assert secret not in out, out
 
 
+# A JSON array of numbers with cards in it: no hold-back of it settles (see
+# test_a_list_like_answer_is_streamed_window_by_window_under_the_default_policy).
+_CARDS_IN_NUMBERS = (
+    "["
+    + ", ".join(
+        "4111 1111 1111 1111" if i % 23 == 7 else str(1000 + i * 37 % 9000) for i in range(150)
+    )
+    + "]"
+)
+
+
+@pytest.mark.parametrize("window_chars", range(100, 340, 17))
+async def test_a_card_in_a_list_of_numbers_is_never_split_by_a_stream_window(
+    executor: ThreadPoolExecutor, resources: SharedResources, window_chars: int
+) -> None:
+    """Released where the list's hold-back stops moving back, a window must not end
+    inside a card: its first digits would go out unredacted."""
+    guard = entities_guard(
+        executor, resources, "CREDIT_CARD: {input: redact, output: redact, output_operator: mask}"
+    )
+    ctx = conversation("List the numbers.")
+    await check_all(guard, ctx)
+    settings = StreamSettings(release="window", window_chars=window_chars, context_chars=40)
+    window = StreamGuard(guard, ctx, settings)
+    sent = [
+        (await window.feed(piece)).text
+        for piece in _chunk(_CARDS_IN_NUMBERS, list(range(0, 1200, 9)))
+    ]
+    sent.append((await window.finish()).text)
+    whole = await guard.check(Stage.OUTPUT, _CARDS_IN_NUMBERS, ctx)
+    assert "".join(sent) == whole.text
+    assert "4111" not in "".join(sent)
+    assert sum(1 for s in sent if s) > len(_CARDS_IN_NUMBERS) // window_chars
+
+
 @pytest.mark.parametrize("release", ["sentence", "window"])
 async def test_the_users_own_value_cut_by_the_context_tail_is_no_leak(
     executor: ThreadPoolExecutor, resources: SharedResources, release: str
@@ -1517,6 +1553,41 @@ def test_output_spans_select_their_text_in_the_completion_the_client_got(
         if f["stage"] == "output"
     }
     assert selected == {"pii": OTHER_EMAIL, "insult": "dummy"}
+
+
+# Every item of a list reads as the start of an entity ("97, " of a number array, "23)
+# stir the pot " of numbered steps): each step of a window's hold-back held one more.
+_NUMBER_ARRAY = "Here is the list: [" + ", ".join(str(i) for i in range(1, 640)) + "] as asked."
+_NUMBERED_STEPS = "Steps " + " ".join(f"{i}) stir the pot" for i in range(1, 170)) + " done."
+
+
+@pytest.mark.parametrize("reply", [_NUMBER_ARRAY, _NUMBERED_STEPS], ids=["array", "steps"])
+def test_a_list_like_answer_is_streamed_window_by_window_under_the_default_policy(
+    tmp_path: Path, reply: str
+) -> None:
+    """The hold-back never settled on such text, so nothing went out until the backend
+    was done, then all of it in one frame (window_chars ignored, its last check past the
+    filters' bounds)."""
+    backend = FakeBackend(reply=reply, chunk_size=40)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((ROOT / "policies" / "default.yaml").read_text(), encoding="utf-8")
+    app = create_app(
+        Settings(policy=str(policy)), backend=backend, metrics_registry=CollectorRegistry()
+    )
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "List them."}]}
+    with TestClient(app=app) as client:
+        whole = client.post("/v1/chat/completions", json=body).json()
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True}).text
+    deltas = [
+        d
+        for frame in sse_frames(streamed)
+        if isinstance(frame, dict) and frame["choices"]
+        if (d := frame["choices"][0]["delta"].get("content"))
+    ]
+    assert "".join(deltas) == whole["choices"][0]["message"]["content"] == reply
+    window_chars = 400  # the default policy's
+    assert len(deltas) >= len(reply) // window_chars
+    assert max(len(d) for d in deltas) <= window_chars
 
 
 def test_a_placeholder_written_in_the_response_format_is_never_restored_to_user_data(

@@ -480,6 +480,44 @@ async def test_when_a_full_window_is_kept_back_to_its_last_sentence_end_then_it_
     assert "".join(released) + (await window.finish()).text == text
 
 
+class _ItemHolder:
+    """Keeps back the last item of a list ("97, "), as the pii filter keeps back a
+    number that may be an entity's start: at every cut the hold-back moves back to,
+    one more item is kept."""
+
+    name = "items"
+    stages = frozenset({Stage.OUTPUT})
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        return Verdict()
+
+    def holdback(self, text: str) -> int:
+        item = re.search(r"\d+, $", text)
+        return len(item.group()) if item else 0
+
+
+@pytest.mark.parametrize("release", ["sentence", "window"])
+async def test_when_the_hold_back_never_settles_then_a_full_window_is_still_released(
+    executor: ThreadPoolExecutor, release: str
+) -> None:
+    """The cut moved back one item per step until its steps ran out (or it reached the
+    window's start), and nothing was released until the backend was done."""
+    policy = make_guard(executor).policy
+    config = FilterConfig("items", "items", frozenset({Stage.OUTPUT}), 1.0, Action.BLOCK, None)
+    guard = Guard(policy, [(config, _ItemHolder())])
+    settings = StreamSettings(release=release, window_chars=60, context_chars=10)
+    window = StreamGuard(guard, FilterContext("s"), settings)
+    text = "".join(f"{i}, " for i in range(1, 200))
+    released = [
+        r.text
+        for piece in chunk(text, list(range(0, 900, 7)))
+        async for r in window.releases(piece)
+    ]
+    assert len(released) > len(text) // 60
+    assert all(0 < len(t) <= 60 for t in released)
+    assert "".join(released) + (await window.finish()).text == text
+
+
 class _BrokenHolder:
     """A plugin filter whose hold-back raises (or answers a non-count)."""
 
@@ -512,6 +550,34 @@ async def test_a_failing_holdback_holds_the_text_for_the_final_check(
     assert (await window.feed("One. Two three four five six. ")).text == ""
     assert (await window.finish()).text == "One. Two three four five six. "
     assert window.holdback_failures == ["broken"]  # once, however often it failed
+
+
+class _LateBreaker(_ItemHolder):
+    """Keeps back the last item of a list, and fails on a text shorter than ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def holdback(self, text: str) -> int:
+        if len(text) < self.at:
+            raise RuntimeError("bug")
+        return super().holdback(text)
+
+
+async def test_a_holdback_that_fails_after_the_cut_moved_back_still_holds_the_text(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """A full window whose hold-back does not settle is released at its first step's
+    cut: a failure at a later step is no step that did not settle."""
+    policy = make_guard(executor).policy
+    config = FilterConfig("late", "late", frozenset({Stage.OUTPUT}), 1.0, Action.BLOCK, None)
+    guard = Guard(policy, [(config, _LateBreaker(at=50))])
+    settings = StreamSettings(release="window", window_chars=60, context_chars=10)
+    window = StreamGuard(guard, FilterContext("s"), settings)
+    text = "".join(f"{i}, " for i in range(1, 40))
+    assert (await window.feed(text)).text == ""
+    assert window.holdback_failures == ["late"]
+    assert (await window.finish()).text == text
 
 
 class _StartMatcher:

@@ -84,6 +84,9 @@ LOOKAHEAD_CHARS = 64
 # than printable ASCII and single line breaks, markup and escape openers, runs of spaces.
 _MAY_SHRINK = re.compile(r"[^\t\n\x20-\x7e]|[<&%\\*`]|\s{3,}")
 _TAIL_LIMIT = 16_384
+# How often the cut is moved back over what the filters need kept (see
+# StreamGuard._held_back) before the first move is taken.
+_HOLDBACK_STEPS = 8
 _TOKEN_RUN = re.compile(f"""[^\\s,;{{}}\\[\\]"'<>{UNSPACED_LETTERS}]+""")
 
 
@@ -196,9 +199,9 @@ class StreamGuard:
             settled = self._held_back(*self._size_cut())
         if settled is None:
             return 0, 0
-        cut, forced = settled
+        cut, forced, ahead = settled
         if not forced:
-            return cut, 0
+            return cut, ahead
         # Cut through a token (no space or delimiter in the whole window): what the token
         # holds on both sides of the cut (a key, a URL's secret) is seen whole only with
         # the rest of the token, so that is awaited and checked too, up to a limit.
@@ -209,25 +212,46 @@ class StreamGuard:
             return 0, 0  # the token may run on in the text still to come
         return cut, ahead
 
-    def _held_back(self, cut: int, forced: bool) -> tuple[int, bool] | None:
-        """``cut`` moved back over what the filters need kept; ``None`` if nothing can be
-        released there now."""
+    def _held_back(self, cut: int, forced: bool) -> tuple[int, bool, int] | None:
+        """``cut`` moved back over what the filters need kept, whether it still cuts
+        through a token, and how much of the text after it to check with it; ``None`` if
+        nothing can be released there now."""
         # A filter may need the end of the window kept (a placeholder cut in half, the
         # start of a card number). Moving the cut back can split something else, so ask
         # again at the new cut until no filter wants more kept.
-        for _ in range(8):
+        end = first = cut
+        for step in range(_HOLDBACK_STEPS):
             if cut <= 0:
-                return None
+                break
             held = self._guard.holdback(Stage.OUTPUT, self._held[:cut])
             if held.failed is not None:
                 if held.failed not in self.holdback_failures:
                     self.holdback_failures.append(held.failed)
-                return None  # all of it kept
+                return None  # all of it kept, at any step: no walk-back that did not settle
             if held.chars <= 0:
-                return cut, forced
+                return cut, forced, 0
             cut -= held.chars
             forced = False
-        return None  # still moving: keep it all until more text (or the end) settles it
+            if step == 0:
+                first = cut
+        if first <= 0 or len(self._held) < self._settings.window_chars:
+            return None  # the filters keep it all, or more text may settle it
+        # Still moving with a full window held: in list-like text every item reads as
+        # the start of an entity ("97, " of a JSON array of numbers, "23) stir the pot "
+        # of numbered steps), so each step held one more, back to the window's start.
+        # Kept whole, such an answer went out in one piece when the backend was done.
+        # The first step's cut keeps the window's last unfinished entity whole. It is
+        # moved back to a space or a delimiter, as a window's cut is (a hold-back may
+        # start inside a word: "05-1120" of "078-05-1120"), and what it held back is
+        # checked with the window: an entity across the cut (a card in a list of
+        # numbers) is seen whole, and the cut moves back to where it starts.
+        floor = max(0, first - LOOKAHEAD_CHARS)
+        for boundary in (THROUGH_LAST_SPACE, _THROUGH_LAST_DELIMITER):
+            through = boundary.match(self._held, floor, first)
+            if through:
+                first = through.end()
+                break
+        return first, False, end - first
 
     def _window_cut(self) -> tuple[int, bool]:
         """The release point, and whether it falls inside a token (at the size limit)."""
