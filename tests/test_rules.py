@@ -903,6 +903,48 @@ def test_bad_rules_are_reported_with_line_and_key(
     assert expected in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("x{1001}", "regex repeats a part 1,001 times (counting repeats inside repeats"),
+        ("(?:ab{10}){101}", "regex repeats a part 1,010 times (counting repeats inside repeats"),
+        # re reads a literal "{2 000}" here; the regex engine, which compiles it, 2000 x's.
+        ("(?x)x{2 000}", "regex repeats a part 2,000 times (counting repeats inside repeats"),
+        ("a{99999999999}", "invalid regex: the repetition number is too large"),
+        # The regex engine's syntax, not re's: refused as re reads it.
+        ("\\p{L}{2000}", "invalid regex: bad escape \\p"),
+    ],
+)
+def test_a_regex_that_repeats_a_part_past_the_limit_is_refused_at_the_regex(
+    make_guard: Callable[..., Guard], pattern: str, expected: str
+) -> None:
+    """The regex engine writes a repeat out in memory: x{2000000} loaded using half a
+    gigabyte, a{4294967294} exhausted memory (a reload killed the gateway), and a count
+    past the re module's was an OverflowError placed at the filter's config."""
+    with pytest.raises(PolicyError) as info:
+        make_guard(f"- {{id: a, category: c, regex: ['{pattern}']}}\n")
+    (problem,) = info.value.problems
+    assert (problem.line, problem.key) == (8, "filters[0].config.rules[0].regex[0]")
+    assert problem.message.startswith(expected), problem.message
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [
+        ("x{1000}", "x" * 1000),
+        ("(?:ab{10}){100}", ("a" + "b" * 10) * 100),
+        # An upper count is not written out: it costs nothing, however large.
+        ("x.{0,5000}y", "x" + " " * 4000 + "y"),
+        ("x{3,}", "xxxx"),
+    ],
+)
+async def test_a_regex_within_the_repeat_limit_loads_and_matches(
+    make_guard: Callable[..., Guard], pattern: str, text: str
+) -> None:
+    guard = make_guard(f"- {{id: a, category: c, regex: ['{pattern}']}}\n")
+    assert await action(guard, text) is Action.BLOCK
+
+
 # -- semantic conditions (real all-MiniLM-L6-v2) ----------------------------------------------
 
 
