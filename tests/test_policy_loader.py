@@ -455,6 +455,49 @@ def test_a_file_nested_past_the_stack_is_a_located_problem(
     ), problem
 
 
+def nested_rule(levels: int) -> str:
+    """A policy whose one rule's ``not`` holds conditions ``levels`` deep."""
+    condition = "{keywords: [a]}"
+    for _ in range(levels - 1):
+        condition = "{all: [" + condition + "]}"
+    return (
+        HEAD + "filters:\n  - id: f\n    type: rules\n    config:\n      rules:\n"
+        "        - {id: r, category: c, keywords: [z], not: " + condition + "}\n"
+    )
+
+
+def test_conditions_nested_as_deep_as_the_limit_load(registry: PluginRegistry[FilterSpec]) -> None:
+    policy = load_policy_text(nested_rule(32), "inline.yaml", registry)
+    assert len(policy.filters[0].config.rules) == 1
+
+
+def test_conditions_nested_past_the_limit_are_refused_at_the_rule(
+    registry: PluginRegistry[FilterSpec],
+) -> None:
+    assert text_problems(nested_rule(33), registry) == [
+        "inline.yaml:8:11: filters[0].config.rules[0]: conditions nest 33 levels deep "
+        "('all', 'any' and 'not' inside one another); at most 32"
+    ]
+
+
+@pytest.mark.parametrize("levels", [130, 150])
+def test_conditions_nested_past_the_stack_are_a_located_problem(
+    registry: PluginRegistry[FilterSpec], levels: int
+) -> None:
+    """jsonschema checks all/any/not by recursion: 130 to 160 levels raised RecursionError
+    out of the loader (a 2,000-line traceback from policy validate, a bare
+    "RecursionError" from a reload)."""
+    (problem,) = text_problems(nested_rule(levels), registry)
+    # The schema check runs out of stack before the rule's limit is checked, at a depth
+    # that depends on how deep the caller's own stack already is.
+    assert problem in (
+        "inline.yaml:7:7: filters[0].config: the file nests lists or mappings too deeply "
+        "to be read",
+        f"inline.yaml:8:11: filters[0].config.rules[0]: conditions nest {levels} levels deep "
+        "('all', 'any' and 'not' inside one another); at most 32",
+    )
+
+
 def test_when_the_file_cannot_be_read_then_the_problem_is_at_its_start(
     registry: PluginRegistry[FilterSpec], tmp_path: Path
 ) -> None:

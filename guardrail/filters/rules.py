@@ -228,6 +228,15 @@ class RulesConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 ConfigPath = tuple[str | int, ...]
 
 
+_MAX_NESTING = 32
+"""The most levels of ``all``/``any``/``not`` inside one another in a rule.
+
+Checking and matching a condition take a level of Python's stack per level: a rule nested
+130 deep exhausted it in the loader's schema check (a traceback, or a reload's bare
+"RecursionError"), and how deep that happens depends on the caller's own stack. A fixed
+limit, far above what a rule needs, says the same in ``policy validate`` and a reload."""
+
+
 def _walk(cond: Condition, path: ConfigPath) -> Iterator[tuple[Condition, ConfigPath]]:
     yield cond, path
     for key, children in (("all", cond.all_of), ("any", cond.any_of)):
@@ -292,6 +301,13 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
             yield ConfigIssue(
                 (*base, "action"),
                 "action redact needs keywords or regex on the rule itself (the spans to hide)",
+            )
+        depth = max(sum(isinstance(key, str) for key in p) for _, p in _walk(rule, ()))
+        if depth > _MAX_NESTING:
+            yield ConfigIssue(
+                base,
+                f"conditions nest {depth} levels deep ('all', 'any' and 'not' inside one "
+                f"another); at most {_MAX_NESTING}",
             )
         for cond, path in _walk(rule, base):
             if not _has_part(cond):

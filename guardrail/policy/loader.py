@@ -950,7 +950,13 @@ def _check_config(
     spec: FilterSpec, config: dict[str, Any], path: JsonPath, issues: list[_Issue]
 ) -> Any:
     """Validate one filter's config: its schema, then conversion, then ``spec.validate``."""
-    schema_issues = list(_schema_issues(_config_validator(spec.config_type), config, path))
+    try:
+        schema_issues = list(_schema_issues(_config_validator(spec.config_type), config, path))
+    except RecursionError:
+        # jsonschema descends a recursive schema (a rule's all/any/not) by recursion,
+        # some frames a level: nesting the YAML reader still took exhausted the stack.
+        issues.append(_Issue(path, _TOO_DEEP))
+        return None
     if schema_issues:
         issues += schema_issues
         # Report the config's other problems too (every problem at once): check what is
