@@ -517,6 +517,36 @@ def test_when_the_file_is_not_utf8_then_the_bad_byte_is_located(
     ]
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize(
+    ("line3", "expected"),
+    [
+        (b"description: a\x00b", "3:15: the character U+0000 is not allowed in a YAML file"),
+        (
+            "description: a\u2028b".encode(),
+            "3:15: the character U+2028 (line separator) is a line break to YAML but not",
+        ),
+        (b"description: caf\xe9", "3:17: the file is not UTF-8 text (byte 0xe9 cannot be"),
+        # What the YAML reader itself places, for comparison.
+        (b"bogus: 1", "3:1: bogus: unknown key 'bogus'"),
+    ],
+    ids=["nul", "line-separator", "not-utf8", "yaml-mark"],
+)
+def test_a_problem_found_before_the_yaml_is_read_is_on_the_line_yaml_and_editors_show(
+    registry: PluginRegistry[FilterSpec],
+    tmp_path: Path,
+    newline: str,
+    line3: bytes,
+    expected: str,
+) -> None:
+    """YAML ends a line at CR, CR LF or LF; these checks counted LF alone, so in a file
+    saved with CR line endings each was on line 1, at a column past the line's end."""
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(newline.encode().join([b"name: p", b"version: '1'", line3, b""]))
+    (problem,) = problems_of(path, registry)
+    assert problem.startswith(f"{path}:{expected}"), problem
+
+
 @pytest.mark.parametrize("char", ["\x85", "\u2028", "\u2029"])
 def test_a_line_break_only_yaml_sees_is_refused_where_an_editor_shows_it(
     registry: PluginRegistry[FilterSpec], char: str

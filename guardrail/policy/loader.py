@@ -103,9 +103,8 @@ def load_policy(path: str | Path, registry: PluginRegistry[FilterSpec]) -> Polic
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line_start = raw.rfind(b"\n", 0, e.start) + 1
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = len(raw[line_start : e.start].decode("utf-8", errors="replace")) + 1
+        before = raw[: e.start].decode("utf-8", errors="replace")
+        line, column = _line_column(before, len(before))
         message = f"the file is not UTF-8 text (byte 0x{raw[e.start]:02x} cannot be decoded)"
         raise PolicyError([Problem(name, line, column, "", message)]) from e
     return _load(text, hashlib.sha256(raw).hexdigest(), name, source, registry)
@@ -290,9 +289,7 @@ def _hidden_breaks(text: str, name: str) -> list[Problem]:
     """
     problems = []
     for found in _HIDDEN_BREAK.finditer(text):
-        at = found.start()
-        line = text.count("\n", 0, at) + 1
-        column = at - (text.rfind("\n", 0, at) + 1) + 1
+        line, column = _line_column(text, found.start())
         char = found.group()
         message = (
             f"the character U+{ord(char):04X} ({_HIDDEN_BREAKS[char]}) is a line break to "
@@ -310,8 +307,7 @@ def _parse_yaml(text: str, name: str) -> _Parsed:
     try:
         loader = yaml.SafeLoader(text)
     except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        line, column = _line_column(text, e.position)
         char = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
         message = f"the character {char} is not allowed in a YAML file"
         return _Parsed(None, _SourceMap(), [Problem(name, line, column, "", message)])
@@ -340,6 +336,17 @@ def _parse_yaml(text: str, name: str) -> _Parsed:
         return _Parsed(data, builder.where, builder.problems, frozenset(builder.rejected))
     finally:
         loader.dispose()
+
+
+# The line breaks of YAML (and of editors): a check made before the YAML is read counts
+# lines as the reader's marks do, or a file saved with CR endings was all on line 1.
+_LINE_BREAK = re.compile(r"\r\n?|\n")
+
+
+def _line_column(text: str, at: int) -> Position:
+    """Where ``text[at]`` is, as YAML counts lines: after ``\\r\\n``, ``\\r`` or ``\\n``."""
+    line_start = max(text.rfind("\n", 0, at), text.rfind("\r", 0, at)) + 1
+    return len(_LINE_BREAK.findall(text, 0, at)) + 1, at - line_start + 1
 
 
 def _yaml_problem(name: str, e: yaml.MarkedYAMLError) -> Problem:
