@@ -59,6 +59,19 @@ filters:
           keywords: [dummy]
 """
 
+# A policy whose only filter reads completions: the input stage runs no filter at all.
+OUTPUT_ONLY_POLICY = """
+name: output-only
+version: "1"
+filters:
+  - id: words
+    type: rules
+    stages: [output]
+    config:
+      rules:
+        - {id: rude, category: insult, action: flag, keywords: [dummy]}
+"""
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

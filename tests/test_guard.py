@@ -278,6 +278,30 @@ async def test_a_filter_runs_only_at_its_stages(make_guard: Callable[[str], Guar
     assert guard.filters_at(Stage.INPUT) == []
 
 
+@pytest.mark.parametrize(
+    ("filters", "texts"),
+    [
+        ("- {id: out, type: script, stages: [output], config: {behaviour: block}}\n", ("a", "b")),
+        ("- {id: any, type: script, config: {behaviour: block}}\n", ("", "")),
+    ],
+    ids=["no-input-filter", "every-message-empty"],
+)
+async def test_a_conversation_no_filter_reads_is_decided_allowed_as_a_whole(
+    make_guard: Callable[[str], Guard], filters: str, texts: tuple[str, str]
+) -> None:
+    """An output-only policy's prompts had no input decision: they counted nowhere as
+    checked (stage_outcomes_total, the audit row's input_action, feedback, the report)."""
+    guard = make_guard(filters)
+    messages = tuple(Message("user", t) for t in texts)
+    ctx = FilterContext("r", messages=messages)
+
+    decided = await guard.check_messages(Stage.INPUT, messages, ctx)
+
+    assert [(i, d.stage, d.action, d.text, d.outcomes) for i, d in decided] == [
+        (None, Stage.INPUT, Action.ALLOW, "\n\n".join(texts), ())
+    ]
+
+
 async def test_redactions_from_several_filters_compose(make_guard: Callable[[str], Guard]) -> None:
     guard = make_guard(
         "- {id: r, type: script, config: {behaviour: redact}}\n"

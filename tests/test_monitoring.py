@@ -33,6 +33,7 @@ from guardrail.observability.groups import Lexicon
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.observability.monitoring import Monitor, MonitoringMetrics, monitor_from_settings
 from guardrail.settings import Settings
+from tests.conftest import OUTPUT_ONLY_POLICY
 from tests.fakes.backend import FakeBackend
 
 SECRET = "Muslims are my neighbours 078-05-1120"
@@ -352,6 +353,32 @@ def test_the_app_counts_groups_of_prompts_and_completions(
     assert group(metrics_registry, "guardrail_group_mentions_total", "christian", "output") == 1
     assert 'guardrail_harmful_rate{window="recent"} 0.5' in metrics
     assert "guardrail_counterfactual_skipped_total" in metrics
+
+
+def test_an_output_only_policy_s_prompts_count_as_checked_at_input(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+) -> None:
+    """stage_outcomes_total{stage="input"} is the denominator of the harmful, block and
+    accuracy rates: it stayed 0 for a policy without input filters (the panels showed
+    +Inf, and the harmful-content alert fired on the first harmful answer)."""
+    backend.reply = "You dummy."
+    with TestClient(app=make_app(policy=write_policy(OUTPUT_ONLY_POLICY))) as client:
+        for _ in range(2):
+            client.post(
+                "/v1/chat/completions",
+                json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+            )
+
+    harmful = value(
+        metrics_registry, "guardrail_harmful_exchanges_total", tenant="default", policy_version="1"
+    )
+    stages = "guardrail_stage_outcomes_total"
+    checked = value(metrics_registry, stages, stage="input", action="allow")
+    assert (harmful, checked) == (2, 2)
+    assert value(metrics_registry, stages, stage="output", action="flag") == 2
 
 
 class _BrokenLexicon(Lexicon):

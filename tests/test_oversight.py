@@ -27,7 +27,7 @@ from guardrail.api.review import expected_action
 from guardrail.app import create_app
 from guardrail.guard.registry import filter_registry
 from guardrail.settings import ApiKeyEntry, Settings, TenantConfig, key_digest
-from tests.conftest import TEST_POLICY
+from tests.conftest import OUTPUT_ONLY_POLICY, TEST_POLICY
 from tests.fakes.backend import FakeBackend
 from tests.fakes.filters import FAULT
 
@@ -226,6 +226,27 @@ def test_a_second_rating_of_a_response_replaces_the_first(client: Client, databa
     assert rate(client, answer["id"], 1).json()["replaced"] is False
     assert rate(client, answer["id"], -1).json()["replaced"] is True
     assert rows(database, "SELECT rating FROM audit_feedback") == [(-1,)]
+
+
+def test_a_response_of_an_output_only_policy_can_be_rated(
+    gateway: Callable[..., Iterator[Client]],
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    database: Path,
+) -> None:
+    """With no input filter its audit row had no input_action, and every rating of it
+    was a 404 response_not_found."""
+    backend.reply = "You dummy."
+    for client in gateway(policy=write_policy(OUTPUT_ONLY_POLICY)):
+        answer = chat(client, "hello")
+
+        response = rate(client, answer["id"], -1)
+
+        assert response.status_code == 200, response.text
+        assert response.json()["decision"]["input_action"] == "allow"
+    assert rows(database, "SELECT input_action, output_action FROM audit_log") == [
+        ("allow", "flag")
+    ]
 
 
 def test_a_tenant_cannot_rate_another_tenants_response(client: Client) -> None:

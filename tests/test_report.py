@@ -16,6 +16,7 @@ from litestar.testing import TestClient
 from guardrail.cli import main
 from guardrail.observability.audit import SQLITE_MIGRATIONS
 from guardrail.observability.report import ReportBuilder, parse_since, percentile
+from tests.conftest import OUTPUT_ONLY_POLICY
 from tests.fakes.backend import FakeBackend
 from tests.test_audit import postgres_dsn, postgres_server  # noqa: F401 (fixtures)
 
@@ -287,6 +288,34 @@ def test_ratings_of_refused_requests_and_moderation_calls_are_not_satisfaction()
     assert satisfaction is not None
     assert (satisfaction.ratings, satisfaction.positive) == (1, 1)
     assert satisfaction.by_action == {"allow": (1, 1)}
+
+
+def test_the_exchanges_of_an_output_only_policy_are_reported(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    tmp_path: Path,
+) -> None:
+    """Their rows had no input action: the report counted no exchange at all."""
+    db = tmp_path / "audit.db"
+    backend.reply = "You dummy."
+    app = make_app(policy=write_policy(OUTPUT_ONLY_POLICY), audit_dsn=str(db))
+    with TestClient(app=app) as client:
+        for _ in range(2):
+            response = client.post(
+                "/v1/chat/completions",
+                json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert response.status_code == 200, response.text
+
+    summary = report(str(db), tmp_path, "--since", "1h").sections["summary"]
+
+    assert summary.values("totals")[1:] == [
+        ["chat and completion exchanges", 2],
+        ["harmful exchanges", 2],
+        ["harmful rate", 1.0],
+    ]
+    assert summary.values("stages") == [["input", 2, 0, 0.0, 0], ["output", 2, 0, 0.0, 2]]
 
 
 def test_a_window_without_traffic_says_so_in_every_section(audit_db: Path, tmp_path: Path) -> None:

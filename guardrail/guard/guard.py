@@ -207,6 +207,9 @@ class Guard:
     ) -> list[tuple[int | None, Decision]]:
         """Decide on a conversation: one decision per non-empty message (index), plus
         one for the conversation-level filters (index ``None``), if the policy has any.
+        A conversation no filter reads (none at ``stage``, or every message empty) is
+        decided all the same: one allow of the whole conversation (index ``None``), as
+        :meth:`check` decides a text no filter reads.
 
         Message-level verdicts come from the verdict cache where a filter allows it; a
         message whose every verdict is cached is decided without starting a task.
@@ -234,11 +237,17 @@ class Guard:
                 )
                 pending.append(i)
         conversation = self._conversation[stage]
+        text = CONVERSATION_SEPARATOR.join(m.content for m in messages)
         if conversation:
-            text = CONVERSATION_SEPARATOR.join(m.content for m in messages)
             jobs.append(self._decide_conversation(stage, text, ctx.at(stage, None), conversation))
             pending.append(None)
         decided.update(zip(pending, await asyncio.gather(*jobs), strict=True))
+        if not decided:
+            # The conversation reached the filters and passed: no decision at all made the
+            # exchange of an output-only policy look refused before them (no input stage
+            # in stage_outcomes_total, the rates' denominator; no input_action in its
+            # audit row, so neither feedback nor the report found it).
+            return [(None, self.combine(stage, text, ()))]
         ordered: list[tuple[int | None, Decision]] = [
             (i, decided[i]) for i in range(len(messages)) if i in decided
         ]
