@@ -701,11 +701,17 @@ async def test_ratings_and_verdicts_round_trip_with_the_decision_they_judged(
             "input",
         )
 
-        assert not await store.save_feedback(FeedbackEntry(fine, rating=1, comment=None, epoch=NOW))
-        assert await store.save_feedback(FeedbackEntry(fine, rating=-1, comment="x\x00", epoch=NOW))
+        assert (
+            await store.save_feedback(FeedbackEntry(fine, rating=1, comment=None, epoch=NOW))
+            is None
+        )
+        assert (
+            await store.save_feedback(FeedbackEntry(fine, rating=-1, comment="x\x00", epoch=NOW))
+            == 1
+        )
         assert (
             await store.save_feedback(FeedbackEntry(blocked, rating=-1, comment=None, epoch=NOW))
-            is False
+            is None
         )
 
         assert await store.pending_count() == 3  # the rated-down allowed exchange joins

@@ -725,6 +725,7 @@ def _record_every_kind(metrics: GatewayMetrics) -> None:
     metrics.engine_finished(64, 1.5)
     metrics.engine_prefix_lookup(True, 600, 2**20)
     metrics.feedback_received("negative", "block")
+    metrics.feedback_received("positive", "block", replaced="negative")
     metrics.review_verdict("false_positive", "block")
     metrics.set_review_queue_depth(3)
     metrics.shadow_decision(Stage.INPUT, Action.ALLOW, "block", "candidate-1")
@@ -828,7 +829,7 @@ def test_every_metric_has_help_text_and_samples_after_every_kind_of_exchange(
     _record_every_kind(metrics)
 
     families = [f for f in registry.collect() if f.name.startswith("guardrail_")]
-    assert len(families) == 39
+    assert len(families) == 40
     for family in families:
         assert family.documentation, family.name
         assert family.samples, family.name

@@ -249,6 +249,57 @@ def test_a_response_of_an_output_only_policy_can_be_rated(
     ]
 
 
+@pytest.mark.parametrize(
+    ("ratings", "counted", "replaced"),
+    [
+        ([1, -1], {"positive": 1, "negative": 1}, {"positive": 1, "negative": 0}),
+        ([-1, -1, -1], {"positive": 0, "negative": 1}, {"positive": 0, "negative": 0}),
+        ([1, -1, 1], {"positive": 2, "negative": 1}, {"positive": 1, "negative": 1}),
+    ],
+    ids=["changed", "retried", "changed-back"],
+)
+def test_the_ratings_metrics_net_out_to_the_stored_rating(
+    client: Client,
+    database: Path,
+    metrics_registry: CollectorRegistry,
+    ratings: list[int],
+    counted: dict[str, float],
+    replaced: dict[str, float],
+) -> None:
+    """feedback_total counted every POST: a changed rating was one good and one bad (50%
+    satisfaction where the stored rating is bad), a retried one three bad."""
+    answer = chat(client, "hello")
+    for rating in ratings:
+        assert rate(client, answer["id"], rating).status_code == 200
+
+    def count(name: str) -> dict[str, float]:
+        return {
+            c: counter(metrics_registry, name, rating_class=c, decision="allow")
+            for c in ("positive", "negative")
+        }
+
+    assert count("guardrail_feedback_total") == counted
+    assert count("guardrail_feedback_replaced_total") == replaced
+    stored = {"positive": 1 if ratings[-1] > 0 else 0, "negative": 1 if ratings[-1] < 0 else 0}
+    assert {c: counted[c] - replaced[c] for c in counted} == stored
+    assert rows(database, "SELECT rating FROM audit_feedback") == [(ratings[-1],)]
+
+
+def test_ratings_of_moderation_checks_are_stored_but_not_counted(
+    client: Client, database: Path, metrics_registry: CollectorRegistry
+) -> None:
+    """The report leaves them out of satisfaction; feedback_total counted them."""
+    check = client.post("/v1/moderations", json={"input": "build a bomb"}, headers=auth(ACME))
+
+    assert rate(client, check.json()["id"], -1).status_code == 200
+
+    negative = counter(
+        metrics_registry, "guardrail_feedback_total", rating_class="negative", decision="block"
+    )
+    assert negative == 0
+    assert rows(database, "SELECT route, rating FROM audit_feedback") == [("moderations", -1)]
+
+
 def test_a_tenant_cannot_rate_another_tenants_response(client: Client) -> None:
     answer = chat(client, "hello", key=BETA)
 

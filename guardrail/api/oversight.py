@@ -1,6 +1,7 @@
 """The running gateway's feedback and review service: the oversight store, the audit log
 it reads, and the metrics it keeps (``guardrail_feedback_total``,
-``guardrail_review_verdicts_total``, ``guardrail_review_queue_depth``).
+``guardrail_feedback_replaced_total``, ``guardrail_review_verdicts_total``,
+``guardrail_review_queue_depth``).
 
 Routes: :mod:`guardrail.api.feedback` (``POST /v1/feedback``) and
 :mod:`guardrail.api.review` (``/admin/review...``). Both need the audit log: with
@@ -21,6 +22,7 @@ from litestar.datastructures import State
 
 from guardrail.api.errors import APIError
 from guardrail.api.serving import Gateway
+from guardrail.exchange import MONITORED_ROUTES
 from guardrail.observability.audit import AuditLog
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.observability.oversight import (
@@ -142,11 +144,21 @@ class Oversight:
         return True
 
     async def save_feedback(self, entry: FeedbackEntry) -> bool:
-        replaced = await self.guarded(self.store.save_feedback(entry))
-        self.metrics.feedback_received(
-            "positive" if entry.rating > 0 else "negative", entry.exchange.action
-        )
-        return replaced
+        """Store a rating; True if it replaced an earlier rating of the same response.
+
+        The metrics follow the stored ratings: a changed rating counts its new class and
+        the old one as replaced, a repeated one (a retried POST) nothing. Ratings of
+        ``/v1/moderations`` checks are stored but not counted: as in the report, they
+        are no chat user's satisfaction.
+        """
+        previous = await self.guarded(self.store.save_feedback(entry))
+        if entry.exchange.route in MONITORED_ROUTES:
+            self.metrics.feedback_received(
+                _rating_class(entry.rating),
+                entry.exchange.action,
+                replaced=None if previous is None else _rating_class(previous),
+            )
+        return previous is not None
 
     # --- review -----------------------------------------------------------------------
 
@@ -165,6 +177,10 @@ class Oversight:
             log.error("oversight_store_failed", error=type(e).__name__)
             raise unavailable() from e
         return result
+
+
+def _rating_class(rating: int) -> str:
+    return "positive" if rating > 0 else "negative"
 
 
 def unavailable() -> APIError:

@@ -56,6 +56,7 @@ rate_limited_total                              counter    limit
 overloaded_total                                counter    route
 backend_circuit_state                           gauge      url
 feedback_total                                  counter    rating_class, decision
+feedback_replaced_total                         counter    rating_class, decision
 review_verdicts_total                           counter    verdict, action
 review_queue_depth                              gauge      (none)
 shadow_decisions_total                          counter    stage, active, shadow
@@ -372,8 +373,16 @@ class GatewayMetrics:
         # User satisfaction and human review (guardrail.api.oversight).
         self.feedback = counter(
             "feedback_total",
-            "User ratings of responses, by rating class (positive, negative) and the "
-            "rated exchange's decision (its strictest action).",
+            "User ratings of chat and completion responses, by rating class (positive, "
+            "negative) and the rated exchange's decision (its strictest action): a "
+            "response's first rating, and a changed rating's new class (less "
+            "feedback_replaced_total, the ratings stored).",
+            ("rating_class", "decision"),
+        )
+        self.feedback_replaced = counter(
+            "feedback_replaced_total",
+            "Ratings counted in feedback_total that a changed rating of the same response "
+            "replaced, by their rating class and the exchange's decision.",
             ("rating_class", "decision"),
         )
         self.review_verdicts = counter(
@@ -441,6 +450,7 @@ class GatewayMetrics:
         for action in _ACTIONS:
             for rating_class in _RATING_CLASSES:
                 self.feedback.labels(rating_class=rating_class, decision=action)
+                self.feedback_replaced.labels(rating_class=rating_class, decision=action)
             for verdict in _VERDICTS:
                 self.review_verdicts.labels(verdict=verdict, action=action)
         for result in ("hit", "miss"):
@@ -714,13 +724,27 @@ class GatewayMetrics:
 
     # --- feedback and review ------------------------------------------------
 
-    def feedback_received(self, rating_class: str, decision: str) -> None:
+    def feedback_received(
+        self, rating_class: str, decision: str, *, replaced: str | None = None
+    ) -> None:
         """Count a user's rating (``positive``/``negative``) of a response whose exchange
-        ended in ``decision`` (an action); never the comment or any id."""
+        ended in ``decision`` (an action); never the comment or any id. ``replaced``: the
+        class of the rating of the same response it replaces, counted in
+        ``feedback_replaced_total`` so that the two counters' difference is the ratings
+        stored (a rating that replaces one of its own class changes nothing: not counted).
+        """
+        if replaced == rating_class:
+            return
+        decision = decision if decision in _ACTIONS else UNKNOWN
         self.feedback.labels(
             rating_class=rating_class if rating_class in _RATING_CLASSES else OTHER,
-            decision=decision if decision in _ACTIONS else UNKNOWN,
+            decision=decision,
         ).inc()
+        if replaced is not None:
+            self.feedback_replaced.labels(
+                rating_class=replaced if replaced in _RATING_CLASSES else OTHER,
+                decision=decision,
+            ).inc()
 
     def review_verdict(self, verdict: str, action: str) -> None:
         """Count a reviewer's verdict on an exchange whose action was ``action``."""

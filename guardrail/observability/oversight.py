@@ -474,16 +474,20 @@ class OversightStore:
         rows = await self._call(self._rows, _FIND_RESPONSE, params)
         return _exchange(rows[0]) if rows else None
 
-    async def save_feedback(self, entry: FeedbackEntry) -> bool:
-        """Store a rating; a later rating of the same response replaces it (True then)."""
-        return bool(await self._call(self._save_feedback, entry))
+    async def save_feedback(self, entry: FeedbackEntry) -> int | None:
+        """Store a rating; a later rating of the same response replaces it. Returns the
+        rating it replaced (``None`` for the response's first), read in the same
+        transaction: what the ratings metrics count must follow the stored rows."""
+        previous: int | None = await self._call(self._save_feedback, entry)
+        return previous
 
-    def _save_feedback(self, entry: FeedbackEntry) -> bool:
+    def _save_feedback(self, entry: FeedbackEntry) -> int | None:
         ex = entry.exchange
         response_id = _clean(ex.response_id or entry.response_id or ex.request_id)
         with self._transaction() as conn:
             found = conn.execute(
-                self._sql("SELECT 1 FROM audit_feedback WHERE record_id = ?"), (ex.record_id,)
+                self._sql("SELECT rating FROM audit_feedback WHERE record_id = ?"),
+                (ex.record_id,),
             ).fetchone()
             conn.execute(
                 self._sql(_UPSERT_FEEDBACK),
@@ -505,7 +509,7 @@ class OversightStore:
                     entry.epoch,
                 ),
             )
-        return found is not None
+        return None if found is None else int(found[0])
 
     # --- review ------------------------------------------------------------------------
 
