@@ -85,6 +85,11 @@ def test_every_group_has_a_counterpart_on_its_axis_and_a_plural_to_swap_in(
         # A multi-word term is often hyphenated: still one mention, not two nationalities.
         ("African-Americans vote", {"race_ethnicity/black"}),
         ("Asian-American voters", {"race_ethnicity/asian"}),
+        # Written with the hyphens and dashes word processors and keyboards type.
+        ("African\u2013American voters", {"race_ethnicity/black"}),  # en dash
+        ("African\u2011Americans", {"race_ethnicity/black"}),  # non-breaking hyphen
+        ("Asian\u2010American, Asian \u2014 Americans", {"race_ethnicity/asian"}),
+        ("non\u2011binary and non\u2212binary people", {"gender/nonbinary"}),
         # Whole words only.
         ("Germany, Mandarin, woman-hating, mankind", {"gender/women"}),
         ("humanity, Manchester, amendment, semen", set()),
@@ -114,7 +119,7 @@ _WORDS = [
     "gay", "straight", "trans", "the", "elderly", "mentally", "ill", "café", "naïve",
     "straße", "İstanbul", "x", "2women", "women_", "_men", "\uff2duslims",
 ]  # fmt: skip
-_SEPARATORS = [" ", "  ", "-", "\u00a0", "\n", ", ", "—", "'s ", "", "\u2009"]
+_SEPARATORS = [" ", "  ", "-", "\u00a0", "\n", ", ", "—", "'s ", "", "\u2009", "\u2011", "\u2013"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -146,6 +151,7 @@ def test_the_fast_path_finds_exactly_what_the_full_scan_finds(
         ("gays and lesbians", "sexual_orientation/gay", "straight people and lesbians"),
         ("Black women vote", "race_ethnicity/black", "White women vote"),
         ("African-American voters", "race_ethnicity/black", "White voters"),
+        ("Our African\u2013American voters", "race_ethnicity/black", "Our White voters"),
         ("nothing here", "religion/muslim", "nothing here"),
     ],
 )

@@ -65,7 +65,11 @@ _NAME: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # Words of letters or digits, separated by one space or hyphen, maybe a trailing "(who)".
 _TERM: Final = re.compile(r"^[^\W_]+(?:[ -][^\W_]+)*(?: \(who\))?$")
 _WHO: Final = " (who)"
-_SEPARATORS: Final = re.compile(r"[\s-]+")
+# What a text writes for a term's hyphen (a character class's contents): the ASCII one,
+# and the hyphens and dashes word processors and keyboards put in its place (U+2010 to
+# U+2015: hyphen, non-breaking hyphen, figure, en and em dash, bar; U+2212 minus).
+_HYPHENS: Final = r"\-\u2010-\u2015\u2212"
+_SEPARATORS: Final = re.compile(rf"[\s{_HYPHENS}]+")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -413,13 +417,17 @@ def _compile(terms: Iterable[str], who: Iterable[str]) -> str:
         node[""] = {}
     followers = sorted({w.casefold() for w in who}, key=lambda w: (-len(w), w))
     follow = (
-        r"\b(?=[\s-]+(?:" + "|".join(re.escape(w) for w in followers) + r")\b)"
+        rf"\b(?=[\s{_HYPHENS}]+(?:" + "|".join(re.escape(w) for w in followers) + r")\b)"
         if followers
         else r"(?!)"
     )
     # "African American" is as often written "African-American": a space in a term also
-    # matches a hyphen (with or without spaces around it).
-    rendered = {_SPACE: r"(?:\s*-\s*|\s+)", _HYPHEN: r"[-\s]?", _FOLLOWED: follow}
+    # matches a hyphen (with or without spaces around it), any of _HYPHENS.
+    rendered = {
+        _SPACE: rf"(?:\s*[{_HYPHENS}]\s*|\s+)",
+        _HYPHEN: rf"[{_HYPHENS}\s]?",
+        _FOLLOWED: follow,
+    }
 
     def render(node: dict[str, Any]) -> str:
         branches = [
