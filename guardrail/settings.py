@@ -345,7 +345,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         msgspec.Meta(ge=0),
     ] = 50_000
     filter_workers: Annotated[
-        int, _doc("Threads in the shared pool that runs blocking filter work."), msgspec.Meta(ge=1)
+        int,
+        _doc(
+            "Threads in the shared pool that runs blocking filter work; also how many "
+            "inputs of one /v1/moderations list are checked at a time."
+        ),
+        msgspec.Meta(ge=1),
     ] = 4
     max_tokens_limit: Annotated[
         int,

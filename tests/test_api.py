@@ -1055,6 +1055,37 @@ def test_an_image_part_or_a_mixed_list_is_refused_by_name(
     assert (error["param"], error["code"]) == (param, code)
 
 
+BUSY_POLICY = """
+name: busy
+version: "1"
+on_error: block
+filters:
+  - {id: busy, type: busy, timeout_ms: 400, config: {hold_ms: 50}}
+"""
+
+
+def test_a_moderation_batch_gives_each_input_the_verdict_it_gets_alone(
+    write_policy: Callable[[str], Path], backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    """Checks that take turns on the CPU: 16 inputs of 50 ms under a 400 ms limit. Each
+    input's limit ran from the start of the batch, so the last ones timed out, flagged."""
+    from guardrail.app import create_app
+    from guardrail.guard.registry import filter_registry
+    from guardrail.settings import Settings
+    from tests.fakes.filters import BUSY
+
+    filters = filter_registry()
+    filters.register("busy", BUSY)
+    settings = Settings(policy=str(write_policy(BUSY_POLICY)), filter_workers=2)
+    app = create_app(settings, backend=backend, filters=filters, metrics_registry=metrics_registry)
+    with TestClient(app=app) as c:
+        r = c.post("/v1/moderations", json={"input": [f"note {i}" for i in range(16)]})
+    assert r.status_code == 200, r.text
+    assert [x["flagged"] for x in r.json()["results"]] == [False] * 16
+    errors = {"filter": "busy", "stage": "input", "kind": "timeout"}
+    assert metrics_registry.get_sample_value("guardrail_filter_errors_total", errors) in (None, 0)
+
+
 def test_the_openai_sdk_reads_a_moderation_with_every_field_its_model_requires(
     make_app: Callable[..., Litestar],
 ) -> None:

@@ -744,12 +744,17 @@ class Serving:
             # conversation (that is the prompt alone, if given). Each has its own request
             # state: with one shared, the PII placeholders were numbered in the order the
             # analyses finished, so an input's result depended on the others in the list.
-            decisions = await asyncio.gather(
-                *(
-                    guard.check(stage, text, dataclasses.replace(ctx, state={}))
-                    for text in body.inputs()
-                )
-            )
+            # A filter's time limit runs from the moment its check starts: with every
+            # input started at once, the last of a long batch waited for the CPU behind
+            # the others and timed out (a harmless text flagged filter_error). As many
+            # at a time as the filter pool has threads, each input's limit is its own.
+            running = asyncio.Semaphore(self.gw.settings.filter_workers)
+
+            async def check(text: str) -> Decision:
+                async with running:
+                    return await guard.check(stage, text, dataclasses.replace(ctx, state={}))
+
+            decisions = await asyncio.gather(*(check(text) for text in body.inputs()))
             exchange.decisions.extend(decisions)
             grounding = None
             if any(source.strip() for source in sources):  # without sources nothing is scored

@@ -1,6 +1,7 @@
 """Filters for tests: one that fails on every text, for the fail-closed paths (``FAULT``);
 one that reads a word list next to its policy file (``LISTED``); one that scores the
-whole text, as the toxicity filter does (``TONE``)."""
+whole text, as the toxicity filter does (``TONE``); one whose checks take turns on one
+CPU (``BUSY``)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,24 @@ class Tone:
 
 
 TONE = FilterSpec(type="tone", config_type=ToneConfig, build=Tone)
+
+
+class BusyConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    hold_ms: int = 50  # how long one check holds the CPU
+
+
+class Busy:
+    """Allows every text after holding the one CPU for ``hold_ms``: checks started
+    together take turns, as a model's do on a busy host, so the last waits for all."""
+
+    def __init__(self, name: str, config: BusyConfig, env: BuildContext) -> None:
+        self.name, self.stages, self.config = name, frozenset(Stage), config
+        self.cpu = asyncio.Lock()
+
+    async def check(self, text: str, ctx: FilterContext) -> Verdict:
+        async with self.cpu:
+            await asyncio.sleep(self.config.hold_ms / 1000)
+        return Verdict.from_findings([])
+
+
+BUSY = FilterSpec(type="busy", config_type=BusyConfig, build=Busy)
