@@ -161,6 +161,8 @@ def test_a_blocked_prompt_is_rated_by_its_request_id_and_counts_toward_over_bloc
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "chatcmpl-"),
         ("/v1/completions", {"prompt": "hi"}, "cmpl-"),
         ("/v1/moderations", {"input": "hi"}, "modr-"),
+        # Checked by the output filters alone: no input action, rated all the same.
+        ("/v1/moderations", {"input": "hi", "stage": "output"}, "modr-"),
     ],
 )
 def test_the_audit_row_keeps_the_id_the_response_carried(
@@ -171,6 +173,29 @@ def test_the_audit_row_keeps_the_id_the_response_carried(
     assert answer["id"].startswith(prefix)
     assert rate(client, answer["id"], 1).status_code == 200
     assert rows(database, "SELECT response_id FROM audit_log") == [(answer["id"],)]
+
+
+@pytest.mark.parametrize(
+    ("input_action", "output_action", "found"),
+    [("allow", None, True), (None, "flag", True), ("block", "allow", True), (None, None, False)],
+)
+def test_a_queued_row_is_rated_if_the_filters_checked_either_stage(
+    input_action: str | None, output_action: str | None, found: bool
+) -> None:
+    """A stage "output" moderation, still in the audit queue, has an output action alone."""
+    from guardrail.observability.audit import AuditRecord
+    from guardrail.observability.oversight import answers
+
+    record = AuditRecord(
+        record_id="r1", request_id="q1", time="2026-01-01T00:00:00.000000Z", epoch=0.0,
+        route="moderations", tenant="acme", model=None, stream=False, backend=None,
+        policy_name="p", policy_version="1", outcome="allowed", status_code=200,
+        error_code=None, action=output_action or input_action or "allow",
+        input_action=input_action, output_action=output_action, findings_json="[]",
+        filters_json="[]", duration_ms=None, backend_ms=None, ttft_ms=None,
+        prompt_tokens=None, completion_tokens=None, response_id="modr-q1",
+    )  # fmt: skip
+    assert answers(record, "acme", "modr-q1") is found
 
 
 def test_a_request_refused_before_the_filters_cannot_be_rated_nor_queued(

@@ -232,15 +232,16 @@ _COUNT_PENDING: Final = (
 # The id a client names is the response's id (chatcmpl-...), or, for a refused request
 # that got no response body, its request id (guardrail.request_id / x-request-id). Rows
 # written before schema version 2 have no response_id: the prefix is taken off instead.
-# Only an exchange the filters checked (it has an input action) is rated: a request
-# refused before them (a bad body, a 429) has no decision to judge, and is not found.
+# Only an exchange the filters checked (it has an input or an output action; a stage
+# "output" moderation has the output one alone) is rated: a request refused before them
+# (a bad body, a 429) has no decision to judge, and is not found.
 # A response id the gateway made wins over a request id a client chose to be the same
 # text; among equals, the latest. "tenant || ''" keeps SQLite off the tenant index (all
 # of a tenant's rows): the ids are the selective terms.
 _FIND_RESPONSE: Final = (
     _ITEM
     + """WHERE (a.response_id = ? OR a.request_id = ? OR (a.request_id = ? AND a.route = ?))
-  AND a.tenant || '' = ? AND a.input_action IS NOT NULL
+  AND a.tenant || '' = ? AND (a.input_action IS NOT NULL OR a.output_action IS NOT NULL)
 ORDER BY CASE WHEN a.response_id = ? THEN 0 ELSE 1 END, a.id DESC LIMIT 1"""
 )
 _PREFIX_ROUTES: Final = {"chatcmpl-": "chat", "cmpl-": "completions", "modr-": "moderations"}
@@ -261,7 +262,7 @@ def answers(record: AuditRecord, tenant: str, response_id: str) -> bool:
     response_id = _clean(response_id) or ""
     bare, route = _bare_id(response_id)
     return (
-        record.input_action is not None
+        (record.input_action is not None or record.output_action is not None)
         and _clean(record.tenant) == _clean(tenant)
         and (
             _clean(record.response_id) == response_id
