@@ -797,6 +797,15 @@ def tone_app(
     return create_app(settings, backend=backend, filters=filters, metrics_registry=registry)
 
 
+def test_a_harm_flag_flags_a_moderation_input(
+    write_policy: Callable[[str], Path], backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    with TestClient(app=tone_app(write_policy, backend, metrics_registry)) as client:
+        r = client.post("/v1/moderations", json={"input": "They are filthy animals."})
+    result = r.json()["results"][0]
+    assert (result["action"], result["flagged"]) == ("flag", True)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("route", ["completions", "chat"])
 def test_a_whole_text_score_of_the_prompt_is_not_charged_to_its_completion(

@@ -979,6 +979,19 @@ def test_moderation_inputs_are_checked_as_inputs_not_as_conversation_messages(
     assert [f["category"] for f in recent["findings"]] == ["knowledge_cutoff"]
 
 
+def test_an_accuracy_flag_alone_does_not_flag_a_moderation_input(
+    facts_app: Callable[..., Litestar],
+) -> None:
+    """LangChain's moderation chain reads ``flagged`` alone: a question past the cutoff
+    was refused as harmful, with every OpenAI category false."""
+    with TestClient(app=facts_app()) as client:
+        r = client.post("/v1/moderations", json={"input": "Who won the 2025 Tour de France?"})
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    assert (result["action"], result["flagged"]) == ("flag", False)
+    assert [f["category"] for f in result["findings"]] == ["knowledge_cutoff"]
+
+
 def test_moderation_context_works_without_a_grounding_filter(client: TestClient[Any]) -> None:
     r = client.post(
         "/v1/moderations",

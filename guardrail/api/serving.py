@@ -59,6 +59,7 @@ from guardrail.guard.shadow import ShadowPolicy
 from guardrail.guard.store import GuardStore, ReloadResult
 from guardrail.guard.stream import StreamGuard, check_continuation, ends_inside_override
 from guardrail.guard.types import (
+    FILTER_ERROR_CATEGORY,
     Action,
     Decision,
     FilterContext,
@@ -1566,6 +1567,20 @@ def _usage(prompt: int | None, completion: int | None) -> dict[str, Any] | None:
     }
 
 
+def _flagged(decision: Decision) -> bool:
+    """OpenAI's ``flagged``: the text was blocked or redacted, or a harm finding (or a
+    failed filter's) acted. A flag on accuracy alone (a knowledge-cutoff question) is no
+    harm: clients such as LangChain's moderation chain read ``flagged`` alone and refused
+    "What is the weather today?"; it stays in ``action`` and ``findings``."""
+    if decision.action in (Action.BLOCK, Action.REDACT):
+        return True
+    return any(
+        f.action is not Action.ALLOW
+        and (f.concern == "harm" or f.category == FILTER_ERROR_CATEGORY)
+        for f in decision.findings
+    )
+
+
 def _moderation_result(
     decision: Decision, mapping: Mapping[str, tuple[OpenAICategory, ...]]
 ) -> dict[str, Any]:
@@ -1592,7 +1607,7 @@ def _moderation_result(
             if c in acted:
                 openai_acted.add(key)
     result: dict[str, Any] = {
-        "flagged": decision.action is not Action.ALLOW,
+        "flagged": _flagged(decision),
         "categories": categories | {k: k in openai_acted for k in OPENAI_CATEGORIES},
         "category_scores": scores | openai_scores,
         # OpenAI's omni models say what each score was computed from: ["text"] for text
