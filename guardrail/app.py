@@ -212,6 +212,7 @@ def create_app(
         allow_downloads=settings.allow_downloads,
         embedding_precision=settings.embedding_precision,
         incremental=settings.verdict_cache_entries > 0,
+        parallel_checks=settings.filter_workers,
     )
     registry = filters if filters is not None else filter_registry()
     tenants = Tenants(settings)

@@ -348,7 +348,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         int,
         _doc(
             "Threads in the shared pool that runs blocking filter work; also how many "
-            "inputs of one /v1/moderations list are checked at a time."
+            "inputs of one /v1/moderations list, and how many uncached messages of one "
+            "conversation, are checked at a time."
         ),
         msgspec.Meta(ge=1),
     ] = 4

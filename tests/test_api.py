@@ -1095,6 +1095,30 @@ def test_a_moderation_batch_gives_each_input_the_verdict_it_gets_alone(
     assert metrics_registry.get_sample_value("guardrail_filter_errors_total", errors) in (None, 0)
 
 
+def test_a_long_new_conversation_gives_each_message_the_verdict_it_gets_alone(
+    write_policy: Callable[[str], Path], backend: FakeBackend, metrics_registry: CollectorRegistry
+) -> None:
+    """The same for a chat: 16 messages no verdict is cached for were all started at
+    once, so the last ones timed out and a harmless history was refused (400)."""
+    from guardrail.app import create_app
+    from guardrail.guard.registry import filter_registry
+    from guardrail.settings import Settings
+    from tests.fakes.filters import BUSY
+
+    filters = filter_registry()
+    filters.register("busy", BUSY)
+    settings = Settings(policy=str(write_policy(BUSY_POLICY)), filter_workers=2)
+    app = create_app(settings, backend=backend, filters=filters, metrics_registry=metrics_registry)
+    roles = ("user", "assistant")
+    messages = [{"role": roles[i % 2], "content": f"note {i}"} for i in range(15)]
+    with TestClient(app=app) as c:
+        r = c.post("/v1/chat/completions", json={"model": "fake-model", "messages": messages})
+    assert r.status_code == 200, r.text
+    assert len(backend.requests) == 1
+    errors = {"filter": "busy", "stage": "input", "kind": "timeout"}
+    assert metrics_registry.get_sample_value("guardrail_filter_errors_total", errors) in (None, 0)
+
+
 def test_the_openai_sdk_reads_a_moderation_with_every_field_its_model_requires(
     make_app: Callable[..., Litestar],
 ) -> None:

@@ -174,6 +174,11 @@ class BuildContext:
     ``executor`` rather than the event loop: a shadow policy's, whose checks share the
     live loop, where a candidate's regex that backtracks to its time limit held every
     live request.
+    ``parallel_checks`` bounds how many messages of one conversation are checked at a
+    time (0: all at once). A filter's time limit runs from the start of its check, so
+    with every message of a long conversation started at once the last ones waited for
+    the CPU behind the others and timed out (a harmless history blocked as a filter
+    error); the gateway sets it to the filter pool's size.
     """
 
     executor: Executor
@@ -184,6 +189,7 @@ class BuildContext:
     incremental: bool = True
     embedding_precision: str = "auto"
     regexes_off_loop: bool = False
+    parallel_checks: int = 0
 
     def model_source(self, source: str) -> str:
         """A model setting (folder, file, hub id or package name) as the loaders take it.

@@ -17,7 +17,7 @@ import itertools
 import numbers
 import operator
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
@@ -94,8 +94,10 @@ class Guard:
         filters: Sequence[Bound],
         cache: VerdictCache | None = None,
         executor: Executor | None = None,
+        parallel_checks: int = 0,
     ) -> None:
         self.policy = policy
+        self.parallel_checks = parallel_checks
         self.cache = cache
         self.executor = executor
         self.filters: tuple[Bound, ...] = tuple(filters)
@@ -153,7 +155,7 @@ class Guard:
                     f"filter '{c.id}' ({c.type}) does not build: {reason}",
                 )  # fmt: skip
                 raise PolicyError([problem]) from e
-        return cls(policy, built, cache, env.executor)
+        return cls(policy, built, cache, env.executor, env.parallel_checks)
 
     def filters_at(self, stage: Stage) -> list[str]:
         return [c.id for c, _ in self._by_stage[stage]]
@@ -241,6 +243,17 @@ class Guard:
         if conversation:
             jobs.append(self._decide_conversation(stage, text, ctx.at(stage, None), conversation))
             pending.append(None)
+        if 0 < self.parallel_checks < len(jobs):
+            # Each job's filter time limits start when it starts: a bounded number at a
+            # time, so the last message of a long history does not time out waiting for
+            # the CPU behind the others (see BuildContext.parallel_checks).
+            running = asyncio.Semaphore(self.parallel_checks)
+
+            async def bounded(job: Awaitable[Decision]) -> Decision:
+                async with running:
+                    return await job
+
+            jobs = [bounded(job) for job in jobs]
         decided.update(zip(pending, await asyncio.gather(*jobs), strict=True))
         if not decided:
             # The conversation reached the filters and passed: no decision at all made the
