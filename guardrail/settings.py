@@ -607,6 +607,11 @@ def _unset_when_blank(kind: Any) -> bool:
 _BLANK_IS_UNSET = frozenset(n for n, f in _FIELDS.items() if _unset_when_blank(f.type))
 
 
+def _blank_optional(name: object, value: object) -> bool:
+    """An optional text setting given as empty or blank: unset, whatever its source."""
+    return name in _BLANK_IS_UNSET and isinstance(value, str) and not value.strip()
+
+
 def parse_api_keys(raw: str) -> list[dict[str, str]]:
     """``key1=tenant1,key2=tenant2`` as api_keys entries, the keys hashed at once.
 
@@ -867,12 +872,17 @@ def load_settings(
             # YAML 1.1 reads a bare `off` (the README's own spelling) as false.
             if loaded.get(name) is False:
                 loaded[name] = "off"
+        # As a blank variable (below): `model: ""` had loaded the working folder as a
+        # model, and `device_map: ""` went to transformers as a device map.
+        loaded = {k: v for k, v in loaded.items() if not _blank_optional(k, v)}
         merged.update(loaded)
         file_keys = set(loaded)
     environ = os.environ if environ is None else environ
     env = _from_env(environ)
     merged.update(env)
-    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    flags = {
+        k: v for k, v in (overrides or {}).items() if v is not None and not _blank_optional(k, v)
+    }
     merged.update(flags)
     try:
         # str_values: environment values arrive as strings and are converted here.

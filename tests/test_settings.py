@@ -412,6 +412,23 @@ def test_a_blank_optional_text_variable_leaves_the_setting_unset(
     assert getattr(from_file, name) == OPTIONAL_TEXT[name]
 
 
+@pytest.mark.parametrize("name", sorted(OPTIONAL_TEXT))
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_optional_text_in_the_config_file_or_a_flag_leaves_the_setting_unset(
+    tmp_path: Path, name: str, blank: str
+) -> None:
+    """``model: ""`` in the config file, or ``--model ""``, meant the model "" (the
+    working folder, loaded as a model), though the same blank variable is unset. Blank is
+    unset from every source; a blank flag leaves the config file's value."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(f'{name}: "{blank}"\n')
+    assert getattr(load_settings(config, environ={}), name) is None
+    assert getattr(load_settings(environ={}, overrides={name: blank}), name) is None
+    config.write_text(f"{name}: {OPTIONAL_TEXT[name]}\n")
+    from_file = load_settings(config, environ={}, overrides={name: blank})
+    assert getattr(from_file, name) == OPTIONAL_TEXT[name]
+
+
 def test_the_blank_variable_table_holds_every_optional_text_setting() -> None:
     optional_text = {
         name
