@@ -785,6 +785,38 @@ POSTGRES_FEEDBACK_QUERIES = [
 ]
 
 
+async def test_concurrent_first_ratings_from_several_gateways_count_one_first_each(
+    database: Database,
+) -> None:
+    """Replicas share one database. Two first ratings of the same response at once each
+    read "no rating yet" before either wrote, so both counted as the response's first
+    rating and the satisfaction counters (rated minus replaced) held two ratings for one
+    stored row. Exactly one save of each response finds no earlier rating."""
+    allow = decision(Stage.INPUT)
+    names = [f"race-{n}" for n in range(40)]
+    async with running(database.make_store()) as audit:
+        for name in names:
+            audit.record(exchange(name, outcome="allowed", decisions=[allow]))
+    replicas = [oversight(database.make_store()) for _ in range(4)]
+    async with contextlib.AsyncExitStack() as stack:
+        stores = [await stack.enter_async_context(r) for r in replicas]
+        found = [await stores[0].find_response("acme", name) for name in names]
+        rated = [ex for ex in found if ex is not None]
+        assert len(rated) == len(names)
+
+        async def rate_all(store: OversightStore, rating: int) -> list[int | None]:
+            return [
+                await store.save_feedback(FeedbackEntry(ex, rating, comment=None, epoch=NOW))
+                for ex in rated
+            ]
+
+        results = await asyncio.gather(
+            *(rate_all(store, 1 if n % 2 else -1) for n, store in enumerate(stores))
+        )
+    firsts = [sum(r[i] is None for r in results) for i in range(len(rated))]
+    assert firsts == [1] * len(rated)
+
+
 async def test_the_documented_postgres_feedback_queries_run(postgres_dsn: str) -> None:
     block = decision(Stage.INPUT, finding("weapons", Action.BLOCK, score=0.97, rule="bomb"))
     async with running(PostgresStore(postgres_dsn)) as audit:

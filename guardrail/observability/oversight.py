@@ -486,6 +486,13 @@ class OversightStore:
         ex = entry.exchange
         response_id = _clean(ex.response_id or entry.response_id or ex.request_id)
         with self._transaction() as conn:
+            if self.postgres_dsn is not None:
+                # Replicas share the table: two first ratings at once both read no row
+                # (a missing row takes no lock) and both counted as first. The lock ends
+                # with the transaction. SQLite's BEGIN IMMEDIATE already serialises.
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (ex.record_id,)
+                )
             found = conn.execute(
                 self._sql("SELECT rating FROM audit_feedback WHERE record_id = ?"),
                 (ex.record_id,),
