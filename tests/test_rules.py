@@ -357,6 +357,15 @@ async def test_a_keyword_or_regex_with_an_apostrophe_matches_the_apostrophes_peo
         ("3d print", "can I 3d-print it", Action.REDACT),
         ("AR15", "the AR150 is a plane", Action.ALLOW),
         ("glock 19", "glock 190", Action.ALLOW),
+        # A number's decimals or thousands go on past the keyword's digits: 911.5 is not 911.
+        ("'911'", "the reading was 911.5 hPa", Action.ALLOW),
+        ("'911'", "a fine of 3.911 euros", Action.ALLOW),
+        ("'911'", "it cost 1,911 dollars", Action.ALLOW),
+        ("'911'", "it cost 911,000 dollars", Action.ALLOW),
+        ("glock 19", "glock 19.5", Action.ALLOW),
+        ("'911'", "call 911.", Action.REDACT),
+        ("'911'", "call 911, then wait", Action.REDACT),
+        ("'911'", "dial 911.Then wait", Action.REDACT),
     ],
 )
 async def test_a_keyword_with_digits_matches_them_as_written(

@@ -651,6 +651,8 @@ _GLUE_MIN = 4
 _HANGUL = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7ff"
 _EDGE_BEFORE = rf"(?<![^\W_{UNSPACED_LETTERS}])"
 _EDGE_AFTER = rf"(?![^\W_{UNSPACED_LETTERS}{_HANGUL}])"
+_NUMBER_BEFORE = r"(?<!\d[.,])"
+_NUMBER_AFTER = r"(?![.,]\d)"
 _UNSPACED = re.compile(f"[{UNSPACED_LETTERS}]")
 _GLUED_AFTER = re.compile(f"[{UNSPACED_LETTERS}{_HANGUL}]")
 
@@ -686,6 +688,12 @@ def _keyword_pattern(words: list[str], *, stretch: bool = False) -> str:
     first, last = (words[0][:1], words[-1][-1:]) if words else ("", "")
     opening = "" if _UNSPACED.fullmatch(first) else _EDGE_BEFORE
     closing = "" if _GLUED_AFTER.fullmatch(last) else _EDGE_AFTER
+    # A number's decimals or thousands go on past a keyword's digits: "911.5" and
+    # "1,911" hold no 911 ("call 911." does).
+    if first.isdigit():
+        opening += _NUMBER_BEFORE
+    if last.isdigit():
+        closing += _NUMBER_AFTER
     return f"{opening}{body}{closing}"
 
 
