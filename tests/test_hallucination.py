@@ -630,7 +630,7 @@ def test_phone_numbers_ids_and_codes_are_no_years(text: str) -> None:
         ("Who wins the 2030 election? Done by 2030.", ["2030", "2030"]),
         (
             "From 2024-2026, then 2030\u20132031 and the 2030-31 season.",
-            ["2024", "2026", "2030", "2031", "2030"],
+            ["2024", "2026", "2030", "2031", "2030-31"],
         ),
         (
             "In mid-2030, the 2030s, (2031), JAN-2031 and post-2030 plans.",
@@ -668,6 +668,20 @@ def test_dates_and_years_near_digits_and_dashes_are_still_years(
         ("What did FY2025 and FY 2024 bring?", ["FY2025", "FY 2024"]),
         # Not past the cutoff: earlier months of its year.
         ("What happened on July 4, 2023, 2023-07-15, 07/15/2023, 03.07.2023 or 2023-03?", []),
+        # A part of the year named by a word ends as late as the word allows: "late 2023"
+        # was read as January, before a July cutoff.
+        (
+            "What happened in late 2023, at the end of 2023, in Q4 2023 or in H2 2023?",
+            ["late 2023", "end of 2023", "Q4 2023", "H2 2023"],
+        ),
+        # "mid-2023" may be August.
+        (
+            "And in autumn 2023, in the fall of 2023, in winter 2023 or in mid-2023?",
+            ["autumn 2023", "fall of 2023", "winter 2023", "2023"],
+        ),
+        ("Not in early 2023, Q1 2023, Q2 2023, H1 2023 or spring 2023.", []),
+        # A season or a fiscal year written "2023-24" runs into its second year.
+        ("Who won the 2022-23 season, and who leads 2023-24?", ["2023-24"]),
     ],
 )
 def test_a_dates_month_is_read_from_numeric_and_day_first_dates(
@@ -683,6 +697,7 @@ def test_a_dates_month_is_read_from_numeric_and_day_first_dates(
         "It is 2025 miles away and weighs 2025 lbs, 2030 pounds or 2030 kg.",
         "It costs 2025 USD or 2030 yen.",
         "I live at 2030 Main Street, near 2031 Elm St. and 2032 Old Mill Road.",
+        "Steel melts near 2500°F; the kiln reached 2025 °C, or 2030 degrees.",
     ],
 )
 def test_distances_weights_currencies_and_house_numbers_are_no_years(text: str) -> None:

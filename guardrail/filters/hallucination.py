@@ -401,11 +401,19 @@ _MONTHS = {
     )
     for m in names.split()
 }  # fmt: skip
+# A part of a year named by a word, as the latest month it may mean ("late 2023" is
+# December at the latest; a date past the cutoff read as earlier is the costlier miss).
+_PARTS = {
+    "early": 4, "mid": 8, "late": 12, "end": 12, "spring": 6, "summer": 9, "autumn": 12,
+    "fall": 12, "winter": 12, "q1": 3, "q2": 6, "q3": 9, "q4": 12, "h1": 6, "h2": 12,
+}  # fmt: skip
 _YEAR = re.compile(
     # A month's name and its day ("October 7, 2023"), a day and month in dots
-    # ("12.05.2025"), or a fiscal or calendar year ("FY2025") may come first.
+    # ("12.05.2025"), a fiscal or calendar year ("FY2025"), or a part of the year
+    # ("late 2023", "the end of 2023", "Q4 2023", "fall of 2023") may come first.
     r"(?:\b(?P<month>" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?,?\s+"
     r"(?:(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?,?\s+)?"
+    r"|\b(?P<part>" + "|".join(sorted(_PARTS, key=len, reverse=True)) + r")(?:\s+of)?\s+"
     r"|(?<![\w.])(?P<dotted>\d{1,2}\.\d{1,2})\."
     r"|\b(?P<fiscal>fy|cy)\s?)?"
     # Not part of a longer number or a word, and no bare count: "2100 calories", "$2099"
@@ -415,7 +423,8 @@ _YEAR = re.compile(
     r"(?!\s*(?:bc|bce|b\.c\.|calories|kcal|kg|km|mg|ml|mah|ohms?|watts?|rpm|dpi|px|mb|gb"
     r"|mhz|ghz|dollars|euros|usd|eur|gbp|yen|points|words|tokens|characters|rows|items"
     r"|people|users|grams|hours|hrs|pages|miles|mi|feet|ft|inches|yards|yds?|lbs?|pounds"
-    r"|ounces|oz|tons|tonnes|meters|metres|kilometers|kilometres|liters|litres|gallons|%)\b)",
+    r"|ounces|oz|tons|tonnes|meters|metres|kilometers|kilometres|liters|litres|gallons"
+    r"|degrees|%)\b|\s*\u00b0)",
     re.IGNORECASE,
 )
 _RECENCY = re.compile(
@@ -450,6 +459,9 @@ _DASH = "[-/\u2010-\u2014]"
 _JOINED_BEFORE = re.compile(rf"(?:[A-Za-z0-9]+{_DASH})+$")
 _JOINED_AFTER = re.compile(rf"(?:{_DASH}[A-Za-z0-9]+)+")
 _A_YEAR = re.compile(r"(?:19|20|21)\d\d")
+# The second year of "2023-24", "2023/24" or "2023\u201324" (not "2023-2024", whose second
+# year is read on its own, nor "2023-10-07").
+_SPAN_END = re.compile(rf"{_DASH}(\d\d)(?!\d|{_DASH})")
 _A_DAY = re.compile(r"(?:0?[1-9]|[12]\d|3[01])(?:T\d*)?")  # "01" of "2030-05-01T10:00"
 # A house number: "2030 Main Street", "2031 Elm St.".
 _STREET_AFTER = re.compile(
@@ -505,6 +517,8 @@ def _month_of(text: str, m: re.Match[str]) -> int:
     a year alone."""
     if m.group("month"):
         return _MONTHS[m.group("month").lower()]
+    if m.group("part"):
+        return _PARTS[m.group("part").lower()]
     start, end = m.span("year")
     if m.group("dotted"):
         numbers = m.group("dotted").split(".")
@@ -513,6 +527,8 @@ def _month_of(text: str, m: re.Match[str]) -> int:
         before = _JOINED_BEFORE.search(text[max(0, start - 40) : start])
         if before is not None:
             parts = re.split(_DASH, before.group(0))[:-1]
+            if len(parts) == 1 and parts[0].lower() in _PARTS:
+                return _PARTS[parts[0].lower()]  # "mid-2023", "late-2023"
             numbers = parts if len(parts) <= 2 else []  # "05/01/", "10/"
         after = _JOINED_AFTER.match(text, end)
         if after is not None:
@@ -527,13 +543,18 @@ def cutoff_spans(
     """Spans of dates after ``cutoff`` and of time-sensitive phrases in ``text``."""
     if cutoff is not None:
         for m in _YEAR.finditer(text):
-            year = int(m.group("year"))
+            year, month, end = int(m.group("year")), _month_of(text, m), m.end()
+            span = _SPAN_END.match(text, end)
+            if span is not None and int(span.group(1)) > year % 100:
+                # "2023-24": a season, or a school or fiscal year, runs into its second
+                # year, and ends in its first half (by June).
+                year, month, end = year - year % 100 + int(span.group(1)), 6, span.end()
             # The month matters in the cutoff's own year only.
-            if year < cutoff[0] or (year == cutoff[0] and _month_of(text, m) <= cutoff[1]):
+            if year < cutoff[0] or (year == cutoff[0] and month <= cutoff[1]):
                 continue
-            named = m.group("month") or m.group("fiscal")
+            named = m.group("month") or m.group("fiscal") or m.group("part")
             if named or not _in_code(text, m.start("year"), m.end("year")):
-                yield m.start(), m.end()
+                yield m.start(), end
     if recency is not None:
         for m in recency.finditer(text):
             yield m.start(), m.end()
