@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from guardrail.filters.normalize import invisible_chars
 from guardrail.filters.rules import RulesConfig
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.registry import BUILTIN_FILTERS, filter_registry
+from guardrail.guard.store import GuardStore
 from guardrail.guard.types import ALLOW, Action, FilterContext, Stage, Verdict
 from guardrail.plugins import PluginRegistry
 from guardrail.policy.loader import load_policy, load_policy_text
@@ -1008,3 +1010,66 @@ def test_the_readmes_yaml_examples_parse_and_its_policy_example_loads() -> None:
     (policy,) = (b for b in blocks if b.startswith("name:"))
     loaded = load_policy_text(policy, "README.md", filter_registry())
     assert loaded.filters
+
+
+# -- regexes outside the rules filter -------------------------------------------------------
+
+PII_PATTERN = """\
+name: p
+version: "1"
+filters:
+  - id: pii
+    type: pii
+    config:
+      entities: {X_ID: {}}
+      recognizers: [{entity: X_ID, patterns: ['PATTERN']}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        # Presidio compiles a pattern with the regex engine, which writes every copy of a
+        # repeat out: x{200000} loaded and built holding half a gigabyte.
+        ("x{1001}", "regex repeats a part 1,001 times (counting repeats inside repeats"),
+        ("(?:ab{10}){101}", "regex repeats a part 1,010 times (counting repeats inside repeats"),
+        # Past the re module's count: an OverflowError placed at filters[0].config.
+        ("a{99999999999}", "invalid regex: the repetition number is too large"),
+        # A literal to re, a fuzzy match the regex engine refuses: loaded, then the
+        # filter did not build.
+        ("x{e<=a}", "invalid regex: bad fuzzy cost limit"),
+    ],
+)
+def test_a_pii_pattern_the_regex_engine_refuses_or_holds_too_many_copies_of_is_refused_at_it(
+    pattern: str, expected: str
+) -> None:
+    with pytest.raises(PolicyError) as info:
+        load_policy_text(PII_PATTERN.replace("PATTERN", pattern), "p.yaml", filter_registry())
+    (problem,) = info.value.problems
+    assert (problem.line, problem.key) == (8, "filters[0].config.recognizers[0].patterns[0]")
+    assert problem.message.startswith(expected), problem.message
+
+
+def test_a_pii_pattern_within_the_repeat_limit_loads() -> None:
+    text = PII_PATTERN.replace("PATTERN", "X-(?:\\d{10}){100}")
+    assert load_policy_text(text, "p.yaml", filter_registry()).filters[0].type == "pii"
+
+
+async def test_a_reload_whose_pii_pattern_repeats_past_the_limit_keeps_the_running_policy(
+    tmp_path: Path,
+) -> None:
+    """The reload is refused at the pattern's key; it had loaded, and swapped in a filter
+    holding every copy (a{4294967294} exhausted the gateway's memory)."""
+    path = tmp_path / "p.yaml"
+    path.write_text(PII_PATTERN.replace("PATTERN", "X-\\d{6}"), encoding="utf-8")
+    with ThreadPoolExecutor(1) as pool:
+        store = GuardStore(path, filter_registry(), BuildContext(pool, base_dir=tmp_path))
+        store.load()
+        bad = PII_PATTERN.replace("PATTERN", "x{2000}").replace('version: "1"', 'version: "2"')
+        path.write_text(bad, encoding="utf-8")
+        result = await store.reload()
+    assert (result.ok, result.version, store.current.policy.version) == (False, "1", "1")
+    assert (
+        f"{path}:8:47: filters[0].config.recognizers[0].patterns[0]: regex repeats a part "
+        "2,000 times"
+    ) in str(result.error)

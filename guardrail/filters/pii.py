@@ -41,10 +41,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import regex as regex_engine
 
 from guardrail.docs import doc as _doc
 from guardrail.errors import ConfigError
 from guardrail.filters.normalize import invisible_chars, invisible_class
+from guardrail.filters.policy_regex import regex_problem
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.stream import UNSPACED_LETTERS
 from guardrail.guard.types import Action, FilterContext, Finding, Redaction, Stage, Verdict
@@ -280,6 +282,11 @@ class EntityRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     )
 
 
+PRESIDIO_REGEX_FLAGS = regex_engine.DOTALL | regex_engine.MULTILINE | regex_engine.IGNORECASE
+"""The flags a custom pattern is compiled with, on the ``regex`` engine (Presidio's own
+default, given to its PatternRecognizer and used when the policy is validated)."""
+
+
 class RegexRecognizer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A custom recognizer: regular expressions and/or a deny list, for one entity."""
 
@@ -400,8 +407,13 @@ def validate(config: PiiConfig) -> Iterator[ConfigIssue]:
         for j, pattern in enumerate(rec.patterns):
             try:
                 compiled = re.compile(pattern)
-            except re.error as e:
+            except (re.error, OverflowError) as e:  # a{99999999999}: OverflowError
                 yield ConfigIssue(("recognizers", i, "patterns", j), f"invalid regex: {e}")
+                continue
+            # Presidio compiles it with the regex engine, which holds a repeat's every copy.
+            problem = regex_problem(pattern, PRESIDIO_REGEX_FLAGS)
+            if problem is not None:
+                yield ConfigIssue(("recognizers", i, "patterns", j), problem)
                 continue
             if compiled.match(""):
                 yield ConfigIssue(
@@ -923,6 +935,7 @@ def _custom_recognizers(config: PiiConfig) -> list[Any]:
                     patterns=patterns,
                     context=list(rec.context),
                     supported_language=config.language,
+                    global_regex_flags=PRESIDIO_REGEX_FLAGS,  # as validated
                 )
             )
         if rec.deny_list:

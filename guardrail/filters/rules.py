@@ -70,6 +70,7 @@ from guardrail.filters.normalize import (
     invisible_chars,
     normalize,
 )
+from guardrail.filters.policy_regex import regex_problem
 from guardrail.filters.weights import file_key, file_stamp
 from guardrail.guard.filter import BuildContext, ConfigIssue, FilterSpec, text_pass
 from guardrail.guard.stream import UNSPACED_LETTERS
@@ -356,24 +357,13 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
                         f"regex holds characters the folded text it runs on never holds: "
                         f"{shown}; write them as they read",
                     )
-                try:
-                    copies = _repeat_copies(pattern)
-                    if copies <= _MAX_REPEAT:
-                        regex_engine.compile(pattern, regex_engine.VERSION0)
-                except (regex_engine.error, OverflowError, MemoryError) as e:
-                    yield ConfigIssue(
-                        (*path, "regex", j),
-                        "regex not supported by the time-limited regex engine: "
-                        f"{e or type(e).__name__}",
-                    )
-                    continue
-                if copies > _MAX_REPEAT:
-                    yield ConfigIssue(
-                        (*path, "regex", j),
-                        f"regex repeats a part {copies:,} times (counting repeats inside "
-                        f"repeats together); at most {_MAX_REPEAT:,}, since the regex engine "
-                        "holds every copy in memory",
-                    )
+                problem = regex_problem(
+                    pattern,
+                    regex_engine.IGNORECASE,  # as the filter compiles it
+                    refused="regex not supported by the time-limited regex engine",
+                )
+                if problem is not None:
+                    yield ConfigIssue((*path, "regex", j), problem)
                     continue
                 if _longest_match(pattern) == 0:
                     # Sample texts cannot show this: "(?=how to make a bomb)" matches
@@ -499,44 +489,6 @@ def _longest_match(pattern: str) -> int:
     """The most characters one match of ``pattern`` can span (0: only empty matches)."""
     width: tuple[int, int] = _RE_PARSER.parse(pattern).getwidth()
     return width[1]
-
-
-_MAX_REPEAT = 1000
-"""The most copies of one part a policy regex may repeat (``x{1000}``; nested repeats
-multiply, ``(?:x{10}){100}`` is 1000).
-
-The regex engine writes a repeat out as many times as its lower count says, in memory:
-``x{2000000}`` took half a gigabyte to validate and as much again in the built filter,
-and ``a{4294967294}`` exhausted the gateway's memory. An upper count costs nothing."""
-
-# The regex engine's own parser, for the counts it will expand: the re module reads some
-# patterns differently ("(?x)x{2 000 000}" is a literal to re, two million x's to regex).
-# Private, like re._parser above, and only read: a node's children are its attributes.
-_REGEX_CORE: Any = importlib.import_module("regex._regex_core")
-
-
-def _repeat_copies(pattern: str) -> int:
-    """The most copies of one part of ``pattern`` the regex engine writes out."""
-    flags = regex_engine.VERSION0
-    while True:  # as regex.compile does: a global flag met mid-pattern starts it over
-        source = _REGEX_CORE.Source(pattern)
-        info = _REGEX_CORE.Info(flags, source.char_type, {})
-        source.ignore_space = bool(info.flags & regex_engine.VERBOSE)
-        try:
-            return _copies(_REGEX_CORE._parse_pattern(source, info))
-        except _REGEX_CORE._UnscopedFlagSet:
-            flags = info.global_flags
-
-
-def _copies(node: Any) -> int:
-    own = max(node.min_count, 1) if isinstance(node, _REGEX_CORE.GreedyRepeat) else 1
-    children = (
-        child
-        for value in vars(node).values()
-        for child in (value if isinstance(value, list | tuple) else (value,))
-        if isinstance(child, _REGEX_CORE.RegexBase)
-    )
-    return own * max(map(_copies, children), default=1)
 
 
 # Text a regex is tried on at validation: one that matches it empty somewhere ("\b",
