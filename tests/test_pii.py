@@ -590,6 +590,27 @@ async def test_a_mask_never_leaves_more_than_half_of_a_short_value_visible(
     assert decision.text == sent
 
 
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "\\p{Lu}{2}-\\d{4}",  # a Unicode property
+        "(?<=(?:staff|employee) id )\\w{2}-\\d{4}",  # a lookbehind of more than one width
+    ],
+)
+async def test_a_pattern_in_the_regex_engines_syntax_loads_and_finds_its_entity(
+    executor: ThreadPoolExecutor, resources: SharedResources, pattern: str
+) -> None:
+    """Presidio runs a custom pattern on the regex engine: checked with the re module,
+    which refuses these, the policy did not load."""
+    registry = filter_registry()
+    text = MASK_POLICY.replace("(?<=PIN )\\d{4,6}\\b", pattern)
+    policy = load_policy_text(text, "p.yaml", registry)
+    guard = Guard.build(policy, registry, BuildContext(executor, resources=resources))
+    said = "My staff ID AB-1234 expired."
+    decision = await guard.check(Stage.INPUT, said, conversation(said).at(Stage.INPUT, 0))
+    assert decision.text == "My staff ID ****234 expired."
+
+
 ENCRYPT_POLICY = """
 name: enc
 version: "1"

@@ -1034,7 +1034,7 @@ filters:
         ("x{1001}", "regex repeats a part 1,001 times (counting repeats inside repeats"),
         ("(?:ab{10}){101}", "regex repeats a part 1,010 times (counting repeats inside repeats"),
         # Past the re module's count: an OverflowError placed at filters[0].config.
-        ("a{99999999999}", "invalid regex: the repetition number is too large"),
+        ("a{99999999999}", "invalid regex: repeat count too big"),
         # A literal to re, a fuzzy match the regex engine refuses: loaded, then the
         # filter did not build.
         ("x{e<=a}", "invalid regex: bad fuzzy cost limit"),
