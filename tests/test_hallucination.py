@@ -598,7 +598,7 @@ async def test_without_sources_citations_are_unverified_unless_configured(
 def test_cutoff_spans(text: str, expected: list[str]) -> None:
     from guardrail.filters.hallucination import _RECENCY
 
-    spans = cutoff_spans(text, parse_date("2023-07"), _RECENCY)
+    spans = cutoff_spans(text, parse_date("2023-07"), (_RECENCY,))
     assert [text[a:b] for a, b in spans] == expected
 
 
@@ -617,7 +617,7 @@ def test_cutoff_spans(text: str, expected: list[str]) -> None:
     ],
 )
 def test_phone_numbers_ids_and_codes_are_no_years(text: str) -> None:
-    assert list(cutoff_spans(text, parse_date("2023-07"), None)) == []
+    assert list(cutoff_spans(text, parse_date("2023-07"), ())) == []
 
 
 @pytest.mark.parametrize(
@@ -645,7 +645,7 @@ def test_phone_numbers_ids_and_codes_are_no_years(text: str) -> None:
 def test_dates_and_years_near_digits_and_dashes_are_still_years(
     text: str, expected: list[str]
 ) -> None:
-    spans = cutoff_spans(text, parse_date("2023-07"), None)
+    spans = cutoff_spans(text, parse_date("2023-07"), ())
     assert [text[a:b] for a, b in spans] == expected
 
 
@@ -687,7 +687,7 @@ def test_dates_and_years_near_digits_and_dashes_are_still_years(
 def test_a_dates_month_is_read_from_numeric_and_day_first_dates(
     text: str, expected: list[str]
 ) -> None:
-    spans = cutoff_spans(text, parse_date("2023-07"), None)
+    spans = cutoff_spans(text, parse_date("2023-07"), ())
     assert [text[a:b] for a, b in spans] == expected
 
 
@@ -701,7 +701,7 @@ def test_a_dates_month_is_read_from_numeric_and_day_first_dates(
     ],
 )
 def test_distances_weights_currencies_and_house_numbers_are_no_years(text: str) -> None:
-    assert list(cutoff_spans(text, parse_date("2023-07"), None)) == []
+    assert list(cutoff_spans(text, parse_date("2023-07"), ())) == []
 
 
 async def test_cutoff_is_per_model_and_only_on_user_messages(env: BuildContext) -> None:
@@ -717,6 +717,33 @@ async def test_cutoff_is_per_model_and_only_on_user_messages(env: BuildContext) 
     system = Message("system", "Today is 2026-11-22.")
     ctx = FilterContext("r", stage=Stage.INPUT, messages=(system,), message_index=0)
     assert (await filt.check(system.content, ctx)).findings == ()
+
+
+@pytest.mark.parametrize(
+    ("terms", "text", "expected"),
+    [
+        # Joined into one alternation, each of these failed the filter's build (a global
+        # flag not at the start; a group name used twice) or never matched (a
+        # backreference that meant the first term's group), though each term loaded.
+        (["(?i)what changed"], "What changed since then?", ["What changed"]),
+        (
+            ["(?P<v>beta) testers", "(?P<v>nightly) builds"],
+            "Any nightly builds?",
+            ["nightly builds"],
+        ),
+        (["(\\w+) and \\1 again", "(go)\\1 live"], "Do we gogo live?", ["gogo live"]),
+        # Read as one alternation: the leftmost match, the earlier pattern's at one place.
+        (["latest news", "news today"], "The latest news today", ["latest", "news today"]),
+    ],
+)
+async def test_each_cutoff_term_means_what_it_means_on_its_own(
+    env: BuildContext, terms: list[str], text: str, expected: list[str]
+) -> None:
+    filt = make_filter(env, groundedness={"enabled": False}, cutoff={"terms": terms})
+    user = Message("user", text)
+    ctx = FilterContext("r", stage=Stage.INPUT, messages=(user,), message_index=0)
+    findings = (await filt.check(text, ctx)).findings
+    assert [text[f.span[0] : f.span[1]] for f in findings if f.span] == expected
 
 
 def test_a_bad_cutoff_date_stops_the_policy_with_file_and_line(

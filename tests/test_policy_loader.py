@@ -1073,3 +1073,16 @@ async def test_a_reload_whose_pii_pattern_repeats_past_the_limit_keeps_the_runni
         f"{path}:8:47: filters[0].config.recognizers[0].patterns[0]: regex repeats a part "
         "2,000 times"
     ) in str(result.error)
+
+
+def test_a_cutoff_term_past_the_re_modules_repeat_count_is_refused_at_its_key() -> None:
+    """re's OverflowError escaped the term check: it was placed at filters[0].config."""
+    text = (
+        'name: p\nversion: "1"\nfilters:\n  - id: facts\n    type: hallucination\n'
+        "    config:\n      cutoff: {terms: [latest, 'a{99999999999}']}\n"
+    )
+    with pytest.raises(PolicyError) as info:
+        load_policy_text(text, "p.yaml", filter_registry())
+    (problem,) = info.value.problems
+    assert (problem.line, problem.key) == (7, "filters[0].config.cutoff.terms[1]")
+    assert problem.message.startswith("invalid regular expression: the repetition number is too")

@@ -175,7 +175,10 @@ class CutoffSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ] = True
     terms: Annotated[
         list[str],
-        _doc("More time-sensitive phrases (regular expressions, case-insensitive)."),
+        _doc(
+            "More time-sensitive phrases (Python regular expressions, case-insensitive, each "
+            "compiled on its own)."
+        ),
     ] = msgspec.field(default_factory=list)
     stages: Annotated[list[Literal["input", "output"]], _doc("Where the check runs.")] = (
         msgspec.field(default_factory=lambda: ["input", "output"])
@@ -215,8 +218,8 @@ def validate(config: HallucinationConfig) -> Iterator[ConfigIssue]:
             yield ConfigIssue(("cutoff", "models", pattern), f"{date!r} is not YYYY-MM or YYYY")
     for i, term in enumerate(cutoff.terms):
         try:
-            re.compile(term)
-        except re.error as e:
+            re.compile(term, re.IGNORECASE)  # as the filter compiles it
+        except (re.error, OverflowError) as e:  # a{99999999999}: OverflowError
             yield ConfigIssue(("cutoff", "terms", i), f"invalid regular expression: {e}")
 
 
@@ -538,9 +541,11 @@ def _month_of(text: str, m: re.Match[str]) -> int:
 
 
 def cutoff_spans(
-    text: str, cutoff: tuple[int, int] | None, recency: re.Pattern[str] | None
+    text: str, cutoff: tuple[int, int] | None, recency: Sequence[re.Pattern[str]]
 ) -> Iterator[tuple[int, int]]:
-    """Spans of dates after ``cutoff`` and of time-sensitive phrases in ``text``."""
+    """Spans of dates after ``cutoff`` and of time-sensitive phrases in ``text``: those
+    of the ``recency`` patterns as one alternation of them would find them (the leftmost
+    first, at one place the earlier pattern's, none overlapping another)."""
     if cutoff is not None:
         for m in _YEAR.finditer(text):
             year, month, end = int(m.group("year")), _month_of(text, m), m.end()
@@ -555,9 +560,14 @@ def cutoff_spans(
             named = m.group("month") or m.group("fiscal") or m.group("part")
             if named or not _in_code(text, m.start("year"), m.end("year")):
                 yield m.start(), end
-    if recency is not None:
-        for m in recency.finditer(text):
-            yield m.start(), m.end()
+    found = sorted(
+        (m.start(), k, m.end()) for k, pattern in enumerate(recency) for m in pattern.finditer(text)
+    )
+    end = -1
+    for start, _, stop in found:
+        if start >= end:
+            yield start, stop
+            end = max(stop, start + 1)
 
 
 # -- the filter ----------------------------------------------------------------------------
@@ -679,8 +689,12 @@ class HallucinationFilter:
             self._model_cutoffs = [(p, parse_date(d)) for p, d in cutoff.models.items()]
         except ValueError as e:
             raise ConfigError(f"filter {name}: cutoff: {e}") from e
-        terms = ([_RECENCY.pattern] if cutoff.recency else []) + list(cutoff.terms)
-        self._recency = re.compile("|".join(f"(?:{t})" for t in terms), re.I) if terms else None
+        # Each term on its own, as validated: joined into one alternation, a global flag
+        # ("(?i)") not at the start, a group name used twice or a backreference ("\1"
+        # meaning another term's group) failed the build or changed meaning.
+        self._recency = ((_RECENCY,) if cutoff.recency else ()) + tuple(
+            re.compile(t, re.IGNORECASE) for t in cutoff.terms
+        )
         self._cutoff_stages = frozenset(Stage(s) for s in cutoff.stages)
 
     async def groundedness(
@@ -749,7 +763,7 @@ class HallucinationFilter:
     async def _cutoff_findings(self, text: str, ctx: FilterContext) -> list[Finding]:
         c = self._config.cutoff
         # Recency phrases are questions' business: an answer's "today" is small talk.
-        recency = self._recency if ctx.stage is Stage.INPUT else None
+        recency = self._recency if ctx.stage is Stage.INPUT else ()
         cutoff = self.cutoff_for(ctx.model)
         spans = await text_pass(
             self._env.executor, len(text), lambda: list(cutoff_spans(text, cutoff, recency))
