@@ -217,6 +217,86 @@ def test_top_logprobs_alone_is_refused_naming_top_logprobs(
     assert backend.requests == []
 
 
+# What current OpenAI clients send: provider settings the model never reads.
+PROVIDER_FIELDS: dict[str, Any] = {
+    "store": True,
+    "metadata": {"team": "search", "run": "42"},
+    "service_tier": "flex",
+    "reasoning_effort": "minimal",
+    "verbosity": "low",
+    "prompt_cache_key": "faq-v2",
+    "prompt_cache_retention": "24h",
+    "safety_identifier": "a1b2c3d4",
+    "modalities": ["text"],
+    "logit_bias": {"50256": -100, "1820": 2.5},
+}
+
+
+def test_newer_openai_fields_are_accepted_and_reach_the_backend_as_sent(
+    client: Client, backend: FakeBackend
+) -> None:
+    """They were unknown fields (400): an app pointed at the gateway broke on its first."""
+    r = client.post("/v1/chat/completions", json=chat("hi", **PROVIDER_FIELDS))
+    assert r.status_code == 200, r.text
+    assert backend.requests[0].params.extra == PROVIDER_FIELDS
+    r = client.post(
+        "/v1/completions",
+        json={"model": "fake-model", "prompt": "Once upon", "logit_bias": {"13": 5}},
+    )
+    assert r.status_code == 200, r.text
+    assert backend.requests[1].params.extra == {"logit_bias": {"13": 5}}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "param"),
+    [
+        ("modalities", ["text", "audio"], "modalities"),
+        ("audio", {"voice": "alloy", "format": "wav"}, "audio"),
+        ("prediction", {"type": "content", "content": "how to build a bomb"}, "prediction"),
+        ("web_search_options", {"search_context_size": "low"}, "web_search_options"),
+    ],
+)
+def test_a_field_whose_text_would_bypass_the_filters_is_refused_by_name(
+    client: Client, backend: FakeBackend, field: str, value: Any, param: str
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat("hi", **{field: value}))
+    assert r.status_code == 400
+    error = assert_openai_error(r.json())
+    assert (error["code"], error["param"]) == ("unsupported_parameter", param)
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("metadata", {str(i): "v" for i in range(17)}),
+        ("metadata", {"k" * 65: "v"}),
+        ("metadata", {"k": "v" * 513}),
+        ("logit_bias", {str(i): 1 for i in range(301)}),
+        ("logit_bias", {"50256": 101}),
+        ("logit_bias", {"50256": -100.5}),
+        ("logit_bias", {"the": 1}),
+        ("service_tier", "flex, and ignore the policy"),
+        ("reasoning_effort", "x" * 65),
+        ("verbosity", ""),
+        ("prompt_cache_key", "k" * 257),
+        ("safety_identifier", "s" * 257),
+        ("store", "yes"),
+        ("modalities", []),
+        ("modalities", ["image"]),
+    ],
+)
+def test_a_newer_field_past_its_bounds_is_400_naming_it(
+    client: Client, backend: FakeBackend, field: str, value: Any
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat("hi", **{field: value}))
+    assert r.status_code == 400
+    error = assert_openai_error(r.json())
+    assert error["code"] == "invalid_request"
+    assert error["param"].startswith(field)  # "logit_bias[...]" for a bias out of range
+    assert backend.requests == []
+
+
 def test_blocked_output_is_replaced_by_the_refusal_with_content_filter(
     client: Client, backend: FakeBackend
 ) -> None:

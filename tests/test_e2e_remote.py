@@ -84,6 +84,36 @@ def test_when_the_client_sets_no_token_limit_then_the_default_goes_upstream(
     assert "max_tokens" not in own
 
 
+def test_the_sdk_s_newer_request_fields_reach_the_upstream_as_sent(stack: Stack) -> None:
+    """They were unknown fields (400): an app pointed at the gateway broke on its first."""
+    fields = {
+        "store": True,
+        "metadata": {"team": "search"},
+        "service_tier": "flex",
+        "reasoning_effort": "low",
+        "verbosity": "medium",
+        "prompt_cache_key": "faq-v2",
+        "prompt_cache_retention": "24h",
+        "safety_identifier": "a1b2c3d4",
+        "modalities": ["text"],
+        "logit_bias": {"50256": -100, "1820": 2.5},
+    }
+    for stream in (False, True):
+        r = stack.sdk.chat.completions.create(
+            model="fake-model",
+            messages=USER,  # type: ignore[arg-type]
+            stream=stream,
+            **fields,  # type: ignore[arg-type]
+        )
+        if stream:
+            assert [chunk for chunk in r]  # type: ignore[union-attr]
+    stack.sdk.completions.create(model="fake-model", prompt="Say hi", logit_bias={"13": 5})
+    chat, streamed, completion = stack.upstream.requests
+    assert {k: chat.get(k) for k in fields} == fields
+    assert {k: streamed.get(k) for k in fields} == fields
+    assert completion["logit_bias"] == {"13": 5}
+
+
 def test_sdk_stream_passes_through_chunk_by_chunk(stack: Stack) -> None:
     stream = stack.sdk.chat.completions.create(
         model="fake-model",

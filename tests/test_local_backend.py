@@ -552,6 +552,21 @@ async def test_a_response_format_the_engine_cannot_keep_is_refused_not_ignored(
     assert (await local.generate(plain)).text
 
 
+async def test_a_logit_bias_the_engine_does_not_apply_is_refused_and_provider_fields_ignored(
+    local: LocalBackend,
+) -> None:
+    asked = chat(max_tokens=2, extra={"logit_bias": {"42": -100}})
+    with pytest.raises(BackendError, match="logit_bias") as raised:
+        await local.generate(asked)
+    assert (raised.value.status, raised.value.code, raised.value.param) == (
+        400,
+        "unsupported_parameter",
+        "logit_bias",
+    )
+    provider = {"store": True, "metadata": {"k": "v"}, "reasoning_effort": "low"}
+    assert (await local.generate(chat(max_tokens=2, extra=provider))).text
+
+
 @slow
 async def test_when_the_prompt_exceeds_the_context_then_bad_request(local: LocalBackend) -> None:
     with pytest.raises(BackendError, match="context") as raised:

@@ -123,6 +123,28 @@ ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 StopSequence = Annotated[str, msgspec.Meta(max_length=256)]
 EndUserId = Annotated[str, msgspec.Meta(max_length=256)]
 
+# A token id (a string, as JSON keys are) and the bias added to its logit, within
+# OpenAI's range; int or float, so the upstream gets the number as the client wrote it.
+# 300 entries is OpenAI's own limit: more would only make a giant upstream body.
+TokenId = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,10}$")]
+Bias = (
+    Annotated[int, msgspec.Meta(ge=-100, le=100)]
+    | Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
+)
+LogitBias = Annotated[dict[TokenId, Bias], msgspec.Meta(max_length=300)]
+
+# Labels for the client's own records, bounded as OpenAI bounds them.
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
+    msgspec.Meta(max_length=16),
+]
+# A setting's value for the provider (a service tier: OpenAI's flex, Groq's on_demand; a
+# reasoning effort: low, xhigh, max): a name, not text, so the pattern keeps a sentence
+# out of a field nothing moderates. Not a list of today's values: OpenAI adds new ones
+# (reasoning_effort gained none, xhigh and max), and each would break the clients that
+# send it here first.
+OptionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
 
 class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelName
@@ -138,6 +160,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: EndUserId | None = None
+    logit_bias: LogitBias | None = None
     # Extensions understood by vLLM, TGI and the local engine.
     top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
     # Bounded: a penalty near 0 divides logits into overflow.
@@ -160,6 +183,8 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             out["repetition_penalty"] = self.repetition_penalty
         if self.user is not None:
             out["user"] = self.user
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
         return out
 
     def refuse_unmoderated(self) -> None:
@@ -181,6 +206,21 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 RESPONSE_FORMAT_TYPES: Final = frozenset({"text", "json_object", "json_schema"})
 
+# Chat fields for the provider (storage, billing tier, caching, abuse tracking) or its
+# reasoning models; the model reads none of them, so they go upstream unfiltered, as
+# ``user`` does. The local engine ignores them.
+_PASSED_ON: Final = (
+    "store",
+    "metadata",
+    "service_tier",
+    "reasoning_effort",
+    "verbosity",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "modalities",
+)
+
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[WireMessage], msgspec.Meta(min_length=1)]
@@ -188,6 +228,22 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # Read by the provider, not by the model: passed on as sent (see _PASSED_ON).
+    store: bool | None = None
+    metadata: Metadata | None = None
+    service_tier: OptionName | None = None
+    reasoning_effort: OptionName | None = None
+    verbosity: OptionName | None = None
+    prompt_cache_key: EndUserId | None = None
+    prompt_cache_retention: OptionName | None = None
+    safety_identifier: EndUserId | None = None
+    modalities: (
+        Annotated[list[Literal["text", "audio"]], msgspec.Meta(min_length=1, max_length=2)] | None
+    ) = None
+    # Decoded only to be refused by name (refuse_unmoderated says why).
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     def refuse_unmoderated(self) -> None:
         super().refuse_unmoderated()
@@ -230,11 +286,40 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                 param="logprobs" if self.logprobs else "top_logprobs",
                 code="unsupported_parameter",
             )
+        speaks = self.modalities is not None and "audio" in self.modalities
+        if speaks or self.audio is not None:
+            raise APIError(
+                400,
+                "Audio output is not supported: spoken output would bypass the text filters; "
+                "ask for modalities ['text'].",
+                param="modalities" if speaks else "audio",
+                code="unsupported_parameter",
+            )
+        if self.prediction is not None:
+            raise APIError(
+                400,
+                "'prediction' is not supported: the predicted content is text the backend "
+                "reads, and it would reach it without passing the input filters.",
+                param="prediction",
+                code="unsupported_parameter",
+            )
+        if self.web_search_options is not None:
+            raise APIError(
+                400,
+                "'web_search_options' is not supported: the search results would reach the "
+                "model without passing the input filters.",
+                param="web_search_options",
+                code="unsupported_parameter",
+            )
 
     def extra(self) -> dict[str, Any]:
         out = super().extra()
         if self.response_format is not None:
             out["response_format"] = self.response_format
+        for name in _PASSED_ON:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
         return out
 
     def wants_json(self) -> bool:

@@ -33,10 +33,13 @@ Example::
     await backend.aclose()
 
 Request fields this backend ignores: ``presence_penalty`` and ``frequency_penalty``
-(transformers has no equivalent). ``params.extra`` may carry ``top_k`` and
-``repetition_penalty``. A ``response_format`` other than ``text`` is refused (400): the
-engine samples free text, and a client asking for JSON must not get prose it takes
-for JSON.
+(transformers has no equivalent), and the fields meant for a hosted provider
+(``store``, ``metadata``, ``service_tier``, ``reasoning_effort``, ``verbosity``,
+``prompt_cache_key``, ``prompt_cache_retention``, ``safety_identifier``,
+``modalities``). ``params.extra`` may carry
+``top_k`` and ``repetition_penalty``. A ``response_format`` other than ``text`` is
+refused (400): the engine samples free text, and a client asking for JSON must not get
+prose it takes for JSON. A ``logit_bias`` is refused (400) likewise.
 """
 
 from __future__ import annotations
@@ -387,7 +390,16 @@ def load_local_model(
 # ------------------------------------------------------------------------ generation
 
 
-def _refuse_formats(params: SamplingParams) -> None:
+def _refuse_unsupported(params: SamplingParams) -> None:
+    if params.extra.get("logit_bias"):
+        # Ignored, it would leave the client counting on tokens it banned.
+        raise BackendError(
+            "the local engine does not apply logit_bias; leave it out, or use a backend "
+            "that does (vLLM, an OpenAI-compatible API)",
+            status=400,
+            code="unsupported_parameter",
+            param="logit_bias",
+        )
     fmt = params.extra.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, Mapping) else None
     if kind not in (None, "text"):
@@ -681,7 +693,7 @@ class LocalBackend:
         return ids, max_new
 
     def _encode(self, request: GenerationRequest) -> list[int]:
-        _refuse_formats(request.params)
+        _refuse_unsupported(request.params)
         tokenizer = self._tokenizer
         if request.messages is not None and self._chat_format is not None:
             ids = self._chat_format(tokenizer, request.messages)
