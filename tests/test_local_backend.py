@@ -552,19 +552,43 @@ async def test_a_response_format_the_engine_cannot_keep_is_refused_not_ignored(
     assert (await local.generate(plain)).text
 
 
-async def test_a_logit_bias_the_engine_does_not_apply_is_refused_and_provider_fields_ignored(
+@slow
+async def test_a_logit_bias_bans_and_forces_tokens_for_its_own_request_alone(
     local: LocalBackend,
 ) -> None:
-    asked = chat(max_tokens=2, extra={"logit_bias": {"42": -100}})
-    with pytest.raises(BackendError, match="logit_bias") as raised:
+    """It was refused (400): the engine applied no bias."""
+    tokenizer = local._tokenizer
+    greedy = await local.generate(chat(max_tokens=8))
+    assert "Paris" in greedy.text
+    paris = {str(i) for word in ("Paris", " Paris") for i in tokenizer.encode(word)}
+    forced = tokenizer.encode(" banana")[0]
+    banned, plain, pushed = await asyncio.gather(
+        local.generate(chat(max_tokens=8, extra={"logit_bias": dict.fromkeys(paris, -100)})),
+        local.generate(chat(max_tokens=8)),
+        local.generate(chat(max_tokens=3, extra={"logit_bias": {str(forced): 100}})),
+    )
+    assert "Paris" not in banned.text
+    assert plain.text == greedy.text  # batched with biased rows, its own logits untouched
+    assert pushed.text == tokenizer.decode([forced] * 3)
+    # Fields for a hosted provider are ignored here.
+    provider = {"store": True, "metadata": {"k": "v"}, "reasoning_effort": "low"}
+    assert (await local.generate(chat(max_tokens=8, extra=provider))).text == greedy.text
+
+
+async def test_a_logit_bias_naming_a_token_outside_the_vocabulary_is_400(
+    local: LocalBackend,
+) -> None:
+    vocabulary = len(local._tokenizer)
+    asked = chat(max_tokens=2, extra={"logit_bias": {"3": 1, str(vocabulary): -100}})
+    with pytest.raises(BackendError, match=f"token {vocabulary}") as raised:
         await local.generate(asked)
     assert (raised.value.status, raised.value.code, raised.value.param) == (
         400,
-        "unsupported_parameter",
+        "invalid_request",
         "logit_bias",
     )
-    provider = {"store": True, "metadata": {"k": "v"}, "reasoning_effort": "low"}
-    assert (await local.generate(chat(max_tokens=2, extra=provider))).text
+    last = {"logit_bias": {str(vocabulary - 1): -100}}
+    assert (await local.generate(chat(max_tokens=2, extra=last))).text
 
 
 @slow

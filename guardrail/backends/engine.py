@@ -5,7 +5,8 @@ into a running batch between decoding steps, so a request joins as soon as there
 room and leaves as soon as it is done (continuous batching), never waiting for the
 slowest member of a batch. Each step feeds every active sequence's last token through
 the model at once, then samples each row with its own parameters (temperature, top_p,
-top_k, repetition penalty, seed) and checks its own stops, token budget and consumer.
+top_k, repetition penalty, logit bias, seed) and checks its own stops, token budget and
+consumer.
 
 How the batch is kept:
 
@@ -355,6 +356,8 @@ class _Row:
     tracker: TextTracker
     generator: Any
     reused: int
+    # The request's logit_bias as (token ids, biases) tensors, built once, not each step.
+    bias: tuple[Any, Any] | None = None
     generated: list[int] = field(default_factory=list)
     pad: int = 0
     first_token_at: float = 0.0
@@ -620,7 +623,16 @@ class Engine:
         if params.seed is not None and params.temperature:
             generator = torch.Generator(device=self._logits_device())
             generator.manual_seed(params.seed)
-        return _Row(work, ids, max_new, tracker, generator, reused)
+        bias = None
+        if params.extra.get("logit_bias"):
+            # Token ids the backend checked against the vocabulary before admission.
+            given = params.extra["logit_bias"]
+            device = self._logits_device()
+            bias = (
+                torch.tensor([int(t) for t in given], device=device),
+                torch.tensor([float(b) for b in given.values()], device=device),
+            )
+        return _Row(work, ids, max_new, tracker, generator, reused, bias)
 
     def _logits_device(self) -> Any:
         """Where the logits are sampled: the output head's device. With ``device_map``
@@ -731,6 +743,11 @@ class Engine:
             seen = torch.tensor(sorted(set(row.prompt) | set(row.generated)), device=logits.device)
             picked = logits[seen]
             logits[seen] = torch.where(picked > 0, picked / float(penalty), picked * float(penalty))
+        if row.bias is not None:
+            # Added to the logits before greedy choice or sampling, as OpenAI and vLLM add
+            # it: -100 all but bans a token, 100 all but forces it. Out of place, as above.
+            ids, biases = row.bias
+            logits = logits.index_add(0, ids, biases)
         if not params.temperature:  # None or 0: greedy
             return int(torch.argmax(logits))
         # The gaps to the best logit, scaled: a tiny temperature sends the others far down

@@ -37,9 +37,10 @@ Request fields this backend ignores: ``presence_penalty`` and ``frequency_penalt
 (``store``, ``metadata``, ``service_tier``, ``reasoning_effort``, ``verbosity``,
 ``prompt_cache_key``, ``prompt_cache_retention``, ``safety_identifier``,
 ``modalities``). ``params.extra`` may carry
-``top_k`` and ``repetition_penalty``. A ``response_format`` other than ``text`` is
-refused (400): the engine samples free text, and a client asking for JSON must not get
-prose it takes for JSON. A ``logit_bias`` is refused (400) likewise.
+``top_k``, ``repetition_penalty`` and ``logit_bias`` (added to the logits, as OpenAI
+does; a token id outside the vocabulary is refused, 400). A ``response_format`` other
+than ``text`` is refused (400): the engine samples free text, and a client asking for
+JSON must not get prose it takes for JSON.
 """
 
 from __future__ import annotations
@@ -390,14 +391,16 @@ def load_local_model(
 # ------------------------------------------------------------------------ generation
 
 
-def _refuse_unsupported(params: SamplingParams) -> None:
-    if params.extra.get("logit_bias"):
-        # Ignored, it would leave the client counting on tokens it banned.
+def _refuse_unsupported(params: SamplingParams, vocabulary: int) -> None:
+    bias = params.extra.get("logit_bias") or {}
+    outside = sorted((t for t in bias if int(t) >= vocabulary), key=int)
+    if outside:
+        # An id past the logits would fail the sampling step: a 502 for a client mistake.
         raise BackendError(
-            "the local engine does not apply logit_bias; leave it out, or use a backend "
-            "that does (vLLM, an OpenAI-compatible API)",
+            f"logit_bias names token {outside[0]}, but the model's vocabulary has "
+            f"{vocabulary} tokens (ids 0 to {vocabulary - 1})",
             status=400,
-            code="unsupported_parameter",
+            code="invalid_request",
             param="logit_bias",
         )
     fmt = params.extra.get("response_format")
@@ -528,6 +531,11 @@ class LocalBackend:
             0 if generation_config.top_k is None else generation_config.top_k
         )
         self._context: int | None = getattr(model.config, "max_position_embeddings", None)
+        # The ids a logit_bias may name: those the tokenizer knows and the model scores.
+        scored = getattr(model.config, "vocab_size", None)
+        self._vocabulary = (
+            min(len(tokenizer), scored) if isinstance(scored, int) else len(tokenizer)
+        )
         self._sampling_defaults = _sampling_defaults(generation_config)
         self.engine = Engine(
             model,
@@ -693,7 +701,7 @@ class LocalBackend:
         return ids, max_new
 
     def _encode(self, request: GenerationRequest) -> list[int]:
-        _refuse_unsupported(request.params)
+        _refuse_unsupported(request.params, self._vocabulary)
         tokenizer = self._tokenizer
         if request.messages is not None and self._chat_format is not None:
             ids = self._chat_format(tokenizer, request.messages)
