@@ -285,6 +285,8 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
                 continue
             built = ", filters built"
         print(f"{path}: ok ({policy.name} {policy.version}, {len(policy.filters)} filters{built})")
+        for warning in policy.warnings:
+            print(f"guardrail: warning: {warning}", file=sys.stderr)
         if not policy.filters:
             # Valid (the proxy benchmark measures one), but rarely what its author meant.
             print(

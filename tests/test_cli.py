@@ -948,3 +948,17 @@ def test_a_reader_that_leaves_the_pipe_is_not_a_file_error(
     assert proc.wait(timeout=120) == 141
     assert "Broken pipe" not in err
     assert "Traceback" not in err
+
+
+def test_validate_shows_a_policy_s_warnings_on_stderr_and_passes(
+    write_policy: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_policy(
+        'name: p\nversion: "1"\nfilters:\n  - id: aup\n    type: rules\n    config:\n'
+        "      rules:\n        - {id: poison, category: drugs, keywords: [毒]}\n"
+    )
+    code, out, err = run(["policy", "validate", str(path)], capsys)
+    assert code == 0
+    assert f"{path}: ok" in out
+    assert err.startswith(f"guardrail: warning: {path}:8:")
+    assert "filters[0].config.rules[0].keywords[0]: the one-character keyword '毒'" in err

@@ -17,6 +17,7 @@ import jsonschema
 import msgspec
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from guardrail.errors import PolicyError
 from guardrail.filters.normalize import invisible_chars
@@ -1086,3 +1087,44 @@ def test_a_cutoff_term_past_the_re_modules_repeat_count_is_refused_at_its_key() 
     (problem,) = info.value.problems
     assert (problem.line, problem.key) == (7, "filters[0].config.cutoff.terms[1]")
     assert problem.message.startswith("invalid regular expression: the repetition number is too")
+
+
+CJK_KEYWORDS = (
+    'name: p\nversion: "VERSION"\nfilters:\n  - id: aup\n    type: rules\n    config:\n'
+    "      rules:\n"
+    "        - {id: poison, category: drugs, action: block, keywords: [毒品, 毒]}\n"
+    "        - {id: other, category: weapons, action: block, any: [{keywords: [爆]}]}\n"
+)
+
+
+def test_a_one_character_keyword_of_an_unspaced_script_loads_with_a_warning_at_its_key() -> None:
+    """毒 ("poison") has no edges in Chinese text, so it blocked 病毒 ("virus") and 消毒液
+    ("disinfectant") with no word from the loader. The policy loads; each such keyword is
+    a warning that names its file, line and key."""
+    policy = load_policy_text(CJK_KEYWORDS, "p.yaml", filter_registry())
+    assert [(w.file, w.line, w.key) for w in policy.warnings] == [
+        ("p.yaml", 8, "filters[0].config.rules[0].keywords[1]"),
+        ("p.yaml", 9, "filters[0].config.rules[1].any[0].keywords[0]"),
+    ]
+    assert "'毒'" in policy.warnings[0].message
+    assert "matches inside every word" in policy.warnings[0].message
+    # A word of two characters, or one letter of a spaced script, is no warning.
+    fine = CJK_KEYWORDS.replace("毒]", "xq]").replace("[爆]", "[爆弹]")
+    assert load_policy_text(fine, "p.yaml", filter_registry()).warnings == ()
+
+
+async def test_a_reload_reports_the_new_policy_s_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(CJK_KEYWORDS.replace("[毒品, 毒]", "[毒品]").replace("[爆]", "[爆弹]"))
+    with ThreadPoolExecutor(1) as pool:
+        store = GuardStore(path, filter_registry(), BuildContext(pool, base_dir=tmp_path))
+        store.load()
+        path.write_text(CJK_KEYWORDS.replace("VERSION", "2"), encoding="utf-8")
+        with capture_logs() as logs:
+            result = await store.reload()
+    assert (result.ok, store.current.policy.version) == (True, "2")
+    assert [w.split(": ", 2)[1] for w in result.warnings] == [
+        "filters[0].config.rules[0].keywords[1]",
+        "filters[0].config.rules[1].any[0].keywords[0]",
+    ]
+    assert [e["line"] for e in logs if e["event"] == "policy_warning"] == [8, 9]

@@ -258,6 +258,8 @@ async def admin_reload(state: State) -> Response[Any]:
                 "version": result.version,
                 "digest": result.digest[:12],
             },
+            # What loads but likely does not do what its author means (policy_warning).
+            "warnings": list(result.warnings),
         }
     )
 

@@ -335,8 +335,10 @@ class Gateway:
         shadow = [(self.shadow.store, "shadow")] if self.shadow is not None else []
         tenants = [(store, "tenant") for store in self.stores.values()]
         failures = [] if result.ok else [result.error or "the default policy failed"]
+        warnings = list(result.warnings)
         for store, role in [*tenants, *shadow]:
             other = await store.reload()
+            warnings += other.warnings
             if not other.ok:
                 # By its file: with several tenant policies, "the tenant policy" alone
                 # leaves the operator to guess, and not every error names its file.
@@ -346,6 +348,7 @@ class Gateway:
             in_force = f"the default policy {result.name} {result.version} is in force"
             first, *rest = failures
             failures = [first.replace(" failed: ", f" failed ({in_force}): ", 1), *rest]
+        result = dataclasses.replace(result, warnings=tuple(dict.fromkeys(warnings)))
         if failures:
             result = dataclasses.replace(
                 result, ok=False, error="\n".join(failures), partial=result.ok

@@ -323,6 +323,16 @@ def validate(config: RulesConfig) -> Iterator[ConfigIssue]:
             for j, kw in enumerate(cond.keywords):
                 if not normalize(kw).text:
                     yield ConfigIssue((*path, "keywords", j), "empty keyword")
+                elif _UNSPACED.fullmatch(kw.strip()):
+                    # It has no edges (the script has no spaces), so it is found inside
+                    # every word that holds it: 毒 in 病毒 ("virus") and 消毒液.
+                    yield ConfigIssue(
+                        (*path, "keywords", j),
+                        f"the one-character keyword {kw.strip()!r} is in a script written "
+                        "without spaces, so it matches inside every word that holds it; "
+                        "list the words you mean",
+                        warning=True,
+                    )
             if cond.semantic is not None:
                 yield from _semantic_issues(cond.semantic, (*path, "semantic"))
             for j, pattern in enumerate(cond.regex):

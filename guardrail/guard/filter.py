@@ -259,10 +259,14 @@ class Grounds(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ConfigIssue:
-    """A semantic problem in a filter config; ``path`` is relative to the filter's ``config``."""
+    """A semantic problem in a filter config; ``path`` is relative to the filter's ``config``.
+
+    ``warning``: the config works but likely not as its author means; the policy loads
+    and the problem is shown (``policy validate``, the startup and reload logs)."""
 
     path: tuple[str | int, ...]
     message: str
+    warning: bool = False
 
 
 @dataclass(frozen=True, slots=True)

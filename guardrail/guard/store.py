@@ -13,12 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from guardrail.errors import GuardrailError
 from guardrail.guard.cache import VerdictCache
 from guardrail.guard.filter import BuildContext, FilterSpec
 from guardrail.guard.guard import Guard
 from guardrail.plugins import PluginRegistry
 from guardrail.policy.loader import load_policy
+
+log = structlog.get_logger("guardrail.policy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,8 @@ class ReloadResult:
     error: str | None = None
     partial: bool = False
     """The default policy reloaded (``name`` ``version`` is in force), another did not."""
+    warnings: tuple[str, ...] = ()
+    """The new policy's warnings (see ``Policy.warnings``), ``file:line:column: key: ...``."""
 
 
 # How long a reload may take to build its policy (model filters load models: minutes on a
@@ -103,7 +109,13 @@ class GuardStore:
                 )
             self._swap(guard)
             p = guard.policy
-            return ReloadResult(ok=True, name=p.name, version=p.version, digest=p.digest)
+            return ReloadResult(
+                ok=True,
+                name=p.name,
+                version=p.version,
+                digest=p.digest,
+                warnings=tuple(str(w) for w in p.warnings),
+            )
 
     def _kept(self, error: str) -> ReloadResult:
         """A failed reload's result: the running policy, and why the new one is not."""
@@ -118,6 +130,10 @@ class GuardStore:
 
     def _swap(self, guard: Guard) -> None:
         self._guard = guard
+        for warning in guard.policy.warnings:  # at startup and on each reload
+            log.warning(
+                "policy_warning", file=warning.file, line=warning.line, message=str(warning)
+            )
         if self.cache is not None:
             self.cache.clear()
         if self._on_swap is not None:

@@ -44,7 +44,7 @@ from jsonschema.protocols import Validator
 from jsonschema.validators import Draft202012Validator
 
 from guardrail.errors import PolicyError, Problem, RegistryError
-from guardrail.guard.filter import FilterSpec
+from guardrail.guard.filter import ConfigIssue, FilterSpec
 from guardrail.guard.types import Action, Stage
 from guardrail.plugins import PluginRegistry
 from guardrail.policy.model import (
@@ -144,6 +144,7 @@ class _Issue:
     message: str
     at_key: bool = False
     prunable: bool = True
+    warning: bool = False
 
 
 def _load(
@@ -173,6 +174,8 @@ def _load(
     explained = {i.path for i in filter_issues if i.path[-1:] == ("stages",)}
     issues = [i for i in issues if i.path not in explained] + filter_issues
     issues = [i for i in dict.fromkeys(issues) if i.path not in parsed.rejected]
+    warnings = tuple(_sorted([where.problem(name, i) for i in issues if i.warning]))
+    issues = [i for i in issues if not i.warning]
     if issues or parsed.problems:
         problems = parsed.problems + [where.problem(name, i) for i in issues]
         raise PolicyError(_sorted(problems))
@@ -216,6 +219,7 @@ def _load(
         test_positions=tuple(where.value_at(("tests", i)) for i in range(len(doc.tests))),
         filter_positions=tuple(positions),
         scoped_tenants=tuple(scoped),
+        warnings=warnings,
         openai_categories={
             **DEFAULT_OPENAI_MAPPING,
             **{c: tuple(keys) for c, keys in doc.openai_categories.items()},
@@ -979,7 +983,7 @@ def _check_config(
         if pruned is not None and spec.validate is not None:
             try:
                 typed = _convert(pruned, spec.config_type)
-                found = [_Issue((*path, *c.path), c.message) for c in spec.validate(typed)]
+                found = [_config_issue(path, c) for c in spec.validate(typed)]
             except Exception:  # best effort: the schema issues stand
                 found = []
             # Not about an object that lost a key here ("a condition needs ..." once
@@ -993,11 +997,15 @@ def _check_config(
         return None
     if spec.validate is not None:
         try:
-            issues += [_Issue((*path, *c.path), c.message) for c in spec.validate(typed)]
+            issues += [_config_issue(path, c) for c in spec.validate(typed)]
         except Exception as e:  # a third-party validator's bug still names the filter
             message = f"the '{spec.type}' filter's config check failed: {type(e).__name__}: {e}"
             issues.append(_Issue(path, message))
     return typed
+
+
+def _config_issue(path: JsonPath, issue: ConfigIssue) -> _Issue:
+    return _Issue((*path, *issue.path), issue.message, warning=issue.warning)
 
 
 def _without(config: dict[str, Any], paths: list[JsonPath]) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from guardrail.docs import doc as _doc
+from guardrail.errors import Problem
 from guardrail.guard.types import Action, Stage
 from guardrail.policy.openai_categories import DEFAULT_OPENAI_MAPPING, OpenAICategory
 
@@ -233,7 +234,8 @@ class Policy:
     named there too. ``scoped_tenants``: each tenant pattern of a rule's ``scope``, to
     check against the tenants there are. ``openai_categories`` maps a category onto the
     OpenAI moderation keys it counts toward: the built-in table with the file's rows
-    over it.
+    over it. ``warnings``: what loads but likely does not do what its author means (a
+    one-character Chinese keyword), located like errors; shown, never fatal.
     """
 
     name: str
@@ -249,6 +251,7 @@ class Policy:
     test_positions: tuple[tuple[int, int], ...] = ()
     filter_positions: tuple[tuple[int, int, int], ...] = ()
     scoped_tenants: tuple[ScopedTenant, ...] = ()
+    warnings: tuple[Problem, ...] = ()
     openai_categories: Mapping[str, tuple[OpenAICategory, ...]] = field(
         default_factory=lambda: dict(DEFAULT_OPENAI_MAPPING)
     )
