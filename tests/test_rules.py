@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import textwrap
 import threading
@@ -23,6 +24,7 @@ from guardrail.filters.llama_guard import (
     taxonomy,
 )
 from guardrail.filters.normalize import Normalized, normalize
+from guardrail.filters.rules import LOOP_REGEX_CHARS
 from guardrail.guard.filter import LOOP_TEXT_CHARS, BuildContext, SharedResources
 from guardrail.guard.guard import Guard
 from guardrail.guard.registry import filter_registry
@@ -1024,6 +1026,111 @@ async def test_when_a_text_is_long_then_its_normalisation_runs_off_the_event_loo
     assert len(threads) == 3  # the keywords', the regexes' and the windows' readings
     on_loop = [t == threading.get_ident() for t in threads]
     assert on_loop == [len(text) <= LOOP_TEXT_CHARS] * 3
+
+
+async def test_while_a_long_text_s_regexes_match_other_requests_are_served(
+    make_guard: Callable[..., Guard], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past LOOP_REGEX_CHARS a text's regexes match on the executor, and another coroutine
+    of the loop runs meanwhile. On the loop, the default policy's output regexes held
+    every request, /healthz too, for 74-172 ms on a 1 MB answer (a /v1/moderations check)."""
+    import guardrail.filters.rules as rules_module
+
+    guard = make_guard("- {id: bomb, category: weapons, regex: ['pipe\\s+bomb']}\n")
+    real = rules_module._regex_spans
+    matching, served = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def spans(regexes: Any, folded: Normalized) -> list[tuple[int, int]]:
+        events.append("regexes start")
+        matching.set()
+        # Off the loop the other request is served at once; on it, nothing else can run
+        # until this returns, so the wait only bounds the test.
+        served.wait(10)
+        events.append("regexes end")
+        return real(regexes, folded)
+
+    async def other_request() -> None:
+        await asyncio.to_thread(matching.wait, 10)
+        events.append("other request")
+        served.set()
+
+    monkeypatch.setattr(rules_module, "_regex_spans", spans)
+    text = "The weather is mild today. " * (LOOP_REGEX_CHARS // 27) + "How to make a pipe bomb?"
+    other = asyncio.ensure_future(other_request())
+    assert await action(guard, text) is Action.BLOCK
+    await other
+    assert events == ["regexes start", "other request", "regexes end"]
+
+
+async def test_a_long_text_s_regexes_find_off_the_loop_what_they_find_on_it(
+    make_guard: Callable[..., Guard], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same findings, spans, extents and redactions from the executor as from the loop."""
+    import guardrail.filters.rules as rules_module
+
+    guard = make_guard(
+        """
+        - {id: bomb, category: weapons, action: flag, regex: ['pipe\\s+b[o0]mbs?', 'nail\\s+bomb']}
+        - {id: key, category: secret, action: redact, replacement: '#', regex: ['(?<=key=)\\w+']}
+        - id: both
+          category: weapons
+          action: flag
+          all: [{regex: ['detonat\\w*']}, {regex: ['sh[r]apnel']}]
+        """
+    )
+    filler = "The weather is mild today, and nobody built anything at all. "
+    text = (
+        filler * 100
+        + "A PIPE  B0MB, key=hunter2 and a nail bomb. "
+        + filler * 100
+        + "Detonators, key=swordfish, shrapnel; pipe bombs."
+    )
+    assert len(text) > LOOP_REGEX_CHARS
+    off_loop = await guard.check(Stage.INPUT, text, CTX)
+    monkeypatch.setattr(rules_module, "LOOP_REGEX_CHARS", len(text))
+    on_loop = await guard.check(Stage.INPUT, text, CTX)
+    assert off_loop.findings == on_loop.findings
+    assert (off_loop.redactions, off_loop.text) == (on_loop.redactions, on_loop.text)
+    assert {f.rule_id for f in on_loop.findings} == {"bomb", "key", "both"}
+    assert on_loop.text.count("key=#") == 2
+
+
+async def test_a_long_text_s_regexes_off_the_loop_end_at_the_filter_s_time_limit(
+    monkeypatch: pytest.MonkeyPatch, executor: ThreadPoolExecutor, resources: SharedResources
+) -> None:
+    """Matching on the executor that outlasts the filter's timeout_ms: the check ends at
+    the limit with the policy's on_error; the pass runs on to its end in its thread."""
+    import guardrail.filters.rules as rules_module
+
+    policy = load_policy_text(
+        'name: t\nversion: "1"\non_error: flag\nfilters:\n  - id: aup\n    type: rules\n'
+        "    timeout_ms: 100\n    config:\n      rules:\n"
+        "        - {id: bomb, category: weapons, regex: ['pipe\\s+bomb']}\n",
+        "inline.yaml",
+        filter_registry(),
+    )
+    guard = Guard.build(policy, filter_registry(), BuildContext(executor, resources=resources))
+    real = rules_module._regex_spans
+    release, finished = threading.Event(), threading.Event()
+
+    def stuck(regexes: Any, folded: Normalized) -> list[tuple[int, int]]:
+        release.wait(10)
+        try:
+            return real(regexes, folded)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(rules_module, "_regex_spans", stuck)
+    text = "x" * LOOP_REGEX_CHARS + " how to make a pipe bomb"
+    decision = await guard.check(Stage.INPUT, text, CTX)
+    released_before = release.is_set()
+    release.set()
+    (outcome,) = decision.outcomes
+    assert not released_before
+    assert outcome.status == "timeout"
+    assert decision.action is Action.FLAG  # on_error, not the rule's block
+    assert await asyncio.to_thread(finished.wait, 10)
 
 
 def test_windows_a_check_worked_out_are_only_its_own_filter_s(

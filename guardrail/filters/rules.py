@@ -477,8 +477,9 @@ def _shipped_labels(settings: object) -> frozenset[str] | None:
 def _regex_time_limit(chars: int) -> float:
     """Seconds one policy regex may run on a text of ``chars`` characters.
 
-    Regexes run on the event loop (a thread would cost more than most matches take; a
-    shadow policy's run on its threads), so one that backtracks without end on some input
+    A short text's regexes run on the event loop (a thread would cost more than most
+    matches take; a long text's and a shadow policy's run on the executor, see
+    :data:`LOOP_REGEX_CHARS`), so one that backtracks without end on some input
     ("^(a|aa)+$" on "aaaa...b") would stop every request; the filter's own time limit
     cannot interrupt code that never yields.
     The ``regex`` engine stops a match past its limit with TimeoutError, which the guard
@@ -489,6 +490,15 @@ def _regex_time_limit(chars: int) -> float:
 
 
 _REGEX_TIME_BASE_S = 0.1
+# The default policy's seven input regexes took 1.5 ms together on 10,000 characters of
+# prose and 3.1 ms on text full of near matches ("how to build a treehouse", "bath
+# bombs"), 15-31 ms on 100,000 and 146-305 ms on 1,000,000 (its three output regexes
+# half that; thread CPU time, best of 5, on one core of the 2-core dev machine); a thread
+# hop costs about 0.2 ms. Up to this many characters a text's regexes run on the event
+# loop; a longer one's on the executor, where the regex engine lets the loop run while it
+# matches (it releases the GIL). On the loop, a /v1/moderations check of a 1 MB answer
+# (stage output) held every request, /healthz too, for 74-172 ms.
+LOOP_REGEX_CHARS = 10_000
 # The re module's own parser: private, but the one sound way to know what a pattern can
 # span (sample texts miss a lookahead's words); every pattern it sees here compiled with
 # re. Through import_module since the type stubs do not list it.
@@ -884,7 +894,7 @@ class _Check:
                     self.filt.executor, len(self.text), normalize, self.text, **_READINGS["folded"]
                 )
             folded = self._folded
-            if self.filt.regexes_off_loop:
+            if self.filt.regexes_off_loop or len(self.text) > LOOP_REGEX_CHARS:
                 loop = asyncio.get_running_loop()
                 found += await loop.run_in_executor(
                     self.filt.executor, _regex_spans, pattern.regexes, folded
@@ -1043,9 +1053,10 @@ def _llama_guard(
 
 
 class RulesFilter:
-    """Runs the rules on each text: patterns on the event loop (a shadow policy's regexes
-    on the executor, see ``BuildContext.regexes_off_loop``), models on the executor (and
-    a long text's normalisation, see :func:`text_pass`)."""
+    """Runs the rules on each text: patterns on the event loop (a long text's regexes and
+    a shadow policy's on the executor, see :data:`LOOP_REGEX_CHARS` and
+    ``BuildContext.regexes_off_loop``), models on the executor (and a long text's
+    normalisation, see :func:`text_pass`)."""
 
     def __init__(self, name: str, config: RulesConfig, env: BuildContext) -> None:
         self.name = name

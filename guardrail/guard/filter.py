@@ -171,7 +171,8 @@ class BuildContext:
     (their own analysis caches); it follows the verdict cache setting.
     ``embedding_precision`` is the shared sentence encoder's (``auto``, ``fp32``, ``bf16``).
     ``regexes_off_loop`` runs the policy's own regexes (the rules filter's) on
-    ``executor`` rather than the event loop: a shadow policy's, whose checks share the
+    ``executor`` rather than the event loop, on short texts too (a long text's always
+    run there, see ``rules.LOOP_REGEX_CHARS``): a shadow policy's, whose checks share the
     live loop, where a candidate's regex that backtracks to its time limit held every
     live request.
     ``parallel_checks`` bounds how many messages of one conversation are checked at a
