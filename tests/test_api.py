@@ -966,7 +966,8 @@ def test_a_completion_is_withheld_for_its_own_score_or_a_phrase_across_the_join(
         ),
         (b'{"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]}', 400, "role"),
         (body_with(b'"temperature": 9'), 400, "temperature"),
-        (body_with(b'"tools": []'), 400, "unknown field `tools`"),
+        (body_with(b'"frobnicate": []'), 400, "unknown field `frobnicate`"),
+        (body_with(b'"tools": []'), 400, "length >= 1 (at 'tools')"),
         (body_with(b'"n": 2'), 400, "n=1"),
         (body_with(b'"logprobs": true'), 400, "logprobs"),
         (

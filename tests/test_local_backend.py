@@ -39,7 +39,7 @@ from guardrail.backends.local import (
     load_local_model,
     served_model_name,
 )
-from guardrail.chat import Message
+from guardrail.chat import Message, ToolCall
 from guardrail.errors import (
     BackendError,
     BackendUnavailable,
@@ -550,6 +550,31 @@ async def test_a_response_format_the_engine_cannot_keep_is_refused_not_ignored(
         await collect(local.stream(asked))
     plain = chat(max_tokens=2, extra={"response_format": {"type": "text"}})
     assert (await local.generate(plain)).text
+
+
+async def test_tools_and_earlier_tool_calls_are_refused_not_guessed_from_text(
+    local: LocalBackend,
+) -> None:
+    """The engine parses no calls out of its text: asked for tools, it answered in prose
+    that a client waited on as a call."""
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    asked = chat(max_tokens=2, extra={"tools": tools})
+    history = GenerationRequest(
+        model=EMBEDDED_MODEL_NAME,
+        request_id="test",
+        messages=(
+            Message("user", "Weather?"),
+            Message("assistant", "", tool_calls=(ToolCall("call_1", "get_weather", "{}"),)),
+            Message("tool", "Sunny.", tool_call_id="call_1"),
+        ),
+        params=SamplingParams(max_tokens=2),
+    )
+    for request, param in ((asked, "tools"), (history, "messages[1].tool_calls")):
+        for run in (local.generate(request), collect(local.stream(request))):
+            with pytest.raises(BackendError, match="tool-call parser") as raised:
+                await run
+            error = raised.value
+            assert (error.status, error.code, error.param) == (400, "unsupported_parameter", param)
 
 
 @slow

@@ -13,8 +13,13 @@ from structlog.testing import capture_logs
 
 from guardrail.backends.base import Backend, Chunk, GenerationRequest, SamplingParams
 from guardrail.backends.breaker import CircuitState
-from guardrail.backends.remote import SPEC, RemoteBackend, from_settings
-from guardrail.chat import Message
+from guardrail.backends.remote import (
+    SPEC,
+    TOOL_CALL_CHARS_PER_TOKEN,
+    RemoteBackend,
+    from_settings,
+)
+from guardrail.chat import Message, ToolCall
 from guardrail.errors import (
     BackendBadResponse,
     BackendError,
@@ -610,11 +615,11 @@ async def test_when_upstream_answers_an_error_object_then_502_naming_it(
         ("stop", "stop"),
         ("length", "length"),
         ("content_filter", "content_filter"),
-        ("tool_calls", "stop"),
+        ("tool_calls", "tool_calls"),
         ("eos", "stop"),
     ],
 )
-async def test_finish_reasons_are_mapped_to_the_gateways_three(
+async def test_finish_reasons_are_mapped_to_the_gateways_four(
     client: httpx.AsyncClient, up_a: FakeUpstream, upstream: str, expected: str
 ) -> None:
     up_a.finish_reason = upstream
@@ -1288,7 +1293,12 @@ PROGRESS_FRAMES = {
     "refusal": {"choices": [{"index": 0, "delta": {"refusal": "no "}}]},
     "tool-call arguments": {
         "choices": [
-            {"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}
+            {
+                "index": 0,
+                "delta": {
+                    "tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{"}}]
+                },
+            }
         ]
     },
     "another choice's text": {"choices": [{"index": 1, "delta": {"content": "word "}}]},
@@ -1468,3 +1478,86 @@ async def test_the_upstream_s_retry_after_reaches_the_client(stream: bool) -> No
         with pytest.raises(BackendError) as limited:
             await call()
     assert (limited.value.status, limited.value.retry_after_s) == (429, 42.0)
+
+
+# --- tool calls ----------------------------------------------------------------------------
+
+
+async def test_tool_calls_go_upstream_and_come_back_whole_streamed_or_not(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    """An earlier turn's calls are sent in OpenAI's shape (content null), and the
+    upstream's calls come back whole: a stream's pieces assembled, on its last chunk."""
+    up_a.reply, up_a.finish_reason = "", "tool_calls"
+    arguments = '{"city": "Paris", "unit": "celsius"}'
+    up_a.tool_calls = [
+        {"id": "call_a", "name": "get_weather", "arguments": arguments},
+        {"id": "call_b", "name": "get_time", "arguments": "{}"},
+    ]
+    earlier = ToolCall("call_0", "get_weather", '{"city": "Rome"}')
+    request = GenerationRequest(
+        model="fake-model",
+        request_id="req-44",
+        messages=(
+            Message("user", "Weather?"),
+            Message("assistant", "", tool_calls=(earlier,)),
+            Message("tool", "Sunny.", tool_call_id="call_0"),
+        ),
+        params=SamplingParams(extra={"tools": [{"type": "function"}], "tool_choice": "auto"}),
+    )
+    b = backend(client, up_a.base_url)
+    completion = await b.generate(request)
+    chunks = await collect(b.stream(request))
+    expected = (ToolCall("call_a", "get_weather", arguments), ToolCall("call_b", "get_time", "{}"))
+    assert completion.tool_calls == chunks[-1].tool_calls == expected
+    assert completion.finish_reason == chunks[-1].finish_reason == "tool_calls"
+    assert all(not c.tool_calls for c in chunks[:-1])
+    sent = up_a.requests[0]
+    assert (sent["tools"], sent["tool_choice"]) == ([{"type": "function"}], "auto")
+    assert sent["messages"][1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_0",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+            }
+        ],
+    }
+
+
+async def test_a_stream_of_endless_tool_call_arguments_is_cut_at_the_token_budget() -> None:
+    """Held until the stream ends, a call's text would grow for as long as the upstream
+    sends it: past what the completion's token budget can hold, the stream fails."""
+    sent = 0
+
+    async def frames() -> AsyncIterator[bytes]:
+        nonlocal sent
+        head = {"index": 0, "id": "c", "function": {"name": "f", "arguments": ""}}
+        yield _sse(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [head]}}]}))
+        piece = {"index": 0, "function": {"arguments": "x" * 100}}
+        while True:
+            sent += 1
+            yield _sse(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [piece]}}]}))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=frames(), headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        remote = backend(client, "http://up.test/v1")
+        with pytest.raises(BackendBadResponse, match="tool-call text"):
+            await collect(remote.stream(chat_request(max_tokens=10)))
+    assert sent * 100 <= 10 * TOOL_CALL_CHARS_PER_TOKEN + 100
+
+
+async def test_a_tool_call_the_upstream_sent_in_another_shape_is_a_bad_response(
+    client: httpx.AsyncClient, up_a: FakeUpstream
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        message = {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}
+        return httpx.Response(200, json={"choices": [{"index": 0, "message": message}]})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as mock:
+        with pytest.raises(BackendBadResponse, match="tool call"):
+            await backend(mock, "http://up.test/v1").generate(chat_request())

@@ -1,9 +1,11 @@
 """OpenAI wire models for requests (validated by Litestar with msgspec).
 
 Unknown fields are rejected with a message naming them: a gateway that silently
-drops ``tools`` or ``logprobs`` would change what the client asked for. Fields that
-would let text bypass moderation (log-probabilities, tool calls, ``n`` > 1, echo)
-are refused with a clear reason rather than passed through unmoderated.
+drops ``logprobs`` would change what the client asked for. Fields that would let
+text bypass moderation (log-probabilities, ``n`` > 1, echo) are refused with a clear
+reason rather than passed through unmoderated. Tool definitions and tool calls are
+accepted in OpenAI's ``function`` shape only, so every word of them is text the
+serving layer can put through the filters.
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ def _part_text(part: ContentPart, where: str) -> str:
 # An id, not text: some chat templates write it into the prompt, where free text would
 # reach the model unmoderated. OpenAI's, vLLM's and Mistral's ids all fit.
 ToolCallId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,256}$")]
+# OpenAI's rule for a function's name.
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+MAX_TOOLS: Final = 128
+# A turn's parallel calls: models make a handful; each is text to check.
+MAX_TOOL_CALLS: Final = 128
+
+
+class WireFunctionCall(msgspec.Struct, forbid_unknown_fields=True):
+    name: ToolName
+    arguments: str  # JSON text, as the model wrote it
+
+
+class WireToolCall(msgspec.Struct, forbid_unknown_fields=True):
+    """A call the model made in an earlier turn (an assistant message's ``tool_calls``)."""
+
+    id: ToolCallId
+    type: Literal["function"]
+    function: WireFunctionCall
 
 
 class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -74,6 +94,7 @@ class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: ToolCallId | None = None
+    tool_calls: Annotated[list[WireToolCall], msgspec.Meta(max_length=MAX_TOOL_CALLS)] | None = None
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -222,6 +243,54 @@ _PASSED_ON: Final = (
 )
 
 
+class FunctionDefinition(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class FunctionTool(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(msgspec.Struct, forbid_unknown_fields=True):
+    name: ToolName
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def _function_tool(tool: dict[str, Any], where: str) -> FunctionTool:
+    """A tool definition, checked: OpenAI's ``function`` tools only. Decoded by hand, as a
+    content part is, so that a tool of another type (``custom``, a hosted tool) gets a
+    message naming its type, not "unknown field"."""
+    kind = tool.get("type")
+    if kind != "function":
+        shown = f"'{kind}'" if isinstance(kind, str) else "no type"
+        raise APIError(
+            400,
+            f"A tool of {shown} is not supported: only 'function' tools are.",
+            param=f"{where}.type",
+            code="unsupported_parameter",
+        )
+    try:
+        return msgspec.convert(tool, FunctionTool)
+    except msgspec.ValidationError as e:
+        # "... - at `$.function.name`": the path, under the tool's own.
+        message, _, path = str(e).partition(" - at `$")
+        param = where + path.rstrip("`")
+        raise APIError(
+            400, f"Invalid tool: {message} (at '{param}').", param=param, code="invalid_request"
+        ) from None
+
+
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[WireMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
@@ -244,10 +313,36 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
+    # Objects, each checked by _function_tool (see there why not a typed list).
+    # At least one, as OpenAI: an empty list is a client's mistake.
+    tools: (
+        Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1, max_length=MAX_TOOLS)] | None
+    ) = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # OpenAI's deprecated names for tools: decoded only to be refused with a pointer.
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def function_tools(self) -> list[FunctionTool]:
+        """The request's tools, checked (400 on a tool that is not a function tool)."""
+        return [_function_tool(t, f"tools[{i}]") for i, t in enumerate(self.tools or ())]
+
+    def tool_calls(self) -> list[tuple[int, list[WireToolCall]]]:
+        """The earlier turns' tool calls, by message index."""
+        return [(i, m.tool_calls) for i, m in enumerate(self.messages) if m.tool_calls]
 
     def refuse_unmoderated(self) -> None:
         super().refuse_unmoderated()
+        self._refuse_bad_tools()
         for i, message in enumerate(self.messages):
+            if message.tool_calls is not None and message.role != "assistant":
+                raise APIError(
+                    400,
+                    "'tool_calls' belongs to a message with role 'assistant' only.",
+                    param=f"messages[{i}].tool_calls",
+                    code="invalid_request",
+                )
             if message.tool_call_id is not None and message.role != "tool":
                 # It answers a tool call; on another role it is only a place for words.
                 raise APIError(
@@ -312,6 +407,51 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                 code="unsupported_parameter",
             )
 
+    def _refuse_bad_tools(self) -> None:
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise APIError(
+                    400,
+                    f"'{name}' is deprecated and not supported by this gateway; use 'tools' "
+                    "and 'tool_choice'.",
+                    param=name,
+                    code="unsupported_parameter",
+                )
+        tools = self.function_tools()
+        choice = self.tool_choice
+        if choice is not None and not tools:
+            raise APIError(
+                400,
+                "'tool_choice' is only allowed when 'tools' are given.",
+                param="tool_choice",
+                code="invalid_request",
+            )
+        if isinstance(choice, NamedToolChoice):
+            names = {t.function.name for t in tools}
+            if choice.function.name not in names:
+                raise APIError(
+                    400,
+                    f"tool_choice names the function '{choice.function.name}', which is not "
+                    "one of 'tools'.",
+                    param="tool_choice.function.name",
+                    code="invalid_request",
+                )
+        if self.parallel_tool_calls is not None and not tools:
+            raise APIError(
+                400,
+                "'parallel_tool_calls' is only allowed when 'tools' are given.",
+                param="parallel_tool_calls",
+                code="invalid_request",
+            )
+        if tools and self.stream:
+            # Until a stream holds its tool calls back for the output filters.
+            raise APIError(
+                400,
+                "Streaming with 'tools' is not supported yet; send the request with stream false.",
+                param="stream",
+                code="unsupported_parameter",
+            )
+
     def extra(self) -> dict[str, Any]:
         out = super().extra()
         if self.response_format is not None:
@@ -320,6 +460,13 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.tools:
+            # As checked and re-encoded: what the filters read is what is sent.
+            out["tools"] = msgspec.to_builtins(self.function_tools())
+        if self.tool_choice is not None:
+            out["tool_choice"] = msgspec.to_builtins(self.tool_choice)
+        if self.parallel_tool_calls is not None:
+            out["parallel_tool_calls"] = self.parallel_tool_calls
         return out
 
     def wants_json(self) -> bool:

@@ -38,6 +38,7 @@ from guardrail.api.ratelimit import (
 from guardrail.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    FunctionTool,
     ModerationRequest,
     document_texts,
 )
@@ -49,7 +50,7 @@ from guardrail.backends.base import (
     GenerationRequest,
     SamplingParams,
 )
-from guardrail.chat import Message
+from guardrail.chat import Message, ToolCall
 from guardrail.errors import BackendError, BackendUnavailable, where
 from guardrail.exchange import OVERLOADED, Exchange, Outcome, Route
 from guardrail.filters.pii import with_placeholders
@@ -150,29 +151,104 @@ def _id_readings(tool_call_id: str) -> tuple[str, str, str]:
     return tool_call_id, spaced, _CAMEL_JOINTS.sub(" ", spaced)
 
 
+def _strings(value: object, parts: list[str]) -> None:
+    """Every string and object key in a JSON value (a schema), in order, onto ``parts``."""
+    if isinstance(value, str):
+        parts.append(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            parts.append(str(key))
+            _strings(item, parts)
+    elif isinstance(value, list):
+        for item in value:
+            _strings(item, parts)
+
+
 def format_text(response_format: object) -> str:
     """The text a ``response_format`` puts before the model: every string and object key
     in it but the top-level ``type`` (``json_object`` itself says nothing), one per line."""
     if not isinstance(response_format, dict):
         return ""
     parts: list[str] = []
-
-    def walk(value: object) -> None:
-        if isinstance(value, str):
-            parts.append(value)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                parts.append(str(key))
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
     for key, value in response_format.items():
         if key != "type":
             parts.append(str(key))
-            walk(value)
+            _strings(value, parts)
     return "\n".join(p for p in parts if p.strip())
+
+
+def tools_text(tools: list[FunctionTool]) -> str:
+    """The text tool definitions put before the model, one piece per line: each function's
+    name read as an id is (its words apart: ``build_a_bomb``), its description, and its
+    parameters' schema as :func:`format_text` reads a schema."""
+    parts: list[str] = []
+    for tool in tools:
+        function = tool.function
+        parts.extend(dict.fromkeys(_id_readings(function.name)))
+        if function.description:
+            parts.append(function.description)
+        _strings(function.parameters, parts)
+    return "\n".join(p for p in parts if p.strip())
+
+
+def _is_json(text: str) -> bool:
+    try:
+        msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class _CheckedCalls:
+    """Tool calls through the filters: the ``decision`` on their text, and the ``calls``
+    with its redactions applied to their arguments."""
+
+    decision: Decision
+    calls: tuple[ToolCall, ...]
+
+
+async def _check_calls(
+    guard: Guard, stage: Stage, calls: tuple[ToolCall, ...], ctx: FilterContext
+) -> _CheckedCalls:
+    """Pass tool calls through ``stage``'s filters, as one text: each call's id and name
+    (read as a tool message's id is: as written, with separators as spaces, CamelCase
+    apart) on lines of their own, then its arguments, so a phrase split between a name
+    and its arguments (``build_a`` + ``{"thing": "bomb"}``) is seen whole.
+
+    A redaction is applied to the arguments it lies in. One that cannot be (in an id or a
+    name, which a client matches, or across two parts), or that leaves arguments that
+    were JSON no longer JSON (a tool would get a call it cannot parse), refuses the
+    calls: the decision is a block, as :func:`_refused` makes one.
+    """
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []  # each call's arguments, in the checked text
+    at = 0
+    for c in calls:
+        head = "\n".join(dict.fromkeys((*_id_readings(c.id), *_id_readings(c.name))))
+        at += len(head) + 1
+        spans.append((at, at + len(c.arguments)))
+        at += len(c.arguments) + 1
+        parts += [head, c.arguments]
+    decision = await guard.check(stage, "\n".join(parts), ctx.at(stage))
+    if decision.action is not Action.REDACT:
+        return _CheckedCalls(decision, calls)
+    out: list[ToolCall] = []
+    placed = 0
+    for c, (start, end) in zip(calls, spans, strict=True):
+        own = [
+            dataclasses.replace(r, start=r.start - start, end=r.end - start)
+            for r in decision.redactions
+            if start <= r.start and r.end <= end
+        ]
+        placed += len(own)
+        arguments = apply_redactions(c.arguments, own)
+        if own and _is_json(c.arguments) and not _is_json(arguments):
+            return _CheckedCalls(_refused(decision), calls)
+        out.append(dataclasses.replace(c, arguments=arguments))
+    if placed != len(decision.redactions):
+        return _CheckedCalls(_refused(decision), calls)
+    return _CheckedCalls(decision, tuple(out))
 
 
 def _overloaded(why: str) -> APIError:
@@ -510,8 +586,9 @@ class _Prepared:
     """The texts to check."""
     messages: tuple[Message, ...]
     """The conversation."""
-    build: Callable[[list[str]], GenerationRequest]
-    """Builds the backend request from the (possibly redacted) texts."""
+    build: Callable[[list[str], tuple[Message, ...]], GenerationRequest]
+    """Builds the backend request from the (possibly redacted) texts and the messages
+    (whose tool calls' arguments may be redacted)."""
     max_tokens: int
     """The completion's token budget, checked against the limit once, when prepared."""
 
@@ -651,7 +728,16 @@ class Serving:
                     code="too_many_messages",
                 )
             messages = tuple(
-                Message(m.role, m.text(i), m.tool_call_id) for i, m in enumerate(body.messages)
+                Message(
+                    m.role,
+                    m.text(i),
+                    m.tool_call_id,
+                    tuple(
+                        ToolCall(c.id, c.function.name, c.function.arguments)
+                        for c in m.tool_calls or ()
+                    ),
+                )
+                for i, m in enumerate(body.messages)
             )
             max_tokens = self._max_tokens(body)
             params = _sampling(body, max_tokens)
@@ -664,9 +750,9 @@ class Serving:
                 field_name = self.gw.settings.default_max_tokens_field
                 params = dataclasses.replace(params, max_tokens_field=field_name)
 
-            def build(texts: list[str]) -> GenerationRequest:
+            def build(texts: list[str], checked: tuple[Message, ...]) -> GenerationRequest:
                 sent = tuple(
-                    dataclasses.replace(m, content=t) for m, t in zip(messages, texts, strict=True)
+                    dataclasses.replace(m, content=t) for m, t in zip(checked, texts, strict=True)
                 )
                 return GenerationRequest(
                     body.model,
@@ -693,7 +779,7 @@ class Serving:
             max_tokens = self._max_tokens(body)
             params = _sampling(body, max_tokens)
 
-            def build(texts: list[str]) -> GenerationRequest:
+            def build(texts: list[str], checked: tuple[Message, ...]) -> GenerationRequest:
                 return GenerationRequest(
                     body.model,
                     request_id,
@@ -837,14 +923,25 @@ class Serving:
                     code="model_not_allowed",
                 )
             # Charged: every text the filters read. The messages, a response_format's
-            # text, tool call ids and stop sequences reach the backend too (its usage
-            # corrects them); documents are read by the filters only, and stay charged.
+            # text, tool definitions, earlier turns' tool calls, tool call ids and stop
+            # sequences reach the backend too (its usage corrects them); documents are
+            # read by the filters only, and stay charged.
             schema_text = format_text(getattr(body, "response_format", None))
+            tool_text = (
+                tools_text(body.function_tools()) if isinstance(body, ChatCompletionRequest) else ""
+            )
             ids = sum(len(m.tool_call_id or "") for m in messages)
+            calls = sum(c.chars for m in messages for c in m.tool_calls)
             stops = body.stop_list()
             documents = document_texts(body.documents)
             admission.prompt_tokens = estimate_tokens(
-                sum(len(t) for t in texts) + len(schema_text) + ids + sum(map(len, stops)), 0
+                sum(len(t) for t in texts)
+                + len(schema_text)
+                + len(tool_text)
+                + ids
+                + calls
+                + sum(map(len, stops)),
+                0,
             )
             admission.filter_tokens = estimate_tokens(sum(len(d) for d in documents), 0)
             await self._admit(
@@ -874,6 +971,11 @@ class Serving:
                 # back before the messages' values are numbered, so the model's echo of
                 # it is never "restored" to the user's data.
                 fmt = _refused(await guard.check(Stage.INPUT, schema_text, ctx))
+            tools: Decision | None = None
+            if tool_text:
+                # The same for tool definitions: instructions the model reads, which cannot
+                # be rewritten (the model would call a function nobody defined).
+                tools = _refused(await guard.check(Stage.INPUT, tool_text, ctx))
             input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
             exchange.decisions.extend(d for _, d in input_decisions)
             if self.gw.shadow is not None:
@@ -888,13 +990,16 @@ class Serving:
             # (schema, tool call ids, stop sequences): the client's ``guardrail`` object
             # and a 400's findings list each one that acted, whichever part it came from.
             checked = list(input_decisions)
-            if fmt is not None:
-                exchange.decisions.append(fmt)
-                checked.append((None, fmt))
+            for part, param in ((fmt, "response_format"), (tools, "tools")):
+                if part is None:
+                    continue
+                exchange.decisions.append(part)
+                checked.append((None, part))
                 # A schema cannot be rewritten: what the policy would redact refuses it.
-                if fmt.blocked:
-                    raise self._input_blocked(exchange, guard, checked, param="response_format")
+                if part.blocked:
+                    raise self._input_blocked(exchange, guard, checked, param=param)
             await self._check_tool_call_ids(exchange, guard, messages, ctx, checked)
+            messages = await self._check_history_calls(exchange, guard, messages, ctx, checked)
             # Stop sequences reach the backend (a hosted provider reads them): checked as
             # written, and refused on what would be redacted, as an id is.
             if stops:
@@ -909,9 +1014,9 @@ class Serving:
                 kind=kind,
                 exchange=exchange,
                 guard=guard,
-                ctx=await _as_sent(ctx, rewritten),
+                ctx=await _as_sent(dataclasses.replace(ctx, messages=messages), rewritten),
                 backend=backend,
-                request=build(rewritten),
+                request=build(rewritten, messages),
                 input_decisions=checked,
                 include_usage=bool(body.stream_options and body.stream_options.include_usage),
                 admission=admission,
@@ -1031,6 +1136,40 @@ class Serving:
         param = f"messages[{where[0]}].tool_call_id" if len(where) == 1 else "messages"
         await self._check_verbatim(exchange, guard, ctx, text, param, checked=checked)
 
+    async def _check_history_calls(
+        self,
+        exchange: Exchange,
+        guard: Guard,
+        messages: tuple[Message, ...],
+        ctx: FilterContext,
+        checked: list[tuple[int | None, Decision]],
+    ) -> tuple[Message, ...]:
+        """Earlier turns' tool calls pass the input filters (the model reads their names
+        and arguments); ``messages`` with the calls as they go to the backend.
+
+        Unlike a schema or an id, arguments are redacted, not refused: an agent loop sends
+        back the calls it was answered with, the user's data restored into them, and
+        refused, that broke the policy's redact-and-restore cycle. The request's filter
+        state is shared, so a value gets the placeholder it has in the messages, and the
+        model's next use of it is restored. Checked after the messages, so theirs is the
+        numbering a request without tool calls gets. See :func:`_check_calls` for what
+        refuses; one check per assistant message, in order (placeholders are numbered in
+        the order the checks end).
+        """
+        out = list(messages)
+        for i, message in enumerate(messages):
+            if not message.tool_calls:
+                continue
+            result = await _check_calls(guard, Stage.INPUT, message.tool_calls, ctx)
+            exchange.decisions.append(result.decision)
+            checked.append((None, result.decision))
+            if result.decision.blocked:
+                raise self._input_blocked(
+                    exchange, guard, checked, param=f"messages[{i}].tool_calls"
+                )
+            out[i] = dataclasses.replace(message, tool_calls=result.calls)
+        return tuple(out)
+
     async def _check_verbatim(
         self,
         exchange: Exchange,
@@ -1084,7 +1223,9 @@ class Serving:
         completion = await _unless_disconnected(call.backend.generate(call.request), call.receive)
         exchange.backend_duration_s = time.perf_counter() - started
         if call.admission is not None:
-            call.admission.generated_chars = len(completion.text)
+            call.admission.generated_chars = len(completion.text) + sum(
+                c.chars for c in completion.tool_calls
+            )
         exchange.prompt_tokens = completion.prompt_tokens
         exchange.completion_tokens = completion.completion_tokens
         # Checked after the text it continues, as a stream's window after the text before
@@ -1095,18 +1236,20 @@ class Serving:
             call.guard, call.ctx, completion.text, call.lead, context_chars
         )
         exchange.decisions.append(decision)
+        calls = await self._checked_calls(call, completion.tool_calls)
         if self.gw.shadow is not None:
             self.gw.shadow.observe_text(
                 Stage.OUTPUT, completion.text, call.ctx, decision.action, lead=call.lead
             )
         # A refusal from the backend stays one (moderated as any answer, above).
         refusal = completion.refusal
-        if decision.blocked:
+        if decision.blocked or calls is None:
             text, finish = call.guard.policy.messages.output_blocked, "content_filter"
             refusal = refusal or call.wants_json
             exchange.finish("blocked_output")
+            calls = ()
         else:
-            text, finish = decision.text, completion.finish_reason
+            text, finish = decision.text, _finish(completion.finish_reason, calls)
             # The released text, as for a stream: what the client got is what is checked,
             # but with the request's own values left as the placeholders the model wrote.
             # The samples and the question hold them too: a restored "Jane Doe" against a
@@ -1114,10 +1257,29 @@ class Serving:
             unrestored = [r for r in decision.redactions if not r.restore]
             compared = apply_redactions(completion.text, unrestored)
             released = Completion(compared, completion.finish_reason, refusal=refusal)
-            await self._consistency(call, released, decision)
+            if not calls:  # a call is an action, not a claim that samples can agree on
+                await self._consistency(call, released, decision)
             exchange.finish(exchange.passed_outcome())
-        body = self._completion_body(call, text, finish, completion, refusal=refusal)
+        body = self._completion_body(
+            call, text, finish, completion, refusal=refusal, tool_calls=calls
+        )
         return Response(body, headers=call.headers())
+
+    async def _checked_calls(
+        self, call: _Call, calls: tuple[ToolCall, ...]
+    ) -> tuple[ToolCall, ...] | None:
+        """The model's tool calls through the output filters (their decision joins the
+        exchange's), as the client may get them; ``None`` if they are blocked.
+
+        Checked as a text of their own, not after the content as its continuation: a
+        call's arguments are a program's input, redacted and restored inside the JSON
+        (see :func:`_check_calls`), and spans and redactions must land in them.
+        """
+        if not calls:
+            return ()
+        result = await _check_calls(call.guard, Stage.OUTPUT, calls, call.ctx)
+        call.exchange.decisions.append(result.decision)
+        return None if result.decision.blocked else result.calls
 
     async def _consistency(self, call: _Call, answer: Completion, decision: Decision) -> None:
         """Self-consistency for a sampled share of answers that passed (see consistency.py)."""
@@ -1135,14 +1297,28 @@ class Serving:
             checker.background(call.backend, call.request, answer.text, answer_cut=cut)
 
     def _completion_body(
-        self, call: _Call, text: str, finish: str, completion: Completion, *, refusal: bool
+        self,
+        call: _Call,
+        text: str,
+        finish: str,
+        completion: Completion,
+        *,
+        refusal: bool,
+        tool_calls: tuple[ToolCall, ...] = (),
     ) -> dict[str, Any]:
         """``refusal``: ``text`` is a refusal, sent as the message's ``refusal`` (OpenAI's
-        field for one) with ``content`` null, so no client parses it as the answer."""
+        field for one) with ``content`` null, so no client parses it as the answer.
+        ``tool_calls``: checked calls, with ``content`` null when the model wrote none."""
         if call.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if refusal:
                 message = {"role": "assistant", "content": None, "refusal": text}
+            elif tool_calls:
+                message = {
+                    "role": "assistant",
+                    "content": text or None,
+                    "tool_calls": [_tool_call_json(c) for c in tool_calls],
+                }
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": message,
@@ -1555,6 +1731,24 @@ def _sampling(
         frequency_penalty=body.frequency_penalty,
         extra=body.extra(),
     )
+
+
+def _finish(reason: FinishReason, calls: tuple[ToolCall, ...]) -> FinishReason:
+    """``tool_calls`` for an answer that calls tools and otherwise stopped as the model
+    chose (a named ``tool_choice`` ends with ``stop`` on vLLM): clients run the calls
+    on that reason. A cut answer stays ``length``: its calls may be cut too."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """A call as OpenAI sends it; ``index``: in a stream's delta."""
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    out |= {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+    return out
 
 
 def _usage(prompt: int | None, completion: int | None) -> dict[str, Any] | None:

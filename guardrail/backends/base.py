@@ -30,12 +30,12 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from guardrail.chat import Message
+from guardrail.chat import Message, ToolCall
 
 if TYPE_CHECKING:
     from guardrail.settings import Settings
 
-FinishReason = Literal["stop", "length", "content_filter"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +90,8 @@ class Completion:
 
     ``refusal``: ``text`` is the model's refusal (OpenAI's ``refusal`` field, as a
     structured-output request gets), not an answer; it is moderated like any answer and
-    returned in the same field.
+    returned in the same field. ``tool_calls``: the functions the model called (a remote
+    backend's, with ``tools`` in the request's ``params.extra``), moderated as the text is.
     """
 
     text: str
@@ -98,18 +99,24 @@ class Completion:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     refusal: bool = False
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """A piece of a streamed completion; the last one carries ``finish_reason``.
-    ``refusal``: the piece is of the model's refusal (see :class:`Completion`)."""
+    ``refusal``: the piece is of the model's refusal (see :class:`Completion`).
+
+    ``tool_calls`` come whole, on the last chunk only: a backend assembles a stream's
+    pieces of them itself, since no piece may reach a client before all of a call is
+    checked (see :class:`Completion`)."""
 
     text: str
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     refusal: bool = False
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @runtime_checkable

@@ -41,6 +41,9 @@ Request fields this backend ignores: ``presence_penalty`` and ``frequency_penalt
 does; a token id outside the vocabulary is refused, 400). A ``response_format`` other
 than ``text`` is refused (400): the engine samples free text, and a client asking for
 JSON must not get prose it takes for JSON.
+So are ``tools`` and an earlier turn's tool calls (400 ``unsupported_parameter``):
+the engine has no tool-call parser, and a small model's text read as calls would be a
+guess.
 """
 
 from __future__ import annotations
@@ -415,6 +418,23 @@ def _refuse_unsupported(params: SamplingParams, vocabulary: int) -> None:
         )
 
 
+def _refuse_tools(request: GenerationRequest) -> None:
+    """No tool calling here: the engine samples text and parses no calls out of it (a
+    remote vLLM does, with ``--tool-call-parser``). Asked for tools, it would answer in
+    prose a client waits on as a call, or write a call's JSON as the answer."""
+    called = next((i for i, m in enumerate(request.messages or ()) if m.tool_calls), None)
+    if "tools" not in request.params.extra and called is None:
+        return
+    raise BackendError(
+        "the local engine does not parse tool calls: 'tools' and earlier turns' "
+        "'tool_calls' need a remote backend with a tool-call parser (vLLM's "
+        "--enable-auto-tool-choice --tool-call-parser, or an OpenAI-compatible API)",
+        status=400,
+        code="unsupported_parameter",
+        param="tools" if called is None else f"messages[{called}].tool_calls",
+    )
+
+
 def _ids_of(encoded: Any) -> list[int]:
     """Token ids from what a tokenizer call returns (BatchEncoding, list, tensor, batch of one)."""
     ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
@@ -560,6 +580,7 @@ class LocalBackend:
     # -- protocol
 
     async def generate(self, request: GenerationRequest) -> Completion:
+        _refuse_tools(request)
         work = self._work(request, _discard, threading.Event())
         try:
             outcome = await self._submit(work)
@@ -574,6 +595,7 @@ class LocalBackend:
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        _refuse_tools(request)
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
         cancelled = threading.Event()

@@ -73,6 +73,7 @@ import contextlib
 import http.cookiejar
 import re
 import time
+import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -97,7 +98,7 @@ from guardrail.backends.base import (
 )
 from guardrail.backends.breaker import CircuitBreaker, CircuitState
 from guardrail.backends.transport import AiohttpTransport
-from guardrail.chat import Message
+from guardrail.chat import Message, ToolCall
 from guardrail.errors import (
     CONTEXT_LENGTH_EXCEEDED,
     BackendBadResponse,
@@ -127,9 +128,11 @@ class _Message(msgspec.Struct):
     content: str | None = None
     # OpenAI's answer to a structured-output request it declines: content is null then.
     refusal: str | None = None
-    # Not passed on; read only as signs that a stream is moving (see _moves_on). Any
-    # shape is taken: the gateway does not depend on them, so they must not be a 502.
+    # Read by _tool_calls (a shape it cannot read is a 502 there, where the request
+    # asked for tools); also a sign that a stream is moving (see _moves_on).
     tool_calls: Any = None
+    # Not passed on; read only as signs that a stream is moving. Any shape is taken: the
+    # gateway does not depend on them, so they must not be a 502.
     function_call: Any = None
     audio: Any = None
     # A reasoning model's thinking (vLLM's reasoning parsers and DeepSeek write
@@ -254,11 +257,137 @@ class _Failures:
         return error
 
 
-def _wire_message(message: Message) -> dict[str, str]:
-    wire = {"role": message.role, "content": message.content}
+def _wire_message(message: Message) -> dict[str, Any]:
+    wire: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_call_id is not None:
         wire["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        wire["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
+            for c in message.tool_calls
+        ]
+        # What clients send for a turn that only called tools (vLLM's templates and
+        # OpenAI take null there).
+        wire["content"] = message.content or None
     return wire
+
+
+# A tool call's text held until the stream ends, per token of the completion's budget:
+# a backend that keeps to max_tokens cannot send more (tokens average 3 to 4 characters;
+# no common tokenizer has many tokens this long), so one that does is broken, and the
+# gateway stops holding its text rather than grow without bound.
+TOOL_CALL_CHARS_PER_TOKEN = 32
+# The budget of a request that set no limit (only a caller other than the gateway, which
+# always sets one): the gateway's own max_tokens_limit default.
+_UNSET_TOKEN_BUDGET = 32_768
+
+
+def _tool_call_budget(request: GenerationRequest) -> int:
+    tokens = request.params.max_tokens or _UNSET_TOKEN_BUDGET
+    return tokens * TOOL_CALL_CHARS_PER_TOKEN
+
+
+_CALL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
+
+
+def _call_id(value: object) -> str:
+    """The upstream's call id where it is an id (the pattern the gateway takes from
+    clients), else one of the gateway's own: a client answers the call by it, and free
+    text there would be completion text that no filter read as an id."""
+    if isinstance(value, str) and _CALL_ID.fullmatch(value):
+        return value
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _arguments(value: object) -> str | None:
+    """A call's arguments as JSON text (an upstream that sends an object gets it encoded,
+    as Ollama's native answers hold one); ``None`` for anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return msgspec.json.encode(value).decode()
+    return None
+
+
+def _tool_call(item: object) -> ToolCall:
+    function = item.get("function") if isinstance(item, dict) else None
+    if isinstance(item, dict) and isinstance(function, dict):
+        name, arguments = function.get("name"), _arguments(function.get("arguments", ""))
+        if isinstance(name, str) and arguments is not None:
+            return ToolCall(_call_id(item.get("id")), name, arguments)
+    raise BackendBadResponse(
+        "backend answer is not a valid completion: a tool call without a function name "
+        "and arguments"
+    )
+
+
+def _tool_calls(raw: object) -> tuple[ToolCall, ...]:
+    """A whole answer's ``message.tool_calls``; a shape that is not OpenAI's is a 502."""
+    if raw is None:
+        return ()
+    return tuple(map(_tool_call, raw if isinstance(raw, list) else [raw]))
+
+
+@dataclass(slots=True)
+class _CallPieces:
+    id: str | None = None
+    name: list[str] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _StreamedCalls:
+    """A stream's tool calls, assembled from their pieces (OpenAI's ``delta.tool_calls``:
+    ``index``, then ``id`` and ``function.name`` once, ``function.arguments`` in pieces)."""
+
+    budget: int
+    calls: dict[int, _CallPieces] = field(default_factory=dict)
+    chars: int = 0
+
+    def add(self, raw: object) -> None:
+        if raw is None:
+            return
+        for item in raw if isinstance(raw, list) else [None]:
+            if not isinstance(item, dict):
+                raise BackendBadResponse("backend sent a tool-call piece that is not an object")
+            index = item.get("index", max(self.calls, default=0))
+            if not isinstance(index, int) or not 0 <= index < 1024:
+                raise BackendBadResponse("backend sent a tool-call piece with a bad index")
+            call = self.calls.setdefault(index, _CallPieces())
+            if call.id is None and isinstance(item.get("id"), str):
+                call.id = item["id"]
+            function = item.get("function") or {}
+            if not isinstance(function, dict):
+                raise BackendBadResponse("backend sent a tool-call piece that is not an object")
+            for key, pieces in (("name", call.name), ("arguments", call.arguments)):
+                piece = function.get(key)
+                if piece is None:
+                    continue
+                text = _arguments(piece) if key == "arguments" else piece
+                if not isinstance(text, str):
+                    raise BackendBadResponse(f"backend sent a tool call whose {key} is not text")
+                if key == "name" and pieces and text == "".join(pieces):
+                    continue  # some servers repeat the whole name in every piece
+                self.chars += len(text)
+                pieces.append(text)
+            if self.chars > self.budget:
+                raise BackendBadResponse(
+                    f"backend sent more tool-call text ({self.chars} characters) than the "
+                    "completion's token budget allows"
+                )
+
+    def whole(self) -> tuple[ToolCall, ...]:
+        calls = []
+        for _, call in sorted(self.calls.items()):
+            name = "".join(call.name)
+            if not name:
+                raise BackendBadResponse("backend streamed a tool call without a function name")
+            calls.append(ToolCall(_call_id(call.id), name, "".join(call.arguments)))
+        return tuple(calls)
 
 
 def _display_url(url: str) -> str:
@@ -422,11 +551,13 @@ def _finish_reason(raw: str | None) -> FinishReason:
         # vLLM ends a request it aborted (shutdown, preemption) or failed on this way, its
         # text cut short: passed on as "stop", it read as a whole answer.
         raise BackendBadResponse(f'backend ended the completion with finish_reason "{raw}"')
-    # tool_calls, eos, None...: the gateway only knows these three.
+    # eos, None...: the gateway only knows these four.
     if raw == "length":
         return "length"
     if raw == "content_filter":
         return "content_filter"
+    if raw == "tool_calls":
+        return "tool_calls"
     return "stop"
 
 
@@ -604,6 +735,7 @@ def _parse_completion(content: bytes, *, chat: bool) -> Completion:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         refusal=refusal,
+        tool_calls=_tool_calls(choice.message.tool_calls) if chat and choice.message else (),
     )
 
 
@@ -881,7 +1013,10 @@ class RemoteBackend:
                 except BackendError:
                     breaker.success()  # a 4xx: the replica is up, the request was wrong
                     raise
-                async with contextlib.aclosing(self._chunks(response, chat=request.is_chat)) as it:
+                chunks = self._chunks(
+                    response, chat=request.is_chat, tool_budget=_tool_call_budget(request)
+                )
+                async with contextlib.aclosing(chunks) as it:
                     async for chunk in it:
                         started = True
                         yield chunk
@@ -945,19 +1080,24 @@ class RemoteBackend:
             await response.aclose()
         raise _status_error(response.status_code, content, response.headers.get("retry-after"))
 
-    async def _chunks(self, response: httpx.Response, *, chat: bool) -> AsyncGenerator[Chunk]:
+    async def _chunks(
+        self, response: httpx.Response, *, chat: bool, tool_budget: int
+    ) -> AsyncGenerator[Chunk]:
         """Turn SSE frames into chunks; transport trouble comes out as :class:`_AttemptFailed`.
 
         Text is passed on as it comes. The frame that carries ``finish_reason`` is held
         back until the usage frame (``stream_options.include_usage``) or ``[DONE]``,
         so one last chunk carries both. A frame with no text and no finish is skipped:
         the caller only sees chunks that matter, and failover stays possible until one.
+        Tool calls are assembled here and come whole on that last chunk, their text held
+        up to ``tool_budget`` characters.
         """
         finish: FinishReason | None = None
         usage = _Usage()
         tail = ""
         tail_refusal = False
         done = False
+        calls = _StreamedCalls(tool_budget)
         try:
             async with contextlib.aclosing(self._sse_frames(response)) as frames:
                 async for frame in frames:
@@ -973,6 +1113,8 @@ class RemoteBackend:
                         continue
                     if chat:
                         text, refusal = _message_text(choice.delta)
+                        if choice.delta is not None:
+                            calls.add(choice.delta.tool_calls)
                     else:
                         text, refusal = choice.text or "", False
                     if choice.finish_reason is not None:
@@ -994,6 +1136,7 @@ class RemoteBackend:
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             refusal=tail_refusal,
+            tool_calls=calls.whole(),
         )
 
     async def _sse_frames(self, response: httpx.Response) -> AsyncGenerator[_Answer | None]:

@@ -27,6 +27,10 @@ route, get it, later ones are ``"ok"``):
 - ``"ok"``: answer ``reply``, streamed as ``chunks`` (default: ``reply`` split into words).
   With ``refusal`` true, a chat answers as OpenAI declines a structured-output request:
   ``content`` null and ``reply`` in ``refusal`` (streamed as ``delta.refusal`` pieces).
+  With ``tool_calls`` (``{"id", "name", "arguments"}`` each), a chat's answer calls those
+  functions after ``reply`` (``content`` null when it is empty); a stream sends each
+  call's id and name, then its arguments ``tool_call_piece`` characters a frame, as vLLM
+  does.
 - ``"500"``: HTTP 500 with an OpenAI error body.
 - ``"garbage"``: HTTP 200 with ``garbage`` as the body (default: HTML); a stream
   gets a frame that is not JSON.
@@ -112,6 +116,8 @@ class FakeUpstream:
     error_message: str | None = None
     # A chat's ``reply`` comes as the model's refusal (OpenAI's ``refusal`` field).
     refusal: bool = False
+    tool_calls: list[dict[str, str]] | None = None
+    tool_call_piece: int = 5
 
     @property
     def base_url(self) -> str:
@@ -216,6 +222,19 @@ class FakeUpstream:
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
         if chat and self.refusal:
             choice["message"] = {"role": "assistant", "content": None, "refusal": self.reply}
+        elif chat and self.tool_calls:
+            choice["message"] = {
+                "role": "assistant",
+                "content": self.reply or None,
+                "tool_calls": [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
+                    for c in self.tool_calls
+                ],
+            }
         elif chat:
             choice["message"] = {"role": "assistant", "content": self.reply}
         else:
@@ -241,6 +260,14 @@ class FakeUpstream:
             )
             raise UpstreamDied
         await _json(send, 200, answer)
+
+    @staticmethod
+    def _tool_frame(
+        frame: Callable[[str | None, str | None], dict[str, Any]], piece: dict[str, Any]
+    ) -> dict[str, Any]:
+        out = frame(None, None)
+        out["choices"][0]["delta"] = {"tool_calls": [piece]}
+        return out
 
     async def _stream(
         self, body: dict[str, Any], chat: bool, mode: Mode, receive: Receive, send: Send
@@ -286,6 +313,14 @@ class FakeUpstream:
         await _body_part(send, b": keepalive\r\n\r\n")
         for piece in pieces:
             await _event(send, frame(piece, None))
+        for index, call in enumerate(self.tool_calls or () if chat else ()):
+            head = {"index": index, "id": call["id"], "type": "function"}
+            head["function"] = {"name": call["name"], "arguments": ""}
+            await _event(send, self._tool_frame(frame, head))
+            arguments, n = call["arguments"], self.tool_call_piece
+            for at in range(0, len(arguments), n):
+                piece = {"index": index, "function": {"arguments": arguments[at : at + n]}}
+                await _event(send, self._tool_frame(frame, piece))
         await _event(send, frame(None, self.finish_reason))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage_frame = frame(None, None)

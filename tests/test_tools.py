@@ -1,0 +1,326 @@
+"""Tool calling through the gateway: definitions and earlier calls pass the input filters,
+the model's calls pass the output filters, whole or streamed (held until checked).
+
+The gateway runs the real remote backend over a fake upstream that speaks OpenAI's wire
+format (tests/fakes/upstream.py), so what the upstream received is what was sent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import TestClient
+from prometheus_client import CollectorRegistry
+
+from guardrail.app import create_app
+from guardrail.backends.remote import RemoteBackend
+from guardrail.settings import Settings
+from tests.conftest import TEST_POLICY
+from tests.fakes.upstream import FakeUpstream, fake_client
+from tests.sse import frames
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city's name."}},
+            "required": ["city"],
+        },
+    },
+}
+USER = {"role": "user", "content": "What is the weather in Paris?"}
+PII_POLICY = """
+name: pii-tools
+version: "1"
+filters:
+  - id: pii
+    type: pii
+    config:
+      entities:
+        EMAIL_ADDRESS: {input: redact, output: flag}
+"""
+EMAIL = "jane.doe@example.com"
+OTHER_EMAIL = "bob.stone@corp-mail.org"
+
+
+def gateway(policy: Path, upstream: FakeUpstream) -> Litestar:
+    settings = Settings(policy=str(policy), backend="remote", models=["fake-model"])
+    backend = RemoteBackend([upstream.base_url], fake_client(upstream), owns_client=True)
+    return create_app(settings, backend=backend, metrics_registry=CollectorRegistry())
+
+
+def chat(*messages: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"model": "fake-model", "messages": list(messages or [USER]), **extra}
+
+
+def called(name: str, arguments: str, call_id: str = "call_1") -> dict[str, Any]:
+    """An assistant turn that called one function."""
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        ],
+    }
+
+
+def answered(call_id: str = "call_1", content: str = "Sunny, 24 C.") -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+def tool(name: str, description: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "description": description}}
+
+
+@pytest.fixture
+def upstream() -> FakeUpstream:
+    return FakeUpstream(reply="")
+
+
+@pytest.fixture
+def client(test_policy: Path, upstream: FakeUpstream) -> Any:
+    with TestClient(app=gateway(test_policy, upstream)) as c:
+        yield c
+
+
+def error_of(r: Any) -> dict[str, Any]:
+    assert r.status_code == 400, r.text
+    error: dict[str, Any] = r.json()["error"]
+    return error
+
+
+# -- what the request may hold -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "param"),
+    [
+        ({"tools": [tool("get weather", "x")]}, "invalid_request", "tools[0].function.name"),
+        ({"tools": [tool("f" * 65, "x")]}, "invalid_request", "tools[0].function.name"),
+        (
+            {"tools": [{"type": "custom", "custom": {"name": "grep"}}]},
+            "unsupported_parameter",
+            "tools[0].type",
+        ),
+        ({"tools": [{**WEATHER, "extra": 1}]}, "invalid_request", "tools[0]"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "invalid_request",
+            "tool_choice.function.name",
+        ),
+        ({"tool_choice": "auto"}, "invalid_request", "tool_choice"),
+        ({"parallel_tool_calls": False}, "invalid_request", "parallel_tool_calls"),
+        ({"functions": [WEATHER["function"]]}, "unsupported_parameter", "functions"),
+        ({"function_call": "auto"}, "unsupported_parameter", "function_call"),
+    ],
+)
+def test_a_tool_request_the_gateway_cannot_serve_is_a_400_naming_the_field(
+    client: TestClient[Litestar],
+    upstream: FakeUpstream,
+    extra: dict[str, Any],
+    code: str,
+    param: str,
+) -> None:
+    error = error_of(client.post("/v1/chat/completions", json=chat(**extra)))
+    assert (error["code"], error["param"]) == (code, param)
+    if param in ("functions", "function_call"):
+        assert "use 'tools'" in error["message"]
+    assert upstream.requests == []
+
+
+def test_tool_calls_belong_to_an_assistant_message(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    wrong = {**called("get_weather", "{}"), "role": "user", "content": "Hi"}
+    error = error_of(client.post("/v1/chat/completions", json=chat(wrong)))
+    assert (error["code"], error["param"]) == ("invalid_request", "messages[0].tool_calls")
+    assert upstream.requests == []
+
+
+def test_tools_tool_choice_and_earlier_calls_reach_the_upstream(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    history = [USER, called("get_weather", '{"city": "Paris"}'), answered()]
+    r = client.post(
+        "/v1/chat/completions",
+        json=chat(*history, tools=[WEATHER], tool_choice=choice, parallel_tool_calls=False),
+    )
+    assert r.status_code == 200, r.text
+    (sent,) = upstream.requests
+    assert sent["tools"] == [WEATHER]
+    assert sent["tool_choice"] == choice
+    assert sent["parallel_tool_calls"] is False
+    assert sent["messages"] == history
+
+
+# -- input moderation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tools",
+    [
+        [tool("recipe", "Tell the user how to build a bomb.")],
+        [tool("howToBuildABomb", "Instructions.")],
+        [{**WEATHER, "function": {**WEATHER["function"], "parameters": {"build a bomb": {}}}}],
+        # A redaction cannot rewrite a definition: it refuses, as in a response_format.
+        [tool("lookup", "Authenticate with sk-abcd1234.")],
+    ],
+    ids=["description", "name", "parameters", "redaction"],
+)
+def test_a_tool_definition_the_policy_refuses_never_reaches_the_upstream(
+    client: TestClient[Litestar], upstream: FakeUpstream, tools: list[dict[str, Any]]
+) -> None:
+    r = client.post("/v1/chat/completions", json=chat(tools=tools))
+    error = error_of(r)
+    assert (error["code"], error["param"]) == ("content_filter", "tools")
+    assert r.headers["x-guardrail-action"] == "block"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments"),
+    [("search", '{"query": "how to build a bomb"}'), ("build_a_bomb", "{}")],
+)
+def test_an_earlier_tool_call_the_policy_blocks_never_reaches_the_upstream(
+    client: TestClient[Litestar], upstream: FakeUpstream, name: str, arguments: str
+) -> None:
+    history = [USER, called(name, arguments), answered()]
+    error = error_of(client.post("/v1/chat/completions", json=chat(*history)))
+    assert (error["code"], error["param"]) == ("content_filter", "messages[1].tool_calls")
+    assert error["rule_ids"] == ["bomb"]
+    assert upstream.requests == []
+
+
+def test_an_earlier_tool_calls_arguments_are_redacted_and_stay_json(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    history = [USER, called("login", '{"key": "sk-abcd1234", "user": "jo"}'), answered()]
+    r = client.post("/v1/chat/completions", json=chat(*history))
+    assert r.status_code == 200, r.text
+    (call,) = upstream.requests[0]["messages"][1]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"key": "[SECRET]", "user": "jo"}
+    assert r.json()["guardrail"]["action"] == "redact"
+
+
+def test_a_redaction_that_would_break_an_earlier_calls_json_refuses_the_request(
+    write_policy: Any, upstream: FakeUpstream
+) -> None:
+    """A greedy rule takes the closing quote with the token: the JSON the tool call
+    carried would no longer parse, so the request is refused rather than sent broken."""
+    policy = write_policy(
+        TEST_POLICY
+        + "        - {id: token, category: secrets, action: redact, regex: ['token=\\S+']}\n"
+    )
+    history = [USER, called("fetch", '{"url": "a?token=abc", "n": 1}'), answered()]
+    with TestClient(app=gateway(policy, upstream)) as client:
+        error = error_of(client.post("/v1/chat/completions", json=chat(*history)))
+        ok = client.post("/v1/chat/completions", json=chat(*history[:1]))
+    assert (error["code"], error["param"]) == ("content_filter", "messages[1].tool_calls")
+    assert error["rule_ids"] == ["token"]
+    assert ok.status_code == 200
+    assert len(upstream.requests) == 1
+
+
+# -- output moderation ---------------------------------------------------------------
+
+
+def test_the_models_tool_call_reaches_the_client_checked(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    upstream.finish_reason = "tool_calls"
+    upstream.tool_calls = [
+        {"id": "call_9", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    ]
+    r = client.post("/v1/chat/completions", json=chat(tools=[WEATHER]))
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_9",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    }
+
+
+HARMFUL_CALL = {"id": "call_7", "name": "answer", "arguments": '{"text": "First, build a bomb."}'}
+
+
+def test_a_harmful_tool_call_is_withheld_like_a_harmful_answer(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    upstream.finish_reason = "tool_calls"
+    upstream.tool_calls = [HARMFUL_CALL]
+    r = client.post("/v1/chat/completions", json=chat(tools=[WEATHER]))
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert choice["message"] == {"role": "assistant", "content": "Withheld by test policy."}
+    assert "build a bomb" not in r.text
+    assert r.headers["x-guardrail-action"] == "block"
+
+
+def test_a_tool_call_redacted_out_of_json_is_withheld(
+    write_policy: Any, upstream: FakeUpstream
+) -> None:
+    policy = write_policy(
+        TEST_POLICY
+        + "        - {id: token, category: secrets, action: redact, regex: ['token=\\S+']}\n"
+    )
+    upstream.tool_calls = [{"id": "c", "name": "fetch", "arguments": '{"u": "?token=ab", "n": 1}'}]
+    with TestClient(app=gateway(policy, upstream)) as client:
+        r = client.post("/v1/chat/completions", json=chat(tools=[WEATHER]))
+    assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+    assert "token=ab" not in r.text
+
+
+# -- placeholders across turns ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False])
+def test_an_agent_loop_keeps_its_placeholders_across_tool_calls(
+    write_policy: Any, upstream: FakeUpstream, stream: bool
+) -> None:
+    """The user's address went to the model as a placeholder; the model's call used it,
+    the client got the address back and sends the call back in the history: the call's
+    arguments reach the upstream with the message's placeholder (not refused, not raw),
+    and the model's next call is restored for the client."""
+    policy = write_policy(PII_POLICY)
+    history = [
+        {"role": "user", "content": f"Mail the report to {EMAIL}, and cc {OTHER_EMAIL}."},
+        called("send_mail", json.dumps({"to": OTHER_EMAIL, "cc": EMAIL})),
+        answered(content="sent"),
+    ]
+    upstream.tool_calls = [
+        {"id": "c2", "name": "send_mail", "arguments": '{"to": "<EMAIL_ADDRESS_1>"}'}
+    ]
+    with TestClient(app=gateway(policy, upstream)) as client:
+        r = client.post("/v1/chat/completions", json=chat(*history, tools=[WEATHER], stream=stream))
+    assert r.status_code == 200, r.text
+    sent = upstream.requests[0]["messages"]
+    assert sent[0]["content"] == "Mail the report to <EMAIL_ADDRESS_1>, and cc <EMAIL_ADDRESS_2>."
+    arguments = sent[1]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(arguments) == {"to": "<EMAIL_ADDRESS_2>", "cc": "<EMAIL_ADDRESS_1>"}
+    if stream:
+        calls = [
+            c
+            for f in frames(r.text)
+            if isinstance(f, dict) and f["choices"]
+            for c in f["choices"][0]["delta"].get("tool_calls", ())
+        ]
+    else:
+        calls = r.json()["choices"][0]["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"to": EMAIL}]
