@@ -50,6 +50,8 @@ def reset(stack: Stack) -> None:
     stack.upstream.reply = "Paris is the capital of France. It is on the Seine."
     stack.upstream.chunks = None
     stack.upstream.refusal = False
+    stack.upstream.tool_calls = None
+    stack.upstream.finish_reason = "stop"
     stack.upstream.requests.clear()
 
 
@@ -256,6 +258,36 @@ def test_sdk_gets_a_harmful_upstream_refusal_withheld_like_any_answer(stack: Sta
     assert "".join(content) == ""
     assert "".join(refusal).startswith("I cannot help. \n\n")
     assert "powder" not in "".join(refusal)
+
+
+def test_sdk_reads_a_tool_call_whole_or_streamed(stack: Stack) -> None:
+    """The SDK's own stream accumulation reads the gateway's one-delta-per-call frames."""
+    stack.upstream.reply, stack.upstream.finish_reason = "", "tool_calls"
+    arguments = '{"city": "Paris"}'
+    stack.upstream.tool_calls = [{"id": "call_1", "name": "get_weather", "arguments": arguments}]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    whole = stack.sdk.chat.completions.create(
+        model="fake-model",
+        messages=USER,  # type: ignore[arg-type]
+        tools=[tool],  # type: ignore[list-item]
+    )
+    (call,) = whole.choices[0].message.tool_calls or []
+    assert (call.id, call.function.name, call.function.arguments) == (
+        "call_1",
+        "get_weather",
+        arguments,
+    )
+    assert whole.choices[0].finish_reason == "tool_calls"
+    with stack.sdk.chat.completions.stream(
+        model="fake-model",
+        messages=USER,  # type: ignore[arg-type]
+        tools=[tool],  # type: ignore[list-item]
+    ) as stream:
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls or []
+    assert (call.function.name, call.function.arguments) == ("get_weather", arguments)
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert stack.upstream.requests[0]["tools"] == [tool]
 
 
 def test_sdk_completions_and_models(stack: Stack) -> None:

@@ -287,10 +287,75 @@ def test_a_tool_call_redacted_out_of_json_is_withheld(
     assert "token=ab" not in r.text
 
 
+# -- streams ----------------------------------------------------------------------------
+
+
+def streamed_calls(body: str) -> list[dict[str, Any]]:
+    return [
+        c
+        for f in frames(body)
+        if isinstance(f, dict) and f["choices"]
+        for c in f["choices"][0]["delta"].get("tool_calls", ())
+    ]
+
+
+def test_a_streamed_tool_call_comes_whole_after_the_text_and_before_the_finish(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    upstream.reply, upstream.finish_reason = "Let me look that up.", "tool_calls"
+    upstream.tool_calls = [
+        {"id": "call_9", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"id": "call_10", "name": "get_weather", "arguments": '{"city": "Lyon"}'},
+    ]
+    r = client.post("/v1/chat/completions", json=chat(tools=[WEATHER], stream=True))
+    assert r.status_code == 200, r.text
+    deltas = [f["choices"][0] for f in frames(r.text) if isinstance(f, dict) and f["choices"]]
+    text = "".join(d["delta"].get("content") or "" for d in deltas)
+    assert text == "Let me look that up."
+    assert streamed_calls(r.text) == [
+        {
+            "index": i,
+            "id": c["id"],
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": c["arguments"]},
+        }
+        for i, c in enumerate(upstream.tool_calls)
+    ]
+    # Every piece of text before the calls, the finish after them.
+    kinds = [
+        "calls" if "tool_calls" in d["delta"] else "finish" if d["finish_reason"] else ""
+        for d in deltas
+    ]
+    assert kinds[-3:] == ["calls", "calls", "finish"]
+    assert deltas[-1]["finish_reason"] == "tool_calls"
+
+
+def test_a_harmful_streamed_tool_call_sends_no_piece_of_itself(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    """The upstream streams the call's arguments five characters a frame: none of them
+    may go out before the whole call is checked, and this one is blocked."""
+    upstream.finish_reason = "tool_calls"
+    arguments = '{"steps": "first build a bomb from the pipe"}'
+    upstream.tool_calls = [{"id": "call_7", "name": "plan", "arguments": arguments}]
+    r = client.post("/v1/chat/completions", json=chat(tools=[WEATHER], stream=True))
+    assert r.status_code == 200
+    pieces = [arguments[i : i + 5] for i in range(0, len(arguments), 5)]
+    assert len(pieces) > 5
+    for piece in pieces:  # as written, and as a JSON string holds it
+        assert piece not in r.text
+        assert json.dumps(piece)[1:-1] not in r.text
+    assert streamed_calls(r.text) == []
+    last = [f for f in frames(r.text) if isinstance(f, dict) and f["choices"]][-1]
+    assert last["choices"][0]["finish_reason"] == "content_filter"
+    assert "Withheld by test policy." in r.text
+    assert frames(r.text)[-1] == "[DONE]"
+
+
 # -- placeholders across turns ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("stream", [False])
+@pytest.mark.parametrize("stream", [False, True])
 def test_an_agent_loop_keeps_its_placeholders_across_tool_calls(
     write_policy: Any, upstream: FakeUpstream, stream: bool
 ) -> None:
@@ -314,13 +379,6 @@ def test_an_agent_loop_keeps_its_placeholders_across_tool_calls(
     assert sent[0]["content"] == "Mail the report to <EMAIL_ADDRESS_1>, and cc <EMAIL_ADDRESS_2>."
     arguments = sent[1]["tool_calls"][0]["function"]["arguments"]
     assert json.loads(arguments) == {"to": "<EMAIL_ADDRESS_2>", "cc": "<EMAIL_ADDRESS_1>"}
-    if stream:
-        calls = [
-            c
-            for f in frames(r.text)
-            if isinstance(f, dict) and f["choices"]
-            for c in f["choices"][0]["delta"].get("tool_calls", ())
-        ]
-    else:
-        calls = r.json()["choices"][0]["message"]["tool_calls"]
+    whole = None if stream else r.json()["choices"][0]["message"]["tool_calls"]
+    calls = streamed_calls(r.text) if whole is None else whole
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"to": EMAIL}]

@@ -443,14 +443,6 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                 param="parallel_tool_calls",
                 code="invalid_request",
             )
-        if tools and self.stream:
-            # Until a stream holds its tool calls back for the output filters.
-            raise APIError(
-                400,
-                "Streaming with 'tools' is not supported yet; send the request with stream false.",
-                param="stream",
-                code="unsupported_parameter",
-            )
 
     def extra(self) -> dict[str, Any]:
         out = super().extra()

@@ -1369,6 +1369,9 @@ class Serving:
         prompt_tokens = completion_tokens = None
         recorded = False  # whether window.decisions are in the exchange yet
         refusing = False  # the backend streams a refusal: released text goes in ``refusal``
+        # The model's tool calls: whole on the backend's last chunk (it holds their pieces),
+        # checked once the text is done, and sent only then.
+        calls: tuple[ToolCall, ...] = ()
         try:
             yield self._frame(call, role=True)
             pending: list[Chunk] = [first]
@@ -1383,6 +1386,10 @@ class Serving:
                     completion_tokens = chunk.completion_tokens
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
+                if chunk.tool_calls:
+                    calls = chunk.tool_calls
+                    if call.admission is not None:
+                        call.admission.generated_chars += sum(c.chars for c in calls)
                 if not chunk.text:
                     continue
                 refusing = refusing or chunk.refusal
@@ -1402,11 +1409,17 @@ class Serving:
                     if exchange.time_to_first_token_s is None:
                         exchange.time_to_first_token_s = time.perf_counter() - exchange.started
                     yield self._text_frame(call, released.text, refusing)
+            checked: _CheckedCalls | None = None
+            if calls and not window.blocked:
+                checked = await _check_calls(guard, Stage.OUTPUT, calls, call.ctx)
             exchange.decisions.extend(window.decisions)
+            if checked is not None:
+                exchange.decisions.append(checked.decision)
             exchange.stream_window_chars.extend(window.window_chars)
             exchange.stream_holdback_failures.extend(window.holdback_failures)
             recorded = True
-            if self.gw.shadow is not None and not window.blocked:
+            blocked = window.blocked or (checked is not None and checked.decision.blocked)
+            if self.gw.shadow is not None and not blocked:
                 # A blocked stream's text was cut short: only whole completions compare.
                 active = Action.strictest(d.action for d in window.decisions)
                 # The candidate sees what the backend wrote, as for a whole completion,
@@ -1415,7 +1428,7 @@ class Serving:
                     Stage.OUTPUT, "".join(generated), call.ctx, active, lead=call.lead
                 )
             exchange.prompt_tokens, exchange.completion_tokens = prompt_tokens, completion_tokens
-            if window.blocked:
+            if blocked:
                 refusal = guard.policy.messages.output_blocked
                 # When JSON was asked for, in the content the openai SDK's stream helper
                 # parsed it as the JSON's next piece: a parse error, not a content filter.
@@ -1426,10 +1439,17 @@ class Serving:
                 finish = "content_filter"
                 exchange.finish("blocked_output")
             else:
+                # Each call whole, in one delta, before the finish: no piece of one went
+                # out before all of them passed.
+                for index, made in enumerate(checked.calls if checked is not None else ()):
+                    if exchange.time_to_first_token_s is None:
+                        exchange.time_to_first_token_s = time.perf_counter() - exchange.started
+                    yield self._frame(call, tool_call=_tool_call_json(made, index))
+                finish = _finish(finish, calls)
                 # Streams are always checked in the background: their text is already sent.
                 checker = self.gw.consistency
                 answer = Completion(window.unrestored_text, finish, refusal=refusing)
-                if checker is not None and checker.wanted(answer):
+                if checker is not None and not calls and checker.wanted(answer):
                     cut = finish == "length"
                     checker.background(call.backend, call.request, answer.text, answer_cut=cut)
                 exchange.finish(exchange.passed_outcome())
@@ -1488,12 +1508,14 @@ class Serving:
         role: bool = False,
         content: str | None = None,
         refusal: str | None = None,
+        tool_call: dict[str, Any] | None = None,
         finish: str | None = None,
         guardrail: dict[str, Any] | None = None,
         usage: dict[str, Any] | None = None,
         usage_frame: bool = False,
     ) -> bytes:
         """One SSE frame. ``refusal``: a chat delta's ``refusal`` text instead of content.
+        ``tool_call``: a chat delta of one whole tool call (with its ``index``).
         ``usage_frame``: the last frame of ``include_usage``, no choices, its ``usage`` the
         given counts or null when they are not known."""
         choices: list[dict[str, Any]] = []
@@ -1504,6 +1526,8 @@ class Serving:
                     delta = {"role": "assistant", "content": ""}
                 elif refusal is not None:
                     delta = {"refusal": refusal}
+                elif tool_call is not None:
+                    delta = {"tool_calls": [tool_call]}
                 elif content is not None:
                     delta = {"content": content}
                 choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]

@@ -63,6 +63,8 @@ finish_reason ``abort`` or ``error``          BackendBadResponse (502)
 ``{"error": ...}`` frame in a stream,       BackendBadResponse (502), upstream message
 an ``error:`` line or ``event: error``
 stream broken or ended early after output   BackendBadResponse (502) / BackendTimeout (504)
+tool-call text past the token budget        BackendBadResponse (502)
+(see ``TOOL_CALL_CHARS_PER_TOKEN``)
 ==========================================  ==========================================
 """
 
