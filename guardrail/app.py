@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -455,6 +456,26 @@ def _openapi_router() -> Router:
         include_in_schema=False,
         after_request=no_html_404,
     )
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Serve with the objects built so far (models, tokenizers, analyzers, policies:
+    about 594,000 with the embedded model) left out of the garbage collector's scans.
+
+    They live as long as the process, yet each full collection walked them all: 296 ms
+    on the 2-core test machine (median of 5), with the GIL held, so every request and
+    stream waited (the worker threads' allocations set collections off). Frozen, a full
+    collection at rest took under 0.1 ms there. Objects built later (a reload's policy)
+    are collected as before; the freeze ends with serving.
+    """
+    gc.collect()  # what startup left as garbage is freed, not frozen
+    gc.freeze()
+    log.info("heap_frozen", objects=gc.get_freeze_count())
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def off_main_thread(fn: Callable[[], _T]) -> _T:

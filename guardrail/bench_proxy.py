@@ -178,14 +178,15 @@ def gateway_settings(
 def _serve_gateway(port: int, upstream: str, policy: str, audit_dsn: str) -> None:
     import uvicorn
 
-    from guardrail.app import build_backend, create_app
+    from guardrail.app import build_backend, create_app, frozen_heap
     from guardrail.observability.logging import configure_logging
 
     # Logged as `guardrail serve` logs (one JSON line per exchange); stderr is discarded.
     settings = gateway_settings(port, upstream, policy, audit_dsn)
     configure_logging(settings.log_level, settings.log_format, log_text=False)
     app = create_app(settings, backend=build_backend(settings))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    with frozen_heap():  # as `guardrail serve` runs
+        uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
 
 
 # --- the load generator --------------------------------------------------------------------

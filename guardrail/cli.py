@@ -116,7 +116,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ignore_sighup()
     import uvicorn
 
-    from guardrail.app import build_backend, check_settings, create_app, off_main_thread
+    from guardrail.app import (
+        build_backend,
+        check_settings,
+        create_app,
+        frozen_heap,
+        off_main_thread,
+    )
     from guardrail.backends.base import Backend
     from guardrail.guard.registry import filter_registry
     from guardrail.observability.logging import configure_logging
@@ -171,7 +177,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     )
     try:
-        server.run()
+        with frozen_heap():
+            server.run()
     except SystemExit as e:
         if e.code != 3:
             raise
