@@ -28,7 +28,11 @@ MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 # type, and a text part with any other key (an ``image_url`` riding along) is refused
 # rather than silently dropped.
 ContentPart = dict[str, Any]
-_TEXT_PART_KEYS = frozenset({"type", "text"})
+# A cache breakpoint marks where a reusable prompt prefix ends, for OpenAI's prompt cache.
+# The parts are joined into one text (below), so it cannot be kept: it is dropped, which
+# costs a cache hit at most.
+_TEXT_PART_KEYS = frozenset({"type", "text", "prompt_cache_breakpoint"})
+_BREAKPOINT_KEYS = frozenset({"mode", "ttl"})
 
 
 def _part_text(part: ContentPart, where: str) -> str:
@@ -51,9 +55,22 @@ def _part_text(part: ContentPart, where: str) -> str:
     if extra:
         raise APIError(
             400,
-            f"A text content part has only 'type' and 'text'; '{extra[0]}' is not supported.",
+            f"A text content part has only 'type', 'text' and 'prompt_cache_breakpoint'; "
+            f"'{extra[0]}' is not supported.",
             param=f"{where}.{extra[0]}",
             code="unsupported_content",
+        )
+    breakpoint = part.get("prompt_cache_breakpoint")
+    if breakpoint is not None and not (
+        isinstance(breakpoint, dict)
+        and set(breakpoint) <= _BREAKPOINT_KEYS
+        and all(isinstance(v, str) and 0 < len(v) <= 64 for v in breakpoint.values())
+    ):
+        raise APIError(
+            400,
+            "A prompt_cache_breakpoint is an object of 'mode' and 'ttl' names.",
+            param=f"{where}.prompt_cache_breakpoint",
+            code="invalid_request",
         )
     text = part.get("text")
     if not isinstance(text, str):
@@ -167,6 +184,30 @@ Metadata = Annotated[
 OptionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
+class PromptCacheOptions(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """OpenAI's prompt caching options (``mode``: implicit or explicit; ``ttl``: 30m)."""
+
+    mode: OptionName | None = None
+    ttl: OptionName | None = None
+
+
+class ModerationMode(msgspec.Struct, forbid_unknown_fields=True):
+    mode: OptionName
+
+
+class ModerationPolicy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    input: ModerationMode | None = None
+    output: ModerationMode | None = None
+
+
+class ProviderModeration(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """OpenAI's own moderation of a request (its model and policy): the provider's, on top
+    of the gateway's; passed on as sent."""
+
+    model: ModelName
+    policy: ModerationPolicy | None = None
+
+
 class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     model: ModelName
     stream: bool = False
@@ -238,8 +279,10 @@ _PASSED_ON: Final = (
     "verbosity",
     "prompt_cache_key",
     "prompt_cache_retention",
+    "prompt_cache_options",
     "safety_identifier",
     "modalities",
+    "moderation",
 )
 
 
@@ -305,7 +348,9 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     verbosity: OptionName | None = None
     prompt_cache_key: EndUserId | None = None
     prompt_cache_retention: OptionName | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
     safety_identifier: EndUserId | None = None
+    moderation: ProviderModeration | None = None
     modalities: (
         Annotated[list[Literal["text", "audio"]], msgspec.Meta(min_length=1, max_length=2)] | None
     ) = None
@@ -451,7 +496,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         for name in _PASSED_ON:
             value = getattr(self, name)
             if value is not None:
-                out[name] = value
+                out[name] = msgspec.to_builtins(value)
         if self.tools:
             # As checked and re-encoded: what the filters read is what is sent.
             out["tools"] = msgspec.to_builtins(self.function_tools())
