@@ -287,6 +287,62 @@ def test_a_tool_call_redacted_out_of_json_is_withheld(
     assert "token=ab" not in r.text
 
 
+FACTS_POLICY = (
+    TEST_POLICY
+    + """
+  - id: facts
+    type: hallucination
+    config:
+      citations: {action: block, without_sources: true}
+      cutoff: {date: "2023-07", action: block}
+"""
+)
+FETCH = '{"url": "https://api.example.com/v1/events", "since": "2026-03-01"}'
+
+
+def hallucination_flags(client: TestClient[Litestar]) -> float:
+    metrics = client.get("/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("guardrail_hallucination_flags_total{")
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_is_an_action_not_a_claim_the_hallucination_filter_reads(
+    write_policy: Any, upstream: FakeUpstream, stream: bool
+) -> None:
+    """A call's URL and date, the model's and an earlier one (with "latest" on input),
+    are neither unverified citations nor cutoff questions: under a policy that blocks
+    those, the calls pass; the harm filters still read them."""
+    history = [
+        {"role": "user", "content": "Any events since March?"},
+        called("fetch", '{"url": "https://api.example.com/v1/latest", "since": "2026-01-01"}'),
+        answered(content="none"),
+    ]
+    upstream.finish_reason = "tool_calls"
+    upstream.tool_calls = [{"id": "c2", "name": "fetch", "arguments": FETCH}]
+    with TestClient(app=gateway(write_policy(FACTS_POLICY), upstream)) as client:
+        r = client.post("/v1/chat/completions", json=chat(*history, tools=[WEATHER], stream=stream))
+        assert r.status_code == 200, r.text
+        assert r.headers["x-guardrail-action"] == "allow"
+        assert hallucination_flags(client) == 0
+        calls = (
+            streamed_calls(r.text) if stream else r.json()["choices"][0]["message"]["tool_calls"]
+        )
+        assert [c["function"]["arguments"] for c in calls] == [FETCH]
+
+        upstream.tool_calls = [HARMFUL_CALL]
+        blocked = client.post("/v1/chat/completions", json=chat(tools=[WEATHER], stream=stream))
+        assert "build a bomb" not in blocked.text
+        # The same text as the model's words is a claim, and the policy blocks it.
+        upstream.tool_calls, upstream.reply = None, f"See {FETCH}."
+        claim = client.post("/v1/chat/completions", json=chat(stream=stream))
+        assert "api.example.com" not in claim.text
+        assert hallucination_flags(client) > 0
+
+
 # -- streams ----------------------------------------------------------------------------
 
 

@@ -230,7 +230,8 @@ async def _check_calls(
         spans.append((at, at + len(c.arguments)))
         at += len(c.arguments) + 1
         parts += [head, c.arguments]
-    decision = await guard.check(stage, "\n".join(parts), ctx.at(stage))
+    calls_ctx = dataclasses.replace(ctx.at(stage), tool_calls=True)
+    decision = await guard.check(stage, "\n".join(parts), calls_ctx)
     if decision.action is not Action.REDACT:
         return _CheckedCalls(decision, calls)
     out: list[ToolCall] = []

@@ -17,6 +17,9 @@ reach. Three checks, each switched on and given an action in the filter config:
   ``knowledge_cutoff`` findings. The cutoff is per model (``models``, glob patterns),
   else ``date``.
 
+Tool calls (``FilterContext.tool_calls``) are not read: a call is an action the model
+takes, not a claim, and an earlier call is no question.
+
 Every finding here has ``concern: accuracy``: metrics count them in
 ``guardrail_hallucination_flags_total`` and never as harmful content. The verdict
 cache is off for this filter (``cache_scope = "none"``): its answer depends on the
@@ -735,7 +738,9 @@ class HallucinationFilter:
         return held_claim(text)
 
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
-        if not text.strip():
+        if not text.strip() or ctx.tool_calls:
+            # A call's URL or date is what the model acts on, not a claim it makes (and
+            # an earlier call is no question): flagged, every tool call was "unverified".
             return Verdict()
         findings: list[Finding] = []
         index = ctx.message_index

@@ -217,6 +217,11 @@ class FilterContext:
     (the hallucination filter: the sentences that rest on it), so text already decided
     is not scored again with every window it is the context of. It belongs to one
     text: :meth:`at` (for another stage or message) leaves it out.
+
+    ``tool_calls`` says the checked text is tool calls (their ids, names and arguments),
+    the model's actions, not its words: harm filters read them as any text, but they
+    make no claim to check for accuracy and ask no question. It belongs to one text:
+    :meth:`at` leaves it out.
     """
 
     request_id: str
@@ -229,6 +234,7 @@ class FilterContext:
     context_documents: tuple[str, ...] = ()
     state: dict[str, Any] = field(default_factory=dict)
     window: tuple[int, int] | None = None
+    tool_calls: bool = False
 
     def __post_init__(self) -> None:
         index = self.message_index
