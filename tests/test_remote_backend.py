@@ -1551,6 +1551,55 @@ async def test_a_stream_of_endless_tool_call_arguments_is_cut_at_the_token_budge
     assert sent * 100 <= 10 * TOOL_CALL_CHARS_PER_TOKEN + 100
 
 
+def _piece(call_id: str | None, name: str | None, arguments: str) -> dict[str, Any]:
+    """A tool-call piece with no ``index``, as Gemini's OpenAI-compatible stream sends."""
+    function = {"arguments": arguments} if name is None else {"name": name, "arguments": arguments}
+    return {"type": "function", "function": function} | ({} if call_id is None else {"id": call_id})
+
+
+@pytest.mark.parametrize(
+    ("deltas", "expected"),
+    [
+        (
+            [
+                [_piece("call_a", "get_weather", '{"city":"Paris"}')],
+                [_piece("call_b", "get_time", "{}")],
+            ],
+            [("call_a", "get_weather", '{"city":"Paris"}'), ("call_b", "get_time", "{}")],
+        ),
+        (
+            [[_piece("call_a", "get_weather", "{}"), _piece("call_b", "get_weather", "{}")]],
+            [("call_a", "get_weather", "{}"), ("call_b", "get_weather", "{}")],
+        ),
+        (
+            [[_piece("call_a", "get_weather", '{"city":')], [_piece(None, None, '"Paris"}')]],
+            [("call_a", "get_weather", '{"city":"Paris"}')],
+        ),
+        (
+            [[_piece("call_a", "get_weather", '{"city":')], [_piece("call_a", None, '"Paris"}')]],
+            [("call_a", "get_weather", '{"city":"Paris"}')],
+        ),
+    ],
+    ids=["a call a delta", "two calls in one delta", "pieces of one call", "its id again"],
+)
+async def test_streamed_tool_calls_without_an_index_are_told_apart_by_their_ids(
+    deltas: list[list[dict[str, Any]]], expected: list[tuple[str, str, str]]
+) -> None:
+    """Gemini's OpenAI-compatible stream sends each parallel call whole, with no index:
+    the two were merged into one call with both names and both arguments."""
+    body = _sse(
+        *(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": d}}]}) for d in deltas),
+        json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+    )
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        chunks = await collect(backend(client, "http://up.test/v1").stream(chat_request()))
+    assert chunks[-1].tool_calls == tuple(ToolCall(*c) for c in expected)
+
+
 async def test_a_tool_call_the_upstream_sent_in_another_shape_is_a_bad_response(
     client: httpx.AsyncClient, up_a: FakeUpstream
 ) -> None:

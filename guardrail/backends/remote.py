@@ -344,7 +344,8 @@ class _CallPieces:
 @dataclass(slots=True)
 class _StreamedCalls:
     """A stream's tool calls, assembled from their pieces (OpenAI's ``delta.tool_calls``:
-    ``index``, then ``id`` and ``function.name`` once, ``function.arguments`` in pieces)."""
+    ``index``, then ``id`` and ``function.name`` once, ``function.arguments`` in pieces;
+    without ``index``, a new ``id`` starts the next call)."""
 
     budget: int
     calls: dict[int, _CallPieces] = field(default_factory=dict)
@@ -356,7 +357,16 @@ class _StreamedCalls:
         for item in raw if isinstance(raw, list) else [None]:
             if not isinstance(item, dict):
                 raise BackendBadResponse("backend sent a tool-call piece that is not an object")
-            index = item.get("index", max(self.calls, default=0))
+            index = item.get("index")
+            if index is None:
+                # Gemini's OpenAI-compatible stream sends each call whole, with no index:
+                # a piece that names an id other than the last call's starts the next
+                # call (merged, two calls were one with both names and both arguments).
+                index = max(self.calls, default=0)
+                last = self.calls.get(index)
+                named = item.get("id")
+                if last is not None and last.id is not None and named not in (None, last.id):
+                    index += 1
             if not isinstance(index, int) or not 0 <= index < 1024:
                 raise BackendBadResponse("backend sent a tool-call piece with a bad index")
             call = self.calls.setdefault(index, _CallPieces())
