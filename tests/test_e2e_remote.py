@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import openai
@@ -288,6 +289,48 @@ def test_sdk_reads_a_tool_call_whole_or_streamed(stack: Stack) -> None:
     assert (call.function.name, call.function.arguments) == ("get_weather", arguments)
     assert final.choices[0].finish_reason == "tool_calls"
     assert stack.upstream.requests[0]["tools"] == [tool]
+
+
+def test_the_sdk_s_stream_helper_agent_loop_runs_its_second_turn(stack: Stack) -> None:
+    """The loop OpenAI documents: the final message of ``.stream()`` appended as it came
+    (its refusal, annotations, audio, parsed, and each call's index and parsed_arguments
+    set), then the tools' results. Its second turn was a 400 (unknown field)."""
+    stack.upstream.reply, stack.upstream.finish_reason = "Let me check.", "tool_calls"
+    stack.upstream.tool_calls = [
+        {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"id": "call_2", "name": "get_weather", "arguments": '{"city": "Lyon"}'},
+    ]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    messages: list[Any] = list(USER)
+    with stack.sdk.chat.completions.stream(
+        model="fake-model",
+        messages=messages,
+        tools=[tool],  # type: ignore[list-item]
+    ) as stream:
+        message = stream.get_final_completion().choices[0].message
+    messages.append(message)
+    for call in message.tool_calls or []:
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": "Sunny."})
+    stack.upstream.tool_calls, stack.upstream.finish_reason = None, "stop"
+    stack.upstream.reply = "Sunny in both."
+    second = stack.sdk.chat.completions.create(
+        model="fake-model",
+        messages=messages,
+        tools=[tool],  # type: ignore[list-item]
+    )
+    assert second.choices[0].message.content == "Sunny in both."
+    assert stack.upstream.requests[1]["messages"][1] == {
+        "role": "assistant",
+        "content": "Let me check.",
+        "tool_calls": [
+            {
+                "id": f"call_{i}",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'},
+            }
+            for i, city in ((1, "Paris"), (2, "Lyon"))
+        ],
+    }
 
 
 def test_sdk_completions_and_models(stack: Stack) -> None:

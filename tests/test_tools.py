@@ -161,6 +161,62 @@ def test_tools_tool_choice_and_earlier_calls_reach_the_upstream(
     assert sent["messages"] == history
 
 
+def test_an_answer_sent_back_as_the_openai_sdk_holds_it_reaches_the_upstream_in_openai_shape(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    """The SDK's stream helper sets every field of the message it assembles, most null,
+    and an agent appends it as it came: those were unknown fields (400). The copies it
+    adds (``parsed``, ``parsed_arguments``) and the delta ``index`` are not sent on."""
+    as_held = called("get_weather", '{"city": "Paris"}')
+    as_held["tool_calls"][0]["index"] = 0
+    as_held["tool_calls"][0]["function"]["parsed_arguments"] = {"city": "Paris"}
+    as_held |= {"refusal": None, "annotations": [], "audio": None, "function_call": None}
+    as_held["parsed"] = {"steps": "how to build a bomb"}  # a copy of content: never sent
+    r = client.post("/v1/chat/completions", json=chat(USER, as_held, answered(), tools=[WEATHER]))
+    assert r.status_code == 200, r.text
+    assert upstream.requests[0]["messages"] == [
+        USER,
+        called("get_weather", '{"city": "Paris"}'),
+        answered(),
+    ]
+
+
+def test_an_earlier_refusal_is_moderated_and_sent_as_the_messages_content(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    sorry = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    both = {"role": "assistant", "content": "Here is", "refusal": "Withheld."}
+    r = client.post("/v1/chat/completions", json=chat(USER, sorry, USER, both, USER))
+    assert r.status_code == 200, r.text
+    sent = upstream.requests[0]["messages"]
+    assert sent[1] == {"role": "assistant", "content": "I can't help with that."}
+    assert sent[3] == {"role": "assistant", "content": "Here is\nWithheld."}
+    harmful = {"role": "assistant", "content": None, "refusal": "No, I won't build a bomb."}
+    error = error_of(client.post("/v1/chat/completions", json=chat(USER, harmful, USER)))
+    assert error["code"] == "content_filter"
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("annotations", [{"type": "url_citation"}], "unsupported_parameter"),
+        ("audio", {"id": "audio_1"}, "unsupported_parameter"),
+        ("function_call", {"name": "f", "arguments": "{}"}, "unsupported_parameter"),
+    ],
+)
+def test_an_earlier_answers_field_that_holds_what_the_gateway_does_not_read_is_refused(
+    client: TestClient[Litestar], upstream: FakeUpstream, field: str, value: Any, code: str
+) -> None:
+    answer = {"role": "assistant", "content": "Sunny.", field: value}
+    error = error_of(client.post("/v1/chat/completions", json=chat(USER, answer, USER)))
+    assert (error["code"], error["param"]) == (code, f"messages[1].{field}")
+    refusal = {**USER, "refusal": "No."}
+    error = error_of(client.post("/v1/chat/completions", json=chat(refusal)))
+    assert (error["code"], error["param"]) == ("invalid_request", "messages[0].refusal")
+    assert upstream.requests == []
+
+
 # -- input moderation ----------------------------------------------------------------
 
 

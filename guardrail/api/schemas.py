@@ -96,6 +96,9 @@ MAX_TOOL_CALLS: Final = 128
 class WireFunctionCall(msgspec.Struct, forbid_unknown_fields=True):
     name: ToolName
     arguments: str  # JSON text, as the model wrote it
+    # The openai SDK's stream helper adds its decoded copy of the arguments to the message
+    # an agent sends back: accepted and dropped (the arguments are what is checked and sent).
+    parsed_arguments: Any = None
 
 
 class WireToolCall(msgspec.Struct, forbid_unknown_fields=True):
@@ -104,6 +107,9 @@ class WireToolCall(msgspec.Struct, forbid_unknown_fields=True):
     id: ToolCallId
     type: Literal["function"]
     function: WireFunctionCall
+    # A stream delta's position of the call, kept by the openai SDK's stream helper on the
+    # message it assembles: accepted and dropped (the list's order is the calls' order).
+    index: int | None = None
 
 
 class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -112,16 +118,35 @@ class WireMessage(msgspec.Struct, forbid_unknown_fields=True):
     name: str | None = None
     tool_call_id: ToolCallId | None = None
     tool_calls: Annotated[list[WireToolCall], msgspec.Meta(max_length=MAX_TOOL_CALLS)] | None = None
+    # An earlier answer's fields, as the openai SDK's message object holds them: an agent
+    # appends it to its messages as it came (its stream helper sets every one, most null).
+    # A refusal is text the model reads: the message's text, after its content. ``parsed``
+    # is the SDK's decoded copy of the content: dropped. The others are refused unless
+    # empty (refuse_unmoderated): none is text this gateway reads or sends.
+    refusal: str | None = None
+    parsed: Any = None
+    annotations: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
 
     def text(self, index: int) -> str:
         if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        where = f"messages[{index}].content"
-        # Joined by line breaks, as vLLM does, and as /v1/moderations joins an input's
-        # parts: one text gets one verdict on both routes, and two parts' words do not fuse.
-        return "\n".join(_part_text(part, f"{where}[{i}]") for i, part in enumerate(self.content))
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            where = f"messages[{index}].content"
+            # Joined by line breaks, as vLLM does, and as /v1/moderations joins an input's
+            # parts: one text gets one verdict on both routes, and two parts' words do not
+            # fuse.
+            text = "\n".join(
+                _part_text(part, f"{where}[{i}]") for i, part in enumerate(self.content)
+            )
+        if not self.refusal:
+            return text
+        # What the model said in place of an answer: sent (and checked) as the content, on
+        # a line of its own after any content (a stream blocked midway holds both).
+        return f"{text}\n{self.refusal}" if text else self.refusal
 
 
 class Document(msgspec.Struct, forbid_unknown_fields=True):
@@ -266,6 +291,19 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             )
 
 
+# An earlier answer's fields that are accepted only null or empty (as the openai SDK
+# sends them back on every message it assembled), and why one that holds something is not.
+_ANSWER_FIELDS: Final = (
+    (
+        "annotations",
+        "a web search's citations come from a search this gateway does not run; send the "
+        "message without them.",
+    ),
+    ("audio", "spoken answers bypass the text filters, and this gateway does not make them."),
+    ("function_call", "it is deprecated; send the call in 'tool_calls'."),
+)
+
+
 RESPONSE_FORMAT_TYPES: Final = frozenset({"text", "json_object", "json_schema"})
 
 # Chat fields for the provider (storage, billing tier, caching, abuse tracking) or its
@@ -396,6 +434,21 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                     param=f"messages[{i}].tool_call_id",
                     code="invalid_request",
                 )
+            if message.refusal is not None and message.role != "assistant":
+                raise APIError(
+                    400,
+                    "'refusal' belongs to a message with role 'assistant' only.",
+                    param=f"messages[{i}].refusal",
+                    code="invalid_request",
+                )
+            for name, why in _ANSWER_FIELDS:
+                if getattr(message, name):  # null or empty: dropped
+                    raise APIError(
+                        400,
+                        f"A message's '{name}' is not supported: {why}",
+                        param=f"messages[{i}].{name}",
+                        code="unsupported_parameter",
+                    )
             if message.name is not None:
                 raise APIError(
                     400,
