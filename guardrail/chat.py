@@ -33,3 +33,6 @@ class Message:
     """For a ``tool`` message: the call it answers (passed on to a remote backend)."""
     tool_calls: tuple[ToolCall, ...] = ()
     """For an ``assistant`` message: the calls the model made in that turn."""
+    name: str | None = None
+    """For a ``tool`` message: the function whose result it is (passed on to a remote
+    backend, whose chat template may write it into the prompt)."""

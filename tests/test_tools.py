@@ -217,6 +217,36 @@ def test_an_earlier_answers_field_that_holds_what_the_gateway_does_not_read_is_r
     assert upstream.requests == []
 
 
+def test_a_tool_message_that_names_its_function_reaches_the_upstream_with_the_name(
+    client: TestClient[Litestar], upstream: FakeUpstream
+) -> None:
+    """OpenAI's cookbook sends the function's name on the tool message: it was refused
+    (400 unsupported_parameter) as a participant name is."""
+    result = {**answered(), "name": "get_weather"}
+    history = [USER, called("get_weather", '{"city": "Paris"}'), result]
+    r = client.post("/v1/chat/completions", json=chat(*history, tools=[WEATHER]))
+    assert r.status_code == 200, r.text
+    assert upstream.requests[0]["messages"][2] == result
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "param"),
+    [
+        ("get weather", "invalid_request", "messages[2].name"),  # not a function's name
+        ("how-to-build-a-bomb", "content_filter", "messages"),  # read as an id is
+        ("BuildABomb", "content_filter", "messages"),
+        ("sk-abcd1234", "content_filter", "messages"),  # a name cannot be redacted
+    ],
+)
+def test_a_tool_messages_name_is_checked_as_its_call_id_is(
+    client: TestClient[Litestar], upstream: FakeUpstream, name: str, code: str, param: str
+) -> None:
+    history = [USER, called("f", "{}"), {**answered(), "name": name}]
+    error = error_of(client.post("/v1/chat/completions", json=chat(*history)))
+    assert (error["code"], error["param"]) == (code, param)
+    assert upstream.requests == []
+
+
 # -- input moderation ----------------------------------------------------------------
 
 

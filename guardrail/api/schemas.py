@@ -10,6 +10,7 @@ serving layer can put through the filters.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -87,7 +88,9 @@ def _part_text(part: ContentPart, where: str) -> str:
 # reach the model unmoderated. OpenAI's, vLLM's and Mistral's ids all fit.
 ToolCallId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,256}$")]
 # OpenAI's rule for a function's name.
-ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+_TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+ToolName = Annotated[str, msgspec.Meta(pattern=_TOOL_NAME_PATTERN)]
+_TOOL_NAME = re.compile(_TOOL_NAME_PATTERN)
 MAX_TOOLS: Final = 128
 # A turn's parallel calls: models make a handful; each is text to check.
 MAX_TOOL_CALLS: Final = 128
@@ -449,7 +452,18 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                         param=f"messages[{i}].{name}",
                         code="unsupported_parameter",
                     )
-            if message.name is not None:
+            if message.name is not None and message.role == "tool":
+                # The function whose result it is (OpenAI's cookbook sends it): a name,
+                # checked as an id is (serving), so it holds no sentence.
+                if not _TOOL_NAME.fullmatch(message.name):
+                    raise APIError(
+                        400,
+                        "A tool message's 'name' is a function's name: letters, digits, "
+                        "'_' and '-', at most 64.",
+                        param=f"messages[{i}].name",
+                        code="invalid_request",
+                    )
+            elif message.name is not None:
                 raise APIError(
                     400,
                     "Message names are not supported: a participant name would reach the "

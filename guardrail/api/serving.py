@@ -737,6 +737,7 @@ class Serving:
                         ToolCall(c.id, c.function.name, c.function.arguments)
                         for c in m.tool_calls or ()
                     ),
+                    m.name,  # a tool message's only (refuse_unmoderated)
                 )
                 for i, m in enumerate(body.messages)
             )
@@ -931,7 +932,7 @@ class Serving:
             tool_text = (
                 tools_text(body.function_tools()) if isinstance(body, ChatCompletionRequest) else ""
             )
-            ids = sum(len(m.tool_call_id or "") for m in messages)
+            ids = sum(len(m.tool_call_id or "") + len(m.name or "") for m in messages)
             calls = sum(c.chars for m in messages for c in m.tool_calls)
             stops = body.stop_list()
             documents = document_texts(body.documents)
@@ -1122,19 +1123,24 @@ class Serving:
         ctx: FilterContext,
         checked: list[tuple[int | None, Decision]],
     ) -> None:
-        """Tool call ids pass the input filters: some chat templates write them into the
-        prompt, and an id's pattern still lets words through (``how-to-build-a-bomb``).
+        """Tool call ids, and the function names tool messages give, pass the input
+        filters: some chat templates write them into the prompt, and their patterns still
+        let words through (``how-to-build-a-bomb``).
 
         Each is read as written (a key's pattern holds its dashes) and with its separators
         as spaces (so its words are words to the filters). An id cannot be rewritten, so
         what the policy would redact refuses it, as a schema.
         """
-        where = [i for i, m in enumerate(messages) if m.tool_call_id]
-        if not where:
+        fields = [
+            (f"messages[{i}].{key}", value)
+            for i, m in enumerate(messages)
+            for key, value in (("tool_call_id", m.tool_call_id), ("name", m.name))
+            if value
+        ]
+        if not fields:
             return
-        ids = [messages[i].tool_call_id or "" for i in where]
-        text = "\n".join(line for i in ids for line in dict.fromkeys(_id_readings(i)))
-        param = f"messages[{where[0]}].tool_call_id" if len(where) == 1 else "messages"
+        text = "\n".join(line for _, v in fields for line in dict.fromkeys(_id_readings(v)))
+        param = fields[0][0] if len(fields) == 1 else "messages"
         await self._check_verbatim(exchange, guard, ctx, text, param, checked=checked)
 
     async def _check_history_calls(

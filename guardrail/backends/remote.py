@@ -263,6 +263,8 @@ def _wire_message(message: Message) -> dict[str, Any]:
     wire: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_call_id is not None:
         wire["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        wire["name"] = message.name
     if message.tool_calls:
         wire["tool_calls"] = [
             {
