@@ -24,8 +24,10 @@ from guardrail.guard.types import (
     FilterOutcome,
     FilterStatus,
     Finding,
+    Redaction,
     Stage,
     Verdict,
+    apply_redactions,
 )
 from guardrail.observability.audit import record_from_exchange
 from guardrail.observability.drift import HarmfulRateDrift
@@ -379,6 +381,91 @@ def test_an_output_only_policy_s_prompts_count_as_checked_at_input(
     checked = value(metrics_registry, stages, stage="input", action="allow")
     assert (harmful, checked) == (2, 2)
     assert value(metrics_registry, stages, stage="output", action="flag") == 2
+
+
+REDACT_SLUR_POLICY = """
+name: redact-slur
+version: "1"
+filters:
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: slur, category: harassment, action: redact, replacement: "[removed]",
+           keywords: [gypsies]}
+"""
+
+
+def test_a_redacted_mention_still_counts_for_its_group(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+) -> None:
+    """Groups were read from the text the policy left: a redacted slur ("gypsies"), or
+    a pii filter's NRP placeholder, took its group out of the bias metrics, the very
+    prompts whose rates they are there to show."""
+    backend.reply = "Some still call them gypsies."
+    with TestClient(app=make_app(policy=write_policy(REDACT_SLUR_POLICY))) as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fake-model",
+                "messages": [{"role": "user", "content": "Why do people dislike gypsies?"}],
+            },
+        )
+
+    assert "gypsies" not in backend.requests[-1].messages[-1].content
+    assert "gypsies" not in r.json()["choices"][0]["message"]["content"]
+    for stage in ("input", "output"):
+        assert (
+            value(metrics_registry, "guardrail_stage_outcomes_total", stage=stage, action="redact")
+            == 1
+        )
+        mentions = value(
+            metrics_registry,
+            "guardrail_group_mentions_total",
+            axis="race_ethnicity",
+            group="romani",
+            stage=stage,
+        )
+        assert mentions == 1, stage
+        assert (
+            value(
+                metrics_registry,
+                "guardrail_group_outcomes_total",
+                axis="race_ethnicity",
+                group="romani",
+                stage=stage,
+                action="redact",
+            )
+            == 1
+        )
+
+
+def test_a_restored_placeholder_counts_as_the_value_the_client_got(
+    monitor: Monitor, registry: CollectorRegistry
+) -> None:
+    """A completion's placeholder restored to the user's own value ("<NRP_1>" back to
+    "Muslims") names the group in the answer the client read."""
+    placeholder = "<NRP_1>"
+    checked = f"{placeholder} fast in Ramadan."
+    restore = Redaction(0, len(placeholder), "Muslims", restore=True)
+    answer = Decision(
+        stage=Stage.OUTPUT,
+        action=Action.REDACT,
+        text=apply_redactions(checked, [restore]),
+        findings=(),
+        outcomes=(),
+        policy_name="p",
+        policy_version="1",
+        redactions=(restore,),
+        checked=checked,
+    )
+
+    monitor.record(finished(answer))
+
+    assert group(registry, "guardrail_group_mentions_total", "muslim", "output") == 1
 
 
 class _BrokenLexicon(Lexicon):

@@ -369,7 +369,7 @@ class Guard:
         cannot be mapped back onto the messages, so it counts as a flag."""
         decision = await self._decide(stage, text, ctx, filters)
         if decision.action is Action.REDACT:
-            return replace(decision, action=Action.FLAG, text=text, redactions=())
+            return replace(decision, action=Action.FLAG, text=text, redactions=(), checked=None)
         return decision
 
     def combine(self, stage: Stage, text: str, outcomes: Sequence[FilterOutcome]) -> Decision:
@@ -389,6 +389,7 @@ class Guard:
             policy_name=self.policy.name,
             policy_version=self.policy.version,
             redactions=redactions,
+            checked=text if redactions else None,
         )
 
 

@@ -699,6 +699,7 @@ def _after_lead(decision: Decision, checked: str, lead: int) -> Decision:
         findings=moved(decision.findings),
         outcomes=outcomes,
         redactions=redactions,
+        checked=text if redactions else None,
     )
 
 

@@ -290,7 +290,13 @@ class FilterOutcome:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The guard's answer for one text at one stage, under one policy version."""
+    """The guard's answer for one text at one stage, under one policy version.
+
+    ``text`` is the text as the policy left it (its ``redactions`` applied);
+    ``checked`` the text the filters read, where a redaction rewrote it (``None``: it
+    is ``text``). It holds what the policy hid: group detection reads it (a redacted
+    slur still names its group), nothing logs or sends it.
+    """
 
     stage: Stage
     action: Action
@@ -300,6 +306,7 @@ class Decision:
     policy_name: str
     policy_version: str
     redactions: tuple[Redaction, ...] = ()
+    checked: str | None = None
 
     @property
     def blocked(self) -> bool:

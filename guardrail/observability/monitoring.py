@@ -5,13 +5,14 @@ across demographic groups and how often harmful content appears. This module tur
 finished exchanges into those measures:
 
 - **Groups.** The texts of each stage are scanned for group terms
-  (:mod:`guardrail.observability.groups`). Per group and stage it counts the exchanges
-  that mention the group, the stage's action on them (the strictest at that stage:
-  allow, flag, redact, block) and the toxicity filter's highest score among the texts
-  that mention it. The same counts for every exchange (``stage_outcomes_total``,
-  ``stage_toxicity_score``) are the baseline a group's rates are compared with: a
-  group whose prompts are blocked three times as often as prompts overall is a
-  finding for the policy's authors. The groups found go on the exchange
+  (:mod:`guardrail.observability.groups`) as the filters read them, before any
+  redaction (``Decision.checked``): a redacted term still names its group. Per group
+  and stage it counts the exchanges that mention the group, the stage's action on them
+  (the strictest at that stage: allow, flag, redact, block) and the toxicity filter's
+  highest score among the texts that mention it. The same counts for every exchange
+  (``stage_outcomes_total``, ``stage_toxicity_score``) are the baseline a group's rates
+  are compared with: a group whose prompts are blocked three times as often as prompts
+  overall is a finding for the policy's authors. The groups found go on the exchange
   (``Exchange.groups``) for the audit log.
 - **Counterfactual probes** (:mod:`guardrail.observability.counterfactual`), counted
   per axis as ``same`` or ``flip``.
@@ -57,7 +58,7 @@ from prometheus_client.registry import Collector
 from guardrail.chat import Message
 from guardrail.errors import ConfigError
 from guardrail.exchange import MONITORED_ROUTES, Exchange, GroupMention
-from guardrail.guard.types import Action, Decision, FilterContext, Stage
+from guardrail.guard.types import Action, Decision, FilterContext, Stage, apply_redactions
 from guardrail.observability.counterfactual import (
     SKIP_REASONS,
     CounterfactualProber,
@@ -296,7 +297,7 @@ class Monitor:
                 stage_score = _max(stage_score, score)
                 if lexicon is None:
                     continue
-                for ref in lexicon.mentions(decision.text):
+                for ref in lexicon.mentions(_read(decision)):
                     groups[ref] = _max(groups.get(ref), score)
             if stage_score is not None:
                 m.stage_toxicity.labels(stage=stage.value).observe(stage_score)
@@ -326,6 +327,16 @@ class Monitor:
     async def aclose(self) -> None:
         if self.prober is not None:
             await self.prober.aclose()
+
+
+def _read(decision: Decision) -> str:
+    """The text of ``decision`` groups are read from: the text the filters read, not the
+    one the policy left (a redacted "gypsies", an NRP placeholder, still names its
+    group), with the values a completion's placeholders were restored to put back."""
+    if decision.checked is None:
+        return decision.text
+    restores = [r for r in decision.redactions if r.restore]
+    return apply_redactions(decision.checked, restores) if restores else decision.checked
 
 
 def _toxicity(decision: Decision) -> float | None:
