@@ -74,6 +74,9 @@ class Exchange:
     stream_window_chars: list[int] = field(default_factory=list)
     # The ids of the output filters whose stream hold-back failed, each once.
     stream_holdback_failures: list[str] = field(default_factory=list)
+    # A stream's completion as its windows' checks read it, whole (StreamGuard.read_text):
+    # groups are read from it once, not from each window. Never logged.
+    stream_text: str | None = None
     backend_duration_s: float | None = None
     time_to_first_token_s: float | None = None
     prompt_tokens: int | None = None

@@ -468,6 +468,81 @@ def test_a_restored_placeholder_counts_as_the_value_the_client_got(
     assert group(registry, "guardrail_group_mentions_total", "muslim", "output") == 1
 
 
+def test_a_stream_is_read_whole_with_the_highest_score_of_its_windows(
+    monitor: Monitor, registry: CollectorRegistry
+) -> None:
+    first, second = "The women described themselves as African ", "Americans in the survey."
+    exchange = finished(
+        decision(Stage.INPUT, "Summarise it.", allow()),
+        # Each window's text starts with the released text before it.
+        decision(Stage.OUTPUT, first, toxicity(0.3)),
+        decision(Stage.OUTPUT, "as African " + second, toxicity(0.7, Action.FLAG)),
+    )
+    exchange.stream = True
+    exchange.stream_window_chars = [len(first), len(second)]
+    exchange.stream_text = first + second
+
+    monitor.record(exchange)
+
+    assert exchange.groups == (
+        GroupMention(Stage.OUTPUT, "gender", "women"),
+        GroupMention(Stage.OUTPUT, "race_ethnicity", "black"),
+    )
+    # The answer's score, though only its first window names the women.
+    assert group(registry, "guardrail_group_toxicity_score_sum", "women", "output") == (
+        pytest.approx(0.7)
+    )
+    assert value(registry, "guardrail_stage_toxicity_score_count", stage="output") == 1
+
+
+STREAM_POLICY = """
+name: stream
+version: "1"
+stream: {release: sentence, window_chars: 80, context_chars: 40}
+filters:
+  - id: words
+    type: rules
+    config:
+      rules:
+        - {id: rude, category: insult, action: flag, keywords: [dummy]}
+"""
+
+
+def test_a_streamed_answer_counts_the_groups_the_same_answer_sent_whole_does(
+    make_app: Callable[..., Litestar],
+    write_policy: Callable[[str], Path],
+    backend: FakeBackend,
+    metrics_registry: CollectorRegistry,
+) -> None:
+    """Each stream window was scanned apart: "African Americans" cut at a window's end
+    was read as its parts, a nationality ("African") and a race ("Americans" after the
+    tail's "African"), where the answer sent whole names one group."""
+    backend.reply = (
+        "In a survey from last year the respondents who described themselves as African "
+        "Americans were more likely to say so."
+    )
+    with TestClient(app=make_app(policy=write_policy(STREAM_POLICY))) as client:
+        for stream in (False, True):
+            r = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "fake-model",
+                    "stream": stream,
+                    "messages": [{"role": "user", "content": "Summarise the survey."}],
+                },
+            )
+            assert r.status_code == 200
+
+    mentions = {
+        (s.labels["axis"], s.labels["group"]): s.value
+        for metric in metrics_registry.collect()
+        if metric.name == "guardrail_group_mentions"
+        for s in metric.samples
+        if s.name.endswith("_total") and s.labels["stage"] == "output"
+    }
+    assert mentions == {("race_ethnicity", "black"): 2}
+
+
 class _BrokenLexicon(Lexicon):
     """A lexicon with a bug: every scan raises."""
 

@@ -167,6 +167,32 @@ async def test_a_secret_split_across_chunks_is_redacted(
 
 
 @settings(max_examples=100, deadline=None)
+@given(
+    benign=st.lists(st.sampled_from(BENIGN), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 10_000), max_size=30),
+    config=stream_settings,
+)
+async def test_the_read_text_is_the_completion_its_windows_checked_unredacted(
+    executor: ThreadPoolExecutor, benign: list[str], cuts: list[int], config: StreamSettings
+) -> None:
+    """Group detection reads a stream's completion whole: what its windows checked, the
+    redacted key as written and the window that blocked included, whatever the chunks."""
+    text = "Your key is sk-1234 and it works. " + "".join(benign) + HARMFUL + "Done. "
+    window = StreamGuard(make_guard(executor), FilterContext("s"), config)
+    for piece in chunk(text, cuts):
+        if (await window.feed(piece)).blocked:
+            break
+    if not window.blocked:
+        await window.finish()
+
+    assert window.blocked
+    assert text.startswith(window.read_text)
+    assert "sk-1234" in window.read_text
+    assert "build a bomb" in window.read_text
+    assert "sk-1234" not in window.released_text
+
+
+@settings(max_examples=100, deadline=None)
 @given(cuts=st.lists(st.integers(0, 10_000), max_size=20), config=stream_settings)
 async def test_a_phrase_split_between_the_lead_and_the_stream_is_blocked(
     executor: ThreadPoolExecutor, cuts: list[int], config: StreamSettings

@@ -1424,6 +1424,7 @@ class Serving:
                 exchange.decisions.append(checked.decision)
             exchange.stream_window_chars.extend(window.window_chars)
             exchange.stream_holdback_failures.extend(window.holdback_failures)
+            exchange.stream_text = window.read_text
             recorded = True
             blocked = window.blocked or (checked is not None and checked.decision.blocked)
             if self.gw.shadow is not None and not blocked:
@@ -1495,6 +1496,7 @@ class Serving:
                 exchange.decisions.extend(window.decisions)
                 exchange.stream_window_chars.extend(window.window_chars)
                 exchange.stream_holdback_failures.extend(window.holdback_failures)
+                exchange.stream_text = window.read_text
             try:
                 await _aclose(chunks)
             finally:

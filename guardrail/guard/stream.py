@@ -125,6 +125,8 @@ class StreamGuard:
         # The released text, with the restores of placeholders left out (see
         # unrestored_text); the lead is not in it.
         self._unrestored = ""
+        # The checked windows as the filters read them, the blocked one too (see read_text).
+        self._read = ""
         # Whether an override (U+202E) is in force after the first _override_mark released
         # characters: each window reads only what was released since.
         self._override_mark = 0
@@ -148,6 +150,14 @@ class StreamGuard:
         model wrote (every other redaction applied): the form self-consistency's samples
         and question are in."""
         return self._unrestored
+
+    @property
+    def read_text(self) -> str:
+        """The completion as far as its windows were checked, as the filters read them (a
+        blocked window too, unredacted), with the placeholders the model wrote restored:
+        the whole text group detection scans, once, where each window's own text would
+        split a term at its cut ("African" + "Americans"). Never sent or logged."""
+        return self._read
 
     @property
     def held_chars(self) -> int:
@@ -336,18 +346,22 @@ class StreamGuard:
             start -= lead
         self.decisions.append(decision)
         self.window_chars.append(cut)
+        window = self._held[:cut]
         if decision.blocked:
             self.blocked = True
             self._held = ""
+            self._read += window
             return Release("", decision)
-        window, self._held = self._held[:cut], self._held[cut:]
-        released = unrestored = window
+        self._held = self._held[cut:]
+        released = unrestored = read = window
         if decision.action is Action.REDACT:
             redactions = _shift(decision.redactions, start, len(window))
             released = apply_redactions(window, redactions)
             unrestored = apply_redactions(window, [r for r in redactions if not r.restore])
+            read = apply_redactions(window, [r for r in redactions if r.restore])
         self._released += released
         self._unrestored += unrestored
+        self._read += read
         return Release(released, decision)
 
 

@@ -292,12 +292,11 @@ class Monitor:
             stage_score: float | None = None
             # Group -> the highest toxicity score among the texts that mention it.
             groups: dict[GroupRef, float | None] = {}
-            for decision in decisions:
-                score = _toxicity(decision)
+            for text, score in _texts(exchange, stage, decisions):
                 stage_score = _max(stage_score, score)
                 if lexicon is None:
                     continue
-                for ref in lexicon.mentions(_read(decision)):
+                for ref in lexicon.mentions(text):
                     groups[ref] = _max(groups.get(ref), score)
             if stage_score is not None:
                 m.stage_toxicity.labels(stage=stage.value).observe(stage_score)
@@ -327,6 +326,27 @@ class Monitor:
     async def aclose(self) -> None:
         if self.prober is not None:
             await self.prober.aclose()
+
+
+def _texts(
+    exchange: Exchange, stage: Stage, decisions: list[Decision]
+) -> list[tuple[str, float | None]]:
+    """The texts of ``stage`` groups are read from, each with its toxicity score.
+
+    A stream's completion is one text, whole (``Exchange.stream_text``), with the
+    highest score of its windows: each window's own text held a term cut at the window's
+    end as its parts ("African" + "Americans" read as two groups, neither of them the one
+    the whole answer names). Its windows are the stage's first decisions, one per
+    ``stream_window_chars`` entry (the metrics read them so); a tool calls check follows.
+    """
+    texts = [(_read(d), _toxicity(d)) for d in decisions]
+    if stage is not Stage.OUTPUT or exchange.stream_text is None:
+        return texts
+    count = len(exchange.stream_window_chars)
+    score: float | None = None
+    for _, window_score in texts[:count]:
+        score = _max(score, window_score)
+    return [(exchange.stream_text, score), *texts[count:]]
 
 
 def _read(decision: Decision) -> str:
