@@ -190,6 +190,7 @@ MALFORMED: dict[str, Callable[[], object]] = {
     ),
     "float_span": lambda: Verdict(Action.REDACT, (), (Redaction(0.0, 2, "#"),)),  # type: ignore[arg-type]
     "replacement_none": lambda: Verdict(Action.REDACT, (), (Redaction(0, 2, None),)),  # type: ignore[arg-type]
+    "score_string": lambda: Verdict(score="high"),  # type: ignore[arg-type]
     # Findings that block under a verdict left at its default (allow): the filter said
     # block, so the verdict must not let the text through.
     "allow_with_a_blocking_finding": lambda: Verdict(findings=(Finding("x", 1.0, Action.BLOCK),)),

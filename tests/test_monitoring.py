@@ -6,7 +6,8 @@ import math
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,17 @@ from structlog.testing import capture_logs
 
 from guardrail.errors import ConfigError
 from guardrail.exchange import Exchange, GroupMention, Route
+from guardrail.filters.embedder import resolve_precision
+from guardrail.filters.toxicity import DEFAULT_WEIGHTS
+from guardrail.filters.weights import file_stamp
+from guardrail.guard.filter import BuildContext, SharedResources
+from guardrail.guard.guard import Guard
+from guardrail.guard.registry import filter_registry
+from guardrail.guard.stream import check_continuation
 from guardrail.guard.types import (
     Action,
     Decision,
+    FilterContext,
     FilterOutcome,
     FilterStatus,
     Finding,
@@ -34,6 +43,7 @@ from guardrail.observability.drift import HarmfulRateDrift
 from guardrail.observability.groups import Lexicon
 from guardrail.observability.metrics import GatewayMetrics
 from guardrail.observability.monitoring import Monitor, MonitoringMetrics, monitor_from_settings
+from guardrail.policy.loader import load_policy_text
 from guardrail.settings import Settings
 from tests.conftest import OUTPUT_ONLY_POLICY
 from tests.fakes.backend import FakeBackend
@@ -493,6 +503,87 @@ def test_a_stream_is_read_whole_with_the_highest_score_of_its_windows(
         pytest.approx(0.7)
     )
     assert value(registry, "guardrail_stage_toxicity_score_count", stage="output") == 1
+
+
+class _KeywordToxicity:
+    """A toxicity engine that scores by keyword: 0.95 for "worthless", 0.5 for
+    "Muslims", else 0.1, in each of its categories."""
+
+    categories = ("toxicity", "identity_attack", "obscene")
+
+    def score(self, texts: list[str], scopes: object = None) -> list[dict[str, float]]:
+        def one(text: str) -> float:
+            return 0.95 if "worthless" in text else 0.5 if "Muslims" in text else 0.1
+
+        return [dict.fromkeys(self.categories, one(t)) for t in texts]
+
+
+QUIET_TOXICITY_POLICY = """
+name: tox-quiet
+version: "1"
+filters:
+  - id: toxicity
+    type: toxicity
+    config:
+      max_wait_ms: 1
+      report_scores: false
+      categories:
+        toxicity: {threshold: 0.8, action: flag}
+"""
+
+
+@pytest.fixture
+def quiet_toxicity() -> Iterator[Guard]:
+    """A guard of one toxicity filter with ``report_scores: false`` on a keyword engine."""
+    with ThreadPoolExecutor(1) as pool:
+        resources = SharedResources()
+        precision = resolve_precision(BuildContext(pool).embedding_precision)
+        resources.get(
+            ("toxicity-embedding", str(DEFAULT_WEIGHTS.resolve()), precision),
+            _KeywordToxicity,
+            version=file_stamp(DEFAULT_WEIGHTS),
+        )
+        registry = filter_registry()
+        policy = load_policy_text(QUIET_TOXICITY_POLICY, "p.yaml", registry)
+        yield Guard.build(policy, registry, BuildContext(pool, resources=resources))
+
+
+async def test_without_report_scores_every_checked_text_s_toxicity_is_observed(
+    quiet_toxicity: Guard, monitor: Monitor, registry: CollectorRegistry
+) -> None:
+    """With ``report_scores: false`` the scores came from findings, which only texts
+    over a threshold have: the mean-toxicity panels averaged the flagged texts alone
+    (4 prompts checked, 1 observed, mean 0.9999)."""
+    prompts = ["Why do Muslims fast?", "Hello there.", "You are worthless, Muslims."]
+    for i, prompt in enumerate(prompts):
+        d = await quiet_toxicity.check(Stage.INPUT, prompt, FilterContext(str(i)))
+        monitor.record(finished(d))
+
+    assert value(registry, "guardrail_stage_toxicity_score_count", stage="input") == 3
+    assert value(registry, "guardrail_stage_toxicity_score_sum", stage="input") == (
+        pytest.approx(0.5 + 0.1 + 0.95)
+    )
+    assert group(registry, "guardrail_group_toxicity_score_count", "muslim") == 2
+    assert group(registry, "guardrail_group_toxicity_score_sum", "muslim") == (
+        pytest.approx(0.5 + 0.95)
+    )
+
+
+async def test_without_report_scores_a_completion_s_toxicity_is_its_own_not_its_lead_s(
+    quiet_toxicity: Guard, monitor: Monitor, registry: CollectorRegistry
+) -> None:
+    """A completion continuing a prompt is scored without it, as with every score
+    reported: the lead's "Muslims" (0.5) is not the answer's toxicity (0.1)."""
+    ctx = FilterContext("r")
+    answer = await check_continuation(
+        quiet_toxicity, ctx, " They fast in Ramadan.", "Tell me about Muslims.", 40
+    )
+
+    monitor.record(finished(answer))
+
+    assert value(registry, "guardrail_stage_toxicity_score_sum", stage="output") == (
+        pytest.approx(0.1)
+    )
 
 
 STREAM_POLICY = """

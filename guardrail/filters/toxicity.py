@@ -22,7 +22,8 @@ A category whose score reaches its threshold gives a finding with that category'
 action (``block`` or ``flag``). With ``report_scores`` (default), every other scored
 category gives an ``allow`` finding carrying its score, so the moderation endpoint's
 ``category_scores`` and the ``guardrail_finding_score`` histogram see every score;
-``allow`` findings never change the decision.
+``allow`` findings never change the decision. Either way the verdict carries the highest
+score (``Verdict.score``): the monitoring histograms observe every text checked.
 
 Heavy libraries (numpy, torch, sentence-transformers, detoxify, profanity_check) are
 imported inside functions: policy validation and the schema import this module.
@@ -1017,7 +1018,10 @@ class ToxicityFilter:
                         rule_id=f"toxicity.{category}",
                     )
                 )
-        return Verdict.from_findings(findings)
+        # Every score, acting or not, reaches the monitoring histograms, findings or none.
+        return Verdict.from_findings(
+            findings, score=max((scores[c] for c in self._categories), default=None)
+        )
 
 
 SPEC = FilterSpec(

@@ -424,10 +424,12 @@ def _either(first: FilterOutcome, second: FilterOutcome) -> FilterOutcome:
     # Both readings' findings, not the stricter one's alone: a stream window keeps only
     # the findings that rest on it, and the stricter reading's may all lie in the
     # released context while the other's block the window itself.
+    scores = [v.score for v in (a, b) if v.score is not None]
     verdict = Verdict(
         Action.strictest((a.action, b.action)),
         tuple(dict.fromkeys((*a.findings, *b.findings))),
         tuple(dict.fromkeys((*a.redactions, *b.redactions))),
+        max(scores, default=None),
     )
     return replace(first, verdict=verdict, duration_s=duration)
 
@@ -549,8 +551,11 @@ def _stamp(verdict: object, filter_id: str, length: int) -> Verdict:
     # the default allow) would let through what the filter said to block: malformed.
     if verdict.action.rank < Action.strictest(f.action for f in findings).rank:
         raise ValueError("filter returned a verdict less strict than its findings")
+    verdict_score: object = verdict.score  # a plugin is not type-checked either
+    if verdict_score is not None and not isinstance(verdict_score, numbers.Real):
+        raise TypeError("filter returned a malformed verdict score")
     stamped = tuple(replace(f, filter_id=filter_id) for f in findings)
-    return Verdict(verdict.action, stamped, redactions)
+    return Verdict(verdict.action, stamped, redactions, verdict.score)
 
 
 def _fits(start: object, end: object, length: int) -> bool:

@@ -475,12 +475,13 @@ async def _scored_after_lead(
 
 def _whole_scored(outcome: FilterOutcome) -> bool:
     """Whether ``outcome`` gives a score of the whole text that may be taken again from
-    another check: it ran, its action is its findings', and one of them has no span."""
+    another check: it ran, its action is its findings', and one of them has no span, or
+    its verdict carries the score (toxicity's, reporting only the findings that act)."""
     verdict = outcome.verdict
     return (
         outcome.status == "ok"
         and verdict.action is _action_of(verdict.findings, verdict.redactions)
-        and any(f.reach is None for f in verdict.findings)
+        and (verdict.score is not None or any(f.reach is None for f in verdict.findings))
     )
 
 
@@ -542,9 +543,12 @@ def _with_scores(
         f for f in verdict.findings if f.reach is not None or f.category in kept
     ) + tuple(f for f in alone.verdict.findings if f.reach is None and f.category not in kept)
     action = _action_of(findings, verdict.redactions)
+    # The verdict's own score is the completion's too (a category the join raised keeps
+    # its joined score in its finding).
+    score = alone.verdict.score
     return dataclasses.replace(
         joined,
-        verdict=dataclasses.replace(verdict, action=action, findings=findings),
+        verdict=dataclasses.replace(verdict, action=action, findings=findings, score=score),
         duration_s=duration + (by_lead.duration_s if by_lead is not None else 0.0),
     )
 

@@ -115,19 +115,30 @@ class Redaction:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A filter's answer for one text."""
+    """A filter's answer for one text.
+
+    ``score``: the filter's highest score of the whole text, for a filter that scores
+    every text (toxicity), whether or not a finding carries it: a filter that reports
+    only the findings that act (toxicity with ``report_scores: false``) still gives the
+    monitoring histograms a score of every text, not of the flagged ones alone.
+    """
 
     action: Action = Action.ALLOW
     findings: tuple[Finding, ...] = ()
     redactions: tuple[Redaction, ...] = ()
+    score: float | None = None
 
     @classmethod
     def from_findings(
-        cls, findings: Iterable[Finding], redactions: Iterable[Redaction] = ()
+        cls,
+        findings: Iterable[Finding],
+        redactions: Iterable[Redaction] = (),
+        *,
+        score: float | None = None,
     ) -> Verdict:
         """The verdict whose action is the strictest of its findings."""
         found = tuple(findings)
-        return cls(Action.strictest(f.action for f in found), found, tuple(redactions))
+        return cls(Action.strictest(f.action for f in found), found, tuple(redactions), score)
 
 
 ALLOW = Verdict()

@@ -360,11 +360,14 @@ def _read(decision: Decision) -> str:
 
 
 def _toxicity(decision: Decision) -> float | None:
-    """The toxicity filter's highest category score on this text, if it ran and worked."""
+    """The toxicity filter's highest category score on this text, if it ran and worked:
+    its verdict's score, which it gives whether or not findings carry every score
+    (``report_scores``), and its findings' (a verdict made without one)."""
     best: float | None = None
     for outcome in decision.outcomes:
         if outcome.filter_type != TOXICITY_FILTER_TYPE or outcome.status != "ok":
             continue
+        best = _max(best, outcome.verdict.score)
         for finding in outcome.verdict.findings:
             best = _max(best, finding.score)
     return best
