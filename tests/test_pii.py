@@ -6,6 +6,7 @@ import asyncio
 import io
 import itertools
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1543,6 +1544,59 @@ def test_a_completion_checked_after_its_prompt_still_has_its_placeholders_restor
     assert backend.requests[0].prompt == "Reply to <EMAIL_ADDRESS_1> about"
     text = sse_content(r.text) if stream else r.json()["choices"][0]["text"]
     assert text == f" the trip. Write to {EMAIL} soon."
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("route", "lead", "reply", "expected"),
+    [
+        ("/v1/completions", {"prompt": "Contact the office"}, " and that is all.", "allow"),
+        ("/v1/completions", {"prompt": f"Contact {EMAIL}"}, " and that is all.", "allow"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": f"Contact {EMAIL}"},
+                ]
+            },
+            " and that is all.",
+            "allow",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": f"Contact {EMAIL}"},
+            " or <EMAIL_ADDRESS_1> again.",
+            "redact",
+        ),
+    ],
+)
+def test_a_placeholder_in_the_text_a_completion_continues_is_no_redaction_of_the_output(
+    tmp_path: Path, route: str, lead: dict[str, Any], reply: str, expected: str, stream: bool
+) -> None:
+    """The pii filter restores the placeholder of the prompt's end, the output's context:
+    that restore made the output a redaction in the metrics and the audit row though
+    nothing of the completion was restored; one in the completion still is."""
+    backend = FakeBackend(reply=reply, chunk_size=6)
+    policy = tmp_path / "policy.yaml"
+    # A check past the default 2 s (a busy machine) would block: this is about the action.
+    policy.write_text(
+        POLICY.replace("filters:", "timeout_ms: 60000\nfilters:", 1), encoding="utf-8"
+    )
+    db = tmp_path / "audit.db"
+    registry = CollectorRegistry()
+    app = create_app(
+        Settings(policy=str(policy), audit_dsn=str(db)), backend=backend, metrics_registry=registry
+    )
+    with TestClient(app=app) as client:
+        r = client.post(route, json={"model": "fake-model", "stream": stream, **lead})
+    assert r.status_code == 200
+    stage = {"stage": "output", "action": expected}
+    assert registry.get_sample_value("guardrail_stage_outcomes_total", stage) == 1
+    verdicts = {"filter": "pii", **stage}
+    assert registry.get_sample_value("guardrail_filter_verdicts_total", verdicts) == 1
+    rows = sqlite3.connect(db).execute("select output_action from audit_log").fetchall()
+    assert rows == [(expected,)]
 
 
 def test_output_spans_select_their_text_in_the_completion_the_client_got(

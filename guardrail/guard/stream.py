@@ -562,10 +562,16 @@ def _own(guard: Guard, decision: Decision, checked: str, start: int, end: int) -
     when it was checked (the lead passed the input filters), and a match that the
     tail's cut alone creates ("doe@example.com" of an email already sent) must not
     block what follows.
+    Nor does a restore outside it (a placeholder of the prompt in the lead): a restore is
+    no finding, yet it makes the pii filter's verdict a redaction, and the completion
+    after "Contact <EMAIL_ADDRESS_1>", with nothing restored, was recorded as redacted.
     Decided again only when every filter ran and decided by its findings; otherwise
     the decision stands.
     """
-    if all(_within(f, start, end) for f in decision.findings):
+    restores = (r for o in decision.outcomes for r in o.verdict.redactions if r.restore)
+    if all(_within(f, start, end) for f in decision.findings) and all(
+        _touches(r, start, end) for r in restores
+    ):
         return decision
     derived = all(
         o.status == "ok"
@@ -651,6 +657,11 @@ def _within(finding: Finding, start: int, end: int) -> bool:
     """Whether ``finding`` rests on any of ``[start, end)`` (one with no span always does)."""
     reach = finding.reach
     return reach is None or (reach[1] > start and reach[0] < end)
+
+
+def _touches(redaction: Redaction, start: int, end: int) -> bool:
+    """Whether ``redaction`` rewrites any of ``[start, end)``."""
+    return redaction.start < end and start < redaction.end
 
 
 def _through(redactions: list[Redaction], cut: int) -> int:
@@ -747,13 +758,17 @@ def _only_within(outcome: FilterOutcome, start: int, end: int) -> FilterOutcome:
     they are clipped to the window)."""
     verdict = outcome.verdict
     kept = tuple(f for f in verdict.findings if _within(f, start, end))
-    if len(kept) == len(verdict.findings):
+    if len(kept) == len(verdict.findings) and all(
+        _touches(r, start, end) for r in verdict.redactions if r.restore
+    ):
         return outcome
     # A finding in the tail alone (the end of the user's own email, "jane@corp.com" of
     # "mary.jane@corp.com", where the tail starts inside it) set aside, the action had
     # been that of the findings left: none, so allow, and the window's restores were
     # dropped ("<PHONE_NUMBER_1>" went out as written).
-    restores = (r for r in verdict.redactions if r.start < end and start < r.end)
+    # A restore outside it (a placeholder in the lead) is dropped with it: it
+    # rewrites none of the window.
+    restores = (r for r in verdict.redactions if _touches(r, start, end))
     action = _action_of(kept, restores)
     return dataclasses.replace(
         outcome, verdict=dataclasses.replace(verdict, findings=kept, action=action)
