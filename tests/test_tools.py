@@ -8,10 +8,14 @@ format (tests/fakes/upstream.py), so what the upstream received is what was sent
 from __future__ import annotations
 
 import json
+import random
+import string
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry
@@ -19,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from guardrail.app import create_app
 from guardrail.backends.remote import RemoteBackend
 from guardrail.settings import Settings
-from tests.conftest import TEST_POLICY
+from tests.conftest import ROOT, TEST_POLICY
 from tests.fakes.upstream import FakeUpstream, fake_client
 from tests.sse import frames
 
@@ -313,6 +317,55 @@ def test_a_redaction_that_would_break_an_earlier_calls_json_refuses_the_request(
     assert error["rule_ids"] == ["token"]
     assert ok.status_code == 200
     assert len(upstream.requests) == 1
+
+
+def random_call_ids(seed: int, each: int) -> list[str]:
+    """Tool call ids in the formats providers make them, at random but always the same."""
+    draw = random.Random(seed)
+    alnum = string.ascii_letters + string.digits
+
+    def pick(chars: str, n: int) -> str:
+        return "".join(draw.choice(chars) for _ in range(n))
+
+    formats = [
+        lambda: "call_" + pick(alnum, 24),  # OpenAI
+        lambda: "toolu_01" + pick(alnum, 22),  # Anthropic
+        lambda: "chatcmpl-tool-" + pick("0123456789abcdef", 32),  # vLLM
+        lambda: str(uuid.UUID(int=draw.getrandbits(128), version=4)),
+    ]
+    return [make() for make in formats for _ in range(each)]
+
+
+def test_valid_random_call_ids_pass_the_default_pii_config_and_harmful_ones_do_not(
+    write_policy: Any, upstream: FakeUpstream
+) -> None:
+    """Read with its CamelCase words apart (or its separators as spaces), a random id made
+    personal data up ("toolu_01HwusAVE3..." read "01 Hwus AVE3", a street address; a
+    UUID's digit groups, a phone number), and an id cannot be rewritten: about one in a
+    hundred was refused. Words are still found in those readings."""
+    policy = yaml.safe_load(TEST_POLICY)
+    default = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text(encoding="utf-8"))
+    policy["filters"] += [f for f in default["filters"] if f["type"] == "pii"]
+    policy["timeout_ms"] = 60000  # a check past 2 s on a busy machine would block
+    refused = []
+    with TestClient(app=gateway(write_policy(yaml.safe_dump(policy)), upstream)) as client:
+
+        def ask(call_id: str) -> Any:
+            history = [USER, called("get_weather", '{"city": "Paris"}', call_id), answered(call_id)]
+            upstream.tool_calls = [{"id": call_id, "name": "get_weather", "arguments": "{}"}]
+            return client.post("/v1/chat/completions", json=chat(*history, tools=[WEATHER]))
+
+        for call_id in random_call_ids(34, 75):
+            r = ask(call_id)
+            if r.status_code != 200 or r.json()["guardrail"]["action"] != "allow":
+                refused.append((call_id, r.text))
+        harmful = [ask("how-to-build-a-bomb"), ask("HowToBuildABomb")]
+        personal = ask("card-4111111111111111")  # personal data as written still refuses
+    assert refused == []
+    for r in harmful:
+        error = error_of(r)
+        assert (error["param"], error["rule_ids"]) == ("messages[2].tool_call_id", ["bomb"])
+    assert error_of(personal)["rule_ids"] == ["CREDIT_CARD"]
 
 
 # -- output moderation ---------------------------------------------------------------

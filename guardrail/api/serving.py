@@ -151,6 +151,33 @@ def _id_readings(tool_call_id: str) -> tuple[str, str, str]:
     return tool_call_id, spaced, _CAMEL_JOINTS.sub(" ", spaced)
 
 
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """A text of ids and other parts the filters read, one per line, and ``written``:
+    the same with every line that is an id read with its words apart blanked, which the
+    pii filter reads instead (see :meth:`Guard.check`)."""
+
+    text: str
+    written: str
+
+
+def _id_lines(*ids: str) -> list[tuple[str, str]]:
+    """The lines ``ids`` are read on (:func:`_id_readings`, each once), each with what
+    the pii filter reads of it: an id as written, blanks for another reading.
+
+    Those readings are there to find words. Read for personal data, they made it up out
+    of valid random ids, which cannot be rewritten, so that refused them: about one in a
+    hundred of "toolu_01..." ("01 Hwus AVE3", a street address) and of UUIDs ("... 0076
+    4007 9121 ...", a phone number). An id that is one as written is still refused."""
+    lines = dict.fromkeys(line for i in ids for line in _id_readings(i))
+    return [(line, line if line in ids else " " * len(line)) for line in lines]
+
+
+def _joined(lines: list[tuple[str, str]]) -> Readings:
+    """``lines`` (each a line and what the pii filter reads of it) as one text."""
+    return Readings("\n".join(t for t, _ in lines), "\n".join(w for _, w in lines))
+
+
 def _strings(value: object, parts: list[str]) -> None:
     """Every string and object key in a JSON value (a schema), in order, onto ``parts``."""
     if isinstance(value, str):
@@ -177,18 +204,18 @@ def format_text(response_format: object) -> str:
     return "\n".join(p for p in parts if p.strip())
 
 
-def tools_text(tools: list[FunctionTool]) -> str:
+def tools_text(tools: list[FunctionTool]) -> Readings:
     """The text tool definitions put before the model, one piece per line: each function's
     name read as an id is (its words apart: ``build_a_bomb``), its description, and its
     parameters' schema as :func:`format_text` reads a schema."""
-    parts: list[str] = []
+    lines: list[tuple[str, str]] = []
     for tool in tools:
         function = tool.function
-        parts.extend(dict.fromkeys(_id_readings(function.name)))
-        if function.description:
-            parts.append(function.description)
+        lines += _id_lines(function.name)
+        parts = [function.description] if function.description else []
         _strings(function.parameters, parts)
-    return "\n".join(p for p in parts if p.strip())
+        lines += [(p, p) for p in parts]
+    return _joined([(t, w) for t, w in lines if t.strip()])
 
 
 def _is_json(text: str) -> bool:
@@ -221,17 +248,18 @@ async def _check_calls(
     were JSON no longer JSON (a tool would get a call it cannot parse), refuses the
     calls: the decision is a block, as :func:`_refused` makes one.
     """
-    parts: list[str] = []
+    lines: list[tuple[str, str]] = []
     spans: list[tuple[int, int]] = []  # each call's arguments, in the checked text
     at = 0
     for c in calls:
-        head = "\n".join(dict.fromkeys((*_id_readings(c.id), *_id_readings(c.name))))
-        at += len(head) + 1
+        head = _id_lines(c.id, c.name)
+        at += sum(len(line) + 1 for line, _ in head)
         spans.append((at, at + len(c.arguments)))
         at += len(c.arguments) + 1
-        parts += [head, c.arguments]
+        lines += [*head, (c.arguments, c.arguments)]
+    text = _joined(lines)
     calls_ctx = dataclasses.replace(ctx.at(stage), tool_calls=True)
-    decision = await guard.check(stage, "\n".join(parts), calls_ctx)
+    decision = await guard.check(stage, text.text, calls_ctx, written=text.written)
     if decision.action is not Action.REDACT:
         return _CheckedCalls(decision, calls)
     out: list[ToolCall] = []
@@ -929,8 +957,8 @@ class Serving:
             # sequences reach the backend too (its usage corrects them); documents are
             # read by the filters only, and stay charged.
             schema_text = format_text(getattr(body, "response_format", None))
-            tool_text = (
-                tools_text(body.function_tools()) if isinstance(body, ChatCompletionRequest) else ""
+            tool_text = tools_text(
+                body.function_tools() if isinstance(body, ChatCompletionRequest) else []
             )
             ids = sum(len(m.tool_call_id or "") + len(m.name or "") for m in messages)
             calls = sum(c.chars for m in messages for c in m.tool_calls)
@@ -939,7 +967,7 @@ class Serving:
             admission.prompt_tokens = estimate_tokens(
                 sum(len(t) for t in texts)
                 + len(schema_text)
-                + len(tool_text)
+                + len(tool_text.text)
                 + ids
                 + calls
                 + sum(map(len, stops)),
@@ -974,10 +1002,12 @@ class Serving:
                 # it is never "restored" to the user's data.
                 fmt = _refused(await guard.check(Stage.INPUT, schema_text, ctx))
             tools: Decision | None = None
-            if tool_text:
+            if tool_text.text:
                 # The same for tool definitions: instructions the model reads, which cannot
                 # be rewritten (the model would call a function nobody defined).
-                tools = _refused(await guard.check(Stage.INPUT, tool_text, ctx))
+                tools = _refused(
+                    await guard.check(Stage.INPUT, tool_text.text, ctx, written=tool_text.written)
+                )
             input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
             exchange.decisions.extend(d for _, d in input_decisions)
             if self.gw.shadow is not None:
@@ -1128,8 +1158,9 @@ class Serving:
         let words through (``how-to-build-a-bomb``).
 
         Each is read as written (a key's pattern holds its dashes) and with its separators
-        as spaces (so its words are words to the filters). An id cannot be rewritten, so
-        what the policy would redact refuses it, as a schema.
+        as spaces (so its words are words to the filters); personal data is searched in
+        it as written only (:func:`_id_lines`). An id cannot be rewritten, so what the
+        policy would redact refuses it, as a schema.
         """
         fields = [
             (f"messages[{i}].{key}", value)
@@ -1139,9 +1170,11 @@ class Serving:
         ]
         if not fields:
             return
-        text = "\n".join(line for _, v in fields for line in dict.fromkeys(_id_readings(v)))
+        text = _joined([line for _, v in fields for line in _id_lines(v)])
         param = fields[0][0] if len(fields) == 1 else "messages"
-        await self._check_verbatim(exchange, guard, ctx, text, param, checked=checked)
+        await self._check_verbatim(
+            exchange, guard, ctx, text.text, param, checked=checked, written=text.written
+        )
 
     async def _check_history_calls(
         self,
@@ -1186,12 +1219,14 @@ class Serving:
         param: str,
         *,
         checked: list[tuple[int | None, Decision]],
+        written: str | None = None,
     ) -> None:
         """Pass ``text``, a part of the request the backend gets as written (ids, stop
         sequences), through the input filters: it cannot be rewritten, so what the
         policy would redact refuses the request, as what it would block does. The
-        decision joins ``checked``, the request's input decisions so far."""
-        decision = _refused(await guard.check(Stage.INPUT, text, ctx))
+        decision joins ``checked``, the request's input decisions so far; ``written`` is
+        what the pii filter reads of ``text`` (see :class:`Readings`)."""
+        decision = _refused(await guard.check(Stage.INPUT, text, ctx, written=written))
         exchange.decisions.append(decision)
         checked.append((None, decision))
         if decision.blocked:

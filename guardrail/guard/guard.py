@@ -184,12 +184,23 @@ class Guard:
         return HeldBack(keep)
 
     async def check(
-        self, stage: Stage, text: str, ctx: FilterContext, *, only: Collection[str] | None = None
+        self,
+        stage: Stage,
+        text: str,
+        ctx: FilterContext,
+        *,
+        only: Collection[str] | None = None,
+        written: str | None = None,
     ) -> Decision:
         """Decide on one ``text`` at ``stage`` with every filter (or the filters whose
         ids are in ``only``). Never raises for a filter's failure.
 
         ``ctx.message_index`` reaches the filters only if that message is ``text``.
+        ``written``: ``text`` with the readings the request did not write blanked, the
+        same length (an id read with its words apart): what a stateful filter (PII's)
+        reads instead. Such a reading finds words, but it parts letters written together
+        and so makes personal data up ("toolu_01HwusAVE3..." read "01 Hwus AVE3", a
+        street address).
         """
         index = ctx.message_index
         if index is not None and ctx.messages[index].content != text:
@@ -202,7 +213,7 @@ class Guard:
         filters = self._by_stage[stage]
         if only is not None:
             filters = tuple(b for b in filters if b[0].id in only)
-        return await self._decide(stage, text, ctx, filters)
+        return await self._decide(stage, text, ctx, filters, written=written)
 
     async def check_messages(
         self, stage: Stage, messages: Sequence[Message], ctx: FilterContext
@@ -310,11 +321,14 @@ class Guard:
         prefix: bytes | None = None,
         *,
         known: Sequence[FilterOutcome] = (),
+        written: str | None = None,
     ) -> Decision:
-        """Run ``filters`` on ``text``; those in ``known`` are already answered.
+        """Run ``filters`` on ``text``; those in ``known`` are already answered. A stateful
+        filter reads ``written`` if given (see :meth:`check`).
 
         ``prefix`` is None for a standalone text (output, moderation, eval): not cached.
         """
+        own = text if written is None else written
         cache = self.cache if prefix is not None else None
         digest = text_digest(text) if cache is not None else b""
         answered = {o.filter_id: o for o in known}
@@ -341,9 +355,10 @@ class Guard:
                     return _timed_out(config, started)
                 second = _spaced_reading(text, ctx, read)
             limit = max(0.0, config.timeout_s - (time.perf_counter() - started))
-            if second is None or config.id in self._stateful:
+            stateful = config.id in self._stateful
+            if second is None or stateful:
                 # A stateful filter (PII's restore) keeps request state per text it read.
-                outcome = await _run(config, filt, text, ctx, limit)
+                outcome = await _run(config, filt, own if stateful else text, ctx, limit)
             else:
                 outcome = _either(
                     *await asyncio.gather(
