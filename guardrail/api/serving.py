@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 import structlog
@@ -155,13 +155,28 @@ def _id_readings(tool_call_id: str) -> tuple[str, str, str]:
 class Readings:
     """A text of ids and other parts the filters read, one per line, and ``written``:
     the same with every line that is an id read with its words apart blanked, which the
-    pii filter reads instead (see :meth:`Guard.check`)."""
+    pii filter reads instead (see :meth:`Guard.check`); ``identifiers``: the spans of
+    the id lines that are not words, which no model reads (see :func:`_id_lines`)."""
 
     text: str
     written: str
+    identifiers: tuple[tuple[int, int], ...] = ()
+
+    def context(self, ctx: FilterContext) -> FilterContext:
+        """``ctx`` for this text: its identifiers marked."""
+        return dataclasses.replace(ctx, identifiers=self.identifiers)
 
 
-def _id_lines(*ids: str) -> list[tuple[str, str]]:
+class _Line(NamedTuple):
+    """One line of a :class:`Readings`: its text, what the pii filter reads of it, and
+    whether it is an id's (or a function name's) reading that is not words."""
+
+    text: str
+    written: str
+    identifier: bool = False
+
+
+def _id_lines(*ids: str) -> list[_Line]:
     """The lines ``ids`` are read on (:func:`_id_readings`, each once), each with what
     the pii filter reads of it: an id as written, blanks for another reading.
 
@@ -170,12 +185,40 @@ def _id_lines(*ids: str) -> list[tuple[str, str]]:
     hundred of "toolu_01..." ("01 Hwus AVE3", a street address) and of UUIDs ("... 0076
     4007 9121 ...", a phone number). An id that is one as written is still refused."""
     lines = dict.fromkeys(line for i in ids for line in _id_readings(i))
-    return [(line, line if line in ids else " " * len(line)) for line in lines]
+    return [
+        _Line(line, line if line in ids else " " * len(line), not _words(line)) for line in lines
+    ]
 
 
-def _joined(lines: list[tuple[str, str]]) -> Readings:
-    """``lines`` (each a line and what the pii filter reads of it) as one text."""
-    return Readings("\n".join(t for t, _ in lines), "\n".join(w for _, w in lines))
+# A word: letters with a vowel among them ("build", "Pipe", "by"), or "a" or "I".
+_WORD = re.compile(r"[A-Za-z]*[AEIOUYaeiouy][A-Za-z]*|[AaIi]")
+
+
+def _words(line: str) -> bool:
+    """Whether an id's reading is words alone (``how to build a bomb``, ``get weather``).
+
+    Only those are read by the models (a rules classifier, semantic examples): a random
+    id read by them was noise they scored, and under the default policy one tool message
+    in three was refused as a prompt injection ("call_Bd0Kh8oO...", "toolu_01Cryn687...").
+    Random ids hold digits or letters no word has (``Bd0``, ``Kh8o``); keywords and
+    regexes still read every reading."""
+    tokens = line.split()
+    return bool(tokens) and all(_WORD.fullmatch(t) for t in tokens)
+
+
+def _joined(lines: list[_Line]) -> Readings:
+    """``lines`` as one text, one per line."""
+    identifiers = []
+    at = 0
+    for line in lines:
+        if line.identifier:
+            identifiers.append((at, at + len(line.text)))
+        at += len(line.text) + 1
+    return Readings(
+        "\n".join(line.text for line in lines),
+        "\n".join(line.written for line in lines),
+        tuple(identifiers),
+    )
 
 
 def _strings(value: object, parts: list[str]) -> None:
@@ -208,14 +251,14 @@ def tools_text(tools: list[FunctionTool]) -> Readings:
     """The text tool definitions put before the model, one piece per line: each function's
     name read as an id is (its words apart: ``build_a_bomb``), its description, and its
     parameters' schema as :func:`format_text` reads a schema."""
-    lines: list[tuple[str, str]] = []
+    lines: list[_Line] = []
     for tool in tools:
         function = tool.function
         lines += _id_lines(function.name)
         parts = [function.description] if function.description else []
         _strings(function.parameters, parts)
-        lines += [(p, p) for p in parts]
-    return _joined([(t, w) for t, w in lines if t.strip()])
+        lines += [_Line(p, p) for p in parts]
+    return _joined([line for line in lines if line.text.strip()])
 
 
 def _is_json(text: str) -> bool:
@@ -248,17 +291,17 @@ async def _check_calls(
     were JSON no longer JSON (a tool would get a call it cannot parse), refuses the
     calls: the decision is a block, as :func:`_refused` makes one.
     """
-    lines: list[tuple[str, str]] = []
+    lines: list[_Line] = []
     spans: list[tuple[int, int]] = []  # each call's arguments, in the checked text
     at = 0
     for c in calls:
         head = _id_lines(c.id, c.name)
-        at += sum(len(line) + 1 for line, _ in head)
+        at += sum(len(line.text) + 1 for line in head)
         spans.append((at, at + len(c.arguments)))
         at += len(c.arguments) + 1
-        lines += [*head, (c.arguments, c.arguments)]
+        lines += [*head, _Line(c.arguments, c.arguments)]
     text = _joined(lines)
-    calls_ctx = dataclasses.replace(ctx.at(stage), tool_calls=True)
+    calls_ctx = dataclasses.replace(text.context(ctx.at(stage)), tool_calls=True)
     decision = await guard.check(stage, text.text, calls_ctx, written=text.written)
     if decision.action is not Action.REDACT:
         return _CheckedCalls(decision, calls)
@@ -1006,7 +1049,12 @@ class Serving:
                 # The same for tool definitions: instructions the model reads, which cannot
                 # be rewritten (the model would call a function nobody defined).
                 tools = _refused(
-                    await guard.check(Stage.INPUT, tool_text.text, ctx, written=tool_text.written)
+                    await guard.check(
+                        Stage.INPUT,
+                        tool_text.text,
+                        tool_text.context(ctx),
+                        written=tool_text.written,
+                    )
                 )
             input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
             exchange.decisions.extend(d for _, d in input_decisions)
@@ -1173,7 +1221,13 @@ class Serving:
         text = _joined([line for _, v in fields for line in _id_lines(v)])
         param = fields[0][0] if len(fields) == 1 else "messages"
         await self._check_verbatim(
-            exchange, guard, ctx, text.text, param, checked=checked, written=text.written
+            exchange,
+            guard,
+            text.context(ctx),
+            text.text,
+            param,
+            checked=checked,
+            written=text.written,
         )
 
     async def _check_history_calls(

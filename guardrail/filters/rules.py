@@ -818,6 +818,16 @@ def _regex_spans(
     ]
 
 
+def _blanked(text: str, spans: Sequence[tuple[int, int]]) -> str:
+    """``text`` with ``spans`` written as spaces (the same length, so spans still index it)."""
+    if not spans:
+        return text
+    chars = list(text)
+    for start, end in spans:
+        chars[start:end] = " " * (end - start)
+    return "".join(chars)
+
+
 class _Check:
     """One text being checked: normalised once, embedded once, each engine run once.
 
@@ -826,6 +836,9 @@ class _Check:
     def __init__(self, filt: RulesFilter, text: str, ctx: FilterContext, norm: Normalized) -> None:
         self.filt = filt
         self.text = text
+        # What the models read: the text less its identifiers (FilterContext.identifiers),
+        # blanked to keep the length. Keywords and regexes read all of it.
+        self.prose = _blanked(text, ctx.identifiers)
         self.ctx = ctx
         self.norm = norm
         self._folded: Normalized | None = None
@@ -837,7 +850,7 @@ class _Check:
     async def windows(self) -> list[str]:
         if self._windows is None:
             self._windows = asyncio.ensure_future(
-                text_pass(self.filt.executor, len(self.text), self.filt.windows, self.text)
+                text_pass(self.filt.executor, len(self.prose), self.filt.windows, self.prose)
             )
         return await self._windows
 
@@ -861,12 +874,12 @@ class _Check:
         embeddings = None
         if engine.uses_embeddings:
             embeddings = await self.embeddings()
-            known = _KNOWN_WINDOWS.set((self.filt, self.text, await self.windows()))
+            known = _KNOWN_WINDOWS.set((self.filt, self.prose, await self.windows()))
             try:
-                return await engine.scores(self.text, self.ctx, embeddings)
+                return await engine.scores(self.prose, self.ctx, embeddings)
             finally:
                 _KNOWN_WINDOWS.reset(known)
-        return await engine.scores(self.text, self.ctx, embeddings)
+        return await engine.scores(self.prose, self.ctx, embeddings)
 
     async def _pattern_spans(self, pattern: _Pattern) -> list[tuple[int, int]]:
         found: list[tuple[int, int]] = []
@@ -914,6 +927,8 @@ class _Check:
                 return _MISS
             scores.append(node.pattern_score)
             spans += own
+        if (node.semantic is not None or node.classifier is not None) and not self.prose.strip():
+            return _MISS  # identifiers alone: nothing a model reads
         if node.semantic is not None:
             hit, sim = node.semantic.score(await self.embeddings())
             if not hit:

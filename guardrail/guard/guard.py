@@ -206,10 +206,13 @@ class Guard:
         if index is not None and ctx.messages[index].content != text:
             index = None  # the text is not that message: filters get no index for it
         if ctx.stage is not stage or index != ctx.message_index:
-            window = ctx.window
-            ctx = ctx.at(stage, index)
-            if window is not None:  # the same text: the part of it being decided stays
-                ctx = replace(ctx, window=window)
+            # The same text: what is known of it stays (the part being decided, ...).
+            ctx = replace(
+                ctx.at(stage, index),
+                window=ctx.window,
+                tool_calls=ctx.tool_calls,
+                identifiers=ctx.identifiers,
+            )
         filters = self._by_stage[stage]
         if only is not None:
             filters = tuple(b for b in filters if b[0].id in only)

@@ -233,6 +233,12 @@ class FilterContext:
     the model's actions, not its words: harm filters read them as any text, but they
     make no claim to check for accuracy and ask no question. It belongs to one text:
     :meth:`at` leaves it out.
+
+    ``identifiers`` are the ``[start, end)`` spans of the checked text that are
+    identifiers (tool call ids, function names, each read several ways): words and
+    patterns are looked for in them, but they are not prose, and a model (a rules
+    classifier, semantic examples) reads none of them: a random id scored as a prompt
+    injection. It belongs to one text: :meth:`at` leaves it out.
     """
 
     request_id: str
@@ -246,6 +252,7 @@ class FilterContext:
     state: dict[str, Any] = field(default_factory=dict)
     window: tuple[int, int] | None = None
     tool_calls: bool = False
+    identifiers: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         index = self.message_index
