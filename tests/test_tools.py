@@ -300,23 +300,103 @@ def test_an_earlier_tool_calls_arguments_are_redacted_and_stay_json(
     assert r.json()["guardrail"]["action"] == "redact"
 
 
-def test_a_redaction_that_would_break_an_earlier_calls_json_refuses_the_request(
+def test_a_greedy_redaction_stays_inside_an_earlier_calls_json_string(
     write_policy: Any, upstream: FakeUpstream
 ) -> None:
-    """A greedy rule takes the closing quote with the token: the JSON the tool call
-    carried would no longer parse, so the request is refused rather than sent broken."""
+    """A greedy rule reads the decoded value, not the JSON around it: it cannot take the
+    closing quote with the token, and the arguments reach the upstream as JSON."""
     policy = write_policy(
         TEST_POLICY
         + "        - {id: token, category: secrets, action: redact, regex: ['token=\\S+']}\n"
     )
     history = [USER, called("fetch", '{"url": "a?token=abc", "n": 1}'), answered()]
     with TestClient(app=gateway(policy, upstream)) as client:
-        error = error_of(client.post("/v1/chat/completions", json=chat(*history)))
-        ok = client.post("/v1/chat/completions", json=chat(*history[:1]))
-    assert (error["code"], error["param"]) == ("content_filter", "messages[1].tool_calls")
-    assert error["rule_ids"] == ["token"]
-    assert ok.status_code == 200
-    assert len(upstream.requests) == 1
+        r = client.post("/v1/chat/completions", json=chat(*history))
+    assert r.status_code == 200, r.text
+    (call,) = upstream.requests[0]["messages"][1]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"url": "a?[REDACTED]", "n": 1}
+
+
+ADDRESS_POLICY = """
+name: pii-address
+version: "1"
+filters:
+  - id: pii
+    type: pii
+    config:
+      reversible: true
+      entities:
+        STREET_ADDRESS: {threshold: 0.5, input: redact, output: flag}
+        EMAIL_ADDRESS: {input: redact, output: flag}
+"""
+ADDRESS = "30102 Kaevu 94\nNicosia"
+SHIP = {"role": "user", "content": f"Ship the parcel to:\n{ADDRESS}\nThanks."}
+
+
+@pytest.mark.parametrize(
+    ("user", "arguments", "read"),
+    [
+        # An agent sends back the call it was answered, the user's address restored in
+        # it: JSON writes its line break as the two characters \n.
+        (SHIP, json.dumps({"address": ADDRESS}), {"address": "<STREET_ADDRESS_1>"}),
+        (SHIP, json.dumps({"address": ADDRESS}, ensure_ascii=False), None),
+        # In another case: the messages' value, with its placeholder, though the
+        # detector reads "30102 kaevu 94" alone as an address of its own.
+        (SHIP, json.dumps({"address": ADDRESS.lower()}), {"address": "<STREET_ADDRESS_1>"}),
+        # An escaped character is the character to every JSON reader.
+        (USER, '{"to": "jane.doe\\u0040example.com"}', {"to": "<EMAIL_ADDRESS_1>"}),
+    ],
+    ids=["line-break", "utf-8", "other-case", "escaped-at"],
+)
+def test_an_earlier_calls_arguments_are_read_decoded_with_the_messages_placeholders(
+    write_policy: Any,
+    upstream: FakeUpstream,
+    user: dict[str, Any],
+    arguments: str,
+    read: dict[str, str] | None,
+) -> None:
+    history = [user, called("ship", arguments), answered(content="shipped")]
+    with TestClient(app=gateway(write_policy(ADDRESS_POLICY), upstream)) as client:
+        r = client.post("/v1/chat/completions", json=chat(*history, tools=[WEATHER]))
+    assert r.status_code == 200, r.text
+    sent = upstream.requests[0]["messages"]
+    (call,) = sent[1]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == (read or {"address": "<STREET_ADDRESS_1>"})
+    if user is SHIP:
+        assert sent[0]["content"] == "Ship the parcel to:\n<STREET_ADDRESS_1>\nThanks."
+
+
+def test_arguments_a_strict_json_reader_refuses_are_still_read_decoded(
+    write_policy: Any, upstream: FakeUpstream
+) -> None:
+    """Python's json module (which vLLM parses arguments with) takes NaN and a lone
+    surrogate escape, and keeps the last of two equal keys: none of them makes the
+    arguments read as written, escapes and all."""
+    arguments = '{"to": "x", "to": "jane.doe\\u0040example.com", "n": NaN, "s": "\\ud800"}'
+    history = [USER, called("send_mail", arguments), answered(content="sent")]
+    with TestClient(app=gateway(write_policy(PII_POLICY), upstream)) as client:
+        r = client.post("/v1/chat/completions", json=chat(*history, tools=[WEATHER]))
+    assert r.status_code == 200, r.text
+    (call,) = upstream.requests[0]["messages"][1]["tool_calls"]
+    sent = call["function"]["arguments"]
+    assert json.loads(sent)["to"] == "<EMAIL_ADDRESS_1>"
+    assert "jane.doe" not in sent
+    assert sent.endswith('"n": NaN, "s": "\\ud800"}')
+
+
+def test_a_json_tool_result_is_read_decoded_and_sent_redacted_inside_its_strings(
+    write_policy: Any, upstream: FakeUpstream
+) -> None:
+    """The model reads a tool's JSON result decoded, so the filters do: the address in
+    it is the user's, with its placeholder, and what is sent is still JSON."""
+    result = json.dumps({"home": ADDRESS, "floor": 3, "note": 'say "hi"'})
+    history = [SHIP, called("lookup", "{}"), answered(content=result)]
+    with TestClient(app=gateway(write_policy(ADDRESS_POLICY), upstream)) as client:
+        r = client.post("/v1/chat/completions", json=chat(*history, tools=[WEATHER]))
+    assert r.status_code == 200, r.text
+    sent = upstream.requests[0]["messages"][2]["content"]
+    assert json.loads(sent) == {"home": "<STREET_ADDRESS_1>", "floor": 3, "note": 'say "hi"'}
+    assert r.json()["guardrail"]["action"] == "redact"
 
 
 def random_call_ids(seed: int, each: int) -> list[str]:
@@ -445,17 +525,21 @@ def test_a_harmful_tool_call_is_withheld_like_a_harmful_answer(
     assert r.headers["x-guardrail-action"] == "block"
 
 
-def test_a_tool_call_redacted_out_of_json_is_withheld(
+def test_a_greedy_redaction_stays_inside_the_models_call_json_string(
     write_policy: Any, upstream: FakeUpstream
 ) -> None:
     policy = write_policy(
         TEST_POLICY
         + "        - {id: token, category: secrets, action: redact, regex: ['token=\\S+']}\n"
     )
+    upstream.finish_reason = "tool_calls"
     upstream.tool_calls = [{"id": "c", "name": "fetch", "arguments": '{"u": "?token=ab", "n": 1}'}]
     with TestClient(app=gateway(policy, upstream)) as client:
         r = client.post("/v1/chat/completions", json=chat(tools=[WEATHER]))
-    assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"u": "?[REDACTED]", "n": 1}
     assert "token=ab" not in r.text
 
 
@@ -513,6 +597,34 @@ def test_a_tool_call_is_an_action_not_a_claim_the_hallucination_filter_reads(
         claim = client.post("/v1/chat/completions", json=chat(stream=stream))
         assert "api.example.com" not in claim.text
         assert hallucination_flags(client) > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_restored_value_with_a_line_break_reaches_the_client_inside_the_calls_json(
+    write_policy: Any, upstream: FakeUpstream, stream: bool
+) -> None:
+    """The model calls with the user's address as its placeholder: the client gets the
+    address back, JSON-escaped inside the string, not a withheld answer."""
+    upstream.finish_reason = "tool_calls"
+    upstream.tool_calls = [
+        {"id": "c1", "name": "ship", "arguments": '{"address": "<STREET_ADDRESS_1>"}'}
+    ]
+    with TestClient(app=gateway(write_policy(ADDRESS_POLICY), upstream)) as client:
+        r = client.post("/v1/chat/completions", json=chat(SHIP, tools=[WEATHER], stream=stream))
+        metrics = client.get("/metrics").text
+    assert upstream.requests[0]["messages"][0]["content"] == (
+        "Ship the parcel to:\n<STREET_ADDRESS_1>\nThanks."
+    )
+    if stream:
+        calls = streamed_calls(r.text)
+        finish = [f for f in frames(r.text) if isinstance(f, dict) and f["choices"]][-1]
+    else:
+        finish = r.json()
+        calls = finish["choices"][0]["message"].get("tool_calls") or []
+    assert finish["choices"][0]["finish_reason"] == "tool_calls"
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"address": ADDRESS}]
+    assert 'outcome="blocked_output"' not in metrics
+    assert r.headers["x-guardrail-action"] == "redact"
 
 
 # -- streams ----------------------------------------------------------------------------

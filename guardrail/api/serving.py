@@ -28,6 +28,14 @@ from litestar.types import Receive
 from guardrail.api.auth import OPEN_PRINCIPAL, Principal, TenantRules, Tenants, principal_of
 from guardrail.api.consistency import ConsistencyChecker
 from guardrail.api.errors import CLIENT_DISCONNECTED, APIError, from_backend_error
+from guardrail.api.json_reading import (
+    SEPARATOR,
+    JsonPiece,
+    Reading,
+    json_pieces,
+    redacted_values,
+    rewritten_json,
+)
 from guardrail.api.ratelimit import (
     CHARS_PER_TOKEN,
     Limits,
@@ -206,6 +214,14 @@ def _words(line: str) -> bool:
     return bool(tokens) and all(_WORD.fullmatch(t) for t in tokens)
 
 
+def _blanked(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with ``spans`` written as spaces (the same length)."""
+    chars = list(text)
+    for start, end in spans:
+        chars[start:end] = " " * (end - start)
+    return "".join(chars)
+
+
 def _joined(lines: list[_Line]) -> Readings:
     """``lines`` as one text, one per line."""
     identifiers = []
@@ -261,12 +277,44 @@ def tools_text(tools: list[FunctionTool]) -> Readings:
     return _joined([line for line in lines if line.text.strip()])
 
 
-def _is_json(text: str) -> bool:
-    try:
-        msgspec.json.decode(text)
-    except msgspec.DecodeError:
-        return False
-    return True
+@dataclass(frozen=True, slots=True)
+class _JsonResult:
+    """A tool message's content that is a JSON object or array: its ``pieces`` and the
+    ``reading`` the filters get, each key and value decoded, apart (``SEPARATOR``)."""
+
+    content: str
+    pieces: tuple[JsonPiece, ...]
+    reading: Reading
+
+    def written(self, decision: Decision) -> str:
+        """The content with ``decision``'s redactions (of the reading) applied inside its
+        strings: still JSON."""
+        placed = self.reading.place(decision.redactions) or {}
+        values = redacted_values({k: p.value for k, p in enumerate(self.pieces)}, placed)
+        return rewritten_json(self.content, self.pieces, values)
+
+
+def _json_results(messages: tuple[Message, ...]) -> dict[int, _JsonResult]:
+    """The tool messages whose content is a JSON object or array, by index.
+
+    A tool's result goes to the model, which reads its strings decoded (a line break,
+    not ``\\n``; ``@``, not ``\\u0040``): so do the filters. Plain text, or a lone JSON
+    number or string, is read as written.
+    """
+    out = {}
+    for i, m in enumerate(messages):
+        if m.role != "tool" or m.content.lstrip()[:1] not in ("{", "["):
+            continue
+        pieces = json_pieces(m.content)
+        if pieces is None:
+            continue
+        reading = Reading()
+        for k, piece in enumerate(pieces):
+            if k:
+                reading.add(SEPARATOR)
+            reading.add(piece.value, piece=k)
+        out[i] = _JsonResult(m.content, pieces, reading)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,43 +331,60 @@ async def _check_calls(
 ) -> _CheckedCalls:
     """Pass tool calls through ``stage``'s filters, as one text: each call's id and name
     (read as a tool message's id is: as written, with separators as spaces, CamelCase
-    apart) on lines of their own, then its arguments, so a phrase split between a name
-    and its arguments (``build_a`` + ``{"thing": "bomb"}``) is seen whole.
+    apart) on lines of their own, then its arguments.
 
-    A redaction is applied to the arguments it lies in. One that cannot be (in an id or a
-    name, which a client matches, or across two parts), or that leaves arguments that
-    were JSON no longer JSON (a tool would get a call it cannot parse), refuses the
-    calls: the decision is a block, as :func:`_refused` makes one.
+    Arguments that are JSON are read as their readers read them (see
+    :mod:`guardrail.api.json_reading`): each key, string and number apart (``SEPARATOR``),
+    decoded. A redaction or a restored value is applied to the value it lies in and
+    written back as a JSON string, so the arguments stay JSON (restored inside the JSON
+    as written, a user's address with a line break broke it, and the call was withheld).
+    Arguments that are not JSON are read, and redacted, as written. A redaction in an id
+    or a name, which a client matches, refuses the calls: the decision is a block, as
+    :func:`_refused` makes one.
     """
-    lines: list[_Line] = []
-    spans: list[tuple[int, int]] = []  # each call's arguments, in the checked text
-    at = 0
-    for c in calls:
-        head = _id_lines(c.id, c.name)
-        at += sum(len(line.text) + 1 for line in head)
-        spans.append((at, at + len(c.arguments)))
-        at += len(c.arguments) + 1
-        lines += [*head, _Line(c.arguments, c.arguments)]
-    text = _joined(lines)
-    calls_ctx = dataclasses.replace(text.context(ctx.at(stage)), tool_calls=True)
-    decision = await guard.check(stage, text.text, calls_ctx, written=text.written)
+    reading = Reading()
+    pieces = [json_pieces(c.arguments) for c in calls]
+    owners: list[tuple[int, int]] = []  # each value the reading holds: (call, its piece)
+    values: list[str] = []
+    unread: list[tuple[int, int]] = []  # id readings the pii filter does not read
+    identifiers: list[tuple[int, int]] = []  # id readings no model reads
+    for n, (c, parsed) in enumerate(zip(calls, pieces, strict=True)):
+        if n:
+            reading.add(SEPARATOR)
+        for j, line in enumerate(_id_lines(c.id, c.name)):
+            if j:
+                reading.add("\n", fixed=True)
+            start = reading.length
+            reading.add(line.text, fixed=True)
+            if line.identifier:
+                identifiers.append((start, reading.length))
+            if line.written != line.text:
+                unread.append((start, reading.length))
+        read = [p.value for p in parsed] if parsed is not None else [c.arguments]
+        for k, value in enumerate(read):
+            reading.add(SEPARATOR)
+            reading.add(value, piece=len(values))
+            owners.append((n, k))
+            values.append(value)
+    text = reading.text
+    calls_ctx = dataclasses.replace(ctx.at(stage), tool_calls=True, identifiers=tuple(identifiers))
+    decision = await guard.check(stage, text, calls_ctx, written=_blanked(text, unread))
     if decision.action is not Action.REDACT:
         return _CheckedCalls(decision, calls)
-    out: list[ToolCall] = []
-    placed = 0
-    for c, (start, end) in zip(calls, spans, strict=True):
-        own = [
-            dataclasses.replace(r, start=r.start - start, end=r.end - start)
-            for r in decision.redactions
-            if start <= r.start and r.end <= end
-        ]
-        placed += len(own)
-        arguments = apply_redactions(c.arguments, own)
-        if own and _is_json(c.arguments) and not _is_json(arguments):
-            return _CheckedCalls(_refused(decision), calls)
-        out.append(dataclasses.replace(c, arguments=arguments))
-    if placed != len(decision.redactions):
+    placed = reading.place(decision.redactions)
+    if placed is None:
         return _CheckedCalls(_refused(decision), calls)
+    changed: list[dict[int, str]] = [{} for _ in calls]
+    for i, value in redacted_values(dict(enumerate(values)), placed).items():
+        n, k = owners[i]
+        changed[n][k] = value
+    out = []
+    for c, parsed, own in zip(calls, pieces, changed, strict=True):
+        if not own:
+            out.append(c)
+            continue
+        arguments = own[0] if parsed is None else rewritten_json(c.arguments, parsed, own)
+        out.append(dataclasses.replace(c, arguments=arguments))
     return _CheckedCalls(decision, tuple(out))
 
 
@@ -1036,6 +1101,16 @@ class Serving:
                 messages=messages,
                 context_documents=documents,
             )
+            # A tool's JSON result is read decoded, as the model reads it (its redactions
+            # written back into the JSON when it is sent, below).
+            results = _json_results(messages)
+            read = messages
+            if results:
+                read = tuple(
+                    dataclasses.replace(m, content=results[i].reading.text) if i in results else m
+                    for i, m in enumerate(messages)
+                )
+                ctx = dataclasses.replace(ctx, messages=read)
             fmt: Decision | None = None
             if schema_text:
                 # A JSON schema's names, descriptions and enum values reach the model as
@@ -1056,13 +1131,13 @@ class Serving:
                         written=tool_text.written,
                     )
                 )
-            input_decisions = await guard.check_messages(Stage.INPUT, messages, ctx)
+            input_decisions = await guard.check_messages(Stage.INPUT, read, ctx)
             exchange.decisions.extend(d for _, d in input_decisions)
             if self.gw.shadow is not None:
                 active = Action.strictest(d.action for _, d in input_decisions)
-                self.gw.shadow.observe_messages(messages, ctx, active)
+                self.gw.shadow.observe_messages(read, ctx, active)
             if self.gw.monitor is not None:
-                self.gw.monitor.probe(guard, ctx, messages, input_decisions)
+                self.gw.monitor.probe(guard, ctx, read, input_decisions)
             if any(d.blocked for _, d in input_decisions):
                 field = "prompt" if kind == "completions" else "messages"
                 raise self._input_blocked(exchange, guard, input_decisions, param=field)
@@ -1089,7 +1164,7 @@ class Serving:
             rewritten = list(texts)
             for i, d in input_decisions:
                 if i is not None:
-                    rewritten[i] = d.text
+                    rewritten[i] = results[i].written(d) if i in results else d.text
             call = _Call(
                 kind=kind,
                 exchange=exchange,

@@ -532,6 +532,19 @@ def _repeated(text: str, values: Iterable[str]) -> Iterator[tuple[int, int]]:
 
 
 _REPEAT_MIN_CHARS = 3
+
+
+def _known_repeats(text: str, known: Mapping[str, str]) -> list[Detection]:
+    """Where ``text`` holds one of the ``known`` values (value -> entity; see
+    :meth:`PlaceholderMap.known`): whole words, in any case, as :func:`_with_repeats`
+    finds a value again."""
+    entities = {_matching(value): entity for value, entity in known.items()}
+    return [
+        Detection(entities[_matching(text[start:end])], start, end, 1.0)
+        for start, end in _repeated(text, known)
+    ]
+
+
 # Entities whose values are the same in any case: a name, an email address, a place, an
 # IBAN. Only these: a custom entity (an API key, a token) or a URL's path or a wallet
 # address differs by case alone, and two keys merged into one placeholder had the model's
@@ -590,6 +603,16 @@ class PlaceholderMap:
 
     def values(self) -> set[str]:
         return set(self.originals.values())
+
+    def known(self) -> dict[str, str]:
+        """Each value with a placeholder (of three characters or more, as a repeat is
+        found), and its entity: a copy, for a pass off the loop."""
+        out: dict[str, str] = {}
+        for (entity, _), placeholder in self.by_value.items():
+            value = self.originals.get(placeholder, "")
+            if len(value.strip()) >= _REPEAT_MIN_CHARS:
+                out.setdefault(value, entity)
+        return out
 
     def __repr__(self) -> str:  # never print the values, even by accident
         return f"PlaceholderMap(<{len(self.originals)} entries>)"
@@ -1438,6 +1461,14 @@ class PiiFilter:
             return verdicts[index]
         state.placeholders.reserve([text])
         (detections,) = await self._analyze([text], Stage.INPUT, ctx.tenant)
+        # A text besides the messages (a tool call's arguments, checked after them): a
+        # value they hid is hidden here too, with its placeholder, as a repeat in another
+        # message is. Alone in a call (``{"address": "30102 Kaevu 94\nNicosia"}``) the
+        # detector may miss what it found in the user's sentence.
+        known = state.placeholders.known()
+        if known:
+            repeats = await text_pass(self._executor, len(text), _known_repeats, text, known)
+            detections = sorted([*detections, *repeats], key=lambda d: (d.start, -d.end))
         resolved = self.resolve(detections, Stage.INPUT)
         return self._input_verdict(text, resolved, state.placeholders)
 
