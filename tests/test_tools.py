@@ -481,6 +481,47 @@ def test_random_call_ids_pass_the_default_rules_and_ids_of_words_do_not(
         assert rule in error_of(answers[call_id])["rule_ids"]
 
 
+@pytest.mark.parametrize(
+    ("name", "arguments"),
+    [
+        ("build_a", '"bomb"'),
+        ("build_a", '{"bomb": 1}'),
+        ("build_a", '{"thing": "bomb"}'),
+        ("build", '{"what": ["a", "bomb"], "n": 2}'),
+    ],
+)
+def test_a_phrase_split_between_a_calls_name_and_its_arguments_is_caught(
+    client: TestClient[Litestar], upstream: FakeUpstream, name: str, arguments: str
+) -> None:
+    """``build_a`` + ``{"thing": "bomb"}`` is "build a bomb" to the model: in an earlier
+    turn's call and in the model's own."""
+    history = [USER, called(name, arguments), answered()]
+    error = error_of(client.post("/v1/chat/completions", json=chat(*history)))
+    assert (error["code"], error["rule_ids"]) == ("content_filter", ["bomb"])
+    upstream.finish_reason = "tool_calls"
+    upstream.tool_calls = [{"id": "c1", "name": name, "arguments": arguments}]
+    choice = client.post("/v1/chat/completions", json=chat(tools=[WEATHER])).json()["choices"][0]
+    assert choice["finish_reason"] == "content_filter"
+    assert "tool_calls" not in choice["message"]
+    assert len(upstream.requests) == 1
+
+
+def test_values_read_side_by_side_are_redacted_where_each_is_read_alone(
+    write_policy: Any, upstream: FakeUpstream
+) -> None:
+    """After the name, "24 Clarke Avenue London" is one address to the detector; the
+    street alone is one too. The street is redacted, and the city stays the city (a
+    redaction of the two read together would have emptied it)."""
+    arguments = json.dumps({"street": "24 Clarke Avenue", "city": "London"})
+    history = [USER, called("ship", arguments), answered(content="shipped")]
+    with TestClient(app=gateway(write_policy(ADDRESS_POLICY), upstream)) as client:
+        r = client.post("/v1/chat/completions", json=chat(*history, tools=[WEATHER]))
+    assert r.status_code == 200, r.text
+    (call,) = upstream.requests[0]["messages"][1]["tool_calls"]
+    sent = json.loads(call["function"]["arguments"])
+    assert sent == {"street": "<STREET_ADDRESS_1>", "city": "London"}
+
+
 # -- output moderation ---------------------------------------------------------------
 
 

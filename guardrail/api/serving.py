@@ -326,12 +326,24 @@ class _CheckedCalls:
     calls: tuple[ToolCall, ...]
 
 
+# How much of a call's argument values are read after its name (see _check_calls): a
+# phrase split between the two lies at the start, and every value is read whole apart.
+_NAME_READING_CHARS = 1_000
+
+
 async def _check_calls(
     guard: Guard, stage: Stage, calls: tuple[ToolCall, ...], ctx: FilterContext
 ) -> _CheckedCalls:
     """Pass tool calls through ``stage``'s filters, as one text: each call's id and name
     (read as a tool message's id is: as written, with separators as spaces, CamelCase
-    apart) on lines of their own, then its arguments.
+    apart) on lines of their own, then its arguments, then its name's words followed by
+    its argument values (not keys) joined by spaces, so a phrase split between a name and
+    its arguments (``build_a`` + ``{"thing": "bomb"}``: "build a bomb") or between two
+    values is seen whole. That last reading is read for what it blocks or flags: every
+    value in it is read apart before, where its redactions land (read side by side, two
+    fields of an address were one to the detector, and a redaction of both would empty
+    the second); it holds the values' first ``_NAME_READING_CHARS`` characters, so the
+    arguments are read at most once more than that.
 
     Arguments that are JSON are read as their readers read them (see
     :mod:`guardrail.api.json_reading`): each key, string and number apart (``SEPARATOR``),
@@ -366,6 +378,9 @@ async def _check_calls(
             reading.add(value, piece=len(values))
             owners.append((n, k))
             values.append(value)
+        said = " ".join(v for k, v in enumerate(read) if parsed is None or not parsed[k].key)
+        if said.strip():
+            reading.add(f"{SEPARATOR}{_id_readings(c.name)[-1]} {said[:_NAME_READING_CHARS]}")
     text = reading.text
     calls_ctx = dataclasses.replace(ctx.at(stage), tool_calls=True, identifiers=tuple(identifiers))
     decision = await guard.check(stage, text, calls_ctx, written=_blanked(text, unread))
