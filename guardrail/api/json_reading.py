@@ -69,7 +69,7 @@ def json_pieces(text: str) -> tuple[JsonPiece, ...] | None:
         if token[0] != '"':
             pieces.append(JsonPiece(m.start(), m.end(), token))
             continue
-        value = json.loads(token, strict=False)
+        value = json.loads(token, strict=False) if "\\" in token else token[1:-1]
         key = _KEY_FOLLOWS.match(text, m.end()) is not None
         pieces.append(JsonPiece(m.start(), m.end(), value, key))
     return tuple(pieces)
@@ -130,12 +130,12 @@ class Reading:
             self._starts.append(self.length)
         elif fixed:
             self._fixed.append((self.length, end))
-        self._parts.append(_SURROGATE.sub("\ufffd", text))
+        self._parts.append(text)
         self.length = end
 
     @property
     def text(self) -> str:
-        return "".join(self._parts)
+        return _SURROGATE.sub("\ufffd", "".join(self._parts))
 
     def place(self, redactions: Iterable[Redaction]) -> dict[int, list[Redaction]] | None:
         """``redactions`` of :attr:`text` as redactions of the pieces' values (by piece),

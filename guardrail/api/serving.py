@@ -326,6 +326,65 @@ class _CheckedCalls:
     calls: tuple[ToolCall, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _CallsReading:
+    """Tool calls as :func:`_check_calls` reads them: the ``reading``, each call's JSON
+    ``pieces`` (``None``: its arguments are not JSON, read as written), and for each
+    value the reading holds, by its number there, its ``owners`` (call, piece) and its
+    ``values``."""
+
+    reading: Reading
+    pieces: tuple[tuple[JsonPiece, ...] | None, ...]
+    owners: tuple[tuple[int, int], ...]
+    values: tuple[str, ...]
+    text: str
+    written: str
+    """``text`` with the id readings the pii filter does not read blanked (see _id_lines)."""
+    identifiers: tuple[tuple[int, int], ...]
+    """The id readings no model reads (see FilterContext.identifiers)."""
+
+    @classmethod
+    def of(cls, calls: tuple[ToolCall, ...]) -> _CallsReading:
+        reading = Reading()
+        pieces = tuple(json_pieces(c.arguments) for c in calls)
+        owners: list[tuple[int, int]] = []
+        values: list[str] = []
+        unread: list[tuple[int, int]] = []
+        identifiers: list[tuple[int, int]] = []
+        for n, (c, parsed) in enumerate(zip(calls, pieces, strict=True)):
+            if n:
+                reading.add(SEPARATOR)
+            for j, line in enumerate(_id_lines(c.id, c.name)):
+                if j:
+                    reading.add("\n", fixed=True)
+                start = reading.length
+                reading.add(line.text, fixed=True)
+                if line.identifier:
+                    identifiers.append((start, reading.length))
+                if line.written != line.text:
+                    unread.append((start, reading.length))
+            read = [p.value for p in parsed] if parsed is not None else [c.arguments]
+            for k, value in enumerate(read):
+                reading.add(SEPARATOR)
+                reading.add(value, piece=len(values))
+                owners.append((n, k))
+                values.append(value)
+            said = " ".join(v for k, v in enumerate(read) if parsed is None or not parsed[k].key)
+            if said.strip():
+                name = _id_readings(c.name)[-1]
+                reading.add(f"{SEPARATOR}{name} {said[:_NAME_READING_CHARS]}")
+        text = reading.text
+        return cls(
+            reading,
+            pieces,
+            tuple(owners),
+            tuple(values),
+            text,
+            _blanked(text, unread),
+            tuple(identifiers),
+        )
+
+
 # How much of a call's argument values are read after its name (see _check_calls): a
 # phrase split between the two lies at the start, and every value is read whole apart.
 _NAME_READING_CHARS = 1_000
@@ -354,36 +413,11 @@ async def _check_calls(
     or a name, which a client matches, refuses the calls: the decision is a block, as
     :func:`_refused` makes one.
     """
-    reading = Reading()
-    pieces = [json_pieces(c.arguments) for c in calls]
-    owners: list[tuple[int, int]] = []  # each value the reading holds: (call, its piece)
-    values: list[str] = []
-    unread: list[tuple[int, int]] = []  # id readings the pii filter does not read
-    identifiers: list[tuple[int, int]] = []  # id readings no model reads
-    for n, (c, parsed) in enumerate(zip(calls, pieces, strict=True)):
-        if n:
-            reading.add(SEPARATOR)
-        for j, line in enumerate(_id_lines(c.id, c.name)):
-            if j:
-                reading.add("\n", fixed=True)
-            start = reading.length
-            reading.add(line.text, fixed=True)
-            if line.identifier:
-                identifiers.append((start, reading.length))
-            if line.written != line.text:
-                unread.append((start, reading.length))
-        read = [p.value for p in parsed] if parsed is not None else [c.arguments]
-        for k, value in enumerate(read):
-            reading.add(SEPARATOR)
-            reading.add(value, piece=len(values))
-            owners.append((n, k))
-            values.append(value)
-        said = " ".join(v for k, v in enumerate(read) if parsed is None or not parsed[k].key)
-        if said.strip():
-            reading.add(f"{SEPARATOR}{_id_readings(c.name)[-1]} {said[:_NAME_READING_CHARS]}")
-    text = reading.text
-    calls_ctx = dataclasses.replace(ctx.at(stage), tool_calls=True, identifiers=tuple(identifiers))
-    decision = await guard.check(stage, text, calls_ctx, written=_blanked(text, unread))
+    # A long call is read off the loop: 80,000 strings of 1.7 MB took 0.3 s.
+    read = await text_pass(None, sum(c.chars for c in calls), _CallsReading.of, calls)
+    reading, pieces, owners, values = read.reading, read.pieces, read.owners, read.values
+    calls_ctx = dataclasses.replace(ctx.at(stage), tool_calls=True, identifiers=read.identifiers)
+    decision = await guard.check(stage, read.text, calls_ctx, written=read.written)
     if decision.action is not Action.REDACT:
         return _CheckedCalls(decision, calls)
     placed = reading.place(decision.redactions)
@@ -1118,7 +1152,12 @@ class Serving:
             )
             # A tool's JSON result is read decoded, as the model reads it (its redactions
             # written back into the JSON when it is sent, below).
-            results = _json_results(messages)
+            results = await text_pass(
+                None,
+                sum(len(m.content) for m in messages if m.role == "tool"),
+                _json_results,
+                messages,
+            )
             read = messages
             if results:
                 read = tuple(
