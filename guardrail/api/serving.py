@@ -198,8 +198,9 @@ def _id_lines(*ids: str) -> list[_Line]:
     ]
 
 
-# A word: letters with a vowel among them ("build", "Pipe", "by"), or "a" or "I".
-_WORD = re.compile(r"[A-Za-z]*[AEIOUYaeiouy][A-Za-z]*|[AaIi]")
+# A word: small letters with a vowel among them, the first perhaps a capital ("build",
+# "Pipe", "by"), or "a" or "I". A random id's letters are mixed ("GClbaNFDp").
+_WORD = re.compile(r"[A-Za-z]?[a-z]*[aeiouy][a-z]*|[AaIi]")
 
 
 def _words(line: str) -> bool:
