@@ -412,6 +412,8 @@ def random_call_ids(seed: int, each: int) -> list[str]:
         lambda: "toolu_01" + pick(alnum, 22),  # Anthropic
         lambda: "chatcmpl-tool-" + pick("0123456789abcdef", 32),  # vLLM
         lambda: str(uuid.UUID(int=draw.getrandbits(128), version=4)),
+        lambda: pick(alnum, 9),  # Mistral
+        lambda: pick(string.ascii_letters, 9),  # Mistral's, without a digit (one in five)
     ]
     return [make() for make in formats for _ in range(each)]
 
