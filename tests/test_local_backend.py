@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import structlog
 import structlog.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guardrail.backends.base import Backend, Chunk, GenerationRequest, SamplingParams
 from guardrail.backends.embedded import (
@@ -31,7 +33,7 @@ from guardrail.backends.embedded import (
     embedded_model_path,
     prepare_embedded_model,
 )
-from guardrail.backends.engine import Work
+from guardrail.backends.engine import Work, _continuing, _safe_end, _stop_index
 from guardrail.backends.local import (
     SPEC,
     LocalBackend,
@@ -763,6 +765,178 @@ def test_tracker_halts_at_a_stop_string_and_when_cancelled() -> None:
     assert (text, stopped, steps) == ("a", True, 2)
     _, text, stopped, steps = run_tracker(["a", "b", "c", "d"], (), cancel_after=2)
     assert (text, stopped, steps) == ("abc", False, 3)
+
+
+# --- incremental decoding against whole decodes -------------------------------------
+
+
+def _byte_fallback_tokenizer() -> Any:
+    """A character-level tokenizer with Llama's SentencePiece handling: ``▁`` spaces, the
+    space at a text's start dropped, and every character outside its vocabulary spelled
+    as byte tokens (``<0xE5>``), so CJK and emoji come one byte per token."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ["▁", *string.ascii_letters, *string.digits, *string.punctuation, "\n"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("i", "s")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    raw = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    raw.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+Steps = tuple[list[list[str]], str, bool]
+"""Per step, the deltas sent; the whole text; whether a stop string ended it."""
+
+
+def whole_decode_steps(
+    decode: Callable[[list[int]], str], ids: list[int], stops: tuple[str, ...]
+) -> Steps:
+    """The tracker's contract, decoding the whole answer at every step."""
+    stops = tuple(s for s in stops if s)
+    text, steps = "", []
+    for n in range(1, len(ids) + 1):
+        decoded = decode(ids[:n])
+        cut = _stop_index(decoded, stops)
+        end = _safe_end(decoded, stops) if cut is None else cut
+        steps.append([decoded[len(text) : end]] if end > len(text) else [])
+        text += steps[-1][0] if steps[-1] else ""
+        if cut is not None:
+            return steps, text, True
+    steps.append([decoded[len(text) :]] if len(decoded) > len(text) else [])
+    return steps, text + "".join(steps[-1]), False
+
+
+def tracker_steps(
+    decode: Callable[[list[int]], str], ids: list[int], stops: tuple[str, ...]
+) -> Steps:
+    sent: list[str] = []
+    tracker = TextTracker(decode, stops, sent.append, threading.Event())
+    steps = []
+    for n in range(1, len(ids) + 1):
+        stopped = tracker.update(ids[:n])
+        steps.append(sent[:])
+        sent.clear()
+        if stopped:
+            return steps, tracker.text, True
+    text = tracker.finish()
+    return [*steps, sent[:]], text, False
+
+
+ANSWERS = [
+    "Paris is the capital of France. 巴黎是法国的首都。🇫🇷 Ça va? 😀👍🏽 naïve café.",
+    "Step 1: mix.\n\nStep 2: bake 🍰 at 180°C.\n\n###END### and more after it",
+    "日本語のテキスト、そして絵文字👨‍👩‍👧‍👦とかも。<|stop|> 한국어 and Ελληνικά, русский",
+    "  leading spaces,   runs   of spaces , and ' quotes ' don't vanish ! ? ...",
+]
+STOPS = [
+    (),
+    ("。",),
+    ("首都",),
+    ("🍰",),
+    ("\n\n",),
+    ("###", "END"),
+    ("🏽", "👧"),
+    ("é",),
+    ("<|stop|>",),
+    ("aé", "Ça", "va?"),
+    ("capital of France. 巴",),
+    ("  ",),
+    ("never in the answer",),
+]
+
+
+@pytest.mark.parametrize("name", ["smollm2", "byte fallback", "metaspace"])
+@pytest.mark.parametrize("completion", [False, True], ids=["chat", "completion"])
+def test_incremental_decoding_sends_what_whole_decodes_send_step_by_step(
+    name: str, completion: bool, request: pytest.FixtureRequest
+) -> None:
+    """Decoded a few tokens at a time, an answer's deltas, text and stop are those of
+    decoding it whole at every step: with SentencePiece spaces, characters split over
+    byte tokens, skipped special tokens, and a completion's prompt context."""
+    tokenizer = {
+        "smollm2": lambda: request.getfixturevalue("smollm2_tokenizer"),
+        "byte fallback": _byte_fallback_tokenizer,
+        "metaspace": _metaspace_tokenizer,
+    }[name]()
+    texts = ANSWERS if name != "metaspace" else ["The capital of France is Paris Paris"]
+
+    def decode(ids: list[int]) -> str:
+        text: str = tokenizer.decode(ids, skip_special_tokens=True)
+        return text
+
+    if completion:
+        decode = _continuing(decode, tokenizer("A question. The answer:")["input_ids"][-5:])
+    special = tokenizer.eos_token_id
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Special tokens decode to nothing: sprinkled through, they must not change the text.
+        sprinkled = [t for i, t in enumerate(ids) for t in ([t, special] if i % 7 == 3 else [t])]
+        for answer in (ids, sprinkled):
+            for stops in STOPS:
+                expected = whole_decode_steps(decode, answer, stops)
+                assert tracker_steps(decode, answer, stops) == expected, (text, stops)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.text(min_size=1, max_size=40),
+    cuts=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 4)), max_size=3),
+)
+def test_incremental_decoding_of_any_text_matches_whole_decodes(
+    smollm2_tokenizer: Any, text: str, cuts: list[tuple[int, int]]
+) -> None:
+    """Any text (any Unicode, control characters included), with stop strings cut from it."""
+
+    def decode(ids: list[int]) -> str:
+        decoded: str = smollm2_tokenizer.decode(ids, skip_special_tokens=True)
+        return decoded
+
+    ids = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    stops = tuple(text[start : start + size] for start, size in cuts)
+    assert tracker_steps(decode, ids, stops) == whole_decode_steps(decode, ids, stops)
+
+
+def test_tracker_decodes_a_long_answer_a_few_tokens_at_a_time(smollm2_tokenizer: Any) -> None:
+    """An answer of N tokens costs a few token decodes per step, not the whole answer's
+    (N²/2 in all, which held the scheduler thread for seconds on long answers)."""
+    decoded = 0
+
+    def decode(ids: list[int]) -> str:
+        nonlocal decoded
+        decoded += len(ids)
+        text: str = smollm2_tokenizer.decode(ids, skip_special_tokens=True)
+        return text
+
+    text = "The quick brown fox jumps over the lazy dog, 巴黎 😀 and runs away. " * 200
+    ids = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"][:2000]
+    tracker = TextTracker(decode, ("<END>",), lambda _: None, threading.Event())
+    for n in range(1, len(ids) + 1):
+        assert not tracker.update(ids[:n])
+    assert tracker.finish() == smollm2_tokenizer.decode(ids)
+    assert decoded < 20 * len(ids)
 
 
 # --- quantization -------------------------------------------------------------
