@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import threading
@@ -11,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+import yaml
 
 from guardrail.errors import ConfigError, PolicyError
 from guardrail.filters.batching import MicroBatcher
@@ -296,6 +299,55 @@ async def test_every_category_score_is_reported_and_allow_findings_keep_it_allow
     assert verdict.action is Action.ALLOW
     assert {f.category for f in verdict.findings} == {"toxicity", "identity_attack", "obscene"}
     assert all(f.action is Action.ALLOW and 0.0 <= f.score < 0.5 for f in verdict.findings)
+
+
+EVALS = Path(__file__).resolve().parent.parent / "evals"
+
+
+@pytest.fixture
+def default_toxicity(shared: tuple[ThreadPoolExecutor, SharedResources]) -> ToxicityFilter:
+    """The toxicity filter as the default policy configures it (thresholds, actions)."""
+    executor, resources = shared
+    policy = yaml.safe_load((EVALS.parent / "policies" / "default.yaml").read_text())
+    (config,) = (f["config"] for f in policy["filters"] if f["type"] == "toxicity")
+    return ToxicityFilter(
+        "tox",
+        msgspec.convert(config, ToxicityConfig),
+        BuildContext(executor, resources=resources),
+    )
+
+
+async def _actions(toxicity: ToxicityFilter, name: str) -> dict[str, list[str]]:
+    """The texts of ``evals/<name>`` by the action the filter takes on each."""
+    texts = [json.loads(line)["text"] for line in (EVALS / name).read_text().splitlines()]
+    verdicts = await asyncio.gather(*(toxicity.check(t, CTX) for t in texts))
+    out: dict[str, list[str]] = {}
+    for text, verdict in zip(texts, verdicts, strict=True):
+        out.setdefault(verdict.action.value, []).append(text)
+    return out
+
+
+@pytest.mark.slow
+async def test_ordinary_sentences_about_any_group_are_not_blocked_and_rarely_flagged(
+    default_toxicity: ToxicityFilter,
+) -> None:
+    # 1,926 held-out frames ("I was born Jewish.", "Do Mexicans pay taxes?") filled with
+    # every term of the group lexicon (scripts/make_toxicity_identity.py; never trained
+    # on). The heads trained without identity sentences blocked 83 of them as identity
+    # attacks and flagged 119 more ("I am gay." scored 1.00); retrained: none, 13.
+    acted = await _actions(default_toxicity, "toxicity-identity-benign.jsonl")
+    assert acted.get("block", []) == []
+    assert len(acted.get("flag", [])) <= 25, acted.get("flag")
+
+
+@pytest.mark.slow
+async def test_attacks_on_any_group_in_held_out_frames_are_still_blocked(
+    default_toxicity: ToxicityFilter,
+) -> None:
+    # 1,581 held-out hateful frames x groups: 1,098 blocked (563 by the heads trained
+    # without identity sentences); the bound leaves a margin for library versions.
+    acted = await _actions(default_toxicity, "toxicity-identity-hateful.jsonl")
+    assert len(acted.get("block", [])) >= 1000, acted.get("allow")
 
 
 @pytest.mark.slow
