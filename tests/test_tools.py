@@ -642,6 +642,34 @@ def test_a_tool_call_is_an_action_not_a_claim_the_hallucination_filter_reads(
         assert hallucination_flags(client) > 0
 
 
+def test_a_tool_description_schema_or_stop_sequence_is_no_cutoff_question(
+    write_policy: Any, upstream: FakeUpstream
+) -> None:
+    """Read as questions, a tool described as fetching "the latest headlines", a schema's
+    "since 2025" and a stop sequence were knowledge-cutoff findings on every request (400
+    under a policy that blocks them); the user's own question still is one."""
+    headlines = {
+        "type": "function",
+        "function": {
+            "name": "headlines",
+            "description": "Get the latest headlines, today's.",
+            "parameters": {"type": "object", "properties": {"since": {"type": "string"}}},
+        },
+    }
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "news", "schema": {"description": "News since 2025."}},
+    }
+    with TestClient(app=gateway(write_policy(FACTS_POLICY), upstream)) as client:
+        body = chat(tools=[headlines], response_format=schema, stop=["2026"])
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert hallucination_flags(client) == 0
+        body["messages"] = [{"role": "user", "content": "What are the latest headlines?"}]
+        asked = client.post("/v1/chat/completions", json=body)
+    assert "hallucination.cutoff" in error_of(asked)["rule_ids"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_restored_value_with_a_line_break_reaches_the_client_inside_the_calls_json(
     write_policy: Any, upstream: FakeUpstream, stream: bool

@@ -1173,7 +1173,11 @@ class Serving:
                 # first: a placeholder written in it ("<EMAIL_ADDRESS_1>") is then held
                 # back before the messages' values are numbered, so the model's echo of
                 # it is never "restored" to the user's data.
-                fmt = _refused(await guard.check(Stage.INPUT, schema_text, ctx))
+                fmt = _refused(
+                    await guard.check(
+                        Stage.INPUT, schema_text, dataclasses.replace(ctx, verbatim=True)
+                    )
+                )
             tools: Decision | None = None
             if tool_text.text:
                 # The same for tool definitions: instructions the model reads, which cannot
@@ -1182,7 +1186,7 @@ class Serving:
                     await guard.check(
                         Stage.INPUT,
                         tool_text.text,
-                        tool_text.context(ctx),
+                        tool_text.context(dataclasses.replace(ctx, verbatim=True)),
                         written=tool_text.written,
                     )
                 )
@@ -1410,7 +1414,8 @@ class Serving:
         policy would redact refuses the request, as what it would block does. The
         decision joins ``checked``, the request's input decisions so far; ``written`` is
         what the pii filter reads of ``text`` (see :class:`Readings`)."""
-        decision = _refused(await guard.check(Stage.INPUT, text, ctx, written=written))
+        verbatim = dataclasses.replace(ctx, verbatim=True)
+        decision = _refused(await guard.check(Stage.INPUT, text, verbatim, written=written))
         exchange.decisions.append(decision)
         checked.append((None, decision))
         if decision.blocked:

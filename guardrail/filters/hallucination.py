@@ -738,9 +738,11 @@ class HallucinationFilter:
         return held_claim(text)
 
     async def check(self, text: str, ctx: FilterContext) -> Verdict:
-        if not text.strip() or ctx.tool_calls:
+        if not text.strip() or ctx.tool_calls or ctx.verbatim:
             # A call's URL or date is what the model acts on, not a claim it makes (and
             # an earlier call is no question): flagged, every tool call was "unverified".
+            # A schema, a tool's description, an id or a stop sequence asks nothing
+            # either ("Get the latest headlines" was a cutoff question on every request).
             return Verdict()
         findings: list[Finding] = []
         index = ctx.message_index

@@ -211,6 +211,7 @@ class Guard:
                 ctx.at(stage, index),
                 window=ctx.window,
                 tool_calls=ctx.tool_calls,
+                verbatim=ctx.verbatim,
                 identifiers=ctx.identifiers,
             )
         filters = self._by_stage[stage]

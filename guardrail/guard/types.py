@@ -234,6 +234,11 @@ class FilterContext:
     make no claim to check for accuracy and ask no question. It belongs to one text:
     :meth:`at` leaves it out.
 
+    ``verbatim`` says the checked text is a part of the request sent as written, not a
+    message: a ``response_format``'s schema, tool definitions, ids, stop sequences. The
+    model reads it, so harm filters do, but it asks no question ("Get the latest
+    headlines" describes a tool). It belongs to one text: :meth:`at` leaves it out.
+
     ``identifiers`` are the ``[start, end)`` spans of the checked text that are
     identifiers (tool call ids, function names, each read several ways): words and
     patterns are looked for in them, but they are not prose, and a model (a rules
@@ -252,6 +257,7 @@ class FilterContext:
     state: dict[str, Any] = field(default_factory=dict)
     window: tuple[int, int] | None = None
     tool_calls: bool = False
+    verbatim: bool = False
     identifiers: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
